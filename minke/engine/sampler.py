@@ -1,0 +1,370 @@
+"""Batched next-token sampler: logits [B, V] -> token ids [B] plus raw log-probabilities.
+
+Processing order (as vLLM / HF):
+  1. logit_bias (added), 2. min_tokens mask (-inf on eos / stop ids),
+  3. repetition penalty on prompt + output tokens (HF/CTRL rule: divide positive logits,
+     multiply negative ones), 4. frequency / presence penalties on output tokens
+     (OpenAI rule: logit -= freq * count + presence * (count > 0)),
+  5. greedy rows: argmax;  random rows: temperature, top_k, top_p, min_p, then a draw.
+Reported log-probabilities are those of the RAW model distribution (log_softmax of the
+unprocessed logits), as vLLM v1 does by default.
+
+Everything is batched tensor work on the logits' device (CPU or CUDA) in float32; the
+only Python loops over the batch build index lists from per-row Python data, draw noise
+for rows that own a seeded torch.Generator, and format top-logprob lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from minke.sampling_params import GREEDY_EPS, SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+class BatchFlags(NamedTuple):
+    """Which processing steps any row needs, so the sampler skips the rest.
+
+    Kept as Python bools so deciding costs no device->host sync per step.
+    """
+
+    any_random: bool          # some row samples (temperature >= GREEDY_EPS)
+    any_repetition: bool      # some row has repetition_penalty != 1
+    any_freq_presence: bool   # some row has a frequency or presence penalty
+    any_top_k_top_p: bool     # some random row truncates with top_k or top_p
+    any_min_p: bool           # some random row has min_p > 0
+
+
+def _summarise(temperature: Tensor, top_p: Tensor, top_k: Tensor, min_p: Tensor,
+               presence: Tensor, frequency: Tensor, repetition: Tensor) -> BatchFlags:
+    # One stacked transfer: a single host sync when the tensors live on the GPU.
+    random = temperature >= GREEDY_EPS
+    stats = torch.stack([
+        random.any(),
+        (repetition != 1.0).any(),
+        ((presence != 0.0) | (frequency != 0.0)).any(),
+        (random & ((top_k > 0) | (top_p < 1.0))).any(),
+        (random & (min_p > 0.0)).any(),
+    ]).tolist()
+    return BatchFlags(*(bool(s) for s in stats))
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """The per-request generator the engine keeps for a seeded request (on the logits' device)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+@dataclass
+class SamplingBatch:
+    """Per-step sampling inputs; row i is the i-th sequence being sampled this step.
+
+    Tensors are [B]; lists have B entries.  `flags` is derived: leave it None and it is
+    computed from the tensors (from_params fills it from Python values for free).
+    """
+
+    temperature: Tensor            # [B] float32
+    top_p: Tensor                  # [B] float32
+    top_k: Tensor                  # [B] int64, 0 = off
+    min_p: Tensor                  # [B] float32
+    presence_penalty: Tensor       # [B] float32
+    frequency_penalty: Tensor      # [B] float32
+    repetition_penalty: Tensor     # [B] float32
+    output_token_ids: list[list[int]]   # generated so far (presence/frequency/repetition)
+    prompt_token_ids: list[list[int]]   # prompt tokens (repetition penalty only)
+    generators: list[torch.Generator | None]  # seeded rows' own generator, else None
+    logit_bias: list[dict[int, float] | None]
+    min_tokens_mask: list[list[int]]    # token ids forbidden in this row this step
+    num_logprobs: list[int | None]      # top-k raw logprobs to return; None = none
+    flags: BatchFlags | None = None
+
+    def __post_init__(self) -> None:
+        b = self.temperature.shape[0]
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):
+            t = getattr(self, name)
+            if t.dim() != 1 or t.shape[0] != b:
+                raise ValueError(f"SamplingBatch.{name} must have shape [{b}], got "
+                                 f"{tuple(t.shape)}")
+        for name in ("output_token_ids", "prompt_token_ids", "generators", "logit_bias",
+                     "min_tokens_mask", "num_logprobs"):
+            if len(getattr(self, name)) != b:
+                raise ValueError(f"SamplingBatch.{name} must have {b} entries (one per "
+                                 f"row), got {len(getattr(self, name))}")
+        if self.flags is None:
+            self.flags = _summarise(self.temperature, self.top_p, self.top_k, self.min_p,
+                                    self.presence_penalty, self.frequency_penalty,
+                                    self.repetition_penalty)
+
+    @property
+    def num_rows(self) -> int:
+        return self.temperature.shape[0]
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams],
+                    output_token_ids: Sequence[Sequence[int]],
+                    prompt_token_ids: Sequence[Sequence[int]],
+                    generators: Sequence[torch.Generator | None] | None = None,
+                    min_tokens_mask: Sequence[Sequence[int]] | None = None,
+                    device: torch.device | str = "cpu") -> "SamplingBatch":
+        """Build the batch from one SamplingParams per row (rows of one request repeat it).
+
+        generators / min_tokens_mask default to "none" for every row.
+        """
+        b = len(params)
+        generators = [None] * b if generators is None else list(generators)
+        min_tokens_mask = [[] for _ in range(b)] if min_tokens_mask is None else \
+            [list(m) for m in min_tokens_mask]
+        # Values are gathered on the host, summarised there (no sync), then sent in one copy.
+        floats = torch.tensor(
+            [[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+              p.repetition_penalty] for p in params], dtype=torch.float32,
+        ).reshape(b, 6)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).reshape(b)
+        temperature, top_p, min_p, presence, frequency, repetition = floats.unbind(1)
+        flags = _summarise(temperature, top_p, top_k, min_p, presence, frequency, repetition)
+        floats = floats.t().contiguous().to(device)   # [6, B]
+        temperature, top_p, min_p, presence, frequency, repetition = floats.unbind(0)
+        return cls(
+            temperature=temperature, top_p=top_p, top_k=top_k.to(device), min_p=min_p,
+            presence_penalty=presence, frequency_penalty=frequency,
+            repetition_penalty=repetition,
+            output_token_ids=[list(t) for t in output_token_ids],
+            prompt_token_ids=[list(t) for t in prompt_token_ids],
+            generators=generators,
+            logit_bias=[p.logit_bias or None for p in params],
+            min_tokens_mask=min_tokens_mask,
+            num_logprobs=[p.logprobs for p in params],
+            flags=flags,
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: Tensor     # [B] int64, chosen tokens
+    logprobs: Tensor      # [B] float32, log p(chosen token) under the raw model distribution
+    # Per row: None when the row asked for no logprobs, else its top-k (token, logprob) of
+    # the raw distribution, most likely first ([] when it asked for 0).
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+# ---------------------------------------------------------------------------------------
+# Plain processing functions (each modifies `logits` [B, V] float32 in place and returns it)
+# ---------------------------------------------------------------------------------------
+
+def _flat_indices(per_row: Sequence[Sequence[int]], vocab_size: int,
+                  what: str) -> tuple[list[int], list[int]]:
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, ids in enumerate(per_row):
+        for t in ids:
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"{what}: token id {t} in row {i} is outside the "
+                                 f"vocabulary [0, {vocab_size})")
+        rows.extend([i] * len(ids))
+        cols.extend(ids)
+    return rows, cols
+
+
+def apply_logit_bias(logits: Tensor, logit_bias: Sequence[dict[int, float] | None]) -> Tensor:
+    """logits[i, t] += logit_bias[i][t] for every (row, token) pair given."""
+    rows, cols = _flat_indices([list(b or ()) for b in logit_bias], logits.shape[1],
+                               "logit_bias")
+    if rows:
+        vals = [v for b in logit_bias for v in (b or {}).values()]
+        dev = logits.device
+        logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                          torch.tensor(vals, dtype=logits.dtype, device=dev),
+                          accumulate=True)
+    return logits
+
+
+def apply_token_mask(logits: Tensor, banned: Sequence[Sequence[int]]) -> Tensor:
+    """logits[i, t] = -inf for every t in banned[i] (used for the min_tokens rule)."""
+    rows, cols = _flat_indices(banned, logits.shape[1], "min_tokens_mask")
+    if rows:
+        dev = logits.device
+        logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = _NEG_INF
+    return logits
+
+
+def token_counts(token_ids: Sequence[Sequence[int]], vocab_size: int,
+                 device: torch.device | str) -> Tensor:
+    """[B, V] int64 occurrence counts of each token id in each row's list."""
+    b = len(token_ids)
+    longest = max((len(r) for r in token_ids), default=0)
+    counts = torch.zeros(b, vocab_size + 1, dtype=torch.long, device=device)
+    if longest == 0:
+        return counts[:, :vocab_size]
+    for i, r in enumerate(token_ids):
+        if r and not (0 <= min(r) and max(r) < vocab_size):
+            raise ValueError(f"token ids of row {i} must lie in [0, {vocab_size}), got "
+                             f"min {min(r)} max {max(r)}")
+    # Pad ragged rows with the sentinel id V, counted in an extra column that is dropped.
+    padded = torch.tensor([list(r) + [vocab_size] * (longest - len(r)) for r in token_ids],
+                          dtype=torch.long, device=device)            # [B, L]
+    counts.scatter_add_(1, padded, torch.ones_like(padded))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: Tensor,
+                    prompt_token_ids: Sequence[Sequence[int]],
+                    output_token_ids: Sequence[Sequence[int]],
+                    presence_penalty: Tensor | None,
+                    frequency_penalty: Tensor | None,
+                    repetition_penalty: Tensor | None) -> Tensor:
+    """Repetition, then frequency + presence penalties; any penalty may be None to skip it.
+
+    logits [B, V] float32; penalties [B].  Repetition (HF/CTRL) covers tokens seen in the
+    prompt or the output: positive logits are divided by the penalty, negative multiplied.
+    Frequency / presence (OpenAI) cover output tokens only:
+        logits -= frequency * count + presence * (count > 0).
+    """
+    vocab = logits.shape[1]
+    if repetition_penalty is None and presence_penalty is None and frequency_penalty is None:
+        return logits
+    out_counts = token_counts(output_token_ids, vocab, logits.device)     # [B, V]
+    if repetition_penalty is not None:
+        seen = (token_counts(prompt_token_ids, vocab, logits.device) > 0) | (out_counts > 0)
+        pen = torch.where(seen, repetition_penalty.to(logits.dtype)[:, None], 1.0)  # [B, V]
+        logits.copy_(torch.where(logits > 0, logits / pen, logits * pen))
+    if frequency_penalty is not None:
+        logits -= frequency_penalty.to(logits.dtype)[:, None] * out_counts.to(logits.dtype)
+    if presence_penalty is not None:
+        logits -= presence_penalty.to(logits.dtype)[:, None] * (out_counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_top_k_top_p_min_p(logits: Tensor, top_k: Tensor | None = None,
+                            top_p: Tensor | None = None,
+                            min_p: Tensor | None = None) -> Tensor:
+    """Set truncated tokens to -inf; each argument [B] may be None to skip that filter.
+
+    top_k (0 = off): keep exactly the k highest logits (ties broken towards the lower
+    token id, as argmax does, so top_k=1 always equals greedy).  top_p (1 = off): keep
+    the smallest most-likely-first prefix whose probability mass reaches p (always at
+    least one token).  min_p (0 = off): drop tokens with prob < min_p * max prob.
+    Probabilities are softmax(logits), so pass temperature-scaled logits.
+    """
+    b, vocab = logits.shape
+    if top_k is not None or top_p is not None:
+        # Stable descending sort: equal logits keep increasing token-id order.
+        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [B, V]
+        if top_k is not None:
+            k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).to(logits.device)
+            pos = torch.arange(vocab, device=logits.device)
+            sorted_logits.masked_fill_(pos[None, :] >= k[:, None], _NEG_INF)
+        if top_p is not None:
+            probs = sorted_logits.softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs           # exclusive prefix sum
+            # p >= 1 means off: compare against +inf so rounding in the cumsum can't drop
+            # the tail; the first (most likely) token is always kept.
+            p = torch.where(top_p >= 1.0, float("inf"), top_p.to(logits.dtype))
+            drop = mass_before >= p[:, None]
+            drop[:, 0] = False
+            sorted_logits.masked_fill_(drop, _NEG_INF)
+        logits.scatter_(1, order, sorted_logits)
+    if min_p is not None:
+        probs = logits.softmax(dim=-1)                               # [B, V]
+        threshold = min_p.to(logits.dtype)[:, None] * probs.amax(dim=-1, keepdim=True)
+        logits.masked_fill_(probs < threshold, _NEG_INF)
+    return logits
+
+
+def sample_from_probs(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor:
+    """Draw one token per row: argmax(probs / E) with E ~ Exp(1) (the exponential race).
+
+    Rows with a generator draw their noise from it alone, so their token depends only on
+    their own probs and generator state, never on the batch around them.  Other rows
+    share one draw from the global RNG.  probs [B, V] (overwritten) -> [B] int64.
+    """
+    noise = torch.empty_like(probs)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if len(seeded) < probs.shape[0]:
+        noise.exponential_()
+    for i in seeded:
+        gen = generators[i]
+        if gen.device.type != probs.device.type:
+            raise ValueError(f"generator of row {i} is on {gen.device}, but logits are on "
+                             f"{probs.device}; create it with make_generator(seed, device)")
+        noise[i].exponential_(generator=gen)
+    # Exp(1) can round to 0; 0/0 would be NaN and hijack argmax.
+    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+    return probs.div_(noise).argmax(dim=-1)
+
+
+class Sampler:
+    """Stateless: `Sampler()(logits [B, V], batch) -> SamplerOutput`."""
+
+    def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+        b, vocab = logits.shape
+        if b != batch.num_rows:
+            raise ValueError(f"logits have {b} rows but the SamplingBatch has "
+                             f"{batch.num_rows}")
+        flags = batch.flags
+        dev = logits.device
+
+        # Raw-distribution statistics, taken before any processing.
+        raw = logits.float()                       # [B, V]; no copy when already float32
+        raw_lse = torch.logsumexp(raw, dim=-1)                          # [B]
+        top = self._raw_top_logprobs(raw, raw_lse, batch.num_logprobs)
+
+        x = raw.clone()                                                 # [B, V], processed
+        apply_logit_bias(x, batch.logit_bias)
+        apply_token_mask(x, batch.min_tokens_mask)
+        if any(batch.logit_bias) or any(batch.min_tokens_mask):
+            # Only a bias or mask can ban every token; sampling would then return garbage.
+            dead = torch.isneginf(x).all(dim=-1)
+            if bool(dead.any()):
+                rows = dead.nonzero().flatten().tolist()
+                raise ValueError(f"rows {rows}: logit_bias / min_tokens mask left no token "
+                                 f"that may be sampled")
+        if flags.any_repetition or flags.any_freq_presence:
+            apply_penalties(
+                x, batch.prompt_token_ids, batch.output_token_ids,
+                batch.presence_penalty.to(dev) if flags.any_freq_presence else None,
+                batch.frequency_penalty.to(dev) if flags.any_freq_presence else None,
+                batch.repetition_penalty.to(dev) if flags.any_repetition else None)
+
+        tokens = x.argmax(dim=-1)                                       # greedy choice [B]
+        if flags.any_random:
+            temperature = batch.temperature.to(dev)
+            greedy = temperature < GREEDY_EPS
+            # Greedy rows get temperature 1 here only to avoid dividing by ~0; their
+            # sampled token is discarded below.
+            x.div_(torch.where(greedy, 1.0, temperature)[:, None])
+            apply_top_k_top_p_min_p(
+                x,
+                top_k=batch.top_k.to(dev) if flags.any_top_k_top_p else None,
+                top_p=batch.top_p.to(dev) if flags.any_top_k_top_p else None,
+                min_p=batch.min_p.to(dev) if flags.any_min_p else None)
+            sampled = sample_from_probs(x.softmax(dim=-1), batch.generators)
+            tokens = torch.where(greedy, tokens, sampled)
+
+        chosen = raw.gather(1, tokens[:, None]).squeeze(1) - raw_lse
+        return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=top)
+
+    @staticmethod
+    def _raw_top_logprobs(raw: Tensor, raw_lse: Tensor,
+                          num_logprobs: Sequence[int | None]
+                          ) -> list[list[tuple[int, float]] | None]:
+        wanted = [k for k in num_logprobs if k]
+        if not wanted:
+            return [None if k is None else [] for k in num_logprobs]
+        k_max = min(max(wanted), raw.shape[1])
+        # One top-k for the whole batch at the largest k; rows keep their own prefix.
+        vals, ids = raw.topk(k_max, dim=-1)                             # [B, k_max]
+        vals = (vals - raw_lse[:, None]).tolist()
+        ids = ids.tolist()
+        out: list[list[tuple[int, float]] | None] = []
+        for i, k in enumerate(num_logprobs):
+            out.append(None if k is None else list(zip(ids[i][:k], vals[i][:k])))
+        return out

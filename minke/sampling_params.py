@@ -1,0 +1,202 @@
+"""Per-request sampling options, with vLLM's names, defaults and validation rules.
+
+`SamplingParams` is the user-facing object (`from minke import SamplingParams`); the engine
+turns a batch of them into tensors with `minke.engine.sampler.SamplingBatch.from_params`.
+Every invalid field raises a ValueError that names the field and the bad value, so the
+server can hand the message straight back as an HTTP 400.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+
+# Temperatures below this are treated as greedy decoding (vLLM's _SAMPLING_EPS).
+GREEDY_EPS = 1e-5
+# OpenAI's documented range for presence_penalty / frequency_penalty.
+_PENALTY_RANGE = (-2.0, 2.0)
+# Most top-logprobs one generated token may ask for (OpenAI's limit; vLLM's default cap).
+MAX_LOGPROBS = 20
+
+
+def _is_int(value) -> bool:
+    # bool is a subclass of int, but `n=True` is always a caller mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_real(name: str, value) -> float:
+    """Return `value` as a finite float, or raise naming the field."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's completion(s); field names and defaults follow vLLM.
+
+    n: completions per prompt.  temperature: 0 (< 1e-5) means greedy.  top_p in (0, 1].
+    top_k: keep the k most likely tokens; 0 or -1 turns it off (-1 is stored as 0).
+    min_p: drop tokens whose probability is below min_p * (max probability).
+    seed: per-request RNG seed; sampled tokens are reproducible whatever shares the batch.
+    max_tokens: None = until the context limit.  min_tokens: eos / stop_token_ids are
+    forbidden until this many tokens were generated.  stop: strings that end generation
+    (normalised to a list).  stop_token_ids: extra token ids that end generation.
+    presence_penalty / frequency_penalty: OpenAI rule on generated tokens, in [-2, 2].
+    repetition_penalty: HF/CTRL rule on prompt + generated tokens, > 0 (1 = off).
+    logprobs: number of top log-probabilities returned per generated token (0 = only the
+    chosen token's), at most 20.  prompt_logprobs: not supported (must be None).
+    logit_bias: {token id: bias added to its logit}; -inf bans a token.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = field(default=None)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, 1)
+
+        self.temperature = _check_real("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        self.top_p = _check_real("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is None:  # OpenAI-style clients send null for "off"
+            self.top_k = 0
+        _check_int("top_k", self.top_k, -1)
+        if self.top_k == -1:
+            self.top_k = 0
+        self.min_p = _check_real("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens!r} "
+                f"and max_tokens={self.max_tokens!r}")
+
+        self.stop = self._normalise_stop(self.stop)
+        self.stop_token_ids = self._normalise_stop_token_ids(self.stop_token_ids)
+
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _check_real(name, getattr(self, name))
+            lo, hi = _PENALTY_RANGE
+            if not lo <= value <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+            setattr(self, name, value)
+        self.repetition_penalty = _check_real("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(
+                    f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None:
+            raise ValueError(
+                f"prompt_logprobs is not supported by minke (must be None), "
+                f"got {self.prompt_logprobs!r}")
+
+        self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @staticmethod
+    def _normalise_stop(stop) -> list[str]:
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            stop = [stop]
+        elif isinstance(stop, (list, tuple)):
+            stop = list(stop)
+        else:
+            raise ValueError(f"stop must be a str, a list of str or None, got {stop!r}")
+        for s in stop:
+            if not isinstance(s, str):
+                raise ValueError(f"stop must contain only str, got {s!r} in {stop!r}")
+            if s == "":
+                # An empty stop string would match before any text: almost surely a mistake.
+                raise ValueError(f"stop strings must be non-empty, got {stop!r}")
+        return stop
+
+    @staticmethod
+    def _normalise_stop_token_ids(ids) -> list[int]:
+        if ids is None:
+            return []
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of int or None, got {ids!r}")
+        for t in ids:
+            if not _is_int(t) or t < 0:
+                raise ValueError(
+                    f"stop_token_ids must hold non-negative ints, got {t!r} in {ids!r}")
+        return list(ids)
+
+    @staticmethod
+    def _normalise_logit_bias(bias) -> dict[int, float] | None:
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict {{token_id: bias}}, got {bias!r}")
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            # JSON objects only have string keys: accept "123" as token 123, as OpenAI does.
+            token = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+            if not _is_int(token) or token < 0:
+                raise ValueError(
+                    f"logit_bias keys must be non-negative token ids, got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
+                raise ValueError(
+                    f"logit_bias[{key!r}] must be a number, got {value!r}")
+            # -inf is allowed (bans the token); +inf would make every other token impossible.
+            if value == math.inf:
+                raise ValueError(f"logit_bias[{key!r}] must not be +inf")
+            out[token] = float(value)
+        return out
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is argmax (temperature below 1e-5), as in vLLM."""
+        return self.temperature < GREEDY_EPS
+
+    def clone(self) -> "SamplingParams":
+        """A deep copy, so per-request edits never leak into a shared params object."""
+        return copy.deepcopy(self)
