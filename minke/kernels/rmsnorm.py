@@ -1,0 +1,194 @@
+"""RMSNorm, optionally fused with the residual add of a pre-norm block (Triton + torch reference).
+
+Every DeepSeek block is pre-norm:  s = h + residual;  h = RMSNorm(s)  — doing the add and the norm in one pass reads
+the row once instead of three times (add, read for norm, read for scale), which matters at decode where these
+element-wise ops are pure memory traffic.
+
+Rounding order follows transformers' `DeepseekV2RMSNorm` / `LlamaRMSNorm` exactly, so the kernel matches the oracle:
+    y = weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
+The residual sum is rounded to x.dtype before the norm (it is what the next block receives as its residual).
+
+Public API:
+    rmsnorm(x, weight, eps, residual=None)      Triton kernel (CUDA tensors, or CPU under TRITON_INTERPRET=1)
+    rmsnorm_ref(x, weight, eps, residual=None)  plain torch, identical semantics
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # triton is optional: the reference must stay importable on machines without it
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# One program holds a whole row in registers; past this the row would spill (largest DeepSeek hidden is 8192).
+_MAX_D = 65536
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+    """Shared by kernel and reference so both reject the same inputs with the same message."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"rmsnorm: x must be a tensor [..., D], got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"rmsnorm: x dtype must be one of {_FLOAT_DTYPES}, got {x.dtype}")
+    D = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != D:
+        raise ValueError(f"rmsnorm: weight must be [D={D}], got {tuple(weight.shape)}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"rmsnorm: weight dtype must be one of {_FLOAT_DTYPES}, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"rmsnorm: weight on {weight.device} but x on {x.device}")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"rmsnorm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"rmsnorm: residual dtype {residual.dtype} != x dtype {x.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"rmsnorm: residual on {residual.device} but x on {x.device}")
+
+
+def rmsnorm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference. x, residual: [..., D]; weight: [D].
+
+    Returns y [..., D] (dtype = promote(weight, x), as `weight * h.to(x.dtype)` gives in torch), or (y, s) with
+    s = x + residual [..., D] in x.dtype when a residual is given.
+    """
+    _check_inputs(x, weight, residual)
+    s = None
+    if residual is not None:
+        s = x + residual  # rounded to x.dtype here, as the model code does
+        x = s
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * h.to(x.dtype)
+    return y if s is None else (y, s)
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _rmsnorm_kernel(
+        x_ptr,  # [N, D], row stride stride_x, unit column stride
+        res_ptr,  # [N, D] or dummy (HAS_RESIDUAL=False)
+        w_ptr,  # [D]
+        y_ptr,  # [N, D] out, dtype promote(weight, x)
+        s_ptr,  # [N, D] out (x + residual) or dummy
+        D,
+        stride_x,
+        stride_r,
+        stride_y,
+        stride_s,
+        eps,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_D: tl.constexpr,  # next power of two >= D: one program owns one whole row
+    ):
+        # int64 row index: N * D can pass 2**31 for long prefills at hidden 8192.
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)
+        mask = offs < D
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
+            # Add in fp32 and round once to x.dtype: bit-identical to torch's `x + residual` in bf16/fp16.
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            tl.store(s_ptr + row * stride_s + offs, x, mask=mask)
+        xf = x.to(tl.float32)
+        # Masked lanes are 0 so they add nothing; divide by the true D, not BLOCK_D.
+        var = tl.sum(xf * xf, axis=0) / D
+        rstd = 1.0 / tl.sqrt(var + eps)
+        # transformers rounds the normalised row to the input dtype *before* scaling by the weight.
+        normed = (xf * rstd).to(x_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        # A product of two bf16/fp16 values is exact in fp32, so one rounding here equals torch's `weight * normed`.
+        y = w.to(tl.float32) * normed.to(tl.float32)
+        tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpret_mode() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def _rejit(fn, interpret: bool):
+    return triton.jit(fn)
+
+
+def _kernel_for_current_mode(kernel):
+    """Triton fixes interpreter-vs-compiled when a kernel is *decorated* (at import). If this module was imported
+    before TRITON_INTERPRET was set (or after it was cleared), re-wrap the same Python function for the current
+    mode so the flag's value at call time is what counts."""
+    want = _interpret_mode()
+    have = type(kernel).__name__ == "InterpretedFunction"
+    return kernel if want == have else _rejit(kernel.fn, want)
+
+
+def rmsnorm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Triton RMSNorm. x, residual: [..., D] (contiguous, or 2-D with unit column stride); weight: [D].
+
+    Returns y [..., D] in promote(weight.dtype, x.dtype), or (y, s = x + residual) when residual is given.
+    Out of place: neither x nor residual is written.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError("rmsnorm: triton is not installed (pip install 'minke[gpu]'); use rmsnorm_ref instead")
+    _check_inputs(x, weight, residual)
+    if x.device.type == "cpu" and not _interpret_mode():
+        raise RuntimeError("rmsnorm: CPU tensors need TRITON_INTERPRET=1 (or use rmsnorm_ref on CPU)")
+    D = x.shape[-1]
+    if D > _MAX_D:
+        raise ValueError(f"rmsnorm: D={D} exceeds the one-row-per-program limit {_MAX_D}")
+
+    def rows(t: torch.Tensor, name: str) -> torch.Tensor:
+        # Kernel addresses rows as base + row * stride(0) + col: needs unit column stride and evenly spaced rows.
+        if t.dim() == 2 and t.stride(1) == 1:
+            return t
+        if t.is_contiguous():
+            return t.view(-1, D)
+        raise ValueError(f"rmsnorm: {name} must be contiguous (or 2-D with unit last stride), got strides {t.stride()}")
+
+    x2 = rows(x, "x")
+    r2 = rows(residual, "residual") if residual is not None else None
+    if not weight.is_contiguous():
+        raise ValueError("rmsnorm: weight must be contiguous")
+    N = x2.shape[0]
+    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    s = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
+    if N > 0 and D > 0:
+        y2 = y.view(-1, D)
+        s2 = s.view(-1, D) if s is not None else y2  # dummy pointer when unused (dead code under HAS_RESIDUAL=False)
+        BLOCK_D = triton.next_power_of_2(D)
+        # Untuned: ~512 elements per warp keeps a row within registers up to D=8192 (16 warps).
+        num_warps = min(16, max(1, BLOCK_D // 512))
+        _kernel_for_current_mode(_rmsnorm_kernel)[(N,)](
+            x2,
+            r2 if r2 is not None else x2,
+            weight,
+            y2,
+            s2,
+            D,
+            x2.stride(0),
+            r2.stride(0) if r2 is not None else 0,
+            y2.stride(0),
+            s2.stride(0),
+            float(eps),
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_D=BLOCK_D,
+            num_warps=num_warps,
+        )
+    return y if s is None else (y, s)
