@@ -1,0 +1,167 @@
+"""Attention for every family: MHA/GQA (`llama`, `deepseek`) and Multi-head Latent Attention (`deepseek_v2`).
+
+Each module runs in two modes:
+- dense (batch is None): x [B, T, D] at positions [B, T] or [T], plain causal attention, no cache. This is the
+  reference forward (load_model's, the oracle tests' and training's) and is differentiable.
+- paged (batch is a ForwardBatch): x [N, D] flat new tokens; their K/V (or MLA latent) are written into the paged
+  cache, decodes attend through the backend, prefills gather their context and run causal attention.
+
+MLA in brief (DeepSeek-V2 paper, §2.1): per token the cache holds c_kv (kv_lora_rank) and one shared roped k_pe
+(rope dims). K/V per head are up-projections of c_kv by kv_b_proj = [W_UK; W_UV] per head. For decode the
+up-projections are absorbed: q·k_nope = (q W_UK)·c_kv, and softmax(.)·v = (softmax(.)·c_kv) W_UV^T, so attention
+runs over the 576-wide latent and per-head K/V are never materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .forward_batch import ForwardBatch, causal_attention
+from .layers import RMSNorm
+from .rope import RotaryEmbedding
+
+
+def _dense_positions(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    if positions is None:
+        return torch.arange(x.shape[1], device=x.device)
+    return positions
+
+
+class Attention(nn.Module):
+    """MHA / GQA with rotate-half RoPE (DeepSeek LLM, DeepSeekMoE)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.rotary = RotaryEmbedding(cfg.rope, self.head_dim, cfg.max_position_embeddings, interleaved=False)
+        self.scale = cfg.softmax_scale
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, batch: ForwardBatch | None = None):
+        lead = x.shape[:-1]  # [B, T] dense or [N] paged
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        pos = _dense_positions(x, positions) if batch is None else batch.positions
+        cos, sin = self.rotary.cos_sin(pos)
+        q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
+        if batch is None:
+            out = self._dense(q, k, v)
+        else:
+            out = self._paged(q, k, v, batch)
+        return self.o_proj(out.flatten(-2))
+
+    def _dense(self, q, k, v):
+        # [B, T, H, hd] -> SDPA over [B, H, T, hd]; GQA by repeating KV heads.
+        rep = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=self.scale)
+        return out.transpose(1, 2)
+
+    def _paged(self, q, k, v, batch: ForwardBatch):
+        cache = batch.kv_caches[self.layer_idx]  # [2, blocks, bs, Hkv, hd]
+        cache[0].flatten(0, 1)[batch.slot_mapping] = k.to(cache.dtype)
+        cache[1].flatten(0, 1)[batch.slot_mapping] = v.to(cache.dtype)
+        nd = batch.num_decodes
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = batch.backend.mha_decode(q[:nd], cache, batch, self.scale)
+        rep = self.num_heads // self.num_kv_heads
+        for i in range(nd, batch.num_seqs):
+            s, e = batch.query_start_loc[i].item(), batch.query_start_loc[i + 1].item()
+            kc, vc = batch.backend.gather_kv(cache, batch, i)
+            kc, vc = kc.to(q.dtype).repeat_interleave(rep, dim=1), vc.to(q.dtype).repeat_interleave(rep, dim=1)
+            out[s:e] = causal_attention(q[s:e], kc, vc, self.scale)
+        return out
+
+
+class MLAttention(nn.Module):
+    """DeepSeek-V2 Multi-head Latent Attention."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        qk_dim = self.nope + self.rope_dim
+        bias = cfg.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=bias)
+        self.rotary = RotaryEmbedding(cfg.rope, self.rope_dim, cfg.max_position_embeddings, interleaved=True)
+        self.scale = cfg.softmax_scale
+
+    def _project(self, x: torch.Tensor, pos: torch.Tensor):
+        """x [..., D] -> q_nope [..., H, nope], q_pe [..., H, R] (roped), c_kv [..., C] (normed), k_pe [..., R] (roped)."""
+        lead = x.shape[:-1]
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(*lead, self.num_heads, self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        cos, sin = self.rotary.cos_sin(pos)
+        q_pe = self.rotary.rotate(q_pe, cos, sin)
+        k_pe = self.rotary.rotate(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
+        return q_nope, q_pe, c_kv, k_pe
+
+    def _expand(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        """Naive form: c_kv [..., T, C], k_pe [..., T, R] -> k [..., T, H, nope + R], v [..., T, H, v_dim]."""
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.num_heads, self.nope + self.v_dim))
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope_dim)), dim=-1)
+        return k, v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, batch: ForwardBatch | None = None):
+        pos = _dense_positions(x, positions) if batch is None else batch.positions
+        q_nope, q_pe, c_kv, k_pe = self._project(x, pos)
+        if batch is None:
+            # [B, T, ...]: naive MLA, per-head K/V, as the reference computes it.
+            k, v = self._expand(c_kv, k_pe)
+            q = torch.cat((q_nope, q_pe), dim=-1)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, scale=self.scale).transpose(1, 2)
+        else:
+            out = self._paged(q_nope, q_pe, c_kv, k_pe, batch)
+        return self.o_proj(out.flatten(-2))
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj.weight [H * (nope + v), C] split per head: W_UK [H, nope, C], W_UV [H, v, C]."""
+        w = self.kv_b_proj.weight.unflatten(0, (self.num_heads, self.nope + self.v_dim))
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def _paged(self, q_nope, q_pe, c_kv, k_pe, batch: ForwardBatch):
+        cache = batch.kv_caches[self.layer_idx]  # [blocks, bs, C + R]
+        cache.view(-1, cache.shape[-1])[batch.slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(cache.dtype)
+        nd = batch.num_decodes
+        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
+        if nd:
+            w_uk, w_uv = self.absorbed_weights()
+            q_latent = torch.einsum("nhd,hdc->nhc", q_nope[:nd], w_uk)  # [D, H, C]
+            o_latent = batch.backend.mla_decode(q_latent, q_pe[:nd], cache, batch, self.kv_lora_rank, self.scale)
+            out[:nd] = torch.einsum("nhc,hvc->nhv", o_latent.to(w_uv.dtype), w_uv)  # [D, H, v]
+        for i in range(nd, batch.num_seqs):
+            # Prefill chunk: expand the gathered latent context to per-head K/V (cheaper than absorbing when many
+            # queries share the context), then causal attention with the chunk at the end of the context.
+            s, e = batch.query_start_loc[i].item(), batch.query_start_loc[i + 1].item()
+            ctx = batch.backend.gather_latent(cache, batch, i).to(c_kv.dtype)  # [T, C + R]
+            k, v = self._expand(ctx[:, : self.kv_lora_rank], ctx[:, self.kv_lora_rank :])
+            q = torch.cat((q_nope[s:e], q_pe[s:e]), dim=-1)
+            out[s:e] = causal_attention(q, k, v, self.scale)
+        return out

@@ -1,0 +1,112 @@
+"""What a model step needs to attend over the paged KV cache, built once per step by the model runner and passed
+down explicitly (no hidden global context), plus the plain-PyTorch attention backend that works on any device.
+
+Token layout of a step: the new tokens of all sequences flattened, N = sum(query_lens). The first `num_decodes`
+sequences are decodes (exactly one new token each); the rest are prefills (a prompt or a chunk of it, possibly
+after a cached prefix). Cache layouts, per layer:
+  MLA     [num_blocks, block_size, kv_lora_rank + rope_dim]   the latent only (576 values for V2 shapes)
+  MHA/GQA [2, num_blocks, block_size, num_kv_heads, head_dim]  K and V
+Token t of sequence i lives in block block_tables[i, t // block_size], row t % block_size; its flat slot is
+block * block_size + row, which is what slot_mapping holds for the new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ForwardBatch:
+    positions: torch.Tensor  # [N] long, position of each new token
+    slot_mapping: torch.Tensor  # [N] long, cache slot each new token is written to
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32, context length after this step (cached + new)
+    query_start_loc: torch.Tensor  # [B + 1] int32, offsets of each sequence's new tokens in the flat layout
+    seq_lens_cpu: list[int]
+    query_lens_cpu: list[int]
+    num_decodes: int
+    kv_caches: list[torch.Tensor]
+    block_size: int
+    logits_indices: torch.Tensor | None = None  # [S] rows of the flat hidden states to turn into logits
+    backend: "AttentionBackend" = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.backend is None:
+            self.backend = TorchAttentionBackend()
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
+
+    def context_slots(self, i: int) -> torch.Tensor:
+        """Flat cache slots [seq_lens[i]] of sequence i's whole context, from its block table."""
+        n = self.seq_lens_cpu[i]
+        nb = (n + self.block_size - 1) // self.block_size
+        blocks = self.block_tables[i, :nb].long()
+        slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size, device=blocks.device)).flatten()
+        return slots[:n]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence's prefill: q [Tq, H, Dq] are the LAST Tq positions of a context k [Tk, H, Dq], v [Tk, H, Dv].
+    Query i (absolute position Tk - Tq + i) sees keys 0..Tk - Tq + i. Returns [Tq, H, Dv]."""
+    tq, tk = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T, D]
+    if tq == tk:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        mask = torch.arange(tk, device=q.device)[None, :] <= (torch.arange(tq, device=q.device)[:, None] + tk - tq)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+class TorchAttentionBackend:
+    """Reference paged attention in plain PyTorch: gathers each sequence's context through its block table.
+    Correct everywhere, fast nowhere; the Triton backend is a drop-in for the decode ops."""
+
+    name = "torch"
+
+    def mla_decode(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch,
+                   kv_lora_rank: int, scale: float) -> torch.Tensor:
+        """Absorbed MLA decode. q_latent [D, H, C], q_pe [D, H, R], cache [blocks, bs, C + R] -> [D, H, C]
+        (attention output still in the latent space; the caller applies the value up-projection)."""
+        flat = cache.view(-1, cache.shape[-1])
+        out = torch.empty_like(q_latent)
+        for i in range(q_latent.shape[0]):
+            ctx = flat[batch.context_slots(i)]  # [T, C + R]
+            c_kv, k_pe = ctx[:, :kv_lora_rank], ctx[:, kv_lora_rank:]
+            scores = (torch.einsum("hc,tc->ht", q_latent[i].float(), c_kv.float())
+                      + torch.einsum("hr,tr->ht", q_pe[i].float(), k_pe.float())) * scale
+            out[i] = torch.einsum("ht,tc->hc", scores.softmax(-1), c_kv.float()).to(out.dtype)
+        return out
+
+    def mha_decode(self, q: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        """q [D, H, hd], cache [2, blocks, bs, Hkv, hd] -> [D, H, hd]."""
+        out = torch.empty_like(q)
+        for i in range(q.shape[0]):
+            k, v = self.gather_kv(cache, batch, i)  # [T, Hkv, hd]
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            out[i] = causal_attention(q[i : i + 1], k, v, scale)[0]
+        return out
+
+    @staticmethod
+    def gather_latent(cache: torch.Tensor, batch: ForwardBatch, i: int) -> torch.Tensor:
+        return cache.view(-1, cache.shape[-1])[batch.context_slots(i)]  # [T, C + R]
+
+    @staticmethod
+    def gather_kv(cache: torch.Tensor, batch: ForwardBatch, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = batch.context_slots(i)
+        k = cache[0].flatten(0, 1)[slots]
+        v = cache[1].flatten(0, 1)[slots]
+        return k, v  # [T, Hkv, hd] each
+
+
+AttentionBackend = TorchAttentionBackend

@@ -1,0 +1,118 @@
+"""DeepSeekMoE layer: softmax router (greedy or group-limited top-k), routed experts, always-on shared experts.
+
+Routed expert weights are stacked (transformers 5's layout, what fused-MoE kernels want):
+  gate_up_proj [E, 2I, D]   rows [0, I) = gate_proj, rows [I, 2I) = up_proj
+  down_proj    [E, D, I]
+The loader maps the checkpoints' per-expert tensors (`mlp.experts.{e}.{gate,up,down}_proj.weight`) onto these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+
+@dataclass
+class RouterOutput:
+    topk_ids: torch.Tensor  # [N, K] long
+    topk_weights: torch.Tensor  # [N, K] fp32
+    scores: torch.Tensor  # [N, E] fp32 softmax scores (for the balance loss)
+
+
+class Router(nn.Module):
+    """`mlp.gate`: scores = softmax(x W^T) in fp32, then top-k (DeepSeek's MoEGate)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
+        self.method, self.n_group, self.topk_group = cfg.topk_method, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [N, E]
+        masked = scores
+        if self.method == "group_limited_greedy":
+            # Score each group by its best expert, keep topk_group groups, choose top-k inside them.
+            groups = scores.view(-1, self.n_group, self.n_experts // self.n_group)
+            keep = groups.max(dim=-1).values.topk(self.topk_group, dim=-1).indices  # [N, topk_group]
+            mask = torch.zeros_like(groups[..., 0]).scatter_(1, keep, 1.0)  # [N, n_group]
+            masked = (groups * mask.unsqueeze(-1)).view_as(scores)
+        weights, ids = masked.topk(self.top_k, dim=-1)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            # DeepSeek's rule: routed_scaling_factor applies when weights are not normalised (V2: 16.0, Lite: 1.0).
+            weights = weights * self.scaling
+        return RouterOutput(ids, weights, scores)
+
+
+def experts_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
+                      topk_weights: torch.Tensor) -> torch.Tensor:
+    """Loop over the experts that received tokens (transformers' eager MoE). x [N, D] -> [N, D]."""
+    out = torch.zeros_like(x)
+    inter = down.shape[-1]
+    hit = torch.unique(topk_ids)
+    for e in hit.tolist():
+        tok, slot = torch.where(topk_ids == e)
+        h = F.linear(x[tok], gate_up[e])
+        h = F.silu(h[:, :inter]) * h[:, inter:]
+        h = F.linear(h, down[e]) * topk_weights[tok, slot, None]
+        out.index_add_(0, tok, h.to(out.dtype))
+    return out
+
+
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, i))
+        self.impl: ExpertsFn = experts_reference  # the runner swaps in the fused Triton kernel on GPU
+
+    def forward(self, x, topk_ids, topk_weights):
+        return self.impl(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.aux_loss_alpha, self.seq_aux = cfg.aux_loss_alpha, cfg.seq_aux
+
+    def forward(self, x: torch.Tensor, want_aux: bool = False):
+        """x [..., D] -> (out [..., D], balance loss or None)."""
+        flat = x.reshape(-1, x.shape[-1])
+        r = self.gate(flat)
+        out = self.experts(flat, r.topk_ids, r.topk_weights).view_as(x)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        aux = self.balance_loss(r, x.shape) if want_aux and self.aux_loss_alpha > 0 else None
+        return out, aux
+
+    def balance_loss(self, r: RouterOutput, shape: torch.Size) -> torch.Tensor:
+        """DeepSeekMoE expert-level balance loss (modeling_deepseek.py MoEGate): alpha * sum_i f_i * P_i,
+        per sequence when seq_aux. shape is x's shape [B, T, D] (or [N, D] = one sequence)."""
+        e, k = self.gate.n_experts, self.gate.top_k
+        bsz = shape[0] if len(shape) == 3 else 1
+        seq_len = r.scores.shape[0] // bsz
+        if self.seq_aux:
+            ids = r.topk_ids.view(bsz, -1)
+            ce = torch.zeros(bsz, e, device=ids.device).scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float))
+            ce = ce / (seq_len * k / e)
+            return (ce * r.scores.view(bsz, seq_len, e).mean(dim=1)).sum(dim=1).mean() * self.aux_loss_alpha
+        fi = F.one_hot(r.topk_ids.view(-1), num_classes=e).float().mean(0) * e
+        return (r.scores.mean(0) * fi).sum() * self.aux_loss_alpha
