@@ -1,0 +1,39 @@
+"""Flags shared by the commands that load a model for inference, spelled as vLLM spells them."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", default=None,
+                       help="checkpoint directory (default: the embedded default model)")
+    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 (default: auto)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--max-model-len", "--max_model_len", dest="max_model_len", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", "--gpu_memory_utilization", dest="gpu_memory_utilization",
+                   type=float, default=0.9)
+    p.add_argument("--kv-cache-tokens", "--kv_cache_tokens", dest="kv_cache_tokens", type=int, default=None,
+                   help="KV cache capacity in tokens (default: sized from free memory)")
+    p.add_argument("--max-num-seqs", "--max_num_seqs", dest="max_num_seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", "--max_num_batched_tokens", dest="max_num_batched_tokens",
+                   type=int, default=None)
+    p.add_argument("--block-size", "--block_size", dest="block_size", type=int, default=16)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--enforce-eager", "--enforce_eager", dest="enforce_eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", "--tensor_parallel_size", "-tp", dest="tensor_parallel_size",
+                   type=int, default=1)
+    p.add_argument("--chat-template", "--chat_template", dest="chat_template", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                   help="accepted for compatibility; minke never runs remote code")
+
+
+ENGINE_ARG_NAMES = ("dtype", "device", "max_model_len", "gpu_memory_utilization", "kv_cache_tokens", "max_num_seqs",
+                    "max_num_batched_tokens", "block_size", "enable_prefix_caching", "enforce_eager",
+                    "tensor_parallel_size", "chat_template", "seed")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ENGINE_ARG_NAMES if hasattr(args, k) and getattr(args, k) is not None}
