@@ -1,0 +1,213 @@
+"""Continuous-batching scheduler (vLLM v1 style) over a paged KV cache; pure Python, no tensors.
+
+Each step has one token budget (max_num_batched_tokens) shared by every scheduled sequence:
+  1. running sequences first, in admission order: each asks for num_tokens - num_computed_tokens tokens
+     (1 when decoding, the rest of its prompt for a chunked prefill, clipped to the remaining budget when chunked
+     prefill is on). When KV blocks run short, the last-admitted running sequence is preempted by recompute
+     (blocks freed, progress reset, put back at the front of `waiting`); a sequence that would have to preempt
+     itself is preempted itself.
+  2. then, only if nothing was preempted this step, waiting sequences in FCFS order while budget, seq slots
+     (max_num_seqs) and blocks allow. Prefix-cache hits skip part of the prefill. The head of `waiting` blocks
+     everyone behind it (strict FCFS), which also lets a preempted sequence resume before newer ones.
+A resumed sequence recomputes prompt + generated tokens (its token_ids already contain its outputs), minus
+whatever the prefix cache still holds.
+
+The engine drives it: out = schedule(); run the model on out.scheduled; update(out, sampled); then for each seq
+that got a token decide eos / stop / max_tokens and call finish(seq, reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass
+
+from minke.engine.block_manager import BlockManager
+from minke.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+    _: dataclasses.KW_ONLY
+    max_model_len: int
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"SchedulerConfig: without chunked prefill a whole prompt must fit in one step, so "
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}); raise it or set enable_chunked_prefill=True"
+            )
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens to compute this step, starting at seq.num_computed_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    preempted: list[Sequence]
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        capacity = block_manager.num_blocks * block_manager.block_size
+        if capacity < config.max_model_len:
+            # Otherwise one long sequence could never fit even alone and would preempt itself forever.
+            raise ValueError(
+                f"Scheduler: KV cache holds {capacity} tokens ({block_manager.num_blocks} blocks x "
+                f"{block_manager.block_size}) < max_model_len {config.max_model_len}; give the cache more memory "
+                "or lower max_model_len"
+            )
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order; the last one is preempted first
+        self.num_preemptions_total = 0
+
+    # ---------------------------------------------------------------- queue management
+    def add(self, seq: Sequence) -> None:
+        if seq.block_size != self.block_manager.block_size:
+            raise ValueError(
+                f"add: seq {seq.seq_id} has block_size {seq.block_size}, the KV cache uses "
+                f"{self.block_manager.block_size}"
+            )
+        if seq.num_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"add: seq {seq.seq_id} has {seq.num_tokens} prompt tokens > max_model_len {self.config.max_model_len}"
+            )
+        if seq.status != SequenceStatus.WAITING or seq.block_table:
+            raise ValueError(f"add: seq {seq.seq_id} must be a new WAITING sequence without blocks, got {seq!r}")
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _release(self, seq: Sequence, reason: str) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Remove a waiting or running sequence, free its blocks; None if no such unfinished sequence."""
+        for i, seq in enumerate(self.running):
+            if seq.seq_id == seq_id:
+                del self.running[i]
+                self._release(seq, "abort")
+                return seq
+        for seq in self.waiting:
+            if seq.seq_id == seq_id:
+                self.waiting.remove(seq)
+                self._release(seq, "abort")
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"finish: reason must be one of {FINISH_REASONS}, got {reason!r}")
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        else:
+            raise ValueError(f"finish: seq {seq.seq_id} is not scheduled here (already finished?)")
+        self._release(seq, reason)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preempt by recompute: drop its KV, it restarts from the prefix cache / scratch when readmitted."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(seq)
+
+    # ---------------------------------------------------------------- one step
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        bm = self.block_manager
+        budget = cfg.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+
+        # 1) running sequences, admission order. Victims are taken from the end of `running`, i.e. from
+        #    sequences not yet scheduled this step (or the current one itself), so scheduled work is never undone.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = seq.num_tokens - seq.num_computed_tokens
+            assert n >= 1, f"running seq {seq.seq_id} has nothing to compute: {seq!r}"
+            if n > budget:
+                if not cfg.enable_chunked_prefill:
+                    i += 1  # whole remainder or nothing
+                    continue
+                n = budget
+            while not bm.can_allocate(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                break  # it preempted itself: it was the last running sequence
+            bm.allocate(seq, n)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+            i += 1
+
+        # 2) waiting sequences, strict FCFS. Skipped after a preemption: blocks are short, admitting would thrash.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            remaining = seq.num_tokens - bm.lookup_prefix(seq)
+            if remaining > budget:
+                if not cfg.enable_chunked_prefill:
+                    break
+                n = budget
+            else:
+                n = remaining
+            if not bm.can_admit(seq, n):
+                break
+            self.waiting.popleft()
+            bm.allocate_prefix(seq)
+            bm.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+
+        return SchedulerOutput(scheduled, preempted, cfg.max_num_batched_tokens - budget)
+
+    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
+        """Record a finished model step. `sampled[seq_id]` is needed for every seq whose computed count reaches
+        num_tokens this step (finished prefill, or decode); samples for mid-prefill chunks are ignored.
+        Returns the sequences that got a new token, in scheduling order."""
+        got_token: list[Sequence] = []
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # aborted between schedule() and update(): its blocks are already freed
+            seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_computed_tokens > seq.num_tokens:
+                raise RuntimeError(f"update: seq {seq.seq_id} computed past its tokens: {seq!r}")
+            self.block_manager.commit(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                if seq.seq_id not in sampled:
+                    raise KeyError(f"update: no sampled token for seq {seq.seq_id}, which finished its step")
+                seq.append_token(sampled[seq.seq_id])
+                got_token.append(seq)
+        return got_token

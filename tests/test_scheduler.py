@@ -1,0 +1,252 @@
+import pytest
+
+from minke.engine.block_manager import BlockManager
+from minke.engine.scheduler import Scheduler, SchedulerConfig
+from minke.engine.sequence import Sequence, SequenceStatus
+
+
+def make(num_blocks, block_size=2, prefix=True, **cfg):
+    cfg.setdefault("max_model_len", num_blocks * block_size)
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix)
+    return Scheduler(SchedulerConfig(**cfg), bm), bm
+
+
+def seq(seq_id, prompt, sched, max_tokens=None):
+    return Sequence(seq_id, list(prompt), {"max_tokens": max_tokens}, float(seq_id), sched.block_manager.block_size)
+
+
+def fake_token(token_ids):
+    """Deterministic 'model': next token is a function of the whole context, so recompute must reproduce it."""
+    return (sum((i + 1) * t for i, t in enumerate(token_ids)) * 31 + len(token_ids)) % 997
+
+
+def step(sched):
+    """schedule() + fake model + update(). Samples only for seqs whose step reaches the end of their tokens."""
+    out = sched.schedule()
+    sampled = {
+        s.seq.seq_id: fake_token(s.seq.token_ids)
+        for s in out.scheduled
+        if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens
+    }
+    return out, sched.update(out, sampled)
+
+
+def plan(out):
+    return [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled]
+
+
+def check_invariants(sched, bm, out):
+    assert out.num_batched_tokens == sum(s.num_new_tokens for s in out.scheduled)
+    assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
+    assert len(sched.running) <= sched.config.max_num_seqs
+    refs = {}
+    for s in sched.running:
+        assert s.status == SequenceStatus.RUNNING
+        assert len(s.block_table) * bm.block_size >= s.num_computed_tokens
+        for b in s.block_table:
+            refs[b] = refs.get(b, 0) + 1
+    for s in sched.waiting:
+        assert s.block_table == [] and s.status == SequenceStatus.WAITING
+    for b in bm.blocks:
+        assert b.ref_count == refs.get(b.id, 0), f"block {b.id} ref_count {b.ref_count} != holders"
+    assert bm.num_free_blocks() == bm.num_blocks - len(refs)
+
+
+def test_continuous_batching_new_seq_joins_while_others_decode():
+    sched, bm = make(32, block_size=4, max_num_batched_tokens=64)
+    a = seq(0, range(5), sched)
+    sched.add(a)
+    out, got = step(sched)
+    assert plan(out) == [(0, 5)] and got == [a] and a.num_output_tokens == 1
+    out, got = step(sched)
+    assert plan(out) == [(0, 1)] and not a.is_prefill
+    b = seq(1, range(100, 107), sched)
+    sched.add(b)
+    out, got = step(sched)
+    assert plan(out) == [(0, 1), (1, 7)]  # decode and new prefill in one batch
+    assert got == [a, b] and a.num_output_tokens == 3 and b.num_output_tokens == 1
+    out, _ = step(sched)
+    assert plan(out) == [(0, 1), (1, 1)] and out.num_batched_tokens == 2
+    assert a.output_token_ids[0] == fake_token(list(range(5)))
+
+
+def test_chunked_prefill_splits_long_prompt_alongside_decodes():
+    sched, bm = make(32, block_size=4, max_num_batched_tokens=8)
+    a = seq(0, range(3), sched)
+    sched.add(a)
+    step(sched)
+    b = seq(1, range(50, 70), sched)  # 20 tokens > budget 8
+    sched.add(b)
+    plans = []
+    while b.num_output_tokens == 0:
+        out, got = step(sched)
+        check_invariants(sched, bm, out)
+        plans.append(plan(out))
+        if b.num_output_tokens == 0:
+            assert got == [a] and b.is_prefill  # mid-prefill chunks produce no token
+    assert plans == [[(0, 1), (1, 7)], [(0, 1), (1, 7)], [(0, 1), (1, 6)]]
+    assert b.output_token_ids == [fake_token(list(range(50, 70)))]
+    out, _ = step(sched)
+    assert plan(out) == [(0, 1), (1, 1)]
+
+
+def test_without_chunked_prefill_prompt_waits_for_a_whole_budget():
+    with pytest.raises(ValueError, match="max_num_batched_tokens .* must be >= max_model_len"):
+        SchedulerConfig(max_num_batched_tokens=8, enable_chunked_prefill=False, max_model_len=16)
+    sched, bm = make(16, block_size=2, max_num_batched_tokens=10, enable_chunked_prefill=False, max_model_len=10)
+    a, b = seq(0, range(3), sched), seq(1, range(10, 20), sched)
+    sched.add(a)
+    step(sched)
+    sched.add(b)
+    out, _ = step(sched)
+    assert plan(out) == [(0, 1)]  # b's 10 tokens do not fit next to a's decode; never chunked
+    sched.finish(a, "stop")
+    out, _ = step(sched)
+    assert plan(out) == [(1, 10)]
+
+
+def test_max_num_seqs_and_fcfs_admission():
+    sched, bm = make(32, block_size=2, max_num_seqs=2, max_num_batched_tokens=100)
+    seqs = [seq(i, range(10 * i, 10 * i + 3), sched) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    out, _ = step(sched)
+    assert plan(out) == [(0, 3), (1, 3)]
+    assert [s.seq_id for s in sched.waiting] == [2, 3]
+    out, _ = step(sched)
+    assert plan(out) == [(0, 1), (1, 1)]
+    sched.finish(seqs[1], "length")
+    out, _ = step(sched)
+    assert plan(out) == [(0, 1), (2, 3)]  # freed slot goes to the oldest waiting seq
+    assert seqs[1].finish_reason == "length" and seqs[1].is_finished
+
+
+def test_preempt_last_admitted_then_resume_with_recompute():
+    sched, bm = make(4, block_size=2, prefix=False, max_num_batched_tokens=16)
+    a, b = seq(0, range(3), sched), seq(1, range(10, 13), sched)
+    sched.add(a)
+    sched.add(b)
+    out, _ = step(sched)  # both prefilled: 2 blocks each, cache full
+    assert plan(out) == [(0, 3), (1, 3)] and bm.num_free_blocks() == 0
+    out, _ = step(sched)  # token 4 of each still fits in block 2
+    assert plan(out) == [(0, 1), (1, 1)]
+    b_tokens = list(b.token_ids)  # prompt + 2 outputs
+    out, _ = step(sched)  # a needs a 3rd block: b, admitted last, is preempted for it
+    assert plan(out) == [(0, 1)] and out.preempted == [b]
+    assert b.status == SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
+    assert b.num_preemptions == 1 and sched.num_preemptions_total == 1
+    assert list(sched.waiting) == [b] and b.token_ids == b_tokens
+    check_invariants(sched, bm, out)
+    sched.finish(a, "stop")
+    out, got = step(sched)
+    assert plan(out) == [(1, 5)]  # recomputes prompt + its 2 generated tokens
+    assert got == [b] and b.token_ids[:5] == b_tokens and b.token_ids[5] == fake_token(b_tokens)
+    assert b.num_output_tokens == 3
+
+
+def test_seq_that_would_preempt_itself_is_preempted_and_blocks_fcfs():
+    sched, bm = make(4, block_size=2, prefix=False, max_num_batched_tokens=16)
+    a, b = seq(0, range(3), sched), seq(1, range(10, 14), sched)
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # a: 3 tokens in 2 blocks, b: 4 tokens in 2 blocks
+    out, _ = step(sched)  # a fits its next token; b needs a 3rd block and is itself the last admitted
+    assert plan(out) == [(0, 1)] and out.preempted == [b]
+    c = seq(2, [5], sched)  # would fit in the 1 free block
+    sched.add(c)
+    out, _ = step(sched)
+    assert plan(out) == [(0, 1)]  # b (5 tokens, 3 blocks) can't be readmitted, and c may not jump it
+    assert [s.seq_id for s in sched.waiting] == [1, 2]
+    sched.finish(a, "stop")
+    out, _ = step(sched)
+    assert plan(out) == [(1, 5), (2, 1)]  # b resumes first (FCFS), then c fits in the last free block
+
+
+def test_no_admission_in_a_step_that_preempted_and_victim_goes_to_front():
+    sched, bm = make(5, block_size=4, prefix=False, max_num_batched_tokens=5, max_num_seqs=2, max_model_len=20)
+    a, c, d = seq(0, range(4), sched), seq(1, range(10, 19), sched), seq(2, [1, 2], sched)
+    for s in (a, c, d):
+        sched.add(s)
+    plans = [plan(step(sched)[0]) for _ in range(5)]
+    assert plans == [[(0, 4), (1, 1)], [(0, 1), (1, 4)], [(0, 1), (1, 4)], [(0, 1), (1, 1)], [(0, 1), (1, 1)]]
+    assert bm.num_free_blocks() == 0 and [s.seq_id for s in sched.waiting] == [2]  # d waits for a seq slot
+    out, _ = step(sched)  # a needs its 3rd block: c (3 blocks) is preempted, a takes one, 2 stay free
+    assert plan(out) == [(0, 1)] and out.preempted == [c] and bm.num_free_blocks() == 2
+    # c could restart with a 4-token chunk in 1 block and 4 budget tokens are left, but not in this step
+    assert [s.seq_id for s in sched.waiting] == [1, 2]  # victim ahead of the older-waiting d
+    out, _ = step(sched)
+    assert plan(out) == [(0, 1), (1, 4)]
+
+
+def test_prefix_hit_skips_prefill_in_scheduler():
+    sched, bm = make(16, block_size=4, max_num_batched_tokens=64)
+    a = seq(0, range(11), sched)
+    sched.add(a)
+    step(sched)
+    sched.finish(a, "stop")
+    b = seq(1, list(range(8)) + [99, 98], sched)
+    sched.add(b)
+    out, got = step(sched)
+    assert plan(out) == [(1, 2)] and got == [b]  # 8 cached tokens skipped
+    assert b.num_cached_tokens == 8 and bm.prefix_hits_tokens == 8
+
+
+def test_abort_frees_blocks_and_update_skips_aborted():
+    sched, bm = make(16, block_size=2, max_num_batched_tokens=64)
+    a, b, c = (seq(i, range(10 * i, 10 * i + 5), sched) for i in range(3))
+    sched.add(a)
+    sched.add(b)
+    step(sched)
+    sched.add(c)
+    assert sched.abort(2) is c and c.finish_reason == "abort" and c.is_finished and not sched.waiting
+    assert sched.abort(12345) is None
+    out = sched.schedule()
+    assert sched.abort(0) is a  # aborted after scheduling, before the model step finished
+    assert a.block_table == [] and a not in sched.running
+    got = sched.update(out, {0: 1, 1: 2})
+    assert got == [b] and a.num_output_tokens == 1
+    sched.abort(1)
+    assert not sched.has_unfinished() and bm.num_free_blocks() == bm.num_blocks
+
+
+def run_workload(num_blocks, prefix, budget, max_num_seqs=4):
+    sched, bm = make(num_blocks, block_size=2, prefix=prefix, max_num_batched_tokens=budget,
+                     max_num_seqs=max_num_seqs, max_model_len=16)
+    shared = [7, 7, 3, 1]
+    seqs = [seq(i, shared + [i] * (1 + i % 5), sched, max_tokens=3 + (i * 3) % 6) for i in range(10)]
+    pending = list(seqs)
+    steps = 0
+    while sched.has_unfinished() or pending:
+        if pending and steps % 2 == 0:  # arrivals over time
+            sched.add(pending.pop(0))
+        out, got = step(sched)
+        check_invariants(sched, bm, out)
+        for s in got:
+            if s.num_output_tokens >= s.params["max_tokens"]:
+                sched.finish(s, "length")
+        steps += 1
+        assert steps < 500, "scheduler made no progress"
+    assert bm.num_free_blocks() == bm.num_blocks and bm.usage() == 0.0
+    assert all(b.ref_count == 0 for b in bm.blocks)
+    return seqs, sched
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_no_leak_and_outputs_unchanged_by_preemption(prefix):
+    roomy, _ = run_workload(num_blocks=128, prefix=prefix, budget=64)
+    tight, sched = run_workload(num_blocks=8, prefix=prefix, budget=5)
+    assert sched.num_preemptions_total > 0  # the tight cache really preempted
+    for r, t in zip(roomy, tight):
+        assert t.is_finished and t.finish_reason == "length"
+        assert t.num_output_tokens == t.params["max_tokens"]
+        assert t.token_ids == r.token_ids  # recompute after preemption reproduces the same continuation
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="KV cache holds 8 tokens"):
+        Scheduler(SchedulerConfig(max_model_len=16), BlockManager(4, 2))
+    sched, _ = make(4, block_size=2)
+    with pytest.raises(ValueError, match="max_model_len"):
+        sched.add(seq(0, range(9), sched))
+    with pytest.raises(ValueError, match="reason"):
+        sched.finish(seq(1, [1], sched), "eos")
