@@ -1,0 +1,409 @@
+"""MLA decode attention over the paged latent KV cache (DeepSeek-V2 "absorbed" attention), split-K.
+
+DeepSeek-V2 caches per token only the latent row [c_kv (C = kv_lora_rank, 512) | k_pe (R = qk_rope_head_dim, 64)].
+At decode the per-head up-projections are absorbed into the query (q_latent = q_nope @ W_UK, per head) and into the
+output (out @ W_UV, applied by the caller), so every head attends directly over the shared latent rows:
+
+    scores[b, h, t] = (q_latent[b, h] . c_kv[t] + q_pe[b, h] . k_pe[t]) * sm_scale        t < context_lens[b]
+    out[b, h]       = softmax_t(scores[b, h]) @ c_kv                                       (values = the latents)
+
+All heads share one K/V row per token (MQA-like), so one program loads a tile of latent rows once and uses it for
+BLOCK_H heads at a time (tl.dot [BLOCK_H, C] x [C, BLOCK_N]), as FlashMLA and SGLang's grouped decode kernel do.
+Decode has few queries per sequence, so to fill the GPU the context is cut into `num_kv_splits` pieces (split-K /
+flash-decoding): stage 1 computes, per split, the softmax-normalised partial output and its log-sum-exp; stage 2
+merges the splits with the usual max-rescaling. All accumulation is fp32; inputs may be bf16, fp16 or fp32.
+
+Paging: token t of sequence b lives in physical block block_tables[b, t // block_size], row t % block_size.
+
+Sequences with context_lens[b] == 0 (e.g. padding slots of a CUDA-graph batch) produce zeros, without a host sync.
+
+Public API:
+    mla_decode(q_latent, q_pe, kv_cache, block_tables, context_lens, sm_scale, num_kv_splits=None) -> [B, H, C]
+    mla_decode_ref(...same...)   torch reference, loops over sequences and gathers by the block table
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # triton is optional: the reference must stay importable on machines without it
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_KV_SPLITS = 64
+
+
+def _check_inputs(q_latent, q_pe, kv_cache, block_tables, context_lens) -> tuple[int, int, int, int, int]:
+    """Validate shapes/dtypes shared by kernel and reference. Returns (B, H, C, R, block_size)."""
+    if q_latent.dim() != 3:
+        raise ValueError(f"mla_decode: q_latent must be [B, H, C], got shape {tuple(q_latent.shape)}")
+    B, H, C = q_latent.shape
+    if q_pe.dim() != 3 or q_pe.shape[:2] != (B, H):
+        raise ValueError(f"mla_decode: q_pe must be [B={B}, H={H}, R], got shape {tuple(q_pe.shape)}")
+    R = q_pe.shape[2]
+    if kv_cache.dim() != 3 or kv_cache.shape[2] != C + R:
+        raise ValueError(
+            f"mla_decode: kv_cache must be [num_blocks, block_size, C + R = {C} + {R}], got {tuple(kv_cache.shape)}"
+        )
+    block_size = kv_cache.shape[1]
+    if q_latent.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"mla_decode: q_latent dtype must be one of {_FLOAT_DTYPES}, got {q_latent.dtype}")
+    if q_pe.dtype != q_latent.dtype or kv_cache.dtype != q_latent.dtype:
+        raise ValueError(
+            f"mla_decode: q_latent, q_pe, kv_cache must share a dtype, got {q_latent.dtype}, {q_pe.dtype}, "
+            f"{kv_cache.dtype}"
+        )
+    if block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise ValueError(f"mla_decode: block_tables must be [B={B}, max_blocks], got {tuple(block_tables.shape)}")
+    if block_tables.dtype != torch.int32:
+        raise ValueError(f"mla_decode: block_tables must be int32, got {block_tables.dtype}")
+    if context_lens.dim() != 1 or context_lens.shape[0] != B:
+        raise ValueError(f"mla_decode: context_lens must be [B={B}], got {tuple(context_lens.shape)}")
+    if context_lens.dtype != torch.int32:
+        raise ValueError(f"mla_decode: context_lens must be int32, got {context_lens.dtype}")
+    dev = q_latent.device
+    for name, t in (("q_pe", q_pe), ("kv_cache", kv_cache), ("block_tables", block_tables),
+                    ("context_lens", context_lens)):
+        if t.device != dev:
+            raise ValueError(f"mla_decode: {name} is on {t.device} but q_latent is on {dev}")
+    return B, H, C, R, block_size
+
+
+def mla_decode_ref(
+    q_latent: torch.Tensor,  # [B, H, C]
+    q_pe: torch.Tensor,  # [B, H, R]
+    kv_cache: torch.Tensor,  # [num_blocks, block_size, C + R]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    context_lens: torch.Tensor,  # [B] int32
+    sm_scale: float,
+    num_kv_splits: int | None = None,  # accepted for signature parity; the reference does not split
+) -> torch.Tensor:  # [B, H, C], dtype of q_latent
+    """Torch reference: per sequence, gather the context rows through the block table and attend in fp32."""
+    B, H, C, R, block_size = _check_inputs(q_latent, q_pe, kv_cache, block_tables, context_lens)
+    out = torch.zeros(B, H, C, dtype=torch.float32, device=q_latent.device)
+    lens = context_lens.tolist()
+    for b in range(B):
+        L = lens[b]
+        if L <= 0:
+            continue  # empty context -> zeros, as the kernel does
+        if L > block_tables.shape[1] * block_size:
+            raise ValueError(
+                f"mla_decode: context_lens[{b}]={L} exceeds block_tables capacity "
+                f"{block_tables.shape[1]} blocks x {block_size}"
+            )
+        t = torch.arange(L, device=kv_cache.device)
+        blocks = block_tables[b, t // block_size].long()  # [L] physical block per token
+        rows = kv_cache[blocks, t % block_size].float()  # [L, C + R]
+        c_kv, k_pe = rows[:, :C], rows[:, C:]  # [L, C], [L, R]
+        scores = (q_latent[b].float() @ c_kv.T + q_pe[b].float() @ k_pe.T) * sm_scale  # [H, L]
+        out[b] = torch.softmax(scores, dim=-1) @ c_kv  # [H, C]
+    return out.to(q_latent.dtype)
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _mla_decode_stage1_kernel(
+        q_ptr,  # [B, H, C], unit last stride
+        qpe_ptr,  # [B, H, R], unit last stride
+        kv_ptr,  # [num_blocks, block_size, C + R], unit last stride
+        bt_ptr,  # [B, max_blocks] int32, unit last stride
+        lens_ptr,  # [B] int32
+        mid_o_ptr,  # [B, H, NUM_SPLITS, C] fp32: per-split output, already divided by its own sum of exps
+        mid_lse_ptr,  # [B, H, NUM_SPLITS] fp32: per-split log-sum-exp of the (scaled) scores
+        sm_scale,
+        H,
+        C,
+        R,
+        block_size,
+        stride_qb,
+        stride_qh,
+        stride_peb,
+        stride_peh,
+        stride_kv_blk,
+        stride_kv_row,
+        stride_bt,
+        stride_mo_b,
+        stride_mo_h,
+        stride_mo_s,
+        stride_ml_b,
+        stride_ml_h,
+        NUM_SPLITS: tl.constexpr,
+        BLOCK_H: tl.constexpr,  # heads per program (>= 16: tl.dot's minimum M)
+        BLOCK_C: tl.constexpr,  # next pow2 >= C
+        BLOCK_R: tl.constexpr,  # next pow2 >= R, >= 16 (tl.dot's minimum K)
+        BLOCK_N: tl.constexpr,  # tokens per inner iteration
+        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
+        UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
+    ):
+        b = tl.program_id(0)
+        head_block = tl.program_id(1)
+        split = tl.program_id(2)
+
+        seq_len = tl.load(lens_ptr + b)
+        # Every sequence is cut into NUM_SPLITS equal pieces of its *own* length, so sequences of very different
+        # lengths share one launch; short ones just get empty trailing splits, skipped here and in stage 2.
+        split_len = tl.cdiv(seq_len, NUM_SPLITS)
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+        if end > start:
+            offs_h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+            mask_h = offs_h < H
+            offs_c = tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            offs_r = tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+
+            q = tl.load(  # [BLOCK_H, BLOCK_C]; padded heads/columns are 0 and contribute nothing
+                q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
+                mask=mask_h[:, None] & mask_c[None, :],
+                other=0.0,
+            )
+            q_pe = tl.load(  # [BLOCK_H, BLOCK_R]
+                qpe_ptr + b * stride_peb + offs_h[:, None] * stride_peh + offs_r[None, :],
+                mask=mask_h[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            if UPCAST_DOT:
+                q = q.to(tl.float32)
+                q_pe = q_pe.to(tl.float32)
+
+            m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max of scores
+            l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp(score - m_i)
+            acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)  # running sum of exp(...) * c_kv
+
+            for n0 in range(start, end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical token positions
+                mask_n = offs_n < end
+                # Page-table lookup per token; int64 because num_blocks * block_size * (C + R) can pass 2**31.
+                blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
+                row = blk * stride_kv_blk + (offs_n % block_size) * stride_kv_row  # [BLOCK_N] row offsets
+                c_kv = tl.load(  # [BLOCK_N, BLOCK_C] latent keys == latent values
+                    kv_ptr + row[:, None] + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :], other=0.0
+                )
+                k_pe = tl.load(  # [BLOCK_N, BLOCK_R] rope part, stored after the C latents
+                    kv_ptr + row[:, None] + C + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0
+                )
+                if UPCAST_DOT:
+                    c_kv = c_kv.to(tl.float32)
+                    k_pe = k_pe.to(tl.float32)
+                qk = tl.dot(q, tl.trans(c_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+                qk = tl.dot(q_pe, tl.trans(k_pe), acc=qk, input_precision=DOT_PRECISION)
+                qk = tl.where(mask_n[None, :], qk * sm_scale, float("-inf"))
+
+                # Online softmax. Each tile holds >= 1 valid token (n0 < end), so m_new is finite and
+                # exp(m_i - m_new) is 0 on the first tile rather than NaN.
+                m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(qk - m_new[:, None])  # [BLOCK_H, BLOCK_N]
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                # p is rounded to the cache dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
+                p_v = p.to(kv_ptr.dtype.element_ty)
+                if UPCAST_DOT:
+                    p_v = p_v.to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(p_v, c_kv, input_precision=DOT_PRECISION)
+                m_i = m_new
+
+            mid_o = acc / l_i[:, None]
+            lse = m_i + tl.log(l_i)
+            tl.store(
+                mid_o_ptr + b * stride_mo_b + offs_h[:, None] * stride_mo_h + split * stride_mo_s + offs_c[None, :],
+                mid_o,
+                mask=mask_h[:, None] & mask_c[None, :],
+            )
+            tl.store(mid_lse_ptr + b * stride_ml_b + offs_h * stride_ml_h + split, lse, mask=mask_h)
+
+    @triton.jit
+    def _mla_decode_stage2_kernel(
+        mid_o_ptr,  # [B, H, NUM_SPLITS, C] fp32
+        mid_lse_ptr,  # [B, H, NUM_SPLITS] fp32
+        lens_ptr,  # [B] int32
+        out_ptr,  # [B, H, C], unit last stride, dtype of q
+        C,
+        stride_mo_b,
+        stride_mo_h,
+        stride_mo_s,
+        stride_ml_b,
+        stride_ml_h,
+        stride_ob,
+        stride_oh,
+        NUM_SPLITS: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        seq_len = tl.load(lens_ptr + b)
+        split_len = tl.cdiv(seq_len, NUM_SPLITS)
+        offs_c = tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+
+        # Merge: out = sum_s exp(lse_s - M) * o_s / sum_s exp(lse_s - M), M the running max of lse_s.
+        e_max = -float("inf")
+        e_sum = 0.0
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for s in range(0, NUM_SPLITS):
+            start = s * split_len
+            end = tl.minimum(start + split_len, seq_len)
+            if end > start:  # the same emptiness test as stage 1: empty splits were never written
+                o_s = tl.load(
+                    mid_o_ptr + b * stride_mo_b + h * stride_mo_h + s * stride_mo_s + offs_c, mask=mask_c, other=0.0
+                )
+                lse_s = tl.load(mid_lse_ptr + b * stride_ml_b + h * stride_ml_h + s)
+                n_max = tl.maximum(lse_s, e_max)
+                old_scale = tl.exp(e_max - n_max)
+                w = tl.exp(lse_s - n_max)
+                acc = acc * old_scale + w * o_s
+                e_sum = e_sum * old_scale + w
+                e_max = n_max
+        # Non-empty context: the split holding the max contributes exp(0) = 1, so e_sum >= 1 and the maximum() is
+        # a no-op. Empty context: acc == 0 and e_sum == 0, and the maximum() turns 0/0 into the defined output 0.
+        out = acc / tl.maximum(e_sum, 1.0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
+
+
+def _interpret_mode() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def _rejit(fn, interpret: bool):
+    return triton.jit(fn)
+
+
+def _kernel_for_current_mode(kernel):
+    """Triton fixes interpreter-vs-compiled when a kernel is *decorated* (at import). If this module was imported
+    before TRITON_INTERPRET was set (or after it was cleared), re-wrap the same Python function for the current
+    mode so the flag's value at call time is what counts."""
+    want = _interpret_mode()
+    have = type(kernel).__name__ == "InterpretedFunction"
+    return kernel if want == have else _rejit(kernel.fn, want)
+
+
+def _needs_dot_upcast(dtype: torch.dtype) -> bool:
+    """Triton's interpreter (3.x) runs tl.dot as np.matmul on the raw uint16 storage of bf16 tensors, which gives
+    garbage; under the interpreter bf16 tiles are widened to fp32 (exactly) before each dot. Compiled code never
+    takes this path."""
+    return _interpret_mode() and dtype == torch.bfloat16
+
+
+def default_num_kv_splits(batch: int, num_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits per sequence, from shapes only (no host sync on context_lens, so CUDA graphs can capture it).
+
+    Untuned starting point: aim for ~2 programs per SM, but keep >= ~128 tokens of the *capacity* per split so
+    short contexts are not chopped into slivers. max_context is the block-table capacity, an upper bound.
+    """
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4  # interpreter: a few splits, enough to exercise the merge
+    programs = max(1, batch * triton.cdiv(num_heads, 16))
+    splits = triton.cdiv(2 * sms, programs)
+    splits = min(splits, max(1, triton.cdiv(max_context, 128)), _MAX_KV_SPLITS)
+    return max(1, splits)
+
+
+def mla_decode(
+    q_latent: torch.Tensor,  # [B, H, C]  query with W_UK absorbed (per-head q_nope @ W_UK)
+    q_pe: torch.Tensor,  # [B, H, R]  roped query part
+    kv_cache: torch.Tensor,  # [num_blocks, block_size, C + R]  rows [c_kv | k_pe]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32  physical block ids per sequence
+    context_lens: torch.Tensor,  # [B] int32  tokens attended by each sequence (incl. the current one)
+    sm_scale: float,
+    num_kv_splits: int | None = None,
+) -> torch.Tensor:  # [B, H, C] in q_latent.dtype: attention output in latent space (apply W_UV after)
+    """Split-K Triton MLA decode. See the module docstring for the math; mla_decode_ref gives the same result."""
+    if not _HAS_TRITON:
+        raise RuntimeError("mla_decode: triton is not installed (pip install 'minke[gpu]'); use mla_decode_ref")
+    B, H, C, R, block_size = _check_inputs(q_latent, q_pe, kv_cache, block_tables, context_lens)
+    if q_latent.device.type == "cpu" and not _interpret_mode():
+        raise RuntimeError("mla_decode: CPU tensors need TRITON_INTERPRET=1 (or use mla_decode_ref on CPU)")
+    for name, t in (("q_latent", q_latent), ("q_pe", q_pe), ("kv_cache", kv_cache), ("block_tables", block_tables)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"mla_decode: {name} must have a unit last stride (got strides {t.stride()})")
+    if not context_lens.is_contiguous():
+        raise ValueError("mla_decode: context_lens must be contiguous")
+    if num_kv_splits is None:
+        num_kv_splits = default_num_kv_splits(B, H, block_tables.shape[1] * block_size, q_latent.device)
+    if not isinstance(num_kv_splits, int) or not 1 <= num_kv_splits <= _MAX_KV_SPLITS:
+        raise ValueError(f"mla_decode: num_kv_splits must be an int in [1, {_MAX_KV_SPLITS}], got {num_kv_splits!r}")
+
+    out = torch.empty(B, H, C, dtype=q_latent.dtype, device=q_latent.device)
+    if B == 0 or H == 0:
+        return out
+    # Scratch for the split partials, fp32 so the merge loses nothing. Untouched entries (empty splits) are never
+    # read, so empty() is fine.
+    mid_o = torch.empty(B, H, num_kv_splits, C, dtype=torch.float32, device=q_latent.device)
+    mid_lse = torch.empty(B, H, num_kv_splits, dtype=torch.float32, device=q_latent.device)
+
+    BLOCK_H = 16
+    BLOCK_C = triton.next_power_of_2(C)
+    BLOCK_R = max(16, triton.next_power_of_2(R))
+    fp32 = q_latent.dtype == torch.float32
+    # Untuned starting points (H100): a [BLOCK_N, 512] tile of fp32 latents is twice the shared memory of bf16.
+    BLOCK_N = 16 if fp32 else 32
+    _kernel_for_current_mode(_mla_decode_stage1_kernel)[(B, triton.cdiv(H, BLOCK_H), num_kv_splits)](
+        q_latent,
+        q_pe,
+        kv_cache,
+        block_tables,
+        context_lens,
+        mid_o,
+        mid_lse,
+        float(sm_scale),
+        H,
+        C,
+        R,
+        block_size,
+        q_latent.stride(0),
+        q_latent.stride(1),
+        q_pe.stride(0),
+        q_pe.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        block_tables.stride(0),
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        NUM_SPLITS=num_kv_splits,
+        BLOCK_H=BLOCK_H,
+        BLOCK_C=BLOCK_C,
+        BLOCK_R=BLOCK_R,
+        BLOCK_N=BLOCK_N,
+        DOT_PRECISION="ieee" if fp32 else "tf32",
+        UPCAST_DOT=_needs_dot_upcast(q_latent.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+    _kernel_for_current_mode(_mla_decode_stage2_kernel)[(B, H)](
+        mid_o,
+        mid_lse,
+        context_lens,
+        out,
+        C,
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        NUM_SPLITS=num_kv_splits,
+        BLOCK_C=BLOCK_C,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,166 @@
+"""Split-K Triton MLA decode against its torch reference, and the reference against a dense computation.
+
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set below before triton is imported); on a CUDA
+machine the same tests run the compiled kernel. Shapes are tiny (C=32, R=8, H=4, block_size=4).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON_ERR = None
+except Exception as e:  # pragma: no cover - only where triton is missing/broken
+    _TRITON_ERR = f"triton cannot be imported: {e!r}"
+
+from minke.kernels.mla_decode import mla_decode, mla_decode_ref
+
+needs_triton = pytest.mark.skipif(_TRITON_ERR is not None, reason=_TRITON_ERR or "")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+C, R, H, BS = 32, 8, 4, 4
+
+
+def _make_case(lens, dtype, seed=0, num_blocks_extra=5, H=H, C=C, R=R, BS=BS):
+    """Random queries, plus a paged cache where each sequence's dense context [L, C + R] is scattered into
+    randomly chosen (shuffled, non-contiguous) physical blocks. Returns the dense contexts too."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lens)
+    blocks_per_seq = [max(1, -(-L // BS)) for L in lens]
+    max_blocks = max(blocks_per_seq) + 1  # one spare column: capacity > need, like a real block table
+    num_blocks = sum(blocks_per_seq) + num_blocks_extra
+    perm = torch.randperm(num_blocks, generator=g)  # shuffled physical ids; unused blocks hold junk
+    kv_cache = torch.randn(num_blocks, BS, C + R, generator=g) * 10  # junk everywhere that is not context
+    block_tables = torch.full((B, max_blocks), num_blocks - 1, dtype=torch.int32)  # padding points at junk
+    dense = []
+    nxt = 0
+    for b, L in enumerate(lens):
+        ids = perm[nxt:nxt + blocks_per_seq[b]]
+        nxt += blocks_per_seq[b]
+        block_tables[b, : len(ids)] = ids.int()
+        ctx = torch.randn(L, C + R, generator=g)  # the sequence's latent rows in token order
+        for t in range(L):
+            kv_cache[ids[t // BS], t % BS] = ctx[t]
+        dense.append(ctx.to(dtype).float())
+    q_latent = torch.randn(B, H, C, generator=g)
+    q_pe = torch.randn(B, H, R, generator=g)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    to = lambda t: t.to(dtype).to(DEVICE)  # noqa: E731
+    return (to(q_latent), to(q_pe), to(kv_cache), block_tables.to(DEVICE), context_lens.to(DEVICE)), dense
+
+
+def _dense_attention(q_latent, q_pe, dense, sm_scale):
+    """Direct MLA attention on each sequence's un-paged context: concat [q_latent | q_pe] . [c_kv | k_pe]."""
+    outs = []
+    for b, ctx in enumerate(dense):
+        q = torch.cat([q_latent[b].float(), q_pe[b].float()], dim=-1).cpu()  # [H, C + R]
+        if ctx.shape[0] == 0:
+            outs.append(torch.zeros(q.shape[0], C))
+            continue
+        w = torch.softmax(q @ ctx.T * sm_scale, dim=-1)  # [H, L]
+        outs.append(w @ ctx[:, :C])  # values are the latents c_kv
+    return torch.stack(outs)
+
+
+LENS = [1, 5, 8, 13, 30, 3]  # length 1, block-multiple, non-multiples, a long-ish one
+
+
+def test_ref_matches_dense_computation():
+    (q, qpe, cache, bt, lens), dense = _make_case(LENS, torch.float32, seed=1)
+    scale = (C + R) ** -0.5
+    ref = mla_decode_ref(q, qpe, cache, bt, lens, scale)
+    torch.testing.assert_close(ref.cpu(), _dense_attention(q, qpe, dense, scale), rtol=1e-5, atol=1e-5)
+    # The junk rows (x10 magnitude) would visibly change the result if the gather read outside the context.
+    assert ref.shape == (len(LENS), H, C) and ref.dtype == torch.float32
+
+
+@needs_triton
+@pytest.mark.parametrize("num_kv_splits", [1, 3, 8])  # 8 > some lengths: empty splits must be skipped
+def test_kernel_matches_ref_fp32(num_kv_splits):
+    (q, qpe, cache, bt, lens), dense = _make_case(LENS, torch.float32, seed=2)
+    scale = 0.7 * (C + R) ** -0.5
+    out = mla_decode(q, qpe, cache, bt, lens, scale, num_kv_splits=num_kv_splits)
+    ref = mla_decode_ref(q, qpe, cache, bt, lens, scale)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cpu(), _dense_attention(q, qpe, dense, scale), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_matches_ref_half(dtype):
+    (q, qpe, cache, bt, lens), _ = _make_case(LENS, dtype, seed=3)
+    scale = (C + R) ** -0.5
+    out = mla_decode(q, qpe, cache, bt, lens, scale, num_kv_splits=2)
+    ref = mla_decode_ref(q, qpe, cache, bt, lens, scale)
+    assert out.dtype == dtype
+    # p is rounded to the input dtype before the value dot, and the output once more: a few ulp of bf16.
+    torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
+
+
+@needs_triton
+def test_default_splits_many_heads_and_long_context():
+    # H=20 spans two 16-head program blocks (the second one partly masked); a 70-token context spans several
+    # BLOCK_N tiles inside one split; default num_kv_splits path.
+    (q, qpe, cache, bt, lens), dense = _make_case([70, 2], torch.float32, seed=4, H=20)
+    out = mla_decode(q, qpe, cache, bt, lens, 0.1)
+    torch.testing.assert_close(out.cpu(), _dense_attention(q, qpe, dense, 0.1), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_empty_context_gives_zeros_and_leaves_others_alone():
+    (q, qpe, cache, bt, lens), dense = _make_case([0, 6], torch.float32, seed=5)
+    out = mla_decode(q, qpe, cache, bt, lens, 0.2, num_kv_splits=4)
+    assert torch.equal(out[0].cpu(), torch.zeros(H, C))
+    torch.testing.assert_close(out.cpu(), mla_decode_ref(q, qpe, cache, bt, lens, 0.2).cpu(), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_strided_query_views():
+    # q_latent / q_pe as slices of one [B, H, C + R] tensor (how absorbed-query code produces them): only the
+    # last stride has to be 1.
+    (q, qpe, cache, bt, lens), _ = _make_case([9, 4], torch.float32, seed=6)
+    q_full = torch.cat([q, qpe], dim=-1)
+    out = mla_decode(q_full[..., :C], q_full[..., C:], cache, bt, lens, 0.3, num_kv_splits=2)
+    torch.testing.assert_close(out, mla_decode_ref(q, qpe, cache, bt, lens, 0.3), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_rejects_bad_inputs():
+    (q, qpe, cache, bt, lens), _ = _make_case([3, 4], torch.float32, seed=7)
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        mla_decode(q, qpe, cache[..., :-1], bt, lens, 1.0)
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        mla_decode(q, qpe, cache, bt.long(), lens, 1.0)
+    with pytest.raises(ValueError, match="context_lens must be"):
+        mla_decode(q, qpe, cache, bt, lens[:1], 1.0)
+    with pytest.raises(ValueError, match="share a dtype"):
+        mla_decode(q, qpe.half(), cache, bt, lens, 1.0)
+    with pytest.raises(ValueError, match="unit last stride"):
+        mla_decode(q.transpose(1, 2).contiguous().transpose(1, 2), qpe, cache, bt, lens, 1.0)
+    with pytest.raises(ValueError, match="num_kv_splits"):
+        mla_decode(q, qpe, cache, bt, lens, 1.0, num_kv_splits=0)
+
+
+def test_module_imports_without_triton(monkeypatch):
+    import importlib.util
+    import sys
+
+    import minke.kernels.mla_decode as mod
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("_mla_no_triton", mod.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    (q, qpe, cache, bt, lens), _ = _make_case([2, 3], torch.float32, seed=8)
+    assert torch.equal(fresh.mla_decode_ref(q, qpe, cache, bt, lens, 0.5), mla_decode_ref(q, qpe, cache, bt, lens, 0.5))
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        fresh.mla_decode(q, qpe, cache, bt, lens, 0.5)
