@@ -1,0 +1,139 @@
+"""Async front of the engine for the server: requests come from many coroutines, one background thread runs the
+step loop, outputs stream back to each request's asyncio queue. A failure inside a step fails the requests of that
+step, never the loop: the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+from ..default_model import resolve_model
+from ..sampling_params import SamplingParams
+from .config import EngineConfig
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+
+logger = logging.getLogger("minke")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLM:
+    def __init__(self, model: str | None = None, **kwargs):
+        path = resolve_model(model)
+        self.engine = LLMEngine(EngineConfig.from_kwargs(path, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self.model_config = self.engine.model_config
+        self.max_model_len = self.engine.max_model_len
+        self.model_path = path
+        self._inbox: queue.Queue = queue.Queue()  # ("add", rid, prompt, params, strict) | ("abort", rid)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stats: dict = self.engine.get_stats()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="minke-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ API
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.check_prompt(prompt_token_ids, params, strict=True)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str
+                       ) -> AsyncIterator[RequestOutput]:
+        """Yields cumulative outputs until the request finishes (or is aborted). ValueError for a bad request."""
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running")
+        _, ids = self.engine.encode_prompt(prompt)
+        self.check_prompt(ids, params)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._inbox.put(("add", request_id, prompt, params))
+        self._wake.set()
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if self._streams.pop(request_id, None) is not None:
+                # The consumer went away (client disconnect, cancellation) before the end: free its cache.
+                self._inbox.put(("abort", request_id))
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def get_stats(self) -> dict:
+        return dict(self._stats)
+
+    # ------------------------------------------------------------------ engine thread
+    def _deliver(self, rid: str, item) -> None:
+        entry = self._streams.get(rid)
+        if entry is not None:
+            loop, q = entry
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                _, rid, prompt, params = msg
+                try:
+                    self.engine.add_request(rid, prompt, params, strict=True)
+                except Exception as e:  # a bad request fails alone
+                    self._deliver(rid, e)
+            else:
+                out = self.engine.abort_request(msg[1])
+                if out is not None:
+                    out.finished = True
+                    self._deliver(msg[1], out)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                self._stats = self.engine.get_stats()
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # keep serving: fail the requests in flight, reset their state
+                logger.exception("engine step failed; failing the requests in flight")
+                for rid in list(self.engine.requests):
+                    self.engine.abort_request(rid)
+                    self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
+                outputs = []
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            self._stats = self.engine.get_stats()

@@ -1,0 +1,51 @@
+"""Engine options (what `LLM(...)` and `minke serve` accept), checked once at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    device: str | None = None  # None = cuda when available, else cpu
+    max_model_len: int | None = None  # None = what the config and the KV cache allow
+    gpu_memory_utilization: float = 0.9
+    kv_cache_tokens: int | None = None  # fixed KV capacity in tokens (default on CPU: kv_cache_gib worth)
+    kv_cache_gib: float = 1.0  # CPU cache size when kv_cache_tokens is not given
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None = max(8192, max_model_len) without chunking... see resolve
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = False  # no CUDA graphs
+    tensor_parallel_size: int = 1
+    chat_template: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_num_seqs", "block_size", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "kv_cache_tokens", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {unknown}; valid: {sorted(names - {'model'})}")
+        return cls(model=model, **kwargs)

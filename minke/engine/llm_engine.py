@@ -1,0 +1,288 @@
+"""The engine loop: schedule -> run -> sample -> detokenize -> check stops, one step at a time, many requests at
+once (continuous batching over the paged KV cache, with chunked prefill, preemption and prefix caching)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import load_config
+from ..sampling_params import SamplingParams
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .input_batch import SeqChunk
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from .sampler import SamplingBatch, make_generator
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+logger = logging.getLogger("minke")
+
+
+@dataclass
+class SeqState:
+    """Per generated sequence: text so far, logprobs, and why it stopped."""
+
+    seq: Sequence
+    index: int
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    states: list[SeqState]
+    metrics: RequestMetrics
+    max_tokens: int
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.states)
+
+    def output(self) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.text, list(s.seq.output_token_ids),
+                                 s.cumulative_logprob if s.logprobs is not None else None,
+                                 list(s.logprobs) if s.logprobs is not None else None,
+                                 s.finish_reason, s.stop_reason) for s in self.states]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished, self.metrics)
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.model_config = load_config(cfg.model)
+        self.tokenizer = Tokenizer.from_dir(cfg.model, chat_template=cfg.chat_template)
+        self.runner = ModelRunner(cfg, self.model_config)
+        self.max_model_len = self._resolve_max_model_len()
+        budget = cfg.max_num_batched_tokens or max(8192 if cfg.enable_chunked_prefill else self.max_model_len, 1)
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, budget, cfg.enable_chunked_prefill,
+                                                   max_model_len=self.max_model_len), self.block_manager)
+        self.requests: dict[str, Request] = {}
+        self._seq_owner: dict[int, tuple[Request, SeqState]] = {}
+        self._seq_ids = itertools.count()
+        self.stats = dict(prompt_tokens_total=0, generation_tokens_total=0, num_requests_finished=0)
+        logger.info("KV cache: %d blocks x %d = %d tokens (%.1f KiB/token); max_model_len %d",
+                    self.runner.num_blocks, cfg.block_size, self.runner.capacity_tokens,
+                    self.runner.kv_bytes_per_token / 1024, self.max_model_len)
+
+    # ------------------------------------------------------------------ set-up
+    def _resolve_max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        cap = self.runner.capacity_tokens
+        want = self.cfg.max_model_len
+        if want is not None:
+            if want > cap:
+                raise ValueError(f"max_model_len {want} needs more KV cache than is available ({cap} tokens); "
+                                 "lower --max-model-len, raise --gpu-memory-utilization or --kv-cache-tokens")
+            if want > limit:
+                logger.warning("max_model_len %d exceeds max_position_embeddings %d of the config", want, limit)
+            return want
+        if cap < limit:
+            # The V2 configs say 163840 positions: cap to what the cache holds instead of failing start-up.
+            logger.warning("max_model_len capped to %d tokens (the KV cache capacity); the config allows %d. "
+                           "Pass --max-model-len to choose.", cap, limit)
+            print(f"minke: max_model_len capped to {cap} (KV cache capacity; config allows {limit})")
+            return cap
+        return limit
+
+    # ------------------------------------------------------------------ requests
+    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                            for t in prompt):
+            raise ValueError("a prompt must be a string or a list of token ids")
+        return None, list(prompt)
+
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams, strict: bool = False) -> None:
+        """Raises ValueError for a prompt the engine cannot serve. strict (the server's rule): the prompt plus
+        max_tokens must fit in the context, as OpenAI checks; otherwise generation stops at the limit."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        want = n + (params.max_tokens or 0)
+        if n >= self.max_model_len or (strict and want > self.max_model_len):
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                             f"requested {want} tokens ({n} in the prompt, {params.max_tokens or 0} for the "
+                             "completion). Please reduce the prompt or the completion length.")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None, strict: bool = False) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.encode_prompt(prompt)
+        self.check_prompt(ids, params, strict=strict)
+        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        stop_ids = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            stop_ids.update(self.model_config.eos_token_ids)
+            if self.tokenizer.eos_token_id is not None:
+                stop_ids.add(self.tokenizer.eos_token_id)
+        req = Request(request_id, text, ids, params, [], RequestMetrics(arrival), max_tokens, frozenset(stop_ids))
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), ids, params, arrival, self.cfg.block_size)
+            gen = None
+            if params.seed is not None:
+                gen = make_generator(params.seed + i, self.runner.device)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
+            state = SeqState(seq, i, detok, gen, logprobs=[] if params.logprobs is not None else None)
+            req.states.append(state)
+            self._seq_owner[seq.seq_id] = (req, state)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.stats["prompt_tokens_total"] += len(ids)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for s in req.states:
+            if s.finish_reason is None:
+                self.scheduler.abort(s.seq.seq_id)
+                s.finish_reason = "abort"
+            self._seq_owner.pop(s.seq.seq_id, None)
+        req.metrics.finished_time = time.monotonic()
+        return req.output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """One model step. Returns the cumulative output of every request that got a token or finished."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.monotonic()
+        # Decodes first (the ForwardBatch contract), then prefill chunks.
+        items = sorted(sched.scheduled, key=lambda it: not (it.num_new_tokens == 1 and it.seq.num_computed_tokens > 0))
+        chunks, sample_seqs = [], []
+        for it in items:
+            seq = it.seq
+            start = seq.num_computed_tokens
+            sample = start + it.num_new_tokens == seq.num_tokens
+            chunks.append(SeqChunk(seq.token_ids[start: start + it.num_new_tokens], start, list(seq.block_table), sample))
+            if sample:
+                sample_seqs.append(seq)
+            req = self._seq_owner[seq.seq_id][0]
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+                req.metrics.num_cached_tokens = seq.num_cached_tokens
+        sampling = self._sampling_batch(sample_seqs) if sample_seqs else None
+        out = self.runner.execute(chunks, sampling)
+        sampled: dict[int, int] = {}
+        if out is not None:
+            token_ids = out.token_ids.tolist()
+            chosen_lp = out.logprobs.tolist()
+            for row, seq in enumerate(sample_seqs):
+                sampled[seq.seq_id] = token_ids[row]
+        got = self.scheduler.update(sched, sampled)
+        rows = {seq.seq_id: r for r, seq in enumerate(sample_seqs)}
+        touched: dict[str, Request] = {}
+        now = time.monotonic()
+        for seq in got:
+            if seq.seq_id not in self._seq_owner:
+                continue
+            req, state = self._seq_owner[seq.seq_id]
+            r = rows[seq.seq_id]
+            self._append(req, state, seq.last_token_id, chosen_lp[r], out.top_logprobs[r])
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            if req.finished:
+                req.metrics.finished_time = now
+                self.requests.pop(req.request_id, None)
+                for s in req.states:
+                    self._seq_owner.pop(s.seq.seq_id, None)
+                self.stats["num_requests_finished"] += 1
+            outputs.append(req.output())
+        return outputs
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        params, gens, masks = [], [], []
+        for seq in seqs:
+            req, state = self._seq_owner[seq.seq_id]
+            p = req.params
+            params.append(p)
+            gens.append(state.generator)
+            # min_tokens: eos and stop token ids may not be sampled yet
+            masks.append(sorted(req.stop_ids) if seq.num_output_tokens < p.min_tokens else [])
+        return SamplingBatch.from_params(params, [s.output_token_ids for s in seqs],
+                                         [s.prompt_token_ids for s in seqs], gens, masks, self.runner.device)
+
+    def _append(self, req: Request, st: SeqState, token: int, logprob: float, top) -> None:
+        p = req.params
+        self.stats["generation_tokens_total"] += 1
+        if st.logprobs is not None:
+            entry = {t: Logprob(lp, rank + 1, self.tokenizer.decode([t], skip_special_tokens=False))
+                     for rank, (t, lp) in enumerate(top or [])}
+            if token not in entry:
+                entry[token] = Logprob(logprob, None, self.tokenizer.decode([token], skip_special_tokens=False))
+            st.logprobs.append(entry)
+            st.cumulative_logprob += logprob
+        n_out = st.seq.num_output_tokens
+        can_stop = n_out >= p.min_tokens
+        if can_stop and token in req.stop_ids:
+            st.finish_reason = "stop"
+            # The stop token's own text is not part of the output (vLLM's rule).
+            st.stop_reason = token if token in (p.stop_token_ids or []) else None
+        else:
+            prev_len = len(st.text)
+            st.text += st.detok.step([token])
+            if can_stop and p.stop:
+                self._check_stop_strings(st, p, prev_len)
+        if st.finish_reason is None and (n_out >= req.max_tokens or st.seq.num_tokens >= self.max_model_len):
+            st.finish_reason = "length"
+        if st.finish_reason is not None:
+            self.scheduler.finish(st.seq, st.finish_reason)
+
+    @staticmethod
+    def _check_stop_strings(st: SeqState, p: SamplingParams, prev_len: int) -> None:
+        longest = max(len(s) for s in p.stop)
+        start = max(0, prev_len - longest + 1)
+        hits = [(st.text.find(s, start), s) for s in p.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return
+        i, s = min(hits)
+        st.text = st.text[: i + len(s)] if p.include_stop_str_in_output else st.text[:i]
+        st.finish_reason, st.stop_reason = "stop", s
+
+    # ------------------------------------------------------------------ stats
+    def get_stats(self) -> dict:
+        bm = self.block_manager
+        return dict(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage(),
+            kv_capacity_tokens=self.runner.capacity_tokens,
+            num_preemptions=self.scheduler.num_preemptions_total,
+            prefix_cache_queries=bm.prefix_queries_tokens,
+            prefix_cache_hits=bm.prefix_hits_tokens,
+            **self.stats,
+        )

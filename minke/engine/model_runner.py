@@ -1,0 +1,80 @@
+"""Owns the model and its paged KV cache on one device: sizes the cache, turns scheduled work into a ForwardBatch,
+runs the forward and samples."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import ModelConfig
+from ..loader import load_model, resolve_dtype
+from .config import EngineConfig
+from .input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+from .sampler import Sampler, SamplerOutput, SamplingBatch
+
+logger = logging.getLogger("minke")
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_config: ModelConfig):
+        self.cfg, self.model_config = cfg, model_config
+        self.device = torch.device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, model_config, self.device)
+        self.model = load_model(cfg.model, dtype=self.dtype, device=self.device, config=model_config)
+        self.sampler = Sampler()
+        self.block_size = cfg.block_size
+        self.num_blocks = self._num_blocks()
+        self.kv_caches = allocate_kv_caches(model_config, self.num_blocks, self.block_size, self.dtype, self.device)
+        self.backend = None  # the torch reference backend (forward_batch.py) unless a faster one is installed
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.model_config
+        return c.num_hidden_layers * c.kv_cache_dim * torch.tensor([], dtype=self.dtype).element_size()
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def _num_blocks(self) -> int:
+        if self.cfg.kv_cache_tokens is not None:
+            tokens = self.cfg.kv_cache_tokens
+        elif self.device.type == "cuda":
+            tokens = self._profile_cuda_tokens()
+        else:
+            tokens = int(self.cfg.kv_cache_gib * 2**30) // self.kv_bytes_per_token
+        blocks = tokens // self.block_size
+        if blocks < 1:
+            raise ValueError(f"KV cache of {tokens} tokens holds no block of {self.block_size}; give it more memory")
+        return blocks
+
+    def _profile_cuda_tokens(self) -> int:
+        # Free memory after loading the weights and a dummy prefill of max_num_batched_tokens, times the utilisation
+        # budget (vLLM's rule): what is left holds the cache.
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.cfg.max_num_batched_tokens or 8192, 8192)
+        caches = allocate_kv_caches(self.model_config, 2, self.block_size, self.dtype, self.device)
+        with torch.inference_mode():
+            ids, batch = make_forward_batch(
+                [SeqChunk([0] * n, 0, [0] * ((n + self.block_size - 1) // self.block_size))], caches,
+                self.block_size, self.device)
+            batch.slot_mapping.zero_()  # every token writes slot 0: only memory use matters here
+            self.model(ids, batch=batch)
+        del caches
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        in_use = torch.cuda.memory_allocated(self.device)
+        budget = total * self.cfg.gpu_memory_utilization - (total - free) - (peak - in_use)
+        return max(int(budget) // self.kv_bytes_per_token, 0)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[SeqChunk], sampling: SamplingBatch | None) -> SamplerOutput | None:
+        """Runs one step over `chunks` (decodes first) and samples one token for every chunk with sample=True."""
+        ids, batch = make_forward_batch(chunks, self.kv_caches, self.block_size, self.device, self.backend)
+        logits = self.model(ids, batch=batch)  # [S, V]
+        if sampling is None:
+            return None
+        return self.sampler(logits.float(), sampling)
