@@ -1,0 +1,389 @@
+"""Fused MoE expert computation (routed experts of DeepSeekMoE / V2), Triton grouped GEMMs + torch reference.
+
+    out[t] = sum_k topk_weights[t, k] * (silu(x[t] @ gate_e^T) * (x[t] @ up_e^T)) @ down_e^T,   e = topk_ids[t, k]
+
+Weights use transformers' stacked layout: w13 [E, 2I, D] (rows [0, I) gate_proj, rows [I, 2I) up_proj, i.e.
+`gate_up_proj`), w2 [E, D, I] (`down_proj`).
+
+Pipeline (the vLLM / SGLang `fused_moe` design):
+  1. moe_align_block_size (torch, on device, no host sync): the T*K (token, slot) pairs are sorted by expert and
+     each expert's group is padded to a multiple of BLOCK_M, so every BLOCK_M-row tile of the sorted list belongs
+     to one expert. Padding rows hold the sentinel T*K and are masked out.
+  2. GEMM 1, one launch for all experts: each tile computes x[rows] @ gate_e^T and x[rows] @ up_e^T together and
+     applies silu(gate) * up in the epilogue, writing the [T*K, I] activation once (no [T*K, 2I] round trip).
+  3. GEMM 2, one launch: act @ down_e^T with the routing weight multiplied in the epilogue -> [T*K, D].
+  4. Sum over the K slots of each token (torch; fp32 accumulation inside torch.sum).
+All matmuls accumulate in fp32; the activation and the per-slot outputs are stored in x.dtype (as vLLM does).
+
+Public API:
+    fused_moe(x, w13, w2, topk_weights, topk_ids, config=None) -> [T, D]
+    fused_moe_ref(x, w13, w2, topk_weights, topk_ids)          loop over the experts hit, as transformers does
+    moe_align_block_size(topk_ids, block_m, num_experts) -> (sorted_ids, expert_ids, num_tokens_post_padded)
+    get_moe_config(E, N, D, T, dtype) -> dict of block sizes (untuned starting points)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # triton is optional: the reference must stay importable on machines without it
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
+_LAUNCH_KEYS = ("num_warps", "num_stages")
+
+
+def _check_inputs(x, w13, w2, topk_weights, topk_ids) -> tuple[int, int, int, int, int]:
+    """Validate shapes/dtypes shared by kernel and reference. Returns (T, D, E, I, K)."""
+    if x.dim() != 2:
+        raise ValueError(f"fused_moe: x must be [T, D], got shape {tuple(x.shape)}")
+    T, D = x.shape
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"fused_moe: x dtype must be one of {_FLOAT_DTYPES}, got {x.dtype}")
+    if w13.dim() != 3 or w13.shape[2] != D or w13.shape[1] % 2 != 0:
+        raise ValueError(f"fused_moe: w13 must be [E, 2*I, D={D}] (gate rows then up rows), got {tuple(w13.shape)}")
+    E, I = w13.shape[0], w13.shape[1] // 2
+    if w2.dim() != 3 or tuple(w2.shape) != (E, D, I):
+        raise ValueError(f"fused_moe: w2 must be [E={E}, D={D}, I={I}], got {tuple(w2.shape)}")
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"fused_moe: x, w13, w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"fused_moe: topk_ids must be [T={T}, K], got {tuple(topk_ids.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"fused_moe: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    K = topk_ids.shape[1]
+    if tuple(topk_weights.shape) != (T, K):
+        raise ValueError(f"fused_moe: topk_weights must be [T={T}, K={K}], got {tuple(topk_weights.shape)}")
+    if topk_weights.dtype != torch.float32:
+        raise ValueError(f"fused_moe: topk_weights must be float32, got {topk_weights.dtype}")
+    for name, t in (("w13", w13), ("w2", w2), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+        if t.device != x.device:
+            raise ValueError(f"fused_moe: {name} is on {t.device} but x is on {x.device}")
+    return T, D, E, I, K
+
+
+def fused_moe_ref(
+    x: torch.Tensor,  # [T, D]
+    w13: torch.Tensor,  # [E, 2I, D]
+    w2: torch.Tensor,  # [E, D, I]
+    topk_weights: torch.Tensor,  # [T, K] float32
+    topk_ids: torch.Tensor,  # [T, K] int
+    config: dict | None = None,  # accepted for signature parity; unused
+) -> torch.Tensor:  # [T, D] in x.dtype
+    """Torch reference, the loop of transformers' DeepseekV2Experts.forward (same rounding order): per expert hit,
+    gather its tokens, gate/up in x.dtype, silu(gate) * up, down, scale by the fp32 routing weight, index_add."""
+    _, _, E, _, _ = _check_inputs(x, w13, w2, topk_weights, topk_ids)
+    out = torch.zeros_like(x)
+    ids = topk_ids.long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
+        raise ValueError(f"fused_moe: topk_ids must lie in [0, {E}), got range [{int(ids.min())}, {int(ids.max())}]")
+    for e in torch.unique(ids).tolist():  # only experts that received at least one token
+        token_idx, slot = torch.where(ids == e)  # [n_e] each
+        gate, up = F.linear(x[token_idx], w13[e]).chunk(2, dim=-1)  # [n_e, I] each
+        h = F.linear(F.silu(gate) * up, w2[e])  # [n_e, D]
+        h = h * topk_weights[token_idx, slot, None]  # fp32 weight promotes, as in transformers
+        out.index_add_(0, token_idx, h.to(out.dtype))
+    return out
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, block_m: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the T*K (token, slot) pairs by expert, each group padded to a multiple of block_m.
+
+    Pair p = t * K + k (row-major index into topk_ids). Returns, all int32 on topk_ids.device:
+      sorted_ids  [EM]            pair ids grouped by expert (token order inside a group); padding = T*K
+      expert_ids  [EM // block_m] expert of each block_m-row tile (tiles past the end: clamped, never used)
+      num_tokens_post_padded [1]  rows actually used; kernels skip tiles at or past it
+    EM = the worst case sum_e ceil(n_e / block_m) * block_m, fixed by shapes alone, so nothing here waits on the
+    device (CUDA-graph friendly); experts without tokens get no tiles.
+    """
+    flat = topk_ids.reshape(-1).long()  # [TK]
+    TK = flat.numel()
+    dev = topk_ids.device
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m  # [E] rows reserved per expert
+    pad_end = torch.cumsum(padded, 0)  # [E] exclusive end of each expert's rows
+    pad_start = pad_end - padded
+    cnt_start = torch.cumsum(counts, 0) - counts  # [E] where each expert's pairs begin in the sorted order
+    order = torch.sort(flat, stable=True).indices  # [TK] pair ids ordered by expert, then by pair id
+    sorted_e = flat[order]
+    dest = pad_start[sorted_e] + (torch.arange(TK, device=dev) - cnt_start[sorted_e])  # [TK] row per pair
+    max_rows = TK + min(num_experts, TK) * (block_m - 1)  # each expert hit wastes < block_m rows
+    EM = (max_rows + block_m - 1) // block_m * block_m
+    sorted_ids = torch.full((EM,), TK, dtype=torch.int32, device=dev)
+    sorted_ids[dest] = order.to(torch.int32)
+    tile_start = torch.arange(0, EM, block_m, device=dev)
+    # The expert owning row r is the first e with pad_end[e] > r; zero-row experts are skipped automatically.
+    expert_ids = torch.searchsorted(pad_end, tile_start, right=True).clamp_(max=num_experts - 1).to(torch.int32)
+    num_post = pad_end[-1:].to(torch.int32)
+    return sorted_ids, expert_ids, num_post
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block-size table. UNTUNED STARTING POINTS: these follow the shape of vLLM's defaults (small M tiles for decode,
+# large grouped tiles for prefill) and have NOT been measured on an H100 yet. Tune per (E, I, D, T-bucket) with a
+# sweep and replace the values; keep the keys. Keys: (E, I = moe_intermediate_size, D = hidden) -> {T bucket: cfg}.
+# ---------------------------------------------------------------------------------------------------------------
+def _cfg(bm, bn, bk, gm, warps, stages):
+    return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": gm,
+            "num_warps": warps, "num_stages": stages}
+
+
+_SMALL_E_TABLE = {  # ~T*6/64 rows per expert: decode buckets are weight-bandwidth bound, small BLOCK_M
+    1: _cfg(16, 64, 128, 1, 4, 4),
+    2: _cfg(16, 64, 128, 1, 4, 4),
+    4: _cfg(16, 64, 128, 1, 4, 4),
+    8: _cfg(16, 64, 128, 1, 4, 4),
+    16: _cfg(16, 64, 128, 1, 4, 4),
+    32: _cfg(16, 64, 128, 1, 4, 4),
+    64: _cfg(16, 128, 128, 1, 4, 3),
+    128: _cfg(32, 128, 64, 1, 4, 3),
+    256: _cfg(64, 128, 64, 8, 4, 3),
+    512: _cfg(64, 128, 64, 8, 8, 3),
+    1024: _cfg(128, 128, 64, 8, 8, 3),
+    2048: _cfg(128, 128, 64, 16, 8, 3),
+    4096: _cfg(128, 128, 64, 16, 8, 3),
+}
+_LARGE_E_TABLE = {  # 160 experts: ~T*6/160 rows per expert, so the move to big M tiles happens later
+    1: _cfg(16, 64, 128, 1, 4, 4),
+    2: _cfg(16, 64, 128, 1, 4, 4),
+    4: _cfg(16, 64, 128, 1, 4, 4),
+    8: _cfg(16, 64, 128, 1, 4, 4),
+    16: _cfg(16, 64, 128, 1, 4, 4),
+    32: _cfg(16, 64, 128, 1, 4, 4),
+    64: _cfg(16, 128, 128, 1, 4, 3),
+    128: _cfg(16, 128, 128, 1, 4, 3),
+    256: _cfg(32, 128, 64, 1, 4, 3),
+    512: _cfg(64, 128, 64, 8, 4, 3),
+    1024: _cfg(64, 128, 64, 8, 8, 3),
+    2048: _cfg(128, 128, 64, 16, 8, 3),
+    4096: _cfg(128, 128, 64, 16, 8, 3),
+}
+MOE_CONFIGS: dict[tuple[int, int, int], dict[int, dict]] = {
+    (64, 1408, 2048): _SMALL_E_TABLE,  # DeepSeek-V2-Lite and DeepSeekMoE-16B share these expert shapes
+    (160, 1536, 5120): _LARGE_E_TABLE,  # DeepSeek-V2 (236B)
+}
+
+
+def get_moe_config(E: int, N: int, D: int, T: int, dtype: torch.dtype) -> dict:
+    """Block sizes for T tokens through E experts of width N (= moe_intermediate_size I) and hidden size D.
+
+    Known shapes use the nearest token bucket of MOE_CONFIGS; others get vLLM-style defaults. For fp32 inputs
+    BLOCK_SIZE_K and num_stages are capped: fp32 tiles take twice the shared memory of bf16 ones. Returns a fresh
+    dict with BLOCK_SIZE_M/N/K, GROUP_SIZE_M, num_warps, num_stages. All values untuned (see the table comment).
+    """
+    table = MOE_CONFIGS.get((E, N, D))
+    if table is not None:
+        cfg = dict(table[min(table, key=lambda b: (abs(b - T), b))])
+    elif T * 6 <= 2 * E:  # a handful of rows per expert: decode-like
+        cfg = _cfg(16, 64, 64, 1, 4, 3)
+    else:
+        cfg = _cfg(64, 64, 32, 8, 4, 3)
+    if dtype == torch.float32:
+        cfg["BLOCK_SIZE_K"] = min(cfg["BLOCK_SIZE_K"], 32)
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
+    return cfg
+
+
+def _validate_config(config: dict) -> dict:
+    unknown = set(config) - set(_CONFIG_KEYS) - set(_LAUNCH_KEYS)
+    if unknown:
+        raise ValueError(f"fused_moe: unknown config keys {sorted(unknown)}; allowed {_CONFIG_KEYS + _LAUNCH_KEYS}")
+    missing = [k for k in _CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"fused_moe: config is missing {missing}")
+    for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
+        v = config[k]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"fused_moe: config[{k!r}] must be a power of two >= 16 (tl.dot minimum), got {v!r}")
+    if not isinstance(config["GROUP_SIZE_M"], int) or config["GROUP_SIZE_M"] < 1:
+        raise ValueError(f"fused_moe: config['GROUP_SIZE_M'] must be a positive int, got {config['GROUP_SIZE_M']!r}")
+    return config
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _moe_grouped_gemm_kernel(
+        a_ptr,  # GEMM1: x [T, D];  GEMM2: act [T*K, I]
+        b_ptr,  # GEMM1: w13 [E, 2N, Kd] (gate rows [0, N), up rows [N, 2N));  GEMM2: w2 [E, N, Kd]
+        c_ptr,  # [T*K, N] output, row = pair id
+        topk_w_ptr,  # [T*K] fp32 routing weights (GEMM2)
+        sorted_ids_ptr,  # [EM] int32 pair ids grouped by expert, padding = num_pairs
+        expert_ids_ptr,  # [EM // BLOCK_M] int32
+        num_post_ptr,  # [1] int32 rows in use
+        N,  # output columns (GEMM1: I, GEMM2: D)
+        Kd,  # reduction length (GEMM1: D, GEMM2: I)
+        num_pairs,  # T*K
+        a_row_div,  # a row = pair // a_row_div (GEMM1: K, since x has one row per token; GEMM2: 1)
+        EM,
+        stride_am,
+        stride_ak,
+        stride_be,
+        stride_bn,
+        stride_bk,
+        stride_cm,
+        stride_cn,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        FUSE_SILU_MUL: tl.constexpr,  # GEMM1: also compute the up half and emit silu(gate) * up
+        MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM2: scale each row by its routing weight
+        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
+        UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
+    ):
+        # Grouped tile order (as in the Triton matmul tutorial): GROUP_M row tiles walk the N tiles together, so
+        # the expert weight tiles they share stay in L2.
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(EM, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        # The grid covers the worst-case EM; tiles past the rows actually used have nothing to do.
+        if pid_m * BLOCK_M < tl.load(num_post_ptr):
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            pair = tl.load(sorted_ids_ptr + offs_m)  # [BLOCK_M] pair ids (or the padding sentinel)
+            row_mask = pair < num_pairs
+            a_row = (pair // a_row_div).to(tl.int64)
+            expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)  # one expert per tile, by construction
+
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            offs_k = tl.arange(0, BLOCK_K)
+            a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
+            b_ptrs = (  # [BLOCK_K, BLOCK_N]: rows offs_n of the expert's weight, read transposed
+                b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+            )
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if FUSE_SILU_MUL:
+                acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, tl.cdiv(Kd, BLOCK_K)):
+                k_mask = offs_k < Kd - k0 * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & mask_n[None, :], other=0.0)
+                if UPCAST_DOT:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+                if FUSE_SILU_MUL:
+                    # The up projection's rows sit N rows below the gate's in w13.
+                    b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & mask_n[None, :], other=0.0)
+                    if UPCAST_DOT:
+                        b_up = b_up.to(tl.float32)
+                    acc_up = tl.dot(a, b_up, acc=acc_up, input_precision=DOT_PRECISION)
+                a_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
+
+            if FUSE_SILU_MUL:
+                acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up, in fp32
+            if MUL_ROUTED_WEIGHT:
+                w = tl.load(topk_w_ptr + pair, mask=row_mask, other=0.0)
+                acc = acc * w[:, None]
+            c_ptrs = c_ptr + pair[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & mask_n[None, :])
+
+
+def _interpret_mode() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def _rejit(fn, interpret: bool):
+    return triton.jit(fn)
+
+
+def _kernel_for_current_mode(kernel):
+    """Triton fixes interpreter-vs-compiled when a kernel is *decorated* (at import). If this module was imported
+    before TRITON_INTERPRET was set (or after it was cleared), re-wrap the same Python function for the current
+    mode so the flag's value at call time is what counts."""
+    want = _interpret_mode()
+    have = type(kernel).__name__ == "InterpretedFunction"
+    return kernel if want == have else _rejit(kernel.fn, want)
+
+
+def _needs_dot_upcast(dtype: torch.dtype) -> bool:
+    """Triton's interpreter (3.x) runs tl.dot as np.matmul on the raw uint16 storage of bf16 tensors, which gives
+    garbage; under the interpreter bf16 tiles are widened to fp32 (exactly) before each dot. Compiled code never
+    takes this path."""
+    return _interpret_mode() and dtype == torch.bfloat16
+
+
+def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_pairs, a_row_div, cfg,
+                 fuse_silu_mul, mul_routed_weight):
+    EM = sorted_ids.shape[0]
+    BM, BN = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
+    grid = (triton.cdiv(EM, BM) * triton.cdiv(N, BN),)
+    _kernel_for_current_mode(_moe_grouped_gemm_kernel)[grid](
+        a, b, c, topk_w, sorted_ids, expert_ids, num_post,
+        N, Kd, num_pairs, a_row_div, EM,
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), b.stride(2),
+        c.stride(0), c.stride(1),
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_K=cfg["BLOCK_SIZE_K"],
+        GROUP_M=cfg["GROUP_SIZE_M"],
+        FUSE_SILU_MUL=fuse_silu_mul,
+        MUL_ROUTED_WEIGHT=mul_routed_weight,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        UPCAST_DOT=_needs_dot_upcast(a.dtype),
+        num_warps=cfg.get("num_warps", 4),
+        num_stages=cfg.get("num_stages", 3),
+    )
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T, D]
+    w13: torch.Tensor,  # [E, 2I, D]  gate rows then up rows
+    w2: torch.Tensor,  # [E, D, I]
+    topk_weights: torch.Tensor,  # [T, K] float32
+    topk_ids: torch.Tensor,  # [T, K] int32/int64, values in [0, E) (not checked: that would need a host sync)
+    config: dict | None = None,  # block sizes; default get_moe_config(E, I, D, T, x.dtype)
+) -> torch.Tensor:  # [T, D] in x.dtype
+    """Routed-expert MoE with two Triton grouped GEMMs. Same result as fused_moe_ref up to rounding."""
+    if not _HAS_TRITON:
+        raise RuntimeError("fused_moe: triton is not installed (pip install 'minke[gpu]'); use fused_moe_ref")
+    T, D, E, I, K = _check_inputs(x, w13, w2, topk_weights, topk_ids)
+    if x.device.type == "cpu" and not _interpret_mode():
+        raise RuntimeError("fused_moe: CPU tensors need TRITON_INTERPRET=1 (or use fused_moe_ref on CPU)")
+    if x.stride(1) != 1:
+        raise ValueError(f"fused_moe: x must have a unit last stride, got strides {x.stride()}")
+    for name, t in (("w13", w13), ("w2", w2), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+        if not t.is_contiguous():
+            raise ValueError(f"fused_moe: {name} must be contiguous")
+    cfg = _validate_config(dict(config) if config is not None else get_moe_config(E, I, D, T, x.dtype))
+    if T == 0 or K == 0:
+        return torch.zeros_like(x)
+
+    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg["BLOCK_SIZE_M"], E)
+    TK = T * K
+    act = torch.empty(TK, I, dtype=x.dtype, device=x.device)  # silu(gate) * up per (token, slot) pair
+    _launch_gemm(x, w13, act, topk_weights, sorted_ids, expert_ids, num_post, N=I, Kd=D, num_pairs=TK,
+                 a_row_div=K, cfg=cfg, fuse_silu_mul=True, mul_routed_weight=False)
+    per_slot = torch.empty(TK, D, dtype=x.dtype, device=x.device)  # weighted expert output per pair
+    _launch_gemm(act, w2, per_slot, topk_weights, sorted_ids, expert_ids, num_post, N=D, Kd=I, num_pairs=TK,
+                 a_row_div=1, cfg=cfg, fuse_silu_mul=False, mul_routed_weight=True)
+    # Rows of per_slot are pair ids t*K + k, so the K slots of token t are contiguous.
+    return per_slot.view(T, K, D).sum(dim=1)

@@ -1,0 +1,201 @@
+"""Triton fused MoE against its torch reference (transformers' expert loop), plus the alignment step and configs.
+
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set below before triton is imported); on a CUDA
+machine the same tests run the compiled kernel. Shapes are tiny (E=4, I=16, D=32).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON_ERR = None
+except Exception as e:  # pragma: no cover - only where triton is missing/broken
+    _TRITON_ERR = f"triton cannot be imported: {e!r}"
+
+from minke.kernels.fused_moe import fused_moe, fused_moe_ref, get_moe_config, moe_align_block_size
+
+needs_triton = pytest.mark.skipif(_TRITON_ERR is not None, reason=_TRITON_ERR or "")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+SMALL_CFG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 2}
+
+
+def _weights(E, I, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, D, generator=g) * D**-0.5
+    w2 = torch.randn(E, D, I, generator=g) * I**-0.5
+    return w13.to(dtype).to(DEVICE), w2.to(dtype).to(DEVICE)
+
+
+def _routing(ids, seed):
+    """topk_ids as given (rows = tokens) and positive fp32 weights summing to 1 per token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(ids, dtype=torch.int64)
+    w = torch.rand(ids.shape, generator=g) + 0.1
+    return (w / w.sum(-1, keepdim=True)).to(DEVICE), ids.to(DEVICE)
+
+
+def _naive_moe(x, w13, w2, topk_weights, topk_ids):
+    """Per token, per slot, straight from the formula, fp32."""
+    x, w13, w2 = x.float(), w13.float(), w2.float()
+    I = w13.shape[1] // 2
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, k])
+            h = F.silu(x[t] @ w13[e, :I].T) * (x[t] @ w13[e, I:].T)
+            out[t] += topk_weights[t, k] * (h @ w2[e].T)
+    return out
+
+
+# Uneven expert loads (17 tokens, K=2): expert 0 gets 17 pairs (> one 16-row tile), expert 1 three, expert 2 none,
+# expert 3 fourteen; slot order varies ([3, 0] vs [0, 3]).
+UNEVEN_K2 = [[0, 1]] * 3 + [[0, 3]] * 4 + [[3, 0]] * 10
+UNEVEN_K1 = [[0]] * 5 + [[3]] * 2 + [[1]] * 1
+
+
+def test_ref_matches_naive_formula():
+    E, I, D = 4, 16, 32
+    w13, w2 = _weights(E, I, D, torch.float32, 0)
+    tw, ids = _routing(UNEVEN_K2, 1)
+    x = torch.randn(len(UNEVEN_K2), D, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    torch.testing.assert_close(fused_moe_ref(x, w13, w2, tw, ids), _naive_moe(x, w13, w2, tw, ids),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_moe_align_block_size_layout(block_m):
+    E = 4
+    _, ids = _routing(UNEVEN_K2, 0)
+    TK = ids.numel()
+    sorted_ids, expert_ids, num_post = moe_align_block_size(ids, block_m, E)
+    sorted_ids, expert_ids = sorted_ids.cpu(), expert_ids.cpu()
+    flat = ids.reshape(-1).cpu()
+    counts = torch.bincount(flat, minlength=E)
+    assert counts[2] == 0  # the empty expert really is empty in this routing
+    used = int(num_post)
+    assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
+    assert sorted_ids.numel() % block_m == 0 and sorted_ids.numel() >= used
+    # Every pair appears exactly once; everything else is the padding sentinel TK.
+    real = sorted_ids[sorted_ids < TK]
+    assert sorted(real.tolist()) == list(range(TK))
+    assert (sorted_ids[used:] == TK).all()
+    # Each used tile belongs to one expert, and every real pair in it is routed to that expert.
+    for tile in range(used // block_m):
+        rows = sorted_ids[tile * block_m:(tile + 1) * block_m]
+        rows = rows[rows < TK]
+        assert (flat[rows.long()] == expert_ids[tile]).all()
+    # No tile goes to the expert that has no tokens.
+    assert not (expert_ids[: used // block_m] == 2).any()
+
+
+@needs_triton
+@pytest.mark.parametrize("routing", [UNEVEN_K2, UNEVEN_K1], ids=["K2", "K1"])
+@pytest.mark.parametrize("cfg", [SMALL_CFG, {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64,
+                                             "GROUP_SIZE_M": 1}], ids=["blocks16", "blocks_wider_than_dims"])
+def test_fused_moe_matches_ref_fp32(routing, cfg):
+    E, I, D = 4, 16, 32
+    w13, w2 = _weights(E, I, D, torch.float32, 3)
+    tw, ids = _routing(routing, 4)
+    x = torch.randn(len(routing), D, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    out = fused_moe(x, w13, w2, tw, ids, config=cfg)
+    ref = fused_moe_ref(x, w13, w2, tw, ids)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_fused_moe_k3_odd_dims_default_config_int32_ids():
+    # I=24, D=40: neither a multiple of the 16-wide tiles, so the N and K masks matter; int32 ids; default config.
+    E, I, D = 5, 24, 40
+    w13, w2 = _weights(E, I, D, torch.float32, 6)
+    routing = [[0, 1, 4], [4, 1, 0], [1, 2, 4], [4, 0, 2], [1, 4, 0], [2, 1, 4], [0, 4, 1]]  # expert 3 unused
+    tw, ids = _routing(routing, 7)
+    x = torch.randn(len(routing), D, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    out = fused_moe(x, w13, w2, tw, ids.int())
+    torch.testing.assert_close(out, fused_moe_ref(x, w13, w2, tw, ids), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_moe_matches_ref_half(dtype):
+    E, I, D = 4, 16, 32
+    w13, w2 = _weights(E, I, D, dtype, 9)
+    tw, ids = _routing(UNEVEN_K2, 10)
+    x = torch.randn(len(UNEVEN_K2), D, generator=torch.Generator().manual_seed(11)).to(dtype).to(DEVICE)
+    out = fused_moe(x, w13, w2, tw, ids, config=SMALL_CFG)
+    ref = fused_moe_ref(x, w13, w2, tw, ids)
+    assert out.dtype == dtype
+    # Kernel rounds once after the fp32 silu*up; the reference (like transformers) rounds gate, up, silu, the
+    # product and each expert's output: a few ulp apart.
+    torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
+    # Both are close to the exact fp32 math on the same (rounded) inputs.
+    exact = _naive_moe(x, w13, w2, tw, ids)
+    torch.testing.assert_close(out.float(), exact, rtol=3e-2, atol=3e-2)
+
+
+def test_get_moe_config_tables_and_default():
+    lite = get_moe_config(64, 1408, 2048, 1, torch.bfloat16)
+    prefill = get_moe_config(64, 1408, 2048, 4000, torch.bfloat16)
+    assert lite["BLOCK_SIZE_M"] == 16 and prefill["BLOCK_SIZE_M"] >= 64  # decode vs prefill buckets differ
+    v2 = get_moe_config(160, 1536, 5120, 300, torch.bfloat16)
+    other = get_moe_config(8, 96, 128, 3, torch.bfloat16)  # unknown shape: default
+    fp32 = get_moe_config(64, 1408, 2048, 4000, torch.float32)
+    for cfg in (lite, prefill, v2, other, fp32):
+        assert set(cfg) == {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps",
+                            "num_stages"}
+        for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
+            assert cfg[k] >= 16 and cfg[k] & (cfg[k] - 1) == 0
+    assert fp32["BLOCK_SIZE_K"] <= 32 and fp32["num_stages"] <= 2  # fp32 tiles need twice the shared memory
+    lite["BLOCK_SIZE_M"] = 999  # callers get a copy, the table is not mutated
+    assert get_moe_config(64, 1408, 2048, 1, torch.bfloat16)["BLOCK_SIZE_M"] == 16
+
+
+@needs_triton
+def test_fused_moe_rejects_bad_inputs():
+    E, I, D = 4, 16, 32
+    w13, w2 = _weights(E, I, D, torch.float32, 12)
+    tw, ids = _routing(UNEVEN_K1, 13)
+    x = torch.randn(len(UNEVEN_K1), D, device=DEVICE)
+    with pytest.raises(ValueError, match="w2 must be"):
+        fused_moe(x, w13, w2[:, :, :8], tw, ids)
+    with pytest.raises(ValueError, match="topk_weights must be float32"):
+        fused_moe(x, w13, w2, tw.half(), ids)
+    with pytest.raises(ValueError, match="share a dtype"):
+        fused_moe(x.half(), w13, w2, tw, ids)
+    with pytest.raises(ValueError, match="power of two"):
+        fused_moe(x, w13, w2, tw, ids, config={**SMALL_CFG, "BLOCK_SIZE_K": 8})
+    with pytest.raises(ValueError, match="unknown config keys"):
+        fused_moe(x, w13, w2, tw, ids, config={**SMALL_CFG, "BLOCK_M": 16})
+    with pytest.raises(ValueError, match=r"topk_ids must lie in"):
+        fused_moe_ref(x, w13, w2, tw, ids + E)
+
+
+def test_module_imports_without_triton(monkeypatch):
+    import importlib.util
+    import sys
+
+    import minke.kernels.fused_moe as mod
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("_moe_no_triton", mod.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    w13, w2 = _weights(4, 16, 32, torch.float32, 14)
+    tw, ids = _routing(UNEVEN_K1, 15)
+    x = torch.randn(len(UNEVEN_K1), 32, device=DEVICE)
+    assert torch.equal(fresh.fused_moe_ref(x, w13, w2, tw, ids), fused_moe_ref(x, w13, w2, tw, ids))
+    assert fresh.get_moe_config(64, 1408, 2048, 1, torch.bfloat16) == get_moe_config(64, 1408, 2048, 1,
+                                                                                     torch.bfloat16)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        fresh.fused_moe(x, w13, w2, tw, ids)
