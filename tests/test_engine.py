@@ -1,0 +1,143 @@
+"""The batching engine: outputs of mixed batches (with chunked prefill, forced preemption and prefix-cache hits)
+are token-identical to each request run alone through the reference full forward; seeded sampling is
+reproducible per request whatever the batch; limits and capacity behave as users expect."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import minke
+from minke import LLM, SamplingParams
+from tiny_models import make_checkpoint
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            path = str(tmp_path_factory.mktemp(variant))
+            make_checkpoint(variant, path, tokenizer=True, vocab_size=102400)
+            cache[variant] = path
+        return cache[variant]
+
+    return get
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding with the plain full forward (no cache): the reference for every engine path."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 100000, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "deepseek", "deepseek_v2_lite"])
+@pytest.mark.parametrize("mode", ["roomy", "chunked", "preempt"])
+def test_batch_equals_requests_alone(ckpts, variant, mode):
+    path = ckpts(variant)
+    kw = dict(block_size=4, max_model_len=64)
+    if mode == "roomy":
+        kw.update(kv_cache_tokens=4096)
+    elif mode == "chunked":
+        kw.update(kv_cache_tokens=4096, max_num_batched_tokens=8)  # prompts split over several steps
+    else:
+        kw.update(kv_cache_tokens=64, max_num_batched_tokens=16)  # 16 blocks for 6 requests: must preempt
+    llm = LLM(path, **kw)
+    prompts = prompts_of([3, 17, 9, 25, 1, 12])
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    ref_model = minke.load_model(path)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == reference_greedy(ref_model, p, 10)
+        assert o.outputs[0].finish_reason == "length"
+    stats = llm.llm_engine.get_stats()
+    if mode == "preempt":
+        assert stats["num_preemptions"] > 0, "the tiny cache was meant to force preemption"
+    assert stats["kv_cache_usage"] == 0.0 and stats["num_running"] == 0  # everything freed
+
+
+def test_prefix_cache_hit_skips_prefill_and_keeps_outputs(ckpts):
+    path = ckpts("deepseek_v2_lite")
+    llm = LLM(path, block_size=4, kv_cache_tokens=4096, max_model_len=128)
+    shared = prompts_of([40], seed=1)[0]
+    a = llm.generate(shared + [11, 12, 13], GREEDY, use_tqdm=False)[0]
+    b = llm.generate(shared + [21, 22], GREEDY, use_tqdm=False)[0]
+    assert a.num_cached_tokens == 0
+    assert b.num_cached_tokens == 40  # 10 full blocks of the shared prefix were not recomputed
+    ref_model = minke.load_model(path)
+    assert b.outputs[0].token_ids == reference_greedy(ref_model, shared + [21, 22], 10)
+    stats = llm.llm_engine.get_stats()
+    assert stats["prefix_cache_hits"] >= 40
+    no_cache = LLM(path, block_size=4, kv_cache_tokens=4096, max_model_len=128, enable_prefix_caching=False)
+    no_cache.generate(shared + [11, 12, 13], GREEDY, use_tqdm=False)
+    assert no_cache.generate(shared + [21, 22], GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
+
+
+def test_seeded_sampling_reproducible_whatever_the_batch(ckpts):
+    path = ckpts("deepseek_v2_lite")
+    llm = LLM(path, block_size=4, kv_cache_tokens=4096, max_model_len=64)
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=8, ignore_eos=True)
+    target = prompts_of([7], seed=5)[0]
+    alone = llm.generate([target], p, use_tqdm=False)[0].outputs[0].token_ids
+    others = prompts_of([5, 13, 2], seed=6)
+    unseeded = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    mixed = llm.generate(others[:2] + [target] + others[2:], [unseeded, unseeded, p, unseeded], use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+    other_seed = llm.generate([target], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=8,
+                                                        ignore_eos=True), use_tqdm=False)[0]
+    assert other_seed.outputs[0].token_ids != alone
+
+
+def test_mla_cache_holds_only_the_latent(ckpts):
+    path = ckpts("deepseek_v2_lite")
+    llm = LLM(path, block_size=4, kv_cache_tokens=256)
+    cfg = llm.llm_engine.model_config
+    cache = llm.llm_engine.runner.kv_caches[0]
+    assert cache.shape == (64, 4, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert len(llm.llm_engine.runner.kv_caches) == cfg.num_hidden_layers
+    # MHA caches K and V per KV head
+    gqa = LLM(ckpts("llama_gqa"), block_size=4, kv_cache_tokens=256)
+    c = gqa.llm_engine.model_config
+    assert gqa.llm_engine.runner.kv_caches[0].shape == (2, 64, 4, c.num_key_value_heads, c.attn_head_dim)
+
+
+def test_max_model_len_capped_to_cache_not_failing(ckpts, tmp_path, caplog, capsys):
+    """A config promising 163840 positions starts with max_model_len capped to the cache, with a notice."""
+    path = str(tmp_path / "long")
+    make_checkpoint("deepseek_v2_lite", path, tokenizer=True, vocab_size=102400, max_position_embeddings=163840)
+    with caplog.at_level(logging.WARNING, logger="minke"):
+        llm = LLM(path, block_size=16, kv_cache_tokens=1024)
+    assert llm.max_model_len == 1024
+    assert "capped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="maximum context length is 1024"):
+        llm.generate([[5] * 1500], GREEDY, use_tqdm=False)
+    # the engine is still usable after a rejected prompt
+    assert len(llm.generate([[5] * 10], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 10
+    with pytest.raises(ValueError, match="needs more KV cache"):
+        LLM(path, block_size=16, kv_cache_tokens=1024, max_model_len=4096)
+
+
+def test_bad_prompts_name_the_problem(ckpts):
+    llm = LLM(ckpts("llama"), block_size=4, kv_cache_tokens=512, max_model_len=64)
+    with pytest.raises(ValueError, match="prompt 1: the prompt is empty"):
+        llm.generate([[1, 2], []], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="out of range"):
+        llm.generate([[1, 2, 10**6]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="2 prompts but 3 SamplingParams"):
+        llm.generate(["a", "b"], [GREEDY] * 3, use_tqdm=False)
+    with pytest.raises(TypeError, match="unknown engine option"):
+        LLM(ckpts("llama"), no_such_option=1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM("/no/such/dir")
