@@ -1,0 +1,77 @@
+"""`minke chat [MODEL]`: an interactive conversation in the terminal. Tokens stream as they come; the conversation
+is kept; /reset starts over, /exit or Ctrl-D leaves; Ctrl-C stops the current answer (twice leaves)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_model_args, engine_kwargs
+from .sampling_args import add_sampling_args, sampling_params
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("chat", help="interactive chat with streaming output")
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    add_sampling_args(p, max_tokens=512)
+    return p
+
+
+def stream_reply(engine, prompt_ids: list[int], params, out=sys.stdout) -> tuple[str, str]:
+    """Runs one request to the end, writing text deltas as they come. Returns (text, finish_reason)."""
+    rid = f"chat-{id(prompt_ids)}"
+    engine.add_request(rid, prompt_ids, params)
+    shown = ""
+    try:
+        while True:
+            for o in engine.step():
+                text = o.outputs[0].text
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+                if o.finished:
+                    return text, o.outputs[0].finish_reason
+    except KeyboardInterrupt:
+        engine.abort_request(rid)
+        out.write(" [interrupted]")
+        return shown, "abort"
+
+
+def run(args) -> int:
+    from ..engine.llm import LLM
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    engine, tok = llm.llm_engine, llm.get_tokenizer()
+    params = sampling_params(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    base = list(history)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"minke chat · {engine.cfg.model} · /reset to start over, /exit or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input(">>> " if interactive else "")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        if not user.strip():
+            continue
+        if user.strip() in ("/exit", "/quit"):
+            return 0
+        if user.strip() == "/reset":
+            history = list(base)
+            continue
+        history.append({"role": "user", "content": user})
+        ids = tok.apply_chat_template(history, add_generation_prompt=True)
+        if len(ids) >= engine.max_model_len:
+            print(f"[the conversation ({len(ids)} tokens) no longer fits the context of {engine.max_model_len}; "
+                  "use /reset]", file=sys.stderr)
+            history.pop()
+            continue
+        text, reason = stream_reply(engine, ids, params)
+        print()
+        history.append({"role": "assistant", "content": text})
