@@ -248,6 +248,22 @@ def test_token_counts():
     assert counts.tolist() == [[0, 0, 2, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]]
     with pytest.raises(ValueError, match="row 0"):
         token_counts([[5]], 5, "cpu")
+    with pytest.raises(ValueError, match="row 2 .* got -1"):
+        token_counts([[1], [], [2, -1]], 5, "cpu")
+
+
+def test_token_rows_may_be_tensors(device):
+    # An engine may cache prompts as device tensors; results must equal the list form.
+    rows = [[2, 2, 4], [], [0, 4]]
+    mixed = [torch.tensor([2, 2, 4], device=device), [], torch.tensor([0, 4], device=device)]
+    assert torch.equal(token_counts(mixed, 5, device), token_counts(rows, 5, device))
+    torch.manual_seed(42)
+    logits = torch.randn(3, 5, device=device)
+    pens = [torch.full((3,), v, device=device) for v in (0.3, 0.2, 1.7)]
+    torch.testing.assert_close(apply_penalties(logits.clone(), mixed, rows, *pens),
+                               apply_penalties(logits.clone(), rows, rows, *pens))
+    with pytest.raises(ValueError, match="row 1 .* got 5"):
+        token_counts([[1], torch.tensor([0, 5], device=device)], 5, device)
 
 
 def test_penalties_match_hand_computed_values(device):

@@ -16,9 +16,11 @@ for rows that own a seeded torch.Generator, and format top-logprob lists.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -76,6 +78,8 @@ class SamplingBatch:
     presence_penalty: Tensor       # [B] float32
     frequency_penalty: Tensor      # [B] float32
     repetition_penalty: Tensor     # [B] float32
+    # Per-row token lists (or 1-D int tensors, e.g. a prompt cached on the device).  Held
+    # by reference, not copied: sample before appending this step's token to them.
     output_token_ids: list[list[int]]   # generated so far (presence/frequency/repetition)
     prompt_token_ids: list[list[int]]   # prompt tokens (repetition penalty only)
     generators: list[torch.Generator | None]  # seeded rows' own generator, else None
@@ -135,8 +139,8 @@ class SamplingBatch:
             temperature=temperature, top_p=top_p, top_k=top_k.to(device), min_p=min_p,
             presence_penalty=presence, frequency_penalty=frequency,
             repetition_penalty=repetition,
-            output_token_ids=[list(t) for t in output_token_ids],
-            prompt_token_ids=[list(t) for t in prompt_token_ids],
+            output_token_ids=list(output_token_ids),
+            prompt_token_ids=list(prompt_token_ids),
             generators=generators,
             logit_bias=[p.logit_bias or None for p in params],
             min_tokens_mask=min_tokens_mask,
@@ -194,28 +198,68 @@ def apply_token_mask(logits: Tensor, banned: Sequence[Sequence[int]]) -> Tensor:
     return logits
 
 
-def token_counts(token_ids: Sequence[Sequence[int]], vocab_size: int,
+def _flatten(token_ids: Sequence[Sequence[int] | Tensor], vocab_size: int,
+             device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """(row index, token id) pairs of ragged per-row token lists, as two [N] int64 tensors.
+
+    Rows are lists of ints or 1-D integer tensors.  Lists go through np.fromiter, several
+    times faster than torch.tensor on nested lists; this runs every step over every prompt
+    and output token, so an engine can instead cache each prompt as a tensor on the device
+    once and pass that (no host work then).
+    """
+    b = len(token_ids)
+    if any(isinstance(r, Tensor) for r in token_ids):
+        parts = [r.reshape(-1).to(device=device, dtype=torch.long) if isinstance(r, Tensor)
+                 else torch.tensor(list(r), dtype=torch.long, device=device)
+                 for r in token_ids]
+        lengths = [p.numel() for p in parts]
+        cols = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+        bad = (cols < 0) | (cols >= vocab_size)
+        if cols.numel() and bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            row = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
+            raise ValueError(f"token ids of row {row} must lie in [0, {vocab_size}), got "
+                             f"{int(cols[first])}")
+        rows = torch.repeat_interleave(
+            torch.arange(b, device=device), torch.tensor(lengths, device=device),
+            output_size=cols.numel())
+        return rows, cols
+    lengths = np.fromiter((len(r) for r in token_ids), dtype=np.int64, count=b)
+    total = int(lengths.sum())
+    cols = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total)
+    if total and not (cols.min() >= 0 and cols.max() < vocab_size):
+        bad = int(np.nonzero((cols < 0) | (cols >= vocab_size))[0][0])
+        row = int(np.searchsorted(np.cumsum(lengths), bad, side="right"))
+        raise ValueError(f"token ids of row {row} must lie in [0, {vocab_size}), got "
+                         f"{int(cols[bad])}")
+    rows = np.repeat(np.arange(b, dtype=np.int64), lengths)
+    return torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
+
+
+def token_counts(token_ids: Sequence[Sequence[int] | Tensor], vocab_size: int,
                  device: torch.device | str) -> Tensor:
     """[B, V] int64 occurrence counts of each token id in each row's list."""
-    b = len(token_ids)
-    longest = max((len(r) for r in token_ids), default=0)
-    counts = torch.zeros(b, vocab_size + 1, dtype=torch.long, device=device)
-    if longest == 0:
-        return counts[:, :vocab_size]
-    for i, r in enumerate(token_ids):
-        if r and not (0 <= min(r) and max(r) < vocab_size):
-            raise ValueError(f"token ids of row {i} must lie in [0, {vocab_size}), got "
-                             f"min {min(r)} max {max(r)}")
-    # Pad ragged rows with the sentinel id V, counted in an extra column that is dropped.
-    padded = torch.tensor([list(r) + [vocab_size] * (longest - len(r)) for r in token_ids],
-                          dtype=torch.long, device=device)            # [B, L]
-    counts.scatter_add_(1, padded, torch.ones_like(padded))
-    return counts[:, :vocab_size]
+    counts = torch.zeros(len(token_ids), vocab_size, dtype=torch.long, device=device)
+    rows, cols = _flatten(token_ids, vocab_size, device)
+    if rows.numel():
+        # accumulate=True sums repeated (row, token) pairs, deterministically.
+        counts.index_put_((rows, cols), torch.ones_like(cols), accumulate=True)
+    return counts
+
+
+def token_presence(token_ids: Sequence[Sequence[int] | Tensor], vocab_size: int,
+                   device: torch.device | str) -> Tensor:
+    """[B, V] bool: whether each token id occurs in each row's list."""
+    seen = torch.zeros(len(token_ids), vocab_size, dtype=torch.bool, device=device)
+    rows, cols = _flatten(token_ids, vocab_size, device)
+    if rows.numel():
+        seen[rows, cols] = True
+    return seen
 
 
 def apply_penalties(logits: Tensor,
-                    prompt_token_ids: Sequence[Sequence[int]],
-                    output_token_ids: Sequence[Sequence[int]],
+                    prompt_token_ids: Sequence[Sequence[int] | Tensor],
+                    output_token_ids: Sequence[Sequence[int] | Tensor],
                     presence_penalty: Tensor | None,
                     frequency_penalty: Tensor | None,
                     repetition_penalty: Tensor | None) -> Tensor:
@@ -231,7 +275,7 @@ def apply_penalties(logits: Tensor,
         return logits
     out_counts = token_counts(output_token_ids, vocab, logits.device)     # [B, V]
     if repetition_penalty is not None:
-        seen = (token_counts(prompt_token_ids, vocab, logits.device) > 0) | (out_counts > 0)
+        seen = token_presence(prompt_token_ids, vocab, logits.device) | (out_counts > 0)
         pen = torch.where(seen, repetition_penalty.to(logits.dtype)[:, None], 1.0)  # [B, V]
         logits.copy_(torch.where(logits > 0, logits / pen, logits * pen))
     if frequency_penalty is not None:
@@ -252,7 +296,7 @@ def apply_top_k_top_p_min_p(logits: Tensor, top_k: Tensor | None = None,
     least one token).  min_p (0 = off): drop tokens with prob < min_p * max prob.
     Probabilities are softmax(logits), so pass temperature-scaled logits.
     """
-    b, vocab = logits.shape
+    vocab = logits.shape[1]
     if top_k is not None or top_p is not None:
         # Stable descending sort: equal logits keep increasing token-id order.
         sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [B, V]
