@@ -19,11 +19,15 @@ try:
 except Exception as e:  # pragma: no cover - only where triton is missing/broken
     _TRITON_ERR = f"triton cannot be imported: {e!r}"
 
+import minke.kernels.mla_decode as _kmod
 from minke.kernels.mla_decode import mla_decode, mla_decode_ref
 
-needs_triton = pytest.mark.skipif(_TRITON_ERR is not None, reason=_TRITON_ERR or "")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+if _TRITON_ERR is None and DEVICE == "cpu" and not _kmod._is_interpreted(_kmod._mla_decode_stage1_kernel):
+    # Another module imported triton before TRITON_INTERPRET=1 was set (Triton fixes the mode at import).
+    _TRITON_ERR = "triton was imported before TRITON_INTERPRET=1 was set; its kernels cannot run on CPU"
+needs_triton = pytest.mark.skipif(_TRITON_ERR is not None, reason=_TRITON_ERR or "")
 
 C, R, H, BS = 32, 8, 4, 4
 

@@ -24,9 +24,6 @@ Public API:
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -302,32 +299,19 @@ if _HAS_TRITON:
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & mask_n[None, :])
 
 
-def _interpret_mode() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+def _is_interpreted(kernel) -> bool:
+    """Whether `kernel` can run in Triton's CPU interpreter. Triton chooses interpreter vs compiler when `@triton.jit`
+    runs: for this module's kernels at its import, for Triton's own library functions (tl.sum, tl.cdiv, ...) at
+    triton's first import. Both must be interpreted, i.e. TRITON_INTERPRET=1 set before triton was first imported;
+    the decorated types are the truth, not the variable's current value."""
+    return type(kernel).__name__ == "InterpretedFunction" and type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
-@functools.lru_cache(maxsize=None)
-def _rejit(fn, interpret: bool):
-    return triton.jit(fn)
-
-
-def _kernel_for_current_mode(kernel):
-    """Triton fixes interpreter-vs-compiled when a kernel is *decorated* (at import). If this module was imported
-    before TRITON_INTERPRET was set (or after it was cleared), re-wrap the same Python function for the current
-    mode so the flag's value at call time is what counts."""
-    want = _interpret_mode()
-    have = type(kernel).__name__ == "InterpretedFunction"
-    return kernel if want == have else _rejit(kernel.fn, want)
-
-
-def _needs_dot_upcast(dtype: torch.dtype) -> bool:
+def _needs_dot_upcast(kernel, dtype: torch.dtype) -> bool:
     """Triton's interpreter (3.x) runs tl.dot as np.matmul on the raw uint16 storage of bf16 tensors, which gives
     garbage; under the interpreter bf16 tiles are widened to fp32 (exactly) before each dot. Compiled code never
     takes this path."""
-    return _interpret_mode() and dtype == torch.bfloat16
+    return _is_interpreted(kernel) and dtype == torch.bfloat16
 
 
 def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_pairs, a_row_div, cfg,
@@ -335,7 +319,7 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_p
     EM = sorted_ids.shape[0]
     BM, BN = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
     grid = (triton.cdiv(EM, BM) * triton.cdiv(N, BN),)
-    _kernel_for_current_mode(_moe_grouped_gemm_kernel)[grid](
+    _moe_grouped_gemm_kernel[grid](
         a, b, c, topk_w, sorted_ids, expert_ids, num_post,
         N, Kd, num_pairs, a_row_div, EM,
         a.stride(0), a.stride(1),
@@ -348,7 +332,7 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_p
         FUSE_SILU_MUL=fuse_silu_mul,
         MUL_ROUTED_WEIGHT=mul_routed_weight,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=_needs_dot_upcast(a.dtype),
+        UPCAST_DOT=_needs_dot_upcast(_moe_grouped_gemm_kernel, a.dtype),
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )
@@ -366,8 +350,11 @@ def fused_moe(
     if not _HAS_TRITON:
         raise RuntimeError("fused_moe: triton is not installed (pip install 'minke[gpu]'); use fused_moe_ref")
     T, D, E, I, K = _check_inputs(x, w13, w2, topk_weights, topk_ids)
-    if x.device.type == "cpu" and not _interpret_mode():
-        raise RuntimeError("fused_moe: CPU tensors need TRITON_INTERPRET=1 (or use fused_moe_ref on CPU)")
+    if x.device.type == "cpu" and not _is_interpreted(_moe_grouped_gemm_kernel):
+        raise RuntimeError(
+            "fused_moe: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "
+            "imported (or use fused_moe_ref on CPU)"
+        )
     if x.stride(1) != 1:
         raise ValueError(f"fused_moe: x must have a unit last stride, got strides {x.stride()}")
     for name, t in (("w13", w13), ("w2", w2), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):

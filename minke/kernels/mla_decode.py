@@ -16,6 +16,8 @@ merges the splits with the usual max-rescaling. All accumulation is fp32; inputs
 Paging: token t of sequence b lives in physical block block_tables[b, t // block_size], row t % block_size.
 
 Sequences with context_lens[b] == 0 (e.g. padding slots of a CUDA-graph batch) produce zeros, without a host sync.
+context_lens[b] must not exceed max_blocks * block_size and block ids must be < num_blocks: the kernel cannot check
+this without a host sync (which would also break CUDA-graph capture); mla_decode_ref checks the length.
 
 Public API:
     mla_decode(q_latent, q_pe, kv_cache, block_tables, context_lens, sm_scale, num_kv_splits=None) -> [B, H, C]
@@ -23,9 +25,6 @@ Public API:
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 
@@ -271,32 +270,19 @@ if _HAS_TRITON:
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
-def _interpret_mode() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+def _is_interpreted(kernel) -> bool:
+    """Whether `kernel` can run in Triton's CPU interpreter. Triton chooses interpreter vs compiler when `@triton.jit`
+    runs: for this module's kernels at its import, for Triton's own library functions (tl.sum, tl.cdiv, ...) at
+    triton's first import. Both must be interpreted, i.e. TRITON_INTERPRET=1 set before triton was first imported;
+    the decorated types are the truth, not the variable's current value."""
+    return type(kernel).__name__ == "InterpretedFunction" and type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
-@functools.lru_cache(maxsize=None)
-def _rejit(fn, interpret: bool):
-    return triton.jit(fn)
-
-
-def _kernel_for_current_mode(kernel):
-    """Triton fixes interpreter-vs-compiled when a kernel is *decorated* (at import). If this module was imported
-    before TRITON_INTERPRET was set (or after it was cleared), re-wrap the same Python function for the current
-    mode so the flag's value at call time is what counts."""
-    want = _interpret_mode()
-    have = type(kernel).__name__ == "InterpretedFunction"
-    return kernel if want == have else _rejit(kernel.fn, want)
-
-
-def _needs_dot_upcast(dtype: torch.dtype) -> bool:
+def _needs_dot_upcast(kernel, dtype: torch.dtype) -> bool:
     """Triton's interpreter (3.x) runs tl.dot as np.matmul on the raw uint16 storage of bf16 tensors, which gives
     garbage; under the interpreter bf16 tiles are widened to fp32 (exactly) before each dot. Compiled code never
     takes this path."""
-    return _interpret_mode() and dtype == torch.bfloat16
+    return _is_interpreted(kernel) and dtype == torch.bfloat16
 
 
 def default_num_kv_splits(batch: int, num_heads: int, max_context: int, device: torch.device) -> int:
@@ -328,8 +314,11 @@ def mla_decode(
     if not _HAS_TRITON:
         raise RuntimeError("mla_decode: triton is not installed (pip install 'minke[gpu]'); use mla_decode_ref")
     B, H, C, R, block_size = _check_inputs(q_latent, q_pe, kv_cache, block_tables, context_lens)
-    if q_latent.device.type == "cpu" and not _interpret_mode():
-        raise RuntimeError("mla_decode: CPU tensors need TRITON_INTERPRET=1 (or use mla_decode_ref on CPU)")
+    if q_latent.device.type == "cpu" and not _is_interpreted(_mla_decode_stage1_kernel):
+        raise RuntimeError(
+            "mla_decode: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "
+            "imported (or use mla_decode_ref on CPU)"
+        )
     for name, t in (("q_latent", q_latent), ("q_pe", q_pe), ("kv_cache", kv_cache), ("block_tables", block_tables)):
         if t.stride(-1) != 1:
             raise ValueError(f"mla_decode: {name} must have a unit last stride (got strides {t.stride()})")
@@ -354,7 +343,7 @@ def mla_decode(
     fp32 = q_latent.dtype == torch.float32
     # Untuned starting points (H100): a [BLOCK_N, 512] tile of fp32 latents is twice the shared memory of bf16.
     BLOCK_N = 16 if fp32 else 32
-    _kernel_for_current_mode(_mla_decode_stage1_kernel)[(B, triton.cdiv(H, BLOCK_H), num_kv_splits)](
+    _mla_decode_stage1_kernel[(B, triton.cdiv(H, BLOCK_H), num_kv_splits)](
         q_latent,
         q_pe,
         kv_cache,
@@ -385,11 +374,11 @@ def mla_decode(
         BLOCK_R=BLOCK_R,
         BLOCK_N=BLOCK_N,
         DOT_PRECISION="ieee" if fp32 else "tf32",
-        UPCAST_DOT=_needs_dot_upcast(q_latent.dtype),
+        UPCAST_DOT=_needs_dot_upcast(_mla_decode_stage1_kernel, q_latent.dtype),
         num_warps=4,
         num_stages=2,
     )
-    _kernel_for_current_mode(_mla_decode_stage2_kernel)[(B, H)](
+    _mla_decode_stage2_kernel[(B, H)](
         mid_o,
         mid_lse,
         context_lens,

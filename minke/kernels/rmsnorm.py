@@ -15,9 +15,6 @@ Public API:
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
 try:  # triton is optional: the reference must stay importable on machines without it
@@ -116,25 +113,12 @@ if _HAS_TRITON:
         tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpret_mode() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-@functools.lru_cache(maxsize=None)
-def _rejit(fn, interpret: bool):
-    return triton.jit(fn)
-
-
-def _kernel_for_current_mode(kernel):
-    """Triton fixes interpreter-vs-compiled when a kernel is *decorated* (at import). If this module was imported
-    before TRITON_INTERPRET was set (or after it was cleared), re-wrap the same Python function for the current
-    mode so the flag's value at call time is what counts."""
-    want = _interpret_mode()
-    have = type(kernel).__name__ == "InterpretedFunction"
-    return kernel if want == have else _rejit(kernel.fn, want)
+def _is_interpreted(kernel) -> bool:
+    """Whether `kernel` can run in Triton's CPU interpreter. Triton chooses interpreter vs compiler when `@triton.jit`
+    runs: for this module's kernels at its import, for Triton's own library functions (tl.sum, tl.cdiv, ...) at
+    triton's first import. Both must be interpreted, i.e. TRITON_INTERPRET=1 set before triton was first imported;
+    the decorated types are the truth, not the variable's current value."""
+    return type(kernel).__name__ == "InterpretedFunction" and type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
 def rmsnorm(
@@ -148,8 +132,11 @@ def rmsnorm(
     if not _HAS_TRITON:
         raise RuntimeError("rmsnorm: triton is not installed (pip install 'minke[gpu]'); use rmsnorm_ref instead")
     _check_inputs(x, weight, residual)
-    if x.device.type == "cpu" and not _interpret_mode():
-        raise RuntimeError("rmsnorm: CPU tensors need TRITON_INTERPRET=1 (or use rmsnorm_ref on CPU)")
+    if x.device.type == "cpu" and not _is_interpreted(_rmsnorm_kernel):
+        raise RuntimeError(
+            "rmsnorm: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "
+            "imported (or use rmsnorm_ref on CPU)"
+        )
     D = x.shape[-1]
     if D > _MAX_D:
         raise ValueError(f"rmsnorm: D={D} exceeds the one-row-per-program limit {_MAX_D}")
@@ -175,7 +162,7 @@ def rmsnorm(
         BLOCK_D = triton.next_power_of_2(D)
         # Untuned: ~512 elements per warp keeps a row within registers up to D=8192 (16 warps).
         num_warps = min(16, max(1, BLOCK_D // 512))
-        _kernel_for_current_mode(_rmsnorm_kernel)[(N,)](
+        _rmsnorm_kernel[(N,)](
             x2,
             r2 if r2 is not None else x2,
             weight,
