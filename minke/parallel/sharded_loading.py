@@ -1,0 +1,82 @@
+"""Load one rank's shard of a checkpoint directly: the model is built on meta, sharded (shapes only), allocated, and
+each owned slice is read from the safetensors shards with `get_slice` (only those bytes leave the disk); tensors
+owned by other ranks (their experts under EP) are never read. `.bin` shards are memory-mapped, so only the pages of
+the owned slices are touched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import ModelConfig, load_config
+from ..loader import CheckpointError, build_model, resolve_dtype, weight_files
+from ..models.model import CausalLM
+from ..weights import is_ignored
+from .expert_parallel import ExpertPlacement
+from .sharding import checkpoint_plan
+from .state import ParallelConfig, check_model_fits
+from .tensor_parallel import shard_model
+
+
+@dataclass
+class LoadStats:
+    bytes_read: int = 0  # bytes of owned slices taken from the files
+    tensors_read: int = 0
+    tensors_skipped: list[str] = field(default_factory=list)  # present in the files, owned by another rank
+
+
+def load_sharded_model(path: str | os.PathLike, p: ParallelConfig, dtype: str | torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu", config: ModelConfig | None = None,
+                       stats: LoadStats | None = None) -> CausalLM:
+    """Rank p.tp_rank's shard of the checkpoint at `path`, in eval mode, ready to run with its peers."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory does not exist: {path}")
+    cfg = config or load_config(path)
+    check_model_fits(cfg, p)
+    torch_dtype = resolve_dtype(dtype, cfg, device)
+    model = shard_model(build_model(cfg, torch_dtype, "meta"), p)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty allocates each module's parameters separately
+        model.lm_head.weight = model.model.embed_tokens.weight
+    placement = ExpertPlacement.balanced(cfg.n_routed_experts, p.tp_size) if cfg.is_moe and p.expert_parallel else None
+    plan = checkpoint_plan(cfg, p, placement)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    stats = stats if stats is not None else LoadStats()
+    seen: set[str] = set()
+    for file in weight_files(path):
+        for name, src in _iter_lazy(file):
+            if is_ignored(name):
+                continue
+            if name not in plan:
+                raise CheckpointError(f"{path}: unexpected tensor {name!r} in {os.path.basename(file)} "
+                                      f"(config.json does not describe it)")
+            seen.add(name)
+            entry = plan[name]
+            if entry is None:
+                stats.tensors_skipped.append(name)
+                continue
+            stats.bytes_read += entry.load(name, params, src)
+            stats.tensors_read += 1
+    missing = plan.keys() - seen
+    if missing:
+        shown = ", ".join(sorted(missing)[:20])
+        raise CheckpointError(f"{path}: weights do not match config.json: missing {len(missing)} tensor(s): {shown}")
+    return model.eval()
+
+
+def _iter_lazy(file: str):
+    """(name, source) pairs; a safetensors source is a lazy slice, read only where indexed."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_slice(name)
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        for name in list(state.keys()):
+            yield name, state.pop(name)
