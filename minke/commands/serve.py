@@ -1,0 +1,99 @@
+"""`minke serve [MODEL_DIR]`: the OpenAI-compatible HTTP server (FastAPI + uvicorn), flags spelled like vLLM's.
+
+Start-up log as vLLM's: the non-default args, the resolved architecture, the KV-cache capacity and the maximum
+concurrency at full context, then uvicorn's "Uvicorn running on http://HOST:PORT".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from .common import add_model_args, engine_kwargs
+
+logger = logging.getLogger("minke")
+
+API_KEY_ENV = "MINKE_API_KEY"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a checkpoint over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
+                    "/v1/models, /health, /metrics, /tokenize, /detokenize, /version.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", "--served_model_name", dest="served_model_name", default=None,
+                   help="the model name clients send (default: the checkpoint directory's name)")
+    p.add_argument("--api-key", "--api_key", dest="api_key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: env {API_KEY_ENV})")
+    p.add_argument("--uvicorn-log-level", "--uvicorn_log_level", dest="uvicorn_log_level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument("--disable-log-stats", "--disable_log_stats", dest="disable_log_stats", action="store_true",
+                   help="do not log throughput / queue / KV usage every 5 s")
+    p.add_argument("--disable-log-requests", "--disable_log_requests", dest="disable_log_requests",
+                   action="store_true", help="accepted for vLLM compatibility (requests are never logged)")
+    p.set_defaults(_parser=p)
+    return p
+
+
+def non_default_args(args: argparse.Namespace) -> dict:
+    """The options the user changed, as vLLM logs them; the API key is masked."""
+    parser: argparse.ArgumentParser = args._parser
+    out = {}
+    for k, v in sorted(vars(args).items()):
+        if k.startswith("_") or k == "command":
+            continue
+        if v != parser.get_default(k):
+            out[k] = "***" if k == "api_key" else v
+    return out
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s",
+                                           datefmt="%m-%d %H:%M:%S"))
+    for name in ("minke",):
+        log = logging.getLogger(name)
+        log.handlers[:] = [handler]
+        log.setLevel(logging.INFO if level in ("info", "debug", "trace") else level.upper())
+        log.propagate = False
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .. import __version__
+    from ..engine.async_llm import AsyncLLM
+    from ..server.app import build_app, default_model_name
+
+    _setup_logging(args.uvicorn_log_level)
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    logger.info("minke %s serve", __version__)
+    logger.info("non-default args: %s", non_default_args(args))
+
+    engine = AsyncLLM(args.model, **engine_kwargs(args))
+    cfg = engine.model_config
+    logger.info("Resolved model_type %s (%s), max_model_len %d", cfg.model_type,
+                "MLA + MoE" if cfg.is_mla else ("MoE" if cfg.is_moe else "dense"), engine.max_model_len)
+    cap = engine.get_stats().get("kv_capacity_tokens")
+    if cap:
+        logger.info("KV cache capacity: %d tokens; Maximum concurrency for %d tokens per request: %.2fx",
+                    cap, engine.max_model_len, cap / engine.max_model_len)
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    name = args.served_model_name or default_model_name(engine)
+    app = build_app(engine, name, api_key, args.chat_template,
+                    log_stats_interval=None if args.disable_log_stats else 5.0)
+    logger.info("Serving %s as model %r%s; routes: /v1/chat/completions, /v1/completions, /v1/models, /health, "
+                "/metrics, /tokenize, /detokenize, /version", engine.model_path, name,
+                " (API key required on /v1)" if api_key else "")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn returns instead of raising when it cannot bind: make that a failing exit status.
+    return 0 if server.started else 1
