@@ -128,6 +128,11 @@ def test_chat_matches_engine_and_usage(client, llm):
     resp2 = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, max_completion_tokens=3,
                                            temperature=0)
     assert resp2.usage.completion_tokens == 3
+    # OpenAI's content-part form of a message is the same prompt as the plain string.
+    parts = [MESSAGES[0], {"role": "user", "content": [{"type": "text", "text": MESSAGES[1]["content"]}]}]
+    resp3 = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=6, temperature=0)
+    assert resp3.choices[0].message.content == choice.message.content
+    assert resp3.usage.prompt_tokens == prompt_len
 
 
 def test_chat_stream_equals_non_stream_with_usage_chunk(client):
@@ -277,6 +282,11 @@ def test_errors_have_openai_shape(server, client):
     assert "temperature" in _error(e.value)["message"]
     with pytest.raises(openai.BadRequestError, match="top_p"):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, top_p=0)
+    with pytest.raises(openai.BadRequestError, match=r"n must be in \[1, 128\]"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, n=129)
+    with pytest.raises(openai.BadRequestError, match="only text content parts"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match=r"\[0, 102400\)"):

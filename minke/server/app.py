@@ -298,8 +298,10 @@ class OpenAIServer:
         self.check_model(req.model)
         try:
             messages = req.message_dicts()
-            prompt_ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt, chat_template=self.chat_template)
+            # In a worker thread: a huge prompt must not hold up the event loop (and every other stream).
+            prompt_ids = await asyncio.to_thread(
+                self.tokenizer.apply_chat_template, messages, add_generation_prompt=req.add_generation_prompt,
+                chat_template=self.chat_template)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         params = self.sampling_params(req, len(prompt_ids))
@@ -402,7 +404,7 @@ class OpenAIServer:
     # ------------------------------------------------------------------------------------------ completions
 
     def encode_prompts(self, req: P.CompletionRequest) -> tuple[list[list[int]], list[str]]:
-        """Token ids and text of every prompt (text is needed for echo)."""
+        """Token ids and text of every prompt (text is needed for echo). Runs in a worker thread."""
         try:
             prompts = req.prompts()
         except ValueError as e:
@@ -443,7 +445,7 @@ class OpenAIServer:
         arrival = time.monotonic()
         req: P.CompletionRequest = await self.parse(request, P.CompletionRequest)
         self.check_model(req.model)
-        prompts, texts = self.encode_prompts(req)
+        prompts, texts = await asyncio.to_thread(self.encode_prompts, req)
         # One SamplingParams per prompt: they differ only in the default max_tokens (each prompt's own room).
         params_list = [self.sampling_params(req, len(ids)) for ids in prompts]
         for i, (ids, params) in enumerate(zip(prompts, params_list)):

@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from ..sampling_params import MAX_LOGPROBS, SamplingParams
 
+# OpenAI's limits: at most 128 choices per request and 2048 prompts per completions batch. They keep one
+# request from flooding the scheduler's queue ahead of everyone else's.
+MAX_N = 128
+MAX_PROMPTS = 2048
+
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -95,6 +100,8 @@ class _SamplingFields(_Forbid):
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
         return self
 
     def _sampling_kwargs(self) -> dict[str, Any]:
@@ -296,6 +303,8 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be empty")
         if isinstance(p[0], int):
             return [list(p)]
+        if len(p) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(p)}")
         return list(p)
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
