@@ -1,0 +1,196 @@
+"""Several training processes under `torchrun`, on PyTorch's own engines: FSDP2 (`fully_shard`) or DDP.
+
+DeepSpeed is not a dependency. A `--deepspeed FILE` config (what finetune.py's commands pass) is read for its ZeRO
+stage and mapped, with a printed notice:
+  ZeRO-3        -> FSDP2, reshard_after_forward=True: parameters, gradients and optimizer state sharded;
+  ZeRO-1 / 2    -> FSDP2, reshard_after_forward=False: gradients and optimizer state sharded, parameters stay
+                   gathered from the forward to the backward (no second all-gather);
+  ZeRO-0        -> DDP (plain data parallel);
+  offload_param / offload_optimizer to "cpu" -> FSDP2 CPUOffloadPolicy.
+Without a config, several processes use FSDP2 full sharding. A 4-bit (QLoRA) base cannot be sharded: it is
+replicated and only the LoRA gradients are all-reduced (DDP), what ZeRO-2 amounts to for a frozen base.
+
+Each decoder layer is one FSDP unit (its all-gather overlaps the previous layer's compute); the root unit holds the
+embeddings, final norm and lm_head. On CPU the backend is gloo, on GPUs nccl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(pref: str | None, local_rank: int = 0) -> torch.device:
+    if pref in (None, "auto"):
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(pref)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA GPU is available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def init_distributed(device_pref: str | None = None) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1; otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref, local_rank)
+    if world <= 1:
+        return DistInfo(device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass
+class ShardPlan:
+    strategy: str = "none"  # "none" | "fsdp" | "ddp"
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    notice: str = ""
+
+
+def read_deepspeed_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--deepspeed {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--deepspeed {path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--deepspeed {path}: expected a JSON object")
+    return cfg
+
+
+def plan_sharding(world: int, deepspeed: str | None = None, quantized: bool = False) -> ShardPlan:
+    stage, offload = None, False
+    if deepspeed:
+        zero = read_deepspeed_config(deepspeed).get("zero_optimization", {}) or {}
+        stage = zero.get("stage", 0)
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"--deepspeed {deepspeed}: zero_optimization.stage must be 0-3, got {stage!r}")
+        offload = any((zero.get(k) or {}).get("device") == "cpu" for k in ("offload_param", "offload_optimizer"))
+    src = f"DeepSpeed ZeRO-{stage} config {deepspeed}" if deepspeed else "no --deepspeed config"
+    if world <= 1:
+        note = f"{src}: single process, nothing to shard" if deepspeed else ""
+        return ShardPlan("none", notice=note)
+    if quantized:
+        return ShardPlan("ddp", notice=f"{src}: 4-bit base replicated on each of {world} processes, LoRA gradients "
+                                       "all-reduced (torch DDP)")
+    if stage == 0:
+        return ShardPlan("ddp", notice=f"{src} -> torch DDP over {world} processes (no sharding)")
+    reshard = stage in (None, 3)
+    what = ("parameters, gradients and optimizer state sharded" if reshard
+            else "gradients and optimizer state sharded, parameters kept gathered through each step")
+    note = f"{src} -> PyTorch FSDP2 over {world} processes: {what}" + (", CPU offload" if offload else "")
+    return ShardPlan("fsdp", reshard_after_forward=reshard, cpu_offload=offload, notice=note)
+
+
+def wrap_model(model: nn.Module, plan: ShardPlan, info: DistInfo, bf16: bool) -> nn.Module:
+    """Apply the plan. FSDP2 modifies the model in place (same class, same parameter names, DTensor shards);
+    DDP returns a wrapper whose `.module` is the model."""
+    if plan.strategy == "none":
+        return model
+    if plan.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kw = {"reshard_after_forward": plan.reshard_after_forward}
+    if bf16:
+        # bf16 compute and all-gathers, fp32 gradient reduction and fp32 sharded master weights.
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if plan.cpu_offload and info.device.type == "cuda":
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, plan: ShardPlan, sync: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of an accumulation window."""
+    if plan.strategy == "ddp" and not sync:
+        with model.no_sync():
+            yield
+        return
+    if plan.strategy == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    yield
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def full_model_state(model: nn.Module, info: DistInfo, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU tensors under the model's parameter names on rank 0; {} on the other ranks.
+    `trainable_only` skips frozen parameters (a LoRA run gathers its adapter, not the whole base)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    sd = get_model_state_dict(unwrap(model), options=opts)
+    return sd if info.is_main else {}
+
+
+def full_optimizer_state(model: nn.Module, optimizer, info: DistInfo) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(unwrap(model), optimizer,
+                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return osd if info.is_main else {}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    """`state` as full_optimizer_state saved it (parameter-name keyed), read on every rank; each keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))

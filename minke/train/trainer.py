@@ -1,0 +1,184 @@
+"""The training loop shared by `minke finetune` (full, LoRA, QLoRA) and `minke train` (from scratch).
+
+One optimizer step = a global batch of per_device_batch x accumulation x world examples. The loss is
+
+    L = sum of token cross-entropies over the global batch / number of target tokens in the global batch
+        + mean over micro-batches of the MoE balance loss (aux_loss_alpha, per sequence when seq_aux)
+
+so the gradient does not depend on how the global batch is split into micro-batches or processes: the target
+token count is all-reduced before the backward passes, and each rank's loss is scaled by the world size because
+FSDP/DDP average gradients across ranks. One process and N processes with the same global batch therefore follow
+the same loss curve (tests/test_train_distributed.py), and a resumed run continues its curve exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .args import TrainingConfig
+from .data import IGNORE_INDEX, GlobalBatchSampler
+from .distributed import (DistInfo, ShardPlan, all_reduce_sum, full_model_state, full_optimizer_state, grad_sync,
+                          load_full_optimizer_state)
+from .metrics import RunLogger
+from .optim import build_optimizer, build_scheduler
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, data, cfg: TrainingConfig, info: DistInfo, plan: ShardPlan, writer,
+                 resume_from: str | None = None, log=print):
+        """`model`: on info.device, already wrapped by distributed.wrap_model; `data`: SFTData or BlockData;
+        `writer`: writers.FullModelWriter or AdapterWriter."""
+        self.model, self.data, self.cfg, self.info, self.plan, self.writer = model, data, cfg, info, plan, writer
+        self.resume_from, self.log = resume_from, log
+        self.sampler = GlobalBatchSampler(len(data), cfg.per_device_train_batch_size,
+                                          cfg.gradient_accumulation_steps, info.world, cfg.seed)
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.sampler.steps_per_epoch))
+        self.optimizer = build_optimizer(model, cfg, info.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.step = 0
+        self.history: list[dict] = []
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        # FSDP2 casts parameters itself (MixedPrecisionPolicy); elsewhere bf16 runs under autocast with fp32
+        # master weights (full fine-tuning) or fp32 adapters on a bf16 / 4-bit base (LoRA, QLoRA).
+        if self.cfg.bf16 and self.plan.strategy != "fsdp":
+            return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _trainer_state(self) -> dict:
+        return {"global_step": self.step, "epoch": self.step / self.sampler.steps_per_epoch,
+                "max_steps": self.total_steps, "global_batch_size": self.sampler.global_batch,
+                "world_size": self.info.world, "seed": self.cfg.seed, "log_history": self.history}
+
+    def _resume(self) -> None:
+        state = ckpt.load_checkpoint(self.resume_from, self.info)
+        ts = state["trainer_state"]
+        if ts.get("global_batch_size") != self.sampler.global_batch or ts.get("seed") != self.cfg.seed:
+            self.log(f"warning: {self.resume_from} was trained with global batch {ts.get('global_batch_size')} and "
+                     f"seed {ts.get('seed')}; now {self.sampler.global_batch} and {self.cfg.seed}: the data order "
+                     "differs from an uninterrupted run")
+        load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(ts["global_step"])
+        self.history = list(ts.get("log_history", []))
+        self.log(f"resumed from {self.resume_from} at step {self.step}")
+
+    def _save(self, out_dir: str | None = None) -> None:
+        """A checkpoint-N (out_dir None) or the final output (out_dir = output_dir). Collective."""
+        state = full_model_state(self.model, self.info, trainable_only=self.writer.trainable_only)
+        if out_dir is None:
+            ckpt.save_checkpoint(self.cfg.output_dir, self.step, self.info,
+                                 lambda d: self.writer.write(d, state, final=False),
+                                 full_optimizer_state(self.model, self.optimizer, self.info),
+                                 self.scheduler.state_dict(), self._trainer_state(), self.cfg.save_total_limit)
+        elif self.info.is_main:
+            self.writer.write(out_dir, state, final=True)
+
+    # -- one optimizer step ----------------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        micro = self.sampler.micro_batches(self.step, self.info.rank)
+        batches = [self.data.batch(ix) for ix in micro]
+        # [target tokens, real (unpadded) input tokens] over the whole global batch, before any backward.
+        counts = torch.zeros(2, dtype=torch.float64, device=self.info.device)
+        for ix, (ids, labels) in zip(micro, batches):
+            counts[0] += (labels[:, 1:] != IGNORE_INDEX).sum().item()
+            counts[1] += self.data.num_tokens(ix)
+        all_reduce_sum(counts, self.info)
+        n_target = max(counts[0].item(), 1.0)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.info.device)  # [ce sum, aux sum]
+        accum = len(batches)
+        for m, (ids, labels) in enumerate(batches):
+            ids, labels = ids.to(self.info.device), labels.to(self.info.device)
+            with grad_sync(self.model, self.plan, sync=m == accum - 1):
+                with self._autocast():
+                    out = self.model(ids, return_aux_loss=True)
+                    logits = out.logits[:, :-1]  # position t predicts token t+1: [B, T-1, V]
+                    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                         ignore_index=IGNORE_INDEX, reduction="sum")
+                    aux = out.aux_loss if out.aux_loss is not None else ce.new_zeros(())
+                    loss = ce * (self.info.world / n_target) + aux / accum
+                loss.backward()
+            sums[0] += ce.detach().double()
+            sums[1] += aux.detach().double()
+        grad_norm = self._clip()
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        all_reduce_sum(sums, self.info)
+        self.step += 1
+        ce_mean = sums[0].item() / n_target
+        aux_mean = sums[1].item() / (accum * self.info.world)
+        dt = time.perf_counter() - t0
+        return {"loss": ce_mean + aux_mean, "ce_loss": ce_mean, "aux_loss": aux_mean, "learning_rate": lr,
+                "grad_norm": grad_norm, "tokens_per_s": counts[1].item() / dt, "step_time_s": dt,
+                "epoch": self.step / self.sampler.steps_per_epoch}
+
+    def _clip(self) -> float:
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # -- the run ---------------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        if self.resume_from:
+            self._resume()
+        self.model.train()
+        logger = RunLogger(cfg.output_dir, cfg.logging_dir, cfg.report_to, self.total_steps, self.step,
+                           enabled=self.info.is_main, show_bar=not cfg.disable_tqdm)
+        logger.message(f"training: {len(self.data)} examples, global batch {self.sampler.global_batch} "
+                       f"({cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x "
+                       f"{self.info.world} processes), {self.total_steps} steps, "
+                       f"{sum(p.numel() for p in self.trainable):,} trainable parameters")
+        tokens, t_start, start_step = 0.0, time.perf_counter(), self.step
+        try:
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                if not math.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"loss became {metrics['loss']} at step {self.step}; lower "
+                                             "--learning_rate or --max_grad_norm")
+                tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
+                log_now = self.step % cfg.logging_steps == 0 or self.step == self.total_steps
+                if log_now:
+                    self.history.append({"step": self.step, **metrics})
+                logger.step(self.step, metrics, log_now)
+                if self._should_save():
+                    self._save()
+        finally:
+            logger.close()
+        self._save(cfg.output_dir)
+        if self.info.is_main:
+            ckpt.mark_completed(cfg.output_dir)
+        elapsed = time.perf_counter() - t_start
+        return {"steps": self.step, "steps_this_run": self.step - start_step, "tokens_per_s": tokens / elapsed,
+                "final_loss": self.history[-1]["loss"] if self.history else None, "history": self.history}
+
+    def _should_save(self) -> bool:
+        if self.step == self.total_steps:
+            return False  # the final output is written instead
+        if self.cfg.save_strategy == "steps":
+            return self.step % self.cfg.save_steps == 0
+        if self.cfg.save_strategy == "epoch":
+            return self.step % self.sampler.steps_per_epoch == 0
+        return False
