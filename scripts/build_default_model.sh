@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Rebuild minke's embedded default model (minke/assets/default_model/) from scratch: corpus -> tokenizer ->
+# `minke train` (pretraining) -> `minke finetune` (dialogues) -> packaged bf16 checkpoint + model card.
+#
+#   bash scripts/build_default_model.sh                 # every stage
+#   STAGES="train finetune" bash scripts/build_default_model.sh   # some stages (e.g. on a GPU machine that has
+#                                                                  # the prepared data but no network)
+# Stages: fetch data tokenizer train finetune package. Work files go to $WORK (default build/default_model).
+# Training picks the GPU when there is one (minutes on one GPU; many hours on a laptop CPU).
+#
+# Sources, fetched with the ordinary package clients (licences in the model card):
+#   Debian  r-cran-janeaustenr   Jane Austen's six novels (public domain texts; package MIT)
+#   PyPI    chatterbot-corpus    English dialogue corpus (BSD-3-Clause)
+#   PyPI    rdata, pyyaml        readers for the two formats above (data preparation only)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+WORK="${WORK:-build/default_model}"
+STAGES="${STAGES:-fetch data tokenizer train finetune package}"
+PYTHON="${PYTHON:-python}"
+ASSETS="${ASSETS:-minke/assets/default_model}"
+SRC="$WORK/sources"
+mkdir -p "$WORK" "$SRC"
+COMMANDS="$WORK/commands.txt"
+
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+# Run a command and record it in $WORK/commands.txt (the model card quotes them).
+run() { echo "+ $*" >&2; echo "$*" >>"$COMMANDS"; "$@"; }
+
+if want fetch; then
+  : >"$COMMANDS"
+  (cd "$SRC" && rm -f r-cran-janeaustenr_*.deb chatterbot_corpus-*.whl &&
+    apt-get download r-cran-janeaustenr &&
+    "$PYTHON" -m pip download --no-deps --only-binary=:all: chatterbot-corpus==1.3.3 -d .)
+  "$PYTHON" -m pip install -q rdata pyyaml
+fi
+
+if want data; then
+  run "$PYTHON" scripts/default_model/prepare_data.py \
+    --austen_deb "$(ls "$SRC"/r-cran-janeaustenr_*.deb | head -1)" \
+    --chatterbot_whl "$(ls "$SRC"/chatterbot_corpus-*.whl | head -1)" \
+    --out_dir "$WORK/data"
+fi
+
+if want tokenizer; then
+  run "$PYTHON" scripts/default_model/train_tokenizer.py --data_dir "$WORK/data" --out_dir "$WORK/tokenizer" \
+    --vocab_size 4096
+fi
+
+if want train; then
+  # ~0.95M tokens of Austen, packed into 256-token blocks (~3.7k blocks): 64 blocks a step, 640 steps = ~11 epochs.
+  run "$PYTHON" -m minke.cli train \
+    --config_name scripts/default_model/model_config.json \
+    --tokenizer_name "$WORK/tokenizer" \
+    --data_path "$WORK/data/pretrain.jsonl" \
+    --output_dir "$WORK/pretrained" \
+    --model_max_length 256 --per_device_train_batch_size 64 --gradient_accumulation_steps 1 \
+    --max_steps 640 --learning_rate 1e-3 --lr_scheduler_type cosine --warmup_steps 40 --weight_decay 0.1 \
+    --adam_beta2 0.95 --max_grad_norm 1.0 --logging_steps 20 --save_steps 200 --save_total_limit 1 \
+    --seed 42
+fi
+
+if want finetune; then
+  # ~4.2k dialogues (ChatterBot pairs + story requests answered from the corpus), loss on the answers only.
+  run "$PYTHON" -m minke.cli finetune \
+    --model_name_or_path "$WORK/pretrained" \
+    --data_path "$WORK/data/sft.jsonl" \
+    --output_dir "$WORK/finetuned" \
+    --model_max_length 384 --per_device_train_batch_size 32 --gradient_accumulation_steps 1 \
+    --num_train_epochs 3 --learning_rate 3e-4 --lr_scheduler_type cosine --warmup_steps 20 --weight_decay 0.0 \
+    --max_grad_norm 1.0 --logging_steps 20 --save_steps 1000 --save_total_limit 1 --seed 42
+fi
+
+if want package; then
+  run "$PYTHON" scripts/default_model/package_model.py \
+    --model_dir "$WORK/finetuned" --data_dir "$WORK/data" --commands "$COMMANDS" --out_dir "$ASSETS"
+fi

@@ -1,0 +1,210 @@
+"""Package the fine-tuned default model into minke/assets/default_model/: bf16 weights, config, tokenizer,
+generation_config.json, and a README.md model card whose numbers (size, held-out loss) and sample outputs are
+measured here on the packaged files, not written by hand.
+
+Usage: python scripts/default_model/package_model.py --model_dir build/default_model/finetuned \\
+           --data_dir build/default_model/data --commands build/default_model/commands.txt --out_dir DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SHIPPED_LIMIT_BYTES = 20 * 1000 * 1000
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Sampling defaults for the default model: a small model loops under greedy decoding, so sample mildly.
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
+SAMPLE_SEED = 1234
+COMPLETION_PROMPTS = ("Once upon a time", "It was a fine morning, and", "My dear sister,")
+CHAT_PROMPTS = ("Hello, how are you?", "Tell me a story about a cat.", "Tell me a story about a garden.",
+                "What is your favorite book?")
+
+
+def package_weights(model_dir: Path, out_dir: Path) -> dict:
+    """Cast every tensor to bf16 (the dtype DeepSeek ships) and write config.json with torch_dtype bfloat16."""
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["torch_dtype"] = "bfloat16"
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return cfg
+
+
+def heldout_loss(out_dir: Path, valid_file: Path, block: int = 256) -> tuple[float, int]:
+    """Mean next-token cross-entropy of the packaged model (fp32 compute) on the held-out Austen paragraphs."""
+    from minke import load_model, load_tokenizer
+
+    model = load_model(str(out_dir), dtype=torch.float32, device="cpu").eval()
+    tok = load_tokenizer(str(out_dir))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for line in valid_file.read_text(encoding="utf-8").splitlines():
+            ids = tok.encode(json.loads(line)["text"])[:block]
+            if len(ids) < 2:
+                continue
+            x = torch.tensor([ids])
+            logits = model(x)[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            count += len(ids) - 1
+    return total / count, count
+
+
+def samples(out_dir: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    from minke import LLM, SamplingParams
+
+    llm = LLM(str(out_dir))
+    sampled = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.1, max_tokens=80, seed=SAMPLE_SEED)
+    greedy = SamplingParams(temperature=0.0, max_tokens=60)
+    comp = []
+    for p in COMPLETION_PROMPTS:
+        comp.append((p, "sampled, temperature 0.7", llm.generate(p, sampled, use_tqdm=False)[0].outputs[0].text))
+    comp.append((COMPLETION_PROMPTS[0], "greedy", llm.generate(COMPLETION_PROMPTS[0], greedy, use_tqdm=False)[0]
+                 .outputs[0].text))
+    chat = []
+    for p in CHAT_PROMPTS:
+        out = llm.chat([{"role": "user", "content": p}], sampled, use_tqdm=False)[0].outputs[0]
+        chat.append((p, out.finish_reason, out.text))
+    return comp, chat
+
+
+def model_card(cfg: dict, stats: dict, sizes: dict, n_params: int, loss: tuple[float, int], commands: list[str],
+               comp, chat) -> str:
+    def q(text: str) -> str:
+        return "> " + text.strip().replace("\n", "\n> ")
+
+    total = sum(sizes.values())
+    lines = [
+        "# minke default model",
+        "",
+        "A small chat model of the DeepSeek-V2 architecture (`deepseek_v2`: Multi-head Latent Attention + "
+        "DeepSeekMoE) that ships inside the minke package and runs whenever no model is given (`minke chat`, "
+        "`minke serve`, `minke generate`, `LLM()`). It was pretrained from scratch with `minke train` and then "
+        "fine-tuned on dialogues with `minke finetune`. It is a toy: it writes fluent-sounding English in the "
+        "style of early-19th-century novels and answers small talk, but it knows almost nothing and often "
+        "drifts off topic. Use it to try minke without downloading anything, not for answers.",
+        "",
+        "## Architecture",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| parameters | {n_params / 1e6:.2f} M (bf16) |",
+        f"| layers | {cfg['num_hidden_layers']} (first {cfg['first_k_dense_replace']} dense, the rest MoE) |",
+        f"| hidden size | {cfg['hidden_size']} |",
+        f"| attention | MLA: {cfg['num_attention_heads']} heads, kv_lora_rank {cfg['kv_lora_rank']}, "
+        f"qk_nope {cfg['qk_nope_head_dim']} + qk_rope {cfg['qk_rope_head_dim']}, v {cfg['v_head_dim']}, "
+        f"no q_lora |",
+        f"| MoE | {cfg['n_routed_experts']} routed experts (width {cfg['moe_intermediate_size']}), top-"
+        f"{cfg['num_experts_per_tok']} greedy, {cfg['n_shared_experts']} shared expert; dense MLP width "
+        f"{cfg['intermediate_size']} |",
+        f"| vocabulary | {cfg['vocab_size']} (byte-level BPE trained on the corpus; bos "
+        f"`<｜begin▁of▁sentence｜>` = {cfg['bos_token_id']}, eos `<｜end▁of▁sentence｜>` = {cfg['eos_token_id']}) |",
+        f"| context | {cfg['max_position_embeddings']} positions (trained on 256-token blocks / 384-token dialogues) |",
+        "| chat template | DeepSeek's: `<bos>{system}\\n\\nUser: {u}\\n\\nAssistant: {a}<eos>User: ...` |",
+        "",
+        "## Files and size",
+        "",
+        "| file | bytes |",
+        "| --- | --- |",
+        *[f"| {name} | {size:,} |" for name, size in sorted(sizes.items())],
+        f"| **total** | **{total:,}** ({total / 1e6:.2f} MB) |",
+        "",
+        "## Training data and licences",
+        "",
+        "- **Pretraining**: Jane Austen's six completed novels (*Sense and Sensibility*, *Pride and Prejudice*, "
+        "*Mansfield Park*, *Emma*, *Northanger Abbey*, *Persuasion*). The texts are in the public domain "
+        "(Project Gutenberg transcriptions); they were taken from the Debian package `r-cran-janeaustenr` "
+        "(CRAN package janeaustenr by Julia Silge, MIT licence). "
+        f"{stats['austen_paragraphs_train']:,} paragraphs, {stats['austen_words_train']:,} words for training; "
+        f"{stats['austen_paragraphs_valid']} paragraphs held out.",
+        "- **Fine-tuning dialogues** (" + f"{stats['sft_examples']:,} examples" + "):",
+        f"  - {stats['chatterbot_pairs']:,} statement/reply pairs from the English part of ChatterBot's dialogue "
+        "corpus, PyPI package `chatterbot-corpus` 1.3.3 (Gunther Cox, BSD-3-Clause), categories other than "
+        f"`coding` and `tech_support`, each pair seen {stats['chatterbot_repeats']}x;",
+        f"  - {stats['story_examples']:,} story requests (\"Tell me a story about the garden.\") answered with an "
+        "Austen paragraph (trimmed at a sentence end) that mentions the topic, over "
+        f"{len(stats['story_topics'])} everyday topics;",
+        f"  - {stats['continue_examples']:,} \"continue the story\" requests answered with the rest of an Austen "
+        "paragraph.",
+        "  The last two are built from the novels themselves: the answers are real text, only the requests are "
+        "made around them (as TinyStories-Instruct does).",
+        "",
+        "The weights are released under minke's licence (Apache-2.0); the data licences above allow it.",
+        "",
+        "## Evaluation",
+        "",
+        f"Held-out Austen paragraphs ({loss[1]:,} tokens): cross-entropy {loss[0]:.3f} nats/token, "
+        f"perplexity {math.exp(loss[0]):.1f} (measured on the packaged bf16 weights by "
+        "`scripts/default_model/package_model.py`).",
+        "",
+        "## Sample outputs",
+        "",
+        f"Produced by `scripts/default_model/package_model.py` with minke on CPU (seed {SAMPLE_SEED}, "
+        "max 80 new tokens; sampled with temperature 0.7, top_p 0.9, repetition_penalty 1.1). Unedited.",
+        "",
+    ]
+    for prompt, how, text in comp:
+        lines += [f"**Completion** of `{prompt}` ({how}):", "", q(prompt + text), ""]
+    for prompt, reason, text in chat:
+        lines += [f"**Chat**: User: *{prompt}* (finish: {reason})", "", q(text), ""]
+    lines += [
+        "## How it was built",
+        "",
+        "`bash scripts/build_default_model.sh` runs every step, from fetching the corpora to writing this "
+        "directory (see the script's header for running single stages). The steps it ran:",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+        "Pretraining and fine-tuning ran on one GPU (minke picks CUDA when present); the same commands run on a "
+        "CPU, only much slower.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model_dir", type=Path, required=True, help="the `minke finetune` output directory")
+    ap.add_argument("--data_dir", type=Path, required=True, help="prepare_data.py's output (stats, held-out text)")
+    ap.add_argument("--commands", type=Path, required=True, help="the commands the build ran, one a line")
+    ap.add_argument("--out_dir", type=Path, required=True)
+    a = ap.parse_args(argv)
+    for f in ("config.json", "model.safetensors", *TOKENIZER_FILES[:2]):
+        if not (a.model_dir / f).is_file():
+            raise SystemExit(f"{a.model_dir / f} not found: is --model_dir a finished `minke finetune` output?")
+    if a.out_dir.exists():
+        shutil.rmtree(a.out_dir)
+    a.out_dir.mkdir(parents=True)
+
+    cfg = package_weights(a.model_dir, a.out_dir)
+    for f in TOKENIZER_FILES:
+        if (a.model_dir / f).is_file():
+            shutil.copy(a.model_dir / f, a.out_dir / f)
+    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], **GENERATION_DEFAULTS}
+    (a.out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+    sizes = {f: os.path.getsize(a.out_dir / f) for f in sorted(os.listdir(a.out_dir))}
+    if sum(sizes.values()) > SHIPPED_LIMIT_BYTES:
+        raise SystemExit(f"packaged model is {sum(sizes.values()):,} bytes, over the {SHIPPED_LIMIT_BYTES:,} limit")
+    n_params = sum(t.numel() for t in load_file(str(a.out_dir / "model.safetensors")).values())
+    stats = json.loads((a.data_dir / "corpus_stats.json").read_text())
+    loss = heldout_loss(a.out_dir, a.data_dir / "pretrain_valid.jsonl")
+    comp, chat = samples(a.out_dir)
+    commands = [c.replace(str(Path.cwd()) + os.sep, "") for c in a.commands.read_text().splitlines() if c.strip()]
+    card = model_card(cfg, stats, sizes, n_params, loss, commands, comp, chat)
+    (a.out_dir / "README.md").write_text(card, encoding="utf-8")
+    print(card)
+
+
+if __name__ == "__main__":
+    main()
