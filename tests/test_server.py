@@ -284,6 +284,8 @@ def test_errors_have_openai_shape(server, client):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, top_p=0)
     with pytest.raises(openai.BadRequestError, match=r"n must be in \[1, 128\]"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=1, n=129)
+    with pytest.raises(openai.BadRequestError, match="seed must be a 64-bit"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, seed=2**64)
     with pytest.raises(openai.BadRequestError, match="only text content parts"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])

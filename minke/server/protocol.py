@@ -102,6 +102,8 @@ class _SamplingFields(_Forbid):
             raise ValueError("stream_options can only be set when stream is true")
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         return self
 
     def _sampling_kwargs(self) -> dict[str, Any]:
@@ -138,11 +140,6 @@ class _SamplingFields(_Forbid):
 
 
 # ------------------------------------------------------------------------------------------------- chat
-
-
-class TextContentPart(_Open):
-    type: Literal["text"]
-    text: str
 
 
 class ChatMessage(_Open):
