@@ -18,6 +18,9 @@ from minke.train.bpe import train_bpe_tokenizer
 from minke.train.data import IGNORE_INDEX, ExampleBuilder, load_sft_dataset
 from tiny_models import copy_tokenizer, make_checkpoint
 
+# Tiny tensors: extra intra-op threads only contend on a shared CPU (10x slower here with 2).
+torch.set_num_threads(1)
+
 QA = [("What is the capital of France?", "Paris is the capital of France."),
       ("Name a primary color.", "Red is a primary color."),
       ("How many legs does a cat have?", "A cat has four legs."),
@@ -164,11 +167,15 @@ def test_full_finetune_learns_and_reloads_identically(variant, tok_dir, data_fil
         _assert_same(_logits(_hf_class(variant).from_pretrained(out).eval(), ids), _logits(trained, ids))
 
 
-def test_resume_continues_the_same_curve(tok_dir, data_file, tmp_path):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_resume_continues_the_same_curve(mode, tok_dir, data_file, tmp_path):
+    """Weights, AdamW moments, the schedule, the data order and the RNG (LoRA dropout) all continue."""
     base = _checkpoint("deepseek_v2_lite", tmp_path / "base", tok_dir)
     out = str(tmp_path / "out")
     args = ["--max_steps", "6", "--save_steps", "3", "--learning_rate", "2e-3", "--warmup_steps", "2",
             "--lr_scheduler_type", "cosine", "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "2"]
+    if mode == "lora":
+        args += ["--use_lora", "True", "--lora_dropout", "0.3", "--learning_rate", "1e-2"]
     assert _finetune(base, data_file, out, *args) == 0
     first = _log(out)
     assert os.path.isdir(os.path.join(out, "checkpoint-3"))
