@@ -105,12 +105,14 @@ def test_mla_cache_holds_only_the_latent(ckpts):
     llm = LLM(path, block_size=4, kv_cache_tokens=256)
     cfg = llm.llm_engine.model_config
     cache = llm.llm_engine.runner.kv_caches[0]
-    assert cache.shape == (64, 4, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    # 64 blocks of 4 tokens for requests, plus one scratch block that CUDA-graph padding rows write to
+    assert llm.llm_engine.block_manager.num_blocks == 64
+    assert cache.shape == (65, 4, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     assert len(llm.llm_engine.runner.kv_caches) == cfg.num_hidden_layers
     # MHA caches K and V per KV head
     gqa = LLM(ckpts("llama_gqa"), block_size=4, kv_cache_tokens=256)
     c = gqa.llm_engine.model_config
-    assert gqa.llm_engine.runner.kv_caches[0].shape == (2, 64, 4, c.num_key_value_heads, c.attn_head_dim)
+    assert gqa.llm_engine.runner.kv_caches[0].shape == (2, 65, 4, c.num_key_value_heads, c.attn_head_dim)
 
 
 def test_max_model_len_capped_to_cache_not_failing(ckpts, tmp_path, caplog, capsys):

@@ -24,8 +24,11 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False  # no CUDA graphs
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE layers: whole experts per rank + all-to-all (minke/parallel)
     chat_template: str | None = None
     seed: int = 0
+    load_format: str = "auto"  # "dummy": random weights of the config's shapes (benchmarks), as vLLM's flag
+
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -37,6 +40,8 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -68,8 +68,14 @@ class LLMEngine:
         self.cfg = cfg
         self.model_config = load_config(cfg.model)
         self.tokenizer = Tokenizer.from_dir(cfg.model, chat_template=cfg.chat_template)
-        self.runner = ModelRunner(cfg, self.model_config)
+        if cfg.tensor_parallel_size > 1:  # ranks 1.. run in spawned processes (minke/parallel/launcher.py)
+            from ..parallel.runner import ParallelModelRunner
+
+            self.runner = ParallelModelRunner(cfg, self.model_config)
+        else:
+            self.runner = ModelRunner(cfg, self.model_config)
         self.max_model_len = self._resolve_max_model_len()
+        self.runner.capture_graphs(self.max_model_len)
         budget = cfg.max_num_batched_tokens or max(8192 if cfg.enable_chunked_prefill else self.max_model_len, 1)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, budget, cfg.enable_chunked_prefill,

@@ -8,8 +8,11 @@ import logging
 import torch
 
 from ..config import ModelConfig
-from ..loader import load_model, resolve_dtype
+from ..loader import build_model, load_model, resolve_dtype
+from ..models.moe import Experts
+from .attention_backends import make_backend
 from .config import EngineConfig
+from .cuda_graph import DecodeGraphs
 from .input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
 from .sampler import Sampler, SamplerOutput, SamplingBatch
 
@@ -21,12 +24,30 @@ class ModelRunner:
         self.cfg, self.model_config = cfg, model_config
         self.device = torch.device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, model_config, self.device)
-        self.model = load_model(cfg.model, dtype=self.dtype, device=self.device, config=model_config)
+        if cfg.load_format == "dummy":
+            self.model = init_random_weights(build_model(model_config, self.dtype, self.device), seed=cfg.seed).eval()
+        else:
+            self.model = load_model(cfg.model, dtype=self.dtype, device=self.device, config=model_config)
+        self.backend = make_backend(self.device)
+        if self.device.type == "cuda":
+            use_fused_moe(self.model)
         self.sampler = Sampler()
         self.block_size = cfg.block_size
         self.num_blocks = self._num_blocks()
-        self.kv_caches = allocate_kv_caches(model_config, self.num_blocks, self.block_size, self.dtype, self.device)
-        self.backend = None  # the torch reference backend (forward_batch.py) unless a faster one is installed
+        # One extra block at the end: the scratch slot CUDA-graph padding rows write to (never handed out).
+        self.kv_caches = allocate_kv_caches(model_config, self.num_blocks + 1, self.block_size, self.dtype,
+                                            self.device)
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_model_len: int) -> None:
+        """CUDA graphs for decode batches up to max_num_seqs (MLA models on CUDA, unless enforce_eager)."""
+        if self.device.type != "cuda" or self.cfg.enforce_eager or not self.model_config.is_mla \
+                or self.backend.name != "triton":
+            return
+        max_blocks = (max_model_len + self.block_size - 1) // self.block_size
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_blocks,
+                                   self.num_blocks * self.block_size, self.cfg.max_num_seqs, self.backend, self.device)
+        self.graphs.capture()
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -73,8 +94,39 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[SeqChunk], sampling: SamplingBatch | None) -> SamplerOutput | None:
         """Runs one step over `chunks` (decodes first) and samples one token for every chunk with sample=True."""
-        ids, batch = make_forward_batch(chunks, self.kv_caches, self.block_size, self.device, self.backend)
-        logits = self.model(ids, batch=batch)  # [S, V]
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            logits = self.graphs.run(chunks)
+        else:
+            ids, batch = make_forward_batch(chunks, self.kv_caches, self.block_size, self.device, self.backend)
+            logits = self.model(ids, batch=batch)  # [S, V]
         if sampling is None:
             return None
         return self.sampler(logits.float(), sampling)
+
+
+def use_fused_moe(model) -> None:
+    """Routed experts through the Triton grouped-GEMM kernel (GPU)."""
+    try:
+        from ..kernels.fused_moe import fused_moe
+    except ImportError:
+        return
+
+    def impl(x, gate_up, down, topk_ids, topk_weights):
+        return fused_moe(x.contiguous(), gate_up, down, topk_weights.contiguous(), topk_ids.contiguous())
+
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.impl = impl
+
+
+@torch.no_grad()
+def init_random_weights(model, seed: int = 0, std: float = 0.02):
+    """Random weights of the right shapes (load_format="dummy"): N(0, std) matrices, norms at 1. Benchmarks measure
+    speed with these; nothing is read from disk."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std, generator=g)
+    return model

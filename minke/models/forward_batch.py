@@ -73,29 +73,39 @@ class TorchAttentionBackend:
 
     name = "torch"
 
+    @staticmethod
+    def _padded_context(flat: torch.Tensor, batch: ForwardBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gathers the first n sequences' contexts, padded to the longest: flat [slots, ...] -> ctx [n, L, ...] and
+        valid mask [n, L]. L comes from the host-side lengths, so nothing waits on the device."""
+        max_len = max(batch.seq_lens_cpu[:n])
+        nb = (max_len + batch.block_size - 1) // batch.block_size
+        blocks = batch.block_tables[:n, :nb].long()
+        slots = (blocks[:, :, None] * batch.block_size + torch.arange(batch.block_size, device=blocks.device))
+        slots = slots.flatten(1)[:, :max_len]  # [n, L]
+        valid = torch.arange(max_len, device=blocks.device)[None, :] < batch.seq_lens[:n, None]
+        return flat[slots], valid
+
     def mla_decode(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch,
                    kv_lora_rank: int, scale: float) -> torch.Tensor:
         """Absorbed MLA decode. q_latent [D, H, C], q_pe [D, H, R], cache [blocks, bs, C + R] -> [D, H, C]
         (attention output still in the latent space; the caller applies the value up-projection)."""
-        flat = cache.view(-1, cache.shape[-1])
-        out = torch.empty_like(q_latent)
-        for i in range(q_latent.shape[0]):
-            ctx = flat[batch.context_slots(i)]  # [T, C + R]
-            c_kv, k_pe = ctx[:, :kv_lora_rank], ctx[:, kv_lora_rank:]
-            scores = (torch.einsum("hc,tc->ht", q_latent[i].float(), c_kv.float())
-                      + torch.einsum("hr,tr->ht", q_pe[i].float(), k_pe.float())) * scale
-            out[i] = torch.einsum("ht,tc->hc", scores.softmax(-1), c_kv.float()).to(out.dtype)
-        return out
+        ctx, valid = self._padded_context(cache.view(-1, cache.shape[-1]), batch, q_latent.shape[0])  # [D, L, C+R]
+        c_kv, k_pe = ctx[..., :kv_lora_rank].float(), ctx[..., kv_lora_rank:].float()
+        scores = (torch.einsum("dhc,dlc->dhl", q_latent.float(), c_kv)
+                  + torch.einsum("dhr,dlr->dhl", q_pe.float(), k_pe)) * scale
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        return torch.einsum("dhl,dlc->dhc", scores.softmax(-1), c_kv).to(q_latent.dtype)
 
     def mha_decode(self, q: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
         """q [D, H, hd], cache [2, blocks, bs, Hkv, hd] -> [D, H, hd]."""
-        out = torch.empty_like(q)
-        for i in range(q.shape[0]):
-            k, v = self.gather_kv(cache, batch, i)  # [T, Hkv, hd]
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            out[i] = causal_attention(q[i : i + 1], k, v, scale)[0]
-        return out
+        n, h = q.shape[0], q.shape[1]
+        k, valid = self._padded_context(cache[0].flatten(0, 1), batch, n)  # [D, L, Hkv, hd]
+        v, _ = self._padded_context(cache[1].flatten(0, 1), batch, n)
+        rep = h // k.shape[2]
+        k, v = k.repeat_interleave(rep, dim=2).to(q.dtype), v.repeat_interleave(rep, dim=2).to(q.dtype)
+        out = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=valid[:, None, None, :], scale=scale)  # [D, H, 1, hd]
+        return out[:, :, 0]
 
     @staticmethod
     def gather_latent(cache: torch.Tensor, batch: ForwardBatch, i: int) -> torch.Tensor:

