@@ -16,13 +16,19 @@ def all_reduce(x: torch.Tensor, p: ParallelConfig) -> torch.Tensor:
     return x
 
 
+# torch >= 2.13 renames all_gather_into_tensor (one output tensor: NCCL's native form, CUDA-graph capturable).
+_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def all_gather(x: torch.Tensor, dim: int, p: ParallelConfig) -> torch.Tensor:
     """Concatenation along `dim` of every rank's x (same shape on every rank), rank order."""
     if p.tp_size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(p.tp_size)]
-    dist.all_gather(parts, x.contiguous(), group=p.group)
-    return torch.cat(parts, dim=dim)
+    out = x.new_empty((p.tp_size * x.shape[0], *x.shape[1:]))  # [W * rows, ...], rank-major
+    _gather_single(out, x.contiguous(), group=p.group)
+    if dim == 0:
+        return out
+    return torch.cat(out.view(p.tp_size, *x.shape).unbind(0), dim=dim)
 
 
 def exchange_counts(send_counts: torch.Tensor, p: ParallelConfig) -> torch.Tensor:

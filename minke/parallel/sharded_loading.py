@@ -7,6 +7,7 @@ the owned slices are touched.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from ..loader import CheckpointError, build_model, resolve_dtype, weight_files
 from ..models.model import CausalLM
 from ..weights import is_ignored
 from .expert_parallel import ExpertPlacement
-from .sharding import checkpoint_plan
+from .sharding import checkpoint_plan, checkpoint_shapes
 from .state import ParallelConfig, check_model_fits
 from .tensor_parallel import shard_model
 
@@ -30,10 +31,11 @@ class LoadStats:
 
 def load_sharded_model(path: str | os.PathLike, p: ParallelConfig, dtype: str | torch.dtype = torch.float32,
                        device: str | torch.device = "cpu", config: ModelConfig | None = None,
-                       stats: LoadStats | None = None) -> CausalLM:
-    """Rank p.tp_rank's shard of the checkpoint at `path`, in eval mode, ready to run with its peers."""
+                       stats: LoadStats | None = None, load_format: str = "auto", seed: int = 0) -> CausalLM:
+    """Rank p.tp_rank's shard of the checkpoint at `path`, in eval mode, ready to run with its peers.
+    load_format "dummy": no weights are read; see dummy_weights."""
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not os.path.isdir(path) and not (load_format == "dummy" and config is not None):
         raise FileNotFoundError(f"model directory does not exist: {path}")
     cfg = config or load_config(path)
     check_model_fits(cfg, p)
@@ -45,6 +47,11 @@ def load_sharded_model(path: str | os.PathLike, p: ParallelConfig, dtype: str | 
     placement = ExpertPlacement.balanced(cfg.n_routed_experts, p.tp_size) if cfg.is_moe and p.expert_parallel else None
     plan = checkpoint_plan(cfg, p, placement)
     params = dict(model.named_parameters(remove_duplicate=False))
+    if load_format == "dummy":
+        dummy_weights(cfg, plan, params, seed)
+        return model.eval()
+    if load_format != "auto":
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     stats = stats if stats is not None else LoadStats()
     seen: set[str] = set()
     for file in weight_files(path):
@@ -80,3 +87,22 @@ def _iter_lazy(file: str):
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         for name in list(state.keys()):
             yield name, state.pop(name)
+
+
+@torch.no_grad()
+def dummy_weights(cfg: ModelConfig, plan: dict, params: dict[str, torch.Tensor], seed: int = 0,
+                  std: float = 0.02) -> None:
+    """Random weights for benchmarks, keyed by checkpoint name: each tensor is drawn whole from a generator seeded by
+    (seed, name), then this rank keeps its slice. So every world size gets slices of the same model, and a sharded
+    run can be checked against a single-device one. Matrices ~ N(0, std), vectors (norms) = 1."""
+    shapes = checkpoint_shapes(cfg)
+    for name, entry in plan.items():
+        if entry is None:
+            continue
+        dst = params[entry.target.param]
+        if len(shapes[name]) == 1:
+            full = torch.ones(shapes[name], dtype=dst.dtype, device=dst.device)
+        else:
+            g = torch.Generator(device=dst.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            full = torch.empty(shapes[name], dtype=dst.dtype, device=dst.device).normal_(0.0, std, generator=g)
+        entry.load(name, params, full)

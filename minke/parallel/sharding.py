@@ -86,6 +86,12 @@ def full_layout(cfg: ModelConfig) -> tuple[dict[str, Target], dict[str, torch.Si
     return checkpoint_layout(model), shapes
 
 
+def checkpoint_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Every checkpoint tensor name -> its full shape (an expert's tensor, not the stacked parameter)."""
+    layout, shapes = full_layout(cfg)
+    return {name: t.view(torch.empty(shapes[t.param], device="meta")).shape for name, t in layout.items()}
+
+
 def checkpoint_plan(cfg: ModelConfig, p: ParallelConfig,
                     placement: ExpertPlacement | None = None) -> dict[str, Entry | None]:
     """Every checkpoint tensor name -> this rank's Entry, or None for a tensor it does not own (another rank's

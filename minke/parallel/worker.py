@@ -1,0 +1,150 @@
+"""One rank of a tensor/expert-parallel group: its shard of the model, its KV cache, and the model step. Rank 0's
+Worker lives in the engine's process; the others run launcher.worker_main, executing what rank 0 broadcasts, so
+every rank runs the same step on the same inputs (the step's SeqChunks; each rank builds its own ForwardBatch from
+them, or replays the same CUDA graph). Mirrors engine/model_runner.py for one device: same attention backend, fused
+MoE on GPU, decode CUDA graphs, KV sizing rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..config import ModelConfig, load_config
+from ..engine.attention_backends import make_backend
+from ..engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+from ..loader import resolve_dtype
+from ..models.forward_batch import ForwardBatch
+from ..models.model import CausalLM
+from .sharded_loading import load_sharded_model
+from .state import ParallelConfig
+from .tensor_parallel import kv_cache_config
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a rank needs to build itself; picklable, since spawned ranks receive it (`setup` must be an
+    importable top-level function for the same reason)."""
+
+    model: str
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False
+    dtype: str | torch.dtype = "auto"
+    device: str = "cpu"  # "cpu" or "cuda" (rank r runs on cuda:r)
+    load_format: str = "auto"  # "dummy": random weights keyed by tensor name (sharded_loading.dummy_weights)
+    seed: int = 0
+    config: ModelConfig | None = None  # default: config.json of `model`
+    num_threads: int | None = None  # torch CPU threads per rank (None: torch's default)
+    setup: Callable[[CausalLM, torch.device], None] | None = None  # run on every rank after loading
+    timeout_s: float = 1800.0  # collectives and start-up rendezvous
+
+    @property
+    def dist_backend(self) -> str:
+        return "nccl" if self.device.startswith("cuda") else "gloo"
+
+    def device_for(self, rank: int) -> torch.device:
+        return torch.device(f"cuda:{rank}") if self.device.startswith("cuda") else torch.device("cpu")
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, rank: int, group=None):
+        self.cfg = cfg
+        self.parallel = ParallelConfig(cfg.tensor_parallel_size, rank, cfg.expert_parallel, group)
+        self.device = cfg.device_for(rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.model_config = cfg.config or load_config(cfg.model)
+        self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
+        self.model = load_sharded_model(cfg.model, self.parallel, self.dtype, self.device, self.model_config,
+                                        load_format=cfg.load_format, seed=cfg.seed)
+        self.backend = make_backend(self.device)
+        if self.device.type == "cuda":
+            from ..engine.model_runner import use_fused_moe
+
+            use_fused_moe(self.model)
+        if cfg.setup is not None:
+            cfg.setup(self.model, self.device)
+        self.kv_caches: list[torch.Tensor] | None = None
+        self.block_size = self.num_blocks = 0
+        self.graphs = None
+
+    # ---------------------------------------------------------------------------------------------- KV cache
+    def kv_bytes_per_token(self) -> int:
+        """This rank's cache bytes per token (all layers): the whole MLA latent, or the local KV heads."""
+        c = kv_cache_config(self.model_config, self.parallel)
+        return c.num_hidden_layers * c.kv_cache_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def kv_cache_tokens(self, kv_cache_tokens: int | None, kv_cache_gib: float, gpu_memory_utilization: float,
+                        max_num_batched_tokens: int | None, block_size: int) -> int:
+        """Tokens this rank's cache can hold (the engine takes the minimum over ranks); ModelRunner's rule."""
+        if kv_cache_tokens is not None:
+            return kv_cache_tokens
+        if self.device.type != "cuda":
+            return int(kv_cache_gib * 2**30) // self.kv_bytes_per_token()
+        # Free memory after the weights and a dummy prefill of max_num_batched_tokens (all ranks run it together,
+        # its collectives included), times the utilisation budget.
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(max_num_batched_tokens or 8192, 8192)
+        caches = allocate_kv_caches(kv_cache_config(self.model_config, self.parallel), 2, block_size, self.dtype,
+                                    self.device)
+        with torch.inference_mode():
+            table = [0] * ((n + block_size - 1) // block_size)
+            ids, batch = make_forward_batch([SeqChunk([0] * n, 0, table)], caches, block_size, self.device, self.backend)
+            batch.slot_mapping.zero_()  # every token writes slot 0: only memory use matters here
+            self.model(ids, batch=batch)
+        del caches
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak, in_use = torch.cuda.max_memory_allocated(self.device), torch.cuda.memory_allocated(self.device)
+        budget = total * gpu_memory_utilization - (total - free) - (peak - in_use)
+        return max(int(budget) // self.kv_bytes_per_token(), 0)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        # One extra block at the end: the scratch slot CUDA-graph padding rows write to (never handed out).
+        self.kv_caches = allocate_kv_caches(kv_cache_config(self.model_config, self.parallel), num_blocks + 1,
+                                            block_size, self.dtype, self.device)
+        self.block_size, self.num_blocks = block_size, num_blocks
+
+    def capture_graphs(self, max_model_len: int, max_num_seqs: int) -> bool:
+        """Decode CUDA graphs (engine/cuda_graph.py), captured on every rank at once: the TP collectives (NCCL) are
+        captured too, and all ranks replay the same bucket each step. Not under EP: its all-to-all split sizes are
+        read on the host."""
+        if (self.device.type != "cuda" or not self.model_config.is_mla or self.backend.name != "triton"
+                or (self.parallel.expert_parallel and self.model_config.is_moe)):
+            return False
+        from ..engine.cuda_graph import DecodeGraphs
+
+        max_blocks = (max_model_len + self.block_size - 1) // self.block_size
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_blocks,
+                                   self.num_blocks * self.block_size, max_num_seqs, self.backend, self.device)
+        self.graphs.capture()
+        return True
+
+    # ---------------------------------------------------------------------------------------------- the step
+    def prepare(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, ForwardBatch] | None:
+        """The step's inputs on this device, or None when a CUDA graph will replay it. Raises ValueError for a
+        malformed step (rank 0 calls this before involving the other ranks)."""
+        if self.kv_caches is None:
+            raise RuntimeError("allocate_kv_cache must be called before the first step")
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            return None
+        return make_forward_batch(chunks, self.kv_caches, self.block_size, self.device, self.backend)
+
+    @torch.inference_mode()
+    def run(self, chunks: list[SeqChunk], inputs: tuple[torch.Tensor, ForwardBatch] | None) -> torch.Tensor:
+        if inputs is None:
+            return self.graphs.run(chunks)
+        ids, batch = inputs
+        return self.model(ids, batch=batch)  # [S, V] full-vocab logits (on every rank)
+
+    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        return self.run(chunks, self.prepare(chunks))
+
+    @torch.inference_mode()
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The cache-free reference forward [B, T] -> [B, T, V] on CPU (checks)."""
+        return self.model(input_ids.to(self.device)).cpu()

@@ -1,0 +1,70 @@
+"""The multi-process executor behind `LLM(..., tensor_parallel_size=N)`: rank 0 in this process, rank 1 spawned,
+gloo on CPU. Greedy generation through the engine equals the single-process engine's, tensor and expert parallel;
+bad sizes fail before any process starts; a rank that fails to start is reported with its traceback."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from minke import LLM, SamplingParams
+from minke.parallel.launcher import make_executor
+from minke.parallel.worker import WorkerConfig
+from tiny_models import make_checkpoint
+
+PROMPTS = [[5, 17, 3, 99, 42, 8, 150, 77, 23], [200, 1, 64], [9, 9, 31, 250, 4, 61, 12]]
+GREEDY = dict(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            cache[variant] = make_checkpoint(variant, str(tmp_path_factory.mktemp(variant)), tokenizer=True)[1]
+        return cache[variant]
+
+    return get
+
+
+def _tokens(llm) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(**GREEDY), use_tqdm=False)]
+
+
+@pytest.mark.parametrize("variant, ep", [("deepseek_v2", True), ("llama_gqa", False)])
+def test_llm_tensor_parallel_greedy_matches_single_process(checkpoint, variant, ep):
+    path = checkpoint(variant)
+    opts = dict(device="cpu", kv_cache_tokens=256, block_size=4, max_num_batched_tokens=8)  # chunked prefills
+    want = _tokens(LLM(path, **opts))
+    llm = LLM(path, tensor_parallel_size=2, enable_expert_parallel=ep, **opts)
+    try:
+        runner = llm.llm_engine.runner
+        assert runner.executor.world == 2 and runner.capacity_tokens == 256
+        if ep:  # rank 0 holds half of the routed experts of each MoE layer
+            assert runner.model.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 4
+        assert _tokens(llm) == want
+    finally:
+        llm.llm_engine.runner.shutdown()
+    assert not dist.is_initialized()
+
+
+def test_sizes_that_do_not_split_fail_before_spawning(checkpoint):
+    path = checkpoint("deepseek_v2")
+    with pytest.raises(ValueError, match="num_attention_heads=4"):
+        LLM(path, device="cpu", tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size=8 does not divide num_attention_heads=4"):
+        make_executor(WorkerConfig(path, tensor_parallel_size=8, expert_parallel=True))
+    assert not dist.is_initialized()
+
+
+def _fail_on_rank_1(model, device):
+    if dist.get_rank() == 1:
+        raise RuntimeError("boom on purpose")
+
+
+def test_rank_start_failure_is_reported(checkpoint):
+    cfg = WorkerConfig(checkpoint("llama_gqa"), tensor_parallel_size=2, setup=_fail_on_rank_1, num_threads=1)
+    with pytest.raises(RuntimeError, match=r"rank 1 failed to start:(.|\n)*boom on purpose"):
+        make_executor(cfg)
+    assert not dist.is_initialized()
