@@ -24,6 +24,9 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     p.add_argument("--enforce-eager", "--enforce_eager", dest="enforce_eager", action="store_true")
     p.add_argument("--tensor-parallel-size", "--tensor_parallel_size", "-tp", dest="tensor_parallel_size",
                    type=int, default=1)
+    p.add_argument("--enable-expert-parallel", "--enable_expert_parallel", "--expert-parallel", "-ep",
+                   dest="enable_expert_parallel", action="store_true",
+                   help="MoE layers: whole experts per GPU, tokens exchanged all-to-all (with -tp N)")
     p.add_argument("--chat-template", "--chat_template", dest="chat_template", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
@@ -32,7 +35,7 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
 
 ENGINE_ARG_NAMES = ("dtype", "device", "max_model_len", "gpu_memory_utilization", "kv_cache_tokens", "max_num_seqs",
                     "max_num_batched_tokens", "block_size", "enable_prefix_caching", "enforce_eager",
-                    "tensor_parallel_size", "chat_template", "seed")
+                    "tensor_parallel_size", "enable_expert_parallel", "chat_template", "seed")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
