@@ -221,3 +221,20 @@ def test_v2_236b_shapes_shard_on_meta():
         assert m.model.embed_tokens.weight.shape == (12800, 5120) and m.lm_head.weight.shape == (12800, 5120)
         want = (20, 2 * 1536, 5120) if ep else (160, 2 * 192, 5120)
         assert moe.experts.gate_up_proj.shape == want
+
+
+@pytest.mark.parametrize("ep", [False, True])
+def test_dummy_weights_are_slices_of_one_model(checkpoints, ep):
+    """load_format="dummy" (benchmarks): every rank's random shard is the slice of the same single-device model, so a
+    sharded run can be checked against one device; the seed picks the model."""
+    cfg = minke.load_config(checkpoints("deepseek_v2"))
+
+    def dummy(p, seed=3):
+        return load_sharded_model("unused", p, config=cfg, load_format="dummy", seed=seed)
+
+    sliced = shard_model(dummy(ParallelConfig(1, 0)), ParallelConfig(2, 1, ep))
+    for (k, a), (_, b) in zip(sliced.named_parameters(), dummy(ParallelConfig(2, 1, ep)).named_parameters()):
+        assert torch.equal(a, b), k
+    name = "model.layers.0.self_attn.o_proj.weight"
+    w3, w4 = (dict(dummy(ParallelConfig(1, 0), s).named_parameters())[name] for s in (3, 4))
+    assert not torch.equal(w3, w4) and 0.015 < w3.std().item() < 0.025

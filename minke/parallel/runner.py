@@ -47,6 +47,11 @@ class ParallelModelRunner:
             self.executor.collective_rpc("capture_graphs", max_model_len, self.cfg.max_num_seqs)
 
     @property
+    def graphs(self):
+        """Rank 0's decode graphs (None when not captured); every rank holds the same buckets."""
+        return self.executor.worker.graphs
+
+    @property
     def kv_bytes_per_token(self) -> int:
         return self.executor.worker.kv_bytes_per_token()
 
