@@ -101,6 +101,8 @@ class SamplingParams:
 
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63 - 1024:
+            raise ValueError(f"seed must fit in a signed 64-bit integer, got {self.seed!r}")
 
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, 1)

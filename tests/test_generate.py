@@ -99,3 +99,15 @@ def test_chat_uses_template(llm):
     assert tok.decode(out.prompt_token_ids, skip_special_tokens=False).endswith("Assistant:")
     with pytest.raises(ValueError, match="role"):
         llm.chat([{"role": "robot", "content": "x"}], greedy(), use_tqdm=False)
+
+
+def test_chosen_token_rank_when_outside_top_logprobs(llm):
+    prompt = [100000, 7, 8]
+    out = llm.generate([prompt], SamplingParams(temperature=50.0, seed=3, max_tokens=4, logprobs=1, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    model = llm.llm_engine.runner.model
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out.token_ids]))[0].float()
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = logits[len(prompt) - 1 + i]
+        assert lp[tok].rank == int((row > row[tok]).sum()) + 1

@@ -5,6 +5,7 @@ step, never the loop: the server keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import queue
 import threading
@@ -31,6 +32,7 @@ class AsyncLLM:
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len
         self.model_path = path
+        self.model_name = os.path.basename(os.path.normpath(path))
         self._inbox: queue.Queue = queue.Queue()  # ("add", rid, prompt, params, strict) | ("abort", rid)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
@@ -72,16 +74,19 @@ class AsyncLLM:
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._inbox.put(("add", request_id, prompt, params))
         self._wake.set()
+        finished = False
         try:
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
+                finished = item.finished
                 yield item
-                if item.finished:
+                if finished:
                     return
         finally:
-            if self._streams.pop(request_id, None) is not None:
+            if self._streams.pop(request_id, None) is not None and not finished:
                 # The consumer went away (client disconnect, cancellation) before the end: free its cache.
                 self._inbox.put(("abort", request_id))
                 self._wake.set()

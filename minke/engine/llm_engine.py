@@ -203,6 +203,7 @@ class LLMEngine:
         if out is not None:
             token_ids = out.token_ids.tolist()
             chosen_lp = out.logprobs.tolist()
+            ranks = out.ranks.tolist() if out.ranks is not None else None
             for row, seq in enumerate(sample_seqs):
                 sampled[seq.seq_id] = token_ids[row]
         got = self.scheduler.update(sched, sampled)
@@ -214,7 +215,8 @@ class LLMEngine:
                 continue
             req, state = self._seq_owner[seq.seq_id]
             r = rows[seq.seq_id]
-            self._append(req, state, seq.last_token_id, chosen_lp[r], out.top_logprobs[r])
+            self._append(req, state, seq.last_token_id, chosen_lp[r], out.top_logprobs[r],
+                         ranks[r] if ranks is not None else None)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             touched[req.request_id] = req
@@ -241,14 +243,14 @@ class LLMEngine:
         return SamplingBatch.from_params(params, [s.output_token_ids for s in seqs],
                                          [s.prompt_token_ids for s in seqs], gens, masks, self.runner.device)
 
-    def _append(self, req: Request, st: SeqState, token: int, logprob: float, top) -> None:
+    def _append(self, req: Request, st: SeqState, token: int, logprob: float, top, rank: int | None) -> None:
         p = req.params
         self.stats["generation_tokens_total"] += 1
         if st.logprobs is not None:
             entry = {t: Logprob(lp, rank + 1, self.tokenizer.decode([t], skip_special_tokens=False))
                      for rank, (t, lp) in enumerate(top or [])}
             if token not in entry:
-                entry[token] = Logprob(logprob, None, self.tokenizer.decode([token], skip_special_tokens=False))
+                entry[token] = Logprob(logprob, rank, self.tokenizer.decode([token], skip_special_tokens=False))
             st.logprobs.append(entry)
             st.cumulative_logprob += logprob
         n_out = st.seq.num_output_tokens

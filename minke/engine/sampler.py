@@ -156,6 +156,7 @@ class SamplerOutput:
     # Per row: None when the row asked for no logprobs, else its top-k (token, logprob) of
     # the raw distribution, most likely first ([] when it asked for 0).
     top_logprobs: list[list[tuple[int, float]] | None]
+    ranks: Tensor | None = None  # [B] 1-based rank of the chosen token (only when some row wants logprobs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,8 +394,13 @@ class Sampler:
             sampled = sample_from_probs(x.softmax(dim=-1), batch.generators)
             tokens = torch.where(greedy, tokens, sampled)
 
-        chosen = raw.gather(1, tokens[:, None]).squeeze(1) - raw_lse
-        return SamplerOutput(token_ids=tokens, logprobs=chosen, top_logprobs=top)
+        chosen_raw = raw.gather(1, tokens[:, None])                     # [B, 1]
+        ranks = None
+        if any(k is not None for k in batch.num_logprobs):
+            # 1-based rank of the chosen token in the raw distribution (vLLM reports it too).
+            ranks = (raw > chosen_raw).sum(dim=-1) + 1
+        return SamplerOutput(token_ids=tokens, logprobs=chosen_raw.squeeze(1) - raw_lse, top_logprobs=top,
+                             ranks=ranks)
 
     @staticmethod
     def _raw_top_logprobs(raw: Tensor, raw_lse: Tensor,
