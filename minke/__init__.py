@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .logging_utils import configure_logging
+
+configure_logging()
+
 from .config import ConfigError, ModelConfig, load_config
 from .loader import CheckpointError, load_model
 

@@ -104,7 +104,6 @@ class LLMEngine:
             # The V2 configs say 163840 positions: cap to what the cache holds instead of failing start-up.
             logger.warning("max_model_len capped to %d tokens (the KV cache capacity); the config allows %d. "
                            "Pass --max-model-len to choose.", cap, limit)
-            print(f"minke: max_model_len capped to {cap} (KV cache capacity; config allows {limit})")
             return cap
         return limit
 
