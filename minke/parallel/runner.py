@@ -44,7 +44,12 @@ class ParallelModelRunner:
     def capture_graphs(self, max_model_len: int) -> None:
         """Decode CUDA graphs on every rank (MLA models on CUDA, tensor parallel MoE, unless enforce_eager)."""
         if self.device.type == "cuda" and not self.cfg.enforce_eager:
-            self.executor.collective_rpc("capture_graphs", max_model_len, self.cfg.max_num_seqs)
+            try:
+                self.executor.collective_rpc("capture_graphs", max_model_len, self.cfg.max_num_seqs)
+            except RuntimeError as e:
+                self.executor.shutdown()
+                raise RuntimeError(f"CUDA-graph capture failed under tensor parallel; run with --enforce-eager "
+                                   f"(enforce_eager=True) to serve without graphs.\n{e}") from None
 
     @property
     def graphs(self):
