@@ -296,3 +296,26 @@ def test_quantized_experts_match_dequantized_reference():
     _assert_same(out, experts_reference(x, deq_gu, deq_dn, ids, w), rel=1e-3)
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all(), "gradients flow to the input through 4-bit experts"
+
+
+def test_the_readme_commands_parse_unchanged():
+    """Both commands of DeepSeek-MoE's README (seed 002), flag for flag, are accepted with their meanings."""
+    from minke.cli import build_parser
+    from minke.train.args import TrainingConfig
+
+    common = ("--model_name_or_path M --data_path D --output_dir O --num_train_epochs 3 --model_max_length 1024 "
+              "--per_device_train_batch_size 16 --per_device_eval_batch_size 1 --gradient_accumulation_steps 4 "
+              "--evaluation_strategy no --save_strategy steps --save_steps 100 --save_total_limit 100 "
+              "--learning_rate 2e-5 --warmup_steps 10 --logging_steps 1 --lr_scheduler_type cosine "
+              "--gradient_checkpointing True --report_to tensorboard").split()
+    full = build_parser().parse_args(["finetune", *common, "--deepspeed", "configs/ds_config_zero3.json",
+                                      "--bf16", "True", "--use_lora", "False"])
+    qlora = build_parser().parse_args(["finetune", *common, "--deepspeed", "configs/ds_config_zero2_no_offload.json",
+                                       "--bf16", "True", "--use_lora", "True", "--bits", "4", "--max_grad_norm", "0.3",
+                                       "--double_quant", "--lora_r", "64", "--lora_alpha", "16", "--quant_type", "nf4"])
+    assert full.use_lora is False and full.bf16 is True and full.gradient_checkpointing is True
+    assert (qlora.use_lora, qlora.bits, qlora.double_quant, qlora.lora_r, qlora.lora_alpha) == (True, 4, True, 64, 16)
+    cfg = TrainingConfig.from_args(qlora)
+    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.learning_rate) == (16, 4, 2e-5)
+    assert cfg.report_to == ["tensorboard"] and cfg.lr_scheduler_type == "cosine" and cfg.max_grad_norm == 0.3
+    assert cfg.save_total_limit == 100 and cfg.model_max_length == 1024 and cfg.warmup_steps == 10

@@ -50,7 +50,14 @@ def test_pretrain_learns_and_output_reloads_in_minke_and_transformers(corpus, tm
     tok, a, b = corpus
     out = str(tmp_path / "out")
     assert _train(tok, [a, b], out, "--max_steps", "12", "--learning_rate", "1e-2", "--warmup_steps", "2",
-                  "--save_steps", "6", "--save_total_limit", "1") == 0
+                  "--save_steps", "6", "--save_total_limit", "1", "--report_to", "tensorboard") == 0
+    try:
+        import tensorboard  # noqa: F401
+
+        runs = os.path.join(out, "runs")
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(runs)), "tensorboard logs under runs/"
+    except ImportError:
+        pass  # without the package the run warns and keeps trainer_log.jsonl
     log = [json.loads(line) for line in open(os.path.join(out, "trainer_log.jsonl"))]
     assert len(log) == 12
     assert log[-1]["ce_loss"] < 0.6 * log[0]["ce_loss"], [r["ce_loss"] for r in log]

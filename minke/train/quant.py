@@ -87,7 +87,13 @@ def quantize_model_4bit(model: nn.Module, device: torch.device, compute_dtype: t
             model.set_submodule(name, q.to(device))  # Params4bit quantizes when it moves to the GPU
         elif isinstance(module, Experts):
             model.set_submodule(name, QuantizedExperts(module, device, compute_dtype, quant_type, double_quant))
-    model.to(device=device, dtype=compute_dtype)  # casts floating tensors only: packed 4-bit weights stay uint8
+    # The rest (embeddings, norms, router, lm_head) moves tensor by tensor: Module.to() would also touch the
+    # Params4bit weights, whose own .to() bitsandbytes reserves for quantization.
+    for module in model.modules():
+        if isinstance(module, (bnb.nn.Linear4bit, QuantizedExperts)):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            p.data = p.data.to(device=device, dtype=compute_dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
