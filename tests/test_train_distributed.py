@@ -116,11 +116,15 @@ def _compare(one: str, two: str, lora: bool = False):
 def test_fsdp2_pretraining_matches_one_process(assets, tmp_path):
     args = ["train", "--tokenizer_name", assets["tok"], "--data_path", assets["corpus"], "--config_name",
             "deepseek_v2-micro", "--config_overrides", TINY, "--model_max_length", "8", "--learning_rate", "1e-2"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    one, two, three = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "three")
     assert main(args + _common(one, 4)) == 0
-    r = _torchrun(args + _common(two, 2))
+    r = _torchrun(args + _common(two, 2) + ["--save_steps", "3"])
     assert "FSDP2 over 2 processes" in r.stderr
     _compare(one, two)
+    # A checkpoint written by 2 FSDP processes (optimizer state gathered by parameter name) resumes in 1 process
+    # and continues the same curve.
+    assert main(args + _common(three, 4) + ["--resume_from_checkpoint", os.path.join(two, "checkpoint-3")]) == 0
+    assert _losses(three) == pytest.approx(_losses(one)[3:], rel=1e-5)
 
 
 def test_zero2_lora_and_zero0_full_finetune_match_one_process(assets, tmp_path):
