@@ -56,6 +56,15 @@ def resume_point(output_dir: str, explicit: str | None, overwrite: bool) -> str 
     return ckpts[-1][1] if ckpts else None
 
 
+def clear_previous_run(output_dir: str) -> None:
+    """--overwrite_output_dir: drop an earlier run's checkpoints and completion marker, so a crash of the new run
+    never resumes from the old one."""
+    for _, path in list_checkpoints(output_dir):
+        shutil.rmtree(path, ignore_errors=True)
+    if os.path.exists(os.path.join(output_dir, COMPLETED)):
+        os.remove(os.path.join(output_dir, COMPLETED))
+
+
 def rotate(output_dir: str, limit: int | None) -> None:
     if not limit:
         return

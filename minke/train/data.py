@@ -268,18 +268,18 @@ def load_pretrain_blocks(path, tokenizer, block_size: int, text_field: str = "te
                          doc_separator: str | None = None, log=print) -> torch.Tensor:
     """Packed token blocks [N, block_size] (int64). Each document: tokenizer's bos (if it adds one), text, eos."""
     stats = DataStats()
-    stream: list[int] = []
-    eos = tokenizer.eos_token_id
+    parts: list[torch.Tensor] = []  # int32 per document: a Python int list would take ~28 bytes a token
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for doc in iter_documents(data_files(path), text_field, doc_separator, stats):
-        ids = tokenizer.encode(doc, add_special_tokens=True)
-        stream += ids + ([eos] if eos is not None else [])
+        parts.append(torch.tensor(tokenizer.encode(doc, add_special_tokens=True) + eos, dtype=torch.int32))
         stats.used += 1
-    n = len(stream) // block_size
-    log(f"data: {stats.summary()}; {len(stream)} tokens -> {n} blocks of {block_size}")
+    total = sum(len(p) for p in parts)
+    n = total // block_size
+    log(f"data: {stats.summary()}; {total} tokens -> {n} blocks of {block_size}")
     if n == 0:
-        raise ValueError(f"the corpus at {path} has {len(stream)} tokens, fewer than one block of "
+        raise ValueError(f"the corpus at {path} has {total} tokens, fewer than one block of "
                          f"model_max_length={block_size}")
-    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+    return torch.cat(parts)[: n * block_size].long().view(n, block_size)
 
 
 def check_vocab(max_id: int, vocab_size: int, where: str) -> None:

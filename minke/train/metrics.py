@@ -12,13 +12,15 @@ import sys
 class RunLogger:
     def __init__(self, output_dir: str, logging_dir: str, report_to: list[str], total_steps: int, start_step: int,
                  enabled: bool, show_bar: bool):
+        """A resumed run (start_step > 0) appends to trainer_log.jsonl; a fresh one starts it anew."""
         self.enabled = enabled
         self.bar = self.tb = None
         self.jsonl = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(output_dir, "trainer_log.jsonl"), "a", encoding="utf-8")
+        self.jsonl = open(os.path.join(output_dir, "trainer_log.jsonl"), "a" if start_step else "w",
+                          encoding="utf-8")
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter

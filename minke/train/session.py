@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from .args import TrainingConfig
-from .checkpoint import resume_point
+from .checkpoint import clear_previous_run, resume_point
 from .distributed import DistInfo, ShardPlan, barrier, init_distributed, plan_sharding, shutdown, wrap_model
 from .trainer import Trainer
 
@@ -36,6 +36,8 @@ def run_session(cfg: TrainingConfig, quantized: bool,
         resume = resume_point(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         if info.is_main:
             os.makedirs(cfg.output_dir, exist_ok=True)
+            if cfg.overwrite_output_dir and not resume:
+                clear_previous_run(cfg.output_dir)
         barrier(info)
         plan = plan_sharding(info.world, cfg.deepspeed, quantized)
         if plan.notice:
