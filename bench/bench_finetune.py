@@ -90,8 +90,8 @@ def run_mode(mode: str, raw: dict, device: torch.device, args) -> dict:
     n_blocks = args.batch_size * (args.steps + args.warmup)
     data = BlockData(torch.randint(0, raw["vocab_size"], (n_blocks, args.seq_len)))
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainingConfig(output_dir=out, max_steps=args.steps + args.warmup, per_device_train_batch_size=args.batch_size,
-                             learning_rate=2e-4, max_grad_norm=0.3, bf16=True, save_strategy="no",
+        cfg = TrainingConfig(output_dir=out, max_steps=args.steps + args.warmup,
+                             per_device_train_batch_size=args.batch_size, learning_rate=2e-4, max_grad_norm=0.3, bf16=True, save_strategy="no",
                              gradient_checkpointing=args.gradient_checkpointing, disable_tqdm=True, seed=0)
         trainer = Trainer(model, data, cfg, DistInfo(device=device), ShardPlan("none"), writer=None)
         model.train()

@@ -76,7 +76,8 @@ class TrainingConfig:
         if self.save_total_limit is not None and self.save_total_limit <= 0:
             raise ValueError(f"--save_total_limit must be positive, got {self.save_total_limit}")
         if self.lr_scheduler_type not in SCHEDULERS:
-            raise ValueError(f"--lr_scheduler_type {self.lr_scheduler_type!r} is not supported; use one of {SCHEDULERS}")
+            raise ValueError(f"--lr_scheduler_type {self.lr_scheduler_type!r} is not supported; "
+                             f"use one of {SCHEDULERS}")
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"--optim {self.optim!r} is not supported; use one of {OPTIMIZERS}")
         if self.learning_rate < 0 or self.warmup_steps < 0 or not 0 <= self.warmup_ratio < 1:

@@ -87,7 +87,8 @@ def read_rows(file: str, stats: DataStats) -> Iterator[tuple[str, object]]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError(f"{file}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSON lines")
+            raise ValueError(f"{file}: reading parquet needs pyarrow (pip install pyarrow), "
+                             "or convert it to JSON lines")
         for i, row in enumerate(pq.read_table(file).to_pylist()):
             yield f"{file}:row {i}", row
         return
