@@ -31,6 +31,7 @@ class ModelRunner:
         self.backend = make_backend(self.device)
         if self.device.type == "cuda":
             use_fused_moe(self.model)
+            use_fused_rmsnorm(self.model)
         self.sampler = Sampler()
         self.block_size = cfg.block_size
         self.num_blocks = self._num_blocks()
@@ -117,6 +118,19 @@ def use_fused_moe(model) -> None:
     for m in model.modules():
         if isinstance(m, Experts):
             m.impl = impl
+
+
+def use_fused_rmsnorm(model) -> None:
+    """RMSNorm (and the residual add before it) as one Triton kernel per call instead of ~7 torch kernels."""
+    try:
+        from ..kernels.rmsnorm import rmsnorm
+    except ImportError:
+        return
+    from ..models.layers import RMSNorm
+
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.impl = rmsnorm
 
 
 @torch.no_grad()

@@ -163,5 +163,7 @@ class MLAttention(nn.Module):
             ctx = batch.backend.gather_latent(cache, batch, i).to(c_kv.dtype)  # [T, C + R]
             k, v = self._expand(ctx[:, : self.kv_lora_rank], ctx[:, self.kv_lora_rank :])
             q = torch.cat((q_nope[s:e], q_pe[s:e]), dim=-1)
-            out[s:e] = causal_attention(q, k, v, self.scale)
+            # Flash kernels want one head size for q, k and v: pad v (128) to the qk size (192), slice after.
+            v = F.pad(v, (0, q.shape[-1] - self.v_dim))
+            out[s:e] = causal_attention(q, k, v, self.scale)[..., : self.v_dim]
         return out

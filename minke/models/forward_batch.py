@@ -58,13 +58,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """One sequence's prefill: q [Tq, H, Dq] are the LAST Tq positions of a context k [Tk, H, Dq], v [Tk, H, Dv].
     Query i (absolute position Tk - Tq + i) sees keys 0..Tk - Tq + i. Returns [Tq, H, Dv]."""
     tq, tk = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T, D]
+    # [1, H, T, D]: SDPA's flash / memory-efficient kernels take 4-D inputs only (3-D falls back to the fp32 math
+    # path, 3x slower prefill on an H100).
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     if tq == tk:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
         mask = torch.arange(tk, device=q.device)[None, :] <= (torch.arange(tq, device=q.device)[:, None] + tk - tq)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 class TorchAttentionBackend:

@@ -12,8 +12,21 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # Optional fused kernel (x, weight, eps, residual) -> y | (y, x + residual); the runner installs the Triton
+        # one on GPU. None = the plain torch code below.
+        self.impl = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: norm(x). With residual: (norm(x + residual), x + residual), the pre-norm block's add
+        fused with the next norm."""
+        if self.impl is not None:
+            return self.impl(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, round back to the input dtype, then scale: the reference's rounding order.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

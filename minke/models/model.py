@@ -29,13 +29,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, positions, batch: ForwardBatch | None, want_aux: bool = False):
-        h = h + self.self_attn(self.input_layernorm(h), positions, batch)
-        x = self.post_attention_layernorm(h)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions, batch: ForwardBatch | None,
+                want_aux: bool = False):
+        """vLLM-style residual stream: returns (this block's output, residual so far); the next norm adds them.
+        Same math as h = h + attn(norm(h)); h = h + mlp(norm(h)), with each add fused into the following norm."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x = self.self_attn(x, positions, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
         if self.is_moe:
             out, aux = self.mlp(x, want_aux)
-            return h + out, aux
-        return h + self.mlp(x), None
+            return out, residual, aux
+        return self.mlp(x), residual, None
 
 
 class Backbone(nn.Module):
@@ -72,15 +79,17 @@ class CausalLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       batch: ForwardBatch | None = None, want_aux: bool = False):
         h = self.model.embed_tokens(input_ids)
-        aux_total = None
+        residual, aux_total = None, None
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                h, aux = torch.utils.checkpoint.checkpoint(layer, h, positions, batch, want_aux, use_reentrant=False)
+                h, residual, aux = torch.utils.checkpoint.checkpoint(layer, h, residual, positions, batch, want_aux,
+                                                                     use_reentrant=False)
             else:
-                h, aux = layer(h, positions, batch, want_aux)
+                h, residual, aux = layer(h, residual, positions, batch, want_aux)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        return self.model.norm(h), aux_total
+        h, _ = self.model.norm(h, residual)
+        return h, aux_total
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 batch: ForwardBatch | None = None, return_aux_loss: bool = False):

@@ -1,0 +1,81 @@
+"""Profile one prefill and a few decode steps of a named shape on the GPU (torch.profiler), to see where a step's
+time goes: kernels by GPU time, and host time outside the model.
+
+    python bench/profile_step.py --shape v2-lite --out /tmp/prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from minke.benchmark import _prompts, shape_dir
+from minke.engine.llm import LLM
+from minke.sampling_params import SamplingParams
+
+
+def table(prof, sort: str, n: int = 30) -> str:
+    return prof.key_averages().table(sort_by=sort, row_limit=n, max_name_column_width=70)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="v2-lite")
+    ap.add_argument("--out", default="prof")
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--eager", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    d = shape_dir(args.shape, None)
+    llm = LLM(d, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.8,
+              enforce_eager=args.eager)
+    vocab = 102400
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(_prompts(1, args.prefill, vocab, 0), one, use_tqdm=False)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(_prompts(1, args.prefill, vocab, 1), one, use_tqdm=False)
+        torch.cuda.synchronize()
+    with open(os.path.join(args.out, "prefill.txt"), "w") as f:
+        f.write(table(prof, "cuda_time_total"))
+        f.write("\n\n" + table(prof, "cpu_time_total"))
+    print(table(prof, "cuda_time_total", 18))
+
+    engine = llm.llm_engine
+    for b in [int(x) for x in args.batches.split(",")]:
+        p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        for i, pr in enumerate(_prompts(b, 256, vocab, 7)):
+            engine.add_request(f"p{b}-{i}", pr, p)
+        while any(s.is_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()
+        for _ in range(3):
+            engine.step()
+        torch.cuda.synchronize()
+        # host-side time of the steps (wall) vs GPU time
+        t = time.perf_counter()
+        n = 10
+        for _ in range(n):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / n
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                engine.step()
+            torch.cuda.synchronize()
+        with open(os.path.join(args.out, f"decode_b{b}.txt"), "w") as f:
+            f.write(f"wall per step {wall * 1000:.2f} ms\n")
+            f.write(table(prof, "cuda_time_total"))
+            f.write("\n\n" + table(prof, "cpu_time_total"))
+        print(f"=== decode batch {b}: wall {wall * 1000:.2f} ms/step")
+        print(table(prof, "cuda_time_total", 15))
+        while engine.has_unfinished_requests():
+            engine.step()
+
+
+if __name__ == "__main__":
+    main()
