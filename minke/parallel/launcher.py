@@ -112,6 +112,7 @@ class MultiprocExecutor(ModelExecutor):
         try:
             if all(p.is_alive() for p in self._procs):
                 _broadcast((_SHUTDOWN, False), self._cpu_group)
+            self.worker.close()
             for proc in self._procs:
                 proc.join(timeout=30)
         finally:
@@ -148,8 +149,7 @@ class MultiprocExecutor(ModelExecutor):
                 proc.terminate()
         for proc in self._procs:
             proc.join(timeout=10)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_group(self.cfg)
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -164,6 +164,18 @@ def _init_group(cfg: WorkerConfig, rank: int, init_method: str):
     dist.init_process_group(cfg.dist_backend, init_method=init_method, rank=rank, world_size=cfg.tensor_parallel_size,
                             timeout=datetime.timedelta(seconds=cfg.timeout_s))
     return None if cfg.dist_backend == "gloo" else dist.new_group(backend="gloo")
+
+
+def _leave_group(cfg: WorkerConfig) -> None:
+    if not dist.is_initialized():
+        return
+    if cfg.dist_backend == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
+        # destroy_process_group can hang in ncclCommDestroy once NCCL collectives were captured in CUDA graphs
+        # (pytorch/pytorch#115388); aborting releases the communicators without waiting, and clears the state so
+        # a later executor in this process can start a new group.
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 def _broadcast(msg, group):
@@ -196,4 +208,5 @@ def worker_main(rank: int, cfg: WorkerConfig, init_method: str, reports) -> None
             else:
                 getattr(worker, method)(*args)  # a failure here ends this rank; rank 0 sees it exited
     finally:
-        dist.destroy_process_group()
+        worker.close()
+        _leave_group(cfg)

@@ -6,6 +6,7 @@ MoE on GPU, decode CUDA graphs, KV sizing rule."""
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Callable
 
@@ -143,6 +144,13 @@ class Worker:
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         return self.run(chunks, self.prepare(chunks))
+
+    def close(self) -> None:
+        """Free the graphs and the cache before the process group goes (graphs hold captured NCCL work)."""
+        self.graphs = self.kv_caches = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
