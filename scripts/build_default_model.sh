@@ -6,7 +6,8 @@
 #   STAGES="train finetune" bash scripts/build_default_model.sh   # some stages (e.g. on a GPU machine that has
 #                                                                  # the prepared data but no network)
 # Stages: fetch data tokenizer train finetune package. Work files go to $WORK (default build/default_model).
-# Training picks the GPU when there is one (minutes on one GPU; many hours on a laptop CPU).
+# Training picks the GPU when there is one (about two minutes on one H100; many hours on a laptop CPU).
+# TRAINED_ON="..." names the hardware in the model card.
 #
 # Sources, fetched with the ordinary package clients (licences in the model card):
 #   Debian  r-cran-janeaustenr   Jane Austen's six novels (public domain texts; package MIT)
@@ -26,7 +27,7 @@ COMMANDS="$WORK/commands.txt"
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 # Run a command and record it in $WORK/commands.txt (the model card quotes them).
-run() { echo "+ $*" >&2; echo "$*" >>"$COMMANDS"; "$@"; }
+run() { echo "+ $*" >&2; printf '%q ' "$@" | sed 's/ $//' >>"$COMMANDS"; echo >>"$COMMANDS"; "$@"; }
 
 if want fetch; then
   : >"$COMMANDS"
@@ -74,5 +75,6 @@ fi
 
 if want package; then
   run "$PYTHON" scripts/default_model/package_model.py \
-    --model_dir "$WORK/finetuned" --data_dir "$WORK/data" --commands "$COMMANDS" --out_dir "$ASSETS"
+    --model_dir "$WORK/finetuned" --data_dir "$WORK/data" --commands "$COMMANDS" --out_dir "$ASSETS" \
+    --trained_on "${TRAINED_ON:-one GPU}"
 fi

@@ -77,7 +77,7 @@ def samples(out_dir: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str, 
 
 
 def model_card(cfg: dict, stats: dict, sizes: dict, n_params: int, loss: tuple[float, int], commands: list[str],
-               comp, chat) -> str:
+               comp, chat, trained_on: str) -> str:
     def q(text: str) -> str:
         return "> " + text.strip().replace("\n", "\n> ")
 
@@ -88,9 +88,14 @@ def model_card(cfg: dict, stats: dict, sizes: dict, n_params: int, loss: tuple[f
         "A small chat model of the DeepSeek-V2 architecture (`deepseek_v2`: Multi-head Latent Attention + "
         "DeepSeekMoE) that ships inside the minke package and runs whenever no model is given (`minke chat`, "
         "`minke serve`, `minke generate`, `LLM()`). It was pretrained from scratch with `minke train` and then "
-        "fine-tuned on dialogues with `minke finetune`. It is a toy: it writes fluent-sounding English in the "
-        "style of early-19th-century novels and answers small talk, but it knows almost nothing and often "
-        "drifts off topic. Use it to try minke without downloading anything, not for answers.",
+        "fine-tuned on dialogues with `minke finetune`. It is a toy: it writes short, mostly grammatical English "
+        "in the style of early-19th-century novels and answers small talk, but with made-up words, little sense "
+        "and little regard for the topic asked. Use it to try minke without downloading anything, not for "
+        "answers.",
+        "",
+        "Known limits: each pretraining paragraph ended with eos, so plain completions often stop after a "
+        "sentence; the corpus (~0.95M tokens) is far smaller than the model could use, so it overfits "
+        "(see Evaluation); story requests are answered with Austen-like paragraphs whatever the topic.",
         "",
         "## Architecture",
         "",
@@ -124,7 +129,8 @@ def model_card(cfg: dict, stats: dict, sizes: dict, n_params: int, loss: tuple[f
         "(Project Gutenberg transcriptions); they were taken from the Debian package `r-cran-janeaustenr` "
         "(CRAN package janeaustenr by Julia Silge, MIT licence). "
         f"{stats['austen_paragraphs_train']:,} paragraphs, {stats['austen_words_train']:,} words for training; "
-        f"{stats['austen_paragraphs_valid']} paragraphs held out.",
+        f"{stats['austen_paragraphs_valid']} paragraphs held out for evaluation. Each paragraph is one document "
+        "(ended by eos).",
         "- **Fine-tuning dialogues** (" + f"{stats['sft_examples']:,} examples" + "):",
         f"  - {stats['chatterbot_pairs']:,} statement/reply pairs from the English part of ChatterBot's dialogue "
         "corpus, PyPI package `chatterbot-corpus` 1.3.3 (Gunther Cox, BSD-3-Clause), categories other than "
@@ -165,8 +171,8 @@ def model_card(cfg: dict, stats: dict, sizes: dict, n_params: int, loss: tuple[f
         *commands,
         "```",
         "",
-        "Pretraining and fine-tuning ran on one GPU (minke picks CUDA when present); the same commands run on a "
-        "CPU, only much slower.",
+        f"This build's pretraining and fine-tuning ran on {trained_on}. minke trains on CUDA when a GPU is present; "
+        "the same commands run on a CPU, only much slower (a few hundred tokens/s on a 2-core laptop CPU).",
         "",
     ]
     return "\n".join(lines)
@@ -178,6 +184,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data_dir", type=Path, required=True, help="prepare_data.py's output (stats, held-out text)")
     ap.add_argument("--commands", type=Path, required=True, help="the commands the build ran, one a line")
     ap.add_argument("--out_dir", type=Path, required=True)
+    ap.add_argument("--trained_on", default="one GPU", help="the hardware the training ran on, for the card")
     a = ap.parse_args(argv)
     for f in ("config.json", "model.safetensors", *TOKENIZER_FILES[:2]):
         if not (a.model_dir / f).is_file():
@@ -201,7 +208,7 @@ def main(argv=None) -> None:
     loss = heldout_loss(a.out_dir, a.data_dir / "pretrain_valid.jsonl")
     comp, chat = samples(a.out_dir)
     commands = [c.replace(str(Path.cwd()) + os.sep, "") for c in a.commands.read_text().splitlines() if c.strip()]
-    card = model_card(cfg, stats, sizes, n_params, loss, commands, comp, chat)
+    card = model_card(cfg, stats, sizes, n_params, loss, commands, comp, chat, a.trained_on)
     (a.out_dir / "README.md").write_text(card, encoding="utf-8")
     print(card)
 
