@@ -32,7 +32,8 @@ run() { echo "+ $*" >&2; printf '%q ' "$@" | sed 's/ $//' >>"$COMMANDS"; echo >>
 if want fetch; then
   : >"$COMMANDS"
   (cd "$SRC" && rm -f r-cran-janeaustenr_*.deb chatterbot_corpus-*.whl &&
-    apt-get download r-cran-janeaustenr &&
+    { apt-get download r-cran-janeaustenr ||
+      { echo "apt-get download r-cran-janeaustenr failed: run 'apt-get update' first (Debian/Ubuntu)" >&2; exit 1; }; } &&
     "$PYTHON" -m pip download --no-deps --only-binary=:all: chatterbot-corpus==1.3.3 -d .)
   "$PYTHON" -m pip install -q rdata pyyaml
 fi
