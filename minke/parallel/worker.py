@@ -7,6 +7,7 @@ MoE on GPU, decode CUDA graphs, KV sizing rule."""
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -144,6 +145,20 @@ class Worker:
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         return self.run(chunks, self.prepare(chunks))
+
+    def time_graph_replay(self, batch: int, iters: int) -> float | None:
+        """Milliseconds per replay of the decode graph for `batch` rows, inputs as the last step left them: the device
+        time of one decode step, without the host work around it (benchmarks; every rank replays together)."""
+        if self.graphs is None:
+            return None
+        graph = self.graphs.graphs[next(b for b in self.graphs.buckets if b >= batch)]
+        graph.replay()
+        torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        for _ in range(iters):
+            graph.replay()
+        torch.cuda.synchronize(self.device)
+        return 1000 * (time.perf_counter() - t) / iters
 
     def close(self) -> None:
         """Free the graphs and the cache before the process group goes (graphs hold captured NCCL work)."""
