@@ -133,7 +133,7 @@ def test_gpu_kernel_wiring_matches_reference_on_cpu(checkpoints):
     TRITON_INTERPRET and give the reference's logits through chunked prefill + paged decode."""
     pytest.importorskip("triton")
     from minke.engine.attention_backends import TritonAttentionBackend
-    from minke.engine.model_runner import use_fused_moe, use_fused_rmsnorm
+    from minke.engine.gpu_kernels import use_fused_moe, use_fused_rmsnorm
 
     _, path = checkpoints("deepseek_v2")
     ref = minke.load_model(path)

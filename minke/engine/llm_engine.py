@@ -68,12 +68,8 @@ class LLMEngine:
         self.cfg = cfg
         self.model_config = load_config(cfg.model)
         self.tokenizer = Tokenizer.from_dir(cfg.model, chat_template=cfg.chat_template)
-        if cfg.tensor_parallel_size > 1:  # ranks 1.. run in spawned processes (minke/parallel/launcher.py)
-            from ..parallel.runner import ParallelModelRunner
-
-            self.runner = ParallelModelRunner(cfg, self.model_config)
-        else:
-            self.runner = ModelRunner(cfg, self.model_config)
+        # tensor_parallel_size > 1: ranks 1.. run in spawned processes (minke/parallel/launcher.py)
+        self.runner = ModelRunner(cfg, self.model_config)
         self.max_model_len = self._resolve_max_model_len()
         self.runner.capture_graphs(self.max_model_len)
         budget = cfg.max_num_batched_tokens or max(8192 if cfg.enable_chunked_prefill else self.max_model_len, 1)

@@ -1,8 +1,8 @@
 """One rank of a tensor/expert-parallel group: its shard of the model, its KV cache, and the model step. Rank 0's
 Worker lives in the engine's process; the others run launcher.worker_main, executing what rank 0 broadcasts, so
 every rank runs the same step on the same inputs (the step's SeqChunks; each rank builds its own ForwardBatch from
-them, or replays the same CUDA graph). Mirrors engine/model_runner.py for one device: same attention backend, fused
-MoE on GPU, decode CUDA graphs, KV sizing rule."""
+them, or replays the same CUDA graph). With tensor_parallel_size 1 the single Worker runs in the engine's process
+(engine/model_runner.py drives every size the same way)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 
 from ..config import ModelConfig, load_config
 from ..engine.attention_backends import make_backend
+from ..engine.gpu_kernels import install_gpu_kernels
 from ..engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
-from ..loader import resolve_dtype
+from ..loader import load_model, resolve_dtype
 from ..models.forward_batch import ForwardBatch
 from ..models.model import CausalLM
 from .sharded_loading import load_sharded_model
@@ -60,13 +61,14 @@ class Worker:
             torch.set_num_threads(cfg.num_threads)
         self.model_config = cfg.config or load_config(cfg.model)
         self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
-        self.model = load_sharded_model(cfg.model, self.parallel, self.dtype, self.device, self.model_config,
-                                        load_format=cfg.load_format, seed=cfg.seed)
+        if self.parallel.is_parallel or cfg.load_format == "dummy":
+            # Owned slices only; dummy weights are keyed by tensor name, so every TP size gets the same model.
+            self.model = load_sharded_model(cfg.model, self.parallel, self.dtype, self.device, self.model_config,
+                                            load_format=cfg.load_format, seed=cfg.seed)
+        else:
+            self.model = load_model(cfg.model, self.dtype, self.device, self.model_config)
         self.backend = make_backend(self.device)
-        if self.device.type == "cuda":
-            from ..engine.model_runner import use_fused_moe
-
-            use_fused_moe(self.model)
+        install_gpu_kernels(self.model, self.device)
         if cfg.setup is not None:
             cfg.setup(self.model, self.device)
         self.kv_caches: list[torch.Tensor] | None = None
