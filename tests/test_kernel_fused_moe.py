@@ -185,16 +185,16 @@ def test_fused_moe_rejects_bad_inputs():
 
 
 def test_module_imports_without_triton(monkeypatch):
-    import importlib.util
+    import importlib
     import sys
 
     import minke.kernels.fused_moe as mod
 
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("_moe_no_triton", mod.__file__)
-    fresh = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fresh)
+    from conftest import fresh_kernel_module
+
+    fresh = fresh_kernel_module(monkeypatch, mod)
     w13, w2 = _weights(4, 16, 32, torch.float32, 14)
     tw, ids = _routing(UNEVEN_K1, 15)
     x = torch.randn(len(UNEVEN_K1), 32, device=DEVICE)

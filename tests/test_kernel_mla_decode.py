@@ -154,16 +154,16 @@ def test_rejects_bad_inputs():
 
 
 def test_module_imports_without_triton(monkeypatch):
-    import importlib.util
+    import importlib
     import sys
 
     import minke.kernels.mla_decode as mod
 
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("_mla_no_triton", mod.__file__)
-    fresh = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fresh)
+    from conftest import fresh_kernel_module
+
+    fresh = fresh_kernel_module(monkeypatch, mod)
     (q, qpe, cache, bt, lens), _ = _make_case([2, 3], torch.float32, seed=8)
     assert torch.equal(fresh.mla_decode_ref(q, qpe, cache, bt, lens, 0.5), mla_decode_ref(q, qpe, cache, bt, lens, 0.5))
     with pytest.raises(RuntimeError, match="triton is not installed"):

@@ -123,16 +123,16 @@ def test_rmsnorm_rejects_bad_input():
 def test_module_imports_without_triton(monkeypatch):
     # Load a fresh copy of the module while `import triton` fails: the reference must still work and the kernel
     # wrapper must say clearly what is missing.
-    import importlib.util
+    import importlib
     import sys
 
     import minke.kernels.rmsnorm as mod
 
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("_rmsnorm_no_triton", mod.__file__)
-    fresh = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fresh)
+    from conftest import fresh_kernel_module
+
+    fresh = fresh_kernel_module(monkeypatch, mod)
     x, w = torch.randn(3, 8), torch.ones(8)
     assert torch.equal(fresh.rmsnorm_ref(x, w, 1e-6), rmsnorm_ref(x, w, 1e-6))
     with pytest.raises(RuntimeError, match="triton is not installed"):

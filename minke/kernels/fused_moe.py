@@ -27,15 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:  # triton is optional: the reference must stay importable on machines without it
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import is_interpreted as _is_interpreted
+from ._triton import needs_dot_upcast as _needs_dot_upcast
+from ._triton import tl, triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
@@ -299,19 +294,6 @@ if _HAS_TRITON:
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & mask_n[None, :])
 
 
-def _is_interpreted(kernel) -> bool:
-    """Whether `kernel` can run in Triton's CPU interpreter. Triton chooses interpreter vs compiler when `@triton.jit`
-    runs: for this module's kernels at its import, for Triton's own library functions (tl.sum, tl.cdiv, ...) at
-    triton's first import. Both must be interpreted, i.e. TRITON_INTERPRET=1 set before triton was first imported;
-    the decorated types are the truth, not the variable's current value."""
-    return type(kernel).__name__ == "InterpretedFunction" and type(tl.cdiv).__name__ == "InterpretedFunction"
-
-
-def _needs_dot_upcast(kernel, dtype: torch.dtype) -> bool:
-    """Triton's interpreter (3.x) runs tl.dot as np.matmul on the raw uint16 storage of bf16 tensors, which gives
-    garbage; under the interpreter bf16 tiles are widened to fp32 (exactly) before each dot. Compiled code never
-    takes this path."""
-    return _is_interpreted(kernel) and dtype == torch.bfloat16
 
 
 def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_pairs, a_row_div, cfg,

@@ -17,15 +17,9 @@ from __future__ import annotations
 
 import torch
 
-try:  # triton is optional: the reference must stay importable on machines without it
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import is_interpreted as _is_interpreted
+from ._triton import tl, triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # One program holds a whole row in registers; past this the row would spill (largest DeepSeek hidden is 8192).
@@ -112,13 +106,6 @@ if _HAS_TRITON:
         y = w.to(tl.float32) * normed.to(tl.float32)
         tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-
-def _is_interpreted(kernel) -> bool:
-    """Whether `kernel` can run in Triton's CPU interpreter. Triton chooses interpreter vs compiler when `@triton.jit`
-    runs: for this module's kernels at its import, for Triton's own library functions (tl.sum, tl.cdiv, ...) at
-    triton's first import. Both must be interpreted, i.e. TRITON_INTERPRET=1 set before triton was first imported;
-    the decorated types are the truth, not the variable's current value."""
-    return type(kernel).__name__ == "InterpretedFunction" and type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
 def rmsnorm(
