@@ -70,14 +70,15 @@ def weight_files(path: str) -> list[str]:
                           "model.safetensors.index.json, or pytorch_model*.bin")
 
 
-def iter_tensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor) one at a time from a shard: safetensors reads tensor by tensor; .bin is memory-mapped."""
+def iter_tensors(file: str, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, tensor) one at a time from a shard: safetensors reads tensor by tensor (lazy: a slice handle
+    that reads only the part indexed, for sharded loading); .bin is memory-mapped."""
     if file.endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
     else:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         for name in list(state.keys()):

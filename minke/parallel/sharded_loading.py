@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig, load_config
-from ..loader import CheckpointError, build_model, resolve_dtype, weight_files
+from ..loader import CheckpointError, build_model, iter_tensors, resolve_dtype, weight_files
 from ..models.model import CausalLM
 from ..weights import is_ignored
 from .expert_parallel import ExpertPlacement
@@ -55,7 +55,7 @@ def load_sharded_model(path: str | os.PathLike, p: ParallelConfig, dtype: str | 
     stats = stats if stats is not None else LoadStats()
     seen: set[str] = set()
     for file in weight_files(path):
-        for name, src in _iter_lazy(file):
+        for name, src in iter_tensors(file, lazy=True):
             if is_ignored(name):
                 continue
             if name not in plan:
@@ -73,20 +73,6 @@ def load_sharded_model(path: str | os.PathLike, p: ParallelConfig, dtype: str | 
         shown = ", ".join(sorted(missing)[:20])
         raise CheckpointError(f"{path}: weights do not match config.json: missing {len(missing)} tensor(s): {shown}")
     return model.eval()
-
-
-def _iter_lazy(file: str):
-    """(name, source) pairs; a safetensors source is a lazy slice, read only where indexed."""
-    if file.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_slice(name)
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        for name in list(state.keys()):
-            yield name, state.pop(name)
 
 
 @torch.no_grad()
