@@ -25,3 +25,21 @@ def fresh_kernel_module(monkeypatch, mod):
     monkeypatch.delitem(sys.modules, mod.__name__, raising=False)
     monkeypatch.setattr(minke.kernels, mod.__name__.rsplit(".", 1)[1], mod, raising=False)
     return importlib.import_module(mod.__name__)
+
+
+def kernel_test_setup(kernel):
+    """(device, interpreted, needs_triton marker) for a kernel's tests: compiled on a CUDA machine, Triton's
+    interpreter on CPU; the marker skips with the reason when the kernel cannot run here (triton missing, or
+    imported before TRITON_INTERPRET=1 was set: Triton fixes the mode at import)."""
+    import pytest
+
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    device = "cuda" if _cuda and not interpreted else "cpu"
+    from minke.kernels._triton import HAS_TRITON, is_interpreted
+
+    reason = None
+    if not HAS_TRITON:
+        reason = "triton cannot be imported"
+    elif device == "cpu" and not is_interpreted(kernel):
+        reason = "triton was imported before TRITON_INTERPRET=1 was set; its kernels cannot run on CPU"
+    return device, interpreted, pytest.mark.skipif(reason is not None, reason=reason or "")

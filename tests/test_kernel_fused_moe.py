@@ -1,34 +1,19 @@
 """Triton fused MoE against its torch reference (transformers' expert loop), plus the alignment step and configs.
 
-Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set below before triton is imported); on a CUDA
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is imported); on a CUDA
 machine the same tests run the compiled kernel. Shapes are tiny (E=4, I=16, D=32).
 """
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import triton  # noqa: F401
-
-    _TRITON_ERR = None
-except Exception as e:  # pragma: no cover - only where triton is missing/broken
-    _TRITON_ERR = f"triton cannot be imported: {e!r}"
-
 import minke.kernels.fused_moe as _kmod
 from minke.kernels.fused_moe import fused_moe, fused_moe_ref, get_moe_config, moe_align_block_size
+from conftest import kernel_test_setup
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-if _TRITON_ERR is None and DEVICE == "cpu" and not _kmod._is_interpreted(_kmod._moe_grouped_gemm_kernel):
-    # Another module imported triton before TRITON_INTERPRET=1 was set (Triton fixes the mode at import).
-    _TRITON_ERR = "triton was imported before TRITON_INTERPRET=1 was set; its kernels cannot run on CPU"
-needs_triton = pytest.mark.skipif(_TRITON_ERR is not None, reason=_TRITON_ERR or "")
+DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._moe_grouped_gemm_kernel)
 
 SMALL_CFG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 2}
 

@@ -1,33 +1,18 @@
 """Split-K Triton MLA decode against its torch reference, and the reference against a dense computation.
 
-Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set below before triton is imported); on a CUDA
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is imported); on a CUDA
 machine the same tests run the compiled kernel. Shapes are tiny (C=32, R=8, H=4, block_size=4).
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import triton  # noqa: F401
-
-    _TRITON_ERR = None
-except Exception as e:  # pragma: no cover - only where triton is missing/broken
-    _TRITON_ERR = f"triton cannot be imported: {e!r}"
-
 import minke.kernels.mla_decode as _kmod
 from minke.kernels.mla_decode import mla_decode, mla_decode_ref
+from conftest import kernel_test_setup
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-if _TRITON_ERR is None and DEVICE == "cpu" and not _kmod._is_interpreted(_kmod._mla_decode_stage1_kernel):
-    # Another module imported triton before TRITON_INTERPRET=1 was set (Triton fixes the mode at import).
-    _TRITON_ERR = "triton was imported before TRITON_INTERPRET=1 was set; its kernels cannot run on CPU"
-needs_triton = pytest.mark.skipif(_TRITON_ERR is not None, reason=_TRITON_ERR or "")
+DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._mla_decode_stage1_kernel)
 
 C, R, H, BS = 32, 8, 4, 4
 

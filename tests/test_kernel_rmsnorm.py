@@ -1,33 +1,18 @@
 """Triton RMSNorm (+ fused residual add) against its torch reference and against transformers' rounding order.
 
-Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set below before triton is imported); on a CUDA
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is imported); on a CUDA
 machine the same tests run the compiled kernel.
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import triton  # noqa: F401
-
-    _TRITON_ERR = None
-except Exception as e:  # pragma: no cover - only where triton is missing/broken
-    _TRITON_ERR = f"triton cannot be imported: {e!r}"
-
 import minke.kernels.rmsnorm as _kmod
 from minke.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+from conftest import kernel_test_setup
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-if _TRITON_ERR is None and DEVICE == "cpu" and not _kmod._is_interpreted(_kmod._rmsnorm_kernel):
-    # Another module imported triton before TRITON_INTERPRET=1 was set (Triton fixes the mode at import).
-    _TRITON_ERR = "triton was imported before TRITON_INTERPRET=1 was set; its kernels cannot run on CPU"
-needs_triton = pytest.mark.skipif(_TRITON_ERR is not None, reason=_TRITON_ERR or "")
+DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._rmsnorm_kernel)
 # Triton 3.x's interpreter casts fp32 -> bf16 by truncation (compiled code rounds to nearest even, as torch does),
 # so under the interpreter a bf16 result may sit one bf16 ulp (2**-8 relative) from torch's.
 BF16_ROUNDS_LIKE_TORCH = not INTERPRET
