@@ -1,9 +1,8 @@
 """Triton fused MoE against its torch reference (transformers' expert loop), plus the alignment step and configs.
 
-Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is imported); on a CUDA
-machine the same tests run the compiled kernel. Shapes are tiny (E=4, I=16, D=32).
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is
+imported); on a CUDA machine the same tests run the compiled kernel. Shapes are tiny (E=4, I=16, D=32).
 """
-
 
 import pytest
 import torch

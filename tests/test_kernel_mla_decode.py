@@ -1,9 +1,8 @@
 """Split-K Triton MLA decode against its torch reference, and the reference against a dense computation.
 
-Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is imported); on a CUDA
-machine the same tests run the compiled kernel. Shapes are tiny (C=32, R=8, H=4, block_size=4).
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is
+imported); on a CUDA machine the same tests run the compiled kernel. Shapes are tiny (C=32, R=8, H=4, block_size=4).
 """
-
 
 import pytest
 import torch

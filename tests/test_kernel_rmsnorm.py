@@ -1,9 +1,8 @@
 """Triton RMSNorm (+ fused residual add) against its torch reference and against transformers' rounding order.
 
-Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is imported); on a CUDA
-machine the same tests run the compiled kernel.
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is
+imported); on a CUDA machine the same tests run the compiled kernel.
 """
-
 
 import pytest
 import torch
