@@ -24,7 +24,10 @@ from .layers import RMSNorm
 from .rope import RotaryEmbedding
 
 
-def _dense_positions(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+def token_positions(x: torch.Tensor, positions: torch.Tensor | None, batch: ForwardBatch | None) -> torch.Tensor:
+    """Positions of the tokens in x: the batch's (paged), the given ones, or 0..T-1 (dense [B, T])."""
+    if batch is not None:
+        return batch.positions
     if positions is None:
         return torch.arange(x.shape[1], device=x.device)
     return positions
@@ -45,13 +48,14 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, self.head_dim, cfg.max_position_embeddings, interleaved=False)
         self.scale = cfg.softmax_scale
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, batch: ForwardBatch | None = None):
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, batch: ForwardBatch | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """rope: (cos, sin) for these tokens, computed once per model forward (CausalLM passes it)."""
         lead = x.shape[:-1]  # [B, T] dense or [N] paged
         q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        pos = _dense_positions(x, positions) if batch is None else batch.positions
-        cos, sin = self.rotary.cos_sin(pos)
+        cos, sin = rope if rope is not None else self.rotary.cos_sin(token_positions(x, positions, batch))
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if batch is None:
             out = self._dense(q, k, v)
@@ -108,7 +112,7 @@ class MLAttention(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, self.rope_dim, cfg.max_position_embeddings, interleaved=True)
         self.scale = cfg.softmax_scale
 
-    def _project(self, x: torch.Tensor, pos: torch.Tensor):
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [..., D] -> q_nope [..., H, nope], q_pe [..., H, R] (roped), c_kv [..., C] (normed), k_pe [..., R] (roped)."""
         lead = x.shape[:-1]
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -116,7 +120,6 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        cos, sin = self.rotary.cos_sin(pos)
         q_pe = self.rotary.rotate(q_pe, cos, sin)
         k_pe = self.rotary.rotate(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
         return q_nope, q_pe, c_kv, k_pe
@@ -128,9 +131,11 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope_dim)), dim=-1)
         return k, v
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, batch: ForwardBatch | None = None):
-        pos = _dense_positions(x, positions) if batch is None else batch.positions
-        q_nope, q_pe, c_kv, k_pe = self._project(x, pos)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, batch: ForwardBatch | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """rope: (cos, sin) for these tokens, computed once per model forward (CausalLM passes it)."""
+        cos, sin = rope if rope is not None else self.rotary.cos_sin(token_positions(x, positions, batch))
+        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
         if batch is None:
             # [B, T, ...]: naive MLA, per-head K/V, as the reference computes it.
             k, v = self._expand(c_kv, k_pe)

@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import Attention, MLAttention
+from .attention import Attention, MLAttention, token_positions
 from .forward_batch import ForwardBatch
 from .layers import MLP, RMSNorm
 from .moe import MoE
@@ -29,15 +29,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions, batch: ForwardBatch | None,
-                want_aux: bool = False):
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                batch: ForwardBatch | None, want_aux: bool = False):
         """vLLM-style residual stream: returns (this block's output, residual so far); the next norm adds them.
         Same math as h = h + attn(norm(h)); h = h + mlp(norm(h)), with each add fused into the following norm."""
         if residual is None:
             residual, x = h, self.input_layernorm(h)
         else:
             x, residual = self.input_layernorm(h, residual)
-        x = self.self_attn(x, positions, batch)
+        x = self.self_attn(x, batch=batch, rope=rope)
         x, residual = self.post_attention_layernorm(x, residual)
         if self.is_moe:
             out, aux = self.mlp(x, want_aux)
@@ -79,13 +79,15 @@ class CausalLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       batch: ForwardBatch | None = None, want_aux: bool = False):
         h = self.model.embed_tokens(input_ids)
+        # RoPE cos/sin once per forward: every layer has the same rotary parameters.
+        rope = self.model.layers[0].self_attn.rotary.cos_sin(token_positions(input_ids, positions, batch))
         residual, aux_total = None, None
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                h, residual, aux = torch.utils.checkpoint.checkpoint(layer, h, residual, positions, batch, want_aux,
+                h, residual, aux = torch.utils.checkpoint.checkpoint(layer, h, residual, rope, batch, want_aux,
                                                                      use_reentrant=False)
             else:
-                h, residual, aux = layer(h, residual, positions, batch, want_aux)
+                h, residual, aux = layer(h, residual, rope, batch, want_aux)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         h, _ = self.model.norm(h, residual)
