@@ -25,15 +25,35 @@ def llm():
     return LLM()  # no model given: the embedded default model
 
 
+def story_grammar():
+    """The grammar that generated the pretraining stories (scripts/default_model/simple_stories.py)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "default_model", "simple_stories.py")
+    spec = importlib.util.spec_from_file_location("simple_stories", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def vocabulary_words() -> set[str]:
-    """Whole words the tokenizer learned from the training corpus: byte-level BPE tokens "Ġword" / "word" made of
-    letters only, at least two of them (single letters prove nothing)."""
+    """Words of the training corpora: whole-word tokens the BPE tokenizer learned (from Austen and the dialogues:
+    "Ġword" / "word", letters only, at least two) and every word of the story grammar's word lists and
+    templates (names such as "Mittens" are not single tokens)."""
     vocab = json.load(open(os.path.join(DEFAULT_MODEL_DIR, "tokenizer.json"), encoding="utf-8"))["model"]["vocab"]
     words = set()
     for tok in vocab:
         w = tok[1:] if tok.startswith("Ġ") else tok
         if len(w) >= 2 and w.isalpha() and w.isascii():
             words.add(w.lower())
+    import ast
+
+    with open(story_grammar().__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    # Every string literal of the grammar (word lists and the f-string story templates): what it can emit.
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            words.update(w.lower() for w in re.findall(r"[A-Za-z]{2,}", node.value))
     return words
 
 
@@ -120,3 +140,20 @@ def test_transformers_loads_the_shipped_checkpoint_with_the_same_next_token():
         b = hf(ids).logits[0, -1]
     assert torch.allclose(a, b, atol=1e-3 * b.abs().max().item()), (a - b).abs().max()
     assert a.argmax() == b.argmax()
+
+
+def test_story_requests_stay_on_topic_and_end(llm):
+    """Issue 7.5: short prompts get on-topic text. For every topic of the story grammar the model was trained on
+    (scripts/default_model/simple_stories.py), "Tell me a story about the X." must give a story that names X and
+    ends by itself (eos) before the token limit, for at least 80% of the topics (45 of 50 when it was built)."""
+    grammar = story_grammar()
+    convs = [[{"role": "user", "content": f"Tell me a story about the {t}."}] for t in grammar.TOPICS]
+    outs = llm.chat(convs, SamplingParams(temperature=0.0, max_tokens=300), use_tqdm=False)
+    words = vocabulary_words()
+    on_topic = 0
+    for topic, out in zip(grammar.TOPICS, outs):
+        o = out.outputs[0]
+        share, found = known_word_share(o.text, words)
+        assert len(found) >= 20 and share >= 0.9, f"story about {topic!r} is not plain English: {o.text!r}"
+        on_topic += bool(re.search(rf"\b{topic}\b", o.text, re.I)) and o.finish_reason == "stop"
+    assert on_topic >= 0.8 * len(grammar.TOPICS), f"only {on_topic}/{len(grammar.TOPICS)} stories on topic"
