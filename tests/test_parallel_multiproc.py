@@ -6,6 +6,7 @@ the single-process `minke.load_model` in the parent."""
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import pytest
@@ -98,7 +99,8 @@ def _rank_main(rank: int, world: int, init: str, cases) -> None:
     from minke.parallel.state import ParallelConfig
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         for name, path, ep, ids, dense, rows, tokens in cases:
             model = load_sharded_model(path, ParallelConfig(world, rank, ep))
@@ -109,6 +111,9 @@ def _rank_main(rank: int, world: int, init: str, cases) -> None:
             got_rows, got_tokens = paged_greedy(model, PROMPTS)
             assert got_tokens == tokens, f"{name} world {world} rank {rank}: greedy decode differs"
             assert_close(got_rows, rows, f"{name} world {world} rank {rank}: paged logits")
+        # Every rank leaves together: tearing gloo down while a peer's last collective is in flight can abort the
+        # process ("terminate called without an active exception", seen once in CI with 4 ranks on 2 cores).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
