@@ -7,6 +7,7 @@ the single-process `minke.load_model` in the parent."""
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 
 import pytest
@@ -101,6 +102,7 @@ def _rank_main(rank: int, world: int, init: str, cases) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
+    model = None
     try:
         for name, path, ep, ids, dense, rows, tokens in cases:
             model = load_sharded_model(path, ParallelConfig(world, rank, ep))
@@ -115,6 +117,10 @@ def _rank_main(rank: int, world: int, init: str, cases) -> None:
         # process ("terminate called without an active exception", seen once in CI with 4 ranks on 2 cores).
         dist.barrier()
     finally:
+        # Free what holds tensors gloo work may reference while the interpreter is fully alive (pytorch#179291:
+        # otherwise they can die during finalization and abort the process), then leave the group.
+        model = None
+        gc.collect()
         dist.destroy_process_group()
 
 

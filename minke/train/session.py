@@ -3,6 +3,7 @@ pick the sharding plan, find the checkpoint to resume, build model and data (the
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import sys
@@ -29,6 +30,7 @@ def run_session(cfg: TrainingConfig, quantized: bool,
     """`setup(info, plan, resume_from, log) -> (model, data, writer)`. Returns the trainer's summary (rank 0's),
     plus 'info'."""
     info = init_distributed(cfg.device)
+    model = None
     try:
         log = main_print(info)
         torch.manual_seed(cfg.seed)
@@ -51,4 +53,9 @@ def run_session(cfg: TrainingConfig, quantized: bool,
         summary["info"] = info
         return summary
     finally:
+        # Free the DDP/FSDP-wrapped model while the interpreter is fully alive: tensors that gloo's async work still
+        # references must not die during interpreter finalization, which aborts the process ("terminate called
+        # without an active exception", seen in CI; pytorch/pytorch#179291). Then leave the group.
+        model = None
+        gc.collect()
         shutdown(info)
