@@ -34,7 +34,6 @@ def main():
     llm = LLM(d, kv_cache_tokens=300_000, max_model_len=2048, max_num_seqs=512)
     engine = llm.llm_engine
     executor = engine.runner.executor
-    vocab = engine.model_config.vocab_size
 
     # What the model would return: one logits row per sampled chunk. A small vocabulary slice keeps the CPU cost of
     # the sampler's tensor ops (device kernels on a GPU) out of the host-time measurement.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import statistics
 import tempfile
 import time
 
@@ -122,12 +121,11 @@ def bench_decode(llm, batch: int, prompt_len: int, new_tokens: int, vocab: int) 
     last_first = max(o.metrics.first_token_time for o in outs)
     end = max(o.metrics.finished_time for o in outs)
     # Steady state: after the last prefill every request decodes one token per step.
-    after = sum(sum(1 for _ in range(len(o.outputs[0].token_ids))) - 1 for o in outs)
     decode_s = max(end - last_first, 1e-9)
     steps = new_tokens - 1
     return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "e2e_s": total,
             "e2e_output_tok_per_s": batch * new_tokens / total,
-            "decode_tok_per_s": batch * steps / decode_s, "step_ms": 1000 * decode_s / steps, "_tokens": after}
+            "decode_tok_per_s": batch * steps / decode_s, "step_ms": 1000 * decode_s / steps}
 
 
 def bench_throughput(llm, num_requests: int, vocab: int, seed: int = 0, min_in=32, max_in=1024, min_out=16,

@@ -169,7 +169,6 @@ def test_fused_moe_rejects_bad_inputs():
 
 
 def test_module_imports_without_triton(monkeypatch):
-    import importlib
     import sys
 
     import minke.kernels.fused_moe as mod

@@ -138,7 +138,6 @@ def test_rejects_bad_inputs():
 
 
 def test_module_imports_without_triton(monkeypatch):
-    import importlib
     import sys
 
     import minke.kernels.mla_decode as mod

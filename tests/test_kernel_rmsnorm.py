@@ -107,7 +107,6 @@ def test_rmsnorm_rejects_bad_input():
 def test_module_imports_without_triton(monkeypatch):
     # Load a fresh copy of the module while `import triton` fails: the reference must still work and the kernel
     # wrapper must say clearly what is missing.
-    import importlib
     import sys
 
     import minke.kernels.rmsnorm as mod
