@@ -18,7 +18,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # fixed KV capacity in tokens (default on CPU: kv_cache_gib worth)
     kv_cache_gib: float = 1.0  # CPU cache size when kv_cache_tokens is not given
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None = max(8192, max_model_len) without chunking... see resolve
+    max_num_batched_tokens: int | None = None  # tokens per step; None = 8192 (max_model_len without chunked prefill)
     block_size: int = 16
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True

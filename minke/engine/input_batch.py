@@ -18,6 +18,11 @@ class SeqChunk:
     block_table: list[int]
     sample: bool = True  # whether this chunk ends at the sequence's last token (so a token is sampled)
 
+    @property
+    def is_decode(self) -> bool:
+        """One new token after a cached context: attends through the decode path (ForwardBatch puts these first)."""
+        return len(self.token_ids) == 1 and self.start_pos > 0
+
 
 def allocate_kv_caches(cfg, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
     """One cache tensor per layer (layouts in models/forward_batch.py)."""
@@ -33,7 +38,7 @@ def make_forward_batch(chunks: list[SeqChunk], kv_caches: list[torch.Tensor], bl
     """Decode chunks (one token) must come first. Returns (input_ids [N], batch). Built on the host, one copy
     to the device per tensor."""
     num_decodes = 0
-    while num_decodes < len(chunks) and len(chunks[num_decodes].token_ids) == 1 and chunks[num_decodes].start_pos > 0:
+    while num_decodes < len(chunks) and chunks[num_decodes].is_decode:
         num_decodes += 1
     ids, pos, slots, qsl, seq_lens, logits_idx = [], [], [], [0], [], []
     for c in chunks:

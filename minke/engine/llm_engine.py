@@ -72,7 +72,7 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.model_config)
         self.max_model_len = self._resolve_max_model_len()
         self.runner.capture_graphs(self.max_model_len)
-        budget = cfg.max_num_batched_tokens or max(8192 if cfg.enable_chunked_prefill else self.max_model_len, 1)
+        budget = cfg.max_num_batched_tokens or (8192 if cfg.enable_chunked_prefill else self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, budget, cfg.enable_chunked_prefill,
                                                    max_model_len=self.max_model_len), self.block_manager)
@@ -179,15 +179,17 @@ class LLMEngine:
             return []
         now = time.monotonic()
         # Decodes first (the ForwardBatch contract), then prefill chunks.
-        items = sorted(sched.scheduled, key=lambda it: not (it.num_new_tokens == 1 and it.seq.num_computed_tokens > 0))
-        chunks, sample_seqs = [], []
-        for it in items:
+        work = []
+        for it in sched.scheduled:
             seq = it.seq
             start = seq.num_computed_tokens
             sample = start + it.num_new_tokens == seq.num_tokens
-            chunks.append(SeqChunk(seq.token_ids[start: start + it.num_new_tokens], start, list(seq.block_table), sample))
-            if sample:
-                sample_seqs.append(seq)
+            work.append((SeqChunk(seq.token_ids[start: start + it.num_new_tokens], start, list(seq.block_table), sample),
+                         seq))
+        work.sort(key=lambda w: not w[0].is_decode)  # stable: decodes first, each group in scheduling order
+        chunks = [c for c, _ in work]
+        sample_seqs = [seq for c, seq in work if c.sample]
+        for _, seq in work:
             req = self._seq_owner[seq.seq_id][0]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
