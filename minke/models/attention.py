@@ -73,16 +73,18 @@ class Attention(nn.Module):
 
     def _paged(self, q, k, v, batch: ForwardBatch):
         cache = batch.kv_caches[self.layer_idx]  # [2, blocks, bs, Hkv, hd]
-        cache[0].flatten(0, 1)[batch.slot_mapping] = k.to(cache.dtype)
-        cache[1].flatten(0, 1)[batch.slot_mapping] = v.to(cache.dtype)
+        k_new, v_new = k.to(cache.dtype), v.to(cache.dtype)
+        cache[0].flatten(0, 1)[batch.slot_mapping] = k_new
+        cache[1].flatten(0, 1)[batch.slot_mapping] = v_new
         nd = batch.num_decodes
         out = torch.empty_like(q)
         if nd:
             out[:nd] = batch.backend.mha_decode(q[:nd], cache, batch, self.scale)
         rep = self.num_heads // self.num_kv_heads
         for i in range(nd, batch.num_seqs):
-            s, e = batch.query_start_loc[i].item(), batch.query_start_loc[i + 1].item()
-            kc, vc = batch.backend.gather_kv(cache, batch, i)
+            s, e = batch.query_start_loc_cpu[i], batch.query_start_loc_cpu[i + 1]
+            # Without cached context the chunk's own K/V is the whole context (as the cache holds it).
+            kc, vc = batch.backend.gather_kv(cache, batch, i) if batch.has_context(i) else (k_new[s:e], v_new[s:e])
             kc, vc = kc.to(q.dtype).repeat_interleave(rep, dim=1), vc.to(q.dtype).repeat_interleave(rep, dim=1)
             out[s:e] = causal_attention(q[s:e], kc, vc, self.scale)
         return out
@@ -153,7 +155,8 @@ class MLAttention(nn.Module):
 
     def _paged(self, q_nope, q_pe, c_kv, k_pe, batch: ForwardBatch):
         cache = batch.kv_caches[self.layer_idx]  # [blocks, bs, C + R]
-        cache.view(-1, cache.shape[-1])[batch.slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(cache.dtype)
+        latent = torch.cat((c_kv, k_pe), dim=-1).to(cache.dtype)  # [N, C + R]
+        cache.view(-1, cache.shape[-1])[batch.slot_mapping] = latent
         nd = batch.num_decodes
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
         if nd:
@@ -164,8 +167,10 @@ class MLAttention(nn.Module):
         for i in range(nd, batch.num_seqs):
             # Prefill chunk: expand the gathered latent context to per-head K/V (cheaper than absorbing when many
             # queries share the context), then causal attention with the chunk at the end of the context.
-            s, e = batch.query_start_loc[i].item(), batch.query_start_loc[i + 1].item()
-            ctx = batch.backend.gather_latent(cache, batch, i).to(c_kv.dtype)  # [T, C + R]
+            s, e = batch.query_start_loc_cpu[i], batch.query_start_loc_cpu[i + 1]
+            # Context [T, C + R]: gathered through the block table, or, with nothing cached before this chunk, the
+            # chunk's own latent (the same values the cache holds).
+            ctx = (batch.backend.gather_latent(cache, batch, i) if batch.has_context(i) else latent[s:e]).to(c_kv.dtype)
             k, v = self._expand(ctx[:, : self.kv_lora_rank], ctx[:, self.kv_lora_rank :])
             q = torch.cat((q_nope[s:e], q_pe[s:e]), dim=-1)
             # Flash kernels want one head size for q, k and v: pad v (128) to the qk size (192), slice after.

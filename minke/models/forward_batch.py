@@ -12,6 +12,7 @@ block * block_size + row, which is what slot_mapping holds for the new tokens.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -33,9 +34,17 @@ class ForwardBatch:
     logits_indices: torch.Tensor | None = None  # [S] rows of the flat hidden states to turn into logits
     backend: "AttentionBackend" = field(default=None)  # type: ignore[assignment]
 
+    # [B + 1] query_start_loc on the host (from query_lens_cpu): slicing per sequence never waits on the device.
+    query_start_loc_cpu: list[int] = field(init=False)
+
     def __post_init__(self):
         if self.backend is None:
             self.backend = TorchAttentionBackend()
+        self.query_start_loc_cpu = list(itertools.accumulate(self.query_lens_cpu, initial=0))
+
+    def has_context(self, i: int) -> bool:
+        """Whether sequence i attends to tokens cached before this step (a prefix hit or an earlier chunk)."""
+        return self.seq_lens_cpu[i] > self.query_lens_cpu[i]
 
     @property
     def num_seqs(self) -> int:
