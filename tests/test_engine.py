@@ -45,7 +45,7 @@ def prompts_of(lengths, seed=0):
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "deepseek", "deepseek_v2_lite"])
-@pytest.mark.parametrize("mode", ["roomy", "chunked", "preempt"])
+@pytest.mark.parametrize("mode", ["roomy", "chunked", "preempt", "separate"])
 def test_batch_equals_requests_alone(ckpts, variant, mode):
     path = ckpts(variant)
     kw = dict(block_size=4, max_model_len=64)
@@ -53,8 +53,10 @@ def test_batch_equals_requests_alone(ckpts, variant, mode):
         kw.update(kv_cache_tokens=4096)
     elif mode == "chunked":
         kw.update(kv_cache_tokens=4096, max_num_batched_tokens=8)  # prompts split over several steps
-    else:
+    elif mode == "preempt":
         kw.update(kv_cache_tokens=64, max_num_batched_tokens=16)  # 16 blocks for 6 requests: must preempt
+    else:  # prefill and decode in separate steps (the CUDA-graph default), chunking and preempting
+        kw.update(kv_cache_tokens=64, max_num_batched_tokens=16, mixed_batches=False)
     llm = LLM(path, **kw)
     prompts = prompts_of([3, 17, 9, 25, 1, 12])
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
@@ -63,7 +65,7 @@ def test_batch_equals_requests_alone(ckpts, variant, mode):
         assert o.outputs[0].token_ids == reference_greedy(ref_model, p, 10)
         assert o.outputs[0].finish_reason == "length"
     stats = llm.llm_engine.get_stats()
-    if mode == "preempt":
+    if mode in ("preempt", "separate"):
         assert stats["num_preemptions"] > 0, "the tiny cache was meant to force preemption"
     assert stats["kv_cache_usage"] == 0.0 and stats["num_running"] == 0  # everything freed
 

@@ -209,9 +209,9 @@ def test_abort_frees_blocks_and_update_skips_aborted():
     assert not sched.has_unfinished() and bm.num_free_blocks() == bm.num_blocks
 
 
-def run_workload(num_blocks, prefix, budget, max_num_seqs=4):
+def run_workload(num_blocks, prefix, budget, max_num_seqs=4, mixed=True):
     sched, bm = make(num_blocks, block_size=2, prefix=prefix, max_num_batched_tokens=budget,
-                     max_num_seqs=max_num_seqs, max_model_len=16)
+                     max_num_seqs=max_num_seqs, max_model_len=16, mixed_batches=mixed)
     shared = [7, 7, 3, 1]
     seqs = [seq(i, shared + [i] * (1 + i % 5), sched, max_tokens=3 + (i * 3) % 6) for i in range(10)]
     pending = list(seqs)
@@ -219,8 +219,12 @@ def run_workload(num_blocks, prefix, budget, max_num_seqs=4):
     while sched.has_unfinished() or pending:
         if pending and steps % 2 == 0:  # arrivals over time
             sched.add(pending.pop(0))
+        decoding = {s.seq_id for s in sched.running if s.num_tokens - s.num_computed_tokens == 1}
         out, got = step(sched)
         check_invariants(sched, bm, out)
+        if not mixed:  # a step holds the decodes of already-decoding sequences only, or none of them
+            n_dec = sum(s.seq.seq_id in decoding for s in out.scheduled)
+            assert n_dec in (0, len(out.scheduled))
         for s in got:
             if s.num_output_tokens >= s.params["max_tokens"]:
                 sched.finish(s, "length")
@@ -240,6 +244,43 @@ def test_no_leak_and_outputs_unchanged_by_preemption(prefix):
         assert t.is_finished and t.finish_reason == "length"
         assert t.num_output_tokens == t.params["max_tokens"]
         assert t.token_ids == r.token_ids  # recompute after preemption reproduces the same continuation
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_separate_prefill_and_decode_steps_give_the_same_outputs(prefix):
+    mixed, _ = run_workload(num_blocks=128, prefix=prefix, budget=64)
+    for blocks, budget in ((128, 64), (8, 5)):  # roomy, and tight enough to chunk and preempt
+        separate, sched = run_workload(num_blocks=blocks, prefix=prefix, budget=budget, mixed=False)
+        for m, s in zip(mixed, separate):
+            assert s.finish_reason == "length" and s.token_ids == m.token_ids
+    assert sched.num_preemptions_total > 0
+
+
+def test_separate_steps_prefill_first_then_decodes_on_their_own():
+    sched, bm = make(32, block_size=4, max_num_batched_tokens=8, mixed_batches=False)
+    a = seq(0, range(5), sched)
+    sched.add(a)
+    assert plan(step(sched)[0]) == [(0, 5)]
+    assert plan(step(sched)[0]) == [(0, 1)]
+    b = seq(1, range(100, 112), sched)  # 12 tokens > budget 8: two prefill-only steps, a waits
+    c = seq(2, range(200, 203), sched)
+    sched.add(b)
+    sched.add(c)
+    assert plan(step(sched)[0]) == [(1, 8)]
+    assert plan(step(sched)[0]) == [(1, 4), (2, 3)]  # b's last chunk, then c is admitted in the same step
+    out, got = step(sched)
+    assert plan(out) == [(0, 1), (1, 1), (2, 1)] and got == [a, b, c]
+
+
+def test_separate_steps_decode_when_the_waiting_head_cannot_be_admitted():
+    sched, bm = make(6, block_size=4, max_num_batched_tokens=64, mixed_batches=False, max_num_seqs=1)
+    a, b = seq(0, range(5), sched), seq(1, range(9, 12), sched)
+    sched.add(a)
+    step(sched)
+    sched.add(b)  # max_num_seqs=1 is reached: b waits, a keeps decoding
+    assert plan(step(sched)[0]) == [(0, 1)]
+    sched.finish(a, "length")
+    assert plan(step(sched)[0]) == [(1, 3)]
 
 
 def test_validation_errors():

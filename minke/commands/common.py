@@ -22,6 +22,9 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     p.add_argument("--block-size", "--block_size", dest="block_size", type=int, default=16)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--enforce-eager", "--enforce_eager", dest="enforce_eager", action="store_true")
+    p.add_argument("--enable-mixed-chunk", "--enable_mixed_chunk", dest="mixed_batches",
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="prefill chunks and decodes in one step (default: only when decode runs without CUDA graphs)")
     p.add_argument("--tensor-parallel-size", "--tensor_parallel_size", "-tp", dest="tensor_parallel_size",
                    type=int, default=1)
     p.add_argument("--enable-expert-parallel", "--enable_expert_parallel", "--expert-parallel", "-ep",
@@ -34,7 +37,7 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
 
 
 ENGINE_ARG_NAMES = ("dtype", "device", "max_model_len", "gpu_memory_utilization", "kv_cache_tokens", "max_num_seqs",
-                    "max_num_batched_tokens", "block_size", "enable_prefix_caching", "enforce_eager",
+                    "max_num_batched_tokens", "block_size", "enable_prefix_caching", "enforce_eager", "mixed_batches",
                     "tensor_parallel_size", "enable_expert_parallel", "chat_template", "seed")
 
 

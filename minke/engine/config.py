@@ -23,6 +23,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False  # no CUDA graphs
+    # Prefill chunks and decodes in the same step (engine/scheduler.py). None: only when decode steps run eagerly;
+    # with CUDA graphs, separate steps keep every decode on a graph.
+    mixed_batches: bool | None = None
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False  # MoE layers: whole experts per rank + all-to-all (minke/parallel)
     chat_template: str | None = None

@@ -74,8 +74,10 @@ class LLMEngine:
         self.runner.capture_graphs(self.max_model_len)
         budget = cfg.max_num_batched_tokens or (8192 if cfg.enable_chunked_prefill else self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        mixed = cfg.mixed_batches if cfg.mixed_batches is not None else self.runner.graphs is None
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, budget, cfg.enable_chunked_prefill,
-                                                   max_model_len=self.max_model_len), self.block_manager)
+                                                   max_model_len=self.max_model_len, mixed_batches=mixed),
+                                   self.block_manager)
         self.requests: dict[str, Request] = {}
         self._seq_owner: dict[int, tuple[Request, SeqState]] = {}
         self._seq_ids = itertools.count()

@@ -12,6 +12,13 @@ Each step has one token budget (max_num_batched_tokens) shared by every schedule
 A resumed sequence recomputes prompt + generated tokens (its token_ids already contain its outputs), minus
 whatever the prefix cache still holds.
 
+mixed_batches=False (what the engine picks when decode steps replay CUDA graphs) keeps prefill and decode in
+separate steps, as SGLang does by default and vLLM v0 did: while a running sequence is mid-prefill or a waiting one
+can be admitted, the step holds prefill work only (the same two phases above, decodes skipped); otherwise it holds
+every decode. A mixed step runs eagerly (a graph covers one-token rows only), so at large batch it costs several
+times a graphed decode step; separate steps keep every decode on the graph. The price is decodes waiting out a
+prefill step (inter-token latency during admission bursts).
+
 The engine drives it: out = schedule(); run the model on out.scheduled; update(out, sampled); then for each seq
 that got a token decide eos / stop / max_tokens and call finish(seq, reason).
 """
@@ -33,6 +40,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     _: dataclasses.KW_ONLY
     max_model_len: int
+    mixed_batches: bool = True  # False: prefill and decode in separate steps (module docstring)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -139,6 +147,36 @@ class Scheduler:
 
     # ---------------------------------------------------------------- one step
     def schedule(self) -> SchedulerOutput:
+        if self.config.mixed_batches:
+            return self._schedule(prefill=True, decode=True)
+        if self._has_prefill_work():
+            out = self._schedule(prefill=True, decode=False)
+            if out.scheduled:
+                return out
+            # Its sequences preempted themselves (blocks short): decode what is left, report both preemptions.
+            rest = self._schedule(prefill=False, decode=True)
+            return SchedulerOutput(rest.scheduled, out.preempted + rest.preempted, rest.num_batched_tokens)
+        return self._schedule(prefill=False, decode=True)
+
+    @staticmethod
+    def _is_decode(seq: Sequence) -> bool:
+        """One token left to compute after a computed context (a 1-token prompt counts too: its row is a decode)."""
+        return seq.num_tokens - seq.num_computed_tokens == 1
+
+    def _has_prefill_work(self) -> bool:
+        if any(not self._is_decode(s) for s in self.running):
+            return True
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return False
+        seq, budget = self.waiting[0], self.config.max_num_batched_tokens
+        remaining = seq.num_tokens - self.block_manager.lookup_prefix(seq)
+        if remaining > budget and not self.config.enable_chunked_prefill:
+            return False
+        return self.block_manager.can_admit(seq, min(remaining, budget))
+
+    def _schedule(self, prefill: bool, decode: bool) -> SchedulerOutput:
+        """One step over running sequences of the chosen kinds (prefill chunks and/or decodes), then, when prefill
+        is on, waiting ones."""
         cfg = self.config
         bm = self.block_manager
         budget = cfg.max_num_batched_tokens
@@ -152,6 +190,9 @@ class Scheduler:
             seq = self.running[i]
             n = seq.num_tokens - seq.num_computed_tokens
             assert n >= 1, f"running seq {seq.seq_id} has nothing to compute: {seq!r}"
+            if not (decode if n == 1 else prefill):
+                i += 1  # the other kind of step
+                continue
             if n > budget:
                 if not cfg.enable_chunked_prefill:
                     i += 1  # whole remainder or nothing
@@ -171,7 +212,7 @@ class Scheduler:
             i += 1
 
         # 2) waiting sequences, strict FCFS. Skipped after a preemption: blocks are short, admitting would thrash.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        while prefill and not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[0]
             remaining = seq.num_tokens - bm.lookup_prefix(seq)
             if remaining > budget:
