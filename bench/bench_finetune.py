@@ -65,9 +65,12 @@ def build(raw: dict, mode: str, device: torch.device, args) -> torch.nn.Module:
     if mode == "qlora":
         from minke.train.quant import quantize_model_4bit
 
-        # As `minke finetune --bits 4`: a bf16 model in host memory, quantized module by module onto the GPU.
-        model = init_weights(build_model(cfg, torch.bfloat16, "cpu"))
+        # As `minke finetune --bits 4`: bf16 weights quantized module by module (minke.train.quant). The random
+        # bf16 weights are drawn on the GPU (V2-Lite's 15.7B draws take minutes on the host; a checkpoint load in
+        # `minke finetune` streams them from disk instead), then each module is replaced by its 4-bit version.
+        model = init_weights(build_model(cfg, torch.bfloat16, device))
         model = quantize_model_4bit(model, device, torch.bfloat16, "nf4", double_quant=True)
+        torch.cuda.empty_cache()
     else:
         model = init_weights(build_model(cfg, torch.bfloat16, device))
     for p in model.parameters():

@@ -63,15 +63,16 @@ def main():
             engine.step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / n
+        replay = engine.runner.executor.worker.time_graph_replay(b, 20)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 engine.step()
             torch.cuda.synchronize()
         with open(os.path.join(args.out, f"decode_b{b}.txt"), "w") as f:
-            f.write(f"wall per step {wall * 1000:.2f} ms\n")
+            f.write(f"wall per step {wall * 1000:.2f} ms, graph replay {replay} ms\n")
             f.write(table(prof, "cuda_time_total"))
             f.write("\n\n" + table(prof, "cpu_time_total"))
-        print(f"=== decode batch {b}: wall {wall * 1000:.2f} ms/step")
+        print(f"=== decode batch {b}: wall {wall * 1000:.2f} ms/step, graph replay (GPU only) {replay} ms")
         print(table(prof, "cuda_time_total", 15))
         while engine.has_unfinished_requests():
             engine.step()
