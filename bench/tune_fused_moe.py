@@ -1,0 +1,110 @@
+"""Block-size sweep for minke's fused MoE (minke/kernels/fused_moe.py) on the GPU at hand: for each token count T,
+times the whole `fused_moe` call (align + both grouped GEMMs + slot sum) over a grid of configs and prints the best
+per T, as rows for the MOE_CONFIGS table. Times are GPU-only (CUDA-graph replays), as decode steps run it. Routing is uniform random top-k, what the dummy-weight benchmarks see
+(real routers are skewed; the tiles per expert then vary more, the best config rarely does).
+
+    python bench/tune_fused_moe.py --shape v2-lite --tokens 1,8,32,64,128,256,512,1024,2048,4096,8192 --out tune.json
+
+The grid narrows BLOCK_M by rows per expert (T*K/E): decode-sized T is weight-bandwidth bound and wants the
+smallest tile (16, the tl.dot minimum); prefill-sized T is compute bound and wants large tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from minke.kernels.fused_moe import _cfg, fused_moe, get_moe_config  # noqa: E402
+
+SHAPES = {  # (E, I = moe_intermediate_size, D = hidden, K = experts per token)
+    "v2-lite": (64, 1408, 2048, 6),  # DeepSeekMoE-16B has the same expert shapes
+    "v2": (160, 1536, 5120, 6),
+}
+
+
+def candidates(rows_per_expert: float):
+    if rows_per_expert < 4:
+        bms = (16,)
+    elif rows_per_expert < 48:
+        bms = (16, 32, 64)
+    else:
+        bms = (64, 128)
+    for bm, bn, bk, warps, stages in itertools.product(bms, (64, 128), (64, 128), (4, 8), (3, 4)):
+        if bm * bn >= 128 * 128 and stages == 4 and bk == 128:
+            continue  # over the shared-memory budget
+        yield _cfg(bm, bn, bk, 1 if bm == 16 else 8, warps, stages)
+
+
+def time_graph(fn, calls: int = 10, replays: int = 5) -> float:
+    """GPU milliseconds per call of fn, from a CUDA graph of `calls` calls (no launch overhead, as decode steps
+    replay it). A host-timed loop would measure Python launch cost at small T instead of the kernels."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile / warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (calls * replays)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="v2-lite", choices=sorted(SHAPES))
+    ap.add_argument("--tokens", default="1,8,32,64,128,256,512,1024,2048,4096,8192")
+    ap.add_argument("--out", default=None, help="write {T: {config, ms, default_ms}} as JSON here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("tune_fused_moe: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    E, inter, D, K = SHAPES[args.shape]
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    w13 = torch.randn(E, 2 * inter, D, device=dev, dtype=dt, generator=g) * 0.02
+    w2 = torch.randn(E, D, inter, device=dev, dtype=dt, generator=g) * 0.02
+    results = {}
+    for T in (int(t) for t in args.tokens.split(",")):
+        x = torch.randn(T, D, device=dev, dtype=dt, generator=g)
+        ids = torch.rand(T, E, device=dev, generator=g).topk(K, dim=-1).indices.to(torch.int32)
+        w = torch.rand(T, K, device=dev, generator=g)
+        default = get_moe_config(E, inter, D, T, dt)
+        default_ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=default))
+        best, best_ms = default, default_ms
+        for cfg in candidates(T * K / E):
+            try:
+                ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=cfg))
+            except Exception as e:  # out of shared memory / registers for this tile: skip it
+                print(f"  T={T} skip {cfg}: {type(e).__name__}", flush=True)
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        weight_gb = min(E, T * K) * 3 * inter * D * 2 / 1e9  # experts hit (at most) x their bytes
+        flops = 2 * T * K * 3 * inter * D
+        print(f"T={T:5d}: best {best_ms * 1000:8.1f} us (default {default_ms * 1000:8.1f} us)  "
+              f"{weight_gb / best_ms * 1000:6.0f} GB/s of expert weights, {flops / best_ms / 1e9:6.0f} TFLOP/s  {best}",
+              flush=True)
+        results[T] = {"config": best, "ms": best_ms, "default_ms": default_ms}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
