@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models.layers import RMSNorm
-from ..models.moe import Experts
+from ..models.moe import Experts, Router
 
 
 def use_fused_moe(model) -> None:
@@ -29,6 +29,20 @@ def use_fused_rmsnorm(model) -> None:
             m.impl = rmsnorm
 
 
+def use_fused_router(model, max_tokens: int = 1024) -> None:
+    """MoE routers as one Triton program per token (kernels/router.py) for up to max_tokens tokens: decode-sized
+    steps, where the ~7 torch kernels it replaces are launch-bound. Each program reads the whole router weight, so
+    long prefills keep the torch path (one GEMM)."""
+    from ..kernels.router import route, route_ref
+
+    def impl(x, weight, *args):
+        return (route if x.shape[0] <= max_tokens else route_ref)(x, weight, *args)
+
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.impl = impl
+
+
 def install_gpu_kernels(model, device: torch.device) -> None:
     """On CUDA with triton available: fused MoE and fused add+RMSNorm. Elsewhere the torch code stays."""
     if device.type != "cuda":
@@ -39,3 +53,4 @@ def install_gpu_kernels(model, device: torch.device) -> None:
         return
     use_fused_moe(model)
     use_fused_rmsnorm(model)
+    use_fused_router(model)

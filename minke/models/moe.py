@@ -23,7 +23,7 @@ from .layers import MLP
 class RouterOutput:
     topk_ids: torch.Tensor  # [N, K] long
     topk_weights: torch.Tensor  # [N, K] fp32
-    scores: torch.Tensor  # [N, E] fp32 softmax scores (for the balance loss)
+    scores: torch.Tensor | None  # [N, E] fp32 softmax scores (for the balance loss); None when not asked for
 
 
 class Router(nn.Module):
@@ -35,8 +35,15 @@ class Router(nn.Module):
         self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
         self.method, self.n_group, self.topk_group = cfg.topk_method, cfg.n_group, cfg.topk_group
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        # Inference kernel with this forward's semantics (kernels/router.py `route`), installed on GPU; used when
+        # the scores are not needed (no balance loss).
+        self.impl: Callable | None = None
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
+    def forward(self, x: torch.Tensor, need_scores: bool = True) -> RouterOutput:
+        if self.impl is not None and not need_scores:
+            ids, weights = self.impl(x, self.weight, self.top_k, self.method, self.n_group, self.topk_group,
+                                     self.norm_topk_prob, self.scaling)
+            return RouterOutput(ids, weights, None)
         scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [N, E]
         masked = scores
         if self.method == "group_limited_greedy":
@@ -96,11 +103,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, want_aux: bool = False):
         """x [..., D] -> (out [..., D], balance loss or None)."""
         flat = x.reshape(-1, x.shape[-1])
-        r = self.gate(flat)
+        want_aux = want_aux and self.aux_loss_alpha > 0
+        r = self.gate(flat, need_scores=want_aux)
         out = self.experts(flat, r.topk_ids, r.topk_weights).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        aux = self.balance_loss(r, x.shape) if want_aux and self.aux_loss_alpha > 0 else None
+        aux = self.balance_loss(r, x.shape) if want_aux else None
         return out, aux
 
     def balance_loss(self, r: RouterOutput, shape: torch.Size) -> torch.Tensor:

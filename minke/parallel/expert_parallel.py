@@ -109,7 +109,7 @@ class ExpertParallelMoE(nn.Module):
         if dev not in self._tables:
             self._tables[dev] = self.placement.tables(dev)
         owner_of, local_of = self._tables[dev]
-        r = self.gate(x)
+        r = self.gate(x, need_scores=False)
         k = r.topk_ids.shape[-1]
         ids, weights = r.topk_ids.reshape(-1), r.topk_weights.reshape(-1)  # [n*K]
         tok = torch.arange(x.shape[0], device=dev).repeat_interleave(k)  # [n*K] token of each pair

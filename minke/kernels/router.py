@@ -1,0 +1,156 @@
+"""DeepSeek MoE router (`MoEGate`) for inference: one Triton program per token computes the fp32 logits x·Wᵀ, the
+softmax, the top-k (greedy, or group-limited as DeepSeek-V2 routes) and the weight normalisation or scaling. In
+torch that is ~7 kernels per MoE layer (two fp32 casts, the GEMV, softmax, top-k's sort and gather, the scaling);
+at decode, where every one of them is a few microseconds of launch-bound work, one launch replaces them.
+
+Semantics are minke.models.moe.Router's (DeepSeek's modeling code):
+    scores = softmax(x.float() @ W.float()ᵀ)                                  [N, E]
+    group_limited_greedy: keep the topk_group groups with the best max score, zero the other experts' scores
+    weights, ids = topk(scores, K)
+    weights /= sum(weights) + 1e-20   if K > 1 and norm_topk_prob   else   weights *= routed_scaling_factor
+Summation order differs from cuBLAS' GEMV, so logits agree to fp32 rounding, and experts whose scores tie to
+that precision may be chosen in a different order. Ties in the top-k go to the lower expert id.
+
+Public API:
+    route(x, weight, top_k, method, n_group, topk_group, norm_topk_prob, scaling) -> (ids [N, K] int64, weights [N, K] fp32)
+    route_ref(...)  the same in plain torch (what Router computes)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import is_interpreted as _is_interpreted
+from ._triton import tl, triton
+
+_METHODS = ("greedy", "group_limited_greedy")
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, top_k: int, method: str, n_group: int, topk_group: int):
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"route: x must be [N, D] and weight [E, D], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"route: x on {x.device} but weight on {weight.device}")
+    E = weight.shape[0]
+    if not 1 <= top_k <= E:
+        raise ValueError(f"route: top_k must be in [1, {E}], got {top_k}")
+    if method not in _METHODS:
+        raise ValueError(f"route: method must be one of {_METHODS}, got {method!r}")
+    if method == "group_limited_greedy" and (n_group < 1 or E % n_group or not 1 <= topk_group <= n_group):
+        raise ValueError(f"route: {E} experts cannot form n_group={n_group} groups keeping topk_group={topk_group}")
+
+
+def route_ref(x, weight, top_k: int, method: str, n_group: int, topk_group: int, norm_topk_prob: bool,
+              scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference: x [N, D], weight [E, D] -> ids [N, K] int64, weights [N, K] fp32."""
+    _check(x, weight, top_k, method, n_group, topk_group)
+    scores = F.linear(x.float(), weight.float()).softmax(dim=-1)
+    if method == "group_limited_greedy":
+        groups = scores.view(-1, n_group, weight.shape[0] // n_group)
+        keep = groups.max(dim=-1).values.topk(topk_group, dim=-1).indices
+        mask = torch.zeros_like(groups[..., 0]).scatter_(1, keep, 1.0)
+        scores = (groups * mask.unsqueeze(-1)).view_as(scores)
+    weights, ids = scores.topk(top_k, dim=-1)
+    if top_k > 1 and norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        weights = weights * scaling
+    return ids, weights
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _router_kernel(
+        x_ptr,  # [N, D], row stride stride_x, unit column stride
+        w_ptr,  # [E, D] contiguous
+        ids_ptr,  # [N, K] int64 out
+        wts_ptr,  # [N, K] fp32 out
+        D,
+        stride_x,
+        scaling,
+        E: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK_K: tl.constexpr,  # next power of two >= K
+        BLOCK_E: tl.constexpr,  # next power of two >= E
+        BLOCK_D: tl.constexpr,
+        GROUPED: tl.constexpr,
+        N_GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,  # next power of two >= N_GROUP
+        TOPK_GROUP: tl.constexpr,
+        NORM: tl.constexpr,
+    ):
+        n = tl.program_id(0)
+        e = tl.arange(0, BLOCK_E)
+        e_ok = e < E
+        # logits[e] = sum_d x[d] * W[e, d] in fp32, D in BLOCK_D slices
+        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            xv = tl.load(x_ptr + n * stride_x + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+            wv = tl.load(w_ptr + e[:, None] * D + d[None, :], mask=e_ok[:, None] & d_ok[None, :],
+                         other=0.0).to(tl.float32)  # [BLOCK_E, BLOCK_D]
+            acc += tl.sum(wv * xv[None, :], axis=1)
+        logits = tl.where(e_ok, acc, float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        p = p / tl.sum(p, axis=0)  # softmax scores, 0 on padding lanes
+        if GROUPED:
+            # group of expert e = e // (E / N_GROUP); a group's score is its best expert's
+            gid = e // (E // N_GROUP)
+            g = tl.arange(0, BLOCK_G)
+            member = (gid[None, :] == g[:, None]) & e_ok[None, :]  # [BLOCK_G, BLOCK_E]
+            gscore = tl.max(tl.where(member, p[None, :], -1.0), axis=1)  # [BLOCK_G]; -1 for padding groups
+            keep = tl.zeros([BLOCK_G], dtype=tl.int32)
+            for _ in tl.static_range(TOPK_GROUP):
+                best = tl.argmax(gscore, axis=0, tie_break_left=True)
+                keep = tl.where(g == best, 1, keep)
+                gscore = tl.where(g == best, -2.0, gscore)
+            kept = tl.max(tl.where(member & (keep[:, None] == 1), 1, 0), axis=0)  # [BLOCK_E]
+            p = tl.where(kept == 1, p, 0.0)  # as the reference: other experts' scores become 0
+        p = tl.where(e_ok, p, -1.0)  # padding lanes are never chosen
+        kk = tl.arange(0, BLOCK_K)
+        top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+        top_i = tl.zeros([BLOCK_K], dtype=tl.int64)
+        for k in tl.static_range(K):
+            best = tl.argmax(p, axis=0, tie_break_left=True)
+            top_w = tl.where(kk == k, tl.max(p, axis=0), top_w)
+            top_i = tl.where(kk == k, best.to(tl.int64), top_i)
+            p = tl.where(e == best, -1.0, p)
+        if NORM:
+            top_w = top_w / (tl.sum(top_w, axis=0) + 1e-20)  # lanes >= K hold 0
+        else:
+            top_w = top_w * scaling
+        tl.store(ids_ptr + n * K + kk, top_i, mask=kk < K)
+        tl.store(wts_ptr + n * K + kk, top_w, mask=kk < K)
+
+
+def route(x, weight, top_k: int, method: str, n_group: int, topk_group: int, norm_topk_prob: bool,
+          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of route_ref (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
+    if not _HAS_TRITON:
+        raise RuntimeError("route: triton is not installed; use route_ref")
+    _check(x, weight, top_k, method, n_group, topk_group)
+    if x.device.type == "cpu" and not _is_interpreted(_router_kernel):
+        raise RuntimeError("route: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    weight = weight.contiguous()
+    N, D = x.shape
+    E = weight.shape[0]
+    ids = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
+    wts = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
+    if N == 0:
+        return ids, wts
+    grouped = method == "group_limited_greedy"
+    block_e = triton.next_power_of_2(E)
+    _router_kernel[(N,)](
+        x, weight, ids, wts, D, x.stride(0), float(scaling),
+        E=E, K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_E=block_e, BLOCK_D=max(16, min(128, 8192 // block_e)),
+        GROUPED=grouped, N_GROUP=n_group if grouped else 1,
+        BLOCK_G=triton.next_power_of_2(n_group) if grouped else 1, TOPK_GROUP=topk_group if grouped else 1,
+        NORM=top_k > 1 and norm_topk_prob, num_warps=4,
+    )
+    return ids, wts
