@@ -167,6 +167,9 @@ _LARGE_E_TABLE = {  # 160 experts: ~T*6/160 rows per expert, so the move to big 
 MOE_CONFIGS: dict[tuple[int, int, int], dict[int, dict]] = {
     (64, 1408, 2048): _SMALL_E_TABLE,  # DeepSeek-V2-Lite and DeepSeekMoE-16B share these expert shapes
     (160, 1536, 5120): _LARGE_E_TABLE,  # DeepSeek-V2 (236B)
+    # The same models with their 2 shared experts fused in as experts E, E+1 (models/moe.py fuse_shared_experts).
+    (66, 1408, 2048): _SMALL_E_TABLE,
+    (162, 1536, 5120): _LARGE_E_TABLE,
 }
 
 

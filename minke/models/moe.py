@@ -99,17 +99,65 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.aux_loss_alpha, self.seq_aux = cfg.aux_loss_alpha, cfg.seq_aux
+        # After fuse_shared_experts(): the shared experts live in self.experts as the last n_fused_shared experts
+        # and steps of up to fused_max_tokens tokens route every token to them too (weight 1).
+        self.n_fused_shared, self.fused_max_tokens = 0, 0
 
     def forward(self, x: torch.Tensor, want_aux: bool = False):
         """x [..., D] -> (out [..., D], balance loss or None)."""
         flat = x.reshape(-1, x.shape[-1])
         want_aux = want_aux and self.aux_loss_alpha > 0
         r = self.gate(flat, need_scores=want_aux)
-        out = self.experts(flat, r.topk_ids, r.topk_weights).view_as(x)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        if self.n_fused_shared:
+            out = self._forward_fused_shared(flat, r).view_as(x)
+        else:
+            out = self.experts(flat, r.topk_ids, r.topk_weights).view_as(x)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(x)
         aux = self.balance_loss(r, x.shape) if want_aux else None
         return out, aux
+
+    @torch.no_grad()
+    def fuse_shared_experts(self, max_tokens: int = 1024) -> bool:
+        """Inference only: move the shared experts into the routed experts' stacked weights, as S extra experts.
+
+        A SwiGLU MLP is a sum over its intermediate columns, so the shared MLP (width S*I, or its tensor-parallel
+        slice) is exactly S experts of the routed width I, each applied to every token with weight 1. At decode
+        sizes this runs the shared experts inside the two grouped GEMMs of the fused MoE instead of ~6 separate
+        launches (3 GEMVs, silu, mul, add) per layer. Weights: gate_up [E, 2I, D] -> [E+S, 2I, D], down
+        [E, D, I] -> [E+S, D, I]; the shared MLP's own tensors are dropped (no extra memory). Returns False, and
+        changes nothing, when the shapes do not split evenly.
+        """
+        mlp, ex = self.shared_experts, self.experts
+        if mlp is None or self.n_fused_shared:
+            return False
+        e, two_i, d = ex.gate_up_proj.shape
+        inter, width = two_i // 2, mlp.gate_proj.out_features
+        if width % inter or mlp.gate_proj.bias is not None or mlp.gate_proj.in_features != d:
+            return False
+        s = width // inter
+        gate = mlp.gate_proj.weight.view(s, inter, d)  # [S, I, D]: column block j of the shared MLP = expert j
+        up = mlp.up_proj.weight.view(s, inter, d)
+        down = mlp.down_proj.weight.view(d, s, inter).transpose(0, 1)  # [D, S*I] -> [S, D, I]
+        ex.gate_up_proj = nn.Parameter(torch.cat([ex.gate_up_proj, torch.cat([gate, up], 1)]), requires_grad=False)
+        ex.down_proj = nn.Parameter(torch.cat([ex.down_proj, down]), requires_grad=False)
+        self.register_buffer("shared_ids", torch.arange(e, e + s, device=ex.down_proj.device)[None], persistent=False)
+        self.shared_experts, self.n_fused_shared, self.fused_max_tokens = None, s, max_tokens
+        return True
+
+    def _forward_fused_shared(self, flat: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        """flat [N, D] -> routed + shared output [N, D], shared experts = the last n_fused_shared experts."""
+        n, s = flat.shape[0], self.n_fused_shared
+        if n <= self.fused_max_tokens:
+            ids = torch.cat([r.topk_ids, self.shared_ids.expand(n, s)], dim=1)  # [N, K+S]
+            weights = torch.cat([r.topk_weights, r.topk_weights.new_ones(n, s)], dim=1)
+            return self.experts(flat, ids, weights)
+        # Long prefills: dense GEMMs (cuBLAS) beat the grouped kernel on the shared experts, which see every token.
+        gate_up, down = self.experts.gate_up_proj[-s:], self.experts.down_proj[-s:]  # [S, 2I, D], [S, D, I]
+        h = torch.matmul(flat, gate_up.transpose(1, 2))  # [S, N, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        shared = torch.matmul(F.silu(gate) * up, down.transpose(1, 2)).sum(0)  # [S, N, D] -> [N, D]
+        return self.experts(flat, r.topk_ids, r.topk_weights) + shared.to(flat.dtype)
 
     def balance_loss(self, r: RouterOutput, shape: torch.Size) -> torch.Tensor:
         """DeepSeekMoE expert-level balance loss (modeling_deepseek.py MoEGate): alpha * sum_i f_i * P_i,
