@@ -1,6 +1,7 @@
 """Block-size sweep for minke's fused MoE (minke/kernels/fused_moe.py) on the GPU at hand: for each token count T,
 times the whole `fused_moe` call (align + both grouped GEMMs + slot sum) over a grid of configs and prints the best
-per T, as rows for the MOE_CONFIGS table. Times are GPU-only (CUDA-graph replays), as decode steps run it. Routing is uniform random top-k, what the dummy-weight benchmarks see
+per T, as rows for the MOE_CONFIGS table. By default the shape's shared experts are fused in (E+S experts, K+S slots),
+as the GPU runner runs them. Times are GPU-only (CUDA-graph replays), as decode steps run it. Routing is uniform random top-k, what the dummy-weight benchmarks see
 (real routers are skewed; the tiles per expert then vary more, the best config rarely does).
 
     python bench/tune_fused_moe.py --shape v2-lite --tokens 1,8,32,64,128,256,512,1024,2048,4096,8192 --out tune.json
@@ -23,9 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minke.kernels.fused_moe import _cfg, fused_moe, get_moe_config  # noqa: E402
 
-SHAPES = {  # (E, I = moe_intermediate_size, D = hidden, K = experts per token)
-    "v2-lite": (64, 1408, 2048, 6),  # DeepSeekMoE-16B has the same expert shapes
-    "v2": (160, 1536, 5120, 6),
+SHAPES = {  # (E, I = moe_intermediate_size, D = hidden, K = experts per token, S = shared experts)
+    "v2-lite": (64, 1408, 2048, 6, 2),  # DeepSeekMoE-16B has the same expert shapes
+    "v2": (160, 1536, 5120, 6, 2),
 }
 
 
@@ -69,11 +70,16 @@ def main() -> int:
     ap.add_argument("--shape", default="v2-lite", choices=sorted(SHAPES))
     ap.add_argument("--tokens", default="1,8,32,64,128,256,512,1024,2048,4096,8192")
     ap.add_argument("--out", default=None, help="write {T: {config, ms, default_ms}} as JSON here")
+    ap.add_argument("--no-shared", action="store_true",
+                    help="routed experts only (default: the S shared experts fused in as experts E..E+S-1 that "
+                         "every token also visits, as the GPU runner does with MoE.fuse_shared_experts)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("tune_fused_moe: needs a CUDA GPU", file=sys.stderr)
         return 1
-    E, inter, D, K = SHAPES[args.shape]
+    E_routed, inter, D, K_routed, S = SHAPES[args.shape]
+    S = 0 if args.no_shared else S
+    E, K = E_routed + S, K_routed + S
     dev, dt = torch.device("cuda"), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     w13 = torch.randn(E, 2 * inter, D, device=dev, dtype=dt, generator=g) * 0.02
@@ -81,12 +87,14 @@ def main() -> int:
     results = {}
     for T in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(T, D, device=dev, dtype=dt, generator=g)
-        ids = torch.rand(T, E, device=dev, generator=g).topk(K, dim=-1).indices.to(torch.int32)
+        ids = torch.rand(T, E_routed, device=dev, generator=g).topk(K_routed, dim=-1).indices
+        shared = torch.arange(E_routed, E, device=dev).expand(T, S)
+        ids = torch.cat([ids, shared], dim=1).contiguous()  # [T, K] int64, as the router returns
         w = torch.rand(T, K, device=dev, generator=g)
         default = get_moe_config(E, inter, D, T, dt)
         default_ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=default))
         best, best_ms = default, default_ms
-        for cfg in candidates(T * K / E):
+        for cfg in candidates(T * K_routed / E_routed):
             try:
                 ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=cfg))
             except Exception as e:  # out of shared memory / registers for this tile: skip it
