@@ -129,17 +129,20 @@ def test_absorbed_mla_decode_equals_naive(checkpoints):
 
 
 def test_gpu_kernel_wiring_matches_reference_on_cpu(checkpoints):
-    """The kernels the runner installs on GPU (fused MoE, fused add+RMSNorm, Triton MLA decode) run here under
-    TRITON_INTERPRET and give the reference's logits through chunked prefill + paged decode."""
+    """The kernels the runner installs on GPU (apply_gpu_kernels: shared experts fused into the fused MoE, fused
+    add+RMSNorm, Triton router; Triton MLA decode backend) run here under TRITON_INTERPRET and give the reference's
+    logits through chunked prefill + paged decode."""
     pytest.importorskip("triton")
     from minke.engine.attention_backends import TritonAttentionBackend
-    from minke.engine.gpu_kernels import use_fused_moe, use_fused_rmsnorm
+    from minke.engine.gpu_kernels import apply_gpu_kernels
+    from minke.models.moe import MoE
 
     _, path = checkpoints("deepseek_v2")
     ref = minke.load_model(path)
     fast = minke.load_model(path)
-    use_fused_moe(fast)
-    use_fused_rmsnorm(fast)
+    apply_gpu_kernels(fast)
+    moes = [m for m in fast.modules() if isinstance(m, MoE)]
+    assert moes and all(m.n_fused_shared for m in moes)  # the tiny V2 has shared experts: they were folded in
     caches = allocate_kv_caches(fast.config, 16, 4, torch.float32, "cpu")
     prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(4)).tolist()
     table = [3, 9, 1, 12]
