@@ -492,3 +492,28 @@ class IncrementalDetokenizer:
     @property
     def output_ids(self) -> list[int]:
         return self._ids[self._num_prompt:]
+
+
+def detokenize_output(tokenizer: Tokenizer, prompt_ids: Sequence[int], output_ids: Sequence[int],
+                      skip_special_tokens: bool = True) -> str:
+    """The text that IncrementalDetokenizer(tokenizer, prompt_ids).step([t]) for each t of output_ids would have
+    emitted in total (no flush), computed at once: the engine's final_only requests detokenize at the end.
+
+    Fast path, two decodes: with a byte-level decoder, decode(ids) is the lossy UTF-8 reading of the concatenated
+    bytes of the tokens. When neither the prompt window nor the prompt window + all outputs decode to a U+FFFD,
+    both ends are character boundaries, every held-back partial character was completed later, and the per-step
+    emissions telescope to decode(window + outputs)[len(decode(window)):]. Otherwise (an incomplete or invalid byte
+    sequence somewhere, or another decoder) replay the incremental steps, which is exact by construction."""
+    prompt = [int(t) for t in prompt_ids[max(len(prompt_ids) - _PROMPT_CONTEXT_TOKENS, 0):]]
+    out = [int(t) for t in output_ids]
+    if not out:
+        return ""
+    if type(tokenizer._backend.decoder).__name__ == "ByteLevel":
+        prefix = tokenizer.decode(prompt, skip_special_tokens) if prompt else ""
+        full = tokenizer.decode(prompt + out, skip_special_tokens)
+        if "\ufffd" not in full and "\ufffd" not in prefix and full.startswith(prefix):
+            return full[len(prefix):]
+    detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip_special_tokens)
+    for t in out:
+        detok.step([t])
+    return detok.text
