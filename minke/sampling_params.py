@@ -19,6 +19,8 @@ GREEDY_EPS = 1e-5
 _PENALTY_RANGE = (-2.0, 2.0)
 # Most top-logprobs one generated token may ask for (OpenAI's limit; vLLM's default cap).
 MAX_LOGPROBS = 20
+# What the engine reports for a request: its output after every step (streaming), or only the finished one.
+OUTPUT_KINDS = ("cumulative", "final_only")
 
 
 def _is_int(value) -> bool:
@@ -59,6 +61,9 @@ class SamplingParams:
     logprobs: number of top log-probabilities returned per generated token (0 = only the
     chosen token's), at most 20.  prompt_logprobs: not supported (must be None).
     logit_bias: {token id: bias added to its logit}; -inf bans a token.
+    output_kind: "cumulative" (the engine reports the request's output, text so far included, every step it gets
+    a token: streaming) or "final_only" (only once, when it finishes; without stop strings the text is then
+    detokenized once at the end instead of token by token; what LLM.generate uses).
     """
 
     n: int = 1
@@ -80,6 +85,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = field(default=None)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -137,6 +143,9 @@ class SamplingParams:
                 f"got {self.prompt_logprobs!r}")
 
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
 
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):

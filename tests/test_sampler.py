@@ -75,6 +75,28 @@ def test_from_params_builds_tensors():
     assert direct.flags == b.flags
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_from_params_shared_and_distinct_objects(shared):
+    """Rows sharing one SamplingParams object (the offline case) and rows with their own give the same batch;
+    flags, taken on the host in float32, agree with _summarise on the tensors also at float32 rounding edges."""
+    kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.999999999),
+             SamplingParams(temperature=9.9999999e-6, min_p=0.05), SamplingParams(temperature=1.0, top_k=3,
+                                                                                   repetition_penalty=1.1)]
+    for k in range(len(kinds)):
+        one = kinds[k]
+        params = [one] * 5 if shared else [one.clone() for _ in range(5)]
+        params = params + kinds[: k]  # mixes of distinct objects
+        b = batch_of(params, "cpu")
+        rows = torch.tensor([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+                              p.repetition_penalty] for p in params], dtype=torch.float32)
+        got = torch.stack([b.temperature, b.top_p, b.min_p, b.presence_penalty, b.frequency_penalty,
+                           b.repetition_penalty], dim=1)
+        assert torch.equal(got, rows)
+        assert b.top_k.tolist() == [p.top_k for p in params]
+        direct = SamplingBatch(**{f: getattr(b, f) for f in b.__dataclass_fields__ if f != "flags"})
+        assert direct.flags == b.flags
+
+
 def test_batch_and_logits_shape_errors():
     with pytest.raises(ValueError, match="generators"):
         batch_of([SamplingParams()] * 2, "cpu", generators=[None])

@@ -125,15 +125,31 @@ class SamplingBatch:
         generators = [None] * b if generators is None else list(generators)
         min_tokens_mask = [[] for _ in range(b)] if min_tokens_mask is None else \
             [list(m) for m in min_tokens_mask]
-        # Values are gathered on the host, summarised there (no sync), then sent in one copy.
-        floats = torch.tensor(
-            [[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
-              p.repetition_penalty] for p in params], dtype=torch.float32,
-        ).reshape(b, 6)
-        top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).reshape(b)
-        temperature, top_p, min_p, presence, frequency, repetition = floats.unbind(1)
-        flags = _summarise(temperature, top_p, top_k, min_p, presence, frequency, repetition)
-        floats = floats.t().contiguous().to(device)   # [6, B]
+        # Rows of one request (and every request of an offline batch) share a SamplingParams object: gather the
+        # values once per distinct object into a [K, 6] float32 table, summarise it on the host in float32 (the
+        # tensors' dtype, so the flags match _summarise exactly), then expand to [B] rows with one index.
+        slot: dict[int, int] = {}
+        distinct: list[SamplingParams] = []
+        for p in params:
+            if id(p) not in slot:
+                slot[id(p)] = len(distinct)
+                distinct.append(p)
+        table = np.array([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+                           p.repetition_penalty] for p in distinct], dtype=np.float32).reshape(-1, 6)
+        ks = np.array([p.top_k for p in distinct], dtype=np.int64)
+        rnd = table[:, 0] >= np.float32(GREEDY_EPS)
+        flags = BatchFlags(bool(rnd.any()), bool((table[:, 5] != 1.0).any()),
+                           bool(((table[:, 3] != 0.0) | (table[:, 4] != 0.0)).any()),
+                           bool((rnd & ((ks > 0) | (table[:, 1] < np.float32(1.0)))).any()),
+                           bool((rnd & (table[:, 2] > 0.0)).any()))
+        if len(distinct) == 1:
+            floats = np.repeat(table.T, b, axis=1)                   # [6, B]
+            top_k = torch.from_numpy(np.repeat(ks, b))
+        else:
+            rows = np.fromiter((slot[id(p)] for p in params), dtype=np.int64, count=b)
+            floats = np.ascontiguousarray(table[rows].T)             # [6, B]
+            top_k = torch.from_numpy(ks[rows])
+        floats = torch.from_numpy(floats).to(device)                 # [6, B]
         temperature, top_p, min_p, presence, frequency, repetition = floats.unbind(0)
         return cls(
             temperature=temperature, top_p=top_p, top_k=top_k.to(device), min_p=min_p,
@@ -363,9 +379,13 @@ class Sampler:
         top = self._raw_top_logprobs(raw, raw_lse, batch.num_logprobs)
 
         x = raw.clone()                                                 # [B, V], processed
-        apply_logit_bias(x, batch.logit_bias)
-        apply_token_mask(x, batch.min_tokens_mask)
-        if any(batch.logit_bias) or any(batch.min_tokens_mask):
+        # Both are no-ops on empty rows; skip the per-row Python of building their indices when all are.
+        any_bias, any_mask = any(batch.logit_bias), any(batch.min_tokens_mask)
+        if any_bias:
+            apply_logit_bias(x, batch.logit_bias)
+        if any_mask:
+            apply_token_mask(x, batch.min_tokens_mask)
+        if any_bias or any_mask:
             # Only a bias or mask can ban every token; sampling would then return garbage.
             dead = torch.isneginf(x).all(dim=-1)
             if bool(dead.any()):
