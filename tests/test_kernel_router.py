@@ -79,17 +79,17 @@ def test_installed_router_keeps_the_model_logits(tmp_path, variant):
     from tiny_models import make_checkpoint
 
     make_checkpoint(variant, str(tmp_path))
-    ref, fast = minke.load_model(str(tmp_path)), minke.load_model(str(tmp_path))
+    ref, fast = minke.load_model(str(tmp_path), device=DEVICE), minke.load_model(str(tmp_path), device=DEVICE)
     use_fused_router(fast)
     assert any(getattr(m, "impl", None) is not None for m in fast.modules() if isinstance(m, Router))
     prompt = torch.randint(0, 256, (7,), generator=torch.Generator().manual_seed(1)).tolist()
     outs = []
     for model in (ref, fast):
-        caches = allocate_kv_caches(model.config, 8, 4, torch.float32, "cpu")
-        ids, b = make_forward_batch([SeqChunk(prompt, 0, [2, 5])], caches, 4, "cpu")
+        caches = allocate_kv_caches(model.config, 8, 4, torch.float32, DEVICE)
+        ids, b = make_forward_batch([SeqChunk(prompt, 0, [2, 5])], caches, 4, DEVICE)
         with torch.no_grad():
             first = model(ids, batch=b)[0]
-            ids, b = make_forward_batch([SeqChunk([int(first.argmax())], 7, [2, 5])], caches, 4, "cpu")
+            ids, b = make_forward_batch([SeqChunk([int(first.argmax())], 7, [2, 5])], caches, 4, DEVICE)
             outs.append((first, model(ids, batch=b)[0]))
     for a, r in zip(outs[1], outs[0]):
         assert (a - r).abs().max() <= 1e-4 * r.abs().max()

@@ -76,18 +76,20 @@ def test_fusion_is_not_applied_twice(checkpoints):
 
 
 def test_fused_shared_experts_through_triton_fused_moe(checkpoints):
-    """The GPU path: fused_moe (interpreted on CPU) over E + S experts gives the reference logits."""
+    """The GPU path: fused_moe (compiled on a GPU, interpreted on CPU) over E + S experts gives the reference
+    logits (fp32: the kernel's dots are IEEE fp32 for fp32 inputs)."""
     pytest.importorskip("triton")
+    from conftest import kernel_test_setup
     from minke.engine.gpu_kernels import use_fused_moe
-    from minke.kernels._triton import is_interpreted
     from minke.kernels.fused_moe import _moe_grouped_gemm_kernel
 
-    if not torch.cuda.is_available() and not is_interpreted(_moe_grouped_gemm_kernel):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
+    device, _, needs_triton = kernel_test_setup(_moe_grouped_gemm_kernel)
+    if needs_triton.args[0]:
+        pytest.skip(needs_triton.kwargs["reason"])
     path = checkpoints("deepseek_v2_lite")
-    ref = minke.load_model(path)
-    fused = _fused(path, 1024)
+    ref = minke.load_model(path, device=device)
+    fused = _fused(path, 1024).to(device)
     use_fused_moe(fused)
-    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         torch.testing.assert_close(fused(ids), ref(ids), rtol=1e-4, atol=1e-4)

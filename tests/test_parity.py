@@ -131,27 +131,33 @@ def test_absorbed_mla_decode_equals_naive(checkpoints):
 def test_gpu_kernel_wiring_matches_reference_on_cpu(checkpoints):
     """The kernels the runner installs on GPU (apply_gpu_kernels: shared experts fused into the fused MoE, fused
     add+RMSNorm, Triton router; Triton MLA decode backend) run here under TRITON_INTERPRET and give the reference's
-    logits through chunked prefill + paged decode."""
+    logits through chunked prefill + paged decode (compiled and on the GPU when there is one)."""
     pytest.importorskip("triton")
+    from conftest import kernel_test_setup
     from minke.engine.attention_backends import TritonAttentionBackend
     from minke.engine.gpu_kernels import apply_gpu_kernels
+    from minke.kernels.fused_moe import _moe_grouped_gemm_kernel
     from minke.models.moe import MoE
 
+    dev, _, needs_triton = kernel_test_setup(_moe_grouped_gemm_kernel)  # compiled on a GPU, interpreted on CPU
+    if needs_triton.args[0]:
+        pytest.skip(needs_triton.kwargs["reason"])
+
     _, path = checkpoints("deepseek_v2")
-    ref = minke.load_model(path)
-    fast = minke.load_model(path)
+    ref = minke.load_model(path, device=dev)
+    fast = minke.load_model(path, device=dev)
     apply_gpu_kernels(fast)
     moes = [m for m in fast.modules() if isinstance(m, MoE)]
     assert moes and all(m.n_fused_shared for m in moes)  # the tiny V2 has shared experts: they were folded in
-    caches = allocate_kv_caches(fast.config, 16, 4, torch.float32, "cpu")
+    caches = allocate_kv_caches(fast.config, 16, 4, torch.float32, dev)
     prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(4)).tolist()
     table = [3, 9, 1, 12]
-    ids, b = make_forward_batch([SeqChunk(prompt, 0, table)], caches, 4, "cpu", TritonAttentionBackend())
+    ids, b = make_forward_batch([SeqChunk(prompt, 0, table)], caches, 4, dev, TritonAttentionBackend())
     with torch.no_grad():
         first = fast(ids, batch=b)[0]
         nxt = int(first.argmax())
-        ids, b = make_forward_batch([SeqChunk([nxt], 9, table)], caches, 4, "cpu", TritonAttentionBackend())
+        ids, b = make_forward_batch([SeqChunk([nxt], 9, table)], caches, 4, dev, TritonAttentionBackend())
         second = fast(ids, batch=b)[0]
-        full = ref(torch.tensor([prompt + [nxt]]))[0]
+        full = ref(torch.tensor([prompt + [nxt]], device=dev))[0]
     assert_close_logits(first, full[8])
     assert_close_logits(second, full[9])
