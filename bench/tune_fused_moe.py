@@ -37,7 +37,10 @@ def candidates(rows_per_expert: float):
         bms = (16, 32, 64)
     else:
         bms = (64, 128)
-    for bm, bn, bk, warps, stages in itertools.product(bms, (64, 128), (64, 128), (4, 8), (3, 4)):
+    # Decode sizes are weight-bandwidth bound with ~1 row per expert: narrow N tiles (more programs in flight
+    # over the few experts hit) and long K tiles (fewer loop trips) are worth trying there.
+    bns, bks = ((32, 64, 128), (64, 128, 256)) if rows_per_expert < 4 else ((64, 128), (64, 128))
+    for bm, bn, bk, warps, stages in itertools.product(bms, bns, bks, (4, 8), (3, 4)):
         if bm * bn >= 128 * 128 and stages == 4 and bk == 128:
             continue  # over the shared-memory budget
         yield _cfg(bm, bn, bk, 1 if bm == 16 else 8, warps, stages)
