@@ -152,6 +152,27 @@ def bench_throughput(llm, num_requests: int, vocab: int, seed: int = 0, min_in=3
 
 
 # --------------------------------------------------------------------------- transformers, same weights
+def checkpoint_state_dict(model) -> dict:
+    """model.state_dict() in the checkpoint's layout: MoE layers whose shared experts the GPU runner folded into the
+    stacked expert weights (MoE.fuse_shared_experts) get them back as shared_experts.{gate,up,down}_proj (copies of
+    those slices, ~12 MB a V2-Lite layer); the routed experts stay views of minke's tensors."""
+    from .models.moe import MoE
+
+    sd = model.state_dict()
+    for name, m in model.named_modules():
+        s = getattr(m, "n_fused_shared", 0) if isinstance(m, MoE) else 0
+        if not s:
+            continue
+        gate_up, down = sd.pop(f"{name}.experts.gate_up_proj"), sd.pop(f"{name}.experts.down_proj")
+        e, inter = gate_up.shape[0] - s, gate_up.shape[1] // 2
+        sd[f"{name}.experts.gate_up_proj"], sd[f"{name}.experts.down_proj"] = gate_up[:e], down[:e]
+        shared_gu, shared_down = gate_up[e:], down[e:]  # [S, 2I, D], [S, D, I]
+        sd[f"{name}.shared_experts.gate_proj.weight"] = shared_gu[:, :inter].reshape(s * inter, -1)
+        sd[f"{name}.shared_experts.up_proj.weight"] = shared_gu[:, inter:].reshape(s * inter, -1)
+        sd[f"{name}.shared_experts.down_proj.weight"] = shared_down.transpose(0, 1).reshape(down.shape[1], -1)
+    return sd
+
+
 def transformers_model(llm, cfg_dict: dict):
     """A transformers model whose parameters ARE minke's tensors (no copy)."""
     import transformers
@@ -170,7 +191,7 @@ def transformers_model(llm, cfg_dict: dict):
     hf_cfg.torch_dtype = next(model.parameters()).dtype
     with torch.device("meta"):
         hf = cls(hf_cfg)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False, assign=True)
+    missing, unexpected = hf.load_state_dict(checkpoint_state_dict(model), strict=False, assign=True)
     if [k for k in missing if "rotary" not in k] or unexpected:
         raise RuntimeError(f"weight sharing failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
     # non-persistent rotary buffers were created on meta: rebuild them on the device

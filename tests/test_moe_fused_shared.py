@@ -93,3 +93,16 @@ def test_fused_shared_experts_through_triton_fused_moe(checkpoints):
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         torch.testing.assert_close(fused(ids), ref(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["deepseek", "deepseek_v2_lite", "deepseek_v2"])
+def test_checkpoint_state_dict_undoes_the_fusion(checkpoints, variant):
+    """The benchmark hands transformers minke's weights: after the fusion they come back in the checkpoint layout,
+    same names, same values."""
+    from minke.benchmark import checkpoint_state_dict
+
+    path = checkpoints(variant)
+    plain, fused = minke.load_model(path).state_dict(), checkpoint_state_dict(_fused(path, 1024))
+    assert plain.keys() == fused.keys()
+    for k in plain:
+        assert torch.equal(plain[k], fused[k]), k
