@@ -6,9 +6,10 @@ Weights use transformers' stacked layout: w13 [E, 2I, D] (rows [0, I) gate_proj,
 `gate_up_proj`), w2 [E, D, I] (`down_proj`).
 
 Pipeline (the vLLM / SGLang `fused_moe` design):
-  1. moe_align_block_size (torch, on device, no host sync): the T*K (token, slot) pairs are sorted by expert and
-     each expert's group is padded to a multiple of BLOCK_M, so every BLOCK_M-row tile of the sorted list belongs
-     to one expert. Padding rows hold the sentinel T*K and are masked out.
+  1. moe_align_block_size (kernels/moe_align.py; one Triton launch at decode sizes on CUDA, torch elsewhere; no
+     host sync): the T*K (token, slot) pairs are sorted by expert and each expert's group is padded to a multiple
+     of BLOCK_M, so every BLOCK_M-row tile of the sorted list belongs to one expert. Padding rows hold the
+     sentinel T*K and are masked out.
   2. GEMM 1, one launch for all experts: each tile computes x[rows] @ gate_e^T and x[rows] @ up_e^T together and
      applies silu(gate) * up in the epilogue, writing the [T*K, I] activation once (no [T*K, 2I] round trip).
   3. GEMM 2, one launch: act @ down_e^T with the routing weight multiplied in the epilogue -> [T*K, D].
@@ -19,6 +20,7 @@ Public API:
     fused_moe(x, w13, w2, topk_weights, topk_ids, config=None) -> [T, D]
     fused_moe_ref(x, w13, w2, topk_weights, topk_ids)          loop over the experts hit, as transformers does
     moe_align_block_size(topk_ids, block_m, num_experts) -> (sorted_ids, expert_ids, num_tokens_post_padded)
+                                                               (from kernels/moe_align.py, re-exported)
     get_moe_config(E, N, D, T, dtype) -> dict of block sizes (untuned starting points)
 """
 
@@ -31,6 +33,7 @@ from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
+from .moe_align import moe_align_block_size, moe_align_block_size_ref  # noqa: F401  (re-exported)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
@@ -88,40 +91,6 @@ def fused_moe_ref(
         h = h * topk_weights[token_idx, slot, None]  # fp32 weight promotes, as in transformers
         out.index_add_(0, token_idx, h.to(out.dtype))
     return out
-
-
-def moe_align_block_size(
-    topk_ids: torch.Tensor, block_m: int, num_experts: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group the T*K (token, slot) pairs by expert, each group padded to a multiple of block_m.
-
-    Pair p = t * K + k (row-major index into topk_ids). Returns, all int32 on topk_ids.device:
-      sorted_ids  [EM]            pair ids grouped by expert (token order inside a group); padding = T*K
-      expert_ids  [EM // block_m] expert of each block_m-row tile (tiles past the end: clamped, never used)
-      num_tokens_post_padded [1]  rows actually used; kernels skip tiles at or past it
-    EM = the worst case sum_e ceil(n_e / block_m) * block_m, fixed by shapes alone, so nothing here waits on the
-    device (CUDA-graph friendly); experts without tokens get no tiles.
-    """
-    flat = topk_ids.reshape(-1).long()  # [TK]
-    TK = flat.numel()
-    dev = topk_ids.device
-    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m  # [E] rows reserved per expert
-    pad_end = torch.cumsum(padded, 0)  # [E] exclusive end of each expert's rows
-    pad_start = pad_end - padded
-    cnt_start = torch.cumsum(counts, 0) - counts  # [E] where each expert's pairs begin in the sorted order
-    order = torch.sort(flat, stable=True).indices  # [TK] pair ids ordered by expert, then by pair id
-    sorted_e = flat[order]
-    dest = pad_start[sorted_e] + (torch.arange(TK, device=dev) - cnt_start[sorted_e])  # [TK] row per pair
-    max_rows = TK + min(num_experts, TK) * (block_m - 1)  # each expert hit wastes < block_m rows
-    EM = (max_rows + block_m - 1) // block_m * block_m
-    sorted_ids = torch.full((EM,), TK, dtype=torch.int32, device=dev)
-    sorted_ids[dest] = order.to(torch.int32)
-    tile_start = torch.arange(0, EM, block_m, device=dev)
-    # The expert owning row r is the first e with pad_end[e] > r; zero-row experts are skipped automatically.
-    expert_ids = torch.searchsorted(pad_end, tile_start, right=True).clamp_(max=num_experts - 1).to(torch.int32)
-    num_post = pad_end[-1:].to(torch.int32)
-    return sorted_ids, expert_ids, num_post
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,6 +299,7 @@ def fused_moe(
     topk_weights: torch.Tensor,  # [T, K] float32
     topk_ids: torch.Tensor,  # [T, K] int32/int64, values in [0, E) (not checked: that would need a host sync)
     config: dict | None = None,  # block sizes; default get_moe_config(E, I, D, T, x.dtype)
+    align_kernel: bool | None = None,  # moe_align_block_size's use_kernel: None = Triton on CUDA, torch on CPU
 ) -> torch.Tensor:  # [T, D] in x.dtype
     """Routed-expert MoE with two Triton grouped GEMMs. Same result as fused_moe_ref up to rounding."""
     if not _HAS_TRITON:
@@ -349,7 +319,7 @@ def fused_moe(
     if T == 0 or K == 0:
         return torch.zeros_like(x)
 
-    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg["BLOCK_SIZE_M"], E)
+    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg["BLOCK_SIZE_M"], E, use_kernel=align_kernel)
     TK = T * K
     act = torch.empty(TK, I, dtype=x.dtype, device=x.device)  # silu(gate) * up per (token, slot) pair
     _launch_gemm(x, w13, act, topk_weights, sorted_ids, expert_ids, num_post, N=I, Kd=D, num_pairs=TK,
