@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.attention import MLAttention
 from ..models.layers import RMSNorm
 from ..models.moe import MoE, Experts, Router
 
@@ -43,6 +44,22 @@ def use_fused_router(model, max_tokens: int = 1024) -> None:
             m.impl = impl
 
 
+def use_fused_mla_prologue(model, max_tokens: int | None = None) -> None:
+    """MLA's paged-step prologue (kv_a_layernorm, interleaved rope of q_pe and k_pe, latent cache write) as one
+    Triton launch (kernels/mla_prologue.py) instead of ~20 small torch kernels per layer. Unlike the router, nothing
+    is re-read per token (the norm weight is C values), so it beats torch at every size; max_tokens, if given, sends
+    larger steps to the torch reference."""
+    from ..kernels.mla_prologue import mla_prologue, mla_prologue_ref
+
+    def impl(kv_a, q, *args):
+        fused = max_tokens is None or kv_a.shape[0] <= max_tokens
+        return (mla_prologue if fused else mla_prologue_ref)(kv_a, q, *args)
+
+    for m in model.modules():
+        if isinstance(m, MLAttention):
+            m.prologue = impl
+
+
 def fuse_shared_experts(model, max_tokens: int = 1024) -> int:
     """Shared experts folded into the routed experts' stacked weights (MoE.fuse_shared_experts): at decode sizes
     they run inside the fused MoE's two grouped GEMMs instead of ~6 more launches per layer. Expert-parallel
@@ -68,3 +85,4 @@ def apply_gpu_kernels(model) -> None:
     use_fused_moe(model)
     use_fused_rmsnorm(model)
     use_fused_router(model)
+    use_fused_mla_prologue(model)

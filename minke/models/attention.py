@@ -113,18 +113,37 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=bias)
         self.rotary = RotaryEmbedding(cfg.rope, self.rope_dim, cfg.max_position_embeddings, interleaved=True)
         self.scale = cfg.softmax_scale
+        # Optional fused paged-step prologue (kv_a, q, cos, sin, norm_weight, eps, cache, slot_mapping) ->
+        # (q_pe, c_kv, k_pe): kv_a_layernorm, both ropes and the latent cache write in one kernel; the runner installs
+        # the Triton one on GPU (kernels/mla_prologue.py). None = the torch code (_prologue_torch).
+        self.prologue = None
 
-    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [..., D] -> q_nope [..., H, nope], q_pe [..., H, R] (roped), c_kv [..., C] (normed), k_pe [..., R] (roped)."""
-        lead = x.shape[:-1]
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> q [..., H, nope + R] (pe part not yet roped)."""
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(*lead, self.num_heads, self.nope + self.rope_dim)
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return q.view(*x.shape[:-1], self.num_heads, self.nope + self.rope_dim)
+
+    def _norm_rope(self, kv_a: torch.Tensor, q_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """kv_a [..., C + R], q_pe [..., H, R] -> q_pe (roped), c_kv [..., C] (normed), k_pe [..., R] (roped)."""
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         q_pe = self.rotary.rotate(q_pe, cos, sin)
         k_pe = self.rotary.rotate(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
-        return q_nope, q_pe, c_kv, k_pe
+        return q_pe, c_kv, k_pe
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [..., D] -> q_nope [..., H, nope], q_pe [..., H, R] (roped), c_kv [..., C] (normed), k_pe [..., R] (roped)."""
+        q = self._q(x)
+        q_pe, c_kv, k_pe = self._norm_rope(self.kv_a_proj_with_mqa(x), q[..., self.nope :], cos, sin)
+        return q[..., : self.nope], q_pe, c_kv, k_pe
+
+    def _prologue_torch(self, kv_a, q, cos, sin, norm_weight, eps, cache, slot_mapping):
+        """The prologue in torch (what kernels.mla_prologue fuses): kv_a [N, C + R], q [N, H, nope + R] ->
+        q_pe [N, H, R], c_kv [N, C], k_pe [N, R]; their latent cat(c_kv, k_pe) is written to cache rows
+        slot_mapping. norm_weight/eps are kv_a_layernorm's, which this path calls (with its own impl, if any)."""
+        q_pe, c_kv, k_pe = self._norm_rope(kv_a, q[..., self.nope :], cos, sin)
+        cache.view(-1, cache.shape[-1])[slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(cache.dtype)
+        return q_pe, c_kv, k_pe
 
     def _expand(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
         """Naive form: c_kv [..., T, C], k_pe [..., T, R] -> k [..., T, H, nope + R], v [..., T, H, v_dim]."""
@@ -137,15 +156,22 @@ class MLAttention(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         """rope: (cos, sin) for these tokens, computed once per model forward (CausalLM passes it)."""
         cos, sin = rope if rope is not None else self.rotary.cos_sin(token_positions(x, positions, batch))
-        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
         if batch is None:
+            q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
             # [B, T, ...]: naive MLA, per-head K/V, as the reference computes it.
             k, v = self._expand(c_kv, k_pe)
             q = torch.cat((q_nope, q_pe), dim=-1)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True, scale=self.scale).transpose(1, 2)
         else:
-            out = self._paged(q_nope, q_pe, c_kv, k_pe, batch)
+            # x [N, D]: projections, then norm + ropes + latent cache write through the (possibly fused) prologue.
+            q = self._q(x)
+            cache = batch.kv_caches[self.layer_idx]  # [blocks, bs, C + R]
+            prologue = self.prologue if self.prologue is not None else self._prologue_torch
+            norm = self.kv_a_layernorm
+            q_pe, c_kv, k_pe = prologue(self.kv_a_proj_with_mqa(x), q, cos, sin, norm.weight, norm.eps, cache,
+                                        batch.slot_mapping)
+            out = self._paged(q[..., : self.nope], q_pe, c_kv, k_pe, cache, batch)
         return self.o_proj(out.flatten(-2))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +179,8 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.unflatten(0, (self.num_heads, self.nope + self.v_dim))
         return w[:, : self.nope], w[:, self.nope :]
 
-    def _paged(self, q_nope, q_pe, c_kv, k_pe, batch: ForwardBatch):
-        cache = batch.kv_caches[self.layer_idx]  # [blocks, bs, C + R]
-        latent = torch.cat((c_kv, k_pe), dim=-1).to(cache.dtype)  # [N, C + R]
-        cache.view(-1, cache.shape[-1])[batch.slot_mapping] = latent
+    def _paged(self, q_nope, q_pe, c_kv, k_pe, cache, batch: ForwardBatch):
+        """cache [blocks, bs, C + R] already holds this step's latents (the prologue wrote them)."""
         nd = batch.num_decodes
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
         if nd:
@@ -170,7 +194,11 @@ class MLAttention(nn.Module):
             s, e = batch.query_start_loc_cpu[i], batch.query_start_loc_cpu[i + 1]
             # Context [T, C + R]: gathered through the block table, or, with nothing cached before this chunk, the
             # chunk's own latent (the same values the cache holds).
-            ctx = (batch.backend.gather_latent(cache, batch, i) if batch.has_context(i) else latent[s:e]).to(c_kv.dtype)
+            if batch.has_context(i):
+                ctx = batch.backend.gather_latent(cache, batch, i)
+            else:
+                ctx = torch.cat((c_kv[s:e], k_pe[s:e]), dim=-1).to(cache.dtype)
+            ctx = ctx.to(c_kv.dtype)
             k, v = self._expand(ctx[:, : self.kv_lora_rank], ctx[:, self.kv_lora_rank :])
             q = torch.cat((q_nope[s:e], q_pe[s:e]), dim=-1)
             # Flash kernels want one head size for q, k and v: pad v (128) to the qk size (192), slice after.
