@@ -4,11 +4,15 @@ launch overhead, which otherwise bounds decode far below the memory-bandwidth li
 
 Inputs live in static buffers; a step copies its (host-built) inputs into the first B rows, pads the rest to the
 bucket (padding rows write their K/V to a scratch slot and attend over nothing), replays, and reads B logits rows.
+The host side is vectorized: block tables are mirrored in a persistent host array whose rows are rewritten only
+when their sequence changes (SeqChunk.table_key) and otherwise only get the entries appended since the last step,
+and slots / positions come from numpy, so a step costs no Python loop over block-table entries.
 The graphed path needs attention and MoE that never sync with the host (the Triton backend and fused MoE).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..models.forward_batch import ForwardBatch
@@ -33,6 +37,12 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(n, dtype=torch.long, device=device)
+        # Host mirror of block_tables (pageable memory: a non_blocking copy from it is staged before copy_
+        # returns, so the next step may overwrite it at once). Row i holds the table of the sequence with key
+        # _row_keys[i] in its first _row_lens[i] entries, zeros after.
+        self.host_tables = np.zeros((n, max_blocks_per_seq), dtype=np.int32)
+        self._row_keys: list = [None] * n
+        self._row_lens = np.zeros(n, dtype=np.int64)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -61,28 +71,57 @@ class DecodeGraphs:
         return (0 < len(chunks) <= self.max_batch and bool(self.graphs)
                 and all(len(c.token_ids) == 1 and c.sample for c in chunks))
 
-    @torch.inference_mode()
-    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Decode step for len(chunks) sequences -> logits [B, V]."""
+    def _update_tables(self, chunks: list[SeqChunk]) -> None:
+        """Bring host_tables rows [:B] up to date with the chunks' block tables, touching only what changed."""
+        b = len(chunks)
+        keys = [c.table_key for c in chunks]
+        lens = np.fromiter((len(c.block_table) for c in chunks), dtype=np.int64, count=b)
+        old_keys, old_lens, host = self._row_keys, self._row_lens, self.host_tables
+        if keys == old_keys[:b] and None not in keys:
+            changed = np.nonzero(lens != old_lens[:b])[0].tolist()  # same sequences: only some tables grew
+            for i in changed:
+                table = chunks[i].block_table
+                host[i, old_lens[i]: len(table)] = table[old_lens[i]:]
+        else:
+            for i, (c, key) in enumerate(zip(chunks, keys)):
+                n_old, table = int(old_lens[i]), c.block_table
+                if key is not None and key == old_keys[i]:
+                    if len(table) != n_old:
+                        host[i, n_old: len(table)] = table[n_old:]
+                else:  # another sequence (or a rebuilt table): rewrite the row, zero what the old one left
+                    host[i, : len(table)] = table
+                    if n_old > len(table):
+                        host[i, len(table): n_old] = 0
+            old_keys[:b] = keys
+        old_lens[:b] = lens
+
+    def prepare(self, chunks: list[SeqChunk]) -> int:
+        """Copies a decode step's inputs into the static buffers; returns the bucket whose graph to replay."""
         b = len(chunks)
         bucket = next(x for x in self.buckets if x >= b)
         bs = self.block_size
-        ids = [c.token_ids[0] for c in chunks]
-        pos = [c.start_pos for c in chunks]
-        slots = [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos)]
-        nb = max((p // bs) + 1 for p in pos)
-        table = torch.zeros(b, nb, dtype=torch.int32)
-        for i, c in enumerate(chunks):
-            row = c.block_table[:nb]
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        pad = bucket - b
-        host = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.scratch_slot] * pad,
-                             [p + 1 for p in pos] + [0] * pad], dtype=torch.long)
-        host = host.to(self.device, non_blocking=True)
-        self.input_ids[:bucket].copy_(host[0])
-        self.positions[:bucket].copy_(host[1])
-        self.slot_mapping[:bucket].copy_(host[2])
-        self.seq_lens[:bucket].copy_(host[3])
-        self.block_tables[:b, :nb].copy_(table.to(self.device, non_blocking=True))
+        self._update_tables(chunks)
+        pos = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=b)               # [B]
+        blk = pos // bs
+        nb = int(blk.max()) + 1
+        host = np.zeros((4, bucket), dtype=np.int64)  # ids, positions, slots, seq_lens; padding rows after B
+        host[0, :b] = np.fromiter((c.token_ids[0] for c in chunks), dtype=np.int64, count=b)
+        host[1, :b] = pos
+        host[2, :b] = self.host_tables[np.arange(b), blk].astype(np.int64) * bs + pos % bs
+        host[2, b:] = self.scratch_slot
+        host[3, :b] = pos + 1
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        self.input_ids[:bucket].copy_(dev[0])
+        self.positions[:bucket].copy_(dev[1])
+        self.slot_mapping[:bucket].copy_(dev[2])
+        self.seq_lens[:bucket].copy_(dev[3])
+        table = torch.from_numpy(self.host_tables[:b, :nb])
+        self.block_tables[:b, :nb].copy_(table, non_blocking=True)
+        return bucket
+
+    @torch.inference_mode()
+    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Decode step for len(chunks) sequences -> logits [B, V]."""
+        bucket = self.prepare(chunks)
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:b]
+        return self.outputs[bucket][: len(chunks)]

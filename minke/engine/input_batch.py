@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Hashable
 
+import numpy as np
 import torch
 
 from ..models.forward_batch import ForwardBatch, TorchAttentionBackend
@@ -15,8 +18,12 @@ class SeqChunk:
 
     token_ids: list[int]
     start_pos: int  # = tokens of this sequence already in the cache
-    block_table: list[int]
+    block_table: list[int]  # read only during the step (the engine passes the sequence's own list)
     sample: bool = True  # whether this chunk ends at the sequence's last token (so a token is sampled)
+    # Names this sequence's block table across steps: equal keys promise the table only grew by appending since
+    # the key was last seen, so a persistent copy needs only its new entries (the engine uses (seq_id,
+    # num_preemptions): a table is only ever rebuilt after a preemption). None: no promise, copy it whole.
+    table_key: Hashable | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -33,43 +40,59 @@ def allocate_kv_caches(cfg, num_blocks: int, block_size: int, dtype: torch.dtype
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
 
 
+def block_table_array(tables: list[list[int]], width: int | None = None) -> np.ndarray:
+    """Ragged block tables -> [len(tables), width] int32, zero-padded (width: the longest table by default).
+    One flat fromiter and one scatter instead of a tensor per row."""
+    lens = np.fromiter((len(t) for t in tables), dtype=np.int64, count=len(tables))
+    width = int(lens.max(initial=0)) if width is None else width
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    total = int(lens.sum())
+    if total:
+        flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=total)
+        rows = np.repeat(np.arange(len(tables)), lens)
+        cols = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)  # index within each row
+        out[rows, cols] = flat
+    return out
+
+
 def make_forward_batch(chunks: list[SeqChunk], kv_caches: list[torch.Tensor], block_size: int,
                        device: torch.device | str, backend=None) -> tuple[torch.Tensor, ForwardBatch]:
-    """Decode chunks (one token) must come first. Returns (input_ids [N], batch). Built on the host, one copy
-    to the device per tensor."""
+    """Decode chunks (one token) must come first. Returns (input_ids [N], batch). Built on the host with numpy
+    (no Python loop per token), one copy to the device per tensor."""
     num_decodes = 0
     while num_decodes < len(chunks) and chunks[num_decodes].is_decode:
         num_decodes += 1
-    ids, pos, slots, qsl, seq_lens, logits_idx = [], [], [], [0], [], []
-    for c in chunks:
-        n = len(c.token_ids)
-        end = c.start_pos + n
-        if len(c.block_table) * block_size < end:
-            raise ValueError(f"block table covers {len(c.block_table) * block_size} tokens, chunk needs {end}")
-        ids.extend(c.token_ids)
-        for p in range(c.start_pos, end):
-            pos.append(p)
-            slots.append(c.block_table[p // block_size] * block_size + p % block_size)
-        qsl.append(qsl[-1] + n)
-        seq_lens.append(end)
-        if c.sample:
-            logits_idx.append(qsl[-1] - 1)
-    max_blocks = max(len(c.block_table) for c in chunks)
-    tables = torch.zeros(len(chunks), max_blocks, dtype=torch.int32)
-    for i, c in enumerate(chunks):
-        tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+    b = len(chunks)
+    n_new = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=b)       # [B]
+    starts = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=b)           # [B]
+    ends = starts + n_new                                                                    # [B] = seq_lens
+    n_blocks = np.fromiter((len(c.block_table) for c in chunks), dtype=np.int64, count=b)  # [B]
+    short = np.nonzero(n_blocks * block_size < ends)[0]
+    if len(short):
+        i = int(short[0])
+        raise ValueError(f"block table covers {int(n_blocks[i]) * block_size} tokens, chunk needs {int(ends[i])}")
+    qsl = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(n_new, out=qsl[1:])
+    total = int(qsl[-1])
+    ids = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), dtype=np.int64, count=total)
+    tables = block_table_array([c.block_table for c in chunks])                             # [B, max_blocks]
+    row = np.repeat(np.arange(b), n_new)                                                     # [N] chunk of token
+    pos = starts[row] + (np.arange(total) - qsl[:-1][row])                                  # [N]
+    slots = tables[row, pos // block_size].astype(np.int64) * block_size + pos % block_size  # [N]
+    sample = np.fromiter((c.sample for c in chunks), dtype=bool, count=b)
+    logits_idx = qsl[1:][sample] - 1
 
     def dev(x, dtype):
-        return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype, non_blocking=True)
 
     batch = ForwardBatch(
         positions=dev(pos, torch.long),
         slot_mapping=dev(slots, torch.long),
-        block_tables=tables.to(device, non_blocking=True),
-        seq_lens=dev(seq_lens, torch.int32),
+        block_tables=dev(tables, torch.int32),
+        seq_lens=dev(ends, torch.int32),
         query_start_loc=dev(qsl, torch.int32),
-        seq_lens_cpu=seq_lens,
-        query_lens_cpu=[len(c.token_ids) for c in chunks],
+        seq_lens_cpu=ends.tolist(),
+        query_lens_cpu=n_new.tolist(),
         num_decodes=num_decodes,
         kv_caches=kv_caches,
         block_size=block_size,
