@@ -164,7 +164,7 @@ class Scheduler:
         return seq.num_tokens - seq.num_computed_tokens == 1
 
     def _has_prefill_work(self) -> bool:
-        if any(not self._is_decode(s) for s in self.running):
+        if any(len(s.token_ids) - s.num_computed_tokens != 1 for s in self.running):  # not _is_decode, inlined
             return True
         if not self.waiting or len(self.running) >= self.config.max_num_seqs:
             return False
@@ -179,6 +179,7 @@ class Scheduler:
         is on, waiting ones."""
         cfg = self.config
         bm = self.block_manager
+        bs = bm.block_size
         budget = cfg.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
@@ -198,6 +199,12 @@ class Scheduler:
                     i += 1  # whole remainder or nothing
                     continue
                 n = budget
+            if seq.num_computed_tokens + n <= len(seq.block_table) * bs:
+                # Its blocks already cover the step (most decode steps): nothing to allocate or preempt.
+                scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+                continue
             while not bm.can_allocate(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -238,6 +245,8 @@ class Scheduler:
         num_tokens this step (finished prefill, or decode); samples for mid-prefill chunks are ignored.
         Returns the sequences that got a new token, in scheduling order."""
         got_token: list[Sequence] = []
+        bm = self.block_manager
+        bs, caching = bm.block_size, bm.enable_prefix_caching
         for item in out.scheduled:
             seq = item.seq
             if seq.status != SequenceStatus.RUNNING:
@@ -245,8 +254,9 @@ class Scheduler:
             seq.num_computed_tokens += item.num_new_tokens
             if seq.num_computed_tokens > seq.num_tokens:
                 raise RuntimeError(f"update: seq {seq.seq_id} computed past its tokens: {seq!r}")
-            self.block_manager.commit(seq)
-            if seq.num_computed_tokens == seq.num_tokens:
+            if caching and seq.num_computed_tokens // bs > seq.num_committed_blocks:
+                bm.commit(seq)  # a block became full (commit itself returns early otherwise)
+            if seq.num_computed_tokens == len(seq.token_ids):
                 if seq.seq_id not in sampled:
                     raise KeyError(f"update: no sampled token for seq {seq.seq_id}, which finished its step")
                 seq.append_token(sampled[seq.seq_id])
