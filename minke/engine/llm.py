@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Sequence
 
@@ -41,6 +42,13 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        # Only finished outputs are returned: the engine need not build an output (nor, without stop strings,
+        # detokenize) every step. One copy per distinct params object; the caller's are left as they are.
+        final: dict[int, SamplingParams] = {}
+        for p in params:
+            if id(p) not in final:
+                final[id(p)] = p if p.output_kind == "final_only" else dataclasses.replace(p, output_kind="final_only")
+        params = [final[id(p)] for p in params]
         engine = self.llm_engine
         # Check every prompt first so a bad one fails before any work, naming its index.
         encoded = []

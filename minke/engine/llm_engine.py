@@ -12,7 +12,7 @@ import torch
 
 from ..config import load_config
 from ..sampling_params import SamplingParams
-from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from ..tokenizer import IncrementalDetokenizer, Tokenizer, detokenize_output
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .input_batch import SeqChunk
@@ -27,13 +27,18 @@ logger = logging.getLogger("minke")
 
 @dataclass
 class SeqState:
-    """Per generated sequence: text so far, logprobs, and why it stopped."""
+    """Per generated sequence: text so far, logprobs, and why it stopped.
+
+    detok None (a final_only request without stop strings): text is not built token by token; the first
+    num_detok output tokens are what the incremental detokenizer would have been fed, and the engine decodes them
+    at once (detokenize_output) when it reports the request."""
 
     seq: Sequence
     index: int
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None
     generator: torch.Generator | None
     text: str = ""
+    num_detok: int = 0  # deferred detokenization: output tokens to decode; -1 once text holds them
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
@@ -50,13 +55,18 @@ class Request:
     metrics: RequestMetrics
     max_tokens: int
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    final_only: bool = False  # params.output_kind == "final_only": reported once, when finished
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.states)
+        states = self.states
+        if len(states) == 1:
+            return states[0].finish_reason is not None
+        return all(s.finish_reason is not None for s in states)
 
     def output(self) -> RequestOutput:
-        outs = [CompletionOutput(s.index, s.text, list(s.seq.output_token_ids),
+        """Deferred texts must be decoded first (LLMEngine._output)."""
+        outs = [CompletionOutput(s.index, s.text, s.seq.output_token_ids,
                                  s.cumulative_logprob if s.logprobs is not None else None,
                                  list(s.logprobs) if s.logprobs is not None else None,
                                  s.finish_reason, s.stop_reason) for s in self.states]
@@ -81,6 +91,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_owner: dict[int, tuple[Request, SeqState]] = {}
         self._seq_ids = itertools.count()
+        self._sampling_cache: tuple[list[int], SamplingBatch] | None = None
         self.stats = dict(prompt_tokens_total=0, generation_tokens_total=0, num_requests_finished=0)
         logger.info("KV cache: %d blocks x %d = %d tokens (%.1f KiB/token); max_model_len %d",
                     self.runner.num_blocks, cfg.block_size, self.runner.capacity_tokens,
@@ -144,13 +155,17 @@ class LLMEngine:
             stop_ids.update(self.model_config.eos_token_ids)
             if self.tokenizer.eos_token_id is not None:
                 stop_ids.add(self.tokenizer.eos_token_id)
-        req = Request(request_id, text, ids, params, [], RequestMetrics(arrival), max_tokens, frozenset(stop_ids))
+        req = Request(request_id, text, ids, params, [], RequestMetrics(arrival), max_tokens, frozenset(stop_ids),
+                      final_only=params.output_kind == "final_only")
+        # final_only without stop strings: nothing needs the text before the end, so decode it once then.
+        deferred = req.final_only and not params.stop
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), ids, params, arrival, self.cfg.block_size)
             gen = None
             if params.seed is not None:
                 gen = make_generator(params.seed + i, self.runner.device)
-            detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
+            detok = None if deferred else IncrementalDetokenizer(self.tokenizer, ids,
+                                                                 skip_special_tokens=params.skip_special_tokens)
             state = SeqState(seq, i, detok, gen, logprobs=[] if params.logprobs is not None else None)
             req.states.append(state)
             self._seq_owner[seq.seq_id] = (req, state)
@@ -168,83 +183,124 @@ class LLMEngine:
                 s.finish_reason = "abort"
             self._seq_owner.pop(s.seq.seq_id, None)
         req.metrics.finished_time = time.monotonic()
-        return req.output()
+        return self._output(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """One model step. Returns the cumulative output of every request that got a token or finished."""
+        """One model step. Returns the cumulative output of every request that got a token or finished
+        (final_only requests: only when finished)."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         now = time.monotonic()
-        # Decodes first (the ForwardBatch contract), then prefill chunks.
-        work = []
+        owner = self._seq_owner
+        # Decodes first (the ForwardBatch contract), then prefill chunks, each group in scheduling order.
+        # Chunks hold the sequence's block table by reference: it is read during execute, before update/finish
+        # can change it.
+        decodes: list[tuple[SeqChunk, Sequence]] = []
+        prefills: list[tuple[SeqChunk, Sequence]] = []
         for it in sched.scheduled:
             seq = it.seq
             start = seq.num_computed_tokens
-            sample = start + it.num_new_tokens == seq.num_tokens
-            work.append((SeqChunk(seq.token_ids[start: start + it.num_new_tokens], start, list(seq.block_table), sample),
-                         seq))
-        work.sort(key=lambda w: not w[0].is_decode)  # stable: decodes first, each group in scheduling order
+            end = start + it.num_new_tokens
+            chunk = SeqChunk(seq.token_ids[start:end], start, seq.block_table, end == len(seq.token_ids),
+                             (seq.seq_id, seq.num_preemptions))
+            (decodes if chunk.is_decode else prefills).append((chunk, seq))
+            if start == seq.num_cached_tokens:  # first scheduling of this sequence (or re-admission)
+                metrics = owner[seq.seq_id][0].metrics
+                if metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = now
+                    metrics.num_cached_tokens = seq.num_cached_tokens
+        work = decodes + prefills if decodes and prefills else (decodes or prefills)
         chunks = [c for c, _ in work]
         sample_seqs = [seq for c, seq in work if c.sample]
-        for _, seq in work:
-            req = self._seq_owner[seq.seq_id][0]
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
-                req.metrics.num_cached_tokens = seq.num_cached_tokens
         sampling = self._sampling_batch(sample_seqs) if sample_seqs else None
         out = self.runner.execute(chunks, sampling)
         sampled: dict[int, int] = {}
+        rows: dict[int, int] = {}
         if out is not None:
-            token_ids = out.token_ids.tolist()
-            chosen_lp = out.logprobs.tolist()
-            ranks = out.ranks.tolist() if out.ranks is not None else None
-            for row, seq in enumerate(sample_seqs):
-                sampled[seq.seq_id] = token_ids[row]
+            sampled = dict(zip([seq.seq_id for seq in sample_seqs], out.token_ids.tolist()))
+            if out.ranks is not None:  # some row asked for logprobs
+                chosen_lp = out.logprobs.tolist()
+                ranks = out.ranks.tolist()
+                rows = {seq.seq_id: r for r, seq in enumerate(sample_seqs)}
         got = self.scheduler.update(sched, sampled)
-        rows = {seq.seq_id: r for r, seq in enumerate(sample_seqs)}
         touched: dict[str, Request] = {}
         now = time.monotonic()
+        appended = 0
         for seq in got:
-            if seq.seq_id not in self._seq_owner:
+            own = owner.get(seq.seq_id)
+            if own is None:
                 continue
-            req, state = self._seq_owner[seq.seq_id]
-            r = rows[seq.seq_id]
-            self._append(req, state, seq.last_token_id, chosen_lp[r], out.top_logprobs[r],
-                         ranks[r] if ranks is not None else None)
+            req, state = own
+            appended += 1
+            if state.logprobs is not None:
+                r = rows[seq.seq_id]
+                self._append(req, state, seq.token_ids[-1], chosen_lp[r], out.top_logprobs[r], ranks[r])
+            else:
+                self._append(req, state, seq.token_ids[-1], 0.0, None, None)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
-            touched[req.request_id] = req
+            if not req.final_only or (state.finish_reason is not None and req.finished):
+                touched[req.request_id] = req
+        self.stats["generation_tokens_total"] += appended
         outputs = []
         for req in touched.values():
             if req.finished:
                 req.metrics.finished_time = now
                 self.requests.pop(req.request_id, None)
                 for s in req.states:
-                    self._seq_owner.pop(s.seq.seq_id, None)
+                    owner.pop(s.seq.seq_id, None)
                 self.stats["num_requests_finished"] += 1
-            outputs.append(req.output())
+            outputs.append(self._output(req))
         return outputs
 
+    def _output(self, req: Request) -> RequestOutput:
+        for st in req.states:
+            if st.detok is None and st.num_detok >= 0:
+                st.text = detokenize_output(self.tokenizer, req.prompt_token_ids,
+                                            st.seq.output_token_ids[: st.num_detok],
+                                            req.params.skip_special_tokens)
+                if st.finish_reason is not None:
+                    st.num_detok = -1  # final: no need to decode again
+        return req.output()
+
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        """Steady decode reuses the last batch: same rows in the same order and nothing in it that changes from
+        step to step (penalties read the token lists, min_tokens masks lift as outputs grow)."""
+        key = [seq.seq_id for seq in seqs]
+        cached = self._sampling_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
         params, gens, masks = [], [], []
+        owner = self._seq_owner
+        any_mask = False
         for seq in seqs:
-            req, state = self._seq_owner[seq.seq_id]
+            req, state = owner[seq.seq_id]
             p = req.params
             params.append(p)
             gens.append(state.generator)
             # min_tokens: eos and stop token ids may not be sampled yet
-            masks.append(sorted(req.stop_ids) if seq.num_output_tokens < p.min_tokens else [])
-        return SamplingBatch.from_params(params, [s.output_token_ids for s in seqs],
-                                         [s.prompt_token_ids for s in seqs], gens, masks, self.runner.device)
+            if seq.num_output_tokens < p.min_tokens:
+                masks.append(sorted(req.stop_ids))
+                any_mask = True
+            else:
+                masks.append([])
+        penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                        for p in {id(p): p for p in params}.values())
+        if penalties:
+            outs, prompts = [s.output_token_ids for s in seqs], [s.prompt_token_ids for s in seqs]
+        else:  # only the penalties read them
+            outs = prompts = [()] * len(seqs)
+        batch = SamplingBatch.from_params(params, outs, prompts, gens, masks, self.runner.device)
+        self._sampling_cache = None if penalties or any_mask else (key, batch)
+        return batch
 
     def _append(self, req: Request, st: SeqState, token: int, logprob: float, top, rank: int | None) -> None:
         p = req.params
-        self.stats["generation_tokens_total"] += 1
         if st.logprobs is not None:
             entry = {t: Logprob(lp, rank + 1, self.tokenizer.decode([t], skip_special_tokens=False))
                      for rank, (t, lp) in enumerate(top or [])}
@@ -258,6 +314,8 @@ class LLMEngine:
             st.finish_reason = "stop"
             # The stop token's own text is not part of the output (vLLM's rule).
             st.stop_reason = token if token in (p.stop_token_ids or []) else None
+        elif st.detok is None:
+            st.num_detok += 1  # deferred: decoded at the end
         else:
             prev_len = len(st.text)
             st.text += st.detok.step([token])
