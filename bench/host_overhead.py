@@ -2,7 +2,11 @@
 replaced by a no-op that returns random logits: on a GPU this time is not overlapped with the device, so it adds to
 every decode step. Runs on CPU.
 
-    python bench/host_overhead.py --batches 1,32,256
+    python bench/host_overhead.py --batches 1,32,256 [--output-kind final_only] [--no-inputs]
+
+By default the model inputs are built too, as on a GPU: decode steps through DecodeGraphs.run (static buffers on
+the CPU, replay a no-op), other steps through make_forward_batch. --output-kind final_only is what LLM.generate
+uses (no per-step RequestOutput, text decoded at the end); cumulative is streaming / the server.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ sys.path.insert(0, "tests")
 from tiny_models import make_checkpoint  # noqa: E402
 
 from minke import LLM, SamplingParams  # noqa: E402
+from minke.engine.cuda_graph import DecodeGraphs  # noqa: E402
+from minke.engine.input_batch import make_forward_batch  # noqa: E402
+
+
+class _NoReplay:
+    def replay(self):
+        pass
 
 
 def main():
@@ -27,6 +38,8 @@ def main():
     ap.add_argument("--batches", default="1,32,256")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--output-kind", default="cumulative", choices=["cumulative", "final_only"])
+    ap.add_argument("--no-inputs", action="store_true", help="skip building the model inputs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     d = tempfile.mkdtemp()
@@ -39,12 +52,23 @@ def main():
     # the sampler's tensor ops (device kernels on a GPU) out of the host-time measurement.
     logits = torch.randn(1024, 64)
 
+    bs = engine.cfg.block_size
+    graphs = DecodeGraphs(None, [], bs, 2048 // bs, 0, 512, None, torch.device("cpu"))
+    graphs.graphs = {b: _NoReplay() for b in graphs.buckets}
+    graphs.outputs = {b: logits[:b] for b in graphs.buckets}
+
     def fake_execute(chunks):
+        if not args.no_inputs:
+            if all(len(c.token_ids) == 1 and c.start_pos > 0 and c.sample for c in chunks):
+                graphs.run(chunks)
+            else:
+                make_forward_batch(chunks, [], bs, "cpu")
         return logits[: sum(c.sample for c in chunks)]
 
     executor.execute = fake_execute
     for b in [int(x) for x in args.batches.split(",")]:
-        p = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)  # greedy: device-cheap sampling
+        kw = {} if args.output_kind == "cumulative" else {"output_kind": args.output_kind}  # runs on older trees too
+        p = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True, **kw)  # greedy: device-cheap
         for i in range(b):
             engine.add_request(f"b{b}-{i}", [100 + i % 50] * 64, p)
         while engine.scheduler.waiting or any(s.is_prefill for s in engine.scheduler.running):
