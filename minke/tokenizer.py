@@ -450,30 +450,51 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None,
                  skip_special_tokens: bool = True):
         self._tok = tokenizer
+        self._decode = tokenizer._backend.decode  # ids are checked as they come in, not again per decode
         self._skip = skip_special_tokens
-        self._ids: list[int] = [int(t) for t in (prompt_ids or [])]
+        # Only the prompt's last few tokens are ever decoded (the first window's context).
+        prompt = list(prompt_ids or [])
+        self._ids: list[int] = tokenizer._check_ids(prompt[max(len(prompt) - _PROMPT_CONTEXT_TOKENS, 0):])
         self._num_prompt = len(self._ids)
-        self._prefix_offset = max(len(self._ids) - _PROMPT_CONTEXT_TOKENS, 0)
+        self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._text = ""
+        # decode(ids[prefix_offset:read_offset]) when known: unchanged while nothing is emitted, and after an
+        # emission it is the emitted text itself when that was clean byte-level text (see _emit), so a typical
+        # step decodes once, not twice.
+        self._prefix_text: str | None = None
+        self._byte_level = type(tokenizer._backend.decoder).__name__ == "ByteLevel"
 
     def _pending(self) -> tuple[str, str]:
-        prefix_text = self._tok.decode(self._ids[self._prefix_offset:self._read_offset], self._skip)
-        new_text = self._tok.decode(self._ids[self._prefix_offset:], self._skip)
+        prefix_text = self._prefix_text
+        if prefix_text is None:
+            prefix_text = self._prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset],
+                                                           skip_special_tokens=self._skip)
+        new_text = self._decode(self._ids[self._prefix_offset:], skip_special_tokens=self._skip)
         return prefix_text, new_text
 
-    def _emit(self, delta: str) -> str:
+    def _emit(self, prefix_text: str, new_text: str) -> str:
+        delta = new_text[len(prefix_text):]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
         self._text += delta
+        # The new window is the ids just emitted. A byte-level decode is the UTF-8 reading of the tokens'
+        # concatenated bytes; with no U+FFFD in the old window or the whole, both cut points are character
+        # boundaries, so decoding the new window alone gives exactly delta.
+        clean = self._byte_level and "\ufffd" not in new_text and new_text.startswith(prefix_text)
+        self._prefix_text = delta if clean else None
         return delta
 
     def step(self, new_token_ids: list[int]) -> str:
         """Add generated ids; return the text they complete ("" while a character is still partial)."""
-        self._ids.extend(int(t) for t in new_token_ids)
+        for t in new_token_ids:
+            t = int(t)  # accepts numpy / torch integer scalars
+            if t < 0:
+                raise ValueError(f"token id {t} is negative")
+            self._ids.append(t)
         prefix_text, new_text = self._pending()
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            return self._emit(new_text[len(prefix_text):])
+            return self._emit(prefix_text, new_text)
         return ""
 
     def flush(self) -> str:
@@ -481,7 +502,7 @@ class IncrementalDetokenizer:
         model really produced an incomplete byte sequence)."""
         prefix_text, new_text = self._pending()
         if len(new_text) > len(prefix_text):
-            return self._emit(new_text[len(prefix_text):])
+            return self._emit(prefix_text, new_text)
         return ""
 
     @property

@@ -21,10 +21,28 @@ TEXTS = [
 ]
 
 
-def streamed(tok: Tokenizer, prompt: list[int], out: list[int], skip: bool) -> str:
-    det = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+def reference_deltas(tok: Tokenizer, prompt: list[int], out: list[int], skip: bool) -> list[str]:
+    """The prefix/read-offset algorithm of vLLM/TGI as plainly as it goes: two full decodes per token."""
+    ids = list(prompt)
+    prefix, read = max(len(ids) - 5, 0), len(ids)
+    deltas = []
     for t in out:
-        det.step([t])
+        ids.append(t)
+        prefix_text, new_text = tok.decode(ids[prefix:read], skip), tok.decode(ids[prefix:], skip)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            deltas.append(new_text[len(prefix_text):])
+            prefix, read = read, len(ids)
+        else:
+            deltas.append("")
+    return deltas
+
+
+def streamed(tok: Tokenizer, prompt: list[int], out: list[int], skip: bool) -> str:
+    """IncrementalDetokenizer one token at a time (which reuses the previous window's text where it can),
+    checked delta by delta against the plain algorithm."""
+    det = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+    deltas = [det.step([t]) for t in out]
+    assert deltas == reference_deltas(tok, prompt, out, skip), (prompt, out)
     return det.text
 
 
