@@ -208,7 +208,7 @@ class LLMEngine:
             end = start + it.num_new_tokens
             chunk = SeqChunk(seq.token_ids[start:end], start, seq.block_table, end == len(seq.token_ids),
                              (seq.seq_id, seq.num_preemptions))
-            (decodes if chunk.is_decode else prefills).append((chunk, seq))
+            (decodes if end - start == 1 and start > 0 else prefills).append((chunk, seq))  # chunk.is_decode
             if start == seq.num_cached_tokens:  # first scheduling of this sequence (or re-admission)
                 metrics = owner[seq.seq_id][0].metrics
                 if metrics.first_scheduled_time is None:
@@ -308,7 +308,9 @@ class LLMEngine:
                 entry[token] = Logprob(logprob, rank, self.tokenizer.decode([token], skip_special_tokens=False))
             st.logprobs.append(entry)
             st.cumulative_logprob += logprob
-        n_out = st.seq.num_output_tokens
+        seq = st.seq
+        n_tokens = len(seq.token_ids)
+        n_out = n_tokens - seq.num_prompt_tokens
         can_stop = n_out >= p.min_tokens
         if can_stop and token in req.stop_ids:
             st.finish_reason = "stop"
@@ -321,10 +323,10 @@ class LLMEngine:
             st.text += st.detok.step([token])
             if can_stop and p.stop:
                 self._check_stop_strings(st, p, prev_len)
-        if st.finish_reason is None and (n_out >= req.max_tokens or st.seq.num_tokens >= self.max_model_len):
+        if st.finish_reason is None and (n_out >= req.max_tokens or n_tokens >= self.max_model_len):
             st.finish_reason = "length"
         if st.finish_reason is not None:
-            self.scheduler.finish(st.seq, st.finish_reason)
+            self.scheduler.finish(seq, st.finish_reason)
 
     @staticmethod
     def _check_stop_strings(st: SeqState, p: SamplingParams, prev_len: int) -> None:

@@ -54,7 +54,7 @@ class SchedulerConfig:
             )
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens to compute this step, starting at seq.num_computed_tokens
@@ -187,9 +187,10 @@ class Scheduler:
         # 1) running sequences, admission order. Victims are taken from the end of `running`, i.e. from
         #    sequences not yet scheduled this step (or the current one itself), so scheduled work is never undone.
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = seq.num_tokens - seq.num_computed_tokens
+        running = self.running  # preemption removes from this very list, hence the index loop
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = len(seq.token_ids) - seq.num_computed_tokens
             assert n >= 1, f"running seq {seq.seq_id} has nothing to compute: {seq!r}"
             if not (decode if n == 1 else prefill):
                 i += 1  # the other kind of step
@@ -251,14 +252,16 @@ class Scheduler:
             seq = item.seq
             if seq.status != SequenceStatus.RUNNING:
                 continue  # aborted between schedule() and update(): its blocks are already freed
-            seq.num_computed_tokens += item.num_new_tokens
-            if seq.num_computed_tokens > seq.num_tokens:
+            computed = seq.num_computed_tokens = seq.num_computed_tokens + item.num_new_tokens
+            tokens = seq.token_ids
+            if computed > len(tokens):
                 raise RuntimeError(f"update: seq {seq.seq_id} computed past its tokens: {seq!r}")
-            if caching and seq.num_computed_tokens // bs > seq.num_committed_blocks:
+            if caching and computed // bs > seq.num_committed_blocks:
                 bm.commit(seq)  # a block became full (commit itself returns early otherwise)
-            if seq.num_computed_tokens == len(seq.token_ids):
-                if seq.seq_id not in sampled:
+            if computed == len(tokens):
+                token = sampled.get(seq.seq_id)
+                if token is None:
                     raise KeyError(f"update: no sampled token for seq {seq.seq_id}, which finished its step")
-                seq.append_token(sampled[seq.seq_id])
+                tokens.append(token)  # seq.append_token, inlined
                 got_token.append(seq)
         return got_token
