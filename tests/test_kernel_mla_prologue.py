@@ -195,7 +195,7 @@ def test_reference_is_what_mlattention_computes(q_lora_rank, dtype):
 def _run_paged(model, prompts, chunk, n_decode, block_size=4, num_blocks=48):
     """Chunked prefill then greedy decode, sequences batched together (decodes first). Returns {(seq, pos): logits}
     and the token lists."""
-    caches = allocate_kv_caches(model.config, num_blocks, block_size, torch.float32, "cpu")
+    caches = allocate_kv_caches(model.config, num_blocks, block_size, torch.float32, DEVICE)
     perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(3)).tolist()
     tables = [perm[i * 12: (i + 1) * 12] for i in range(len(prompts))]
     tokens, done, rows = [list(p) for p in prompts], [0] * len(prompts), {}
@@ -210,7 +210,7 @@ def _run_paged(model, prompts, chunk, n_decode, block_size=4, num_blocks=48):
                 chunks.append(SeqChunk(tokens[i][done[i]: done[i] + n], done[i], tables[i],
                                        sample=done[i] + n == len(tokens[i])))
                 who.append((i, done[i] + n))
-        ids, batch = make_forward_batch(chunks, caches, block_size, "cpu")
+        ids, batch = make_forward_batch(chunks, caches, block_size, DEVICE)
         with torch.no_grad():
             logits = model(ids, batch=batch)
         k = 0
@@ -232,7 +232,7 @@ def test_model_with_fused_prologue_matches_torch_path(tmp_path, variant):
     from minke.engine.gpu_kernels import use_fused_mla_prologue
 
     _, path = make_checkpoint(variant, str(tmp_path))
-    ref, fast = minke.load_model(path), minke.load_model(path)
+    ref, fast = minke.load_model(path, device=DEVICE), minke.load_model(path, device=DEVICE)
     use_fused_mla_prologue(fast)
     calls = []
     for m in fast.modules():
@@ -253,7 +253,7 @@ def test_model_with_fused_prologue_matches_torch_path(tmp_path, variant):
     assert len(calls) % layers == 0 and 1 in calls  # every layer, every step; batch-1 decode steps included
     # and the dense forward (no cache, training's path) agrees
     with torch.no_grad():
-        full = fast(torch.tensor([got_tokens[0]]))[0]
+        full = fast(torch.tensor([got_tokens[0]], device=DEVICE))[0]
     for (i, pos), row in got.items():
         if i == 0:
             torch.testing.assert_close(row, full[pos], rtol=1e-4, atol=1e-4 * full[pos].abs().max().item())
