@@ -87,7 +87,7 @@ def main(argv=None) -> None:
             f.write(json.dumps(r) + "\n")
     stats = {"chatterbot_pairs": len(chat), "chatterbot_repeats": a.chat_repeats, "story_requests": len(requests),
              "continue_examples": len(cont), "sft_examples": len(rows)}
-    if a.small_talk:
+    if a.small_talk or "smalltalk" in a.out.stem:
         stats.update(small_talk=len(small), chatterbot_dropped=dropped)
     (a.out.parent / f"{a.out.stem}_stats.json").write_text(json.dumps(stats, indent=2))
     print(f"{len(chat)} chat pairs (x{a.chat_repeats}), {len(requests)} story requests, {len(cont)} continuations, "
