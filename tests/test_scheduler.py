@@ -291,3 +291,42 @@ def test_validation_errors():
         sched.add(seq(0, range(9), sched))
     with pytest.raises(ValueError, match="reason"):
         sched.finish(seq(1, [1], sched), "eos")
+
+
+def _decoding(sched, n, prompt_len=3):
+    """n running sequences, all past their prefill (decoding)."""
+    seqs = [seq(i, range(10 * i, 10 * i + prompt_len), sched) for i in range(n)]
+    for s in seqs:
+        sched.add(s)
+    while any(s.num_tokens - s.num_computed_tokens != 1 for s in sched.running) or sched.waiting:
+        step(sched)
+    return seqs
+
+
+def test_separate_steps_under_load_batch_admissions():
+    """At least max_num_seqs // 4 decoding: one small new request waits (decode steps go on) until enough prompt
+    tokens are waiting to fill half a step, or max_prefill_delay_steps decode steps have passed."""
+    sched, _ = make(256, block_size=4, max_num_batched_tokens=32, mixed_batches=False, max_num_seqs=8,
+                    max_prefill_delay_steps=3)
+    _decoding(sched, 4)
+    late = seq(100, range(500, 505), sched)  # 5 tokens < 16 (half the budget)
+    sched.add(late)
+    for _ in range(3):  # delayed: decode-only steps
+        out, _ = step(sched)
+        assert 100 not in [s.seq.seq_id for s in out.scheduled] and all(s.num_new_tokens == 1 for s in out.scheduled)
+    out, _ = step(sched)
+    assert plan(out) == [(100, 5)]  # the delay ran out
+    # enough waiting tokens: admitted at the next step, together
+    step(sched)
+    more = [seq(200 + i, range(600 + 10 * i, 606 + 10 * i), sched) for i in range(3)]  # 18 tokens >= 16
+    for s in more:
+        sched.add(s)
+    out, _ = step(sched)
+    assert plan(out) == [(200, 6), (201, 6), (202, 6)]
+
+
+def test_separate_steps_light_load_admit_at_once():
+    sched, _ = make(256, block_size=4, max_num_batched_tokens=32, mixed_batches=False, max_num_seqs=16)
+    _decoding(sched, 3)  # 3 < 16 // 4: light load
+    sched.add(seq(100, range(500, 505), sched))
+    assert plan(step(sched)[0]) == [(100, 5)]

@@ -17,7 +17,9 @@ separate steps, as SGLang does by default and vLLM v0 did: while a running seque
 can be admitted, the step holds prefill work only (the same two phases above, decodes skipped); otherwise it holds
 every decode. A mixed step runs eagerly (a graph covers one-token rows only), so at large batch it costs several
 times a graphed decode step; separate steps keep every decode on the graph. The price is decodes waiting out a
-prefill step (inter-token latency during admission bursts).
+prefill step (inter-token latency during admission bursts). Under load (a quarter of max_num_seqs decoding) new
+requests are admitted in batches: a prefill step waits until it can admit prefill_batch_tokens prompt tokens, or at
+most max_prefill_delay_steps decode steps.
 
 The engine drives it: out = schedule(); run the model on out.scheduled; update(out, sampled); then for each seq
 that got a token decide eos / stop / max_tokens and call finish(seq, reason).
@@ -41,6 +43,12 @@ class SchedulerConfig:
     _: dataclasses.KW_ONLY
     max_model_len: int
     mixed_batches: bool = True  # False: prefill and decode in separate steps (module docstring)
+    # Separate steps under load (at least max_num_seqs // 4 sequences decoding): a prefill step for new requests is
+    # started only once the requests it could admit bring prefill_batch_tokens prompt tokens (None: half of
+    # max_num_batched_tokens), or after max_prefill_delay_steps decode steps. Otherwise every finishing request
+    # would cost one small prefill step with the whole batch's decodes stalled (offline runs: ~2 per decode step).
+    prefill_batch_tokens: int | None = None
+    max_prefill_delay_steps: int = 16
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -86,6 +94,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order; the last one is preempted first
         self.num_preemptions_total = 0
+        self._prefill_delayed = 0  # decode steps taken since a prefill step for waiting requests was first possible
 
     # ---------------------------------------------------------------- queue management
     def add(self, seq: Sequence) -> None:
@@ -166,13 +175,28 @@ class Scheduler:
     def _has_prefill_work(self) -> bool:
         if any(len(s.token_ids) - s.num_computed_tokens != 1 for s in self.running):  # not _is_decode, inlined
             return True
-        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+        cfg = self.config
+        if not self.waiting or len(self.running) >= cfg.max_num_seqs:
             return False
-        seq, budget = self.waiting[0], self.config.max_num_batched_tokens
+        seq, budget = self.waiting[0], cfg.max_num_batched_tokens
         remaining = seq.num_tokens - self.block_manager.lookup_prefix(seq)
-        if remaining > budget and not self.config.enable_chunked_prefill:
+        if remaining > budget and not cfg.enable_chunked_prefill:
             return False
-        return self.block_manager.can_admit(seq, min(remaining, budget))
+        if not self.block_manager.can_admit(seq, min(remaining, budget)):
+            return False
+        if len(self.running) >= max(cfg.max_num_seqs // 4, 1) and self._prefill_delayed < cfg.max_prefill_delay_steps:
+            # Under load: gather admissions into fewer, larger prefill steps (SchedulerConfig.prefill_batch_tokens).
+            want = cfg.prefill_batch_tokens or budget // 2
+            slots, tokens = cfg.max_num_seqs - len(self.running), 0
+            for i, w in enumerate(self.waiting):
+                if i >= slots or tokens >= want:
+                    break
+                tokens += w.num_tokens - w.num_computed_tokens
+            if tokens < want:
+                self._prefill_delayed += 1
+                return False
+        self._prefill_delayed = 0
+        return True
 
     def _schedule(self, prefill: bool, decode: bool) -> SchedulerOutput:
         """One step over running sequences of the chosen kinds (prefill chunks and/or decodes), then, when prefill
