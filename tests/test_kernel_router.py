@@ -19,23 +19,28 @@ CASES = [  # N, D, E, K, method, n_group, topk_group, norm, scaling
     (7, 64, 20, 6, "group_limited_greedy", 4, 2, False, 16.0),  # V2's rule, E not a power of two
     (3, 32, 24, 3, "group_limited_greedy", 8, 3, True, 1.0),
     (4, 32, 8, 1, "greedy", 1, 1, True, 2.5),  # K = 1: norm_topk_prob does not apply, scaling does
+    (2, 300, 64, 6, "greedy", 1, 1, False, 1.0),  # D split over 3 programs, the last chunk partial
+    (3, 520, 160, 6, "group_limited_greedy", 8, 3, False, 16.0),  # V2's 160 experts: 32-wide D tiles, 5 chunks
 ]
 
 
 @needs_triton
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_reference(case, dtype):
+@pytest.mark.parametrize("n_shared", [0, 2])  # 2: V2's shared experts fused in as experts E, E+1
+def test_kernel_matches_reference(case, dtype, n_shared):
     n, d, e, k, method, n_group, topk_group, norm, scaling = case
     g = torch.Generator().manual_seed(n * 100 + e)
     x = torch.randn(n, d, generator=g).to(dtype).to(DEVICE)
     w = (torch.randn(e, d, generator=g) * 0.5).to(dtype).to(DEVICE)
     args = (k, method, n_group, topk_group, norm, scaling)
-    ids, wts = route(x, w, *args)
-    ref_ids, ref_wts = route_ref(x, w, *args)
-    assert ids.dtype == torch.int64 and wts.dtype == torch.float32 and ids.shape == (n, k)
+    ids, wts = route(x, w, *args, n_shared=n_shared)
+    ref_ids, ref_wts = route_ref(x, w, *args, n_shared=n_shared)
+    assert ids.dtype == torch.int64 and wts.dtype == torch.float32 and ids.shape == (n, k + n_shared)
     assert torch.equal(ids.cpu(), ref_ids.cpu())
     torch.testing.assert_close(wts.cpu(), ref_wts.cpu(), rtol=1e-5, atol=1e-6)
+    if n_shared:
+        assert ids[:, k:].tolist() == [list(range(e, e + n_shared))] * n and bool((wts[:, k:] == 1).all())
 
 
 @needs_triton

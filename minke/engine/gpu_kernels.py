@@ -36,8 +36,8 @@ def use_fused_router(model, max_tokens: int = 1024) -> None:
     long prefills keep the torch path (one GEMM)."""
     from ..kernels.router import route, route_ref
 
-    def impl(x, weight, *args):
-        return (route if x.shape[0] <= max_tokens else route_ref)(x, weight, *args)
+    def impl(x, weight, *args, **kwargs):
+        return (route if x.shape[0] <= max_tokens else route_ref)(x, weight, *args, **kwargs)
 
     for m in model.modules():
         if isinstance(m, Router):

@@ -1,7 +1,8 @@
-"""DeepSeek MoE router (`MoEGate`) for inference: one Triton program per token computes the fp32 logits x·Wᵀ, the
-softmax, the top-k (greedy, or group-limited as DeepSeek-V2 routes) and the weight normalisation or scaling. In
-torch that is ~7 kernels per MoE layer (two fp32 casts, the GEMV, softmax, top-k's sort and gather, the scaling);
-at decode, where every one of them is a few microseconds of launch-bound work, one launch replaces them.
+"""DeepSeek MoE router (`MoEGate`) for inference in two Triton launches: partial fp32 logits x·Wᵀ over D-chunks
+(programs [N, D/128], so the router weight is read by many SMs at once), then one program per token sums them and
+does the softmax, the top-k (greedy, or group-limited as DeepSeek-V2 routes) and the weight normalisation or
+scaling. In torch that is ~7 kernels per MoE layer (two fp32 casts, the GEMV, softmax, top-k's sort and gather, the
+scaling); at decode, where every one of them is a few microseconds of launch-bound work, two launches replace them.
 
 Semantics are minke.models.moe.Router's (DeepSeek's modeling code):
     scores = softmax(x.float() @ W.float()ᵀ)                                  [N, E]
@@ -12,7 +13,8 @@ Summation order differs from cuBLAS' GEMV, so logits agree to fp32 rounding, and
 that precision may be chosen in a different order. Ties in the top-k go to the lower expert id.
 
 Public API:
-    route(x, weight, top_k, method, n_group, topk_group, norm_topk_prob, scaling) -> (ids [N, K] int64, weights [N, K] fp32)
+    route(x, weight, top_k, method, n_group, topk_group, norm_topk_prob, scaling, n_shared=0)
+        -> (ids [N, K + n_shared] int64, weights [N, K + n_shared] fp32)
     route_ref(...)  the same in plain torch (what Router computes)
 """
 
@@ -43,8 +45,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, top_k: int, method: str, n_gro
 
 
 def route_ref(x, weight, top_k: int, method: str, n_group: int, topk_group: int, norm_topk_prob: bool,
-              scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference: x [N, D], weight [E, D] -> ids [N, K] int64, weights [N, K] fp32."""
+              scaling: float, n_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference: x [N, D], weight [E, D] -> ids [N, K + S] int64, weights [N, K + S] fp32. The last
+    S = n_shared columns are the shared experts fused in after the routed ones (MoE.fuse_shared_experts): ids
+    E .. E+S-1, weight 1."""
     _check(x, weight, top_k, method, n_group, topk_group)
     scores = F.linear(x.float(), weight.float()).softmax(dim=-1)
     if method == "group_limited_greedy":
@@ -57,43 +61,73 @@ def route_ref(x, weight, top_k: int, method: str, n_group: int, topk_group: int,
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     else:
         weights = weights * scaling
+    if n_shared:
+        e = weight.shape[0]
+        ids = torch.cat([ids, torch.arange(e, e + n_shared, device=ids.device).expand(ids.shape[0], n_shared)], 1)
+        weights = torch.cat([weights, weights.new_ones(weights.shape[0], n_shared)], 1)
     return ids, weights
 
 
 if _HAS_TRITON:
 
     @triton.jit
-    def _router_kernel(
+    def _router_logits_kernel(
         x_ptr,  # [N, D], row stride stride_x, unit column stride
         w_ptr,  # [E, D] contiguous
-        ids_ptr,  # [N, K] int64 out
-        wts_ptr,  # [N, K] fp32 out
+        part_ptr,  # [N, SPLIT, BLOCK_E] fp32 out: partial logits of each D-chunk
         D,
         stride_x,
+        SPLIT,
+        E: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        CHUNK: tl.constexpr,  # D columns per program (a multiple of BLOCK_D)
+        BLOCK_D: tl.constexpr,
+    ):
+        # Program (n, s): x[n, chunk s] · W[:, chunk s]ᵀ. Splitting D over SPLIT programs spreads the router weight
+        # (E x D, 256 KB for V2-Lite) over that many SMs: one program per token took ~65 us per layer at batch 1
+        # on an H100, a serial loop of loads and cross-lane reductions on one SM.
+        n = tl.program_id(0)
+        s = tl.program_id(1)
+        e = tl.arange(0, BLOCK_E)
+        e_ok = e < E
+        acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)  # reduced once, after the loop
+        for d0 in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            xv = tl.load(x_ptr + n * stride_x + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+            wv = tl.load(w_ptr + e[:, None] * D + d[None, :], mask=e_ok[:, None] & d_ok[None, :],
+                         other=0.0).to(tl.float32)  # [BLOCK_E, BLOCK_D]
+            acc += wv * xv[None, :]
+        tl.store(part_ptr + (n * SPLIT + s) * BLOCK_E + e, tl.sum(acc, axis=1))
+
+    @triton.jit
+    def _router_kernel(
+        part_ptr,  # [N, SPLIT, BLOCK_E] fp32 partial logits (_router_logits_kernel)
+        ids_ptr,  # [N, K + S] int64 out
+        wts_ptr,  # [N, K + S] fp32 out
+        SPLIT,
         scaling,
         E: tl.constexpr,
         K: tl.constexpr,
+        S: tl.constexpr,  # shared experts fused in as experts E .. E+S-1 (weight 1) after the K routed slots
+        BLOCK_SH: tl.constexpr,  # next power of two >= S (>= 1)
         BLOCK_K: tl.constexpr,  # next power of two >= K
         BLOCK_E: tl.constexpr,  # next power of two >= E
-        BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,  # next power of two >= SPLIT
         GROUPED: tl.constexpr,
         N_GROUP: tl.constexpr,
         BLOCK_G: tl.constexpr,  # next power of two >= N_GROUP
         TOPK_GROUP: tl.constexpr,
         NORM: tl.constexpr,
     ):
+        # One program per token: sum of the partial logits, softmax, (group-limited) top-k, normalise or scale.
         n = tl.program_id(0)
         e = tl.arange(0, BLOCK_E)
         e_ok = e < E
-        # logits[e] = sum_d x[d] * W[e, d] in fp32, D in BLOCK_D slices
-        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            xv = tl.load(x_ptr + n * stride_x + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-            wv = tl.load(w_ptr + e[:, None] * D + d[None, :], mask=e_ok[:, None] & d_ok[None, :],
-                         other=0.0).to(tl.float32)  # [BLOCK_E, BLOCK_D]
-            acc += tl.sum(wv * xv[None, :], axis=1)
+        sp = tl.arange(0, BLOCK_S)
+        part = tl.load(part_ptr + (n * SPLIT + sp[:, None]) * BLOCK_E + e[None, :], mask=sp[:, None] < SPLIT,
+                       other=0.0)  # [BLOCK_S, BLOCK_E]
+        acc = tl.sum(part, axis=0)
         logits = tl.where(e_ok, acc, float("-inf"))
         p = tl.exp(logits - tl.max(logits, axis=0))
         p = p / tl.sum(p, axis=0)  # softmax scores, 0 on padding lanes
@@ -123,13 +157,18 @@ if _HAS_TRITON:
             top_w = top_w / (tl.sum(top_w, axis=0) + 1e-20)  # lanes >= K hold 0
         else:
             top_w = top_w * scaling
-        tl.store(ids_ptr + n * K + kk, top_i, mask=kk < K)
-        tl.store(wts_ptr + n * K + kk, top_w, mask=kk < K)
+        tl.store(ids_ptr + n * (K + S) + kk, top_i, mask=kk < K)
+        tl.store(wts_ptr + n * (K + S) + kk, top_w, mask=kk < K)
+        if S > 0:
+            j = tl.arange(0, BLOCK_SH)
+            tl.store(ids_ptr + n * (K + S) + K + j, (E + j).to(tl.int64), mask=j < S)
+            tl.store(wts_ptr + n * (K + S) + K + j, tl.full([BLOCK_SH], 1.0, tl.float32), mask=j < S)
 
 
 def route(x, weight, top_k: int, method: str, n_group: int, topk_group: int, norm_topk_prob: bool,
-          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of route_ref (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
+          scaling: float, n_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of route_ref (CUDA tensors, or CPU under TRITON_INTERPRET=1). The shared-expert columns are
+    written by the same launch (saves the two cats and the fill of ones per layer)."""
     if not _HAS_TRITON:
         raise RuntimeError("route: triton is not installed; use route_ref")
     _check(x, weight, top_k, method, n_group, topk_group)
@@ -140,15 +179,23 @@ def route(x, weight, top_k: int, method: str, n_group: int, topk_group: int, nor
     weight = weight.contiguous()
     N, D = x.shape
     E = weight.shape[0]
-    ids = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
-    wts = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
+    if n_shared < 0:
+        raise ValueError(f"route: n_shared must be >= 0, got {n_shared}")
+    ids = torch.empty(N, top_k + n_shared, dtype=torch.int64, device=x.device)
+    wts = torch.empty(N, top_k + n_shared, dtype=torch.float32, device=x.device)
     if N == 0:
         return ids, wts
     grouped = method == "group_limited_greedy"
     block_e = triton.next_power_of_2(E)
+    block_d = max(16, min(128, 8192 // block_e))  # [BLOCK_E, BLOCK_D] fp32 accumulator: 8K values a program
+    chunk = triton.cdiv(128, block_d) * block_d
+    split = triton.cdiv(D, chunk)
+    part = torch.empty(N, split, block_e, dtype=torch.float32, device=x.device)
+    _router_logits_kernel[(N, split)](x, weight, part, D, x.stride(0), split, E=E, BLOCK_E=block_e, CHUNK=chunk,
+                                      BLOCK_D=block_d, num_warps=4)
     _router_kernel[(N,)](
-        x, weight, ids, wts, D, x.stride(0), float(scaling),
-        E=E, K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_E=block_e, BLOCK_D=max(16, min(128, 8192 // block_e)),
+        part, ids, wts, split, float(scaling),
+        E=E, K=top_k, S=n_shared, BLOCK_SH=triton.next_power_of_2(max(n_shared, 1)), BLOCK_K=triton.next_power_of_2(top_k), BLOCK_E=block_e, BLOCK_S=triton.next_power_of_2(split),
         GROUPED=grouped, N_GROUP=n_group if grouped else 1,
         BLOCK_G=triton.next_power_of_2(n_group) if grouped else 1, TOPK_GROUP=topk_group if grouped else 1,
         NORM=top_k > 1 and norm_topk_prob, num_warps=4,

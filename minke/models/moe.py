@@ -38,11 +38,15 @@ class Router(nn.Module):
         # Inference kernel with this forward's semantics (kernels/router.py `route`), installed on GPU; used when
         # the scores are not needed (no balance loss).
         self.impl: Callable | None = None
+        # Set by MoE.fuse_shared_experts: impl also returns the S shared-expert slots (ids E.., weight 1) for steps
+        # of up to shared_max_tokens tokens, the ones the fused MoE routes to the shared experts.
+        self.shared_slots, self.shared_max_tokens = 0, 0
 
     def forward(self, x: torch.Tensor, need_scores: bool = True) -> RouterOutput:
         if self.impl is not None and not need_scores:
+            shared = self.shared_slots if x.shape[0] <= self.shared_max_tokens else 0
             ids, weights = self.impl(x, self.weight, self.top_k, self.method, self.n_group, self.topk_group,
-                                     self.norm_topk_prob, self.scaling)
+                                     self.norm_topk_prob, self.scaling, n_shared=shared)
             return RouterOutput(ids, weights, None)
         scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [N, E]
         masked = scores
@@ -143,12 +147,15 @@ class MoE(nn.Module):
         ex.down_proj = nn.Parameter(torch.cat([ex.down_proj, down]), requires_grad=False)
         self.register_buffer("shared_ids", torch.arange(e, e + s, device=ex.down_proj.device)[None], persistent=False)
         self.shared_experts, self.n_fused_shared, self.fused_max_tokens = None, s, max_tokens
+        self.gate.shared_slots, self.gate.shared_max_tokens = s, max_tokens
         return True
 
     def _forward_fused_shared(self, flat: torch.Tensor, r: RouterOutput) -> torch.Tensor:
         """flat [N, D] -> routed + shared output [N, D], shared experts = the last n_fused_shared experts."""
         n, s = flat.shape[0], self.n_fused_shared
         if n <= self.fused_max_tokens:
+            if r.topk_ids.shape[1] == self.gate.top_k + s:  # the fused router appended the shared slots already
+                return self.experts(flat, r.topk_ids, r.topk_weights)
             ids = torch.cat([r.topk_ids, self.shared_ids.expand(n, s)], dim=1)  # [N, K+S]
             weights = torch.cat([r.topk_weights, r.topk_weights.new_ones(n, s)], dim=1)
             return self.experts(flat, ids, weights)
