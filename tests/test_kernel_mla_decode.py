@@ -82,6 +82,18 @@ def test_kernel_matches_ref_fp32(num_kv_splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("min_split_len", [4, 7, 64])  # 4/7: some sequences use 2-4 of the 8 splits; 64: one each
+def test_min_split_len_uses_fewer_splits_same_result(min_split_len):
+    """Short contexts in a launch sized for long ones: splits of at least min_split_len tokens, fewer used."""
+    (q, qpe, cache, bt, lens), _ = _make_case(LENS, torch.float32, seed=5)
+    scale = (C + R) ** -0.5
+    out = mla_decode(q, qpe, cache, bt, lens, scale, num_kv_splits=8, min_split_len=min_split_len)
+    torch.testing.assert_close(out, mla_decode_ref(q, qpe, cache, bt, lens, scale), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="min_split_len"):
+        mla_decode(q, qpe, cache, bt, lens, scale, min_split_len=0)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_matches_ref_half(dtype):
     (q, qpe, cache, bt, lens), _ = _make_case(LENS, dtype, seed=3)

@@ -20,7 +20,8 @@ context_lens[b] must not exceed max_blocks * block_size and block ids must be < 
 this without a host sync (which would also break CUDA-graph capture); mla_decode_ref checks the length.
 
 Public API:
-    mla_decode(q_latent, q_pe, kv_cache, block_tables, context_lens, sm_scale, num_kv_splits=None) -> [B, H, C]
+    mla_decode(q_latent, q_pe, kv_cache, block_tables, context_lens, sm_scale, num_kv_splits=None,
+               min_split_len=None) -> [B, H, C]
     mla_decode_ref(...same...)   torch reference, loops over sequences and gathers by the block table
 """
 
@@ -133,6 +134,7 @@ if _HAS_TRITON:
         stride_ml_b,
         stride_ml_h,
         NUM_SPLITS: tl.constexpr,
+        MIN_SPLIT: tl.constexpr,  # tokens per split at least (short contexts use fewer splits)
         BLOCK_H: tl.constexpr,  # heads per program (>= 16: tl.dot's minimum M)
         BLOCK_C: tl.constexpr,  # next pow2 >= C
         BLOCK_R: tl.constexpr,  # next pow2 >= R, >= 16 (tl.dot's minimum K)
@@ -145,9 +147,11 @@ if _HAS_TRITON:
         split = tl.program_id(2)
 
         seq_len = tl.load(lens_ptr + b)
-        # Every sequence is cut into NUM_SPLITS equal pieces of its *own* length, so sequences of very different
-        # lengths share one launch; short ones just get empty trailing splits, skipped here and in stage 2.
-        split_len = tl.cdiv(seq_len, NUM_SPLITS)
+        # Every sequence is cut into NUM_SPLITS equal pieces of its *own* length (at least MIN_SPLIT tokens each),
+        # so sequences of very different lengths share one launch; short ones just get empty trailing splits,
+        # skipped here and in stage 2. NUM_SPLITS comes from the capacity (graph-safe); without MIN_SPLIT a
+        # 300-token context in a 4096-token graph was cut into 32 slivers of 10 tokens (~16 us per layer).
+        split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT)
         start = split * split_len
         end = tl.minimum(start + split_len, seq_len)
         if end > start:
@@ -232,12 +236,13 @@ if _HAS_TRITON:
         stride_ob,
         stride_oh,
         NUM_SPLITS: tl.constexpr,
+        MIN_SPLIT: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         seq_len = tl.load(lens_ptr + b)
-        split_len = tl.cdiv(seq_len, NUM_SPLITS)
+        split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT)  # as stage 1
         offs_c = tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
 
@@ -291,6 +296,7 @@ def mla_decode(
     context_lens: torch.Tensor,  # [B] int32  tokens attended by each sequence (incl. the current one)
     sm_scale: float,
     num_kv_splits: int | None = None,
+    min_split_len: int | None = None,  # tokens per split at least; None: 64 with automatic splits, 1 with given ones
 ) -> torch.Tensor:  # [B, H, C] in q_latent.dtype: attention output in latent space (apply W_UV after)
     """Split-K Triton MLA decode. See the module docstring for the math; mla_decode_ref gives the same result."""
     if not _HAS_TRITON:
@@ -306,6 +312,11 @@ def mla_decode(
             raise ValueError(f"mla_decode: {name} must have a unit last stride (got strides {t.stride()})")
     if not context_lens.is_contiguous():
         raise ValueError("mla_decode: context_lens must be contiguous")
+    if min_split_len is None:
+        min_split_len = 64 if num_kv_splits is None else 1
+    if not isinstance(min_split_len, int) or min_split_len < 1:
+        raise ValueError(f"mla_decode: min_split_len must be a positive int, got {min_split_len!r}")
+    min_split = min_split_len
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(B, H, block_tables.shape[1] * block_size, q_latent.device)
     if not isinstance(num_kv_splits, int) or not 1 <= num_kv_splits <= _MAX_KV_SPLITS:
@@ -351,6 +362,7 @@ def mla_decode(
         mid_lse.stride(0),
         mid_lse.stride(1),
         NUM_SPLITS=num_kv_splits,
+        MIN_SPLIT=min_split,
         BLOCK_H=BLOCK_H,
         BLOCK_C=BLOCK_C,
         BLOCK_R=BLOCK_R,
@@ -374,6 +386,7 @@ def mla_decode(
         out.stride(0),
         out.stride(1),
         NUM_SPLITS=num_kv_splits,
+        MIN_SPLIT=min_split,
         BLOCK_C=BLOCK_C,
         num_warps=4,
     )
