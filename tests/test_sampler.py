@@ -420,3 +420,17 @@ def test_sampler_does_not_modify_input_logits(device):
 def test_empty_batch():
     out = Sampler()(torch.zeros(0, 10), batch_of([], "cpu"))
     assert out.token_ids.shape == (0,) and out.top_logprobs == []
+
+
+def test_no_logprobs_asked_none_computed_and_logits_untouched(device):
+    """Rows without logprobs: no log-sum-exp pass (logprobs/ranks None), the caller's logits are never modified."""
+    torch.manual_seed(42)
+    logits = torch.randn(4, 50)
+    keep = logits.clone()
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, seed=3),
+              SamplingParams(temperature=0, repetition_penalty=1.3), SamplingParams(temperature=0)]
+    out = sample(logits, params, device, outputs=[[1, 2]] * 4, prompts=[[3]] * 4)
+    assert out.logprobs is None and out.ranks is None and out.top_logprobs == [None] * 4
+    assert torch.equal(logits, keep)
+    greedy = sample(logits, [SamplingParams(temperature=0)] * 4, device)
+    assert greedy.token_ids.tolist() == logits.argmax(-1).tolist() and greedy.logprobs is None

@@ -168,7 +168,8 @@ class SamplingBatch:
 @dataclass
 class SamplerOutput:
     token_ids: Tensor     # [B] int64, chosen tokens
-    logprobs: Tensor      # [B] float32, log p(chosen token) under the raw model distribution
+    logprobs: Tensor | None  # [B] float32, log p(chosen token) under the raw model distribution; None when no
+    #                          row asked for logprobs (not computed then)
     # Per row: None when the row asked for no logprobs, else its top-k (token, logprob) of
     # the raw distribution, most likely first ([] when it asked for 0).
     top_logprobs: list[list[tuple[int, float]] | None]
@@ -373,14 +374,17 @@ class Sampler:
         flags = batch.flags
         dev = logits.device
 
-        # Raw-distribution statistics, taken before any processing.
+        # Raw-distribution statistics, taken before any processing, only when some row asks for logprobs: the
+        # log-sum-exp over [B, V] fp32 logits is ~0.25 ms at batch 256 (V = 102400) on an H100, 1% of a step.
         raw = logits.float()                       # [B, V]; no copy when already float32
-        raw_lse = torch.logsumexp(raw, dim=-1)                          # [B]
-        top = self._raw_top_logprobs(raw, raw_lse, batch.num_logprobs)
+        want_logprobs = any(k is not None for k in batch.num_logprobs)
+        raw_lse = torch.logsumexp(raw, dim=-1) if want_logprobs else None  # [B]
+        top = self._raw_top_logprobs(raw, raw_lse, batch.num_logprobs) if want_logprobs else [None] * b
 
-        x = raw.clone()                                                 # [B, V], processed
         # Both are no-ops on empty rows; skip the per-row Python of building their indices when all are.
         any_bias, any_mask = any(batch.logit_bias), any(batch.min_tokens_mask)
+        processed = any_bias or any_mask or flags.any_repetition or flags.any_freq_presence or flags.any_random
+        x = raw.clone() if processed else raw                           # [B, V], processed in place
         if any_bias:
             apply_logit_bias(x, batch.logit_bias)
         if any_mask:
@@ -414,11 +418,11 @@ class Sampler:
             sampled = sample_from_probs(x.softmax(dim=-1), batch.generators)
             tokens = torch.where(greedy, tokens, sampled)
 
+        if not want_logprobs:
+            return SamplerOutput(token_ids=tokens, logprobs=None, top_logprobs=top, ranks=None)
         chosen_raw = raw.gather(1, tokens[:, None])                     # [B, 1]
-        ranks = None
-        if any(k is not None for k in batch.num_logprobs):
-            # 1-based rank of the chosen token in the raw distribution (vLLM reports it too).
-            ranks = (raw > chosen_raw).sum(dim=-1) + 1
+        # 1-based rank of the chosen token in the raw distribution (vLLM reports it too).
+        ranks = (raw > chosen_raw).sum(dim=-1) + 1
         return SamplerOutput(token_ids=tokens, logprobs=chosen_raw.squeeze(1) - raw_lse, top_logprobs=top,
                              ranks=ranks)
 
