@@ -26,8 +26,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=4, help="layers to build (memory per layer call does not change)")
     args = ap.parse_args()
-    llm = LLM(shape_dir(args.shape, None, args.layers), load_format="dummy", dtype="bfloat16", max_model_len=16384,
-              kv_cache_tokens=4096, enforce_eager=True)
+    llm = LLM(shape_dir(args.shape, None, args.layers), load_format="dummy", dtype="bfloat16", max_model_len=args.tokens,
+              kv_cache_tokens=args.tokens, enforce_eager=True)
     worker = llm.llm_engine.runner.executor.worker
     model, dev, bs = worker.model, worker.device, worker.block_size
     peaks: dict[str, float] = defaultdict(float)

@@ -135,12 +135,22 @@ def bench_throughput(llm, num_requests: int, vocab: int, seed: int = 0, min_in=3
     rng = random.Random(seed)
     lens = [(rng.randint(min_in, max_in), rng.randint(min_out, max_out)) for _ in range(num_requests)]
     prompts = [[rng.randrange(100, min(vocab, 100000)) for _ in range(a)] for a, _ in lens]
-    params = [SamplingParams(temperature=0.6, max_tokens=b, ignore_eos=True, seed=i) for i, (_, b) in enumerate(lens)]
+    # No per-request seeds (as vLLM's and SGLang's throughput benchmarks): a seeded row draws its noise from its own
+    # generator, one kernel per row per step; the engine's seed makes the run repeatable.
+    params = [SamplingParams(temperature=0.6, max_tokens=b, ignore_eos=True) for _, b in lens]
+    engine = llm.llm_engine
+    before = dict(engine.step_stats)
     _sync()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     _sync()
     total = time.perf_counter() - t0
+    steps = {k: v - before[k] for k, v in engine.step_stats.items()}  # this run's steps only
+    if steps["decode_steps"]:
+        steps["mean_decode_batch"] = steps["decode_rows"] / steps["decode_steps"]
+        steps["decode_ms_per_step"] = 1000 * steps["decode_s"] / steps["decode_steps"]
+    if steps["prefill_steps"]:
+        steps["prefill_ms_per_step"] = 1000 * steps["prefill_s"] / steps["prefill_steps"]
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     ttft = [o.metrics.time_to_first_token for o in outs]
     itl = [(o.metrics.finished_time - o.metrics.first_token_time) / max(len(o.outputs[0].token_ids) - 1, 1)
@@ -148,7 +158,8 @@ def bench_throughput(llm, num_requests: int, vocab: int, seed: int = 0, min_in=3
     return {"requests": num_requests, "seconds": total, "output_tokens": out_tokens,
             "output_tok_per_s": out_tokens / total, "input_tokens": sum(a for a, _ in lens),
             "ttft_s": {q: _pct(ttft, q) for q in (50, 90, 99)},
-            "itl_ms": {q: 1000 * _pct(itl, q) for q in (50, 90, 99)}}
+            "itl_ms": {q: 1000 * _pct(itl, q) for q in (50, 90, 99)}, "steps": steps,
+            "preemptions": engine.scheduler.num_preemptions_total}
 
 
 # --------------------------------------------------------------------------- transformers, same weights
@@ -238,7 +249,7 @@ def hf_decode(hf, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> d
 def run_bench(model: str | None, shape: str | None, *, tokenizer: str | None = None, num_layers: int | None = None,
               batches=(1, 8, 32, 128, 256), prompt_len=512, new_tokens=128, prefill_tokens=2048,
               num_requests=1000, hf_batches=(1, 32), hf_new_tokens=32, compare_transformers=True,
-              engine_kwargs: dict | None = None, log=print) -> dict:
+              engine_kwargs: dict | None = None, throughput_kwargs: dict | None = None, log=print) -> dict:
     from .engine.llm import LLM
 
     kw = dict(dtype="bfloat16", max_model_len=4096, max_num_seqs=max(256, max(batches)))
@@ -265,9 +276,11 @@ def run_bench(model: str | None, shape: str | None, *, tokenizer: str | None = N
         log(f"decode batch {b}: {r['decode_tok_per_s']:.0f} tok/s ({r['step_ms']:.2f} ms/step), "
             f"e2e {r['e2e_output_tok_per_s']:.0f} output tok/s")
     if num_requests:
-        res["throughput"] = bench_throughput(llm, num_requests, vocab)
+        res["throughput"] = bench_throughput(llm, num_requests, vocab, **(throughput_kwargs or {}))
         log(f"offline {num_requests} requests: {res['throughput']['output_tok_per_s']:.0f} output tok/s, "
-            f"TTFT p50 {res['throughput']['ttft_s'][50]:.2f}s, ITL p50 {res['throughput']['itl_ms'][50]:.1f} ms")
+            f"TTFT p50 {res['throughput']['ttft_s'][50]:.2f}s, ITL p50 {res['throughput']['itl_ms'][50]:.1f} ms; "
+            f"steps {json.dumps({k: round(v, 2) for k, v in res['throughput']['steps'].items()})}, "
+            f"preemptions {res['throughput']['preemptions']}")
     if torch.cuda.is_available():
         res["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if compare_transformers:

@@ -93,6 +93,10 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._sampling_cache: tuple[list[int], SamplingBatch] | None = None
         self.stats = dict(prompt_tokens_total=0, generation_tokens_total=0, num_requests_finished=0)
+        # Where the steps' time goes (benchmarks): steps of each kind, their rows / tokens and wall seconds (a step
+        # ends with the sampled tokens on the host, so its wall time covers the GPU work too).
+        self.step_stats = dict(decode_steps=0, decode_rows=0, decode_s=0.0, prefill_steps=0, prefill_tokens=0,
+                               prefill_s=0.0)
         logger.info("KV cache: %d blocks x %d = %d tokens (%.1f KiB/token); max_model_len %d",
                     self.runner.num_blocks, cfg.block_size, self.runner.capacity_tokens,
                     self.runner.kv_bytes_per_token / 1024, self.max_model_len)
@@ -192,6 +196,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One model step. Returns the cumulative output of every request that got a token or finished
         (final_only requests: only when finished)."""
+        t_start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -256,6 +261,15 @@ class LLMEngine:
                     owner.pop(s.seq.seq_id, None)
                 self.stats["num_requests_finished"] += 1
             outputs.append(self._output(req))
+        st, wall = self.step_stats, time.perf_counter() - t_start
+        if prefills:
+            st["prefill_steps"] += 1
+            st["prefill_tokens"] += sched.num_batched_tokens - len(decodes)
+            st["prefill_s"] += wall
+        else:
+            st["decode_steps"] += 1
+            st["decode_rows"] += len(decodes)
+            st["decode_s"] += wall
         return outputs
 
     def _output(self, req: Request) -> RequestOutput:
