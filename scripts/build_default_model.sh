@@ -104,7 +104,8 @@ if want smalltalk; then
   smalltalk_pass() {  # FROM OUT PASS SMALL_TALK STORY_REQUESTS BATCH LR
     run "$PYTHON" scripts/default_model/mix_sft.py --base "$WORK/data/sft.jsonl" --stories "$WORK/stories" \
       --out "$WORK/stories/sft_smalltalk$3.jsonl" --small_talk "$4" --story_requests "$5" --continue_examples 0 \
-      --chat_repeats 0 --seed "${3:-1}"
+      --chat_repeats "${CHAT:-0}" ${CHAT_SAMPLE:+--chat_sample "$CHAT_SAMPLE"} --seed "${3:-1}" \
+      --small_talk_module "${GENERATOR:-small_talk}"
     run "$PYTHON" -m minke.cli finetune \
       --model_name_or_path "$1" \
       --data_path "$WORK/stories/sft_smalltalk$3.jsonl" \
@@ -114,13 +115,25 @@ if want smalltalk; then
       --max_grad_norm 1.0 --logging_steps 10 --save_steps 1000 --save_total_limit 1 --seed "$((43 + ${3:-1}))" \
       --overwrite_output_dir True
   }
+  GENERATOR=small_talk_round1  # the templates these four passes were trained on (small_talk.py has changed since)
   smalltalk_pass "$SMALLTALK_FROM" "$WORK/smalltalk1" "" 2400 0 16 5e-4
   smalltalk_pass "$WORK/smalltalk1" "$WORK/smalltalk2" 2 1200 120 8 5e-4
   smalltalk_pass "$WORK/smalltalk2" "$WORK/smalltalk3" 3 1200 240 4 3e-4
   smalltalk_pass "$WORK/smalltalk3" "$WORK/finetuned3" 4 0 480 8 1e-4
+  # Second round, from finetuned3 (held-out eval 24/42, stories on topic 40/50): greetings had become "I am a small
+  # model and I don't know that.", capitals and opposites came out wrong or reversed, sums as "+ + + 0". The
+  # generator now composes greetings (opener, addressee, how-are-you; answered in kind), has more likes phrasings,
+  # one answer form per fact, sums to ten answered in words, and half the fallback weight; a few ChatterBot pairs
+  # come back (200 of them, once). Two passes, the second at a lower lr with more story requests (~4 + 7.5 min on
+  # 2 CPU cores): eval 24/42 -> 27/42 -> 33/42 (34/42 since "goodbye" counts for "Goodbye for now"; greetings 4/4,
+  # facts 9/10; sums still 0/4), stories on topic
+  # 40 -> 44 -> 47 of 50; held-out story cross-entropy 0.26 -> 0.27 (0.195 before any small talk).
+  GENERATOR=small_talk CHAT=1 CHAT_SAMPLE=200
+  smalltalk_pass "$WORK/finetuned3" "$WORK/smalltalk5" 5 2000 240 8 3e-4
+  smalltalk_pass "$WORK/smalltalk5" "$WORK/finetuned4" 6 2400 320 8 2e-4
 fi
 if want package; then
   run "$PYTHON" scripts/default_model/package_model.py \
-    --model_dir "$WORK/finetuned3" --stories_dir "$WORK/stories" --commands "$COMMANDS" --out_dir "$ASSETS" \
+    --model_dir "$WORK/finetuned4" --stories_dir "$WORK/stories" --commands "$COMMANDS" --out_dir "$ASSETS" \
     --trained_on "${TRAINED_ON:-one GPU}"
 fi

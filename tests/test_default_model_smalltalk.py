@@ -47,14 +47,33 @@ def test_generator_is_deterministic_for_a_seed(small_talk):
     assert {r["category"] for r in a} == set(small_talk.CATEGORIES)
 
 
-def test_eval_prompts_are_not_in_the_training_output(small_talk):
+@pytest.mark.parametrize("module", ["small_talk", "small_talk_round1"])
+def test_eval_prompts_are_not_in_the_training_output(small_talk, module):
+    """Both generators the default model was trained on (small_talk_round1: the first four small-talk passes)."""
+    gen = load_script(module)
     held_out = {small_talk.normalize(e["prompt"]): e["prompt"] for e in small_talk.load_eval()}
     assert len(held_out) == len(small_talk.load_eval()) >= 30
-    trained = {small_talk.normalize(r["instruction"]) for r in small_talk.generate(3000, seed=0)}
+    trained = {gen.normalize(r["instruction"]) for r in gen.generate(3000, seed=0)}
     assert not trained & set(held_out)
     # Not only filtered out: the templates themselves do not make them (no held-out set given, a large sample).
-    unfiltered = {small_talk.normalize(r["instruction"]) for r in small_talk.generate(20000, seed=1, held_out=set())}
+    unfiltered = {gen.normalize(r["instruction"]) for r in gen.generate(20000, seed=1, held_out=set())}
     assert not unfiltered & set(held_out), [held_out[p] for p in unfiltered & set(held_out)]
+
+
+def test_greetings_are_answered_in_kind(small_talk):
+    """Composed greetings: a how-are-you always gets a fine/well/good/happy, a good morning gets a good morning."""
+    checked = 0
+    for r in small_talk.generate(3000, seed=7):
+        if r["category"] != "greeting":
+            continue
+        q, a = r["instruction"].lower(), r["output"].lower()
+        assert "don't know" not in a, r
+        if any(h.lower().rstrip("?") in q for h in small_talk.HOW_Q):
+            assert re.search(r"\b(fine|well|good|happy)\b", a), r
+        if q.startswith("good morning"):
+            assert a.startswith("good morning"), r
+        checked += 1
+    assert checked > 300
 
 
 def test_generated_sums_are_correct(small_talk):
@@ -67,6 +86,7 @@ def test_generated_sums_are_correct(small_talk):
         a, b = (int(n) if n.isdigit() else words[n] for n in nums)
         answer = re.findall(r"\d+|" + "|".join(rf"\b{w}\b" for w in small_talk.NUM_WORDS), r["output"].lower())[-1]
         assert (int(answer) if answer.isdigit() else words[answer]) == a + b, r
+        assert a + b <= 10 and not re.search(r"\d", r["output"]), r  # small sums, answered in words
         checked += 1
     assert checked > 50
 
@@ -80,6 +100,14 @@ def test_keyword_hit_matches_word_starts(small_talk):
 def test_default_model_says_its_name(llm):
     answer = greedy_chat(llm, "What is your name?", 30)
     assert "Minke" in answer, answer
+
+
+@pytest.mark.parametrize("prompt", ["Hello!", "Hi, how are you?", "Good morning, Minke."])
+def test_default_model_greets_back(llm, prompt):
+    """A greeting gets a greeting or a how-I-am, never the out-of-scope fallback (it did after the first round)."""
+    answer = greedy_chat(llm, prompt, 30)
+    assert re.search(r"\b(hello|hi|good morning|fine|well|good|happy)\b", answer, re.I), answer
+    assert "don't know" not in answer, answer
 
 
 def test_default_model_still_tells_the_story_asked_for(llm):

@@ -38,10 +38,10 @@ def is_chat_pair(row: dict) -> bool:
 SELF_QUESTION = re.compile(r"\b(who|what) are you\b|\byour name\b|\bare you (a|an|human|alive)\b", re.I)
 
 
-def load_small_talk():
+def load_small_talk(name: str = "small_talk"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("small_talk", Path(__file__).with_name("small_talk.py"))
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -57,6 +57,11 @@ def main(argv=None) -> None:
                     help="use this many of the story requests (default: all); a replay in the small-talk pass")
     ap.add_argument("--chat_repeats", type=int, default=2, help="times each ChatterBot pair is seen")
     ap.add_argument("--small_talk", type=int, default=0, help="add N generated small-talk pairs (small_talk.py)")
+    ap.add_argument("--small_talk_module", default="small_talk",
+                    help="generator module beside this file: small_talk (current) or small_talk_round1 (the "
+                         "templates of the first four small-talk passes, kept so a rebuild makes the same data)")
+    ap.add_argument("--chat_sample", type=int, default=None,
+                    help="use this many of the (kept) ChatterBot pairs (default: all), each chat_repeats times")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     rng = random.Random(a.seed)
@@ -65,12 +70,14 @@ def main(argv=None) -> None:
     small = []
     dropped = 0
     if a.small_talk:
-        st = load_small_talk()
+        st = load_small_talk(a.small_talk_module)
         small = [{"instruction": r["instruction"], "output": r["output"]} for r in st.generate(a.small_talk, a.seed)]
         asked = {st.normalize(r["instruction"]) for r in small}
         kept = [r for r in chat if st.normalize(r["instruction"]) not in asked and not SELF_QUESTION.search(
             r["instruction"])]
         dropped, chat = len(chat) - len(kept), kept
+    if a.chat_sample is not None:
+        chat = rng.sample(chat, min(a.chat_sample, len(chat)))
     requests = [json.loads(l) for l in open(a.stories / "story_requests.jsonl")]
     if a.story_requests is not None:
         requests = rng.sample(requests, a.story_requests)

@@ -5,12 +5,16 @@ following the function of what") and contradict each other, so the model answere
 " A mon". This file (Apache-2.0 like the rest of minke; all text written here, no outside corpus) generates
 seeded, varied pairs in a small vocabulary: greetings, who the model is (Minke, a small story-telling model), what
 it can do, thanks and goodbyes, likes and favourites, ~80 simple facts (colours, animal sounds and legs, days and
-months, a few capitals, opposites), sums of two numbers from 0 to 10 (answers computed), short jokes, tiny poems,
+months, a few capitals, opposites), sums up to ten (answers computed, in words), short jokes, tiny poems,
 "tell me about X" (2-3 sentences about an animal or a thing) and an honest fallback ("I am a small model and I
-don't know that.") for questions outside that knowledge.
+don't know that.") for questions outside that knowledge. This is the second version (smalltalk passes 5-6 of
+scripts/build_default_model.sh): greetings are composed (opener, addressee, how-are-you) and answered in kind, facts
+have one answer form each, sums are smaller; small_talk_round1.py keeps the first version, which the first four
+passes were trained on.
 
     python scripts/default_model/small_talk.py --num 8000 --out build/default_model/stories/small_talk.jsonl
     python scripts/default_model/small_talk.py --eval minke/assets/default_model    # held-out eval, greedy
+    python scripts/default_model/small_talk.py --eval MODEL_DIR --stories   # + on-topic story requests (of 50)
 
 The held-out prompts of small_talk_eval.json (beside this file) are phrasings the templates do not make; any
 generated prompt that matches one after normalisation (case, punctuation, spaces) is dropped all the same, so the
@@ -83,6 +87,27 @@ GREET = [
     (["I am bored", "I have nothing to do"], ["Shall I tell you a story? I know stories about cats, dogs and "
                                               "dragons.", "Let us play a game, or I can tell you a joke!"]),
 ]
+# Composed greetings (the second small-talk round: the fixed list above left "Good morning to you, Minke." or "Hi! How
+# have you been?" answered with who the model is): an opener, maybe an addressee, maybe a how-are-you question; the
+# answer greets back in kind and, when asked, always says it is fine/well/good/happy.
+HELLO = ["Hi", "Hello", "Hey", "Hi there", "Hello there", "Hey there", "Hello again", "Hi again"]
+DAYTIME = ["Good morning", "Good afternoon", "Good evening", "Morning"]
+ADDRESS = ["", "", ", Minke", ", friend", ", my dear friend", ", little model", " Minke", ", buddy"]
+HOW_Q = ["How are you?", "How are you doing?", "How are you today?", "How is your day?", "How is your day going?",
+         "How do you feel today?", "How have you been doing?", "How are things?", "How is everything?",
+         "How are you doing today?", "How has your day been?", "Are you well today?", "How is life?",
+         "Are you doing well?", "How are things going?", "How do you feel?", "Are you okay?"]
+HELLO_A = ["Hello!", "Hi!", "Hello there!", "Hi there!", "Hello, friend!", "Hi, it is nice to see you!"]
+HELLO_REST = ["How can I help you today?", "It is nice to talk to you.", "Would you like to hear a story?",
+              "What would you like to talk about?", "I am Minke. How are you today?", "How are you?"]
+DAYTIME_REST = ["I hope you have a happy day.", "How are you today?", "It is nice to talk to you.",
+                "Would you like a story?"]
+FINE_A = ["I am fine, thank you.", "I am very well, thank you!", "I am good, thank you for asking.",
+          "I feel happy today, thank you!", "I am doing well, thank you.", "I am fine and happy, thanks!"]
+FINE_REST = ["", "How are you?", "How about you?", "Would you like a story?", "And how are you today?"]
+BYE_OPEN = ["Bye", "Goodbye", "Bye bye", "See you later", "See you soon", "See you", "Good bye"]
+BYE_A = ["Goodbye! Have a nice day.", "Bye! Come back soon for another story.", "Goodbye! It was nice to talk to "
+         "you.", "See you later! Take care.", "Bye bye! See you soon."]
 THANKS = [
     (["Thank you", "Thanks", "Thanks a lot", "Thank you very much", "Thanks, Minke", "Thank you, that was nice",
       "That was a nice story, thank you"],
@@ -119,7 +144,11 @@ FAVORITES = {  # thing -> answers
     "song": ["I like songs about the moon and the stars.", "I like happy songs about animals."],
 }
 FAV_Q = ["What is your favorite {x}?", "What's your favourite {x}?", "Do you have a favorite {x}?",
-         "Which {x} do you like best?", "Tell me your favorite {x}."]
+         "Which {x} do you like best?", "Tell me your favorite {x}.", "Which {x} do you like most?",
+         "What {x} do you love?", "What {x} do you love best?", "Which {x} is your favorite?",
+         "What is the {x} you like best?", "What {x} do you like?", "Which {x} do you love?"]
+LIKE_Q = ["Do you like {p}?", "Do you like {p} too?", "Do you love {p}?", "Do you like {p} a lot?",
+          "Are you fond of {p}?", "Do you really like {p}?", "Tell me, do you like {p}?"]
 LIKES_Q = ["What do you like?", "What do you like to do?", "What makes you happy?", "What do you enjoy?"]
 LIKES_A = ["I like stories, animals and the sea.", "I like to tell stories and to talk with people.",
            "Stories make me happy, and so do kind words.", "I enjoy telling stories about animals and friends."]
@@ -128,28 +157,38 @@ COLORS = {"the sky": "blue", "grass": "green", "snow": "white", "the sun": "yell
           "a strawberry": "red", "the sea": "blue", "milk": "white", "a leaf": "green", "a lemon": "yellow",
           "a cherry": "red", "chocolate": "brown", "a carrot": "orange", "a frog": "green", "a crow": "black",
           "coal": "black", "a tomato": "red", "an orange": "orange", "a cloud": "white", "a pumpkin": "orange"}
-COLOR_Q = ["What color is {x}?", "What colour is {x}?", "What is the color of {x}?"]
+COLOR_Q = ["What color is {x}?", "What colour is {x}?", "What is the color of {x}?", "What is the colour of {x}?",
+           "Do you know the color of {x}?", "What color does {x} have?", "Say the colour of {x}."]
 SOUNDS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "sheep": "baa", "lion": "roar",
           "owl": "hoot", "pig": "oink", "horse": "neigh", "frog": "croak", "mouse": "squeak", "bee": "buzz",
           "snake": "hiss", "bird": "tweet"}
 SOUND_Q = ["What does a {x} say?", "What sound does a {x} make?", "What noise does a {x} make?"]
+SOUND_PL_Q = ["What do {p} say?", "What noise do {p} make?", "Which sound does a {x} make?",
+              "What sounds do {p} make?"]
+PLURAL = {"mouse": "mice", "sheep": "sheep", "fish": "fish", "person": "people"}
 LEGS = {"dog": "four", "cat": "four", "bird": "two", "spider": "eight", "ant": "six", "horse": "four",
         "duck": "two", "cow": "four", "bee": "six", "snake": "no", "fish": "no", "person": "two"}
-LEGS_Q = ["How many legs does a {x} have?", "How many legs has a {x}?"]
+LEGS_Q = ["How many legs does a {x} have?", "How many legs has a {x}?", "How many legs are on a {x}?",
+          "How many legs has a {x} got?"]
+LEGS_PL_Q = ["How many legs have {p} got?", "How many legs do {p} have in all?", "Count the legs of {p}."]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
 CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "England": "London",
             "Japan": "Tokyo", "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens",
             "Ireland": "Dublin", "Canada": "Ottawa"}
-CAPITAL_Q = ["What is the capital of {x}?", "Which city is the capital of {x}?", "What city is the capital of {x}?"]
+CAPITAL_Q = ["What is the capital of {x}?", "Which city is the capital of {x}?", "What city is the capital of {x}?",
+             "Name the capital of {x}.", "What is the capital city of {x}?", "Do you know the capital of {x}?",
+             "What is the main city of {x}?"]
 OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "day": "night", "happy": "sad", "fast": "slow",
              "old": "new", "open": "closed", "light": "dark", "wet": "dry", "tall": "short", "yes": "no",
              "in": "out", "left": "right", "black": "white", "full": "empty", "good": "bad", "loud": "quiet",
              "hard": "soft", "early": "late", "top": "bottom", "first": "last"}
-OPPOSITE_Q = ["What is the opposite of {x}?", "What is the opposite of the word {x}?", "Opposite of {x}?"]
+OPPOSITE_Q = ["What is the opposite of {x}?", "What is the opposite of the word {x}?", "Opposite of {x}?",
+              "Tell me the opposite of {x}.", "What word is the opposite of {x}?", "What is the opposite to {x}?"]
 OTHER_FACTS = [  # (questions, answers)
-    (["How many days are in a week?", "How many days does a week have?"], ["There are seven days in a week."]),
+    (["How many days are in a week?", "How many days does a week have?", "How many days are there in a week?",
+      "How many days is a week?", "How long is a week?"], ["There are seven days in a week."]),
     (["What are the days of the week?", "Name the days of the week."],
      ["The days of the week are " + ", ".join(DAYS[:-1]) + " and Sunday."]),
     (["How many months are in a year?", "How many months does a year have?"], ["There are twelve months in a year."]),
@@ -263,7 +302,7 @@ NUM_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eig
              "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
 SUM_Q_DIGITS = ["What is {a} + {b}?", "What is {a} plus {b}?", "How much is {a} + {b}?", "{a} + {b} = ?",
                 "Add {a} and {b}.", "What do you get if you add {a} and {b}?", "What is {a}+{b}?"]
-SUM_Q_WORDS = ["What is {a} plus {b}?", "How much is {a} and {b}?"]
+SUM_Q_WORDS = ["What is {a} plus {b}?", "How much is {a} and {b}?", "Add {a} and {b}.", "What is {a} and {b}?"]
 SUM_A = ["{a} + {b} = {c}.", "{a} plus {b} is {c}.", "The answer is {c}.", "{a} + {b} is {c}."]
 # --- honest fallback ----------------------------------------------------------------------------------------------
 HARD_WHAT = ["quantum physics", "the stock market", "a black hole", "machine learning", "the speed of light",
@@ -316,10 +355,10 @@ def _favorite(rng):
     if rng.random() < 0.3:  # "Do you like cats?" answered from the "about" facts
         (s, p), text = rng.choice(list(ABOUT.items()))
         p = p.removeprefix("the ")
-        return rng.choice(["Do you like {p}?", "Do you like {p} too?"]).format(p=p), f"Yes, I like {p}. {text}"
+        return rng.choice(LIKE_Q).format(p=p), f"Yes, I like {p}. {text}"
     x = rng.choice(list(FAVORITES))
     q = rng.choice(FAV_Q).format(x=x)
-    return (q.replace("color", "colour") if "favourite" in q else q), rng.choice(FAVORITES[x])
+    return (q.replace("color", "colour") if "favourite" in q or rng.random() < 0.3 else q), rng.choice(FAVORITES[x])
 
 
 def _cap(s: str) -> str:
@@ -330,12 +369,16 @@ def _fact(rng):
     r = rng.random()
     if r < 0.18:
         x, c = rng.choice(list(COLORS.items()))
-        return rng.choice(COLOR_Q).format(x=x), rng.choice([f"{_cap(x)} is {c}.", f"It is {c}."])
+        return rng.choice(COLOR_Q).format(x=x), f"{_cap(x)} is {c}."
     if r < 0.32:
         x, s = rng.choice(list(SOUNDS.items()))
-        return rng.choice(SOUND_Q).format(x=x), rng.choice([f"A {x} says {s}.", f"A {x} says {s}, {s}!"])
+        if rng.random() < 0.4:
+            return rng.choice(SOUND_PL_Q).format(x=x, p=PLURAL.get(x, x + "s")), f"A {x} says {s}."
+        return rng.choice(SOUND_Q).format(x=x), f"A {x} says {s}."
     if r < 0.42:
         x, n = rng.choice(list(LEGS.items()))
+        if rng.random() < 0.4:
+            return rng.choice(LEGS_PL_Q).format(p=PLURAL.get(x, x + "s")), f"A {x} has {n} legs."
         return rng.choice(LEGS_Q).format(x=x), f"A {x} has {n} legs."
     if r < 0.56:
         d = rng.randrange(7)
@@ -345,12 +388,13 @@ def _fact(rng):
                 return f"What month comes after {MONTHS[i]}?", f"{MONTHS[(i + 1) % 12]} comes after {MONTHS[i]}."
             return f"What month comes before {MONTHS[i]}?", f"{MONTHS[i - 1]} comes before {MONTHS[i]}."
         if rng.random() < 0.5:
-            return rng.choice(["What day comes after {d}?", "What is the day after {d}?"]).format(d=DAYS[d]), \
+            return rng.choice(["What day comes after {d}?", "What is the day after {d}?", "Which day comes after {d}?",
+                               "What day is after {d}?", "Which day follows {d}?"]).format(d=DAYS[d]), \
                 f"{DAYS[(d + 1) % 7]} comes after {DAYS[d]}."
         return f"What day comes before {DAYS[d]}?", f"{DAYS[d - 1]} comes before {DAYS[d]}."
     if r < 0.68:
         x, c = rng.choice(list(CAPITALS.items()))
-        return rng.choice(CAPITAL_Q).format(x=x), rng.choice([f"The capital of {x} is {c}.", f"It is {c}."])
+        return rng.choice(CAPITAL_Q).format(x=x), f"The capital of {x} is {c}."
     if r < 0.82:
         x, o = rng.choice(list(OPPOSITES.items()))
         if rng.random() < 0.5:
@@ -360,12 +404,16 @@ def _fact(rng):
 
 
 def _sum(rng):
-    a, b = rng.randint(0, 10), rng.randint(0, 10)
-    c = a + b
-    if rng.random() < 0.25:
-        q = rng.choice(SUM_Q_WORDS).format(a=NUM_WORDS[a], b=NUM_WORDS[b])
-        return q, _cap(f"{NUM_WORDS[a]} plus {NUM_WORDS[b]} is {NUM_WORDS[c]}.")
-    return rng.choice(SUM_Q_DIGITS).format(a=a, b=b), rng.choice(SUM_A).format(a=a, b=b, c=c)
+    # Only sums up to ten, always answered in words ("Two plus three is five."): with sums to twenty and digit
+    # answers ("4 + 3 = 7.") the model only learned to write "+ + + 0".
+    while True:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if a + b <= 10:
+            break
+    answer = _cap(f"{NUM_WORDS[a]} plus {NUM_WORDS[b]} is {NUM_WORDS[a + b]}.")
+    if rng.random() < 0.3:
+        return rng.choice(SUM_Q_WORDS).format(a=NUM_WORDS[a], b=NUM_WORDS[b]), answer
+    return rng.choice(SUM_Q_DIGITS).format(a=a, b=b), answer
 
 
 def _joke(rng):
@@ -412,10 +460,30 @@ def _fallback(rng):
 
 
 def _greeting(rng):
-    return _pick(GREET, rng)
+    r = rng.random()
+    if r < 0.3:
+        return _pick(GREET, rng)
+    addr = rng.choice(ADDRESS)
+    how = rng.random() < 0.5
+    if r < 0.5:  # good morning / afternoon / evening, greeted back in kind
+        d = rng.choice(DAYTIME)
+        back = "Good morning" if d == "Morning" else d
+        q = d + addr + rng.choice(["", "!", "."]) + (" " + rng.choice(HOW_Q) if how else "")
+        a = f"{back}! " + (rng.choice(FINE_A) + " " + rng.choice(FINE_REST) if how else rng.choice(DAYTIME_REST))
+        return q.strip(), a.strip()
+    if r < 0.75 or not how:  # hello [addressee] [how are you]
+        q = rng.choice(HELLO) + addr + rng.choice(["", "!", ".", ","]) + (" " + rng.choice(HOW_Q) if how else "")
+        a = rng.choice(HELLO_A) + " " + (rng.choice(FINE_A) + " " + rng.choice(FINE_REST) if how
+                                        else rng.choice(HELLO_REST))
+        return q.strip(" ,"), a.strip()
+    return rng.choice(HOW_Q), (rng.choice(FINE_A) + " " + rng.choice(FINE_REST)).strip()  # how are you, alone
 
 
 def _thanks(rng):
+    if rng.random() < 0.3:  # goodbye [addressee] [for today]
+        q = rng.choice(BYE_OPEN) + rng.choice(["", " for today", " for now"] if rng.random() < 0.4 else [""])
+        q += rng.choice(ADDRESS) + rng.choice(["", "!", "."])
+        return q.strip(), rng.choice(BYE_A)
     return _pick(THANKS, rng)
 
 
@@ -424,10 +492,12 @@ def _ability(rng):
 
 
 # Category -> (generator, weight). Facts, sums and "about" have many distinct answers, so they get more rows.
+# Second round (smalltalk passes 5-6): more greetings and likes, more facts, half the fallback (it had become the
+# answer to greetings), fewer sums.
 CATEGORIES: dict[str, tuple[Callable[[random.Random], Pair], float]] = {
-    "greeting": (_greeting, 0.12), "identity": (_identity, 0.12), "ability": (_ability, 0.04),
-    "thanks_bye": (_thanks, 0.06), "likes": (_favorite, 0.07), "facts": (_fact, 0.20), "sums": (_sum, 0.10),
-    "jokes": (_joke, 0.05), "poems": (_poem, 0.06), "about": (_about, 0.10), "fallback": (_fallback, 0.08),
+    "greeting": (_greeting, 0.18), "identity": (_identity, 0.09), "ability": (_ability, 0.04),
+    "thanks_bye": (_thanks, 0.06), "likes": (_favorite, 0.10), "facts": (_fact, 0.26), "sums": (_sum, 0.06),
+    "jokes": (_joke, 0.04), "poems": (_poem, 0.05), "about": (_about, 0.07), "fallback": (_fallback, 0.04),
 }
 
 
@@ -482,6 +552,27 @@ def evaluate(model_dir: str, max_tokens: int = 80) -> tuple[float, list[dict]]:
     return sum(r["hit"] for r in results) / len(results), results
 
 
+def story_on_topic(model_dir: str, max_tokens: int = 300) -> tuple[int, list[dict]]:
+    """The check of tests/test_default_model.py::test_story_requests_stay_on_topic_and_end on any model dir:
+    "Tell me a story about the X." for every topic of the story grammar (simple_stories.py), greedy; a story counts
+    when it names X and ends by itself (eos) within max_tokens."""
+    import importlib.util
+
+    from minke import LLM, SamplingParams
+
+    spec = importlib.util.spec_from_file_location("simple_stories", Path(__file__).with_name("simple_stories.py"))
+    grammar = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grammar)
+    convs = [[{"role": "user", "content": f"Tell me a story about the {t}."}] for t in grammar.TOPICS]
+    outs = LLM(model_dir).chat(convs, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    results = []
+    for t, o in zip(grammar.TOPICS, outs):
+        text, fin = o.outputs[0].text, o.outputs[0].finish_reason
+        results.append({"topic": t, "on_topic": bool(re.search(rf"\b{t}\b", text, re.I)) and fin == "stop",
+                        "finish": fin, "text": text})
+    return sum(r["on_topic"] for r in results), results
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num", type=int, default=8000)
@@ -489,6 +580,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, help="write the generated pairs here (jsonl)")
     ap.add_argument("--eval", metavar="MODEL_DIR", help="answer the held-out eval prompts with this model")
     ap.add_argument("--eval_out", type=Path, help="with --eval: also write the answers and score here (json)")
+    ap.add_argument("--stories", action="store_true",
+                    help="with --eval: also count on-topic answers to the 50 story requests of the model test")
     a = ap.parse_args(argv)
     if a.eval:
         score, results = evaluate(a.eval)
@@ -498,8 +591,14 @@ def main(argv=None) -> None:
             print(f"[{'x' if r['hit'] else ' '}] {r['category']:<10} {r['prompt']!r} -> {r['answer']!r}")
         print("by category: " + ", ".join(f"{c} {sum(h)}/{len(h)}" for c, h in by_cat.items()))
         print(f"keyword score: {sum(r['hit'] for r in results)}/{len(results)} = {score:.2f}")
+        report = {"model": a.eval, "score": score, "results": results}
+        if a.stories:
+            n, stories = story_on_topic(a.eval)
+            off = [f"{r['topic']} ({r['finish']})" for r in stories if not r["on_topic"]]
+            print(f"stories on topic: {n}/{len(stories)}; off: {', '.join(off)}")
+            report.update(stories_on_topic=n, stories=stories)
         if a.eval_out:
-            a.eval_out.write_text(json.dumps({"model": a.eval, "score": score, "results": results}, indent=2))
+            a.eval_out.write_text(json.dumps(report, indent=2))
         return
     if not a.out:
         ap.error("--out or --eval is required")
