@@ -140,6 +140,7 @@ def bench_throughput(llm, num_requests: int, vocab: int, seed: int = 0, min_in=3
     params = [SamplingParams(temperature=0.6, max_tokens=b, ignore_eos=True) for _, b in lens]
     engine = llm.llm_engine
     before = dict(engine.step_stats)
+    engine.step_trace = []
     _sync()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -151,6 +152,10 @@ def bench_throughput(llm, num_requests: int, vocab: int, seed: int = 0, min_in=3
         steps["decode_ms_per_step"] = 1000 * steps["decode_s"] / steps["decode_steps"]
     if steps["prefill_steps"]:
         steps["prefill_ms_per_step"] = 1000 * steps["prefill_s"] / steps["prefill_steps"]
+        pre = [(tok, n, round(1000 * s, 1)) for kind, tok, n, s in engine.step_trace if kind == "prefill"]
+        steps["prefill_ms_per_1k_tokens"] = {q: _pct([1e3 * ms / tok for tok, _, ms in pre], q) for q in (10, 50, 90)}
+        steps["slowest_prefill_steps"] = sorted(pre, key=lambda x: -x[2])[:6]  # (tokens, seqs, ms)
+    engine.step_trace = None
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     ttft = [o.metrics.time_to_first_token for o in outs]
     itl = [(o.metrics.finished_time - o.metrics.first_token_time) / max(len(o.outputs[0].token_ids) - 1, 1)
@@ -279,7 +284,7 @@ def run_bench(model: str | None, shape: str | None, *, tokenizer: str | None = N
         res["throughput"] = bench_throughput(llm, num_requests, vocab, **(throughput_kwargs or {}))
         log(f"offline {num_requests} requests: {res['throughput']['output_tok_per_s']:.0f} output tok/s, "
             f"TTFT p50 {res['throughput']['ttft_s'][50]:.2f}s, ITL p50 {res['throughput']['itl_ms'][50]:.1f} ms; "
-            f"steps {json.dumps({k: round(v, 2) for k, v in res['throughput']['steps'].items()})}, "
+            f"steps {json.dumps(res['throughput']['steps'], default=str)}, "
             f"preemptions {res['throughput']['preemptions']}")
     if torch.cuda.is_available():
         res["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -97,6 +97,7 @@ class LLMEngine:
         # ends with the sampled tokens on the host, so its wall time covers the GPU work too).
         self.step_stats = dict(decode_steps=0, decode_rows=0, decode_s=0.0, prefill_steps=0, prefill_tokens=0,
                                prefill_s=0.0)
+        self.step_trace: list[tuple[str, int, int, float]] | None = None  # a list: (kind, tokens, seqs, s) per step
         logger.info("KV cache: %d blocks x %d = %d tokens (%.1f KiB/token); max_model_len %d",
                     self.runner.num_blocks, cfg.block_size, self.runner.capacity_tokens,
                     self.runner.kv_bytes_per_token / 1024, self.max_model_len)
@@ -262,6 +263,8 @@ class LLMEngine:
                 self.stats["num_requests_finished"] += 1
             outputs.append(self._output(req))
         st, wall = self.step_stats, time.perf_counter() - t_start
+        if self.step_trace is not None:
+            self.step_trace.append(("prefill" if prefills else "decode", sched.num_batched_tokens, len(work), wall))
         if prefills:
             st["prefill_steps"] += 1
             st["prefill_tokens"] += sched.num_batched_tokens - len(decodes)

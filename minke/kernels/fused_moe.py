@@ -183,7 +183,9 @@ def _validate_config(config: dict) -> dict:
 
 if _HAS_TRITON:
 
-    @triton.jit
+    # num_pairs and EM change with every step's token count: not specialised on (Triton would compile a variant
+    # per divisibility-by-16 pattern, ~1 s each, in the middle of serving prefills of odd lengths).
+    @triton.jit(do_not_specialize=["num_pairs", "EM"])
     def _moe_grouped_gemm_kernel(
         a_ptr,  # GEMM1: x [T, D];  GEMM2: act [T*K, I]
         b_ptr,  # GEMM1: w13 [E, 2N, Kd] (gate rows [0, N), up rows [N, 2N));  GEMM2: w2 [E, N, Kd]

@@ -122,7 +122,7 @@ if _HAS_TRITON:
             offs = start + tl.arange(0, BLOCK)
             tl.store(ptr + offs, tl.full([BLOCK], value, dtype=tl.int32), mask=offs < hi)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["TK", "EM"])  # sizes change every step: one compiled variant (see fused_moe.py)
     def _moe_align_kernel(
         ids_ptr,  # [TK] int32/int64 expert per pair
         sorted_ptr,  # [EM] int32 out
@@ -149,7 +149,7 @@ if _HAS_TRITON:
         tl.debug_barrier()
         _scatter_chunk(ids_ptr, sorted_ptr, 0, TK, pad_end - padded, E, E_PAD, SUB)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["TK", "EM", "CHUNK", "FILL_CHUNK"])  # sizes change every step: one compiled variant (see fused_moe.py)
     def _moe_align_count_kernel(
         ids_ptr,  # [TK]
         sorted_ptr,  # [EM] int32 out: filled with the sentinel TK here, pair rows overwritten by the next launch
@@ -171,7 +171,7 @@ if _HAS_TRITON:
         f_lo = p * FILL_CHUNK
         _fill(sorted_ptr, f_lo, tl.minimum(f_lo + FILL_CHUNK, EM), TK, BLOCK_FILL)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["TK", "EM", "P", "CHUNK", "TILE_CHUNK"])  # sizes change every step: one compiled variant (see fused_moe.py)
     def _moe_align_scatter_kernel(
         ids_ptr,  # [TK]
         sorted_ptr,  # [EM] int32 (sentinel-filled by launch 1)
