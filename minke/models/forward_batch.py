@@ -76,8 +76,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     # path, 3x slower prefill on an H100).
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     # On CUDA: FlashAttention-2 / memory-efficient kernels only. cuDNN's SDPA builds an execution plan per new
-    # sequence length; with a different prompt length in nearly every prefill (offline serving) that planning made
-    # 8192-token prefill steps 5-20x slower than their compute on an H100.
+    # sequence length (tens to hundreds of ms each); with a different prompt length in nearly every prefill
+    # (offline serving) that is the likely cause of the offline run's prefill steps at ~5x the cost per token of a
+    # repeated 2048-token prefill on an H100 (bench/RESULTS.md, run 5).
     with sdpa_kernel(_CUDA_SDPA) if q.is_cuda else contextlib.nullcontext():
         if tq == tk:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
