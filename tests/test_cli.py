@@ -38,6 +38,18 @@ def test_generate_prints_what_llm_generates(ckpt):
     assert got["outputs"][0]["text"] == ref.text
 
 
+def test_generate_default_model_bare_question_hints_at_chat():
+    """The embedded default model is a chat model: a bare question ends at once, and the CLI says what to do; with
+    --chat it answers."""
+    q = ["--prompt", "What is your name?", "--temperature", "0", "--max-tokens", "24", "--device", "cpu"]
+    bare = minke("generate", *q)
+    assert bare.returncode == 0, bare.stderr
+    if bare.stdout.strip() == "":
+        assert "--chat" in bare.stderr
+    chat = minke("generate", *q, "--chat")
+    assert chat.returncode == 0 and "Minke" in chat.stdout and "--chat" not in chat.stderr
+
+
 def test_generate_bad_path_is_one_clear_line():
     r = minke("generate", "/no/such/model", "--prompt", "x")
     assert r.returncode == 1

@@ -36,6 +36,11 @@ def run(args) -> int:
         tok = llm.get_tokenizer()
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     outs = llm.generate(prompts, params)
+    if not args.chat and not args.json and any(
+            c.text == "" and c.finish_reason == "stop" for out in outs for c in out.outputs):
+        # A chat model given a bare question often ends the text at once (its end-of-turn is the likeliest token).
+        print("minke generate: the model ended the text at once for some prompts; for a chat model (the default "
+              "model is one) ask with --chat, or use `minke chat`", file=sys.stderr)
     for out in outs:
         if args.json:
             print(json.dumps({"prompt": out.prompt, "outputs": [
