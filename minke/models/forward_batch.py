@@ -65,7 +65,9 @@ class ForwardBatch:
         return slots[:n]
 
 
-_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+# Allowed on CUDA, in torch's priority order; the math path is the never-fails fallback (a shape neither fast kernel
+# takes: slow and memory-hungry, but correct).
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -75,10 +77,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     # [1, H, T, D]: SDPA's flash / memory-efficient kernels take 4-D inputs only (3-D falls back to the fp32 math
     # path, 3x slower prefill on an H100).
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    # On CUDA: FlashAttention-2 / memory-efficient kernels only. cuDNN's SDPA builds an execution plan per new
+    # On CUDA: FlashAttention-2 / memory-efficient kernels, not cuDNN. cuDNN's SDPA builds an execution plan per new
     # sequence length (tens to hundreds of ms each); with a different prompt length in nearly every prefill
     # (offline serving) that is the likely cause of the offline run's prefill steps at ~5x the cost per token of a
-    # repeated 2048-token prefill on an H100 (bench/RESULTS.md, run 5).
+    # repeated 2048-token prefill on an H100 (bench/RESULTS.md, run 6).
     with sdpa_kernel(_CUDA_SDPA) if q.is_cuda else contextlib.nullcontext():
         if tq == tk:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
