@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.moe import append_shared_slots
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import tl, triton
@@ -62,9 +63,7 @@ def route_ref(x, weight, top_k: int, method: str, n_group: int, topk_group: int,
     else:
         weights = weights * scaling
     if n_shared:
-        e = weight.shape[0]
-        ids = torch.cat([ids, torch.arange(e, e + n_shared, device=ids.device).expand(ids.shape[0], n_shared)], 1)
-        weights = torch.cat([weights, weights.new_ones(weights.shape[0], n_shared)], 1)
+        ids, weights = append_shared_slots(ids, weights, weight.shape[0], n_shared)
     return ids, weights
 
 

@@ -26,6 +26,14 @@ class RouterOutput:
     scores: torch.Tensor | None  # [N, E] fp32 softmax scores (for the balance loss); None when not asked for
 
 
+def append_shared_slots(ids: torch.Tensor, weights: torch.Tensor, first: int, n_shared: int):
+    """ids [N, K], weights [N, K] -> [N, K + S]: every token also goes to experts first .. first+S-1 with weight 1
+    (the shared experts after MoE.fuse_shared_experts)."""
+    n = ids.shape[0]
+    shared = torch.arange(first, first + n_shared, device=ids.device, dtype=ids.dtype).expand(n, n_shared)
+    return torch.cat([ids, shared], dim=1), torch.cat([weights, weights.new_ones(n, n_shared)], dim=1)
+
+
 class Router(nn.Module):
     """`mlp.gate`: scores = softmax(x W^T) in fp32, then top-k (DeepSeek's MoEGate)."""
 
@@ -38,15 +46,13 @@ class Router(nn.Module):
         # Inference kernel with this forward's semantics (kernels/router.py `route`), installed on GPU; used when
         # the scores are not needed (no balance loss).
         self.impl: Callable | None = None
-        # Set by MoE.fuse_shared_experts: impl also returns the S shared-expert slots (ids E.., weight 1) for steps
-        # of up to shared_max_tokens tokens, the ones the fused MoE routes to the shared experts.
-        self.shared_slots, self.shared_max_tokens = 0, 0
 
-    def forward(self, x: torch.Tensor, need_scores: bool = True) -> RouterOutput:
+    def forward(self, x: torch.Tensor, need_scores: bool = True, n_shared: int = 0) -> RouterOutput:
+        """n_shared > 0: topk_ids / topk_weights get n_shared more columns, experts E .. E+n_shared-1 with weight 1
+        (the shared experts fused in after the routed ones, MoE.fuse_shared_experts)."""
         if self.impl is not None and not need_scores:
-            shared = self.shared_slots if x.shape[0] <= self.shared_max_tokens else 0
             ids, weights = self.impl(x, self.weight, self.top_k, self.method, self.n_group, self.topk_group,
-                                     self.norm_topk_prob, self.scaling, n_shared=shared)
+                                     self.norm_topk_prob, self.scaling, n_shared=n_shared)
             return RouterOutput(ids, weights, None)
         scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [N, E]
         masked = scores
@@ -62,6 +68,8 @@ class Router(nn.Module):
         else:
             # DeepSeek's rule: routed_scaling_factor applies when weights are not normalised (V2: 16.0, Lite: 1.0).
             weights = weights * self.scaling
+        if n_shared:
+            ids, weights = append_shared_slots(ids, weights, self.n_experts, n_shared)
         return RouterOutput(ids, weights, scores)
 
 
@@ -111,7 +119,9 @@ class MoE(nn.Module):
         """x [..., D] -> (out [..., D], balance loss or None)."""
         flat = x.reshape(-1, x.shape[-1])
         want_aux = want_aux and self.aux_loss_alpha > 0
-        r = self.gate(flat, need_scores=want_aux)
+        # Decode-size steps with fused shared experts route every token to them too, as extra top-k slots.
+        shared_slots = self.n_fused_shared if flat.shape[0] <= self.fused_max_tokens else 0
+        r = self.gate(flat, need_scores=want_aux, n_shared=shared_slots)
         if self.n_fused_shared:
             out = self._forward_fused_shared(flat, r).view_as(x)
         else:
@@ -145,20 +155,14 @@ class MoE(nn.Module):
         down = mlp.down_proj.weight.view(d, s, inter).transpose(0, 1)  # [D, S*I] -> [S, D, I]
         ex.gate_up_proj = nn.Parameter(torch.cat([ex.gate_up_proj, torch.cat([gate, up], 1)]), requires_grad=False)
         ex.down_proj = nn.Parameter(torch.cat([ex.down_proj, down]), requires_grad=False)
-        self.register_buffer("shared_ids", torch.arange(e, e + s, device=ex.down_proj.device)[None], persistent=False)
         self.shared_experts, self.n_fused_shared, self.fused_max_tokens = None, s, max_tokens
-        self.gate.shared_slots, self.gate.shared_max_tokens = s, max_tokens
         return True
 
     def _forward_fused_shared(self, flat: torch.Tensor, r: RouterOutput) -> torch.Tensor:
         """flat [N, D] -> routed + shared output [N, D], shared experts = the last n_fused_shared experts."""
         n, s = flat.shape[0], self.n_fused_shared
-        if n <= self.fused_max_tokens:
-            if r.topk_ids.shape[1] == self.gate.top_k + s:  # the fused router appended the shared slots already
-                return self.experts(flat, r.topk_ids, r.topk_weights)
-            ids = torch.cat([r.topk_ids, self.shared_ids.expand(n, s)], dim=1)  # [N, K+S]
-            weights = torch.cat([r.topk_weights, r.topk_weights.new_ones(n, s)], dim=1)
-            return self.experts(flat, ids, weights)
+        if n <= self.fused_max_tokens:  # the router appended the shared slots: topk_ids [N, K+S]
+            return self.experts(flat, r.topk_ids, r.topk_weights)
         # Long prefills: dense GEMMs (cuBLAS) beat the grouped kernel on the shared experts, which see every token.
         gate_up, down = self.experts.gate_up_proj[-s:], self.experts.down_proj[-s:]  # [S, 2I, D], [S, D, I]
         h = torch.matmul(flat, gate_up.transpose(1, 2))  # [S, N, 2I]
@@ -172,10 +176,11 @@ class MoE(nn.Module):
         e, k = self.gate.n_experts, self.gate.top_k
         bsz = shape[0] if len(shape) == 3 else 1
         seq_len = r.scores.shape[0] // bsz
+        routed = r.topk_ids[:, :k]  # [N, K]: without the fused shared-expert slots, if any
         if self.seq_aux:
-            ids = r.topk_ids.view(bsz, -1)
+            ids = routed.reshape(bsz, -1)
             ce = torch.zeros(bsz, e, device=ids.device).scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float))
             ce = ce / (seq_len * k / e)
             return (ce * r.scores.view(bsz, seq_len, e).mean(dim=1)).sum(dim=1).mean() * self.aux_loss_alpha
-        fi = F.one_hot(r.topk_ids.view(-1), num_classes=e).float().mean(0) * e
+        fi = F.one_hot(routed.reshape(-1), num_classes=e).float().mean(0) * e
         return (r.scores.mean(0) * fi).sum() * self.aux_loss_alpha
