@@ -370,6 +370,11 @@ class Tokenizer:
             out.append(t)
         return out
 
+    @property
+    def is_byte_level(self) -> bool:
+        """Whether decode reads the tokens' concatenated bytes as UTF-8 (a ByteLevel decoder, as DeepSeek's)."""
+        return type(self._backend.decoder).__name__ == "ByteLevel"
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids past the tokenizer's vocabulary (the model pads its vocab to 102400)
         decode to nothing, as in transformers and vLLM."""
@@ -463,7 +468,7 @@ class IncrementalDetokenizer:
         # emission it is the emitted text itself when that was clean byte-level text (see _emit), so a typical
         # step decodes once, not twice.
         self._prefix_text: str | None = None
-        self._byte_level = type(tokenizer._backend.decoder).__name__ == "ByteLevel"
+        self._byte_level = tokenizer.is_byte_level
 
     def _pending(self) -> tuple[str, str]:
         prefix_text = self._prefix_text
@@ -487,11 +492,7 @@ class IncrementalDetokenizer:
 
     def step(self, new_token_ids: list[int]) -> str:
         """Add generated ids; return the text they complete ("" while a character is still partial)."""
-        for t in new_token_ids:
-            t = int(t)  # accepts numpy / torch integer scalars
-            if t < 0:
-                raise ValueError(f"token id {t} is negative")
-            self._ids.append(t)
+        self._ids.extend(self._tok._check_ids(new_token_ids))
         prefix_text, new_text = self._pending()
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             return self._emit(prefix_text, new_text)
@@ -529,7 +530,7 @@ def detokenize_output(tokenizer: Tokenizer, prompt_ids: Sequence[int], output_id
     out = [int(t) for t in output_ids]
     if not out:
         return ""
-    if type(tokenizer._backend.decoder).__name__ == "ByteLevel":
+    if tokenizer.is_byte_level:
         prefix = tokenizer.decode(prompt, skip_special_tokens) if prompt else ""
         full = tokenizer.decode(prompt + out, skip_special_tokens)
         if "\ufffd" not in full and "\ufffd" not in prefix and full.startswith(prefix):

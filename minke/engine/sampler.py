@@ -126,8 +126,8 @@ class SamplingBatch:
         min_tokens_mask = [[] for _ in range(b)] if min_tokens_mask is None else \
             [list(m) for m in min_tokens_mask]
         # Rows of one request (and every request of an offline batch) share a SamplingParams object: gather the
-        # values once per distinct object into a [K, 6] float32 table, summarise it on the host in float32 (the
-        # tensors' dtype, so the flags match _summarise exactly), then expand to [B] rows with one index.
+        # values once per distinct object into a [K, 6] float32 table, summarise it on the host (CPU tensors: no
+        # sync), then expand to [B] rows with one index.
         slot: dict[int, int] = {}
         distinct: list[SamplingParams] = []
         for p in params:
@@ -137,11 +137,8 @@ class SamplingBatch:
         table = np.array([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
                            p.repetition_penalty] for p in distinct], dtype=np.float32).reshape(-1, 6)
         ks = np.array([p.top_k for p in distinct], dtype=np.int64)
-        rnd = table[:, 0] >= np.float32(GREEDY_EPS)
-        flags = BatchFlags(bool(rnd.any()), bool((table[:, 5] != 1.0).any()),
-                           bool(((table[:, 3] != 0.0) | (table[:, 4] != 0.0)).any()),
-                           bool((rnd & ((ks > 0) | (table[:, 1] < np.float32(1.0)))).any()),
-                           bool((rnd & (table[:, 2] > 0.0)).any()))
+        t = torch.from_numpy(table)  # columns: temperature, top_p, min_p, presence, frequency, repetition
+        flags = _summarise(t[:, 0], t[:, 1], torch.from_numpy(ks), t[:, 2], t[:, 3], t[:, 4], t[:, 5])
         if len(distinct) == 1:
             floats = np.repeat(table.T, b, axis=1)                   # [6, B]
             top_k = torch.from_numpy(np.repeat(ks, b))

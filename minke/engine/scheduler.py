@@ -167,13 +167,8 @@ class Scheduler:
             return SchedulerOutput(rest.scheduled, out.preempted + rest.preempted, rest.num_batched_tokens)
         return self._schedule(prefill=False, decode=True)
 
-    @staticmethod
-    def _is_decode(seq: Sequence) -> bool:
-        """One token left to compute after a computed context (a 1-token prompt counts too: its row is a decode)."""
-        return seq.num_tokens - seq.num_computed_tokens == 1
-
     def _has_prefill_work(self) -> bool:
-        if any(len(s.token_ids) - s.num_computed_tokens != 1 for s in self.running):  # not _is_decode, inlined
+        if any(len(s.token_ids) - s.num_computed_tokens != 1 for s in self.running):  # some sequence mid-prefill
             return True
         cfg = self.config
         if not self.waiting or len(self.running) >= cfg.max_num_seqs:

@@ -316,7 +316,6 @@ def mla_decode(
         min_split_len = 64 if num_kv_splits is None else 1
     if not isinstance(min_split_len, int) or min_split_len < 1:
         raise ValueError(f"mla_decode: min_split_len must be a positive int, got {min_split_len!r}")
-    min_split = min_split_len
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(B, H, block_tables.shape[1] * block_size, q_latent.device)
     if not isinstance(num_kv_splits, int) or not 1 <= num_kv_splits <= _MAX_KV_SPLITS:
@@ -362,7 +361,7 @@ def mla_decode(
         mid_lse.stride(0),
         mid_lse.stride(1),
         NUM_SPLITS=num_kv_splits,
-        MIN_SPLIT=min_split,
+        MIN_SPLIT=min_split_len,
         BLOCK_H=BLOCK_H,
         BLOCK_C=BLOCK_C,
         BLOCK_R=BLOCK_R,
@@ -386,7 +385,7 @@ def mla_decode(
         out.stride(0),
         out.stride(1),
         NUM_SPLITS=num_kv_splits,
-        MIN_SPLIT=min_split,
+        MIN_SPLIT=min_split_len,
         BLOCK_C=BLOCK_C,
         num_warps=4,
     )
