@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from minke.kernels.moe_align import moe_align_block_size, moe_align_block_size_ref  # noqa: E402
-from tune_fused_moe import time_graph  # noqa: E402
+from tune_fused_moe import random_routing, time_graph  # noqa: E402
 
 
 def main() -> int:
@@ -37,8 +37,7 @@ def main() -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for T in (int(t) for t in args.tokens.split(",")):
-        ids = torch.rand(T, args.experts, device="cuda", generator=g).topk(args.topk, dim=-1).indices
-        ids = torch.cat([ids, torch.arange(args.experts, E, device="cuda").expand(T, args.shared)], 1).contiguous()
+        ids = random_routing(T, args.experts, args.topk, args.shared, g)
         r = {"T": T, "pairs": ids.numel()}
         r["ref_us"] = 1000 * time_graph(lambda: moe_align_block_size_ref(ids, args.block_m, E))
         for name, mp in (("single_us", False), ("multi_us", True)):

@@ -46,6 +46,14 @@ def candidates(rows_per_expert: float):
         yield _cfg(bm, bn, bk, 1 if bm == 16 else 8, warps, stages)
 
 
+def random_routing(T: int, e_routed: int, k_routed: int, n_shared: int, g: torch.Generator) -> torch.Tensor:
+    """[T, k_routed + n_shared] int64 expert ids: uniform random top-k over the routed experts, then the shared
+    experts e_routed .. e_routed+n_shared-1 that every token visits (fused in, as the GPU runner runs them)."""
+    ids = torch.rand(T, e_routed, device=g.device, generator=g).topk(k_routed, dim=-1).indices
+    shared = torch.arange(e_routed, e_routed + n_shared, device=g.device).expand(T, n_shared)
+    return torch.cat([ids, shared], dim=1).contiguous()
+
+
 def time_graph(fn, calls: int = 10, replays: int = 5) -> float:
     """GPU milliseconds per call of fn, from a CUDA graph of `calls` calls (no launch overhead, as decode steps
     replay it). A host-timed loop would measure Python launch cost at small T instead of the kernels."""
@@ -90,9 +98,7 @@ def main() -> int:
     results = {}
     for T in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(T, D, device=dev, dtype=dt, generator=g)
-        ids = torch.rand(T, E_routed, device=dev, generator=g).topk(K_routed, dim=-1).indices
-        shared = torch.arange(E_routed, E, device=dev).expand(T, S)
-        ids = torch.cat([ids, shared], dim=1).contiguous()  # [T, K] int64, as the router returns
+        ids = random_routing(T, E_routed, K_routed, S, g)  # [T, K] int64, as the router returns
         w = torch.rand(T, K, device=dev, generator=g)
         default = get_moe_config(E, inter, D, T, dt)
         default_ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=default))
