@@ -21,7 +21,7 @@ Public API:
     fused_moe_ref(x, w13, w2, topk_weights, topk_ids)          loop over the experts hit, as transformers does
     moe_align_block_size(topk_ids, block_m, num_experts) -> (sorted_ids, expert_ids, num_tokens_post_padded)
                                                                (from kernels/moe_align.py, re-exported)
-    get_moe_config(E, N, D, T, dtype) -> dict of block sizes (untuned starting points)
+    get_moe_config(E, N, D, T, dtype) -> dict of block sizes (MOE_CONFIGS; partly tuned, see there)
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def fused_moe_ref(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Block-size table. UNTUNED STARTING POINTS: these follow the shape of vLLM's defaults (small M tiles for decode,
-# large grouped tiles for prefill) and have NOT been measured on an H100 yet. Tune per (E, I, D, T-bucket) with a
-# sweep and replace the values; keep the keys. Keys: (E, I = moe_intermediate_size, D = hidden) -> {T bucket: cfg}.
+# Block-size tables, shaped like vLLM's defaults (small M tiles for decode, large grouped tiles for prefill). The
+# small-E rows for T = 1, 8, 32 and 128-2048 come from bench/tune_fused_moe.py on an H100; the others (and the whole
+# 160-expert table) are not measured yet. Keys: (E, I = moe_intermediate_size, D = hidden) -> {T bucket: cfg}.
 # ---------------------------------------------------------------------------------------------------------------
 def _cfg(bm, bn, bk, gm, warps, stages):
     return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": gm,
