@@ -29,6 +29,9 @@ def main():
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--mixed-prefill", type=int, default=0,
+                    help="also profile one prefill step of this many prompts of random lengths 32..1024 (as the "
+                         "offline benchmark admits them)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     d = shape_dir(args.shape, None)
@@ -45,6 +48,25 @@ def main():
         f.write(table(prof, "cuda_time_total"))
         f.write("\n\n" + table(prof, "cpu_time_total"))
     print(table(prof, "cuda_time_total", 18))
+
+    if args.mixed_prefill:
+        import random
+
+        rng = random.Random(3)
+        lens = [rng.randint(32, 1024) for _ in range(args.mixed_prefill)]
+        for rep in range(2):  # the first pass sees new lengths (compiles, plans); profile the second with new ones
+            lens = [rng.randint(32, 1024) for _ in range(args.mixed_prefill)]
+            prompts = [_prompts(1, n, vocab, 10 + i)[0] for i, n in enumerate(lens)]
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                llm.generate(prompts, one, use_tqdm=False)
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        head = f"mixed prefill: {len(lens)} prompts, {sum(lens)} tokens, wall {wall * 1000:.1f} ms (profiled)\n"
+        with open(os.path.join(args.out, "prefill_mixed.txt"), "w") as f:
+            f.write(head + table(prof, "cuda_time_total") + "\n\n" + table(prof, "cpu_time_total"))
+        print(head + table(prof, "cuda_time_total", 18))
 
     engine = llm.llm_engine
     for b in [int(x) for x in args.batches.split(",")]:
