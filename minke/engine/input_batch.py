@@ -9,7 +9,7 @@ from typing import Hashable
 import numpy as np
 import torch
 
-from ..models.forward_batch import ForwardBatch, TorchAttentionBackend
+from ..models.forward_batch import ForwardBatch, PrefillPack, TorchAttentionBackend
 
 
 @dataclass
@@ -98,5 +98,26 @@ def make_forward_batch(chunks: list[SeqChunk], kv_caches: list[torch.Tensor], bl
         block_size=block_size,
         logits_indices=dev(logits_idx, torch.long),
         backend=backend or TorchAttentionBackend(),
+        prefill=_prefill_pack(num_decodes, starts, ends, qsl, tables, block_size, dev),
     )
     return dev(ids, torch.long), batch
+
+
+def _prefill_pack(nd: int, starts: np.ndarray, ends: np.ndarray, qsl: np.ndarray, tables: np.ndarray,
+                  block_size: int, dev) -> PrefillPack | None:
+    """The prefill chunks nd.. packed for varlen attention (models/forward_batch.py PrefillPack). starts / ends
+    [B]: cached tokens before / after the step, qsl [B + 1] query offsets, tables [B, max_blocks]."""
+    if nd == len(ends):
+        return None
+    q_lens, k_lens = ends[nd:] - starts[nd:], ends[nd:]  # [P] each
+    cu_q = qsl[nd:] - qsl[nd]  # [P + 1]
+    if not starts[nd:].any():  # nothing cached before any chunk: the contexts are the new tokens themselves
+        cu_k, slots = cu_q, None
+    else:
+        cu_k = np.zeros(len(k_lens) + 1, dtype=np.int64)
+        np.cumsum(k_lens, out=cu_k[1:])
+        row = np.repeat(np.arange(len(k_lens)), k_lens)  # [Tk] chunk of each context token
+        pos = np.arange(int(cu_k[-1])) - cu_k[:-1][row]  # [Tk] its position in its sequence
+        slots = dev(tables[nd + row, pos // block_size].astype(np.int64) * block_size + pos % block_size, torch.long)
+    return PrefillPack(start=int(qsl[nd]), cu_q=dev(cu_q, torch.int32), cu_k=dev(cu_k, torch.int32),
+                       q_lens=q_lens.tolist(), k_lens=k_lens.tolist(), slots=slots)

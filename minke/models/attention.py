@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .forward_batch import ForwardBatch, causal_attention
+from .forward_batch import ForwardBatch, varlen_causal_attention
 from .layers import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -80,13 +80,16 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         if nd:
             out[:nd] = batch.backend.mha_decode(q[:nd], cache, batch, self.scale)
-        rep = self.num_heads // self.num_kv_heads
-        for i in range(nd, batch.num_seqs):
-            s, e = batch.query_start_loc_cpu[i], batch.query_start_loc_cpu[i + 1]
-            # Without cached context the chunk's own K/V is the whole context (as the cache holds it).
-            kc, vc = batch.backend.gather_kv(cache, batch, i) if batch.has_context(i) else (k_new[s:e], v_new[s:e])
-            kc, vc = kc.to(q.dtype).repeat_interleave(rep, dim=1), vc.to(q.dtype).repeat_interleave(rep, dim=1)
-            out[s:e] = causal_attention(q[s:e], kc, vc, self.scale)
+        pack = batch.prefill
+        if pack is not None:
+            # All prefill chunks in one varlen call. Without cached context a chunk's own K/V is its whole context
+            # (as the cache holds it); otherwise the packed contexts are gathered from the cache.
+            s0 = pack.start
+            if pack.slots is None:
+                kc, vc = k_new[s0:], v_new[s0:]
+            else:
+                kc, vc = cache[0].flatten(0, 1)[pack.slots], cache[1].flatten(0, 1)[pack.slots]  # [Tk, Hkv, hd]
+            out[s0:] = varlen_causal_attention(q[s0:], kc.to(q.dtype), vc.to(q.dtype), pack, self.scale)
         return out
 
 
@@ -188,20 +191,21 @@ class MLAttention(nn.Module):
             q_latent = torch.einsum("nhd,hdc->nhc", q_nope[:nd], w_uk)  # [D, H, C]
             o_latent = batch.backend.mla_decode(q_latent, q_pe[:nd], cache, batch, self.kv_lora_rank, self.scale)
             out[:nd] = torch.einsum("nhc,hvc->nhv", o_latent.to(w_uv.dtype), w_uv)  # [D, H, v]
-        for i in range(nd, batch.num_seqs):
-            # Prefill chunk: expand the gathered latent context to per-head K/V (cheaper than absorbing when many
-            # queries share the context), then causal attention with the chunk at the end of the context.
-            s, e = batch.query_start_loc_cpu[i], batch.query_start_loc_cpu[i + 1]
-            # Context [T, C + R]: gathered through the block table, or, with nothing cached before this chunk, the
-            # chunk's own latent (the same values the cache holds).
-            if batch.has_context(i):
-                ctx = batch.backend.gather_latent(cache, batch, i)
+        pack = batch.prefill
+        if pack is not None:
+            # Prefill chunks, all in one varlen call: expand the latent contexts to per-head K/V (cheaper than
+            # absorbing when many queries share a context), then causal attention with each chunk at the end of
+            # its context. Contexts: gathered through the block tables, or, with nothing cached before any chunk,
+            # the chunks' own latents (the values the cache holds, after its dtype).
+            s0, rank = pack.start, self.kv_lora_rank
+            if pack.slots is None:
+                ctx_c, ctx_r = c_kv[s0:].to(cache.dtype), k_pe[s0:].to(cache.dtype)
             else:
-                ctx = torch.cat((c_kv[s:e], k_pe[s:e]), dim=-1).to(cache.dtype)
-            ctx = ctx.to(c_kv.dtype)
-            k, v = self._expand(ctx[:, : self.kv_lora_rank], ctx[:, self.kv_lora_rank :])
-            q = torch.cat((q_nope[s:e], q_pe[s:e]), dim=-1)
+                ctx = cache.view(-1, cache.shape[-1])[pack.slots]  # [Tk, C + R]
+                ctx_c, ctx_r = ctx[:, :rank], ctx[:, rank:]
+            k, v = self._expand(ctx_c.to(c_kv.dtype), ctx_r.to(c_kv.dtype))  # [Tk, H, nope + R], [Tk, H, v]
+            q = torch.cat((q_nope[s0:], q_pe[s0:]), dim=-1)
             # Flash kernels want one head size for q, k and v: pad v (128) to the qk size (192), slice after.
             v = F.pad(v, (0, q.shape[-1] - self.v_dim))
-            out[s:e] = causal_attention(q, k, v, self.scale)[..., : self.v_dim]
+            out[s0:] = varlen_causal_attention(q, k, v, pack, self.scale)[..., : self.v_dim]
         return out

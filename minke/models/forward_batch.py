@@ -13,12 +13,37 @@ block * block_size + row, which is what slot_mapping holds for the new tokens.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@dataclass
+class PrefillPack:
+    """The prefill sequences of a step (nd .. B-1), packed for one variable-length attention call.
+
+    Their new tokens are the flat rows start.. of the step (after the nd decode tokens); sequence j's queries are
+    rows cu_q[j]..cu_q[j+1] of that slice and its keys rows cu_k[j]..cu_k[j+1] of the packed context, whose
+    tokens are the cache slots `slots` (every token of every context, in order). slots is None when no prefill
+    sequence has anything cached before this step: the contexts are then exactly this step's new tokens
+    (cu_k == cu_q). Built on the host with the step's other inputs, so attention never copies to the device."""
+
+    start: int
+    cu_q: torch.Tensor  # [P + 1] int32
+    cu_k: torch.Tensor  # [P + 1] int32
+    q_lens: list[int]
+    k_lens: list[int]
+    slots: torch.Tensor | None  # [sum(k_lens)] long, or None (see above)
+
+    @property
+    def max_q(self) -> int:
+        return max(self.q_lens)
+
+    @property
+    def max_k(self) -> int:
+        return max(self.k_lens)
 
 
 @dataclass
@@ -35,18 +60,11 @@ class ForwardBatch:
     block_size: int
     logits_indices: torch.Tensor | None = None  # [S] rows of the flat hidden states to turn into logits
     backend: "AttentionBackend" = field(default=None)  # type: ignore[assignment]
-
-    # [B + 1] query_start_loc on the host (from query_lens_cpu): slicing per sequence never waits on the device.
-    query_start_loc_cpu: list[int] = field(init=False)
+    prefill: PrefillPack | None = None  # None when every sequence of the step is a decode
 
     def __post_init__(self):
         if self.backend is None:
             self.backend = TorchAttentionBackend()
-        self.query_start_loc_cpu = list(itertools.accumulate(self.query_lens_cpu, initial=0))
-
-    def has_context(self, i: int) -> bool:
-        """Whether sequence i attends to tokens cached before this step (a prefix hit or an earlier chunk)."""
-        return self.seq_lens_cpu[i] > self.query_lens_cpu[i]
 
     @property
     def num_seqs(self) -> int:
@@ -55,14 +73,6 @@ class ForwardBatch:
     @property
     def num_decode_tokens(self) -> int:
         return self.num_decodes
-
-    def context_slots(self, i: int) -> torch.Tensor:
-        """Flat cache slots [seq_lens[i]] of sequence i's whole context, from its block table."""
-        n = self.seq_lens_cpu[i]
-        nb = (n + self.block_size - 1) // self.block_size
-        blocks = self.block_tables[i, :nb].long()
-        slots = (blocks[:, None] * self.block_size + torch.arange(self.block_size, device=blocks.device)).flatten()
-        return slots[:n]
 
 
 # Allowed on CUDA, in torch's priority order; the math path is the never-fails fallback (a shape neither fast kernel
@@ -89,6 +99,39 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
 
+
+
+def _flash_varlen_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether FlashAttention-2's variable-length kernel (built into torch) takes these [T, H, D] inputs."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+            and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+            and q.shape[1] % k.shape[1] == 0 and torch.backends.cuda.flash_sdp_enabled()
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PrefillPack,
+                            scale: float) -> torch.Tensor:
+    """All prefill sequences of a step at once: q [sum(q_lens), H, D] packed by pack.cu_q, k / v
+    [sum(k_lens), Hkv, D] packed by pack.cu_k; each sequence's queries are the LAST q_len positions of its
+    context (bottom-right causal, as causal_attention). Hkv may divide H (GQA). Returns [sum(q_lens), H, D].
+
+    On CUDA this is one FlashAttention-2 varlen launch for the whole step instead of a launch (and its padding,
+    cat and slice ops) per sequence; elsewhere, or for shapes flash does not take, it loops over causal_attention.
+    """
+    if _flash_varlen_ok(q, k, v):
+        # flash aligns the causal mask bottom-right when a sequence has more keys than queries (cached context).
+        return torch.ops.aten._flash_attention_forward(q, k, v, pack.cu_q, pack.cu_k, pack.max_q, pack.max_k, 0.0,
+                                                       True, False, scale=scale)[0]
+    rep = q.shape[1] // k.shape[1]
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    qs = ks = 0
+    for ql, kl in zip(pack.q_lens, pack.k_lens):
+        kc, vc = k[ks : ks + kl], v[ks : ks + kl]
+        if rep > 1:
+            kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
+        out[qs : qs + ql] = causal_attention(q[qs : qs + ql], kc, vc, scale)
+        qs, ks = qs + ql, ks + kl
+    return out
 
 class TorchAttentionBackend:
     """Reference paged attention in plain PyTorch: gathers each sequence's context through its block table.
@@ -129,17 +172,6 @@ class TorchAttentionBackend:
         out = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=valid[:, None, None, :], scale=scale)  # [D, H, 1, hd]
         return out[:, :, 0]
-
-    @staticmethod
-    def gather_latent(cache: torch.Tensor, batch: ForwardBatch, i: int) -> torch.Tensor:
-        return cache.view(-1, cache.shape[-1])[batch.context_slots(i)]  # [T, C + R]
-
-    @staticmethod
-    def gather_kv(cache: torch.Tensor, batch: ForwardBatch, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = batch.context_slots(i)
-        k = cache[0].flatten(0, 1)[slots]
-        v = cache[1].flatten(0, 1)[slots]
-        return k, v  # [T, Hkv, hd] each
 
 
 AttentionBackend = TorchAttentionBackend
