@@ -165,10 +165,12 @@ class MoE(nn.Module):
             return self.experts(flat, r.topk_ids, r.topk_weights)
         # Long prefills: dense GEMMs (cuBLAS) beat the grouped kernel on the shared experts, which see every token.
         gate_up, down = self.experts.gate_up_proj[-s:], self.experts.down_proj[-s:]  # [S, 2I, D], [S, D, I]
-        h = torch.matmul(flat, gate_up.transpose(1, 2))  # [S, N, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        shared = torch.matmul(F.silu(gate) * up, down.transpose(1, 2)).sum(0)  # [S, N, D] -> [N, D]
-        return self.experts(flat, r.topk_ids, r.topk_weights) + shared.to(flat.dtype)
+        out = self.experts(flat, r.topk_ids, r.topk_weights)  # [N, D] routed
+        h = F.linear(flat, gate_up.flatten(0, 1)).view(n, s, 2, -1)  # one GEMM for all S: [N, S, 2 (gate, up), I]
+        act = F.silu(h[:, :, 0]) * h[:, :, 1]  # [N, S, I]
+        for j in range(s):  # down projections accumulate into the routed output (no [S, N, D] partials to sum)
+            out.addmm_(act[:, j], down[j].t())
+        return out
 
     def balance_loss(self, r: RouterOutput, shape: torch.Size) -> torch.Tensor:
         """DeepSeekMoE expert-level balance loss (modeling_deepseek.py MoEGate): alpha * sum_i f_i * P_i,
