@@ -128,6 +128,35 @@ def test_absorbed_mla_decode_equals_naive(checkpoints):
     assert caches[0].shape[-1] == model.config.kv_lora_rank + model.config.qk_rope_head_dim
 
 
+@pytest.mark.parametrize("variant", ["deepseek_v2_lite", "deepseek_v2"])  # q_proj / q_a_proj (q LoRA)
+def test_fused_input_projections_equal_separate(checkpoints, variant):
+    """MLAttention.fuse_input_projections: one GEMM for q (or q_a) and kv_a gives the separate projections' paged
+    output; the modules' weights become views of the fused tensor (no extra memory, checkpoint names kept)."""
+    _, path = checkpoints(variant)
+    model = minke.load_model(path)
+    attn = model.model.layers[0].self_attn
+    names = sorted(model.state_dict())
+    torch.manual_seed(4)
+    x = torch.randn(7, model.config.hidden_size)
+
+    def paged_out():
+        caches = allocate_kv_caches(model.config, 8, 4, torch.float32, "cpu")
+        _, b = make_forward_batch([SeqChunk(list(range(7)), 0, [3, 1])], caches, 4, "cpu")
+        with torch.no_grad():
+            return attn(x, batch=b), caches[0].clone()
+
+    before, cache_before = paged_out()
+    assert attn.fuse_input_projections() and not attn.fuse_input_projections()
+    after, cache_after = paged_out()
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache_after, cache_before, atol=1e-5, rtol=1e-5)
+    first = attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj
+    fused = attn.fused_in_weight
+    assert first.weight.data_ptr() == fused.data_ptr()
+    assert attn.kv_a_proj_with_mqa.weight.data_ptr() == fused[first.out_features :].data_ptr()
+    assert sorted(model.state_dict()) == names
+
+
 def test_gpu_kernel_wiring_matches_reference_on_cpu(checkpoints):
     """The kernels the runner installs on GPU (apply_gpu_kernels: shared experts fused into the fused MoE, fused
     add+RMSNorm, Triton router; Triton MLA decode backend) run here under TRITON_INTERPRET and give the reference's

@@ -67,6 +67,12 @@ def fuse_shared_experts(model, max_tokens: int = 1024) -> int:
     return sum(m.fuse_shared_experts(max_tokens) for m in model.modules() if isinstance(m, MoE))
 
 
+def fuse_mla_input_projections(model) -> int:
+    """q_proj (or q_a_proj) and kv_a_proj_with_mqa of every MLA layer as one GEMM (MLAttention.fuse_input_projections).
+    Returns how many layers changed."""
+    return sum(m.fuse_input_projections() for m in model.modules() if isinstance(m, MLAttention))
+
+
 def install_gpu_kernels(model, device: torch.device) -> None:
     """On CUDA with triton available: fused MoE (shared experts folded in), fused add+RMSNorm, fused router.
     Elsewhere the torch code stays."""
@@ -82,6 +88,7 @@ def install_gpu_kernels(model, device: torch.device) -> None:
 def apply_gpu_kernels(model) -> None:
     """Every swap install_gpu_kernels makes, on any device (tests run them on CPU under TRITON_INTERPRET=1)."""
     fuse_shared_experts(model)
+    fuse_mla_input_projections(model)
     use_fused_moe(model)
     use_fused_rmsnorm(model)
     use_fused_router(model)

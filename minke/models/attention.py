@@ -120,6 +120,36 @@ class MLAttention(nn.Module):
         # (q_pe, c_kv, k_pe): kv_a_layernorm, both ropes and the latent cache write in one kernel; the runner installs
         # the Triton one on GPU (kernels/mla_prologue.py). None = the torch code (_prologue_torch).
         self.prologue = None
+        # After fuse_input_projections(): [Q + C + R, D], the two projections of x as one weight (q_proj or q_a_proj
+        # rows, then kv_a_proj_with_mqa rows), whose slices the modules' own weights are. A plain attribute: the
+        # state dict keeps the checkpoint's names.
+        self.fused_in_weight: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_input_projections(self) -> bool:
+        """Inference only: one GEMM of x for q (or q_a) and kv_a instead of two (at decode sizes two weight-reading
+        GEMVs a layer become one launch). The modules keep their weights as views of the fused tensor, so no
+        memory is added. Returns False, changing nothing, when a projection has a bias or they are already fused."""
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        second = self.kv_a_proj_with_mqa
+        if self.fused_in_weight is not None or first.bias is not None or second.bias is not None:
+            return False
+        fused = torch.cat([first.weight, second.weight])  # [Q + C + R, D]
+        q_out = first.out_features
+        first.weight = nn.Parameter(fused[:q_out], requires_grad=False)
+        second.weight = nn.Parameter(fused[q_out:], requires_grad=False)
+        self.fused_in_weight = fused
+        return True
+
+    def _q_and_kv_a(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> q [N, H, nope + R] (pe not yet roped), kv_a [N, C + R] (both may be strided views)."""
+        if self.fused_in_weight is None:
+            return self._q(x), self.kv_a_proj_with_mqa(x)
+        out = F.linear(x, self.fused_in_weight)
+        first, kv_a = out.split([out.shape[-1] - self.kv_lora_rank - self.rope_dim,
+                                 self.kv_lora_rank + self.rope_dim], dim=-1)
+        q = first if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(first))
+        return q.view(*x.shape[:-1], self.num_heads, self.nope + self.rope_dim), kv_a
 
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> q [..., H, nope + R] (pe part not yet roped)."""
@@ -168,12 +198,11 @@ class MLAttention(nn.Module):
                                                  is_causal=True, scale=self.scale).transpose(1, 2)
         else:
             # x [N, D]: projections, then norm + ropes + latent cache write through the (possibly fused) prologue.
-            q = self._q(x)
+            q, kv_a = self._q_and_kv_a(x)
             cache = batch.kv_caches[self.layer_idx]  # [blocks, bs, C + R]
             prologue = self.prologue if self.prologue is not None else self._prologue_torch
             norm = self.kv_a_layernorm
-            q_pe, c_kv, k_pe = prologue(self.kv_a_proj_with_mqa(x), q, cos, sin, norm.weight, norm.eps, cache,
-                                        batch.slot_mapping)
+            q_pe, c_kv, k_pe = prologue(kv_a, q, cos, sin, norm.weight, norm.eps, cache, batch.slot_mapping)
             out = self._paged(q[..., : self.nope], q_pe, c_kv, k_pe, cache, batch)
         return self.o_proj(out.flatten(-2))
 
