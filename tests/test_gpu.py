@@ -67,3 +67,35 @@ def test_bf16_greedy_matches_transformers(ckpt, variant):
                 margin = (top2[0] - top2[1]).item()
                 assert margin < 0.05 * max(top2[0].abs().item(), 1.0), f"token {i}: {a} != {b}, margin {margin}"
                 break
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v2_lite", "deepseek_v2"])
+def test_prefill_graph_logits_equal_eager(ckpt, variant):
+    """A prefill step of fresh prompts replays a CUDA graph (padded to its token bucket, one FlashAttention varlen
+    call) and gives the eager step's logits; steps with cached context stay eager."""
+    from minke.engine.input_batch import SeqChunk, make_forward_batch
+    from minke.engine.prefill_graph import PrefillGraphs
+
+    _, path = ckpt(variant)
+    llm = LLM(path, device="cuda", dtype="bfloat16", kv_cache_tokens=4096, block_size=16, max_model_len=256,
+              prefill_graph_max_tokens=512)
+    worker = llm.llm_engine.runner.executor.worker
+    assert worker.prefill_graphs is not None and worker.prefill_graphs.buckets[-1] == 512
+    ps = prompts([5, 40, 100, 1], seed=4)
+    tables = [[0], [1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    chunks = [SeqChunk(p, 0, t, sample=i != 1) for i, (p, t) in enumerate(zip(ps, tables))]  # one chunk not sampled
+    inputs = worker.prepare(chunks)
+    assert isinstance(inputs, PrefillGraphs)
+    graphed = worker.run(chunks, inputs).float().clone()  # [3, V]
+    with torch.inference_mode():
+        ids, batch = make_forward_batch(chunks, worker.kv_caches, 16, "cuda", worker.backend)
+        eager = worker.model(ids, batch=batch).float()
+    assert graphed.shape == eager.shape == (3, 102400)
+    torch.testing.assert_close(graphed, eager, atol=3e-2, rtol=3e-2)
+    assert (graphed.argmax(-1) == eager.argmax(-1)).all()
+    # A chunk after cached tokens (a prefix hit, a later chunk) gathers its context: eager.
+    assert isinstance(worker.prepare([SeqChunk(ps[2][:20], 16, tables[2])]), tuple)
+    # 0 turns them off (the engine through the graphs vs transformers: test_bf16_greedy_matches_transformers).
+    off = LLM(path, device="cuda", dtype="bfloat16", kv_cache_tokens=4096, block_size=16, max_model_len=256,
+              prefill_graph_max_tokens=0)
+    assert off.llm_engine.runner.executor.worker.prefill_graphs is None

@@ -22,6 +22,10 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     p.add_argument("--block-size", "--block_size", dest="block_size", type=int, default=16)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--enforce-eager", "--enforce_eager", dest="enforce_eager", action="store_true")
+    p.add_argument("--prefill-graph-max-tokens", "--prefill_graph_max_tokens", dest="prefill_graph_max_tokens",
+                   type=int, default=None,
+                   help="fresh-prompt prefill steps of up to this many tokens replay CUDA graphs (default 2048; 0: "
+                        "decode graphs only)")
     p.add_argument("--enable-mixed-chunk", "--enable_mixed_chunk", dest="mixed_batches",
                    action=argparse.BooleanOptionalAction, default=None,
                    help="prefill chunks and decodes in one step (default: only when decode runs without CUDA graphs)")
@@ -37,7 +41,8 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
 
 
 ENGINE_ARG_NAMES = ("dtype", "device", "max_model_len", "gpu_memory_utilization", "kv_cache_tokens", "max_num_seqs",
-                    "max_num_batched_tokens", "block_size", "enable_prefix_caching", "enforce_eager", "mixed_batches",
+                    "max_num_batched_tokens", "block_size", "enable_prefix_caching", "enforce_eager",
+                    "prefill_graph_max_tokens", "mixed_batches",
                     "tensor_parallel_size", "enable_expert_parallel", "chat_template", "seed")
 
 

@@ -23,6 +23,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False  # no CUDA graphs
+    # Prefill steps of fresh prompts (no cached prefix, <= 16 prompts) of up to this many tokens replay CUDA graphs
+    # too (engine/prefill_graph.py): an eager prefill is bound by the host below ~3K tokens. 0 = decode graphs only.
+    prefill_graph_max_tokens: int = 2048
     # Prefill chunks and decodes in the same step (engine/scheduler.py). None: only when decode steps run eagerly;
     # with CUDA graphs, separate steps keep every decode on a graph.
     mixed_batches: bool | None = None
@@ -39,6 +42,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_graph_max_tokens < 0:
+            raise ValueError(f"prefill_graph_max_tokens must be >= 0, got {self.prefill_graph_max_tokens}")
         for name in ("max_model_len", "kv_cache_tokens", "max_num_batched_tokens"):
             v = getattr(self, name)
             if v is not None and v < 1:

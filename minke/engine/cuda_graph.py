@@ -54,8 +54,8 @@ class DecodeGraphs:
             logits_indices=self.logits_indices[:b], backend=self.backend)
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        pool = None
+    def capture(self, pool=None) -> None:
+        """pool: a memory pool to share (the prefill graphs'); only one graph's outputs are read at a time."""
         for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool
             batch = self._batch(b)
             self.model(self.input_ids[:b], batch=batch)  # warm-up: autotuning, lazy init

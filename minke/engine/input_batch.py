@@ -55,10 +55,24 @@ def block_table_array(tables: list[list[int]], width: int | None = None) -> np.n
     return out
 
 
-def make_forward_batch(chunks: list[SeqChunk], kv_caches: list[torch.Tensor], block_size: int,
-                       device: torch.device | str, backend=None) -> tuple[torch.Tensor, ForwardBatch]:
-    """Decode chunks (one token) must come first. Returns (input_ids [N], batch). Built on the host with numpy
-    (no Python loop per token), one copy to the device per tensor."""
+@dataclass
+class HostInputs:
+    """A step's inputs on the host (numpy), before any copy to the device. B chunks, N new tokens."""
+
+    num_decodes: int
+    ids: np.ndarray  # [N] token ids
+    positions: np.ndarray  # [N]
+    slots: np.ndarray  # [N] cache slot of each new token
+    starts: np.ndarray  # [B] tokens cached before the step
+    ends: np.ndarray  # [B] = seq_lens after it
+    qsl: np.ndarray  # [B + 1] query offsets
+    tables: np.ndarray  # [B, max_blocks] int32
+    logits_idx: np.ndarray  # [S] rows of the chunks that sample
+
+
+def host_inputs(chunks: list[SeqChunk], block_size: int) -> HostInputs:
+    """Decode chunks (one token) must come first. Vectorized with numpy (no Python loop per token). Raises
+    ValueError when a chunk's block table does not cover its tokens."""
     num_decodes = 0
     while num_decodes < len(chunks) and chunks[num_decodes].is_decode:
         num_decodes += 1
@@ -80,27 +94,34 @@ def make_forward_batch(chunks: list[SeqChunk], kv_caches: list[torch.Tensor], bl
     pos = starts[row] + (np.arange(total) - qsl[:-1][row])                                  # [N]
     slots = tables[row, pos // block_size].astype(np.int64) * block_size + pos % block_size  # [N]
     sample = np.fromiter((c.sample for c in chunks), dtype=bool, count=b)
-    logits_idx = qsl[1:][sample] - 1
+    return HostInputs(num_decodes, ids, pos, slots, starts, ends, qsl, tables, qsl[1:][sample] - 1)
+
+
+def make_forward_batch(chunks: list[SeqChunk], kv_caches: list[torch.Tensor], block_size: int,
+                       device: torch.device | str, backend=None) -> tuple[torch.Tensor, ForwardBatch]:
+    """Decode chunks (one token) must come first. Returns (input_ids [N], batch): host_inputs, then one copy to
+    the device per tensor."""
+    h = host_inputs(chunks, block_size)
 
     def dev(x, dtype):
         return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype, non_blocking=True)
 
     batch = ForwardBatch(
-        positions=dev(pos, torch.long),
-        slot_mapping=dev(slots, torch.long),
-        block_tables=dev(tables, torch.int32),
-        seq_lens=dev(ends, torch.int32),
-        query_start_loc=dev(qsl, torch.int32),
-        seq_lens_cpu=ends.tolist(),
-        query_lens_cpu=n_new.tolist(),
-        num_decodes=num_decodes,
+        positions=dev(h.positions, torch.long),
+        slot_mapping=dev(h.slots, torch.long),
+        block_tables=dev(h.tables, torch.int32),
+        seq_lens=dev(h.ends, torch.int32),
+        query_start_loc=dev(h.qsl, torch.int32),
+        seq_lens_cpu=h.ends.tolist(),
+        query_lens_cpu=(h.ends - h.starts).tolist(),
+        num_decodes=h.num_decodes,
         kv_caches=kv_caches,
         block_size=block_size,
-        logits_indices=dev(logits_idx, torch.long),
+        logits_indices=dev(h.logits_idx, torch.long),
         backend=backend or TorchAttentionBackend(),
-        prefill=_prefill_pack(num_decodes, starts, ends, qsl, tables, block_size, dev),
+        prefill=_prefill_pack(h.num_decodes, h.starts, h.ends, h.qsl, h.tables, block_size, dev),
     )
-    return dev(ids, torch.long), batch
+    return dev(h.ids, torch.long), batch
 
 
 def _prefill_pack(nd: int, starts: np.ndarray, ends: np.ndarray, qsl: np.ndarray, tables: np.ndarray,

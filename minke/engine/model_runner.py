@@ -43,11 +43,12 @@ class ModelRunner:
                         ", expert parallel" if cfg.enable_expert_parallel else "")
 
     def capture_graphs(self, max_model_len: int) -> None:
-        """Decode CUDA graphs on every rank (MLA models on CUDA, unless enforce_eager)."""
+        """Decode (and prefill) CUDA graphs on every rank (MLA models on CUDA, unless enforce_eager)."""
         if self.device.type != "cuda" or self.cfg.enforce_eager:
             return
         try:
-            self.executor.collective_rpc("capture_graphs", max_model_len, self.cfg.max_num_seqs)
+            self.executor.collective_rpc("capture_graphs", max_model_len, self.cfg.max_num_seqs,
+                                         self.cfg.prefill_graph_max_tokens)
         except RuntimeError as e:
             self.executor.shutdown()
             raise RuntimeError(f"CUDA-graph capture failed; run with --enforce-eager (enforce_eager=True) to serve "

@@ -13,6 +13,7 @@ block * block_size + row, which is what slot_mapping holds for the new tokens.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,9 @@ class PrefillPack:
     q_lens: list[int]
     k_lens: list[int]
     slots: torch.Tensor | None  # [sum(k_lens)] long, or None (see above)
+    # Set by the prefill CUDA graphs (engine/prefill_graph.py), whose q_lens / k_lens are only bounds: the
+    # per-sequence fallback cannot run on them, so attention must take the flash path or fail.
+    flash_only: bool = False
 
     @property
     def max_q(self) -> int:
@@ -101,12 +105,22 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 
+class FlashUnavailable(RuntimeError):
+    """A graphed prefill (PrefillPack.flash_only) met inputs FlashAttention's varlen kernel does not take."""
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
 def _flash_varlen_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether FlashAttention-2's variable-length kernel (built into torch) takes these [T, H, D] inputs."""
+    """Whether FlashAttention-2's variable-length kernel (built into torch, Ampere and later) takes these
+    [T, H, D] inputs."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
             and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
             and q.shape[1] % k.shape[1] == 0 and torch.backends.cuda.flash_sdp_enabled()
-            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+            and _sm_major(q.device) >= 8)
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PrefillPack,
@@ -122,6 +136,9 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         # flash aligns the causal mask bottom-right when a sequence has more keys than queries (cached context).
         return torch.ops.aten._flash_attention_forward(q, k, v, pack.cu_q, pack.cu_k, pack.max_q, pack.max_k, 0.0,
                                                        True, False, scale=scale)[0]
+    if pack.flash_only:
+        raise FlashUnavailable(f"prefill CUDA graphs need FlashAttention's varlen kernel, which does not take q "
+                           f"{tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, v {tuple(v.shape)} on {q.device}")
     rep = q.shape[1] // k.shape[1]
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     qs = ks = 0

@@ -7,6 +7,7 @@ them, or replays the same CUDA graph). With tensor_parallel_size 1 the single Wo
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -15,14 +16,18 @@ import torch
 
 from ..config import ModelConfig, load_config
 from ..engine.attention_backends import make_backend
+from ..engine.cuda_graph import DecodeGraphs
 from ..engine.gpu_kernels import install_gpu_kernels
 from ..engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+from ..engine.prefill_graph import PrefillGraphs
 from ..loader import load_model, resolve_dtype
-from ..models.forward_batch import ForwardBatch
+from ..models.forward_batch import FlashUnavailable, ForwardBatch
 from ..models.model import CausalLM
 from .sharded_loading import load_sharded_model
 from .state import ParallelConfig
 from .tensor_parallel import kv_cache_config
+
+logger = logging.getLogger("minke")
 
 
 @dataclass
@@ -73,7 +78,8 @@ class Worker:
             cfg.setup(self.model, self.device)
         self.kv_caches: list[torch.Tensor] | None = None
         self.block_size = self.num_blocks = 0
-        self.graphs = None
+        self.graphs = None  # DecodeGraphs
+        self.prefill_graphs = None  # PrefillGraphs
 
     # ---------------------------------------------------------------------------------------------- KV cache
     def kv_bytes_per_token(self) -> int:
@@ -117,35 +123,45 @@ class Worker:
                                             block_size, self.dtype, self.device)
         self.block_size, self.num_blocks = block_size, num_blocks
 
-    def capture_graphs(self, max_model_len: int, max_num_seqs: int) -> bool:
-        """Decode CUDA graphs (engine/cuda_graph.py), captured on every rank at once: the TP collectives (NCCL) are
-        captured too, and all ranks replay the same bucket each step. Not under EP: its all-to-all split sizes are
-        read on the host."""
+    def capture_graphs(self, max_model_len: int, max_num_seqs: int, prefill_graph_tokens: int = 0) -> bool:
+        """Decode CUDA graphs (engine/cuda_graph.py), and prefill graphs for fresh prompts of up to
+        prefill_graph_tokens tokens (engine/prefill_graph.py; bf16 / fp16 only, as they need FlashAttention),
+        captured on every rank at once: the TP collectives (NCCL) are captured too, and all ranks replay the
+        same graph each step. Not under EP: its all-to-all split sizes are read on the host."""
         if (self.device.type != "cuda" or not self.model_config.is_mla or self.backend.name != "triton"
                 or (self.parallel.expert_parallel and self.model_config.is_moe)):
             return False
-        from ..engine.cuda_graph import DecodeGraphs
-
+        pool = None
+        scratch = self.num_blocks * self.block_size
+        if prefill_graph_tokens and self.dtype in (torch.float16, torch.bfloat16):
+            graphs = PrefillGraphs(self.model, self.kv_caches, self.block_size, scratch, prefill_graph_tokens,
+                                   min(max_num_seqs, 16), self.backend, self.device)
+            try:
+                pool = graphs.capture()  # raises in the warm-up run, before any capture, when flash is missing
+                self.prefill_graphs = graphs if graphs.buckets else None
+            except FlashUnavailable as e:
+                logger.warning("prefill steps run without CUDA graphs: %s", e)
         max_blocks = (max_model_len + self.block_size - 1) // self.block_size
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_blocks,
-                                   self.num_blocks * self.block_size, max_num_seqs, self.backend, self.device)
-        self.graphs.capture()
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_blocks, scratch, max_num_seqs,
+                                   self.backend, self.device)
+        self.graphs.capture(pool)
         return True
 
     # ---------------------------------------------------------------------------------------------- the step
-    def prepare(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, ForwardBatch] | None:
-        """The step's inputs on this device, or None when a CUDA graph will replay it. Raises ValueError for a
-        malformed step (rank 0 calls this before involving the other ranks)."""
+    def prepare(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, ForwardBatch] | DecodeGraphs | PrefillGraphs:
+        """The step's inputs on this device, or the graphs that will replay it. Raises ValueError for a malformed
+        step (rank 0 calls this before involving the other ranks)."""
         if self.kv_caches is None:
             raise RuntimeError("allocate_kv_cache must be called before the first step")
-        if self.graphs is not None and self.graphs.can_run(chunks):
-            return None
+        for graphs in (self.graphs, self.prefill_graphs):
+            if graphs is not None and graphs.can_run(chunks):
+                return graphs
         return make_forward_batch(chunks, self.kv_caches, self.block_size, self.device, self.backend)
 
     @torch.inference_mode()
-    def run(self, chunks: list[SeqChunk], inputs: tuple[torch.Tensor, ForwardBatch] | None) -> torch.Tensor:
-        if inputs is None:
-            return self.graphs.run(chunks)
+    def run(self, chunks: list[SeqChunk], inputs) -> torch.Tensor:
+        if not isinstance(inputs, tuple):
+            return inputs.run(chunks)  # a graph replay
         ids, batch = inputs
         return self.model(ids, batch=batch)  # [S, V] full-vocab logits (on every rank)
 
@@ -168,7 +184,7 @@ class Worker:
 
     def close(self) -> None:
         """Free the graphs and the cache before the process group goes (graphs hold captured NCCL work)."""
-        self.graphs = self.kv_caches = None
+        self.graphs = self.prefill_graphs = self.kv_caches = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
