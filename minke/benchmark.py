@@ -269,7 +269,9 @@ def run_bench(model: str | None, shape: str | None, *, tokenizer: str | None = N
     res: dict = {"model": shape or model, "startup_s": time.perf_counter() - t,
                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                  "kv_capacity_tokens": llm.llm_engine.runner.capacity_tokens,
-                 "cuda_graphs": llm.llm_engine.runner.graphs is not None, "engine_kwargs": kw}
+                 "cuda_graphs": llm.llm_engine.runner.graphs is not None,
+                 "prefill_graph_buckets": getattr(llm.llm_engine.runner.executor.worker.prefill_graphs, "buckets", []),
+                 "engine_kwargs": kw}
     vocab = cfg_dict["vocab_size"]
     log(f"start-up {res['startup_s']:.1f}s, KV capacity {res['kv_capacity_tokens']} tokens")
     res["prefill"] = bench_prefill(llm, prefill_tokens, vocab)
