@@ -22,7 +22,7 @@ BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM()  # no model given: the embedded default model
+    return LLM(device="cpu")  # no model given: the embedded default model (its figures are CPU fp32 ones)
 
 
 def story_grammar():

@@ -29,7 +29,7 @@ def small_talk():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM()  # no model given: the embedded default model
+    return LLM(device="cpu")  # no model given: the embedded default model (its figures are CPU fp32 ones)
 
 
 def greedy_chat(llm, prompt: str, max_tokens: int) -> str:

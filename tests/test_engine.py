@@ -16,6 +16,12 @@ from tiny_models import make_checkpoint
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
+def CpuLLM(*args, **kwargs) -> LLM:
+    """The engine on the CPU in fp32, whatever the machine: the oracle here is the fp32 full forward on the CPU (on a
+    GPU, "auto" would run bf16, which no exact-token comparison survives; tests/test_gpu.py covers the GPU)."""
+    return LLM(*args, device="cpu", **kwargs)
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     cache = {}
@@ -57,7 +63,7 @@ def test_batch_equals_requests_alone(ckpts, variant, mode):
         kw.update(kv_cache_tokens=64, max_num_batched_tokens=16)  # 16 blocks for 6 requests: must preempt
     else:  # prefill and decode in separate steps (the CUDA-graph default), chunking and preempting
         kw.update(kv_cache_tokens=64, max_num_batched_tokens=16, mixed_batches=False)
-    llm = LLM(path, **kw)
+    llm = CpuLLM(path, **kw)
     prompts = prompts_of([3, 17, 9, 25, 1, 12])
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     ref_model = minke.load_model(path)
@@ -72,7 +78,7 @@ def test_batch_equals_requests_alone(ckpts, variant, mode):
 
 def test_prefix_cache_hit_skips_prefill_and_keeps_outputs(ckpts):
     path = ckpts("deepseek_v2_lite")
-    llm = LLM(path, block_size=4, kv_cache_tokens=4096, max_model_len=128)
+    llm = CpuLLM(path, block_size=4, kv_cache_tokens=4096, max_model_len=128)
     shared = prompts_of([40], seed=1)[0]
     a = llm.generate(shared + [11, 12, 13], GREEDY, use_tqdm=False)[0]
     b = llm.generate(shared + [21, 22], GREEDY, use_tqdm=False)[0]
@@ -82,14 +88,14 @@ def test_prefix_cache_hit_skips_prefill_and_keeps_outputs(ckpts):
     assert b.outputs[0].token_ids == reference_greedy(ref_model, shared + [21, 22], 10)
     stats = llm.llm_engine.get_stats()
     assert stats["prefix_cache_hits"] >= 40
-    no_cache = LLM(path, block_size=4, kv_cache_tokens=4096, max_model_len=128, enable_prefix_caching=False)
+    no_cache = CpuLLM(path, block_size=4, kv_cache_tokens=4096, max_model_len=128, enable_prefix_caching=False)
     no_cache.generate(shared + [11, 12, 13], GREEDY, use_tqdm=False)
     assert no_cache.generate(shared + [21, 22], GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
 
 
 def test_seeded_sampling_reproducible_whatever_the_batch(ckpts):
     path = ckpts("deepseek_v2_lite")
-    llm = LLM(path, block_size=4, kv_cache_tokens=4096, max_model_len=64)
+    llm = CpuLLM(path, block_size=4, kv_cache_tokens=4096, max_model_len=64)
     p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=8, ignore_eos=True)
     target = prompts_of([7], seed=5)[0]
     alone = llm.generate([target], p, use_tqdm=False)[0].outputs[0].token_ids
@@ -104,7 +110,7 @@ def test_seeded_sampling_reproducible_whatever_the_batch(ckpts):
 
 def test_mla_cache_holds_only_the_latent(ckpts):
     path = ckpts("deepseek_v2_lite")
-    llm = LLM(path, block_size=4, kv_cache_tokens=256)
+    llm = CpuLLM(path, block_size=4, kv_cache_tokens=256)
     cfg = llm.llm_engine.model_config
     cache = llm.llm_engine.runner.kv_caches[0]
     # 64 blocks of 4 tokens for requests, plus one scratch block that CUDA-graph padding rows write to
@@ -112,7 +118,7 @@ def test_mla_cache_holds_only_the_latent(ckpts):
     assert cache.shape == (65, 4, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     assert len(llm.llm_engine.runner.kv_caches) == cfg.num_hidden_layers
     # MHA caches K and V per KV head
-    gqa = LLM(ckpts("llama_gqa"), block_size=4, kv_cache_tokens=256)
+    gqa = CpuLLM(ckpts("llama_gqa"), block_size=4, kv_cache_tokens=256)
     c = gqa.llm_engine.model_config
     assert gqa.llm_engine.runner.kv_caches[0].shape == (2, 65, 4, c.num_key_value_heads, c.attn_head_dim)
 
@@ -122,7 +128,7 @@ def test_max_model_len_capped_to_cache_not_failing(ckpts, tmp_path, caplog):
     path = str(tmp_path / "long")
     make_checkpoint("deepseek_v2_lite", path, tokenizer=True, vocab_size=102400, max_position_embeddings=163840)
     with caplog.at_level(logging.INFO, logger="minke"):
-        llm = LLM(path, block_size=16, kv_cache_tokens=1024)
+        llm = CpuLLM(path, block_size=16, kv_cache_tokens=1024)
     assert llm.max_model_len == 1024
     assert any("max_model_len capped to 1024" in r.getMessage() for r in caplog.records)
     assert any("KV cache:" in r.getMessage() and "= 1024 tokens" in r.getMessage() for r in caplog.records)
@@ -131,11 +137,11 @@ def test_max_model_len_capped_to_cache_not_failing(ckpts, tmp_path, caplog):
     # the engine is still usable after a rejected prompt
     assert len(llm.generate([[5] * 10], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 10
     with pytest.raises(ValueError, match="needs more KV cache"):
-        LLM(path, block_size=16, kv_cache_tokens=1024, max_model_len=4096)
+        CpuLLM(path, block_size=16, kv_cache_tokens=1024, max_model_len=4096)
 
 
 def test_bad_prompts_name_the_problem(ckpts):
-    llm = LLM(ckpts("llama"), block_size=4, kv_cache_tokens=512, max_model_len=64)
+    llm = CpuLLM(ckpts("llama"), block_size=4, kv_cache_tokens=512, max_model_len=64)
     with pytest.raises(ValueError, match="prompt 1: the prompt is empty"):
         llm.generate([[1, 2], []], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="out of range"):
@@ -143,6 +149,6 @@ def test_bad_prompts_name_the_problem(ckpts):
     with pytest.raises(ValueError, match="2 prompts but 3 SamplingParams"):
         llm.generate(["a", "b"], [GREEDY] * 3, use_tqdm=False)
     with pytest.raises(TypeError, match="unknown engine option"):
-        LLM(ckpts("llama"), no_such_option=1)
+        CpuLLM(ckpts("llama"), no_such_option=1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        LLM("/no/such/dir")
+        CpuLLM("/no/such/dir")
