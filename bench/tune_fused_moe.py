@@ -30,7 +30,7 @@ SHAPES = {  # (E, I = moe_intermediate_size, D = hidden, K = experts per token, 
 }
 
 
-def candidates(rows_per_expert: float):
+def candidates(rows_per_expert: float, wide: bool = False):
     if rows_per_expert < 4:
         bms = (16,)
     elif rows_per_expert < 48:
@@ -40,10 +40,13 @@ def candidates(rows_per_expert: float):
     # Decode sizes are weight-bandwidth bound with ~1 row per expert: narrow N tiles (more programs in flight
     # over the few experts hit) and long K tiles (fewer loop trips) are worth trying there.
     bns, bks = ((32, 64, 128), (64, 128, 256)) if rows_per_expert < 4 else ((64, 128), (64, 128))
-    for bm, bn, bk, warps, stages in itertools.product(bms, bns, bks, (4, 8), (3, 4)):
-        if bm * bn >= 128 * 128 and stages == 4 and bk == 128:
+    stages = (3, 4)
+    if wide and rows_per_expert >= 48:  # --wide: compute-bound prefill sizes, 256-wide N tiles, shallower pipelines
+        bns, bks, stages = (128, 256), (32, 64), (2, 3, 4)
+    for bm, bn, bk, warps, st in itertools.product(bms, bns, bks, (4, 8), stages):
+        if bm * bn >= 128 * 128 and st == 4 and bk == 128:
             continue  # over the shared-memory budget
-        yield _cfg(bm, bn, bk, 1 if bm == 16 else 8, warps, stages)
+        yield _cfg(bm, bn, bk, 1 if bm == 16 else 8, warps, st)
 
 
 def random_routing(T: int, e_routed: int, k_routed: int, n_shared: int, g: torch.Generator) -> torch.Tensor:
@@ -84,6 +87,7 @@ def main() -> int:
     ap.add_argument("--no-shared", action="store_true",
                     help="routed experts only (default: the S shared experts fused in as experts E..E+S-1 that "
                          "every token also visits, as the GPU runner does with MoE.fuse_shared_experts)")
+    ap.add_argument("--wide", action="store_true", help="prefill sizes: also try 256-wide N tiles")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("tune_fused_moe: needs a CUDA GPU", file=sys.stderr)
@@ -103,7 +107,7 @@ def main() -> int:
         default = get_moe_config(E, inter, D, T, dt)
         default_ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=default))
         best, best_ms = default, default_ms
-        for cfg in candidates(T * K_routed / E_routed):
+        for cfg in candidates(T * K_routed / E_routed, args.wide):
             try:
                 ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=cfg))
             except Exception as e:  # out of shared memory / registers for this tile: skip it

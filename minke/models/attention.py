@@ -203,7 +203,7 @@ class MLAttention(nn.Module):
             prologue = self.prologue if self.prologue is not None else self._prologue_torch
             norm = self.kv_a_layernorm
             q_pe, c_kv, k_pe = prologue(kv_a, q, cos, sin, norm.weight, norm.eps, cache, batch.slot_mapping)
-            out = self._paged(q[..., : self.nope], q_pe, c_kv, k_pe, cache, batch)
+            out = self._paged(q, q_pe, c_kv, k_pe, cache, batch)
         return self.o_proj(out.flatten(-2))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,8 +211,10 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.unflatten(0, (self.num_heads, self.nope + self.v_dim))
         return w[:, : self.nope], w[:, self.nope :]
 
-    def _paged(self, q_nope, q_pe, c_kv, k_pe, cache, batch: ForwardBatch):
-        """cache [blocks, bs, C + R] already holds this step's latents (the prologue wrote them)."""
+    def _paged(self, q, q_pe, c_kv, k_pe, cache, batch: ForwardBatch):
+        """q [N, H, nope + R] as projected (pe part not roped), q_pe [N, H, R] roped; cache [blocks, bs, C + R]
+        already holds this step's latents (the prologue wrote them)."""
+        q_nope = q[..., : self.nope]
         nd = batch.num_decodes
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
         if nd:
@@ -233,7 +235,8 @@ class MLAttention(nn.Module):
                 ctx = cache.view(-1, cache.shape[-1])[pack.slots]  # [Tk, C + R]
                 ctx_c, ctx_r = ctx[:, :rank], ctx[:, rank:]
             k, v = self._expand(ctx_c.to(c_kv.dtype), ctx_r.to(c_kv.dtype))  # [Tk, H, nope + R], [Tk, H, v]
-            q = torch.cat((q_nope[s0:], q_pe[s0:]), dim=-1)
+            q = q[s0:]
+            q[..., self.nope :] = q_pe[s0:]  # roped pe into the projection output: [T, H, nope + R] without a cat
             # Flash kernels want one head size for q, k and v: pad v (128) to the qk size (192), slice after.
             v = F.pad(v, (0, q.shape[-1] - self.v_dim))
             out[s0:] = varlen_causal_attention(q, k, v, pack, self.scale)[..., : self.v_dim]
