@@ -297,6 +297,9 @@ def mla_decode(
     sm_scale: float,
     num_kv_splits: int | None = None,
     min_split_len: int | None = None,  # tokens per split at least; None: 64 with automatic splits, 1 with given ones
+    block_n: int | None = None,  # stage-1 tokens per inner iteration; None: 32 (16 for fp32)
+    num_warps: int = 4,  # stage-1 launch (bench/bench_mla_decode.py sweeps these)
+    num_stages: int = 2,
 ) -> torch.Tensor:  # [B, H, C] in q_latent.dtype: attention output in latent space (apply W_UV after)
     """Split-K Triton MLA decode. See the module docstring for the math; mla_decode_ref gives the same result."""
     if not _HAS_TRITON:
@@ -334,7 +337,7 @@ def mla_decode(
     BLOCK_R = max(16, triton.next_power_of_2(R))
     fp32 = q_latent.dtype == torch.float32
     # Untuned starting points (H100): a [BLOCK_N, 512] tile of fp32 latents is twice the shared memory of bf16.
-    BLOCK_N = 16 if fp32 else 32
+    BLOCK_N = block_n if block_n is not None else (16 if fp32 else 32)
     _mla_decode_stage1_kernel[(B, triton.cdiv(H, BLOCK_H), num_kv_splits)](
         q_latent,
         q_pe,
@@ -368,8 +371,8 @@ def mla_decode(
         BLOCK_N=BLOCK_N,
         DOT_PRECISION="ieee" if fp32 else "tf32",
         UPCAST_DOT=_needs_dot_upcast(_mla_decode_stage1_kernel, q_latent.dtype),
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _mla_decode_stage2_kernel[(B, H)](
         mid_o,
