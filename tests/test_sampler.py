@@ -434,3 +434,18 @@ def test_no_logprobs_asked_none_computed_and_logits_untouched(device):
     assert torch.equal(logits, keep)
     greedy = sample(logits, [SamplingParams(temperature=0)] * 4, device)
     assert greedy.token_ids.tolist() == logits.argmax(-1).tolist() and greedy.logprobs is None
+
+
+def test_two_stage_argmax_equals_argmax_with_ties():
+    """The sampler's two-pass greedy argmax (used on CUDA for small batches) picks argmax's index: the first
+    maximum, also when the maximum repeats across and within chunks."""
+    from minke.engine.sampler import _two_stage_argmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8 * 1024, generator=g)
+    x[1, [100, 5000, 7000]] = 9.0  # tie across chunks
+    x[2, [2050, 2051]] = 9.0  # tie inside one chunk
+    x[3] = 0.0  # all equal
+    x[4, -1] = 9.0  # the last column
+    assert torch.equal(_two_stage_argmax(x), x.argmax(dim=-1))
+    assert _two_stage_argmax(x)[1].item() == 100 and _two_stage_argmax(x)[3].item() == 0

@@ -336,6 +336,24 @@ def apply_top_k_top_p_min_p(logits: Tensor, top_k: Tensor | None = None,
     return logits
 
 
+def _two_stage_argmax(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """torch.argmax(x, -1) for x [B, V] with V a multiple of chunk: the max of each chunk, then the first chunk
+    holding the row's max. Same index as argmax (the first maximum), ties included."""
+    b, v = x.shape
+    vals, idx = x.reshape(b, v // chunk, chunk).max(dim=-1)  # [B, V / chunk]
+    best = vals.argmax(dim=-1, keepdim=True)  # [B, 1]
+    return (idx.gather(1, best) + best * chunk).squeeze(1)
+
+
+def greedy_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] -> [B] greedy tokens. On CUDA, for up to 32 rows, in two passes: a one-pass argmax reduces each
+    102400-wide row in one thread block (21 us a step on an H200 at batch 1, 12 us in two passes; at batch 256
+    one pass is faster; bench/bench_mla_decode.py)."""
+    if x.is_cuda and x.shape[0] <= 32 and x.shape[1] % 1024 == 0 and x.shape[1] >= 16 * 1024:
+        return _two_stage_argmax(x)
+    return x.argmax(dim=-1)
+
+
 def sample_from_probs(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor:
     """Draw one token per row: argmax(probs / E) with E ~ Exp(1) (the exponential race).
 
@@ -400,7 +418,7 @@ class Sampler:
                 batch.frequency_penalty.to(dev) if flags.any_freq_presence else None,
                 batch.repetition_penalty.to(dev) if flags.any_repetition else None)
 
-        tokens = x.argmax(dim=-1)                                       # greedy choice [B]
+        tokens = greedy_argmax(x)                                       # greedy choice [B]
         if flags.any_random:
             temperature = batch.temperature.to(dev)
             greedy = temperature < GREEDY_EPS
