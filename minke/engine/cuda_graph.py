@@ -29,10 +29,18 @@ class DecodeGraphs:
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
         n = self.buckets[-1]
         self.max_batch = n
-        # Static input buffers ([n] rows; the graph for bucket b reads rows [:b]).
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), scratch_slot, dtype=torch.long, device=device)
+        # Static input buffers ([n] rows; the graph for bucket b reads rows [:b]). Token ids, positions and slots
+        # are the rows of one tensor, so a step's inputs go up in one copy from a pinned host twin (no staging
+        # through pageable memory, no device-side scatter), seq_lens in a second.
+        pinned = device.type == "cuda"
+        self.io = torch.zeros(3, n, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.io[0], self.io[1], self.io[2]
+        self.slot_mapping.fill_(scratch_slot)
+        self.host_io = torch.zeros(3, n, dtype=torch.long, pin_memory=pinned)
+        self.host_lens = torch.zeros(n, dtype=torch.int32, pin_memory=pinned)
+        # Recorded after the copies: the host buffers are rewritten only once the last copy out of them is done
+        # (ranks other than 0 never wait on their stream between steps).
+        self._copied = torch.cuda.Event() if pinned else None
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
@@ -104,19 +112,22 @@ class DecodeGraphs:
         pos = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=b)               # [B]
         blk = pos // bs
         nb = int(blk.max()) + 1
-        host = np.zeros((4, bucket), dtype=np.int64)  # ids, positions, slots, seq_lens; padding rows after B
-        host[0, :b] = np.fromiter((c.token_ids[0] for c in chunks), dtype=np.int64, count=b)
-        host[1, :b] = pos
-        host[2, :b] = self.host_tables[np.arange(b), blk].astype(np.int64) * bs + pos % bs
-        host[2, b:] = self.scratch_slot
-        host[3, :b] = pos + 1
-        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-        self.input_ids[:bucket].copy_(dev[0])
-        self.positions[:bucket].copy_(dev[1])
-        self.slot_mapping[:bucket].copy_(dev[2])
-        self.seq_lens[:bucket].copy_(dev[3])
+        if self._copied is not None:
+            self._copied.synchronize()
+        io, lens = self.host_io.numpy(), self.host_lens.numpy()  # padding rows after B
+        io[0, :b] = np.fromiter((c.token_ids[0] for c in chunks), dtype=np.int64, count=b)
+        io[1, :b] = pos
+        io[2, :b] = self.host_tables[np.arange(b), blk].astype(np.int64) * bs + pos % bs
+        io[:2, b:bucket] = 0
+        io[2, b:bucket] = self.scratch_slot
+        lens[:b] = pos + 1
+        lens[b:bucket] = 0
+        self.io.copy_(self.host_io, non_blocking=True)
+        self.seq_lens.copy_(self.host_lens, non_blocking=True)
         table = torch.from_numpy(self.host_tables[:b, :nb])
         self.block_tables[:b, :nb].copy_(table, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
         return bucket
 
     @torch.inference_mode()
