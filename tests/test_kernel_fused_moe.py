@@ -114,6 +114,20 @@ def test_fused_moe_k3_odd_dims_default_config_int32_ids():
 
 
 @needs_triton
+@pytest.mark.parametrize("routing", [[[3, 0, 1]], [[2, 2, 0]], [[1]]], ids=["distinct", "repeated", "K1"])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_fused_moe_single_token_static_tiles(routing, ids_dtype):
+    """One token (batch-1 decode) skips the align step: a static tile per slot, also when an expert repeats."""
+    E, I, D = 4, 16, 32
+    w13, w2 = _weights(E, I, D, torch.float32, 11)
+    tw, ids = _routing(routing, 12)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    for cfg in (SMALL_CFG, {**SMALL_CFG, "BLOCK_SIZE_M": 32}):
+        out = fused_moe(x, w13, w2, tw, ids.to(ids_dtype), config=cfg)
+        torch.testing.assert_close(out, _naive_moe(x, w13, w2, tw, ids), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_moe_matches_ref_half(dtype):
     E, I, D = 4, 16, 32
