@@ -21,6 +21,18 @@ from .input_batch import SeqChunk
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
+def capture_forward(model, input_ids: torch.Tensor, batch: ForwardBatch, pool) -> tuple[torch.cuda.CUDAGraph,
+                                                                                      torch.Tensor]:
+    """One warm-up forward (autotuning, lazy init, caches built outside the capture), then the captured one into
+    the memory pool `pool` (None: a new one). Returns the graph and its static output."""
+    model(input_ids, batch=batch)
+    torch.cuda.synchronize(input_ids.device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = model(input_ids, batch=batch)
+    return graph, out
+
+
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, max_blocks_per_seq: int,
                  scratch_slot: int, max_batch: int, backend, device: torch.device):
@@ -65,14 +77,8 @@ class DecodeGraphs:
     def capture(self, pool=None) -> None:
         """pool: a memory pool to share (the prefill graphs'); only one graph's outputs are read at a time."""
         for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool
-            batch = self._batch(b)
-            self.model(self.input_ids[:b], batch=batch)  # warm-up: autotuning, lazy init
-            torch.cuda.synchronize(self.device)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[b] = self.model(self.input_ids[:b], batch=batch)
-            pool = g.pool()
-            self.graphs[b] = g
+            self.graphs[b], self.outputs[b] = capture_forward(self.model, self.input_ids[:b], self._batch(b), pool)
+            pool = self.graphs[b].pool()
         torch.cuda.synchronize(self.device)
 
     def can_run(self, chunks: list[SeqChunk]) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..models.forward_batch import ForwardBatch, PrefillPack
+from .cuda_graph import capture_forward
 from .input_batch import SeqChunk, host_inputs
 
 TOKEN_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096)
@@ -61,14 +62,8 @@ class PrefillGraphs:
         for t in reversed(self.buckets):
             self.cu.fill_(t)
             self.cu[0] = 0  # one sequence of t tokens, the others empty
-            batch = self._batch(t)
-            self.model(self.input_ids[:t], batch=batch)  # warm-up: autotuning, lazy init
-            torch.cuda.synchronize(self.device)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[t] = self.model(self.input_ids[:t], batch=batch)
-            pool = g.pool()
-            self.graphs[t] = g
+            self.graphs[t], self.outputs[t] = capture_forward(self.model, self.input_ids[:t], self._batch(t), pool)
+            pool = self.graphs[t].pool()
         torch.cuda.synchronize(self.device)
         return pool
 
