@@ -81,8 +81,8 @@ class LLMEngine:
         # tensor_parallel_size > 1: ranks 1.. run in spawned processes (minke/parallel/launcher.py)
         self.runner = ModelRunner(cfg, self.model_config)
         self.max_model_len = self._resolve_max_model_len()
-        self.runner.capture_graphs(self.max_model_len)
         budget = cfg.max_num_batched_tokens or (8192 if cfg.enable_chunked_prefill else self.max_model_len)
+        self.runner.capture_graphs(self.max_model_len, min(cfg.prefill_graph_max_tokens, budget))
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         mixed = cfg.mixed_batches if cfg.mixed_batches is not None else self.runner.graphs is None
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, budget, cfg.enable_chunked_prefill,

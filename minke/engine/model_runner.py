@@ -6,6 +6,7 @@ owns its model shard, KV cache, attention backend and CUDA graphs (minke/paralle
 from __future__ import annotations
 
 import logging
+import time
 
 from ..config import ModelConfig
 from ..parallel.launcher import make_executor
@@ -42,17 +43,23 @@ class ModelRunner:
             logger.info("tensor parallel: %d ranks%s", cfg.tensor_parallel_size,
                         ", expert parallel" if cfg.enable_expert_parallel else "")
 
-    def capture_graphs(self, max_model_len: int) -> None:
-        """Decode (and prefill) CUDA graphs on every rank (MLA models on CUDA, unless enforce_eager)."""
+    def capture_graphs(self, max_model_len: int, prefill_graph_tokens: int = 0) -> None:
+        """Decode CUDA graphs on every rank, and prefill graphs for fresh prompts of up to prefill_graph_tokens
+        tokens (MLA models on CUDA, unless enforce_eager)."""
         if self.device.type != "cuda" or self.cfg.enforce_eager:
             return
+        t = time.perf_counter()
         try:
-            self.executor.collective_rpc("capture_graphs", max_model_len, self.cfg.max_num_seqs,
-                                         self.cfg.prefill_graph_max_tokens)
+            self.executor.collective_rpc("capture_graphs", max_model_len, self.cfg.max_num_seqs, prefill_graph_tokens)
         except RuntimeError as e:
             self.executor.shutdown()
             raise RuntimeError(f"CUDA-graph capture failed; run with --enforce-eager (enforce_eager=True) to serve "
                                f"without graphs.\n{e}") from None
+        worker = self.executor.worker
+        if worker.graphs is not None:
+            prefill = worker.prefill_graphs.buckets if worker.prefill_graphs is not None else []
+            logger.info("CUDA graphs captured in %.1fs: decode batches %s; prefill tokens %s", time.perf_counter() - t,
+                        worker.graphs.buckets, prefill or "none (eager prefill)")
 
     # rank 0's state, for stats, tests and benchmarks
     @property
