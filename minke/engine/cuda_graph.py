@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..models.forward_batch import ForwardBatch
-from .input_batch import SeqChunk
+from .input_batch import SeqChunk, cache_slots
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -116,14 +116,13 @@ class DecodeGraphs:
         bs = self.block_size
         self._update_tables(chunks)
         pos = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=b)               # [B]
-        blk = pos // bs
-        nb = int(blk.max()) + 1
+        nb = int(pos.max()) // bs + 1
         if self._copied is not None:
             self._copied.synchronize()
         io, lens = self.host_io.numpy(), self.host_lens.numpy()  # padding rows after B
         io[0, :b] = np.fromiter((c.token_ids[0] for c in chunks), dtype=np.int64, count=b)
         io[1, :b] = pos
-        io[2, :b] = self.host_tables[np.arange(b), blk].astype(np.int64) * bs + pos % bs
+        io[2, :b] = cache_slots(self.host_tables, np.arange(b), pos, bs)
         io[:2, b:bucket] = 0
         io[2, b:bucket] = self.scratch_slot
         lens[:b] = pos + 1

@@ -55,6 +55,11 @@ def block_table_array(tables: list[list[int]], width: int | None = None) -> np.n
     return out
 
 
+def cache_slots(tables: np.ndarray, rows: np.ndarray, pos: np.ndarray, block_size: int) -> np.ndarray:
+    """Flat cache slot of token position pos[i] of the sequence whose block table is tables[rows[i]] -> int64."""
+    return tables[rows, pos // block_size].astype(np.int64) * block_size + pos % block_size
+
+
 @dataclass
 class HostInputs:
     """A step's inputs on the host (numpy), before any copy to the device. B chunks, N new tokens."""
@@ -92,7 +97,7 @@ def host_inputs(chunks: list[SeqChunk], block_size: int) -> HostInputs:
     tables = block_table_array([c.block_table for c in chunks])                             # [B, max_blocks]
     row = np.repeat(np.arange(b), n_new)                                                     # [N] chunk of token
     pos = starts[row] + (np.arange(total) - qsl[:-1][row])                                  # [N]
-    slots = tables[row, pos // block_size].astype(np.int64) * block_size + pos % block_size  # [N]
+    slots = cache_slots(tables, row, pos, block_size)                                        # [N]
     sample = np.fromiter((c.sample for c in chunks), dtype=bool, count=b)
     return HostInputs(num_decodes, ids, pos, slots, starts, ends, qsl, tables, qsl[1:][sample] - 1)
 
@@ -139,6 +144,6 @@ def _prefill_pack(nd: int, starts: np.ndarray, ends: np.ndarray, qsl: np.ndarray
         np.cumsum(k_lens, out=cu_k[1:])
         row = np.repeat(np.arange(len(k_lens)), k_lens)  # [Tk] chunk of each context token
         pos = np.arange(int(cu_k[-1])) - cu_k[:-1][row]  # [Tk] its position in its sequence
-        slots = dev(tables[nd + row, pos // block_size].astype(np.int64) * block_size + pos % block_size, torch.long)
+        slots = dev(cache_slots(tables, nd + row, pos, block_size), torch.long)
     return PrefillPack(start=int(qsl[nd]), cu_q=dev(cu_q, torch.int32), cu_k=dev(cu_k, torch.int32),
                        q_lens=q_lens.tolist(), k_lens=k_lens.tolist(), slots=slots)

@@ -148,13 +148,16 @@ class MLAttention(nn.Module):
         out = F.linear(x, self.fused_in_weight)
         first, kv_a = out.split([out.shape[-1] - self.kv_lora_rank - self.rope_dim,
                                  self.kv_lora_rank + self.rope_dim], dim=-1)
-        q = first if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(first))
-        return q.view(*x.shape[:-1], self.num_heads, self.nope + self.rope_dim), kv_a
+        return self._q_from(first), kv_a
 
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> q [..., H, nope + R] (pe part not yet roped)."""
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.view(*x.shape[:-1], self.num_heads, self.nope + self.rope_dim)
+        return self._q_from((self.q_proj if self.q_lora_rank is None else self.q_a_proj)(x))
+
+    def _q_from(self, first: torch.Tensor) -> torch.Tensor:
+        """first = q_proj(x), or q_a_proj(x) with a q LoRA [..., Q] -> q [..., H, nope + R] (pe part not yet roped)."""
+        q = first if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(first))
+        return q.view(*first.shape[:-1], self.num_heads, self.nope + self.rope_dim)
 
     def _norm_rope(self, kv_a: torch.Tensor, q_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """kv_a [..., C + R], q_pe [..., H, R] -> q_pe (roped), c_kv [..., C] (normed), k_pe [..., R] (roped)."""
