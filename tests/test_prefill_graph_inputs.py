@@ -75,5 +75,7 @@ def test_which_steps_replay(model):
     assert not graphs.can_run([SeqChunk([5], 3, [0])])  # a decode
     assert not graphs.can_run([fresh, SeqChunk([6, 7], 4, [1, 2])])  # a chunk after cached tokens
     assert not _graphs(model, caches, max_tokens=32).can_run([fresh])  # nothing captured
+    short = SeqChunk([1] * 9, 0, [0, 1])  # 9 tokens, 8 slots: left to the eager path, which raises
+    assert not graphs.can_run([short])
     with pytest.raises(ValueError, match="block table covers"):
-        graphs.prepare([SeqChunk([1] * 9, 0, [0, 1])])
+        graphs.prepare([short])

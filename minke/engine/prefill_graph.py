@@ -74,6 +74,8 @@ class PrefillGraphs:
         for c in chunks:
             if c.start_pos:  # cached context: attention would gather it (a shape the graphs do not fix)
                 return False
+            if len(c.block_table) * self.block_size < len(c.token_ids):
+                return False  # malformed: the eager path's input builder names it, before other ranks are involved
             total += len(c.token_ids)
         return 0 < total <= self.max_tokens
 
