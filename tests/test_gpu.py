@@ -30,19 +30,27 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", ["deepseek_v2_lite", "deepseek_v2"])
-def test_graphs_and_triton_equal_reference_fp32(ckpt, variant):
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_graphs_and_triton_equal_reference_fp32(ckpt, variant, async_scheduling):
+    """Through the decode and prefill graphs, with and without async scheduling (requests of different lengths
+    finish at different steps: the queued-ahead step then carries rows of finished sequences, and the next one
+    gathers its input ids from a batch that shrank)."""
     _, path = ckpt(variant)
-    llm = LLM(path, device="cuda", dtype="float32", kv_cache_tokens=4096, block_size=16, max_model_len=256)
+    llm = LLM(path, device="cuda", dtype="float32", kv_cache_tokens=4096, block_size=16, max_model_len=256,
+              async_scheduling=async_scheduling)
     assert llm.llm_engine.runner.graphs is not None and llm.llm_engine.runner.backend.name == "triton"
     ps = prompts([5, 30, 17, 1, 64])
-    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    lens = [12, 3, 9, 12, 6]
+    outs = llm.generate(ps, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens],
+                        use_tqdm=False)
     ref = minke.load_model(path, dtype=torch.float32, device="cuda")
-    for p, o in zip(ps, outs):
+    for p, n, o in zip(ps, lens, outs):
         ids = list(p)
         with torch.no_grad():
-            for _ in range(12):
+            for _ in range(n):
                 ids.append(int(ref(torch.tensor([ids], device="cuda"))[0, -1].argmax()))
         assert o.outputs[0].token_ids == ids[len(p):]
+    assert (llm.llm_engine.step_stats["queued_ahead"] > 0) == async_scheduling
 
 
 def _oracle_greedy(oracle, prompt, n):

@@ -29,6 +29,9 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     p.add_argument("--enable-mixed-chunk", "--enable_mixed_chunk", dest="mixed_batches",
                    action=argparse.BooleanOptionalAction, default=None,
                    help="prefill chunks and decodes in one step (default: only when decode runs without CUDA graphs)")
+    p.add_argument("--async-scheduling", "--async_scheduling", dest="async_scheduling",
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next step while the GPU runs this one (default: on with CUDA and one GPU)")
     p.add_argument("--tensor-parallel-size", "--tensor_parallel_size", "-tp", dest="tensor_parallel_size",
                    type=int, default=1)
     p.add_argument("--enable-expert-parallel", "--enable_expert_parallel", "--expert-parallel", "-ep",
@@ -42,7 +45,7 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
 
 ENGINE_ARG_NAMES = ("dtype", "device", "max_model_len", "gpu_memory_utilization", "kv_cache_tokens", "max_num_seqs",
                     "max_num_batched_tokens", "block_size", "enable_prefix_caching", "enforce_eager",
-                    "prefill_graph_max_tokens", "mixed_batches",
+                    "prefill_graph_max_tokens", "mixed_batches", "async_scheduling",
                     "tensor_parallel_size", "enable_expert_parallel", "chat_template", "seed")
 
 

@@ -29,6 +29,9 @@ class EngineConfig:
     # Prefill chunks and decodes in the same step (engine/scheduler.py). None: only when decode steps run eagerly;
     # with CUDA graphs, separate steps keep every decode on a graph.
     mixed_batches: bool | None = None
+    # Schedule and queue step k+1 while the GPU runs step k, its decode rows fed the ids step k samples on the
+    # device (llm_engine.py). None: on when running on CUDA with tensor_parallel_size 1 (it needs both).
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False  # MoE layers: whole experts per rank + all-to-all (minke/parallel)
     chat_template: str | None = None
@@ -52,6 +55,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.startswith("cuda") and self.tensor_parallel_size == 1
+        elif self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling needs tensor_parallel_size 1 (the sampled ids stay on rank 0's GPU)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
 

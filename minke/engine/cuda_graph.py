@@ -136,8 +136,11 @@ class DecodeGraphs:
         return bucket
 
     @torch.inference_mode()
-    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Decode step for len(chunks) sequences -> logits [B, V]."""
+    def run(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode step for len(chunks) sequences -> logits [B, V]. decode_ids [D <= B]: the first D rows' input ids,
+        already on the device (Worker.run); copied in after the host upload, so they win."""
         bucket = self.prepare(chunks)
+        if decode_ids is not None:
+            self.input_ids[: len(decode_ids)].copy_(decode_ids)
         self.graphs[bucket].replay()
         return self.outputs[bucket][: len(chunks)]

@@ -16,10 +16,10 @@ from ..tokenizer import IncrementalDetokenizer, Tokenizer, detokenize_output
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .input_batch import SeqChunk
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, PendingSample
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampler import SamplingBatch, make_generator
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
 
 logger = logging.getLogger("minke")
@@ -73,6 +73,30 @@ class Request:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished, self.metrics)
 
 
+PLACEHOLDER = -1  # a sequence's last token while the step that samples it runs ahead of the host (async scheduling)
+
+
+def _upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 [len(values)] on device without waiting for the stream (a blocking copy would wait for the step
+    queued ahead); the pageable source is staged before the call returns."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+@dataclass
+class _Step:
+    """A model step queued on the device, until its samples are processed (LLMEngine._complete)."""
+
+    sched: SchedulerOutput
+    num_decodes: int
+    num_prefills: int  # prefill chunks (0: a decode step)
+    sample_seqs: list[Sequence]  # the sequences of the sampled rows, in row order
+    pending: PendingSample | None  # None: no chunk samples
+    penalties: bool  # some row has a repetition / frequency / presence penalty
+    t_start: float
+    advanced: bool = False  # async scheduling: the scheduler already recorded it, with PLACEHOLDER tokens ...
+    got: list[Sequence] | None = None  # ... appended to these sequences
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -96,8 +120,11 @@ class LLMEngine:
         # Where the steps' time goes (benchmarks): steps of each kind, their rows / tokens and wall seconds (a step
         # ends with the sampled tokens on the host, so its wall time covers the GPU work too).
         self.step_stats = dict(decode_steps=0, decode_rows=0, decode_s=0.0, prefill_steps=0, prefill_tokens=0,
-                               prefill_s=0.0)
+                               prefill_s=0.0, queued_ahead=0)  # queued_ahead: steps queued by async scheduling
         self.step_trace: list[tuple[str, int, int, float]] | None = None  # a list: (kind, tokens, seqs, s) per step
+        self.async_scheduling = bool(cfg.async_scheduling) and self.runner.can_feed_device_ids
+        self._inflight: _Step | None = None  # async scheduling: the step queued ahead
+        self._t_last_complete = 0.0
         logger.info("KV cache: %d blocks x %d = %d tokens (%.1f KiB/token); max_model_len %d",
                     self.runner.num_blocks, cfg.block_size, self.runner.capacity_tokens,
                     self.runner.kv_bytes_per_token / 1024, self.max_model_len)
@@ -196,16 +223,40 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """One model step. Returns the cumulative output of every request that got a token or finished
-        (final_only requests: only when finished)."""
+        (final_only requests: only when finished).
+
+        Async scheduling: before waiting for this step's sampled tokens, the next step is scheduled and queued
+        behind it on the GPU (its decode rows read this step's samples on the device), so the host work between
+        steps (this step's outputs, the next one's scheduling and inputs) overlaps the GPU instead of idling it.
+        The scheduler sees each sampled token as a PLACEHOLDER until the host has it; a sequence that turns out
+        to have finished wastes its row of the queued step (its KV goes to a freed, never-shared block)."""
         t_start = time.perf_counter()
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
+        cur, self._inflight = self._inflight, None
+        if cur is None:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return []
+            cur = self._launch(sched, None, t_start)
+        nxt = None
+        if self.async_scheduling and self._may_continue(cur):
+            try:
+                nxt = self._launch_next(cur)
+            except BaseException:
+                if cur.advanced:  # the placeholders get their tokens before the error goes up
+                    self._complete(cur)
+                raise
+        outputs = self._complete(cur)
+        self._inflight = nxt
+        return outputs
+
+    def _launch(self, sched: SchedulerOutput, prev: _Step | None, t_start: float) -> _Step:
+        """Queues the model step and the sampling of `sched` on the device. prev: the step still in flight whose
+        samples are this step's decode inputs (async scheduling)."""
         now = time.monotonic()
         owner = self._seq_owner
         # Decodes first (the ForwardBatch contract), then prefill chunks, each group in scheduling order.
-        # Chunks hold the sequence's block table by reference: it is read during execute, before update/finish
-        # can change it.
+        # Chunks hold the sequence's block table by reference: it is read when the step is queued, before
+        # update/finish can change it.
         decodes: list[tuple[SeqChunk, Sequence]] = []
         prefills: list[tuple[SeqChunk, Sequence]] = []
         for it in sched.scheduled:
@@ -214,7 +265,12 @@ class LLMEngine:
             end = start + it.num_new_tokens
             chunk = SeqChunk(seq.token_ids[start:end], start, seq.block_table, end == len(seq.token_ids),
                              (seq.seq_id, seq.num_preemptions))
-            (decodes if end - start == 1 and start > 0 else prefills).append((chunk, seq))  # chunk.is_decode
+            if end - start == 1 and start > 0:  # chunk.is_decode
+                decodes.append((chunk, seq))
+            else:
+                if chunk.sample and seq.token_ids[-1] == PLACEHOLDER:
+                    raise RuntimeError(f"seq {seq.seq_id}: a prefill chunk ends at a token not yet sampled")
+                prefills.append((chunk, seq))
             if start == seq.num_cached_tokens:  # first scheduling of this sequence (or re-admission)
                 metrics = owner[seq.seq_id][0].metrics
                 if metrics.first_scheduled_time is None:
@@ -224,16 +280,74 @@ class LLMEngine:
         chunks = [c for c, _ in work]
         sample_seqs = [seq for c, seq in work if c.sample]
         sampling = self._sampling_batch(sample_seqs) if sample_seqs else None
-        out = self.runner.execute(chunks, sampling)
+        decode_ids = self._device_ids(decodes, prev) if decodes and prev is not None and prev.pending else None
+        pending = self.runner.execute(chunks, sampling, decode_ids)
+        penalties = sampling is not None and (sampling.flags.any_repetition or sampling.flags.any_freq_presence)
+        return _Step(sched, len(decodes), len(prefills), sample_seqs, pending, penalties, t_start)
+
+    @staticmethod
+    def _device_ids(decodes: list[tuple[SeqChunk, Sequence]], prev: _Step) -> torch.Tensor | None:
+        """Input ids [D] of the decode rows, on the device: prev's sample for the rows whose token is still a
+        PLACEHOLDER, the host's token for the others. None when no row waits on prev."""
+        src = prev.pending.out.token_ids  # [S] prev's samples, on the device
+        rows = prev.sample_seqs
+        if len(decodes) == len(rows) and all(seq is r for (_, seq), r in zip(decodes, rows)):
+            return src  # steady decode: the same sequences in the same order
+        index = {seq.seq_id: r for r, seq in enumerate(rows)}
+        idx, host = [], []
+        for chunk, seq in decodes:
+            if chunk.token_ids[0] == PLACEHOLDER:
+                idx.append(index[seq.seq_id])
+            else:  # its token reached the host before prev (a decode that sat out prev)
+                idx.append(len(rows) + len(host))
+                host.append(chunk.token_ids[0])
+        if len(host) == len(idx):
+            return None
+        if host:
+            src = torch.cat([src, _upload(host, src.device)])
+        return src[_upload(idx, src.device)]
+
+    def _may_continue(self, cur: _Step) -> bool:
+        """Whether the step after `cur` may be queued before cur's samples reach the host: not when the next step's
+        sampler would read the token lists (penalties), nor when every sampled sequence is sure to stop now."""
+        if cur.penalties:
+            return False
+        if cur.pending is None:  # prefill chunks that sample nothing: the next step needs no token of theirs
+            return True
+        owner, limit = self._seq_owner, self.max_model_len
+        for seq in cur.sample_seqs:
+            own = owner.get(seq.seq_id)
+            if own is not None and seq.num_output_tokens + 1 < own[0].max_tokens and len(seq.token_ids) + 1 < limit:
+                return True
+        return False
+
+    def _launch_next(self, cur: _Step) -> _Step | None:
+        """Records cur in the scheduler with PLACEHOLDER tokens, schedules the next step and queues it."""
+        cur.got = self.scheduler.update(cur.sched, dict.fromkeys((s.seq_id for s in cur.sample_seqs), PLACEHOLDER))
+        cur.advanced = True
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return None
+        self.step_stats["queued_ahead"] += 1
+        return self._launch(sched, cur, time.perf_counter())
+
+    def _complete(self, cur: _Step) -> list[RequestOutput]:
+        """Waits for cur's samples and processes them: tokens, stops, outputs."""
+        owner = self._seq_owner
         sampled: dict[int, int] = {}
         rows: dict[int, int] = {}
-        if out is not None:
-            sampled = dict(zip([seq.seq_id for seq in sample_seqs], out.token_ids.tolist()))
-            if out.ranks is not None:  # some row asked for logprobs
-                chosen_lp = out.logprobs.tolist()
-                ranks = out.ranks.tolist()
-                rows = {seq.seq_id: r for r, seq in enumerate(sample_seqs)}
-        got = self.scheduler.update(sched, sampled)
+        if cur.pending is not None:
+            tokens, chosen_lp, ranks = cur.pending.wait()
+            sampled = dict(zip([seq.seq_id for seq in cur.sample_seqs], tokens))
+            if ranks is not None:  # some row asked for logprobs
+                top = cur.pending.out.top_logprobs
+                rows = {seq.seq_id: r for r, seq in enumerate(cur.sample_seqs)}
+        if cur.advanced:
+            got = cur.got
+            for seq in got:
+                seq.token_ids[-1] = sampled[seq.seq_id]  # the PLACEHOLDER update() appended
+        else:
+            got = self.scheduler.update(cur.sched, sampled)
         touched: dict[str, Request] = {}
         now = time.monotonic()
         appended = 0
@@ -245,7 +359,7 @@ class LLMEngine:
             appended += 1
             if state.logprobs is not None:
                 r = rows[seq.seq_id]
-                self._append(req, state, seq.token_ids[-1], chosen_lp[r], out.top_logprobs[r], ranks[r])
+                self._append(req, state, seq.token_ids[-1], chosen_lp[r], top[r], ranks[r])
             else:
                 self._append(req, state, seq.token_ids[-1], 0.0, None, None)
             if req.metrics.first_token_time is None:
@@ -262,16 +376,21 @@ class LLMEngine:
                     owner.pop(s.seq.seq_id, None)
                 self.stats["num_requests_finished"] += 1
             outputs.append(self._output(req))
-        st, wall = self.step_stats, time.perf_counter() - t_start
+        # A step's wall time: from its launch, or from the end of the step before when it was queued earlier.
+        end = time.perf_counter()
+        st, wall = self.step_stats, end - max(cur.t_start, self._t_last_complete)
+        self._t_last_complete = end
+        sched = cur.sched
         if self.step_trace is not None:
-            self.step_trace.append(("prefill" if prefills else "decode", sched.num_batched_tokens, len(work), wall))
-        if prefills:
+            self.step_trace.append(("prefill" if cur.num_prefills else "decode", sched.num_batched_tokens,
+                                    cur.num_decodes + cur.num_prefills, wall))
+        if cur.num_prefills:
             st["prefill_steps"] += 1
-            st["prefill_tokens"] += sched.num_batched_tokens - len(decodes)
+            st["prefill_tokens"] += sched.num_batched_tokens - cur.num_decodes
             st["prefill_s"] += wall
         else:
             st["decode_steps"] += 1
-            st["decode_rows"] += len(decodes)
+            st["decode_rows"] += cur.num_decodes
             st["decode_s"] += wall
         return outputs
 

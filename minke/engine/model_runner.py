@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from ..config import ModelConfig
 from ..parallel.launcher import make_executor
 from ..parallel.worker import WorkerConfig
@@ -16,6 +18,34 @@ from .input_batch import SeqChunk
 from .sampler import Sampler, SamplerOutput, SamplingBatch
 
 logger = logging.getLogger("minke")
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+class PendingSample:
+    """A step's sampled tokens on their way to the host. The copies (into pinned memory) are queued on the stream
+    right behind the sampler and `wait` blocks on them alone: a plain .tolist() would wait for the whole stream,
+    including the next step that async scheduling has already queued behind this one."""
+
+    def __init__(self, out: SamplerOutput):
+        self.out = out  # device tensors: token_ids [S] feed the next step's decode rows under async scheduling
+        self._host = [_to_host(t) for t in (out.token_ids, out.logprobs, out.ranks)]
+        self._event = None
+        if out.token_ids.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def wait(self) -> tuple[list[int], list[float] | None, list[int] | None]:
+        """(token ids [S], logprobs of the chosen tokens or None, their 1-based ranks or None)."""
+        if self._event is not None:
+            self._event.synchronize()
+        tokens, logprobs, ranks = (None if t is None else t.tolist() for t in self._host)
+        return tokens, logprobs, ranks
 
 
 class ModelRunner:
@@ -82,12 +112,20 @@ class ModelRunner:
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
-    def execute(self, chunks: list[SeqChunk], sampling: SamplingBatch | None) -> SamplerOutput | None:
-        """Runs one step over `chunks` (decodes first) and samples one token for every chunk with sample=True."""
-        logits = self.executor.execute(chunks)  # [S, V] on rank 0
+    def execute(self, chunks: list[SeqChunk], sampling: SamplingBatch | None,
+                decode_ids: torch.Tensor | None = None) -> PendingSample | None:
+        """Queues one step over `chunks` (decodes first) and the sampling of one token for every chunk with
+        sample=True; returns without waiting for the GPU. decode_ids [D]: device-side input ids of the first D
+        chunks (async scheduling: the previous step's samples; Worker.run)."""
+        logits = self.executor.execute(chunks, decode_ids)  # [S, V] on rank 0
         if sampling is None:
             return None
-        return self.sampler(logits.float(), sampling)
+        return PendingSample(self.sampler(logits.float(), sampling))
+
+    @property
+    def can_feed_device_ids(self) -> bool:
+        """Whether execute takes decode_ids: one rank (the others would embed the chunks' placeholder ids)."""
+        return self.cfg.tensor_parallel_size == 1
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -102,8 +102,11 @@ class PrefillGraphs:
         return bucket, s
 
     @torch.inference_mode()
-    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Prefill step -> logits [S, V] for the chunks that sample, in order."""
+    def run(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefill step -> logits [S, V] for the chunks that sample, in order. Its chunks are fresh prompts, so no
+        input id can come from the device (Worker.run's decode_ids)."""
+        if decode_ids is not None and len(decode_ids):
+            raise ValueError("a prefill-graph step has no decode rows to take device input ids")
         bucket, s = self.prepare(chunks)
         self.graphs[bucket].replay()
         return self.outputs[bucket][:s]

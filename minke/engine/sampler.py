@@ -146,10 +146,12 @@ class SamplingBatch:
             rows = np.fromiter((slot[id(p)] for p in params), dtype=np.int64, count=b)
             floats = np.ascontiguousarray(table[rows].T)             # [6, B]
             top_k = torch.from_numpy(ks[rows])
-        floats = torch.from_numpy(floats).to(device)                 # [6, B]
+        # non_blocking: a blocking copy would wait for the whole stream, i.e. for the step that async scheduling
+        # queued ahead of this one (the pageable source is staged before the call returns).
+        floats = torch.from_numpy(floats).to(device, non_blocking=True)  # [6, B]
         temperature, top_p, min_p, presence, frequency, repetition = floats.unbind(0)
         return cls(
-            temperature=temperature, top_p=top_p, top_k=top_k.to(device), min_p=min_p,
+            temperature=temperature, top_p=top_p, top_k=top_k.to(device, non_blocking=True), min_p=min_p,
             presence_penalty=presence, frequency_penalty=frequency,
             repetition_penalty=repetition,
             output_token_ids=list(output_token_ids),

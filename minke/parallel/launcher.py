@@ -40,9 +40,10 @@ class ModelExecutor:
 
     worker: Worker
 
-    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """One model step on every rank; returns the logits [S, V] of the sampled rows on rank 0."""
-        return self.worker.execute(chunks)
+    def execute(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One model step on every rank; returns the logits [S, V] of the sampled rows on rank 0. decode_ids: see
+        Worker.run (one rank only)."""
+        return self.worker.execute(chunks, decode_ids)
 
     def collective_rpc(self, method: str, *args) -> list[Any]:
         """Call Worker.<method>(*args) on every rank; results in rank order."""
@@ -87,7 +88,9 @@ class MultiprocExecutor(ModelExecutor):
             raise
         atexit.register(self.shutdown)
 
-    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
+    def execute(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if decode_ids is not None:  # the other ranks would embed the chunks' placeholder ids
+            raise ValueError("device-side input ids (async scheduling) need tensor_parallel_size 1")
         inputs = self.worker.prepare(chunks)  # bad input fails here, before any other rank is involved
         self._send((("execute", (chunks,)), False))
         return self.worker.run(chunks, inputs)

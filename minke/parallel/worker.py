@@ -159,14 +159,21 @@ class Worker:
         return make_forward_batch(chunks, self.kv_caches, self.block_size, self.device, self.backend)
 
     @torch.inference_mode()
-    def run(self, chunks: list[SeqChunk], inputs) -> torch.Tensor:
+    def run(self, chunks: list[SeqChunk], inputs, decode_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """decode_ids [D] (on this device): the input ids of the first D chunks (decodes), replacing what their
+        token_ids say; async scheduling feeds the previous step's sampled ids this way, before they reach the
+        host. Single-rank only: the other ranks build their inputs from the chunks alone."""
         if not isinstance(inputs, tuple):
-            return inputs.run(chunks)  # a graph replay
+            return inputs.run(chunks, decode_ids)  # a graph replay
         ids, batch = inputs
+        if decode_ids is not None:
+            if len(decode_ids) > batch.num_decodes:
+                raise ValueError(f"{len(decode_ids)} device input ids for {batch.num_decodes} decode chunks")
+            ids[: len(decode_ids)].copy_(decode_ids)
         return self.model(ids, batch=batch)  # [S, V] full-vocab logits (on every rank)
 
-    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        return self.run(chunks, self.prepare(chunks))
+    def execute(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(chunks, self.prepare(chunks), decode_ids)
 
     def time_graph_replay(self, batch: int, iters: int) -> float | None:
         """Milliseconds per replay of the decode graph for `batch` rows, inputs as the last step left them: the device
