@@ -78,6 +78,31 @@ def test_rmsnorm_fused_residual(dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("parts", [1, 8])
+def test_rmsnorm_sums_partial_rows(dtype, parts):
+    """x [N, K, D] with residual [N, D]: the K partial rows (a MoE's per-slot outputs) are summed into the block
+    output before the residual add, as `x.sum(1)` would be in a launch of its own."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, parts, 48, generator=g).to(dtype).to(DEVICE)
+    r = torch.randn(5, 48, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(48, generator=g) * 0.3 + 1).to(dtype).to(DEVICE)
+    y, s = rmsnorm(x, w, 1e-6, residual=r)
+    y_ref, s_ref = rmsnorm_ref(x, w, 1e-6, residual=r)
+    assert y.shape == s.shape == (5, 48)
+    summed = x.float().sum(1).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(s.float(), (summed + r).float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(s_ref, summed + r, rtol=0, atol=0)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(y_ref, rmsnorm_ref(summed, w, 1e-6, residual=r)[0], rtol=0, atol=0)
+    y0, s0 = rmsnorm(x[:, :0], w, 1e-6, residual=r)  # no partials: the residual alone
+    torch.testing.assert_close(s0, r, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="partial rows"):
+        rmsnorm(torch.randn(4, 2, 48, device=DEVICE), w.float(), 1e-6, residual=r.float())
+
+
+@needs_triton
 def test_rmsnorm_fp32_weight_promotes_and_strided_rows():
     g = torch.Generator().manual_seed(3)
     big = torch.randn(6, 64, generator=g).to(torch.bfloat16).to(DEVICE)

@@ -96,6 +96,36 @@ def test_fused_shared_experts_through_triton_fused_moe(checkpoints):
 
 
 @pytest.mark.parametrize("variant", ["deepseek", "deepseek_v2_lite", "deepseek_v2"])
+def test_deferred_slot_sums_keep_logits(checkpoints, variant):
+    """MoE.defer_slot_sum (gpu_kernels.defer_moe_slot_sums): at decode sizes a MoE layer hands its per-slot outputs
+    [N, K+S, D] to the next add+RMSNorm, which sums them; the engine path's logits do not change (prefill + decode
+    through the paged cache, torch attention)."""
+    from minke.engine.gpu_kernels import defer_moe_slot_sums
+    from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+
+    path = checkpoints(variant)
+    ref, fast = minke.load_model(path), _fused(path, 1024)
+    assert defer_moe_slot_sums(fast) == len(_moes(fast)) > 0
+    shapes = []
+    for m in _moes(fast):
+        m.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out[0].shape)))
+    prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    caches = allocate_kv_caches(fast.config, 8, 4, torch.float32, "cpu")
+    table = [5, 2, 7]
+    with torch.no_grad():
+        ids, b = make_forward_batch([SeqChunk(prompt, 0, table)], caches, 4, "cpu")
+        first = fast(ids, batch=b)[0]
+        nxt = int(first.argmax())
+        ids, b = make_forward_batch([SeqChunk([nxt], 9, table)], caches, 4, "cpu")
+        second = fast(ids, batch=b)[0]
+        full = ref(torch.tensor([prompt + [nxt]]))[0]
+    k = fast.config.num_experts_per_tok + _moes(fast)[0].n_fused_shared
+    assert shapes and all(sh[1] == k and len(sh) == 3 for sh in shapes)  # the sums were deferred
+    torch.testing.assert_close(first, full[8], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second, full[9], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["deepseek", "deepseek_v2_lite", "deepseek_v2"])
 def test_checkpoint_state_dict_undoes_the_fusion(checkpoints, variant):
     """The benchmark hands transformers minke's weights: after the fusion they come back in the checkpoint layout,
     same names, same values."""

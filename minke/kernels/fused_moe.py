@@ -317,7 +317,8 @@ def fused_moe(
     topk_ids: torch.Tensor,  # [T, K] int32/int64, values in [0, E) (not checked: that would need a host sync)
     config: dict | None = None,  # block sizes; default get_moe_config(E, I, D, T, x.dtype)
     align_kernel: bool | None = None,  # moe_align_block_size's use_kernel: None = Triton on CUDA, torch on CPU
-) -> torch.Tensor:  # [T, D] in x.dtype
+    reduce: bool = True,  # False: the weighted per-slot outputs [T, K, D], for the caller to sum
+) -> torch.Tensor:  # [T, D] in x.dtype ([T, K, D] when not reduce)
     """Routed-expert MoE with two Triton grouped GEMMs. Same result as fused_moe_ref up to rounding."""
     if not _HAS_TRITON:
         raise RuntimeError("fused_moe: triton is not installed (pip install 'minke[gpu]'); use fused_moe_ref")
@@ -334,7 +335,7 @@ def fused_moe(
             raise ValueError(f"fused_moe: {name} must be contiguous")
     cfg = _validate_config(dict(config) if config is not None else get_moe_config(E, I, D, T, x.dtype))
     if T == 0 or K == 0:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x) if reduce else x.new_zeros(T, K, D)
 
     if T == 1:
         # One token (batch-1 decode): each of its K slots is its own tile, in slot order, so the sorted ids are
@@ -353,4 +354,4 @@ def fused_moe(
     _launch_gemm(act, w2, per_slot, topk_weights, sorted_ids, expert_ids, num_post, N=D, Kd=I, num_pairs=TK,
                  a_row_div=1, cfg=cfg, fuse_silu_mul=False, mul_routed_weight=True)
     # Rows of per_slot are pair ids t*K + k, so the K slots of token t are contiguous.
-    return per_slot.view(T, K, D).sum(dim=1)
+    return per_slot.view(T, K, D).sum(dim=1) if reduce else per_slot.view(T, K, D)

@@ -40,8 +40,10 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor 
     if weight.device != x.device:
         raise ValueError(f"rmsnorm: weight on {weight.device} but x on {x.device}")
     if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"rmsnorm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+        if residual.shape != x.shape and (x.dim() != residual.dim() + 1 or x.shape[:-2] + x.shape[-1:] !=
+                                          residual.shape):
+            raise ValueError(f"rmsnorm: residual shape {tuple(residual.shape)} must be x's {tuple(x.shape)}, or x "
+                             "[..., K, D] partial rows for residual [..., D]")
         if residual.dtype != x.dtype:
             raise ValueError(f"rmsnorm: residual dtype {residual.dtype} != x dtype {x.dtype}")
         if residual.device != x.device:
@@ -54,10 +56,14 @@ def rmsnorm_ref(
     """Torch reference. x, residual: [..., D]; weight: [D].
 
     Returns y [..., D] (dtype = promote(weight, x), as `weight * h.to(x.dtype)` gives in torch), or (y, s) with
-    s = x + residual [..., D] in x.dtype when a residual is given.
+    s = x + residual [..., D] in x.dtype when a residual is given. With a residual, x may also be [..., K, D]: K
+    partial rows whose sum (in fp32, rounded to x.dtype, as torch's bf16 sum) is the block output, e.g. the fused
+    MoE's per-slot outputs, summed here instead of in a launch of their own.
     """
     _check_inputs(x, weight, residual)
     s = None
+    if residual is not None and x.dim() > residual.dim():
+        x = x.float().sum(-2).to(x.dtype)
     if residual is not None:
         s = x + residual  # rounded to x.dtype here, as the model code does
         x = s
@@ -83,13 +89,19 @@ if _HAS_TRITON:
         stride_s,
         eps,
         HAS_RESIDUAL: tl.constexpr,
+        NUM_PARTS: tl.constexpr,  # x rows per output row (partials summed first); 1: plain
         BLOCK_D: tl.constexpr,  # next power of two >= D: one program owns one whole row
     ):
         # int64 row index: N * D can pass 2**31 for long prefills at hidden 8192.
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         mask = offs < D
-        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        x = tl.load(x_ptr + row * NUM_PARTS * stride_x + offs, mask=mask, other=0.0)
+        if NUM_PARTS > 1:  # x rows row*P .. row*P+P-1 are partials of this row: sum in fp32, round once
+            acc = x.to(tl.float32)
+            for k in range(1, NUM_PARTS):
+                acc += tl.load(x_ptr + (row * NUM_PARTS + k) * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+            x = acc.to(x_ptr.dtype.element_ty)
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
             # Add in fp32 and round once to x.dtype: bit-identical to torch's `x + residual` in bf16/fp16.
@@ -111,7 +123,8 @@ if _HAS_TRITON:
 def rmsnorm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Triton RMSNorm. x, residual: [..., D] (contiguous, or 2-D with unit column stride); weight: [D].
+    """Triton RMSNorm. x, residual: [..., D] (contiguous, or 2-D with unit column stride); weight: [D]. With a
+    residual, x may be [..., K, D] partial rows (contiguous), summed first (rmsnorm_ref).
 
     Returns y [..., D] in promote(weight.dtype, x.dtype), or (y, s = x + residual) when residual is given.
     Out of place: neither x nor residual is written.
@@ -136,13 +149,22 @@ def rmsnorm(
             return t.view(-1, D)
         raise ValueError(f"rmsnorm: {name} must be contiguous (or 2-D with unit last stride), got strides {t.stride()}")
 
+    parts = 1
+    if residual is not None and x.dim() > residual.dim():
+        parts = x.shape[-2]
+        if not x.is_contiguous():
+            raise ValueError(f"rmsnorm: partial rows x must be contiguous, got strides {x.stride()}")
+        if parts == 0:  # no partials: they sum to zeros
+            return rmsnorm(torch.zeros_like(residual), weight, eps, residual)
     x2 = rows(x, "x")
     r2 = rows(residual, "residual") if residual is not None else None
     if not weight.is_contiguous():
         raise ValueError("rmsnorm: weight must be contiguous")
-    N = x2.shape[0]
-    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    s = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
+    out_shape = residual.shape if residual is not None else x.shape
+    N = x2.shape[0] // parts
+    y = torch.empty(out_shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    s = torch.empty(out_shape, dtype=x.dtype, device=x.device) if residual is not None else None
+
     if N > 0 and D > 0:
         y2 = y.view(-1, D)
         s2 = s.view(-1, D) if s is not None else y2  # dummy pointer when unused (dead code under HAS_RESIDUAL=False)
@@ -162,6 +184,7 @@ def rmsnorm(
             s2.stride(0),
             float(eps),
             HAS_RESIDUAL=residual is not None,
+            NUM_PARTS=parts,
             BLOCK_D=BLOCK_D,
             num_warps=num_warps,
         )

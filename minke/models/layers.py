@@ -18,10 +18,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual), the pre-norm block's add
-        fused with the next norm."""
+        fused with the next norm. x [..., K, D] with residual [..., D]: K partial rows whose sum is the block's
+        output (a MoE's per-slot outputs, MoE.defer_slot_sum), summed here."""
         if self.impl is not None:
             return self.impl(x, self.weight, self.eps, residual)
         if residual is not None:
+            if x.dim() > residual.dim():
+                x = x.float().sum(-2).to(x.dtype)
             x = x + residual
             return self._norm(x), x
         return self._norm(x)

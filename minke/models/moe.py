@@ -74,9 +74,10 @@ class Router(nn.Module):
 
 
 def experts_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                      topk_weights: torch.Tensor) -> torch.Tensor:
-    """Loop over the experts that received tokens (transformers' eager MoE). x [N, D] -> [N, D]."""
-    out = torch.zeros_like(x)
+                      topk_weights: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    """Loop over the experts that received tokens (transformers' eager MoE). x [N, D] -> [N, D], or the weighted
+    per-slot outputs [N, K, D] when not reduce."""
+    out = torch.zeros_like(x) if reduce else x.new_zeros(*topk_ids.shape, x.shape[-1])
     inter = down.shape[-1]
     hit = torch.unique(topk_ids)
     for e in hit.tolist():
@@ -84,7 +85,10 @@ def experts_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
         h = F.linear(x[tok], gate_up[e])
         h = F.silu(h[:, :inter]) * h[:, inter:]
         h = F.linear(h, down[e]) * topk_weights[tok, slot, None]
-        out.index_add_(0, tok, h.to(out.dtype))
+        if reduce:
+            out.index_add_(0, tok, h.to(out.dtype))
+        else:
+            out[tok, slot] = h.to(out.dtype)
     return out
 
 
@@ -99,8 +103,12 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
         self.impl: ExpertsFn = experts_reference  # the runner swaps in the fused Triton kernel on GPU
 
-    def forward(self, x, topk_ids, topk_weights):
-        return self.impl(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights)
+    def forward(self, x, topk_ids, topk_weights, reduce: bool = True):
+        """x [N, D] -> [N, D]; not reduce: the weighted per-slot outputs [N, K, D] (the fused kernel and the
+        reference take reduce=False)."""
+        if reduce:
+            return self.impl(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights)
+        return self.impl(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights, reduce=False)
 
 
 class MoE(nn.Module):
@@ -114,14 +122,21 @@ class MoE(nn.Module):
         # After fuse_shared_experts(): the shared experts live in self.experts as the last n_fused_shared experts
         # and steps of up to fused_max_tokens tokens route every token to them too (weight 1).
         self.n_fused_shared, self.fused_max_tokens = 0, 0
+        # Inference (gpu_kernels.defer_moe_slot_sums): at the fused-shared sizes, x [N, D] gives the weighted
+        # per-slot outputs [N, K+S, D] unsummed; the next RMSNorm adds them up with the residual (one launch a layer
+        # fewer). Not under tensor parallelism, whose all-reduce of the output would grow K+S-fold.
+        self.defer_slot_sum = False
 
     def forward(self, x: torch.Tensor, want_aux: bool = False):
-        """x [..., D] -> (out [..., D], balance loss or None)."""
+        """x [..., D] -> (out [..., D], balance loss or None); out [N, K+S, D] partials when defer_slot_sum."""
         flat = x.reshape(-1, x.shape[-1])
         want_aux = want_aux and self.aux_loss_alpha > 0
         # Decode-size steps with fused shared experts route every token to them too, as extra top-k slots.
         shared_slots = self.n_fused_shared if flat.shape[0] <= self.fused_max_tokens else 0
         r = self.gate(flat, need_scores=want_aux, n_shared=shared_slots)
+        if shared_slots and self.defer_slot_sum and x.dim() == 2:
+            aux = self.balance_loss(r, x.shape) if want_aux else None
+            return self.experts(flat, r.topk_ids, r.topk_weights, reduce=False), aux
         if self.n_fused_shared:
             out = self._forward_fused_shared(flat, r).view_as(x)
         else:

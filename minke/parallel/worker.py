@@ -73,7 +73,7 @@ class Worker:
         else:
             self.model = load_model(cfg.model, self.dtype, self.device, self.model_config)
         self.backend = make_backend(self.device)
-        install_gpu_kernels(self.model, self.device)
+        install_gpu_kernels(self.model, self.device, tensor_parallel=self.parallel.is_parallel)
         if cfg.setup is not None:
             cfg.setup(self.model, self.device)
         self.kv_caches: list[torch.Tensor] | None = None
