@@ -99,7 +99,7 @@ if _HAS_TRITON:
         x = tl.load(x_ptr + row * NUM_PARTS * stride_x + offs, mask=mask, other=0.0)
         if NUM_PARTS > 1:  # x rows row*P .. row*P+P-1 are partials of this row: sum in fp32, round once
             acc = x.to(tl.float32)
-            for k in range(1, NUM_PARTS):
+            for k in tl.static_range(1, NUM_PARTS):  # unrolled: the K loads go out together
                 acc += tl.load(x_ptr + (row * NUM_PARTS + k) * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
             x = acc.to(x_ptr.dtype.element_ty)
         if HAS_RESIDUAL:
