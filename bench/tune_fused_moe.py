@@ -79,21 +79,6 @@ def time_graph(fn, calls: int = 10, replays: int = 5) -> float:
     return start.elapsed_time(end) / (calls * replays)
 
 
-def sweep_gemv(x, w13, w2, w, ids) -> tuple[dict, float]:
-    """Best block sizes of the matrix-vector MoE kernels for these inputs: (config, ms)."""
-    best, best_ms = None, float("inf")
-    for bn, bk, warps, st in itertools.product((8, 16, 32), (128, 256, 512), (2, 4, 8), (1, 2, 3)):
-        cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": st}
-        try:
-            ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, gemv=True, gemv_config=cfg))
-        except Exception as e:  # registers / shared memory: skip it
-            print(f"  gemv skip {cfg}: {type(e).__name__}", flush=True)
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    return best, best_ms
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="v2-lite", choices=sorted(SHAPES))
@@ -103,9 +88,6 @@ def main() -> int:
                     help="routed experts only (default: the S shared experts fused in as experts E..E+S-1 that "
                          "every token also visits, as the GPU runner does with MoE.fuse_shared_experts)")
     ap.add_argument("--wide", action="store_true", help="prefill sizes: also try 256-wide N tiles")
-    ap.add_argument("--gemv", action="store_true",
-                    help="also sweep the matrix-vector kernels (kernels/moe_gemv.py) at each T and compare them "
-                         "with the grouped GEMM's best (use with small --tokens, e.g. 1,2,4)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("tune_fused_moe: needs a CUDA GPU", file=sys.stderr)
@@ -123,11 +105,11 @@ def main() -> int:
         ids = random_routing(T, E_routed, K_routed, S, g)  # [T, K] int64, as the router returns
         w = torch.rand(T, K, device=dev, generator=g)
         default = get_moe_config(E, inter, D, T, dt)
-        default_ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=default, gemv=False))
+        default_ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=default))
         best, best_ms = default, default_ms
         for cfg in candidates(T * K_routed / E_routed, args.wide):
             try:
-                ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=cfg, gemv=False))
+                ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=cfg))
             except Exception as e:  # out of shared memory / registers for this tile: skip it
                 print(f"  T={T} skip {cfg}: {type(e).__name__}", flush=True)
                 continue
@@ -139,11 +121,6 @@ def main() -> int:
               f"{weight_gb / best_ms * 1000:6.0f} GB/s of expert weights, {flops / best_ms / 1e9:6.0f} TFLOP/s  {best}",
               flush=True)
         results[T] = {"config": best, "ms": best_ms, "default_ms": default_ms}
-        if args.gemv:
-            gbest, gbest_ms = sweep_gemv(x, w13, w2, w, ids)
-            print(f"        gemv best {gbest_ms * 1000:8.1f} us  {weight_gb / gbest_ms * 1000:6.0f} GB/s  {gbest}",
-                  flush=True)
-            results[T].update(gemv_config=gbest, gemv_ms=gbest_ms)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

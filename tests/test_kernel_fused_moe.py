@@ -123,32 +123,8 @@ def test_fused_moe_single_token_static_tiles(routing, ids_dtype):
     tw, ids = _routing(routing, 12)
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(13)).to(DEVICE)
     for cfg in (SMALL_CFG, {**SMALL_CFG, "BLOCK_SIZE_M": 32}):
-        out = fused_moe(x, w13, w2, tw, ids.to(ids_dtype), config=cfg, gemv=False)
+        out = fused_moe(x, w13, w2, tw, ids.to(ids_dtype), config=cfg)
         torch.testing.assert_close(out, _naive_moe(x, w13, w2, tw, ids), rtol=1e-5, atol=1e-5)
-
-
-@needs_triton
-@pytest.mark.parametrize("routing", [[[3, 0, 1]], [[2, 2, 0]], [[1, 3], [3, 3], [0, 2]]], ids=["one", "repeated", "T3"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_moe_gemv_path(routing, dtype):
-    """Few tokens (batch-1 decode: fused_moe's default up to GEMV_MAX_TOKENS) through the matrix-vector kernels
-    (kernels/moe_gemv.py), block sizes that leave ragged tails in both the output rows and the reduction."""
-    from minke.kernels.moe_gemv import GEMV_MAX_TOKENS
-
-    E, I, D = 4, 24, 40
-    w13, w2 = _weights(E, I, D, dtype, 14)
-    tw, ids = _routing(routing, 15)
-    x = torch.randn(len(routing), D, generator=torch.Generator().manual_seed(16)).to(dtype).to(DEVICE)
-    want = fused_moe_ref(x, w13, w2, tw, ids).float()
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    for cfg in ({"BLOCK_N": 16, "BLOCK_K": 16}, {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 2}):
-        out = fused_moe(x, w13, w2, tw, ids.int(), gemv=True, gemv_config=cfg)
-        torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
-        slots = fused_moe(x, w13, w2, tw, ids, gemv=True, gemv_config=cfg, reduce=False)
-        assert slots.shape == (len(routing), len(routing[0]), D)
-        torch.testing.assert_close(slots.float().sum(1), want, rtol=tol, atol=tol)
-    if len(routing) <= GEMV_MAX_TOKENS:  # the default path for this many tokens
-        torch.testing.assert_close(fused_moe(x, w13, w2, tw, ids).float(), want, rtol=tol, atol=tol)
 
 
 @needs_triton

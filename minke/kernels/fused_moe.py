@@ -14,7 +14,6 @@ Pipeline (the vLLM / SGLang `fused_moe` design):
      applies silu(gate) * up in the epilogue, writing the [T*K, I] activation once (no [T*K, 2I] round trip).
   3. GEMM 2, one launch: act @ down_e^T with the routing weight multiplied in the epilogue -> [T*K, D].
   4. Sum over the K slots of each token (torch; fp32 accumulation inside torch.sum).
-Up to GEMV_MAX_TOKENS tokens (batch-1 decode) steps 1-3 are two matrix-vector kernels instead (kernels/moe_gemv.py).
 All matmuls accumulate in fp32; the activation and the per-slot outputs are stored in x.dtype (as vLLM does).
 
 Public API:
@@ -37,7 +36,6 @@ from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
 from .moe_align import moe_align_block_size, moe_align_block_size_ref  # noqa: F401  (re-exported)
-from .moe_gemv import GEMV_MAX_TOKENS, moe_gemv
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
@@ -320,8 +318,6 @@ def fused_moe(
     config: dict | None = None,  # block sizes; default get_moe_config(E, I, D, T, x.dtype)
     align_kernel: bool | None = None,  # moe_align_block_size's use_kernel: None = Triton on CUDA, torch on CPU
     reduce: bool = True,  # False: the weighted per-slot outputs [T, K, D], for the caller to sum
-    gemv: bool | None = None,  # the matrix-vector kernels (kernels/moe_gemv.py); None: when T <= GEMV_MAX_TOKENS
-    gemv_config: dict | None = None,  # their block sizes (default moe_gemv.DEFAULT_GEMV_CONFIG)
 ) -> torch.Tensor:  # [T, D] in x.dtype ([T, K, D] when not reduce)
     """Routed-expert MoE with two Triton grouped GEMMs. Same result as fused_moe_ref up to rounding."""
     if not _HAS_TRITON:
@@ -340,8 +336,6 @@ def fused_moe(
     cfg = _validate_config(dict(config) if config is not None else get_moe_config(E, I, D, T, x.dtype))
     if T == 0 or K == 0:
         return torch.zeros_like(x) if reduce else x.new_zeros(T, K, D)
-    if gemv if gemv is not None else T <= GEMV_MAX_TOKENS:
-        return moe_gemv(x, w13, w2, topk_weights, topk_ids, gemv_config, reduce=reduce)
 
     if T == 1:
         # One token (batch-1 decode): each of its K slots is its own tile, in slot order, so the sorted ids are

@@ -124,6 +124,10 @@ class MLAttention(nn.Module):
         # rows, then kv_a_proj_with_mqa rows), whose slices the modules' own weights are. A plain attribute: the
         # state dict keeps the checkpoint's names.
         self.fused_in_weight: torch.Tensor | None = None
+        # Optional (x, w) -> x @ w^T for the bias-free projections of a paged step (the fused q/kv_a and o_proj);
+        # the runner installs kernels/gemv.py's `linear` on GPU (a matrix-vector kernel for one-row steps).
+        # None = F.linear / the modules themselves.
+        self.linear = None
 
     @torch.no_grad()
     def fuse_input_projections(self) -> bool:
@@ -145,7 +149,7 @@ class MLAttention(nn.Module):
         """x [N, D] -> q [N, H, nope + R] (pe not yet roped), kv_a [N, C + R] (both may be strided views)."""
         if self.fused_in_weight is None:
             return self._q(x), self.kv_a_proj_with_mqa(x)
-        out = F.linear(x, self.fused_in_weight)
+        out = (self.linear or F.linear)(x, self.fused_in_weight)
         first, kv_a = out.split([out.shape[-1] - self.kv_lora_rank - self.rope_dim,
                                  self.kv_lora_rank + self.rope_dim], dim=-1)
         return self._q_from(first), kv_a
@@ -207,6 +211,8 @@ class MLAttention(nn.Module):
             norm = self.kv_a_layernorm
             q_pe, c_kv, k_pe = prologue(kv_a, q, cos, sin, norm.weight, norm.eps, cache, batch.slot_mapping)
             out = self._paged(q, q_pe, c_kv, k_pe, cache, batch)
+            if self.linear is not None and self.o_proj.bias is None:
+                return self.linear(out.flatten(-2), self.o_proj.weight)
         return self.o_proj(out.flatten(-2))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

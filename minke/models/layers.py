@@ -44,6 +44,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        # Optional (x, w) -> x @ w^T for a bias-free down projection, installed for inference on GPU
+        # (kernels/gemv.py `linear`: a matrix-vector kernel for one-row steps). None = the module.
+        self.linear = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        if self.linear is not None and self.down_proj.bias is None:
+            return self.linear(h, self.down_proj.weight)
+        return self.down_proj(h)
