@@ -49,7 +49,7 @@ def server(ckpt, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server-log") / "serve.log"
     cmd = [sys.executable, "-m", "minke.cli", "serve", ckpt, "--port", str(port), "--device", "cpu",
            "--kv-cache-tokens", str(KV_TOKENS), "--served-model-name", MODEL, "--api-key", API_KEY,
-           "--max-num-seqs", "128"]
+           "--max-num-seqs", "128", "--async-scheduling"]  # as on a GPU; the `llm` oracle below is synchronous
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     env.pop("MINKE_API_KEY", None)
     with open(log_path, "w") as log:

@@ -125,6 +125,8 @@ class LLMEngine:
         self.async_scheduling = bool(cfg.async_scheduling) and self.runner.can_feed_device_ids
         self._inflight: _Step | None = None  # async scheduling: the step queued ahead
         self._t_last_complete = 0.0
+        if self.async_scheduling:
+            logger.info("async scheduling: the next step is queued while the GPU runs the current one")
         logger.info("KV cache: %d blocks x %d = %d tokens (%.1f KiB/token); max_model_len %d",
                     self.runner.num_blocks, cfg.block_size, self.runner.capacity_tokens,
                     self.runner.kv_bytes_per_token / 1024, self.max_model_len)
