@@ -1,16 +1,28 @@
 """Attention backends for the paged cache. The torch reference (models/forward_batch.py) runs anywhere; the Triton
 backend replaces MLA decode with the split-K kernel (minke/kernels/mla_decode.py), which needs no host sync and so
-can be captured in a CUDA graph."""
+can be captured in a CUDA graph, and runs prefill chunks flash cannot take through the Triton varlen kernel
+(minke/kernels/prefill_attention.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..models.forward_batch import ForwardBatch, TorchAttentionBackend
+from ..models.forward_batch import (ForwardBatch, PrefillPack, TorchAttentionBackend, flash_varlen_ok,
+                                    varlen_causal_attention)
 
 
 class TritonAttentionBackend(TorchAttentionBackend):
     name = "triton"
+
+    @staticmethod
+    def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PrefillPack, scale: float) -> torch.Tensor:
+        """FlashAttention-2 varlen where it takes the inputs (bf16 / fp16, head size <= 256), else the Triton varlen
+        kernel (fp32, other head sizes, older GPUs) in one launch, instead of a loop over the chunks."""
+        if flash_varlen_ok(q, k, v) or q.shape[-1] > 256 or v.shape[-1] > 256:
+            return varlen_causal_attention(q, k, v, pack, scale)
+        from ..kernels.prefill_attention import varlen_attention
+
+        return varlen_attention(q, k, v, pack.cu_q, pack.cu_k, pack.max_q, scale)
 
     def mla_decode(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch,
                    kv_lora_rank: int, scale: float) -> torch.Tensor:

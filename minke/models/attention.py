@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .forward_batch import ForwardBatch, varlen_causal_attention
+from .forward_batch import ForwardBatch
 from .layers import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -89,7 +89,7 @@ class Attention(nn.Module):
                 kc, vc = k_new[s0:], v_new[s0:]
             else:
                 kc, vc = cache[0].flatten(0, 1)[pack.slots], cache[1].flatten(0, 1)[pack.slots]  # [Tk, Hkv, hd]
-            out[s0:] = varlen_causal_attention(q[s0:], kc.to(q.dtype), vc.to(q.dtype), pack, self.scale)
+            out[s0:] = batch.backend.prefill(q[s0:], kc.to(q.dtype), vc.to(q.dtype), pack, self.scale)
         return out
 
 
@@ -246,7 +246,5 @@ class MLAttention(nn.Module):
             k, v = self._expand(ctx_c.to(c_kv.dtype), ctx_r.to(c_kv.dtype))  # [Tk, H, nope + R], [Tk, H, v]
             q = q[s0:]
             q[..., self.nope :] = q_pe[s0:]  # roped pe into the projection output: [T, H, nope + R] without a cat
-            # Flash kernels want one head size for q, k and v: pad v (128) to the qk size (192), slice after.
-            v = F.pad(v, (0, q.shape[-1] - self.v_dim))
-            out[s0:] = varlen_causal_attention(q, k, v, pack, self.scale)[..., : self.v_dim]
+            out[s0:] = batch.backend.prefill(q, k, v, pack, self.scale)  # v's head size (128) < q/k's (192)
         return out

@@ -114,28 +114,32 @@ def _sm_major(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
 
-def _flash_varlen_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def flash_varlen_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether FlashAttention-2's variable-length kernel (built into torch, Ampere and later) takes these
     [T, H, D] inputs."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
-            and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+            and q.shape[-1] == k.shape[-1] >= v.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
             and q.shape[1] % k.shape[1] == 0 and torch.backends.cuda.flash_sdp_enabled()
             and _sm_major(q.device) >= 8)
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PrefillPack,
                             scale: float) -> torch.Tensor:
-    """All prefill sequences of a step at once: q [sum(q_lens), H, D] packed by pack.cu_q, k / v
-    [sum(k_lens), Hkv, D] packed by pack.cu_k; each sequence's queries are the LAST q_len positions of its
-    context (bottom-right causal, as causal_attention). Hkv may divide H (GQA). Returns [sum(q_lens), H, D].
+    """All prefill sequences of a step at once: q [sum(q_lens), H, D] packed by pack.cu_q, k [sum(k_lens), Hkv, D]
+    and v [sum(k_lens), Hkv, Dv] packed by pack.cu_k; each sequence's queries are the LAST q_len positions of its
+    context (bottom-right causal, as causal_attention). Hkv may divide H (GQA). Returns [sum(q_lens), H, Dv].
 
     On CUDA this is one FlashAttention-2 varlen launch for the whole step instead of a launch (and its padding,
-    cat and slice ops) per sequence; elsewhere, or for shapes flash does not take, it loops over causal_attention.
+    cat and slice ops) per sequence; elsewhere, or for shapes flash does not take, it loops over causal_attention
+    (the Triton backend runs its own varlen kernel there instead: engine/attention_backends.py).
     """
-    if _flash_varlen_ok(q, k, v):
+    if flash_varlen_ok(q, k, v):
+        dv = v.shape[-1]
+        if dv < q.shape[-1]:  # flash wants one head size for q, k and v: pad v (MLA: 128 -> 192), slice after
+            v = F.pad(v, (0, q.shape[-1] - dv))
         # flash aligns the causal mask bottom-right when a sequence has more keys than queries (cached context).
         return torch.ops.aten._flash_attention_forward(q, k, v, pack.cu_q, pack.cu_k, pack.max_q, pack.max_k, 0.0,
-                                                       True, False, scale=scale)[0]
+                                                       True, False, scale=scale)[0][..., :dv]
     if pack.flash_only:
         raise FlashUnavailable(f"prefill CUDA graphs need FlashAttention's varlen kernel, which does not take q "
                            f"{tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, v {tuple(v.shape)} on {q.device}")
@@ -155,6 +159,11 @@ class TorchAttentionBackend:
     Correct everywhere, fast nowhere; the Triton backend is a drop-in for the decode ops."""
 
     name = "torch"
+
+    @staticmethod
+    def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PrefillPack, scale: float) -> torch.Tensor:
+        """The step's prefill chunks: varlen_causal_attention (FlashAttention-2 on CUDA, else a loop over them)."""
+        return varlen_causal_attention(q, k, v, pack, scale)
 
     @staticmethod
     def _padded_context(flat: torch.Tensor, batch: ForwardBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
