@@ -59,15 +59,21 @@ def test_varlen_attention_rejects_bad_input():
 
 
 @needs_triton
-def test_triton_backend_prefill_equals_torch_backend():
-    """The engine's Triton backend sends what flash cannot take (here: the CPU, fp32) to the varlen kernel in one
-    launch; the torch backend loops over the chunks with SDPA. Same result, MLA head sizes (q/k 48, v 32)."""
+def test_triton_backend_prefill_equals_torch_backend(monkeypatch):
+    """The engine's Triton backend sends half-precision chunks flash cannot take (here: the CPU) to the varlen
+    kernel in one launch; the torch backend loops over the chunks with SDPA. Same result, MLA head sizes (q/k 48,
+    v 32). fp32 stays on the loop."""
+    import minke.kernels.prefill_attention as kernel
     from minke.engine.attention_backends import TritonAttentionBackend
     from minke.models.forward_batch import PrefillPack, TorchAttentionBackend
 
     q_lens, k_lens = [6, 2, 11], [6, 10, 30]
-    q, k, v, cu_q, cu_k = _packed(q_lens, k_lens, 4, 4, 48, 32, torch.float32, 7)
-    pack = PrefillPack(start=0, cu_q=cu_q, cu_k=cu_k, q_lens=q_lens, k_lens=k_lens, slots=None)
-    want = TorchAttentionBackend.prefill(q, k, v, pack, 0.2)
-    got = TritonAttentionBackend.prefill(q, k, v, pack, 0.2)
-    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    calls = []
+    monkeypatch.setattr(kernel, "varlen_attention", lambda *a: calls.append(a[0].dtype) or varlen_attention(*a))
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 2e-5)):
+        q, k, v, cu_q, cu_k = _packed(q_lens, k_lens, 4, 4, 48, 32, dtype, 7)
+        pack = PrefillPack(start=0, cu_q=cu_q, cu_k=cu_k, q_lens=q_lens, k_lens=k_lens, slots=None)
+        want = TorchAttentionBackend.prefill(q, k, v, pack, 0.2)
+        got = TritonAttentionBackend.prefill(q, k, v, pack, 0.2)
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    assert calls == ([torch.bfloat16] if DEVICE == "cpu" else [])  # on a GPU flash takes these bf16 shapes
