@@ -12,7 +12,7 @@ import torch
 import minke
 from minke import LLM, SamplingParams
 from minke.engine.llm_engine import PLACEHOLDER
-from test_engine import ckpts, prompts_of, reference_greedy  # noqa: F401  (ckpts: a fixture)
+from test_engine import ckpts, mode_kwargs, prompts_of, reference_greedy  # noqa: F401  (ckpts: a fixture)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -31,16 +31,7 @@ def summary(outs):
 @pytest.mark.parametrize("mode", ["roomy", "chunked", "preempt", "separate"])
 def test_async_outputs_equal_reference(ckpts, variant, mode):
     path = ckpts(variant)
-    kw = dict(block_size=4, max_model_len=64)
-    if mode == "roomy":
-        kw.update(kv_cache_tokens=4096)
-    elif mode == "chunked":
-        kw.update(kv_cache_tokens=4096, max_num_batched_tokens=8)
-    elif mode == "preempt":
-        kw.update(kv_cache_tokens=64, max_num_batched_tokens=16)
-    else:
-        kw.update(kv_cache_tokens=64, max_num_batched_tokens=16, mixed_batches=False)
-    llm = LLM(path, device="cpu", async_scheduling=True, **kw)
+    llm = LLM(path, device="cpu", async_scheduling=True, **mode_kwargs(mode))
     prompts = prompts_of([3, 17, 9, 25, 1, 12])
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     ref_model = minke.load_model(path)

@@ -50,10 +50,9 @@ def prompts_of(lengths, seed=0):
     return [torch.randint(0, 100000, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "deepseek", "deepseek_v2_lite"])
-@pytest.mark.parametrize("mode", ["roomy", "chunked", "preempt", "separate"])
-def test_batch_equals_requests_alone(ckpts, variant, mode):
-    path = ckpts(variant)
+def mode_kwargs(mode: str) -> dict:
+    """Engine options of the batching modes the engine tests run (the prompts of prompts_of([3, 17, 9, 25, 1, 12]),
+    10 tokens each)."""
     kw = dict(block_size=4, max_model_len=64)
     if mode == "roomy":
         kw.update(kv_cache_tokens=4096)
@@ -63,7 +62,14 @@ def test_batch_equals_requests_alone(ckpts, variant, mode):
         kw.update(kv_cache_tokens=64, max_num_batched_tokens=16)  # 16 blocks for 6 requests: must preempt
     else:  # prefill and decode in separate steps (the CUDA-graph default), chunking and preempting
         kw.update(kv_cache_tokens=64, max_num_batched_tokens=16, mixed_batches=False)
-    llm = CpuLLM(path, **kw)
+    return kw
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "deepseek", "deepseek_v2_lite"])
+@pytest.mark.parametrize("mode", ["roomy", "chunked", "preempt", "separate"])
+def test_batch_equals_requests_alone(ckpts, variant, mode):
+    path = ckpts(variant)
+    llm = CpuLLM(path, **mode_kwargs(mode))
     prompts = prompts_of([3, 17, 9, 25, 1, 12])
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     ref_model = minke.load_model(path)
