@@ -40,11 +40,14 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--output-kind", default="cumulative", choices=["cumulative", "final_only"])
     ap.add_argument("--no-inputs", action="store_true", help="skip building the model inputs")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="the engine's async path (on by default on a GPU): its bookkeeping is host time too")
     args = ap.parse_args()
     torch.set_num_threads(1)
     d = tempfile.mkdtemp()
     make_checkpoint("deepseek_v2_lite", d, tokenizer=True, vocab_size=102400)
-    llm = LLM(d, kv_cache_tokens=300_000, max_model_len=2048, max_num_seqs=512)
+    llm = LLM(d, kv_cache_tokens=300_000, max_model_len=2048, max_num_seqs=512,
+              **({"async_scheduling": True} if args.async_scheduling else {}))  # keyword absent on older trees
     engine = llm.llm_engine
     executor = engine.runner.executor
 
@@ -57,10 +60,10 @@ def main():
     graphs.graphs = {b: _NoReplay() for b in graphs.buckets}
     graphs.outputs = {b: logits[:b] for b in graphs.buckets}
 
-    def fake_execute(chunks):
+    def fake_execute(chunks, decode_ids=None):
         if not args.no_inputs:
             if all(len(c.token_ids) == 1 and c.start_pos > 0 and c.sample for c in chunks):
-                graphs.run(chunks)
+                graphs.run(chunks, *([] if decode_ids is None else [decode_ids]))
             else:
                 make_forward_batch(chunks, [], bs, "cpu")
         return logits[: sum(c.sample for c in chunks)]
