@@ -272,6 +272,7 @@ def run_bench(model: str | None, shape: str | None, *, tokenizer: str | None = N
                  "kv_capacity_tokens": llm.llm_engine.runner.capacity_tokens,
                  "cuda_graphs": llm.llm_engine.runner.graphs is not None,
                  "prefill_graph_buckets": getattr(llm.llm_engine.runner.executor.worker.prefill_graphs, "buckets", []),
+                 "async_scheduling": llm.llm_engine.async_scheduling,
                  "engine_kwargs": kw}
     vocab = cfg_dict["vocab_size"]
     log(f"start-up {res['startup_s']:.1f}s, KV capacity {res['kv_capacity_tokens']} tokens")

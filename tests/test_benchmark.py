@@ -28,3 +28,4 @@ def test_run_bench_tiny_v2(tmp_path, monkeypatch, fuse):
     assert steps["prefill_steps"] >= 1 and steps["decode_steps"] >= 1 and steps["prefill_tokens"] == t["input_tokens"]
     assert len(steps["slowest_prefill_steps"]) == min(6, steps["prefill_steps"]) and steps["prefill_ms_per_1k_tokens"][50] > 0
     assert set(res["ratios"]) == {"prefill", "decode_b1"}  # transformers ran on the same weights
+    assert res["async_scheduling"] is False  # the default off CUDA, reported with the figures
