@@ -127,10 +127,12 @@ def test_async_abort_and_requests_arriving_mid_run(ckpts):
         reference_greedy(ref_model, prompts[1], 10)
 
 
-def test_async_needs_one_rank():
+def test_async_defaults():
     from minke.engine.config import EngineConfig
 
-    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
-        EngineConfig(model="x", device="cpu", async_scheduling=True, tensor_parallel_size=2)
-    assert EngineConfig(model="x", device="cpu").async_scheduling is False  # the default: CUDA only
+    assert EngineConfig(model="x", device="cpu").async_scheduling is False  # the default: CUDA, one rank
+    assert EngineConfig(model="x", device="cpu", tensor_parallel_size=2).async_scheduling is False
+    assert EngineConfig(model="x", device="cpu", async_scheduling=True, tensor_parallel_size=2).async_scheduling
     assert torch.tensor([PLACEHOLDER]).item() < 0  # never a real token id
+    # tensor parallel with async scheduling (rank 0's samples broadcast to the other ranks):
+    # tests/test_parallel_executor.py

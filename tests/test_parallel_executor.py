@@ -49,6 +49,24 @@ def test_llm_tensor_parallel_greedy_matches_single_process(checkpoint, variant, 
     assert not dist.is_initialized()
 
 
+def test_tensor_parallel_async_scheduling_matches_single_process(checkpoint):
+    """Async scheduling over 2 ranks: each decode step is queued before the previous samples reach the host, and
+    rank 1 gets rank 0's sampled ids by broadcast (Worker.execute_fed). Requests of different lengths end at
+    different steps."""
+    path = checkpoint("deepseek_v2")
+    opts = dict(device="cpu", kv_cache_tokens=256, block_size=4, max_num_batched_tokens=8)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (8, 3, 6)]
+    want = [o.outputs[0].token_ids for o in LLM(path, **opts).generate(PROMPTS, params, use_tqdm=False)]
+    llm = LLM(path, tensor_parallel_size=2, async_scheduling=True, **opts)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        assert got == want
+        assert llm.llm_engine.step_stats["queued_ahead"] > 0
+    finally:
+        llm.llm_engine.runner.shutdown()
+    assert not dist.is_initialized()
+
+
 def test_sizes_that_do_not_split_fail_before_spawning(checkpoint):
     path = checkpoint("deepseek_v2")
     with pytest.raises(ValueError, match="num_attention_heads=4"):

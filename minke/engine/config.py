@@ -30,7 +30,8 @@ class EngineConfig:
     # with CUDA graphs, separate steps keep every decode on a graph.
     mixed_batches: bool | None = None
     # Schedule and queue step k+1 while the GPU runs step k, its decode rows fed the ids step k samples on the
-    # device (llm_engine.py). None: on when running on CUDA with tensor_parallel_size 1 (it needs both).
+    # device (llm_engine.py; other tensor-parallel ranks get them by broadcast). None: on when running on CUDA with
+    # tensor_parallel_size 1 (with more ranks it is tested on CPU processes but not yet measured on GPUs).
     async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False  # MoE layers: whole experts per rank + all-to-all (minke/parallel)
@@ -57,8 +58,6 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda") and self.tensor_parallel_size == 1
-        elif self.async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("async_scheduling needs tensor_parallel_size 1 (the sampled ids stay on rank 0's GPU)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
 

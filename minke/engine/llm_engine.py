@@ -122,7 +122,7 @@ class LLMEngine:
         self.step_stats = dict(decode_steps=0, decode_rows=0, decode_s=0.0, prefill_steps=0, prefill_tokens=0,
                                prefill_s=0.0, queued_ahead=0)  # queued_ahead: steps queued by async scheduling
         self.step_trace: list[tuple[str, int, int, float]] | None = None  # a list: (kind, tokens, seqs, s) per step
-        self.async_scheduling = bool(cfg.async_scheduling) and self.runner.can_feed_device_ids
+        self.async_scheduling = bool(cfg.async_scheduling)
         self._inflight: _Step | None = None  # async scheduling: the step queued ahead
         self._t_last_complete = 0.0
         if self.async_scheduling:

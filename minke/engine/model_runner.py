@@ -122,10 +122,5 @@ class ModelRunner:
             return None
         return PendingSample(self.sampler(logits.float(), sampling))
 
-    @property
-    def can_feed_device_ids(self) -> bool:
-        """Whether execute takes decode_ids: one rank (the others would embed the chunks' placeholder ids)."""
-        return self.cfg.tensor_parallel_size == 1
-
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -89,11 +89,14 @@ class MultiprocExecutor(ModelExecutor):
         atexit.register(self.shutdown)
 
     def execute(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if decode_ids is not None:  # the other ranks would embed the chunks' placeholder ids
-            raise ValueError("device-side input ids (async scheduling) need tensor_parallel_size 1")
         inputs = self.worker.prepare(chunks)  # bad input fails here, before any other rank is involved
-        self._send((("execute", (chunks,)), False))
-        return self.worker.run(chunks, inputs)
+        if decode_ids is None:
+            self._send((("execute", (chunks,)), False))
+        else:  # the chunks carry placeholders for these ids: every rank gets rank 0's by broadcast (execute_fed)
+            decode_ids = decode_ids.contiguous()
+            self._send((("execute_fed", (chunks, len(decode_ids))), False))
+            dist.broadcast(decode_ids, src=0, group=self.worker.parallel.group)
+        return self.worker.run(chunks, inputs, decode_ids)
 
     def collective_rpc(self, method: str, *args) -> list[Any]:
         self._send(((method, args), True))

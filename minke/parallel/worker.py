@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from ..config import ModelConfig, load_config
 from ..engine.attention_backends import make_backend
@@ -162,7 +163,7 @@ class Worker:
     def run(self, chunks: list[SeqChunk], inputs, decode_ids: torch.Tensor | None = None) -> torch.Tensor:
         """decode_ids [D] (on this device): the input ids of the first D chunks (decodes), replacing what their
         token_ids say; async scheduling feeds the previous step's sampled ids this way, before they reach the
-        host. Single-rank only: the other ranks build their inputs from the chunks alone."""
+        host (ranks other than 0 get them by broadcast: execute_fed)."""
         if not isinstance(inputs, tuple):
             return inputs.run(chunks, decode_ids)  # a graph replay
         ids, batch = inputs
@@ -174,6 +175,14 @@ class Worker:
 
     def execute(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.run(chunks, self.prepare(chunks), decode_ids)
+
+    def execute_fed(self, chunks: list[SeqChunk], num_fed: int) -> torch.Tensor:
+        """Ranks 1..W-1 under async scheduling: the step's first num_fed input ids are rank 0's samples of the step
+        before, which only rank 0 holds (on its device); they arrive by broadcast over the group (rank 0's side:
+        MultiprocExecutor.execute), queued on the stream like the step's other collectives."""
+        ids = torch.empty(num_fed, dtype=torch.long, device=self.device)
+        dist.broadcast(ids, src=0, group=self.parallel.group)
+        return self.execute(chunks, ids)
 
     def time_graph_replay(self, batch: int, iters: int) -> float | None:
         """Milliseconds per replay of the decode graph for `batch` rows, inputs as the last step left them: the device
