@@ -53,7 +53,7 @@ def test_padded_static_inputs_give_the_eager_logits(model):
         padded = ForwardBatch(
             positions=graphs.positions[:bucket], slot_mapping=graphs.slot_mapping[:bucket],
             block_tables=graphs.cu[None, :1], seq_lens=graphs.cu[1:2], query_start_loc=graphs.cu,
-            seq_lens_cpu=[bucket], query_lens_cpu=[bucket], num_decodes=0, kv_caches=caches, block_size=BS,
+            seq_lens_cpu=[bucket], num_decodes=0, kv_caches=caches, block_size=BS,
             logits_indices=graphs.logits_indices, prefill=pack)
         out = model(graphs.input_ids[:bucket], batch=padded)  # [max_seqs, V]
     torch.testing.assert_close(out[:rows], eager, atol=1e-5, rtol=1e-5)

@@ -70,7 +70,7 @@ class DecodeGraphs:
         return ForwardBatch(
             positions=self.positions[:b], slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
             seq_lens=self.seq_lens[:b], query_start_loc=self.query_start_loc[: b + 1], seq_lens_cpu=[1] * b,
-            query_lens_cpu=[1] * b, num_decodes=b, kv_caches=self.kv_caches, block_size=self.block_size,
+            num_decodes=b, kv_caches=self.kv_caches, block_size=self.block_size,
             logits_indices=self.logits_indices[:b], backend=self.backend)
 
     @torch.inference_mode()

@@ -118,7 +118,6 @@ def make_forward_batch(chunks: list[SeqChunk], kv_caches: list[torch.Tensor], bl
         seq_lens=dev(h.ends, torch.int32),
         query_start_loc=dev(h.qsl, torch.int32),
         seq_lens_cpu=h.ends.tolist(),
-        query_lens_cpu=(h.ends - h.starts).tolist(),
         num_decodes=h.num_decodes,
         kv_caches=kv_caches,
         block_size=block_size,

@@ -51,7 +51,7 @@ class PrefillGraphs:
         pack = PrefillPack(start=0, cu_q=self.cu, cu_k=self.cu, q_lens=[t], k_lens=[t], slots=None, flash_only=True)
         return ForwardBatch(
             positions=self.positions[:t], slot_mapping=self.slot_mapping[:t], block_tables=self.cu[None, :1],
-            seq_lens=self.cu[1:2], query_start_loc=self.cu, seq_lens_cpu=[t], query_lens_cpu=[t], num_decodes=0,
+            seq_lens=self.cu[1:2], query_start_loc=self.cu, seq_lens_cpu=[t], num_decodes=0,
             kv_caches=self.kv_caches, block_size=self.block_size, logits_indices=self.logits_indices,
             backend=self.backend, prefill=pack)
 

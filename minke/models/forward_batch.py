@@ -57,8 +57,7 @@ class ForwardBatch:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32, context length after this step (cached + new)
     query_start_loc: torch.Tensor  # [B + 1] int32, offsets of each sequence's new tokens in the flat layout
-    seq_lens_cpu: list[int]
-    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]  # [B] seq_lens on the host (the torch backend pads its decode contexts to their max)
     num_decodes: int
     kv_caches: list[torch.Tensor]
     block_size: int
@@ -69,14 +68,6 @@ class ForwardBatch:
     def __post_init__(self):
         if self.backend is None:
             self.backend = TorchAttentionBackend()
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens_cpu)
-
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.num_decodes
 
 
 # Allowed on CUDA, in torch's priority order; the math path is the never-fails fallback (a shape neither fast kernel

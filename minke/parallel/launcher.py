@@ -42,7 +42,7 @@ class ModelExecutor:
 
     def execute(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One model step on every rank; returns the logits [S, V] of the sampled rows on rank 0. decode_ids: see
-        Worker.run (one rank only)."""
+        Worker.run (rank 0's; the multi-process executor broadcasts them to the other ranks)."""
         return self.worker.execute(chunks, decode_ids)
 
     def collective_rpc(self, method: str, *args) -> list[Any]:
