@@ -93,8 +93,9 @@ class _Step:
     pending: PendingSample | None  # None: no chunk samples
     penalties: bool  # some row has a repetition / frequency / presence penalty
     t_start: float
-    advanced: bool = False  # async scheduling: the scheduler already recorded it, with PLACEHOLDER tokens ...
-    got: list[Sequence] | None = None  # ... appended to these sequences
+    # Async scheduling: the scheduler already recorded this step, with PLACEHOLDER tokens appended to these
+    # sequences (None: not recorded yet).
+    got: list[Sequence] | None = None
 
 
 class LLMEngine:
@@ -244,7 +245,7 @@ class LLMEngine:
             try:
                 nxt = self._launch_next(cur)
             except BaseException:
-                if cur.advanced:  # the placeholders get their tokens before the error goes up
+                if cur.got is not None:  # the placeholders get their tokens before the error goes up
                     self._complete(cur)
                 raise
         outputs = self._complete(cur)
@@ -326,7 +327,6 @@ class LLMEngine:
     def _launch_next(self, cur: _Step) -> _Step | None:
         """Records cur in the scheduler with PLACEHOLDER tokens, schedules the next step and queues it."""
         cur.got = self.scheduler.update(cur.sched, dict.fromkeys((s.seq_id for s in cur.sample_seqs), PLACEHOLDER))
-        cur.advanced = True
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return None
@@ -344,8 +344,8 @@ class LLMEngine:
             if ranks is not None:  # some row asked for logprobs
                 top = cur.pending.out.top_logprobs
                 rows = {seq.seq_id: r for r, seq in enumerate(cur.sample_seqs)}
-        if cur.advanced:
-            got = cur.got
+        got = cur.got
+        if got is not None:
             for seq in got:
                 seq.token_ids[-1] = sampled[seq.seq_id]  # the PLACEHOLDER update() appended
         else:
