@@ -28,6 +28,8 @@ def main() -> int:
     ap.add_argument("--topk", type=int, default=6)
     ap.add_argument("--block-m", type=int, default=16)
     ap.add_argument("--tokens", default="1,8,32,128,256,512,1024,2048,4096,8192")
+    ap.add_argument("--chunks", default="",
+                    help="also time the two-launch path with these pairs-per-program chunks, e.g. 64,128")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -44,9 +46,13 @@ def main() -> int:
             r[name] = 1000 * time_graph(lambda: moe_align_block_size(ids, args.block_m, E, use_kernel=True,
                                                                      multi_program=mp))
         r["auto_us"] = 1000 * time_graph(lambda: moe_align_block_size(ids, args.block_m, E, use_kernel=True))
+        for c in (int(c) for c in args.chunks.split(",") if c):
+            r[f"multi_chunk{c}_us"] = 1000 * time_graph(lambda: moe_align_block_size(
+                ids, args.block_m, E, use_kernel=True, multi_program=True, chunk=c))
         rows.append(r)
         print(f"T={T:5d} pairs={r['pairs']:6d}  torch {r['ref_us']:7.1f} us  single {r['single_us']:7.1f} us  "
-              f"multi {r['multi_us']:7.1f} us  auto {r['auto_us']:7.1f} us", flush=True)
+              f"multi {r['multi_us']:7.1f} us  auto {r['auto_us']:7.1f} us  " +
+              "  ".join(f"{k} {v:.1f}" for k, v in r.items() if k.startswith("multi_chunk")), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

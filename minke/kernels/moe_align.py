@@ -33,13 +33,15 @@ from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import tl, triton
 
-# One program while TK * E_PAD stays at or under this (TK <= 512 pairs at E_PAD = 128, i.e. 64 tokens with 6 routed
+# One program while TK * E_PAD stays at or under this (TK <= 128 pairs at E_PAD = 128, i.e. 16 tokens with 6 routed
 # + 2 shared slots); above it the two-launch multi-program path, whose programs each walk a shorter chunk. Measured
 # on an H100 (bench/bench_moe_align.py, E=66, 2026-11-28): one program 5.2 us at 8-64 pairs, 14 us at 256, 44 us at
 # 1024; two launches ~9 us at small sizes, 23 us from 1024 to 32768 pairs; torch 42-135 us.
-SINGLE_PROGRAM_MAX_WORK = 1 << 16
+# H200, 2026-11-28 (same bench, E=66): one program 4.9 us at 64 pairs, 8.4 at 128, 12.7 at 256, 21.3 at 512; two
+# launches of 64-pair chunks 8.9-9.5 us from 64 to 2048 pairs, 12.7 at 8192 (with 256-pair chunks: 22-23 us).
+SINGLE_PROGRAM_MAX_WORK = 1 << 14
 _MAX_PROGRAMS = 128  # multi-program path: programs per launch (each scatter program re-reads the [P, E_PAD] counts)
-_MIN_CHUNK = 256  # multi-program path: pairs per program at least
+_MIN_CHUNK = 64  # multi-program path: pairs per program at least
 
 
 def _em(tk: int, block_m: int, num_experts: int) -> int:
