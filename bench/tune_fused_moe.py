@@ -5,6 +5,7 @@ as the GPU runner runs them. Times are GPU-only (CUDA-graph replays), as decode 
 (real routers are skewed; the tiles per expert then vary more, the best config rarely does).
 
     python bench/tune_fused_moe.py --shape v2-lite --tokens 1,8,32,64,128,256,512,1024,2048,4096,8192 --out tune.json
+    python bench/tune_fused_moe.py --shape v2-lite --tp 2 --tokens 1,8,32,64,128,256    # one rank of TP=2
 
 The grid narrows BLOCK_M by rows per expert (T*K/E): decode-sized T is weight-bandwidth bound and wants the
 smallest tile (16, the tl.dot minimum); prefill-sized T is compute bound and wants large tiles.
@@ -88,11 +89,18 @@ def main() -> int:
                     help="routed experts only (default: the S shared experts fused in as experts E..E+S-1 that "
                          "every token also visits, as the GPU runner does with MoE.fuse_shared_experts)")
     ap.add_argument("--wide", action="store_true", help="prefill sizes: also try 256-wide N tiles")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="the expert shard of one rank under tensor parallelism (I / TP columns), as minke's TP runs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("tune_fused_moe: needs a CUDA GPU", file=sys.stderr)
         return 1
     E_routed, inter, D, K_routed, S = SHAPES[args.shape]
+    if inter % args.tp:
+        print(f"tune_fused_moe: --tp {args.tp} does not divide I = {inter}", file=sys.stderr)
+        return 1
+    inter //= args.tp
+    print(f"MOE_CONFIGS key (E, I, D) = {(E_routed + (0 if args.no_shared else S), inter, D)}", flush=True)
     S = 0 if args.no_shared else S
     E, K = E_routed + S, K_routed + S
     dev, dt = torch.device("cuda"), torch.bfloat16

@@ -158,6 +158,11 @@ def test_get_moe_config_tables_and_default():
         for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
             assert cfg[k] >= 16 and cfg[k] & (cfg[k] - 1) == 0
     assert fp32["BLOCK_SIZE_K"] <= 32 and fp32["num_stages"] <= 2  # fp32 tiles need twice the shared memory
+    # A tensor-parallel shard (I / W columns per rank) of a known shape takes that shape's table, not the prefill-
+    # style default (which ran TP=2 decode steps with 64-row tiles).
+    for T in (1, 64, 4000):
+        assert get_moe_config(66, 352, 2048, T, torch.bfloat16) == get_moe_config(66, 704, 2048, T, torch.bfloat16)
+    assert get_moe_config(162, 192, 5120, 32, torch.bfloat16) == get_moe_config(162, 1536, 5120, 32, torch.bfloat16)
     lite["BLOCK_SIZE_M"] = 999  # callers get a copy, the table is not mutated
     assert get_moe_config(64, 1408, 2048, 1, torch.bfloat16)["BLOCK_SIZE_M"] == 16
 

@@ -142,23 +142,49 @@ _LARGE_E_TABLE = {  # 160 experts: ~T*6/160 rows per expert, so the move to big 
     2048: _cfg(128, 128, 64, 16, 8, 3),
     4096: _cfg(128, 128, 64, 16, 8, 3),
 }
+_SMALL_E_TP2_TABLE = {  # one rank of V2-Lite / MoE-16B at tensor_parallel_size 2: I = 704 columns per expert
+    # 1-256: best of `bench/tune_fused_moe.py --shape v2-lite --tp 2 --tokens 1,8,32,64,128,256` on an H200 with the
+    # 2 shared experts fused in (E=66), 2026-11-28: 5-7% faster than the full-width table's rows from T=32 up
+    # (T=64 172 vs 183 us); 512 up: the full-width table's rows (not measured at this width).
+    1: _cfg(16, 32, 128, 1, 4, 3),
+    2: _cfg(16, 32, 128, 1, 4, 3),
+    4: _cfg(16, 32, 128, 1, 4, 3),
+    8: _cfg(16, 128, 128, 1, 4, 3),
+    16: _cfg(16, 128, 128, 1, 4, 3),
+    32: _cfg(16, 128, 128, 1, 8, 3),
+    64: _cfg(16, 64, 128, 1, 4, 3),
+    128: _cfg(32, 64, 64, 8, 4, 4),
+    256: _cfg(64, 64, 64, 8, 4, 3),
+    512: _SMALL_E_TABLE[512],
+    1024: _SMALL_E_TABLE[1024],
+    2048: _SMALL_E_TABLE[2048],
+    4096: _SMALL_E_TABLE[4096],
+}
 MOE_CONFIGS: dict[tuple[int, int, int], dict[int, dict]] = {
     (64, 1408, 2048): _SMALL_E_TABLE,  # DeepSeek-V2-Lite and DeepSeekMoE-16B share these expert shapes
     (160, 1536, 5120): _LARGE_E_TABLE,  # DeepSeek-V2 (236B)
     # The same models with their 2 shared experts fused in as experts E, E+1 (models/moe.py fuse_shared_experts).
     (66, 1408, 2048): _SMALL_E_TABLE,
     (162, 1536, 5120): _LARGE_E_TABLE,
+    (64, 704, 2048): _SMALL_E_TP2_TABLE,  # tensor_parallel_size 2 (other sizes use the nearest known width's table)
+    (66, 704, 2048): _SMALL_E_TP2_TABLE,
 }
 
 
 def get_moe_config(E: int, N: int, D: int, T: int, dtype: torch.dtype) -> dict:
     """Block sizes for T tokens through E experts of width N (= moe_intermediate_size I) and hidden size D.
 
-    Known shapes use the nearest token bucket of MOE_CONFIGS; others get vLLM-style defaults. For fp32 inputs
+    Known shapes use the nearest token bucket of MOE_CONFIGS, a shape with a known (E, D) but another N (a tensor-
+    parallel shard) the table of the nearest known N; others get vLLM-style defaults. For fp32 inputs
     BLOCK_SIZE_K and num_stages are capped: fp32 tiles take twice the shared memory of bf16 ones. Returns a fresh
     dict with BLOCK_SIZE_M/N/K, GROUP_SIZE_M, num_warps, num_stages (see the tables' comments for which are tuned).
     """
     table = MOE_CONFIGS.get((E, N, D))
+    if table is None:  # a tensor-parallel shard (N = I / W) of a known shape: its table's tile choice (by rows per
+        # expert) carries over; the prefill-style default below would run decode steps with BLOCK_M 64 / BLOCK_K 32
+        same = [n for (e, n, d) in MOE_CONFIGS if e == E and d == D]
+        if same:
+            table = MOE_CONFIGS[(E, min(same, key=lambda n: abs(n - N)), D)]
     if table is not None:
         cfg = dict(table[min(table, key=lambda b: (abs(b - T), b))])
     elif T * 6 <= 2 * E:  # a handful of rows per expert: decode-like
