@@ -92,6 +92,7 @@ def _greedy(path: str, tp: int, args, prompts: list[list[int]]) -> tuple[list[li
     bs, max_len = 16, max(len(p) for p in prompts) + args.new_tokens
     per_seq = (max_len + bs - 1) // bs
     ex = make_executor(WorkerConfig(path, tp, args.ep, dtype=args.dtype, device="cuda", load_format="dummy",
+                                    custom_all_reduce=not args.disable_custom_all_reduce,
                                     seed=args.seed))
     try:
         ex.collective_rpc("allocate_kv_cache", per_seq * len(prompts), bs)
@@ -157,7 +158,8 @@ def decode(args) -> None:
         t = time.perf_counter()
         llm = LLM(path, tensor_parallel_size=tp, enable_expert_parallel=args.ep, dtype=args.dtype,
                   load_format="dummy", max_model_len=args.max_model_len, max_num_seqs=max(args.batch),
-                  enforce_eager=args.eager, seed=args.seed, async_scheduling=args.async_scheduling)
+                  enforce_eager=args.eager, seed=args.seed, async_scheduling=args.async_scheduling,
+                  disable_custom_all_reduce=args.disable_custom_all_reduce)
         startup = time.perf_counter() - t
         runner = llm.llm_engine.runner
         try:
@@ -169,6 +171,7 @@ def decode(args) -> None:
                 emit({"what": "decode", "shape": args.shape, "layers": args.layers or SHAPES[args.shape][
                     "num_hidden_layers"], "tp": tp, "ep": args.ep, "dtype": args.dtype,
                       "graphs": runner.graphs is not None, "async": llm.llm_engine.async_scheduling,
+                      "custom_all_reduce": runner.executor.worker.parallel.fast_all_reduce is not None,
                       "startup_s": round(startup, 1),
                       "kv_capacity_tokens": runner.capacity_tokens, **r,
                       "speedup_vs_first_tp": round(r["decode_tok_per_s"] / base[b], 3)}, args.out)
@@ -188,9 +191,11 @@ def main(argv=None) -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--ep", action="store_true", help="expert parallel MoE layers")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--disable-custom-all-reduce", action="store_true",
+                    help="NCCL for every all-reduce (default: small ones through symmetric memory, parallel/comm.py)")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="decode: queue each step before the previous samples reach the host (default: the engine's, "
-                         "on for one GPU, off for several)")
+                         "on with CUDA)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)

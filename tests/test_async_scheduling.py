@@ -130,7 +130,7 @@ def test_async_abort_and_requests_arriving_mid_run(ckpts):
 def test_async_defaults():
     from minke.engine.config import EngineConfig
 
-    assert EngineConfig(model="x", device="cpu").async_scheduling is False  # the default: CUDA, one rank
+    assert EngineConfig(model="x", device="cpu").async_scheduling is False  # the default: on with CUDA only
     assert EngineConfig(model="x", device="cpu", tensor_parallel_size=2).async_scheduling is False
     assert EngineConfig(model="x", device="cpu", async_scheduling=True, tensor_parallel_size=2).async_scheduling
     assert torch.tensor([PLACEHOLDER]).item() < 0  # never a real token id

@@ -43,14 +43,41 @@ def test_graphs_and_triton_equal_reference_fp32(ckpt, variant, async_scheduling)
     lens = [12, 3, 9, 12, 6]
     outs = llm.generate(ps, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens],
                         use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == _reference_greedy(path, ps, lens)
+    assert (llm.llm_engine.step_stats["queued_ahead"] > 0) == async_scheduling
+
+
+def _reference_greedy(path, ps, lens):
     ref = minke.load_model(path, dtype=torch.float32, device="cuda")
-    for p, n, o in zip(ps, lens, outs):
+    out = []
+    for p, n in zip(ps, lens):
         ids = list(p)
         with torch.no_grad():
             for _ in range(n):
                 ids.append(int(ref(torch.tensor([ids], device="cuda"))[0, -1].argmax()))
-        assert o.outputs[0].token_ids == ids[len(p):]
-    assert (llm.llm_engine.step_stats["queued_ahead"] > 0) == async_scheduling
+        out.append(ids[len(p):])
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("variant", ["deepseek_v2_lite", "deepseek_v2"])
+@pytest.mark.parametrize("ep", [False, True])
+def test_two_gpus_equal_reference_fp32(ckpt, variant, ep):
+    """Tensor (and expert) parallelism over 2 GPUs with NCCL, CUDA graphs and the default scheduling (async: rank
+    0's samples broadcast to rank 1 as its decode input ids) equals the one-device reference model."""
+    _, path = ckpt(variant)
+    llm = LLM(path, device="cuda", dtype="float32", kv_cache_tokens=4096, block_size=16, max_model_len=256,
+              tensor_parallel_size=2, enable_expert_parallel=ep)
+    try:
+        assert llm.llm_engine.async_scheduling and llm.llm_engine.runner.executor.world == 2
+        ps = prompts([5, 30, 17, 1, 64], seed=1)
+        lens = [12, 3, 9, 12, 6]
+        outs = llm.generate(ps, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens],
+                            use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == _reference_greedy(path, ps, lens)
+        assert llm.llm_engine.step_stats["queued_ahead"] > 0
+    finally:
+        llm.llm_engine.runner.shutdown()
 
 
 def _oracle_greedy(oracle, prompt, n):

@@ -86,3 +86,29 @@ def test_rank_start_failure_is_reported(checkpoint):
     with pytest.raises(RuntimeError, match=r"rank 1 failed to start:(.|\n)*boom on purpose"):
         make_executor(cfg)
     assert not dist.is_initialized()
+
+
+def test_custom_all_reduce_options():
+    """The symmetric-memory all-reduce (parallel/comm.py) is a GPU path: off on CPU ranks and on one rank; the CLI
+    flag `--disable-custom-all-reduce` reaches the engine config and the workers. Its GPU behaviour: test_gpu.py
+    (two-GPU engine vs the reference) and bench/bench_allreduce.py (sums checked before timing)."""
+    import argparse
+
+    import torch
+
+    from minke.commands.common import add_model_args, engine_kwargs
+    from minke.engine.config import EngineConfig
+    from minke.parallel.comm import SymmetricAllReduce, all_reduce
+    from minke.parallel.state import ParallelConfig
+
+    assert SymmetricAllReduce.create(ParallelConfig(2, 0), torch.float32, torch.device("cpu")) is None
+    assert SymmetricAllReduce.create(ParallelConfig(1, 0), torch.float32, torch.device("cpu")) is None
+    x = torch.ones(3)
+    assert all_reduce(x, ParallelConfig()) is x  # one rank: the identity
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    kw = engine_kwargs(p.parse_args(["m", "-tp", "2", "--disable-custom-all-reduce"]))
+    assert kw["disable_custom_all_reduce"] is True and kw["tensor_parallel_size"] == 2
+    assert "disable_custom_all_reduce" not in engine_kwargs(p.parse_args(["m"]))
+    assert EngineConfig(model="m", device="cpu", **kw).disable_custom_all_reduce
+    assert WorkerConfig("m").custom_all_reduce  # on unless disabled

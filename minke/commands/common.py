@@ -31,12 +31,15 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
                    help="prefill chunks and decodes in one step (default: only when decode runs without CUDA graphs)")
     p.add_argument("--async-scheduling", "--async_scheduling", dest="async_scheduling",
                    action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule the next step while the GPU runs this one (default: on with CUDA and one GPU)")
+                   help="schedule the next step while the GPU runs this one (default: on with CUDA)")
     p.add_argument("--tensor-parallel-size", "--tensor_parallel_size", "-tp", dest="tensor_parallel_size",
                    type=int, default=1)
     p.add_argument("--enable-expert-parallel", "--enable_expert_parallel", "--expert-parallel", "-ep",
                    dest="enable_expert_parallel", action="store_true",
                    help="MoE layers: whole experts per GPU, tokens exchanged all-to-all (with -tp N)")
+    p.add_argument("--disable-custom-all-reduce", "--disable_custom_all_reduce", dest="disable_custom_all_reduce",
+                   action="store_true", default=None,
+                   help="with -tp N on GPUs: NCCL for every all-reduce (default: small ones through symmetric memory)")
     p.add_argument("--chat-template", "--chat_template", dest="chat_template", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
@@ -46,7 +49,8 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
 ENGINE_ARG_NAMES = ("dtype", "device", "max_model_len", "gpu_memory_utilization", "kv_cache_tokens", "max_num_seqs",
                     "max_num_batched_tokens", "block_size", "enable_prefix_caching", "enforce_eager",
                     "prefill_graph_max_tokens", "mixed_batches", "async_scheduling",
-                    "tensor_parallel_size", "enable_expert_parallel", "chat_template", "seed")
+                    "tensor_parallel_size", "enable_expert_parallel", "disable_custom_all_reduce", "chat_template",
+                    "seed")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -30,11 +30,14 @@ class EngineConfig:
     # with CUDA graphs, separate steps keep every decode on a graph.
     mixed_batches: bool | None = None
     # Schedule and queue step k+1 while the GPU runs step k, its decode rows fed the ids step k samples on the
-    # device (llm_engine.py; other tensor-parallel ranks get them by broadcast). None: on when running on CUDA with
-    # tensor_parallel_size 1 (with more ranks it is tested on CPU processes but not yet measured on GPUs).
+    # device (llm_engine.py; other tensor-parallel ranks get them by broadcast). None: on when running on CUDA (2x
+    # H200, V2-Lite shape, TP=2, batch 64: 7,323 tok/s with it vs 5,763 without; bench/RESULTS.md).
     async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False  # MoE layers: whole experts per rank + all-to-all (minke/parallel)
+    # Tensor parallel on GPUs: small all-reduces through a symmetric-memory one-shot kernel (parallel/comm.py)
+    # instead of NCCL; True keeps NCCL for all of them (vLLM's flag of this name).
+    disable_custom_all_reduce: bool = False
     chat_template: str | None = None
     seed: int = 0
     load_format: str = "auto"  # "dummy": random weights of the config's shapes (benchmarks), as vLLM's flag
@@ -57,7 +60,7 @@ class EngineConfig:
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.async_scheduling is None:
-            self.async_scheduling = self.device.startswith("cuda") and self.tensor_parallel_size == 1
+            self.async_scheduling = self.device.startswith("cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
 

@@ -19,6 +19,7 @@ class ParallelConfig:
     tp_rank: int = 0
     expert_parallel: bool = False  # MoE layers: whole experts per rank + all-to-all, instead of sliced experts
     group: Any = None  # torch.distributed ProcessGroup of the tp_size ranks; None = the default (world) group
+    fast_all_reduce: Any = None  # comm.SymmetricAllReduce for small all-reduces on GPUs; None = NCCL / gloo only
 
     def __post_init__(self):
         if not isinstance(self.tp_size, int) or self.tp_size < 1:

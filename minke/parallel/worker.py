@@ -6,6 +6,7 @@ them, or replays the same CUDA graph). With tensor_parallel_size 1 the single Wo
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -24,6 +25,7 @@ from ..engine.prefill_graph import PrefillGraphs
 from ..loader import load_model, resolve_dtype
 from ..models.forward_batch import FlashUnavailable, ForwardBatch
 from ..models.model import CausalLM
+from .comm import SymmetricAllReduce
 from .sharded_loading import load_sharded_model
 from .state import ParallelConfig
 from .tensor_parallel import kv_cache_config
@@ -47,6 +49,7 @@ class WorkerConfig:
     num_threads: int | None = None  # torch CPU threads per rank (None: torch's default)
     setup: Callable[[CausalLM, torch.device], None] | None = None  # run on every rank after loading
     timeout_s: float = 1800.0  # collectives and start-up rendezvous
+    custom_all_reduce: bool = True  # GPUs: small all-reduces through symmetric memory (comm.SymmetricAllReduce)
 
     @property
     def dist_backend(self) -> str:
@@ -59,7 +62,6 @@ class WorkerConfig:
 class Worker:
     def __init__(self, cfg: WorkerConfig, rank: int, group=None):
         self.cfg = cfg
-        self.parallel = ParallelConfig(cfg.tensor_parallel_size, rank, cfg.expert_parallel, group)
         self.device = cfg.device_for(rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -67,6 +69,10 @@ class Worker:
             torch.set_num_threads(cfg.num_threads)
         self.model_config = cfg.config or load_config(cfg.model)
         self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
+        self.parallel = ParallelConfig(cfg.tensor_parallel_size, rank, cfg.expert_parallel, group)
+        if cfg.custom_all_reduce:  # collective: every rank builds it here, before loading
+            fast = SymmetricAllReduce.create(self.parallel, self.dtype, self.device)
+            self.parallel = dataclasses.replace(self.parallel, fast_all_reduce=fast)
         if self.parallel.is_parallel or cfg.load_format == "dummy":
             # Owned slices only; dummy weights are keyed by tensor name, so every TP size gets the same model.
             self.model = load_sharded_model(cfg.model, self.parallel, self.dtype, self.device, self.model_config,
