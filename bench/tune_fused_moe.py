@@ -89,6 +89,8 @@ def main() -> int:
                     help="routed experts only (default: the S shared experts fused in as experts E..E+S-1 that "
                          "every token also visits, as the GPU runner does with MoE.fuse_shared_experts)")
     ap.add_argument("--wide", action="store_true", help="prefill sizes: also try 256-wide N tiles")
+    ap.add_argument("--fp8", action="store_true",
+                    help="fp8 expert weights with row scales (--quantization fp8): tiles of half the bytes")
     ap.add_argument("--tp", type=int, default=1,
                     help="the expert shard of one rank under tensor parallelism (I / TP columns), as minke's TP runs")
     args = ap.parse_args()
@@ -107,23 +109,29 @@ def main() -> int:
     g = torch.Generator(device=dev).manual_seed(0)
     w13 = torch.randn(E, 2 * inter, D, device=dev, dtype=dt, generator=g) * 0.02
     w2 = torch.randn(E, D, inter, device=dev, dtype=dt, generator=g) * 0.02
+    scales = {}
+    if args.fp8:
+        from minke.engine.quantization import quantize_fp8
+
+        (w13, s13), (w2, s2) = quantize_fp8(w13), quantize_fp8(w2)
+        scales = dict(w13_scale=s13, w2_scale=s2)
     results = {}
     for T in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(T, D, device=dev, dtype=dt, generator=g)
         ids = random_routing(T, E_routed, K_routed, S, g)  # [T, K] int64, as the router returns
         w = torch.rand(T, K, device=dev, generator=g)
         default = get_moe_config(E, inter, D, T, dt)
-        default_ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=default))
+        default_ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=default, **scales))
         best, best_ms = default, default_ms
         for cfg in candidates(T * K_routed / E_routed, args.wide):
             try:
-                ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=cfg))
+                ms = time_graph(lambda: fused_moe(x, w13, w2, w, ids, config=cfg, **scales))
             except Exception as e:  # out of shared memory / registers for this tile: skip it
                 print(f"  T={T} skip {cfg}: {type(e).__name__}", flush=True)
                 continue
             if ms < best_ms:
                 best, best_ms = cfg, ms
-        weight_gb = min(E, T * K) * 3 * inter * D * 2 / 1e9  # experts hit (at most) x their bytes
+        weight_gb = min(E, T * K) * 3 * inter * D * (1 if args.fp8 else 2) / 1e9  # experts hit (at most) x bytes
         flops = 2 * T * K * 3 * inter * D
         print(f"T={T:5d}: best {best_ms * 1000:8.1f} us (default {default_ms * 1000:8.1f} us)  "
               f"{weight_gb / best_ms * 1000:6.0f} GB/s of expert weights, {flops / best_ms / 1e9:6.0f} TFLOP/s  {best}",

@@ -273,6 +273,7 @@ def run_bench(model: str | None, shape: str | None, *, tokenizer: str | None = N
                  "cuda_graphs": llm.llm_engine.runner.graphs is not None,
                  "prefill_graph_buckets": getattr(llm.llm_engine.runner.executor.worker.prefill_graphs, "buckets", []),
                  "async_scheduling": llm.llm_engine.async_scheduling,
+                 "quantization": llm.llm_engine.cfg.quantization,
                  "engine_kwargs": kw}
     vocab = cfg_dict["vocab_size"]
     log(f"start-up {res['startup_s']:.1f}s, KV capacity {res['kv_capacity_tokens']} tokens")
@@ -292,7 +293,10 @@ def run_bench(model: str | None, shape: str | None, *, tokenizer: str | None = N
             f"preemptions {res['throughput']['preemptions']}")
     if torch.cuda.is_available():
         res["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if compare_transformers:
+    if compare_transformers and res["quantization"]:
+        # transformers runs on minke's own weight tensors, which are fp8 now: compare against a bf16 run instead
+        res["transformers"] = f"skipped: {res['quantization']} weights (the comparison shares minke's tensors)"
+    elif compare_transformers:
         hf = transformers_model(llm, cfg_dict)
         if hf is None:
             res["transformers"] = "no transformers class for this family"

@@ -29,3 +29,15 @@ def test_run_bench_tiny_v2(tmp_path, monkeypatch, fuse):
     assert len(steps["slowest_prefill_steps"]) == min(6, steps["prefill_steps"]) and steps["prefill_ms_per_1k_tokens"][50] > 0
     assert set(res["ratios"]) == {"prefill", "decode_b1"}  # transformers ran on the same weights
     assert res["async_scheduling"] is False  # the default off CUDA, reported with the figures
+
+
+def test_run_bench_fp8_reports_quantization(tmp_path):
+    """--quantization fp8: the figures are reported as such, and the transformers comparison (which would run on
+    minke's own, now fp8, tensors) is skipped with the reason."""
+    make_checkpoint("deepseek_v2_lite", str(tmp_path), tokenizer=True)
+    kw = dict(dtype="float32", device="cpu", max_model_len=64, kv_cache_tokens=1024, max_num_seqs=4,
+              quantization="fp8")
+    res = run_bench(str(tmp_path), None, batches=(2,), prompt_len=8, new_tokens=3, prefill_tokens=16,
+                    num_requests=0, engine_kwargs=kw, log=lambda *_: None)
+    assert res["quantization"] == "fp8" and res["decode"][0]["decode_tok_per_s"] > 0
+    assert res["transformers"].startswith("skipped: fp8 weights") and "ratios" not in res

@@ -37,6 +37,9 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     p.add_argument("--enable-expert-parallel", "--enable_expert_parallel", "--expert-parallel", "-ep",
                    dest="enable_expert_parallel", action="store_true",
                    help="MoE layers: whole experts per GPU, tokens exchanged all-to-all (with -tp N)")
+    p.add_argument("--quantization", "-q", dest="quantization", choices=["fp8"], default=None,
+                   help="fp8: MoE expert weights as fp8 (e4m3) with a scale per row, quantized at load "
+                        "(weight-only: activations stay in --dtype)")
     p.add_argument("--disable-custom-all-reduce", "--disable_custom_all_reduce", dest="disable_custom_all_reduce",
                    action="store_true", default=None,
                    help="with -tp N on GPUs: NCCL for every all-reduce (default: small ones through symmetric memory)")
@@ -49,8 +52,8 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
 ENGINE_ARG_NAMES = ("dtype", "device", "max_model_len", "gpu_memory_utilization", "kv_cache_tokens", "max_num_seqs",
                     "max_num_batched_tokens", "block_size", "enable_prefix_caching", "enforce_eager",
                     "prefill_graph_max_tokens", "mixed_batches", "async_scheduling",
-                    "tensor_parallel_size", "enable_expert_parallel", "disable_custom_all_reduce", "chat_template",
-                    "seed")
+                    "tensor_parallel_size", "enable_expert_parallel", "disable_custom_all_reduce", "quantization",
+                    "chat_template", "seed")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

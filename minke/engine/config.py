@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quantization import QUANTIZATION_METHODS
+
 
 @dataclass
 class EngineConfig:
@@ -38,6 +40,9 @@ class EngineConfig:
     # Tensor parallel on GPUs: small all-reduces through a symmetric-memory one-shot kernel (parallel/comm.py)
     # instead of NCCL; True keeps NCCL for all of them (vLLM's flag of this name).
     disable_custom_all_reduce: bool = False
+    # "fp8": MoE expert weights stored as fp8 (e4m3) with a scale per row, quantized at load (engine/quantization.py;
+    # vLLM's flag). None: the checkpoint's weights in `dtype`.
+    quantization: str | None = None
     chat_template: str | None = None
     seed: int = 0
     load_format: str = "auto"  # "dummy": random weights of the config's shapes (benchmarks), as vLLM's flag
@@ -55,6 +60,8 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {list(QUANTIZATION_METHODS)}, got {self.quantization!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.device is None:

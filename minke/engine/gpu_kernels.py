@@ -13,9 +13,9 @@ def use_fused_moe(model) -> None:
     """Routed experts through the Triton grouped-GEMM kernel."""
     from ..kernels.fused_moe import fused_moe
 
-    def impl(x, gate_up, down, topk_ids, topk_weights, reduce=True):
+    def impl(x, gate_up, down, topk_ids, topk_weights, reduce=True, gate_up_scale=None, down_scale=None):
         return fused_moe(x.contiguous(), gate_up, down, topk_weights.contiguous(), topk_ids.contiguous(),
-                         reduce=reduce)
+                         reduce=reduce, w13_scale=gate_up_scale, w2_scale=down_scale)
 
     for m in model.modules():
         if isinstance(m, Experts):

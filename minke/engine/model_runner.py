@@ -56,7 +56,7 @@ class ModelRunner:
             model=cfg.model, tensor_parallel_size=cfg.tensor_parallel_size,
             expert_parallel=cfg.enable_expert_parallel, dtype=cfg.dtype, device=cfg.device,
             load_format=cfg.load_format, seed=cfg.seed, config=model_config,
-            custom_all_reduce=not cfg.disable_custom_all_reduce))
+            custom_all_reduce=not cfg.disable_custom_all_reduce, quantization=cfg.quantization))
         rank0 = self.executor.worker
         self.device, self.dtype, self.model = rank0.device, rank0.dtype, rank0.model
         self.block_size = cfg.block_size

@@ -16,9 +16,15 @@ Pipeline (the vLLM / SGLang `fused_moe` design):
   4. Sum over the K slots of each token (torch; fp32 accumulation inside torch.sum).
 All matmuls accumulate in fp32; the activation and the per-slot outputs are stored in x.dtype (as vLLM does).
 
+FP8 weights (`--quantization fp8`, engine/quantization.py): w13 / w2 may be float8_e4m3fn with one fp32 scale per
+output row (w13_scale [E, 2I], w2_scale [E, D]). Tiles are loaded as fp8 (half the bytes: decode is weight-bandwidth
+bound), widened to x.dtype in registers (exact: every e4m3 value is a bf16 / fp16 / fp32 value) and the row scale
+multiplies the fp32 accumulator once per output, since it is constant along the reduction.
+
 Public API:
-    fused_moe(x, w13, w2, topk_weights, topk_ids, config=None) -> [T, D]
-    fused_moe_ref(x, w13, w2, topk_weights, topk_ids)          loop over the experts hit, as transformers does
+    fused_moe(x, w13, w2, topk_weights, topk_ids, config=None, w13_scale=None, w2_scale=None) -> [T, D]
+    fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None)
+                                                               loop over the experts hit, as transformers does
     moe_align_block_size(topk_ids, block_m, num_experts) -> (sorted_ids, expert_ids, num_tokens_post_padded)
                                                                (from kernels/moe_align.py, re-exported)
     get_moe_config(E, N, D, T, dtype) -> dict of block sizes (MOE_CONFIGS; partly tuned, see there)
@@ -42,7 +48,7 @@ _CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
 _LAUNCH_KEYS = ("num_warps", "num_stages")
 
 
-def _check_inputs(x, w13, w2, topk_weights, topk_ids) -> tuple[int, int, int, int, int]:
+def _check_inputs(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None) -> tuple[int, int, int, int, int]:
     """Validate shapes/dtypes shared by kernel and reference. Returns (T, D, E, I, K)."""
     if x.dim() != 2:
         raise ValueError(f"fused_moe: x must be [T, D], got shape {tuple(x.shape)}")
@@ -54,8 +60,17 @@ def _check_inputs(x, w13, w2, topk_weights, topk_ids) -> tuple[int, int, int, in
     E, I = w13.shape[0], w13.shape[1] // 2
     if w2.dim() != 3 or tuple(w2.shape) != (E, D, I):
         raise ValueError(f"fused_moe: w2 must be [E={E}, D={D}, I={I}], got {tuple(w2.shape)}")
-    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+    if (w13_scale is None) != (w2_scale is None):
+        raise ValueError("fused_moe: give both w13_scale and w2_scale (fp8 weights) or neither")
+    if w13_scale is None and (w13.dtype != x.dtype or w2.dtype != x.dtype):
         raise ValueError(f"fused_moe: x, w13, w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    if w13_scale is not None:
+        if w13.dtype != torch.float8_e4m3fn or w2.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"fused_moe: scaled weights must be float8_e4m3fn, got {w13.dtype}, {w2.dtype}")
+        for name, s, shape in (("w13_scale", w13_scale, (E, 2 * I)), ("w2_scale", w2_scale, (E, D))):
+            if tuple(s.shape) != shape or s.dtype != torch.float32 or s.device != x.device or not s.is_contiguous():
+                raise ValueError(f"fused_moe: {name} must be a contiguous float32 {list(shape)} tensor on "
+                                 f"{x.device}, got {s.dtype} {list(s.shape)} on {s.device}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
         raise ValueError(f"fused_moe: topk_ids must be [T={T}, K], got {tuple(topk_ids.shape)}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
@@ -78,21 +93,31 @@ def fused_moe_ref(
     topk_weights: torch.Tensor,  # [T, K] float32
     topk_ids: torch.Tensor,  # [T, K] int
     config: dict | None = None,  # accepted for signature parity; unused
+    w13_scale: torch.Tensor | None = None,  # [E, 2I] fp32 row scales of fp8 w13 (and w2_scale [E, D] of w2)
+    w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, D] in x.dtype
     """Torch reference, the loop of transformers' DeepseekV2Experts.forward (same rounding order): per expert hit,
-    gather its tokens, gate/up in x.dtype, silu(gate) * up, down, scale by the fp32 routing weight, index_add."""
-    _, _, E, _, _ = _check_inputs(x, w13, w2, topk_weights, topk_ids)
+    gather its tokens, gate/up in x.dtype, silu(gate) * up, down, scale by the fp32 routing weight, index_add.
+    FP8 weights: each matmul runs on the weights widened to x.dtype and its output rows are scaled."""
+    _, _, E, _, _ = _check_inputs(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     out = torch.zeros_like(x)
     ids = topk_ids.long()
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
         raise ValueError(f"fused_moe: topk_ids must lie in [0, {E}), got range [{int(ids.min())}, {int(ids.max())}]")
     for e in torch.unique(ids).tolist():  # only experts that received at least one token
         token_idx, slot = torch.where(ids == e)  # [n_e] each
-        gate, up = F.linear(x[token_idx], w13[e]).chunk(2, dim=-1)  # [n_e, I] each
-        h = F.linear(F.silu(gate) * up, w2[e])  # [n_e, D]
+        gate, up = _scaled_linear(x[token_idx], w13[e], w13_scale, e).chunk(2, dim=-1)  # [n_e, I] each
+        h = _scaled_linear(F.silu(gate) * up, w2[e], w2_scale, e)  # [n_e, D]
         h = h * topk_weights[token_idx, slot, None]  # fp32 weight promotes, as in transformers
         out.index_add_(0, token_idx, h.to(out.dtype))
     return out
+
+
+def _scaled_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, e: int) -> torch.Tensor:
+    """x [n, K] @ w [N, K]^T; fp8 w: on w widened to x.dtype, the [n, N] output times scale[e] [N]."""
+    if scale is None:
+        return F.linear(x, w)
+    return (F.linear(x, w.to(x.dtype)).float() * scale[e]).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,6 +247,7 @@ if _HAS_TRITON:
         a_ptr,  # GEMM1: x [T, D];  GEMM2: act [T*K, I]
         b_ptr,  # GEMM1: w13 [E, 2N, Kd] (gate rows [0, N), up rows [N, 2N));  GEMM2: w2 [E, N, Kd]
         c_ptr,  # [T*K, N] output, row = pair id
+        b_scale_ptr,  # HAS_SCALE: [E, rows of b] fp32 scale per weight row (fp8 b); else unused
         topk_w_ptr,  # [T*K] fp32 routing weights (GEMM2)
         sorted_ids_ptr,  # [EM] int32 pair ids grouped by expert, padding = num_pairs
         expert_ids_ptr,  # [EM // BLOCK_M] int32
@@ -238,6 +264,7 @@ if _HAS_TRITON:
         stride_bk,
         stride_cm,
         stride_cn,
+        stride_se,  # b_scale's expert stride
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -246,6 +273,7 @@ if _HAS_TRITON:
         MUL_ROUTED_WEIGHT: tl.constexpr,  # GEMM2: scale each row by its routing weight
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
+        HAS_SCALE: tl.constexpr,  # b is fp8 with a scale per row: widen tiles to a's dtype, scale the outputs
     ):
         # Grouped tile order (as in the Triton matmul tutorial): GROUP_M row tiles walk the N tiles together, so
         # the expert weight tiles they share stay in L2.
@@ -281,6 +309,8 @@ if _HAS_TRITON:
                 k_mask = offs_k < Kd - k0 * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_mask[:, None] & mask_n[None, :], other=0.0)
+                if HAS_SCALE:
+                    b = b.to(a.dtype)
                 if UPCAST_DOT:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
@@ -288,12 +318,19 @@ if _HAS_TRITON:
                 if FUSE_SILU_MUL:
                     # The up projection's rows sit N rows below the gate's in w13.
                     b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & mask_n[None, :], other=0.0)
+                    if HAS_SCALE:
+                        b_up = b_up.to(a.dtype)
                     if UPCAST_DOT:
                         b_up = b_up.to(tl.float32)
                     acc_up = tl.dot(a, b_up, acc=acc_up, input_precision=DOT_PRECISION)
                 a_ptrs += BLOCK_K * stride_ak
                 b_ptrs += BLOCK_K * stride_bk
 
+            if HAS_SCALE:  # per-row weight scales: constant along the reduction, applied to the fp32 sums
+                s_ptrs = b_scale_ptr + expert * stride_se + offs_n
+                acc = acc * tl.load(s_ptrs, mask=mask_n, other=0.0)[None, :]
+                if FUSE_SILU_MUL:
+                    acc_up = acc_up * tl.load(s_ptrs + N, mask=mask_n, other=0.0)[None, :]
             if FUSE_SILU_MUL:
                 acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up, in fp32
             if MUL_ROUTED_WEIGHT:
@@ -306,16 +343,17 @@ if _HAS_TRITON:
 
 
 def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_pairs, a_row_div, cfg,
-                 fuse_silu_mul, mul_routed_weight):
+                 fuse_silu_mul, mul_routed_weight, b_scale=None):
     EM = sorted_ids.shape[0]
     BM, BN = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
     grid = (triton.cdiv(EM, BM) * triton.cdiv(N, BN),)
     _moe_grouped_gemm_kernel[grid](
-        a, b, c, topk_w, sorted_ids, expert_ids, num_post,
+        a, b, c, b if b_scale is None else b_scale, topk_w, sorted_ids, expert_ids, num_post,
         N, Kd, num_pairs, a_row_div, EM,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), c.stride(1),
+        0 if b_scale is None else b_scale.stride(0),
         BLOCK_M=BM,
         BLOCK_N=BN,
         BLOCK_K=cfg["BLOCK_SIZE_K"],
@@ -324,6 +362,7 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_p
         MUL_ROUTED_WEIGHT=mul_routed_weight,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         UPCAST_DOT=_needs_dot_upcast(_moe_grouped_gemm_kernel, a.dtype),
+        HAS_SCALE=b_scale is not None,
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )
@@ -348,11 +387,13 @@ def fused_moe(
     config: dict | None = None,  # block sizes; default get_moe_config(E, I, D, T, x.dtype)
     align_kernel: bool | None = None,  # moe_align_block_size's use_kernel: None = Triton on CUDA, torch on CPU
     reduce: bool = True,  # False: the weighted per-slot outputs [T, K, D], for the caller to sum
+    w13_scale: torch.Tensor | None = None,  # fp8 w13 / w2: their fp32 row scales [E, 2I] / [E, D]
+    w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, D] in x.dtype ([T, K, D] when not reduce)
     """Routed-expert MoE with two Triton grouped GEMMs. Same result as fused_moe_ref up to rounding."""
     if not _HAS_TRITON:
         raise RuntimeError("fused_moe: triton is not installed (pip install 'minke[gpu]'); use fused_moe_ref")
-    T, D, E, I, K = _check_inputs(x, w13, w2, topk_weights, topk_ids)
+    T, D, E, I, K = _check_inputs(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     if x.device.type == "cpu" and not _is_interpreted(_moe_grouped_gemm_kernel):
         raise RuntimeError(
             "fused_moe: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "
@@ -379,9 +420,9 @@ def fused_moe(
     TK = T * K
     act = torch.empty(TK, I, dtype=x.dtype, device=x.device)  # silu(gate) * up per (token, slot) pair
     _launch_gemm(x, w13, act, topk_weights, sorted_ids, expert_ids, num_post, N=I, Kd=D, num_pairs=TK,
-                 a_row_div=K, cfg=cfg, fuse_silu_mul=True, mul_routed_weight=False)
+                 a_row_div=K, cfg=cfg, fuse_silu_mul=True, mul_routed_weight=False, b_scale=w13_scale)
     per_slot = torch.empty(TK, D, dtype=x.dtype, device=x.device)  # weighted expert output per pair
     _launch_gemm(act, w2, per_slot, topk_weights, sorted_ids, expert_ids, num_post, N=D, Kd=I, num_pairs=TK,
-                 a_row_div=1, cfg=cfg, fuse_silu_mul=False, mul_routed_weight=True)
+                 a_row_div=1, cfg=cfg, fuse_silu_mul=False, mul_routed_weight=True, b_scale=w2_scale)
     # Rows of per_slot are pair ids t*K + k, so the K slots of token t are contiguous.
     return per_slot.view(T, K, D).sum(dim=1) if reduce else per_slot.view(T, K, D)

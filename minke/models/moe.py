@@ -73,18 +73,26 @@ class Router(nn.Module):
         return RouterOutput(ids, weights, scores)
 
 
+def _expert_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [n, K] @ w [N, K]^T; an fp8 w (engine/quantization.py) is widened to x.dtype and the output rows scaled."""
+    if scale is None:
+        return F.linear(x, w)
+    return (F.linear(x, w.to(x.dtype)).float() * scale).to(x.dtype)
+
+
 def experts_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                      topk_weights: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+                      topk_weights: torch.Tensor, reduce: bool = True, gate_up_scale: torch.Tensor | None = None,
+                      down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Loop over the experts that received tokens (transformers' eager MoE). x [N, D] -> [N, D], or the weighted
-    per-slot outputs [N, K, D] when not reduce."""
+    per-slot outputs [N, K, D] when not reduce. fp8 experts: gate_up_scale [E, 2I] and down_scale [E, D]."""
     out = torch.zeros_like(x) if reduce else x.new_zeros(*topk_ids.shape, x.shape[-1])
     inter = down.shape[-1]
     hit = torch.unique(topk_ids)
     for e in hit.tolist():
         tok, slot = torch.where(topk_ids == e)
-        h = F.linear(x[tok], gate_up[e])
+        h = _expert_linear(x[tok], gate_up[e], None if gate_up_scale is None else gate_up_scale[e])
         h = F.silu(h[:, :inter]) * h[:, inter:]
-        h = F.linear(h, down[e]) * topk_weights[tok, slot, None]
+        h = _expert_linear(h, down[e], None if down_scale is None else down_scale[e]) * topk_weights[tok, slot, None]
         if reduce:
             out.index_add_(0, tok, h.to(out.dtype))
         else:
@@ -101,14 +109,28 @@ class Experts(nn.Module):
         e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
+        # fp8 inference (quantize_fp8): fp32 scale per weight row, gate_up_scale [E, 2I], down_scale [E, D]
+        self.register_buffer("gate_up_scale", None, persistent=False)
+        self.register_buffer("down_scale", None, persistent=False)
         self.impl: ExpertsFn = experts_reference  # the runner swaps in the fused Triton kernel on GPU
 
     def forward(self, x, topk_ids, topk_weights, reduce: bool = True):
         """x [N, D] -> [N, D]; not reduce: the weighted per-slot outputs [N, K, D] (the fused kernel and the
-        reference take reduce=False)."""
-        if reduce:
-            return self.impl(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights)
-        return self.impl(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights, reduce=False)
+        reference take reduce=False, and the fp8 scales)."""
+        kw = {} if reduce else {"reduce": False}
+        if self.gate_up_scale is not None:
+            kw.update(gate_up_scale=self.gate_up_scale, down_scale=self.down_scale)
+        return self.impl(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights, **kw)
+
+    @torch.no_grad()
+    def quantize_fp8(self, quantize: Callable) -> None:
+        """Inference only: the weights to fp8 with row scales, expert by expert (bounds the fp32 temporaries);
+        quantize(w [N, K]) -> (wq [N, K] float8_e4m3fn, scale [N] fp32) (engine/quantization.quantize_fp8)."""
+        for name, scale_name in (("gate_up_proj", "gate_up_scale"), ("down_proj", "down_scale")):
+            w = getattr(self, name)
+            parts = [quantize(w[e]) for e in range(w.shape[0])]
+            setattr(self, name, nn.Parameter(torch.stack([q for q, _ in parts]), requires_grad=False))
+            setattr(self, scale_name, torch.stack([s for _, s in parts]))
 
 
 class MoE(nn.Module):

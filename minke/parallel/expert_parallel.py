@@ -122,7 +122,7 @@ class ExpertParallelMoE(nn.Module):
         e_in = comm.all_to_all(local_of[ids], send_l, recv_l, p)  # [R] local expert of each row
         if x_in.shape[0]:
             ones = torch.ones(x_in.shape[0], 1, dtype=weights.dtype, device=dev)
-            y = self.experts.impl(x_in, self.experts.gate_up_proj, self.experts.down_proj, e_in[:, None], ones)
+            y = self.experts(x_in, e_in[:, None], ones)
         else:
             y = x_in  # nothing routed here this step (the fused kernels need not handle empty input)
         y = comm.all_to_all(y, recv_l, send_l, p)  # [n*K, D] back in `order`

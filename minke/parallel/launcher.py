@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 from ..config import load_config
 from ..engine.input_batch import SeqChunk
+from ..engine.quantization import check_quantization
 from .state import ParallelConfig, check_model_fits
 from .worker import Worker, WorkerConfig
 
@@ -65,6 +66,7 @@ class MultiprocExecutor(ModelExecutor):
         world = cfg.tensor_parallel_size
         model_config = cfg.config or load_config(cfg.model)
         check_model_fits(model_config, ParallelConfig(world, 0, cfg.expert_parallel))  # fail before spawning
+        check_quantization(cfg.quantization, model_config, cfg.expert_parallel)
         if dist.is_initialized():
             raise RuntimeError("torch.distributed is already initialised in this process; minke's tensor parallel "
                                "executor creates its own process group")

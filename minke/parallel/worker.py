@@ -20,6 +20,7 @@ from ..config import ModelConfig, load_config
 from ..engine.attention_backends import make_backend
 from ..engine.cuda_graph import DecodeGraphs
 from ..engine.gpu_kernels import install_gpu_kernels
+from ..engine.quantization import apply_quantization, check_quantization
 from ..engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
 from ..engine.prefill_graph import PrefillGraphs
 from ..loader import load_model, resolve_dtype
@@ -50,6 +51,7 @@ class WorkerConfig:
     setup: Callable[[CausalLM, torch.device], None] | None = None  # run on every rank after loading
     timeout_s: float = 1800.0  # collectives and start-up rendezvous
     custom_all_reduce: bool = True  # GPUs: small all-reduces through symmetric memory (comm.SymmetricAllReduce)
+    quantization: str | None = None  # "fp8": MoE experts quantized after loading (engine/quantization.py)
 
     @property
     def dist_backend(self) -> str:
@@ -68,6 +70,7 @@ class Worker:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.model_config = cfg.config or load_config(cfg.model)
+        check_quantization(cfg.quantization, self.model_config, cfg.expert_parallel)  # before loading anything
         self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
         self.parallel = ParallelConfig(cfg.tensor_parallel_size, rank, cfg.expert_parallel, group)
         if cfg.custom_all_reduce:  # collective: every rank builds it here, before loading
@@ -81,6 +84,10 @@ class Worker:
             self.model = load_model(cfg.model, self.dtype, self.device, self.model_config)
         self.backend = make_backend(self.device)
         install_gpu_kernels(self.model, self.device, tensor_parallel=self.parallel.is_parallel)
+        if cfg.quantization is not None:  # after the kernels: the shared experts are fused in by then (on GPU)
+            n = apply_quantization(self.model, cfg.quantization)
+            if rank == 0:
+                logger.info("quantization %s: the experts of %d MoE layers", cfg.quantization, n)
         if cfg.setup is not None:
             cfg.setup(self.model, self.device)
         self.kv_caches: list[torch.Tensor] | None = None

@@ -1,0 +1,125 @@
+"""`--quantization fp8` (engine/quantization.py): MoE expert weights as fp8 e4m3 with a scale per row, quantized at
+load. The oracle is the same model with its expert weights replaced by the dequantized fp8 weights (what the fp8
+path computes with), run through the plain reference model. The fused kernel's own test: test_kernel_fused_moe.py;
+the GPU engine with fused shared experts and CUDA graphs: test_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import minke
+from minke import LLM, SamplingParams
+from minke.engine.config import EngineConfig
+from minke.engine.quantization import FP8_MAX, dequantize_fp8, quantize_experts_fp8, quantize_fp8
+from minke.models.moe import Experts, MoE, experts_reference
+from tiny_models import make_checkpoint
+
+
+def test_quantize_fp8_error_bound_and_zero_rows():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 8, 64, generator=g) * torch.logspace(-3, 1, 8)[:, None]  # rows of very different scales
+    w[1, 2] = 0
+    wq, scale = quantize_fp8(w)
+    assert wq.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (3, 8)
+    assert scale[1, 2] == 1 and (wq[1, 2].float() == 0).all()
+    assert torch.allclose(wq.float().abs().amax(-1)[w.abs().amax(-1) > 0], torch.tensor(FP8_MAX))
+    err = (dequantize_fp8(wq, scale, torch.float32) - w).abs()
+    # half an ulp of 3 mantissa bits (2^-4 relative), or half the subnormal spacing (2^-10 of the row scale)
+    assert (err <= w.abs() * 2**-4 + scale[..., None] * 2**-10 + 1e-12).all()
+
+
+def test_experts_fp8_equal_dequantized_weights():
+    g = torch.Generator().manual_seed(1)
+    ex = Experts.__new__(Experts)
+    torch.nn.Module.__init__(ex)
+    ex.gate_up_proj = torch.nn.Parameter(torch.randn(4, 32, 24, generator=g) * 0.2)
+    ex.down_proj = torch.nn.Parameter(torch.randn(4, 24, 16, generator=g) * 0.2)
+    ex.register_buffer("gate_up_scale", None)
+    ex.register_buffer("down_scale", None)
+    ex.impl = experts_reference
+    ex.quantize_fp8(quantize_fp8)
+    assert ex.gate_up_proj.dtype == torch.float8_e4m3fn and ex.down_scale.shape == (4, 24)
+    x = torch.randn(5, 24, generator=g)
+    ids = torch.tensor([[0, 1], [3, 1], [2, 2], [0, 3], [1, 0]])
+    w = torch.rand(5, 2, generator=g)
+    want = experts_reference(x, dequantize_fp8(ex.gate_up_proj, ex.gate_up_scale, torch.float32),
+                             dequantize_fp8(ex.down_proj, ex.down_scale, torch.float32), ids, w)
+    torch.testing.assert_close(ex(x, ids, w), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ex(x, ids, w, reduce=False).sum(1), want, rtol=1e-5, atol=1e-6)
+
+
+def _dequantized_reference(path: str) -> torch.nn.Module:
+    """The plain fp32 model with every expert weight replaced by its fp8 round trip."""
+    ref = minke.load_model(path, dtype=torch.float32, device="cpu")
+    for m in ref.modules():
+        if isinstance(m, Experts):
+            for name in ("gate_up_proj", "down_proj"):
+                w = getattr(m, name)
+                w.data = torch.stack([dequantize_fp8(*quantize_fp8(w[e]), torch.float32) for e in range(len(w))])
+    return ref
+
+
+def _greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+PROMPTS = [[5, 17, 92, 3, 44, 8, 61], [70, 2, 19], list(range(40, 60))]
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v2_lite", "deepseek"])
+def test_llm_fp8_greedy_equals_dequantized_reference(tmp_path, variant):
+    path = str(tmp_path / variant)
+    make_checkpoint(variant, path, tokenizer=True)
+    llm = LLM(path, device="cpu", dtype="float32", quantization="fp8", kv_cache_tokens=512, block_size=4,
+              max_num_batched_tokens=16)  # chunked prefill and batched decode
+    moe_experts = [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, Experts)]
+    assert moe_experts and all(m.gate_up_proj.dtype == torch.float8_e4m3fn for m in moe_experts)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    ref = _dequantized_reference(path)
+    assert [o.outputs[0].token_ids for o in outs] == [_greedy(ref, p, 6) for p in PROMPTS]
+
+
+def test_fused_shared_experts_fp8_at_every_size(tmp_path):
+    """With the shared experts fused in, fp8 runs them through the experts at every step size (the long-prefill
+    cuBLAS path would need their unquantized weights): a 9-token step past fused_max_tokens=4 still equals the
+    unfused model on dequantized weights."""
+    path = str(tmp_path / "m")
+    make_checkpoint("deepseek_v2_lite", path)
+    model = minke.load_model(path, dtype=torch.float32, device="cpu")
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    want_model = minke.load_model(path, dtype=torch.float32, device="cpu")
+    want_moe = next(m for m in want_model.modules() if isinstance(m, MoE))
+    assert moe.fuse_shared_experts(max_tokens=4)
+    assert quantize_experts_fp8(model) == sum(isinstance(m, Experts) for m in model.modules())
+    assert moe.fused_max_tokens > 9
+    # the oracle: routed experts dequantized, shared experts = the fused ones' dequantized slices
+    e = want_moe.experts.gate_up_proj.shape[0]
+    gu = dequantize_fp8(moe.experts.gate_up_proj, moe.experts.gate_up_scale, torch.float32)
+    dn = dequantize_fp8(moe.experts.down_proj, moe.experts.down_scale, torch.float32)
+    want_moe.experts.gate_up_proj.data, want_moe.experts.down_proj.data = gu[:e].clone(), dn[:e].clone()
+    s, inter = gu.shape[0] - e, dn.shape[-1]
+    sh = want_moe.shared_experts
+    sh.gate_proj.weight.data = gu[e:, :inter].reshape(s * inter, -1).clone()
+    sh.up_proj.weight.data = gu[e:, inter:].reshape(s * inter, -1).clone()
+    sh.down_proj.weight.data = dn[e:].transpose(0, 1).reshape(dn.shape[1], s * inter).clone()
+    x = torch.randn(9, gu.shape[-1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x)[0], want_moe(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_quantization_errors(tmp_path):
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        EngineConfig(model="m", device="cpu", quantization="int3")
+    dense = str(tmp_path / "dense")
+    make_checkpoint("llama", dense, tokenizer=True)
+    with pytest.raises(ValueError, match="has no MoE layers"):
+        LLM(dense, device="cpu", quantization="fp8")
+    moe = str(tmp_path / "moe")
+    make_checkpoint("deepseek_v2_lite", moe, tokenizer=True)
+    with pytest.raises(ValueError, match="expert parallelism"):
+        LLM(moe, device="cpu", quantization="fp8", tensor_parallel_size=2, enable_expert_parallel=True)
