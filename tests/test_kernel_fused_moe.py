@@ -233,3 +233,32 @@ def test_fp8_weights_match_reference(dtype, routing):
         fused_moe(x, q13, q2, tw, ids, w13_scale=s13)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         fused_moe(x, w13.to(dtype), w2.to(dtype), tw, ids, w13_scale=s13, w2_scale=s2)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_activations_match_reference(dtype):
+    """Prefill-sized fp8 steps (fused_moe.fp8_activations): activations quantized per token (GEMM 1) and per pair
+    (GEMM 2), fp8 x fp8 dots; equal to the torch version of that math, and close to the unquantized MoE."""
+    from minke.engine.quantization import quantize_fp8
+    from minke.kernels.fused_moe import FP8_ACT_MIN_TOKENS, fp8_activations
+
+    E, I, D = 4, 32, 64
+    w13, w2 = _weights(E, I, D, torch.float32, 8)
+    (q13, s13), (q2, s2) = quantize_fp8(w13), quantize_fp8(w2)
+    tw, ids = _routing(UNEVEN_K2, 9)
+    x = torch.randn(len(UNEVEN_K2), D, generator=torch.Generator().manual_seed(10)).to(dtype).to(DEVICE)
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2}  # fp8 dots: K >= 32
+    got = fused_moe(x, q13, q2, tw, ids, config=cfg, w13_scale=s13, w2_scale=s2, act_fp8=True)
+    ref = fused_moe_ref(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, act_fp8=True)
+    # bf16: the activation is rounded to bf16 before its fp8 quantization, and a bf16 sum in another order can
+    # move one activation across an e4m3 rounding boundary (one step, 2^-3 relative, of one input to GEMM 2)
+    tol = 2e-3 if dtype == torch.float32 else 6e-2
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+    exact = _naive_moe(x, w13, w2, tw, ids)
+    assert (got.float() - exact).abs().max() < 0.15 * exact.abs().max()
+    assert fp8_activations(max(FP8_ACT_MIN_TOKENS, 1), torch.bfloat16)
+    assert not fp8_activations(FP8_ACT_MIN_TOKENS - 1, torch.bfloat16)
+    assert not fp8_activations(10**6, torch.float32)  # fp32 runs stay exact checks (weights-only fp8)
+    with pytest.raises(ValueError, match="act_fp8 needs fp8 weights"):
+        fused_moe(x, w13.to(dtype), w2.to(dtype), tw, ids, act_fp8=True)

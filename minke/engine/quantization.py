@@ -4,10 +4,12 @@ fp8: the MoE experts' weights (routed, and the shared experts once they are fuse
 float8_e4m3fn with one fp32 scale per output row, computed from the checkpoint's weights at load time:
     scale[e, n] = max_k |W[e, n, k]| / 448,   Wq[e, n, k] = round_to_e4m3(W[e, n, k] / scale[e, n])
 so W ~= Wq * scale[:, :, None] with a relative error of at most 2^-4 per weight (e4m3 keeps 3 mantissa bits).
-Activations stay in the model dtype (weight-only, "W8A16"): the fused MoE widens fp8 tiles in registers and
-scales its fp32 sums (kernels/fused_moe.py); the CPU path runs the same math in torch. Experts are ~92% of
-DeepSeek-V2-Lite's weights, so a batch-1 decode step reads ~2.2 GB instead of ~4.4 GB. Attention, dense MLPs,
-embeddings, lm_head and the KV cache stay in the model dtype.
+On GPUs in bf16 / fp16 the fused MoE also quantizes its activations per row (per token, then per (token, slot)
+pair) and multiplies fp8 by fp8 on the tensor cores ("W8A8", as vLLM's fp8; kernels/fused_moe.py, fp8_quant.py).
+In fp32, and on CPU (the torch reference), activations stay in the model dtype and the fp8 weights are widened
+("W8A16"): these are the exact checks of the weight path. Experts are ~92% of DeepSeek-V2-Lite's weights, so a
+batch-1 decode step reads ~2.2 GB instead of ~4.4 GB. Attention, dense MLPs, embeddings, lm_head and the KV cache
+stay in the model dtype.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import sys
 import torch
 
 from ..config import ModelConfig
+from ..kernels.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_rows_fp8_ref
 from ..models.moe import MoE, Experts
 
 QUANTIZATION_METHODS = ("fp8",)
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+__all__ = ["FP8_DTYPE", "FP8_MAX", "quantize_fp8", "dequantize_fp8", "apply_quantization", "check_quantization"]
 
 
 def check_quantization(method: str | None, cfg: ModelConfig, expert_parallel: bool = False) -> None:
@@ -40,12 +42,8 @@ def check_quantization(method: str | None, cfg: ModelConfig, expert_parallel: bo
 @torch.no_grad()
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., N, K] -> (wq [..., N, K] float8_e4m3fn, scale [..., N] float32), w ~= wq * scale[..., None].
-    An all-zero row gets scale 1 (and zeros)."""
-    w32 = w.float()
-    amax = w32.abs().amax(dim=-1)  # [..., N]
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    wq = (w32 / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return wq, scale.contiguous()
+    An all-zero row gets scale 1 (and zeros). The activations' quantizer too (kernels/fp8_quant.py)."""
+    return quantize_rows_fp8_ref(w)
 
 
 def dequantize_fp8(wq: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

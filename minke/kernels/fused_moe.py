@@ -19,7 +19,10 @@ All matmuls accumulate in fp32; the activation and the per-slot outputs are stor
 FP8 weights (`--quantization fp8`, engine/quantization.py): w13 / w2 may be float8_e4m3fn with one fp32 scale per
 output row (w13_scale [E, 2I], w2_scale [E, D]). Tiles are loaded as fp8 (half the bytes: decode is weight-bandwidth
 bound), widened to x.dtype in registers (exact: every e4m3 value is a bf16 / fp16 / fp32 value) and the row scale
-multiplies the fp32 accumulator once per output, since it is constant along the reduction.
+multiplies the fp32 accumulator once per output, since it is constant along the reduction. Half-precision steps
+(FP8_ACT_MIN_TOKENS: all of them; widened tiles would keep Triton off Hopper's wgmma, which reads B from shared
+memory, and cost more than the quantization even at one token) quantize the activations too, per token before GEMM 1 and per (token, slot) pair before GEMM 2
+(kernels/fp8_quant.py), and multiply fp8 by fp8 on the tensor cores; both row scales then multiply the sums.
 
 Public API:
     fused_moe(x, w13, w2, topk_weights, topk_ids, config=None, w13_scale=None, w2_scale=None) -> [T, D]
@@ -41,6 +44,7 @@ from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
+from .fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref
 from .moe_align import moe_align_block_size, moe_align_block_size_ref  # noqa: F401  (re-exported)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -95,11 +99,16 @@ def fused_moe_ref(
     config: dict | None = None,  # accepted for signature parity; unused
     w13_scale: torch.Tensor | None = None,  # [E, 2I] fp32 row scales of fp8 w13 (and w2_scale [E, D] of w2)
     w2_scale: torch.Tensor | None = None,
+    act_fp8: bool = False,  # fp8 activations too, as fused_moe's prefill-sized steps (see there)
 ) -> torch.Tensor:  # [T, D] in x.dtype
     """Torch reference, the loop of transformers' DeepseekV2Experts.forward (same rounding order): per expert hit,
     gather its tokens, gate/up in x.dtype, silu(gate) * up, down, scale by the fp32 routing weight, index_add.
     FP8 weights: each matmul runs on the weights widened to x.dtype and its output rows are scaled."""
     _, _, E, _, _ = _check_inputs(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    if act_fp8:
+        if w13_scale is None:
+            raise ValueError("fused_moe_ref: act_fp8 needs fp8 weights (w13_scale, w2_scale)")
+        return _fused_moe_ref_w8a8(x, w13, w2, topk_weights, topk_ids.long(), w13_scale, w2_scale)
     out = torch.zeros_like(x)
     ids = topk_ids.long()
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
@@ -113,11 +122,40 @@ def fused_moe_ref(
     return out
 
 
+# fp8 weights: half-precision steps of at least this many tokens quantize the activations too (a scale per token for
+# GEMM 1, per (token, slot) pair for GEMM 2) and run fp8 x fp8 dots on the tensor cores. It pays at every size
+# (bench/bench_fp8_moe.py, H200, V2-Lite experts, the two quantize launches included): T=1 32.7 vs 37.3 us with the
+# activations in bf16, T=32 162 vs 226, T=256 212 vs 317, T=2048 564 vs 1,200 (bf16 weights: 734).
+FP8_ACT_MIN_TOKENS = 1
+
+
+def fp8_activations(T: int, dtype: torch.dtype) -> bool:
+    """Whether a step of T tokens with fp8 expert weights quantizes its activations (half-precision steps only:
+    fp32 runs are the exact checks)."""
+    return dtype in (torch.bfloat16, torch.float16) and T >= FP8_ACT_MIN_TOKENS
+
+
 def _scaled_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, e: int) -> torch.Tensor:
     """x [n, K] @ w [N, K]^T; fp8 w: on w widened to x.dtype, the [n, N] output times scale[e] [N]."""
     if scale is None:
         return F.linear(x, w)
     return (F.linear(x, w.to(x.dtype)).float() * scale[e]).to(x.dtype)
+
+
+def _fused_moe_ref_w8a8(x, w13, w2, topk_weights, ids, w13_scale, w2_scale) -> torch.Tensor:
+    """fp8 weights and activations, the kernel's math in torch: exact fp8 products summed in fp32, row scales of
+    both operands on the sums, silu(gate) * up in fp32, the activation stored in x.dtype and quantized per pair."""
+    out = torch.zeros_like(x)
+    xq, xs = quantize_rows_fp8_ref(x)  # [T, D], [T]
+    for e in torch.unique(ids).tolist():
+        tok, slot = torch.where(ids == e)
+        h = F.linear(xq[tok].float(), w13[e].float()) * xs[tok, None] * w13_scale[e]  # [n_e, 2I] fp32
+        gate, up = h.chunk(2, dim=-1)
+        act = (F.silu(gate) * up).to(x.dtype)
+        aq, as_ = quantize_rows_fp8_ref(act)
+        y = F.linear(aq.float(), w2[e].float()) * as_[:, None] * w2_scale[e]  # [n_e, D] fp32
+        out.index_add_(0, tok, (y * topk_weights[tok, slot, None]).to(out.dtype))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,6 +286,7 @@ if _HAS_TRITON:
         b_ptr,  # GEMM1: w13 [E, 2N, Kd] (gate rows [0, N), up rows [N, 2N));  GEMM2: w2 [E, N, Kd]
         c_ptr,  # [T*K, N] output, row = pair id
         b_scale_ptr,  # HAS_SCALE: [E, rows of b] fp32 scale per weight row (fp8 b); else unused
+        a_scale_ptr,  # A_FP8: [rows of a] fp32 scale per activation row (fp8 a); else unused
         topk_w_ptr,  # [T*K] fp32 routing weights (GEMM2)
         sorted_ids_ptr,  # [EM] int32 pair ids grouped by expert, padding = num_pairs
         expert_ids_ptr,  # [EM // BLOCK_M] int32
@@ -274,6 +313,7 @@ if _HAS_TRITON:
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
         HAS_SCALE: tl.constexpr,  # b is fp8 with a scale per row: widen tiles to a's dtype, scale the outputs
+        A_FP8: tl.constexpr,  # with HAS_SCALE: a is fp8 too (a scale per row): fp8 x fp8 dots, nothing widened
     ):
         # Grouped tile order (as in the Triton matmul tutorial): GROUP_M row tiles walk the N tiles together, so
         # the expert weight tiles they share stay in L2.
@@ -309,7 +349,7 @@ if _HAS_TRITON:
                 k_mask = offs_k < Kd - k0 * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_mask[:, None] & mask_n[None, :], other=0.0)
-                if HAS_SCALE:
+                if HAS_SCALE and not A_FP8:
                     b = b.to(a.dtype)
                 if UPCAST_DOT:
                     a = a.to(tl.float32)
@@ -318,7 +358,7 @@ if _HAS_TRITON:
                 if FUSE_SILU_MUL:
                     # The up projection's rows sit N rows below the gate's in w13.
                     b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & mask_n[None, :], other=0.0)
-                    if HAS_SCALE:
+                    if HAS_SCALE and not A_FP8:
                         b_up = b_up.to(a.dtype)
                     if UPCAST_DOT:
                         b_up = b_up.to(tl.float32)
@@ -331,6 +371,11 @@ if _HAS_TRITON:
                 acc = acc * tl.load(s_ptrs, mask=mask_n, other=0.0)[None, :]
                 if FUSE_SILU_MUL:
                     acc_up = acc_up * tl.load(s_ptrs + N, mask=mask_n, other=0.0)[None, :]
+            if A_FP8:  # per-row activation scales
+                a_s = tl.load(a_scale_ptr + a_row, mask=row_mask, other=0.0)[:, None]
+                acc = acc * a_s
+                if FUSE_SILU_MUL:
+                    acc_up = acc_up * a_s
             if FUSE_SILU_MUL:
                 acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up, in fp32
             if MUL_ROUTED_WEIGHT:
@@ -343,12 +388,13 @@ if _HAS_TRITON:
 
 
 def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_pairs, a_row_div, cfg,
-                 fuse_silu_mul, mul_routed_weight, b_scale=None):
+                 fuse_silu_mul, mul_routed_weight, b_scale=None, a_scale=None):
     EM = sorted_ids.shape[0]
     BM, BN = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
     grid = (triton.cdiv(EM, BM) * triton.cdiv(N, BN),)
     _moe_grouped_gemm_kernel[grid](
-        a, b, c, b if b_scale is None else b_scale, topk_w, sorted_ids, expert_ids, num_post,
+        a, b, c, b if b_scale is None else b_scale, a if a_scale is None else a_scale, topk_w, sorted_ids,
+        expert_ids, num_post,
         N, Kd, num_pairs, a_row_div, EM,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), b.stride(2),
@@ -363,6 +409,7 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_p
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         UPCAST_DOT=_needs_dot_upcast(_moe_grouped_gemm_kernel, a.dtype),
         HAS_SCALE=b_scale is not None,
+        A_FP8=a_scale is not None,
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )
@@ -389,11 +436,16 @@ def fused_moe(
     reduce: bool = True,  # False: the weighted per-slot outputs [T, K, D], for the caller to sum
     w13_scale: torch.Tensor | None = None,  # fp8 w13 / w2: their fp32 row scales [E, 2I] / [E, D]
     w2_scale: torch.Tensor | None = None,
+    act_fp8: bool | None = None,  # fp8 weights: quantize the activations too (see fp8_activations); None = auto
 ) -> torch.Tensor:  # [T, D] in x.dtype ([T, K, D] when not reduce)
     """Routed-expert MoE with two Triton grouped GEMMs. Same result as fused_moe_ref up to rounding."""
     if not _HAS_TRITON:
         raise RuntimeError("fused_moe: triton is not installed (pip install 'minke[gpu]'); use fused_moe_ref")
     T, D, E, I, K = _check_inputs(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    if act_fp8 is None:
+        act_fp8 = w13_scale is not None and fp8_activations(T, x.dtype)
+    if act_fp8 and w13_scale is None:
+        raise ValueError("fused_moe: act_fp8 needs fp8 weights (w13_scale, w2_scale)")
     if x.device.type == "cpu" and not _is_interpreted(_moe_grouped_gemm_kernel):
         raise RuntimeError(
             "fused_moe: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "
@@ -418,11 +470,15 @@ def fused_moe(
         sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg["BLOCK_SIZE_M"], E,
                                                                 use_kernel=align_kernel)
     TK = T * K
+    a1, a1_scale = quantize_rows_fp8(x) if act_fp8 else (x, None)  # [T, D] fp8 and [T] scales per token
     act = torch.empty(TK, I, dtype=x.dtype, device=x.device)  # silu(gate) * up per (token, slot) pair
-    _launch_gemm(x, w13, act, topk_weights, sorted_ids, expert_ids, num_post, N=I, Kd=D, num_pairs=TK,
-                 a_row_div=K, cfg=cfg, fuse_silu_mul=True, mul_routed_weight=False, b_scale=w13_scale)
+    _launch_gemm(a1, w13, act, topk_weights, sorted_ids, expert_ids, num_post, N=I, Kd=D, num_pairs=TK,
+                 a_row_div=K, cfg=cfg, fuse_silu_mul=True, mul_routed_weight=False, b_scale=w13_scale,
+                 a_scale=a1_scale)
+    a2, a2_scale = quantize_rows_fp8(act) if act_fp8 else (act, None)  # [TK, I] fp8 and [TK] scales per pair
     per_slot = torch.empty(TK, D, dtype=x.dtype, device=x.device)  # weighted expert output per pair
-    _launch_gemm(act, w2, per_slot, topk_weights, sorted_ids, expert_ids, num_post, N=D, Kd=I, num_pairs=TK,
-                 a_row_div=1, cfg=cfg, fuse_silu_mul=False, mul_routed_weight=True, b_scale=w2_scale)
+    _launch_gemm(a2, w2, per_slot, topk_weights, sorted_ids, expert_ids, num_post, N=D, Kd=I, num_pairs=TK,
+                 a_row_div=1, cfg=cfg, fuse_silu_mul=False, mul_routed_weight=True, b_scale=w2_scale,
+                 a_scale=a2_scale)
     # Rows of per_slot are pair ids t*K + k, so the K slots of token t are contiguous.
     return per_slot.view(T, K, D).sum(dim=1) if reduce else per_slot.view(T, K, D)

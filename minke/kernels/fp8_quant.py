@@ -1,0 +1,82 @@
+"""Row-wise fp8 (e4m3) quantization: one fp32 scale per row, the row's absolute maximum mapped to 448.
+
+    scale[r] = max_k |x[r, k]| / 448   (1 for an all-zero row),   xq[r, k] = e4m3(x[r, k] / scale[r])
+so x ~= xq * scale[:, None], within 2^-4 relative (3 mantissa bits) or half the subnormal step (2^-10 scale).
+
+Used for the fp8 expert weights at load (engine/quantization.py: a scale per output row) and, per step, for the
+fused MoE's activations in prefill-sized steps (a scale per token / per (token, slot) pair), where both GEMM operands
+are fp8 and the dots run on fp8 tensor cores (kernels/fused_moe.py).
+
+Public API:
+    quantize_rows_fp8(x [M, K]) -> (xq [M, K] float8_e4m3fn, scale [M] fp32)    Triton, one launch
+    quantize_rows_fp8_ref(x [..., K]) -> (xq, scale [...])                       torch, any leading shape
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import is_interpreted as _is_interpreted
+from ._triton import tl, triton
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
+
+
+def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (xq [..., K] float8_e4m3fn, scale [...] float32), computed in fp32."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1)  # [...]
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    xq = (x32 / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return xq, scale.contiguous()
+
+
+if _HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["M"])  # the row count changes every step: one compiled variant
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, stride_q, BLOCK_K: tl.constexpr,
+                              FP8_MAX_C: tl.constexpr):
+        """One program per row: the whole row in registers (K <= BLOCK_K), amax, scale, cast."""
+        r = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_ptr + r * stride_x + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_K]
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(amax > 0, amax / FP8_MAX_C, 1.0)
+        y = tl.minimum(tl.abs(x) / scale, FP8_MAX_C)  # [BLOCK_K] in [0, 448]
+        # Round to the e4m3 grid here (nearest, ties to even), so the cast below is exact: Triton 3.x's
+        # interpreter mis-rounds fp32 -> e4m3 when the mantissa carries into the exponent (124.3 -> 64).
+        # Normals (>= 2^-6): keep 3 of fp32's 23 mantissa bits; subnormals: multiples of 2^-9 by adding and
+        # subtracting 1.5 * 2^14 (whose fp32 spacing is 2^-9).
+        bits = y.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        sub = (y + 24576.0) - 24576.0
+        q = tl.minimum(tl.where(y < 0.015625, sub, normal), FP8_MAX_C)
+        q = tl.where(x < 0, -q, q)
+        tl.store(q_ptr + r * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + r, scale)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (unit last stride, K <= 16384) -> (xq [M, K] float8_e4m3fn, scale [M] fp32), as
+    quantize_rows_fp8_ref (the same fp32 math; the division may differ from torch's in the last bit of a few
+    values). CPU tensors need TRITON_INTERPRET=1."""
+    if not _HAS_TRITON:
+        raise RuntimeError("quantize_rows_fp8: triton is not installed; use quantize_rows_fp8_ref")
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"quantize_rows_fp8: x must be [M, K] with a unit last stride, got {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    if x.device.type == "cpu" and not _is_interpreted(_quantize_rows_kernel):
+        raise RuntimeError("quantize_rows_fp8: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+    M, K = x.shape
+    if K > 16384:
+        raise ValueError(f"quantize_rows_fp8: rows of at most 16384 values, got {K}")
+    q = torch.empty(M, K, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        block = max(16, triton.next_power_of_2(K))
+        _quantize_rows_kernel[(M,)](x, q, s, M, K, x.stride(0), q.stride(0), BLOCK_K=block, FP8_MAX_C=FP8_MAX,
+                                    num_warps=4 if block <= 2048 else 8)
+    return q, s
