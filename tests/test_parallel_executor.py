@@ -49,6 +49,38 @@ def test_llm_tensor_parallel_greedy_matches_single_process(checkpoint, variant, 
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize("ep", [False, True])
+def test_fp8_over_two_ranks_matches_single_process(checkpoint, ep):
+    """--quantization fp8 on sliced experts (TP: each rank's down_proj holds a slice of every row, whose scale
+    comes from the all-reduced row maximum) and on whole experts per rank (EP) computes what one process does."""
+    import torch
+
+    path = checkpoint("deepseek_v2")
+    opts = dict(device="cpu", kv_cache_tokens=256, block_size=4, quantization="fp8")
+    one = LLM(path, **opts)
+    want = _tokens(one)
+    llm = LLM(path, tensor_parallel_size=2, enable_expert_parallel=ep, **opts)
+    try:
+        ex = llm.llm_engine.runner.model.model.layers[1].mlp.experts
+        assert ex.gate_up_proj.dtype == torch.float8_e4m3fn
+        if not ep:  # rank 0's scales are the unsharded model's (sliced rows included)
+            full = one.llm_engine.runner.model.model.layers[1].mlp.experts
+            torch.testing.assert_close(ex.down_scale, full.down_scale, rtol=0, atol=0)
+            torch.testing.assert_close(ex.gate_up_scale, full.gate_up_scale[:, _rank0_rows(full, 2)], rtol=0,
+                                       atol=0)
+        assert _tokens(llm) == want
+    finally:
+        llm.llm_engine.runner.shutdown()
+    assert not dist.is_initialized()
+
+
+def _rank0_rows(experts, world: int) -> list[int]:
+    """Rows of gate_up_proj [E, 2I, D] that rank 0 of `world` holds: the first I/W gate rows and up rows."""
+    inter = experts.gate_up_proj.shape[1] // 2
+    per = inter // world
+    return list(range(per)) + list(range(inter, inter + per))
+
+
 def test_tensor_parallel_async_scheduling_matches_single_process(checkpoint):
     """Async scheduling over 2 ranks: each decode step is queued before the previous samples reach the host, and
     rank 1 gets rank 0's sampled ids by broadcast (Worker.execute_fed). Requests of different lengths end at

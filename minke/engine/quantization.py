@@ -17,16 +17,18 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..kernels.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_rows_fp8_ref
 from ..models.moe import MoE, Experts
+from ..parallel.state import ParallelConfig
 
 QUANTIZATION_METHODS = ("fp8",)
 __all__ = ["FP8_DTYPE", "FP8_MAX", "quantize_fp8", "dequantize_fp8", "apply_quantization", "check_quantization"]
 
 
-def check_quantization(method: str | None, cfg: ModelConfig, expert_parallel: bool = False) -> None:
+def check_quantization(method: str | None, cfg: ModelConfig) -> None:
     """Raise ValueError when `method` is unknown or cannot apply to this model."""
     if method is None:
         return
@@ -34,16 +36,14 @@ def check_quantization(method: str | None, cfg: ModelConfig, expert_parallel: bo
         raise ValueError(f"quantization must be one of {list(QUANTIZATION_METHODS)} or None, got {method!r}")
     if not cfg.is_moe:
         raise ValueError(f"quantization={method!r} quantizes MoE expert weights; {cfg.source} has no MoE layers")
-    if expert_parallel:
-        raise ValueError(f"quantization={method!r} is not supported with expert parallelism yet; use tensor "
-                         "parallelism (without --enable-expert-parallel)")
 
 
 @torch.no_grad()
-def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(w: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., N, K] -> (wq [..., N, K] float8_e4m3fn, scale [..., N] float32), w ~= wq * scale[..., None].
-    An all-zero row gets scale 1 (and zeros). The activations' quantizer too (kernels/fp8_quant.py)."""
-    return quantize_rows_fp8_ref(w)
+    An all-zero row gets scale 1 (and zeros). amax [..., N]: the full rows' maxima when w holds slices of them.
+    The activations' quantizer too (kernels/fp8_quant.py)."""
+    return quantize_rows_fp8_ref(w, amax)
 
 
 def dequantize_fp8(wq: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,27 +52,38 @@ def dequantize_fp8(wq: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 @torch.no_grad()
-def quantize_experts_fp8(model: torch.nn.Module) -> int:
+def quantize_experts_fp8(model: torch.nn.Module, parallel: ParallelConfig | None = None) -> int:
     """Every Experts module's gate_up_proj / down_proj to fp8 with row scales (Experts.quantize_fp8), one layer at
     a time (the bf16 copy of a layer is freed before the next). MoE layers whose shared experts were fused in
     (MoE.fuse_shared_experts) then run them through the grouped GEMM at every step size: the cuBLAS path they take
-    for long prefills needs the unquantized weights. Returns how many layers changed."""
+    for long prefills needs the unquantized weights. Under tensor parallelism (sliced experts) each rank's
+    down_proj holds a slice of every row: the rows' maxima are all-reduced first (collective), so the routed
+    experts get the unsharded model's scales and TP=N computes what TP=1 computes (the shared experts, fused in on
+    GPUs, group their columns per rank, so their down rows span other column sets than at TP=1). Expert parallel
+    ranks hold whole experts: their own scales are the unsharded ones. Returns how many layers changed."""
+    row_amax = None
+    if parallel is not None and parallel.is_parallel and not parallel.expert_parallel:
+        def row_amax(name: str, amax: torch.Tensor) -> torch.Tensor:
+            if name == "down_proj":  # gate_up rows are whole on every rank (its rows are what is split)
+                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=parallel.group)
+            return amax
     n = 0
     for m in model.modules():
         if isinstance(m, MoE) and m.n_fused_shared:
             m.fused_max_tokens = sys.maxsize
         if isinstance(m, Experts) and m.gate_up_scale is None:
-            m.quantize_fp8(quantize_fp8)
+            m.quantize_fp8(quantize_fp8, row_amax)
             n += 1
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return n
 
 
-def apply_quantization(model: torch.nn.Module, method: str | None) -> int:
-    """Quantize a loaded (and, on GPU, kernel-installed) model in place; returns how many layers changed."""
+def apply_quantization(model: torch.nn.Module, method: str | None, parallel: ParallelConfig | None = None) -> int:
+    """Quantize a loaded (and, on GPU, kernel-installed) model in place; returns how many layers changed. With
+    several ranks every rank calls it (collective)."""
     if method is None:
         return 0
     if method == "fp8":
-        return quantize_experts_fp8(model)
+        return quantize_experts_fp8(model, parallel)
     raise ValueError(f"unknown quantization {method!r}; supported: {list(QUANTIZATION_METHODS)}")

@@ -24,10 +24,12 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 
 
-def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] float -> (xq [..., K] float8_e4m3fn, scale [...] float32), computed in fp32."""
+def quantize_rows_fp8_ref(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (xq [..., K] float8_e4m3fn, scale [...] float32), computed in fp32. amax [...]: the rows'
+    absolute maxima if x is a slice of longer rows (a tensor-parallel shard: every shard then gets the full row's
+    scale); default: x's own."""
     x32 = x.float()
-    amax = x32.abs().amax(dim=-1)  # [...]
+    amax = x32.abs().amax(dim=-1) if amax is None else amax.float()  # [...]
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     xq = (x32 / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return xq, scale.contiguous()

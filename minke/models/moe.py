@@ -123,12 +123,17 @@ class Experts(nn.Module):
         return self.impl(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights, **kw)
 
     @torch.no_grad()
-    def quantize_fp8(self, quantize: Callable) -> None:
+    def quantize_fp8(self, quantize: Callable, row_amax: Callable | None = None) -> None:
         """Inference only: the weights to fp8 with row scales, expert by expert (bounds the fp32 temporaries);
-        quantize(w [N, K]) -> (wq [N, K] float8_e4m3fn, scale [N] fp32) (engine/quantization.quantize_fp8)."""
+        quantize(w [N, K], amax [N]) -> (wq [N, K] float8_e4m3fn, scale [N] fp32) (engine/quantization.py).
+        row_amax(name, amax [E, N]) -> amax [E, N]: the rows' maxima over all shards of a row (tensor parallel
+        down_proj holds a slice of each row); default: this module's own."""
         for name, scale_name in (("gate_up_proj", "gate_up_scale"), ("down_proj", "down_scale")):
             w = getattr(self, name)
-            parts = [quantize(w[e]) for e in range(w.shape[0])]
+            amax = torch.stack([w[e].abs().amax(dim=-1).float() for e in range(w.shape[0])])  # [E, N]
+            if row_amax is not None:
+                amax = row_amax(name, amax)
+            parts = [quantize(w[e], amax[e]) for e in range(w.shape[0])]
             setattr(self, name, nn.Parameter(torch.stack([q for q, _ in parts]), requires_grad=False))
             setattr(self, scale_name, torch.stack([s for _, s in parts]))
 

@@ -66,7 +66,7 @@ class MultiprocExecutor(ModelExecutor):
         world = cfg.tensor_parallel_size
         model_config = cfg.config or load_config(cfg.model)
         check_model_fits(model_config, ParallelConfig(world, 0, cfg.expert_parallel))  # fail before spawning
-        check_quantization(cfg.quantization, model_config, cfg.expert_parallel)
+        check_quantization(cfg.quantization, model_config)
         if dist.is_initialized():
             raise RuntimeError("torch.distributed is already initialised in this process; minke's tensor parallel "
                                "executor creates its own process group")

@@ -70,7 +70,7 @@ class Worker:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.model_config = cfg.config or load_config(cfg.model)
-        check_quantization(cfg.quantization, self.model_config, cfg.expert_parallel)  # before loading anything
+        check_quantization(cfg.quantization, self.model_config)  # before loading anything
         self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
         self.parallel = ParallelConfig(cfg.tensor_parallel_size, rank, cfg.expert_parallel, group)
         if cfg.custom_all_reduce:  # collective: every rank builds it here, before loading
@@ -85,7 +85,7 @@ class Worker:
         self.backend = make_backend(self.device)
         install_gpu_kernels(self.model, self.device, tensor_parallel=self.parallel.is_parallel)
         if cfg.quantization is not None:  # after the kernels: the shared experts are fused in by then (on GPU)
-            n = apply_quantization(self.model, cfg.quantization)
+            n = apply_quantization(self.model, cfg.quantization, self.parallel)
             if rank == 0:
                 logger.info("quantization %s: the experts of %d MoE layers", cfg.quantization, n)
         if cfg.setup is not None:
