@@ -159,7 +159,7 @@ def decode(args) -> None:
         llm = LLM(path, tensor_parallel_size=tp, enable_expert_parallel=args.ep, dtype=args.dtype,
                   load_format="dummy", max_model_len=args.max_model_len, max_num_seqs=max(args.batch),
                   enforce_eager=args.eager, seed=args.seed, async_scheduling=args.async_scheduling,
-                  disable_custom_all_reduce=args.disable_custom_all_reduce)
+                  disable_custom_all_reduce=args.disable_custom_all_reduce, quantization=args.quantization)
         startup = time.perf_counter() - t
         runner = llm.llm_engine.runner
         try:
@@ -172,6 +172,7 @@ def decode(args) -> None:
                     "num_hidden_layers"], "tp": tp, "ep": args.ep, "dtype": args.dtype,
                       "graphs": runner.graphs is not None, "async": llm.llm_engine.async_scheduling,
                       "custom_all_reduce": runner.executor.worker.parallel.fast_all_reduce is not None,
+                      "quantization": args.quantization,
                       "startup_s": round(startup, 1),
                       "kv_capacity_tokens": runner.capacity_tokens, **r,
                       "speedup_vs_first_tp": round(r["decode_tok_per_s"] / base[b], 3)}, args.out)
@@ -191,6 +192,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--ep", action="store_true", help="expert parallel MoE layers")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--quantization", choices=["fp8"], default=None, help="decode: fp8 MoE experts")
     ap.add_argument("--disable-custom-all-reduce", action="store_true",
                     help="NCCL for every all-reduce (default: small ones through symmetric memory, parallel/comm.py)")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
