@@ -142,5 +142,8 @@ def test_custom_all_reduce_options():
     kw = engine_kwargs(p.parse_args(["m", "-tp", "2", "--disable-custom-all-reduce"]))
     assert kw["disable_custom_all_reduce"] is True and kw["tensor_parallel_size"] == 2
     assert "disable_custom_all_reduce" not in engine_kwargs(p.parse_args(["m"]))
+    assert engine_kwargs(p.parse_args(["m", "--quantization", "fp8"]))["quantization"] == "fp8"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        p.parse_args(["m", "-q", "int4"])
     assert EngineConfig(model="m", device="cpu", **kw).disable_custom_all_reduce
     assert WorkerConfig("m").custom_all_reduce  # on unless disabled
