@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantization import QUANTIZATION_METHODS
+from .quantization import check_quantization_method
 
 
 @dataclass
@@ -60,8 +60,7 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
-            raise ValueError(f"quantization must be one of {list(QUANTIZATION_METHODS)}, got {self.quantization!r}")
+        check_quantization_method(self.quantization)
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.device is None:

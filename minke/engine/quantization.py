@@ -28,12 +28,17 @@ QUANTIZATION_METHODS = ("fp8",)
 __all__ = ["FP8_DTYPE", "FP8_MAX", "quantize_fp8", "dequantize_fp8", "apply_quantization", "check_quantization"]
 
 
+def check_quantization_method(method: str | None) -> None:
+    """Raise ValueError when `method` is not None nor a supported method (EngineConfig checks it at once)."""
+    if method is not None and method not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {list(QUANTIZATION_METHODS)} or None, got {method!r}")
+
+
 def check_quantization(method: str | None, cfg: ModelConfig) -> None:
     """Raise ValueError when `method` is unknown or cannot apply to this model."""
+    check_quantization_method(method)
     if method is None:
         return
-    if method not in QUANTIZATION_METHODS:
-        raise ValueError(f"quantization must be one of {list(QUANTIZATION_METHODS)} or None, got {method!r}")
     if not cfg.is_moe:
         raise ValueError(f"quantization={method!r} quantizes MoE expert weights; {cfg.source} has no MoE layers")
 

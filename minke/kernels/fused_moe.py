@@ -21,12 +21,13 @@ output row (w13_scale [E, 2I], w2_scale [E, D]). Tiles are loaded as fp8 (half t
 bound), widened to x.dtype in registers (exact: every e4m3 value is a bf16 / fp16 / fp32 value) and the row scale
 multiplies the fp32 accumulator once per output, since it is constant along the reduction. Half-precision steps
 (FP8_ACT_MIN_TOKENS: all of them; widened tiles would keep Triton off Hopper's wgmma, which reads B from shared
-memory, and cost more than the quantization even at one token) quantize the activations too, per token before GEMM 1 and per (token, slot) pair before GEMM 2
-(kernels/fp8_quant.py), and multiply fp8 by fp8 on the tensor cores; both row scales then multiply the sums.
+memory, and cost more than the quantization even at one token) quantize the activations too, per token before
+GEMM 1 and per (token, slot) pair before GEMM 2 (kernels/fp8_quant.py), and multiply fp8 by fp8 on the tensor
+cores; both row scales then multiply the sums.
 
 Public API:
-    fused_moe(x, w13, w2, topk_weights, topk_ids, config=None, w13_scale=None, w2_scale=None) -> [T, D]
-    fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None)
+    fused_moe(x, w13, w2, topk_weights, topk_ids, config=None, w13_scale=None, w2_scale=None, act_fp8=None) -> [T, D]
+    fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None, act_fp8=False)
                                                                loop over the experts hit, as transformers does
     moe_align_block_size(topk_ids, block_m, num_experts) -> (sorted_ids, expert_ids, num_tokens_post_padded)
                                                                (from kernels/moe_align.py, re-exported)
