@@ -20,29 +20,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tune_fused_moe import time_graph  # noqa: E402
 
 
-def _time_graph(fn, calls: int = 20, replays: int = 10) -> float:
-    """GPU microseconds per call from a CUDA graph of `calls` calls (as decode steps replay them)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    dist.barrier()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(replays):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return 1000 * a.elapsed_time(b) / (calls * replays)
+def _time_us(fn) -> float:
+    """GPU microseconds per call inside a CUDA graph, the ranks replaying together."""
+    return 1000 * time_graph(fn, calls=20, replays=10, sync=dist.barrier)
 
 
 def _worker(rank: int, world: int, args, port: int, out_q) -> None:
@@ -64,10 +49,10 @@ def _worker(rank: int, world: int, args, port: int, out_q) -> None:
         y = x.clone()
         dist.all_reduce(y)
         assert (y == want).all(), "nccl sum"
-        r["nccl_us"] = _time_graph(lambda: dist.all_reduce(y))
+        r["nccl_us"] = _time_us(lambda: dist.all_reduce(y))
         if fast is not None and fast.fits(x):
             assert (fast(x) == want).all(), "symmetric-memory sum"
-            r["symm_one_shot_us"] = _time_graph(lambda: fast(x))
+            r["symm_one_shot_us"] = _time_us(lambda: fast(x))
         rows.append(r)
     if rank == 0:
         out_q.put(rows)

@@ -58,9 +58,10 @@ def random_routing(T: int, e_routed: int, k_routed: int, n_shared: int, g: torch
     return torch.cat([ids, shared], dim=1).contiguous()
 
 
-def time_graph(fn, calls: int = 10, replays: int = 5) -> float:
+def time_graph(fn, calls: int = 10, replays: int = 5, sync=None) -> float:
     """GPU milliseconds per call of fn, from a CUDA graph of `calls` calls (no launch overhead, as decode steps
-    replay it). A host-timed loop would measure Python launch cost at small T instead of the kernels."""
+    replay it). A host-timed loop would measure Python launch cost at small T instead of the kernels. sync: called
+    after the warm-up replay, before the timed ones (several ranks: a barrier, so they replay together)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -71,6 +72,9 @@ def time_graph(fn, calls: int = 10, replays: int = 5) -> float:
         for _ in range(calls):
             fn()
     graph.replay()
+    if sync is not None:
+        torch.cuda.synchronize()
+        sync()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
