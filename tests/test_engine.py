@@ -37,11 +37,12 @@ def ckpts(tmp_path_factory):
 
 
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding with the plain full forward (no cache): the reference for every engine path."""
-    ids = list(prompt)
+    """Greedy decoding with the plain full forward (no cache): the reference for every engine path (on the
+    model's device)."""
+    ids, device = list(prompt), next(model.parameters()).device
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
     return ids[len(prompt):]
 
 

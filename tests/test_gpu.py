@@ -8,6 +8,7 @@ import torch
 
 import minke
 from minke import LLM, SamplingParams
+from test_engine import reference_greedy
 from tiny_models import make_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -49,7 +50,7 @@ def test_graphs_and_triton_equal_reference_fp32(ckpt, variant, async_scheduling)
 
 def _reference_greedy(path, ps, lens):
     ref = minke.load_model(path, dtype=torch.float32, device="cuda")
-    return [_greedy_ids(ref, p, n) for p, n in zip(ps, lens)]
+    return [reference_greedy(ref, p, n) for p, n in zip(ps, lens)]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -77,10 +78,7 @@ def test_two_gpus_equal_reference_fp32(ckpt, variant, ep):
 def test_fp8_experts_equal_dequantized_reference_fp32(ckpt, variant):
     """--quantization fp8 through the fused MoE (shared experts fused in and quantized with the routed ones), CUDA
     graphs and async scheduling equals the plain model whose expert weights are the fp8 round trip."""
-    import sys
-
-    from minke.engine.quantization import dequantize_fp8, quantize_fp8
-    from minke.models.moe import MoE
+    from test_quantization import dequantized_reference
 
     _, path = ckpt(variant)
     llm = LLM(path, device="cuda", dtype="float32", kv_cache_tokens=4096, block_size=16, max_model_len=256,
@@ -89,22 +87,8 @@ def test_fp8_experts_equal_dequantized_reference_fp32(ckpt, variant):
     lens = [12, 3, 9, 12, 6]
     outs = llm.generate(ps, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens],
                         use_tqdm=False)
-    ref = minke.load_model(path, dtype=torch.float32, device="cuda")
-    for m in ref.modules():
-        if isinstance(m, MoE):
-            m.fuse_shared_experts(max_tokens=sys.maxsize)  # quantized as the engine does: per fused expert row
-            for name in ("gate_up_proj", "down_proj"):
-                w = getattr(m.experts, name)
-                w.data = torch.stack([dequantize_fp8(*quantize_fp8(w[e]), torch.float32) for e in range(len(w))])
-    assert [o.outputs[0].token_ids for o in outs] == [_greedy_ids(ref, p, n) for p, n in zip(ps, lens)]
-
-
-def _greedy_ids(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids], device="cuda"))[0, -1].argmax()))
-    return ids[len(prompt):]
+    ref = dequantized_reference(path, device="cuda", fuse_shared=True)  # quantized per fused expert row, as here
+    assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(ref, p, n) for p, n in zip(ps, lens)]
 
 
 def _oracle_greedy(oracle, prompt, n):

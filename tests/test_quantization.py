@@ -5,6 +5,8 @@ the GPU engine with fused shared experts and CUDA graphs: test_gpu.py."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from minke import LLM, SamplingParams
 from minke.engine.config import EngineConfig
 from minke.engine.quantization import FP8_MAX, dequantize_fp8, quantize_experts_fp8, quantize_fp8
 from minke.models.moe import Experts, MoE, experts_reference
+from test_engine import reference_greedy
 from tiny_models import make_checkpoint
 
 
@@ -49,23 +52,19 @@ def test_experts_fp8_equal_dequantized_weights():
     torch.testing.assert_close(ex(x, ids, w, reduce=False).sum(1), want, rtol=1e-5, atol=1e-6)
 
 
-def _dequantized_reference(path: str) -> torch.nn.Module:
-    """The plain fp32 model with every expert weight replaced by its fp8 round trip."""
-    ref = minke.load_model(path, dtype=torch.float32, device="cpu")
+def dequantized_reference(path: str, device: str = "cpu", fuse_shared: bool = False) -> torch.nn.Module:
+    """The plain fp32 model with every expert weight replaced by its fp8 round trip. fuse_shared: the shared
+    experts fused in first (at every step size), so they are quantized per fused expert row as on GPUs."""
+    ref = minke.load_model(path, dtype=torch.float32, device=device)
+    for m in ref.modules():
+        if fuse_shared and isinstance(m, MoE):
+            m.fuse_shared_experts(max_tokens=sys.maxsize)
     for m in ref.modules():
         if isinstance(m, Experts):
             for name in ("gate_up_proj", "down_proj"):
                 w = getattr(m, name)
                 w.data = torch.stack([dequantize_fp8(*quantize_fp8(w[e]), torch.float32) for e in range(len(w))])
     return ref
-
-
-def _greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 PROMPTS = [[5, 17, 92, 3, 44, 8, 61], [70, 2, 19], list(range(40, 60))]
@@ -80,8 +79,8 @@ def test_llm_fp8_greedy_equals_dequantized_reference(tmp_path, variant):
     moe_experts = [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, Experts)]
     assert moe_experts and all(m.gate_up_proj.dtype == torch.float8_e4m3fn for m in moe_experts)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
-    ref = _dequantized_reference(path)
-    assert [o.outputs[0].token_ids for o in outs] == [_greedy(ref, p, 6) for p in PROMPTS]
+    ref = dequantized_reference(path)
+    assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(ref, p, 6) for p in PROMPTS]
 
 
 def test_fused_shared_experts_fp8_at_every_size(tmp_path):
