@@ -183,8 +183,10 @@ def test_resume_continues_the_same_curve(mode, tok_dir, data_file, tmp_path):
                  *args]) == 1, "a completed run is not silently retrained"
     os.remove(os.path.join(out, "completed"))  # as if the run had died after checkpoint-3
     assert _finetune(base, data_file, out, *args) == 0
-    second = _log(out)[6:]
-    assert [r["step"] for r in second] == [4, 5, 6]
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6], "the resumed run cut the log back to step 3"
+    assert log[:3] == first[:3]
+    second = log[3:]
     for a, b in zip(first[3:], second):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["learning_rate"] == b["learning_rate"]
 

@@ -143,7 +143,7 @@ def test_schedules_match_transformers(kind):
 
 def test_bad_flags_are_clear_errors(corpus, tmp_path, capsys):
     tok, a, _ = corpus
-    assert _train(tok, [a], str(tmp_path / "o"), "--fp16", "True") == 1
+    assert _train(tok, [a], str(tmp_path / "o"), "--fp16", "True", "--bf16", "True") == 1
     assert "--bf16" in capsys.readouterr().err
     assert _train(tok, [a], str(tmp_path / "o"), "--per_device_train_batch_size", "0") == 1
     assert "must be positive" in capsys.readouterr().err

@@ -23,9 +23,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data (finetune.py's ModelArguments / DataArguments)")
     g.add_argument("--model_name_or_path", "--model", default=None, help="base checkpoint directory")
     g.add_argument("--data_path", default=None,
-                   help="JSON lines of {instruction, output} or {messages}; a file, a directory or several")
-    g.add_argument("--prompt_format", default="chat", choices=("chat", "instruction"),
-                   help="chat: the model's chat template (default); instruction: finetune.py's ### Instruction prompt")
+                   help="JSON lines, a JSON array or parquet (Open-Platypus) of {instruction, output [, input]} or "
+                        "{messages}; a file, a directory or several")
+    g.add_argument("--prompt_format", default="chat", choices=("chat", "instruction", "deepseek"),
+                   help="chat: the model's chat template, answers end with eos (default); instruction: finetune.py's "
+                        "### Instruction prompt, answers end with eos; deepseek: finetune.py's preprocessing exactly "
+                        "(answers end with the text '\\n<|EOT|>', rows truncated, 'input' ignored)")
+    g.add_argument("--long_rows", default=None, choices=("skip", "truncate"),
+                   help="rows longer than --model_max_length: skip them (default) or cut them (default with "
+                        "--prompt_format deepseek, as finetune.py); counted either way")
+    g.add_argument("--input_field", default=None, choices=("append", "ignore"),
+                   help="a row's optional 'input' (Alpaca, Open-Platypus): appended to the instruction (default) or "
+                        "ignored (default with --prompt_format deepseek, as finetune.py); counted either way")
     add_bool(g, "use_lora", False, "train LoRA adapters on a frozen base instead of all weights")
     g.add_argument("--lora_r", "--lora_rank", dest="lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=float, default=32.0)
@@ -46,6 +55,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except OSError as e:  # a disk or permission failure outside the checked writes: still one line
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{e.strerror or e} ({e.filename})" if e.filename else str(e)) from None
+
+
+def _run(args) -> int:
     from ..train.finetune import merge_adapter
 
     if isinstance(args.merge, str):
@@ -67,11 +85,12 @@ def finetune(args) -> dict:
     from ..config import load_config
     from ..tokenizer import Tokenizer
     from ..train.args import TrainingConfig
-    from ..train.data import SFTData, check_vocab, load_sft_dataset
+    from ..train.data import SFTData, SFTOptions, check_vocab, load_sft_dataset
     from ..train.finetune import LoraOptions, build_finetune_model
     from ..train.session import run_session
 
     cfg = TrainingConfig.from_args(args)
+    sft = SFTOptions(args.prompt_format, args.long_rows, args.input_field)
     lora = LoraOptions(args.use_lora, args.lora_r, args.lora_alpha, args.lora_dropout, args.trainable,
                        args.modules_to_save, args.bits, args.double_quant, args.quant_type)
     base = args.model_name_or_path
@@ -80,7 +99,7 @@ def finetune(args) -> dict:
     tokenizer = Tokenizer.from_dir(base)
 
     def setup(info, plan, resume, log):
-        examples, _ = load_sft_dataset(args.data_path, tokenizer, cfg.model_max_length, args.prompt_format, log=log)
+        examples, _ = load_sft_dataset(args.data_path, tokenizer, cfg.model_max_length, sft, log=log)
         check_vocab(max(max(e.input_ids) for e in examples), load_config(base).vocab_size, base)
         model, writer = build_finetune_model(base, lora, cfg, info, plan, resume)
         return model, SFTData(examples, pad_id=tokenizer.eos_token_id), writer

@@ -31,12 +31,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--doc_separator", default=None,
                    help="split .txt files into documents on this string (e.g. '<|endoftext|>'; default: one per file)")
     add_training_args(p, max_length_default=512)
-    p.set_defaults(learning_rate=3e-4, warmup_ratio=0.01, lr_scheduler_type="cosine", weight_decay=0.1)
+    # The balance loss averaged over the global batch: pretraining has no reference recipe to match, and the mean
+    # keeps the loss independent of how the batch is split.
+    p.set_defaults(learning_rate=3e-4, warmup_ratio=0.01, lr_scheduler_type="cosine", weight_decay=0.1,
+                   balance_loss_weighting="global_batch")
     return p
 
 
 def run(args) -> int:
-    pretrain(args)
+    try:
+        pretrain(args)
+    except OSError as e:  # a disk or permission failure outside the checked writes: still one line
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{e.strerror or e} ({e.filename})" if e.filename else str(e)) from None
     return 0
 
 

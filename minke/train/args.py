@@ -12,6 +12,64 @@ from dataclasses import dataclass, field
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+REPORTERS = ("tensorboard", "wandb")
+BALANCE_WEIGHTING = ("micro_batch", "global_batch")
+
+# transformers.TrainingArguments flags that cannot change what is trained here: accepted and named in one logged
+# line each when given. name -> (argparse type, why it does not matter).
+IGNORED_FLAGS: dict[str, tuple[object, str]] = {
+    "dataloader_num_workers": (int, "examples are tokenized before training and batches are built in-process"),
+    "dataloader_pin_memory": (str, "batches are built in-process"),
+    "dataloader_persistent_workers": (str, "batches are built in-process"),
+    "dataloader_prefetch_factor": (int, "batches are built in-process"),
+    "dataloader_drop_last": (str, "minke keeps every batch full: a short last batch wraps to the epoch's start"),
+    "remove_unused_columns": (str, "rows are read field by field"),
+    "length_column_name": (str, "lengths are the token counts"),
+    "log_level": (str, "minke prints its own progress lines"),
+    "log_level_replica": (str, "only rank 0 prints"),
+    "log_on_each_node": (str, "only rank 0 prints"),
+    "logging_nan_inf_filter": (str, "a non-finite loss stops the run with an error"),
+    "ddp_find_unused_parameters": (str, "DDP/FSDP2 are set up by minke"),
+    "ddp_bucket_cap_mb": (int, "DDP/FSDP2 are set up by minke"),
+    "ddp_backend": (str, "nccl on GPUs, gloo on CPU"),
+    "ddp_timeout": (int, "torch's default process-group timeout is used"),
+    "torch_compile": (str, "minke runs eager"),
+    "full_determinism": (str, "minke's CPU runs are deterministic; GPU kernels may not be"),
+    "save_on_each_node": (str, "rank 0 writes every checkpoint"),
+    "hub_model_id": (str, "nothing is pushed to a hub"),
+    "hub_strategy": (str, "nothing is pushed to a hub"),
+    "hub_token": (str, "nothing is pushed to a hub"),
+    "gradient_checkpointing_kwargs": (str, "minke checkpoints whole decoder layers"),
+    "include_tokens_per_second": (str, "tokens/s is always logged"),
+    "skip_memory_metrics": (str, "no memory metrics are collected"),
+    "ignore_data_skip": (str, "a resumed run computes its batches directly: nothing is skipped"),
+    "bf16_full_eval": (str, "minke does not evaluate"),
+    "fp16_full_eval": (str, "minke does not evaluate"),
+    "eval_steps": (str, "minke does not evaluate"),
+    "eval_accumulation_steps": (str, "minke does not evaluate"),
+    "eval_delay": (str, "minke does not evaluate"),
+    "prediction_loss_only": (str, "minke does not evaluate"),
+    "metric_for_best_model": (str, "minke does not evaluate"),
+    "greater_is_better": (str, "minke does not evaluate"),
+    "average_tokens_across_devices": (str, "minke always normalizes the loss by the global batch's target tokens"),
+    "use_liger_kernel": (str, "minke uses its own kernels"),
+    "save_safetensors": (str, "minke always writes safetensors"),
+}
+# Flags whose other values would change the result and that minke does not implement: refused unless given their
+# harmless value. name -> (argparse type, harmless values, message).
+REFUSED_FLAGS: dict[str, tuple[object, tuple, str]] = {
+    "do_eval": (str, ("false", "0", "no"), "minke trains without evaluation"),
+    "do_predict": (str, ("false", "0", "no"), "minke trains without prediction"),
+    "load_best_model_at_end": (str, ("false", "0", "no"), "minke does not evaluate, so there is no best model"),
+    "push_to_hub": (str, ("false", "0", "no"), "minke does not upload; copy OUTPUT_DIR yourself"),
+    "adafactor": (str, ("false", "0", "no"), "minke trains with AdamW (--optim adamw_torch)"),
+    "auto_find_batch_size": (str, ("false", "0", "no"), "give --per_device_train_batch_size"),
+    "save_only_model": (str, ("false", "0", "no"),
+                        "minke checkpoints always hold the optimizer state, which an exact resume needs"),
+    "neftune_noise_alpha": (str, ("none", "0", "0.0"), "NEFTune embedding noise is not implemented"),
+    "lr_scheduler_kwargs": (str, ("{}", ""), "the schedules take no extra arguments"),
+    "fsdp": (str, ("", "false"), "several processes shard with FSDP2 automatically (see --deepspeed)"),
+}
 
 
 def str2bool(v) -> bool:
@@ -63,6 +121,18 @@ class TrainingConfig:
     overwrite_output_dir: bool = False
     resume_from_checkpoint: str | None = None  # None: the newest checkpoint-N in output_dir, if any
     disable_tqdm: bool = False
+    fp16: bool = False
+    tf32: bool | None = None  # None: torch's default
+    group_by_length: bool = False
+    data_seed: int | None = None  # the data order's seed (default: seed)
+    logging_first_step: bool = False
+    label_smoothing_factor: float = 0.0
+    run_name: str | None = None
+    # The MoE balance loss per micro-batch at full weight, summed over accumulation (DeepSeek's modeling code under
+    # HF Trainer: its AddAuxiliaryLoss gives each micro-batch's balance loss gradient 1), or averaged over the
+    # global batch's micro-batches (independent of how the global batch is split).
+    balance_loss_weighting: str = "micro_batch"
+    notices: list[str] = field(default_factory=list)  # one line each, printed when the run starts
 
     def __post_init__(self):
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps")
@@ -84,23 +154,44 @@ class TrainingConfig:
             raise ValueError("--learning_rate and --warmup_steps must be >= 0 and --warmup_ratio in [0, 1)")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("give --num_train_epochs > 0 or --max_steps > 0")
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 are exclusive: pick one")
+        if not 0 <= self.label_smoothing_factor < 1:
+            raise ValueError(f"--label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
+        if self.balance_loss_weighting not in BALANCE_WEIGHTING:
+            raise ValueError(f"--balance_loss_weighting must be one of {BALANCE_WEIGHTING}, "
+                             f"got {self.balance_loss_weighting!r}")
         self.report_to = [r for r in self.report_to if r not in ("none", "")]
         if "all" in self.report_to:
-            self.report_to = ["tensorboard"]
-        unknown = [r for r in self.report_to if r != "tensorboard"]
+            self.report_to = list(REPORTERS)
+        unknown = [r for r in self.report_to if r not in REPORTERS]
         if unknown:
-            raise ValueError(f"--report_to {unknown} is not supported; minke logs to 'tensorboard' (or 'none')")
+            raise ValueError(f"--report_to {unknown} is not supported; minke logs to {REPORTERS} (or 'none')")
         if self.logging_dir is None:
             self.logging_dir = os.path.join(self.output_dir, "runs")
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "TrainingConfig":
-        if a.fp16:
-            raise ValueError("--fp16 is not supported: DeepSeek weights overflow in float16; use --bf16")
         for name in ("evaluation_strategy", "eval_strategy"):
             if getattr(a, name) not in (None, "no"):
                 raise ValueError(f"--{name} {getattr(a, name)!r}: minke trains without evaluation; pass 'no'")
-        device = "cpu" if a.use_cpu else a.device
+        notices = []
+        for name, (_, harmless, why) in REFUSED_FLAGS.items():
+            v = getattr(a, name, None)
+            if v is not None and str(v).strip().lower() not in harmless:
+                raise ValueError(f"--{name} {v}: not supported ({why})")
+        for name, (_, why) in IGNORED_FLAGS.items():
+            v = getattr(a, name, None)
+            if v is not None:
+                notices.append(f"--{name} {v} ignored: {why}")
+        if a.local_rank is not None and a.local_rank >= 0:
+            notices.append(f"--local_rank {a.local_rank} (from the launcher): ranks are taken from the environment "
+                           f"(LOCAL_RANK={os.environ.get('LOCAL_RANK', 'unset')}, "
+                           f"WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')})")
+        if a.fp16:
+            notices.append("--fp16: float16 autocast with a dynamic loss scale (steps with inf/nan gradients are "
+                           "skipped); DeepSeek activations can exceed float16's range, --bf16 is safer")
+        device = "cpu" if a.use_cpu or a.no_cuda else a.device
         return cls(
             output_dir=a.output_dir, num_train_epochs=a.num_train_epochs, max_steps=a.max_steps,
             model_max_length=a.model_max_length, per_device_train_batch_size=a.per_device_train_batch_size,
@@ -112,7 +203,10 @@ class TrainingConfig:
             seed=a.seed, bf16=a.bf16, gradient_checkpointing=a.gradient_checkpointing,
             report_to=[s.strip() for r in a.report_to for s in r.split(",")], logging_dir=a.logging_dir,
             deepspeed=a.deepspeed, optim=a.optim, device=device, overwrite_output_dir=a.overwrite_output_dir,
-            resume_from_checkpoint=a.resume_from_checkpoint, disable_tqdm=a.disable_tqdm,
+            resume_from_checkpoint=a.resume_from_checkpoint, disable_tqdm=a.disable_tqdm, fp16=a.fp16, tf32=a.tf32,
+            group_by_length=a.group_by_length, data_seed=a.data_seed, logging_first_step=a.logging_first_step,
+            label_smoothing_factor=a.label_smoothing_factor, run_name=a.run_name,
+            balance_loss_weighting=a.balance_loss_weighting, notices=notices,
         )
 
 
@@ -147,12 +241,35 @@ def add_training_args(p: argparse.ArgumentParser, max_length_default: int = 512)
     g.add_argument("--eval_strategy", default=None, help="accepted for compatibility: only 'no'")
     g.add_argument("--seed", type=int, default=42)
     add_bool(g, "bf16", False, "bfloat16 mixed precision (fp32 master weights for full fine-tuning)")
-    add_bool(g, "fp16", False, "not supported (DeepSeek weights overflow in fp16): use --bf16")
+    add_bool(g, "fp16", False, "float16 autocast with a dynamic loss scale (one process or DDP; --bf16 is safer)")
+    g.add_argument("--tf32", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="TF32 matmuls on Ampere+ GPUs (torch.backends.cuda.matmul.allow_tf32); no effect on CPU")
+    add_bool(g, "group_by_length", False, "batch rows of similar length together (transformers' LengthGroupedSampler"
+                                          " scheme: megabatches of 50 global batches sorted by length)")
+    g.add_argument("--data_seed", type=int, default=None, help="seed of the data order (default: --seed)")
+    add_bool(g, "logging_first_step", False, "also log step 1")
+    g.add_argument("--label_smoothing_factor", type=float, default=0.0)
+    g.add_argument("--run_name", default=None, help="the wandb run name")
+    g.add_argument("--local_rank", type=int, default=None,
+                   help="passed by the deepspeed launcher; ranks come from the environment (RANK, LOCAL_RANK, ...)")
+    add_bool(g, "no_cuda", False, "as --use_cpu")
+    add_bool(g, "do_train", True, "accepted; minke trains")
+    g.add_argument("--balance_loss_weighting", default="micro_batch", choices=BALANCE_WEIGHTING,
+                   help="MoE balance loss: micro_batch = each micro-batch's at full weight, summed over gradient "
+                        "accumulation (DeepSeek's modeling code under HF Trainer); global_batch = their mean (does "
+                        "not depend on how the global batch is split; 1/accumulation of the former)")
+    for name, (typ, why) in IGNORED_FLAGS.items():
+        g.add_argument(f"--{name}", type=typ, default=None, help=f"accepted and ignored: {why}")
+    for name, (typ, _, why) in REFUSED_FLAGS.items():
+        g.add_argument(f"--{name}", type=typ, default=None, nargs="?", const="true",
+                       help=f"only its default is accepted: {why}")
     add_bool(g, "gradient_checkpointing", False, "recompute each decoder layer in the backward pass")
-    g.add_argument("--report_to", nargs="+", default=["none"], help="'tensorboard' or 'none'")
+    g.add_argument("--report_to", nargs="+", default=["none"],
+                   help="'tensorboard', 'wandb' (needs the wandb package), 'all' or 'none'")
     g.add_argument("--deepspeed", default=None, metavar="FILE",
                    help="a DeepSpeed JSON config: its ZeRO stage is mapped onto PyTorch FSDP2 (DeepSpeed itself is "
-                        "not used); see minke/train/distributed.py")
+                        "not used), its optimizer and scheduler sections are honoured as HF Trainer does ('auto' "
+                        "values too); see minke/train/deepspeed_config.py")
     g.add_argument("--optim", default="adamw_torch", choices=OPTIMIZERS)
     g.add_argument("--cache_dir", default=None, help="accepted for compatibility; unused")
     g.add_argument("--resume_from_checkpoint", default=None,

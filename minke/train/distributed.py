@@ -1,12 +1,15 @@
 """Several training processes under `torchrun`, on PyTorch's own engines: FSDP2 (`fully_shard`) or DDP.
 
-DeepSpeed is not a dependency. A `--deepspeed FILE` config (what finetune.py's commands pass) is read for its ZeRO
-stage and mapped, with a printed notice:
+DeepSpeed is not a dependency. A `--deepspeed FILE` config (what finetune.py's commands pass) is read as HF
+Trainer reads it (deepspeed_config.py: "auto" values, optimizer and scheduler sections); its ZeRO stage is mapped,
+with a printed notice:
   ZeRO-3        -> FSDP2, reshard_after_forward=True: parameters, gradients and optimizer state sharded;
   ZeRO-1 / 2    -> FSDP2, reshard_after_forward=False: gradients and optimizer state sharded, parameters stay
                    gathered from the forward to the backward (no second all-gather);
   ZeRO-0        -> DDP (plain data parallel);
-  offload_param / offload_optimizer to "cpu" -> FSDP2 CPUOffloadPolicy.
+  offload_param / offload_optimizer to "cpu" -> FSDP2 CPUOffloadPolicy (several processes). In one process nothing
+                   is sharded or offloaded, and the notice says so: parameters, gradients and AdamW state stay on
+                   the device.
 Without a config, several processes use FSDP2 full sharding. A 4-bit (QLoRA) base cannot be sharded: it is
 replicated and only the LoRA gradients are all-reduced (DDP), what ZeRO-2 amounts to for a frozen base.
 
@@ -17,7 +20,6 @@ embeddings, final norm and lm_head. On CPU the backend is gloo, on GPUs nccl.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass
 
@@ -82,29 +84,29 @@ class ShardPlan:
 
 
 def read_deepspeed_config(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--deepspeed {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--deepspeed {path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"--deepspeed {path}: expected a JSON object")
-    return cfg
+    from .deepspeed_config import read_json
+
+    return read_json(path)
 
 
-def plan_sharding(world: int, deepspeed: str | None = None, quantized: bool = False) -> ShardPlan:
-    stage, offload = None, False
-    if deepspeed:
+def plan_sharding(world: int, deepspeed=None, quantized: bool = False) -> ShardPlan:
+    """`deepspeed`: None, a config path (its zero_optimization section only) or deepspeed_config.DeepSpeedSettings."""
+    stage, offload, path = None, False, None
+    if isinstance(deepspeed, str):
+        path = deepspeed
         zero = read_deepspeed_config(deepspeed).get("zero_optimization", {}) or {}
         stage = zero.get("stage", 0)
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"--deepspeed {deepspeed}: zero_optimization.stage must be 0-3, got {stage!r}")
         offload = any((zero.get(k) or {}).get("device") == "cpu" for k in ("offload_param", "offload_optimizer"))
-    src = f"DeepSpeed ZeRO-{stage} config {deepspeed}" if deepspeed else "no --deepspeed config"
+    elif deepspeed is not None:
+        path, stage, offload = deepspeed.path, deepspeed.stage, deepspeed.offload
+    src = f"DeepSpeed ZeRO-{stage} config {path}" if path else "no --deepspeed config"
     if world <= 1:
-        note = f"{src}: single process, nothing to shard" if deepspeed else ""
+        note = f"{src}: single process, nothing to shard" if path else ""
+        if offload:
+            note += ("; its CPU offload is not applied in one process: parameters, gradients and optimizer state "
+                     "stay on the training device (FSDP2 offload needs 2+ processes under torchrun)")
         return ShardPlan("none", notice=note)
     if quantized:
         return ShardPlan("ddp", notice=f"{src}: 4-bit base replicated on each of {world} processes, LoRA gradients "

@@ -18,6 +18,7 @@ import torch
 from ..config import load_config
 from ..loader import load_model, resolve_dtype
 from .args import TrainingConfig
+from .checkpoint import seal_dir
 from .distributed import DistInfo, ShardPlan
 from .export import save_hf_model
 from .lora import apply_lora, load_adapter, make_lora_config, merge_lora, read_adapter_config
@@ -103,5 +104,6 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, bf
     merge_lora(model)
     tok_dir = adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer.json")) else base
     save_hf_model(output_dir, model, read_config_raw(base), dtype, tokenizer_dir=tok_dir, source_dir=base)
+    seal_dir(output_dir)  # fsynced, and 0644 under the umask (safetensors writes 0600)
     log(f"merged {adapter_dir} into {base} -> {output_dir} ({str(dtype).replace('torch.', '')})")
     return output_dir

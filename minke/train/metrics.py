@@ -1,6 +1,7 @@
 """Progress and logs of a training run, on rank 0 only: a tqdm bar (loss, lr, tokens/s), trainer_log.jsonl (one
-JSON object per logged step, always written), and tensorboard scalars under logging_dir with --report_to
-tensorboard (transformers' names: train/loss, train/learning_rate, ...)."""
+JSON object per logged step, always written; a resumed run first cuts it back to the checkpoint's step, so no step
+appears twice), tensorboard scalars under logging_dir with --report_to tensorboard and a wandb run with --report_to
+wandb (transformers' names: train/loss, train/learning_rate, ...; without the package, one warning line)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,28 @@ import sys
 
 class RunLogger:
     def __init__(self, output_dir: str, logging_dir: str, report_to: list[str], total_steps: int, start_step: int,
-                 enabled: bool, show_bar: bool):
-        """A resumed run (start_step > 0) appends to trainer_log.jsonl; a fresh one starts it anew."""
+                 enabled: bool, show_bar: bool, run_name: str | None = None, run_config: dict | None = None):
+        """A resumed run (start_step > 0) keeps trainer_log.jsonl's records up to start_step and appends; a fresh
+        one starts it anew."""
         self.enabled = enabled
-        self.bar = self.tb = None
+        self.bar = self.tb = self.wandb = None
         self.jsonl = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(output_dir, "trainer_log.jsonl"), "a" if start_step else "w",
-                          encoding="utf-8")
+        path = os.path.join(output_dir, "trainer_log.jsonl")
+        if start_step:
+            truncate_log(path, start_step)
+        self.jsonl = open(path, "a" if start_step else "w", encoding="utf-8")
+        if "wandb" in report_to:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(name=run_name, dir=output_dir, config=run_config or {},
+                                        project=os.environ.get("WANDB_PROJECT", "huggingface"))
+            except ImportError:
+                print("warning: --report_to wandb needs the wandb package (pip install wandb); logging to "
+                      "trainer_log.jsonl only", file=sys.stderr)
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -50,6 +63,8 @@ class RunLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if self.bar is None:
             print(json.dumps(rec), flush=True)
 
@@ -66,5 +81,34 @@ class RunLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def truncate_log(path: str, step: int) -> int:
+    """Keep the records of steps <= `step` (a run resumed from checkpoint-`step` logs the later ones again), and
+    drop a last line cut short by a kill. Rewritten atomically. Returns the number of records dropped."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped

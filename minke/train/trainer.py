@@ -3,12 +3,16 @@
 One optimizer step = a global batch of per_device_batch x accumulation x world examples. The loss is
 
     L = sum of token cross-entropies over the global batch / number of target tokens in the global batch
-        + mean over micro-batches of the MoE balance loss (aux_loss_alpha, per sequence when seq_aux)
+        + w * sum over micro-batches of the MoE balance loss (aux_loss_alpha, per sequence when seq_aux),
+          averaged over processes
 
-so the gradient does not depend on how the global batch is split into micro-batches or processes: the target
-token count is all-reduced before the backward passes, and each rank's loss is scaled by the world size because
-FSDP/DDP average gradients across ranks. One process and N processes with the same global batch therefore follow
-the same loss curve (tests/test_train_distributed.py), and a resumed run continues its curve exactly.
+with w = 1 (`--balance_loss_weighting micro_batch`, finetune's default: what DeepSeek's modeling code does under HF
+Trainer, where AddAuxiliaryLoss gives every micro-batch's balance loss gradient 1 whatever the accumulation) or
+w = 1 / accumulation (`global_batch`, pretraining's default: the mean). The cross-entropy part does not depend on
+how the global batch is split into micro-batches or processes: the target token count is all-reduced before the
+backward passes, and each rank's loss is scaled by the world size because FSDP/DDP average gradients across ranks.
+One process and N processes with the same global batch therefore follow the same loss curve
+(tests/test_train_distributed.py), and a resumed run continues its curve exactly.
 """
 
 from __future__ import annotations
@@ -26,26 +30,51 @@ from .args import TrainingConfig
 from .data import IGNORE_INDEX, GlobalBatchSampler
 from .distributed import (DistInfo, ShardPlan, all_reduce_sum, full_model_state, full_optimizer_state, grad_sync,
                           load_full_optimizer_state)
+from .deepspeed_config import deepspeed_lr, resolve_schedule
 from .metrics import RunLogger
 from .optim import build_optimizer, build_scheduler
 
 
 class Trainer:
     def __init__(self, model: nn.Module, data, cfg: TrainingConfig, info: DistInfo, plan: ShardPlan, writer,
-                 resume_from: str | None = None, log=print):
+                 resume_from: str | None = None, log=print, deepspeed=None):
         """`model`: on info.device, already wrapped by distributed.wrap_model; `data`: SFTData or BlockData;
-        `writer`: writers.FullModelWriter or AdapterWriter."""
+        `writer`: writers.FullModelWriter or AdapterWriter; `deepspeed`: deepspeed_config.DeepSpeedSettings whose
+        optimizer / scheduler sections (if any) replace --optim / --lr_scheduler_type."""
         self.model, self.data, self.cfg, self.info, self.plan, self.writer = model, data, cfg, info, plan, writer
         self.resume_from, self.log = resume_from, log
+        lengths = data.lengths() if cfg.group_by_length else None
         self.sampler = GlobalBatchSampler(len(data), cfg.per_device_train_batch_size,
-                                          cfg.gradient_accumulation_steps, info.world, cfg.seed)
+                                          cfg.gradient_accumulation_steps, info.world,
+                                          cfg.seed if cfg.data_seed is None else cfg.data_seed, lengths=lengths)
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.sampler.steps_per_epoch))
-        self.optimizer = build_optimizer(model, cfg, info.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        if cfg.fp16 and plan.strategy == "fsdp":
+            raise ValueError("--fp16 with several sharded processes is not supported (FSDP2 has no loss scaler "
+                             "here): use --bf16, or a DeepSpeed ZeRO-0 config (DDP)")
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if deepspeed is not None and deepspeed.optimizer is not None:
+            o = deepspeed.optimizer  # DeepSpeed's AdamW: one group, decay on every trainable parameter
+            self.optimizer = torch.optim.AdamW(self.trainable, lr=o["lr"], betas=o["betas"], eps=o["eps"],
+                                               weight_decay=o["weight_decay"])
+        else:
+            self.optimizer = build_optimizer(model, cfg, info.device)
+        if deepspeed is not None and deepspeed.scheduler is not None:
+            warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
+            sched = resolve_schedule(deepspeed.scheduler, self.total_steps, warmup)
+            base = self.optimizer.param_groups[0]["lr"]
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda s: deepspeed_lr(sched, s) / base if base > 0 else 0.0)
+            log(f"schedule: DeepSpeed {sched['type']}, warm-up {sched['warmup_num_steps']} steps "
+                f"({sched['warmup_type']}); lr at steps 1-3: "
+                + ", ".join(f"{deepspeed_lr(sched, k):.3g}" for k in range(3)))
+        else:
+            self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        # float16 needs a loss scale (its range ends at 65504); bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(info.device.type) if cfg.fp16 else None
+        self.aux_weight = 1.0 if cfg.balance_loss_weighting == "micro_batch" else 1.0 / cfg.gradient_accumulation_steps
         self.step = 0
         self.history: list[dict] = []
 
@@ -56,6 +85,8 @@ class Trainer:
         # master weights (full fine-tuning) or fp32 adapters on a bf16 / 4-bit base (LoRA, QLoRA).
         if self.cfg.bf16 and self.plan.strategy != "fsdp":
             return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
+        if self.cfg.fp16:
+            return torch.autocast(self.info.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
     def _trainer_state(self) -> dict:
@@ -72,6 +103,8 @@ class Trainer:
                      "differs from an uninterrupted run")
         load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(ts["global_step"])
         self.history = list(ts.get("log_history", []))
@@ -81,12 +114,14 @@ class Trainer:
         """A checkpoint-N (out_dir None) or the final output (out_dir = output_dir). Collective."""
         state = full_model_state(self.model, self.info, trainable_only=self.writer.trainable_only)
         if out_dir is None:
+            extra = {"scaler.pt": self.scaler.state_dict()} if self.scaler is not None else None
             ckpt.save_checkpoint(self.cfg.output_dir, self.step, self.info,
                                  lambda d: self.writer.write(d, state, final=False),
                                  full_optimizer_state(self.model, self.optimizer, self.info),
-                                 self.scheduler.state_dict(), self._trainer_state(), self.cfg.save_total_limit)
+                                 self.scheduler.state_dict(), self._trainer_state(), self.cfg.save_total_limit,
+                                 extra=extra)
         elif self.info.is_main:
-            self.writer.write(out_dir, state, final=True)
+            ckpt.save_final(out_dir, lambda d: self.writer.write(d, state, final=True))
 
     # -- one optimizer step ----------------------------------------------------------------------------------
 
@@ -110,23 +145,34 @@ class Trainer:
                     out = self.model(ids, return_aux_loss=True)
                     logits = out.logits[:, :-1]  # position t predicts token t+1: [B, T-1, V]
                     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                         ignore_index=IGNORE_INDEX, reduction="sum")
+                                         ignore_index=IGNORE_INDEX, reduction="sum",
+                                         label_smoothing=self.cfg.label_smoothing_factor)
                     aux = out.aux_loss if out.aux_loss is not None else ce.new_zeros(())
-                    loss = ce * (self.info.world / n_target) + aux / accum
-                loss.backward()
+                    loss = ce * (self.info.world / n_target) + aux * self.aux_weight
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             sums[0] += ce.detach().double()
             sums[1] += aux.detach().double()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip()
-        self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped when the gradients hold inf/nan
+            self.scaler.update()
+            if self.scaler.get_scale() >= scale:  # not skipped: HF steps the schedule only then
+                self.scheduler.step()
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         all_reduce_sum(sums, self.info)
         self.step += 1
         ce_mean = sums[0].item() / n_target
-        aux_mean = sums[1].item() / (accum * self.info.world)
+        aux_mean = sums[1].item() / (accum * self.info.world)  # the balance loss of one micro-batch, on average
         dt = time.perf_counter() - t0
-        return {"loss": ce_mean + aux_mean, "ce_loss": ce_mean, "aux_loss": aux_mean, "learning_rate": lr,
+        loss = ce_mean + aux_mean * accum * self.aux_weight  # what the gradient is of
+        return {"loss": loss, "ce_loss": ce_mean, "aux_loss": aux_mean, "learning_rate": lr,
                 "grad_norm": grad_norm, "tokens_per_s": counts[1].item() / dt, "step_time_s": dt,
                 "epoch": self.step / self.sampler.steps_per_epoch}
 
@@ -145,7 +191,8 @@ class Trainer:
             self._resume()
         self.model.train()
         logger = RunLogger(cfg.output_dir, cfg.logging_dir, cfg.report_to, self.total_steps, self.step,
-                           enabled=self.info.is_main, show_bar=not cfg.disable_tqdm)
+                           enabled=self.info.is_main, show_bar=not cfg.disable_tqdm, run_name=cfg.run_name,
+                           run_config=self._run_config())
         logger.message(f"training: {len(self.data)} examples, global batch {self.sampler.global_batch} "
                        f"({cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x "
                        f"{self.info.world} processes), {self.total_steps} steps, "
@@ -158,7 +205,8 @@ class Trainer:
                     raise FloatingPointError(f"loss became {metrics['loss']} at step {self.step}; lower "
                                              "--learning_rate or --max_grad_norm")
                 tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
-                log_now = self.step % cfg.logging_steps == 0 or self.step == self.total_steps
+                log_now = (self.step % cfg.logging_steps == 0 or self.step == self.total_steps
+                           or (cfg.logging_first_step and self.step == 1))
                 if log_now:
                     self.history.append({"step": self.step, **metrics})
                 logger.step(self.step, metrics, log_now)
@@ -166,12 +214,15 @@ class Trainer:
                     self._save()
         finally:
             logger.close()
-        self._save(cfg.output_dir)
-        if self.info.is_main:
-            ckpt.mark_completed(cfg.output_dir)
+        self._save(cfg.output_dir)  # the final output, then the `completed` marker
         elapsed = time.perf_counter() - t_start
         return {"steps": self.step, "steps_this_run": self.step - start_step, "tokens_per_s": tokens / elapsed,
                 "final_loss": self.history[-1]["loss"] if self.history else None, "history": self.history}
+
+    def _run_config(self) -> dict:
+        c = self.cfg
+        return {k: getattr(c, k) for k in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+                                           "model_max_length", "lr_scheduler_type", "warmup_steps", "seed", "bf16")}
 
     def _should_save(self) -> bool:
         if self.step == self.total_steps:
