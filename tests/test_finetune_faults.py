@@ -88,8 +88,8 @@ def test_sigkilled_run_resumes_bit_exact(mode, assets, tmp_path):
              "--warmup_steps", "3", "--gradient_accumulation_steps", "2"]
     extra += {"full": [], "lora": ["--use_lora", "True", "--lora_dropout", "0.2"], "bf16": ["--bf16", "True"]}[mode]
     ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(_args(assets, ref, *extra)) == 0  # the uninterrupted reference (one thread as well)
     p = _subprocess(_args(assets, out, *extra))
-    assert main(_args(assets, ref, *extra)) == 0  # the uninterrupted reference, meanwhile (one thread as well)
     deadline = time.time() + 300
     while not os.path.isfile(out / "checkpoint-4" / ckpt.STATE_FILE) and p.poll() is None and time.time() < deadline:
         time.sleep(0.005)
