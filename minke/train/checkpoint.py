@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo
 
 PREFIX = "checkpoint"
 COMPLETED = "completed"
@@ -177,10 +177,19 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None, log) -> None:
-    """Rank 0, before training: remove leftovers of interrupted writes; with --overwrite_output_dir (and nothing to
-    resume) the previous run's checkpoints, final model and marker; without it a final model that no `completed`
-    marker vouches for (a final save that was interrupted). Every removal is logged."""
+def prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None, log, apply: bool = True) -> None:
+    """Before training: remove leftovers of interrupted writes; with --overwrite_output_dir (and nothing to resume)
+    the previous run's checkpoints, final model and marker; without it a final model that no `completed` marker
+    vouches for (a final save that was interrupted). Every removal is logged. Every rank calls it (so all raise the
+    same error); only the one with `apply` removes anything."""
+    finals = final_files(output_dir)
+    if finals and not overwrite and not os.path.exists(os.path.join(output_dir, COMPLETED)) \
+            and not _is_run_dir(output_dir):
+        raise OutputError(f"--output_dir {output_dir} already holds model files ({', '.join(finals[:4])}) that "
+                          "no minke run wrote; choose another --output_dir, or pass --overwrite_output_dir "
+                          "True to replace them")
+    if not apply:
+        return
     junk = leftovers(output_dir)
     if junk:
         log(f"output: removing {len(junk)} leftover(s) of an interrupted write: {', '.join(junk)}")
@@ -205,10 +214,6 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None, log
             _remove(os.path.join(output_dir, f))
         return
     if finals and not completed:
-        if not _is_run_dir(output_dir):
-            raise OutputError(f"--output_dir {output_dir} already holds model files ({', '.join(finals[:4])}) that "
-                              "no minke run wrote; choose another --output_dir, or pass --overwrite_output_dir "
-                              "True to replace them")
         log(f"output: removing an unfinished final output ({', '.join(finals)}): the run was interrupted while "
             "saving it; it is written again at the end")
         for f in finals:
@@ -343,11 +348,16 @@ def save_checkpoint(output_dir: str, step: int, info: DistInfo, write_model: Cal
     on rank 0 with the gathered weights. `extra`: more torch files (name -> object), e.g. the fp16 loss scaler."""
     final = os.path.join(output_dir, f"{PREFIX}-{step}")
     tmp = final + ".tmp"
+    error = None
     try:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-        barrier(info)
+    except OSError as e:
+        error = e
+    if any_failed(error, info):  # every rank learns of a failure, so none waits forever at a barrier
+        raise _save_error(step, output_dir, error, tmp, info)
+    try:
         torch.save(rng_state(), os.path.join(tmp, f"rng_state_{info.rank}.pth"))
         if info.is_main:
             write_model(tmp)
@@ -355,7 +365,11 @@ def save_checkpoint(output_dir: str, step: int, info: DistInfo, write_model: Cal
             torch.save(scheduler_state, os.path.join(tmp, "scheduler.pt"))
             for name, obj in (extra or {}).items():
                 torch.save(obj, os.path.join(tmp, name))
-        barrier(info)
+    except OSError as e:
+        error = e
+    if any_failed(error, info):
+        raise _save_error(step, output_dir, error, tmp, info)
+    try:
         if info.is_main:
             with open(os.path.join(tmp, MANIFEST), "wb") as f:
                 f.write(_manifest(tmp))
@@ -367,11 +381,30 @@ def save_checkpoint(output_dir: str, step: int, info: DistInfo, write_model: Cal
             _fsync_dir(output_dir)
             rotate(output_dir, limit)
     except OSError as e:
-        if info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise io_error(f"checkpoint-{step}", output_dir, e) from None
-    barrier(info)
+        error = e
+    if any_failed(error, info):
+        raise _save_error(step, output_dir, error, tmp, info)
     return final
+
+
+def any_failed(error: BaseException | None, info: DistInfo) -> bool:
+    """Collective: did any rank fail? (One process: whether this one did.)"""
+    if not info.enabled:
+        return error is not None
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if error is None else 1.0], device=info.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return flag.item() > 0
+
+
+def _save_error(step: int, output_dir: str, error: OSError | None, tmp: str, info: DistInfo) -> OutputError:
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        return OutputError(f"could not write checkpoint-{step} to {output_dir}: another process failed to write "
+                           "its part (see its message)")
+    return io_error(f"checkpoint-{step}", output_dir, error)
 
 
 def save_final(output_dir: str, write: Callable[[str], None]) -> None:

@@ -8,7 +8,8 @@ Prompt formats (`--prompt_format`):
                `minke chat` / the OpenAI server use, and the model learns to stop where inference stops)
   instruction  DeepSeek finetune.py's fixed "### Instruction:/### Response:" prompt, answers ending in a real eos
   deepseek     finetune.py's preprocessing exactly: bos + prompt + f"{output}\n<|EOT|>" tokenized as one string
-               (`<|EOT|>` is no token of these tokenizers: it is 7 plain tokens, DeepSeek-MoE issues #28/#37),
+               (`<|EOT|>` is no token of these tokenizers but plain text, 5 tokens with DeepSeek LLM/V2's; DeepSeek-MoE
+               issues #28/#37),
                the first len(tokenize(bos + prompt)) tokens masked, truncated to model_max_length, `input` ignored
 Labels are the input ids with every prompt token set to -100, so the loss counts only answer tokens.
 Rows longer than model_max_length are skipped (`--long_rows skip`, default of chat/instruction) or cut to it

@@ -45,15 +45,13 @@ def run_session(cfg: TrainingConfig, quantized: bool,
             log(f"notice: {line}")
         free = ckpt.check_output_dir(cfg.output_dir, log if info.is_main else (lambda *_: None))
         resume = ckpt.find_resume(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, log)
-        if info.is_main:
-            ckpt.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resume, log)
+        ckpt.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resume, log, apply=info.is_main)
         barrier(info)
         plan = plan_sharding(info.world, ds, quantized)
         if plan.notice:
             log(f"notice: {plan.notice}")
         model, data, writer = setup(info, plan, resume, log)
-        if info.is_main:
-            check_space(model, writer, cfg, free, log)
+        check_space(model, writer, cfg, free, log)  # every rank: all refuse together
         model = wrap_model(model, plan, info, cfg.bf16)
         if plan.strategy == "fsdp":
             model.to(info.device)  # shards only: each rank moves its own slice

@@ -120,8 +120,15 @@ class Trainer:
                                  full_optimizer_state(self.model, self.optimizer, self.info),
                                  self.scheduler.state_dict(), self._trainer_state(), self.cfg.save_total_limit,
                                  extra=extra)
-        elif self.info.is_main:
-            ckpt.save_final(out_dir, lambda d: self.writer.write(d, state, final=True))
+        else:
+            error = None
+            if self.info.is_main:
+                try:
+                    ckpt.save_final(out_dir, lambda d: self.writer.write(d, state, final=True))
+                except ckpt.OutputError as e:
+                    error = e
+            if ckpt.any_failed(error, self.info):  # the other ranks stop too instead of waiting at a barrier
+                raise error or ckpt.OutputError(f"rank 0 could not write the final output to {out_dir}")
 
     # -- one optimizer step ----------------------------------------------------------------------------------
 
