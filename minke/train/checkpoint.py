@@ -167,7 +167,8 @@ def leftovers(output_dir: str) -> list[str]:
     """Partial writes of an interrupted run: checkpoint-N.tmp, .final.tmp, *.tmp files."""
     if not os.path.isdir(output_dir):
         return []
-    return sorted(n for n in os.listdir(output_dir) if n.endswith(".tmp") or n.startswith(".minke-write-test-"))
+    return sorted(n for n in os.listdir(output_dir)
+                  if n.endswith(".tmp") or n.startswith((".tmp", ".minke-write-test-")))
 
 
 def _remove(path: str) -> None:
