@@ -50,7 +50,7 @@ def _args(assets, out, *extra):
     base, data = assets
     return ["finetune", "--model_name_or_path", base, "--data_path", data, "--output_dir", str(out),
             "--per_device_train_batch_size", "2", "--logging_steps", "1", "--disable_tqdm", "True", "--seed", "0",
-            "--learning_rate", "3e-3", *extra]
+            "--learning_rate", "3e-3", "--use_cpu", "True", *extra]  # CPU: bit-exact by construction
 
 
 def _log_steps(out) -> list[int]:

@@ -302,7 +302,7 @@ def test_finetune_with_deepseeks_zero3_config_follows_its_schedule(tiny, tmp_pat
                 "--weight_decay", "0.1") == 0
     err = capsys.readouterr().err
     assert "WarmupLR replaces --lr_scheduler_type cosine" in err
-    assert "CPU offload is not applied in one process" in err
+    assert "CPU offload is not applied (training runs on cpu)" in err
     assert "weight decay 0.1 on every trainable parameter" in err
     lrs = [json.loads(line)["learning_rate"] for line in open(out / "trainer_log.jsonl")]
     ref = ReferenceWarmupLR(0.0, 2e-3, 4)
@@ -417,3 +417,27 @@ def test_balance_loss_weighting_matches_the_reference_gradient(weighting, tiny, 
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
     assert grads[gate].abs().sum() > 0
+
+
+def test_one_process_offload_path_runs_fsdp2_on_a_one_rank_group(tiny, tmp_path, capsys, monkeypatch):
+    """On a GPU, a single process honours the config's CPU offload through FSDP2 on a one-process group. Here the
+    same path runs on the CPU (FSDP2 without the offload policy, which needs CUDA): it trains like the plain run,
+    writes the same kind of output, and leaves no process group behind."""
+    import torch.distributed as dist
+
+    import minke.train.session as session
+    from minke.train.distributed import plan_sharding
+
+    assert plan_sharding(1, read_deepspeed_config(_write(tmp_path, ZERO3), _cfg(), 1), False, "cuda").cpu_offload
+    assert plan_sharding(1, read_deepspeed_config(_write(tmp_path, ZERO3), _cfg(), 1), True, "cuda").strategy == "none"
+    args = ["--deepspeed", _write(tmp_path, ZERO3), "--max_steps", "4", "--learning_rate", "2e-3",
+            "--warmup_steps", "2", "--save_steps", "2"]
+    assert _run(tiny, tmp_path / "plain", *args) == 0
+    monkeypatch.setattr(session, "plan_sharding", lambda w, ds, q, dev: plan_sharding(w, ds, q, "cuda"))
+    assert _run(tiny, tmp_path / "fsdp", *args) == 0
+    assert "CPU offload honoured through PyTorch FSDP2" in capsys.readouterr().err
+    assert not dist.is_initialized()
+    plain = [json.loads(x)["loss"] for x in open(tmp_path / "plain" / "trainer_log.jsonl")]
+    fsdp = [json.loads(x)["loss"] for x in open(tmp_path / "fsdp" / "trainer_log.jsonl")]
+    assert fsdp == pytest.approx(plain, rel=1e-5)
+    assert os.path.isfile(tmp_path / "fsdp" / "model.safetensors") and os.path.exists(tmp_path / "fsdp" / "completed")

@@ -7,9 +7,10 @@ with a printed notice:
   ZeRO-1 / 2    -> FSDP2, reshard_after_forward=False: gradients and optimizer state sharded, parameters stay
                    gathered from the forward to the backward (no second all-gather);
   ZeRO-0        -> DDP (plain data parallel);
-  offload_param / offload_optimizer to "cpu" -> FSDP2 CPUOffloadPolicy (several processes). In one process nothing
-                   is sharded or offloaded, and the notice says so: parameters, gradients and AdamW state stay on
-                   the device.
+  offload_param / offload_optimizer to "cpu" -> FSDP2 CPUOffloadPolicy: parameters, gradients and AdamW state live
+                   on the CPU, each layer is copied to the GPU for its forward and backward and the optimizer steps
+                   on the CPU (ZeRO-Offload's trade). In one process on a GPU too: FSDP2 runs on a one-process
+                   group just for the offload. On the CPU there is nothing to offload (a notice says so).
 Without a config, several processes use FSDP2 full sharding. A 4-bit (QLoRA) base cannot be sharded: it is
 replicated and only the LoRA gradients are all-reduced (DDP), what ZeRO-2 amounts to for a frozen base.
 
@@ -34,6 +35,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    own_group: bool = False  # a one-process group minke created (ensure_process_group)
 
     @property
     def is_main(self) -> bool:
@@ -71,8 +73,17 @@ def init_distributed(device_pref: str | None = None) -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if (info.enabled or info.own_group) and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def ensure_process_group(info: DistInfo) -> None:
+    """FSDP2 needs a process group even for one process (CPU offload in a single-GPU run): a one-rank group on an
+    in-memory store, no ports or environment needed. Left again by shutdown()."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if info.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+        info.own_group = True
 
 
 @dataclass
@@ -89,8 +100,9 @@ def read_deepspeed_config(path: str) -> dict:
     return read_json(path)
 
 
-def plan_sharding(world: int, deepspeed=None, quantized: bool = False) -> ShardPlan:
-    """`deepspeed`: None, a config path (its zero_optimization section only) or deepspeed_config.DeepSpeedSettings."""
+def plan_sharding(world: int, deepspeed=None, quantized: bool = False, device_type: str = "cpu") -> ShardPlan:
+    """`deepspeed`: None, a config path (its zero_optimization section only) or deepspeed_config.DeepSpeedSettings;
+    `device_type`: the training device's ("cuda" lets one process honour CPU offload through FSDP2)."""
     stage, offload, path = None, False, None
     if isinstance(deepspeed, str):
         path = deepspeed
@@ -103,10 +115,15 @@ def plan_sharding(world: int, deepspeed=None, quantized: bool = False) -> ShardP
         path, stage, offload = deepspeed.path, deepspeed.stage, deepspeed.offload
     src = f"DeepSpeed ZeRO-{stage} config {path}" if path else "no --deepspeed config"
     if world <= 1:
+        if offload and device_type == "cuda" and not quantized:
+            return ShardPlan("fsdp", reshard_after_forward=True, cpu_offload=True,
+                             notice=f"{src}: one process, CPU offload honoured through PyTorch FSDP2 on a one-process "
+                                    "group: parameters, gradients and optimizer state on the CPU, each layer copied "
+                                    "to the GPU for its forward and backward, the optimizer step on the CPU")
         note = f"{src}: single process, nothing to shard" if path else ""
         if offload:
-            note += ("; its CPU offload is not applied in one process: parameters, gradients and optimizer state "
-                     "stay on the training device (FSDP2 offload needs 2+ processes under torchrun)")
+            why = "a 4-bit base cannot be offloaded" if quantized else f"training runs on {device_type}"
+            note += f"; its CPU offload is not applied ({why}): everything stays on the training device"
         return ShardPlan("none", notice=note)
     if quantized:
         return ShardPlan("ddp", notice=f"{src}: 4-bit base replicated on each of {world} processes, LoRA gradients "

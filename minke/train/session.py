@@ -15,7 +15,8 @@ import torch
 from .args import TrainingConfig
 from . import checkpoint as ckpt
 from .deepspeed_config import read_deepspeed_config
-from .distributed import DistInfo, ShardPlan, barrier, init_distributed, plan_sharding, shutdown, wrap_model
+from .distributed import (DistInfo, ShardPlan, barrier, ensure_process_group, init_distributed, plan_sharding,
+                          shutdown, wrap_model)
 from .trainer import Trainer
 
 
@@ -47,13 +48,21 @@ def run_session(cfg: TrainingConfig, quantized: bool,
         resume = ckpt.find_resume(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, log)
         ckpt.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resume, log, apply=info.is_main)
         barrier(info)
-        plan = plan_sharding(info.world, ds, quantized)
+        plan = plan_sharding(info.world, ds, quantized, info.device.type)
         if plan.notice:
             log(f"notice: {plan.notice}")
+        if plan.strategy == "fsdp" and not info.enabled:
+            ensure_process_group(info)
         model, data, writer = setup(info, plan, resume, log)
         check_space(model, writer, cfg, free, log)  # every rank: all refuse together
         model = wrap_model(model, plan, info, cfg.bf16)
-        if plan.strategy == "fsdp":
+        if plan.strategy == "fsdp" and plan.cpu_offload and info.device.type == "cuda":
+            # Offloaded shards must stay on the CPU (FSDP2 checks it at the first forward); buffers go to the GPU.
+            for m in model.modules():
+                for name, b in m._buffers.items():
+                    if b is not None:
+                        m._buffers[name] = b.to(info.device)
+        elif plan.strategy == "fsdp":
             model.to(info.device)  # shards only: each rank moves its own slice
         summary = Trainer(model, data, cfg, info, plan, writer, resume_from=resume, log=log, deepspeed=ds).train()
         barrier(info)

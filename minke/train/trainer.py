@@ -52,8 +52,8 @@ class Trainer:
         else:
             self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.sampler.steps_per_epoch))
         if cfg.fp16 and plan.strategy == "fsdp":
-            raise ValueError("--fp16 with several sharded processes is not supported (FSDP2 has no loss scaler "
-                             "here): use --bf16, or a DeepSpeed ZeRO-0 config (DDP)")
+            raise ValueError("--fp16 with FSDP2 (several processes, or CPU offload) is not supported (no loss scaler "
+                             "for sharded parameters here): use --bf16, or a DeepSpeed ZeRO-0 config (DDP)")
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if deepspeed is not None and deepspeed.optimizer is not None:
             o = deepspeed.optimizer  # DeepSpeed's AdamW: one group, decay on every trainable parameter
