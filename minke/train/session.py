@@ -46,6 +46,7 @@ def run_session(cfg: TrainingConfig, quantized: bool,
             log(f"notice: {line}")
         free = ckpt.check_output_dir(cfg.output_dir, log if info.is_main else (lambda *_: None))
         resume = ckpt.find_resume(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, log)
+        barrier(info)  # every rank has probed and chosen before rank 0 removes anything
         ckpt.prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resume, log, apply=info.is_main)
         barrier(info)
         plan = plan_sharding(info.world, ds, quantized, info.device.type)
