@@ -101,7 +101,8 @@ def test_default_formats_end_answers_with_eos_and_make_choices_explicit(ds_tok, 
     for fmt in ("chat", "instruction"):
         ex = ExampleBuilder(ds_tok, 512, SFTOptions(fmt))(row)
         assert ex.input_ids[-1] == ds_tok.eos_token_id, fmt
-        assert "Good morning" in ds_tok.decode(ex.input_ids) and ex.notes == ("with 'input' appended to the instruction",)
+        assert "Good morning" in ds_tok.decode(ex.input_ids)
+        assert ex.notes == ("with 'input' appended to the instruction",)
     ignore = ExampleBuilder(ds_tok, 512, SFTOptions("chat", input_field="ignore"))(row)
     assert "Good morning" not in ds_tok.decode(ignore.input_ids)
     long_row = {"instruction": "Repeat", "output": "word " * 300}

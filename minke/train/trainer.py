@@ -228,8 +228,9 @@ class Trainer:
 
     def _run_config(self) -> dict:
         c = self.cfg
-        return {k: getattr(c, k) for k in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
-                                           "model_max_length", "lr_scheduler_type", "warmup_steps", "seed", "bf16")}
+        keys = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length",
+                "lr_scheduler_type", "warmup_steps", "seed", "bf16")
+        return {k: getattr(c, k) for k in keys}
 
     def _should_save(self) -> bool:
         if self.step == self.total_steps:
