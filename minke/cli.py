@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="minke", description="Run, serve and fine-tune DeepSeek models.")
     parser.add_argument("--version", action="version", version=f"minke {__version__}")
+    # The deepspeed launcher (`deepspeed --module minke.cli finetune ...`) puts --local_rank=N before the subcommand.
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:

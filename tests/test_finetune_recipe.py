@@ -348,6 +348,11 @@ def test_deepspeed_launcher_and_training_arguments_flags_run(tiny, tmp_path, cap
     except ImportError:
         assert "--report_to wandb needs the wandb package" in err
     assert os.path.exists(out / "completed")
+    # `deepspeed --module minke.cli finetune ...` runs `python -m minke.cli --local_rank=0 finetune ...`
+    a = build_parser().parse_args(["--local_rank=0", "finetune", "--output_dir", "o"])
+    from minke.train.args import TrainingConfig
+
+    assert any("--local_rank 0 (from the launcher)" in n for n in TrainingConfig.from_args(a).notices)
     assert _run(tiny, tmp_path / "o2", "--max_steps", "1", "--push_to_hub", "True") == 1
     assert "--push_to_hub True: not supported" in capsys.readouterr().err
 

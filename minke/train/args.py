@@ -184,8 +184,9 @@ class TrainingConfig:
             v = getattr(a, name, None)
             if v is not None:
                 notices.append(f"--{name} {v} ignored: {why}")
-        if a.local_rank is not None and a.local_rank >= 0:
-            notices.append(f"--local_rank {a.local_rank} (from the launcher): ranks are taken from the environment "
+        local_rank = a.local_rank if a.local_rank is not None else getattr(a, "launcher_local_rank", None)
+        if local_rank is not None and local_rank >= 0:
+            notices.append(f"--local_rank {local_rank} (from the launcher): ranks are taken from the environment "
                            f"(LOCAL_RANK={os.environ.get('LOCAL_RANK', 'unset')}, "
                            f"WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')})")
         if a.fp16:
