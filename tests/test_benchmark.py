@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 
 from minke.benchmark import run_bench
-from minke.engine.gpu_kernels import fuse_shared_experts
+from minke.runner.gpu_kernels import fuse_shared_experts
 from tiny_models import make_checkpoint
 
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_run_bench_tiny_v2(tmp_path, monkeypatch, fuse):
-    import minke.parallel.worker as worker
+    import minke.runner.worker as worker
 
     if fuse:  # what install_gpu_kernels does to the model on a GPU (the CPU-safe part of it)
         monkeypatch.setattr(worker, "install_gpu_kernels", lambda model, device, **kw: fuse_shared_experts(model))

@@ -119,8 +119,8 @@ def test_bf16_greedy_matches_transformers(ckpt, variant):
 def test_prefill_graph_logits_equal_eager(ckpt, variant):
     """A prefill step of fresh prompts replays a CUDA graph (padded to its token bucket, one FlashAttention varlen
     call) and gives the eager step's logits; steps with cached context stay eager."""
-    from minke.engine.input_batch import SeqChunk, make_forward_batch
-    from minke.engine.prefill_graph import PrefillGraphs
+    from minke.runner.input_batch import SeqChunk, make_forward_batch
+    from minke.runner.prefill_graph import PrefillGraphs
 
     _, path = ckpt(variant)
     llm = LLM(path, device="cuda", dtype="bfloat16", kv_cache_tokens=4096, block_size=16, max_model_len=256,

@@ -213,7 +213,7 @@ def test_module_imports_without_triton(monkeypatch):
 def test_fp8_weights_match_reference(dtype, routing):
     """fp8 (e4m3) weights with row scales (--quantization fp8): the kernel widens the tiles and scales the fp32
     sums; equal to the reference on the same fp8 weights, and close to the unquantized MoE (e4m3 keeps 3 bits)."""
-    from minke.engine.quantization import dequantize_fp8, quantize_fp8
+    from minke.runner.quantization import dequantize_fp8, quantize_fp8
 
     E, I, D = 4, 16, 32
     w13, w2 = _weights(E, I, D, torch.float32, 5)
@@ -241,7 +241,7 @@ def test_fp8_weights_match_reference(dtype, routing):
 def test_fp8_activations_match_reference(dtype):
     """Prefill-sized fp8 steps (fused_moe.fp8_activations): activations quantized per token (GEMM 1) and per pair
     (GEMM 2), fp8 x fp8 dots; equal to the torch version of that math, and close to the unquantized MoE."""
-    from minke.engine.quantization import quantize_fp8
+    from minke.runner.quantization import quantize_fp8
     from minke.kernels.fused_moe import FP8_ACT_MIN_TOKENS, fp8_activations
 
     E, I, D = 4, 32, 64

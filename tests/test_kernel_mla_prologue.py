@@ -15,7 +15,8 @@ import minke
 import minke.kernels.mla_prologue as _kmod
 from conftest import kernel_test_setup
 from minke.config import RopeConfig, config_from_dict
-from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+from minke.runner.input_batch import SeqChunk, make_forward_batch
+from minke.runner.kv_cache import allocate_kv_caches
 from minke.kernels.mla_prologue import mla_prologue, mla_prologue_ref
 from minke.models.attention import MLAttention
 from minke.models.rope import RotaryEmbedding
@@ -229,7 +230,7 @@ def _run_paged(model, prompts, chunk, n_decode, block_size=4, num_blocks=48):
 def test_model_with_fused_prologue_matches_torch_path(tmp_path, variant):
     """A tiny V2 with use_fused_mla_prologue gives the torch path's logits and cache through chunked prefill (first
     chunks and chunks after cached context) and batched decode; the kernel really ran on every paged step."""
-    from minke.engine.gpu_kernels import use_fused_mla_prologue
+    from minke.runner.gpu_kernels import use_fused_mla_prologue
 
     _, path = make_checkpoint(variant, str(tmp_path))
     ref, fast = minke.load_model(path, device=DEVICE), minke.load_model(path, device=DEVICE)
@@ -261,7 +262,7 @@ def test_model_with_fused_prologue_matches_torch_path(tmp_path, variant):
 
 @needs_triton
 def test_apply_gpu_kernels_installs_the_prologue(tmp_path):
-    from minke.engine.gpu_kernels import apply_gpu_kernels
+    from minke.runner.gpu_kernels import apply_gpu_kernels
 
     _, path = make_checkpoint("deepseek_v2_lite", str(tmp_path))
     model = minke.load_model(path)

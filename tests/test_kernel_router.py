@@ -79,8 +79,9 @@ def test_installed_router_keeps_the_model_logits(tmp_path, variant):
     """use_fused_router (what the GPU runner installs) through a paged prefill + decode: same logits, up to fp32
     rounding, as the torch router."""
     import minke
-    from minke.engine.gpu_kernels import use_fused_router
-    from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+    from minke.runner.gpu_kernels import use_fused_router
+    from minke.runner.input_batch import SeqChunk, make_forward_batch
+    from minke.runner.kv_cache import allocate_kv_caches
     from tiny_models import make_checkpoint
 
     make_checkpoint(variant, str(tmp_path))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import minke
-from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+from minke.runner.input_batch import SeqChunk, make_forward_batch
+from minke.runner.kv_cache import allocate_kv_caches
 from tiny_models import VARIANTS, make_checkpoint
 
 YARN = {"deepseek_v2_lite", "deepseek_v2"}
@@ -163,8 +164,8 @@ def test_gpu_kernel_wiring_matches_reference_on_cpu(checkpoints):
     logits through chunked prefill + paged decode (compiled and on the GPU when there is one)."""
     pytest.importorskip("triton")
     from conftest import kernel_test_setup
-    from minke.engine.attention_backends import TritonAttentionBackend
-    from minke.engine.gpu_kernels import apply_gpu_kernels
+    from minke.models.attention import TritonAttentionBackend
+    from minke.runner.gpu_kernels import apply_gpu_kernels
     from minke.kernels.fused_moe import _moe_grouped_gemm_kernel
     from minke.models.moe import MoE
 

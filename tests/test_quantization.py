@@ -1,4 +1,4 @@
-"""`--quantization fp8` (engine/quantization.py): MoE expert weights as fp8 e4m3 with a scale per row, quantized at
+"""`--quantization fp8` (runner/quantization.py): MoE expert weights as fp8 e4m3 with a scale per row, quantized at
 load. The oracle is the same model with its expert weights replaced by the dequantized fp8 weights (what the fp8
 path computes with), run through the plain reference model. The fused kernel's own test: test_kernel_fused_moe.py;
 the GPU engine with fused shared experts and CUDA graphs: test_gpu.py."""
@@ -13,7 +13,7 @@ import torch
 import minke
 from minke import LLM, SamplingParams
 from minke.engine.config import EngineConfig
-from minke.engine.quantization import FP8_MAX, dequantize_fp8, quantize_experts_fp8, quantize_fp8
+from minke.runner.quantization import FP8_MAX, dequantize_fp8, quantize_experts_fp8, quantize_fp8
 from minke.models.moe import Experts, MoE, experts_reference
 from test_engine import reference_greedy
 from tiny_models import make_checkpoint
@@ -128,7 +128,7 @@ def test_gpu_wiring_bf16_fp8_moe_matches_w8a8_reference(tmp_path):
     MoE call goes Experts -> fused_moe with the scales and fp8 activations. Equal to the torch W8A8 reference."""
     pytest.importorskip("triton")
     from conftest import kernel_test_setup
-    from minke.engine.gpu_kernels import apply_gpu_kernels, fuse_shared_experts
+    from minke.runner.gpu_kernels import apply_gpu_kernels, fuse_shared_experts
     from minke.kernels.fused_moe import _moe_grouped_gemm_kernel, fused_moe_ref
 
     dev, _, needs_triton = kernel_test_setup(_moe_grouped_gemm_kernel)

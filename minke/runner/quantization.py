@@ -35,8 +35,7 @@ def check_quantization_method(method: str | None) -> None:
 
 
 def check_quantization(method: str | None, cfg: ModelConfig) -> None:
-    """Raise ValueError when `method` is unknown or cannot apply to this model."""
-    check_quantization_method(method)
+    """Raise ValueError when `method` (a valid name: EngineConfig checks that) cannot apply to this model."""
     if method is None:
         return
     if not cfg.is_moe:

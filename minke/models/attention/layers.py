@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from .forward_batch import ForwardBatch
-from .layers import RMSNorm
-from .rope import RotaryEmbedding
+from ...config import ModelConfig
+from .batch import ForwardBatch
+from ..layers import RMSNorm
+from ..rope import RotaryEmbedding
 
 
 def token_positions(x: torch.Tensor, positions: torch.Tensor | None, batch: ForwardBatch | None) -> torch.Tensor:
