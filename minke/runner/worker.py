@@ -127,8 +127,12 @@ class Worker:
         prefill_graph_tokens tokens (runner/prefill_graph.py; bf16 / fp16 only, as they need FlashAttention),
         captured on every rank at once: the TP collectives (NCCL) are captured too, and all ranks replay the
         same graph each step. Not under EP: its all-to-all split sizes are read on the host."""
-        if (self.device.type != "cuda" or not self.model_config.is_mla or self.backend.name != "triton"
+        if (self.device.type != "cuda" or self.backend.name != "triton"
                 or (self.parallel.expert_parallel and self.model_config.is_moe)):
+            return False
+        if self.model_config.rope.type == "dynamic":
+            # Dynamic NTK RoPE reads the step's largest position on the host (models/rope.py): not capturable.
+            logger.warning("dynamic NTK rope_scaling: decode and prefill steps run without CUDA graphs")
             return False
         pool = None
         scratch = self.num_blocks * self.block_size
