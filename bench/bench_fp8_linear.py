@@ -82,8 +82,8 @@ def main() -> int:
                 pad = f"{t_pad * 1000:8.1f}" if t_pad is not None else f"{'-':>8s}"
                 print(f"{model:8s} {name:13s} {f'{n}x{k}':>12s} {m:5d} | {t_bf16 * 1000:8.1f} "
                       f"{row['bf16_tflops']:6.1f} {row['bf16_tbps']:5.2f} | {t_fp8 * 1000:8.1f} "
-                      f"{row['fp8_tflops']:6.1f} {row['fp8_tbps']:5.2f} {row['speedup']:4.2f}x | {t_mm * 1000:7.1f} {t_fast * 1000:7.1f} {pad} "
-                      f"| {rel:.4f}", flush=True)
+                      f"{row['fp8_tflops']:6.1f} {row['fp8_tbps']:5.2f} {row['speedup']:4.2f}x | "
+                      f"{t_mm * 1000:7.1f} {t_fast * 1000:7.1f} {pad} | {rel:.4f}", flush=True)
             del w, wq, ws
             torch.cuda.empty_cache()
     if args.output:
