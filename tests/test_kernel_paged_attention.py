@@ -201,14 +201,14 @@ def test_strided_query_view():
 
 
 def test_default_num_splits_rules(monkeypatch):
-    """The heuristic on an H200-sized GPU (132 SMs): ~4 programs per SM, >= 256 tokens of the bound per split,
+    """The heuristic on an H200-sized GPU (132 SMs): ~4 programs per SM, >= 128 tokens of the bound per split,
     one split once B * Hkv fills the GPU. Shapes only, so a graph capture gets the same answer every time."""
     monkeypatch.setattr(_kmod, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     assert default_num_splits(1, 8, 32768, cuda) == 64  # 67B, batch 1: 8 programs -> the cap
-    assert default_num_splits(1, 32, 4096, cuda) == 16  # 7B, batch 1: 17 wanted, 4096 / 256 allowed
+    assert default_num_splits(1, 32, 4096, cuda) == 17  # 7B, batch 1: ceil(528 / 32)
     assert default_num_splits(8, 8, 4096, cuda) == 9  # 67B, batch 8: ceil(528 / 64)
-    assert default_num_splits(1, 16, 512, cuda) == 2  # short bound: splits of >= 256 tokens
+    assert default_num_splits(1, 16, 512, cuda) == 4  # short bound: splits of >= 128 tokens
     assert default_num_splits(32, 32, 32768, cuda) == 1  # 7B, batch 32: 1024 programs, no split
     assert default_num_splits(256, 8, 100, cuda) == 1
 

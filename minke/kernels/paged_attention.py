@@ -297,16 +297,17 @@ def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: 
     Why: decode reads the K/V context once and is memory-bound; to reach HBM bandwidth every SM needs a few programs
     in flight, but there are only batch * num_kv_heads of them per split (8 for the 67B at batch 1, against 132 SMs
     on an H200). So split the context until there are ~4 programs per SM (enough resident tiles to hide the load
-    latency), but keep >= 256 tokens of the *upper bound* per split: each split costs a fixed prologue (q load) and
-    epilogue (a partial output row per head in fp32, re-read by stage 2), which must stay small next to the split's
-    own K/V bytes (256 tokens x D=128 x 2 (K, V) x 2 B = 128 KiB per KV head against 4 KiB of partials for a group
-    of 8). With batch * num_kv_heads >= 4 * SMs (7B at batch >= 17) one split: stage 1 writes the output directly.
+    latency), but keep >= 128 tokens of the *upper bound* per split (as mla_decode): each split costs a fixed
+    prologue (q load) and epilogue (a partial output row per head in fp32, re-read by stage 2), which must stay
+    small next to the split's own K/V bytes (128 tokens x D=128 x 2 (K, V) x 2 B = 64 KiB per KV head against
+    4 KiB of partials for a group of 8). With batch * num_kv_heads >= 4 * SMs (7B at batch >= 17) one split:
+    stage 1 writes the output directly.
     Untuned starting point: bench/bench_paged_attention.py --sweep-splits prints the best split count per shape.
     """
     sms = _sm_count(device) if device.type == "cuda" else 4  # interpreter: a few splits, enough to test the merge
     programs = max(1, batch * num_kv_heads)
     splits = -(-4 * sms // programs)  # ceil
-    splits = min(splits, max(1, max_seq_len // 256), _MAX_SPLITS)
+    splits = min(splits, max(1, max_seq_len // 128), _MAX_SPLITS)
     return max(1, splits)
 
 
