@@ -126,6 +126,21 @@ def test_rejects_bad_inputs():
         fp8_linear(x.to(torch.float8_e4m3fn), wq, s)
 
 
+def test_module_works_without_triton(monkeypatch):
+    """The weight-only path and the references need only torch."""
+    import sys
+
+    from conftest import fresh_kernel_module
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    fresh_kernel_module(monkeypatch, _qmod)
+    fresh = fresh_kernel_module(monkeypatch, _kmod)
+    x, w = _case()
+    wq, s = fresh.quantize_weight_fp8(w)
+    assert torch.equal(fresh.fp8_linear(x, wq, s), fp8_linear_w8a16_ref(x, wq, s))
+
+
 # ---- GPU only: torch._scaled_mm on fp8 tensor cores ----------------------------------------------------------------
 
 _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
