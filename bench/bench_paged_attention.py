@@ -31,10 +31,7 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 from tune_fused_moe import time_graph  # noqa: E402
 from minke.kernels.paged_attention import default_num_splits, paged_decode_attention  # noqa: E402
 
-try:  # the module is moving into the models/attention/ package
-    from minke.models.forward_batch import ForwardBatch, TorchAttentionBackend  # noqa: E402
-except ImportError:  # pragma: no cover
-    from minke.models.attention import ForwardBatch, TorchAttentionBackend  # noqa: E402
+from minke.models.attention import ForwardBatch, TorchAttentionBackend  # noqa: E402
 
 SHAPES = {"llm-7b": (32, 32), "llm-67b": (64, 8), "moe-16b": (16, 16)}  # (q heads, KV heads), head 128
 HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16

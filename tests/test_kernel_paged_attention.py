@@ -12,7 +12,7 @@ import torch
 
 import minke.kernels.paged_attention as _kmod
 from minke.kernels.paged_attention import default_num_splits, paged_decode_attention, paged_decode_attention_ref
-from minke.models.forward_batch import ForwardBatch, TorchAttentionBackend
+from minke.models.attention import ForwardBatch, TorchAttentionBackend
 from conftest import kernel_test_setup
 
 DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._paged_decode_stage1_kernel)

@@ -6,7 +6,7 @@ write happens before attention):
     scores[b, h, t] = q[b, h] . K[t, h // G] * scale          t < seq_lens[b],  G = Hq / Hkv (GQA group)
     out[b, h]       = softmax_t(scores[b, h]) @ V[:, h // G]
 
-Cache layout (minke's, models/forward_batch.py): cache [2, num_blocks, block_size, Hkv, D], K = cache[0],
+Cache layout (minke's, models/attention/batch.py): cache [2, num_blocks, block_size, Hkv, D], K = cache[0],
 V = cache[1]; token t of sequence b lives in physical block block_tables[b, t // block_size], row t % block_size.
 
 Decode is memory-bound (every K/V byte of the context is read once for one query row per head), so the kernel is
