@@ -12,10 +12,10 @@ from tiny_models import make_checkpoint
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_run_bench_tiny_v2(tmp_path, monkeypatch, fuse):
-    import minke.runner.worker as worker
+    import minke.runner.model_builder as builder
 
     if fuse:  # what install_gpu_kernels does to the model on a GPU (the CPU-safe part of it)
-        monkeypatch.setattr(worker, "install_gpu_kernels", lambda model, device, **kw: fuse_shared_experts(model))
+        monkeypatch.setattr(builder, "install_gpu_kernels", lambda model, device, **kw: fuse_shared_experts(model))
     make_checkpoint("deepseek_v2", str(tmp_path), tokenizer=True)
     kw = dict(dtype="float32", device="cpu", max_model_len=128, kv_cache_tokens=2048, max_num_seqs=8)
     res = run_bench(str(tmp_path), None, batches=(1, 4), prompt_len=8, new_tokens=4, prefill_tokens=16,

@@ -41,7 +41,7 @@ def build_model(cfg, model_config: ModelConfig, parallel: ParallelConfig, dtype:
     install_gpu_kernels(model, device, tensor_parallel=parallel.is_parallel)
     if cfg.quantization is not None:
         n = apply_quantization(model, cfg.quantization, parallel)
-        if parallel.rank == 0:
+        if parallel.tp_rank == 0:
             logger.info("quantization %s: the experts of %d MoE layers", cfg.quantization, n)
     if cfg.setup is not None:
         cfg.setup(model, device)
