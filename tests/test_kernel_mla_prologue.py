@@ -274,7 +274,7 @@ def test_apply_gpu_kernels_installs_the_prologue(tmp_path):
 
 def test_max_tokens_sends_long_steps_to_torch(monkeypatch):
     """use_fused_mla_prologue(max_tokens=k): steps of more than k tokens take the torch reference."""
-    from minke.engine import gpu_kernels
+    from minke.runner import gpu_kernels
 
     seen = []
     monkeypatch.setattr(_kmod, "mla_prologue", lambda *a: seen.append("kernel"))

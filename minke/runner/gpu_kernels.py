@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.attention import MLAttention
+from ..models.attention import Attention, MLAttention
 from ..models.layers import MLP, RMSNorm
 from ..models.moe import MoE, Experts, Router
 
@@ -62,13 +62,13 @@ def use_fused_mla_prologue(model, max_tokens: int | None = None) -> None:
 
 
 def use_gemv(model) -> None:
-    """One-row steps (batch-1 decode) run MLA's fused q/kv_a projection, o_proj and the dense MLPs' down projection
-    through the Triton matrix-vector kernel (kernels/gemv.py; 1.1-3.2 us less than cuBLAS each on an H200); other
-    sizes keep F.linear."""
+    """One-row steps (batch-1 decode) run the attention's fused input projection (MLA's q/kv_a, MHA's qkv), o_proj
+    and the dense MLPs' down projection through the Triton matrix-vector kernel (kernels/gemv.py; 1.1-3.2 us less
+    than cuBLAS each on an H200); other sizes keep F.linear."""
     from ..kernels.gemv import linear
 
     for m in model.modules():
-        if isinstance(m, (MLAttention, MLP)):
+        if isinstance(m, (Attention, MLAttention, MLP)):
             m.linear = linear
 
 
@@ -89,10 +89,10 @@ def defer_moe_slot_sums(model) -> int:
     return len(moes)
 
 
-def fuse_mla_input_projections(model) -> int:
-    """q_proj (or q_a_proj) and kv_a_proj_with_mqa of every MLA layer as one GEMM (MLAttention.fuse_input_projections).
-    Returns how many layers changed."""
-    return sum(m.fuse_input_projections() for m in model.modules() if isinstance(m, MLAttention))
+def fuse_input_projections(model) -> int:
+    """The input projections of every attention layer as one GEMM: MLA's q_proj (or q_a_proj) and
+    kv_a_proj_with_mqa, MHA/GQA's q/k/v_proj (fuse_input_projections of each). Returns how many layers changed."""
+    return sum(m.fuse_input_projections() for m in model.modules() if isinstance(m, (Attention, MLAttention)))
 
 
 def install_gpu_kernels(model, device: torch.device, tensor_parallel: bool = False) -> None:
@@ -113,7 +113,7 @@ def apply_gpu_kernels(model, tensor_parallel: bool = False) -> None:
     fuse_shared_experts(model)
     if not tensor_parallel:
         defer_moe_slot_sums(model)
-    fuse_mla_input_projections(model)
+    fuse_input_projections(model)
     use_fused_moe(model)
     use_fused_rmsnorm(model)
     use_fused_router(model)

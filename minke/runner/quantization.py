@@ -128,6 +128,8 @@ def quantize_dense_fp8(model: torch.nn.Module, parallel: ParallelConfig | None =
     for m in list(model.modules()):
         if not isinstance(m, (Attention, MLP)):
             continue
+        if isinstance(m, Attention) and m.fused_in_weight is not None:
+            m.fused_in_weight = None  # q/k/v each become an Fp8Linear (their weights are views of the fused one)
         for name, lin in list(m.named_children()):
             if not isinstance(lin, nn.Linear):
                 continue
@@ -139,8 +141,7 @@ def quantize_dense_fp8(model: torch.nn.Module, parallel: ParallelConfig | None =
             bias = None if lin.bias is None else lin.bias.detach()
             setattr(m, name, Fp8Linear(wq, scale, bias, w.dtype))
             n += 1
-        if isinstance(m, MLP):
-            m.linear = None  # the one-row GEMV reads a bf16 weight; Fp8Linear serves every size
+        m.linear = None  # the one-row GEMV reads bf16 weights; Fp8Linear serves every size
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return n

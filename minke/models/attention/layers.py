@@ -47,20 +47,49 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.rotary = RotaryEmbedding(cfg.rope, self.head_dim, cfg.max_position_embeddings, interleaved=False)
         self.scale = cfg.softmax_scale
+        # After fuse_input_projections(): [(H + 2 Hkv) * hd, D], q/k/v_proj's weights as one (their weights become
+        # views of it). A plain attribute: the state dict keeps the checkpoint's names.
+        self.fused_in_weight: torch.Tensor | None = None
+        # Optional (x, w) -> x @ w^T for the bias-free projections of a paged step (the fused qkv and o_proj); the
+        # runner installs kernels/gemv.py's `linear` on GPU (a matrix-vector kernel for one-row steps).
+        self.linear = None
+
+    @torch.no_grad()
+    def fuse_input_projections(self) -> bool:
+        """Inference only: one GEMM of x for q, k and v instead of three (at decode sizes three weight-reading
+        GEMVs a layer become one launch); no memory is added. Returns False, changing nothing, when a projection
+        has a bias or they are already fused."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused_in_weight is not None or any(p.bias is not None for p in projs):
+            return False
+        fused = torch.cat([p.weight for p in projs])  # [(H + 2 Hkv) * hd, D]
+        start = 0
+        for p in projs:
+            p.weight = nn.Parameter(fused[start : start + p.out_features], requires_grad=False)
+            start += p.out_features
+        self.fused_in_weight = fused
+        return True
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, batch: ForwardBatch | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         """rope: (cos, sin) for these tokens, computed once per model forward (CausalLM passes it)."""
         lead = x.shape[:-1]  # [B, T] dense or [N] paged
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        if self.fused_in_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            qkv = (self.linear or F.linear)(x, self.fused_in_weight)
+            q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
         cos, sin = rope if rope is not None else self.rotary.cos_sin(token_positions(x, positions, batch))
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if batch is None:
             out = self._dense(q, k, v)
         else:
             out = self._paged(q, k, v, batch)
+            if self.linear is not None and self.o_proj.bias is None:
+                return self.linear(out.flatten(-2), self.o_proj.weight)
         return self.o_proj(out.flatten(-2))
 
     def _dense(self, q, k, v):
