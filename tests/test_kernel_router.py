@@ -56,6 +56,11 @@ def test_reference_is_what_the_router_module_computes():
     out = router(x)
     ids, wts = route_ref(x, router.weight, 3, "group_limited_greedy", 8, 3, False, 16.0)
     assert torch.equal(ids, out.topk_ids) and torch.equal(wts, out.topk_weights)
+    # the scores are kept unmasked (all 24 experts) for the balance loss
+    torch.testing.assert_close(out.scores, torch.softmax(x @ router.weight.T, -1), rtol=1e-6, atol=1e-7)
+    fused = router(x, n_shared=2)  # the shared experts as experts 24, 25 (MoE.fuse_shared_experts)
+    ids, wts = route_ref(x, router.weight, 3, "group_limited_greedy", 8, 3, False, 16.0, n_shared=2)
+    assert torch.equal(ids, fused.topk_ids) and torch.equal(wts, fused.topk_weights)
     k_ids, k_wts = route(x.to(DEVICE), router.weight.detach().to(DEVICE), 3, "group_limited_greedy", 8, 3, False, 16.0)
     assert torch.equal(k_ids.cpu(), out.topk_ids)
     torch.testing.assert_close(k_wts.cpu(), out.topk_weights, rtol=1e-5, atol=1e-6)
@@ -71,6 +76,8 @@ def test_bad_arguments_name_the_problem():
         route_ref(x, w, 2, "noaux_tc", 1, 1, False, 1.0)
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         route_ref(x, torch.randn(6, 9), 2, "greedy", 1, 1, False, 1.0)
+    with pytest.raises(ValueError, match="n_shared"):
+        route_ref(x, w, 2, "greedy", 1, 1, False, 1.0, n_shared=-1)
 
 
 @needs_triton

@@ -43,7 +43,7 @@ def test_experts_fp8_equal_dequantized_weights():
     ex.register_buffer("gate_up_scale", None)
     ex.register_buffer("down_scale", None)
     ex.impl = experts_reference
-    ex.quantize_fp8(quantize_fp8)
+    ex.quantize_fp8()
     assert ex.gate_up_proj.dtype == torch.float8_e4m3fn and ex.down_scale.shape == (4, 24)
     x = torch.randn(5, 24, generator=g)
     ids = torch.tensor([[0, 1], [3, 1], [2, 2], [0, 3], [1, 0]])

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.rmsnorm import rmsnorm_torch
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -13,7 +15,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         # Optional fused kernel (x, weight, eps, residual) -> y | (y, x + residual); the runner installs the Triton
-        # one on GPU. None = the plain torch code below.
+        # one on GPU. None = its torch reference, kernels/rmsnorm.py rmsnorm_torch.
         self.impl = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
@@ -22,18 +24,7 @@ class RMSNorm(nn.Module):
         output (a MoE's per-slot outputs, MoE.defer_slot_sum), summed here."""
         if self.impl is not None:
             return self.impl(x, self.weight, self.eps, residual)
-        if residual is not None:
-            if x.dim() > residual.dim():
-                x = x.float().sum(-2).to(x.dtype)
-            x = x + residual
-            return self._norm(x), x
-        return self._norm(x)
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, round back to the input dtype, then scale: the reference's rounding order.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rmsnorm_torch(x, self.weight, self.eps, residual)
 
 
 class MLP(nn.Module):

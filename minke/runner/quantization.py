@@ -84,7 +84,7 @@ def quantize_experts_fp8(model: torch.nn.Module, parallel: ParallelConfig | None
         if isinstance(m, MoE) and m.n_fused_shared:
             m.fused_max_tokens = sys.maxsize
         if isinstance(m, Experts) and m.gate_up_scale is None:
-            m.quantize_fp8(quantize_fp8, row_amax)
+            m.quantize_fp8(row_amax)
             n += 1
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
