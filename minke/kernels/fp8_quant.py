@@ -3,7 +3,7 @@
     scale[r] = max_k |x[r, k]| / 448   (1 for an all-zero row),   xq[r, k] = e4m3(x[r, k] / scale[r])
 so x ~= xq * scale[:, None], within 2^-4 relative (3 mantissa bits) or half the subnormal step (2^-10 scale).
 
-Used for the fp8 expert weights at load (engine/quantization.py: a scale per output row) and, per step, for the
+Used for the fp8 expert weights at load (runner/quantization.py: a scale per output row) and, per step, for the
 fused MoE's activations in prefill-sized steps (a scale per token / per (token, slot) pair), where both GEMM operands
 are fp8 and the dots run on fp8 tensor cores (kernels/fused_moe.py).
 

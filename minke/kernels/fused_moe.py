@@ -16,7 +16,7 @@ Pipeline (the vLLM / SGLang `fused_moe` design):
   4. Sum over the K slots of each token (torch; fp32 accumulation inside torch.sum).
 All matmuls accumulate in fp32; the activation and the per-slot outputs are stored in x.dtype (as vLLM does).
 
-FP8 weights (`--quantization fp8`, engine/quantization.py): w13 / w2 may be float8_e4m3fn with one fp32 scale per
+FP8 weights (`--quantization fp8`, runner/quantization.py): w13 / w2 may be float8_e4m3fn with one fp32 scale per
 output row (w13_scale [E, 2I], w2_scale [E, D]). Tiles are loaded as fp8 (half the bytes: decode is weight-bandwidth
 bound), widened to x.dtype in registers (exact: every e4m3 value is a bf16 / fp16 / fp32 value) and the row scale
 multiplies the fp32 accumulator once per output, since it is constant along the reduction. Half-precision steps
