@@ -17,12 +17,13 @@ MINKE = Path(__file__).resolve().parent.parent / "minke"
 # Low to high: each top-level module / package of minke and its layer. Kernels are leaves (they import nothing of
 # minke outside kernels/). Modules that import nothing of minke, or only the first two layers, sit as low as their
 # own imports allow, so that whatever needs them may import them: config, weights, logging_utils, tokenizer,
-# sampling_params, default_model; loader builds models, so it shares their layer. "__init__" is the package root
+# sampling_params, default_model, version (a leaf, but kernels import nothing outside kernels/, so it sits one layer
+# up); loader builds models, so it shares their layer. "__init__" is the package root
 # (`from minke import LLM, __version__`): the public facade, on top.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("kernels",)),
     ("models", ("models", "config", "weights", "loader", "logging_utils", "tokenizer", "sampling_params",
-                "default_model")),
+                "default_model", "version")),
     ("parallel", ("parallel",)),
     ("runner", ("runner",)),
     ("engine", ("engine",)),
