@@ -183,7 +183,7 @@ def test_reference_is_what_mlattention_computes(q_lora_rank, dtype):
         norm = attn.kv_a_layernorm
         caches = [torch.zeros(4, 4, 40, dtype=dtype) for _ in range(2)]
         slots = torch.tensor([7, 0, 15, 3, 12])
-        mine = attn._prologue_torch(kv_a, q, cos, sin, norm.weight, norm.eps, caches[0], slots)
+        mine = attn._prologue(kv_a, q, cos, sin, norm.weight, norm.eps, caches[0], slots)
         ref = mla_prologue_ref(kv_a, q, cos, sin, norm.weight, norm.eps, caches[1], slots)
         # and the dense path's _project agrees with both
         q_nope, *proj = attn._project(x, cos, sin)
@@ -238,8 +238,8 @@ def test_model_with_fused_prologue_matches_torch_path(tmp_path, variant):
     calls = []
     for m in fast.modules():
         if isinstance(m, MLAttention):
-            inner = m.prologue
-            m.prologue = lambda *a, _f=inner: calls.append(a[0].shape[0]) or _f(*a)
+            inner = m._prologue  # the swapped-in kernel path (bound method); counted by an instance override
+            m._prologue = lambda *a, _f=inner: calls.append(a[0].shape[0]) or _f(*a)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (11, 5)]
     want, want_tokens, want_caches = _run_paged(ref, prompts, chunk=6, n_decode=4)
@@ -262,14 +262,14 @@ def test_model_with_fused_prologue_matches_torch_path(tmp_path, variant):
 
 @needs_triton
 def test_apply_gpu_kernels_installs_the_prologue(tmp_path):
-    from minke.runner.gpu_kernels import apply_gpu_kernels
+    from minke.runner.gpu_kernels import FusedMLAPrologue, apply_gpu_kernels
 
     _, path = make_checkpoint("deepseek_v2_lite", str(tmp_path))
     model = minke.load_model(path)
-    assert all(m.prologue is None for m in model.modules() if isinstance(m, MLAttention))  # torch by default
-    apply_gpu_kernels(model)
     attns = [m for m in model.modules() if isinstance(m, MLAttention)]
-    assert attns and all(m.prologue is not None for m in attns)
+    assert attns and all(type(m) is MLAttention for m in attns)  # the plain torch module by default
+    apply_gpu_kernels(model)
+    assert all(isinstance(m, FusedMLAPrologue) for m in attns)
 
 
 def test_max_tokens_sends_long_steps_to_torch(monkeypatch):
@@ -281,8 +281,8 @@ def test_max_tokens_sends_long_steps_to_torch(monkeypatch):
     monkeypatch.setattr(_kmod, "mla_prologue_ref", lambda *a: seen.append("ref"))
     attn = _attn(None, torch.float32)
     gpu_kernels.use_fused_mla_prologue(attn, max_tokens=4)
-    attn.prologue(torch.zeros(4, 40), None)
-    attn.prologue(torch.zeros(5, 40), None)
+    attn._prologue(torch.zeros(4, 40), None)
+    attn._prologue(torch.zeros(5, 40), None)
     assert seen == ["kernel", "ref"]
 
 

@@ -86,7 +86,7 @@ def test_installed_router_keeps_the_model_logits(tmp_path, variant):
     """use_fused_router (what the GPU runner installs) through a paged prefill + decode: same logits, up to fp32
     rounding, as the torch router."""
     import minke
-    from minke.runner.gpu_kernels import use_fused_router
+    from minke.runner.gpu_kernels import FusedRouter, use_fused_router
     from minke.runner.input_batch import SeqChunk, make_forward_batch
     from minke.runner.kv_cache import allocate_kv_caches
     from tiny_models import make_checkpoint
@@ -94,7 +94,8 @@ def test_installed_router_keeps_the_model_logits(tmp_path, variant):
     make_checkpoint(variant, str(tmp_path))
     ref, fast = minke.load_model(str(tmp_path), device=DEVICE), minke.load_model(str(tmp_path), device=DEVICE)
     use_fused_router(fast)
-    assert any(getattr(m, "impl", None) is not None for m in fast.modules() if isinstance(m, Router))
+    routers = [m for m in fast.modules() if isinstance(m, Router)]
+    assert routers and all(isinstance(m, FusedRouter) for m in routers)
     prompt = torch.randint(0, 256, (7,), generator=torch.Generator().manual_seed(1)).tolist()
     outs = []
     for model in (ref, fast):

@@ -38,17 +38,12 @@ class Router(nn.Module):
         self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
         self.method, self.n_group, self.topk_group = cfg.topk_method, cfg.n_group, cfg.topk_group
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
-        # Inference kernel with this forward's semantics (kernels/router.py `route`), installed on GPU; used when
-        # the scores are not needed (no balance loss).
-        self.impl: Callable | None = None
 
     def forward(self, x: torch.Tensor, need_scores: bool = True, n_shared: int = 0) -> RouterOutput:
         """n_shared > 0: topk_ids / topk_weights get n_shared more columns, experts E .. E+n_shared-1 with weight 1
-        (the shared experts fused in after the routed ones, MoE.fuse_shared_experts)."""
-        if self.impl is not None and not need_scores:
-            ids, weights = self.impl(x, self.weight, self.top_k, self.method, self.n_group, self.topk_group,
-                                     self.norm_topk_prob, self.scaling, n_shared=n_shared)
-            return RouterOutput(ids, weights, None)
+        (the shared experts fused in after the routed ones, MoE.fuse_shared_experts). The torch path is the router
+        kernel's reference (kernels/router.py); the runner swaps the kernel in on GPU for steps that need no
+        scores (runner/gpu_kernels.py)."""
         scores = router_scores_torch(x, self.weight)  # [N, E] fp32
         ids, weights = select_experts_torch(scores, self.top_k, self.method, self.n_group, self.topk_group,
                                             self.norm_topk_prob, self.scaling, n_shared)

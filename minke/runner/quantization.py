@@ -141,7 +141,6 @@ def quantize_dense_fp8(model: torch.nn.Module, parallel: ParallelConfig | None =
             bias = None if lin.bias is None else lin.bias.detach()
             setattr(m, name, Fp8Linear(wq, scale, bias, w.dtype))
             n += 1
-        m.linear = None  # the one-row GEMV reads bf16 weights; Fp8Linear serves every size
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return n
