@@ -2,13 +2,17 @@
 
 Start-up log as vLLM's: the non-default args, the resolved architecture, the KV-cache capacity and the maximum
 concurrency at full context, then uvicorn's "Uvicorn running on http://HOST:PORT".
+
+The port is bound before the model loads: a port in use is an error at once, not after minutes of loading.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import sys
 
 from .common import add_model_args, engine_kwargs
 
@@ -28,13 +32,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", "--served_model_name", dest="served_model_name", default=None,
                    help="the model name clients send (default: the checkpoint directory's name)")
     p.add_argument("--api-key", "--api_key", dest="api_key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: env {API_KEY_ENV})")
+                   help=f"require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
+                        f"(default: env {API_KEY_ENV})")
     p.add_argument("--uvicorn-log-level", "--uvicorn_log_level", dest="uvicorn_log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.add_argument("--disable-log-stats", "--disable_log_stats", dest="disable_log_stats", action="store_true",
                    help="do not log throughput / queue / KV usage every 5 s")
     p.add_argument("--disable-log-requests", "--disable_log_requests", dest="disable_log_requests",
                    action="store_true", help="accepted for vLLM compatibility (requests are never logged)")
+    limits = p.add_argument_group("HTTP limits (what one client may cost the server)")
+    limits.add_argument("--max-request-body-bytes", "--max_request_body_bytes", dest="max_request_body_bytes",
+                        type=int, default=8 * 1024 * 1024,
+                        help="larger bodies are refused with 413 (default: 8 MiB)")
+    limits.add_argument("--timeout-header", "--timeout_header", dest="timeout_header", type=float, default=10.0,
+                        help="seconds a connection may take to send a request head before it is closed "
+                             "(default: 10)")
+    limits.add_argument("--timeout-body", "--timeout_body", dest="timeout_body", type=float, default=60.0,
+                        help="seconds a request body may take to arrive, or 408 (default: 60)")
+    limits.add_argument("--timeout-keep-alive", "--timeout_keep_alive", dest="timeout_keep_alive", type=float,
+                        default=5.0, help="seconds an idle keep-alive connection stays open (default: 5)")
+    limits.add_argument("--limit-concurrency", "--limit_concurrency", dest="limit_concurrency", type=int,
+                        default=1024, help="connections + requests in flight above which new requests get 503 "
+                                           "(default: 1024; keep it below `ulimit -n`)")
     p.set_defaults(_parser=p)
     return p
 
@@ -62,18 +81,49 @@ def _setup_logging(level: str) -> None:
         log.propagate = False
 
 
+SERVE_MODULES = ("fastapi", "uvicorn", "pydantic", "prometheus_client")
+
+
+def missing_serve_modules() -> list[str]:
+    return [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+
+
+def check_limits(args: argparse.Namespace) -> None:
+    if args.max_request_body_bytes < 1024:
+        raise ValueError(f"--max-request-body-bytes must be >= 1024, got {args.max_request_body_bytes}")
+    for flag, value in (("--timeout-header", args.timeout_header), ("--timeout-body", args.timeout_body),
+                        ("--timeout-keep-alive", args.timeout_keep_alive)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be > 0 seconds, got {value}")
+    if args.limit_concurrency < 1:
+        raise ValueError(f"--limit-concurrency must be >= 1, got {args.limit_concurrency}")
+
+
 def run(args: argparse.Namespace) -> int:
+    missing = missing_serve_modules()
+    if missing:
+        print(f"minke serve: error: the server needs {', '.join(missing)}, not installed here; "
+              "install the serve extras: pip install 'minke[serve]'", file=sys.stderr)
+        return 1
     import uvicorn
 
     from .. import __version__
     from ..engine.async_llm import AsyncLLM
-    from ..server.app import build_app, default_model_name
+    from ..server.app import HTTPLimits, build_app, default_model_name
+    from ..server.http import bind_socket, header_timeout_protocol
 
     _setup_logging(args.uvicorn_log_level)
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    check_limits(args)
     logger.info("minke %s serve", __version__)
     logger.info("non-default args: %s", non_default_args(args))
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        print(f"minke serve: error: cannot bind {args.host}:{args.port}: {e.strerror or e} "
+              "(is another server running there? pick another --port)", file=sys.stderr)
+        return 1
 
     engine = AsyncLLM(args.model, **engine_kwargs(args))
     cfg = engine.model_config
@@ -86,14 +136,18 @@ def run(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or default_model_name(engine)
+    limits = HTTPLimits(max_request_body_bytes=args.max_request_body_bytes, timeout_body_s=args.timeout_body)
     app = build_app(engine, name, api_key, args.chat_template,
-                    log_stats_interval=None if args.disable_log_stats else 5.0)
+                    log_stats_interval=None if args.disable_log_stats else 5.0, limits=limits)
     logger.info("Serving %s as model %r%s; routes: /v1/chat/completions, /v1/completions, /v1/models, /health, "
-                "/metrics, /tokenize, /detokenize, /version", engine.model_path, name,
-                " (API key required on /v1)" if api_key else "")
+                "/metrics, /tokenize, /detokenize, /version, /openapi.json", engine.model_path, name,
+                " (API key required on /v1, /tokenize, /detokenize)" if api_key else "")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            timeout_keep_alive=5, timeout_graceful_shutdown=5)
+                            http=header_timeout_protocol(args.timeout_header),
+                            timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency,
+                            timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    server.run()
+    with sock:
+        server.run(sockets=[sock])
     # uvicorn returns instead of raising when it cannot bind: make that a failing exit status.
     return 0 if server.started else 1

@@ -14,53 +14,41 @@ Rules that matter, and why:
 - A client that goes away aborts its engine requests and frees their KV blocks: streaming responses are
   cancelled by Starlette when the connection drops (the cleanup in streaming.py runs shielded from that
   cancellation); non-streaming ones are watched with `request.is_disconnected()`.
-- The API key guards only the /v1 routes (vLLM's rule); /health, /metrics, /version and tokenize stay open.
+- The API key guards /v1, /tokenize and /detokenize (vLLM leaves the last two open, and its security guide
+  warns about it); /health, /metrics, /version and /openapi.json stay open.
+- Hostile input is a 4xx and the server keeps serving: bodies over `max_request_body_bytes` are 413s, bodies
+  slower than `timeout_body_s` 408s, deep or non-Unicode JSON 400s (body.py), tokenization runs off the event
+  loop, and an unexpected error is a 500 with a request id that keeps the connection (middleware.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..tokenizer import resolve_chat_template
+from . import protocol as P
 from .chat import OpenAIServingChat
 from .completions import OpenAIServingCompletion
 from .errors import APIError
 from .metrics import ServerMetrics
+from .middleware import AuthMiddleware, BodyLimitMiddleware, CatchAllMiddleware
+from .openapi import install_openapi
 from .tokenization import OpenAIServingTokenization
 
 logger = logging.getLogger("minke.server")
-
-
-class _AuthMiddleware:
-    """Pure ASGI (not BaseHTTPMiddleware, which would break streaming-disconnect handling): Bearer key on /v1."""
-
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
-            got = (Headers(scope=scope).get("authorization") or "").encode()
-            if not hmac.compare_digest(got, self.expected):
-                msg = ("Incorrect API key provided." if got else
-                       "Missing API key: send it as 'Authorization: Bearer <key>'.")
-                await APIError(401, msg, code="invalid_api_key").response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 async def _log_stats(get_stats: Callable[[], dict], interval: float) -> None:
@@ -88,11 +76,30 @@ def default_model_name(engine) -> str:
     return getattr(engine, "model_name", None) or (os.path.basename(os.path.normpath(path)) if path else "minke")
 
 
+@dataclass
+class HTTPLimits:
+    """What one client may cost the HTTP layer (see README "Limits")."""
+
+    max_request_body_bytes: int = 8 * 1024 * 1024  # 8 MiB: ~2M token ids or ~8M characters of prompt
+    timeout_body_s: float | None = 60.0  # the whole body, from the request head on
+
+    def __post_init__(self):
+        if self.max_request_body_bytes < 1024:
+            raise ValueError(f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}")
+        if self.timeout_body_s is not None and not self.timeout_body_s > 0:
+            raise ValueError(f"timeout_body_s must be > 0 (or None), got {self.timeout_body_s}")
+
+
+# Routes the API key guards (exact path or below).
+PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
+
+
 def build_app(engine, served_model_name: str | None = None, api_key: str | None = None,
               chat_template: str | None = None, manage_engine: bool = True,
-              log_stats_interval: float | None = 5.0) -> FastAPI:
+              log_stats_interval: float | None = 5.0, limits: HTTPLimits | None = None) -> FastAPI:
     """The app serving `engine` (an AsyncLLM). manage_engine: start the engine loop on app start-up and shut
     it down on exit. chat_template: a file, a jinja string or a built-in name; None = the tokenizer's."""
+    limits = limits or HTTPLimits()
     name = served_model_name or default_model_name(engine)
     # Resolved once (a file is read here, not per request); None = the tokenizer's own template.
     template = resolve_chat_template(chat_template) if chat_template else None
@@ -116,7 +123,7 @@ def build_app(engine, served_model_name: str | None = None, api_key: str | None 
                 await engine.shutdown()
 
     app = FastAPI(title="minke OpenAI-compatible server", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
@@ -128,28 +135,24 @@ def build_app(engine, served_model_name: str | None = None, api_key: str | None 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException):
-        return APIError(e.status_code, str(e.detail)).response()
+        # e.headers carries `Allow` on a 405.
+        return APIError(e.status_code, str(e.detail), headers=e.headers).response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception):
-        logger.exception("unhandled error")
-        return APIError(500, f"Internal server error: {type(e).__name__}: {e}").response()
-
-    @app.get("/health")
+    @app.get("/health", response_model=P.HealthResponse)
     async def health():
         if not getattr(engine, "is_running", True):
             return APIError(503, "The engine loop is not running.").response()
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok"})
 
-    @app.get("/version")
+    @app.get("/version", response_model=P.VersionResponse)
     async def version():
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def metrics():
         return Response(server_metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=P.ModelList)
     async def models():
         return tokenization_api.models().model_dump()
 
@@ -169,6 +172,11 @@ def build_app(engine, served_model_name: str | None = None, api_key: str | None 
     async def completions(request: Request):
         return await completion_api.create(request)
 
+    install_openapi(app, protected=PROTECTED_PREFIXES if api_key else ())
+    # Added innermost first: CatchAll sits just outside the routes, the body limit outside it (its 413s and
+    # 408s come from the APIError handler inside), auth outermost (no body is read for a bad key).
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_body_bytes, timeout_s=limits.timeout_body_s)
     if api_key:
-        app.add_middleware(_AuthMiddleware, api_key=api_key)
+        app.add_middleware(AuthMiddleware, api_key=api_key, prefixes=PROTECTED_PREFIXES)
     return app

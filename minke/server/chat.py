@@ -25,6 +25,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(req.model)
         try:
             messages = req.message_dicts()
+            self.check_text_length(sum(len(m["content"]) for m in messages), "messages")
             # In a worker thread: a huge prompt must not hold up the event loop (and every other stream).
             prompt_ids = await asyncio.to_thread(
                 self.tokenizer.apply_chat_template, messages, add_generation_prompt=req.add_generation_prompt,

@@ -28,6 +28,7 @@ class OpenAIServingCompletion(OpenAIServing):
         ids, texts = [], []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
+                self.check_text_length(len(p), "prompt", f"prompt {i}: " if len(prompts) > 1 else "")
                 ids.append(self.tokenizer.encode(p))
                 texts.append(p)
             else:

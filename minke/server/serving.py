@@ -4,8 +4,9 @@ input reaches the engine thread as an exception."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
+import uuid
 from typing import Any
 
 from fastapi import Request
@@ -14,10 +15,25 @@ from pydantic import BaseModel, ValidationError
 from ..engine.outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from . import streaming
+from .body import loads_object
 from .errors import APIError, param_of, validation_message
 from .metrics import ServerMetrics
 
 logger = logging.getLogger("minke.server")
+
+# Bodies above this are parsed and checked in a worker thread, so that the event loop keeps serving.
+PARSE_INLINE_BYTES = 64 * 1024
+# The name SGLang's client snippets send; it always means the served model.
+DEFAULT_MODEL_ALIAS = "default"
+
+
+def max_token_chars(tokenizer) -> int | None:
+    """The most characters one token can stand for, or None if unknown. Byte-level BPE spells each byte as one
+    character of the token string, so a token's string length bounds the bytes (hence characters) it covers."""
+    if not getattr(tokenizer, "is_byte_level", False):
+        return None
+    tokens = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
+    return max((len(t) for t in tokens if t), default=None)
 
 
 class OpenAIServing:
@@ -27,6 +43,10 @@ class OpenAIServing:
         self.chat_template = chat_template  # resolved already (text); None = the tokenizer's own template
         self.metrics = metrics
         self.vocab_size = engine.model_config.vocab_size
+        per_token = max_token_chars(engine.tokenizer)
+        # A text longer than this cannot fit in max_model_len tokens: refused before it is tokenized. The
+        # factor 4 is slack for a normalizer that composes characters (NFKC can merge 3 jamo into 1).
+        self.max_prompt_chars = None if per_token is None else 4 * per_token * engine.max_model_len
 
     @property
     def tokenizer(self):
@@ -42,13 +62,9 @@ class OpenAIServing:
         """The body as `model_cls`: bad JSON, a bad field and a bad value are all 400s in OpenAI's shape
         (hence by hand, not FastAPI's body parameters)."""
         raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"Invalid JSON body: {e}") from None
-        if not isinstance(data, dict):
-            raise APIError(400, f"The request body must be a JSON object, got {type(data).__name__}")
-        return self.validate(data, model_cls)
+        if len(raw) <= PARSE_INLINE_BYTES:
+            return self.validate(loads_object(raw), model_cls)
+        return await asyncio.to_thread(lambda: self.validate(loads_object(raw), model_cls))
 
     @staticmethod
     def validate(data: dict, model_cls: type[BaseModel]) -> Any:
@@ -56,10 +72,11 @@ class OpenAIServing:
             return model_cls.model_validate(data)
         except ValidationError as e:
             msg, param = validation_message(e)
-            raise APIError(400, msg, param=param) from None
+            # A model-level check has no location: its message starts with the field's name.
+            raise APIError(400, msg, param=param or param_of(msg, set(model_cls.model_fields))) from None
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+        if name is not None and name != self.model_name and name != DEFAULT_MODEL_ALIAS:
             raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
 
@@ -75,7 +92,21 @@ class OpenAIServing:
         if bad:
             raise APIError(400, f"logit_bias token ids must be < {self.vocab_size} (the vocabulary size), "
                                 f"got {bad[:5]}", param="logit_bias")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise APIError(400, f"stop_token_ids must be < {self.vocab_size} (the vocabulary size), got {bad[:5]}",
+                           param="stop_token_ids")
+        if params.top_k >= self.vocab_size:
+            params.top_k = 0  # keeping at least every token = no top-k (and no huge k reaches the sampler)
         return params
+
+    def check_text_length(self, chars: int, param: str, where: str = "") -> None:
+        """Refuses, before tokenizing, a text too long to fit in max_model_len tokens however it tokenizes."""
+        if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
+            raise APIError(400, f"{where}This model's maximum context length is {self.max_model_len} tokens; the "
+                                f"text is {chars} characters, more than any {self.max_model_len} tokens can "
+                                f"spell (at most {self.max_prompt_chars}).", param=param,
+                           code="context_length_exceeded")
 
     def check_prompt(self, ids: list[int], params: SamplingParams, param: str, where: str = "") -> None:
         try:
@@ -87,8 +118,11 @@ class OpenAIServing:
     def engine_error(self, e: Exception) -> APIError:
         if isinstance(e, ValueError):  # a request the engine refused: the client's fault
             return APIError(400, str(e))
-        logger.error("request failed in the engine: %r", e)
-        return APIError(500, f"The engine failed to serve this request: {e}")
+        # The exception text may hold internals (paths, tensor shapes): it goes to the log, under an id.
+        request_id = uuid.uuid4().hex
+        logger.error("request %s failed in the engine: %r", request_id, e)
+        return APIError(500, f"The engine failed to serve this request (request id {request_id}); the details "
+                             "are in the server log.", headers={"X-Request-Id": request_id})
 
     # ------------------------------------------------------------------------------------------ output
 
