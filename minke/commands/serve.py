@@ -9,7 +9,7 @@ The port is bound before the model loads: a port in use is an error at once, not
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import logging
 import os
 import sys
@@ -85,7 +85,13 @@ SERVE_MODULES = ("fastapi", "uvicorn", "pydantic", "prometheus_client")
 
 
 def missing_serve_modules() -> list[str]:
-    return [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+    missing = []
+    for name in SERVE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def check_limits(args: argparse.Namespace) -> None:
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..engine.async_llm import AsyncLLM
     from ..server.app import HTTPLimits, build_app, default_model_name
-    from ..server.http import bind_socket, header_timeout_protocol
+    from ..server.http import PreboundServer, bind_socket, header_timeout_protocol
 
     _setup_logging(args.uvicorn_log_level)
     if not 0 <= args.port < 65536:
@@ -146,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                             http=header_timeout_protocol(args.timeout_header),
                             timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency,
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = PreboundServer(config)
     with sock:
         server.run(sockets=[sock])
     # uvicorn returns instead of raising when it cannot bind: make that a failing exit status.

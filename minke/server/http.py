@@ -9,8 +9,10 @@ arrived within `timeout_s` of the connection opening or of the previous response
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
@@ -74,3 +76,16 @@ def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
             super().connection_lost(exc)
 
     return HeaderTimeoutH11Protocol
+
+
+class PreboundServer(uvicorn.Server):
+    """uvicorn.Server serving sockets bound beforehand (`run(sockets=[...])`). uvicorn prints its
+    "Uvicorn running on ..." line only for sockets it bound itself; this prints it for ours."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if sockets and self.started:
+            host, port = sockets[0].getsockname()[:2]
+            fmt = "%s://[%s]:%d" if ":" in host else "%s://%s:%d"
+            logging.getLogger("uvicorn.error").info(f"Uvicorn running on {fmt} (Press CTRL+C to quit)",
+                                                    "https" if self.config.ssl else "http", host, port)
