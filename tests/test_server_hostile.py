@@ -329,3 +329,11 @@ def test_serve_without_the_serve_extras_says_what_to_install():
     assert r.returncode == 1
     assert "pip install 'minke[serve]'" in r.stderr and "uvicorn" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--timeout-body", "0"), ("--max-request-body-bytes", "10"),
+                                        ("--limit-concurrency", "0")])
+def test_bad_limit_flags_are_one_line_errors(flag, value):
+    r = subprocess.run([sys.executable, "-m", "minke.cli", "serve", "--device", "cpu", "--port", str(_free_port()),
+                        flag, value], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"minke serve: error: {flag} must be" in r.stderr and "Traceback" not in r.stderr

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from ..server.limits import HTTPLimits
 from .common import add_model_args, engine_kwargs
 
 logger = logging.getLogger("minke")
@@ -40,20 +41,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="do not log throughput / queue / KV usage every 5 s")
     p.add_argument("--disable-log-requests", "--disable_log_requests", dest="disable_log_requests",
                    action="store_true", help="accepted for vLLM compatibility (requests are never logged)")
-    limits = p.add_argument_group("HTTP limits (what one client may cost the server)")
+    p.add_argument("--disable-fastapi-docs", "--disable_fastapi_docs", dest="disable_fastapi_docs",
+                   action="store_true", help="do not serve /openapi.json")
+    limits = p.add_argument_group("HTTP limits (what one client may cost the server; README \"Limits\")")
     limits.add_argument("--max-request-body-bytes", "--max_request_body_bytes", dest="max_request_body_bytes",
-                        type=int, default=8 * 1024 * 1024,
+                        type=int, default=HTTPLimits.max_request_body_bytes,
                         help="larger bodies are refused with 413 (default: 8 MiB)")
-    limits.add_argument("--timeout-header", "--timeout_header", dest="timeout_header", type=float, default=10.0,
+    limits.add_argument("--timeout-header", "--timeout_header", dest="timeout_header", type=float,
+                        default=HTTPLimits.timeout_header_s,
                         help="seconds a connection may take to send a request head before it is closed "
-                             "(default: 10)")
-    limits.add_argument("--timeout-body", "--timeout_body", dest="timeout_body", type=float, default=60.0,
-                        help="seconds a request body may take to arrive, or 408 (default: 60)")
+                             "(default: %(default)s)")
+    limits.add_argument("--timeout-body", "--timeout_body", dest="timeout_body", type=float,
+                        default=HTTPLimits.timeout_body_s,
+                        help="seconds a request body may take to arrive, or 408 (default: %(default)s)")
     limits.add_argument("--timeout-keep-alive", "--timeout_keep_alive", dest="timeout_keep_alive", type=float,
-                        default=5.0, help="seconds an idle keep-alive connection stays open (default: 5)")
+                        default=HTTPLimits.timeout_keep_alive_s,
+                        help="seconds an idle keep-alive connection stays open (default: %(default)s)")
     limits.add_argument("--limit-concurrency", "--limit_concurrency", dest="limit_concurrency", type=int,
-                        default=1024, help="connections + requests in flight above which new requests get 503 "
-                                           "(default: 1024; keep it below `ulimit -n`)")
+                        default=HTTPLimits.limit_concurrency,
+                        help="connections + requests in flight above which new requests get 503 "
+                             "(default: %(default)s; keep it below `ulimit -n`)")
     p.set_defaults(_parser=p)
     return p
 
@@ -94,15 +101,11 @@ def missing_serve_modules() -> list[str]:
     return missing
 
 
-def check_limits(args: argparse.Namespace) -> None:
-    if args.max_request_body_bytes < 1024:
-        raise ValueError(f"--max-request-body-bytes must be >= 1024, got {args.max_request_body_bytes}")
-    for flag, value in (("--timeout-header", args.timeout_header), ("--timeout-body", args.timeout_body),
-                        ("--timeout-keep-alive", args.timeout_keep_alive)):
-        if not value > 0:
-            raise ValueError(f"{flag} must be > 0 seconds, got {value}")
-    if args.limit_concurrency < 1:
-        raise ValueError(f"--limit-concurrency must be >= 1, got {args.limit_concurrency}")
+def http_limits(args: argparse.Namespace) -> HTTPLimits:
+    """ValueError naming the flag for a bad value."""
+    return HTTPLimits(max_request_body_bytes=args.max_request_body_bytes, timeout_header_s=args.timeout_header,
+                      timeout_body_s=args.timeout_body, timeout_keep_alive_s=args.timeout_keep_alive,
+                      limit_concurrency=args.limit_concurrency)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,13 +118,13 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import __version__
     from ..engine.async_llm import AsyncLLM
-    from ..server.app import HTTPLimits, build_app, default_model_name
+    from ..server.app import build_app, default_model_name
     from ..server.http import PreboundServer, bind_socket, header_timeout_protocol
 
     _setup_logging(args.uvicorn_log_level)
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    check_limits(args)
+    limits = http_limits(args)
     logger.info("minke %s serve", __version__)
     logger.info("non-default args: %s", non_default_args(args))
     try:
@@ -142,15 +145,15 @@ def run(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or default_model_name(engine)
-    limits = HTTPLimits(max_request_body_bytes=args.max_request_body_bytes, timeout_body_s=args.timeout_body)
     app = build_app(engine, name, api_key, args.chat_template,
-                    log_stats_interval=None if args.disable_log_stats else 5.0, limits=limits)
+                    log_stats_interval=None if args.disable_log_stats else 5.0, limits=limits,
+                    openapi=not args.disable_fastapi_docs)
     logger.info("Serving %s as model %r%s; routes: /v1/chat/completions, /v1/completions, /v1/models, /health, "
                 "/metrics, /tokenize, /detokenize, /version, /openapi.json", engine.model_path, name,
                 " (API key required on /v1, /tokenize, /detokenize)" if api_key else "")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            http=header_timeout_protocol(args.timeout_header),
-                            timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency,
+                            http=header_timeout_protocol(limits.timeout_header_s),
+                            timeout_keep_alive=limits.timeout_keep_alive_s, limit_concurrency=limits.limit_concurrency,
                             timeout_graceful_shutdown=5)
     server = PreboundServer(config)
     with sock:

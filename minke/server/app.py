@@ -29,7 +29,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,6 +42,7 @@ from . import protocol as P
 from .chat import OpenAIServingChat
 from .completions import OpenAIServingCompletion
 from .errors import APIError
+from .limits import HTTPLimits
 from .metrics import ServerMetrics
 from .middleware import AuthMiddleware, BodyLimitMiddleware, CatchAllMiddleware
 from .openapi import install_openapi
@@ -76,29 +76,18 @@ def default_model_name(engine) -> str:
     return getattr(engine, "model_name", None) or (os.path.basename(os.path.normpath(path)) if path else "minke")
 
 
-@dataclass
-class HTTPLimits:
-    """What one client may cost the HTTP layer (see README "Limits")."""
-
-    max_request_body_bytes: int = 8 * 1024 * 1024  # 8 MiB: ~2M token ids or ~8M characters of prompt
-    timeout_body_s: float | None = 60.0  # the whole body, from the request head on
-
-    def __post_init__(self):
-        if self.max_request_body_bytes < 1024:
-            raise ValueError(f"max_request_body_bytes must be >= 1024, got {self.max_request_body_bytes}")
-        if self.timeout_body_s is not None and not self.timeout_body_s > 0:
-            raise ValueError(f"timeout_body_s must be > 0 (or None), got {self.timeout_body_s}")
-
-
 # Routes the API key guards (exact path or below).
 PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
 
 
 def build_app(engine, served_model_name: str | None = None, api_key: str | None = None,
               chat_template: str | None = None, manage_engine: bool = True,
-              log_stats_interval: float | None = 5.0, limits: HTTPLimits | None = None) -> FastAPI:
+              log_stats_interval: float | None = 5.0, limits: HTTPLimits | None = None,
+              openapi: bool = True) -> FastAPI:
     """The app serving `engine` (an AsyncLLM). manage_engine: start the engine loop on app start-up and shut
-    it down on exit. chat_template: a file, a jinja string or a built-in name; None = the tokenizer's."""
+    it down on exit. chat_template: a file, a jinja string or a built-in name; None = the tokenizer's.
+    limits: the body limit and timeout applied here (the connection-level ones are uvicorn's, see serve).
+    openapi: serve /openapi.json."""
     limits = limits or HTTPLimits()
     name = served_model_name or default_model_name(engine)
     # Resolved once (a file is read here, not per request); None = the tokenizer's own template.
@@ -123,7 +112,7 @@ def build_app(engine, served_model_name: str | None = None, api_key: str | None 
                 await engine.shutdown()
 
     app = FastAPI(title="minke OpenAI-compatible server", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json" if openapi else None)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
@@ -172,7 +161,8 @@ def build_app(engine, served_model_name: str | None = None, api_key: str | None 
     async def completions(request: Request):
         return await completion_api.create(request)
 
-    install_openapi(app, protected=PROTECTED_PREFIXES if api_key else ())
+    if openapi:
+        install_openapi(app, protected=PROTECTED_PREFIXES if api_key else ())
     # Added innermost first: CatchAll sits just outside the routes, the body limit outside it (its 413s and
     # 408s come from the APIError handler inside), auth outermost (no body is read for a bad key).
     app.add_middleware(CatchAllMiddleware)
