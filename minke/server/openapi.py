@@ -24,9 +24,11 @@ BODIES: dict[str, tuple[tuple[type[BaseModel], ...], type[BaseModel], bool]] = {
     "/detokenize": ((P.DetokenizeRequest,), P.DetokenizeResponse, False),
 }
 
-ERRORS = {"400": "Bad request: bad JSON, an unknown field or a bad value (`param` names it)",
-          "401": "Missing or wrong API key", "404": "Unknown model", "408": "The body arrived too slowly",
-          "413": "The body is larger than the server accepts", "500": "Internal error (with a request id)"}
+BODY_ERRORS = {"400": "Bad request: bad JSON, an unknown field or a bad value (`param` names it)",
+               "404": "Unknown model", "408": "The body arrived too slowly",
+               "413": "The body is larger than the server accepts"}
+ERRORS = {"401": "Missing or wrong API key", "500": "Internal error (with a request id)",
+          "503": "The engine loop is not running (/health)"}
 
 
 def _ref(model: type[BaseModel]) -> dict:
@@ -47,17 +49,21 @@ def build_openapi(app: FastAPI, protected: tuple[str, ...]) -> dict:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
         ok = {"application/json": {"schema": _ref(resp)}}
         if streams:
-            ok["text/event-stream"] = {"schema": {"type": "string"}, "description": "with `stream: true`"}
+            # With `stream: true`: SSE events whose data is one chunk of the response (JSON), then [DONE].
+            ok["text/event-stream"] = {"schema": {"type": "object", "required": ["data"],
+                                                  "properties": {"data": {"type": "string"}}}}
         op["responses"] = {"200": {"description": "Success", "content": ok}}
     error = {"application/json": {"schema": _ref(P.ErrorResponse)}}
     for path, item in doc["paths"].items():
-        for op in item.values():
+        guarded = any(path == p or path.startswith(p + "/") for p in protected)
+        for method, op in item.items():
             op["responses"].pop("422", None)  # FastAPI's default; this server answers 400
-            for code, text in ERRORS.items():
-                if code == "401" and not any(path == p or path.startswith(p + "/") for p in protected):
+            codes = {**(BODY_ERRORS if method == "post" else {}), **ERRORS}
+            for code, text in codes.items():
+                if (code == "401" and not guarded) or (code == "503" and path != "/health"):
                     continue
                 op["responses"].setdefault(code, {"description": text, "content": error})
-            if any(path == p or path.startswith(p + "/") for p in protected):
+            if guarded:
                 op["security"] = [{"bearer": []}]
     if protected:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
