@@ -24,6 +24,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 BODY_LIMIT = 1024 * 1024
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 2.0
+CONCURRENCY = 48
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def server(tmp_path_factory):
     proc, base = launch_server(["--device", "cpu", "--kv-cache-tokens", "8192", "--served-model-name", MODEL,
                                 "--api-key", API_KEY, "--max-request-body-bytes", str(BODY_LIMIT),
                                 "--timeout-header", str(HEADER_TIMEOUT), "--timeout-body", str(BODY_TIMEOUT),
-                                "--disable-log-stats"], log)
+                                "--limit-concurrency", str(CONCURRENCY), "--disable-log-stats"], log)
     yield {"base": base, "port": int(base.rsplit(":", 1)[1]), "log": log, "proc": proc}
     stop_server(proc)
 
@@ -231,6 +232,20 @@ def test_half_open_and_slow_header_connections_are_closed(server):
         assert all(_closed_within(s, HEADER_TIMEOUT + 3) for s in idle)
     finally:
         for s in idle + [dribble]:
+            s.close()
+    _healthy(server["base"])
+
+
+def test_connection_limit_then_recovery(server):
+    # CONCURRENCY idle connections fill the limit: a new request is refused with 503 instead of queueing.
+    idle = [socket.create_connection(("127.0.0.1", server["port"])) for _ in range(CONCURRENCY)]
+    try:
+        time.sleep(0.3)  # accepted by the server
+        assert httpx.get(f"{server['base']}/health", timeout=5).status_code == 503
+        # The header timeout frees them; then the server serves again.
+        assert all(_closed_within(s, HEADER_TIMEOUT + 3) for s in idle)
+    finally:
+        for s in idle:
             s.close()
     _healthy(server["base"])
 
