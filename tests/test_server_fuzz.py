@@ -5,6 +5,7 @@ and the server must still answer afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 
@@ -42,8 +43,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def app():
     engine = AsyncLLM(None, device="cpu", kv_cache_tokens=16384, max_num_seqs=64)
     app = build_app(engine, "fuzz-model", api_key=API_KEY, manage_engine=False, log_stats_interval=None)
-    import asyncio
-    asyncio.run(engine.start())
+    asyncio.run(engine.start())  # the loop thread; the TestClient's lifespan would stop it after each call
     yield app
     asyncio.run(engine.shutdown())
 
