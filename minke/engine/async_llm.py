@@ -60,9 +60,6 @@ class AsyncLLM:
         return self._thread is not None and self._thread.is_alive()
 
     # ------------------------------------------------------------------ API
-    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.input_processor.check(prompt_token_ids, params, strict=True)
-
     def process(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Request:
         """Tokenizes and validates a request (the server's rule: prompt + max_tokens within the context); ValueError
         names the problem. The result goes to `generate`, so nothing is checked twice."""

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..engine.request import Request as EngineRequest  # the processed request (fastapi's Request is the HTTP one)
 from ..engine.outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from . import protocol as P
@@ -33,13 +34,13 @@ class OpenAIServingChat(OpenAIServing):
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         params = self.sampling_params(req, len(prompt_ids))
-        self.check_prompt(prompt_ids, params, "messages")
         rid = P.random_id("chatcmpl")
+        requests = [self.process(prompt_ids, params, f"{rid}-0", "messages")]
         if req.stream:
-            chunks = self.chunks(req, rid, prompt_ids, params, arrival)
+            chunks = self.chunks(req, rid, requests, arrival)
             return StreamingResponse(sse_events(chunks, lambda e: self.engine_error(e).body()),
                                      media_type="text/event-stream")
-        finals = await self.collect(request, [prompt_ids], [params], rid, arrival)
+        finals = await self.collect(request, requests, rid, arrival)
         if finals is None:
             return Response(status_code=499)  # nobody is listening
         out = finals[0]
@@ -72,9 +73,10 @@ class OpenAIServingChat(OpenAIServing):
                               for t, lp in tops]))
         return items
 
-    async def chunks(self, req: P.ChatCompletionRequest, rid: str, prompt_ids: list[int], params: SamplingParams,
+    async def chunks(self, req: P.ChatCompletionRequest, rid: str, requests: list[EngineRequest],
                      arrival: float) -> AsyncIterator[dict]:
         created = int(time.time())
+        prompt_ids, params = requests[0].prompt_token_ids, requests[0].params
         tracker = ChoiceTracker([len(prompt_ids)], params)
 
         def chunk(choices: list[P.ChatCompletionStreamChoice], final_usage: P.UsageInfo | None = None) -> dict:
@@ -90,7 +92,7 @@ class OpenAIServingChat(OpenAIServing):
 
         for i in range(params.n):  # the first delta of each choice carries the role
             yield chunk([P.ChatCompletionStreamChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))])
-        async with contextlib.aclosing(self.stream([prompt_ids], [params], rid, arrival)) as stream:
+        async with contextlib.aclosing(self.stream(requests, rid, arrival)) as stream:
             async for pi, out in stream:
                 for d in tracker.deltas(pi, out):
                     o = d.output

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..engine.request import Request as EngineRequest  # the processed request (fastapi's Request is the HTTP one)
 from ..engine.outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from . import protocol as P
@@ -64,15 +65,15 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts, texts = await asyncio.to_thread(self.encode_prompts, req)
         # One SamplingParams per prompt: they differ only in the default max_tokens (each prompt's own room).
         params_list = [self.sampling_params(req, len(ids)) for ids in prompts]
-        for i, (ids, params) in enumerate(zip(prompts, params_list)):
-            self.check_prompt(ids, params, "prompt", f"prompt {i}: " if len(prompts) > 1 else "")
         params = params_list[0]  # n and logprobs, the same in all
         rid = P.random_id("cmpl")
+        requests = [self.process(ids, p, f"{rid}-{i}", "prompt", f"prompt {i}: " if len(prompts) > 1 else "")
+                    for i, (ids, p) in enumerate(zip(prompts, params_list))]
         if req.stream:
-            chunks = self.chunks(req, rid, prompts, texts, params_list, arrival)
+            chunks = self.chunks(req, rid, requests, texts, arrival)
             return StreamingResponse(sse_events(chunks, lambda e: self.engine_error(e).body()),
                                      media_type="text/event-stream")
-        finals = await self.collect(request, prompts, params_list, rid, arrival)
+        finals = await self.collect(request, requests, rid, arrival)
         if finals is None:
             return Response(status_code=499)  # nobody is listening
         choices, completion = [], 0
@@ -89,10 +90,11 @@ class OpenAIServingCompletion(OpenAIServing):
         resp = P.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(resp.model_dump())
 
-    async def chunks(self, req: P.CompletionRequest, rid: str, prompts: list[list[int]], texts: list[str],
-                     params_list: list[SamplingParams], arrival: float) -> AsyncIterator[dict]:
+    async def chunks(self, req: P.CompletionRequest, rid: str, requests: list[EngineRequest], texts: list[str],
+                     arrival: float) -> AsyncIterator[dict]:
         created = int(time.time())
-        params = params_list[0]
+        prompts = [r.prompt_token_ids for r in requests]
+        params = requests[0].params
         n = params.n
         tracker = ChoiceTracker([len(p) for p in prompts], params)
         # Where the next logprobs token starts in each choice's text (after the echoed prompt).
@@ -110,7 +112,7 @@ class OpenAIServingCompletion(OpenAIServing):
             for pi in range(len(prompts)):
                 for i in range(n):
                     yield chunk([P.CompletionChoice(index=pi * n + i, text=texts[pi])])
-        async with contextlib.aclosing(self.stream(prompts, params_list, rid, arrival)) as stream:
+        async with contextlib.aclosing(self.stream(requests, rid, arrival)) as stream:
             async for pi, out in stream:
                 for d in tracker.deltas(pi, out):
                     o, key = d.output, (pi, d.output.index)

@@ -12,12 +12,16 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from ..engine.request import Request as EngineRequest  # the processed request (fastapi's Request is the HTTP one)
 from ..engine.outputs import Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from . import streaming
 from .body import loads_object
 from .errors import APIError, param_of, validation_message
 from .metrics import ServerMetrics
+
+# SamplingParams' field names: an engine refusal that starts with one names that field.
+SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
 
 logger = logging.getLogger("minke.server")
 
@@ -88,16 +92,6 @@ class OpenAIServing:
             params = req.to_sampling_params(default)
         except ValueError as e:
             raise APIError(400, str(e), param=param_of(str(e), set(type(req).model_fields))) from None
-        bad = [t for t in (params.logit_bias or {}) if t >= self.vocab_size]
-        if bad:
-            raise APIError(400, f"logit_bias token ids must be < {self.vocab_size} (the vocabulary size), "
-                                f"got {bad[:5]}", param="logit_bias")
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise APIError(400, f"stop_token_ids must be < {self.vocab_size} (the vocabulary size), got {bad[:5]}",
-                           param="stop_token_ids")
-        if params.top_k >= self.vocab_size:
-            params.top_k = 0  # keeping at least every token = no top-k (and no huge k reaches the sampler)
         return params
 
     def check_text_length(self, chars: int, param: str, where: str = "") -> None:
@@ -108,12 +102,17 @@ class OpenAIServing:
                                 f"spell (at most {self.max_prompt_chars}).", param=param,
                            code="context_length_exceeded")
 
-    def check_prompt(self, ids: list[int], params: SamplingParams, param: str, where: str = "") -> None:
+    def process(self, ids: list[int], params: SamplingParams, request_id: str, param: str,
+                where: str = "") -> EngineRequest:
+        """The engine's InputProcessor checks the request once (context, vocabulary-bound values) and builds it;
+        its refusal is a 400 naming the field (a sampling value's message starts with its name) or `param`."""
         try:
-            self.engine.check_prompt(ids, params)
+            return self.engine.process(ids, params, request_id)
         except ValueError as e:
-            code = "context_length_exceeded" if "context length" in str(e) else None
-            raise APIError(400, where + str(e), param=param, code=code) from None
+            msg = str(e)
+            code = "context_length_exceeded" if "context length" in msg else None
+            field = msg.split(":", 1)[0] if msg.split(":", 1)[0] in SAMPLING_FIELDS else param
+            raise APIError(400, where + msg, param=field, code=code) from None
 
     def engine_error(self, e: Exception) -> APIError:
         if isinstance(e, ValueError):  # a request the engine refused: the client's fault
@@ -133,14 +132,14 @@ class OpenAIServing:
             return lp.decoded_token
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def stream(self, prompts: list[list[int]], params: list[SamplingParams], base_id: str, arrival: float):
-        """(prompt index, cumulative output) of every prompt, as they come."""
-        return streaming.merged(self.engine, self.metrics, prompts, params, base_id, arrival)
+    def stream(self, requests: list[EngineRequest], base_id: str, arrival: float):
+        """(prompt index, cumulative output) of every processed request, as they come."""
+        return streaming.merged(self.engine, self.metrics, requests, base_id, arrival)
 
-    async def collect(self, request: Request, prompts: list[list[int]], params: list[SamplingParams],
-                      base_id: str, arrival: float) -> list[RequestOutput] | None:
-        """The final output of every prompt, or None if the client left first (its requests aborted)."""
+    async def collect(self, request: Request, requests: list[EngineRequest], base_id: str,
+                      arrival: float) -> list[RequestOutput] | None:
+        """The final output of every request, or None if the client left first (its requests aborted)."""
         try:
-            return await streaming.collect(request, self.engine, self.metrics, prompts, params, base_id, arrival)
+            return await streaming.collect(request, self.engine, self.metrics, requests, base_id, arrival)
         except Exception as e:
             raise self.engine_error(e) from None

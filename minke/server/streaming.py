@@ -25,6 +25,7 @@ import anyio
 from fastapi import Request
 from pydantic import BaseModel
 
+from ..engine.request import Request as EngineRequest  # the processed request (fastapi's Request is the HTTP one)
 from ..engine.outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
 from . import protocol as P
@@ -121,13 +122,14 @@ class ChoiceTracker:
 # ------------------------------------------------------------------------------------------ engine streams
 
 
-async def generate(engine, metrics: ServerMetrics, prompt_ids: list[int], params: SamplingParams,
-                   request_id: str, arrival: float) -> AsyncIterator[RequestOutput]:
-    """engine.generate with metrics; if the consumer stops early, the engine request is aborted."""
+async def generate(engine, metrics: ServerMetrics, req: EngineRequest, arrival: float
+                   ) -> AsyncIterator[RequestOutput]:
+    """engine.generate of a processed request, with metrics; if the consumer stops early, it is aborted."""
+    prompt_ids, params, request_id = req.prompt_token_ids, req.params, req.request_id
     timer = RequestTimer(metrics, arrival)
     seen = [0] * params.n
     last: RequestOutput | None = None
-    stream = engine.generate(prompt_ids, params, request_id)
+    stream = engine.generate(req)
     try:
         async for out in stream:
             now = time.monotonic()
@@ -150,22 +152,20 @@ async def generate(engine, metrics: ServerMetrics, prompt_ids: list[int], params
         timer.finish(time.monotonic(), len(prompt_ids), sum(seen), reasons)
 
 
-async def merged(engine, metrics: ServerMetrics, prompts: list[list[int]], params: list[SamplingParams],
-                 base_id: str, arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) from one engine request per prompt (params[i] for prompt i), as they come."""
-    if len(prompts) == 1:
-        async with contextlib.aclosing(generate(engine, metrics, prompts[0], params[0], f"{base_id}-0",
-                                                arrival)) as g:
+async def merged(engine, metrics: ServerMetrics, requests: list[EngineRequest], base_id: str,
+                 arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from the processed engine requests, one per prompt, as they come."""
+    if len(requests) == 1:
+        async with contextlib.aclosing(generate(engine, metrics, requests[0], arrival)) as g:
             async for out in g:
                 yield 0, out
         return
     q: asyncio.Queue = asyncio.Queue()
     end = object()
 
-    async def pump(i: int, ids: list[int]) -> None:
+    async def pump(i: int, req: EngineRequest) -> None:
         try:
-            async with contextlib.aclosing(generate(engine, metrics, ids, params[i], f"{base_id}-{i}",
-                                                    arrival)) as g:
+            async with contextlib.aclosing(generate(engine, metrics, req, arrival)) as g:
                 async for out in g:
                     q.put_nowait((i, out))
         except Exception as e:  # surfaces in the consumer
@@ -173,7 +173,7 @@ async def merged(engine, metrics: ServerMetrics, prompts: list[list[int]], param
         finally:
             q.put_nowait((i, end))
 
-    tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(prompts)]
+    tasks = [asyncio.create_task(pump(i, req)) for i, req in enumerate(requests)]
     try:
         remaining = len(tasks)
         while remaining:
@@ -191,13 +191,13 @@ async def merged(engine, metrics: ServerMetrics, prompts: list[list[int]], param
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect(request: Request, engine, metrics: ServerMetrics, prompts: list[list[int]],
-                  params: list[SamplingParams], base_id: str, arrival: float) -> list[RequestOutput] | None:
+async def collect(request: Request, engine, metrics: ServerMetrics, requests: list[EngineRequest], base_id: str,
+                  arrival: float) -> list[RequestOutput] | None:
     """The final output of each prompt; None if the client disconnected first (requests aborted)."""
 
     async def drain() -> list[RequestOutput]:
-        finals: list[RequestOutput | None] = [None] * len(prompts)
-        async with contextlib.aclosing(merged(engine, metrics, prompts, params, base_id, arrival)) as stream:
+        finals: list[RequestOutput | None] = [None] * len(requests)
+        async with contextlib.aclosing(merged(engine, metrics, requests, base_id, arrival)) as stream:
             async for i, out in stream:
                 finals[i] = out
         return finals  # type: ignore[return-value]
