@@ -85,4 +85,4 @@ def finetune(args) -> dict:
         model, writer = build_finetune_model(base, lora, cfg, info, plan, resume)
         return model, SFTData(examples, pad_id=tokenizer.eos_token_id), writer
 
-    return run_session(cfg, quantized=lora.bits == 4, setup=setup)
+    return run_session(cfg, quantized=lora.bits in (4, 8), setup=setup)
