@@ -59,7 +59,8 @@ def build_finetune_model(base: str, lora: LoraOptions, cfg: TrainingConfig, info
     load_device = "cpu" if plan.strategy == "fsdp" else info.device
     if not lora.use_lora:
         model = load_model(resume_from or base, dtype=torch.float32, device=load_device, progress=info.is_main)
-        writer = FullModelWriter(model, config_raw, torch.bfloat16 if cfg.bf16 else torch.float32,
+        # The output in the base checkpoint's dtype (a bf16 base gives a bf16 model, not fp32 of twice the size)
+        writer = FullModelWriter(model, config_raw, resolve_dtype("auto", load_config(base), "cpu"),
                                  tokenizer_dir=base, source_dir=base)
     else:
         if lora.bits in (4, 8):
