@@ -134,3 +134,14 @@ def test_expert_names_on_a_dense_model_are_a_clear_error(tmp_path):
     make_checkpoint("llama", base)
     with pytest.raises(ValueError, match="no routed experts"):
         make_lora_config(minke.load_model(base), 4, 8, 0.0, "q_proj,experts")
+
+
+def test_generate_on_an_adapter_dir_says_what_it_is(tmp_path, capsys):
+    from minke.cli import main
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "/m/b"}))
+    assert main(["generate", str(adapter), "--prompt", "hi"]) != 0
+    err = capsys.readouterr().err
+    assert "LoRA adapter" in err and "/m/b" in err and "--merge" in err and "no config.json" not in err
