@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels._triton import HAS_TRITON
+from ..kernels.silu_mul import silu_mul_bwd, silu_mul_bwd_ref, silu_mul_fwd
+
 
 # ---------------------------------------------------------------------------------------------- grouped matmul
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -91,23 +94,23 @@ def grouped_linear_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tenso
 # ------------------------------------------------------------------------------------------------- SiLU * mul
 class SiluMul(torch.autograd.Function):
     """h [M, 2I] = [gate | up] -> silu(gate) * up [M, I]. Saves h only (autograd's chain would keep gate, up and
-    silu(gate): 1.5x the memory of h), recomputing sigmoid in the backward."""
+    silu(gate): 1.5x the memory of h), recomputing sigmoid in the backward. On CUDA both directions are one Triton
+    pass each (kernels/silu_mul.py); elsewhere the same math in torch."""
 
     @staticmethod
     def forward(ctx, h):
-        gate, up = h.chunk(2, dim=-1)
         ctx.save_for_backward(h)
+        if h.is_cuda and HAS_TRITON:
+            return silu_mul_fwd(h)
+        gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, go):
         (h,) = ctx.saved_tensors
-        gate, up = h.float().chunk(2, dim=-1)
-        go = go.float()
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        d_gate = go * up * sig * (1 + gate * (1 - sig))
-        return torch.cat([d_gate, go * silu], dim=-1).to(h.dtype)
+        if h.is_cuda and HAS_TRITON:
+            return silu_mul_bwd(h, go.to(h.dtype))
+        return silu_mul_bwd_ref(h, go.to(h.dtype))
 
 
 def silu_mul(h: torch.Tensor) -> torch.Tensor:
@@ -144,7 +147,9 @@ def route_rows(topk_ids: torch.Tensor, n_experts: int):
     order = torch.argsort(flat, stable=True)  # sorted row i is (token, slot) pair order[i]
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.bincount(flat, minlength=n_experts)
+    # scatter_add, not bincount: bincount's output size depends on max(flat), a host sync on CUDA every layer.
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat,
+                                                                                      torch.ones_like(flat))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     return order // topk_ids.shape[1], inv, offs
 
