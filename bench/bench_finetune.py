@@ -167,6 +167,7 @@ def run_minke(case: str, raw: dict, device: torch.device, args, data: torch.Tens
             steps.append(m)
     res = _summary("minke", case, raw, args, steps, setup_s, sum(p.numel() for p in trainer.trainable), device)
     del trainer, model
+    _reset_memory(device)
     if shared is None and args.compare:  # full fine-tuning: the transformers side draws the same weights again
         shared = dict(_base(raw, base, device).state_dict())
     return res, shared, lora

@@ -61,10 +61,11 @@ def test_silu_mul_equals_reference_forward_and_backward():
 
 def test_route_rows_sorts_pairs_by_expert():
     ids = torch.tensor([[2, 0], [1, 2], [2, 3]])
-    tok, inv, offs = route_rows(ids, 5)
+    tok, inv, offs, order2 = route_rows(ids, 5)
     assert offs.tolist() == [1, 2, 5, 6, 6]
     flat = ids.reshape(-1)
     order = torch.argsort(inv)
+    assert torch.equal(order, order2)
     assert torch.equal(flat[order], flat[order].sort().values)
     assert torch.equal(tok, order // 2)
 

@@ -19,6 +19,7 @@ materialising W + B A for every expert each step.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -140,9 +141,24 @@ class DispatchRows(torch.autograd.Function):
         return g.sum(1, dtype=torch.float32).to(g.dtype) if g.dtype != torch.float32 else g.sum(1), None, None, None
 
 
+class PermuteRows(torch.autograd.Function):
+    """y [M, D] -> y[perm] for a permutation perm (inverse: inv_perm). Backward gathers with the inverse instead of
+    index_select's scatter-add (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, y, perm, inv_perm):
+        ctx.save_for_backward(inv_perm)
+        return y.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv_perm,) = ctx.saved_tensors
+        return g.index_select(0, inv_perm), None, None
+
+
 def route_rows(topk_ids: torch.Tensor, n_experts: int):
     """topk_ids [N, K] -> (tok [N*K] token of each sorted row, inv [N*K] sorted position of each (token, slot) in
-    row-major slot order, offs [E] int32 cumulative counts)."""
+    row-major slot order, offs [E] int32 cumulative counts, order [N*K] the (token, slot) pair of each sorted row)."""
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # sorted row i is (token, slot) pair order[i]
     inv = torch.empty_like(order)
@@ -151,7 +167,7 @@ def route_rows(topk_ids: torch.Tensor, n_experts: int):
     counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat,
                                                                                       torch.ones_like(flat))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    return order // topk_ids.shape[1], inv, offs
+    return order // topk_ids.shape[1], inv, offs, order
 
 
 # ------------------------------------------------------------------------------------------------------ LoRA
@@ -212,11 +228,11 @@ def experts_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
         raise ValueError(f"experts_grouped (training) takes no {sorted(unsupported) or ['reduce=False']}: fp8 "
                          "experts and deferred slot sums are inference-only")
     n, k = topk_ids.shape
-    tok, inv, offs = route_rows(topk_ids, gate_up.shape[0])
+    tok, inv, offs, order = route_rows(topk_ids, gate_up.shape[0])
     xs = DispatchRows.apply(x, tok, inv, k)  # [N*K, D] in expert order
     h = _lora_linear(xs, gate_up, offs, lora.factors("gate_up_proj") if lora else None)  # [N*K, 2I]
     y = _lora_linear(silu_mul(h), down, offs, lora.factors("down_proj") if lora else None)  # [N*K, D]
-    y = y.index_select(0, inv).view(n, k, -1)  # back to (token, slot) order
+    y = PermuteRows.apply(y, inv, order).view(n, k, -1)  # back to (token, slot) order
     # Routing-weighted sum over the K slots: [N, 1, K] @ [N, K, D] (in y's dtype; fp32 accumulate in the GEMM).
     out = torch.bmm(topk_weights.unsqueeze(1).to(y.dtype), y).squeeze(1)
     return out.to(x.dtype)
@@ -262,8 +278,9 @@ class _GroupedImpl:
     after installation are used)."""
 
     def __init__(self, experts: nn.Module):
-        self._experts = [experts]  # a list: not registered as a submodule of itself
+        # A weak reference: no module <-> impl cycle keeping the weights alive until the next gc run.
+        self._experts = weakref.ref(experts)
 
     def __call__(self, x, gate_up, down, topk_ids, topk_weights, **kw):
         return experts_grouped(x, gate_up, down, topk_ids, topk_weights,
-                               lora=getattr(self._experts[0], "lora", None), **kw)
+                               lora=getattr(self._experts(), "lora", None), **kw)
