@@ -18,8 +18,8 @@ materialising W + B A for every expert each step.
 
 from __future__ import annotations
 
+import functools
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -261,26 +261,15 @@ def experts_lora_reference(x, gate_up, down, topk_ids, topk_weights, lora: Exper
 
 def use_grouped_experts(model: nn.Module) -> int:
     """Route every `Experts` module of `model` (bf16/fp32 stacked weights) through experts_grouped, with its
-    `lora` adapter if it has one. Returns the number of modules switched. Training only: the engine installs its
-    own kernels for inference."""
+    `lora` adapter if it has one (call again after attaching or removing one). Returns the number of modules
+    switched. Training only: the engine installs its own kernels for inference."""
     from ..models.moe import Experts
 
     n = 0
     for m in model.modules():
         if isinstance(m, Experts):
-            m.impl = _GroupedImpl(m)
+            lora = getattr(m, "lora", None)
+            # a partial holding the adapter (a child of m): no m <-> impl cycle, and deepcopy keeps the pairing
+            m.impl = experts_grouped if lora is None else functools.partial(experts_grouped, lora=lora)
             n += 1
     return n
-
-
-class _GroupedImpl:
-    """Experts.impl: the experts' call with the module's LoRA adapter (looked up at call time, so adapters attached
-    after installation are used)."""
-
-    def __init__(self, experts: nn.Module):
-        # A weak reference: no module <-> impl cycle keeping the weights alive until the next gc run.
-        self._experts = weakref.ref(experts)
-
-    def __call__(self, x, gate_up, down, topk_ids, topk_weights, **kw):
-        return experts_grouped(x, gate_up, down, topk_ids, topk_weights,
-                               lora=getattr(self._experts(), "lora", None), **kw)
