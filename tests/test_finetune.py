@@ -288,8 +288,7 @@ def test_quantized_experts_match_dequantized_reference():
         ex.gate_up_proj.normal_(0, 0.05)
         ex.down_proj.normal_(0, 0.05)
     q = QuantizedExperts(ex, torch.device("cpu"), torch.float32, "nf4", True)
-    deq_gu = torch.stack([bnb.functional.dequantize_4bit(q.gate_up_packed[e], q.gu_state[e]) for e in range(4)])
-    deq_dn = torch.stack([bnb.functional.dequantize_4bit(q.down_packed[e], q.dn_state[e]) for e in range(4)])
+    deq_gu, deq_dn = q.dequantized()
     assert (deq_gu - ex.gate_up_proj).abs().max() < 0.05, "nf4 round trip"
     x = torch.randn(10, 64, requires_grad=True)
     ids = torch.randint(0, 4, (10, 2))

@@ -5,7 +5,8 @@ bnb_4bit_quant_type)` does.
 - every `nn.Linear` except `lm_head` becomes `bnb.nn.Linear4bit` (bits 4) or `bnb.nn.Linear8bitLt` (bits 8,
   LLM.int8 with outlier threshold 6.0, transformers' default); peft puts its LoRA on top of these;
 - routed experts (stacked [E, 2I, D] / [E, D, I] parameters, most of an MoE model's weights) become
-  `QuantizedExperts`: 4-bit: each expert's matrices quantized by bitsandbytes; 8-bit: int8 with an absmax scale per
+  `QuantizedExperts`: 4-bit: each stack quantized by bitsandbytes (nf4/fp4 blocks of 64 within each expert's
+  rows); 8-bit: int8 with an absmax scale per
   weight row (LLM.int8's weight format). In the forward the layer's experts are dequantized to the compute dtype
   and run as grouped GEMMs (train/moe_train.py, with the experts' LoRA if any); under gradient checkpointing (the
   QLoRA recipe) the dequantized weights live for one layer's forward / recomputed backward at a time;
@@ -66,17 +67,20 @@ class QuantizedExperts(nn.Module):
             return
         import bitsandbytes.functional as bf
 
-        gu, dn, self.gu_state, self.dn_state = [], [], [], []
-        for k in range(e):  # one expert at a time: only that expert's full-precision copy is ever on the GPU
-            for src, packed, states in ((experts.gate_up_proj[k], gu, self.gu_state),
-                                        (experts.down_proj[k], dn, self.dn_state)):
-                w = src.detach().to(device=device, dtype=compute_dtype)
-                q, st = bf.quantize_4bit(w, quant_type=quant_type, compress_statistics=double_quant)
-                packed.append(q)
-                states.append(st)
-        # Packed nibbles [E, numel/2, 1] uint8, as buffers so they count in the module's memory and move with it.
-        self.register_buffer("gate_up_packed", torch.stack(gu), persistent=False)
-        self.register_buffer("down_packed", torch.stack(dn), persistent=False)
+        # Each stack quantized as one [E*N, K] tensor: every expert's rows are whole 64-value blocks of it, so the
+        # 4-bit codes and block scales equal a per-expert quantization, and the forward dequantizes the layer's
+        # experts in one call per stack (not 2E calls, whose host overhead would outlast the GEMMs).
+        self.gu_state = self.dn_state = None
+        for src, name in ((experts.gate_up_proj, "gate_up_packed"), (experts.down_proj, "down_packed")):
+            w = src.detach().to(device=device, dtype=compute_dtype).reshape(-1, src.shape[-1])
+            q, st = bf.quantize_4bit(w, quant_type=quant_type, compress_statistics=double_quant)
+            del w
+            # Packed nibbles [E*N*K/2, 1] uint8, as buffers so they count in the module's memory and move with it.
+            self.register_buffer(name, q, persistent=False)
+            if name == "gate_up_packed":
+                self.gu_state = st
+            else:
+                self.dn_state = st
 
     @torch.no_grad()
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,13 +91,9 @@ class QuantizedExperts(nn.Module):
                     dequantize_rows_int8(self.down_int8, self.down_absmax, self.compute_dtype))
         import bitsandbytes.functional as bf
 
-        dev = self.gate_up_packed.device
-        gu = torch.empty(e, two_i, d, dtype=self.compute_dtype, device=dev)
-        dn = torch.empty(e, d, self.inter, dtype=self.compute_dtype, device=dev)
-        for k in range(e):
-            gu[k] = bf.dequantize_4bit(self.gate_up_packed[k], self.gu_state[k])
-            dn[k] = bf.dequantize_4bit(self.down_packed[k], self.dn_state[k])
-        return gu, dn
+        gu = bf.dequantize_4bit(self.gate_up_packed, self.gu_state).view(e, two_i, d)
+        dn = bf.dequantize_4bit(self.down_packed, self.dn_state).view(e, d, self.inter)
+        return gu.to(self.compute_dtype), dn.to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         gu, dn = self.dequantized()
