@@ -145,3 +145,34 @@ def test_generate_on_an_adapter_dir_says_what_it_is(tmp_path, capsys):
     assert main(["generate", str(adapter), "--prompt", "hi"]) != 0
     err = capsys.readouterr().err
     assert "LoRA adapter" in err and "/m/b" in err and "--merge" in err and "no config.json" not in err
+
+
+def test_merging_an_expert_adapter_writes_a_model_both_libraries_load(v2_base, tmp_path):
+    from minke.train.finetune import merge_adapter
+
+    model = minke.load_model(v2_base)
+    cfg = make_lora_config(model, 4, 8, 0.0, "all-linear", modules_to_save="")
+    apply_lora(model, cfg)
+    _randomize_adapters(model, seed=5)
+    ours = _logits(model.eval())
+    out = str(tmp_path / "adapter")
+    save_adapter(out, cfg, adapter_state_dict(model), v2_base)
+    merged = merge_adapter(out, str(tmp_path / "merged"), log=lambda *a: None)
+    _assert_same(_logits(minke.load_model(merged)), ours)
+    _assert_same(_logits(_hf("deepseek_v2", merged)), ours)
+
+
+def test_expert_target_names():
+    from minke.config import config_from_dict
+    from minke.loader import build_model
+    from minke.train.lora import resolve_targets
+    from tiny_models import config_dict
+
+    v2 = build_model(config_from_dict(config_dict("deepseek_v2_lite")), torch.float32, "cpu")
+    assert resolve_targets(v2, "q_proj,experts") == (["q_proj"], ["gate_up_proj", "down_proj"])
+    assert resolve_targets(v2, "experts.gate_up_proj") == ([], ["gate_up_proj"])
+    assert resolve_targets(v2, "gate_proj,experts.down_proj") == (["gate_proj"], ["down_proj"])
+    linears, experts = resolve_targets(v2, "all-linear")
+    assert experts == ["gate_up_proj", "down_proj"] and "lm_head" not in linears and "kv_b_proj" in linears
+    llama = build_model(config_from_dict(config_dict("llama")), torch.float32, "cpu")
+    assert resolve_targets(llama, "all-linear")[1] == []
