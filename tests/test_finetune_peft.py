@@ -176,3 +176,19 @@ def test_expert_target_names():
     assert experts == ["gate_up_proj", "down_proj"] and "lm_head" not in linears and "kv_b_proj" in linears
     llama = build_model(config_from_dict(config_dict("llama")), torch.float32, "cpu")
     assert resolve_targets(llama, "all-linear")[1] == []
+
+
+def test_experts_only_adapter_with_modules_to_save_round_trips(v2_base, tmp_path):
+    from peft import PeftModel
+
+    model = minke.load_model(v2_base)
+    cfg = make_lora_config(model, 4, 8, 0.0, "experts", modules_to_save="lm_head")
+    apply_lora(model, cfg)
+    _randomize_adapters(model, seed=2)
+    with torch.no_grad():
+        model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    ours = _logits(model.eval())
+    out = str(tmp_path / "adapter")
+    save_adapter(out, cfg, adapter_state_dict(model), v2_base)
+    _assert_same(_logits(load_adapter(minke.load_model(v2_base), out).eval()), ours)
+    _assert_same(_logits(PeftModel.from_pretrained(_hf("deepseek_v2", v2_base), out).eval()), ours)

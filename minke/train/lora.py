@@ -184,9 +184,7 @@ def _split_config(model: nn.Module, cfg):
         return None, experts
     lcfg = copy.deepcopy(cfg)
     lcfg.target_parameters = None
-    lcfg.target_modules = linear_targets or []
-    if not linear_targets:  # modules_to_save only: peft still needs one target; match nothing
-        lcfg.target_modules = r"^$"
+    lcfg.target_modules = linear_targets or []  # [] with modules_to_save: apply_lora wraps those alone
     return lcfg, experts
 
 
@@ -197,9 +195,14 @@ def apply_lora(model: nn.Module, lora_config) -> nn.Module:
     from peft import inject_adapter_in_model
 
     linear_cfg, experts = _split_config(model, lora_config)
-    if linear_cfg is not None:
+    if linear_cfg is not None and linear_cfg.target_modules:
         with _no_model_type(model):
             inject_adapter_in_model(linear_cfg, model, adapter_name="default")
+    elif linear_cfg is not None:  # experts-only adapters with modules_to_save: peft's own wrapper for those
+        from peft.utils.other import ModulesToSaveWrapper, _set_trainable
+
+        _set_trainable(model, "default", module_names=list(linear_cfg.modules_to_save), inference_mode=False,
+                       wrapper_cls=ModulesToSaveWrapper)
     mods = _experts_modules(model)
     for name, targets in experts.items():
         m = mods[name]
