@@ -44,6 +44,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -296,6 +297,14 @@ def main() -> int:
     else:
         device = torch.device("cuda", 0)
     rows = []
+    versions = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                else "cpu"}
+    for mod in ("transformers", "peft", "bitsandbytes"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = None
+    print(json.dumps({"versions": versions}), flush=True)
     for case in cases:
         layers = args.full_layers if case == "full" else args.num_layers
         raw = dict(V2_LITE, **(SMOKE if args.cpu_smoke else {"num_hidden_layers": layers}))
@@ -307,6 +316,9 @@ def main() -> int:
             res, state, lora = run_minke(case, raw, device, args, data)
         except torch.OutOfMemoryError as e:
             res = {"case": case, "side": "minke", "error": f"OOM: {str(e).splitlines()[0][:80]}"}
+        except Exception as e:  # one failing case must not cost the others' numbers
+            traceback.print_exc()
+            res = {"case": case, "side": "minke", "error": f"{type(e).__name__}: {e}"[:200]}
         results.append(res)
         if args.compare and state is not None:
             try:

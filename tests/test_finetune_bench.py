@@ -17,7 +17,8 @@ def test_cpu_smoke_compares_minke_with_transformers_peft():
                         "--cases", "lora-all,full"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{\"case")]
+    assert "transformers" in json.loads(r.stdout.splitlines()[0])["versions"]
     by = {(row["case"], row["side"]): row for row in rows}
     assert set(by) == {("lora-all", "minke"), ("lora-all", "transformers"), ("full", "minke"),
                        ("full", "transformers")}
