@@ -19,6 +19,8 @@ Weights are drawn in memory (nothing is downloaded or written). Each case:
 Cases (--cases, comma-separated):
   lora-attn   bf16 base, LoRA r 64 / alpha 16 on the attention projections
   lora-all    bf16 base, LoRA on every Linear but lm_head and on the routed experts ("all-linear")
+  lora-default  bf16 base, finetune.py's default --trainable (attention, dense and shared-expert MLPs; routed
+              experts frozen): what `--mode lora` of the earlier version of this script ran
   qlora-attn  4-bit nf4 base (double quant), LoRA on attention
   qlora-all   4-bit nf4 base, LoRA everywhere incl. experts
   full        full fine-tuning, fp32 master weights, bf16 autocast, AdamW (--full_layers, default 8 layers)
@@ -75,8 +77,9 @@ SMOKE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermed
              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=4096,
              rope_scaling=None, bos_token_id=0, eos_token_id=1)
 ATTN = "q_proj,q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"
+DEFAULT = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"  # finetune.py's list (minke: + MLA, no experts)
 CASES = {  # name -> (base: bf16 | nf4 | full, --trainable)
-    "lora-attn": ("bf16", ATTN), "lora-all": ("bf16", "all-linear"),
+    "lora-attn": ("bf16", ATTN), "lora-all": ("bf16", "all-linear"), "lora-default": ("bf16", DEFAULT),
     "qlora-attn": ("nf4", ATTN), "qlora-all": ("nf4", "all-linear"), "full": ("full", None),
 }
 
@@ -111,7 +114,7 @@ def _base(raw: dict, base: str, device: torch.device) -> torch.nn.Module:
 
 def _lora_targets(trainable: str, model) -> str:
     present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    if trainable == "all-linear":
+    if trainable in ("all-linear", DEFAULT):
         return trainable
     return ",".join(t for t in trainable.split(",") if t in present)
 
@@ -253,14 +256,14 @@ def _table(rows: list[dict]) -> str:
     by = {}
     for r in rows:
         by.setdefault(r["case"], {})[r.get("side", "minke")] = r
-    lines = [f"{'case':<11} {'layers':>6} {'minke tok/s':>12} {'hf+peft tok/s':>14} {'ratio':>6} "
+    lines = [f"{'case':<12} {'layers':>6} {'minke tok/s':>12} {'hf+peft tok/s':>14} {'ratio':>6} "
              f"{'minke GiB':>10} {'hf GiB':>7}"]
     for case, sides in by.items():
         m, h = sides.get("minke", {}), sides.get("transformers", {})
         mt, ht = m.get("tokens_per_s"), h.get("tokens_per_s")
         ratio = f"{mt / ht:.2f}" if mt and ht else "-"
         layers = m.get("num_layers", h.get("num_layers", "-"))
-        lines.append(f"{case:<11} {layers:>6} {mt or m.get('error', '-')!s:>12} {ht or h.get('error', '-')!s:>14} "
+        lines.append(f"{case:<12} {layers:>6} {mt or m.get('error', '-')!s:>12} {ht or h.get('error', '-')!s:>14} "
                      f"{ratio:>6} {m.get('gpu_peak_gib', '-')!s:>10} {h.get('gpu_peak_gib', '-')!s:>7}")
     return "\n".join(lines)
 
@@ -268,6 +271,8 @@ def _table(rows: list[dict]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="lora-attn,lora-all,qlora-attn,full", help=f"of {sorted(CASES)}")
+    p.add_argument("--mode", choices=("lora", "qlora", "both"), default=None,
+                   help="the earlier interface: lora = --cases lora-default, qlora = qlora-attn, both = the two")
     p.add_argument("--num_layers", type=int, default=27, help="decoder layers (V2-Lite has 27)")
     p.add_argument("--full_layers", type=int, default=8, help="decoder layers of the full fine-tuning case")
     p.add_argument("--seq_len", type=int, default=1024)
@@ -282,6 +287,8 @@ def main() -> int:
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args()
 
+    if args.mode:
+        args.cases = {"lora": "lora-default", "qlora": "qlora-attn", "both": "qlora-attn,lora-default"}[args.mode]
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = [c for c in cases if c not in CASES]
     if bad:
