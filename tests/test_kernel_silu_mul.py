@@ -30,9 +30,9 @@ def test_kernels_equal_references(dtype, m, inter):
     torch.manual_seed(0)
     h = (torch.randn(m, 2 * inter) * 3).to(DEVICE, dtype)
     go = torch.randn(m, inter).to(DEVICE, dtype)
-    tol = dict(rtol=0, atol=0) if dtype == torch.float32 and not INTERPRET else dict(rtol=1e-5, atol=1e-6)
-    if dtype == torch.bfloat16:
-        tol = dict(rtol=1.6e-2, atol=1e-2)  # the interpreter truncates fp32 -> bf16; compiled code rounds
+    # fp32: Triton's sigmoid/exp may differ from torch's by an ulp or two; bf16: one bf16 ulp (the interpreter
+    # truncates fp32 -> bf16, compiled code rounds to nearest even)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
     torch.testing.assert_close(silu_mul_fwd(h), silu_mul_fwd_ref(h), **tol)
     torch.testing.assert_close(silu_mul_bwd(h, go), silu_mul_bwd_ref(h, go), **tol)
 
