@@ -21,6 +21,8 @@ Cases (--cases, comma-separated):
   lora-all    bf16 base, LoRA on every Linear but lm_head and on the routed experts ("all-linear")
   lora-default  bf16 base, finetune.py's default --trainable (attention, dense and shared-expert MLPs; routed
               experts frozen): what `--mode lora` of the earlier version of this script ran
+  lora-peft-default  what PEFT makes of finetune.py's list on transformers 5's DeepseekV2: attention + the stacked
+              routed experts (gate_up_proj at rank 2r / alpha 2a, down_proj at r), dense and shared MLPs untouched
   qlora-attn  4-bit nf4 base (double quant), LoRA on attention
   qlora-all   4-bit nf4 base, LoRA everywhere incl. experts
   full        full fine-tuning, fp32 master weights, bf16 autocast, AdamW (--full_layers, default 8 layers)
@@ -80,6 +82,7 @@ ATTN = "q_proj,q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"
 DEFAULT = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"  # finetune.py's list (minke: + MLA, no experts)
 CASES = {  # name -> (base: bf16 | nf4 | full, --trainable)
     "lora-attn": ("bf16", ATTN), "lora-all": ("bf16", "all-linear"), "lora-default": ("bf16", DEFAULT),
+    "lora-peft-default": ("bf16", "peft-default"),
     "qlora-attn": ("nf4", ATTN), "qlora-all": ("nf4", "all-linear"), "full": ("full", None),
 }
 
@@ -149,7 +152,15 @@ def run_minke(case: str, raw: dict, device: torch.device, args, data: torch.Tens
         from minke.train.quant import quantize_model_4bit
 
         model = quantize_model_4bit(model, device, torch.bfloat16, "nf4", double_quant=True)
-    if base != "full":
+    if trainable == "peft-default":
+        from peft import LoraConfig
+
+        r, a = args.lora_r, args.lora_alpha
+        lora = LoraConfig(r=r, lora_alpha=a, lora_dropout=0.0, target_modules=_lora_targets(ATTN, model).split(","),
+                          target_parameters=["gate_up_proj", "down_proj"], rank_pattern={r".*\.gate_up_proj": 2 * r},
+                          alpha_pattern={r".*\.gate_up_proj": 2 * a}, task_type="CAUSAL_LM")
+        apply_lora(model, lora)
+    elif base != "full":
         lora = make_lora_config(model, args.lora_r, args.lora_alpha, 0.0, _lora_targets(trainable, model),
                                 modules_to_save="")
         apply_lora(model, lora)
