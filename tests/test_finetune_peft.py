@@ -192,3 +192,36 @@ def test_experts_only_adapter_with_modules_to_save_round_trips(v2_base, tmp_path
     save_adapter(out, cfg, adapter_state_dict(model), v2_base)
     _assert_same(_logits(load_adapter(minke.load_model(v2_base), out).eval()), ours)
     _assert_same(_logits(PeftModel.from_pretrained(_hf("deepseek_v2", v2_base), out).eval()), ours)
+
+
+@pytest.mark.parametrize("variant", ["deepseek", "deepseek_v2_lite"])
+def test_finetune_cli_trains_expert_adapters_and_merges(variant, tmp_path):
+    """End to end: `minke finetune --use_lora True --trainable all-linear` trains the routed experts' adapters
+    (loss goes down), resumes nothing, writes a PEFT adapter; `--merge` gives a model with the adapter's logits."""
+    import shutil
+
+    from minke.cli import main
+    from minke.train.bpe import train_bpe_tokenizer
+
+    qa = [("What do bees make?", "Bees make honey."), ("What color is the sky?", "The sky is blue."),
+          ("What is ice made of?", "Ice is frozen water."), ("Name a primary color.", "Red is a primary color.")]
+    tok = train_bpe_tokenizer([f"User: {q}\n\nAssistant: {a}" for q, a in qa] * 4, 300, str(tmp_path / "tok"))
+    base = str(tmp_path / "base")
+    make_checkpoint(variant, base, vocab_size=300, bos_token_id=0, eos_token_id=1)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tok, f), os.path.join(base, f))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in qa))
+    out = str(tmp_path / "out")
+    assert main(["finetune", "--model_name_or_path", base, "--data_path", str(data), "--output_dir", out,
+                 "--use_lora", "True", "--trainable", "all-linear", "--lora_r", "8", "--lora_alpha", "16",
+                 "--modules_to_save", "", "--max_steps", "10", "--learning_rate", "1e-2", "--lora_dropout", "0", "--logging_steps", "1",
+                 "--per_device_train_batch_size", "4", "--disable_tqdm", "True", "--seed", "0"]) == 0
+    with open(os.path.join(out, "trainer_log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    assert log[-1]["ce_loss"] < 0.95 * log[0]["ce_loss"]
+    model = load_adapter(minke.load_model(base), out).eval()
+    experts = [p for n, p in model.named_parameters() if ".mlp.experts.lora." in n and n.endswith("_B")]
+    assert experts and all(p.abs().max() > 0 for p in experts), "the expert adapters were trained"
+    assert main(["finetune", "--merge", out, "--output_dir", str(tmp_path / "merged")]) == 0
+    _assert_same(_logits(minke.load_model(str(tmp_path / "merged"))), _logits(model))
