@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from minke.engine.quantization import quantize_fp8  # noqa: E402
+from minke.runner.quantization import quantize_fp8  # noqa: E402
 from minke.kernels.fused_moe import fused_moe  # noqa: E402
 from tune_fused_moe import SHAPES, random_routing, time_graph  # noqa: E402
 

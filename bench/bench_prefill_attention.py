@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minke.kernels.prefill_attention import varlen_attention  # noqa: E402
-from minke.models.forward_batch import PrefillPack, varlen_causal_attention  # noqa: E402
+from minke.models.attention import PrefillPack, varlen_causal_attention  # noqa: E402
 
 
 def timed(fn, iters: int = 20) -> float:

@@ -62,12 +62,13 @@ def percentiles(values: list[float], ps=(50, 90, 99)) -> dict:
     return out
 
 
-async def make_prompts(client: httpx.AsyncClient, base: str, n: int, input_len: int, seed: int) -> list[list[int]]:
+async def make_prompts(client: httpx.AsyncClient, base: str, n: int, input_len: int, seed: int,
+                       headers: dict) -> list[list[int]]:
     rng = random.Random(seed)
     prompts = []
     for _ in range(n):
         text = " ".join(rng.choice(WORDS) for _ in range(input_len * 2))  # > 1 token per word on average
-        r = await client.post(f"{base}/tokenize", json={"prompt": text})
+        r = await client.post(f"{base}/tokenize", json={"prompt": text}, headers=headers)  # behind the key
         r.raise_for_status()
         ids = r.json()["tokens"]
         if len(ids) < input_len:
@@ -121,7 +122,7 @@ async def run_load(base: str, api_key: str | None, model: str | None, num_client
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=num_clients + 4, max_keepalive_connections=num_clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        prompts = await make_prompts(client, base, num_requests, input_len, seed)
+        prompts = await make_prompts(client, base, num_requests, input_len, seed, headers)
         url = f"{base}/v1/completions"
         for i in range(warmup):  # first requests pay one-off costs (allocations, compilation)
             await one_request(client, url, headers, model, prompts[i % len(prompts)], min(output_len, 4))

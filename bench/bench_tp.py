@@ -85,9 +85,9 @@ def memory(args) -> None:
 def _greedy(path: str, tp: int, args, prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor, float]:
     """Batched greedy decoding through the executor (the engine's per-step path): one prefill step for all prompts,
     then decode steps; CUDA graphs unless --eager. Returns tokens, the first step's logits, decode tok/s."""
-    from minke.engine.input_batch import SeqChunk
-    from minke.parallel.launcher import make_executor
-    from minke.parallel.worker import WorkerConfig
+    from minke.runner.input_batch import SeqChunk
+    from minke.runner.executor import make_executor
+    from minke.runner.worker import WorkerConfig
 
     bs, max_len = 16, max(len(p) for p in prompts) + args.new_tokens
     per_seq = (max_len + bs - 1) // bs

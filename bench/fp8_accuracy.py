@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minke import load_model, load_tokenizer  # noqa: E402
 from minke.default_model import default_model_dir  # noqa: E402
-from minke.engine.gpu_kernels import fuse_shared_experts  # noqa: E402
-from minke.engine.quantization import quantize_experts_fp8  # noqa: E402
+from minke.runner.gpu_kernels import fuse_shared_experts  # noqa: E402
+from minke.runner.quantization import quantize_experts_fp8  # noqa: E402
 from minke.kernels.fused_moe import fused_moe_ref  # noqa: E402
 from minke.models.moe import Experts  # noqa: E402
 

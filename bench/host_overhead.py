@@ -24,8 +24,8 @@ sys.path.insert(0, "tests")
 from tiny_models import make_checkpoint  # noqa: E402
 
 from minke import LLM, SamplingParams  # noqa: E402
-from minke.engine.cuda_graph import DecodeGraphs  # noqa: E402
-from minke.engine.input_batch import make_forward_batch  # noqa: E402
+from minke.runner.cuda_graph import DecodeGraphs  # noqa: E402
+from minke.runner.input_batch import make_forward_batch  # noqa: E402
 
 
 class _NoReplay:

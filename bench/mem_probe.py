@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minke.benchmark import shape_dir  # noqa: E402
-from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch  # noqa: E402
+from minke.runner.input_batch import SeqChunk, make_forward_batch  # noqa: E402
+from minke.runner.kv_cache import allocate_kv_caches  # noqa: E402
 from minke.engine.llm import LLM  # noqa: E402
 
 

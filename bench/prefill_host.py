@@ -21,7 +21,7 @@ import time
 import torch
 
 from minke.benchmark import _prompts, shape_dir
-from minke.engine.input_batch import SeqChunk
+from minke.runner.input_batch import SeqChunk
 from minke.engine.llm import LLM
 
 

@@ -115,7 +115,7 @@ def main() -> int:
     w2 = torch.randn(E, D, inter, device=dev, dtype=dt, generator=g) * 0.02
     scales = {}
     if args.fp8:
-        from minke.engine.quantization import quantize_fp8
+        from minke.runner.quantization import quantize_fp8
 
         (w13, s13), (w2, s2) = quantize_fp8(w13), quantize_fp8(w2)
         scales = dict(w13_scale=s13, w2_scale=s2)

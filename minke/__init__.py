@@ -1,6 +1,6 @@
 """minke: run, serve, fine-tune and evaluate the DeepSeek open models (LLM, MoE, V2)."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .logging_utils import configure_logging
 

@@ -45,6 +45,12 @@ SHAPES: dict[str, dict] = {
                    num_hidden_layers=30, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                    rope_theta=10000, rms_norm_eps=1e-6, bos_token_id=100000, eos_token_id=100001,
                    torch_dtype="bfloat16"),
+    # DeepSeek LLM 67B: GQA (64 query heads over 8 KV heads), 95 layers; 134 GB in bf16, so one H200 runs it with
+    # --quantization fp8 (~67 GB).
+    "llm-67b": dict(model_type="llama", vocab_size=102400, hidden_size=8192, intermediate_size=22016,
+                    num_hidden_layers=95, num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,
+                    rope_theta=10000, rms_norm_eps=1e-6, bos_token_id=100000, eos_token_id=100001,
+                    torch_dtype="bfloat16"),
 }
 
 

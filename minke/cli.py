@@ -12,7 +12,7 @@ COMMANDS = ("generate", "chat", "serve", "bench", "finetune", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="minke", description="Run, serve and fine-tune DeepSeek models.")
     parser.add_argument("--version", action="version", version=f"minke {__version__}")

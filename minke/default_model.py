@@ -27,4 +27,21 @@ def resolve_model(model: str | os.PathLike | None) -> str:
                                 "directories; nothing is downloaded)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model path is not a directory: {path}")
+    adapter = os.path.join(path, "adapter_config.json")
+    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isfile(adapter):
+        raise FileNotFoundError(_adapter_message(path, adapter))
     return path
+
+
+def _adapter_message(path: str, adapter_config: str) -> str:
+    import json
+
+    try:
+        with open(adapter_config, encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path") or "BASE_MODEL_DIR"
+    except (OSError, ValueError):
+        base = "BASE_MODEL_DIR"
+    return (f"{path} is a LoRA adapter (adapter_config.json), not a model directory; its base model is {base}. "
+            f"Fold it into the base and run the result: minke finetune --merge {path} --output_dir MERGED_DIR "
+            f"[--model_name_or_path {base}], then minke generate MERGED_DIR (in Python: "
+            "minke.train.lora.load_adapter(minke.load_model(BASE), ADAPTER_DIR))")

@@ -1,7 +1,7 @@
 """Per-request sampling options, with vLLM's names, defaults and validation rules.
 
 `SamplingParams` is the user-facing object (`from minke import SamplingParams`); the engine
-turns a batch of them into tensors with `minke.engine.sampler.SamplingBatch.from_params`.
+turns a batch of them into tensors with `minke.runner.sampler.SamplingBatch.from_params`.
 Every invalid field raises a ValueError that names the field and the bad value, so the
 server can hand the message straight back as an HTTP 400.
 """
@@ -17,6 +17,12 @@ from numbers import Real
 GREEDY_EPS = 1e-5
 # OpenAI's documented range for presence_penalty / frequency_penalty.
 _PENALTY_RANGE = (-2.0, 2.0)
+# repetition_penalty divides (or multiplies) logits: outside this range float32 logits overflow to inf (1e-50 gave
+# token 0 every time), and no useful setting lies beyond it.
+_REPETITION_PENALTY_RANGE = (1e-3, 1e3)
+# Finite logit_bias values are clamped to this range, as vLLM's server does: a bias of 100 already decides the
+# token, and larger values overflow float32 logits (1e39 gave token 0 instead of the biased one).
+LOGIT_BIAS_LIMIT = 100.0
 # Most top-logprobs one generated token may ask for (OpenAI's limit; vLLM's default cap).
 MAX_LOGPROBS = 20
 # What the engine reports for a request: its output after every step (streaming), or only the finished one.
@@ -128,9 +134,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
             setattr(self, name, value)
         self.repetition_penalty = _check_real("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
+        lo, hi = _REPETITION_PENALTY_RANGE
+        if not lo <= self.repetition_penalty <= hi:
             raise ValueError(
-                f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+                f"repetition_penalty must be in [{lo}, {hi}], got {self.repetition_penalty!r}")
 
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0)
@@ -200,7 +207,7 @@ class SamplingParams:
             # -inf is allowed (bans the token); +inf would make every other token impossible.
             if value == math.inf:
                 raise ValueError(f"logit_bias[{key!r}] must not be +inf")
-            out[token] = float(value)
+            out[token] = value if value == -math.inf else max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, float(value)))
         return out
 
     @property

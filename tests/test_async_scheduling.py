@@ -11,7 +11,7 @@ import torch
 
 import minke
 from minke import LLM, SamplingParams
-from minke.engine.llm_engine import PLACEHOLDER
+from minke.engine.step_pipeline import PLACEHOLDER
 from test_engine import ckpts, mode_kwargs, prompts_of, reference_greedy  # noqa: F401  (ckpts: a fixture)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -112,7 +112,7 @@ def test_async_abort_and_requests_arriving_mid_run(ckpts):
             n += 1
 
     run(3)
-    assert engine._inflight is not None  # a step is queued ahead between calls
+    assert engine.pipeline.inflight is not None  # a step is queued ahead between calls
     aborted = engine.abort_request("b")
     assert aborted.outputs[0].finish_reason == "abort"
     engine.add_request("c", prompts[2], GREEDY)

@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 
 from minke.benchmark import run_bench
-from minke.engine.gpu_kernels import fuse_shared_experts
+from minke.runner.gpu_kernels import fuse_shared_experts
 from tiny_models import make_checkpoint
 
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_run_bench_tiny_v2(tmp_path, monkeypatch, fuse):
-    import minke.parallel.worker as worker
+    import minke.runner.model_builder as builder
 
     if fuse:  # what install_gpu_kernels does to the model on a GPU (the CPU-safe part of it)
-        monkeypatch.setattr(worker, "install_gpu_kernels", lambda model, device, **kw: fuse_shared_experts(model))
+        monkeypatch.setattr(builder, "install_gpu_kernels", lambda model, device, **kw: fuse_shared_experts(model))
     make_checkpoint("deepseek_v2", str(tmp_path), tokenizer=True)
     kw = dict(dtype="float32", device="cpu", max_model_len=128, kv_cache_tokens=2048, max_num_seqs=8)
     res = run_bench(str(tmp_path), None, batches=(1, 4), prompt_len=8, new_tokens=4, prefill_tokens=16,

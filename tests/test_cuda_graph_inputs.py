@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from minke.engine.cuda_graph import DecodeGraphs
-from minke.engine.input_batch import SeqChunk, block_table_array, make_forward_batch
+from minke.runner.cuda_graph import DecodeGraphs
+from minke.runner.input_batch import SeqChunk, block_table_array, make_forward_batch
 
 BS = 4
 

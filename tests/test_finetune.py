@@ -233,7 +233,9 @@ def test_lora_on_mla_model_and_merge_command(tok_dir, data_file, tmp_path):
     assert _finetune(base, data_file, out, "--use_lora", "True", "--max_steps", "3", "--learning_rate", "1e-2",
                      "--modules_to_save", "") == 0
     cfg = json.load(open(os.path.join(out, "adapter_config.json")))
-    assert {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj"} <= set(cfg["target_modules"])
+    assert {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} <= set(cfg["target_modules"])
+    # deepseek_v2's MLP Linears are PEFT target_parameters (PEFT would move gate_proj targets onto the experts)
+    assert {"gate_proj.weight", "up_proj.weight", "down_proj.weight"} <= set(cfg["target_parameters"])
     ids = torch.tensor([[0, 9, 31, 150, 7, 64]])
     model = load_adapter(minke.load_model(base), out).eval()
     trained = {n for n, _ in model.named_parameters() if ".lora_" in n}
@@ -288,8 +290,7 @@ def test_quantized_experts_match_dequantized_reference():
         ex.gate_up_proj.normal_(0, 0.05)
         ex.down_proj.normal_(0, 0.05)
     q = QuantizedExperts(ex, torch.device("cpu"), torch.float32, "nf4", True)
-    deq_gu = torch.stack([bnb.functional.dequantize_4bit(q.gate_up_packed[e], q.gu_state[e]) for e in range(4)])
-    deq_dn = torch.stack([bnb.functional.dequantize_4bit(q.down_packed[e], q.dn_state[e]) for e in range(4)])
+    deq_gu, deq_dn = q.dequantized()
     assert (deq_gu - ex.gate_up_proj).abs().max() < 0.05, "nf4 round trip"
     x = torch.randn(10, 64, requires_grad=True)
     ids = torch.randint(0, 4, (10, 2))

@@ -30,7 +30,7 @@ def ckpt(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("variant", ["deepseek_v2_lite", "deepseek_v2"])
+@pytest.mark.parametrize("variant", ["llama", "llama_gqa", "deepseek", "deepseek_v2_lite", "deepseek_v2"])
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_graphs_and_triton_equal_reference_fp32(ckpt, variant, async_scheduling):
     """Through the decode and prefill graphs, with and without async scheduling (requests of different lengths
@@ -98,7 +98,7 @@ def _oracle_greedy(oracle, prompt, n):
     return out.sequences[0, len(prompt):].tolist(), [s[0].float() for s in out.scores]
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "deepseek_v2_lite", "deepseek_v2"])
+@pytest.mark.parametrize("variant", ["llama", "llama_gqa", "deepseek_v2_lite", "deepseek_v2"])
 def test_bf16_greedy_matches_transformers(ckpt, variant):
     oracle, path = ckpt(variant)
     oracle = oracle.to("cuda", torch.bfloat16)
@@ -115,12 +115,12 @@ def test_bf16_greedy_matches_transformers(ckpt, variant):
                 break
 
 
-@pytest.mark.parametrize("variant", ["deepseek_v2_lite", "deepseek_v2"])
+@pytest.mark.parametrize("variant", ["llama_gqa", "deepseek", "deepseek_v2_lite", "deepseek_v2"])
 def test_prefill_graph_logits_equal_eager(ckpt, variant):
     """A prefill step of fresh prompts replays a CUDA graph (padded to its token bucket, one FlashAttention varlen
     call) and gives the eager step's logits; steps with cached context stay eager."""
-    from minke.engine.input_batch import SeqChunk, make_forward_batch
-    from minke.engine.prefill_graph import PrefillGraphs
+    from minke.runner.input_batch import SeqChunk, make_forward_batch
+    from minke.runner.prefill_graph import PrefillGraphs
 
     _, path = ckpt(variant)
     llm = LLM(path, device="cuda", dtype="bfloat16", kv_cache_tokens=4096, block_size=16, max_model_len=256,

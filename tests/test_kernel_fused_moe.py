@@ -213,7 +213,7 @@ def test_module_imports_without_triton(monkeypatch):
 def test_fp8_weights_match_reference(dtype, routing):
     """fp8 (e4m3) weights with row scales (--quantization fp8): the kernel widens the tiles and scales the fp32
     sums; equal to the reference on the same fp8 weights, and close to the unquantized MoE (e4m3 keeps 3 bits)."""
-    from minke.engine.quantization import dequantize_fp8, quantize_fp8
+    from minke.runner.quantization import dequantize_fp8, quantize_fp8
 
     E, I, D = 4, 16, 32
     w13, w2 = _weights(E, I, D, torch.float32, 5)
@@ -241,7 +241,7 @@ def test_fp8_weights_match_reference(dtype, routing):
 def test_fp8_activations_match_reference(dtype):
     """Prefill-sized fp8 steps (fused_moe.fp8_activations): activations quantized per token (GEMM 1) and per pair
     (GEMM 2), fp8 x fp8 dots; equal to the torch version of that math, and close to the unquantized MoE."""
-    from minke.engine.quantization import quantize_fp8
+    from minke.runner.quantization import quantize_fp8
     from minke.kernels.fused_moe import FP8_ACT_MIN_TOKENS, fp8_activations
 
     E, I, D = 4, 32, 64
@@ -263,3 +263,53 @@ def test_fp8_activations_match_reference(dtype):
     assert not fp8_activations(10**6, torch.float32)  # fp32 runs stay exact checks (weights-only fp8)
     with pytest.raises(ValueError, match="act_fp8 needs fp8 weights"):
         fused_moe(x, w13.to(dtype), w2.to(dtype), tw, ids, act_fp8=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("fp8", ["none", "weights", "weights+act"])
+def test_per_slot_outputs_match_reference(fp8):
+    """reduce=False (MoE.defer_slot_sum: the next RMSNorm sums the slots): the kernel's weighted per-slot outputs
+    [T, K, D] equal the reference's, slot by slot, and they sum to the reduced output."""
+    from minke.kernels.fp8_quant import quantize_rows_fp8_ref
+
+    E, I, D = 4, 32, 64
+    w13, w2 = _weights(E, I, D, torch.float32, 11)
+    kw = {}
+    if fp8 != "none":
+        (w13, s13), (w2, s2) = quantize_rows_fp8_ref(w13), quantize_rows_fp8_ref(w2)
+        kw = dict(w13_scale=s13, w2_scale=s2, act_fp8=fp8 == "weights+act")
+    tw, ids = _routing(UNEVEN_K2, 12)
+    x = torch.randn(len(UNEVEN_K2), D, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2}
+    got = fused_moe(x, w13, w2, tw, ids, config=cfg, reduce=False, **kw)
+    ref = fused_moe_ref(x, w13, w2, tw, ids, reduce=False, **kw)
+    assert got.shape == ref.shape == (len(UNEVEN_K2), 2, D)
+    torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(ref.sum(1), fused_moe_ref(x, w13, w2, tw, ids, **kw), rtol=1e-5, atol=1e-6)
+
+
+def test_model_experts_run_the_reference():
+    """models.moe.Experts' torch path is this module's reference loop: equal bit for bit, for bf16 and fp8
+    weights, reduced and per slot."""
+    from minke.config import config_from_dict
+    from minke.models.moe import Experts
+
+    cfg = config_from_dict(dict(model_type="deepseek", vocab_size=16, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=16))
+    ex = Experts(cfg).to(torch.bfloat16)
+    w13, w2 = _weights(4, 16, 32, torch.bfloat16, 14)
+    with torch.no_grad():
+        ex.gate_up_proj.copy_(w13.cpu())
+        ex.down_proj.copy_(w2.cpu())
+    tw, ids = _routing(UNEVEN_K2, 15)
+    tw, ids = tw.cpu(), ids.cpu()
+    x = torch.randn(len(UNEVEN_K2), 32, generator=torch.Generator().manual_seed(16)).to(torch.bfloat16)
+    for weights in ("bf16", "fp8"):
+        if weights == "fp8":
+            ex.quantize_fp8()  # the kernel module's quantizer (kernels/fp8_quant.py)
+            assert ex.gate_up_proj.dtype == torch.float8_e4m3fn and ex.down_scale.shape == (4, 32)
+        scales = {} if ex.gate_up_scale is None else dict(w13_scale=ex.gate_up_scale, w2_scale=ex.down_scale)
+        for reduce in (True, False):
+            want = fused_moe_ref(x, ex.gate_up_proj, ex.down_proj, tw, ids, reduce=reduce, **scales)
+            assert torch.equal(ex(x, ids, tw, reduce=reduce), want)

@@ -15,7 +15,8 @@ import minke
 import minke.kernels.mla_prologue as _kmod
 from conftest import kernel_test_setup
 from minke.config import RopeConfig, config_from_dict
-from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+from minke.runner.input_batch import SeqChunk, make_forward_batch
+from minke.runner.kv_cache import allocate_kv_caches
 from minke.kernels.mla_prologue import mla_prologue, mla_prologue_ref
 from minke.models.attention import MLAttention
 from minke.models.rope import RotaryEmbedding
@@ -182,7 +183,7 @@ def test_reference_is_what_mlattention_computes(q_lora_rank, dtype):
         norm = attn.kv_a_layernorm
         caches = [torch.zeros(4, 4, 40, dtype=dtype) for _ in range(2)]
         slots = torch.tensor([7, 0, 15, 3, 12])
-        mine = attn._prologue_torch(kv_a, q, cos, sin, norm.weight, norm.eps, caches[0], slots)
+        mine = attn._prologue(kv_a, q, cos, sin, norm.weight, norm.eps, caches[0], slots)
         ref = mla_prologue_ref(kv_a, q, cos, sin, norm.weight, norm.eps, caches[1], slots)
         # and the dense path's _project agrees with both
         q_nope, *proj = attn._project(x, cos, sin)
@@ -229,7 +230,7 @@ def _run_paged(model, prompts, chunk, n_decode, block_size=4, num_blocks=48):
 def test_model_with_fused_prologue_matches_torch_path(tmp_path, variant):
     """A tiny V2 with use_fused_mla_prologue gives the torch path's logits and cache through chunked prefill (first
     chunks and chunks after cached context) and batched decode; the kernel really ran on every paged step."""
-    from minke.engine.gpu_kernels import use_fused_mla_prologue
+    from minke.runner.gpu_kernels import use_fused_mla_prologue
 
     _, path = make_checkpoint(variant, str(tmp_path))
     ref, fast = minke.load_model(path, device=DEVICE), minke.load_model(path, device=DEVICE)
@@ -237,8 +238,8 @@ def test_model_with_fused_prologue_matches_torch_path(tmp_path, variant):
     calls = []
     for m in fast.modules():
         if isinstance(m, MLAttention):
-            inner = m.prologue
-            m.prologue = lambda *a, _f=inner: calls.append(a[0].shape[0]) or _f(*a)
+            inner = m._prologue  # the swapped-in kernel path (bound method); counted by an instance override
+            m._prologue = lambda *a, _f=inner: calls.append(a[0].shape[0]) or _f(*a)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (11, 5)]
     want, want_tokens, want_caches = _run_paged(ref, prompts, chunk=6, n_decode=4)
@@ -261,27 +262,27 @@ def test_model_with_fused_prologue_matches_torch_path(tmp_path, variant):
 
 @needs_triton
 def test_apply_gpu_kernels_installs_the_prologue(tmp_path):
-    from minke.engine.gpu_kernels import apply_gpu_kernels
+    from minke.runner.gpu_kernels import FusedMLAPrologue, apply_gpu_kernels
 
     _, path = make_checkpoint("deepseek_v2_lite", str(tmp_path))
     model = minke.load_model(path)
-    assert all(m.prologue is None for m in model.modules() if isinstance(m, MLAttention))  # torch by default
-    apply_gpu_kernels(model)
     attns = [m for m in model.modules() if isinstance(m, MLAttention)]
-    assert attns and all(m.prologue is not None for m in attns)
+    assert attns and all(type(m) is MLAttention for m in attns)  # the plain torch module by default
+    apply_gpu_kernels(model)
+    assert all(isinstance(m, FusedMLAPrologue) for m in attns)
 
 
 def test_max_tokens_sends_long_steps_to_torch(monkeypatch):
     """use_fused_mla_prologue(max_tokens=k): steps of more than k tokens take the torch reference."""
-    from minke.engine import gpu_kernels
+    from minke.runner import gpu_kernels
 
     seen = []
     monkeypatch.setattr(_kmod, "mla_prologue", lambda *a: seen.append("kernel"))
     monkeypatch.setattr(_kmod, "mla_prologue_ref", lambda *a: seen.append("ref"))
     attn = _attn(None, torch.float32)
     gpu_kernels.use_fused_mla_prologue(attn, max_tokens=4)
-    attn.prologue(torch.zeros(4, 40), None)
-    attn.prologue(torch.zeros(5, 40), None)
+    attn._prologue(torch.zeros(4, 40), None)
+    attn._prologue(torch.zeros(5, 40), None)
     assert seen == ["kernel", "ref"]
 
 

@@ -64,8 +64,8 @@ def test_triton_backend_prefill_equals_torch_backend(monkeypatch):
     kernel in one launch; the torch backend loops over the chunks with SDPA. Same result, MLA head sizes (q/k 48,
     v 32). fp32 stays on the loop."""
     import minke.kernels.prefill_attention as kernel
-    from minke.engine.attention_backends import TritonAttentionBackend
-    from minke.models.forward_batch import PrefillPack, TorchAttentionBackend
+    from minke.models.attention import TritonAttentionBackend
+    from minke.models.attention import PrefillPack, TorchAttentionBackend
 
     q_lens, k_lens = [6, 2, 11], [6, 10, 30]
     calls = []

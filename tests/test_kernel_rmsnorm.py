@@ -145,3 +145,27 @@ def test_module_imports_without_triton(monkeypatch):
     assert torch.equal(fresh.rmsnorm_ref(x, w, 1e-6), rmsnorm_ref(x, w, 1e-6))
     with pytest.raises(RuntimeError, match="triton is not installed"):
         fresh.rmsnorm(x, w, 1e-6)
+
+
+def test_model_rmsnorm_runs_the_reference():
+    """models.layers.RMSNorm's torch path is this module's reference (bit for bit: plain, with a residual, with
+    partial rows); unlike rmsnorm_ref it takes a residual of another dtype (bf16 autocast training: an fp32 residual
+    stream, bf16 block outputs), which it adds with torch's type promotion."""
+    from minke.models.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(5)
+    norm = RMSNorm(24, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(24, generator=g) * 0.5 + 1)
+    x, r = (torch.randn(2, 5, 24, generator=g).to(torch.bfloat16) for _ in range(2))
+    parts = torch.randn(2, 5, 3, 24, generator=g).to(torch.bfloat16)
+    assert torch.equal(norm(x), rmsnorm_ref(x, norm.weight, 1e-5))
+    for got, want in zip(norm(x, r), rmsnorm_ref(x, norm.weight, 1e-5, residual=r)):
+        assert torch.equal(got, want)
+    for got, want in zip(norm(parts, r), rmsnorm_ref(parts, norm.weight, 1e-5, residual=r)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="residual dtype"):
+        rmsnorm_ref(x, norm.weight, 1e-5, residual=r.float())
+    y, s = norm(x, r.float())
+    assert s.dtype == torch.float32 and torch.equal(s, x.float() + r.float())
+    assert torch.equal(y, _transformers_rmsnorm(s, norm.weight, 1e-5))

@@ -56,6 +56,11 @@ def test_reference_is_what_the_router_module_computes():
     out = router(x)
     ids, wts = route_ref(x, router.weight, 3, "group_limited_greedy", 8, 3, False, 16.0)
     assert torch.equal(ids, out.topk_ids) and torch.equal(wts, out.topk_weights)
+    # the scores are kept unmasked (all 24 experts) for the balance loss
+    torch.testing.assert_close(out.scores, torch.softmax(x @ router.weight.T, -1), rtol=1e-6, atol=1e-7)
+    fused = router(x, n_shared=2)  # the shared experts as experts 24, 25 (MoE.fuse_shared_experts)
+    ids, wts = route_ref(x, router.weight, 3, "group_limited_greedy", 8, 3, False, 16.0, n_shared=2)
+    assert torch.equal(ids, fused.topk_ids) and torch.equal(wts, fused.topk_weights)
     k_ids, k_wts = route(x.to(DEVICE), router.weight.detach().to(DEVICE), 3, "group_limited_greedy", 8, 3, False, 16.0)
     assert torch.equal(k_ids.cpu(), out.topk_ids)
     torch.testing.assert_close(k_wts.cpu(), out.topk_weights, rtol=1e-5, atol=1e-6)
@@ -71,6 +76,8 @@ def test_bad_arguments_name_the_problem():
         route_ref(x, w, 2, "noaux_tc", 1, 1, False, 1.0)
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         route_ref(x, torch.randn(6, 9), 2, "greedy", 1, 1, False, 1.0)
+    with pytest.raises(ValueError, match="n_shared"):
+        route_ref(x, w, 2, "greedy", 1, 1, False, 1.0, n_shared=-1)
 
 
 @needs_triton
@@ -79,14 +86,16 @@ def test_installed_router_keeps_the_model_logits(tmp_path, variant):
     """use_fused_router (what the GPU runner installs) through a paged prefill + decode: same logits, up to fp32
     rounding, as the torch router."""
     import minke
-    from minke.engine.gpu_kernels import use_fused_router
-    from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+    from minke.runner.gpu_kernels import FusedRouter, use_fused_router
+    from minke.runner.input_batch import SeqChunk, make_forward_batch
+    from minke.runner.kv_cache import allocate_kv_caches
     from tiny_models import make_checkpoint
 
     make_checkpoint(variant, str(tmp_path))
     ref, fast = minke.load_model(str(tmp_path), device=DEVICE), minke.load_model(str(tmp_path), device=DEVICE)
     use_fused_router(fast)
-    assert any(getattr(m, "impl", None) is not None for m in fast.modules() if isinstance(m, Router))
+    routers = [m for m in fast.modules() if isinstance(m, Router)]
+    assert routers and all(isinstance(m, FusedRouter) for m in routers)
     prompt = torch.randint(0, 256, (7,), generator=torch.Generator().manual_seed(1)).tolist()
     outs = []
     for model in (ref, fast):

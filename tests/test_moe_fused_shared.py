@@ -80,7 +80,7 @@ def test_fused_shared_experts_through_triton_fused_moe(checkpoints):
     logits (fp32: the kernel's dots are IEEE fp32 for fp32 inputs)."""
     pytest.importorskip("triton")
     from conftest import kernel_test_setup
-    from minke.engine.gpu_kernels import use_fused_moe
+    from minke.runner.gpu_kernels import use_fused_moe
     from minke.kernels.fused_moe import _moe_grouped_gemm_kernel
 
     device, _, needs_triton = kernel_test_setup(_moe_grouped_gemm_kernel)
@@ -100,8 +100,9 @@ def test_deferred_slot_sums_keep_logits(checkpoints, variant):
     """MoE.defer_slot_sum (gpu_kernels.defer_moe_slot_sums): at decode sizes a MoE layer hands its per-slot outputs
     [N, K+S, D] to the next add+RMSNorm, which sums them; the engine path's logits do not change (prefill + decode
     through the paged cache, torch attention)."""
-    from minke.engine.gpu_kernels import defer_moe_slot_sums
-    from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+    from minke.runner.gpu_kernels import defer_moe_slot_sums
+    from minke.runner.input_batch import SeqChunk, make_forward_batch
+    from minke.runner.kv_cache import allocate_kv_caches
 
     path = checkpoints(variant)
     ref, fast = minke.load_model(path), _fused(path, 1024)

@@ -100,9 +100,9 @@ def test_abort_final_only_reports_text_so_far(llm):
 def test_generate_uses_final_only_and_keeps_callers_params(llm, monkeypatch):
     engine = llm.llm_engine
     seen = []
-    real = engine.add_request
-    monkeypatch.setattr(engine, "add_request", lambda rid, prompt, p, **kw: seen.append(p) or real(rid, prompt, p,
-                                                                                                        **kw))
+    real = engine.input_processor.process  # every request's params pass through it once
+    monkeypatch.setattr(engine.input_processor, "process",
+                        lambda rid, prompt, p, *a, **kw: seen.append(p) or real(rid, prompt, p, *a, **kw))
     p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outs = llm.generate(PROMPTS, p, use_tqdm=False)
     assert p.output_kind == "cumulative"  # the caller's object is not modified

@@ -8,8 +8,8 @@ import pytest
 import torch.distributed as dist
 
 from minke import LLM, SamplingParams
-from minke.parallel.launcher import make_executor
-from minke.parallel.worker import WorkerConfig
+from minke.runner.executor import make_executor
+from minke.runner.worker import WorkerConfig
 from tiny_models import make_checkpoint
 
 PROMPTS = [[5, 17, 3, 99, 42, 8, 150, 77, 23], [200, 1, 64], [9, 9, 31, 250, 4, 61, 12]]

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import minke
-from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+from minke.runner.input_batch import SeqChunk, make_forward_batch
+from minke.runner.kv_cache import allocate_kv_caches
 from tiny_models import make_checkpoint
 
 # (name, variant, checkpoint overrides, expert parallel)

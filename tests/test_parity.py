@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import minke
-from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
+from minke.runner.input_batch import SeqChunk, make_forward_batch
+from minke.runner.kv_cache import allocate_kv_caches
 from tiny_models import VARIANTS, make_checkpoint
 
 YARN = {"deepseek_v2_lite", "deepseek_v2"}
@@ -157,14 +158,43 @@ def test_fused_input_projections_equal_separate(checkpoints, variant):
     assert sorted(model.state_dict()) == names
 
 
-def test_gpu_kernel_wiring_matches_reference_on_cpu(checkpoints):
+@pytest.mark.parametrize("variant", ["llama_gqa", "deepseek"])
+def test_fused_qkv_equal_separate(checkpoints, variant):
+    """Attention.fuse_input_projections (MHA / GQA): one GEMM for q, k and v gives the separate projections' paged
+    output and cache; the modules' weights become views of the fused tensor (checkpoint names kept)."""
+    _, path = checkpoints(variant)
+    model = minke.load_model(path)
+    attn = model.model.layers[0].self_attn
+    names = sorted(model.state_dict())
+    x = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+
+    def paged_out():
+        caches = allocate_kv_caches(model.config, 8, 4, torch.float32, "cpu")
+        _, b = make_forward_batch([SeqChunk(list(range(7)), 0, [3, 1])], caches, 4, "cpu")
+        with torch.no_grad():
+            return attn(x, batch=b), caches[0].clone()
+
+    before, cache_before = paged_out()
+    assert attn.fuse_input_projections() and not attn.fuse_input_projections()
+    after, cache_after = paged_out()
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache_after, cache_before, atol=1e-5, rtol=1e-5)
+    fused = attn.fused_in_weight
+    assert attn.q_proj.weight.data_ptr() == fused.data_ptr()
+    assert attn.v_proj.weight.data_ptr() == fused[attn.q_proj.out_features + attn.k_proj.out_features:].data_ptr()
+    assert sorted(model.state_dict()) == names
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v2", "deepseek", "llama_gqa"])
+def test_gpu_kernel_wiring_matches_reference_on_cpu(checkpoints, variant):
     """The kernels the runner installs on GPU (apply_gpu_kernels: shared experts fused into the fused MoE, fused
-    add+RMSNorm, Triton router; Triton MLA decode backend) run here under TRITON_INTERPRET and give the reference's
-    logits through chunked prefill + paged decode (compiled and on the GPU when there is one)."""
+    add+RMSNorm, Triton router, fused input projections, one-row GEMVs; the Triton backend's MLA or MHA/GQA paged
+    decode) run here under TRITON_INTERPRET and give the reference's logits through prefill + paged decode
+    (compiled and on the GPU when there is one)."""
     pytest.importorskip("triton")
     from conftest import kernel_test_setup
-    from minke.engine.attention_backends import TritonAttentionBackend
-    from minke.engine.gpu_kernels import apply_gpu_kernels
+    from minke.models.attention import TritonAttentionBackend
+    from minke.runner.gpu_kernels import apply_gpu_kernels
     from minke.kernels.fused_moe import _moe_grouped_gemm_kernel
     from minke.models.moe import MoE
 
@@ -172,12 +202,14 @@ def test_gpu_kernel_wiring_matches_reference_on_cpu(checkpoints):
     if needs_triton.args[0]:
         pytest.skip(needs_triton.kwargs["reason"])
 
-    _, path = checkpoints("deepseek_v2")
+    _, path = checkpoints(variant)
     ref = minke.load_model(path, device=dev)
     fast = minke.load_model(path, device=dev)
     apply_gpu_kernels(fast)
     moes = [m for m in fast.modules() if isinstance(m, MoE)]
-    assert moes and all(m.n_fused_shared for m in moes)  # the tiny V2 has shared experts: they were folded in
+    if variant != "llama_gqa":  # the tiny MoE models have shared experts: they were folded in
+        assert moes and all(m.n_fused_shared for m in moes)
+    assert all(layer.self_attn.fused_in_weight is not None for layer in fast.model.layers)
     caches = allocate_kv_caches(fast.config, 16, 4, torch.float32, dev)
     prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(4)).tolist()
     table = [3, 9, 1, 12]

@@ -1,4 +1,4 @@
-"""The static inputs of a graphed prefill step (engine/prefill_graph.py PrefillGraphs.prepare), built on the CPU:
+"""The static inputs of a graphed prefill step (runner/prefill_graph.py PrefillGraphs.prepare), built on the CPU:
 run eagerly with the padded layout they describe (the step's prompts, one padding sequence up to the token bucket,
 empty sequences after), a tiny MLA model gives the logits of the plain eager step, and the padding tokens write
 their latents only to the scratch slot. Which steps may replay a graph."""
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import minke
-from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
-from minke.engine.prefill_graph import PrefillGraphs
-from minke.models.forward_batch import ForwardBatch, PrefillPack
+from minke.runner.input_batch import SeqChunk, make_forward_batch
+from minke.runner.kv_cache import allocate_kv_caches
+from minke.runner.prefill_graph import PrefillGraphs
+from minke.models.attention import ForwardBatch, PrefillPack
 from tiny_models import make_checkpoint
 
 BS = 4

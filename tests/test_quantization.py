@@ -1,6 +1,6 @@
-"""`--quantization fp8` (engine/quantization.py): MoE expert weights as fp8 e4m3 with a scale per row, quantized at
-load. The oracle is the same model with its expert weights replaced by the dequantized fp8 weights (what the fp8
-path computes with), run through the plain reference model. The fused kernel's own test: test_kernel_fused_moe.py;
+"""`--quantization fp8` (runner/quantization.py): MoE expert weights and MHA/GQA / dense-MLP linears as fp8 e4m3
+with a scale per row, quantized at load. The oracle is the same model with those weights replaced by the
+dequantized fp8 weights (what the fp8 path computes with), run through the plain reference model. The fused kernel's own test: test_kernel_fused_moe.py;
 the GPU engine with fused shared experts and CUDA graphs: test_gpu.py."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import torch
 import minke
 from minke import LLM, SamplingParams
 from minke.engine.config import EngineConfig
-from minke.engine.quantization import FP8_MAX, dequantize_fp8, quantize_experts_fp8, quantize_fp8
+from minke.runner.quantization import FP8_MAX, dequantize_fp8, quantize_experts_fp8, quantize_fp8
+from minke.models.attention import Attention
+from minke.models.layers import MLP
 from minke.models.moe import Experts, MoE, experts_reference
 from test_engine import reference_greedy
 from tiny_models import make_checkpoint
@@ -41,7 +43,7 @@ def test_experts_fp8_equal_dequantized_weights():
     ex.register_buffer("gate_up_scale", None)
     ex.register_buffer("down_scale", None)
     ex.impl = experts_reference
-    ex.quantize_fp8(quantize_fp8)
+    ex.quantize_fp8()
     assert ex.gate_up_proj.dtype == torch.float8_e4m3fn and ex.down_scale.shape == (4, 24)
     x = torch.randn(5, 24, generator=g)
     ids = torch.tensor([[0, 1], [3, 1], [2, 2], [0, 3], [1, 0]])
@@ -53,8 +55,9 @@ def test_experts_fp8_equal_dequantized_weights():
 
 
 def dequantized_reference(path: str, device: str = "cpu", fuse_shared: bool = False) -> torch.nn.Module:
-    """The plain fp32 model with every expert weight replaced by its fp8 round trip. fuse_shared: the shared
-    experts fused in first (at every step size), so they are quantized per fused expert row as on GPUs."""
+    """The plain fp32 model with every weight `--quantization fp8` quantizes replaced by its fp8 round trip: the
+    experts' and the MHA/GQA attention and dense-MLP linears'. fuse_shared: the shared experts fused in first (at
+    every step size), so they are quantized per fused expert row as on GPUs."""
     ref = minke.load_model(path, dtype=torch.float32, device=device)
     for m in ref.modules():
         if fuse_shared and isinstance(m, MoE):
@@ -64,6 +67,10 @@ def dequantized_reference(path: str, device: str = "cpu", fuse_shared: bool = Fa
             for name in ("gate_up_proj", "down_proj"):
                 w = getattr(m, name)
                 w.data = torch.stack([dequantize_fp8(*quantize_fp8(w[e]), torch.float32) for e in range(len(w))])
+        if isinstance(m, (Attention, MLP)):
+            for lin in m.children():
+                if isinstance(lin, torch.nn.Linear):
+                    lin.weight.data = dequantize_fp8(*quantize_fp8(lin.weight), torch.float32)
     return ref
 
 
@@ -114,12 +121,25 @@ def test_fused_shared_experts_fp8_at_every_size(tmp_path):
 def test_quantization_errors(tmp_path):
     with pytest.raises(ValueError, match="quantization must be one of"):
         EngineConfig(model="m", device="cpu", quantization="int3")
-    dense = str(tmp_path / "dense")
-    make_checkpoint("llama", dense, tokenizer=True)
-    with pytest.raises(ValueError, match="has no MoE layers"):
-        LLM(dense, device="cpu", quantization="fp8")
-    with pytest.raises(ValueError, match="has no MoE layers"):  # before any rank is spawned
-        LLM(dense, device="cpu", quantization="fp8", tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama_gqa"])
+def test_dense_fp8_greedy_equals_dequantized_reference(tmp_path, variant):
+    """DeepSeek LLM: --quantization fp8 swaps every attention and MLP linear for Fp8Linear (W8A16 on CPU: exact
+    against the fp32 model on round-tripped weights); embeddings and lm_head stay."""
+    from minke.runner.quantization import Fp8Linear
+
+    path = str(tmp_path / variant)
+    make_checkpoint(variant, path, tokenizer=True)
+    llm = LLM(path, device="cpu", dtype="float32", quantization="fp8", kv_cache_tokens=512, block_size=4,
+              max_num_batched_tokens=16)
+    model = llm.llm_engine.runner.model
+    lins = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert len(lins) == 7 * len(model.model.layers) and all(m.weight_fp8.dtype == torch.float8_e4m3fn for m in lins)
+    assert not any(isinstance(m, torch.nn.Linear) for layer in model.model.layers for m in layer.modules())
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    ref = dequantized_reference(path)
+    assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(ref, p, 6) for p in PROMPTS]
 
 
 def test_gpu_wiring_bf16_fp8_moe_matches_w8a8_reference(tmp_path):
@@ -128,7 +148,7 @@ def test_gpu_wiring_bf16_fp8_moe_matches_w8a8_reference(tmp_path):
     MoE call goes Experts -> fused_moe with the scales and fp8 activations. Equal to the torch W8A8 reference."""
     pytest.importorskip("triton")
     from conftest import kernel_test_setup
-    from minke.engine.gpu_kernels import apply_gpu_kernels, fuse_shared_experts
+    from minke.runner.gpu_kernels import apply_gpu_kernels, fuse_shared_experts
     from minke.kernels.fused_moe import _moe_grouped_gemm_kernel, fused_moe_ref
 
     dev, _, needs_triton = kernel_test_setup(_moe_grouped_gemm_kernel)

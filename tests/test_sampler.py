@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from minke.engine.sampler import (
+from minke.runner.sampler import (
     Sampler, SamplingBatch, apply_penalties, apply_top_k_top_p_min_p, make_generator,
     token_counts,
 )
@@ -439,7 +439,7 @@ def test_no_logprobs_asked_none_computed_and_logits_untouched(device):
 def test_two_stage_argmax_equals_argmax_with_ties():
     """The sampler's two-pass greedy argmax (used on CUDA for small batches) picks argmax's index: the first
     maximum, also when the maximum repeats across and within chunks."""
-    from minke.engine.sampler import _two_stage_argmax
+    from minke.runner.sampler import _two_stage_argmax
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 8 * 1024, generator=g)

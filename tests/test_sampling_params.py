@@ -74,6 +74,8 @@ def test_clone_is_deep():
     (dict(frequency_penalty=-3.0), "frequency_penalty", "-3.0"),
     (dict(repetition_penalty=0.0), "repetition_penalty", "0.0"),
     (dict(repetition_penalty=-1.0), "repetition_penalty", "-1.0"),
+    (dict(repetition_penalty=1e-50), "repetition_penalty", "1e-50"),  # float32 logits would overflow
+    (dict(repetition_penalty=1e9), "repetition_penalty", "1000000000.0"),
     (dict(logprobs=-1), "logprobs", "-1"),
     (dict(logprobs=21), "logprobs", "21"),
     (dict(prompt_logprobs=1), "prompt_logprobs", "1"),
@@ -101,3 +103,9 @@ def test_boundaries_accepted():
 def test_unknown_field_rejected():
     with pytest.raises(TypeError):
         SamplingParams(best_of_typo=2)
+
+
+def test_logit_bias_clamped_to_vllm_range():
+    # 1e39 overflows float32 logits (inf - inf = nan: token 0 came out instead of the biased one); -inf bans.
+    p = SamplingParams(logit_bias={"300": 1e39, 7: -1e39, 8: 5.5, 9: float("-inf")})
+    assert p.logit_bias == {300: 100.0, 7: -100.0, 8: 5.5, 9: float("-inf")}

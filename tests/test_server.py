@@ -43,37 +43,47 @@ def ckpt(tmp_path_factory) -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
+def launch_server(args: list[str], log_path, timeout: float = 120):
+    """`minke serve ARGS --port P` in a subprocess on loopback, once /health answers: (process, base url)."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("server-log") / "serve.log"
-    cmd = [sys.executable, "-m", "minke.cli", "serve", ckpt, "--port", str(port), "--device", "cpu",
-           "--kv-cache-tokens", str(KV_TOKENS), "--served-model-name", MODEL, "--api-key", API_KEY,
-           "--max-num-seqs", "128", "--async-scheduling"]  # as on a GPU; the `llm` oracle below is synchronous
+    cmd = [sys.executable, "-m", "minke.cli", "serve", *args, "--port", str(port)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     env.pop("MINKE_API_KEY", None)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
+                return proc, base
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"server did not become healthy:\n{log_path.read_text()}")
         time.sleep(0.25)
-    yield {"base": base, "log": log_path, "proc": proc}
+
+
+def stop_server(proc) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("server-log") / "serve.log"
+    proc, base = launch_server([ckpt, "--device", "cpu", "--kv-cache-tokens", str(KV_TOKENS),
+                                "--served-model-name", MODEL, "--api-key", API_KEY, "--max-num-seqs", "128",
+                                "--async-scheduling"],  # as on a GPU; the `llm` oracle below is synchronous
+                               log_path)
+    yield {"base": base, "log": log_path, "proc": proc}
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -322,15 +332,20 @@ def test_errors_have_openai_shape(server, client):
 def test_tokenize_detokenize(server, llm):
     tok = llm.get_tokenizer()
     base = server["base"]
-    r = httpx.post(f"{base}/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
+    h = httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"})
+    r = h.post(f"{base}/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
     assert r["tokens"] == tok.encode("Hello world") and r["count"] == len(r["tokens"])
     assert r["max_model_len"] == MAX_MODEL_LEN
-    r = httpx.post(f"{base}/tokenize", json={"messages": MESSAGES}).json()
+    r = h.post(f"{base}/tokenize", json={"messages": MESSAGES}).json()
     assert r["tokens"] == tok.apply_chat_template(MESSAGES)  # one bos, from the template
-    d = httpx.post(f"{base}/detokenize", json={"tokens": tok.encode("Hello world")}).json()
+    d = h.post(f"{base}/detokenize", json={"tokens": tok.encode("Hello world")}).json()
     assert d == {"prompt": "Hello world"}
-    assert httpx.post(f"{base}/detokenize", json={"tokens": [-1]}).status_code == 400
-    assert httpx.post(f"{base}/tokenize", json={"prompt": "x", "model": "nope"}).status_code == 404
+    assert h.post(f"{base}/detokenize", json={"tokens": [-1]}).status_code == 400
+    assert h.post(f"{base}/tokenize", json={"prompt": "x", "model": "nope"}).status_code == 404
+    # Behind the API key like /v1 (vLLM leaves them open).
+    for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
+        r = httpx.post(f"{base}{path}", json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_metrics_content(server, client):

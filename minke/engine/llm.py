@@ -50,21 +50,17 @@ class LLM:
                 final[id(p)] = p if p.output_kind == "final_only" else dataclasses.replace(p, output_kind="final_only")
         params = [final[id(p)] for p in params]
         engine = self.llm_engine
-        # Check every prompt first so a bad one fails before any work, naming its index.
-        encoded = []
+        # Every prompt is processed (tokenized, checked) once, before any is added: a bad one fails before any
+        # work, naming its index.
+        requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                _, ids = engine.encode_prompt(prompt)
-                engine.check_prompt(ids, p)
+                requests.append(engine.input_processor.process(str(next(self._ids)), prompt, p))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-            encoded.append(prompt)
-        order = []
-        for prompt, p in zip(encoded, params):
-            rid = str(next(self._ids))
-            engine.add_request(rid, prompt, p)
-            order.append(rid)
-        return self._run(order, use_tqdm)
+        for req in requests:
+            engine.add_request(req.request_id, req)
+        return self._run([req.request_id for req in requests], use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True

@@ -3,18 +3,21 @@
     scale[r] = max_k |x[r, k]| / 448   (1 for an all-zero row),   xq[r, k] = e4m3(x[r, k] / scale[r])
 so x ~= xq * scale[:, None], within 2^-4 relative (3 mantissa bits) or half the subnormal step (2^-10 scale).
 
-Used for the fp8 expert weights at load (engine/quantization.py: a scale per output row) and, per step, for the
+Used for the fp8 expert weights at load (runner/quantization.py: a scale per output row) and, per step, for the
 fused MoE's activations in prefill-sized steps (a scale per token / per (token, slot) pair), where both GEMM operands
 are fp8 and the dots run on fp8 tensor cores (kernels/fused_moe.py).
 
 Public API:
     quantize_rows_fp8(x [M, K]) -> (xq [M, K] float8_e4m3fn, scale [M] fp32)    Triton, one launch
     quantize_rows_fp8_ref(x [..., K]) -> (xq, scale [...])                       torch, any leading shape
+    scaled_linear_torch(x [n, K], w [N, K], scale [N] | None) -> [n, N]           x @ wᵀ with fp8 w widened to
+                                                                                 x.dtype, output rows scaled (W8A16)
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
@@ -33,6 +36,15 @@ def quantize_rows_fp8_ref(x: torch.Tensor, amax: torch.Tensor | None = None) -> 
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     xq = (x32 / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return xq, scale.contiguous()
+
+
+def scaled_linear_torch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [n, K] @ w [N, K]ᵀ -> [n, N] in x.dtype. With a scale [N] (w fp8 from quantize_rows_fp8_ref): w widened to
+    x.dtype (exact), the product's rows times scale in fp32, rounded back to x.dtype. Without: F.linear. The fp8
+    weight matmul of the torch experts (kernels/fused_moe.py moe_experts_torch, the model's path on CPU)."""
+    if scale is None:
+        return F.linear(x, w)
+    return (F.linear(x, w.to(x.dtype)).float() * scale).to(x.dtype)
 
 
 if _HAS_TRITON:

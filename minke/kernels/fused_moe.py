@@ -16,7 +16,7 @@ Pipeline (the vLLM / SGLang `fused_moe` design):
   4. Sum over the K slots of each token (torch; fp32 accumulation inside torch.sum).
 All matmuls accumulate in fp32; the activation and the per-slot outputs are stored in x.dtype (as vLLM does).
 
-FP8 weights (`--quantization fp8`, engine/quantization.py): w13 / w2 may be float8_e4m3fn with one fp32 scale per
+FP8 weights (`--quantization fp8`, runner/quantization.py): w13 / w2 may be float8_e4m3fn with one fp32 scale per
 output row (w13_scale [E, 2I], w2_scale [E, D]). Tiles are loaded as fp8 (half the bytes: decode is weight-bandwidth
 bound), widened to x.dtype in registers (exact: every e4m3 value is a bf16 / fp16 / fp32 value) and the row scale
 multiplies the fp32 accumulator once per output, since it is constant along the reduction. Half-precision steps
@@ -27,8 +27,10 @@ cores; both row scales then multiply the sums.
 
 Public API:
     fused_moe(x, w13, w2, topk_weights, topk_ids, config=None, w13_scale=None, w2_scale=None, act_fp8=None) -> [T, D]
-    fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None, act_fp8=False)
+    fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None, act_fp8=False, reduce=True)
                                                                loop over the experts hit, as transformers does
+    moe_experts_torch(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None, reduce=True)
+                                                               that loop unchecked: models.moe.Experts' torch path
     moe_align_block_size(topk_ids, block_m, num_experts) -> (sorted_ids, expert_ids, num_tokens_post_padded)
                                                                (from kernels/moe_align.py, re-exported)
     get_moe_config(E, N, D, T, dtype) -> dict of block sizes (MOE_CONFIGS; partly tuned, see there)
@@ -45,7 +47,7 @@ from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
-from .fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref
+from .fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref, scaled_linear_torch
 from .moe_align import moe_align_block_size, moe_align_block_size_ref  # noqa: F401  (re-exported)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,25 +103,47 @@ def fused_moe_ref(
     w13_scale: torch.Tensor | None = None,  # [E, 2I] fp32 row scales of fp8 w13 (and w2_scale [E, D] of w2)
     w2_scale: torch.Tensor | None = None,
     act_fp8: bool = False,  # fp8 activations too, as fused_moe's prefill-sized steps (see there)
-) -> torch.Tensor:  # [T, D] in x.dtype
-    """Torch reference, the loop of transformers' DeepseekV2Experts.forward (same rounding order): per expert hit,
-    gather its tokens, gate/up in x.dtype, silu(gate) * up, down, scale by the fp32 routing weight, index_add.
-    FP8 weights: each matmul runs on the weights widened to x.dtype and its output rows are scaled."""
+    reduce: bool = True,  # False: the weighted per-slot outputs [T, K, D], as fused_moe's
+) -> torch.Tensor:  # [T, D] in x.dtype ([T, K, D] when not reduce)
+    """Torch reference with fused_moe's input checks (and the ids' range, which the kernel cannot check without a
+    host sync): moe_experts_torch, or with act_fp8 the kernel's W8A8 math in torch."""
     _, _, E, _, _ = _check_inputs(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
-    if act_fp8:
-        if w13_scale is None:
-            raise ValueError("fused_moe_ref: act_fp8 needs fp8 weights (w13_scale, w2_scale)")
-        return _fused_moe_ref_w8a8(x, w13, w2, topk_weights, topk_ids.long(), w13_scale, w2_scale)
-    out = torch.zeros_like(x)
     ids = topk_ids.long()
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
         raise ValueError(f"fused_moe: topk_ids must lie in [0, {E}), got range [{int(ids.min())}, {int(ids.max())}]")
-    for e in torch.unique(ids).tolist():  # only experts that received at least one token
-        token_idx, slot = torch.where(ids == e)  # [n_e] each
-        gate, up = _scaled_linear(x[token_idx], w13[e], w13_scale, e).chunk(2, dim=-1)  # [n_e, I] each
-        h = _scaled_linear(F.silu(gate) * up, w2[e], w2_scale, e)  # [n_e, D]
-        h = h * topk_weights[token_idx, slot, None]  # fp32 weight promotes, as in transformers
-        out.index_add_(0, token_idx, h.to(out.dtype))
+    if act_fp8:
+        if w13_scale is None:
+            raise ValueError("fused_moe_ref: act_fp8 needs fp8 weights (w13_scale, w2_scale)")
+        return _fused_moe_ref_w8a8(x, w13, w2, topk_weights, ids, w13_scale, w2_scale, reduce)
+    return moe_experts_torch(x, w13, w2, topk_weights, ids, w13_scale, w2_scale, reduce=reduce)
+
+
+def moe_experts_torch(
+    x: torch.Tensor,  # [T, D]
+    w13: torch.Tensor,  # [E, 2I, D]
+    w2: torch.Tensor,  # [E, D, I]
+    topk_weights: torch.Tensor,  # [T, K] float32
+    topk_ids: torch.Tensor,  # [T, K] int, values in [0, E)
+    w13_scale: torch.Tensor | None = None,  # [E, 2I] fp32 row scales of fp8 w13 (and w2_scale [E, D] of w2)
+    w2_scale: torch.Tensor | None = None,
+    reduce: bool = True,
+) -> torch.Tensor:  # [T, D] in x.dtype, or the weighted per-slot outputs [T, K, D] when not reduce
+    """The loop of transformers' DeepseekV2Experts.forward (same rounding order): per expert hit, gather its tokens,
+    gate/up in x.dtype, silu(gate) * up, down, scale by the fp32 routing weight, index_add (or store per slot). FP8
+    weights: each matmul runs on the weights widened to x.dtype and its output rows are scaled (scaled_linear_torch).
+    Unchecked (fused_moe_ref checks): the model's torch path (models.moe.Experts), which also trains and runs under
+    autocast, where x and the weights may differ in dtype."""
+    out = torch.zeros_like(x) if reduce else x.new_zeros(*topk_ids.shape, x.shape[-1])
+    for e in torch.unique(topk_ids).tolist():  # only experts that received at least one token
+        tok, slot = torch.where(topk_ids == e)  # [n_e] each
+        s13 = None if w13_scale is None else w13_scale[e]
+        gate, up = scaled_linear_torch(x[tok], w13[e], s13).chunk(2, dim=-1)  # [n_e, I] each
+        h = scaled_linear_torch(F.silu(gate) * up, w2[e], None if w2_scale is None else w2_scale[e])  # [n_e, D]
+        h = h * topk_weights[tok, slot, None]  # fp32 weight promotes, as in transformers
+        if reduce:
+            out.index_add_(0, tok, h.to(out.dtype))
+        else:
+            out[tok, slot] = h.to(out.dtype)
     return out
 
 
@@ -136,17 +160,10 @@ def fp8_activations(T: int, dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and T >= FP8_ACT_MIN_TOKENS
 
 
-def _scaled_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, e: int) -> torch.Tensor:
-    """x [n, K] @ w [N, K]^T; fp8 w: on w widened to x.dtype, the [n, N] output times scale[e] [N]."""
-    if scale is None:
-        return F.linear(x, w)
-    return (F.linear(x, w.to(x.dtype)).float() * scale[e]).to(x.dtype)
-
-
-def _fused_moe_ref_w8a8(x, w13, w2, topk_weights, ids, w13_scale, w2_scale) -> torch.Tensor:
+def _fused_moe_ref_w8a8(x, w13, w2, topk_weights, ids, w13_scale, w2_scale, reduce: bool = True) -> torch.Tensor:
     """fp8 weights and activations, the kernel's math in torch: exact fp8 products summed in fp32, row scales of
     both operands on the sums, silu(gate) * up in fp32, the activation stored in x.dtype and quantized per pair."""
-    out = torch.zeros_like(x)
+    out = torch.zeros_like(x) if reduce else x.new_zeros(*ids.shape, x.shape[-1])
     xq, xs = quantize_rows_fp8_ref(x)  # [T, D], [T]
     for e in torch.unique(ids).tolist():
         tok, slot = torch.where(ids == e)
@@ -155,7 +172,11 @@ def _fused_moe_ref_w8a8(x, w13, w2, topk_weights, ids, w13_scale, w2_scale) -> t
         act = (F.silu(gate) * up).to(x.dtype)
         aq, as_ = quantize_rows_fp8_ref(act)
         y = F.linear(aq.float(), w2[e].float()) * as_[:, None] * w2_scale[e]  # [n_e, D] fp32
-        out.index_add_(0, tok, (y * topk_weights[tok, slot, None]).to(out.dtype))
+        y = (y * topk_weights[tok, slot, None]).to(out.dtype)
+        if reduce:
+            out.index_add_(0, tok, y)
+        else:
+            out[tok, slot] = y
     return out
 
 

@@ -29,6 +29,7 @@ import torch
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import tl, triton
+from .rmsnorm import rmsnorm_torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -78,8 +79,7 @@ def mla_prologue_ref(kv_a, q, cos, sin, norm_weight, eps: float, cache, slot_map
     cache [blocks, bs, C+R] (written at rows slot_mapping [N]) -> q_pe [N, H, R], c_kv [N, C], k_pe [N, R]."""
     _n, _h, nope, c, r = _check(kv_a, q, cos, sin, norm_weight, cache, slot_mapping)
     c_kv, k_pe = kv_a.split([c, r], dim=-1)
-    xf = c_kv.float()
-    c_kv = norm_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(c_kv.dtype)
+    c_kv = rmsnorm_torch(c_kv, norm_weight, eps)  # kv_a_layernorm
     q_pe = rope_interleaved_ref(q[..., nope:], cos, sin)
     k_pe = rope_interleaved_ref(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
     cache.view(-1, cache.shape[-1])[slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(cache.dtype)

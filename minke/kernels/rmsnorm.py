@@ -10,7 +10,8 @@ The residual sum is rounded to x.dtype before the norm (it is what the next bloc
 
 Public API:
     rmsnorm(x, weight, eps, residual=None)      Triton kernel (CUDA tensors, or CPU under TRITON_INTERPRET=1)
-    rmsnorm_ref(x, weight, eps, residual=None)  plain torch, identical semantics
+    rmsnorm_ref(x, weight, eps, residual=None)  plain torch, identical semantics, the same input checks
+    rmsnorm_torch(...)                          rmsnorm_ref unchecked: models.layers.RMSNorm's torch path
 """
 
 from __future__ import annotations
@@ -53,20 +54,29 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor 
 def rmsnorm_ref(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference. x, residual: [..., D]; weight: [D].
+    """Torch reference with rmsnorm's input checks: rmsnorm_torch."""
+    _check_inputs(x, weight, residual)
+    return rmsnorm_torch(x, weight, eps, residual)
+
+
+def rmsnorm_torch(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [..., D]; weight: [D]. Unchecked (rmsnorm_ref checks): the model's torch path
+    (models.layers.RMSNorm), which also trains and runs under autocast, where x and residual may differ in dtype.
 
     Returns y [..., D] (dtype = promote(weight, x), as `weight * h.to(x.dtype)` gives in torch), or (y, s) with
     s = x + residual [..., D] in x.dtype when a residual is given. With a residual, x may also be [..., K, D]: K
     partial rows whose sum (in fp32, rounded to x.dtype, as torch's bf16 sum) is the block output, e.g. the fused
     MoE's per-slot outputs, summed here instead of in a launch of their own.
     """
-    _check_inputs(x, weight, residual)
     s = None
     if residual is not None and x.dim() > residual.dim():
         x = x.float().sum(-2).to(x.dtype)
     if residual is not None:
-        s = x + residual  # rounded to x.dtype here, as the model code does
+        s = x + residual  # rounded to x.dtype here (promoted, when autocast left them apart)
         x = s
+    # Normalise in fp32, round back to the input dtype, then scale: the reference's rounding order.
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     y = weight * h.to(x.dtype)

@@ -4,7 +4,7 @@ does the softmax, the top-k (greedy, or group-limited as DeepSeek-V2 routes) and
 scaling. In torch that is ~7 kernels per MoE layer (two fp32 casts, the GEMV, softmax, top-k's sort and gather, the
 scaling); at decode, where every one of them is a few microseconds of launch-bound work, two launches replace them.
 
-Semantics are minke.models.moe.Router's (DeepSeek's modeling code):
+Semantics are DeepSeek's modeling code (models.moe.Router runs the torch functions below, this module's reference):
     scores = softmax(x.float() @ W.float()ᵀ)                                  [N, E]
     group_limited_greedy: keep the topk_group groups with the best max score, zero the other experts' scores
     weights, ids = topk(scores, K)
@@ -15,7 +15,11 @@ that precision may be chosen in a different order. Ties in the top-k go to the l
 Public API:
     route(x, weight, top_k, method, n_group, topk_group, norm_topk_prob, scaling, n_shared=0)
         -> (ids [N, K + n_shared] int64, weights [N, K + n_shared] fp32)
-    route_ref(...)  the same in plain torch (what Router computes)
+    route_ref(...)  the same in plain torch, inputs checked as route checks them
+    router_scores_torch(x, weight) -> scores [N, E] fp32            the two halves of route_ref, unchecked: what
+    select_experts_torch(scores, top_k, ...) -> (ids, weights)       models.moe.Router computes (it keeps the
+                                                                     scores for the balance loss, and trains)
+    append_shared_slots(ids, weights, first, n_shared)               the fused shared experts' extra columns
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.moe import append_shared_slots
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import tl, triton
@@ -31,7 +34,8 @@ from ._triton import tl, triton
 _METHODS = ("greedy", "group_limited_greedy")
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, top_k: int, method: str, n_group: int, topk_group: int):
+def _check(x: torch.Tensor, weight: torch.Tensor, top_k: int, method: str, n_group: int, topk_group: int,
+           n_shared: int):
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"route: x must be [N, D] and weight [E, D], got {tuple(x.shape)} and {tuple(weight.shape)}")
     if x.device != weight.device:
@@ -43,28 +47,55 @@ def _check(x: torch.Tensor, weight: torch.Tensor, top_k: int, method: str, n_gro
         raise ValueError(f"route: method must be one of {_METHODS}, got {method!r}")
     if method == "group_limited_greedy" and (n_group < 1 or E % n_group or not 1 <= topk_group <= n_group):
         raise ValueError(f"route: {E} experts cannot form n_group={n_group} groups keeping topk_group={topk_group}")
+    if n_shared < 0:
+        raise ValueError(f"route: n_shared must be >= 0, got {n_shared}")
+
+
+def append_shared_slots(ids: torch.Tensor, weights: torch.Tensor, first: int, n_shared: int):
+    """ids [N, K], weights [N, K] -> [N, K + S]: every token also goes to experts first .. first+S-1 with weight 1
+    (the shared experts after MoE.fuse_shared_experts)."""
+    n = ids.shape[0]
+    shared = torch.arange(first, first + n_shared, device=ids.device, dtype=ids.dtype).expand(n, n_shared)
+    return torch.cat([ids, shared], dim=1), torch.cat([weights, weights.new_ones(n, n_shared)], dim=1)
+
+
+def router_scores_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [N, D], weight [E, D] -> softmax(x Wᵀ) [N, E], in fp32 (DeepSeek's MoEGate). Unchecked (route_ref checks)."""
+    return F.linear(x.float(), weight.float()).softmax(dim=-1)
+
+
+def select_experts_torch(scores: torch.Tensor, top_k: int, method: str, n_group: int, topk_group: int,
+                         norm_topk_prob: bool, scaling: float,
+                         n_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [N, E] fp32 -> ids [N, K + S] int64, weights [N, K + S] fp32: the (group-limited) top-k, then the
+    weights normalised or scaled. The last S = n_shared columns are the shared experts fused in after the routed
+    ones (MoE.fuse_shared_experts): ids E .. E+S-1, weight 1. Unchecked (route_ref checks); scores is not changed."""
+    n_experts = scores.shape[-1]
+    masked = scores
+    if method == "group_limited_greedy":
+        # Score each group by its best expert, keep topk_group groups, choose top-k inside them.
+        groups = scores.view(-1, n_group, n_experts // n_group)
+        keep = groups.max(dim=-1).values.topk(topk_group, dim=-1).indices  # [N, topk_group]
+        mask = torch.zeros_like(groups[..., 0]).scatter_(1, keep, 1.0)  # [N, n_group]
+        masked = (groups * mask.unsqueeze(-1)).view_as(scores)
+    weights, ids = masked.topk(top_k, dim=-1)
+    if top_k > 1 and norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        # DeepSeek's rule: routed_scaling_factor applies when weights are not normalised (V2: 16.0, Lite: 1.0).
+        weights = weights * scaling
+    if n_shared:
+        ids, weights = append_shared_slots(ids, weights, n_experts, n_shared)
+    return ids, weights
 
 
 def route_ref(x, weight, top_k: int, method: str, n_group: int, topk_group: int, norm_topk_prob: bool,
               scaling: float, n_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference: x [N, D], weight [E, D] -> ids [N, K + S] int64, weights [N, K + S] fp32. The last
-    S = n_shared columns are the shared experts fused in after the routed ones (MoE.fuse_shared_experts): ids
-    E .. E+S-1, weight 1."""
-    _check(x, weight, top_k, method, n_group, topk_group)
-    scores = F.linear(x.float(), weight.float()).softmax(dim=-1)
-    if method == "group_limited_greedy":
-        groups = scores.view(-1, n_group, weight.shape[0] // n_group)
-        keep = groups.max(dim=-1).values.topk(topk_group, dim=-1).indices
-        mask = torch.zeros_like(groups[..., 0]).scatter_(1, keep, 1.0)
-        scores = (groups * mask.unsqueeze(-1)).view_as(scores)
-    weights, ids = scores.topk(top_k, dim=-1)
-    if top_k > 1 and norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    else:
-        weights = weights * scaling
-    if n_shared:
-        ids, weights = append_shared_slots(ids, weights, weight.shape[0], n_shared)
-    return ids, weights
+    """Torch reference: x [N, D], weight [E, D] -> ids [N, K + S] int64, weights [N, K + S] fp32 (see
+    select_experts_torch), with route's input checks."""
+    _check(x, weight, top_k, method, n_group, topk_group, n_shared)
+    return select_experts_torch(router_scores_torch(x, weight), top_k, method, n_group, topk_group, norm_topk_prob,
+                                scaling, n_shared)
 
 
 if _HAS_TRITON:
@@ -170,7 +201,7 @@ def route(x, weight, top_k: int, method: str, n_group: int, topk_group: int, nor
     written by the same launch (saves the two cats and the fill of ones per layer)."""
     if not _HAS_TRITON:
         raise RuntimeError("route: triton is not installed; use route_ref")
-    _check(x, weight, top_k, method, n_group, topk_group)
+    _check(x, weight, top_k, method, n_group, topk_group, n_shared)
     if x.device.type == "cpu" and not _is_interpreted(_router_kernel):
         raise RuntimeError("route: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)")
     if x.stride(1) != 1:
@@ -178,8 +209,6 @@ def route(x, weight, top_k: int, method: str, n_group: int, topk_group: int, nor
     weight = weight.contiguous()
     N, D = x.shape
     E = weight.shape[0]
-    if n_shared < 0:
-        raise ValueError(f"route: n_shared must be >= 0, got {n_shared}")
     ids = torch.empty(N, top_k + n_shared, dtype=torch.int64, device=x.device)
     wts = torch.empty(N, top_k + n_shared, dtype=torch.float32, device=x.device)
     if N == 0:

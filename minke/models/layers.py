@@ -6,34 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.rmsnorm import rmsnorm_torch
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        # Optional fused kernel (x, weight, eps, residual) -> y | (y, x + residual); the runner installs the Triton
-        # one on GPU. None = the plain torch code below.
-        self.impl = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual), the pre-norm block's add
         fused with the next norm. x [..., K, D] with residual [..., D]: K partial rows whose sum is the block's
-        output (a MoE's per-slot outputs, MoE.defer_slot_sum), summed here."""
-        if self.impl is not None:
-            return self.impl(x, self.weight, self.eps, residual)
-        if residual is not None:
-            if x.dim() > residual.dim():
-                x = x.float().sum(-2).to(x.dtype)
-            x = x + residual
-            return self._norm(x), x
-        return self._norm(x)
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, round back to the input dtype, then scale: the reference's rounding order.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        output (a MoE's per-slot outputs, MoE.defer_slot_sum), summed here. The torch path is the Triton kernel's
+        reference (kernels/rmsnorm.py); the runner swaps the kernel in on GPU (runner/gpu_kernels.py)."""
+        return rmsnorm_torch(x, self.weight, self.eps, residual)
 
 
 class MLP(nn.Module):
@@ -44,12 +31,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        # Optional (x, w) -> x @ w^T for a bias-free down projection, installed for inference on GPU
-        # (kernels/gemv.py `linear`: a matrix-vector kernel for one-row steps). None = the module.
-        self.linear = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        if self.linear is not None and self.down_proj.bias is None:
-            return self.linear(h, self.down_proj.weight)
-        return self.down_proj(h)
+        return self._apply_linear(self.down_proj, h)
+
+    def _apply_linear(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """linear(x); the runner's one-row GEMV mixin overrides it on GPU (runner/gpu_kernels.py)."""
+        return linear(x)

@@ -14,8 +14,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import Attention, MLAttention, token_positions
-from .forward_batch import ForwardBatch
+from .attention import Attention, ForwardBatch, MLAttention, token_positions
 from .layers import MLP, RMSNorm
 from .moe import MoE
 

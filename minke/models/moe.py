@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.fp8_quant import quantize_rows_fp8_ref
+from ..kernels.fused_moe import moe_experts_torch
+from ..kernels.router import router_scores_torch, select_experts_torch
 from .layers import MLP
 
 
@@ -24,14 +27,6 @@ class RouterOutput:
     topk_ids: torch.Tensor  # [N, K] long
     topk_weights: torch.Tensor  # [N, K] fp32
     scores: torch.Tensor | None  # [N, E] fp32 softmax scores (for the balance loss); None when not asked for
-
-
-def append_shared_slots(ids: torch.Tensor, weights: torch.Tensor, first: int, n_shared: int):
-    """ids [N, K], weights [N, K] -> [N, K + S]: every token also goes to experts first .. first+S-1 with weight 1
-    (the shared experts after MoE.fuse_shared_experts)."""
-    n = ids.shape[0]
-    shared = torch.arange(first, first + n_shared, device=ids.device, dtype=ids.dtype).expand(n, n_shared)
-    return torch.cat([ids, shared], dim=1), torch.cat([weights, weights.new_ones(n, n_shared)], dim=1)
 
 
 class Router(nn.Module):
@@ -43,61 +38,25 @@ class Router(nn.Module):
         self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
         self.method, self.n_group, self.topk_group = cfg.topk_method, cfg.n_group, cfg.topk_group
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
-        # Inference kernel with this forward's semantics (kernels/router.py `route`), installed on GPU; used when
-        # the scores are not needed (no balance loss).
-        self.impl: Callable | None = None
 
     def forward(self, x: torch.Tensor, need_scores: bool = True, n_shared: int = 0) -> RouterOutput:
         """n_shared > 0: topk_ids / topk_weights get n_shared more columns, experts E .. E+n_shared-1 with weight 1
-        (the shared experts fused in after the routed ones, MoE.fuse_shared_experts)."""
-        if self.impl is not None and not need_scores:
-            ids, weights = self.impl(x, self.weight, self.top_k, self.method, self.n_group, self.topk_group,
-                                     self.norm_topk_prob, self.scaling, n_shared=n_shared)
-            return RouterOutput(ids, weights, None)
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [N, E]
-        masked = scores
-        if self.method == "group_limited_greedy":
-            # Score each group by its best expert, keep topk_group groups, choose top-k inside them.
-            groups = scores.view(-1, self.n_group, self.n_experts // self.n_group)
-            keep = groups.max(dim=-1).values.topk(self.topk_group, dim=-1).indices  # [N, topk_group]
-            mask = torch.zeros_like(groups[..., 0]).scatter_(1, keep, 1.0)  # [N, n_group]
-            masked = (groups * mask.unsqueeze(-1)).view_as(scores)
-        weights, ids = masked.topk(self.top_k, dim=-1)
-        if self.top_k > 1 and self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        else:
-            # DeepSeek's rule: routed_scaling_factor applies when weights are not normalised (V2: 16.0, Lite: 1.0).
-            weights = weights * self.scaling
-        if n_shared:
-            ids, weights = append_shared_slots(ids, weights, self.n_experts, n_shared)
+        (the shared experts fused in after the routed ones, MoE.fuse_shared_experts). The torch path is the router
+        kernel's reference (kernels/router.py); the runner swaps the kernel in on GPU for steps that need no
+        scores (runner/gpu_kernels.py)."""
+        scores = router_scores_torch(x, self.weight)  # [N, E] fp32
+        ids, weights = select_experts_torch(scores, self.top_k, self.method, self.n_group, self.topk_group,
+                                            self.norm_topk_prob, self.scaling, n_shared)
         return RouterOutput(ids, weights, scores)
-
-
-def _expert_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x [n, K] @ w [N, K]^T; an fp8 w (engine/quantization.py) is widened to x.dtype and the output rows scaled."""
-    if scale is None:
-        return F.linear(x, w)
-    return (F.linear(x, w.to(x.dtype)).float() * scale).to(x.dtype)
 
 
 def experts_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
                       topk_weights: torch.Tensor, reduce: bool = True, gate_up_scale: torch.Tensor | None = None,
                       down_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Loop over the experts that received tokens (transformers' eager MoE). x [N, D] -> [N, D], or the weighted
+    """The experts in torch (Experts.impl's call: ids before weights, the scales by their module names): the fused
+    MoE kernel's reference loop, kernels/fused_moe.py moe_experts_torch. x [N, D] -> [N, D], or the weighted
     per-slot outputs [N, K, D] when not reduce. fp8 experts: gate_up_scale [E, 2I] and down_scale [E, D]."""
-    out = torch.zeros_like(x) if reduce else x.new_zeros(*topk_ids.shape, x.shape[-1])
-    inter = down.shape[-1]
-    hit = torch.unique(topk_ids)
-    for e in hit.tolist():
-        tok, slot = torch.where(topk_ids == e)
-        h = _expert_linear(x[tok], gate_up[e], None if gate_up_scale is None else gate_up_scale[e])
-        h = F.silu(h[:, :inter]) * h[:, inter:]
-        h = _expert_linear(h, down[e], None if down_scale is None else down_scale[e]) * topk_weights[tok, slot, None]
-        if reduce:
-            out.index_add_(0, tok, h.to(out.dtype))
-        else:
-            out[tok, slot] = h.to(out.dtype)
-    return out
+    return moe_experts_torch(x, gate_up, down, topk_weights, topk_ids, gate_up_scale, down_scale, reduce=reduce)
 
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -123,17 +82,16 @@ class Experts(nn.Module):
         return self.impl(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights, **kw)
 
     @torch.no_grad()
-    def quantize_fp8(self, quantize: Callable, row_amax: Callable | None = None) -> None:
-        """Inference only: the weights to fp8 with row scales, expert by expert (bounds the fp32 temporaries);
-        quantize(w [N, K], amax [N]) -> (wq [N, K] float8_e4m3fn, scale [N] fp32) (engine/quantization.py).
-        row_amax(name, amax [E, N]) -> amax [E, N]: the rows' maxima over all shards of a row (tensor parallel
-        down_proj holds a slice of each row); default: this module's own."""
+    def quantize_fp8(self, row_amax: Callable | None = None) -> None:
+        """Inference only: the weights to fp8 with row scales (kernels/fp8_quant.py quantize_rows_fp8_ref), expert
+        by expert (bounds the fp32 temporaries). row_amax(name, amax [E, N]) -> amax [E, N]: the rows' maxima over
+        all shards of a row (tensor parallel down_proj holds a slice of each row); default: this module's own."""
         for name, scale_name in (("gate_up_proj", "gate_up_scale"), ("down_proj", "down_scale")):
             w = getattr(self, name)
             amax = torch.stack([w[e].abs().amax(dim=-1).float() for e in range(w.shape[0])])  # [E, N]
             if row_amax is not None:
                 amax = row_amax(name, amax)
-            parts = [quantize(w[e], amax[e]) for e in range(w.shape[0])]
+            parts = [quantize_rows_fp8_ref(w[e], amax[e]) for e in range(w.shape[0])]
             setattr(self, name, nn.Parameter(torch.stack([q for q, _ in parts]), requires_grad=False))
             setattr(self, scale_name, torch.stack([s for _, s in parts]))
 

@@ -7,16 +7,20 @@ chat message objects: clients echo back assistant messages with fields such as `
 client's `extra_body` and sit beside the OpenAI fields.
 
 Value ranges (temperature >= 0, top_p in (0, 1], penalties in [-2, 2], ...) are checked once, by
-`SamplingParams`, whose ValueError names the field; `to_sampling_params` only maps names.
+`SamplingParams`, whose ValueError names the field; here they are only documented (`_doc`, for the OpenAPI
+document). What the protocol layer adds, because the engine must never see it: types are strict (`"echo": 0`
+is not a bool, `"0.5"` not a number), integers fit in int64, floats are finite, `repetition_penalty` lies in
+[0.01, 100] (outside it float32 logits overflow), and `logit_bias` values are clamped to [-100, 100] as vLLM
+does (a bias of 1e39 would overflow the logits to inf and sample garbage).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 from ..sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -24,6 +28,19 @@ from ..sampling_params import MAX_LOGPROBS, SamplingParams
 # request from flooding the scheduler's queue ahead of everyone else's.
 MAX_N = 128
 MAX_PROMPTS = 2048
+# Stop strings are checked against every new token of the request: a bounded list keeps that cheap.
+MAX_STOP = 64
+LOGIT_BIAS_LIMIT = 100.0  # vLLM's clamp
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+# An integer the engine can hold in an int64 tensor.
+Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Float = StrictFloat  # ints are accepted; strings are not; inf / nan are refused by the models' config
+
+
+def _doc(default: Any = None, **schema: Any) -> Any:
+    """A field whose range SamplingParams checks: documented in the JSON schema, not validated twice."""
+    return Field(default, json_schema_extra=schema)
 
 
 def random_id(prefix: str) -> str:
@@ -31,11 +48,11 @@ def random_id(prefix: str) -> str:
 
 
 class _Forbid(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -56,9 +73,9 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(_Forbid):
-    include_usage: bool = False
+    include_usage: StrictBool = False
     # vLLM extra: a usage object on every chunk, not only the last.
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: StrictBool = False
 
 
 class UsageInfo(BaseModel):
@@ -73,28 +90,29 @@ StopField = str | list[str] | None
 class _SamplingFields(_Forbid):
     """Fields shared by chat and text completions (OpenAI names first, then the vLLM extras)."""
 
-    model: str | None = None  # vLLM makes it optional: None = the served model
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    n: StrictInt = 1
-    seed: StrictInt | None = None
+    model: str | None = None  # vLLM makes it optional: None (or "default") = the served model
+    frequency_penalty: Float = _doc(0.0, minimum=-2, maximum=2)
+    presence_penalty: Float = _doc(0.0, minimum=-2, maximum=2)
+    logit_bias: dict[str, Float] | None = _doc(None, propertyNames={"pattern": "^[0-9]+$"})
+    n: StrictInt = _doc(1, minimum=1, maximum=MAX_N)
+    seed: StrictInt | None = _doc(None, minimum=-(2**63), maximum=2**63 - 1)
     stop: StopField = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None  # None = 1.0 (OpenAI's default)
-    top_p: float | None = None  # None = 1.0
+    temperature: Float | None = _doc(None, minimum=0)  # None = 1.0 (OpenAI's default)
+    top_p: Float | None = _doc(None, exclusiveMinimum=0, maximum=1)  # None = 1.0
     user: str | None = None  # accepted and ignored, as vLLM does
     # vLLM extras
-    top_k: StrictInt | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    stop_token_ids: list[StrictInt] | None = None
-    ignore_eos: bool = False
-    min_tokens: StrictInt = 0
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:<id>" (exact, unlike decoded text)
+    top_k: Int64 | None = _doc(None, minimum=-1)
+    min_p: Float | None = _doc(None, minimum=0, maximum=1)
+    repetition_penalty: Float | None = _doc(None, minimum=REPETITION_PENALTY_RANGE[0],
+                                            maximum=REPETITION_PENALTY_RANGE[1])
+    stop_token_ids: list[Int64] | None = None
+    ignore_eos: StrictBool = False
+    min_tokens: Int64 = _doc(0, minimum=0)
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
+    return_tokens_as_token_ids: StrictBool = False  # logprob tokens as "token_id:<id>" (exact, unlike decoded text)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -104,13 +122,19 @@ class _SamplingFields(_Forbid):
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
+        lo, hi = REPETITION_PENALTY_RANGE
+        if self.repetition_penalty is not None and not lo <= self.repetition_penalty <= hi:
+            raise ValueError(f"repetition_penalty must be in [{lo:g}, {hi:g}], got {self.repetition_penalty!r}")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise ValueError(f"stop holds at most {MAX_STOP} strings, got {len(self.stop)}")
         return self
 
     def _sampling_kwargs(self) -> dict[str, Any]:
         bias = None
         if self.logit_bias is not None:
             # JSON keys are strings; SamplingParams turns digit strings into ids and rejects the rest.
-            bias = dict(self.logit_bias)
+            # Clamped as vLLM does: +-100 already forces / bans a token, larger values overflow the logits.
+            bias = {k: min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, v)) for k, v in self.logit_bias.items()}
         return dict(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -169,18 +193,19 @@ class ResponseFormat(_Forbid):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    logprobs: bool = False
-    top_logprobs: StrictInt | None = None
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens; wins when both are set
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
+    logprobs: StrictBool = False
+    top_logprobs: Int64 | None = _doc(None, minimum=0, maximum=MAX_LOGPROBS)
+    max_tokens: Int64 | None = _doc(None, minimum=1)
+    # OpenAI's newer name for max_tokens; wins when both are set
+    max_completion_tokens: Int64 | None = _doc(None, minimum=1)
     response_format: ResponseFormat | None = None
     # Tools are not supported; clients that always send the (empty) fields still work.
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = _doc(None, maxItems=0)
     tool_choice: Literal["none", "auto"] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     # vLLM extra
-    add_generation_prompt: bool = True
+    add_generation_prompt: StrictBool = True
 
     @model_validator(mode="after")
     def _check(self):
@@ -268,15 +293,16 @@ class ChatCompletionStreamResponse(BaseModel):
 # ------------------------------------------------------------------------------------------------- completions
 
 
-PromptField = str | list[str] | list[StrictInt] | list[list[StrictInt]]
+PromptField = str | list[str] | list[Int64] | list[list[Int64]]
 
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptField
-    max_tokens: StrictInt | None = 16  # OpenAI's default for /v1/completions; null = up to the context limit
-    logprobs: StrictInt | None = None  # here: how many top alternatives per token
-    echo: bool = False
-    best_of: StrictInt | None = None
+    # OpenAI's default for /v1/completions; null = up to the context limit
+    max_tokens: Int64 | None = _doc(16, minimum=1)
+    logprobs: Int64 | None = _doc(None, minimum=0, maximum=MAX_LOGPROBS)  # here: top alternatives per token
+    echo: StrictBool = False
+    best_of: Int64 | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
@@ -356,15 +382,15 @@ class ModelList(BaseModel):
 class TokenizeCompletionRequest(_Forbid):
     model: str | None = None
     prompt: str
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
 
 
 class TokenizeChatRequest(_Forbid):
     model: str | None = None
-    messages: list[ChatMessage]
-    add_generation_prompt: bool = True
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: StrictBool = True
     # The chat template writes bos itself: adding it again would double it (vLLM's default is False too).
-    add_special_tokens: bool = False
+    add_special_tokens: StrictBool = False
 
 
 class TokenizeResponse(BaseModel):
@@ -375,8 +401,16 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(_Forbid):
     model: str | None = None
-    tokens: list[StrictInt]
+    tokens: list[Int64]
 
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class VersionResponse(BaseModel):
+    version: str

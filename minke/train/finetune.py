@@ -39,11 +39,10 @@ class LoraOptions:
 
     def __post_init__(self):
         if self.bits not in (4, 8, 16, 32):
-            raise ValueError(f"--bits must be 4, 16 or 32, got {self.bits}")
-        if self.bits == 8:
-            raise ValueError("--bits 8 is not supported by minke; use --bits 4 (QLoRA, nf4) or 16")
-        if self.bits == 4 and not self.use_lora:
-            raise ValueError("--bits 4 trains adapters on a frozen 4-bit base: it needs --use_lora True")
+            raise ValueError(f"--bits must be 4, 8, 16 or 32, got {self.bits}")
+        if self.bits in (4, 8) and not self.use_lora:
+            raise ValueError(f"--bits {self.bits} trains adapters on a frozen {self.bits}-bit base: it needs "
+                             "--use_lora True")
 
 
 def read_config_raw(path: str) -> dict:
@@ -61,17 +60,20 @@ def build_finetune_model(base: str, lora: LoraOptions, cfg: TrainingConfig, info
     load_device = "cpu" if plan.strategy == "fsdp" else info.device
     if not lora.use_lora:
         model = load_model(resume_from or base, dtype=torch.float32, device=load_device, progress=info.is_main)
-        writer = FullModelWriter(model, config_raw, torch.bfloat16 if cfg.bf16 else torch.float32,
+        # The output in the base checkpoint's dtype (a bf16 base gives a bf16 model, not fp32 of twice the size)
+        writer = FullModelWriter(model, config_raw, resolve_dtype("auto", load_config(base), "cpu"),
                                  tokenizer_dir=base, source_dir=base)
     else:
-        if lora.bits == 4:
+        if lora.bits in (4, 8):
             if not cfg.bf16:
-                raise ValueError("--bits 4 computes in bf16: pass --bf16 True (fp16 overflows on DeepSeek weights)")
-            from .quant import quantize_model_4bit, require_bnb
+                raise ValueError(f"--bits {lora.bits} computes in bf16: pass --bf16 True (fp16 overflows on "
+                                 "DeepSeek weights)")
+            from .quant import quantize_model, require_bnb
 
-            require_bnb(info.device)
+            require_bnb(info.device, lora.bits)
             model = load_model(base, dtype=torch.bfloat16, device="cpu", progress=info.is_main)
-            model = quantize_model_4bit(model, info.device, torch.bfloat16, lora.quant_type, lora.double_quant)
+            model = quantize_model(model, info.device, torch.bfloat16, lora.quant_type, lora.double_quant,
+                                   bits=lora.bits)
         else:
             dtype = torch.bfloat16 if cfg.bf16 and lora.bits == 16 else torch.float32
             model = load_model(base, dtype=dtype, device=load_device, progress=info.is_main)

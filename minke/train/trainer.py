@@ -28,6 +28,8 @@ from torch import nn
 from . import checkpoint as ckpt
 from .args import TrainingConfig
 from .data import IGNORE_INDEX, GlobalBatchSampler
+from .loss import chunked_cross_entropy
+from .moe_train import use_grouped_experts
 from .distributed import (DistInfo, ShardPlan, all_reduce_sum, full_model_state, full_optimizer_state, grad_sync,
                           load_full_optimizer_state)
 from .deepspeed_config import deepspeed_lr, resolve_schedule
@@ -55,6 +57,7 @@ class Trainer:
             raise ValueError("--fp16 with FSDP2 (several processes, or CPU offload) is not supported (no loss scaler "
                              "for sharded parameters here): use --bf16, or a DeepSpeed ZeRO-0 config (DDP)")
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        use_grouped_experts(model)  # routed experts as grouped GEMMs (train/moe_train.py), not a per-expert loop
         if deepspeed is not None and deepspeed.optimizer is not None:
             o = deepspeed.optimizer  # DeepSpeed's AdamW: one group, decay on every trainable parameter
             self.optimizer = torch.optim.AdamW(self.trainable, lr=o["lr"], betas=o["betas"], eps=o["eps"],
@@ -149,12 +152,8 @@ class Trainer:
             ids, labels = ids.to(self.info.device), labels.to(self.info.device)
             with grad_sync(self.model, self.plan, sync=m == accum - 1):
                 with self._autocast():
-                    out = self.model(ids, return_aux_loss=True)
-                    logits = out.logits[:, :-1]  # position t predicts token t+1: [B, T-1, V]
-                    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                         ignore_index=IGNORE_INDEX, reduction="sum",
-                                         label_smoothing=self.cfg.label_smoothing_factor)
-                    aux = out.aux_loss if out.aux_loss is not None else ce.new_zeros(())
+                    ce, aux = self._losses(ids, labels)
+                    aux = aux if aux is not None else ce.new_zeros(())
                     loss = ce * (self.info.world / n_target) + aux * self.aux_weight
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             sums[0] += ce.detach().double()
@@ -182,6 +181,21 @@ class Trainer:
         return {"loss": loss, "ce_loss": ce_mean, "aux_loss": aux_mean, "learning_rate": lr,
                 "grad_norm": grad_norm, "tokens_per_s": counts[1].item() / dt, "step_time_s": dt,
                 "epoch": self.step / self.sampler.steps_per_epoch}
+
+    def _losses(self, ids: torch.Tensor, labels: torch.Tensor):
+        """(sum of the token cross-entropies, balance loss or None). One process: the lm_head + cross-entropy run
+        in token chunks (train/loss.py), never holding [tokens, vocab] fp32 logits. DDP/FSDP: through the wrapped
+        model's forward, whose hooks sync and gather the parameters."""
+        smoothing = self.cfg.label_smoothing_factor
+        if self.plan.strategy == "none" and hasattr(self.model, "hidden_states") and not smoothing:
+            h, aux = self.model.hidden_states(ids, want_aux=True)
+            h = h[:, :-1].reshape(-1, h.shape[-1])  # position t predicts token t+1
+            return chunked_cross_entropy(h, self.model.lm_head, labels[:, 1:].reshape(-1), IGNORE_INDEX), aux
+        out = self.model(ids, return_aux_loss=True)
+        logits = out.logits[:, :-1]  # [B, T-1, V]
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=smoothing)
+        return ce, out.aux_loss
 
     def _clip(self) -> float:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0 else float("inf")

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from .forward_batch import ForwardBatch
-from .layers import RMSNorm
-from .rope import RotaryEmbedding
+from ...config import ModelConfig
+from .batch import ForwardBatch
+from ..layers import RMSNorm
+from ..rope import RotaryEmbedding
 
 
 def token_positions(x: torch.Tensor, positions: torch.Tensor | None, batch: ForwardBatch | None) -> torch.Tensor:
@@ -47,21 +47,52 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.rotary = RotaryEmbedding(cfg.rope, self.head_dim, cfg.max_position_embeddings, interleaved=False)
         self.scale = cfg.softmax_scale
+        # After fuse_input_projections(): [(H + 2 Hkv) * hd, D], q/k/v_proj's weights as one (their weights become
+        # views of it). A plain attribute: the state dict keeps the checkpoint's names.
+        self.fused_in_weight: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_input_projections(self) -> bool:
+        """Inference only: one GEMM of x for q, k and v instead of three (at decode sizes three weight-reading
+        GEMVs a layer become one launch); no memory is added. Returns False, changing nothing, when a projection
+        has a bias or they are already fused."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused_in_weight is not None or any(p.bias is not None for p in projs):
+            return False
+        fused = torch.cat([p.weight for p in projs])  # [(H + 2 Hkv) * hd, D]
+        start = 0
+        for p in projs:
+            p.weight = nn.Parameter(fused[start : start + p.out_features], requires_grad=False)
+            start += p.out_features
+        self.fused_in_weight = fused
+        return True
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, batch: ForwardBatch | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         """rope: (cos, sin) for these tokens, computed once per model forward (CausalLM passes it)."""
         lead = x.shape[:-1]  # [B, T] dense or [N] paged
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        if self.fused_in_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            qkv = self._linear(x, self.fused_in_weight)
+            q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
         cos, sin = rope if rope is not None else self.rotary.cos_sin(token_positions(x, positions, batch))
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if batch is None:
             out = self._dense(q, k, v)
         else:
-            out = self._paged(q, k, v, batch)
+            return self._apply_linear(self.o_proj, self._paged(q, k, v, batch).flatten(-2))
         return self.o_proj(out.flatten(-2))
+
+    # The runner's GEMV mixin overrides these two on GPU (runner/gpu_kernels.py): paged steps' projections.
+    def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w)
+
+    def _apply_linear(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return linear(x)
 
     def _dense(self, q, k, v):
         # [B, T, H, hd] -> SDPA over [B, H, T, hd]; GQA by repeating KV heads.
@@ -116,18 +147,10 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=bias)
         self.rotary = RotaryEmbedding(cfg.rope, self.rope_dim, cfg.max_position_embeddings, interleaved=True)
         self.scale = cfg.softmax_scale
-        # Optional fused paged-step prologue (kv_a, q, cos, sin, norm_weight, eps, cache, slot_mapping) ->
-        # (q_pe, c_kv, k_pe): kv_a_layernorm, both ropes and the latent cache write in one kernel; the runner installs
-        # the Triton one on GPU (kernels/mla_prologue.py). None = the torch code (_prologue_torch).
-        self.prologue = None
         # After fuse_input_projections(): [Q + C + R, D], the two projections of x as one weight (q_proj or q_a_proj
         # rows, then kv_a_proj_with_mqa rows), whose slices the modules' own weights are. A plain attribute: the
         # state dict keeps the checkpoint's names.
         self.fused_in_weight: torch.Tensor | None = None
-        # Optional (x, w) -> x @ w^T for the bias-free projections of a paged step (the fused q/kv_a and o_proj);
-        # the runner installs kernels/gemv.py's `linear` on GPU (a matrix-vector kernel for one-row steps).
-        # None = F.linear / the modules themselves.
-        self.linear = None
 
     @torch.no_grad()
     def fuse_input_projections(self) -> bool:
@@ -149,7 +172,7 @@ class MLAttention(nn.Module):
         """x [N, D] -> q [N, H, nope + R] (pe not yet roped), kv_a [N, C + R] (both may be strided views)."""
         if self.fused_in_weight is None:
             return self._q(x), self.kv_a_proj_with_mqa(x)
-        out = (self.linear or F.linear)(x, self.fused_in_weight)
+        out = self._linear(x, self.fused_in_weight)
         first, kv_a = out.split([out.shape[-1] - self.kv_lora_rank - self.rope_dim,
                                  self.kv_lora_rank + self.rope_dim], dim=-1)
         return self._q_from(first), kv_a
@@ -177,10 +200,11 @@ class MLAttention(nn.Module):
         q_pe, c_kv, k_pe = self._norm_rope(self.kv_a_proj_with_mqa(x), q[..., self.nope :], cos, sin)
         return q[..., : self.nope], q_pe, c_kv, k_pe
 
-    def _prologue_torch(self, kv_a, q, cos, sin, norm_weight, eps, cache, slot_mapping):
-        """The prologue in torch (what kernels.mla_prologue fuses): kv_a [N, C + R], q [N, H, nope + R] ->
-        q_pe [N, H, R], c_kv [N, C], k_pe [N, R]; their latent cat(c_kv, k_pe) is written to cache rows
-        slot_mapping. norm_weight/eps are kv_a_layernorm's, which this path calls (with its own impl, if any)."""
+    def _prologue(self, kv_a, q, cos, sin, norm_weight, eps, cache, slot_mapping):
+        """The paged step's prologue in torch (what kernels.mla_prologue fuses into one launch; the runner's mixin
+        swaps it in on GPU): kv_a [N, C + R], q [N, H, nope + R] -> q_pe [N, H, R], c_kv [N, C], k_pe [N, R]; their
+        latent cat(c_kv, k_pe) is written to cache rows slot_mapping. norm_weight/eps are kv_a_layernorm's, which
+        this path calls."""
         q_pe, c_kv, k_pe = self._norm_rope(kv_a, q[..., self.nope :], cos, sin)
         cache.view(-1, cache.shape[-1])[slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(cache.dtype)
         return q_pe, c_kv, k_pe
@@ -207,13 +231,17 @@ class MLAttention(nn.Module):
             # x [N, D]: projections, then norm + ropes + latent cache write through the (possibly fused) prologue.
             q, kv_a = self._q_and_kv_a(x)
             cache = batch.kv_caches[self.layer_idx]  # [blocks, bs, C + R]
-            prologue = self.prologue if self.prologue is not None else self._prologue_torch
             norm = self.kv_a_layernorm
-            q_pe, c_kv, k_pe = prologue(kv_a, q, cos, sin, norm.weight, norm.eps, cache, batch.slot_mapping)
-            out = self._paged(q, q_pe, c_kv, k_pe, cache, batch)
-            if self.linear is not None and self.o_proj.bias is None:
-                return self.linear(out.flatten(-2), self.o_proj.weight)
+            q_pe, c_kv, k_pe = self._prologue(kv_a, q, cos, sin, norm.weight, norm.eps, cache, batch.slot_mapping)
+            return self._apply_linear(self.o_proj, self._paged(q, q_pe, c_kv, k_pe, cache, batch).flatten(-2))
         return self.o_proj(out.flatten(-2))
+
+    # The runner's GEMV mixin overrides these two on GPU (runner/gpu_kernels.py): paged steps' projections.
+    def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w)
+
+    def _apply_linear(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return linear(x)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj.weight [H * (nope + v), C] split per head: W_UK [H, nope, C], W_UV [H, v, C]."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..models.forward_batch import ForwardBatch
+from ..models.attention import ForwardBatch
 from .input_batch import SeqChunk, cache_slots
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)

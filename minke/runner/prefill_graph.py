@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..models.forward_batch import ForwardBatch, PrefillPack
+from ..models.attention import ForwardBatch, PrefillPack
 from .cuda_graph import capture_forward
 from .input_batch import SeqChunk, host_inputs
 

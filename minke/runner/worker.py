@@ -2,7 +2,7 @@
 Worker lives in the engine's process; the others run launcher.worker_main, executing what rank 0 broadcasts, so
 every rank runs the same step on the same inputs (the step's SeqChunks; each rank builds its own ForwardBatch from
 them, or replays the same CUDA graph). With tensor_parallel_size 1 the single Worker runs in the engine's process
-(engine/model_runner.py drives every size the same way)."""
+(runner/runner.py drives every size the same way)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,18 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig, load_config
-from ..engine.attention_backends import make_backend
-from ..engine.cuda_graph import DecodeGraphs
-from ..engine.gpu_kernels import install_gpu_kernels
-from ..engine.quantization import apply_quantization, check_quantization
-from ..engine.input_batch import SeqChunk, allocate_kv_caches, make_forward_batch
-from ..engine.prefill_graph import PrefillGraphs
-from ..loader import load_model, resolve_dtype
-from ..models.forward_batch import FlashUnavailable, ForwardBatch
+from ..models.attention import make_backend
+from .cuda_graph import DecodeGraphs
+from .input_batch import SeqChunk, make_forward_batch
+from .kv_cache import CacheConfig, allocate_kv_caches
+from .model_builder import build_model
+from .prefill_graph import PrefillGraphs
+from ..loader import resolve_dtype
+from ..models.attention import FlashUnavailable, ForwardBatch
 from ..models.model import CausalLM
-from .comm import SymmetricAllReduce
-from .sharded_loading import load_sharded_model
-from .state import ParallelConfig
-from .tensor_parallel import kv_cache_config
+from ..parallel.comm import SymmetricAllReduce
+from ..parallel.state import ParallelConfig
+from ..parallel.tensor_parallel import kv_cache_config
 
 logger = logging.getLogger("minke")
 
@@ -51,7 +50,7 @@ class WorkerConfig:
     setup: Callable[[CausalLM, torch.device], None] | None = None  # run on every rank after loading
     timeout_s: float = 1800.0  # collectives and start-up rendezvous
     custom_all_reduce: bool = True  # GPUs: small all-reduces through symmetric memory (comm.SymmetricAllReduce)
-    quantization: str | None = None  # "fp8": MoE experts quantized after loading (engine/quantization.py)
+    quantization: str | None = None  # "fp8": MoE experts quantized after loading (quantization.py)
 
     @property
     def dist_backend(self) -> str:
@@ -70,26 +69,13 @@ class Worker:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.model_config = cfg.config or load_config(cfg.model)
-        check_quantization(cfg.quantization, self.model_config)  # before loading anything
         self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
         self.parallel = ParallelConfig(cfg.tensor_parallel_size, rank, cfg.expert_parallel, group)
         if cfg.custom_all_reduce:  # collective: every rank builds it here, before loading
             fast = SymmetricAllReduce.create(self.parallel, self.dtype, self.device)
             self.parallel = dataclasses.replace(self.parallel, fast_all_reduce=fast)
-        if self.parallel.is_parallel or cfg.load_format == "dummy":
-            # Owned slices only; dummy weights are keyed by tensor name, so every TP size gets the same model.
-            self.model = load_sharded_model(cfg.model, self.parallel, self.dtype, self.device, self.model_config,
-                                            load_format=cfg.load_format, seed=cfg.seed)
-        else:
-            self.model = load_model(cfg.model, self.dtype, self.device, self.model_config)
+        self.model = build_model(cfg, self.model_config, self.parallel, self.dtype, self.device)
         self.backend = make_backend(self.device)
-        install_gpu_kernels(self.model, self.device, tensor_parallel=self.parallel.is_parallel)
-        if cfg.quantization is not None:  # after the kernels: the shared experts are fused in by then (on GPU)
-            n = apply_quantization(self.model, cfg.quantization, self.parallel)
-            if rank == 0:
-                logger.info("quantization %s: the experts of %d MoE layers", cfg.quantization, n)
-        if cfg.setup is not None:
-            cfg.setup(self.model, self.device)
         self.kv_caches: list[torch.Tensor] | None = None
         self.block_size = self.num_blocks = 0
         self.graphs = None  # DecodeGraphs
@@ -101,18 +87,17 @@ class Worker:
         c = kv_cache_config(self.model_config, self.parallel)
         return c.num_hidden_layers * c.kv_cache_dim * torch.empty(0, dtype=self.dtype).element_size()
 
-    def kv_cache_tokens(self, kv_cache_tokens: int | None, kv_cache_gib: float, gpu_memory_utilization: float,
-                        max_num_batched_tokens: int | None, block_size: int) -> int:
-        """Tokens this rank's cache can hold (the engine takes the minimum over ranks); ModelRunner's rule."""
-        if kv_cache_tokens is not None:
-            return kv_cache_tokens
+    def kv_cache_tokens(self, cache: CacheConfig) -> int:
+        """Tokens this rank's cache can hold (the Runner takes the minimum over ranks)."""
+        if cache.kv_cache_tokens is not None:
+            return cache.kv_cache_tokens
         if self.device.type != "cuda":
-            return int(kv_cache_gib * 2**30) // self.kv_bytes_per_token()
-        # Free memory after the weights and a dummy prefill of max_num_batched_tokens (all ranks run it together,
-        # its collectives included), times the utilisation budget.
+            return int(cache.kv_cache_gib * 2**30) // self.kv_bytes_per_token()
+        # Free memory after the weights and a dummy prefill of profile_tokens (all ranks run it together, its
+        # collectives included), times the utilisation budget.
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        n = min(max_num_batched_tokens or 8192, 8192)
+        n, block_size = cache.profile_tokens, cache.block_size
         caches = allocate_kv_caches(kv_cache_config(self.model_config, self.parallel), 2, block_size, self.dtype,
                                     self.device)
         with torch.inference_mode():
@@ -128,7 +113,7 @@ class Worker:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         peak, in_use = torch.cuda.max_memory_allocated(self.device), torch.cuda.memory_allocated(self.device)
-        budget = total * gpu_memory_utilization - (total - free) - (peak - in_use)
+        budget = total * cache.gpu_memory_utilization - (total - free) - (peak - in_use)
         return max(int(budget) // self.kv_bytes_per_token(), 0)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
@@ -138,12 +123,16 @@ class Worker:
         self.block_size, self.num_blocks = block_size, num_blocks
 
     def capture_graphs(self, max_model_len: int, max_num_seqs: int, prefill_graph_tokens: int = 0) -> bool:
-        """Decode CUDA graphs (engine/cuda_graph.py), and prefill graphs for fresh prompts of up to
-        prefill_graph_tokens tokens (engine/prefill_graph.py; bf16 / fp16 only, as they need FlashAttention),
+        """Decode CUDA graphs (runner/cuda_graph.py), and prefill graphs for fresh prompts of up to
+        prefill_graph_tokens tokens (runner/prefill_graph.py; bf16 / fp16 only, as they need FlashAttention),
         captured on every rank at once: the TP collectives (NCCL) are captured too, and all ranks replay the
         same graph each step. Not under EP: its all-to-all split sizes are read on the host."""
-        if (self.device.type != "cuda" or not self.model_config.is_mla or self.backend.name != "triton"
+        if (self.device.type != "cuda" or self.backend.name != "triton"
                 or (self.parallel.expert_parallel and self.model_config.is_moe)):
+            return False
+        if self.model_config.rope.type == "dynamic":
+            # Dynamic NTK RoPE reads the step's largest position on the host (models/rope.py): not capturable.
+            logger.warning("dynamic NTK rope_scaling: decode and prefill steps run without CUDA graphs")
             return False
         pool = None
         scratch = self.num_blocks * self.block_size

@@ -12,6 +12,7 @@ gloo on CPU.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime
 import os
 import shutil
@@ -24,9 +25,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..config import load_config
-from ..engine.input_batch import SeqChunk
-from ..engine.quantization import check_quantization
-from .state import ParallelConfig, check_model_fits
+from .input_batch import SeqChunk
+from .quantization import check_quantization
+from ..parallel.state import ParallelConfig, check_model_fits
 from .worker import Worker, WorkerConfig
 
 _SHUTDOWN = "shutdown"
@@ -55,7 +56,7 @@ class ModelExecutor:
 
 
 class LocalExecutor(ModelExecutor):
-    """tensor_parallel_size 1: one Worker, no processes, no process group."""
+    """tensor_parallel_size 1: one Worker, no processes, no process group (make_executor checks the config)."""
 
     def __init__(self, cfg: WorkerConfig):
         self.worker = Worker(cfg, 0)
@@ -64,9 +65,6 @@ class LocalExecutor(ModelExecutor):
 class MultiprocExecutor(ModelExecutor):
     def __init__(self, cfg: WorkerConfig):
         world = cfg.tensor_parallel_size
-        model_config = cfg.config or load_config(cfg.model)
-        check_model_fits(model_config, ParallelConfig(world, 0, cfg.expert_parallel))  # fail before spawning
-        check_quantization(cfg.quantization, model_config)
         if dist.is_initialized():
             raise RuntimeError("torch.distributed is already initialised in this process; minke's tensor parallel "
                                "executor creates its own process group")
@@ -162,6 +160,12 @@ class MultiprocExecutor(ModelExecutor):
 
 
 def make_executor(cfg: WorkerConfig) -> ModelExecutor:
+    """The checks that need the model's config, made once, before any rank loads or spawns anything; the ranks
+    get the config with their WorkerConfig instead of reading config.json again."""
+    model_config = cfg.config or load_config(cfg.model)
+    check_model_fits(model_config, ParallelConfig(cfg.tensor_parallel_size, 0, cfg.expert_parallel))
+    check_quantization(cfg.quantization, model_config)
+    cfg = dataclasses.replace(cfg, config=model_config)
     return LocalExecutor(cfg) if cfg.tensor_parallel_size == 1 else MultiprocExecutor(cfg)
 
 

@@ -1,7 +1,6 @@
-"""The engine's side of the model step, for one GPU or a tensor/expert-parallel group alike: the executor runs the
-step on every rank (one in-process Worker for tensor_parallel_size 1, spawned ranks otherwise; see
-minke/parallel/), this class sizes the paged KV cache, captures decode graphs and samples on rank 0. Each Worker
-owns its model shard, KV cache, attention backend and CUDA graphs (minke/parallel/worker.py)."""
+"""The engine's side of the model step, for one GPU or a tensor/expert-parallel group alike (Runner), and a step's
+samples on their way to the host (PendingSample). Each Worker owns its model shard, KV cache, attention backend and
+CUDA graphs (worker.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +9,11 @@ import time
 
 import torch
 
-from ..config import ModelConfig
-from ..parallel.launcher import make_executor
-from ..parallel.worker import WorkerConfig
-from .config import EngineConfig
+from .executor import make_executor
 from .input_batch import SeqChunk
+from .kv_cache import CacheConfig
 from .sampler import Sampler, SamplerOutput, SamplingBatch
+from .worker import WorkerConfig
 
 logger = logging.getLogger("minke")
 
@@ -48,40 +46,39 @@ class PendingSample:
         return tokens, logprobs, ranks
 
 
-class ModelRunner:
-    def __init__(self, cfg: EngineConfig, model_config: ModelConfig, worker_config: WorkerConfig | None = None):
-        """worker_config overrides what is derived from cfg (tests: threads per rank)."""
-        self.cfg, self.model_config = cfg, model_config
-        self.executor = make_executor(worker_config or WorkerConfig(
-            model=cfg.model, tensor_parallel_size=cfg.tensor_parallel_size,
-            expert_parallel=cfg.enable_expert_parallel, dtype=cfg.dtype, device=cfg.device,
-            load_format=cfg.load_format, seed=cfg.seed, config=model_config,
-            custom_all_reduce=not cfg.disable_custom_all_reduce, quantization=cfg.quantization))
+class Runner:
+    """The engine's one handle on the model step, whatever the parallel layout: an executor runs the step on every
+    rank (an in-process Worker for one device, spawned ranks otherwise: executor.py); this class sizes the paged KV
+    cache (the same number of blocks on every rank), captures the CUDA graphs and samples on rank 0."""
+
+    def __init__(self, worker_config: WorkerConfig, cache: CacheConfig, max_num_seqs: int,
+                 enforce_eager: bool = False):
+        self.worker_config, self.cache = worker_config, cache
+        self.max_num_seqs, self.enforce_eager = max_num_seqs, enforce_eager
+        self.executor = make_executor(worker_config)
         rank0 = self.executor.worker
         self.device, self.dtype, self.model = rank0.device, rank0.dtype, rank0.model
-        self.block_size = cfg.block_size
+        self.block_size = cache.block_size
         self.sampler = Sampler()
         # Every rank holds the same number of blocks (block ids are global): the smallest rank's capacity wins.
-        tokens = min(self.executor.collective_rpc("kv_cache_tokens", cfg.kv_cache_tokens, cfg.kv_cache_gib,
-                                                  cfg.gpu_memory_utilization, cfg.max_num_batched_tokens,
-                                                  cfg.block_size))
+        tokens = min(self.executor.collective_rpc("kv_cache_tokens", cache))
         self.num_blocks = tokens // self.block_size
         if self.num_blocks < 1:
             self.executor.shutdown()
             raise ValueError(f"KV cache of {tokens} tokens holds no block of {self.block_size}; give it more memory")
         self.executor.collective_rpc("allocate_kv_cache", self.num_blocks, self.block_size)
-        if cfg.tensor_parallel_size > 1:
-            logger.info("tensor parallel: %d ranks%s", cfg.tensor_parallel_size,
-                        ", expert parallel" if cfg.enable_expert_parallel else "")
+        if worker_config.tensor_parallel_size > 1:
+            logger.info("tensor parallel: %d ranks%s", worker_config.tensor_parallel_size,
+                        ", expert parallel" if worker_config.expert_parallel else "")
 
     def capture_graphs(self, max_model_len: int, prefill_graph_tokens: int = 0) -> None:
         """Decode CUDA graphs on every rank, and prefill graphs for fresh prompts of up to prefill_graph_tokens
         tokens (MLA models on CUDA, unless enforce_eager)."""
-        if self.device.type != "cuda" or self.cfg.enforce_eager:
+        if self.device.type != "cuda" or self.enforce_eager:
             return
         t = time.perf_counter()
         try:
-            self.executor.collective_rpc("capture_graphs", max_model_len, self.cfg.max_num_seqs, prefill_graph_tokens)
+            self.executor.collective_rpc("capture_graphs", max_model_len, self.max_num_seqs, prefill_graph_tokens)
         except RuntimeError as e:
             self.executor.shutdown()
             raise RuntimeError(f"CUDA-graph capture failed; run with --enforce-eager (enforce_eager=True) to serve "

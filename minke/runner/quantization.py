@@ -8,8 +8,11 @@ On GPUs in bf16 / fp16 the fused MoE also quantizes its activations per row (per
 pair) and multiplies fp8 by fp8 on the tensor cores ("W8A8", as vLLM's fp8; kernels/fused_moe.py, fp8_quant.py).
 In fp32, and on CPU (the torch reference), activations stay in the model dtype and the fp8 weights are widened
 ("W8A16"): these are the exact checks of the weight path. Experts are ~92% of DeepSeek-V2-Lite's weights, so a
-batch-1 decode step reads ~2.2 GB instead of ~4.4 GB. Attention, dense MLPs, embeddings, lm_head and the KV cache
-stay in the model dtype.
+batch-1 decode step reads ~2.2 GB instead of ~4.4 GB.
+The MHA / GQA attention projections and the dense MLPs (DeepSeek LLM's every linear layer; the first dense layers
+of the MoE models) become Fp8Linear modules with the same row scales (kernels/fp8_linear.py: W8A8 torch._scaled_mm
+on Hopper in bf16 / fp16, W8A16 elsewhere): DeepSeek LLM 67B, 134 GB in bf16, fits one H200 at ~67 GB. MLA's
+projections, embeddings, lm_head and the KV cache stay in the model dtype.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..config import ModelConfig
 from ..kernels.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_rows_fp8_ref
+from ..kernels.fp8_linear import fp8_linear
+from ..models.attention import Attention
+from ..models.layers import MLP
 from ..models.moe import MoE, Experts
 from ..parallel.state import ParallelConfig
 
@@ -35,12 +42,12 @@ def check_quantization_method(method: str | None) -> None:
 
 
 def check_quantization(method: str | None, cfg: ModelConfig) -> None:
-    """Raise ValueError when `method` is unknown or cannot apply to this model."""
-    check_quantization_method(method)
+    """Raise ValueError when `method` (a valid name: EngineConfig checks that) cannot apply to this model."""
     if method is None:
         return
-    if not cfg.is_moe:
-        raise ValueError(f"quantization={method!r} quantizes MoE expert weights; {cfg.source} has no MoE layers")
+    if method == "fp8" and cfg.is_mla and not cfg.is_moe:
+        raise ValueError(f"quantization={method!r} quantizes MoE experts and MHA/GQA / dense-MLP linear layers; "
+                         f"{cfg.source} (MLA without MoE) has none of the first two")
 
 
 @torch.no_grad()
@@ -77,7 +84,62 @@ def quantize_experts_fp8(model: torch.nn.Module, parallel: ParallelConfig | None
         if isinstance(m, MoE) and m.n_fused_shared:
             m.fused_max_tokens = sys.maxsize
         if isinstance(m, Experts) and m.gate_up_scale is None:
-            m.quantize_fp8(quantize_fp8, row_amax)
+            m.quantize_fp8(row_amax)
+            n += 1
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return n
+
+
+class Fp8Linear(nn.Module):
+    """An nn.Linear swapped for its fp8 form at load (quantize_dense_fp8): weight [N, K] as float8_e4m3fn with a
+    scale per output row; forward through kernels/fp8_linear.py (W8A8 _scaled_mm on Hopper in bf16/fp16, W8A16
+    elsewhere). Inference only: the weights are buffers."""
+
+    def __init__(self, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = wq.shape[1], wq.shape[0]
+        self.register_buffer("weight_fp8", wq)  # [N, K] e4m3
+        self.register_buffer("weight_scale", scale)  # [N] fp32
+        self.register_buffer("bias", bias)
+        self.dtype = dtype  # the activations' (and output's) dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight_fp8, self.weight_scale, out_dtype=x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 + row scales"
+
+
+# Projections whose weight rows are sliced along K under tensor parallelism (row-parallel): their rows' maxima are
+# all-reduced, so every rank quantizes with the unsharded row's scale (TP=N computes what TP=1 does).
+_ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+@torch.no_grad()
+def quantize_dense_fp8(model: torch.nn.Module, parallel: ParallelConfig | None = None) -> int:
+    """The linear layers of MHA / GQA attention (q/k/v/o_proj) and of the dense MLPs (gate/up/down_proj, also the
+    shared experts where they were not fused into the routed ones) to Fp8Linear, one module at a time (the bf16
+    weight is freed as it goes). MLA's projections, embeddings and lm_head stay in the model dtype (kv_b_proj is
+    absorbed into the decode path as a bmm). Returns how many linear layers changed."""
+    tp = parallel is not None and parallel.is_parallel
+    n = 0
+    for m in list(model.modules()):
+        if not isinstance(m, (Attention, MLP)):
+            continue
+        if isinstance(m, Attention) and m.fused_in_weight is not None:
+            m.fused_in_weight = None  # q/k/v each become an Fp8Linear (their weights are views of the fused one)
+        for name, lin in list(m.named_children()):
+            if not isinstance(lin, nn.Linear):
+                continue
+            w = lin.weight
+            amax = w.detach().float().abs().amax(dim=-1)  # [N]
+            if tp and name in _ROW_PARALLEL:
+                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=parallel.group)
+            wq, scale = quantize_fp8(w, amax)
+            bias = None if lin.bias is None else lin.bias.detach()
+            setattr(m, name, Fp8Linear(wq, scale, bias, w.dtype))
             n += 1
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -90,5 +152,5 @@ def apply_quantization(model: torch.nn.Module, method: str | None, parallel: Par
     if method is None:
         return 0
     if method == "fp8":
-        return quantize_experts_fp8(model, parallel)
+        return quantize_experts_fp8(model, parallel) + quantize_dense_fp8(model, parallel)
     raise ValueError(f"unknown quantization {method!r}; supported: {list(QUANTIZATION_METHODS)}")

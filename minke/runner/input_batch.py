@@ -9,7 +9,7 @@ from typing import Hashable
 import numpy as np
 import torch
 
-from ..models.forward_batch import ForwardBatch, PrefillPack, TorchAttentionBackend
+from ..models.attention import ForwardBatch, PrefillPack, TorchAttentionBackend
 
 
 @dataclass
@@ -29,15 +29,6 @@ class SeqChunk:
     def is_decode(self) -> bool:
         """One new token after a cached context: attends through the decode path (ForwardBatch puts these first)."""
         return len(self.token_ids) == 1 and self.start_pos > 0
-
-
-def allocate_kv_caches(cfg, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
-    """One cache tensor per layer (layouts in models/forward_batch.py)."""
-    if cfg.is_mla:
-        shape = (num_blocks, block_size, cfg.kv_cache_dim)
-    else:
-        shape = (2, num_blocks, block_size, cfg.num_key_value_heads, cfg.attn_head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
 
 
 def block_table_array(tables: list[list[int]], width: int | None = None) -> np.ndarray:
@@ -130,7 +121,7 @@ def make_forward_batch(chunks: list[SeqChunk], kv_caches: list[torch.Tensor], bl
 
 def _prefill_pack(nd: int, starts: np.ndarray, ends: np.ndarray, qsl: np.ndarray, tables: np.ndarray,
                   block_size: int, dev) -> PrefillPack | None:
-    """The prefill chunks nd.. packed for varlen attention (models/forward_batch.py PrefillPack). starts / ends
+    """The prefill chunks nd.. packed for varlen attention (models/attention/ PrefillPack). starts / ends
     [B]: cached tokens before / after the step, qsl [B + 1] query offsets, tables [B, max_blocks]."""
     if nd == len(ends):
         return None

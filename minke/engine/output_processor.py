@@ -1,0 +1,144 @@
+"""Requests out: each step's sampled tokens become text (incremental detokenization), logprobs, stops and
+`RequestOutput`s, built only for the requests that changed (vLLM v1's OutputProcessor). Owns the requests in
+flight; tells the engine which sequences finished, so that the scheduler frees them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..sampling_params import SamplingParams
+from ..tokenizer import Tokenizer, detokenize_output
+from .outputs import Logprob, RequestOutput
+from .request import Request, SeqState
+from .sequence import Sequence
+
+
+@dataclass
+class StepSamples:
+    """What a finished model step sampled, for OutputProcessor.process. seqs: the sequences that got a token this
+    step (the scheduler's update order), their new token already appended. rows / chosen_logprobs / top / ranks:
+    only when some row asked for logprobs (rows maps seq_id -> sampler row)."""
+
+    seqs: list[Sequence]
+    rows: dict[int, int] | None = None
+    chosen_logprobs: list[float] | None = None
+    top: list | None = None  # per row: [(token, logprob), ...] best first
+    ranks: list[int] | None = None
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int):
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        self.requests: dict[str, Request] = {}
+        self.owner: dict[int, tuple[Request, SeqState]] = {}  # seq_id -> its request and state
+        self.stats = dict(prompt_tokens_total=0, generation_tokens_total=0, num_requests_finished=0)
+
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        for s in req.states:
+            self.owner[s.seq.seq_id] = (req, s)
+        self.stats["prompt_tokens_total"] += len(req.prompt_token_ids)
+
+    def abort(self, request_id: str) -> tuple[RequestOutput, list[Sequence]] | None:
+        """The aborted request's last output, and its unfinished sequences (for the scheduler to drop)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        live = []
+        for s in req.states:
+            if s.finish_reason is None:
+                live.append(s.seq)
+                s.finish_reason = "abort"
+            self.owner.pop(s.seq.seq_id, None)
+        req.metrics.finished_time = time.monotonic()
+        return self.output(req), live
+
+    def process(self, step: StepSamples) -> tuple[list[RequestOutput], list[tuple[Sequence, str]]]:
+        """(outputs of the requests that got a token or finished — final_only ones only when finished, the
+        sequences that finished this step with their reasons)."""
+        owner = self.owner
+        touched: dict[str, Request] = {}
+        finished: list[tuple[Sequence, str]] = []
+        now = time.monotonic()
+        appended = 0
+        for seq in step.seqs:
+            own = owner.get(seq.seq_id)
+            if own is None:  # aborted while its step ran
+                continue
+            req, state = own
+            appended += 1
+            if state.logprobs is not None:
+                r = step.rows[seq.seq_id]
+                self._append(req, state, seq.token_ids[-1], step.chosen_logprobs[r], step.top[r], step.ranks[r])
+            else:
+                self._append(req, state, seq.token_ids[-1], 0.0, None, None)
+            if state.finish_reason is not None:
+                finished.append((seq, state.finish_reason))
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            if not req.final_only or (state.finish_reason is not None and req.finished):
+                touched[req.request_id] = req
+        self.stats["generation_tokens_total"] += appended
+        outputs = []
+        for req in touched.values():
+            if req.finished:
+                req.metrics.finished_time = now
+                self.requests.pop(req.request_id, None)
+                for s in req.states:
+                    owner.pop(s.seq.seq_id, None)
+                self.stats["num_requests_finished"] += 1
+            outputs.append(self.output(req))
+        return outputs, finished
+
+    def output(self, req: Request) -> RequestOutput:
+        for st in req.states:
+            if st.detok is None and st.num_detok >= 0:
+                st.text = detokenize_output(self.tokenizer, req.prompt_token_ids,
+                                            st.seq.output_token_ids[: st.num_detok],
+                                            req.params.skip_special_tokens)
+                if st.finish_reason is not None:
+                    st.num_detok = -1  # final: no need to decode again
+        return req.output()
+
+    # ------------------------------------------------------------------ one token
+    def _append(self, req: Request, st: SeqState, token: int, logprob: float, top, rank: int | None) -> None:
+        p = req.params
+        if st.logprobs is not None:
+            entry = {t: Logprob(lp, r + 1, self.tokenizer.decode([t], skip_special_tokens=False))
+                     for r, (t, lp) in enumerate(top or [])}
+            if token not in entry:
+                entry[token] = Logprob(logprob, rank, self.tokenizer.decode([token], skip_special_tokens=False))
+            st.logprobs.append(entry)
+            st.cumulative_logprob += logprob
+        seq = st.seq
+        n_tokens = len(seq.token_ids)
+        n_out = n_tokens - seq.num_prompt_tokens
+        can_stop = n_out >= p.min_tokens
+        if can_stop and token in req.stop_ids:
+            st.finish_reason = "stop"
+            # The stop token's own text is not part of the output (vLLM's rule).
+            st.stop_reason = token if token in (p.stop_token_ids or []) else None
+        elif st.detok is None:
+            st.num_detok += 1  # deferred: decoded at the end
+        else:
+            prev_len = len(st.text)
+            st.text += st.detok.step([token])
+            if can_stop and p.stop:
+                self._check_stop_strings(st, p, prev_len)
+        if st.finish_reason is None and (n_out >= req.max_tokens or n_tokens >= self.max_model_len):
+            st.finish_reason = "length"
+
+    @staticmethod
+    def _check_stop_strings(st: SeqState, p: SamplingParams, prev_len: int) -> None:
+        longest = max(len(s) for s in p.stop)
+        start = max(0, prev_len - longest + 1)
+        hits = [(st.text.find(s, start), s) for s in p.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return
+        i, s = min(hits)
+        st.text = st.text[: i + len(s)] if p.include_stop_str_in_output else st.text[:i]
+        st.finish_reason, st.stop_reason = "stop", s

@@ -1,0 +1,121 @@
+"""fp8 (e4m3) dense linear layers with row-wise scales: y = x @ W^T with W stored as float8_e4m3fn plus one fp32
+scale per output row (issue 23.3: DeepSeek LLM 67B's 134 GB of bf16 weights become ~67 GB and fit on one H200).
+
+Weights (quantize_weight_fp8, once at load, kernels/fp8_quant.py's row quantizer):
+    w_scale[n] = max_k |W[n, k]| / 448,   Wq[n, k] = e4m3(W[n, k] / w_scale[n])       W ~= Wq * w_scale[:, None]
+
+Two ways to multiply (fp8_linear picks by device and dtype):
+- W8A8, on CUDA GPUs of compute capability >= 9 (Hopper: fp8 tensor cores) with bf16 / fp16 activations and
+  output: the activations are quantized per token (row) at every call, x ~= xq * x_scale[:, None], and
+  torch._scaled_mm multiplies fp8 by fp8 with fp32 accumulation and applies both scales in its epilogue:
+      y[m, n] = x_scale[m] * w_scale[n] * sum_k xq[m, k] Wq[n, k]
+  (what vLLM's fp8 does for dense layers; fp8_linear_w8a8_ref is this math in torch.)
+- W8A16 everywhere else (CPU, fp32, older GPUs, shapes _scaled_mm does not take): the fp8 weights are widened to the
+  activation dtype and multiplied there, y = x @ (Wq * w_scale[:, None]).to(x.dtype)^T -- the exact check of the
+  weight path (fp8_linear_w8a16_ref).
+
+torch._scaled_mm's constraints (torch/_meta_registrations.py `_check_scaled_mm_sizes`, aten/.../cuda/Blas.cpp,
+torch 2.13): mat1 [M, K] row-major, mat2 [K, N] column-major (Wq.t() of the row-major [N, K] weight), K % 16 == 0
+and N % 16 == 0 (16-byte aligned fp8 rows); row-wise scales fp32, 2-D: scale_a [M, 1], scale_b [1, N]; output bf16
+or fp16 (fp32 only through cuBLAS on SM 9.0). M has no constraint: the early CUTLASS row-wise kernel read scale_a
+past M when M % 256 != 0 (pytorch#133334); torch pads x_scale internally since, so no rows are padded here.
+Every DeepSeek LLM / MoE projection, and its tensor-parallel shards, has K and N multiples of 16.
+
+Public API:
+    quantize_weight_fp8(w [N, K]) -> (wq [N, K] float8_e4m3fn, w_scale [N] fp32)
+    fp8_linear(x [..., K], wq, w_scale, out_dtype=None) -> [..., N]
+    fp8_linear_w8a16_ref / fp8_linear_w8a8_ref (same signature)   torch references of the two paths
+    uses_scaled_mm(x, wq, out_dtype=None) -> bool                   whether fp8_linear takes the W8A8 path
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .fp8_quant import FP8_DTYPE, quantize_rows_fp8, quantize_rows_fp8_ref
+
+_SCALED_MM_DTYPES = (torch.bfloat16, torch.float16)
+_TRITON_QUANT_MAX_K = 16384  # quantize_rows_fp8 keeps a whole row in registers; longer rows use the torch quantizer
+
+
+@torch.no_grad()
+def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] (any float dtype, any device) -> (wq [N, K] float8_e4m3fn, w_scale [N] fp32): one scale per output
+    row, w ~= wq.float() * w_scale[:, None] within 2^-4 relative per weight (kernels/fp8_quant.py)."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight_fp8: w must be [N, K], got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"quantize_weight_fp8: w must be a float tensor, got {w.dtype}")
+    return quantize_rows_fp8_ref(w)
+
+
+def _check(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    if wq.dim() != 2 or wq.dtype != FP8_DTYPE:
+        raise ValueError(f"fp8_linear: wq must be [N, K] {FP8_DTYPE}, got {tuple(wq.shape)} {wq.dtype}")
+    N, K = wq.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"fp8_linear: x must be [..., K={K}] to match wq [N={N}, K={K}], got {tuple(x.shape)}")
+    if not x.is_floating_point() or x.dtype == FP8_DTYPE:
+        raise ValueError(f"fp8_linear: x must be bf16, fp16 or fp32, got {x.dtype}")
+    if w_scale.shape != (N,) or w_scale.dtype != torch.float32:
+        raise ValueError(f"fp8_linear: w_scale must be [N={N}] float32, got {tuple(w_scale.shape)} {w_scale.dtype}")
+    for name, t in (("wq", wq), ("w_scale", w_scale)):
+        if t.device != x.device:
+            raise ValueError(f"fp8_linear: {name} is on {t.device} but x is on {x.device}")
+    return x.dtype if out_dtype is None else out_dtype
+
+
+def fp8_linear_w8a16_ref(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight-only path: the fp8 weights widened to x's dtype, one matmul there. x [..., K] -> [..., N]."""
+    out_dtype = _check(x, wq, w_scale, out_dtype)
+    w = (wq.float() * w_scale[:, None]).to(x.dtype)  # [N, K], the weights this path computes with
+    return (x @ w.T).to(out_dtype)
+
+
+def fp8_linear_w8a8_ref(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                        out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The W8A8 math in torch (what the _scaled_mm path computes): per-row fp8 activations, fp8 x fp8 products
+    accumulated in fp32 (exact products: e4m3 x e4m3 fits in fp32), both scales applied to the sums."""
+    out_dtype = _check(x, wq, w_scale, out_dtype)
+    xq, x_scale = quantize_rows_fp8_ref(x)  # [..., K] fp8, [...] fp32
+    acc = xq.float() @ wq.float().T  # [..., N]
+    return (acc * x_scale[..., None] * w_scale).to(out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def uses_scaled_mm(x: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype | None = None) -> bool:
+    """Whether fp8_linear runs the W8A8 torch._scaled_mm path for these inputs (else W8A16)."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    N, K = wq.shape
+    return (x.is_cuda and x.dtype in _SCALED_MM_DTYPES and out_dtype in _SCALED_MM_DTYPES
+            and K % 16 == 0 and N % 16 == 0 and _capability(x.device) >= (9, 0))
+
+
+def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype | None = None,
+               use_fast_accum: bool = False) -> torch.Tensor:
+    """y = x @ W^T for fp8 weights wq [N, K] with row scales w_scale [N]: x [..., K] -> [..., N] in out_dtype
+    (default x.dtype). W8A8 on fp8 tensor cores where uses_scaled_mm says so, else the W8A16 reference. No host
+    sync: CUDA-graph capturable. use_fast_accum: _scaled_mm's faster, less exact accumulation (bench only)."""
+    out_dtype = _check(x, wq, w_scale, out_dtype)
+    if not uses_scaled_mm(x, wq, out_dtype):
+        return fp8_linear_w8a16_ref(x, wq, w_scale, out_dtype)
+    N, K = wq.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)  # [M, K]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()  # the quantizer reads rows with a unit stride; its output xq is row-major [M, K]
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_empty(*lead, N, dtype=out_dtype)
+    # Per-token dynamic quantization: the Triton row quantizer (one launch) while a row fits its registers.
+    xq, x_scale = quantize_rows_fp8(x2) if K <= _TRITON_QUANT_MAX_K else quantize_rows_fp8_ref(x2)
+    y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale.view(M, 1), scale_b=w_scale.contiguous().view(1, N),
+                         out_dtype=out_dtype, use_fast_accum=use_fast_accum)  # [M, N]
+    return y.view(*lead, N)

@@ -1,0 +1,438 @@
+"""MHA / GQA decode attention over the paged K/V cache (DeepSeek LLM 7B / 67B, DeepSeekMoE 16B), split-K.
+
+One new query token per sequence attends over its whole cached context (the current token included: the cache
+write happens before attention):
+
+    scores[b, h, t] = q[b, h] . K[t, h // G] * scale          t < seq_lens[b],  G = Hq / Hkv (GQA group)
+    out[b, h]       = softmax_t(scores[b, h]) @ V[:, h // G]
+
+Cache layout (minke's, models/attention/batch.py): cache [2, num_blocks, block_size, Hkv, D], K = cache[0],
+V = cache[1]; token t of sequence b lives in physical block block_tables[b, t // block_size], row t % block_size.
+
+Decode is memory-bound (every K/V byte of the context is read once for one query row per head), so the kernel is
+organised around reading each K/V tile exactly once:
+- one program per (sequence, KV head, split) holds the G query heads of that KV head, so a GQA group of 8 (67B)
+  reads its K/V tile once for all 8 heads, as one tl.dot [pad16(G), D] x [D, BLOCK_N] (tl.dot's minimum M is 16);
+  MHA (G = 1, 7B and 16B) would waste 15 of 16 rows of that dot, so by default it takes a vector path
+  (elementwise multiply + row sum on CUDA cores), which is as good for a single row; `use_dot` forces either;
+- decode has one query row per head, so at small batches B * Hkv programs cannot fill the GPU: the context is cut
+  into `num_splits` pieces (split-K / flash-decoding). Stage 1 writes, per split, the softmax-normalised partial
+  output and its log2-sum-exp; stage 2 merges the splits with the usual max rescaling. With one split stage 1
+  writes the final output directly and stage 2 is not launched.
+All accumulation is fp32 (scores in the exp2 domain: scale * log2(e) folded into one multiply); inputs bf16, fp16
+or fp32; the output has q's dtype.
+
+CUDA graphs: nothing here syncs with the host or has a data-dependent shape; the split count comes only from
+shapes and the caller's upper bound of the context (`max_seq_len`, default: the block table's capacity), so one
+capture serves every context length up to it. Sequences with seq_lens[b] == 0 (padding slots of a graph batch)
+produce zeros. seq_lens[b] must not exceed max_blocks * block_size and block ids must be < num_blocks: the kernel
+cannot check that without a host sync; paged_decode_attention_ref checks the lengths.
+
+Public API:
+    paged_decode_attention(q, cache, block_tables, seq_lens, scale, num_splits=None, max_seq_len=None, ...)
+        -> [B, Hq, D]
+    paged_decode_attention_ref(...same...)    torch reference: per sequence, gather by the block table, fp32
+    default_num_splits(batch, num_kv_heads, max_seq_len, device)    the split heuristic
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import is_interpreted as _is_interpreted
+from ._triton import needs_dot_upcast as _needs_dot_upcast
+from ._triton import tl, triton
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_SPLITS = 64
+_LOG2E = math.log2(math.e)
+
+
+def _check_inputs(q, cache, block_tables, seq_lens) -> tuple[int, int, int, int, int]:
+    """Validate shapes/dtypes shared by kernel and reference. Returns (B, Hq, Hkv, D, block_size)."""
+    if q.dim() != 3:
+        raise ValueError(f"paged_decode_attention: q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    B, Hq, D = q.shape
+    if cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[4] != D:
+        raise ValueError(
+            f"paged_decode_attention: cache must be [2, num_blocks, block_size, Hkv, D={D}] (K = cache[0], "
+            f"V = cache[1]), got {tuple(cache.shape)}"
+        )
+    block_size, Hkv = cache.shape[2], cache.shape[3]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"paged_decode_attention: q heads ({Hq}) must be a multiple of the cache's KV heads ({Hkv})")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"paged_decode_attention: q dtype must be one of {_FLOAT_DTYPES}, got {q.dtype}")
+    if cache.dtype != q.dtype:
+        raise ValueError(f"paged_decode_attention: q and cache must share a dtype, got {q.dtype} and {cache.dtype}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise ValueError(
+            f"paged_decode_attention: block_tables must be [B={B}, max_blocks], got {tuple(block_tables.shape)}"
+        )
+    if block_tables.dtype != torch.int32:
+        raise ValueError(f"paged_decode_attention: block_tables must be int32, got {block_tables.dtype}")
+    if seq_lens.dim() != 1 or seq_lens.shape[0] != B:
+        raise ValueError(f"paged_decode_attention: seq_lens must be [B={B}], got {tuple(seq_lens.shape)}")
+    if seq_lens.dtype != torch.int32:
+        raise ValueError(f"paged_decode_attention: seq_lens must be int32, got {seq_lens.dtype}")
+    for name, t in (("cache", cache), ("block_tables", block_tables), ("seq_lens", seq_lens)):
+        if t.device != q.device:
+            raise ValueError(f"paged_decode_attention: {name} is on {t.device} but q is on {q.device}")
+    return B, Hq, Hkv, D, block_size
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,  # [B, Hq, D]
+    cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    scale: float,
+    num_splits: int | None = None,  # accepted for signature parity; the reference does not split
+    max_seq_len: int | None = None,  # idem
+) -> torch.Tensor:  # [B, Hq, D], dtype of q
+    """Torch reference: per sequence, gather the context's K/V rows through the block table and attend in fp32."""
+    B, Hq, Hkv, D, block_size = _check_inputs(q, cache, block_tables, seq_lens)
+    group = Hq // Hkv
+    out = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
+    for b, L in enumerate(seq_lens.tolist()):
+        if L <= 0:
+            continue  # empty context -> zeros, as the kernel does
+        if L > block_tables.shape[1] * block_size:
+            raise ValueError(
+                f"paged_decode_attention: seq_lens[{b}]={L} exceeds block_tables capacity "
+                f"{block_tables.shape[1]} blocks x {block_size}"
+            )
+        t = torch.arange(L, device=q.device)
+        blocks = block_tables[b, t // block_size].long()  # [L] physical block per token
+        k = cache[0, blocks, t % block_size].float()  # [L, Hkv, D]
+        v = cache[1, blocks, t % block_size].float()
+        qg = q[b].float().view(Hkv, group, D)  # query head h = kv_head * group + g
+        scores = torch.einsum("kgd,lkd->kgl", qg, k) * scale  # [Hkv, G, L]
+        out[b] = torch.einsum("kgl,lkd->kgd", scores.softmax(-1), v).reshape(Hq, D)
+    return out.to(q.dtype)
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _paged_decode_stage1_kernel(
+        q_ptr,  # [B, Hq, D], unit last stride
+        k_ptr,  # [num_blocks, block_size, Hkv, D] (cache[0]), unit last stride
+        v_ptr,  # [num_blocks, block_size, Hkv, D] (cache[1]), same strides as k
+        bt_ptr,  # [B, max_blocks] int32, unit last stride
+        lens_ptr,  # [B] int32
+        out_ptr,  # [B, Hq, D], dtype of q: written here when NUM_SPLITS == 1
+        mid_o_ptr,  # [B, Hq, NUM_SPLITS, D] fp32: per-split output, already divided by its own sum of exps
+        mid_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32: per-split log2-sum-exp2 of the log2-scaled scores
+        qk_scale,  # scale * log2(e): scores in the exp2 domain
+        block_size,
+        group,  # G = Hq / Hkv
+        stride_qb,
+        stride_qh,
+        stride_kv_blk,
+        stride_kv_row,
+        stride_kv_head,
+        stride_bt,
+        stride_ob,
+        stride_oh,
+        stride_mo_b,
+        stride_mo_h,
+        stride_mo_s,
+        stride_ml_b,
+        stride_ml_h,
+        HEAD_DIM: tl.constexpr,  # D (constexpr: the column masks vanish when D is a power of two)
+        NUM_SPLITS: tl.constexpr,
+        MIN_SPLIT: tl.constexpr,  # tokens per split at least (short contexts use fewer splits)
+        BLOCK_G: tl.constexpr,  # query heads per program: pad16(G) on the dot path, 1 on the vector path
+        BLOCK_D: tl.constexpr,  # next pow2 >= D, >= 16
+        BLOCK_N: tl.constexpr,  # tokens per inner iteration
+        USE_DOT: tl.constexpr,  # tensor-core tl.dot (GQA) or elementwise multiply + sum (MHA, BLOCK_G == 1)
+        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
+        UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
+    ):
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+
+        seq_len = tl.load(lens_ptr + b)
+        # Every sequence is cut into NUM_SPLITS pieces of its *own* length (at least MIN_SPLIT tokens each), so
+        # sequences of very different lengths share one launch; short ones get empty trailing splits, skipped here
+        # and in stage 2 (the same test). NUM_SPLITS comes from the capacity (graph-safe).
+        split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT)
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+
+        offs_g = tl.arange(0, BLOCK_G)  # [BLOCK_G] query heads kv_head * G + g
+        mask_g = offs_g < group
+        heads = kv_head * group + offs_g
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+        q = tl.load(  # [BLOCK_G, BLOCK_D]; padded heads/columns are 0 and contribute nothing
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=mask_g[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        if USE_DOT:
+            if UPCAST_DOT:
+                q = q.to(tl.float32)
+        else:
+            q = q.to(tl.float32)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max of scores (log2 domain)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)  # running sum of exp2(...) * v
+        head_off = kv_head * stride_kv_head
+
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical token positions
+            mask_n = offs_n < end
+            # Page-table lookup per token; int64 because num_blocks * block_size * Hkv * D can pass 2**31.
+            blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
+            row = blk * stride_kv_blk + (offs_n % block_size) * stride_kv_row + head_off  # [BLOCK_N]
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+            if USE_DOT:
+                if UPCAST_DOT:
+                    k = k.to(tl.float32)
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+            else:
+                qk = tl.sum(q * k.to(tl.float32), axis=1)[None, :]  # [1, BLOCK_D] x [BLOCK_N, BLOCK_D] -> [1, N]
+            qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+
+            # Online softmax. Each tile holds >= 1 valid token (n0 < end), so m_new is finite and
+            # exp2(m_i - m_new) is 0 on the first tile rather than NaN.
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])  # [BLOCK_G, BLOCK_N]
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+            if USE_DOT:
+                # p is rounded to the cache dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
+                p_v = p.to(v_ptr.dtype.element_ty)
+                if UPCAST_DOT:
+                    p_v = p_v.to(tl.float32)
+                    v = v.to(tl.float32)
+                pv = tl.dot(p_v, v, input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_D]
+            else:
+                pv = tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]  # [N, 1] x [N, D] -> [1, D]
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        if NUM_SPLITS == 1:
+            # One split: this is the whole context. l_i >= 1 when it is non-empty (the max term is exp2(0)); an empty
+            # context has acc == l_i == 0, and the maximum() turns 0/0 into the defined output 0.
+            out = acc / tl.maximum(l_i, 1.0)[:, None]
+            tl.store(
+                out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=mask_g[:, None] & mask_d[None, :],
+            )
+        else:
+            if end > start:  # empty splits write nothing; stage 2 skips them by the same test
+                tl.store(
+                    mid_o_ptr + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+                    + offs_d[None, :],
+                    acc / l_i[:, None],
+                    mask=mask_g[:, None] & mask_d[None, :],
+                )
+                tl.store(mid_lse_ptr + b * stride_ml_b + heads * stride_ml_h + split, m_i + tl.log2(l_i),
+                         mask=mask_g)
+
+    @triton.jit
+    def _paged_decode_stage2_kernel(
+        mid_o_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
+        mid_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
+        lens_ptr,  # [B] int32
+        out_ptr,  # [B, Hq, D], unit last stride, dtype of q
+        stride_mo_b,
+        stride_mo_h,
+        stride_mo_s,
+        stride_ml_b,
+        stride_ml_h,
+        stride_ob,
+        stride_oh,
+        HEAD_DIM: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+        MIN_SPLIT: tl.constexpr,
+        BLOCK_S: tl.constexpr,  # next pow2 >= NUM_SPLITS
+        BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        seq_len = tl.load(lens_ptr + b)
+        split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT)  # as stage 1
+        offs_s = tl.arange(0, BLOCK_S)
+        valid = (offs_s < NUM_SPLITS) & (offs_s * split_len < seq_len)  # the splits stage 1 wrote
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < HEAD_DIM
+
+        # All splits at once: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s.
+        lse = tl.load(mid_lse_ptr + b * stride_ml_b + h * stride_ml_h + offs_s, mask=valid, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)  # empty context: no valid split, keep the exponents finite
+        w = tl.where(valid, tl.exp2(lse - m), 0.0)  # [BLOCK_S]
+        o = tl.load(
+            mid_o_ptr + b * stride_mo_b + h * stride_mo_h + offs_s[:, None] * stride_mo_s + offs_d[None, :],
+            mask=valid[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_S, BLOCK_D]
+        # Non-empty context: the split holding the max has weight 1, so sum(w) >= 1 and the maximum() is a no-op.
+        # Empty context: everything is 0 and the maximum() turns 0/0 into the defined output 0.
+        out = tl.sum(w[:, None] * o, axis=0) / tl.maximum(tl.sum(w, axis=0), 1.0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Splits per sequence, from shapes only (no host sync on seq_lens, so CUDA graphs can capture it).
+
+    Why: decode reads the K/V context once and is memory-bound; to reach HBM bandwidth every SM needs a few programs
+    in flight, but there are only batch * num_kv_heads of them per split (8 for the 67B at batch 1, against 132 SMs
+    on an H200). So split the context until there are ~4 programs per SM (enough resident tiles to hide the load
+    latency), but keep >= 128 tokens of the *upper bound* per split (as mla_decode): each split costs a fixed
+    prologue (q load) and epilogue (a partial output row per head in fp32, re-read by stage 2), which must stay
+    small next to the split's own K/V bytes (128 tokens x D=128 x 2 (K, V) x 2 B = 64 KiB per KV head against
+    4 KiB of partials for a group of 8). With batch * num_kv_heads >= 4 * SMs (7B at batch >= 17) one split:
+    stage 1 writes the output directly.
+    Untuned starting point: bench/bench_paged_attention.py --sweep-splits prints the best split count per shape.
+    """
+    sms = _sm_count(device) if device.type == "cuda" else 4  # interpreter: a few splits, enough to test the merge
+    programs = max(1, batch * num_kv_heads)
+    splits = -(-4 * sms // programs)  # ceil
+    splits = min(splits, max(1, max_seq_len // 128), _MAX_SPLITS)
+    return max(1, splits)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, Hq, D]  one query token per sequence (roped)
+    cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]  K = cache[0], V = cache[1]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32  physical block ids per sequence (unused entries: any id)
+    seq_lens: torch.Tensor,  # [B] int32  tokens attended by each sequence (incl. the current one)
+    scale: float,
+    num_splits: int | None = None,  # None: default_num_splits(B, Hkv, max_seq_len)
+    max_seq_len: int | None = None,  # upper bound of seq_lens, host-known; None: the block table's capacity
+    min_split_len: int | None = None,  # tokens per split at least; None: 64 with automatic splits, 1 with given ones
+    use_dot: bool | None = None,  # None: tensor-core dot for GQA (G > 1), the vector path for MHA (G == 1)
+    block_n: int | None = None,  # stage-1 tokens per inner iteration; None: see below
+    num_warps: int | None = None,  # stage-1 launch (bench/bench_paged_attention.py sweeps these)
+    num_stages: int = 2,
+) -> torch.Tensor:  # [B, Hq, D] in q.dtype
+    """Split-K Triton paged decode attention. See the module docstring; paged_decode_attention_ref gives the same."""
+    if not _HAS_TRITON:
+        raise RuntimeError(
+            "paged_decode_attention: triton is not installed (pip install 'minke[gpu]'); use paged_decode_attention_ref"
+        )
+    B, Hq, Hkv, D, block_size = _check_inputs(q, cache, block_tables, seq_lens)
+    if q.device.type == "cpu" and not _is_interpreted(_paged_decode_stage1_kernel):
+        raise RuntimeError(
+            "paged_decode_attention: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is "
+            "first imported (or use paged_decode_attention_ref on CPU)"
+        )
+    for name, t in (("q", q), ("cache", cache), ("block_tables", block_tables)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"paged_decode_attention: {name} must have a unit last stride (got strides {t.stride()})")
+    if not seq_lens.is_contiguous():
+        raise ValueError("paged_decode_attention: seq_lens must be contiguous")
+    if max_seq_len is None:
+        max_seq_len = block_tables.shape[1] * block_size
+    if not isinstance(max_seq_len, int) or max_seq_len < 0:
+        raise ValueError(f"paged_decode_attention: max_seq_len must be a non-negative int, got {max_seq_len!r}")
+    if min_split_len is None:
+        min_split_len = 64 if num_splits is None else 1
+    if not isinstance(min_split_len, int) or min_split_len < 1:
+        raise ValueError(f"paged_decode_attention: min_split_len must be a positive int, got {min_split_len!r}")
+    if num_splits is None:
+        num_splits = default_num_splits(B, Hkv, max_seq_len, q.device)
+    if not isinstance(num_splits, int) or not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"paged_decode_attention: num_splits must be an int in [1, {_MAX_SPLITS}], got {num_splits!r}")
+    group = Hq // Hkv
+    if use_dot is None:
+        use_dot = group > 1
+    if not use_dot and group != 1:
+        raise ValueError(f"paged_decode_attention: use_dot=False takes MHA only (group 1), got group {group}")
+
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if B == 0 or Hq == 0:
+        return out
+    if num_splits > 1:
+        # Scratch for the split partials, fp32 so the merge loses nothing. Entries of empty splits are never read,
+        # so empty() is fine.
+        mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    else:  # stage 1 writes `out` directly; the scratch pointers are never dereferenced
+        mid_o = mid_lse = out
+
+    fp32 = q.dtype == torch.float32
+    BLOCK_G = max(16, triton.next_power_of_2(group)) if use_dot else 1
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    # Untuned starting points: a [64, 128] bf16 K tile and its V tile are 32 KiB, double-buffered 64 KiB of shared
+    # memory; fp32 tiles are twice the bytes, so half the tokens.
+    BLOCK_N = block_n if block_n is not None else (32 if fp32 else 64)
+    num_warps = num_warps if num_warps is not None else 4
+    k_cache, v_cache = cache[0], cache[1]  # views; separate pointers keep every offset below the block stride
+    _paged_decode_stage1_kernel[(B, Hkv, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        mid_o,
+        mid_lse,
+        float(scale) * _LOG2E,
+        block_size,
+        group,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2) if num_splits > 1 else 0,
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        HEAD_DIM=D,
+        NUM_SPLITS=num_splits,
+        MIN_SPLIT=min_split_len,
+        BLOCK_G=BLOCK_G,
+        BLOCK_D=BLOCK_D,
+        BLOCK_N=BLOCK_N,
+        USE_DOT=use_dot,
+        DOT_PRECISION="ieee" if fp32 else "tf32",
+        UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_kernel, q.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _paged_decode_stage2_kernel[(B, Hq)](
+            mid_o,
+            mid_lse,
+            seq_lens,
+            out,
+            mid_o.stride(0),
+            mid_o.stride(1),
+            mid_o.stride(2),
+            mid_lse.stride(0),
+            mid_lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=D,
+            NUM_SPLITS=num_splits,
+            MIN_SPLIT=min_split_len,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=BLOCK_D,
+            num_warps=4,
+        )
+    return out

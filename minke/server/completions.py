@@ -1,0 +1,127 @@
+"""POST /v1/completions: text or token-id prompts (one or a batch), echo, legacy logprobs, streamed or not."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..engine.request import Request as EngineRequest  # the processed request (fastapi's Request is the HTTP one)
+from ..engine.outputs import CompletionOutput
+from ..sampling_params import SamplingParams
+from . import protocol as P
+from .errors import APIError
+from .serving import OpenAIServing
+from .streaming import ChoiceTracker, sse_events, usage_info
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    def encode_prompts(self, req: P.CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        """Token ids and text of every prompt (text is needed for echo). Runs in a worker thread."""
+        try:
+            prompts = req.prompts()
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        ids, texts = [], []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                self.check_text_length(len(p), "prompt", f"prompt {i}: " if len(prompts) > 1 else "")
+                ids.append(self.tokenizer.encode(p))
+                texts.append(p)
+            else:
+                bad = [t for t in p if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise APIError(400, f"prompt {i}: token ids must be in [0, {self.vocab_size}), got {bad[:5]}",
+                                   param="prompt")
+                ids.append(list(p))
+                texts.append(self.tokenizer.decode(p, skip_special_tokens=False) if req.echo else "")
+            if not ids[-1]:
+                raise APIError(400, f"prompt {i} is empty", param="prompt")
+        return ids, texts
+
+    def logprobs(self, o: CompletionOutput, start: int, offset: int, as_ids: bool) -> P.CompletionLogprobs:
+        """OpenAI's legacy logprobs object for tokens [start:] of `o`; text_offset counts from `offset`.
+        top_logprobs holds the top-k alternatives and the sampled token (vLLM's rule: up to k+1 entries)."""
+        lp = P.CompletionLogprobs()
+        for tid, entry in zip(o.token_ids[start:], (o.logprobs or [])[start:]):
+            chosen = entry.get(tid)
+            token = self.token_str(tid, chosen, as_ids)
+            lp.tokens.append(token)
+            lp.token_logprobs.append(max(chosen.logprob, -9999.0) if chosen else None)
+            lp.top_logprobs.append({self.token_str(t, x, as_ids): max(x.logprob, -9999.0) for t, x in
+                                    sorted(entry.items(), key=lambda kv: kv[1].rank or 10**9)})
+            lp.text_offset.append(offset)
+            offset += len(token)
+        return lp
+
+    async def create(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        req: P.CompletionRequest = await self.parse(request, P.CompletionRequest)
+        self.check_model(req.model)
+        prompts, texts = await asyncio.to_thread(self.encode_prompts, req)
+        # One SamplingParams per prompt: they differ only in the default max_tokens (each prompt's own room).
+        params_list = [self.sampling_params(req, len(ids)) for ids in prompts]
+        params = params_list[0]  # n and logprobs, the same in all
+        rid = P.random_id("cmpl")
+        requests = [self.process(ids, p, f"{rid}-{i}", "prompt", f"prompt {i}: " if len(prompts) > 1 else "")
+                    for i, (ids, p) in enumerate(zip(prompts, params_list))]
+        if req.stream:
+            chunks = self.chunks(req, rid, requests, texts, arrival)
+            return StreamingResponse(sse_events(chunks, lambda e: self.engine_error(e).body()),
+                                     media_type="text/event-stream")
+        finals = await self.collect(request, requests, rid, arrival)
+        if finals is None:
+            return Response(status_code=499)  # nobody is listening
+        choices, completion = [], 0
+        for pi, out in enumerate(finals):
+            prefix = texts[pi] if req.echo else ""
+            for o in out.outputs:
+                completion += len(o.token_ids)
+                lp = (self.logprobs(o, 0, len(prefix), req.return_tokens_as_token_ids)
+                      if params.logprobs is not None else None)
+                choices.append(P.CompletionChoice(index=pi * params.n + o.index, text=prefix + o.text,
+                                                  logprobs=lp, finish_reason=o.finish_reason,
+                                                  stop_reason=o.stop_reason))
+        usage = usage_info(sum(len(p) for p in prompts), completion)
+        resp = P.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
+        return JSONResponse(resp.model_dump())
+
+    async def chunks(self, req: P.CompletionRequest, rid: str, requests: list[EngineRequest], texts: list[str],
+                     arrival: float) -> AsyncIterator[dict]:
+        created = int(time.time())
+        prompts = [r.prompt_token_ids for r in requests]
+        params = requests[0].params
+        n = params.n
+        tracker = ChoiceTracker([len(p) for p in prompts], params)
+        # Where the next logprobs token starts in each choice's text (after the echoed prompt).
+        offsets = {k: len(texts[k[0]]) if req.echo else 0 for k in tracker.sent}
+
+        def chunk(choices: list[P.CompletionChoice], final_usage: P.UsageInfo | None = None) -> dict:
+            body = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
+                                        usage=final_usage or (tracker.usage() if req.continuous_usage else None))
+            d = body.model_dump()
+            if not req.include_usage:
+                d.pop("usage")
+            return d
+
+        if req.echo:
+            for pi in range(len(prompts)):
+                for i in range(n):
+                    yield chunk([P.CompletionChoice(index=pi * n + i, text=texts[pi])])
+        async with contextlib.aclosing(self.stream(requests, rid, arrival)) as stream:
+            async for pi, out in stream:
+                for d in tracker.deltas(pi, out):
+                    o, key = d.output, (pi, d.output.index)
+                    lp = None
+                    if params.logprobs is not None and len(o.token_ids) > d.first_token:
+                        lp = self.logprobs(o, d.first_token, offsets[key], req.return_tokens_as_token_ids)
+                        offsets[key] += sum(len(t) for t in lp.tokens)
+                    yield chunk([P.CompletionChoice(index=pi * n + o.index, text=d.text, logprobs=lp,
+                                                    finish_reason=o.finish_reason if d.finished else None,
+                                                    stop_reason=o.stop_reason if d.finished else None)])
+        if req.include_usage:
+            yield chunk([], final_usage=tracker.usage())

@@ -1,0 +1,179 @@
+"""fp8 dense linear (kernels/fp8_linear.py): the weight quantizer, the W8A16 path's exactness against the dequantized
+weights, the W8A8 math against a float64 reference within the fp8 error bound, the _scaled_mm code path (run on
+CPU, where torch._scaled_mm exists too, with the Triton activation quantizer interpreted), and on a Hopper GPU the
+real _scaled_mm path against the emulation."""
+
+import pytest
+import torch
+
+import minke.kernels.fp8_linear as _kmod
+import minke.kernels.fp8_quant as _qmod
+from minke.kernels.fp8_linear import (
+    fp8_linear,
+    fp8_linear_w8a8_ref,
+    fp8_linear_w8a16_ref,
+    quantize_weight_fp8,
+    uses_scaled_mm,
+)
+from minke.kernels.fp8_quant import FP8_MAX, quantize_rows_fp8_ref
+from conftest import kernel_test_setup
+
+DEVICE, INTERPRET, needs_triton = kernel_test_setup(_qmod._quantize_rows_kernel)
+E = 2.0 ** -4  # e4m3 relative rounding error (3 mantissa bits)
+SUB = 2.0 ** -10  # half the e4m3 subnormal step (2^-9), relative to the row scale
+
+
+def _case(m=5, k=96, n=48, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, m)[:, None]  # tokens of different magnitudes
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[3, 10] = 2.0  # an outlier sets its row's scale: the rest of the row rounds coarser (subnormals)
+    return x.to(dtype), w.to(dtype)
+
+
+def _w8a8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """|x @ w^T - xq sx @ (wq sw)^T| elementwise, from |x^ - x| <= E|x| + a and |w^ - w| <= E|w| + c
+    (a = sx SUB, c = sw SUB per row): |x^ w^ - x w| <= |x^ - x| |w^| + |x| |w^ - w|, plus fp32 summation slack."""
+    x, w = x.double().abs(), w.double().abs()
+    a = x.amax(-1, keepdim=True) / FP8_MAX * SUB  # [M, 1]
+    c = w.amax(-1, keepdim=True) / FP8_MAX * SUB  # [N, 1]
+    return (E * x + a) @ ((1 + E) * w + c).T + x @ (E * w + c).T + 1e-5 * (x @ w.T)
+
+
+def test_quantize_weight_fp8_is_the_row_quantizer():
+    _, w = _case()
+    wq, s = quantize_weight_fp8(w)
+    rq, rs = quantize_rows_fp8_ref(w)
+    assert wq.dtype == torch.float8_e4m3fn and wq.shape == w.shape and s.shape == (w.shape[0],)
+    assert s.dtype == torch.float32 and torch.equal(wq.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+    assert torch.equal(s, w.abs().amax(-1) / FP8_MAX)
+    err = (wq.float() * s[:, None] - w).abs()
+    assert (err <= w.abs() * E + s[:, None] * SUB).all()
+    with pytest.raises(ValueError, match=r"must be \[N, K\]"):
+        quantize_weight_fp8(w[None])
+    with pytest.raises(ValueError, match="float tensor"):
+        quantize_weight_fp8(w.int())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a16_path_is_exact_against_the_dequantized_weights(dtype):
+    """On CPU fp8_linear is the weight-only path: exactly one matmul against Wq * scale in x's dtype."""
+    x, w = _case(dtype=dtype)
+    wq, s = quantize_weight_fp8(w)
+    assert not uses_scaled_mm(x, wq)
+    # Dequantized independently: the product in float64 (exact), one rounding to x's dtype for fp32; bf16 rounds
+    # through fp32 as the path does (one rounding to fp32 is exact there too: 4 x 24 significant bits need 28).
+    deq = (wq.double() * s.double()[:, None]).float().to(dtype)
+    y = fp8_linear(x, wq, s)
+    assert y.dtype == dtype and y.shape == (5, 48)
+    assert torch.equal(y, x @ deq.T)
+    assert torch.equal(y, fp8_linear_w8a16_ref(x, wq, s))
+    assert fp8_linear(x, wq, s, out_dtype=torch.float32).dtype == torch.float32
+    # Leading dims pass through.
+    assert torch.equal(fp8_linear(x.view(1, 5, 96), wq, s), y.view(1, 5, 48))
+    if dtype == torch.float32:  # and the result is the original layer's within the weights' fp8 error
+        bound = x.double().abs() @ (w.double().abs() * E + s.double()[:, None] * SUB).T + 1e-5
+        assert ((y.double() - x.double() @ w.double().T).abs() <= bound).all()
+
+
+def test_w8a8_emulation_within_fp8_error_of_float64():
+    x, w = _case(m=9, k=256, n=64, seed=1)
+    wq, s = quantize_weight_fp8(w)
+    y = fp8_linear_w8a8_ref(x, wq, s)
+    exact = x.double() @ w.double().T
+    err = (y.double() - exact).abs()
+    assert (err <= _w8a8_bound(x, w)).all()
+    rel = err.norm() / exact.norm()
+    assert 1e-3 < rel < 0.1  # quantization really happened (not a float path), and it is fp8-sized
+    # The activations matter: the weight-only path is closer to the float64 result.
+    assert (fp8_linear_w8a16_ref(x, wq, s).double() - exact).norm() < err.norm()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [96, 16400])  # 16400 > the Triton quantizer's row limit: the torch quantizer runs
+def test_scaled_mm_code_path(monkeypatch, dtype, k):
+    """fp8_linear's W8A8 branch (quantizer, scale layouts, _scaled_mm call, leading dims) taken on this device:
+    CPU has a torch._scaled_mm too, and the Triton row quantizer runs in the interpreter."""
+    monkeypatch.setattr(_kmod, "uses_scaled_mm", lambda *a, **kw: True)
+    x, w = _case(m=6, k=k, n=32, seed=2)
+    x, w = x.to(dtype).to(DEVICE), w.to(DEVICE)
+    wq, s = quantize_weight_fp8(w)
+    y = fp8_linear(x.view(2, 3, k), wq, s)
+    assert y.shape == (2, 3, 32) and y.dtype == dtype
+    ref = fp8_linear_w8a8_ref(x, wq, s, out_dtype=torch.float32)
+    # The Triton quantizer may put a value on an e4m3 rounding boundary one step away (test_kernel_fp8_quant), and
+    # the output is rounded once to `dtype`.
+    tol = 5e-3 * ref.abs().amax().item()
+    torch.testing.assert_close(y.view(6, 32).float(), ref, rtol=2 ** -7, atol=tol)
+    assert (y.view(6, 32).double() - (x.double() @ w.double().T)).abs().le(
+        _w8a8_bound(x.float(), w) + ref.double().abs() * 2 ** -7 + tol).all()
+    assert fp8_linear(x[:0], wq, s).shape == (0, 32)
+
+
+def test_rejects_bad_inputs():
+    x, w = _case()
+    wq, s = quantize_weight_fp8(w)
+    with pytest.raises(ValueError, match="wq must be"):
+        fp8_linear(x, w, s)
+    with pytest.raises(ValueError, match="x must be"):
+        fp8_linear(x[:, :-1], wq, s)
+    with pytest.raises(ValueError, match="w_scale must be"):
+        fp8_linear(x, wq, s.double())
+    with pytest.raises(ValueError, match="w_scale must be"):
+        fp8_linear(x, wq, s[:-1])
+    with pytest.raises(ValueError, match="x must be bf16, fp16 or fp32"):
+        fp8_linear(x.to(torch.float8_e4m3fn), wq, s)
+
+
+def test_module_works_without_triton(monkeypatch):
+    """The weight-only path and the references need only torch."""
+    import sys
+
+    from conftest import fresh_kernel_module
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    fresh_kernel_module(monkeypatch, _qmod)
+    fresh = fresh_kernel_module(monkeypatch, _kmod)
+    x, w = _case()
+    wq, s = fresh.quantize_weight_fp8(w)
+    assert torch.equal(fresh.fp8_linear(x, wq, s), fp8_linear_w8a16_ref(x, wq, s))
+
+
+# ---- GPU only: torch._scaled_mm on fp8 tensor cores ----------------------------------------------------------------
+
+_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a CUDA GPU of compute capability >= 9 (fp8 tensor cores)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (7, 4096, 11008), (256, 8192, 1024), (33, 22016, 8192)])
+def test_gpu_scaled_mm_matches_emulation(m, k, n, dtype):
+    """LLM 7B / 67B projection shapes (22016: the 67B down_proj, past the Triton quantizer's rows)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    wq, s = quantize_weight_fp8(w)
+    assert uses_scaled_mm(x, wq)
+    y = fp8_linear(x, wq, s)
+    assert y.dtype == dtype and y.shape == (m, n)
+    ref = fp8_linear_w8a8_ref(x, wq, s, out_dtype=torch.float32)
+    tol = 1e-2 * ref.abs().amax().item()  # as the CPU code-path test, plus cuBLAS / CUTLASS summation order
+    torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=tol)
+    err = (y.double() - x.double() @ w.double().T).abs()
+    assert err.le(_w8a8_bound(x.float(), w) + ref.double().abs() * 2 ** -7 + tol).all()
+
+
+@pytest.mark.skipif(not _HOPPER, reason="needs a CUDA GPU of compute capability >= 9 (fp8 tensor cores)")
+def test_gpu_fp8_linear_in_cuda_graph():
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
+    wq, s = quantize_weight_fp8(torch.randn(1024, 4096, device="cuda") * 0.02)
+    y = fp8_linear(x, wq, s)  # warm-up / compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp8_linear(x, wq, s)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(y.float(), fp8_linear_w8a8_ref(x, wq, s, out_dtype=torch.float32), rtol=2 ** -7,
+                               atol=2e-2 * y.float().abs().amax().item())
