@@ -11,8 +11,8 @@ Two ways to multiply (fp8_linear picks by device and dtype):
       y[m, n] = x_scale[m] * w_scale[n] * sum_k xq[m, k] Wq[n, k]
   (what vLLM's fp8 does for dense layers; fp8_linear_w8a8_ref is this math in torch.)
 - W8A16 everywhere else (CPU, fp32, older GPUs, shapes _scaled_mm does not take): the fp8 weights are widened to the
-  activation dtype and multiplied there, y = x @ (Wq * w_scale[:, None]).to(x.dtype)^T -- the exact check of the
-  weight path (fp8_linear_w8a16_ref).
+  activation dtype (exactly) and multiplied there, the output rows scaled in fp32:
+  y = (x @ Wq.to(x.dtype)^T) * w_scale (fp8_linear_w8a16_ref; the fp8 experts' torch path computes the same).
 
 torch._scaled_mm's constraints (torch/_meta_registrations.py `_check_scaled_mm_sizes`, aten/.../cuda/Blas.cpp,
 torch 2.13): mat1 [M, K] row-major, mat2 [K, N] column-major (Wq.t() of the row-major [N, K] weight), K % 16 == 0
@@ -34,7 +34,7 @@ import functools
 
 import torch
 
-from .fp8_quant import FP8_DTYPE, quantize_rows_fp8, quantize_rows_fp8_ref
+from .fp8_quant import FP8_DTYPE, quantize_rows_fp8, quantize_rows_fp8_ref, scaled_linear_torch
 
 _SCALED_MM_DTYPES = (torch.bfloat16, torch.float16)
 _TRITON_QUANT_MAX_K = 16384  # quantize_rows_fp8 keeps a whole row in registers; longer rows use the torch quantizer
@@ -69,10 +69,11 @@ def _check(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out_dtype: 
 
 def fp8_linear_w8a16_ref(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight-only path: the fp8 weights widened to x's dtype, one matmul there. x [..., K] -> [..., N]."""
+    """The weight-only path, x [..., K] -> [..., N]: the fp8 weights widened to x's dtype (exact), one matmul there,
+    its rows times the scales in fp32 -- the fp8 experts' formula too (kernels/fp8_quant.py scaled_linear_torch,
+    one implementation for both), and the order _scaled_mm applies the weight scale in (its epilogue)."""
     out_dtype = _check(x, wq, w_scale, out_dtype)
-    w = (wq.float() * w_scale[:, None]).to(x.dtype)  # [N, K], the weights this path computes with
-    return (x @ w.T).to(out_dtype)
+    return scaled_linear_torch(x, wq, w_scale).to(out_dtype)
 
 
 def fp8_linear_w8a8_ref(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
