@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import RopeConfig, yarn_mscale
+from ..kernels.mha_prologue import rope_rotate_half_torch
 
 
 def _yarn_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
@@ -82,14 +83,10 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [..., T, H, dim] (or [N, H, dim]); cos/sin [..., T, dim/2] broadcast over heads."""
+        if not self.interleaved:  # rotate-half layout (the MHA prologue kernel's reference, kernels/mha_prologue.py)
+            return rope_rotate_half_torch(x, cos, sin)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [..., T, 1, dim/2]
-        if self.interleaved:
-            xf = x.float().unflatten(-1, (-1, 2))  # [..., dim/2, 2] adjacent pairs
-            x0, x1 = xf[..., 0], xf[..., 1]
-            out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-            return out.to(x.dtype)
-        # rotate-half layout; like transformers' Llama, cos/sin are cast to x's dtype first.
-        cos = torch.cat((cos, cos), dim=-1).to(x.dtype)
-        sin = torch.cat((sin, sin), dim=-1).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        xf = x.float().unflatten(-1, (-1, 2))  # [..., dim/2, 2] adjacent pairs
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        return out.to(x.dtype)

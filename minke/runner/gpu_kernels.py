@@ -69,6 +69,16 @@ class FusedMLAPrologue:
         return (mla_prologue if limit is None or kv_a.shape[0] <= limit else mla_prologue_ref)(kv_a, q, *args)
 
 
+class FusedMHAPrologue:
+    """MHA / GQA's paged-step prologue (rotate-half RoPE of q and k, the K/V cache write) as one Triton launch
+    (kernels/mha_prologue.py) instead of ~20 small torch kernels a layer."""
+
+    def _prologue(self, q, k, v, cos, sin, cache, slot_mapping):
+        from ..kernels.mha_prologue import mha_prologue
+
+        return mha_prologue(q, k, v, cos, sin, cache, slot_mapping)
+
+
 class GemvProjections:
     """One-row steps (batch-1 decode) run the bias-free projections of attention (the fused input projection and
     o_proj of paged steps) and of the MLPs (down_proj) through the Triton matrix-vector kernel (kernels/gemv.py:
@@ -120,6 +130,12 @@ def use_fused_mla_prologue(model, max_tokens: int | None = None) -> None:
             swap_in(m, FusedMLAPrologue)
             if max_tokens is not None:
                 m.prologue_max_tokens = max_tokens
+
+
+def use_fused_mha_prologue(model) -> None:
+    for m in model.modules():
+        if isinstance(m, Attention):
+            swap_in(m, FusedMHAPrologue)
 
 
 def use_gemv(model) -> None:
@@ -174,4 +190,5 @@ def apply_gpu_kernels(model, tensor_parallel: bool = False) -> None:
     use_fused_rmsnorm(model)
     use_fused_router(model)
     use_fused_mla_prologue(model)
+    use_fused_mha_prologue(model)
     use_gemv(model)

@@ -22,6 +22,7 @@ from ...config import ModelConfig
 from .batch import ForwardBatch
 from ..layers import RMSNorm
 from ..rope import RotaryEmbedding
+from ...kernels.mha_prologue import mha_prologue_ref
 
 
 def token_positions(x: torch.Tensor, positions: torch.Tensor | None, batch: ForwardBatch | None) -> torch.Tensor:
@@ -80,12 +81,18 @@ class Attention(nn.Module):
         k = k.view(*lead, self.num_kv_heads, self.head_dim)
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
         cos, sin = rope if rope is not None else self.rotary.cos_sin(token_positions(x, positions, batch))
-        q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if batch is None:
-            out = self._dense(q, k, v)
-        else:
-            return self._apply_linear(self.o_proj, self._paged(q, k, v, batch).flatten(-2))
-        return self.o_proj(out.flatten(-2))
+            q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
+            return self.o_proj(self._dense(q, k, v).flatten(-2))
+        cache = batch.kv_caches[self.layer_idx]  # [2, blocks, bs, Hkv, hd]
+        q, k = self._prologue(q, k, v, cos, sin, cache, batch.slot_mapping)  # roped; k, v written to the cache
+        return self._apply_linear(self.o_proj, self._paged(q, k, v, cache, batch).flatten(-2))
+
+    def _prologue(self, q, k, v, cos, sin, cache, slot_mapping):
+        """The paged step's prologue in torch (what kernels/mha_prologue.py fuses into one launch; the runner's
+        mixin swaps it in on GPU): q [N, H, hd], k / v [N, Hkv, hd] -> (roped q, roped k in cache.dtype); roped k
+        and v are written to cache rows slot_mapping."""
+        return mha_prologue_ref(q, k, v, cos, sin, cache, slot_mapping)
 
     # The runner's GEMV mixin overrides these two on GPU (runner/gpu_kernels.py): paged steps' projections.
     def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -102,11 +109,9 @@ class Attention(nn.Module):
                                              is_causal=True, scale=self.scale)
         return out.transpose(1, 2)
 
-    def _paged(self, q, k, v, batch: ForwardBatch):
-        cache = batch.kv_caches[self.layer_idx]  # [2, blocks, bs, Hkv, hd]
-        k_new, v_new = k.to(cache.dtype), v.to(cache.dtype)
-        cache[0].flatten(0, 1)[batch.slot_mapping] = k_new
-        cache[1].flatten(0, 1)[batch.slot_mapping] = v_new
+    def _paged(self, q, k_new, v, cache, batch: ForwardBatch):
+        """q [N, H, hd] roped, k_new [N, Hkv, hd] roped in cache.dtype, v [N, Hkv, hd]; the cache already holds this
+        step's k and v (the prologue wrote them)."""
         nd = batch.num_decodes
         out = torch.empty_like(q)
         if nd:
@@ -117,7 +122,7 @@ class Attention(nn.Module):
             # (as the cache holds it); otherwise the packed contexts are gathered from the cache.
             s0 = pack.start
             if pack.slots is None:
-                kc, vc = k_new[s0:], v_new[s0:]
+                kc, vc = k_new[s0:], v[s0:].to(cache.dtype)
             else:
                 kc, vc = cache[0].flatten(0, 1)[pack.slots], cache[1].flatten(0, 1)[pack.slots]  # [Tk, Hkv, hd]
             out[s0:] = batch.backend.prefill(q[s0:], kc.to(q.dtype), vc.to(q.dtype), pack, self.scale)
