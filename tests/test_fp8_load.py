@@ -89,6 +89,40 @@ def test_quantize_while_loading_equals_after(checkpoints, variant, load_format, 
     assert_same_model(got, want, f"{variant} {load_format} {'fused' if fuse else 'plain'}")
 
 
+@pytest.mark.parametrize("fmt,shards", [("safetensors", 3), ("bin", 2)])
+@pytest.mark.parametrize("variant", ["llama_gqa", "deepseek"])
+def test_quantize_while_loading_sharded_files(tmp_path, variant, fmt, shards):
+    """Tensors dealt round-robin over the shards (tiny_models.save_checkpoint): every layer is open until the last
+    file, so layers complete in file order, not layer order; the result is still the quantize-after model."""
+    path = make_checkpoint(variant, str(tmp_path), fmt=fmt, shards=shards)[1]
+    cfg, p = worker_cfg(path, "auto"), ParallelConfig()
+    got, _ = quantized_while_loading(cfg, p, torch.float32, True)
+    want, _ = quantized_after_load(cfg, p, torch.float32, True)
+    assert_same_model(got, want, f"{variant} {fmt} x{shards}")
+
+
+def test_layers_allocated_on_first_tensor_and_finished_in_order(checkpoints, monkeypatch):
+    """Dummy weights come in layer order: when layer i is finished, the layers after it are still on meta (never
+    allocated), and the ones before it are already quantized."""
+    import minke.parallel.sharded_loading as sl
+
+    layers, events = [], []
+    real = sl.LayerwiseParams
+    monkeypatch.setattr(sl, "LayerwiseParams", lambda model, *a: (layers.extend(model.model.layers), real(model, *a))[1])
+
+    def on_layer(i, layer):
+        events.append(i)
+        assert layer is layers[i] and not any(t.is_meta for t in layer.parameters()), f"layer {i} unallocated"
+        assert all(t.is_meta for later in layers[i + 1:] for t in later.parameters()), f"layer {i}: later allocated"
+        for done in layers[:i]:  # MLP / MoE weights already fp8 (Fp8Linear buffers, Experts parameters)
+            assert any(t.dtype == torch.float8_e4m3fn for t in done.mlp.state_dict().values()), f"{i}: not quantized"
+        apply_quantization(layer, "fp8")
+
+    sl.load_sharded_model(checkpoints["deepseek"], ParallelConfig(), torch.float32, "cpu", load_format="dummy",
+                          on_layer=on_layer)
+    assert events == [0, 1, 2]
+
+
 def test_quantize_while_loading_reports_missing_tensor(tmp_path):
     """A layer whose tensor is missing is never finished; the load names the tensor, as without quantization."""
     from safetensors.torch import load_file, save_file

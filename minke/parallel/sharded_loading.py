@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import ModelConfig, load_config
 from ..loader import CheckpointError, build_model, iter_tensors, resolve_dtype, weight_files
@@ -71,7 +72,8 @@ def load_sharded_model(path: str | os.PathLike, p: ParallelConfig, dtype: str | 
         return model.eval()
     stats = stats if stats is not None else LoadStats()
     seen: set[str] = set()
-    for file in weight_files(path):
+    files = weight_files(path)
+    for file in tqdm(files, desc="Loading weights", unit="shard", disable=len(files) < 2 or p.tp_rank != 0):
         for name, src in iter_tensors(file, lazy=True):
             if is_ignored(name):
                 continue
