@@ -13,6 +13,8 @@ The MHA / GQA attention projections and the dense MLPs (DeepSeek LLM's every lin
 of the MoE models) become Fp8Linear modules with the same row scales (kernels/fp8_linear.py: W8A8 torch._scaled_mm
 on Hopper in bf16 / fp16, W8A16 elsewhere): DeepSeek LLM 67B, 134 GB in bf16, fits one H200 at ~67 GB. MLA's
 projections, embeddings, lm_head and the KV cache stay in the model dtype.
+The runner quantizes while loading: model_builder.load_quantized calls apply_quantization on each decoder layer as
+soon as its tensors are loaded, so the bf16 model never exists whole on the device (the 67B one would not fit).
 """
 
 from __future__ import annotations
@@ -147,8 +149,9 @@ def quantize_dense_fp8(model: torch.nn.Module, parallel: ParallelConfig | None =
 
 
 def apply_quantization(model: torch.nn.Module, method: str | None, parallel: ParallelConfig | None = None) -> int:
-    """Quantize a loaded (and, on GPU, kernel-installed) model in place; returns how many layers changed. With
-    several ranks every rank calls it (collective)."""
+    """Quantize a loaded (and, on GPU, weight-transformed: gpu_kernels.transform_weights) model, or one decoder
+    layer of it, in place; returns how many modules changed. With several ranks every rank calls it on the same
+    modules in the same order (collective)."""
     if method is None:
         return 0
     if method == "fp8":
