@@ -244,3 +244,57 @@ def _rank_main(rank: int, world: int, init: str, cases) -> None:
 def test_quantize_while_loading_tp2(checkpoints, tmp_path):
     cases = [(checkpoints[v], fmt, ep, fuse) for v, fmt, ep in TP_CASES for fuse in (False, True)]
     mp.spawn(_rank_main, args=(2, "file://" + os.path.join(tmp_path, "rdv"), cases), nprocs=2, join=True)
+
+
+def test_dense_quantization_in_row_blocks_equals_one_call(monkeypatch):
+    """quantize_dense_fp8 quantizes a block of rows at a time (bounded temporaries): the same bits as one call,
+    the last block shorter."""
+    import minke.runner.quantization as q
+
+    w = (torch.randn(1000, 300) * torch.logspace(-3, 2, 1000)[:, None]).bfloat16()
+    w[7] = 0  # an all-zero row: scale 1
+    want = q.quantize_fp8(w, w.float().abs().amax(dim=-1))
+    monkeypatch.setattr(q, "_QUANT_BLOCK", 300 * 7 + 5)  # 7 rows a block: 143 blocks
+    assert len(q._row_chunks(w)) == 143
+    amax = torch.cat([w[rows].abs().amax(dim=-1).float() for rows in q._row_chunks(w)])
+    got = q._quantize_rows_chunked(w, amax)
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+
+
+# ----- GPU: DeepSeek LLM 67B's layer shape -----
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_llm67b_layers_peak_and_equality(tmp_path):
+    """DeepSeek LLM 67B's shape (minke.benchmark SHAPES["llm-67b"]) cut to 3 layers, dummy weights, bf16, with the
+    kernels' weight transforms: torch.cuda.max_memory_allocated during the load stays below the fp8 model + 2 bf16
+    layers (at 95 layers that is ~70 GB: one H200), and the model equals quantizing after a whole bf16 load."""
+    import json
+
+    from minke.benchmark import SHAPES
+
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(dict(SHAPES["llm-67b"], num_hidden_layers=3), f)
+    cfg, p, dev = worker_cfg(str(tmp_path), "dummy"), ParallelConfig(), torch.device("cuda")
+    mc = load_config(str(tmp_path))
+    with torch.device("meta"):
+        from minke.models.model import DecoderLayer
+
+        layer_bytes = sum(t.numel() * 2 for t in DecoderLayer(mc, 0).parameters())  # bf16
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    got, _ = load_quantized(cfg, mc, p, torch.bfloat16, dev, fuse_weights=True)
+    peak = torch.cuda.max_memory_allocated() - base
+    fp8 = model_bytes(got)
+    print(f"llm-67b x3 layers: peak {peak / 2**30:.2f} GiB, fp8 model {fp8 / 2**30:.2f} GiB, "
+          f"bf16 layer {layer_bytes / 2**30:.2f} GiB")
+    assert peak < fp8 + 2 * layer_bytes, f"peak {peak} B >= fp8 model {fp8} B + 2 bf16 layers ({layer_bytes} B)"
+    want = load_unquantized(cfg, mc, p, torch.bfloat16, dev)
+    transform_weights(want)
+    apply_quantization(want, "fp8", p)
+    g, w = dict(got.named_buffers()), dict(want.named_buffers())
+    g.update(got.named_parameters())
+    w.update(want.named_parameters())
+    assert g.keys() == w.keys()
+    for name in w:
+        assert torch.equal(g[name].view(torch.uint8), w[name].view(torch.uint8)), name
