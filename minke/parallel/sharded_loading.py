@@ -170,7 +170,7 @@ class LayerwiseParams(Mapping):
         i = _layer_of(param)
         if i is not None:
             if i in self.finished:
-                raise RuntimeError(f"{param}: layer {i} was already finished (a checkpoint tensor seen twice?)")
+                raise CheckpointError(f"{param}: layer {i} was already complete: a checkpoint tensor appears twice?")
             self._allocate(i)
         return self.model.get_parameter(param)
 
