@@ -108,7 +108,8 @@ def test_layers_allocated_on_first_tensor_and_finished_in_order(checkpoints, mon
 
     layers, events = [], []
     real = sl.LayerwiseParams
-    monkeypatch.setattr(sl, "LayerwiseParams", lambda model, *a: (layers.extend(model.model.layers), real(model, *a))[1])
+    monkeypatch.setattr(sl, "LayerwiseParams",
+                        lambda model, *a: (layers.extend(model.model.layers), real(model, *a))[1])
 
     def on_layer(i, layer):
         events.append(i)
