@@ -167,25 +167,40 @@ def fuse_input_projections(model) -> int:
     return sum(m.fuse_input_projections() for m in model.modules() if isinstance(m, (Attention, MLAttention)))
 
 
-def install_gpu_kernels(model, device: torch.device, tensor_parallel: bool = False) -> None:
-    """On CUDA with triton available: fused MoE (shared experts folded in), fused add+RMSNorm, fused router.
-    Elsewhere the torch code stays."""
+def gpu_kernels_available(device: torch.device) -> bool:
+    """Whether install_gpu_kernels swaps anything in: CUDA with triton importable."""
     if device.type != "cuda":
-        return
+        return False
     try:
         import triton  # noqa: F401
     except ImportError:
-        return
-    apply_gpu_kernels(model, tensor_parallel)
+        return False
+    return True
 
 
-def apply_gpu_kernels(model, tensor_parallel: bool = False) -> None:
+def install_gpu_kernels(model, device: torch.device, tensor_parallel: bool = False,
+                        weights_transformed: bool = False) -> None:
+    """On CUDA with triton available: fused MoE (shared experts folded in), fused add+RMSNorm, fused router.
+    Elsewhere the torch code stays. weights_transformed: transform_weights already ran on every layer (the
+    layer-by-layer load does it as each layer completes, before quantizing it)."""
+    if gpu_kernels_available(device):
+        apply_gpu_kernels(model, tensor_parallel, weights_transformed)
+
+
+def transform_weights(module) -> None:
+    """The swaps that rewrite weights (they read the unquantized ones, so they run before quantization): shared
+    experts folded into the routed ones, q/k/v (MLA: q/q_a + kv_a) concatenated. Per decoder layer or model-wide."""
+    fuse_shared_experts(module)
+    fuse_input_projections(module)
+
+
+def apply_gpu_kernels(model, tensor_parallel: bool = False, weights_transformed: bool = False) -> None:
     """Every swap install_gpu_kernels makes, on any device (tests run them on CPU under TRITON_INTERPRET=1).
     tensor_parallel: the model is one rank's shard (its MoE outputs are all-reduced: summed before that)."""
-    fuse_shared_experts(model)
+    if not weights_transformed:
+        transform_weights(model)
     if not tensor_parallel:
         defer_moe_slot_sums(model)
-    fuse_input_projections(model)
     use_fused_moe(model)
     use_fused_rmsnorm(model)
     use_fused_router(model)

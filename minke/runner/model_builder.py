@@ -6,9 +6,17 @@ applies quantization and tensor parallelism:
                parallelism and for dummy weights (parallel/sharded_loading.py: shards the modules, then loads);
   2. kernels   on CUDA with triton, the Triton hot paths swapped in (gpu_kernels.py: fused MoE with the shared
                experts folded in, add+RMSNorm, router, MLA prologue, one-row GEMVs);
-  3. quantize  online weight quantization (quantization.py: fp8 experts). After the kernels: the shared experts
-               are fused in as experts by then, so they are quantized with them;
+  3. quantize  online weight quantization (quantization.py: fp8 experts and MHA/GQA / dense-MLP linears). After
+               the kernels' weight transforms: the shared experts are fused in as experts by then, so they are
+               quantized with them;
   4. setup     a caller's hook (tests, benchmarks).
+
+With quantization, 1-3 run per decoder layer while loading (load_quantized): each layer is allocated when its first
+tensor arrives and, once complete, gets the kernels' weight transforms (gpu_kernels.transform_weights, which read
+its unquantized weights) and is quantized, freeing its bf16 copy; the module swaps of step 2, which change only
+methods, follow model-wide. The device peak is then ~ the fp8 model + the layers in flight (DeepSeek LLM 67B: ~70 GB
+instead of the 134 GB bf16 model, which does not fit one H200). The result equals, bit for bit, loading everything
+and then quantizing (tests/test_fp8_load.py).
 Later stages (adapters) join the list here."""
 
 from __future__ import annotations
@@ -16,13 +24,14 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig
 from ..loader import load_model
 from ..models.model import CausalLM
 from ..parallel.sharded_loading import load_sharded_model
 from ..parallel.state import ParallelConfig
-from .gpu_kernels import install_gpu_kernels
+from .gpu_kernels import gpu_kernels_available, install_gpu_kernels, transform_weights
 from .quantization import apply_quantization
 
 logger = logging.getLogger("minke")
@@ -32,17 +41,46 @@ def build_model(cfg, model_config: ModelConfig, parallel: ParallelConfig, dtype:
                 device: torch.device) -> CausalLM:
     """cfg: the WorkerConfig (model, load_format, seed, quantization, setup). Collective under parallelism: every
     rank calls it."""
-    if parallel.is_parallel or cfg.load_format == "dummy":
-        # Owned slices only; dummy weights are keyed by tensor name, so every TP size gets the same model.
-        model = load_sharded_model(cfg.model, parallel, dtype, device, model_config,
-                                   load_format=cfg.load_format, seed=cfg.seed)
-    else:
-        model = load_model(cfg.model, dtype, device, model_config)
-    install_gpu_kernels(model, device, tensor_parallel=parallel.is_parallel)
     if cfg.quantization is not None:
-        n = apply_quantization(model, cfg.quantization, parallel)
+        model, n = load_quantized(cfg, model_config, parallel, dtype, device,
+                                  fuse_weights=gpu_kernels_available(device))
         if parallel.tp_rank == 0:
-            logger.info("quantization %s: the experts of %d MoE layers", cfg.quantization, n)
+            logger.info("quantization %s: %d modules (MoE experts, linear layers), quantized layer by layer while "
+                        "loading", cfg.quantization, n)
+    else:
+        model = load_unquantized(cfg, model_config, parallel, dtype, device)
+    install_gpu_kernels(model, device, tensor_parallel=parallel.is_parallel,
+                        weights_transformed=cfg.quantization is not None)
     if cfg.setup is not None:
         cfg.setup(model, device)
     return model
+
+
+def load_unquantized(cfg, model_config: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
+                     device: torch.device) -> CausalLM:
+    """Step 1 alone: the whole model in `dtype`."""
+    if parallel.is_parallel or cfg.load_format == "dummy":
+        # Owned slices only; dummy weights are keyed by tensor name, so every TP size gets the same model.
+        return load_sharded_model(cfg.model, parallel, dtype, device, model_config,
+                                  load_format=cfg.load_format, seed=cfg.seed)
+    return load_model(cfg.model, dtype, device, model_config)
+
+
+def load_quantized(cfg, model_config: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
+                   device: torch.device, fuse_weights: bool) -> tuple[CausalLM, int]:
+    """Steps 1-3 layer by layer (module docstring): returns (model, how many modules were quantized).
+    fuse_weights: run gpu_kernels.transform_weights on each layer before quantizing it (what install_gpu_kernels
+    would do on CUDA; tests set it on CPU). Every load format and parallel layout goes through the sharded loader:
+    at TP=1 its plan takes every tensor whole, so it loads what load_model loads (tests/test_fp8_load.py).
+    Collective under parallelism (the quantizers all-reduce row maxima, layer by layer in the same order on every
+    rank)."""
+    count = [0]
+
+    def on_layer(i: int, layer: nn.Module) -> None:
+        if fuse_weights:
+            transform_weights(layer)
+        count[0] += apply_quantization(layer, cfg.quantization, parallel)
+
+    model = load_sharded_model(cfg.model, parallel, dtype, device, model_config, load_format=cfg.load_format,
+                               seed=cfg.seed, on_layer=on_layer)
+    return model, count[0]

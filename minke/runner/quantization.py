@@ -13,6 +13,8 @@ The MHA / GQA attention projections and the dense MLPs (DeepSeek LLM's every lin
 of the MoE models) become Fp8Linear modules with the same row scales (kernels/fp8_linear.py: W8A8 torch._scaled_mm
 on Hopper in bf16 / fp16, W8A16 elsewhere): DeepSeek LLM 67B, 134 GB in bf16, fits one H200 at ~67 GB. MLA's
 projections, embeddings, lm_head and the KV cache stay in the model dtype.
+The runner quantizes while loading: model_builder.load_quantized calls apply_quantization on each decoder layer as
+soon as its tensors are loaded, so the bf16 model never exists whole on the device (the 67B one would not fit).
 """
 
 from __future__ import annotations
@@ -112,6 +114,26 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 + row scales"
 
 
+# Rows are quantized in blocks of about this many weights: the fp32 temporaries of quantize_fp8 (~9 bytes a weight)
+# then stay ~150 MB, not ~1.6 GB for a 67B MLP matrix [22016, 8192], so loading peaks at ~ the fp8 model + one bf16
+# layer. Every step is per row, so the blocks give the same bits as one call.
+_QUANT_BLOCK = 1 << 24
+
+
+def _row_chunks(w: torch.Tensor) -> list[slice]:
+    rows = max(1, _QUANT_BLOCK // max(1, w.shape[-1]))
+    return [slice(lo, lo + rows) for lo in range(0, w.shape[0], rows)]
+
+
+def _quantize_rows_chunked(w: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8(w [N, K], amax [N]), a block of rows at a time (_QUANT_BLOCK)."""
+    wq = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for rows in _row_chunks(w):
+        wq[rows], scale[rows] = quantize_fp8(w[rows], amax[rows])
+    return wq, scale
+
+
 # Projections whose weight rows are sliced along K under tensor parallelism (row-parallel): their rows' maxima are
 # all-reduced, so every rank quantizes with the unsharded row's scale (TP=N computes what TP=1 does).
 _ROW_PARALLEL = ("o_proj", "down_proj")
@@ -133,11 +155,11 @@ def quantize_dense_fp8(model: torch.nn.Module, parallel: ParallelConfig | None =
         for name, lin in list(m.named_children()):
             if not isinstance(lin, nn.Linear):
                 continue
-            w = lin.weight
-            amax = w.detach().float().abs().amax(dim=-1)  # [N]
+            w = lin.weight.detach()
+            amax = torch.cat([w[rows].abs().amax(dim=-1).float() for rows in _row_chunks(w)])  # [N]
             if tp and name in _ROW_PARALLEL:
                 dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=parallel.group)
-            wq, scale = quantize_fp8(w, amax)
+            wq, scale = _quantize_rows_chunked(w, amax)
             bias = None if lin.bias is None else lin.bias.detach()
             setattr(m, name, Fp8Linear(wq, scale, bias, w.dtype))
             n += 1
@@ -147,8 +169,9 @@ def quantize_dense_fp8(model: torch.nn.Module, parallel: ParallelConfig | None =
 
 
 def apply_quantization(model: torch.nn.Module, method: str | None, parallel: ParallelConfig | None = None) -> int:
-    """Quantize a loaded (and, on GPU, kernel-installed) model in place; returns how many layers changed. With
-    several ranks every rank calls it (collective)."""
+    """Quantize a loaded (and, on GPU, weight-transformed: gpu_kernels.transform_weights) model, or one decoder
+    layer of it, in place; returns how many modules changed. With several ranks every rank calls it on the same
+    modules in the same order (collective)."""
     if method is None:
         return 0
     if method == "fp8":
