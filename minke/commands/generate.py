@@ -15,7 +15,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", "-p", action="append", default=None,
                    help="prompt text (repeatable); '-' or none reads one prompt per line from stdin (default: stdin)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template (default: off, a bare text completion)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the chat template (default: off, bare text)")
     p.add_argument("-n", type=int, default=1, help="completions per prompt (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt (default: off, plain text)")
     add_sampling_args(p)

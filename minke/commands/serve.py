@@ -36,11 +36,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
                         f"(default: env {API_KEY_ENV})")
     p.add_argument("--uvicorn-log-level", "--uvicorn_log_level", dest="uvicorn_log_level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"], help="log level (default: %(default)s)")
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="log level (default: %(default)s)")
     p.add_argument("--disable-log-stats", "--disable_log_stats", dest="disable_log_stats", action="store_true",
                    help="do not log throughput / queue / KV usage every 5 s (default: off, logged)")
     p.add_argument("--disable-log-requests", "--disable_log_requests", dest="disable_log_requests",
-                   action="store_true", help="accepted for vLLM compatibility (default: off; requests are never logged)")
+                   action="store_true",
+                   help="accepted for vLLM compatibility (default: off; requests are never logged)")
     p.add_argument("--disable-fastapi-docs", "--disable_fastapi_docs", dest="disable_fastapi_docs",
                    action="store_true", help="do not serve /openapi.json (default: off, served)")
     limits = p.add_argument_group("HTTP limits (what one client may cost the server; README \"Limits\")")

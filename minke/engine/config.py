@@ -73,13 +73,14 @@ class EngineConfig:
     disable_custom_all_reduce: bool = _opt(False, "with -tp N on GPUs: NCCL for every all-reduce (off: small ones "
                                                   "through a symmetric-memory one-shot kernel)")
     quantization: str | None = _opt(None, "fp8: MoE expert weights as fp8 e4m3 with a scale per row, quantized "
-                                          "at load (W8A8 on GPUs in bf16/fp16; default: none)", "--quantization", "-q",
+                                          "at load (W8A8 on GPUs in bf16/fp16; default: none)",
+                                    "--quantization", "-q",
                                     choices=list(QUANTIZATION_METHODS))
     generation_config: str = _opt("auto", "sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, "
                                           "max_new_tokens) where a call leaves them unset: auto = the model's "
                                           "generation_config.json, vllm = ignore it, or a directory holding one")
-    chat_template: str | None = _opt(None, "a jinja2 chat template (file or string) instead of the checkpoint's (default: the "
-                                             "checkpoint's)")
+    chat_template: str | None = _opt(None, "a jinja2 chat template (file or string) instead of the checkpoint's "
+                                           "(default: the checkpoint's)")
     seed: int = _opt(0, "seed of the dummy weights and of unseeded sampling", type=int)
     load_format: str = _opt("auto", "auto | dummy (random weights of the config's shapes, for benchmarks)",
                             choices=["auto", "dummy"])

@@ -54,7 +54,7 @@ def load_generation_defaults(model_dir: str, mode: str = "auto", log: bool = Tru
     out = {}
     for key, name in FIELDS.items():
         v = raw.get(key)
-        if v is None or (key in _HF_DEFAULTS and v == _HF_DEFAULTS[key] and not isinstance(v, bool)):
+        if v is None or (key in _HF_DEFAULTS and v == _HF_DEFAULTS[key]):
             continue
         out[name] = v
     try:  # every value checked as SamplingParams checks a caller's

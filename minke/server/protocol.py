@@ -152,7 +152,8 @@ class _SamplingFields(_Forbid):
             min_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=d.get("repetition_penalty", 1.0) if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=(d.get("repetition_penalty", 1.0) if self.repetition_penalty is None
+                                else self.repetition_penalty),
             logit_bias=bias,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
