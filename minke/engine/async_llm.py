@@ -14,6 +14,7 @@ from typing import AsyncIterator
 from ..default_model import resolve_model
 from ..sampling_params import SamplingParams
 from .config import EngineConfig
+from .generation_config import load_generation_defaults
 from .input_processor import Prompt
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
@@ -29,7 +30,11 @@ class EngineDeadError(RuntimeError):
 class AsyncLLM:
     def __init__(self, model: str | None = None, **kwargs):
         path = resolve_model(model)
-        self.engine = LLMEngine(EngineConfig.from_kwargs(path, **kwargs))
+        cfg = EngineConfig.from_kwargs(path, **kwargs)
+        # The model's generation_config.json defaults ({SamplingParams field: value}): the server fills a request's
+        # unset fields from them (server/protocol.py), as vLLM does. Read before the weights load.
+        self.default_sampling_kwargs: dict = load_generation_defaults(path, cfg.generation_config)
+        self.engine = LLMEngine(cfg)
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len
@@ -60,6 +65,10 @@ class AsyncLLM:
         return self._thread is not None and self._thread.is_alive()
 
     # ------------------------------------------------------------------ API
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (vLLM's method)."""
+        return SamplingParams(**self.default_sampling_kwargs)
+
     def process(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Request:
         """Tokenizes and validates a request (the server's rule: prompt + max_tokens within the context); ValueError
         names the problem. The result goes to `generate`, so nothing is checked twice."""

@@ -16,6 +16,7 @@ import torch
 from ..runner.kv_cache import CacheConfig
 from ..runner.quantization import QUANTIZATION_METHODS, check_quantization_method
 from ..runner.worker import WorkerConfig
+from .generation_config import check_generation_config
 from .scheduler import SchedulerConfig
 
 # Tokens per step when max_num_batched_tokens is not given (with chunked prefill), and the most tokens the memory
@@ -36,11 +37,15 @@ class EngineConfig:
     device: str | None = _opt(None, "cuda | cpu (default: cuda when available)")
     max_model_len: int | None = _opt(None, "context length (default: what the config and the KV cache allow)",
                                      type=int)
+    # vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, as an option: positions past the config's were never trained.
+    allow_long_max_model_len: bool = _opt(False, "allow --max-model-len above the config's max_position_embeddings "
+                                                 "(x its rope scaling factor); the output past it is usually junk")
     gpu_memory_utilization: float = _opt(0.9, "share of GPU memory for weights, activations and KV cache",
                                          type=float)
     kv_cache_tokens: int | None = _opt(None, "fixed KV cache capacity in tokens (default: sized from free GPU "
                                              "memory; on CPU --kv-cache-gib)", type=int)
-    kv_cache_gib: float = _opt(1.0, "CPU KV cache size in GiB when --kv-cache-tokens is not given", type=float)
+    kv_cache_gib: float = _opt(1.0, "CPU KV cache size in GiB when --kv-cache-tokens is not given, at most what "
+                                    "max_num_seqs x max_model_len tokens need", type=float)
     max_num_seqs: int = _opt(256, "most sequences per step", type=int)
     max_num_batched_tokens: int | None = _opt(
         None, f"most tokens per step (default {DEFAULT_MAX_NUM_BATCHED_TOKENS}; without chunked prefill: "
@@ -68,9 +73,14 @@ class EngineConfig:
     disable_custom_all_reduce: bool = _opt(False, "with -tp N on GPUs: NCCL for every all-reduce (off: small ones "
                                                   "through a symmetric-memory one-shot kernel)")
     quantization: str | None = _opt(None, "fp8: MoE expert weights as fp8 e4m3 with a scale per row, quantized "
-                                          "at load (W8A8 on GPUs in bf16/fp16)", "--quantization", "-q",
+                                          "at load (W8A8 on GPUs in bf16/fp16; default: none)",
+                                    "--quantization", "-q",
                                     choices=list(QUANTIZATION_METHODS))
-    chat_template: str | None = _opt(None, "a jinja2 chat template (file or string) instead of the checkpoint's")
+    generation_config: str = _opt("auto", "sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, "
+                                          "max_new_tokens) where a call leaves them unset: auto = the model's "
+                                          "generation_config.json, vllm = ignore it, or a directory holding one")
+    chat_template: str | None = _opt(None, "a jinja2 chat template (file or string) instead of the checkpoint's "
+                                           "(default: the checkpoint's)")
     seed: int = _opt(0, "seed of the dummy weights and of unseeded sampling", type=int)
     load_format: str = _opt("auto", "auto | dummy (random weights of the config's shapes, for benchmarks)",
                             choices=["auto", "dummy"])
@@ -92,6 +102,7 @@ class EngineConfig:
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         check_quantization_method(self.quantization)
+        check_generation_config(self.generation_config)
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.device is None:
@@ -119,7 +130,7 @@ class EngineConfig:
     def cache_config(self) -> CacheConfig:
         profile = min(self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_BATCHED_TOKENS)
         return CacheConfig(self.block_size, self.kv_cache_tokens, self.kv_cache_gib, self.gpu_memory_utilization,
-                           profile)
+                           profile, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len)
 
     def step_token_budget(self, max_model_len: int) -> int:
         """Tokens per step: max_num_batched_tokens, or the default (chunked prefill) / the whole context (not)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Mapping
 from typing import Sequence
 
 from tqdm.auto import tqdm
@@ -11,17 +12,56 @@ from tqdm.auto import tqdm
 from ..default_model import resolve_model
 from ..sampling_params import SamplingParams
 from .config import EngineConfig
+from .generation_config import load_generation_defaults
+from .input_processor import Prompt
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 
-Prompt = str | list[int]
+
+def _is_token_ids(x) -> bool:
+    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _as_prompt_list(prompts) -> list:
+    """One prompt (text, token ids, a vLLM prompt dict) or a sequence of them -> a list of prompts."""
+    if isinstance(prompts, (str, Mapping)) or _is_token_ids(prompts):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string, a list of token ids, a prompt dict or a list of those, got "
+                        f"{type(prompts).__name__}")
+    return list(prompts)
+
+
+def _token_id_prompts(prompt_token_ids) -> list[dict]:
+    """vLLM's legacy `prompt_token_ids=` (one list of ids, or a list of them) as {"prompt_token_ids": ...} prompts.
+    An item may also be a mapping with "input_ids": transformers >= 5's apply_chat_template returns a BatchEncoding
+    by default, so the DeepSeek-V2 README's vLLM snippet hands those over unchanged."""
+    items = [prompt_token_ids] if _is_token_ids(prompt_token_ids) or isinstance(prompt_token_ids, Mapping) \
+        else prompt_token_ids
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"prompt_token_ids must be a list of token ids or a list of such lists, got "
+                        f"{type(prompt_token_ids).__name__}")
+    out = []
+    for i, ids in enumerate(items):
+        if isinstance(ids, Mapping) and "input_ids" in ids:
+            ids = ids["input_ids"]
+        if hasattr(ids, "tolist"):  # a tensor / array row
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)):
+            raise TypeError(f"prompt_token_ids[{i}] must be a list of token ids, got {type(ids).__name__}")
+        out.append({"prompt_token_ids": list(ids)})
+    return out
 
 
 class LLM:
-    """model: a checkpoint directory (None = the embedded default model). Options: see EngineConfig."""
+    """model: a checkpoint directory (None = the embedded default model). Options: see EngineConfig (vLLM's
+    names: tensor_parallel_size, max_model_len, enforce_eager, trust_remote_code, generation_config, ...)."""
 
     def __init__(self, model: str | None = None, **kwargs):
-        self.llm_engine = LLMEngine(EngineConfig.from_kwargs(resolve_model(model), **kwargs))
+        cfg = EngineConfig.from_kwargs(resolve_model(model), **kwargs)
+        # Read (and checked) before the weights load: a bad generation_config.json fails at once.
+        self._default_sampling = load_generation_defaults(cfg.model, cfg.generation_config)
+        self.llm_engine = LLMEngine(cfg)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -31,17 +71,36 @@ class LLM:
     def max_model_len(self) -> int:
         return self.llm_engine.max_model_len
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
-                 | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generates for every prompt (text or token ids), all batched together; outputs come back in order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` / `chat` use without SamplingParams: the model's generation_config.json defaults
+        (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens) over SamplingParams'
+        own; just SamplingParams() with generation_config="vllm" or without the file. vLLM's method."""
+        return SamplingParams(**self._default_sampling)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 prompt_token_ids: list[int] | list[list[int]] | None = None, use_tqdm: bool = True
+                 ) -> list[RequestOutput]:
+        """Generates for every prompt, all batched together; outputs come back in order. prompts: text, token ids,
+        vLLM's {"prompt": ...} / {"prompt_token_ids": ...} dicts, or a list of those; or vLLM's older
+        `prompt_token_ids=[[...], ...]` instead. sampling_params: one for all, or one per prompt; None = the
+        model's defaults (`get_default_sampling_params`)."""
+        if prompt_token_ids is not None:
+            if prompts is not None:
+                raise ValueError("give prompts or prompt_token_ids, not both")
+            prompts = _token_id_prompts(prompt_token_ids)
+        elif prompts is None:
+            raise ValueError("generate needs prompts (or prompt_token_ids)")
+        else:
+            prompts = _as_prompt_list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        for i, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
         # Only finished outputs are returned: the engine need not build an output (nor, without stop strings,
         # detokenize) every step. One copy per distinct params object; the caller's are left as they are.
         final: dict[int, SamplingParams] = {}

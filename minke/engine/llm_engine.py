@@ -60,8 +60,17 @@ class LLMEngine:
             if want > cap:
                 raise ValueError(f"max_model_len {want} needs more KV cache than is available ({cap} tokens); "
                                  "lower --max-model-len, raise --gpu-memory-utilization or --kv-cache-tokens")
-            if want > limit:
-                logger.warning("max_model_len %d exceeds max_position_embeddings %d of the config", want, limit)
+            longest = self.model_config.max_context_len
+            if want > longest:
+                scaled = f" x rope factor {self.model_config.rope.factor:g}" if longest != limit else ""
+                if not self.cfg.allow_long_max_model_len:
+                    raise ValueError(
+                        f"max_model_len {want} is above the model's context of {longest} tokens "
+                        f"(max_position_embeddings {limit}{scaled}, {self.model_config.source}): positions past it "
+                        "were never trained and give junk output. Lower --max-model-len, or pass "
+                        "--allow-long-max-model-len (LLM(..., allow_long_max_model_len=True)) to run anyway")
+                logger.warning("max_model_len %d exceeds the model's context of %d tokens (allowed by "
+                               "allow_long_max_model_len); the output past it is usually junk", want, longest)
             return want
         if cap < limit:
             # The V2 configs say 163840 positions: cap to what the cache holds instead of failing start-up.

@@ -17,6 +17,10 @@ class CacheConfig:
     kv_cache_gib: float = 1.0
     gpu_memory_utilization: float = 0.9
     profile_tokens: int = 8192  # the dummy prefill that measures a step's transient memory before sizing
+    # The CPU default cache holds at most max_num_seqs sequences of max_model_len tokens (None: the config's
+    # max_position_embeddings) can use: the embedded 9M model took 1 GiB of cache it could never fill.
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
 
 
 def allocate_kv_caches(cfg, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> list[torch.Tensor]:

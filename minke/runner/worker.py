@@ -92,7 +92,12 @@ class Worker:
         if cache.kv_cache_tokens is not None:
             return cache.kv_cache_tokens
         if self.device.type != "cuda":
-            return int(cache.kv_cache_gib * 2**30) // self.kv_bytes_per_token()
+            tokens = int(cache.kv_cache_gib * 2**30) // self.kv_bytes_per_token()
+            if cache.max_num_seqs is not None:
+                per_seq = cache.max_model_len or self.model_config.max_position_embeddings
+                per_seq = -(-per_seq // cache.block_size) * cache.block_size  # whole blocks
+                tokens = min(tokens, cache.max_num_seqs * per_seq)
+            return tokens
         # Free memory after the weights and a dummy prefill of profile_tokens (all ranks run it together, its
         # collectives included), times the utilisation budget.
         torch.cuda.synchronize(self.device)

@@ -99,8 +99,9 @@ class _SamplingFields(_Forbid):
     stop: StopField = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    temperature: Float | None = _doc(None, minimum=0)  # None = 1.0 (OpenAI's default)
-    top_p: Float | None = _doc(None, exclusiveMinimum=0, maximum=1)  # None = 1.0
+    # None = the model's generation_config.json value, else 1.0 (OpenAI's default); the same for the extras below
+    temperature: Float | None = _doc(None, minimum=0)
+    top_p: Float | None = _doc(None, exclusiveMinimum=0, maximum=1)
     user: str | None = None  # accepted and ignored, as vLLM does
     # vLLM extras
     top_k: Int64 | None = _doc(None, minimum=-1)
@@ -129,7 +130,10 @@ class _SamplingFields(_Forbid):
             raise ValueError(f"stop holds at most {MAX_STOP} strings, got {len(self.stop)}")
         return self
 
-    def _sampling_kwargs(self) -> dict[str, Any]:
+    def _sampling_kwargs(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """defaults: the model's generation_config.json values ({SamplingParams field: value}), taken where the
+        request leaves a field unset (None), as vLLM does; else OpenAI's / vLLM's neutral values."""
+        d = defaults or {}
         bias = None
         if self.logit_bias is not None:
             # JSON keys are strings; SamplingParams turns digit strings into ids and rejects the rest.
@@ -137,10 +141,10 @@ class _SamplingFields(_Forbid):
             bias = {k: min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, v)) for k, v in self.logit_bias.items()}
         return dict(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0 if self.top_k is None else self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
+            temperature=d.get("temperature", 1.0) if self.temperature is None else self.temperature,
+            top_p=d.get("top_p", 1.0) if self.top_p is None else self.top_p,
+            top_k=d.get("top_k", 0) if self.top_k is None else self.top_k,
+            min_p=d.get("min_p", 0.0) if self.min_p is None else self.min_p,
             seed=self.seed,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids,
@@ -148,7 +152,8 @@ class _SamplingFields(_Forbid):
             min_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=(d.get("repetition_penalty", 1.0) if self.repetition_penalty is None
+                                else self.repetition_penalty),
             logit_bias=bias,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
@@ -224,9 +229,9 @@ class ChatCompletionRequest(_SamplingFields):
         """Messages as the chat template expects them: {'role', 'content': str}."""
         return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, default_max_tokens: int, defaults: dict[str, Any] | None = None) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        kw = self._sampling_kwargs()
+        kw = self._sampling_kwargs(defaults)
         kw["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
         kw["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
         return SamplingParams(**kw)
@@ -330,8 +335,8 @@ class CompletionRequest(_SamplingFields):
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(p)}")
         return list(p)
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        kw = self._sampling_kwargs()
+    def to_sampling_params(self, default_max_tokens: int, defaults: dict[str, Any] | None = None) -> SamplingParams:
+        kw = self._sampling_kwargs(defaults)
         kw["max_tokens"] = default_max_tokens if self.max_tokens is None else self.max_tokens
         kw["logprobs"] = self.logprobs
         return SamplingParams(**kw)

@@ -85,11 +85,14 @@ class OpenAIServing:
                            param="model", code="model_not_found")
 
     def sampling_params(self, req, prompt_len: int) -> SamplingParams:
-        # Without max_tokens, generate up to the context limit (vLLM's rule); at least 1 so that an
-        # over-long prompt reaches check_prompt and gets the context-length message.
+        # Without max_tokens, generate up to the context limit (vLLM's rule), or the model's max_new_tokens
+        # (generation_config.json) if smaller; at least 1 so that an over-long prompt reaches the context check.
+        defaults = self.engine.default_sampling_kwargs
         default = max(1, self.max_model_len - prompt_len)
+        if defaults.get("max_tokens") is not None:
+            default = min(default, defaults["max_tokens"])
         try:
-            params = req.to_sampling_params(default)
+            params = req.to_sampling_params(default, defaults)
         except ValueError as e:
             raise APIError(400, str(e), param=param_of(str(e), set(type(req).model_fields))) from None
         return params
