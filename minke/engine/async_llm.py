@@ -69,6 +69,11 @@ class AsyncLLM:
         """SamplingParams with the model's generation_config.json defaults (vLLM's method)."""
         return SamplingParams(**self.default_sampling_kwargs)
 
+    def render_chat(self, messages: list[dict], chat_template: str | None = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Chat messages -> prompt token ids through the InputProcessor (the checkpoint's or a given template)."""
+        return self.engine.input_processor.render_chat(messages, chat_template, add_generation_prompt)
+
     def process(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Request:
         """Tokenizes and validates a request (the server's rule: prompt + max_tokens within the context); ValueError
         names the problem. The result goes to `generate`, so nothing is checked twice."""

@@ -126,9 +126,8 @@ class LLM:
              ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or several; renders the chat template and generates."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        tok = self.llm_engine.tokenizer
-        prompts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt, chat_template=chat_template)
-                   for c in convs]
+        render = self.llm_engine.input_processor.render_chat
+        prompts = [render(c, chat_template, add_generation_prompt) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:

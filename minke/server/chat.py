@@ -28,9 +28,8 @@ class OpenAIServingChat(OpenAIServing):
             messages = req.message_dicts()
             self.check_text_length(sum(len(m["content"]) for m in messages), "messages")
             # In a worker thread: a huge prompt must not hold up the event loop (and every other stream).
-            prompt_ids = await asyncio.to_thread(
-                self.tokenizer.apply_chat_template, messages, add_generation_prompt=req.add_generation_prompt,
-                chat_template=self.chat_template)
+            prompt_ids = await asyncio.to_thread(self.engine.render_chat, messages, self.chat_template,
+                                                 req.add_generation_prompt)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         params = self.sampling_params(req, len(prompt_ids))
