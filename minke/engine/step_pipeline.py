@@ -31,6 +31,15 @@ def _upload(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
+class StepFailure(Exception):
+    """A model step failed. seqs: the sequences of the step(s) that were in flight, in scheduling order (the
+    suspects); error: the exception raised. The steps in flight are already dropped (StepPipeline._drop)."""
+
+    def __init__(self, seqs: list[Sequence], error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.seqs, self.error = seqs, error
+
+
 @dataclass
 class _Step:
     """A model step queued on the device, until its samples are collected (StepPipeline._collect)."""
@@ -65,31 +74,55 @@ class StepPipeline:
 
     def step(self, process: Callable[[StepSamples], None]) -> bool:
         """Runs one step to its samples and hands them to `process` (the engine's output side), queuing the next
-        step first under async scheduling. Returns False when there was nothing to run."""
+        step first under async scheduling. Returns False when there was nothing to run. A failure anywhere in the
+        model step (scheduling, inputs, forward, sampling, collecting) drops the steps in flight and raises
+        StepFailure naming their sequences (`_drop`); the engine then finds the request at fault."""
         t_start = time.perf_counter()
         cur, self.inflight = self.inflight, None
-        if cur is None:
-            sched = self.scheduler.schedule()
-            if sched.is_empty:
-                return False
-            cur = self._launch(sched, None, t_start)
         nxt = None
-        if self.async_scheduling and self._may_continue(cur):
-            try:
+        try:
+            if cur is None:
+                sched = self.scheduler.schedule()
+                if sched.is_empty:
+                    return False
+                cur = self._launch(sched, None, t_start)
+            if self.async_scheduling and self._may_continue(cur):
                 nxt = self._launch_next(cur)
-            except BaseException:
-                if cur.got is not None:  # the placeholders get their tokens before the error goes up
-                    process(self._collect(cur))
-                raise
-        process(self._collect(cur))
+            samples = self._collect(cur)
+        except Exception as e:  # zero cost on the normal path (Python 3.11 exceptions)
+            raise self._drop(e, cur, nxt) from e
+        process(samples)
         self._record(cur)  # after `process`: a step's wall time covers its outputs too
         self.inflight = nxt
         return True
 
+    def _drop(self, e: Exception, cur: _Step | None, nxt: _Step | None) -> "StepFailure":
+        """Forgets the steps in flight after a failure: the PLACEHOLDER tokens that async scheduling appended for
+        cur's samples are removed (those samples never reach the host) and the reusable sampling batch is
+        discarded. The returned StepFailure names every sequence of those steps (the suspects), in scheduling
+        order; their scheduler progress is left for the engine to reset (Scheduler.reset)."""
+        seqs: list[Sequence] = list(e.seqs) if isinstance(e, StepFailure) else []
+        for st in (cur, nxt):
+            if st is not None:
+                seqs.extend(it.seq for it in st.sched.scheduled)
+        if cur is not None and cur.got:
+            for seq in cur.got:
+                if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+                    seq.token_ids.pop()
+        self._sampling_cache = None
+        error = e.error if isinstance(e, StepFailure) else e
+        return StepFailure(list({s.seq_id: s for s in seqs}.values()), error)
+
     # ------------------------------------------------------------------ launching
     def _launch(self, sched: SchedulerOutput, prev: _Step | None, t_start: float) -> _Step:
         """Queues the model step and the sampling of `sched` on the device. prev: the step still in flight whose
-        samples are this step's decode inputs (async scheduling)."""
+        samples are this step's decode inputs (async scheduling). A failure names sched's sequences."""
+        try:
+            return self._queue(sched, prev, t_start)
+        except Exception as e:
+            raise StepFailure([it.seq for it in sched.scheduled], e) from e
+
+    def _queue(self, sched: SchedulerOutput, prev: _Step | None, t_start: float) -> _Step:
         now = time.monotonic()
         owner = self.owner
         # Decodes first (the ForwardBatch contract), then prefill chunks, each group in scheduling order.
