@@ -178,3 +178,33 @@ def test_async_llm_innocent_streams_finish(ckpts, monkeypatch, async_scheduling)
     for p, res in zip(prompts[:7], results[:7]):
         assert not isinstance(res, BaseException), res
         assert res.finished and res.outputs[0].token_ids == reference_greedy(ref_model, p, 10)
+
+
+def test_async_penalty_request_beside_decodes(ckpts):
+    """Async scheduling, mixed batches: a request with penalties admitted while others decode used to build its
+    step's sampler from token lists still ending in a PLACEHOLDER, failing the step; the step now waits for
+    those tokens. Same outputs as the synchronous engine, and no step failed."""
+    path = ckpts("llama_gqa")
+    kw = dict(device="cpu", block_size=4, kv_cache_tokens=4096, max_model_len=64, mixed_batches=True)
+    fast = LLMEngine(EngineConfig.from_kwargs(path, async_scheduling=True, **kw))
+    slow = LLMEngine(EngineConfig.from_kwargs(path, async_scheduling=False, **kw))
+    prompts = prompts_of([5, 9, 3, 7], seed=11)
+    pen = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.3,
+                         frequency_penalty=0.5)
+
+    def run(engine):
+        done = {}
+        for i, p in enumerate(prompts[:3]):
+            engine.add_request(f"r{i}", p, GREEDY)
+        for _ in range(3):  # the first requests decoding, a step queued ahead
+            for out in engine.step():
+                done[out.request_id] = out
+        engine.add_request("pen", prompts[3], pen)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                done[out.request_id] = out
+        return {k: v.outputs[0].token_ids for k, v in done.items()}
+
+    assert run(fast) == run(slow)
+    assert fast.step_stats["queued_ahead"] > 0
+    assert fast.get_stats()["num_step_failures"] == 0

@@ -61,6 +61,7 @@ class LLMEngine:
         # request id, and each of its live sequences' token count when its probe began).
         self._suspects: deque[str] = deque()
         self._probe: tuple[str, dict[int, int]] | None = None
+        self.num_step_failures = 0  # steps that failed (each recovered from)
         if self.async_scheduling:
             logger.info("async scheduling: the next step is queued while the GPU runs the current one")
         logger.info("KV cache: %d blocks x %d = %d tokens (%.1f KiB/token); max_model_len %d",
@@ -145,6 +146,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ step failures
     def _quarantine(self, f: StepFailure) -> None:
         """After a failed step: reset its sequences for recompute and queue their requests to be run alone."""
+        self.num_step_failures += 1
         owner = self.output_processor.owner
         seqs = [s for s in f.seqs if s.seq_id in owner]
         rids = list(dict.fromkeys(owner[s.seq_id][0].request_id for s in seqs))
@@ -175,6 +177,7 @@ class LLMEngine:
         try:
             ran = self.pipeline.step(process)
         except StepFailure as f:
+            self.num_step_failures += 1
             logger.error("request %s fails alone (%s): it ends with an error, the others go on", rid, f)
             ran = False
             self.scheduler.reset([s for s in f.seqs if s.seq_id not in self._probe[1]])  # none, in principle
@@ -217,5 +220,6 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions_total,
             prefix_cache_queries=bm.prefix_queries_tokens,
             prefix_cache_hits=bm.prefix_hits_tokens,
+            num_step_failures=self.num_step_failures,
             **self.output_processor.stats,
         )

@@ -20,7 +20,7 @@ from ..runner.sampler import SamplingBatch
 from .output_processor import StepSamples
 from .request import Request, SeqState
 from .scheduler import Scheduler, SchedulerOutput
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 
 PLACEHOLDER = -1  # a sequence's last token while the step that samples it runs ahead of the host (async scheduling)
 
@@ -54,6 +54,9 @@ class _Step:
     # Async scheduling: the scheduler already recorded this step, with PLACEHOLDER tokens appended to these
     # sequences (None: not recorded yet).
     got: list[Sequence] | None = None
+    # Async scheduling: scheduled, but not queued, because its sampler needs token lists (penalties) that still
+    # end in a PLACEHOLDER; queued once the step before is collected (StepPipeline.step).
+    deferred: bool = False
 
 
 class StepPipeline:
@@ -93,6 +96,11 @@ class StepPipeline:
             raise self._drop(e, cur, nxt) from e
         process(samples)
         self._record(cur)  # after `process`: a step's wall time covers its outputs too
+        if nxt is not None and nxt.deferred:
+            try:
+                nxt = self._launch_deferred(nxt)
+            except Exception as e:
+                raise self._drop(e, None, None) from e
         self.inflight = nxt
         return True
 
@@ -150,7 +158,9 @@ class StepPipeline:
         work = decodes + prefills if decodes and prefills else (decodes or prefills)
         chunks = [c for c, _ in work]
         sample_seqs = [seq for c, seq in work if c.sample]
-        sampling = self._sampling_batch(sample_seqs) if sample_seqs else None
+        sampling = self._sampling_batch(sample_seqs, prev is not None) if sample_seqs else None
+        if sampling is None and sample_seqs:  # penalties read tokens prev has not delivered yet
+            return _Step(sched, len(decodes), len(prefills), sample_seqs, None, True, t_start, deferred=True)
         decode_ids = self._device_ids(decodes, prev) if decodes and prev is not None and prev.pending else None
         pending = self.runner.execute(chunks, sampling, decode_ids)
         penalties = sampling is not None and (sampling.flags.any_repetition or sampling.flags.any_freq_presence)
@@ -201,9 +211,19 @@ class StepPipeline:
         self.step_stats["queued_ahead"] += 1
         return self._launch(sched, cur, time.perf_counter())
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+    def _launch_deferred(self, step: _Step) -> _Step | None:
+        """Queues a deferred step now that the tokens it reads are on the host, without the sequences that
+        finished meanwhile."""
+        sched = step.sched
+        sched.scheduled = [it for it in sched.scheduled if it.seq.status == SequenceStatus.RUNNING]
+        if not sched.scheduled:
+            return None
+        return self._launch(sched, None, step.t_start)
+
+    def _sampling_batch(self, seqs: list[Sequence], ahead: bool = False) -> SamplingBatch | None:
         """Steady decode reuses the last batch: same rows in the same order and nothing in it that changes from
-        step to step (penalties read the token lists, min_tokens masks lift as outputs grow)."""
+        step to step (penalties read the token lists, min_tokens masks lift as outputs grow). ahead: queued
+        before the step in flight is collected; None then when penalties need a token still a PLACEHOLDER."""
         key = [seq.seq_id for seq in seqs]
         cached = self._sampling_cache
         if cached is not None and cached[0] == key:
@@ -225,6 +245,8 @@ class StepPipeline:
         penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
                         for p in {id(p): p for p in params}.values())
         if penalties:
+            if ahead and any(s.token_ids[-1] == PLACEHOLDER for s in seqs):
+                return None
             outs, prompts = [s.output_token_ids for s in seqs], [s.prompt_token_ids for s in seqs]
         else:  # only the penalties read them
             outs = prompts = [()] * len(seqs)
