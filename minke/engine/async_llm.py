@@ -1,6 +1,7 @@
 """Async front of the engine for the server: requests come from many coroutines, one background thread runs the
-step loop, outputs stream back to each request's asyncio queue. A failure inside a step fails the requests of that
-step, never the loop: the server keeps serving."""
+step loop, outputs stream back to each request's asyncio queue. A step that fails fails only the request at fault
+(LLMEngine finds it): its stream raises RequestFailedError, the others go on. Should the recovery itself fail, the
+requests in flight fail, never the loop: the server keeps serving."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ logger = logging.getLogger("minke")
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not serve this request: its step failed alone (RequestOutput.error says why)."""
 
 
 class AsyncLLM:
@@ -152,12 +157,16 @@ class AsyncLLM:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # keep serving: fail the requests in flight, reset their state
-                logger.exception("engine step failed; failing the requests in flight")
+            except Exception as e:  # the recovery failed too: fail the requests in flight, keep serving
+                logger.exception("engine step failed and could not recover; failing the requests in flight")
                 for rid in list(self.engine.requests):
                     self.engine.abort_request(rid)
                     self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
                 outputs = []
             for out in outputs:
-                self._deliver(out.request_id, out)
+                if out.error is not None:
+                    self._deliver(out.request_id, RequestFailedError(f"request {out.request_id} failed in the "
+                                                                     f"engine: {out.error}"))
+                else:
+                    self._deliver(out.request_id, out)
             self._stats = self.engine.get_stats()

@@ -4,11 +4,22 @@ once (continuous batching over the paged KV cache, with chunked prefill, preempt
 One request's path: InputProcessor (tokenize, validate, build the Request) -> Scheduler (which tokens run this
 step, KV blocks) -> StepPipeline (the step's chunks and sampling batch, queued on the Runner; with async
 scheduling one step ahead) -> Runner / Worker (forward batch, CUDA graphs, model, kernels) -> Sampler ->
-OutputProcessor (text, logprobs, stops, RequestOutputs)."""
+OutputProcessor (text, logprobs, stops, RequestOutputs).
+
+A step that fails (any exception in scheduling, inputs, forward or sampling: an unforeseen bad value of one
+request) fails only the request that caused it. The steps in flight are dropped (StepPipeline: async
+scheduling's placeholders removed), their sequences reset for recompute (Scheduler.reset), and those suspect
+requests are re-run alone, one request per step (Scheduler.isolate), until each has sampled a token again. One
+whose step fails alone ends with finish_reason "error" and RequestOutput.error set (vLLM's FinishReason.ERROR);
+the others continue with exactly the tokens they would have had (greedy; a seeded sampled request may draw
+differently once its generator was advanced by the dropped step). `LLM.generate` returns that request's output
+with its error, in order, as vLLM does; AsyncLLM raises it in that request's stream only. The normal path pays
+nothing for this (a try block and one attribute test per step)."""
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from ..config import load_config
 from ..runner.runner import Runner
@@ -21,7 +32,7 @@ from .outputs import RequestOutput
 from .request import Request
 from .scheduler import Scheduler
 from ..sampling_params import SamplingParams
-from .step_pipeline import StepPipeline
+from .step_pipeline import StepFailure, StepPipeline
 
 logger = logging.getLogger("minke")
 
@@ -46,6 +57,11 @@ class LLMEngine:
         self.async_scheduling = bool(cfg.async_scheduling)
         self.pipeline = StepPipeline(self.scheduler, self.runner, self.output_processor.owner, self.max_model_len,
                                      self.async_scheduling)
+        # Step-failure recovery: the suspect requests still to be run alone, and the probe under way (the
+        # request id, and each of its live sequences' token count when its probe began).
+        self._suspects: deque[str] = deque()
+        self._probe: tuple[str, dict[int, int]] | None = None
+        self.num_step_failures = 0  # steps that failed (each recovered from)
         if self.async_scheduling:
             logger.info("async scheduling: the next step is queued while the GPU runs the current one")
         logger.info("KV cache: %d blocks x %d = %d tokens (%.1f KiB/token); max_model_len %d",
@@ -127,8 +143,68 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
             outputs.extend(outs)
 
-        self.pipeline.step(process)
+        if self._suspects:
+            self._isolation_step(process, outputs)
+            return outputs
+        try:
+            self.pipeline.step(process)
+        except StepFailure as f:
+            self._quarantine(f)
         return outputs
+
+    # ------------------------------------------------------------------ step failures
+    def _quarantine(self, f: StepFailure) -> None:
+        """After a failed step: reset its sequences for recompute and queue their requests to be run alone."""
+        self.num_step_failures += 1
+        owner = self.output_processor.owner
+        seqs = [s for s in f.seqs if s.seq_id in owner]
+        rids = list(dict.fromkeys(owner[s.seq_id][0].request_id for s in seqs))
+        logger.warning("engine step failed (%s); running its %d request(s) alone to find the one at fault",
+                       f, len(rids), exc_info=f.error)
+        self.scheduler.reset(seqs)
+        self._suspects.extend(r for r in rids if r not in self._suspects)
+
+    def _isolation_step(self, process, outputs: list[RequestOutput]) -> None:
+        """One step of the first suspect request alone (synchronous). It is cleared once every live sequence of
+        it has a new token; it is failed if its step fails."""
+        requests, suspects = self.output_processor.requests, self._suspects
+        while suspects:
+            rid = suspects[0]
+            req = requests.get(rid)
+            if req is not None:
+                break
+            suspects.popleft()  # finished or aborted meanwhile
+            self._probe = None
+        else:
+            self.scheduler.isolate(None)
+            return
+        live = [s.seq for s in req.states if s.finish_reason is None]
+        if self._probe is None or self._probe[0] != rid:
+            self._probe = (rid, {s.seq_id: len(s.token_ids) for s in live})
+            self.scheduler.isolate(self._probe[1])
+        was_async, self.pipeline.async_scheduling = self.pipeline.async_scheduling, False
+        try:
+            ran = self.pipeline.step(process)
+        except StepFailure as f:
+            self.num_step_failures += 1
+            logger.error("request %s fails alone (%s): it ends with an error, the others go on", rid, f)
+            ran = False
+            self.scheduler.reset([s for s in f.seqs if s.seq_id not in self._probe[1]])  # none, in principle
+            got = self.output_processor.fail(rid, str(f))
+            if got is not None:
+                out, seqs = got
+                for seq in seqs:
+                    self.scheduler.abort(seq.seq_id)
+                outputs.append(out)
+        finally:
+            self.pipeline.async_scheduling = was_async
+        start = self._probe[1]
+        if not ran or rid not in requests or all(s.finish_reason is not None or len(s.seq.token_ids) > start[s.seq.seq_id]
+                                                 for s in req.states if s.seq.seq_id in start):
+            suspects.popleft()  # cleared (or failed, or nothing left to run of it)
+            self._probe = None
+        if not suspects:
+            self.scheduler.isolate(None)
 
     # ------------------------------------------------------------------ stats
     @property
@@ -153,5 +229,6 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions_total,
             prefix_cache_queries=bm.prefix_queries_tokens,
             prefix_cache_hits=bm.prefix_hits_tokens,
+            num_step_failures=self.num_step_failures,
             **self.output_processor.stats,
         )

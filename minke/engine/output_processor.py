@@ -56,6 +56,28 @@ class OutputProcessor:
         req.metrics.finished_time = time.monotonic()
         return self.output(req), live
 
+    def fail(self, request_id: str, error: str) -> tuple[RequestOutput, list[Sequence]] | None:
+        """Ends a request that the engine could not serve (its step fails alone: LLMEngine): its unfinished
+        sequences end with finish_reason "error" (vLLM's FinishReason.ERROR) and its output carries `error`.
+        Returns that output and the sequences for the scheduler to drop; None if the request is not in flight."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        live = []
+        for s in req.states:
+            if s.finish_reason is None:
+                live.append(s.seq)
+                s.finish_reason = "error"
+            self.owner.pop(s.seq.seq_id, None)
+        req.metrics.finished_time = time.monotonic()
+        self.stats["num_requests_finished"] += 1
+        try:
+            out = self.output(req)
+        except Exception:  # the text is what failed: report the tokens without it
+            out = req.output()
+        out.error = error
+        return out, live
+
     def process(self, step: StepSamples) -> tuple[list[RequestOutput], list[tuple[Sequence, str]]]:
         """(outputs of the requests that got a token or finished — final_only ones only when finished, the
         sequences that finished this step with their reasons)."""
@@ -64,17 +86,23 @@ class OutputProcessor:
         finished: list[tuple[Sequence, str]] = []
         now = time.monotonic()
         appended = 0
+        failed: list[tuple[Request, Exception]] = []
         for seq in step.seqs:
             own = owner.get(seq.seq_id)
-            if own is None:  # aborted while its step ran
+            if own is None:  # aborted (or failed) while its step ran
                 continue
             req, state = own
             appended += 1
-            if state.logprobs is not None:
-                r = step.rows[seq.seq_id]
-                self._append(req, state, seq.token_ids[-1], step.chosen_logprobs[r], step.top[r], step.ranks[r])
-            else:
-                self._append(req, state, seq.token_ids[-1], 0.0, None, None)
+            try:  # one request's bad value (detokenizer, logprobs) fails that request alone
+                if state.logprobs is not None:
+                    r = step.rows[seq.seq_id]
+                    self._append(req, state, seq.token_ids[-1], step.chosen_logprobs[r], step.top[r], step.ranks[r])
+                else:
+                    self._append(req, state, seq.token_ids[-1], 0.0, None, None)
+            except Exception as e:
+                state.finish_reason = None  # fail() ends it, and hands it to the scheduler
+                failed.append((req, e))
+                continue
             if state.finish_reason is not None:
                 finished.append((seq, state.finish_reason))
             if req.metrics.first_token_time is None:
@@ -82,6 +110,8 @@ class OutputProcessor:
             if not req.final_only or (state.finish_reason is not None and req.finished):
                 touched[req.request_id] = req
         self.stats["generation_tokens_total"] += appended
+        for req, _ in failed:
+            touched.pop(req.request_id, None)
         outputs = []
         for req in touched.values():
             if req.finished:
@@ -91,6 +121,11 @@ class OutputProcessor:
                     owner.pop(s.seq.seq_id, None)
                 self.stats["num_requests_finished"] += 1
             outputs.append(self.output(req))
+        for req, e in failed:
+            got = self.fail(req.request_id, f"{type(e).__name__}: {e}")
+            if got is not None:
+                outputs.append(got[0])
+                finished.extend((s, "abort") for s in got[1])  # the scheduler frees them
         return outputs, finished
 
     def output(self, req: Request) -> RequestOutput:

@@ -95,6 +95,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order; the last one is preempted first
         self.num_preemptions_total = 0
         self._prefill_delayed = 0  # decode steps taken since a prefill step for waiting requests was first possible
+        # Step-failure recovery (LLMEngine): while set, steps hold only these sequences (isolate()).
+        self.isolated: frozenset[int] | None = None
 
     # ---------------------------------------------------------------- queue management
     def add(self, seq: Sequence) -> None:
@@ -154,8 +156,49 @@ class Scheduler:
         self.num_preemptions_total += 1
         self.waiting.appendleft(seq)
 
+    def reset(self, seqs: list[Sequence]) -> None:
+        """Step-failure recovery: the unfinished ones of `seqs` lose their KV and progress (recompute, as a
+        preemption) and go to the front of `waiting`, in the given order. Not counted as preemptions."""
+        keep = [s for s in seqs if s.status != SequenceStatus.FINISHED]
+        ids = {id(s) for s in keep}
+        self.running = [s for s in self.running if id(s) not in ids]
+        self.waiting = deque(s for s in self.waiting if id(s) not in ids)
+        for seq in keep:
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            seq.num_preemptions += 1  # a new block-table key for the runner's persistent copies
+        self.waiting.extendleft(reversed(keep))
+
+    def isolate(self, seq_ids) -> None:
+        """Until isolate(None): each step holds only these sequences (others wait; running ones are preempted
+        when their blocks are needed). The engine runs a suspect request alone this way."""
+        self.isolated = None if seq_ids is None else frozenset(seq_ids)
+
+    def _schedule_isolated(self) -> SchedulerOutput:
+        iso = self.isolated
+        preempted: list[Sequence] = []
+        while True:
+            others_run = [s for s in self.running if s.seq_id not in iso]
+            others_wait = [s for s in self.waiting if s.seq_id not in iso]
+            self.running = [s for s in self.running if s.seq_id in iso]
+            self.waiting = deque(s for s in self.waiting if s.seq_id in iso)
+            try:
+                out = self._schedule(prefill=True, decode=True)
+            finally:
+                self.running = others_run + self.running
+                self.waiting.extend(others_wait)
+            preempted += out.preempted
+            if out.scheduled or not others_run:
+                return SchedulerOutput(out.scheduled, preempted, out.num_batched_tokens)
+            victim = others_run[-1]  # blocks short: make room with the last-admitted other sequence
+            self._preempt(victim)
+            preempted.append(victim)
+
     # ---------------------------------------------------------------- one step
     def schedule(self) -> SchedulerOutput:
+        if self.isolated is not None:
+            return self._schedule_isolated()
         if self.config.mixed_batches:
             return self._schedule(prefill=True, decode=True)
         if self._has_prefill_work():

@@ -20,7 +20,7 @@ from ..runner.sampler import SamplingBatch
 from .output_processor import StepSamples
 from .request import Request, SeqState
 from .scheduler import Scheduler, SchedulerOutput
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 
 PLACEHOLDER = -1  # a sequence's last token while the step that samples it runs ahead of the host (async scheduling)
 
@@ -29,6 +29,15 @@ def _upload(values: list[int], device: torch.device) -> torch.Tensor:
     """int64 [len(values)] on device without waiting for the stream (a blocking copy would wait for the step
     queued ahead); the pageable source is staged before the call returns."""
     return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+class StepFailure(Exception):
+    """A model step failed. seqs: the sequences of the step(s) that were in flight, in scheduling order (the
+    suspects); error: the exception raised. The steps in flight are already dropped (StepPipeline._drop)."""
+
+    def __init__(self, seqs: list[Sequence], error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.seqs, self.error = seqs, error
 
 
 @dataclass
@@ -45,6 +54,9 @@ class _Step:
     # Async scheduling: the scheduler already recorded this step, with PLACEHOLDER tokens appended to these
     # sequences (None: not recorded yet).
     got: list[Sequence] | None = None
+    # Async scheduling: scheduled, but not queued, because its sampler needs token lists (penalties) that still
+    # end in a PLACEHOLDER; queued once the step before is collected (StepPipeline.step).
+    deferred: bool = False
 
 
 class StepPipeline:
@@ -65,31 +77,60 @@ class StepPipeline:
 
     def step(self, process: Callable[[StepSamples], None]) -> bool:
         """Runs one step to its samples and hands them to `process` (the engine's output side), queuing the next
-        step first under async scheduling. Returns False when there was nothing to run."""
+        step first under async scheduling. Returns False when there was nothing to run. A failure anywhere in the
+        model step (scheduling, inputs, forward, sampling, collecting) drops the steps in flight and raises
+        StepFailure naming their sequences (`_drop`); the engine then finds the request at fault."""
         t_start = time.perf_counter()
         cur, self.inflight = self.inflight, None
-        if cur is None:
-            sched = self.scheduler.schedule()
-            if sched.is_empty:
-                return False
-            cur = self._launch(sched, None, t_start)
         nxt = None
-        if self.async_scheduling and self._may_continue(cur):
-            try:
+        try:
+            if cur is None:
+                sched = self.scheduler.schedule()
+                if sched.is_empty:
+                    return False
+                cur = self._launch(sched, None, t_start)
+            if self.async_scheduling and self._may_continue(cur):
                 nxt = self._launch_next(cur)
-            except BaseException:
-                if cur.got is not None:  # the placeholders get their tokens before the error goes up
-                    process(self._collect(cur))
-                raise
-        process(self._collect(cur))
+            samples = self._collect(cur)
+        except Exception as e:  # zero cost on the normal path (Python 3.11 exceptions)
+            raise self._drop(e, cur, nxt) from e
+        process(samples)
         self._record(cur)  # after `process`: a step's wall time covers its outputs too
+        if nxt is not None and nxt.deferred:
+            try:
+                nxt = self._launch_deferred(nxt)
+            except Exception as e:
+                raise self._drop(e, None, None) from e
         self.inflight = nxt
         return True
+
+    def _drop(self, e: Exception, cur: _Step | None, nxt: _Step | None) -> "StepFailure":
+        """Forgets the steps in flight after a failure: the PLACEHOLDER tokens that async scheduling appended for
+        cur's samples are removed (those samples never reach the host) and the reusable sampling batch is
+        discarded. The returned StepFailure names every sequence of those steps (the suspects), in scheduling
+        order; their scheduler progress is left for the engine to reset (Scheduler.reset)."""
+        seqs: list[Sequence] = list(e.seqs) if isinstance(e, StepFailure) else []
+        for st in (cur, nxt):
+            if st is not None:
+                seqs.extend(it.seq for it in st.sched.scheduled)
+        if cur is not None and cur.got:
+            for seq in cur.got:
+                if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+                    seq.token_ids.pop()
+        self._sampling_cache = None
+        error = e.error if isinstance(e, StepFailure) else e
+        return StepFailure(list({s.seq_id: s for s in seqs}.values()), error)
 
     # ------------------------------------------------------------------ launching
     def _launch(self, sched: SchedulerOutput, prev: _Step | None, t_start: float) -> _Step:
         """Queues the model step and the sampling of `sched` on the device. prev: the step still in flight whose
-        samples are this step's decode inputs (async scheduling)."""
+        samples are this step's decode inputs (async scheduling). A failure names sched's sequences."""
+        try:
+            return self._queue(sched, prev, t_start)
+        except Exception as e:
+            raise StepFailure([it.seq for it in sched.scheduled], e) from e
+
+    def _queue(self, sched: SchedulerOutput, prev: _Step | None, t_start: float) -> _Step:
         now = time.monotonic()
         owner = self.owner
         # Decodes first (the ForwardBatch contract), then prefill chunks, each group in scheduling order.
@@ -117,7 +158,9 @@ class StepPipeline:
         work = decodes + prefills if decodes and prefills else (decodes or prefills)
         chunks = [c for c, _ in work]
         sample_seqs = [seq for c, seq in work if c.sample]
-        sampling = self._sampling_batch(sample_seqs) if sample_seqs else None
+        sampling = self._sampling_batch(sample_seqs, prev is not None) if sample_seqs else None
+        if sampling is None and sample_seqs:  # penalties read tokens prev has not delivered yet
+            return _Step(sched, len(decodes), len(prefills), sample_seqs, None, True, t_start, deferred=True)
         decode_ids = self._device_ids(decodes, prev) if decodes and prev is not None and prev.pending else None
         pending = self.runner.execute(chunks, sampling, decode_ids)
         penalties = sampling is not None and (sampling.flags.any_repetition or sampling.flags.any_freq_presence)
@@ -168,9 +211,19 @@ class StepPipeline:
         self.step_stats["queued_ahead"] += 1
         return self._launch(sched, cur, time.perf_counter())
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+    def _launch_deferred(self, step: _Step) -> _Step | None:
+        """Queues a deferred step now that the tokens it reads are on the host, without the sequences that
+        finished meanwhile."""
+        sched = step.sched
+        sched.scheduled = [it for it in sched.scheduled if it.seq.status == SequenceStatus.RUNNING]
+        if not sched.scheduled:
+            return None
+        return self._launch(sched, None, step.t_start)
+
+    def _sampling_batch(self, seqs: list[Sequence], ahead: bool = False) -> SamplingBatch | None:
         """Steady decode reuses the last batch: same rows in the same order and nothing in it that changes from
-        step to step (penalties read the token lists, min_tokens masks lift as outputs grow)."""
+        step to step (penalties read the token lists, min_tokens masks lift as outputs grow). ahead: queued
+        before the step in flight is collected; None then when penalties need a token still a PLACEHOLDER."""
         key = [seq.seq_id for seq in seqs]
         cached = self._sampling_cache
         if cached is not None and cached[0] == key:
@@ -192,6 +245,8 @@ class StepPipeline:
         penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
                         for p in {id(p): p for p in params}.values())
         if penalties:
+            if ahead and any(s.token_ids[-1] == PLACEHOLDER for s in seqs):
+                return None
             outs, prompts = [s.output_token_ids for s in seqs], [s.prompt_token_ids for s in seqs]
         else:  # only the penalties read them
             outs = prompts = [()] * len(seqs)

@@ -12,6 +12,13 @@ unprocessed logits), as vLLM v1 does by default.
 Everything is batched tensor work on the logits' device (CPU or CUDA) in float32; the
 only Python loops over the batch build index lists from per-row Python data, draw noise
 for rows that own a seeded torch.Generator, and format top-logprob lists.
+
+Batch invariance (vLLM's rule): a seeded row's token depends only on its own logits row
+and its own generator's state, never on the rows beside it: every step above is row-wise
+with the same arithmetic whatever the batch (the CUDA cumsum of top-p is made so:
+_row_cumsum), and a seeded row's noise is drawn from its generator alone
+(tests/test_seeded_sampling.py). The engine's seeded outputs are then as batch-independent
+as the model's logits rows are.
 """
 
 from __future__ import annotations
@@ -302,6 +309,16 @@ def apply_penalties(logits: Tensor,
     return logits
 
 
+def _row_cumsum(x: Tensor) -> Tensor:
+    """x.cumsum(-1) for x [B, V], each row's sums independent of B. On CUDA torch scans a single row with
+    another algorithm (a CUB device scan, when numel == V) than the rows of a [B > 1, V] tensor, so the top-p
+    mass of a request alone and in a batch would round differently and a token at the top-p edge could be kept
+    in one and dropped in the other; a one-row batch is scanned beside a copy of itself instead."""
+    if x.is_cuda and x.shape[0] == 1:
+        return x.expand(2, -1).cumsum(dim=-1)[:1]
+    return x.cumsum(dim=-1)
+
+
 def apply_top_k_top_p_min_p(logits: Tensor, top_k: Tensor | None = None,
                             top_p: Tensor | None = None,
                             min_p: Tensor | None = None) -> Tensor:
@@ -323,7 +340,7 @@ def apply_top_k_top_p_min_p(logits: Tensor, top_k: Tensor | None = None,
             sorted_logits.masked_fill_(pos[None, :] >= k[:, None], _NEG_INF)
         if top_p is not None:
             probs = sorted_logits.softmax(dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs           # exclusive prefix sum
+            mass_before = _row_cumsum(probs) - probs             # exclusive prefix sum
             # p >= 1 means off: compare against +inf so rounding in the cumsum can't drop
             # the tail; the first (most likely) token is always kept.
             p = torch.where(top_p >= 1.0, float("inf"), top_p.to(logits.dtype))
