@@ -159,7 +159,6 @@ def test_engine_seeded_request_ignores_the_batch_gpu(monkeypatch):
     engine = llm.llm_engine
     tok = llm.get_tokenizer()
     rows: dict[str, list[torch.Tensor]] = {}
-    real = Runner.execute
 
     def execute(self, chunks, sampling, decode_ids=None):
         logits = self.executor.execute(chunks, decode_ids)
@@ -185,10 +184,9 @@ def test_engine_seeded_request_ignores_the_batch_gpu(monkeypatch):
                   for _ in range(31)]
         got = run_engine(engine, target, p, others, trial)
         if got != alone:
-            a, b = rows[f"target-0-0"], rows[f"target-{trial}-31"]
+            a, b = rows["target-0-0"], rows[f"target-{trial}-31"]
             diff = [float((x - y).abs().max()) for x, y in zip(a, b)]
             first = next((i for i, d in enumerate(diff) if d > 0), None)
             tok_at = next(i for i, (x, y) in enumerate(zip(alone, got)) if x != y)
             pytest.fail(f"trial {trial}: tokens differ from step {tok_at}; the target's logits row first differs at "
                         f"step {first} (max |diff| {max(diff):.3g}): the model step depends on the batch")
-    del real
