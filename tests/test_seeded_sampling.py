@@ -145,3 +145,48 @@ def test_default_model_issue_case():
                    dataclasses.replace(other_params(r), max_tokens=r.randint(5, 120), ignore_eos=True))
                   for _ in range(31)]
         assert run_engine(engine, target, p, others, trial) == alone, trial
+
+
+@cuda
+def test_engine_seeded_request_ignores_the_batch_gpu(monkeypatch):
+    """The issue's case on the GPU (default model, its default dtype, CUDA graphs, async scheduling). The sampler is
+    batch-invariant (test above); should this fail, the message says at which step the target's LOGITS row first
+    differed alone vs in the batch, i.e. whether the model step itself (decode attention's split count, GEMM
+    shapes, graph buckets) depends on the batch."""
+    from minke.runner.runner import Runner
+
+    llm = LLM(device="cuda")
+    engine = llm.llm_engine
+    tok = llm.get_tokenizer()
+    rows: dict[str, list[torch.Tensor]] = {}
+
+    def execute(self, chunks, sampling, decode_ids=None):
+        logits = self.executor.execute(chunks, decode_ids)
+        owner = engine.output_processor.owner
+        for i, c in enumerate([c for c in chunks if c.sample]):
+            own = owner.get(c.table_key[0])
+            if own is not None and own[0].request_id.startswith("target"):
+                rows.setdefault(own[0].request_id, []).append(logits[i].float().cpu())
+        if sampling is None:
+            return None
+        from minke.runner.runner import PendingSample
+        return PendingSample(self.sampler(logits.float(), sampling))
+
+    monkeypatch.setattr(Runner, "execute", execute)
+    p = SamplingParams(temperature=1.0, seed=1234, max_tokens=STEPS, ignore_eos=True)
+    target = tok.encode("Once upon a time")
+    alone = run_engine(engine, target, p, [], 0)
+    words = "the a cat dog ran over hill big small red blue sky sea tree house king queen".split()
+    for trial in range(1, 9):
+        r = random.Random(trial)
+        others = [(tok.encode(" ".join(r.choice(words) for _ in range(r.randint(1, 40)))),
+                   dataclasses.replace(other_params(r), max_tokens=r.randint(5, 120), ignore_eos=True))
+                  for _ in range(31)]
+        got = run_engine(engine, target, p, others, trial)
+        if got != alone:
+            a, b = rows["target-0-0"], rows[f"target-{trial}-31"]
+            diff = [float((x - y).abs().max()) for x, y in zip(a, b)]
+            first = next((i for i, d in enumerate(diff) if d > 0), None)
+            tok_at = next(i for i, (x, y) in enumerate(zip(alone, got)) if x != y)
+            pytest.fail(f"trial {trial}: tokens differ from step {tok_at}; the target's logits row first differs at "
+                        f"step {first} (max |diff| {max(diff):.3g}): the model step depends on the batch")
