@@ -105,6 +105,10 @@ def test_cuda_bf16_deepseek_shapes(h, hkv, n):
     ref_cache = cache.clone()
     got = mha_prologue(q, k, v, cos, sin, cache, slots)
     want = mha_prologue_ref(q, k, v, cos, sin, ref_cache, slots)
-    for a, b in zip(got, want):  # compiled: the same roundings as torch's bf16 ops, up to FMA contraction
+    # compiled: the same roundings as torch's bf16 ops up to FMA contraction, so a value may land one bf16 ulp
+    # away (seen on an H200: 0.0039 at values near 0.5, ~1% of the elements); the cache holds the same k as got[1].
+    for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(cache[:, slots // 16, slots % 16], ref_cache[:, slots // 16, slots % 16])
+    torch.testing.assert_close(cache[:, slots // 16, slots % 16], ref_cache[:, slots // 16, slots % 16],
+                               rtol=1e-2, atol=1e-2)
+    assert torch.equal(cache[0, slots // 16, slots % 16], got[1])
