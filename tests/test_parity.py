@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import minke
+from minke.models.attention import MLAttention
 from minke.runner.input_batch import SeqChunk, make_forward_batch
 from minke.runner.kv_cache import allocate_kv_caches
 from tiny_models import VARIANTS, make_checkpoint
@@ -129,10 +130,11 @@ def test_absorbed_mla_decode_equals_naive(checkpoints):
     assert caches[0].shape[-1] == model.config.kv_lora_rank + model.config.qk_rope_head_dim
 
 
-@pytest.mark.parametrize("variant", ["deepseek_v2_lite", "deepseek_v2"])  # q_proj / q_a_proj (q LoRA)
+@pytest.mark.parametrize("variant", ["deepseek_v2_lite", "deepseek_v2", "llama_gqa", "deepseek"])
 def test_fused_input_projections_equal_separate(checkpoints, variant):
-    """MLAttention.fuse_input_projections: one GEMM for q (or q_a) and kv_a gives the separate projections' paged
-    output; the modules' weights become views of the fused tensor (no extra memory, checkpoint names kept)."""
+    """fuse_input_projections: one GEMM for MLA's q (or q_a, with a q LoRA) and kv_a, or for MHA / GQA's q, k and v,
+    gives the separate projections' paged output and cache; the modules' weights become views of the fused tensor
+    in row order (no extra memory, checkpoint names kept)."""
     _, path = checkpoints(variant)
     model = minke.load_model(path)
     attn = model.model.layers[0].self_attn
@@ -151,37 +153,14 @@ def test_fused_input_projections_equal_separate(checkpoints, variant):
     after, cache_after = paged_out()
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache_after, cache_before, atol=1e-5, rtol=1e-5)
-    first = attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj
-    fused = attn.fused_in_weight
-    assert first.weight.data_ptr() == fused.data_ptr()
-    assert attn.kv_a_proj_with_mqa.weight.data_ptr() == fused[first.out_features :].data_ptr()
-    assert sorted(model.state_dict()) == names
-
-
-@pytest.mark.parametrize("variant", ["llama_gqa", "deepseek"])
-def test_fused_qkv_equal_separate(checkpoints, variant):
-    """Attention.fuse_input_projections (MHA / GQA): one GEMM for q, k and v gives the separate projections' paged
-    output and cache; the modules' weights become views of the fused tensor (checkpoint names kept)."""
-    _, path = checkpoints(variant)
-    model = minke.load_model(path)
-    attn = model.model.layers[0].self_attn
-    names = sorted(model.state_dict())
-    x = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
-
-    def paged_out():
-        caches = allocate_kv_caches(model.config, 8, 4, torch.float32, "cpu")
-        _, b = make_forward_batch([SeqChunk(list(range(7)), 0, [3, 1])], caches, 4, "cpu")
-        with torch.no_grad():
-            return attn(x, batch=b), caches[0].clone()
-
-    before, cache_before = paged_out()
-    assert attn.fuse_input_projections() and not attn.fuse_input_projections()
-    after, cache_after = paged_out()
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache_after, cache_before, atol=1e-5, rtol=1e-5)
-    fused = attn.fused_in_weight
-    assert attn.q_proj.weight.data_ptr() == fused.data_ptr()
-    assert attn.v_proj.weight.data_ptr() == fused[attn.q_proj.out_features + attn.k_proj.out_features:].data_ptr()
+    if isinstance(attn, MLAttention):
+        projs = [attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj, attn.kv_a_proj_with_mqa]
+    else:
+        projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+    start = 0
+    for p in projs:
+        assert p.weight.data_ptr() == attn.fused_in_weight[start:].data_ptr()
+        start += p.out_features
     assert sorted(model.state_dict()) == names
 
 

@@ -44,32 +44,17 @@ class OutputProcessor:
 
     def abort(self, request_id: str) -> tuple[RequestOutput, list[Sequence]] | None:
         """The aborted request's last output, and its unfinished sequences (for the scheduler to drop)."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
-        live = []
-        for s in req.states:
-            if s.finish_reason is None:
-                live.append(s.seq)
-                s.finish_reason = "abort"
-            self.owner.pop(s.seq.seq_id, None)
-        req.metrics.finished_time = time.monotonic()
-        return self.output(req), live
+        ended = self._end(request_id, "abort")
+        return None if ended is None else (self.output(ended[0]), ended[1])
 
     def fail(self, request_id: str, error: str) -> tuple[RequestOutput, list[Sequence]] | None:
         """Ends a request that the engine could not serve (its step fails alone: LLMEngine): its unfinished
         sequences end with finish_reason "error" (vLLM's FinishReason.ERROR) and its output carries `error`.
         Returns that output and the sequences for the scheduler to drop; None if the request is not in flight."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
+        ended = self._end(request_id, "error")
+        if ended is None:
             return None
-        live = []
-        for s in req.states:
-            if s.finish_reason is None:
-                live.append(s.seq)
-                s.finish_reason = "error"
-            self.owner.pop(s.seq.seq_id, None)
-        req.metrics.finished_time = time.monotonic()
+        req, live = ended
         self.stats["num_requests_finished"] += 1
         try:
             out = self.output(req)
@@ -77,6 +62,20 @@ class OutputProcessor:
             out = req.output()
         out.error = error
         return out, live
+
+    def _end(self, request_id: str, reason: str) -> tuple[Request, list[Sequence]] | None:
+        """Takes the request out of flight: (it, its unfinished sequences, now ended with `reason`)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        live = []
+        for s in req.states:
+            if s.finish_reason is None:
+                live.append(s.seq)
+                s.finish_reason = reason
+            self.owner.pop(s.seq.seq_id, None)
+        req.metrics.finished_time = time.monotonic()
+        return req, live
 
     def process(self, step: StepSamples) -> tuple[list[RequestOutput], list[tuple[Sequence, str]]]:
         """(outputs of the requests that got a token or finished — final_only ones only when finished, the
