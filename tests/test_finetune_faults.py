@@ -20,8 +20,7 @@ from safetensors.torch import load_file
 
 from minke.cli import main
 from minke.train import checkpoint as ckpt
-from minke.train.bpe import train_bpe_tokenizer
-from tiny_models import make_checkpoint
+from tiny_models import make_sft_assets
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,14 +35,7 @@ QA = [("What is the capital of France?", "Paris is the capital of France."),
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("faults")
-    tok = train_bpe_tokenizer([f"User: {q}\n\nAssistant: {a}" for q, a in QA] * 4, 300, str(d / "tok"))
-    base = str(d / "base")
-    make_checkpoint("deepseek_v2_lite", base, vocab_size=300, bos_token_id=0, eos_token_id=1)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tok, f), os.path.join(base, f))
-    data = d / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in QA))
-    return base, str(data)
+    return make_sft_assets(d, QA)
 
 
 def _args(assets, out, *extra):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +16,7 @@ import pytest
 import torch
 
 from minke.cli import main
-from minke.train.bpe import train_bpe_tokenizer
-from tiny_models import make_checkpoint
+from tiny_models import make_sft_assets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,16 +36,10 @@ ZERO3 = {
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("gpu_ft")
     qa = [(f"Question number {i}?", f"Answer number {i} is {i * 7}.") for i in range(32)]
-    tok = train_bpe_tokenizer([f"User: {q}\n\nAssistant: {a}" for q, a in qa] * 2, 320, str(d / "tok"))
-    base = str(d / "base")
-    make_checkpoint("deepseek_v2_lite", base, vocab_size=320, bos_token_id=0, eos_token_id=1)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tok, f), os.path.join(base, f))
-    data = d / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in qa))
+    base, data = make_sft_assets(d, qa, vocab_size=320, tokenizer_repeats=2)
     ds = d / "ds_config_zero3.json"
     ds.write_text(json.dumps(ZERO3))
-    return base, str(data), str(ds)
+    return base, data, str(ds)
 
 
 def _args(assets, out, *extra):

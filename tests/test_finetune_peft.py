@@ -12,7 +12,7 @@ import torch
 
 import minke
 from minke.train.lora import apply_lora, load_adapter, make_lora_config, merge_lora, save_adapter, adapter_state_dict
-from tiny_models import make_checkpoint
+from tiny_models import make_checkpoint, make_sft_assets
 
 torch.set_num_threads(1)
 IDS = torch.tensor([[0, 9, 31, 150, 7, 64, 201, 3, 18]])
@@ -198,22 +198,13 @@ def test_experts_only_adapter_with_modules_to_save_round_trips(v2_base, tmp_path
 def test_finetune_cli_trains_expert_adapters_and_merges(variant, tmp_path):
     """End to end: `minke finetune --use_lora True --trainable all-linear` trains the routed experts' adapters
     (loss goes down), resumes nothing, writes a PEFT adapter; `--merge` gives a model with the adapter's logits."""
-    import shutil
-
     from minke.cli import main
-    from minke.train.bpe import train_bpe_tokenizer
 
     qa = [("What do bees make?", "Bees make honey."), ("What color is the sky?", "The sky is blue."),
           ("What is ice made of?", "Ice is frozen water."), ("Name a primary color.", "Red is a primary color.")]
-    tok = train_bpe_tokenizer([f"User: {q}\n\nAssistant: {a}" for q, a in qa] * 4, 300, str(tmp_path / "tok"))
-    base = str(tmp_path / "base")
-    make_checkpoint(variant, base, vocab_size=300, bos_token_id=0, eos_token_id=1)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tok, f), os.path.join(base, f))
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in qa))
+    base, data = make_sft_assets(tmp_path, qa, variant=variant)
     out = str(tmp_path / "out")
-    assert main(["finetune", "--model_name_or_path", base, "--data_path", str(data), "--output_dir", out,
+    assert main(["finetune", "--model_name_or_path", base, "--data_path", data, "--output_dir", out,
                  "--use_lora", "True", "--trainable", "all-linear", "--lora_r", "8", "--lora_alpha", "16",
                  "--modules_to_save", "", "--max_steps", "10", "--learning_rate", "1e-2", "--lora_dropout", "0", "--logging_steps", "1",
                  "--per_device_train_batch_size", "4", "--disable_tqdm", "True", "--seed", "0"]) == 0

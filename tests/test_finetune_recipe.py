@@ -9,18 +9,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
 
 from minke.cli import build_parser, main
 from minke.tokenizer import Tokenizer
-from minke.train.bpe import train_bpe_tokenizer
 from minke.train.data import (IGNORE_INDEX, DataStats, ExampleBuilder, GlobalBatchSampler, SFTOptions,
                               load_sft_dataset, read_rows)
 from minke.train.deepspeed_config import deepspeed_lr, read_deepspeed_config, resolve_schedule
-from tiny_models import deepseek_tokenizer_dir, make_checkpoint
+from tiny_models import deepseek_tokenizer_dir, make_sft_assets
 
 torch.set_num_threads(1)
 
@@ -279,14 +277,7 @@ def tiny(tmp_path_factory):
     qa = [("What is the capital of France?", "Paris is the capital of France."),
           ("Name a primary color.", "Red is a primary color."), ("What do bees make?", "Bees make honey."),
           ("What is two plus two?", "Two plus two is four.")]
-    tok = train_bpe_tokenizer([f"User: {q}\n\nAssistant: {a}" for q, a in qa] * 4, 300, str(d / "tok"))
-    base = str(d / "base")
-    make_checkpoint("deepseek_v2_lite", base, vocab_size=300, bos_token_id=0, eos_token_id=1)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tok, f), os.path.join(base, f))
-    data = d / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in qa * 2))
-    return base, str(data)
+    return make_sft_assets(d, qa, data_repeats=2)
 
 
 def _run(tiny, out, *extra):

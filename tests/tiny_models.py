@@ -209,3 +209,23 @@ def make_checkpoint(variant: str, path: str, seed: int = 0, **kw):
     model, d = build_oracle(variant, seed=seed, **kw)
     save_checkpoint(model, d, path, **save_kw)
     return model, path
+
+
+def make_sft_assets(d, qa: list[tuple[str, str]], vocab_size: int = 300, variant: str = "deepseek_v2_lite",
+                    tokenizer_repeats: int = 4, data_repeats: int = 1) -> tuple[str, str]:
+    """A tiny chat checkpoint for fine-tuning tests under directory d: `variant` with a byte-level BPE tokenizer
+    trained on the chat renderings of the (question, answer) rows, and those rows as instruction data (JSON lines).
+    Returns (checkpoint dir, data file)."""
+    from minke.train.bpe import train_bpe_tokenizer
+
+    d = str(d)
+    tok = train_bpe_tokenizer([f"User: {q}\n\nAssistant: {a}" for q, a in qa] * tokenizer_repeats, vocab_size,
+                              os.path.join(d, "tok"))
+    base = os.path.join(d, "base")
+    make_checkpoint(variant, base, vocab_size=vocab_size, bos_token_id=0, eos_token_id=1)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tok, f), os.path.join(base, f))
+    data = os.path.join(d, "train.jsonl")
+    with open(data, "w", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in qa * data_repeats))
+    return base, data
