@@ -32,8 +32,8 @@ def _opt(default, help: str, *flags: str, **extra):
 @dataclass
 class EngineConfig:
     model: str
-    dtype: str = _opt("auto", "auto | bfloat16 | float16 | float32 (auto: the config's torch_dtype; fp32 checkpoints run "
-                              "in bf16 on GPUs)")
+    dtype: str = _opt("auto", "auto | bfloat16 | float16 | float32 (auto: the config's torch_dtype; fp32 "
+                              "checkpoints run in bf16 on GPUs)")
     device: str | None = _opt(None, "cuda | cpu (default: cuda when available)")
     max_model_len: int | None = _opt(None, "context length (default: what the config and the KV cache allow)",
                                      type=int)

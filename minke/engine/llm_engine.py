@@ -23,6 +23,7 @@ from collections import deque
 
 from ..config import load_config
 from ..runner.runner import Runner
+from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -31,7 +32,6 @@ from .output_processor import OutputProcessor, StepSamples
 from .outputs import RequestOutput
 from .request import Request
 from .scheduler import Scheduler
-from ..sampling_params import SamplingParams
 from .step_pipeline import StepFailure, StepPipeline
 
 logger = logging.getLogger("minke")
@@ -119,10 +119,13 @@ class LLMEngine:
             self.scheduler.add(s.seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        got = self.output_processor.abort(request_id)
-        if got is None:
+        return self._release(self.output_processor.abort(request_id))
+
+    def _release(self, ended: tuple[RequestOutput, list] | None) -> RequestOutput | None:
+        """A request the OutputProcessor ended (abort / fail): its unfinished sequences leave the scheduler."""
+        if ended is None:
             return None
-        out, live = got
+        out, live = ended
         for seq in live:
             self.scheduler.abort(seq.seq_id)
         return out
@@ -190,17 +193,15 @@ class LLMEngine:
             logger.error("request %s fails alone (%s): it ends with an error, the others go on", rid, f)
             ran = False
             self.scheduler.reset([s for s in f.seqs if s.seq_id not in self._probe[1]])  # none, in principle
-            got = self.output_processor.fail(rid, str(f))
-            if got is not None:
-                out, seqs = got
-                for seq in seqs:
-                    self.scheduler.abort(seq.seq_id)
+            out = self._release(self.output_processor.fail(rid, str(f)))
+            if out is not None:
                 outputs.append(out)
         finally:
             self.pipeline.async_scheduling = was_async
         start = self._probe[1]
-        if not ran or rid not in requests or all(s.finish_reason is not None or len(s.seq.token_ids) > start[s.seq.seq_id]
-                                                 for s in req.states if s.seq.seq_id in start):
+        sampled_again = all(s.finish_reason is not None or len(s.seq.token_ids) > start[s.seq.seq_id]
+                            for s in req.states if s.seq.seq_id in start)
+        if not ran or rid not in requests or sampled_again:
             suspects.popleft()  # cleared (or failed, or nothing left to run of it)
             self._probe = None
         if not suspects:
