@@ -198,14 +198,16 @@ def test_lm_eval_local_completions_equals_hf_backend(base, model_dir, tmp_path):
     from lm_eval.tasks import TaskManager
 
     tasks = ["minke_mc", "minke_ppl", "minke_gen"]
+    # bos first on both sides, as the DeepSeek models are trained (HFLM's default follows the tokenizer; the API
+    # model's does not add it)
     manager = TaskManager(include_path=_tasks(tmp_path), include_defaults=False)
     served = lm_eval.simple_evaluate(
         model="local-completions", tasks=tasks, task_manager=manager, log_samples=True,
         model_args={"model": MODEL, "base_url": f"{base}/v1/completions", "tokenizer_backend": "huggingface",
-                    "tokenizer": model_dir, "max_retries": 1, "max_length": 1024})
+                    "tokenizer": model_dir, "max_retries": 1, "max_length": 1024, "add_bos_token": True})
     local = lm_eval.simple_evaluate(
         model="hf", tasks=tasks, task_manager=manager, log_samples=True, batch_size=1,
-        model_args={"pretrained": model_dir, "dtype": "float32", "device": "cpu"})
+        model_args={"pretrained": model_dir, "dtype": "float32", "device": "cpu", "add_bos_token": True})
     got, ref = _per_request(served), _per_request(local)
     n_mc = sum(len(c) for _, c, _ in MC)
     assert len(got["minke_mc"]) == len(ref["minke_mc"]) == n_mc
