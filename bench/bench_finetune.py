@@ -122,6 +122,36 @@ def _lora_targets(trainable: str, model) -> str:
     return ",".join(t for t in trainable.split(",") if t in present)
 
 
+class _StepProfiler:
+    """--profile DIR: the last timed step of a side under torch.profiler; its kernel tables (by device time, and by
+    input shape) are written to DIR/{side}-{case}.txt, so the two sides' steps can be compared op by op."""
+
+    def __init__(self, args, side: str, case: str):
+        self.dir, self.name, self.last = args.profile, f"{side}-{case}", args.steps + args.warmup - 1
+        self.prof = None
+
+    def start(self, i: int) -> None:
+        if self.dir and i == self.last:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts, record_shapes=True)
+            self.prof.__enter__()
+
+    def stop(self) -> None:
+        if self.prof is None:
+            return
+        self.prof.__exit__(None, None, None)
+        os.makedirs(self.dir, exist_ok=True)
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        with open(os.path.join(self.dir, self.name + ".txt"), "w") as f:
+            f.write(self.prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
+            f.write("\n\n# grouped by input shape\n")
+            f.write(self.prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40,
+                                                                             max_name_column_width=60))
+        self.prof = None
+
+
 def _summary(side: str, case: str, raw: dict, args, steps: list[dict], setup_s: float, trainable: int,
              device: torch.device) -> dict:
     timed = steps[args.warmup:]
@@ -170,15 +200,18 @@ def run_minke(case: str, raw: dict, device: torch.device, args, data: torch.Tens
         cfg = TrainingConfig(output_dir=out, max_steps=args.steps + args.warmup,
                              per_device_train_batch_size=args.batch_size, learning_rate=2e-4 if lora else 2e-5,
                              max_grad_norm=0.3, bf16=True, save_strategy="no", gradient_checkpointing=True,
-                             disable_tqdm=True, seed=0)
+                             disable_tqdm=True, seed=0, cuda_graphs=args.cuda_graphs)
         trainer = Trainer(model, BlockData(data), cfg, DistInfo(device=device), ShardPlan("none"), writer=None)
         model.train()
         _reset_memory(device)
         steps = []
-        for _ in range(args.steps + args.warmup):
+        prof = _StepProfiler(args, "minke", case)
+        for i in range(args.steps + args.warmup):
             _sync(device)
+            prof.start(i)
             m = trainer.train_step()
             _sync(device)
+            prof.stop()
             steps.append(m)
     res = _summary("minke", case, raw, args, steps, setup_s, sum(p.numel() for p in trainer.trainable), device)
     del trainer, model
@@ -244,9 +277,11 @@ def run_transformers(case: str, raw: dict, device: torch.device, args, data: tor
     setup_s = time.perf_counter() - t0
     _reset_memory(device)
     steps = []
+    prof = _StepProfiler(args, "transformers", case)
     for i in range(args.steps + args.warmup):
         ids = data[i * args.batch_size:(i + 1) * args.batch_size].to(device)
         _sync(device)
+        prof.start(i)
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = hf(input_ids=ids, labels=ids, use_cache=False).loss
@@ -256,6 +291,7 @@ def run_transformers(case: str, raw: dict, device: torch.device, args, data: tor
         opt.zero_grad(set_to_none=True)
         _sync(device)
         steps.append({"loss": loss.item(), "step_time_s": time.perf_counter() - t})
+        prof.stop()
     res = _summary("transformers", case, raw, args, steps, setup_s, sum(p.numel() for p in params), device)
     res["experts_implementation"] = impl
     del hf, opt, params
@@ -296,6 +332,10 @@ def main() -> int:
     p.add_argument("--hf_experts", default="grouped_mm", help="transformers' experts_implementation")
     p.add_argument("--cpu_smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--no_cuda_graphs", dest="cuda_graphs", action="store_false",
+                   help="minke's steps eagerly (default: replayed as CUDA graphs, as `minke finetune` does)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile the last step of each side; kernel tables go to DIR")
     args = p.parse_args()
 
     if args.mode:
