@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from minke.config import config_from_dict  # noqa: E402
 from minke.loader import build_model  # noqa: E402
 from minke.train.args import TrainingConfig  # noqa: E402
-from minke.train.data import BlockData  # noqa: E402
+from minke.train.data import BlockData, GlobalBatchSampler  # noqa: E402
 from minke.train.distributed import DistInfo, ShardPlan  # noqa: E402
 from minke.train.lora import apply_lora, make_lora_config  # noqa: E402
 from minke.train.pretrain import init_weights  # noqa: E402
@@ -162,6 +162,8 @@ def _summary(side: str, case: str, raw: dict, args, steps: list[dict], setup_s: 
            "step_time_s": round(dt / len(timed), 3), "setup_s": round(setup_s, 1), "trainable_params": trainable,
            "loss_first": round(steps[0]["loss"], 4), "loss_last": round(steps[-1]["loss"], 4),
            "finite": all(math.isfinite(s["loss"]) for s in steps)}
+    if args.text:  # the curve: the token-mean cross-entropy of every step (minke's loss adds the balance loss)
+        res["ce_curve"] = [round(s.get("ce_loss", s["loss"]), 4) for s in steps]
     if device.type == "cuda":
         res["gpu_peak_gib"] = gib(torch.cuda.max_memory_allocated())
     return res
@@ -278,8 +280,10 @@ def run_transformers(case: str, raw: dict, device: torch.device, args, data: tor
     _reset_memory(device)
     steps = []
     prof = _StepProfiler(args, "transformers", case)
+    # The blocks in the order minke's Trainer takes them (its seeded sampler), so both sides see the same batches.
+    sampler = GlobalBatchSampler(len(data), args.batch_size, 1, 1, 0)
     for i in range(args.steps + args.warmup):
-        ids = data[i * args.batch_size:(i + 1) * args.batch_size].to(device)
+        ids = data[sampler.micro_batches(i, 0)[0]].to(device)
         _sync(device)
         prof.start(i)
         t = time.perf_counter()
@@ -290,7 +294,7 @@ def run_transformers(case: str, raw: dict, device: torch.device, args, data: tor
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        steps.append({"loss": loss.item(), "step_time_s": time.perf_counter() - t})
+        steps.append({"loss": loss.item(), "ce_loss": loss.item(), "step_time_s": time.perf_counter() - t})
         prof.stop()
     res = _summary("transformers", case, raw, args, steps, setup_s, sum(p.numel() for p in params), device)
     res["experts_implementation"] = impl
@@ -299,6 +303,42 @@ def run_transformers(case: str, raw: dict, device: torch.device, args, data: tor
 
 
 # -------------------------------------------------------------------------------------------------------- main
+def _text_blocks(args, n_blocks: int, vocab: int) -> torch.Tensor:
+    """--text: real text (the given files, concatenated) tokenized with --tokenizer into [n_blocks, seq_len] blocks
+    (cycled when the text is shorter)."""
+    import glob
+
+    from minke.tokenizer import load_tokenizer
+
+    files = sorted(f for pat in args.text.split(",") for f in glob.glob(pat, recursive=True))
+    if not files:
+        raise SystemExit(f"bench_finetune: --text {args.text!r} matches no file")
+    tok = load_tokenizer(args.tokenizer)
+    ids = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            ids += tok.encode(fh.read())
+    ids = torch.tensor(ids, dtype=torch.long) % vocab
+    need = n_blocks * args.seq_len
+    ids = ids.repeat(need // ids.numel() + 1)[:need]
+    print(json.dumps({"text_files": len(files), "text_tokens": int(min(need, ids.numel()))}), flush=True)
+    return ids.view(n_blocks, args.seq_len)
+
+
+def _curve_table(rows: list[dict]) -> str:
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        m = next((r for r in rows if r["case"] == case and r["side"] == "minke" and "ce_curve" in r), None)
+        h = next((r for r in rows if r["case"] == case and r["side"] == "transformers" and "ce_curve" in r), None)
+        if not (m and h):
+            continue
+        d = [abs(a - b) for a, b in zip(m["ce_curve"], h["ce_curve"])]
+        out.append(f"{case}: cross-entropy per step, minke {m['ce_curve'][0]} -> {m['ce_curve'][-1]}, transformers "
+                   f"{h['ce_curve'][0]} -> {h['ce_curve'][-1]}; |difference| mean {sum(d) / len(d):.4f}, max "
+                   f"{max(d):.4f} over {len(d)} steps")
+    return "\n".join(out)
+
+
 def _table(rows: list[dict]) -> str:
     by = {}
     for r in rows:
@@ -332,6 +372,10 @@ def main() -> int:
     p.add_argument("--hf_experts", default="grouped_mm", help="transformers' experts_implementation")
     p.add_argument("--cpu_smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--text", default=None, metavar="GLOBS",
+                   help="train on real text (comma-separated globs, e.g. 'README.md,minke/**/*.py') tokenized with "
+                        "--tokenizer instead of random tokens, and print both sides' per-step loss curves")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory for --text (e.g. the DeepSeek tokenizer)")
     p.add_argument("--no_cuda_graphs", dest="cuda_graphs", action="store_false",
                    help="minke's steps eagerly (default: replayed as CUDA graphs, as `minke finetune` does)")
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -367,7 +411,11 @@ def main() -> int:
         layers = args.full_layers if case == "full" else args.num_layers
         raw = dict(V2_LITE, **(SMOKE if args.cpu_smoke else {"num_hidden_layers": layers}))
         n_blocks = args.batch_size * (args.steps + args.warmup)
-        data = torch.randint(0, raw["vocab_size"], (n_blocks, args.seq_len), generator=torch.Generator().manual_seed(1))
+        if args.text:
+            data = _text_blocks(args, n_blocks, raw["vocab_size"])
+        else:
+            data = torch.randint(0, raw["vocab_size"], (n_blocks, args.seq_len),
+                                 generator=torch.Generator().manual_seed(1))
         results = []
         state = lora = None
         try:
@@ -401,6 +449,8 @@ def main() -> int:
                     f.write(line + "\n")
         rows += results
     print(_table(rows), flush=True)
+    if args.text:
+        print(_curve_table(rows), flush=True)
     return 0 if all("error" not in r for r in rows if r["side"] == "minke") else 1
 
 
