@@ -176,9 +176,10 @@ def run_minke(case: str, raw: dict, device: torch.device, args, data: torch.Tens
     _reset_memory(device)
     t0 = time.perf_counter()
     model = _base(raw, base, device)
-    # Tensors of the unprepared base, shared with the transformers model (LoRA leaves them untouched; the 4-bit
-    # conversion replaces modules but these references keep the bf16 originals for transformers to quantize).
-    shared = dict(model.state_dict()) if args.compare and base != "full" else None
+    # Tensors of the unprepared base, shared with the transformers model (LoRA leaves them untouched, so nothing is
+    # held twice). The 4-bit base replaces its modules: keeping the bf16 originals alive for transformers would count
+    # ~31 GiB of them in minke's peak, so that side draws the same weights again afterwards, as full fine-tuning does.
+    shared = dict(model.state_dict()) if args.compare and base == "bf16" else None
     lora = None
     if base == "nf4":
         from minke.train.quant import quantize_model_4bit
@@ -202,6 +203,7 @@ def run_minke(case: str, raw: dict, device: torch.device, args, data: torch.Tens
         cfg = TrainingConfig(output_dir=out, max_steps=args.steps + args.warmup,
                              per_device_train_batch_size=args.batch_size, learning_rate=2e-4 if lora else 2e-5,
                              max_grad_norm=0.3, bf16=True, save_strategy="no", gradient_checkpointing=True,
+                             lr_scheduler_type="constant", weight_decay=0.0,  # as the transformers loop below
                              disable_tqdm=True, seed=0, cuda_graphs=args.cuda_graphs)
         trainer = Trainer(model, BlockData(data), cfg, DistInfo(device=device), ShardPlan("none"), writer=None)
         model.train()
@@ -218,7 +220,7 @@ def run_minke(case: str, raw: dict, device: torch.device, args, data: torch.Tens
     res = _summary("minke", case, raw, args, steps, setup_s, sum(p.numel() for p in trainer.trainable), device)
     del trainer, model
     _reset_memory(device)
-    if shared is None and args.compare:  # full fine-tuning: the transformers side draws the same weights again
+    if shared is None and args.compare:  # full / 4-bit: the transformers side draws the same weights again
         shared = dict(_base(raw, base, device).state_dict())
     return res, shared, lora
 
@@ -275,7 +277,7 @@ def run_transformers(case: str, raw: dict, device: torch.device, args, data: tor
         hf = get_peft_model(hf, lora)
     hf.train()
     params = [p for p in hf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4 if lora is not None else 2e-5)
+    opt = torch.optim.AdamW(params, lr=2e-4 if lora is not None else 2e-5, weight_decay=0.0)  # minke's defaults
     setup_s = time.perf_counter() - t0
     _reset_memory(device)
     steps = []
