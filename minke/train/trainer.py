@@ -197,11 +197,12 @@ class Trainer:
                 "epoch": self.step / self.sampler.steps_per_epoch}
 
     def _losses(self, ids: torch.Tensor, labels: torch.Tensor):
-        """(sum of the token cross-entropies, balance loss or None). One process: the lm_head + cross-entropy run
-        in token chunks (train/loss.py), never holding [tokens, vocab] fp32 logits. DDP/FSDP: through the wrapped
-        model's forward, whose hooks sync and gather the parameters."""
+        """(sum of the token cross-entropies, balance loss or None). One process and FSDP2 (which gathers the root's
+        parameters around model.hidden_states too: distributed.wrap_model): the lm_head + cross-entropy run in token
+        chunks (train/loss.py), never holding [tokens, vocab] fp32 logits. DDP, label smoothing: through the model's
+        forward and full logits (DDP's reducer is armed by the wrapper's forward only)."""
         smoothing = self.cfg.label_smoothing_factor
-        if self.plan.strategy == "none" and hasattr(self.model, "hidden_states") and not smoothing:
+        if self.plan.strategy != "ddp" and hasattr(self.model, "hidden_states") and not smoothing:
             h, aux = self.model.hidden_states(ids, want_aux=True)
             h = h[:, :-1].reshape(-1, h.shape[-1])  # position t predicts token t+1
             ce = chunked_cross_entropy(h, self.model.lm_head, labels[:, 1:].reshape(-1), IGNORE_INDEX,
