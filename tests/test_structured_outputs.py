@@ -229,3 +229,18 @@ def test_sampler_samples_only_allowed_tokens():
         out = Sampler()(logits.clone(), batch, mask)
         for i, t in enumerate(out.token_ids.tolist()):
             assert allowed[i, t]
+
+
+def test_structural_tag_and_lark_grammars_compile(llm):
+    """The other two forms: xgrammar's structural tag (free text with a JSON segment between tags: tool calls)
+    and a Lark grammar (vLLM's guided_grammar accepts either EBNF or Lark)."""
+    manager = llm.llm_engine.input_processor.structured
+    tag = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<tool>"], "tags": [
+        {"begin": "<tool>", "content": {"type": "json_schema", "json_schema": {
+            "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}, "end": "</tool>"}]}}
+    state = manager.states(StructuredOutputsParams(structural_tag=tag), 1)[0]
+    assert state.matcher.accept_string('Sure. <tool>{"a": 1}</tool>')
+    bad = manager.states(StructuredOutputsParams(structural_tag=tag), 1)[0]
+    assert not bad.matcher.accept_string('<tool>{"a": "x"}')
+    lark = manager.states(StructuredOutputsParams(grammar='start: "a" NUM\nNUM: /[0-9]+/'), 1)[0]
+    assert lark.matcher.accept_string("a12") and not lark.matcher.accept_string("b")
