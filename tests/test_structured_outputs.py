@@ -244,3 +244,23 @@ def test_structural_tag_and_lark_grammars_compile(llm):
     assert not bad.matcher.accept_string('<tool>{"a": "x"}')
     lark = manager.states(StructuredOutputsParams(grammar='start: "a" NUM\nNUM: /[0-9]+/'), 1)[0]
     assert lark.matcher.accept_string("a12") and not lark.matcher.accept_string("b")
+
+
+def test_padded_vocabulary_ids_are_never_allowed(llm):
+    """The model's vocabulary may be wider than the tokenizer's (DeepSeek: 100015 tokens, 102400 logits): the mask
+    covers the logits' width and forbids the ids no token stands for, even where a grammar allows nearly all."""
+    from minke.engine.structured_output import StructuredOutputManager
+
+    tok = llm.get_tokenizer()
+    width = tok.vocab_size + 100
+    manager = StructuredOutputManager(tok, width, [tok.eos_token_id], torch.device("cpu"), 4)
+    state = manager.states(StructuredOutputsParams(json={"type": "string"}), 1)[0]
+    assert state.matcher.accept_string('"inside a string')
+    mask = manager.fill_bitmask([state, None])
+    assert mask.shape == (2, (width + 31) // 32)
+    logits = torch.zeros(2, width)
+    apply_token_bitmask(logits, mask)
+    allowed = torch.isfinite(logits[0])
+    assert allowed[: tok.vocab_size].sum() > tok.vocab_size // 2  # a string takes most tokens
+    assert not allowed[tok.vocab_size:].any()
+    assert torch.isfinite(logits[1]).all()  # the unconstrained row
