@@ -130,18 +130,34 @@ class Runner:
         sample=True; returns without waiting for the GPU. decode_ids [D]: device-side input ids of the first D
         chunks (async scheduling: the previous step's samples; Worker.run). Chunks with logit_targets also get
         their rows scored for prompt logprobs, with the top-k alternatives of the step's largest logits_topk."""
-        logits = self.executor.execute(chunks, decode_ids)  # [S + P, V] on rank 0
-        targets = [t for c in chunks if c.logit_targets for t in c.logit_targets]
-        s = len(logits) - len(targets)
-        prompt = None
-        if targets:
-            prompt = prompt_logprobs(logits[s:], torch.tensor(targets, dtype=torch.long).to(logits.device,
-                                                                                            non_blocking=True),
-                                     max(c.logits_topk for c in chunks if c.logit_targets))
-            logits = logits[:s]
+        logits, prompt = self.forward(chunks, decode_ids)
         if sampling is None:
             return None if prompt is None else PendingSample(None, prompt)
-        return PendingSample(self.sampler(logits.float(), sampling), prompt)
+        return self.sample(logits, sampling, prompt=prompt)
+
+    def forward(self, chunks: list[SeqChunk],
+                decode_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, PromptLogprobs | None]:
+        """Queues the model step alone (see execute); returns the logits [S, V] of the sampled rows on rank 0, still
+        being computed, and the prompt logprobs of the chunks that want them (None if none). Structured outputs
+        sample later (`sample`), once the grammar bitmask is filled on the host: the fill overlaps this forward on
+        the GPU. With CUDA graphs the logits are the graph's output buffer: sample them before the next forward is
+        queued."""
+        logits = self.executor.execute(chunks, decode_ids)  # [S + P, V] on rank 0
+        targets = [t for c in chunks if c.logit_targets for t in c.logit_targets]
+        if not targets:
+            return logits, None
+        s = len(logits) - len(targets)
+        prompt = prompt_logprobs(logits[s:], torch.tensor(targets, dtype=torch.long).to(logits.device,
+                                                                                        non_blocking=True),
+                                 max(c.logits_topk for c in chunks if c.logit_targets))
+        return logits[:s], prompt
+
+    def sample(self, logits: torch.Tensor, sampling: SamplingBatch, token_bitmask: torch.Tensor | None = None,
+               prompt: PromptLogprobs | None = None) -> PendingSample:
+        """Queues the sampling of `forward`'s logits (rank 0; with tensor parallelism the other ranks receive the
+        tokens with the next step's inputs), token_bitmask [S, ceil(V / 32)] applied first; `prompt` (forward's
+        prompt logprobs) travels to the host with the samples."""
+        return PendingSample(self.sampler(logits.float(), sampling, token_bitmask), prompt)
 
     def shutdown(self) -> None:
         self.executor.shutdown()
