@@ -190,3 +190,12 @@ def test_uncompilable_schema_names_the_tool():
     with pytest.raises(ToolSchemaError) as e:
         tool_calls_grammar([("f", {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})], 1)
     assert e.value.name == "f"
+
+
+def test_llm_chat_takes_tools(tokenizer):
+    """LLM.chat(messages, tools=...) (vLLM's argument) prompts with the same rendering as the server."""
+    from minke import LLM, SamplingParams
+
+    out = LLM(device="cpu", kv_cache_tokens=2048).chat(ROUND_TRIP, SamplingParams(max_tokens=1),
+                                                        tools=[WEATHER, CLOCK], use_tqdm=False)
+    assert out[0].prompt_token_ids == tokenizer.apply_chat_template(ROUND_TRIP, tools=[WEATHER, CLOCK])

@@ -70,6 +70,9 @@ def setup(req: P.ChatCompletionRequest) -> ToolSetup:
         except jsonschema.SchemaError as e:
             raise APIError(400, f"tools[{i}].function.parameters is not a valid JSON schema: {e.message}",
                            param=f"tools[{i}].function.parameters") from None
+        except Exception as e:  # e.g. a `$schema` that is not a string: still the client's schema
+            raise APIError(400, f"tools[{i}].function.parameters cannot be read as a JSON schema: {e!r}",
+                           param=f"tools[{i}].function.parameters") from None
         if params.get("type", "object") != "object":
             raise APIError(400, f"tools[{i}].function.parameters must describe an object (\"type\": \"object\"), "
                                 f"got type {params.get('type')!r}", param=f"tools[{i}].function.parameters")
