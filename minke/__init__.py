@@ -10,7 +10,7 @@ from .config import ConfigError, ModelConfig, load_config
 from .loader import CheckpointError, load_model
 
 __all__ = ["ConfigError", "CheckpointError", "ModelConfig", "load_config", "load_model", "load_tokenizer",
-           "LLM", "SamplingParams", "__version__"]
+           "LLM", "SamplingParams", "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name):
@@ -23,6 +23,10 @@ def __getattr__(name):
         from .sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from .sampling_params import StructuredOutputsParams
+
+        return StructuredOutputsParams
     if name == "LLM":
         from .engine.llm import LLM
 

@@ -27,6 +27,8 @@ LOGIT_BIAS_LIMIT = 100.0
 MAX_LOGPROBS = 20
 # What the engine reports for a request: its output after every step (streaming), or only the finished one.
 OUTPUT_KINDS = ("cumulative", "final_only")
+# The constraint kinds of StructuredOutputsParams, one of which a request sets.
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 def _is_int(value) -> bool:
@@ -52,6 +54,67 @@ def _check_real(name: str, value) -> float:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text, enforced token by token by a grammar engine (xgrammar): vLLM's
+    `StructuredOutputsParams` (which replaced its `GuidedDecodingParams`). Exactly one kind is set:
+
+    json: a JSON schema (dict, or its JSON text); the output is a JSON value that validates against it.
+    regex: the output matches this regular expression.  choice: the output is exactly one of these strings.
+    grammar: an EBNF grammar (xgrammar / GBNF syntax, rule `root` first) or a Lark grammar.
+    json_object: True = any JSON object (OpenAI's response_format {"type": "json_object"}).
+    structural_tag: xgrammar's structural-tag JSON (free text with constrained segments between tags).
+    disable_any_whitespace: JSON output without free whitespace between tokens (compact separators).
+    disable_additional_properties: accepted for vLLM compatibility; xgrammar already compiles schemas strictly
+    (objects take only the properties a schema names unless it allows more with additionalProperties).
+    Compiled (and checked) when the engine takes the request in: a bad schema or grammar is a ValueError there.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None  # vLLM's (outlines-only) option: refused, xgrammar has no equivalent
+
+    def __post_init__(self) -> None:
+        set_kinds = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(set_kinds) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of {', '.join(STRUCTURED_KINDS)}; got "
+                             f"{', '.join(set_kinds) if set_kinds else 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (a dict or its JSON text), got "
+                             f"{type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {v!r}")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice or \
+                    not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, got "
+                                 f"{self.choice!r}")
+            self.choice = list(self.choice)
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
+        if self.structural_tag is not None and not isinstance(self.structural_tag, (str, dict)):
+            raise ValueError("structured_outputs.structural_tag must be xgrammar's structural-tag JSON (a dict or "
+                             "its text)")
+        if self.whitespace_pattern is not None:
+            raise ValueError("structured_outputs.whitespace_pattern is not supported (xgrammar has no whitespace "
+                             "pattern; use disable_any_whitespace)")
+        for name in ("disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"structured_outputs.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
+@dataclass
 class SamplingParams:
     """How to sample one request's completion(s); field names and defaults follow vLLM.
 
@@ -67,6 +130,9 @@ class SamplingParams:
     logprobs: number of top log-probabilities returned per generated token (0 = only the
     chosen token's), at most 20.  prompt_logprobs: not supported (must be None).
     logit_bias: {token id: bias added to its logit}; -inf bans a token.
+    structured_outputs: a StructuredOutputsParams (or its dict) constraining the output to a JSON schema, regex,
+    choice or grammar; a sequence whose grammar completes finishes with "stop", one that hits max_tokens first
+    with "length".
     output_kind: "cumulative" (the engine reports the request's output, text so far included, every step it gets
     a token: streaming) or "final_only" (only once, when it finishes; without stop strings the text is then
     detokenized once at the end instead of token by token; what LLM.generate uses).
@@ -92,6 +158,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: str = "cumulative"
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -153,6 +220,16 @@ class SamplingParams:
 
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+
+        if isinstance(self.structured_outputs, dict):
+            unknown = sorted(set(self.structured_outputs) - set(StructuredOutputsParams.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"structured_outputs: unknown field(s) {unknown}; it takes "
+                                 f"{sorted(StructuredOutputsParams.__dataclass_fields__)}")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams or None, got "
+                             f"{type(self.structured_outputs).__name__}")
 
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):

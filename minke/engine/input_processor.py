@@ -3,8 +3,8 @@
 
 Prompts: a string, a list of token ids, or vLLM's dict forms {"prompt": str} / {"prompt_token_ids": [int]}; chat
 messages are rendered by `render_chat` first. Checks that need the model (the vocabulary, the context) live here;
-SamplingParams checks its own fields when it is built. Room for per-request adapter, grammar and prompt-logprob
-options: they are validated here too, against what the engine serves.
+SamplingParams checks its own fields when it is built. Structured-output constraints are compiled here (cached)
+into one grammar state per sequence, so an invalid schema is refused before the request reaches the scheduler.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .outputs import RequestMetrics
 from .request import Request, SeqState
 from .sequence import Sequence
+from .structured_output import StructuredOutputManager
 
 Prompt = str | list[int] | dict
 
 
 class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, model_config: ModelConfig, max_model_len: int, block_size: int,
-                 device: torch.device):
+                 device: torch.device, max_num_seqs: int = 256):
         self.tokenizer, self.model_config = tokenizer, model_config
         self.max_model_len, self.block_size, self.device = max_model_len, block_size, device
         self.vocab_size = model_config.vocab_size
@@ -38,6 +39,10 @@ class InputProcessor:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
+        # Structured outputs: grammars compiled here, at intake (a bad schema fails its request alone), over the
+        # model's vocabulary; a completed grammar allows only the eos ids. xgrammar is imported on first use.
+        self.structured = StructuredOutputManager(tokenizer, self.vocab_size, sorted(self.eos_ids), device,
+                                                  max_num_seqs)
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -108,6 +113,9 @@ class InputProcessor:
         stop_ids = set(params.stop_token_ids or [])
         if not params.ignore_eos:
             stop_ids.update(self.eos_ids)
+        grammars = [None] * params.n
+        if params.structured_outputs is not None:
+            grammars = self.structured.states(params.structured_outputs, params.n)
         req = Request(request_id, text, ids, params, [], RequestMetrics(arrival), max_tokens, frozenset(stop_ids),
                       final_only=params.output_kind == "final_only")
         # final_only without stop strings: nothing needs the text before the end, so decode it once then.
@@ -117,5 +125,6 @@ class InputProcessor:
             gen = make_generator(params.seed + i, self.device) if params.seed is not None else None
             detok = None if deferred else IncrementalDetokenizer(self.tokenizer, ids,
                                                                  skip_special_tokens=params.skip_special_tokens)
-            req.states.append(SeqState(seq, i, detok, gen, logprobs=[] if params.logprobs is not None else None))
+            req.states.append(SeqState(seq, i, detok, gen, logprobs=[] if params.logprobs is not None else None,
+                                       grammar=grammars[i]))
         return req

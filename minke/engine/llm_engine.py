@@ -52,11 +52,11 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg.scheduler_config(self.max_model_len, self.runner.graphs is not None),
                                    self.block_manager)
         self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.max_model_len, cfg.block_size,
-                                              self.runner.device)
+                                              self.runner.device, cfg.max_num_seqs)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.async_scheduling = bool(cfg.async_scheduling)
         self.pipeline = StepPipeline(self.scheduler, self.runner, self.output_processor.owner, self.max_model_len,
-                                     self.async_scheduling)
+                                     self.async_scheduling, self.input_processor.structured)
         # Step-failure recovery: the suspect requests still to be run alone, and the probe under way (the
         # request id, and each of its live sequences' token count when its probe began).
         self._suspects: deque[str] = deque()

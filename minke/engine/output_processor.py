@@ -151,7 +151,14 @@ class OutputProcessor:
         n_tokens = len(seq.token_ids)
         n_out = n_tokens - seq.num_prompt_tokens
         can_stop = n_out >= p.min_tokens
-        if can_stop and token in req.stop_ids:
+        if st.grammar is not None:
+            st.grammar.accept(token)  # raises (this request fails alone) for a token its grammar forbids
+        if st.grammar is not None and st.grammar.terminated:
+            # The grammar is complete and took a stop token (its mask allowed only those): the output is whole,
+            # whatever ignore_eos or min_tokens say. The stop token's text is not part of the output.
+            st.finish_reason = "stop"
+            st.stop_reason = token if token in (p.stop_token_ids or []) else None
+        elif can_stop and token in req.stop_ids:
             st.finish_reason = "stop"
             # The stop token's own text is not part of the output (vLLM's rule).
             st.stop_reason = token if token in (p.stop_token_ids or []) else None

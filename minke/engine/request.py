@@ -4,6 +4,7 @@ OutputProcessor (which fills in its outputs): the prompt, its sampling options a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from .structured_output import GrammarState
 
 
 @dataclass
@@ -31,6 +35,7 @@ class SeqState:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    grammar: GrammarState | None = None  # structured outputs: this sequence's matcher (advanced per token)
 
 
 @dataclass

@@ -4,7 +4,15 @@ waiting for step k's samples, step k+1 is scheduled and queued behind it on the 
 k's samples on the device, so the host work between steps (outputs of k, scheduling and inputs of k+1) overlaps
 the GPU instead of idling it. The scheduler sees each sampled token as a PLACEHOLDER until the host has it; a
 sequence that turns out to have finished wastes its row of the queued step (its KV goes to a freed block that is
-never shared: the block of that position is uncommitted)."""
+never shared: the block of that position is uncommitted).
+
+Structured outputs: a step with grammar-constrained rows queues its forward first and its sampler later, once
+the rows' token bitmask is filled on the CPU (xgrammar), so the fill overlaps the forward on the GPU (vLLM splits
+execute_model / sample_tokens for the same reason). The mask of step k+1 needs step k's tokens in the matchers:
+under async scheduling step k+1's forward is queued ahead as usual, and its mask is filled and its sampler queued
+right after step k's samples were processed (matchers advanced), while step k+1's forward still runs; the step is
+only handed on (and step k+2 queued) once its sampler is queued, so the logits it reads (a CUDA graph's output
+buffer) are never overwritten first."""
 
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from .output_processor import StepSamples
 from .request import Request, SeqState
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
+from .structured_output import StructuredOutputManager
 
 PLACEHOLDER = -1  # a sequence's last token while the step that samples it runs ahead of the host (async scheduling)
 
@@ -57,14 +66,18 @@ class _Step:
     # Async scheduling: scheduled, but not queued, because its sampler needs token lists (penalties) that still
     # end in a PLACEHOLDER; queued once the step before is collected (StepPipeline.step).
     deferred: bool = False
+    # Structured outputs: the forward is queued, its sampling waits for the grammar bitmask (StepPipeline._sample).
+    logits: torch.Tensor | None = None  # [S, V] on the device, being computed
+    sampling: SamplingBatch | None = None
+    forward_done: torch.cuda.Event | None = None  # recorded behind the forward (CUDA): was the mask ready first?
 
 
 class StepPipeline:
     """owner: seq_id -> (Request, SeqState) of the requests in flight (the OutputProcessor's map, read only)."""
 
     def __init__(self, scheduler: Scheduler, runner: Runner, owner: dict[int, tuple[Request, SeqState]],
-                 max_model_len: int, async_scheduling: bool):
-        self.scheduler, self.runner, self.owner = scheduler, runner, owner
+                 max_model_len: int, async_scheduling: bool, structured: StructuredOutputManager | None = None):
+        self.scheduler, self.runner, self.owner, self.structured = scheduler, runner, owner, structured
         self.max_model_len, self.async_scheduling = max_model_len, async_scheduling
         self.inflight: _Step | None = None  # async scheduling: the step queued ahead
         self._sampling_cache: tuple[list[int], SamplingBatch] | None = None
@@ -72,7 +85,10 @@ class StepPipeline:
         # Where the steps' time goes (benchmarks): steps of each kind, their rows / tokens and wall seconds (a step
         # ends with the sampled tokens on the host, so its wall time covers the GPU work too).
         self.step_stats = dict(decode_steps=0, decode_rows=0, decode_s=0.0, prefill_steps=0, prefill_tokens=0,
-                               prefill_s=0.0, queued_ahead=0)  # queued_ahead: steps queued by async scheduling
+                               prefill_s=0.0, queued_ahead=0,  # queued_ahead: steps queued by async scheduling
+                               # structured outputs: steps with a grammar bitmask, those whose mask was filled
+                               # before the GPU finished the forward (CUDA only), and the host seconds of filling
+                               mask_steps=0, mask_ready_early=0, mask_fill_s=0.0)
         self.step_trace: list[tuple[str, int, int, float]] | None = None  # a list: (kind, tokens, seqs, s) per step
 
     def step(self, process: Callable[[StepSamples], None]) -> bool:
@@ -96,6 +112,11 @@ class StepPipeline:
             raise self._drop(e, cur, nxt) from e
         process(samples)
         self._record(cur)  # after `process`: a step's wall time covers its outputs too
+        if nxt is not None and nxt.logits is not None:  # its grammars have now seen cur's tokens
+            try:
+                self._sample_masked(nxt)
+            except Exception as e:
+                raise self._drop(StepFailure([it.seq for it in nxt.sched.scheduled], e), None, None) from e
         if nxt is not None and nxt.deferred:
             try:
                 nxt = self._launch_deferred(nxt)
@@ -162,9 +183,34 @@ class StepPipeline:
         if sampling is None and sample_seqs:  # penalties read tokens prev has not delivered yet
             return _Step(sched, len(decodes), len(prefills), sample_seqs, None, True, t_start, deferred=True)
         decode_ids = self._device_ids(decodes, prev) if decodes and prev is not None and prev.pending else None
-        pending = self.runner.execute(chunks, sampling, decode_ids)
         penalties = sampling is not None and (sampling.flags.any_repetition or sampling.flags.any_freq_presence)
+        if sampling is not None and any(owner[s.seq_id][1].grammar is not None for s in sample_seqs):
+            step = _Step(sched, len(decodes), len(prefills), sample_seqs, None, penalties, t_start,
+                         logits=self.runner.forward(chunks, decode_ids), sampling=sampling)
+            if step.logits.is_cuda:
+                step.forward_done = torch.cuda.Event()
+                step.forward_done.record()
+            if prev is None:  # every row's grammar has seen its last token: fill now, while the forward runs
+                self._sample_masked(step)
+            return step
+        pending = self.runner.execute(chunks, sampling, decode_ids)
         return _Step(sched, len(decodes), len(prefills), sample_seqs, pending, penalties, t_start)
+
+    def _sample_masked(self, step: _Step) -> None:
+        """Fills the grammar bitmask of step's rows (their matchers hold every token sampled before this step) and
+        queues the sampler behind the forward. A row whose request ended meanwhile is left unconstrained (its
+        token is dropped)."""
+        t = time.perf_counter()
+        owner = self.owner
+        grammars = [own[1].grammar if (own := owner.get(s.seq_id)) is not None else None for s in step.sample_seqs]
+        mask = self.structured.fill_bitmask(grammars)
+        st = self.step_stats
+        st["mask_steps"] += 1
+        st["mask_fill_s"] += time.perf_counter() - t
+        if step.forward_done is not None and not step.forward_done.query():
+            st["mask_ready_early"] += 1
+        step.pending = self.runner.sample(step.logits, step.sampling, mask)
+        step.logits = step.sampling = step.forward_done = None
 
     @staticmethod
     def _device_ids(decodes: list[tuple[SeqChunk, Sequence]], prev: _Step) -> torch.Tensor | None:

@@ -115,10 +115,23 @@ class Runner:
         """Queues one step over `chunks` (decodes first) and the sampling of one token for every chunk with
         sample=True; returns without waiting for the GPU. decode_ids [D]: device-side input ids of the first D
         chunks (async scheduling: the previous step's samples; Worker.run)."""
-        logits = self.executor.execute(chunks, decode_ids)  # [S, V] on rank 0
+        logits = self.forward(chunks, decode_ids)
         if sampling is None:
             return None
-        return PendingSample(self.sampler(logits.float(), sampling))
+        return self.sample(logits, sampling)
+
+    def forward(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Queues the model step alone (see execute); returns the logits [S, V] of the sampled rows on rank 0, still
+        being computed. Structured outputs sample later (`sample`), once the grammar bitmask is filled on the host:
+        the fill overlaps this forward on the GPU. With CUDA graphs the logits are the graph's output buffer: sample
+        them before the next forward is queued."""
+        return self.executor.execute(chunks, decode_ids)  # [S, V] on rank 0
+
+    def sample(self, logits: torch.Tensor, sampling: SamplingBatch,
+               token_bitmask: torch.Tensor | None = None) -> PendingSample:
+        """Queues the sampling of `forward`'s logits (rank 0; with tensor parallelism the other ranks receive the
+        tokens with the next step's inputs), token_bitmask [S, ceil(V / 32)] applied first."""
+        return PendingSample(self.sampler(logits.float(), sampling, token_bitmask))
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -1,6 +1,8 @@
 """Batched next-token sampler: logits [B, V] -> token ids [B] plus raw log-probabilities.
 
 Processing order (as vLLM / HF):
+  0. the structured-output token bitmask (grammar: -inf on the tokens it forbids; vLLM applies it to the logits
+     before the sampler, so the reported logprobs are those of the constrained distribution too),
   1. logit_bias (added), 2. min_tokens mask (-inf on eos / stop ids),
   3. repetition penalty on prompt + output tokens (HF/CTRL rule: divide positive logits,
      multiply negative ones), 4. frequency / presence penalties on output tokens
@@ -213,6 +215,33 @@ def apply_logit_bias(logits: Tensor, logit_bias: Sequence[dict[int, float] | Non
     return logits
 
 
+def apply_token_bitmask_ref(logits: Tensor, bitmask: Tensor) -> Tensor:
+    """Plain-PyTorch reference of xgrammar.apply_token_bitmask_inplace: logits [B, V] float, bitmask [B, W] int32
+    with W * 32 >= V (token t is bit t % 32 of word t // 32; 1 = allowed); forbidden logits become -inf."""
+    b, v = logits.shape
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(b, -1)[:, :v]  # [B, V] (arithmetic shift: ok for sign bit)
+    return logits.masked_fill_(allowed == 0, _NEG_INF)
+
+
+def apply_token_bitmask(logits: Tensor, bitmask: Tensor) -> Tensor:
+    """logits [B, V] in place: -inf where the grammar bitmask [B, ceil(V / 32)] int32 has a 0 bit. xgrammar's
+    kernel (Triton on CUDA, its C++ loop on CPU) when installed, else the torch reference. The mask is as wide as
+    the model's vocabulary (padded ids included: their bits are 0), never narrower than the logits."""
+    b, v = logits.shape
+    if bitmask.dim() != 2 or bitmask.shape[0] != b or bitmask.shape[1] * 32 < v:
+        raise ValueError(f"token bitmask of shape {tuple(bitmask.shape)} does not cover logits of shape [{b}, {v}] "
+                         f"(it needs [{b}, {(v + 31) // 32}])")
+    if bitmask.device != logits.device:
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+    try:
+        import xgrammar
+    except ImportError:
+        return apply_token_bitmask_ref(logits, bitmask)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=v)
+    return logits
+
+
 def apply_token_mask(logits: Tensor, banned: Sequence[Sequence[int]]) -> Tensor:
     """logits[i, t] = -inf for every t in banned[i] (used for the min_tokens rule)."""
     rows, cols = _flat_indices(banned, logits.shape[1], "min_tokens_mask")
@@ -396,9 +425,12 @@ def sample_from_probs(probs: Tensor, generators: Sequence[torch.Generator | None
 
 
 class Sampler:
-    """Stateless: `Sampler()(logits [B, V], batch) -> SamplerOutput`."""
+    """Stateless: `Sampler()(logits [B, V], batch, token_bitmask=None) -> SamplerOutput`.
 
-    def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+    token_bitmask [B, ceil(V / 32)] int32 (structured outputs; None = no row constrained): rows' allowed tokens,
+    applied to the logits in place first (unconstrained rows are all ones)."""
+
+    def __call__(self, logits: Tensor, batch: SamplingBatch, token_bitmask: Tensor | None = None) -> SamplerOutput:
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         b, vocab = logits.shape
@@ -411,6 +443,8 @@ class Sampler:
         # Raw-distribution statistics, taken before any processing, only when some row asks for logprobs: the
         # log-sum-exp over [B, V] fp32 logits is ~0.25 ms at batch 256 (V = 102400) on an H100, 1% of a step.
         raw = logits.float()                       # [B, V]; no copy when already float32
+        if token_bitmask is not None:
+            apply_token_bitmask(raw, token_bitmask)
         want_logprobs = any(k is not None for k in batch.num_logprobs)
         raw_lse = torch.logsumexp(raw, dim=-1) if want_logprobs else None  # [B]
         top = self._raw_top_logprobs(raw, raw_lse, batch.num_logprobs) if want_logprobs else [None] * b
@@ -424,12 +458,13 @@ class Sampler:
         if any_mask:
             apply_token_mask(x, batch.min_tokens_mask)
         if any_bias or any_mask:
-            # Only a bias or mask can ban every token; sampling would then return garbage.
+            # Only a bias or mask can ban every token; sampling would then return garbage. (A grammar alone always
+            # allows a token; with min_tokens or a bias it may not: a host sync, paid only by such batches.)
             dead = torch.isneginf(x).all(dim=-1)
             if bool(dead.any()):
                 rows = dead.nonzero().flatten().tolist()
-                raise ValueError(f"rows {rows}: logit_bias / min_tokens mask left no token "
-                                 f"that may be sampled")
+                raise ValueError(f"rows {rows}: logit_bias / min_tokens mask{' / grammar' if token_bitmask is not None else ''} "
+                                 f"left no token that may be sampled")
         if flags.any_repetition or flags.any_freq_presence:
             apply_penalties(
                 x, batch.prompt_token_ids, batch.output_token_ids,

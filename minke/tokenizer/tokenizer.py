@@ -218,6 +218,11 @@ class Tokenizer:
         return out
 
     @property
+    def backend(self) -> _BackendTokenizer:
+        """The `tokenizers` Tokenizer of tokenizer.json (grammar engines read its vocabulary and its type)."""
+        return self._backend
+
+    @property
     def is_byte_level(self) -> bool:
         """Whether decode reads the tokens' concatenated bytes as UTF-8 (a ByteLevel decoder, as DeepSeek's)."""
         return type(self._backend.decoder).__name__ == "ByteLevel"

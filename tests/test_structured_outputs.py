@@ -1,0 +1,198 @@
+"""Structured outputs offline (SamplingParams(structured_outputs=StructuredOutputsParams(...))) on the embedded
+default model, a story model: without the constraint its samples are never JSON, so every valid output below is
+the grammar's doing. Temperature 1, many seeds, jsonschema as the judge; regex, choice, EBNF and json_object;
+n > 1 (a matcher per sequence); max_tokens inside the grammar ends with "length"; async scheduling (the mask of
+step k+1 filled after step k's tokens) gives the tokens of synchronous stepping; preemption keeps the matchers;
+the bitmask kernel against its torch reference; the compile cache."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+pytest.importorskip("xgrammar")
+
+from minke import LLM, SamplingParams, StructuredOutputsParams  # noqa: E402
+from minke.runner.sampler import Sampler, SamplingBatch, apply_token_bitmask, apply_token_bitmask_ref  # noqa: E402
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pet": {"enum": ["cat", "dog", "fish"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2},
+        "alive": {"type": "boolean"},
+    },
+    "required": ["name", "age", "pet", "alive"],
+}
+PROMPTS = ["Once upon a time", "The little dog", "Tom and Lily went to the park.", "One day"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    torch.manual_seed(0)
+    return LLM(device="cpu", max_model_len=384, async_scheduling=True)
+
+
+def _params(so: StructuredOutputsParams, seed: int, max_tokens: int = 160, **kw) -> SamplingParams:
+    return SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=seed, structured_outputs=so, **kw)
+
+
+def test_json_schema_every_seed_validates(llm):
+    so = StructuredOutputsParams(json=PERSON)
+    seeds = range(12)
+    prompts = [PROMPTS[s % len(PROMPTS)] for s in seeds]
+    outs = llm.generate(prompts, [_params(so, s) for s in seeds], use_tqdm=False)
+    texts = [o.outputs[0].text for o in outs]
+    for o, text in zip(outs, texts):
+        assert o.outputs[0].finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), PERSON)
+    assert len(set(texts)) > 6  # sampled, not one forced string
+    # the same seeds without the constraint: a story, not JSON
+    free = llm.generate(prompts, [SamplingParams(temperature=1.0, max_tokens=40, seed=s) for s in seeds],
+                        use_tqdm=False)
+    for o in free:
+        with pytest.raises(ValueError):
+            json.loads(o.outputs[0].text)
+
+
+def test_n_sequences_each_follow_their_own_grammar(llm):
+    so = StructuredOutputsParams(json=PERSON, disable_any_whitespace=True)
+    out = llm.generate(PROMPTS[0], _params(so, 7, n=4), use_tqdm=False)[0]
+    assert len(out.outputs) == 4
+    for c in out.outputs:
+        assert c.finish_reason == "stop"
+        assert " \n" not in c.text and "\n" not in c.text  # compact: no free whitespace
+        jsonschema.validate(json.loads(c.text), PERSON)
+    assert len({c.text for c in out.outputs}) > 1
+
+
+def test_regex_choice_grammar_json_object(llm):
+    regex = r"[A-Z][a-z]{2,8} (is|was) [0-9]{1,3} years old\."
+    choices = ["yes", "no", "it depends"]
+    ebnf = 'root ::= "(" item ("," item)* ")"\nitem ::= [a-z]+ | [0-9]+'
+    kinds = [StructuredOutputsParams(regex=regex), StructuredOutputsParams(choice=choices),
+             StructuredOutputsParams(grammar=ebnf), StructuredOutputsParams(json_object=True)]
+    params = [_params(so, seed, max_tokens=60) for so in kinds for seed in range(3)]
+    outs = llm.generate([PROMPTS[1]] * len(params), params, use_tqdm=False)
+    got = [o.outputs[0] for o in outs]
+    assert all(c.finish_reason == "stop" for c in got), [c.text for c in got]
+    for c in got[0:3]:
+        assert re.fullmatch(regex, c.text), c.text
+    for c in got[3:6]:
+        assert c.text in choices
+    for c in got[6:9]:
+        assert re.fullmatch(r"\((?:[a-z]+|[0-9]+)(?:,(?:[a-z]+|[0-9]+))*\)", c.text), c.text
+    for c in got[9:12]:
+        assert isinstance(json.loads(c.text), dict)
+
+
+def test_max_tokens_inside_the_grammar_is_length(llm):
+    out = llm.generate(PROMPTS[0], _params(StructuredOutputsParams(json=PERSON), 1, max_tokens=6),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 6
+    assert out.text.lstrip().startswith("{")
+    with pytest.raises(ValueError):
+        json.loads(out.text)
+
+
+def test_ignore_eos_still_stops_when_the_grammar_completes(llm):
+    out = llm.generate(PROMPTS[2], _params(StructuredOutputsParams(choice=["alpha", "beta"]), 2, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text in ("alpha", "beta")
+
+
+def test_async_scheduling_equals_synchronous_and_survives_preemption(llm):
+    """Async scheduling fills step k+1's mask after step k's tokens reach the matchers: the same seeded tokens as
+    stepping synchronously. A KV cache too small for all sequences preempts some (recompute): their matchers keep
+    their place and every output still validates."""
+    so = StructuredOutputsParams(json=PERSON)
+    params = [_params(so, s) for s in range(4)]
+    fast = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert llm.llm_engine.step_stats["mask_steps"] > 0
+    slow = LLM(device="cpu", max_model_len=384, async_scheduling=False, block_size=8, kv_cache_tokens=256)
+    outs = slow.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in fast]
+    assert slow.llm_engine.scheduler.num_preemptions_total > 0
+    for o in outs:
+        jsonschema.validate(json.loads(o.outputs[0].text), PERSON)
+
+
+def test_bad_constraints_are_value_errors_naming_the_problem(llm):
+    engine = llm.llm_engine
+    bad = [
+        (StructuredOutputsParams(json={"type": "strin"}), r"structured_outputs\.json: invalid JSON schema"),
+        (StructuredOutputsParams(json="{not json"), r"structured_outputs\.json: not valid JSON"),
+        (StructuredOutputsParams(regex="(ab"), r"structured_outputs\.regex: invalid or unsupported regex.*parenthesis"),
+        (StructuredOutputsParams(grammar='root ::= foo'), r"structured_outputs\.grammar: .*foo"),
+    ]
+    for so, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            engine.add_request("bad", PROMPTS[0], _params(so, 0))
+    assert not engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="exactly one of"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="exactly one of"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="unknown field"):
+        SamplingParams(structured_outputs={"jsn": {}})
+    assert SamplingParams(structured_outputs={"regex": "a+"}).structured_outputs.regex == "a+"
+
+
+def test_compiled_grammars_are_cached(llm):
+    compiler = llm.llm_engine.input_processor.structured.compiler
+    schema = {"type": "object", "properties": {"k": {"type": "integer"}}, "required": ["k"]}
+    first = compiler.compile(StructuredOutputsParams(json=schema))
+    hits = compiler.stats["hits"]
+    # the same schema as text with other spacing: the same key, no second compilation
+    again = compiler.compile(StructuredOutputsParams(json=json.dumps(schema, indent=4)))
+    assert again is first and compiler.stats["hits"] == hits + 1
+    other = compiler.compile(StructuredOutputsParams(json=schema, disable_any_whitespace=True))
+    assert other is not first
+    saved = compiler.cache_size
+    try:
+        compiler.cache_size = 2
+        for i in range(3):
+            compiler.compile(StructuredOutputsParams(regex=f"x{{{i + 1}}}"))
+        assert compiler.cache_info()["size"] == 2
+    finally:
+        compiler.cache_size = saved
+
+
+def test_bitmask_kernel_matches_reference_with_padded_vocab():
+    g = torch.Generator().manual_seed(0)
+    for v in (4096, 4000, 33):  # a multiple of 32, a padded vocabulary, a tiny one
+        logits = torch.randn(5, v, generator=g)
+        mask = torch.randint(-(2**31), 2**31 - 1, (5, (v + 31) // 32), generator=g, dtype=torch.int64).to(torch.int32)
+        mask[0] = -1  # an unconstrained row
+        ref = apply_token_bitmask_ref(logits.clone(), mask)
+        got = apply_token_bitmask(logits.clone(), mask)
+        assert torch.equal(torch.isneginf(ref), torch.isneginf(got))
+        assert torch.equal(ref[torch.isfinite(ref)], got[torch.isfinite(got)])
+        assert torch.isfinite(ref[0]).all()
+        bit = (mask[1, 0] >> 3) & 1
+        assert bool(torch.isfinite(ref[1, 3])) == bool(bit)
+    with pytest.raises(ValueError, match="does not cover"):
+        apply_token_bitmask(torch.zeros(2, 100), torch.zeros(2, 3, dtype=torch.int32))
+
+
+def test_sampler_samples_only_allowed_tokens():
+    b, v = 4, 256
+    logits = torch.randn(b, v)
+    allowed = torch.zeros(b, v, dtype=torch.bool)
+    allowed[:, [3, 77, 200]] = True
+    allowed[0] = True  # an unconstrained row
+    bits = allowed.reshape(b, -1, 32).to(torch.int64) << torch.arange(32)
+    mask = bits.sum(-1).to(torch.int64)
+    mask = torch.where(mask >= 2**31, mask - 2**32, mask).to(torch.int32)
+    params = [SamplingParams(temperature=1.0, seed=i) for i in range(b)]
+    for _ in range(20):
+        batch = SamplingBatch.from_params(params, [[]] * b, [[]] * b)
+        out = Sampler()(logits.clone(), batch, mask)
+        for i, t in enumerate(out.token_ids.tolist()):
+            assert allowed[i, t]
