@@ -156,6 +156,15 @@ def test_streamed_pieces_equal_the_whole_parse(name):
         assert [(c.name, c.arguments) for c in p.calls] == calls
 
 
+def test_arguments_stream_before_the_call_ends():
+    p = ToolCallParser()
+    first = p.feed('<tool_call>\n{"name": "add", "arguments": {"a": 1, ')
+    second = p.feed('"b": "}"}}\n</tool')
+    assert [(t.name, t.arguments) for t in first.tool_calls] == [("add", ""), (None, '{"a": 1, ')]
+    assert [(t.name, t.arguments) for t in second.tool_calls] == [(None, '"b": "}"}')]
+    assert not p.finish().tool_calls and p.calls[0].arguments == '{"a": 1, "b": "}"}'
+
+
 def test_parser_max_calls_drops_later_calls():
     content, calls = parse_tool_calls(CALL_B + "\n" + CALL_A + " bye", max_calls=1)
     assert [c.name for c in calls] == ["now"] and content == "\n bye"

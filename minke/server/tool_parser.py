@@ -9,8 +9,9 @@ final value, so the streamed content and argument fragments concatenate to exact
 - text outside blocks is content; a tail that may be the start of `<tool_call>` is held back until it is not.
   Content that is only whitespace is held too, and dropped when the message has tool calls (content None).
 - a block whose body starts `{"name": "...", "arguments": ` sends the name (with a new `call_...` id) as soon as
-  that prefix is complete, then the arguments as they come: the raw text after `"arguments": ` up to the last `}`
-  seen so far (the final `}` closes the call object, not the arguments), trailing whitespace excluded.
+  that prefix is complete, then the arguments as they come: the raw text of the object (or array) after
+  `"arguments": `, through the bracket that closes it (strings skipped); what follows it is not arguments. A
+  scalar instead of an object is sent when the block ends (up to its last `}`).
 - a block that does not start that way becomes a call when complete if its body is a JSON object with a string
   "name" and "arguments" (sent whole then), else it stays content, tags included.
 - a block cut off by the end of generation (max_tokens) counts as complete at that point.
@@ -62,6 +63,34 @@ class ParsedDelta:
         return self
 
 
+class _BracketScan:
+    """How far a JSON object / array value reaches in a growing text: through the bracket that closes the first
+    one (strings and escapes skipped), or all of it while still open."""
+
+    def __init__(self):
+        self.pos, self.depth, self.in_str, self.escape, self.done = 0, 0, False, False, False
+
+    def advance(self, text: str) -> int:
+        while not self.done and self.pos < len(text):
+            ch = text[self.pos]
+            self.pos += 1
+            if self.in_str:
+                if self.escape:
+                    self.escape = False
+                elif ch == "\\":
+                    self.escape = True
+                elif ch == '"':
+                    self.in_str = False
+            elif ch == '"':
+                self.in_str = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                self.done = self.depth == 0
+        return self.pos
+
+
 def _longest_prefix_tail(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     for n in range(min(len(text), len(tag) - 1), 0, -1):
@@ -81,6 +110,7 @@ class ToolCallParser:
         self._skip = False  # the open block is dropped (max_calls reached)
         self._head: re.Match | None = None  # the open block's name prefix, once complete
         self._args_sent = 0  # characters of the open block's arguments sent
+        self._brackets = _BracketScan()  # where the open block's arguments value ends
         self._finished = False
 
     # ------------------------------------------------------------------ API
@@ -119,6 +149,7 @@ class ToolCallParser:
                 self._content.append(self._buf[:k])
                 self._buf = self._buf[k + len(TOOL_CALL_OPEN):]
                 self._in_block, self._head, self._args_sent = True, None, 0
+                self._brackets = _BracketScan()
                 self._skip = self.max_calls is not None and len(self.calls) >= self.max_calls
                 continue
             k = self._buf.find(TOOL_CALL_CLOSE)
@@ -146,10 +177,11 @@ class ToolCallParser:
                 self._whole_block(out, body)
             return
         region = body[self._head.end():]
-        end = region.rfind("}")
-        if end < 0:
-            end = len(region) if complete else 0
-        args = region[:end].rstrip()
+        if region[0] in "{[":  # the value ends where its brackets close: all before is final already
+            args = region[:self._brackets.advance(region)]
+        else:  # a scalar (rare): ended by the object's last "}", known when the block is
+            end = region.rfind("}") if complete else -1
+            args = (region[:end] if end >= 0 else region if complete else "").rstrip()
         if len(args) > self._args_sent:
             call = self.calls[-1]
             call.arguments = args
