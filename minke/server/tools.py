@@ -19,7 +19,7 @@ from typing import Any
 
 import jsonschema
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, StructuredOutputsParams
 from . import protocol as P
 from .errors import APIError
 from .tool_constraint import MAX_PARALLEL_CALLS, ToolSchemaError, tool_calls_grammar
@@ -42,8 +42,6 @@ class ToolSetup:
         """params with the tool-call grammar as its structured output (a copy), or params as they are."""
         if self.grammar is None:
             return params
-        from ..sampling_params import StructuredOutputsParams
-
         if params.structured_outputs is not None:
             raise APIError(400, "tool_choice 'required' or a named function constrains the output to tool calls; "
                                 "it cannot be combined with response_format or another structured output",
