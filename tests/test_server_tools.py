@@ -89,6 +89,21 @@ def test_named_function_and_no_parallel_calls(client):
             check_calls(ch.message.tool_calls, {"add"})
 
 
+def test_parse_with_a_pydantic_function_tool(client):
+    """The openai package's own strict-tool path: `parse` turns the arguments into the Pydantic model."""
+    from pydantic import BaseModel, Field
+
+    class Add(BaseModel):
+        a: int = Field(ge=0, le=100)
+        b: int = Field(ge=0, le=100)
+
+    for seed in range(4):
+        r = client.chat.completions.parse(model=MODEL, messages=ASK, tools=[openai.pydantic_function_tool(Add)],
+                                          tool_choice="required", temperature=1.0, seed=seed, max_tokens=300)
+        calls = r.choices[0].message.tool_calls
+        assert calls and all(isinstance(c.function.parsed_arguments, Add) for c in calls), r
+
+
 def _collect_stream(stream) -> tuple[list, str | None, list[tuple[str, str]], str | None]:
     """(raw chunks, content, [(name, arguments)], finish_reason) of a streamed choice 0, checking OpenAI's order:
     each call's first delta has id, type and name with arguments "", later ones only argument text."""
