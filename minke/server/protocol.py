@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
-from ..sampling_params import MAX_LOGPROBS, SamplingParams
+from ..sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 from .tool_protocol import ChatTool, DeltaToolCall, ToolCall, ToolChoice
 
 # OpenAI's limits: at most 128 choices per request and 2048 prompts per completions batch. They keep one
@@ -88,6 +88,46 @@ class UsageInfo(BaseModel):
 StopField = str | list[str] | None
 
 
+class JsonSchemaFormat(_Forbid):
+    """response_format {"type": "json_schema", "json_schema": {...}} (what openai's `parse` and LangChain's
+    `with_structured_output(method="json_schema")` send)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")  # `schema` would shadow BaseModel.schema
+    strict: StrictBool | None = None  # the schema is always enforced (xgrammar compiles it strictly)
+
+
+class ResponseFormat(_Forbid):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format of type "json_schema" needs a "json_schema" object '
+                             '({"name": ..., "schema": {...}})')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f'response_format.json_schema is only for type "json_schema", got type {self.type!r}')
+        return self
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.type == "json_schema":
+            schema = self.json_schema.json_schema
+            # OpenAI makes the schema optional: without one, any JSON object
+            return StructuredOutputsParams(json=schema) if schema is not None else \
+                StructuredOutputsParams(json_object=True)
+        return None
+
+
+# vLLM's pre-0.12 request extras, each one kind of structured_outputs
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+
+
 class _SamplingFields(_Forbid):
     """Fields shared by chat and text completions (OpenAI names first, then the vLLM extras)."""
 
@@ -115,6 +155,16 @@ class _SamplingFields(_Forbid):
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     return_tokens_as_token_ids: StrictBool = False  # logprob tokens as "token_id:<id>" (exact, unlike decoded text)
+    # vLLM's structured outputs: {"json" | "regex" | "choice" | "grammar" | "json_object" | "structural_tag": ...,
+    # "disable_any_whitespace": bool}, and the older guided_* extras (one constraint per request, whichever way)
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored (xgrammar is the one backend), as vLLM did
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -158,7 +208,41 @@ class _SamplingFields(_Forbid):
             logit_bias=bias,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self._structured_outputs(),
         )
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """The request's one output constraint, from response_format, structured_outputs or a guided_* extra.
+        ValueError (a 400) when it sets more than one, or a bad value."""
+        sources = {}
+        rf = self.response_format.structured_outputs() if self.response_format is not None else None
+        if rf is not None:
+            sources["response_format"] = rf
+        if self.structured_outputs is not None:
+            sources["structured_outputs"] = self.structured_outputs
+        for name, kind in GUIDED_FIELDS.items():
+            if getattr(self, name) is not None:
+                sources[name] = {kind: getattr(self, name)}
+        if not sources:
+            if self.guided_whitespace_pattern is not None:
+                raise ValueError("guided_whitespace_pattern needs guided_json (and is not supported: xgrammar has "
+                                 "no whitespace pattern)")
+            return None
+        if len(sources) > 1:
+            raise ValueError(f"structured_outputs: set one output constraint, got {', '.join(sources)}")
+        (name, so), = sources.items()
+        if isinstance(so, dict):
+            so = dict(so)
+            if self.guided_whitespace_pattern is not None:
+                so["whitespace_pattern"] = self.guided_whitespace_pattern
+            unknown = sorted(set(so) - set(StructuredOutputsParams.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"{name}: unknown field(s) {unknown}")
+            try:
+                so = StructuredOutputsParams(**so)
+            except ValueError as e:
+                raise ValueError(str(e) if name == "structured_outputs" else f"{name}: {e}") from None
+        return so
 
     @property
     def include_usage(self) -> bool:
@@ -210,10 +294,6 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-class ResponseFormat(_Forbid):
-    type: Literal["text"] = "text"  # json_object / json_schema need guided decoding, which minke lacks
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     logprobs: StrictBool = False
@@ -221,7 +301,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: Int64 | None = _doc(None, minimum=1)
     # OpenAI's newer name for max_tokens; wins when both are set
     max_completion_tokens: Int64 | None = _doc(None, minimum=1)
-    response_format: ResponseFormat | None = None
     # Function tools (tools.py): None = "auto" with tools, "none" without
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None

@@ -114,7 +114,8 @@ class OpenAIServing:
         except ValueError as e:
             msg = str(e)
             code = "context_length_exceeded" if "context length" in msg else None
-            field = msg.split(":", 1)[0] if msg.split(":", 1)[0] in SAMPLING_FIELDS else param
+            head = msg.split(":", 1)[0].split(".", 1)[0]  # "structured_outputs.json: ..." names structured_outputs
+            field = head if head in SAMPLING_FIELDS else param
             raise APIError(400, where + msg, param=field, code=code) from None
 
     def engine_error(self, e: Exception) -> APIError:
