@@ -209,7 +209,7 @@ def _error(exc: openai.APIStatusError) -> dict:
     (dict(tools=[WEATHER, {"type": "function", "function": {"name": "g", "parameters": {"type": "array"}}}]),
      "tools[1].function.parameters"),
     (dict(tools=[{"type": "function", "function": {"name": "bad name!"}}]), "tools.0.function.name"),
-    (dict(tools=[WEATHER, WEATHER]), "tools"),
+    (dict(tools=[WEATHER, WEATHER]), "tools[1].function.name"),
     (dict(tools=None, tool_choice="required"), "tool_choice"),
     (dict(tool_choice="required", response_format={"type": "json_object"}), "tool_choice"),
     (dict(messages=[*ASK, {"role": "tool", "content": "21 C"}]), "messages[1].tool_call_id"),

@@ -61,7 +61,8 @@ def setup(req: P.ChatCompletionRequest) -> ToolSetup:
     for i, t in enumerate(tools):
         fn = t.function
         if fn.name in schemas:
-            raise APIError(400, f"tools[{i}].function.name: {fn.name!r} is declared twice", param="tools")
+            raise APIError(400, f"tools[{i}].function.name: {fn.name!r} is declared twice",
+                           param=f"tools[{i}].function.name")
         params = NO_PARAMETERS if fn.parameters is None else fn.parameters
         try:
             jsonschema.validators.validator_for(params).check_schema(params)
