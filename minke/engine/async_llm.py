@@ -75,9 +75,10 @@ class AsyncLLM:
         return SamplingParams(**self.default_sampling_kwargs)
 
     def render_chat(self, messages: list[dict], chat_template: str | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
-        """Chat messages -> prompt token ids through the InputProcessor (the checkpoint's or a given template)."""
-        return self.engine.input_processor.render_chat(messages, chat_template, add_generation_prompt)
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        """Chat messages (and OpenAI tools) -> prompt token ids through the InputProcessor (the checkpoint's or a
+        given template)."""
+        return self.engine.input_processor.render_chat(messages, chat_template, add_generation_prompt, tools)
 
     def process(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Request:
         """Tokenizes and validates a request (the server's rule: prompt + max_tokens within the context); ValueError

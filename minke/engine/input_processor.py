@@ -63,9 +63,9 @@ class InputProcessor:
         return None, list(prompt)
 
     def render_chat(self, messages: list[dict], chat_template: str | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  chat_template=chat_template)
+                                                  chat_template=chat_template, tools=tools)
 
     # ------------------------------------------------------------------ checks
     def check(self, prompt_token_ids: list[int], params: SamplingParams, strict: bool = False) -> None:

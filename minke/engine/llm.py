@@ -122,12 +122,13 @@ class LLM:
         return self._run([req.request_id for req in requests], use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True
-             ) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or several; renders the chat template and generates."""
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or several; renders the chat template and generates.
+        tools: OpenAI function tools shown to the model (vLLM's argument; see minke/tokenizer/tool_prompt.py)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         render = self.llm_engine.input_processor.render_chat
-        prompts = [render(c, chat_template, add_generation_prompt) for c in convs]
+        prompts = [render(c, chat_template, add_generation_prompt, tools) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:

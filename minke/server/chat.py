@@ -14,6 +14,7 @@ from ..engine.request import Request as EngineRequest  # the processed request (
 from ..engine.outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from . import protocol as P
+from . import tools
 from .errors import APIError
 from .serving import OpenAIServing
 from .streaming import ChoiceTracker, sse_events, usage_info
@@ -24,19 +25,22 @@ class OpenAIServingChat(OpenAIServing):
         arrival = time.monotonic()
         req: P.ChatCompletionRequest = await self.parse(request, P.ChatCompletionRequest)
         self.check_model(req.model)
+        tool_setup = tools.setup(req)
         try:
             messages = req.message_dicts()
-            self.check_text_length(sum(len(m["content"]) for m in messages), "messages")
+            self.check_text_length(sum(len(m["content"] or "") for m in messages), "messages")
             # In a worker thread: a huge prompt must not hold up the event loop (and every other stream).
             prompt_ids = await asyncio.to_thread(self.engine.render_chat, messages, self.chat_template,
-                                                 req.add_generation_prompt)
+                                                 req.add_generation_prompt, tool_setup.prompt_tools)
         except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        params = self.sampling_params(req, len(prompt_ids))
+            # "messages[3].tool_call_id: ..." names the field; other template errors are about `messages`
+            head = str(e).split(":", 1)[0]
+            raise APIError(400, str(e), param=head if head.startswith("messages[") else "messages") from None
+        params = tool_setup.constrain(self.sampling_params(req, len(prompt_ids)))
         rid = P.random_id("chatcmpl")
         requests = [self.process(prompt_ids, params, f"{rid}-0", "messages")]
         if req.stream:
-            chunks = self.chunks(req, rid, requests, arrival)
+            chunks = self.chunks(req, rid, requests, arrival, tool_setup)
             return StreamingResponse(sse_events(chunks, lambda e: self.engine_error(e).body()),
                                      media_type="text/event-stream")
         finals = await self.collect(request, requests, rid, arrival)
@@ -49,9 +53,13 @@ class OpenAIServingChat(OpenAIServing):
             if params.logprobs is not None:
                 logprobs = P.ChatChoiceLogprobs(content=self.logprobs(o, 0, params.logprobs,
                                                                       req.return_tokens_as_token_ids))
+            message, finish = P.ChatResponseMessage(content=o.text), o.finish_reason
+            if tool_setup.parse:
+                content, calls = tools.parse_tool_calls(o.text, tool_setup.max_calls)
+                message, finish = tools.message(content, calls), tools.finish_reason(calls, finish)
             choices.append(P.ChatCompletionChoice(
-                index=o.index, message=P.ChatResponseMessage(content=o.text), logprobs=logprobs,
-                finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+                index=o.index, message=message, logprobs=logprobs, finish_reason=finish,
+                stop_reason=o.stop_reason))
         usage = usage_info(len(prompt_ids), sum(len(o.token_ids) for o in out.outputs))
         resp = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage,
                                         prompt_logprobs=P.prompt_logprobs_of(out.prompt_logprobs))
@@ -74,7 +82,7 @@ class OpenAIServingChat(OpenAIServing):
         return items
 
     async def chunks(self, req: P.ChatCompletionRequest, rid: str, requests: list[EngineRequest],
-                     arrival: float) -> AsyncIterator[dict]:
+                     arrival: float, tool_setup: tools.ToolSetup) -> AsyncIterator[dict]:
         created = int(time.time())
         prompt_ids, params = requests[0].prompt_token_ids, requests[0].params
         tracker = ChoiceTracker([len(prompt_ids)], params)
@@ -87,11 +95,12 @@ class OpenAIServingChat(OpenAIServing):
             if not req.include_usage:
                 d.pop("usage")  # OpenAI sends `usage: null` only when include_usage was asked for
             for c in d["choices"]:  # a delta carries only what changed ({"content": ...}, no "role": null)
-                c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+                c["delta"] = tools.drop_none(c["delta"])
             return d
 
         for i in range(params.n):  # the first delta of each choice carries the role
             yield chunk([P.ChatCompletionStreamChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))])
+        parsers = [tool_setup.parser() for _ in range(params.n)]  # None each without tool parsing
         async with contextlib.aclosing(self.stream(requests, rid, arrival)) as stream:
             async for pi, out in stream:
                 for d in tracker.deltas(pi, out):
@@ -100,9 +109,19 @@ class OpenAIServingChat(OpenAIServing):
                     if params.logprobs is not None and len(o.token_ids) > d.first_token:
                         lps = P.ChatChoiceLogprobs(content=self.logprobs(o, d.first_token, params.logprobs,
                                                                          req.return_tokens_as_token_ids))
-                    yield chunk([P.ChatCompletionStreamChoice(
-                        index=o.index, delta=P.DeltaMessage(content=d.text), logprobs=lps,
-                        finish_reason=o.finish_reason if d.finished else None,
-                        stop_reason=o.stop_reason if d.finished else None)])
+                    finish = o.finish_reason if d.finished else None
+                    stop = o.stop_reason if d.finished else None
+                    if parsers[o.index] is None:
+                        deltas = [P.DeltaMessage(content=d.text)]
+                    else:
+                        deltas, finish = tools.stream_deltas(parsers[o.index], d.text, d.finished, finish)
+                        if not deltas and lps is not None:  # text held back, its tokens' logprobs not
+                            deltas = [P.DeltaMessage()]
+                    # OpenAI sends one tool-call piece per chunk; the choice's last chunk carries its end.
+                    for k, delta in enumerate(deltas):
+                        last = k == len(deltas) - 1
+                        yield chunk([P.ChatCompletionStreamChoice(
+                            index=o.index, delta=delta, logprobs=lps if k == 0 else None,
+                            finish_reason=finish if last else None, stop_reason=stop if last else None)])
         if req.include_usage:
             yield chunk([], final_usage=tracker.usage())

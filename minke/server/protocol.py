@@ -1,8 +1,8 @@
 """OpenAI-compatible request and response models (the shapes vLLM serves), as pydantic v2 models.
 
 Requests forbid unknown fields (a typo such as `max_token` is a 400 naming the field, as in vLLM), except the
-chat message objects: clients echo back assistant messages with fields such as `tool_calls`, `refusal` or
-`name`, which are ignored here. The vLLM extras (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`,
+chat message objects: clients echo back assistant messages with fields such as `refusal` or `name`, which are
+ignored here (`tool_calls` and `tool_call_id` are read: tool_protocol.py, tools.py). The vLLM extras (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`,
 `ignore_eos`, `min_tokens`, `skip_special_tokens`, `include_stop_str_in_output`) arrive through the openai
 client's `extra_body` and sit beside the OpenAI fields.
 
@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 from ..sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
+from .tool_protocol import ChatTool, DeltaToolCall, ToolCall, ToolChoice
 
 # OpenAI's limits: at most 128 choices per request and 2048 prompts per completions batch. They keep one
 # request from flooding the scheduler's queue ahead of everyone else's.
@@ -286,6 +287,8 @@ class ChatMessage(_Open):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: the calls it made (checked when rendered)
+    tool_call_id: str | None = None  # tool: the call this message answers
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -301,6 +304,20 @@ class ChatMessage(_Open):
         return "\n".join(texts)
 
 
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them: {'role', 'content': str}, plus `tool_calls` (content may be
+    None beside them) and `tool_call_id` where given."""
+    out = []
+    for i, m in enumerate(messages):
+        d: dict[str, Any] = {"role": m.role, "content": None if m.content is None and m.tool_calls else m.text(i)}
+        if m.tool_calls is not None:
+            d["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None or m.role == "tool":
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     logprobs: StrictBool = False
@@ -308,10 +325,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: Int64 | None = _doc(None, minimum=1)
     # OpenAI's newer name for max_tokens; wins when both are set
     max_completion_tokens: Int64 | None = _doc(None, minimum=1)
-    # Tools are not supported; clients that always send the (empty) fields still work.
-    tools: list[dict[str, Any]] | None = _doc(None, maxItems=0)
-    tool_choice: Literal["none", "auto"] | None = None
-    parallel_tool_calls: StrictBool | None = None
+    # Function tools (tools.py): None = "auto" with tools, "none" without
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None  # None = true, as OpenAI
     # vLLM extra
     add_generation_prompt: StrictBool = True
 
@@ -319,8 +336,6 @@ class ChatCompletionRequest(_SamplingFields):
     def _check(self):
         if not self.messages:
             raise ValueError("messages must hold at least one message")
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
         if self.top_logprobs is not None:
             if not self.logprobs and self.top_logprobs > 0:
                 raise ValueError("top_logprobs needs logprobs to be true")
@@ -328,9 +343,8 @@ class ChatCompletionRequest(_SamplingFields):
                 raise ValueError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
         return self
 
-    def message_dicts(self) -> list[dict[str, str]]:
-        """Messages as the chat template expects them: {'role', 'content': str}."""
-        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+    def message_dicts(self) -> list[dict[str, Any]]:
+        return message_dicts(self.messages)
 
     def to_sampling_params(self, default_max_tokens: int, defaults: dict[str, Any] | None = None) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -357,6 +371,7 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -380,6 +395,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):
@@ -508,6 +524,7 @@ class TokenizeCompletionRequest(_Forbid):
 class TokenizeChatRequest(_Forbid):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ChatTool] | None = None  # shown to the model as in /v1/chat/completions (vLLM's field)
     add_generation_prompt: StrictBool = True
     # The chat template writes bos itself: adding it again would double it (vLLM's default is False too).
     add_special_tokens: StrictBool = False

@@ -25,10 +25,11 @@ class OpenAIServingTokenization(OpenAIServing):
         self.check_model(req.model)
         try:
             if is_chat:
-                messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
-                self.check_text_length(sum(len(m["content"]) for m in messages), "messages")
+                messages = P.message_dicts(req.messages)
+                self.check_text_length(sum(len(m["content"] or "") for m in messages), "messages")
+                tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
                 text = self.tokenizer.render_chat(messages, add_generation_prompt=req.add_generation_prompt,
-                                                  chat_template=self.chat_template)
+                                                  chat_template=self.chat_template, tools=tools)
             else:
                 self.check_text_length(len(req.prompt), "prompt")
                 text = req.prompt

@@ -6,6 +6,8 @@ Runtime dependencies are only the `tokenizers` library (byte-level BPE from `tok
     tokenizer.py      Tokenizer (encode / decode / apply_chat_template), load_tokenizer
     chat_template.py  DeepSeek's built-in templates; rendering exactly like transformers' apply_chat_template
                       (sandboxed jinja2, trim_blocks, lstrip_blocks, `raise_exception`, special-token variables)
+    tool_prompt.py    the tool prompt for templates without a tool section (tools in the system message, calls as
+                      <tool_call> blocks, results as <tool_response> user turns)
     detokenizer.py    IncrementalDetokenizer (streams text without cutting a multi-byte character in half, the
                       prefix / read offset method of vLLM and TGI), detokenize_output (the same text at once)
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -53,6 +53,7 @@ BUILTIN_CHAT_TEMPLATES: dict[str, str] = {
 DEFAULT_CHAT_TEMPLATE_NAME = "deepseek"
 
 CHAT_ROLES = ("system", "user", "assistant")
+TOOL_ROLE = "tool"  # OpenAI's tool-result messages (rendered by tool_prompt.py or a template's tool section)
 
 
 def template_from_config(value: Any, config_file: Path) -> str | None:
@@ -104,26 +105,66 @@ def resolve_chat_template(spec: str) -> str:
 
 def validate_messages(messages: Any) -> list[dict]:
     """messages as a chat template sees them: a non-empty list of {'role', 'content': str} dicts with known roles,
-    copied (templates never see, or keep, the caller's objects). Raises ValueError naming the bad message."""
+    copied (templates never see, or keep, the caller's objects). Tool use as OpenAI writes it is accepted too: an
+    assistant message may carry `tool_calls` (then its content may be None), and a "tool" message answers one of
+    them by `tool_call_id`. Raises ValueError naming the bad message (and field)."""
     if not isinstance(messages, (list, tuple)):
         raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     if not messages:
         raise ValueError("messages is empty: a chat needs at least one message")
     out = []
+    call_ids: set[str] = set()  # ids of the tool calls made so far: a tool message must answer one
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
         if "role" not in m:
             raise ValueError(f"messages[{i}] has no 'role'")
-        if m["role"] not in CHAT_ROLES:
-            raise ValueError(f"messages[{i}] has unknown role {m['role']!r}; expected one of {list(CHAT_ROLES)}")
-        if "content" not in m:
-            raise ValueError(f"messages[{i}] ({m['role']}) has no 'content'")
-        if not isinstance(m["content"], str):
-            raise ValueError(
-                f"messages[{i}] ({m['role']}) content must be a string, got {type(m['content']).__name__}"
-            )
-        out.append(dict(m))
+        if m["role"] not in (*CHAT_ROLES, TOOL_ROLE):
+            raise ValueError(f"messages[{i}] has unknown role {m['role']!r}; "
+                             f"expected one of {[*CHAT_ROLES, TOOL_ROLE]}")
+        m = dict(m)
+        calls = m.get("tool_calls")
+        if calls:
+            if m["role"] != "assistant":
+                raise ValueError(f"messages[{i}].tool_calls: only assistant messages carry tool calls")
+            m["tool_calls"] = _validate_tool_calls(calls, i)
+            call_ids.update(c["id"] for c in m["tool_calls"] if c.get("id") is not None)
+            m.setdefault("content", None)  # OpenAI: content may be null (or absent) beside tool calls
+        if m["role"] == TOOL_ROLE:
+            tid = m.get("tool_call_id")
+            if not isinstance(tid, str):
+                raise ValueError(f"messages[{i}].tool_call_id: a tool message needs the string id of the tool call "
+                                 "it answers")
+            if tid not in call_ids:
+                raise ValueError(f"messages[{i}].tool_call_id: {tid!r} answers no tool call of an earlier assistant "
+                                 "message")
+        if not calls or m.get("content") is not None:
+            if "content" not in m:
+                raise ValueError(f"messages[{i}] ({m['role']}) has no 'content'")
+            if not isinstance(m["content"], str):
+                raise ValueError(
+                    f"messages[{i}] ({m['role']}) content must be a string, got {type(m['content']).__name__}"
+                )
+        out.append(m)
+    return out
+
+
+def _validate_tool_calls(calls: Any, i: int) -> list[dict]:
+    """An assistant message's tool_calls: [{"id", "type": "function", "function": {"name", "arguments"}}]."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, (list, tuple)):
+        raise ValueError(f"{where} must be a list, got {type(calls).__name__}")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"{where}[{j}] must be {{'id', 'type': 'function', 'function': {{'name', "
+                             "'arguments'}}}} with a string name")
+        if c.get("type", "function") != "function":
+            raise ValueError(f"{where}[{j}].type must be 'function', got {c.get('type')!r}")
+        if not isinstance(fn.get("arguments", "{}"), (str, Mapping)):
+            raise ValueError(f"{where}[{j}].function.arguments must be a JSON string")
+        out.append({**c, "function": {"name": fn["name"], "arguments": fn.get("arguments", "{}")}})
     return out
 
 
@@ -173,15 +214,18 @@ class ChatTemplate:
             self._template = env.from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"chat template does not parse (line {e.lineno}): {e.message}") from e
+        # A template with its own tool section reads the `tools` variable (transformers passes it as such).
+        self.uses_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
 
-    def render(self, messages: list[dict], add_generation_prompt: bool, variables: Mapping[str, str]) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool, variables: Mapping[str, str],
+               tools: list[dict] | None = None) -> str:
         """The prompt text of messages (as validate_messages returns them); variables are the special tokens
         (bos_token, eos_token, ...) as transformers passes them. A template error (raise_exception included) becomes
         a ValueError."""
         try:
             return self._template.render(
                 messages=messages,
-                tools=None,
+                tools=tools or None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **variables,

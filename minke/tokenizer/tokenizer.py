@@ -19,6 +19,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as _BackendTokenizer
 
+from . import tool_prompt
+
 from .chat_template import (
     BUILTIN_CHAT_TEMPLATES,
     DEFAULT_CHAT_TEMPLATE_NAME,
@@ -252,22 +254,33 @@ class Tokenizer:
     # -- chat --------------------------------------------------------------------------------------
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    chat_template: str | None = None) -> str:
-        """The prompt text of `messages` (bos included, as the template writes it)."""
+                    chat_template: str | None = None, tools: list[dict] | None = None) -> str:
+        """The prompt text of `messages` (bos included, as the template writes it). `tools` (OpenAI's function
+        tools) and tool use in the messages (assistant `tool_calls`, "tool" results) go to a template that has a
+        tool section (one that reads `tools`) as they are; any other template renders them in minke's tool
+        prompt (tool_prompt.py), written as plain system / user / assistant messages."""
         msgs = validate_messages(messages)
         source = resolve_chat_template(chat_template) if chat_template is not None else self.chat_template
         template = self._compiled.get(source)
         if template is None:
             template = self._compiled[source] = ChatTemplate(source)
-        return template.render(msgs, add_generation_prompt, self._template_vars)
+        if tools or tool_prompt.uses_tools(msgs):
+            if template.uses_tools:
+                msgs = tool_prompt.for_tool_template(msgs)
+            else:
+                msgs, tools = tool_prompt.to_plain_messages(msgs, tools), None
+        return template.render(msgs, add_generation_prompt, self._template_vars, tools=tools)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = True, chat_template: str | None = None) -> list[int] | str:
-        """Render `messages` with the chat template; token ids (tokenize=True) or the text.
+                            tokenize: bool = True, chat_template: str | None = None,
+                            tools: list[dict] | None = None) -> list[int] | str:
+        """Render `messages` (and `tools`, as transformers takes them) with the chat template; token ids
+        (tokenize=True) or the text.
 
         The rendered text is encoded without add_special_tokens: the template already wrote bos, and
         encoding with it again would give a double bos (transformers does the same)."""
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template)
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                                tools=tools)
         if not tokenize:
             return text
         return self.encode(text, add_special_tokens=False)
