@@ -71,3 +71,56 @@ def test_bad_shapes_are_named():
         lora_shrink_ref(torch.zeros(2, 4), torch.zeros(4, 4), torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="indices"):
         lora_shrink_ref(torch.zeros(3, 4), torch.zeros(1, 2, 4), torch.zeros(2, dtype=torch.int32))
+
+
+def _moe_case(t, k, e, d, inter, L_slots, r, dtype, seed=0):
+    from minke.kernels.lora import MoELoRA
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d, generator=g).to(dtype)
+    w13 = (torch.randn(e, 2 * inter, d, generator=g) * 0.2).to(dtype)
+    w2 = (torch.randn(e, d, inter, generator=g) * 0.2).to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(torch.int32)
+    wts = torch.rand(t, k, generator=g)
+    L = L_slots * e
+    st = [(torch.randn(L, r, d, generator=g) * 0.2).to(dtype), (torch.randn(L, 2 * inter, r, generator=g) * 0.2).to(dtype),
+          (torch.randn(L, r, inter, generator=g) * 0.2).to(dtype), (torch.randn(L, d, r, generator=g) * 0.2).to(dtype)]
+    slot = torch.randint(-1, L_slots, (t,), generator=g)
+    pair = torch.where(slot[:, None] >= 0, slot[:, None] * e + ids.long(), -1).reshape(-1).to(torch.int32)
+    return x, w13, w2, ids, wts, st, slot, pair, MoELoRA
+
+
+def test_moe_lora_reference_equals_merged_experts():
+    """Each token's experts with its adapter merged into the weights (W + B A) give fused_moe_lora_ref's rows."""
+    from minke.kernels.fused_moe import moe_experts_torch
+    from minke.kernels.lora import fused_moe_lora_ref
+
+    x, w13, w2, ids, wts, (gua, gub, da, db), slot, pair, MoELoRA = _moe_case(7, 2, 4, 24, 16, 3, 4, torch.float64)
+    out = fused_moe_lora_ref(x, w13, w2, wts, ids, MoELoRA(pair, gua, gub, da, db, use_kernels=False))
+    e = w13.shape[0]
+    for i in range(7):
+        s = int(slot[i])
+        m13, m2 = w13.clone(), w2.clone()
+        if s >= 0:
+            m13 += gub[s * e:(s + 1) * e] @ gua[s * e:(s + 1) * e]
+            m2 += db[s * e:(s + 1) * e] @ da[s * e:(s + 1) * e]
+        # (the reference accumulates in fp32, as the kernel does)
+        torch.testing.assert_close(out[i], moe_experts_torch(x[i:i + 1], m13, m2, wts[i:i + 1], ids[i:i + 1])[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("t", [1, 9])
+def test_fused_moe_with_lora_equals_reference(t):
+    from minke.kernels.fused_moe import fused_moe
+    from minke.kernels.lora import fused_moe_lora_ref
+
+    x, w13, w2, ids, wts, (gua, gub, da, db), slot, pair, MoELoRA = _moe_case(t, 2, 4, 32, 32, 2, 16, torch.float32)
+    args = [v.to(DEVICE) for v in (x, w13, w2, wts, ids)]
+    lora = MoELoRA(pair.to(DEVICE), gua.to(DEVICE), gub.to(DEVICE), da.to(DEVICE), db.to(DEVICE))
+    ref = fused_moe_lora_ref(args[0], args[1], args[2], args[3], args[4], lora)
+    got = fused_moe(*args, lora=lora)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    only_down = MoELoRA(lora.pair_idx, down_a=lora.down_a, down_b=lora.down_b)
+    torch.testing.assert_close(fused_moe(*args, lora=only_down), fused_moe_lora_ref(*args, only_down),
+                               rtol=1e-4, atol=1e-4)

@@ -177,3 +177,61 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, idx: torch.Te
                          DOT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
                          UPCAST=needs_dot_upcast(_expand_kernel, b.dtype))
     return y
+
+
+# ---- routed experts: adapters per (token, slot) pair, inside the fused MoE ----------------------------------------
+
+
+class MoELoRA:
+    """The adapters of routed experts for one fused-MoE call (fused_moe(..., lora=)). Stacks are indexed by
+    slot * E + expert (L = slots * E): gate_up_a [L, R, D], gate_up_b [L, 2I, R], down_a [L, R, I], down_b [L, D, R]
+    (either pair may be None: not adapted); pair_idx [T*K] int32 = that index of each (token, slot) pair, -1 for
+    tokens without an adapter. The deltas enter the grouped GEMMs' epilogues: gate/up before silu, down before the
+    routing weight, so out = sum_k w_k (W_down + dB dA)(silu((W_g + gB gA) x) * ((W_u + uB uA) x))."""
+
+    def __init__(self, pair_idx, gate_up_a=None, gate_up_b=None, down_a=None, down_b=None, use_kernels=True):
+        self.pair_idx, self.use_kernels = pair_idx, use_kernels
+        self.gate_up_a, self.gate_up_b, self.down_a, self.down_b = gate_up_a, gate_up_b, down_a, down_b
+
+    def _delta(self, x, a, b, row_div):
+        m = x.shape[0] * row_div
+        out = torch.zeros(m, b.shape[1], dtype=torch.float32, device=x.device)
+        if self.use_kernels:
+            return lora_expand(out, lora_shrink(x, a, self.pair_idx, row_div), b, self.pair_idx)
+        return lora_expand_ref(out, lora_shrink_ref(x, a, self.pair_idx, row_div), b, self.pair_idx)
+
+    def gate_up_delta(self, x: torch.Tensor, k: int) -> torch.Tensor | None:
+        """x [T, D] -> [T*K, 2I] fp32 (gate columns then up), or None."""
+        return None if self.gate_up_a is None else self._delta(x, self.gate_up_a, self.gate_up_b, k)
+
+    def down_delta(self, act: torch.Tensor) -> torch.Tensor | None:
+        """act [T*K, I] -> [T*K, D] fp32 (before the routing weight), or None."""
+        return None if self.down_a is None else self._delta(act, self.down_a, self.down_b, 1)
+
+
+def fused_moe_lora_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor, lora: MoELoRA, reduce: bool = True) -> torch.Tensor:
+    """fused_moe(..., lora=) in torch: x [T, D], w13 [E, 2I, D], w2 [E, D, I] -> [T, D] ([T, K, D] when not
+    reduce), every matmul of a pair in fp32 and rounded to x.dtype where the kernel stores (act, outputs)."""
+    t, k = topk_ids.shape
+    ids = topk_ids.reshape(-1).long()  # [T*K] expert of each pair
+    tok = torch.arange(t * k, device=x.device) // k
+    gu_add = lora.gate_up_delta(x, k)
+    act = x.new_empty(t * k, w2.shape[2])
+    for e in torch.unique(ids).tolist():
+        p = torch.nonzero(ids == e).squeeze(1)
+        h = x[tok[p]].float() @ w13[e].float().t()  # [n, 2I]
+        if gu_add is not None:
+            h = h + gu_add[p]
+        gate, up = h.chunk(2, dim=-1)
+        act[p] = (torch.nn.functional.silu(gate) * up).to(x.dtype)
+    d_add = lora.down_delta(act)
+    out = x.new_empty(t * k, x.shape[1])
+    for e in torch.unique(ids).tolist():
+        p = torch.nonzero(ids == e).squeeze(1)
+        h = act[p].float() @ w2[e].float().t()
+        if d_add is not None:
+            h = h + d_add[p]
+        out[p] = (h * topk_weights.reshape(-1)[p, None].float()).to(x.dtype)
+    out = out.view(t, k, -1)
+    return out.sum(dim=1) if reduce else out
