@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..lora.request import LoRARequest
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -44,6 +45,7 @@ class Request:
     max_tokens: int  # the output-token limit: params.max_tokens, or what the context leaves
     stop_ids: frozenset[int] = field(default_factory=frozenset)  # eos (unless ignore_eos) + params.stop_token_ids
     final_only: bool = False  # params.output_kind == "final_only": reported once, when finished
+    lora_request: LoRARequest | None = None  # the adapter its sequences run with (None: the base model)
 
     @property
     def finished(self) -> bool:

@@ -143,7 +143,7 @@ class StepPipeline:
             start = seq.num_computed_tokens
             end = start + it.num_new_tokens
             chunk = SeqChunk(seq.token_ids[start:end], start, seq.block_table, end == len(seq.token_ids),
-                             (seq.seq_id, seq.num_preemptions))
+                             (seq.seq_id, seq.num_preemptions), seq.lora_int_id)
             if end - start == 1 and start > 0:  # chunk.is_decode
                 decodes.append((chunk, seq))
             else:

@@ -24,6 +24,7 @@ class SeqChunk:
     # the key was last seen, so a persistent copy needs only its new entries (the engine uses (seq_id,
     # num_preemptions): a table is only ever rebuilt after a preemption). None: no promise, copy it whole.
     table_key: Hashable | None = None
+    lora_id: int = 0  # the sequence's adapter (LoRARequest.lora_int_id); 0 = the base model
 
     @property
     def is_decode(self) -> bool:

@@ -9,7 +9,11 @@ applies quantization and tensor parallelism:
   3. quantize  online weight quantization (quantization.py: fp8 experts and MHA/GQA / dense-MLP linears). After
                the kernels' weight transforms: the shared experts are fused in as experts by then, so they are
                quantized with them;
-  4. setup     a caller's hook (tests, benchmarks).
+  4. adapters  with LoRA enabled, the adaptable modules swapped for their multi-LoRA forms (minke/lora/: slot
+               stacks sliced like the sharded weights). The weight-fusing transforms of step 2 (q/kv_a as one GEMM,
+               shared experts folded into the routed ones) are skipped then: each adapted projection keeps its own
+               module and the routed experts their own stack;
+  5. setup     a caller's hook (tests, benchmarks).
 
 With quantization, 1-3 run per decoder layer while loading (load_quantized): each layer is allocated when its first
 tensor arrives and, once complete, gets the kernels' weight transforms (gpu_kernels.transform_weights, which read
@@ -28,6 +32,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..loader import load_model
+from ..lora.model import apply_lora
 from ..models.model import CausalLM
 from ..parallel.sharded_loading import load_sharded_model
 from ..parallel.state import ParallelConfig
@@ -41,16 +46,20 @@ def build_model(cfg, model_config: ModelConfig, parallel: ParallelConfig, dtype:
                 device: torch.device) -> CausalLM:
     """cfg: the WorkerConfig (model, load_format, seed, quantization, setup). Collective under parallelism: every
     rank calls it."""
+    lora = getattr(cfg, "lora", None)
     if cfg.quantization is not None:
         model, n = load_quantized(cfg, model_config, parallel, dtype, device,
-                                  fuse_weights=gpu_kernels_available(device))
+                                  fuse_weights=gpu_kernels_available(device) and lora is None)
         if parallel.tp_rank == 0:
             logger.info("quantization %s: %d modules (MoE experts, linear layers), quantized layer by layer while "
                         "loading", cfg.quantization, n)
     else:
         model = load_unquantized(cfg, model_config, parallel, dtype, device)
     install_gpu_kernels(model, device, tensor_parallel=parallel.is_parallel,
-                        weights_transformed=cfg.quantization is not None)
+                        weights_transformed=cfg.quantization is not None or lora is not None)
+    if lora is not None:
+        model.lora_layers = apply_lora(model, lora, parallel, lora.max_rows,
+                                       use_kernels=gpu_kernels_available(device))
     if cfg.setup is not None:
         cfg.setup(model, device)
     return model
