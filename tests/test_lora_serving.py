@@ -14,9 +14,8 @@ import torch
 import minke
 from minke import LLM, SamplingParams
 from minke.lora import AdapterError, LoRARequest
-from minke.train.finetune import merge_adapter
 from minke.train.lora import adapter_state_dict, apply_lora, make_lora_config, save_adapter
-from tiny_models import make_checkpoint
+from lora_assets import LoRAAssets, randomize_adapters
 
 torch.set_num_threads(1)
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -24,45 +23,9 @@ PROMPTS = [[5, 17, 230, 99, 4, 61, 8], [300, 12, 12, 7, 1000, 45, 3, 88, 140, 9,
 ENGINE = dict(device="cpu", block_size=4, kv_cache_tokens=4096, max_model_len=128)
 
 
-def _randomize(model, seed: int, scale: float = 0.3) -> None:
-    """B = 0 at init makes an adapter a no-op: random values everywhere, large enough to change greedy tokens."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and ".lora" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """assets(variant) -> base dir; assets.adapter(variant, seed, trainable, r, alpha) -> (adapter dir, merged
-    dir), written by minke's own fine-tuning code (the PEFT layout `minke finetune --use_lora` writes)."""
-    root = tmp_path_factory.mktemp("lora")
-    bases, adapters = {}, {}
-
-    class Assets:
-        def __call__(self, variant):
-            if variant not in bases:
-                path = str(root / variant)
-                make_checkpoint(variant, path, tokenizer=True, vocab_size=102400)
-                bases[variant] = path
-            return bases[variant]
-
-        def adapter(self, variant, seed=1, trainable="all-linear", r=4, alpha=8):
-            key = (variant, seed, trainable, r, alpha)
-            if key not in adapters:
-                base = self(variant)
-                model = minke.load_model(base)
-                cfg = make_lora_config(model, r, alpha, 0.0, trainable, modules_to_save="")
-                apply_lora(model, cfg)
-                _randomize(model, seed)
-                out = str(root / f"{variant}-a{seed}-{r}-{trainable.replace(',', '_')}")
-                save_adapter(out, cfg, adapter_state_dict(model), base)
-                merged = merge_adapter(out, out + "-merged", log=lambda *a: None)
-                adapters[key] = (out, merged)
-            return adapters[key]
-
-    return Assets()
+    return LoRAAssets(tmp_path_factory.mktemp("lora"))
 
 
 def _tokens(outs):
@@ -124,7 +87,7 @@ def test_peft_written_rslora_adapter(assets, tmp_path):
     hf = get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base).eval(),
                         LoraConfig(r=8, lora_alpha=4, use_rslora=True, lora_dropout=0.0,
                                    target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "up_proj"]))
-    _randomize(hf, 11)
+    randomize_adapters(hf, 11)
     adapter = str(tmp_path / "rs")
     hf.save_pretrained(adapter)
     assert json.load(open(os.path.join(adapter, "adapter_config.json")))["use_rslora"] is True

@@ -23,7 +23,7 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, request: Request) -> Response:
         arrival = time.monotonic()
         req: P.ChatCompletionRequest = await self.parse(request, P.ChatCompletionRequest)
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         try:
             messages = req.message_dicts()
             self.check_text_length(sum(len(m["content"]) for m in messages), "messages")
@@ -34,7 +34,7 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, str(e), param="messages") from None
         params = self.sampling_params(req, len(prompt_ids))
         rid = P.random_id("chatcmpl")
-        requests = [self.process(prompt_ids, params, f"{rid}-0", "messages")]
+        requests = [self.process(prompt_ids, params, f"{rid}-0", "messages", lora=lora)]
         if req.stream:
             chunks = self.chunks(req, rid, requests, arrival)
             return StreamingResponse(sse_events(chunks, lambda e: self.engine_error(e).body()),
@@ -53,7 +53,7 @@ class OpenAIServingChat(OpenAIServing):
                 index=o.index, message=P.ChatResponseMessage(content=o.text), logprobs=logprobs,
                 finish_reason=o.finish_reason, stop_reason=o.stop_reason))
         usage = usage_info(len(prompt_ids), sum(len(o.token_ids) for o in out.outputs))
-        resp = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
+        resp = P.ChatCompletionResponse(id=rid, model=self.response_model(req.model), choices=choices, usage=usage)
         return JSONResponse(resp.model_dump())
 
     def logprobs(self, o: CompletionOutput, start: int, top_k: int, as_ids: bool) -> list[P.ChatLogprobContent]:
@@ -80,7 +80,7 @@ class OpenAIServingChat(OpenAIServing):
 
         def chunk(choices: list[P.ChatCompletionStreamChoice], final_usage: P.UsageInfo | None = None) -> dict:
             body = P.ChatCompletionStreamResponse(
-                id=rid, created=created, model=self.model_name, choices=choices,
+                id=rid, created=created, model=self.response_model(req.model), choices=choices,
                 usage=final_usage or (tracker.usage() if req.continuous_usage else None))
             d = body.model_dump()
             if not req.include_usage:
