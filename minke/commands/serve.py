@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora-modules", "--lora_modules", dest="lora_modules", nargs="+", default=None,
                    metavar="NAME=PATH", type=_lora_module,
                    help="with --enable-lora: adapters to serve, each NAME=PATH (a PEFT adapter directory); a "
-                        "request's model field picks one by NAME")
+                        "request's model field picks one by NAME (default: none)")
     p.add_argument("--uvicorn-log-level", "--uvicorn_log_level", dest="uvicorn_log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="log level (default: %(default)s)")
