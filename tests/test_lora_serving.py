@@ -163,3 +163,21 @@ def test_unservable_adapters_are_refused_with_the_reason(assets, tmp_path):
     # still serving
     assert llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert llm.list_loras() == set()
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v2", "llama_gqa"])
+def test_tensor_parallel_adapters_equal_one_process(assets, variant):
+    """A/B sliced like the weights over two ranks (column-parallel B rows, row-parallel A columns, sliced experts,
+    replicated KV heads of GQA): the same tokens as the merged model in one process."""
+    import torch.distributed as dist
+
+    base = assets(variant)
+    adapter, merged = assets.adapter(variant, seed=5)
+    want = _tokens(LLM(merged, **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False))
+    llm = LLM(base, tensor_parallel_size=2, enable_lora=True, max_lora_rank=4, **ENGINE)
+    try:
+        got = _tokens(llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("a", 1, adapter), use_tqdm=False))
+        assert got == want
+    finally:
+        llm.llm_engine.runner.shutdown()
+    assert not dist.is_initialized()

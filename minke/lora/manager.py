@@ -130,8 +130,7 @@ class LoRAManager:
     # ------------------------------------------------------------------ the step
     def prepare_step(self, chunks) -> None:
         """Per-token slots of the step's chunks (SeqChunk.lora_id, 0 = base; decodes first) into the device
-        buffer; rows past the step's tokens get -1 (CUDA-graph padding). Also the context tokens' slots for MLA
-        prefills that read cached context."""
+        buffer. Also the context tokens' slots for MLA prefills that read cached context."""
         ctx = self.ctx
         ids = [c.lora_id for c in chunks]
         if not any(ids):
@@ -149,8 +148,9 @@ class LoRAManager:
             raise ValueError(f"a step of {total} tokens exceeds the LoRA index buffer ({len(self._host)} rows)")
         host = self._host
         host[:total] = np.repeat(per_chunk, n_new)
-        ctx.token_slots.copy_(torch.from_numpy(host), non_blocking=ctx.token_slots.device.type == "cuda")
-        host[:total] = -1  # (a pageable source: the copy is staged before copy_ returns)
+        # Only the step's rows: rows past them are CUDA-graph padding, whose outputs nobody reads (a stale slot
+        # there costs nothing but the padding's own LoRA math). A pageable source: staged before copy_ returns.
+        ctx.token_slots[:total].copy_(torch.from_numpy(host[:total]), non_blocking=ctx.token_slots.is_cuda)
         self._dirty = True
         ctx.active = True
         nd = 0

@@ -110,11 +110,15 @@ class Worker:
         n, block_size = cache.profile_tokens, cache.block_size
         caches = allocate_kv_caches(kv_cache_config(self.model_config, self.parallel), 2, block_size, self.dtype,
                                     self.device)
+        if self.lora is not None:  # the adapters' transient buffers (expert deltas: [T*K, 2I] fp32) count too
+            self.lora.begin_capture()
         with torch.inference_mode():
             table = [0] * ((n + block_size - 1) // block_size)
             ids, batch = make_forward_batch([SeqChunk([0] * n, 0, table)], caches, block_size, self.device, self.backend)
             batch.slot_mapping.zero_()  # every token writes slot 0: only memory use matters here
             self.model(ids, batch=batch)
+        if self.lora is not None:
+            self.lora.end_capture()
         del caches
         torch.cuda.synchronize(self.device)
         # Give the dummy step's cached blocks back first: mem_get_info counts memory the caching allocator holds as
