@@ -181,3 +181,27 @@ def test_tensor_parallel_adapters_equal_one_process(assets, variant):
     finally:
         llm.llm_engine.runner.shutdown()
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("form", ["target_modules", "target_parameters"])
+def test_peft_written_v2_adapters_with_experts(assets, tmp_path, form):
+    """Adapters PEFT writes on transformers' DeepseekV2 class: its MoE shim maps gate/up/down target_modules onto
+    the stacked experts (rank_pattern 2r for the fused gate_up); or the experts named as target_parameters."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    base = assets("deepseek_v2_lite")
+    if form == "target_modules":
+        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                         target_modules=["q_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    else:
+        cfg = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["kv_a_proj_with_mqa"],
+                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    hf = get_peft_model(transformers.DeepseekV2ForCausalLM.from_pretrained(base).eval(), cfg)
+    randomize_adapters(hf, 13)
+    adapter = str(tmp_path / form)
+    hf.save_pretrained(adapter)
+    hf.eval()
+    want = _peft_greedy(hf, PROMPTS, GREEDY.max_tokens)
+    llm = LLM(base, enable_lora=True, max_lora_rank=8, **ENGINE)
+    assert _tokens(llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("p", 1, adapter), use_tqdm=False)) == want
