@@ -36,6 +36,10 @@ class LoRAContext:
     def __init__(self, max_rows: int, device: torch.device, use_kernels: bool):
         self.token_slots = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
         self.context_slots: torch.Tensor | None = self.token_slots
+        # MLA absorbed decode (heads > 0): per (decode token, head) row, slot * heads + head and slot, -1 = none
+        # ([max_rows * heads] each), written by the manager with the token slots: not recomputed in every layer.
+        self.heads = 0
+        self.head_slots = self.row_slots = None
         self.active = False
         self.use_kernels = use_kernels
 
@@ -138,11 +142,12 @@ class LoRAMLA:
         return k, v
 
     def _head_slots(self, n: int):
-        """(index s*H + h per (token, head) row, index s per row), -1 where the token has no adapter."""
-        s = self.lora_ctx.slots(n).long()
-        h = self.num_heads
-        per_head = torch.where(s[:, None] >= 0, s[:, None] * h + torch.arange(h, device=s.device), -1)
-        return per_head.reshape(-1).to(torch.int32), s.repeat_interleave(h).to(torch.int32)
+        """(index s*H + h per (token, head) row, index s per row) of the first n tokens, -1 where the token has no
+        adapter (the manager writes them each step: LoRAContext.head_slots / row_slots)."""
+        ctx, h = self.lora_ctx, self.num_heads
+        if ctx.head_slots is None or ctx.heads != h:
+            raise RuntimeError(f"LoRA context built for {ctx.heads} MLA heads, this layer has {h}")
+        return ctx.head_slots[: n * h], ctx.row_slots[: n * h]
 
     def _absorb_q(self, q_nope, w_uk):
         q_latent = super()._absorb_q(q_nope, w_uk).contiguous()  # [n, H, C]

@@ -137,8 +137,7 @@ class LoRAManager:
             ctx.active = False
             ctx.context_slots = ctx.token_slots
             if self._dirty:
-                ctx.token_slots.fill_(-1)
-                self._dirty = False
+                self._clear()
             return
         slots = self.activate([i for i in ids if i])
         per_chunk = np.fromiter((slots[i] if i else -1 for i in ids), dtype=np.int32, count=len(ids))
@@ -156,6 +155,12 @@ class LoRAManager:
         nd = 0
         while nd < len(chunks) and chunks[nd].is_decode:
             nd += 1
+        if ctx.heads and nd:  # absorbed decode's per-(token, head) indices of the decode rows (one each)
+            h, s = ctx.heads, per_chunk[:nd].astype(np.int64)
+            per_head = np.where(s[:, None] >= 0, s[:, None] * h + np.arange(h), -1).astype(np.int32).reshape(-1)
+            ctx.head_slots[: nd * h].copy_(torch.from_numpy(per_head), non_blocking=ctx.token_slots.is_cuda)
+            ctx.row_slots[: nd * h].copy_(torch.from_numpy(np.repeat(per_chunk[:nd], h)),
+                                          non_blocking=ctx.token_slots.is_cuda)
         starts = [c.start_pos for c in chunks[nd:]]
         if any(starts):  # prefill chunks read cached context: one index per context token (positions 0..end)
             k_lens = np.asarray([c.start_pos + len(c.token_ids) for c in chunks[nd:]], dtype=np.int64)
@@ -164,12 +169,19 @@ class LoRAManager:
         else:  # contexts are the prefill chunks' own tokens, rows nd.. of the step
             ctx.context_slots = ctx.token_slots[int(n_new[:nd].sum()):]
 
+    def _clear(self) -> None:
+        ctx = self.ctx
+        for buf in (ctx.token_slots, ctx.head_slots, ctx.row_slots):
+            if buf is not None:
+                buf.fill_(-1)
+        self._dirty = False
+
     def begin_capture(self) -> None:
-        """Before CUDA-graph capture: the LoRA math is recorded whatever the step (indices decide at replay)."""
-        self.ctx.token_slots.fill_(-1)
+        """Before CUDA-graph capture (and the memory profile): the LoRA math is recorded whatever the step
+        (indices decide at replay)."""
+        self._clear()
         self.ctx.context_slots = self.ctx.token_slots
         self.ctx.active = True
-        self._dirty = False
 
     def end_capture(self) -> None:
         self.ctx.active = False

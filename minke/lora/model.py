@@ -71,6 +71,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, parallel: ParallelConfig, max_
             w = KvbSlotWeights(m.num_heads, m.nope, m.v_dim, s, r, kvb.in_features, kvb.out_features, full_in,
                                full_out, dtype, device, a_cols=a_cols, b_rows=b_rows)
             m.kv_b_lora, m.lora_ctx = w, ctx
+            if ctx.head_slots is None:  # per-(token, head) indices of absorbed decode, shared by every layer
+                ctx.heads = m.num_heads
+                ctx.head_slots = torch.full((max_rows * m.num_heads,), -1, dtype=torch.int32, device=device)
+                ctx.row_slots = torch.full_like(ctx.head_slots, -1)
             swap_in(m, LoRAMLA)
             out.linears[kname] = w
         elif isinstance(m, Experts) and not parallel.expert_parallel:
