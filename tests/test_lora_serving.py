@@ -205,3 +205,17 @@ def test_peft_written_v2_adapters_with_experts(assets, tmp_path, form):
     want = _peft_greedy(hf, PROMPTS, GREEDY.max_tokens)
     llm = LLM(base, enable_lora=True, max_lora_rank=8, **ENGINE)
     assert _tokens(llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("p", 1, adapter), use_tqdm=False)) == want
+
+
+@pytest.mark.parametrize("variant", ["llama", "deepseek_v2"])
+def test_fused_input_projections_keep_their_adapters(assets, variant):
+    """On GPUs q / k / v (MLA: q or q_a, and kv_a) run as one GEMM: each projection's adapter lands in its column
+    slice of the fused output (here the same transform, applied to the CPU engine's model)."""
+    from minke.runner.gpu_kernels import fuse_input_projections
+
+    base = assets(variant)
+    adapter, merged = assets.adapter(variant, seed=6)
+    want = _tokens(LLM(merged, **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False))
+    llm = LLM(base, enable_lora=True, max_lora_rank=4, **ENGINE)
+    assert fuse_input_projections(llm.llm_engine.runner.model) == llm.llm_engine.model_config.num_hidden_layers
+    assert _tokens(llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("a", 1, adapter), use_tqdm=False)) == want

@@ -107,6 +107,30 @@ class LoRALinear:
         return y
 
 
+class LoRAFusedInput:
+    """Mixin for attention modules whose input projections run as one GEMM (fuse_input_projections: q / q_a and
+    kv_a, or q / k / v, as slices of fused_in_weight): each projection's adapters go into its column slice of the
+    fused output, so the fusion stays with LoRA enabled."""
+
+    def _linear(self, x, w):
+        y = super()._linear(x, w)
+        ctx = self.lora_ctx
+        if ctx.active and w is self.fused_in_weight:
+            x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+            idx, start = ctx.slots(x2.shape[0]), 0
+            for proj in self.lora_fused_parts():
+                end = start + proj.out_features
+                ctx.apply(x2, y2[:, start:end], proj.lora.a, proj.lora.b, idx)
+                start = end
+        return y
+
+    def lora_fused_parts(self):
+        """The projections of fused_in_weight, in its row order."""
+        if hasattr(self, "kv_a_proj_with_mqa"):
+            return [self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa]
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+
 class KvbSlotWeights(SlotWeights):
     """kv_b_proj's stacks plus the per-head forms absorbed decode uses: buk_t [S*H, R, nope] (B_UK^T per head),
     a_t [S, C, R] (A^T), buv [S*H, v, R] (B_UV per head). H = this rank's heads."""
@@ -274,4 +298,4 @@ def swap_in(module: nn.Module, mixin: type) -> None:
 _COMPOSED: dict[tuple[type, type], type] = {}
 
 __all__ = ["ExpertSlotWeights", "KvbSlotWeights", "LINEAR_TARGETS", "LoRAContext",
-           "LoRAExperts", "LoRALinear", "LoRAMLA", "SlotWeights", "swap_in"]
+           "LoRAExperts", "LoRAFusedInput", "LoRALinear", "LoRAMLA", "SlotWeights", "swap_in"]

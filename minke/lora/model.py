@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.attention import MLAttention
+from ..models.attention import Attention, MLAttention
 from ..models.moe import Experts
 from ..parallel.sharding import checkpoint_plan, checkpoint_shapes
 from ..parallel.state import ParallelConfig
 from .config import LoRAConfig
-from .layers import (LINEAR_TARGETS, ExpertSlotWeights, KvbSlotWeights, LoRAContext, LoRAExperts, LoRALinear,
-                     LoRAMLA, SlotWeights, swap_in)
+from .layers import (LINEAR_TARGETS, ExpertSlotWeights, KvbSlotWeights, LoRAContext, LoRAExperts, LoRAFusedInput,
+                     LoRALinear, LoRAMLA, SlotWeights, swap_in)
 
 
 @dataclass
@@ -64,7 +64,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, parallel: ParallelConfig, max_
             m.lora, m.lora_ctx = w, ctx
             swap_in(m, LoRALinear)
             out.linears[name] = w
-        elif isinstance(m, MLAttention):
+        if isinstance(m, (Attention, MLAttention)):  # fused input projections (now or later) get their adapters
+            m.lora_ctx = ctx
+            swap_in(m, LoRAFusedInput)
+        if isinstance(m, MLAttention):
             kvb, kname = m.kv_b_proj, f"{name}.kv_b_proj"
             full_out, full_in = shapes[f"{kname}.weight"]
             a_cols, b_rows = _slices(plan, kname)
@@ -77,7 +80,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, parallel: ParallelConfig, max_
                 ctx.row_slots = torch.full_like(ctx.head_slots, -1)
             swap_in(m, LoRAMLA)
             out.linears[kname] = w
-        elif isinstance(m, Experts) and not parallel.expert_parallel:
+        if isinstance(m, Experts) and not parallel.expert_parallel:
             e, two_i, d = m.gate_up_proj.shape
             if e != mc.n_routed_experts:
                 raise RuntimeError(f"{name}: {e} experts (shared experts folded in?); LoRA needs the routed ones "

@@ -10,9 +10,10 @@ applies quantization and tensor parallelism:
                the kernels' weight transforms: the shared experts are fused in as experts by then, so they are
                quantized with them;
   4. adapters  with LoRA enabled, the adaptable modules swapped for their multi-LoRA forms (minke/lora/: slot
-               stacks sliced like the sharded weights). The weight-fusing transforms of step 2 (q/kv_a as one GEMM,
-               shared experts folded into the routed ones) are skipped then: each adapted projection keeps its own
-               module and the routed experts their own stack;
+               stacks sliced like the sharded weights). Of step 2's weight transforms only the fused input
+               projection stays (each projection's adapters add into its column slice of the one GEMM); the shared
+               experts are not folded into the routed ones (their adapters are the shared MLP's), and with fp8
+               nothing is fused;
   5. setup     a caller's hook (tests, benchmarks).
 
 With quantization, 1-3 run per decoder layer while loading (load_quantized): each layer is allocated when its first
@@ -36,7 +37,7 @@ from ..lora.model import apply_lora
 from ..models.model import CausalLM
 from ..parallel.sharded_loading import load_sharded_model
 from ..parallel.state import ParallelConfig
-from .gpu_kernels import gpu_kernels_available, install_gpu_kernels, transform_weights
+from .gpu_kernels import fuse_input_projections, gpu_kernels_available, install_gpu_kernels, transform_weights
 from .quantization import apply_quantization
 
 logger = logging.getLogger("minke")
@@ -55,6 +56,8 @@ def build_model(cfg, model_config: ModelConfig, parallel: ParallelConfig, dtype:
                         "loading", cfg.quantization, n)
     else:
         model = load_unquantized(cfg, model_config, parallel, dtype, device)
+    if lora is not None and cfg.quantization is None and gpu_kernels_available(device):
+        fuse_input_projections(model)
     install_gpu_kernels(model, device, tensor_parallel=parallel.is_parallel,
                         weights_transformed=cfg.quantization is not None or lora is not None)
     if lora is not None:
