@@ -219,3 +219,26 @@ def test_fused_input_projections_keep_their_adapters(assets, variant):
     llm = LLM(base, enable_lora=True, max_lora_rank=4, **ENGINE)
     assert fuse_input_projections(llm.llm_engine.runner.model) == llm.llm_engine.model_config.num_hidden_layers
     assert _tokens(llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("a", 1, adapter), use_tqdm=False)) == want
+
+
+def test_the_embedded_default_model_serves_an_adapter(tmp_path):
+    """The 9M deepseek_v2 model shipped in the package, with an adapter minke's fine-tuning code writes (every
+    Linear and the routed experts): chat prompts through LLM.chat, tokens equal to the merged model's."""
+    from minke.default_model import default_model_dir
+    from minke.train.finetune import merge_adapter
+
+    base = default_model_dir()
+    model = minke.load_model(base)
+    cfg = make_lora_config(model, 8, 16, 0.0, "all-linear", modules_to_save="")
+    apply_lora(model, cfg)
+    randomize_adapters(model, 21, scale=0.05)
+    adapter = str(tmp_path / "adapter")
+    save_adapter(adapter, cfg, adapter_state_dict(model), base)
+    merged = merge_adapter(adapter, str(tmp_path / "merged"), log=lambda *a: None)
+    msgs = [[{"role": "user", "content": "Tell me a story about a cat."}], [{"role": "user", "content": "Hi!"}]]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    want = [o.outputs[0].token_ids for o in LLM(merged, device="cpu").chat(msgs, params, use_tqdm=False)]
+    llm = LLM(device="cpu", enable_lora=True, max_lora_rank=8)
+    got = llm.chat(msgs, params, use_tqdm=False, lora_request=LoRARequest("story", 1, adapter))
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert [o.outputs[0].token_ids for o in llm.chat(msgs, params, use_tqdm=False)] != want
