@@ -25,6 +25,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("models", "config", "weights", "loader", "logging_utils", "tokenizer", "sampling_params",
                 "default_model", "version")),
     ("parallel", ("parallel",)),
+    # adapters: module swaps applied to a built (sharded) model from outside it; the runner applies them
+    ("lora", ("lora",)),
     ("runner", ("runner",)),
     ("engine", ("engine",)),
     ("top", ("server", "commands", "train", "benchmark", "cli", "__init__")),

@@ -35,6 +35,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--api-key", "--api_key", dest="api_key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
                         f"(default: env {API_KEY_ENV})")
+    p.add_argument("--lora-modules", "--lora_modules", dest="lora_modules", nargs="+", default=None,
+                   metavar="NAME=PATH", type=_lora_module,
+                   help="with --enable-lora: adapters to serve, each NAME=PATH (a PEFT adapter directory); a "
+                        "request's model field picks one by NAME (default: none)")
     p.add_argument("--uvicorn-log-level", "--uvicorn_log_level", dest="uvicorn_log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="log level (default: %(default)s)")
@@ -65,6 +69,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "(default: %(default)s; keep it below `ulimit -n`)")
     p.set_defaults(_parser=p)
     return p
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """NAME=PATH, or vLLM's JSON form {"name": ..., "path": ...}."""
+    if text.lstrip().startswith("{"):
+        import json
+
+        try:
+            d = json.loads(text)
+            return str(d["name"]), str(d["path"])
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f"expected NAME=PATH or {{\"name\": ..., \"path\": ...}}, got {text!r}")
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 def non_default_args(args: argparse.Namespace) -> dict:
@@ -127,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     limits = http_limits(args)
+    if args.lora_modules and not args.enable_lora:
+        print("minke serve: error: --lora-modules needs --enable-lora", file=sys.stderr)
+        return 1
     logger.info("minke %s serve", __version__)
     logger.info("non-default args: %s", non_default_args(args))
     try:
@@ -147,9 +170,13 @@ def run(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or default_model_name(engine)
-    app = build_app(engine, name, api_key, args.chat_template,
-                    log_stats_interval=None if args.disable_log_stats else 5.0, limits=limits,
-                    openapi=not args.disable_fastapi_docs)
+    try:
+        app = build_app(engine, name, api_key, args.chat_template,
+                        log_stats_interval=None if args.disable_log_stats else 5.0, limits=limits,
+                        openapi=not args.disable_fastapi_docs, lora_modules=args.lora_modules)
+    except ValueError as e:  # an adapter of --lora-modules that cannot be served (AdapterError says why)
+        print(f"minke serve: error: {e}", file=sys.stderr)
+        return 1
     logger.info("Serving %s as model %r%s; routes: /v1/chat/completions, /v1/completions, /v1/models, /health, "
                 "/metrics, /tokenize, /detokenize, /version, /openapi.json", engine.model_path, name,
                 " (API key required on /v1, /tokenize, /detokenize)" if api_key else "")

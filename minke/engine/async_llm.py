@@ -13,6 +13,7 @@ import threading
 from typing import AsyncIterator
 
 from ..default_model import resolve_model
+from ..lora.request import LoRARequest
 from ..sampling_params import SamplingParams
 from .config import EngineConfig
 from .generation_config import load_generation_defaults
@@ -30,6 +31,14 @@ class EngineDeadError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """The engine could not serve this request: its step failed alone (RequestOutput.error says why)."""
+
+
+def _settle(fut: asyncio.Future, result, error) -> None:
+    if not fut.done():
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
 
 
 class AsyncLLM:
@@ -80,10 +89,34 @@ class AsyncLLM:
         given template)."""
         return self.engine.input_processor.render_chat(messages, chat_template, add_generation_prompt, tools)
 
-    def process(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Request:
+    def process(self, prompt: Prompt, params: SamplingParams, request_id: str,
+                lora_request: LoRARequest | None = None) -> Request:
         """Tokenizes and validates a request (the server's rule: prompt + max_tokens within the context); ValueError
         names the problem. The result goes to `generate`, so nothing is checked twice."""
-        return self.engine.input_processor.process(request_id, prompt, params, strict=True)
+        return self.engine.input_processor.process(request_id, prompt, params, strict=True,
+                                                   lora_request=lora_request)
+
+    # ------------------------------------------------------------------ adapters (run on the engine thread)
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Registers an adapter between steps; AdapterError / ValueError say why it cannot be served."""
+        return await self._on_engine_thread(self.engine.add_lora, lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return await self._on_engine_thread(self.engine.remove_lora, lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.engine.list_loras()
+
+    async def _on_engine_thread(self, fn, *args):
+        """fn(*args) where the engine thread is between steps (the runner's collectives must not interleave
+        with a step's); called directly when the loop is not running."""
+        if not self.is_running:
+            return fn(*args)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._inbox.put(("call", fn, args, loop, fut))
+        self._wake.set()
+        return await fut
 
     async def generate(self, prompt: Prompt | Request, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -136,7 +169,14 @@ class AsyncLLM:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if msg[0] == "add":
+            if msg[0] == "call":
+                _, fn, args, loop, fut = msg
+                try:
+                    res, err = fn(*args), None
+                except Exception as e:  # the caller's error (a bad adapter), never the loop's
+                    res, err = None, e
+                loop.call_soon_threadsafe(_settle, fut, res, err)
+            elif msg[0] == "add":
                 req = msg[1]
                 try:
                     self.engine.add_request(req.request_id, req)

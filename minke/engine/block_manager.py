@@ -80,7 +80,9 @@ class BlockManager:
         bs = self.block_size
         while len(hashes) < n:
             i = len(hashes)
-            parent = hashes[i - 1] if i > 0 else None
+            # Block 0 chains from the sequence's adapter: KV computed under one adapter is never shared with
+            # another's (or the base model's) sequences.
+            parent = hashes[i - 1] if i > 0 else (hash(("lora", seq.lora_int_id)) if seq.lora_int_id else None)
             hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs]))
         return hashes
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..lora.config import LoRAConfig
 from ..runner.kv_cache import CacheConfig
 from ..runner.quantization import QUANTIZATION_METHODS, check_quantization_method
 from ..runner.worker import WorkerConfig
@@ -84,6 +85,12 @@ class EngineConfig:
     seed: int = _opt(0, "seed of the dummy weights and of unseeded sampling", type=int)
     load_format: str = _opt("auto", "auto | dummy (random weights of the config's shapes, for benchmarks)",
                             choices=["auto", "dummy"])
+    enable_lora: bool = _opt(False, "serve LoRA adapters (PEFT format): per request, several per step")
+    max_loras: int = _opt(1, "with --enable-lora: adapters resident on the device at once (and the most one step "
+                             "mixes)", type=int)
+    max_lora_rank: int = _opt(16, "with --enable-lora: the largest adapter rank served (the slots' size)", type=int)
+    max_cpu_loras: int | None = _opt(None, "with --enable-lora: adapters kept in host memory (default "
+                                           "max(max_loras, 8)); more are read again from disk", type=int)
     # vLLM's option, accepted so that vLLM code runs unchanged: minke loads every family natively.
     trust_remote_code: bool = _opt(False, "accepted for compatibility; minke never runs remote code")
 
@@ -102,6 +109,8 @@ class EngineConfig:
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         check_quantization_method(self.quantization)
+        if self.enable_lora:
+            self.lora_config()  # checks max_loras / max_lora_rank / max_cpu_loras
         check_generation_config(self.generation_config)
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
@@ -125,7 +134,17 @@ class EngineConfig:
         return WorkerConfig(model=self.model, tensor_parallel_size=self.tensor_parallel_size,
                             expert_parallel=self.enable_expert_parallel, dtype=self.dtype, device=self.device,
                             load_format=self.load_format, seed=self.seed, config=model_config,
-                            custom_all_reduce=not self.disable_custom_all_reduce, quantization=self.quantization)
+                            custom_all_reduce=not self.disable_custom_all_reduce, quantization=self.quantization,
+                            lora=self.lora_config(model_config) if self.enable_lora else None)
+
+    def lora_config(self, model_config=None) -> LoRAConfig:
+        """The runner's LoRA settings. Its index buffer holds the largest step: max_num_batched_tokens (without
+        chunked prefill a whole prompt: max_model_len, else the config's context), and every decode-graph bucket."""
+        rows = self.max_num_batched_tokens or (DEFAULT_MAX_NUM_BATCHED_TOKENS if self.enable_chunked_prefill else
+                                               self.max_model_len or (model_config.max_context_len
+                                                                      if model_config is not None else 0))
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras,
+                          max(rows, DEFAULT_MAX_NUM_BATCHED_TOKENS, 512))
 
     def cache_config(self) -> CacheConfig:
         profile = min(self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_BATCHED_TOKENS)
@@ -142,4 +161,5 @@ class EngineConfig:
         """decode_graphs: decode steps replay CUDA graphs (mixed batches then default to off)."""
         mixed = self.mixed_batches if self.mixed_batches is not None else not decode_graphs
         return SchedulerConfig(self.max_num_seqs, self.step_token_budget(max_model_len), self.enable_chunked_prefill,
-                               max_model_len=max_model_len, mixed_batches=mixed)
+                               max_model_len=max_model_len, mixed_batches=mixed,
+                               max_loras=self.max_loras if self.enable_lora else 0)

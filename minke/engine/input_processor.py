@@ -17,6 +17,7 @@ import time
 import torch
 
 from ..config import ModelConfig
+from ..lora.request import LoRARequest
 from ..runner.sampler import make_generator
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
@@ -30,10 +31,11 @@ Prompt = str | list[int] | dict
 
 class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, model_config: ModelConfig, max_model_len: int, block_size: int,
-                 device: torch.device, max_num_seqs: int = 256):
+                 device: torch.device, max_num_seqs: int = 256, enable_lora: bool = False):
         self.tokenizer, self.model_config = tokenizer, model_config
         self.max_model_len, self.block_size, self.device = max_model_len, block_size, device
         self.vocab_size = model_config.vocab_size
+        self.enable_lora = enable_lora
         self._seq_ids = itertools.count()
         eos = set(model_config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
@@ -101,9 +103,17 @@ class InputProcessor:
 
     # ------------------------------------------------------------------ the request
     def process(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                arrival_time: float | None = None, strict: bool = False) -> Request:
-        """Tokenizes and validates once; returns the ready Request with its sequences (not yet scheduled)."""
+                arrival_time: float | None = None, strict: bool = False,
+                lora_request: LoRARequest | None = None) -> Request:
+        """Tokenizes and validates once; returns the ready Request with its sequences (not yet scheduled).
+        lora_request: the adapter to run with (the engine registers it: LLMEngine.add_lora)."""
         params = params or SamplingParams()
+        if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+            if not self.enable_lora:
+                raise ValueError(f"lora_request {lora_request.lora_name!r} given but LoRA is not enabled: start "
+                                 "the engine with enable_lora=True (--enable-lora)")
         text, ids = self.encode(prompt)
         self.check(ids, params, strict=strict)
         if params.top_k >= self.vocab_size:  # keeps every token: the same as no top-k (and fits the sampler's int64)
@@ -117,11 +127,12 @@ class InputProcessor:
         if params.structured_outputs is not None:
             grammars = self.structured.states(params.structured_outputs, params.n)
         req = Request(request_id, text, ids, params, [], RequestMetrics(arrival), max_tokens, frozenset(stop_ids),
-                      final_only=params.output_kind == "final_only")
+                      final_only=params.output_kind == "final_only", lora_request=lora_request)
         # final_only without stop strings: nothing needs the text before the end, so decode it once then.
         deferred = req.final_only and not params.stop
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), ids, params, arrival, self.block_size)
+            seq.lora_int_id = lora_request.lora_int_id if lora_request is not None else 0
             gen = make_generator(params.seed + i, self.device) if params.seed is not None else None
             detok = None if deferred else IncrementalDetokenizer(self.tokenizer, ids,
                                                                  skip_special_tokens=params.skip_special_tokens)

@@ -10,6 +10,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from ..default_model import resolve_model
+from ..lora.request import LoRARequest
 from ..sampling_params import SamplingParams
 from .config import EngineConfig
 from .generation_config import load_generation_defaults
@@ -79,12 +80,13 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 prompt_token_ids: list[int] | list[list[int]] | None = None, use_tqdm: bool = True
-                 ) -> list[RequestOutput]:
+                 prompt_token_ids: list[int] | list[list[int]] | None = None, use_tqdm: bool = True,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Generates for every prompt, all batched together; outputs come back in order. prompts: text, token ids,
         vLLM's {"prompt": ...} / {"prompt_token_ids": ...} dicts, or a list of those; or vLLM's older
         `prompt_token_ids=[[...], ...]` instead. sampling_params: one for all, or one per prompt; None = the
-        model's defaults (`get_default_sampling_params`)."""
+        model's defaults (`get_default_sampling_params`). lora_request: one adapter for all, or one per prompt
+        (None = the base model), as vLLM's; needs enable_lora=True."""
         if prompt_token_ids is not None:
             if prompts is not None:
                 raise ValueError("give prompts or prompt_token_ids, not both")
@@ -101,6 +103,13 @@ class LLM:
         for i, p in enumerate(params):
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(loras)} lora_requests")
+        for lr in dict.fromkeys(x for x in loras if x is not None):  # each adapter read and checked once, first
+            if not isinstance(lr, LoRARequest):
+                raise TypeError(f"lora_request must be a LoRARequest (or a list of them), got {type(lr).__name__}")
+            self.llm_engine.add_lora(lr)
         # Only finished outputs are returned: the engine need not build an output (nor, without stop strings,
         # detokenize) every step. One copy per distinct params object; the caller's are left as they are.
         final: dict[int, SamplingParams] = {}
@@ -112,9 +121,9 @@ class LLM:
         # Every prompt is processed (tokenized, checked) once, before any is added: a bad one fails before any
         # work, naming its index.
         requests = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
+        for i, (prompt, p, lr) in enumerate(zip(prompts, params, loras)):
             try:
-                requests.append(engine.input_processor.process(str(next(self._ids)), prompt, p))
+                requests.append(engine.input_processor.process(str(next(self._ids)), prompt, p, lora_request=lr))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         for req in requests:
@@ -123,13 +132,23 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, lora_request: LoRARequest | None = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or several; renders the chat template and generates.
         tools: OpenAI function tools shown to the model (vLLM's argument; see minke/tokenizer/tool_prompt.py)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         render = self.llm_engine.input_processor.render_chat
         prompts = [render(c, chat_template, add_generation_prompt, tools) for c in convs]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    # vLLM's adapter methods
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self.llm_engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.llm_engine.remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return {r.lora_int_id for r in self.llm_engine.list_loras()}
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

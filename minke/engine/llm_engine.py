@@ -22,6 +22,7 @@ import logging
 from collections import deque
 
 from ..config import load_config
+from ..lora.request import LoRARequest
 from ..runner.runner import Runner
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
@@ -52,13 +53,15 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg.scheduler_config(self.max_model_len, self.runner.graphs is not None),
                                    self.block_manager)
         self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.max_model_len, cfg.block_size,
-                                              self.runner.device, cfg.max_num_seqs)
+                                              self.runner.device, cfg.max_num_seqs, enable_lora=cfg.enable_lora)
+        self.loras: dict[int, LoRARequest] = {}  # registered adapters by lora_int_id (add_lora)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.async_scheduling = bool(cfg.async_scheduling)
         self.pipeline = StepPipeline(self.scheduler, self.runner, self.output_processor.owner, self.max_model_len,
                                      self.async_scheduling, self.input_processor.structured)
         # Step-failure recovery: the suspect requests still to be run alone, and the probe under way (the
         # request id, and each of its live sequences' token count when its probe began).
+        self._removed_in_use: set[int] = set()  # adapters removed while requests still ran with them
         self._suspects: deque[str] = deque()
         self._probe: tuple[str, dict[int, int]] | None = None
         self.num_step_failures = 0  # steps that failed (each recovered from)
@@ -101,10 +104,51 @@ class LLMEngine:
         """The requests in flight, by id."""
         return self.output_processor.requests
 
+    # ------------------------------------------------------------------ adapters
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Registers an adapter (read and checked now: AdapterError names what cannot be served). False when it
+        is already registered. An id is one adapter: another path or name under a registered id is an error."""
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"add_lora takes a LoRARequest, got {type(lora_request).__name__}")
+        if not self.cfg.enable_lora:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
+        old = self.loras.get(lora_request.lora_int_id)
+        if old is not None:
+            if (old.lora_path, old.lora_name) != (lora_request.lora_path, lora_request.lora_name):
+                raise ValueError(f"lora_int_id {lora_request.lora_int_id} is already adapter {old.lora_name!r} "
+                                 f"({old.lora_path}); remove it first or use another id")
+            return False
+        self.runner.add_lora(lora_request)
+        self.loras[lora_request.lora_int_id] = lora_request
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Unregisters an adapter; requests still running with it keep its device slot until they end."""
+        if self.loras.pop(lora_int_id, None) is None:
+            return False
+        if any(getattr(s.seq, "lora_int_id", 0) == lora_int_id for r in self.requests.values() for s in r.states):
+            self._removed_in_use.add(lora_int_id)
+            return True
+        self.runner.remove_lora(lora_int_id)
+        return True
+
+    def list_loras(self) -> list[LoRARequest]:
+        return list(self.loras.values())
+
+    def _drop_unused_loras(self) -> None:
+        """Adapters removed while requests used them go once the last of those requests has ended."""
+        live = {s.seq.lora_int_id for r in self.requests.values() for s in r.states}
+        for lid in [i for i in self._removed_in_use if i not in live]:
+            self._removed_in_use.discard(lid)
+            if lid not in self.loras:
+                self.runner.remove_lora(lid)
+
     def add_request(self, request_id: str, prompt: Prompt | Request, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, strict: bool = False) -> None:
+                    arrival_time: float | None = None, strict: bool = False,
+                    lora_request: LoRARequest | None = None) -> None:
         """prompt: text, token ids or vLLM's prompt dicts (tokenized and checked here), or a Request the
-        InputProcessor already built (`process`; then params, arrival_time and strict are its own)."""
+        InputProcessor already built (`process`; then params, arrival_time, strict and lora_request are its own).
+        lora_request: registered here first if it is new (add_lora)."""
         if isinstance(prompt, Request):
             req = prompt
             if req.request_id != request_id:
@@ -113,7 +157,9 @@ class LLMEngine:
         else:
             if request_id in self.output_processor.requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            req = self.input_processor.process(request_id, prompt, params, arrival_time, strict)
+            req = self.input_processor.process(request_id, prompt, params, arrival_time, strict, lora_request)
+        if req.lora_request is not None:
+            self.add_lora(req.lora_request)
         self.output_processor.add(req)
         for s in req.states:
             self.scheduler.add(s.seq)
@@ -153,6 +199,8 @@ class LLMEngine:
             self.pipeline.step(process)
         except StepFailure as f:
             self._quarantine(f)
+        if self._removed_in_use:
+            self._drop_unused_loras()
         return outputs
 
     # ------------------------------------------------------------------ step failures

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..lora.request import LoRARequest
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -52,6 +53,7 @@ class Request:
     # params.prompt_logprobs: one entry per prompt token, filled as the prefill chunks are scored (states[0]'s
     # sequence computes them); entry 0 stays None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    lora_request: LoRARequest | None = None  # the adapter its sequences run with (None: the base model)
 
     @property
     def finished(self) -> bool:

@@ -49,6 +49,9 @@ class SchedulerConfig:
     # would cost one small prefill step with the whole batch's decodes stalled (offline runs: ~2 per decode step).
     prefill_batch_tokens: int | None = None
     max_prefill_delay_steps: int = 16
+    # LoRA: the most distinct adapters among running sequences (so one step never mixes more than the runner's
+    # device slots); a waiting sequence of another adapter waits until one ends (FCFS). 0 = no limit.
+    max_loras: int = 0
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -222,6 +225,8 @@ class Scheduler:
             return False
         if not self.block_manager.can_admit(seq, min(remaining, budget)):
             return False
+        if not self._lora_admits(seq, self._running_loras()):
+            return False
         if len(self.running) >= max(cfg.max_num_seqs // 4, 1) and self._prefill_delayed < cfg.max_prefill_delay_steps:
             # Under load: gather admissions into fewer, larger prefill steps (SchedulerConfig.prefill_batch_tokens).
             want = cfg.prefill_batch_tokens or budget // 2
@@ -235,6 +240,14 @@ class Scheduler:
                 return False
         self._prefill_delayed = 0
         return True
+
+    def _running_loras(self) -> set[int]:
+        return {s.lora_int_id for s in self.running if s.lora_int_id} if self.config.max_loras else set()
+
+    def _lora_admits(self, seq: Sequence, loras: set[int]) -> bool:
+        """Whether admitting seq keeps the running sequences' distinct adapters within max_loras."""
+        lid = seq.lora_int_id
+        return not self.config.max_loras or not lid or lid in loras or len(loras) < self.config.max_loras
 
     def _schedule(self, prefill: bool, decode: bool) -> SchedulerOutput:
         """One step over running sequences of the chosen kinds (prefill chunks and/or decodes), then, when prefill
@@ -282,8 +295,11 @@ class Scheduler:
             i += 1
 
         # 2) waiting sequences, strict FCFS. Skipped after a preemption: blocks are short, admitting would thrash.
+        loras = self._running_loras()
         while prefill and not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[0]
+            if not self._lora_admits(seq, loras):
+                break
             remaining = seq.num_tokens - bm.lookup_prefix(seq)
             if remaining > budget:
                 if not cfg.enable_chunked_prefill:
@@ -300,6 +316,8 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+            if seq.lora_int_id:
+                loras.add(seq.lora_int_id)
 
         return SchedulerOutput(scheduled, preempted, cfg.max_num_batched_tokens - budget)
 

@@ -45,6 +45,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        self.lora_int_id = 0  # the adapter it runs with (LoRARequest.lora_int_id); 0 = the base model
         # Owned by BlockManager: chained hashes of this sequence's full blocks (content-derived, so they stay
         # valid across preemption), and how many leading blocks of block_table were already offered to the
         # prefix cache by commit().

@@ -168,7 +168,7 @@ class StepPipeline:
             start = seq.num_computed_tokens
             end = start + it.num_new_tokens
             chunk = SeqChunk(seq.token_ids[start:end], start, seq.block_table, end == len(seq.token_ids),
-                             (seq.seq_id, seq.num_preemptions))
+                             (seq.seq_id, seq.num_preemptions), seq.lora_int_id)
             if seq.wants_prompt_logits:
                 lo, hi = seq.prompt_logit_range(start, end)
                 if hi > lo:  # position p's logits score prompt token p + 1

@@ -310,6 +310,7 @@ if _HAS_TRITON:
         b_scale_ptr,  # HAS_SCALE: [E, rows of b] fp32 scale per weight row (fp8 b); else unused
         a_scale_ptr,  # A_FP8: [rows of a] fp32 scale per activation row (fp8 a); else unused
         topk_w_ptr,  # [T*K] fp32 routing weights (GEMM2)
+        add_ptr,  # HAS_ADD: [T*K, N] (GEMM1: [T*K, 2N], gate then up) added to the sums before the epilogue (LoRA)
         sorted_ids_ptr,  # [EM] int32 pair ids grouped by expert, padding = num_pairs
         expert_ids_ptr,  # [EM // BLOCK_M] int32
         num_post_ptr,  # [1] int32 rows in use
@@ -326,6 +327,7 @@ if _HAS_TRITON:
         stride_cm,
         stride_cn,
         stride_se,  # b_scale's expert stride
+        stride_addm,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -336,6 +338,7 @@ if _HAS_TRITON:
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
         HAS_SCALE: tl.constexpr,  # b is fp8 with a scale per row: widen tiles to a's dtype, scale the outputs
         A_FP8: tl.constexpr,  # with HAS_SCALE: a is fp8 too (a scale per row): fp8 x fp8 dots, nothing widened
+        HAS_ADD: tl.constexpr,  # add_ptr holds per-pair terms to add before silu / the routing weight (LoRA deltas)
     ):
         # Grouped tile order (as in the Triton matmul tutorial): GROUP_M row tiles walk the N tiles together, so
         # the expert weight tiles they share stay in L2.
@@ -398,6 +401,12 @@ if _HAS_TRITON:
                 acc = acc * a_s
                 if FUSE_SILU_MUL:
                     acc_up = acc_up * a_s
+            if HAS_ADD:  # the adapters' deltas of this pair (kernels/lora.py), before the nonlinearity / weight
+                add_ptrs = add_ptr + pair[:, None].to(tl.int64) * stride_addm + offs_n[None, :]
+                add_mask = row_mask[:, None] & mask_n[None, :]
+                acc += tl.load(add_ptrs, mask=add_mask, other=0.0).to(tl.float32)
+                if FUSE_SILU_MUL:
+                    acc_up += tl.load(add_ptrs + N, mask=add_mask, other=0.0).to(tl.float32)
             if FUSE_SILU_MUL:
                 acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up, in fp32
             if MUL_ROUTED_WEIGHT:
@@ -410,18 +419,19 @@ if _HAS_TRITON:
 
 
 def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_pairs, a_row_div, cfg,
-                 fuse_silu_mul, mul_routed_weight, b_scale=None, a_scale=None):
+                 fuse_silu_mul, mul_routed_weight, b_scale=None, a_scale=None, add=None):
     EM = sorted_ids.shape[0]
     BM, BN = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
     grid = (triton.cdiv(EM, BM) * triton.cdiv(N, BN),)
     _moe_grouped_gemm_kernel[grid](
-        a, b, c, b if b_scale is None else b_scale, a if a_scale is None else a_scale, topk_w, sorted_ids,
-        expert_ids, num_post,
+        a, b, c, b if b_scale is None else b_scale, a if a_scale is None else a_scale, topk_w,
+        c if add is None else add, sorted_ids, expert_ids, num_post,
         N, Kd, num_pairs, a_row_div, EM,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), c.stride(1),
         0 if b_scale is None else b_scale.stride(0),
+        0 if add is None else add.stride(0),
         BLOCK_M=BM,
         BLOCK_N=BN,
         BLOCK_K=cfg["BLOCK_SIZE_K"],
@@ -432,6 +442,7 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_p
         UPCAST_DOT=_needs_dot_upcast(_moe_grouped_gemm_kernel, a.dtype),
         HAS_SCALE=b_scale is not None,
         A_FP8=a_scale is not None,
+        HAS_ADD=add is not None,
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )
@@ -459,8 +470,10 @@ def fused_moe(
     w13_scale: torch.Tensor | None = None,  # fp8 w13 / w2: their fp32 row scales [E, 2I] / [E, D]
     w2_scale: torch.Tensor | None = None,
     act_fp8: bool | None = None,  # fp8 weights: quantize the activations too (see fp8_activations); None = auto
+    lora=None,  # kernels/lora.py MoELoRA: per-(token, slot) adapters of the experts, added inside both GEMMs
 ) -> torch.Tensor:  # [T, D] in x.dtype ([T, K, D] when not reduce)
-    """Routed-expert MoE with two Triton grouped GEMMs. Same result as fused_moe_ref up to rounding."""
+    """Routed-expert MoE with two Triton grouped GEMMs. Same result as fused_moe_ref up to rounding (with lora:
+    as kernels/lora.py fused_moe_lora_ref)."""
     if not _HAS_TRITON:
         raise RuntimeError("fused_moe: triton is not installed (pip install 'minke[gpu]'); use fused_moe_ref")
     T, D, E, I, K = _check_inputs(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
@@ -494,13 +507,15 @@ def fused_moe(
     TK = T * K
     a1, a1_scale = quantize_rows_fp8(x) if act_fp8 else (x, None)  # [T, D] fp8 and [T] scales per token
     act = torch.empty(TK, I, dtype=x.dtype, device=x.device)  # silu(gate) * up per (token, slot) pair
+    gate_up_add = None if lora is None else lora.gate_up_delta(x, K)  # [TK, 2I] fp32 or None
     _launch_gemm(a1, w13, act, topk_weights, sorted_ids, expert_ids, num_post, N=I, Kd=D, num_pairs=TK,
                  a_row_div=K, cfg=cfg, fuse_silu_mul=True, mul_routed_weight=False, b_scale=w13_scale,
-                 a_scale=a1_scale)
+                 a_scale=a1_scale, add=gate_up_add)
+    down_add = None if lora is None else lora.down_delta(act)  # [TK, D] fp32 or None
     a2, a2_scale = quantize_rows_fp8(act) if act_fp8 else (act, None)  # [TK, I] fp8 and [TK] scales per pair
     per_slot = torch.empty(TK, D, dtype=x.dtype, device=x.device)  # weighted expert output per pair
     _launch_gemm(a2, w2, per_slot, topk_weights, sorted_ids, expert_ids, num_post, N=D, Kd=I, num_pairs=TK,
                  a_row_div=1, cfg=cfg, fuse_silu_mul=False, mul_routed_weight=True, b_scale=w2_scale,
-                 a_scale=a2_scale)
+                 a_scale=a2_scale, add=down_add)
     # Rows of per_slot are pair ids t*K + k, so the K slots of token t are contiguous.
     return per_slot.view(T, K, D).sum(dim=1) if reduce else per_slot.view(T, K, D)

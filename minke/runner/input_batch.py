@@ -24,6 +24,7 @@ class SeqChunk:
     # the key was last seen, so a persistent copy needs only its new entries (the engine uses (seq_id,
     # num_preemptions): a table is only ever rebuilt after a preemption). None: no promise, copy it whole.
     table_key: Hashable | None = None
+    lora_id: int = 0  # the sequence's adapter (LoRARequest.lora_int_id); 0 = the base model
     # Prompt logprobs: the logits of chunk rows logits_at .. logits_at + len(logit_targets) - 1 are wanted too,
     # and logit_targets[j] is the token that row's logits score (the token after it); logits_topk alternatives are
     # returned per row. None: no such rows.

@@ -9,7 +9,12 @@ applies quantization and tensor parallelism:
   3. quantize  online weight quantization (quantization.py: fp8 experts and MHA/GQA / dense-MLP linears). After
                the kernels' weight transforms: the shared experts are fused in as experts by then, so they are
                quantized with them;
-  4. setup     a caller's hook (tests, benchmarks).
+  4. adapters  with LoRA enabled, the adaptable modules swapped for their multi-LoRA forms (minke/lora/: slot
+               stacks sliced like the sharded weights). Of step 2's weight transforms only the fused input
+               projection stays (each projection's adapters add into its column slice of the one GEMM); the shared
+               experts are not folded into the routed ones (their adapters are the shared MLP's), and with fp8
+               nothing is fused;
+  5. setup     a caller's hook (tests, benchmarks).
 
 With quantization, 1-3 run per decoder layer while loading (load_quantized): each layer is allocated when its first
 tensor arrives and, once complete, gets the kernels' weight transforms (gpu_kernels.transform_weights, which read
@@ -28,10 +33,11 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..loader import load_model
+from ..lora.model import apply_lora
 from ..models.model import CausalLM
 from ..parallel.sharded_loading import load_sharded_model
 from ..parallel.state import ParallelConfig
-from .gpu_kernels import gpu_kernels_available, install_gpu_kernels, transform_weights
+from .gpu_kernels import fuse_input_projections, gpu_kernels_available, install_gpu_kernels, transform_weights
 from .quantization import apply_quantization
 
 logger = logging.getLogger("minke")
@@ -41,16 +47,22 @@ def build_model(cfg, model_config: ModelConfig, parallel: ParallelConfig, dtype:
                 device: torch.device) -> CausalLM:
     """cfg: the WorkerConfig (model, load_format, seed, quantization, setup). Collective under parallelism: every
     rank calls it."""
+    lora = getattr(cfg, "lora", None)
     if cfg.quantization is not None:
         model, n = load_quantized(cfg, model_config, parallel, dtype, device,
-                                  fuse_weights=gpu_kernels_available(device))
+                                  fuse_weights=gpu_kernels_available(device) and lora is None)
         if parallel.tp_rank == 0:
             logger.info("quantization %s: %d modules (MoE experts, linear layers), quantized layer by layer while "
                         "loading", cfg.quantization, n)
     else:
         model = load_unquantized(cfg, model_config, parallel, dtype, device)
+    if lora is not None and cfg.quantization is None and gpu_kernels_available(device):
+        fuse_input_projections(model)
     install_gpu_kernels(model, device, tensor_parallel=parallel.is_parallel,
-                        weights_transformed=cfg.quantization is not None)
+                        weights_transformed=cfg.quantization is not None or lora is not None)
+    if lora is not None:
+        model.lora_layers = apply_lora(model, lora, parallel, lora.max_rows,
+                                       use_kernels=gpu_kernels_available(device))
     if cfg.setup is not None:
         cfg.setup(model, device)
     return model

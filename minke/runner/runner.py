@@ -159,5 +159,23 @@ class Runner:
         prompt logprobs) travels to the host with the samples."""
         return PendingSample(self.sampler(logits.float(), sampling, token_bitmask), prompt)
 
+    # ------------------------------------------------------------------ adapters
+    def add_lora(self, request) -> bool:
+        """Checks the adapter on rank 0 first (a clear AdapterError, before any other rank reads it), then
+        registers it on every rank. False: already registered with this path."""
+        worker = self.executor.worker
+        if worker.lora is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
+        if request.lora_int_id in worker.lora.requests and \
+                worker.lora.requests[request.lora_int_id].lora_path == request.lora_path:
+            return False
+        worker.lora.load(request)  # raises AdapterError naming the problem
+        return any(self.executor.collective_rpc("add_lora", request))
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        if self.executor.worker.lora is None:
+            return False
+        return any(self.executor.collective_rpc("remove_lora", lora_int_id))
+
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -24,6 +24,9 @@ from .kv_cache import CacheConfig, allocate_kv_caches
 from .model_builder import build_model
 from .prefill_graph import PrefillGraphs
 from ..loader import resolve_dtype
+from ..lora.config import LoRAConfig
+from ..lora.manager import LoRAManager
+from ..lora.request import LoRARequest
 from ..models.attention import FlashUnavailable, ForwardBatch
 from ..models.model import CausalLM
 from ..parallel.comm import SymmetricAllReduce
@@ -51,6 +54,7 @@ class WorkerConfig:
     timeout_s: float = 1800.0  # collectives and start-up rendezvous
     custom_all_reduce: bool = True  # GPUs: small all-reduces through symmetric memory (comm.SymmetricAllReduce)
     quantization: str | None = None  # "fp8": MoE experts quantized after loading (quantization.py)
+    lora: LoRAConfig | None = None  # serve LoRA adapters (minke/lora/): slots, rank, index buffer size
 
     @property
     def dist_backend(self) -> str:
@@ -75,6 +79,7 @@ class Worker:
             fast = SymmetricAllReduce.create(self.parallel, self.dtype, self.device)
             self.parallel = dataclasses.replace(self.parallel, fast_all_reduce=fast)
         self.model = build_model(cfg, self.model_config, self.parallel, self.dtype, self.device)
+        self.lora = LoRAManager(self.model.lora_layers) if cfg.lora is not None else None
         self.backend = make_backend(self.device)
         self.kv_caches: list[torch.Tensor] | None = None
         self.block_size = self.num_blocks = 0
@@ -105,11 +110,15 @@ class Worker:
         n, block_size = cache.profile_tokens, cache.block_size
         caches = allocate_kv_caches(kv_cache_config(self.model_config, self.parallel), 2, block_size, self.dtype,
                                     self.device)
+        if self.lora is not None:  # the adapters' transient buffers (expert deltas: [T*K, 2I] fp32) count too
+            self.lora.begin_capture()
         with torch.inference_mode():
             table = [0] * ((n + block_size - 1) // block_size)
             ids, batch = make_forward_batch([SeqChunk([0] * n, 0, table)], caches, block_size, self.device, self.backend)
             batch.slot_mapping.zero_()  # every token writes slot 0: only memory use matters here
             self.model(ids, batch=batch)
+        if self.lora is not None:
+            self.lora.end_capture()
         del caches
         torch.cuda.synchronize(self.device)
         # Give the dummy step's cached blocks back first: mem_get_info counts memory the caching allocator holds as
@@ -139,6 +148,15 @@ class Worker:
             # Dynamic NTK RoPE reads the step's largest position on the host (models/rope.py): not capturable.
             logger.warning("dynamic NTK rope_scaling: decode and prefill steps run without CUDA graphs")
             return False
+        if self.lora is not None:
+            self.lora.begin_capture()
+        try:
+            return self._capture_graphs(max_model_len, max_num_seqs, prefill_graph_tokens)
+        finally:
+            if self.lora is not None:
+                self.lora.end_capture()
+
+    def _capture_graphs(self, max_model_len: int, max_num_seqs: int, prefill_graph_tokens: int) -> bool:
         pool = None
         scratch = self.num_blocks * self.block_size
         if prefill_graph_tokens and self.dtype in (torch.float16, torch.bfloat16):
@@ -161,6 +179,10 @@ class Worker:
         step (rank 0 calls this before involving the other ranks)."""
         if self.kv_caches is None:
             raise RuntimeError("allocate_kv_cache must be called before the first step")
+        if self.lora is not None:  # the step's per-token adapter slots (the LoRA layers and graphs read them)
+            self.lora.prepare_step(chunks)
+        elif any(c.lora_id for c in chunks):
+            raise ValueError("a chunk names a LoRA adapter but LoRA is not enabled on this worker")
         for graphs in (self.graphs, self.prefill_graphs):
             if graphs is not None and graphs.can_run(chunks):
                 return graphs
@@ -182,6 +204,19 @@ class Worker:
 
     def execute(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.run(chunks, self.prepare(chunks), decode_ids)
+
+    # ---------------------------------------------------------------------------------------------- adapters
+    def _lora_manager(self) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError("LoRA is not enabled (enable_lora=True / --enable-lora)")
+        return self.lora
+
+    def add_lora(self, request: LoRARequest) -> bool:
+        """Registers an adapter on this rank (host copy; a device slot when a step first needs it)."""
+        return self._lora_manager().add(request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._lora_manager().remove(lora_int_id)
 
     def execute_fed(self, chunks: list[SeqChunk], num_fed: int) -> torch.Tensor:
         """Ranks 1..W-1 under async scheduling: the step's first num_fed input ids are rank 0's samples of the step

@@ -43,6 +43,7 @@ from .chat import OpenAIServingChat
 from .completions import OpenAIServingCompletion
 from .errors import APIError
 from .limits import HTTPLimits
+from .lora import LoRARegistry, OpenAIServingLoRA
 from .metrics import ServerMetrics
 from .middleware import AuthMiddleware, BodyLimitMiddleware, CatchAllMiddleware
 from .openapi import install_openapi
@@ -83,19 +84,28 @@ PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
 def build_app(engine, served_model_name: str | None = None, api_key: str | None = None,
               chat_template: str | None = None, manage_engine: bool = True,
               log_stats_interval: float | None = 5.0, limits: HTTPLimits | None = None,
-              openapi: bool = True) -> FastAPI:
+              openapi: bool = True, lora_modules: list[tuple[str, str]] | None = None) -> FastAPI:
     """The app serving `engine` (an AsyncLLM). manage_engine: start the engine loop on app start-up and shut
     it down on exit. chat_template: a file, a jinja string or a built-in name; None = the tokenizer's.
     limits: the body limit and timeout applied here (the connection-level ones are uvicorn's, see serve).
-    openapi: serve /openapi.json."""
+    openapi: serve /openapi.json. lora_modules: (name, path) adapters to serve from the start (the engine must
+    have LoRA enabled); registered here, before the engine loop starts: a bad one fails start-up."""
     limits = limits or HTTPLimits()
     name = served_model_name or default_model_name(engine)
     # Resolved once (a file is read here, not per request); None = the tokenizer's own template.
     template = resolve_chat_template(chat_template) if chat_template else None
     server_metrics = ServerMetrics(engine.get_stats, name)
-    chat_api = OpenAIServingChat(engine, name, template, server_metrics)
-    completion_api = OpenAIServingCompletion(engine, name, template, server_metrics)
-    tokenization_api = OpenAIServingTokenization(engine, name, template, server_metrics)
+    loras = LoRARegistry(bool(getattr(getattr(getattr(engine, "engine", None), "cfg", None), "enable_lora", False)))
+    for lora_name, path in lora_modules or []:
+        if lora_name in loras.by_name or lora_name == name:
+            raise ValueError(f"--lora-modules: the name {lora_name!r} is given twice (or is the base model's)")
+        lora = loras.new_request(lora_name, path)
+        engine.engine.add_lora(lora)  # before the loop runs: AdapterError names the problem
+        loras.by_name[lora_name] = lora
+    chat_api = OpenAIServingChat(engine, name, template, server_metrics, loras)
+    completion_api = OpenAIServingCompletion(engine, name, template, server_metrics, loras)
+    tokenization_api = OpenAIServingTokenization(engine, name, template, server_metrics, loras)
+    lora_api = OpenAIServingLoRA(engine, loras, name, chat_api.parse)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -160,6 +170,14 @@ def build_app(engine, served_model_name: str | None = None, api_key: str | None 
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await completion_api.create(request)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        return await lora_api.load(request)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        return await lora_api.unload(request)
 
     if openapi:
         install_openapi(app, protected=PROTECTED_PREFIXES if api_key else ())

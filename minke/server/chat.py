@@ -24,7 +24,7 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, request: Request) -> Response:
         arrival = time.monotonic()
         req: P.ChatCompletionRequest = await self.parse(request, P.ChatCompletionRequest)
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         tool_setup = tools.setup(req)
         try:
             messages = req.message_dicts()
@@ -38,7 +38,7 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, str(e), param=head if head.startswith("messages[") else "messages") from None
         params = tool_setup.constrain(self.sampling_params(req, len(prompt_ids)))
         rid = P.random_id("chatcmpl")
-        requests = [self.process(prompt_ids, params, f"{rid}-0", "messages")]
+        requests = [self.process(prompt_ids, params, f"{rid}-0", "messages", lora=lora)]
         if req.stream:
             chunks = self.chunks(req, rid, requests, arrival, tool_setup)
             return StreamingResponse(sse_events(chunks, lambda e: self.engine_error(e).body()),
@@ -61,7 +61,7 @@ class OpenAIServingChat(OpenAIServing):
                 index=o.index, message=message, logprobs=logprobs, finish_reason=finish,
                 stop_reason=o.stop_reason))
         usage = usage_info(len(prompt_ids), sum(len(o.token_ids) for o in out.outputs))
-        resp = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage,
+        resp = P.ChatCompletionResponse(id=rid, model=self.response_model(req.model), choices=choices, usage=usage,
                                         prompt_logprobs=P.prompt_logprobs_of(out.prompt_logprobs))
         return JSONResponse(resp.model_dump())
 
@@ -89,7 +89,7 @@ class OpenAIServingChat(OpenAIServing):
 
         def chunk(choices: list[P.ChatCompletionStreamChoice], final_usage: P.UsageInfo | None = None) -> dict:
             body = P.ChatCompletionStreamResponse(
-                id=rid, created=created, model=self.model_name, choices=choices,
+                id=rid, created=created, model=self.response_model(req.model), choices=choices,
                 usage=final_usage or (tracker.usage() if req.continuous_usage else None))
             d = body.model_dump()
             if not req.include_usage:

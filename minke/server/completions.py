@@ -98,13 +98,14 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create(self, request: Request) -> Response:
         arrival = time.monotonic()
         req: P.CompletionRequest = await self.parse(request, P.CompletionRequest)
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         prompts, texts = await asyncio.to_thread(self.encode_prompts, req)
         # One SamplingParams per prompt: they differ only in the default max_tokens (each prompt's own room).
         params_list = [self.sampling_params(req, len(ids)) for ids in prompts]
         params = params_list[0]  # n and logprobs, the same in all
         rid = P.random_id("cmpl")
-        requests = [self.process(ids, p, f"{rid}-{i}", "prompt", f"prompt {i}: " if len(prompts) > 1 else "")
+        requests = [self.process(ids, p, f"{rid}-{i}", "prompt", f"prompt {i}: " if len(prompts) > 1 else "",
+                                 lora=lora)
                     for i, (ids, p) in enumerate(zip(prompts, params_list))]
         if req.stream:
             chunks = self.chunks(req, rid, requests, texts, arrival)
@@ -129,7 +130,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                                   stop_reason=o.stop_reason,
                                                   prompt_logprobs=self.prompt_logprobs(req, out)))
         usage = usage_info(sum(len(p) for p in prompts), completion)
-        resp = P.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
+        resp = P.CompletionResponse(id=rid, model=self.response_model(req.model), choices=choices, usage=usage)
         return JSONResponse(resp.model_dump())
 
     async def chunks(self, req: P.CompletionRequest, rid: str, requests: list[EngineRequest], texts: list[str],
@@ -143,7 +144,7 @@ class OpenAIServingCompletion(OpenAIServing):
         offsets = {k: len(texts[k[0]]) if req.echo else 0 for k in tracker.sent}
 
         def chunk(choices: list[P.CompletionChoice], final_usage: P.UsageInfo | None = None) -> dict:
-            body = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
+            body = P.CompletionResponse(id=rid, created=created, model=self.response_model(req.model), choices=choices,
                                         usage=final_usage or (tracker.usage() if req.continuous_usage else None))
             d = body.model_dump()
             if not req.include_usage:

@@ -41,8 +41,10 @@ def max_token_chars(tokenizer) -> int | None:
 
 
 class OpenAIServing:
-    def __init__(self, engine, served_model_name: str, chat_template: str | None, metrics: ServerMetrics):
+    def __init__(self, engine, served_model_name: str, chat_template: str | None, metrics: ServerMetrics,
+                 loras=None):
         self.engine = engine
+        self.loras = loras  # server/lora.py LoRARegistry (None: no adapters)
         self.model_name = served_model_name
         self.chat_template = chat_template  # resolved already (text); None = the tokenizer's own template
         self.metrics = metrics
@@ -79,10 +81,21 @@ class OpenAIServing:
             # A model-level check has no location: its message starts with the field's name.
             raise APIError(400, msg, param=param or param_of(msg, set(model_cls.model_fields))) from None
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name and name != DEFAULT_MODEL_ALIAS:
-            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
+    def check_model(self, name: str | None):
+        """The adapter the request's model names (a LoRARequest), or None for the base model; 404 otherwise."""
+        if name is None or name == self.model_name or name == DEFAULT_MODEL_ALIAS:
+            return None
+        lora = self.loras.by_name.get(name) if self.loras is not None else None
+        if lora is None:
+            extra = f" or one of its adapters {sorted(self.loras.by_name)}" if self.loras and self.loras.by_name \
+                else ""
+            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`{extra}.",
                            param="model", code="model_not_found")
+        return lora
+
+    def response_model(self, name: str | None) -> str:
+        """The `model` a response names: the adapter's name when the request picked one, else the served name."""
+        return name if self.loras is not None and name in self.loras.by_name else self.model_name
 
     def sampling_params(self, req, prompt_len: int) -> SamplingParams:
         # Without max_tokens, generate up to the context limit (vLLM's rule), or the model's max_new_tokens
@@ -106,10 +119,12 @@ class OpenAIServing:
                            code="context_length_exceeded")
 
     def process(self, ids: list[int], params: SamplingParams, request_id: str, param: str,
-                where: str = "") -> EngineRequest:
+                where: str = "", lora=None) -> EngineRequest:
         """The engine's InputProcessor checks the request once (context, vocabulary-bound values) and builds it;
         its refusal is a 400 naming the field (a sampling value's message starts with its name) or `param`."""
         try:
+            if lora is not None:
+                return self.engine.process(ids, params, request_id, lora_request=lora)
             return self.engine.process(ids, params, request_id)
         except ValueError as e:
             msg = str(e)

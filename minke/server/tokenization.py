@@ -15,8 +15,10 @@ from .serving import PARSE_INLINE_BYTES, OpenAIServing
 class OpenAIServingTokenization(OpenAIServing):
     def models(self) -> P.ModelList:
         # root is the served name, never the checkpoint's path on the server's disk.
-        return P.ModelList(data=[P.ModelCard(id=self.model_name, root=self.model_name,
-                                             max_model_len=self.max_model_len)])
+        cards = [P.ModelCard(id=self.model_name, root=self.model_name, max_model_len=self.max_model_len)]
+        if self.loras is not None:
+            cards += self.loras.cards(self.model_name, self.max_model_len)
+        return P.ModelList(data=cards)
 
     def _tokenize(self, raw: bytes) -> P.TokenizeResponse:
         data = loads_object(raw)

@@ -248,6 +248,15 @@ class MLAttention(nn.Module):
     def _apply_linear(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return linear(x)
 
+    # Absorbed decode's two per-head products with kv_b_proj (a LoRA mixin adds its adapters' terms: minke/lora/).
+    def _absorb_q(self, q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+        """q_nope [D, H, nope], W_UK [H, nope, C] -> q_latent [D, H, C]."""
+        return torch.einsum("nhd,hdc->nhc", q_nope, w_uk)
+
+    def _absorb_out(self, o_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+        """o_latent [D, H, C], W_UV [H, v, C] -> out [D, H, v]."""
+        return torch.einsum("nhc,hvc->nhv", o_latent.to(w_uv.dtype), w_uv)
+
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj.weight [H * (nope + v), C] split per head: W_UK [H, nope, C], W_UV [H, v, C]."""
         w = self.kv_b_proj.weight.unflatten(0, (self.num_heads, self.nope + self.v_dim))
@@ -261,9 +270,9 @@ class MLAttention(nn.Module):
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)
         if nd:
             w_uk, w_uv = self.absorbed_weights()
-            q_latent = torch.einsum("nhd,hdc->nhc", q_nope[:nd], w_uk)  # [D, H, C]
+            q_latent = self._absorb_q(q_nope[:nd], w_uk)  # [D, H, C]
             o_latent = batch.backend.mla_decode(q_latent, q_pe[:nd], cache, batch, self.kv_lora_rank, self.scale)
-            out[:nd] = torch.einsum("nhc,hvc->nhv", o_latent.to(w_uv.dtype), w_uv)  # [D, H, v]
+            out[:nd] = self._absorb_out(o_latent, w_uv)  # [D, H, v]
         pack = batch.prefill
         if pack is not None:
             # Prefill chunks, all in one varlen call: expand the latent contexts to per-head K/V (cheaper than

@@ -1,0 +1,301 @@
+"""LoRA on a built model, applied from outside as module swaps (the models stay plain PyTorch; gpt-fast style, as
+runner/gpu_kernels.py swaps kernels in): each adaptable module gets stacked per-slot weights and a mixin whose
+forward adds sum over its rows' adapters of x A^T B^T through the multi-LoRA kernels (kernels/lora.py).
+
+  Linear targets   q_proj, k_proj, v_proj, o_proj, MLA q_a_proj / q_b_proj / kv_a_proj_with_mqa, and the
+                   gate/up/down_proj of dense MLPs and shared experts: a [S, R, in], b [S, out, R]
+  MLA kv_b_proj    prefill contexts: the same shrink/expand over the context tokens (their own adapter indices);
+                   absorbed decode: q_latent += (q_nope B_UK) A and out += (o_latent A^T) B_UV^T per head
+  routed experts   gate_up / down per expert per slot, inside the fused MoE's two grouped GEMMs
+
+S = max_loras slots, R = max_lora_rank (smaller adapters are zero-padded; B holds the scaling). Slot -1 = no
+adapter. Every layer of a model reads one LoRAContext: the step's per-token slot indices in a persistent device
+buffer (rows [:N] for a step of N tokens), so CUDA graphs capture the reads and replay them with new indices.
+
+Tensor parallelism: A/B are sliced like the base weight (parallel/sharding.py's plan): column-parallel layers take
+B's rows, row-parallel ones A's columns (their partial outputs are summed by the block's all-reduce with the base
+output's). Expert parallelism keeps whole experts per rank: expert adapters are not served there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.lora import MoELoRA, fused_moe_lora_ref, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                  "gate_proj", "up_proj", "down_proj")
+
+
+class LoRAContext:
+    """The step's adapter slot of every token (token_slots[:N], int32, -1 = none) and, for MLA prefills that
+    gather cached context, of every context token (context_slots). active: some row of this step may have an
+    adapter (False skips the LoRA math in eager steps; graphs are captured with it True)."""
+
+    def __init__(self, max_rows: int, device: torch.device, use_kernels: bool):
+        self.token_slots = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
+        self.context_slots: torch.Tensor | None = self.token_slots
+        # MLA absorbed decode (heads > 0): per (decode token, head) row, slot * heads + head and slot, -1 = none
+        # ([max_rows * heads] each), written by the manager with the token slots: not recomputed in every layer.
+        self.heads = 0
+        self.head_slots = self.row_slots = None
+        self.active = False
+        self.use_kernels = use_kernels
+
+    def slots(self, rows: int) -> torch.Tensor:
+        if rows > self.token_slots.shape[0]:
+            raise ValueError(f"a LoRA step of {rows} rows exceeds the {self.token_slots.shape[0]} the adapters' index "
+                             "buffer holds (max_num_batched_tokens)")
+        return self.token_slots[:rows]
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> None:
+        """y [M, N] += x [M, K] A[idx]^T B[idx]^T in place (rows with idx -1 untouched)."""
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        if self.use_kernels:
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            lora_expand(y, lora_shrink(x, a, idx), b, idx)
+        else:
+            lora_expand_ref(y, lora_shrink_ref(x, a, idx), b, idx)
+
+
+class SlotWeights(nn.Module):
+    """Stacked adapter weights of one module: a [S, R, in], b [S, out, R] (non-persistent buffers: the state dict
+    stays the base checkpoint's). a_cols / b_rows: this rank's slice of the full adapter's A columns / B rows
+    (None = whole)."""
+
+    def __init__(self, slots: int, rank: int, d_in: int, d_out: int, full_in: int, full_out: int, dtype, device,
+                 a_cols: tuple[int, int] | None = None, b_rows: tuple[int, int] | None = None):
+        super().__init__()
+        self.register_buffer("a", torch.zeros(slots, rank, d_in, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("b", torch.zeros(slots, d_out, rank, dtype=dtype, device=device), persistent=False)
+        self.full_in, self.full_out, self.a_cols, self.b_rows = full_in, full_out, a_cols, b_rows
+
+    def check(self, name: str, a: torch.Tensor, b: torch.Tensor) -> str | None:
+        if a.shape[-1] != self.full_in or b.shape[-2] != self.full_out:
+            return (f"{name}: adapter A {tuple(a.shape)} / B {tuple(b.shape)} does not fit the model's "
+                    f"[{self.full_out}, {self.full_in}] weight")
+        return None
+
+    @torch.no_grad()
+    def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """a [r, in_full], b [out_full, r] (or None: clear the slot)."""
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        if a is None:
+            return
+        if self.a_cols is not None:
+            a = a[:, self.a_cols[0]: self.a_cols[1]]
+        if self.b_rows is not None:
+            b = b[self.b_rows[0]: self.b_rows[1]]
+        r = a.shape[0]
+        self.a[slot, :r].copy_(a)
+        self.b[slot, :, :r].copy_(b)
+
+
+class LoRALinear:
+    """Mixin for nn.Linear (or fp8 linears): out = base(x) + the rows' adapters."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        ctx = self.lora_ctx
+        if ctx.active:
+            x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+            ctx.apply(x2, y2, self.lora.a, self.lora.b, ctx.slots(x2.shape[0]))
+        return y
+
+
+class LoRAFusedInput:
+    """Mixin for attention modules whose input projections run as one GEMM (fuse_input_projections: q / q_a and
+    kv_a, or q / k / v, as slices of fused_in_weight): each projection's adapters go into its column slice of the
+    fused output, so the fusion stays with LoRA enabled."""
+
+    def _linear(self, x, w):
+        y = super()._linear(x, w)
+        ctx = self.lora_ctx
+        if ctx.active and w is self.fused_in_weight:
+            x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+            idx, start = ctx.slots(x2.shape[0]), 0
+            for proj in self.lora_fused_parts():
+                end = start + proj.out_features
+                ctx.apply(x2, y2[:, start:end], proj.lora.a, proj.lora.b, idx)
+                start = end
+        return y
+
+    def lora_fused_parts(self):
+        """The projections of fused_in_weight, in its row order."""
+        if hasattr(self, "kv_a_proj_with_mqa"):
+            return [self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa]
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+
+class KvbSlotWeights(SlotWeights):
+    """kv_b_proj's stacks plus the per-head forms absorbed decode uses: buk_t [S*H, R, nope] (B_UK^T per head),
+    a_t [S, C, R] (A^T), buv [S*H, v, R] (B_UV per head). H = this rank's heads."""
+
+    def __init__(self, heads: int, nope: int, v: int, *args, **kw):
+        super().__init__(*args, **kw)
+        s, r, c = self.a.shape
+        self.heads, self.nope, self.v = heads, nope, v
+        for name, shape in (("buk_t", (s * heads, r, nope)), ("a_t", (s, c, r)), ("buv", (s * heads, v, r))):
+            self.register_buffer(name, torch.zeros(shape, dtype=self.a.dtype, device=self.a.device), persistent=False)
+
+    @torch.no_grad()
+    def write(self, slot: int, a, b) -> None:
+        super().write(slot, a, b)
+        h = self.heads
+        bh = self.b[slot].view(h, self.nope + self.v, -1)  # [H, nope + v, R]
+        self.buk_t[slot * h: (slot + 1) * h].copy_(bh[:, : self.nope].transpose(1, 2))
+        self.buv[slot * h: (slot + 1) * h].copy_(bh[:, self.nope:])
+        self.a_t[slot].copy_(self.a[slot].t())
+
+
+class LoRAMLA:
+    """Mixin for MLAttention: kv_b_proj's adapter on the prefill contexts' expansion and inside absorbed decode."""
+
+    def _expand(self, c_kv, k_pe):
+        kv = self.kv_b_proj(c_kv)
+        ctx = self.lora_ctx
+        if ctx.active and c_kv.dim() == 2 and ctx.context_slots is not None:  # paged prefill contexts [Tk, C]
+            ctx.apply(c_kv, kv, self.kv_b_lora.a, self.kv_b_lora.b, ctx.context_slots[: c_kv.shape[0]])
+        kv = kv.unflatten(-1, (self.num_heads, self.nope + self.v_dim))
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope_dim)), dim=-1)
+        return k, v
+
+    def _head_slots(self, n: int):
+        """(index s*H + h per (token, head) row, index s per row) of the first n tokens, -1 where the token has no
+        adapter (the manager writes them each step: LoRAContext.head_slots / row_slots)."""
+        ctx, h = self.lora_ctx, self.num_heads
+        if ctx.head_slots is None or ctx.heads != h:
+            raise RuntimeError(f"LoRA context built for {ctx.heads} MLA heads, this layer has {h}")
+        return ctx.head_slots[: n * h], ctx.row_slots[: n * h]
+
+    def _absorb_q(self, q_nope, w_uk):
+        q_latent = super()._absorb_q(q_nope, w_uk).contiguous()  # [n, H, C]
+        ctx = self.lora_ctx
+        if ctx.active and q_nope.shape[0]:
+            n, h, c = q_latent.shape
+            w = self.kv_b_lora
+            per_head, per_row = self._head_slots(n)
+            x = q_nope.reshape(n * h, self.nope)
+            t = self._shrink(x, w.buk_t, per_head)  # [n*H, R]: q_nope B_UK per head
+            self._expand_into(q_latent.view(n * h, c), t, w.a_t, per_row)  # += t A
+        return q_latent
+
+    def _absorb_out(self, o_latent, w_uv):
+        out = super()._absorb_out(o_latent, w_uv).contiguous()  # [n, H, v]
+        ctx = self.lora_ctx
+        if ctx.active and o_latent.shape[0]:
+            n, h, c = o_latent.shape
+            w = self.kv_b_lora
+            per_head, per_row = self._head_slots(n)
+            u = self._shrink(o_latent.reshape(n * h, c), w.a, per_row)  # [n*H, R]: A o_latent
+            self._expand_into(out.view(n * h, self.v_dim), u, w.buv, per_head)  # += u B_UV^T per head
+        return out
+
+    def _shrink(self, x, a, idx):
+        x = x.to(a.dtype)
+        if self.lora_ctx.use_kernels:
+            return lora_shrink(x.contiguous(), a, idx)
+        return lora_shrink_ref(x, a, idx)
+
+    def _expand_into(self, y, h, b, idx):
+        (lora_expand if self.lora_ctx.use_kernels else lora_expand_ref)(y, h, b, idx)
+
+
+class ExpertSlotWeights(nn.Module):
+    """Routed experts' stacks [S*E, ...] (index slot * E + expert): gate_up_a [., R, D], gate_up_b [., 2I, R],
+    down_a [., R, I], down_b [., D, R]. inter_range: this rank's slice [lo, hi) of the full intermediate size."""
+
+    def __init__(self, slots, rank, e, d, inter, full_inter, dtype, device, inter_range=None):
+        super().__init__()
+        n = slots * e
+        for name, shape in (("gate_up_a", (n, rank, d)), ("gate_up_b", (n, 2 * inter, rank)),
+                            ("down_a", (n, rank, inter)), ("down_b", (n, d, rank))):
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.e, self.d, self.full_inter, self.inter_range = e, d, full_inter, inter_range
+        self.slot_targets: list[set[str]] = [set() for _ in range(slots)]  # what each slot's adapter adapts
+
+    @property
+    def has(self) -> dict[str, bool]:
+        """Whether some slot holds an adapter of gate_up_proj / down_proj (the torch path skips the rest)."""
+        held = set().union(*self.slot_targets)
+        return {"gate_up_proj": "gate_up_proj" in held, "down_proj": "down_proj" in held}
+
+    def check(self, name: str, param: str, a: torch.Tensor, b: torch.Tensor) -> str | None:
+        e, d, i = self.e, self.d, self.full_inter
+        want = ((e, d), (e, 2 * i)) if param == "gate_up_proj" else ((e, i), (e, d))
+        if (a.shape[0], a.shape[2]) != want[0] or (b.shape[0], b.shape[1]) != want[1]:
+            return (f"{name}.{param}: adapter A {tuple(a.shape)} / B {tuple(b.shape)} (per expert) does not fit "
+                    f"the model's {e} experts of shape {'[2I, D]' if param == 'gate_up_proj' else '[D, I]'} "
+                    f"with I={i}, D={d}")
+        return None
+
+    @torch.no_grad()
+    def write(self, slot: int, targets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        e = self.e
+        rows = slice(slot * e, (slot + 1) * e)
+        for name in ("gate_up_a", "gate_up_b", "down_a", "down_b"):
+            getattr(self, name)[rows].zero_()
+        self.slot_targets[slot] = set(targets)
+        lo, hi = self.inter_range or (0, self.full_inter)
+        i = self.full_inter
+        if "gate_up_proj" in targets:
+            a, b = targets["gate_up_proj"]  # [E, r, D], [E, 2I, r]
+            r = a.shape[1]
+            self.gate_up_a[rows, :r].copy_(a)
+            self.gate_up_b[rows, :, :r].copy_(torch.cat([b[:, lo:hi], b[:, i + lo: i + hi]], dim=1))
+        if "down_proj" in targets:
+            a, b = targets["down_proj"]  # [E, r, I], [E, D, r]
+            r = a.shape[1]
+            self.down_a[rows, :r].copy_(a[:, :, lo:hi])
+            self.down_b[rows, :, :r].copy_(b)
+
+
+class LoRAExperts:
+    """Mixin for the routed experts: the adapters of each (token, slot) pair inside the fused MoE (CUDA), or the
+    same math in torch (kernels/lora.py fused_moe_lora_ref) elsewhere."""
+
+    def forward(self, x, topk_ids, topk_weights, reduce: bool = True):
+        ctx = self.lora_ctx
+        w = self.lora
+        # The kernels always run both (a CUDA graph captured before any expert adapter must still apply later ones)
+        has = {"gate_up_proj": True, "down_proj": True} if ctx.use_kernels else w.has
+        if not ctx.active or not (has["gate_up_proj"] or has["down_proj"]):
+            return super().forward(x, topk_ids, topk_weights, reduce)
+        s = ctx.slots(x.shape[0]).long()
+        e = w.e
+        pair = torch.where(s[:, None] >= 0, s[:, None] * e + topk_ids.long(), -1).reshape(-1).to(torch.int32)
+        lora = MoELoRA(pair, *((w.gate_up_a, w.gate_up_b) if has["gate_up_proj"] else (None, None)),
+                       *((w.down_a, w.down_b) if has["down_proj"] else (None, None)), use_kernels=ctx.use_kernels)
+        if ctx.use_kernels:
+            from ..kernels.fused_moe import fused_moe
+
+            return fused_moe(x.contiguous(), self.gate_up_proj, self.down_proj, topk_weights.contiguous(),
+                             topk_ids.contiguous(), reduce=reduce, w13_scale=self.gate_up_scale,
+                             w2_scale=self.down_scale, lora=lora)
+        w13, w2 = self.gate_up_proj, self.down_proj
+        if self.gate_up_scale is not None:  # fp8 experts on the torch path: widened with their row scales
+            w13 = w13.to(x.dtype) * self.gate_up_scale[..., None].to(x.dtype)
+            w2 = w2.to(x.dtype) * self.down_scale[..., None].to(x.dtype)
+        return fused_moe_lora_ref(x, w13, w2, topk_weights, topk_ids, lora, reduce=reduce)
+
+
+def swap_in(module: nn.Module, mixin: type) -> None:
+    """module becomes an instance of (mixin, its class): only methods change (as runner/gpu_kernels.swap_in)."""
+    base = type(module)
+    if isinstance(module, mixin):
+        return
+    key = (mixin, base)
+    if key not in _COMPOSED:
+        _COMPOSED[key] = type(f"{mixin.__name__}{base.__name__}", (mixin, base), {})
+    module.__class__ = _COMPOSED[key]
+
+
+_COMPOSED: dict[tuple[type, type], type] = {}
+
+__all__ = ["ExpertSlotWeights", "KvbSlotWeights", "LINEAR_TARGETS", "LoRAContext",
+           "LoRAExperts", "LoRAFusedInput", "LoRALinear", "LoRAMLA", "SlotWeights", "swap_in"]

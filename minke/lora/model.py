@@ -1,0 +1,96 @@
+"""Wrapping a built (possibly sharded) model for multi-LoRA serving: every adaptable module gets its slot stacks and
+its mixin (layers.py), all sharing one LoRAContext. The model builder calls apply_lora after the kernel swaps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models.attention import Attention, MLAttention
+from ..models.moe import Experts
+from ..parallel.sharding import checkpoint_plan, checkpoint_shapes
+from ..parallel.state import ParallelConfig
+from .config import LoRAConfig
+from .layers import (LINEAR_TARGETS, ExpertSlotWeights, KvbSlotWeights, LoRAContext, LoRAExperts, LoRAFusedInput,
+                     LoRALinear, LoRAMLA, SlotWeights, swap_in)
+
+
+@dataclass
+class LoRAModel:
+    """What the LoRA manager writes into: module name -> its slot stacks (Linear targets and MLA's kv_b_proj by the
+    Linear's name, routed experts by the experts module's name)."""
+
+    ctx: LoRAContext
+    config: LoRAConfig
+    linears: dict[str, SlotWeights] = field(default_factory=dict)
+    experts: dict[str, ExpertSlotWeights] = field(default_factory=dict)
+    num_experts: int | None = None
+    expert_parallel: bool = False
+
+
+def _slices(plan, name: str):
+    """(A columns, B rows) of this rank for the Linear `name` (from its weight's shard), None = whole."""
+    if plan is None:
+        return None, None
+    entry = plan.get(f"{name}.weight")
+    if entry is None or entry.shard.dim is None:
+        return None, None
+    rng = (entry.shard.start, entry.shard.stop)
+    return (rng, None) if entry.shard.dim == 1 else (None, rng)
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, parallel: ParallelConfig, max_rows: int,
+               use_kernels: bool) -> LoRAModel:
+    """Module swaps in place; returns the LoRAModel. max_rows: the most tokens one step holds (the index buffer)."""
+    mc = model.config
+    weight = model.lm_head.weight
+    dtype, device = weight.dtype, weight.device
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.bfloat16
+    plan = checkpoint_plan(mc, parallel) if parallel.is_parallel else None
+    shapes = checkpoint_shapes(mc)
+    ctx = LoRAContext(max_rows, device, use_kernels)
+    out = LoRAModel(ctx, cfg, num_experts=mc.n_routed_experts if mc.is_moe else None,
+                    expert_parallel=parallel.expert_parallel)
+    s, r = cfg.max_loras, cfg.max_lora_rank
+    for name, m in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in LINEAR_TARGETS and hasattr(m, "in_features") and f"{name}.weight" in shapes:
+            full_out, full_in = shapes[f"{name}.weight"]
+            a_cols, b_rows = _slices(plan, name)
+            w = SlotWeights(s, r, m.in_features, m.out_features, full_in, full_out, dtype, device, a_cols, b_rows)
+            m.lora, m.lora_ctx = w, ctx
+            swap_in(m, LoRALinear)
+            out.linears[name] = w
+        if isinstance(m, (Attention, MLAttention)):  # fused input projections (now or later) get their adapters
+            m.lora_ctx = ctx
+            swap_in(m, LoRAFusedInput)
+        if isinstance(m, MLAttention):
+            kvb, kname = m.kv_b_proj, f"{name}.kv_b_proj"
+            full_out, full_in = shapes[f"{kname}.weight"]
+            a_cols, b_rows = _slices(plan, kname)
+            w = KvbSlotWeights(m.num_heads, m.nope, m.v_dim, s, r, kvb.in_features, kvb.out_features, full_in,
+                               full_out, dtype, device, a_cols=a_cols, b_rows=b_rows)
+            m.kv_b_lora, m.lora_ctx = w, ctx
+            if ctx.head_slots is None:  # per-(token, head) indices of absorbed decode, shared by every layer
+                ctx.heads = m.num_heads
+                ctx.head_slots = torch.full((max_rows * m.num_heads,), -1, dtype=torch.int32, device=device)
+                ctx.row_slots = torch.full_like(ctx.head_slots, -1)
+            swap_in(m, LoRAMLA)
+            out.linears[kname] = w
+        if isinstance(m, Experts) and not parallel.expert_parallel:
+            e, two_i, d = m.gate_up_proj.shape
+            if e != mc.n_routed_experts:
+                raise RuntimeError(f"{name}: {e} experts (shared experts folded in?); LoRA needs the routed ones "
+                                   "alone (the model builder skips that fold when LoRA is enabled)")
+            inter_range = None
+            if plan is not None:
+                entry = plan[f"{name}.0.gate_proj.weight"]
+                inter_range = (entry.shard.start, entry.shard.stop) if entry.shard.dim is not None else None
+            w = ExpertSlotWeights(s, r, e, d, two_i // 2, mc.moe_intermediate_size, dtype, device, inter_range)
+            m.lora, m.lora_ctx = w, ctx
+            swap_in(m, LoRAExperts)
+            out.experts[name] = w
+    return out

@@ -1,0 +1,126 @@
+"""Multi-LoRA shrink / expand kernels (kernels/lora.py) against their torch references, and the references against
+the plain per-row math x @ A^T @ B^T. CPU: Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)."""
+
+import pytest
+import torch
+
+import minke.kernels.lora as _kmod
+from conftest import kernel_test_setup
+from minke.kernels.lora import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+
+DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._shrink_kernel)
+
+
+def _case(m, k, n, L, r, dtype, row_div=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    a = (torch.randn(L, r, k, generator=g) * 0.1).to(dtype)
+    b = (torch.randn(L, n, r, generator=g) * 0.1).to(dtype)
+    idx = torch.randint(-1, L, (m * row_div,), generator=g, dtype=torch.int32)
+    return x, a, b, idx
+
+
+def test_references_equal_per_row_math():
+    x, a, b, idx = _case(13, 40, 24, 3, 8, torch.float64)
+    y0 = torch.randn(13, 24, dtype=torch.float64)
+    h = lora_shrink_ref(x, a, idx)
+    y = lora_expand_ref(y0.clone(), h, b, idx)
+    for i in range(13):
+        s = int(idx[i])
+        want = y0[i] if s < 0 else y0[i] + b[s] @ (a[s] @ x[i])
+        torch.testing.assert_close(y[i], want)
+        if s < 0:
+            assert not h[i].any()
+
+
+def test_reference_pairs_read_token_rows():
+    """row_div K: row m of the pairs uses x row m // K (routed experts' (token, slot) pairs)."""
+    x, a, _, idx = _case(5, 16, 8, 4, 4, torch.float64, row_div=3)
+    h = lora_shrink_ref(x, a, idx, row_div=3)
+    for m in range(15):
+        s = int(idx[m])
+        want = torch.zeros(4, dtype=torch.float64) if s < 0 else a[s] @ x[m // 3]
+        torch.testing.assert_close(h[m].double(), want)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n,L,r,row_div", [(1, 64, 48, 2, 16, 1), (37, 100, 130, 4, 8, 1),
+                                               (6, 72, 40, 5, 16, 3), (0, 32, 32, 2, 16, 1)])
+def test_kernels_equal_references(dtype, m, k, n, L, r, row_div):
+    x, a, b, idx = _case(m, k, n, L, r, dtype, row_div)
+    x, a, b, idx = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), idx.to(DEVICE)
+    rows = m * row_div
+    h_ref = lora_shrink_ref(x, a, idx, row_div)
+    h = lora_shrink(x, a, idx, row_div)
+    used = idx[:rows] >= 0
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(h[used], h_ref[used], **tol)
+    y0 = torch.randn(rows, n + 8).to(DEVICE, dtype)  # a column slice of a wider output: the fused-projection case
+    y_ref = lora_expand_ref(y0[:, 4 : 4 + n].clone(), h_ref, b, idx)
+    y = y0.clone()
+    lora_expand(y[:, 4 : 4 + n], h_ref, b, idx)
+    torch.testing.assert_close(y[:, 4 : 4 + n], y_ref, **tol)
+    torch.testing.assert_close(y[:, :4], y0[:, :4], rtol=0, atol=0)  # nothing outside the slice is touched
+    torch.testing.assert_close(y[:, 4 + n :], y0[:, 4 + n :], rtol=0, atol=0)
+    assert torch.equal(y[~used], y0[~used])  # rows without an adapter keep their values exactly
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match=r"\[L, out, in\]"):
+        lora_shrink_ref(torch.zeros(2, 4), torch.zeros(4, 4), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="indices"):
+        lora_shrink_ref(torch.zeros(3, 4), torch.zeros(1, 2, 4), torch.zeros(2, dtype=torch.int32))
+
+
+def _moe_case(t, k, e, d, inter, L_slots, r, dtype, seed=0):
+    from minke.kernels.lora import MoELoRA
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d, generator=g).to(dtype)
+    w13 = (torch.randn(e, 2 * inter, d, generator=g) * 0.2).to(dtype)
+    w2 = (torch.randn(e, d, inter, generator=g) * 0.2).to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(torch.int32)
+    wts = torch.rand(t, k, generator=g)
+    L = L_slots * e
+    st = [(torch.randn(L, r, d, generator=g) * 0.2).to(dtype), (torch.randn(L, 2 * inter, r, generator=g) * 0.2).to(dtype),
+          (torch.randn(L, r, inter, generator=g) * 0.2).to(dtype), (torch.randn(L, d, r, generator=g) * 0.2).to(dtype)]
+    slot = torch.randint(-1, L_slots, (t,), generator=g)
+    pair = torch.where(slot[:, None] >= 0, slot[:, None] * e + ids.long(), -1).reshape(-1).to(torch.int32)
+    return x, w13, w2, ids, wts, st, slot, pair, MoELoRA
+
+
+def test_moe_lora_reference_equals_merged_experts():
+    """Each token's experts with its adapter merged into the weights (W + B A) give fused_moe_lora_ref's rows."""
+    from minke.kernels.fused_moe import moe_experts_torch
+    from minke.kernels.lora import fused_moe_lora_ref
+
+    x, w13, w2, ids, wts, (gua, gub, da, db), slot, pair, MoELoRA = _moe_case(7, 2, 4, 24, 16, 3, 4, torch.float64)
+    out = fused_moe_lora_ref(x, w13, w2, wts, ids, MoELoRA(pair, gua, gub, da, db, use_kernels=False))
+    e = w13.shape[0]
+    for i in range(7):
+        s = int(slot[i])
+        m13, m2 = w13.clone(), w2.clone()
+        if s >= 0:
+            m13 += gub[s * e:(s + 1) * e] @ gua[s * e:(s + 1) * e]
+            m2 += db[s * e:(s + 1) * e] @ da[s * e:(s + 1) * e]
+        # (the reference accumulates in fp32, as the kernel does)
+        torch.testing.assert_close(out[i], moe_experts_torch(x[i:i + 1], m13, m2, wts[i:i + 1], ids[i:i + 1])[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("t", [1, 9])
+def test_fused_moe_with_lora_equals_reference(t):
+    from minke.kernels.fused_moe import fused_moe
+    from minke.kernels.lora import fused_moe_lora_ref
+
+    x, w13, w2, ids, wts, (gua, gub, da, db), slot, pair, MoELoRA = _moe_case(t, 2, 4, 32, 32, 2, 16, torch.float32)
+    args = [v.to(DEVICE) for v in (x, w13, w2, wts, ids)]
+    lora = MoELoRA(pair.to(DEVICE), gua.to(DEVICE), gub.to(DEVICE), da.to(DEVICE), db.to(DEVICE))
+    ref = fused_moe_lora_ref(args[0], args[1], args[2], args[3], args[4], lora)
+    got = fused_moe(*args, lora=lora)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    only_down = MoELoRA(lora.pair_idx, down_a=lora.down_a, down_b=lora.down_b)
+    torch.testing.assert_close(fused_moe(*args, lora=only_down), fused_moe_lora_ref(*args, only_down),
+                               rtol=1e-4, atol=1e-4)
