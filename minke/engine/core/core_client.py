@@ -82,7 +82,18 @@ class CoreClient:
 
     def wait_ready(self, timeout: float | None = None) -> dict:
         """Blocks until the core answers "ready" (after loading the model: minutes); raises its start-up error, or
-        EngineCoreDead if it exits first."""
+        EngineCoreDead if it exits first. Interrupted (Ctrl-C during loading), the owner kills the core: nothing is
+        left behind."""
+        try:
+            return self._wait_ready(timeout)
+        except BaseException:
+            if self.proc is not None and self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
+            self.close()
+            raise
+
+    def _wait_ready(self, timeout: float | None) -> dict:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self.out.poll(200):

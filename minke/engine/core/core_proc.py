@@ -104,6 +104,7 @@ def core_main(cfg: EngineConfig, in_address: str, owner_address: str, parent_pid
                 fronts.drop(f)
             inp.close(linger=0)
             ctx.term()
+    logger.info("engine core shut down")
     sys.exit(code)
 
 

@@ -1,0 +1,168 @@
+"""The engine core in its own process (issue 21): the wire format, and `minke serve` as processes: a core killed
+mid-run makes the server say so and exit non-zero, SIGTERM / SIGINT leave no process behind, and
+`--api-server-count 2` serves through two HTTP processes in front of one core. The server tests (test_server.py,
+test_server_hostile.py) run against the multi-process server too: it is `minke serve`'s default."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import signal
+import time
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from minke import SamplingParams
+from minke.engine.core import messages as M
+from minke.engine.core.serial import packb, unpackb
+from test_server import launch_server
+
+MODEL = "tiny-default"
+ARGS = ["--device", "cpu", "--kv-cache-tokens", "4096", "--served-model-name", MODEL, "--disable-log-stats"]
+
+
+# ----------------------------------------------------------------------------------------------- the wire
+
+
+@dataclasses.dataclass
+class _Foreign:
+    x: int = 1
+
+
+def test_sampling_params_round_trip_generically():
+    p = SamplingParams(n=2, temperature=0.5, top_k=7, seed=3, stop=["a", "bc"], stop_token_ids=[5],
+                       logit_bias={11: -math.inf, 12: 3.5}, logprobs=2, max_tokens=9, min_tokens=1)
+    q = unpackb(packb({"params": p, "ids": {1, 2}, "frozen": frozenset({3})}))
+    assert q["params"] == p and isinstance(q["params"], SamplingParams)
+    assert q["params"].logit_bias == {11: -math.inf, 12: 3.5}  # int keys kept
+    assert q["ids"] == {1, 2} and q["frozen"] == frozenset({3})
+    # Every dataclass field travels, whatever is added to SamplingParams later.
+    assert set(unpackb(packb(p)).__dataclass_fields__) == set(SamplingParams.__dataclass_fields__)
+    with pytest.raises(TypeError, match="only minke's own classes"):
+        unpackb(packb(_Foreign()))
+
+
+def test_step_batch_frames_view_raw_token_buffers():
+    b = M.StepBatch(handles=[4, 9], indices=[0, 1], tokens=[100, 2**40], fin=[[1, "length", None]])
+    header, h, i, t = M.read_frames(b.frames({"num_running": 2}))
+    assert header["k"] == M.STEP and header["stats"] == {"num_running": 2} and header["fin"] == [[1, "length", None]]
+    assert h.dtype == np.int64 and i.dtype == np.int32 and t.dtype == np.int64
+    assert (h.tolist(), i.tolist(), t.tolist()) == ([4, 9], [0, 1], [100, 2**40])
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+def _tree(proc) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def _gone(procs: list[psutil.Process], timeout: float = 20.0) -> list[psutil.Process]:
+    """The processes still alive (not zombies) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def _core_of(proc) -> psutil.Process:
+    cores = [p for p in _tree(proc) if "multiprocessing" in " ".join(p.cmdline())
+             and "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(cores) == 1, [p.cmdline() for p in _tree(proc)]
+    return cores[0]
+
+
+def _complete(base: str, prompt: str = "Hello", max_tokens: int = 4) -> dict:
+    r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                                                   "temperature": 0, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_core_killed_mid_run_is_reported_and_the_server_exits_nonzero(tmp_path):
+    proc, base = launch_server(ARGS, tmp_path / "serve.log")
+    try:
+        tree = _tree(proc)
+        core = _core_of(proc)
+        assert core.pid != proc.pid
+        body = {"model": MODEL, "prompt": "Go on", "max_tokens": 500, "stream": True, "ignore_eos": True}
+        events = []
+        with httpx.Client(timeout=60) as h, h.stream("POST", f"{base}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 2:
+                        core.send_signal(signal.SIGKILL)  # mid-generation
+                elif line == "data: [DONE]":
+                    break
+        # The stream ends with an error chunk in OpenAI's shape instead of hanging.
+        assert "error" in events[-1] and set(events[-1]["error"]) == {"message", "type", "param", "code"}
+        assert proc.wait(timeout=30) != 0
+        assert not _gone(tree)
+        log = (tmp_path / "serve.log").read_text()
+        assert "the engine core process exited" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_leaves_no_process_behind(tmp_path, sig):
+    proc, base = launch_server(ARGS, tmp_path / "serve.log")
+    try:
+        tree = _tree(proc)
+        assert _core_of(proc)
+        assert _complete(base)["usage"]["completion_tokens"] == 4
+        proc.send_signal(sig)
+        # uvicorn shuts down gracefully, then re-raises the signal (SIGINT: KeyboardInterrupt, exit 130).
+        assert proc.wait(timeout=30) in (0, -sig, 128 + sig)
+        assert not _gone(tree), "processes left after shutdown"
+        assert "engine core shut down" in (tmp_path / "serve.log").read_text()  # asked to, not killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_api_server_count_2_serves(tmp_path):
+    proc, base = launch_server([*ARGS, "--api-server-count", "2"], tmp_path / "serve.log", timeout=240)
+    try:
+        tree = _tree(proc)
+
+        async def run_all():
+            async with httpx.AsyncClient(base_url=base, timeout=120) as c:
+                async def one(i):
+                    r = await c.post("/v1/completions", json={"model": MODEL, "prompt": f"Story {i}:",
+                                                              "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+                                     headers={"Connection": "close"})  # new connections: spread over both
+                    return r.json()["usage"]["completion_tokens"]
+
+                return await asyncio.gather(*(one(i) for i in range(16)))
+
+        assert asyncio.run(run_all()) == [6] * 16
+        # Greedy is the same whichever API process took the request.
+        texts = {_complete(base, "Same prompt", 6)["choices"][0]["text"] for _ in range(4)}
+        assert len(texts) == 1
+        servers = [p for p in tree if any("spawn_main" in a for a in p.cmdline())]
+        assert len(servers) == 3  # the core and the two API servers
+        assert httpx.get(f"{base}/health").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0
+        assert "engine core shut down" in (tmp_path / "serve.log").read_text()
+        assert not _gone(tree)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
