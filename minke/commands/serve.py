@@ -98,7 +98,7 @@ def _setup_logging(level: str) -> None:
         log.propagate = False
 
 
-SERVE_MODULES = ("fastapi", "uvicorn", "pydantic", "prometheus_client")
+SERVE_MODULES = ("fastapi", "uvicorn", "pydantic", "prometheus_client", "zmq", "msgpack")
 
 
 def missing_serve_modules() -> list[str]:
