@@ -166,3 +166,28 @@ def test_api_server_count_2_serves(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ----------------------------------------------------------------------------------------------- SSE per token
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_text_chunks_are_the_response_models_bytes(kind):
+    from minke.server import protocol as P
+    from minke.server.streaming import TextChunks, sse
+
+    def render(index: int, text: str) -> dict:  # as completions.py / chat.py build a text-only chunk
+        if kind == "completion":
+            return P.CompletionResponse(id="cmpl-1", created=7, model="m",
+                                        choices=[P.CompletionChoice(index=index, text=text)]).model_dump()
+        d = P.ChatCompletionStreamResponse(id="chat-1", created=7, model="m", choices=[
+            P.ChatCompletionStreamChoice(index=index, delta=P.DeltaMessage(content=text))]).model_dump()
+        for c in d["choices"]:
+            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+        return d
+
+    chunks = TextChunks(render)
+    for index, text in [(0, " word"), (1, 'quote " and \\ back'), (0, "new\nline\ttab"), (2, "ünï 🐋 中文"), (0, "")]:
+        fast = chunks(index, text)
+        assert isinstance(fast, str)
+        assert sse(fast) == sse(render(index, text))

@@ -16,7 +16,7 @@ from ..sampling_params import SamplingParams
 from . import protocol as P
 from .errors import APIError
 from .serving import OpenAIServing
-from .streaming import ChoiceTracker, sse_events, usage_info
+from .streaming import ChoiceTracker, TextChunks, sse_events, usage_info
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -89,6 +89,9 @@ class OpenAIServingChat(OpenAIServing):
                 c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
             return d
 
+        # The chunks of new text only: no response model per token (usage changes each chunk: not those).
+        text_chunk = None if req.continuous_usage else TextChunks(
+            lambda index, text: chunk([P.ChatCompletionStreamChoice(index=index, delta=P.DeltaMessage(content=text))]))
         for i in range(params.n):  # the first delta of each choice carries the role
             yield chunk([P.ChatCompletionStreamChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))])
         async with contextlib.aclosing(self.stream(requests, rid, arrival)) as stream:
@@ -99,6 +102,9 @@ class OpenAIServingChat(OpenAIServing):
                     if params.logprobs is not None and len(o.token_ids) > d.first_token:
                         lps = P.ChatChoiceLogprobs(content=self.logprobs(o, d.first_token, params.logprobs,
                                                                          req.return_tokens_as_token_ids))
+                    elif text_chunk is not None and not d.finished:
+                        yield text_chunk(o.index, d.text)
+                        continue
                     yield chunk([P.ChatCompletionStreamChoice(
                         index=o.index, delta=P.DeltaMessage(content=d.text), logprobs=lps,
                         finish_reason=o.finish_reason if d.finished else None,
