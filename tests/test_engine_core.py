@@ -20,6 +20,7 @@ import pytest
 from minke import SamplingParams
 from minke.engine.core import messages as M
 from minke.engine.core.serial import packb, unpackb
+from test_engine import ckpts  # noqa: F401  (a fixture)
 from test_server import launch_server
 
 MODEL = "tiny-default"
@@ -53,6 +54,126 @@ def test_step_batch_frames_view_raw_token_buffers():
     assert header["k"] == M.STEP and header["stats"] == {"num_running": 2} and header["fin"] == [[1, "length", None]]
     assert h.dtype == np.int64 and i.dtype == np.int32 and t.dtype == np.int64
     assert (h.tolist(), i.tolist(), t.tolist()) == ([4, 9], [0, 1], [100, 2**40])
+
+
+# ----------------------------------------------------------------------------------------------- core + front
+
+
+def _core_and_front(path: str, **kw):
+    import torch
+
+    from minke.engine.config import EngineConfig
+    from minke.engine.core.engine_core import EngineCore
+    from minke.engine.core.front_output import FrontOutputProcessor
+    from minke.engine.input_processor import InputProcessor
+
+    core = EngineCore(EngineConfig.from_kwargs(path, device="cpu", **kw))
+    eng = core.engine
+    ip = InputProcessor(eng.tokenizer, eng.model_config, core.max_model_len, eng.cfg.block_size, torch.device("cpu"))
+    return core, ip, FrontOutputProcessor(eng.tokenizer, core.max_model_len)
+
+
+def _drive(core, front, reqs: list) -> dict:
+    """What AsyncMPLLM and the core process do, in one process, through the wire format: each request encoded,
+    each step's batch turned into frames and read back, the front's aborts / stops sent to the core."""
+    for h, r in enumerate(reqs):
+        front.add(r, h)
+        core.add_or_fail(0, h, unpackb(packb(M.encode_request(r))))
+    done = {}
+    for _ in range(2000):
+        b = (core.step() if core.has_work() else core.take()).get(0)
+        if b:
+            step = front.apply(*M.read_frames(b.frames(core.get_stats())))
+            core.abort(0, step.abort)
+            core.stop(0, step.stop)
+            for out in step.outputs:
+                if out.finished:
+                    assert out.request_id not in done
+                    done[out.request_id] = out
+        if not core.has_work() and not front.requests:
+            break
+    assert not front.requests and not core.has_work()
+    return done
+
+
+def _same(a, b) -> None:
+    assert len(a.outputs) == len(b.outputs)
+    for x, y in zip(a.outputs, b.outputs):
+        assert (x.text, x.token_ids, x.finish_reason, x.stop_reason) == (y.text, y.token_ids, y.finish_reason,
+                                                                          y.stop_reason)
+        assert (x.logprobs is None) == (y.logprobs is None)
+        for ex, ey in zip(x.logprobs or [], y.logprobs or []):
+            assert ex.keys() == ey.keys()
+            for t in ex:
+                assert ex[t].rank == ey[t].rank and ex[t].decoded_token == ey[t].decoded_token
+                assert ex[t].logprob == pytest.approx(ey[t].logprob, abs=1e-4)
+
+
+def test_core_and_front_equal_the_in_process_engine(ckpts):
+    from minke import LLM
+    from test_engine import prompts_of
+
+    path = ckpts("deepseek_v2_lite")
+    core, ip, front = _core_and_front(path, kv_cache_tokens=4096, max_model_len=256)
+    prompts = prompts_of([5, 17, 9, 12, 3, 8], seed=3)
+    tok = core.engine.tokenizer
+    # A stop string that the greedy text of prompt 1 reaches: it ends there in the front, the core is told.
+    llm = LLM(path, device="cpu", kv_cache_tokens=4096, max_model_len=256)
+    probe = llm.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0].text
+    stop = probe[len(probe) // 2: len(probe) // 2 + 2] or "x"
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2, stop=[stop]),
+              SamplingParams(temperature=0, max_tokens=6, logprobs=3),
+              SamplingParams(temperature=0.8, seed=11, max_tokens=9, n=2),
+              SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[int(prompts[4][0])], min_tokens=2),
+              SamplingParams(temperature=0, max_tokens=5, repetition_penalty=1.3, logit_bias={int(prompts[5][1]): 5})]
+    reqs = [ip.process(f"r{i}", p, sp, strict=True) for i, (p, sp) in enumerate(zip(prompts, params))]
+    done = _drive(core, front, reqs)
+    refs = [llm.generate([p], sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    for i, ref in enumerate(refs):
+        _same(done[f"r{i}"], ref)
+    assert done["r1"].outputs[0].finish_reason == "stop" and done["r1"].outputs[0].stop_reason == stop
+    stats = core.get_stats()
+    assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0.0 and tok is not None
+
+
+def test_a_request_failing_in_the_core_fails_alone(ckpts, monkeypatch):
+    from test_engine import prompts_of
+    from test_step_isolation import poison
+
+    path = ckpts("llama_gqa")
+    core, ip, front = _core_and_front(path, kv_cache_tokens=4096, max_model_len=64, block_size=4)
+    poison(monkeypatch, lambda: core.engine, "0:3", "execute")  # the core's id of the front's handle 3
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = prompts_of([3, 17, 9, 25, 6], seed=4)
+    done = _drive(core, front, [ip.process(f"r{i}", p, greedy) for i, p in enumerate(prompts)])
+    bad = done["r3"]
+    assert bad.error is not None and "bad value" in bad.error and bad.outputs[0].finish_reason == "error"
+    monkeypatch.undo()
+    from minke import LLM
+
+    refs = LLM(path, device="cpu", kv_cache_tokens=4096, max_model_len=64, block_size=4).generate(
+        [p for i, p in enumerate(prompts) if i != 3], greedy, use_tqdm=False)
+    for i, ref in zip([0, 1, 2, 4], refs):
+        assert done[f"r{i}"].error is None
+        _same(done[f"r{i}"], ref)
+
+
+def test_front_abort_frees_the_core(ckpts):
+    from test_engine import prompts_of
+
+    core, ip, front = _core_and_front(ckpts("llama_gqa"), kv_cache_tokens=4096, max_model_len=64, block_size=4)
+    req = ip.process("a", prompts_of([6])[0], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    front.add(req, 0)
+    core.add(0, 0, unpackb(packb(M.encode_request(req))))
+    for _ in range(3):
+        core.step()
+    assert core.get_stats()["kv_cache_usage"] > 0
+    out, handle = front.abort("a")
+    core.abort(0, [handle])
+    assert out.outputs[0].finish_reason == "abort" and not front.requests
+    assert not core.has_work() and core.get_stats()["kv_cache_usage"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------- processes
