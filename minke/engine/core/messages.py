@@ -67,8 +67,8 @@ class StepBatch:
     def __bool__(self) -> bool:
         return bool(self.handles or self.err or self.fin)
 
-    def frames(self, stats: dict) -> list:
-        header = {"k": STEP, "stats": stats}
+    def frames(self, stats: dict | None) -> list:
+        header = {"k": STEP} if stats is None else {"k": STEP, "stats": stats}
         for name in ("fin", "lp", "err", "cached"):
             value = getattr(self, name)
             if value:
