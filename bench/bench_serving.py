@@ -6,6 +6,16 @@ end-to-end percentiles (the numbers vLLM's benchmark_serving.py reports).
     python bench/bench_serving.py --base-url http://127.0.0.1:8000 --num-clients 16 --num-requests 128
     # or start one on a free loopback port for the run (extra flags go to `minke serve`)
     python bench/bench_serving.py --model-dir /path/to/ckpt --serve-args "--device cpu --kv-cache-tokens 8192"
+    # server against offline on the same workload, in one run (issue 21): a named shape with random weights,
+    # the server started here, then LLM.generate in this process (and through the engine-core client)
+    python bench/bench_serving.py --shape v2-lite --compare-offline --num-clients 256 --num-requests 1024 \
+        --input-len 512 --output-len 256 --serve-args "--max-num-seqs 256"
+
+--compare-offline (needs a server started here: --model-dir or --shape) runs, after the server is stopped, the
+same prompts offline with the same engine options (those of --serve-args): LLM.generate in this process, and the
+same through the engine core in its own process (AsyncMPLLM, no HTTP), then the offline decode step at batch
+--num-clients and at batch 1. It prints server / offline output tok/s, the server's TPOT p50 against that batch's
+offline step, and the server's TPOT with one client (--single-client-requests of them) against batch-1 decode.
 
 Prompts are exactly --input-len tokens (random common English words, tokenized by the server's /tokenize) and
 every request generates exactly --output-len tokens (ignore_eos), so runs are comparable. Latency definitions:
@@ -158,6 +168,7 @@ async def run_load(base: str, api_key: str | None, model: str | None, num_client
         "itl_s": percentiles([x for r in ok for x in r.itl]),
         "tpot_s": percentiles(tpot),
         "e2e_s": percentiles([r.e2e for r in ok]),
+        "prompts": prompts,  # for --compare-offline (dropped before the report)
     }
 
 
@@ -209,11 +220,116 @@ def launch_server(model_dir: str, serve_args: str, api_key: str | None, timeout:
     raise RuntimeError(f"server not healthy after {timeout:.0f}s")
 
 
+# ------------------------------------------------------------------------------------------ offline side by side
+
+
+def engine_options(model_dir: str, serve_args: str) -> dict:
+    """The engine options (LLM keywords) that `minke serve MODEL_DIR SERVE_ARGS` would use."""
+    from minke.cli import build_parser
+    from minke.commands.common import engine_kwargs
+
+    ns, _ = build_parser().parse_known_args(["serve", model_dir, *shlex.split(serve_args)])
+    return engine_kwargs(ns)
+
+
+def _offline_tok_s(outs, seconds: float) -> float:
+    return sum(len(o.outputs[0].token_ids) for o in outs) / seconds
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+async def _through_core_client(model_dir: str, options: dict, prompts: list[list[int]], output_len: int) -> float:
+    """Offline through the engine-core client (core in its own process, no HTTP): output tok/s."""
+    from minke import SamplingParams
+    from minke.engine.core.async_mp import AsyncMPLLM
+
+    eng = AsyncMPLLM(model_dir, **options)
+    await eng.start()
+    try:
+        p = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, output_kind="final_only")
+
+        async def one(i, ids):
+            async for out in eng.generate(eng.process(ids, p, f"offline-{i}")):
+                last = out
+            return last
+
+        await one(-1, prompts[0])  # warm-up
+        t = time.perf_counter()
+        outs = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
+        return _offline_tok_s(outs, time.perf_counter() - t)
+    finally:
+        await eng.shutdown()
+
+
+def compare_offline(model_dir: str, serve_args: str, prompts: list[list[int]], output_len: int, num_clients: int,
+                    served: dict, single: dict | None) -> dict:
+    """The offline figures of the same workload, and the server's ratios to them."""
+    from minke import LLM, SamplingParams
+    from minke.benchmark import bench_decode
+
+    options = engine_options(model_dir, serve_args)
+    res: dict = {"engine_options": options}
+    res["core_client_output_tok_per_s"] = asyncio.run(_through_core_client(model_dir, options, prompts, output_len))
+    llm = LLM(model_dir, **options)
+    p = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    _sync()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, p, use_tqdm=False)
+    _sync()
+    res["offline_output_tok_per_s"] = _offline_tok_s(outs, time.perf_counter() - t)
+    vocab = llm.llm_engine.model_config.vocab_size
+    batch = min(num_clients, llm.llm_engine.cfg.max_num_seqs)
+    steps = max(2, min(output_len, 64))
+    res["offline_step_ms"] = bench_decode(llm, batch, len(prompts[0]), steps, vocab)["step_ms"]
+    res["offline_batch1_step_ms"] = bench_decode(llm, 1, len(prompts[0]), steps, vocab)["step_ms"]
+    res["offline_batch"] = batch
+    res["server_over_offline"] = served["output_token_throughput"] / res["offline_output_tok_per_s"]
+    res["core_client_over_in_process"] = res["core_client_output_tok_per_s"] / res["offline_output_tok_per_s"]
+    tpot = served["tpot_s"]["p50"]
+    res["tpot_p50_over_offline_step"] = None if tpot is None else 1000 * tpot / res["offline_step_ms"]
+    if single is not None and single["tpot_s"]["p50"] is not None:
+        res["single_client_tpot_p50_ms"] = 1000 * single["tpot_s"]["p50"]
+        res["single_client_tpot_over_batch1_step"] = res["single_client_tpot_p50_ms"] / res["offline_batch1_step_ms"]
+    return res
+
+
+def print_comparison(c: dict, served: dict) -> None:
+    print("=" * 20 + " Server vs offline (same workload) " + "=" * 11)
+    rows = [("server output tok/s", served["output_token_throughput"]),
+            ("offline LLM.generate output tok/s", c["offline_output_tok_per_s"]),
+            ("offline via engine-core client tok/s", c["core_client_output_tok_per_s"]),
+            ("server / offline", c["server_over_offline"]),
+            ("core client / in-process offline", c["core_client_over_in_process"]),
+            (f"server TPOT p50 (ms)", 1000 * served["tpot_s"]["p50"] if served["tpot_s"]["p50"] else None),
+            (f"offline decode step at batch {c['offline_batch']} (ms)", c["offline_step_ms"]),
+            ("TPOT p50 / offline step", c["tpot_p50_over_offline_step"]),
+            ("1-client TPOT p50 (ms)", c.get("single_client_tpot_p50_ms")),
+            ("offline batch-1 decode step (ms)", c["offline_batch1_step_ms"]),
+            ("1-client TPOT / batch-1 step", c.get("single_client_tpot_over_batch1_step"))]
+    for name, v in rows:
+        print(f"{name:<46}{'n/a' if v is None else f'{v:.3f}':>20}")
+    print("=" * 66)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--base-url", help="a running server, e.g. http://127.0.0.1:8000")
     where.add_argument("--model-dir", help="start `minke serve MODEL_DIR` on a free loopback port for the run")
+    where.add_argument("--shape", help="start `minke serve` on a named shape of minke.benchmark (v2-lite, ...) with "
+                                       "random weights (--load-format dummy)")
+    ap.add_argument("--num-layers", type=int, default=None, help="--shape with this many layers (smoke tests)")
+    ap.add_argument("--compare-offline", action="store_true",
+                    help="then run the same workload offline (LLM.generate, and through the engine-core client) "
+                         "with the same engine options and print the server's ratios to it")
+    ap.add_argument("--single-client-requests", type=int, default=8,
+                    help="with --compare-offline: requests sent by one client after the run, for the 1-client TPOT")
     ap.add_argument("--serve-args", default="", help="extra flags for the launched `minke serve` (quoted)")
     ap.add_argument("--api-key", default=os.environ.get("MINKE_API_KEY"))
     ap.add_argument("--model", default=None, help="model name to send (default: the server's)")
@@ -230,13 +346,29 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
 
+    if args.compare_offline and args.base_url:
+        ap.error("--compare-offline needs a server started here (--model-dir or --shape), on this machine's GPU")
+    model_dir, serve_args = args.model_dir, args.serve_args
+    if args.shape:
+        from minke.benchmark import shape_dir
+
+        model_dir = shape_dir(args.shape, None, args.num_layers)
+        serve_args = f"--load-format dummy --dtype bfloat16 {serve_args}"
     proc = None
     base = args.base_url.rstrip("/") if args.base_url else None
+    single = None
     try:
         if base is None:
-            proc, base = launch_server(args.model_dir, args.serve_args, args.api_key, args.startup_timeout)
+            proc, base = launch_server(model_dir, serve_args, args.api_key, args.startup_timeout)
         res = asyncio.run(run_load(base, args.api_key, args.model, args.num_clients, args.num_requests,
                                    args.input_len, args.output_len, args.seed, args.warmup))
+        if args.compare_offline:
+            single = asyncio.run(run_load(base, args.api_key, args.model, 1, args.single_client_requests,
+                                          args.input_len, args.output_len, args.seed, 0))
+            single.pop("prompts", None)
+            res["single_client"] = single
+            prompts = res.pop("prompts")
+        res.pop("prompts", None)
     finally:
         if proc is not None:
             proc.terminate()
@@ -245,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
     print_report(res)
+    if args.compare_offline:  # the server is gone: the GPU is the offline runs' alone
+        res["offline"] = compare_offline(model_dir, serve_args, prompts, args.output_len, args.num_clients, res,
+                                         single)
+        print_comparison(res["offline"], res)
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(res, f, indent=2)

@@ -49,6 +49,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="accepted for vLLM compatibility (default: off; requests are never logged)")
     p.add_argument("--disable-fastapi-docs", "--disable_fastapi_docs", dest="disable_fastapi_docs",
                    action="store_true", help="do not serve /openapi.json (default: off, served)")
+    p.add_argument("--engine-process", "--engine_process", dest="engine_process",
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine core (scheduler + model) in its own process, the HTTP server, tokenization, "
+                        "detokenization and streaming in this one (vLLM's VLLM_ENABLE_V1_MULTIPROCESSING); "
+                        "--no-engine-process runs the engine loop in a thread of the HTTP process (default: on)")
+    p.add_argument("--api-server-count", "--api_server_count", dest="api_server_count", type=int, default=1,
+                   help="HTTP server processes in front of the one engine core, sharing the listening socket, "
+                        "when the HTTP side is the bottleneck (needs --engine-process; default: %(default)s)")
     limits = p.add_argument_group("HTTP limits (what one client may cost the server; README \"Limits\")")
     limits.add_argument("--max-request-body-bytes", "--max_request_body_bytes", dest="max_request_body_bytes",
                         type=int, default=HTTPLimits.max_request_body_bytes,
@@ -110,7 +118,7 @@ def _setup_logging(level: str) -> None:
         log.propagate = False
 
 
-SERVE_MODULES = ("fastapi", "uvicorn", "pydantic", "prometheus_client")
+SERVE_MODULES = ("fastapi", "uvicorn", "pydantic", "prometheus_client", "zmq", "msgpack")
 
 
 def missing_serve_modules() -> list[str]:
@@ -159,12 +167,37 @@ def run(args: argparse.Namespace) -> int:
               "(is another server running there? pick another --port)", file=sys.stderr)
         return 1
 
-    engine = AsyncLLM(args.model, **engine_kwargs(args))
+    if args.api_server_count < 1:
+        raise ValueError(f"--api-server-count must be >= 1, got {args.api_server_count}")
+    if args.api_server_count > 1:
+        if not args.engine_process:
+            raise ValueError("--api-server-count > 1 needs the engine core in its own process (--engine-process)")
+        from .api_servers import run_api_servers
+
+        return run_api_servers(args, sock, limits)
+    if args.engine_process:
+        from ..engine.core.async_mp import AsyncMPLLM
+
+        engine = AsyncMPLLM(args.model, **engine_kwargs(args))
+    else:
+        engine = AsyncLLM(args.model, **engine_kwargs(args))
+    return serve_engine(args, engine, sock, limits)
+
+
+def serve_engine(args: argparse.Namespace, engine, sock, limits: HTTPLimits, log_engine: bool = True) -> int:
+    """Serves `engine` (AsyncLLM or AsyncMPLLM) on the bound `sock` until SIGINT / SIGTERM (exit 0) or the death of
+    the engine core (exit 1)."""
+    import uvicorn
+
+    from ..server.app import build_app, default_model_name
+    from ..server.http import PreboundServer, header_timeout_protocol
+
     cfg = engine.model_config
-    logger.info("Resolved model_type %s (%s), max_model_len %d", cfg.model_type,
-                "MLA + MoE" if cfg.is_mla else ("MoE" if cfg.is_moe else "dense"), engine.max_model_len)
+    if log_engine:  # once per server (the API processes of --api-server-count leave it to their parent)
+        logger.info("Resolved model_type %s (%s), max_model_len %d", cfg.model_type,
+                    "MLA + MoE" if cfg.is_mla else ("MoE" if cfg.is_moe else "dense"), engine.max_model_len)
     cap = engine.get_stats().get("kv_capacity_tokens")
-    if cap:
+    if cap and log_engine:
         logger.info("KV cache capacity: %d tokens; Maximum concurrency for %d tokens per request: %.2fx",
                     cap, engine.max_model_len, cap / engine.max_model_len)
 
@@ -185,7 +218,13 @@ def run(args: argparse.Namespace) -> int:
                             timeout_keep_alive=limits.timeout_keep_alive_s, limit_concurrency=limits.limit_concurrency,
                             timeout_graceful_shutdown=5)
     server = PreboundServer(config)
+    # The engine core died: in-flight streams already got their error; stop serving, exit non-zero.
+    getattr(engine, "on_dead", []).append(lambda why: setattr(server, "should_exit", True))
     with sock:
         server.run(sockets=[sock])
+    dead = getattr(engine, "dead", None)
+    if dead:
+        logger.error("shutting down: %s", dead)
+        return 1
     # uvicorn returns instead of raising when it cannot bind: make that a failing exit status.
     return 0 if server.started else 1

@@ -196,8 +196,21 @@ def _broadcast(msg, group):
     return box[0]
 
 
+def _die_with_parent() -> None:
+    """Linux: this rank gets SIGKILL when the process that spawned it dies, even of SIGKILL (the engine-core
+    process of `minke serve`): no rank keeps a GPU once its engine is gone (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def worker_main(rank: int, cfg: WorkerConfig, init_method: str, reports) -> None:
     """Entry point of spawned ranks 1..W-1."""
+    _die_with_parent()
     try:
         group = _init_group(cfg, rank, init_method)
         worker = Worker(cfg, rank)

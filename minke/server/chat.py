@@ -17,7 +17,7 @@ from . import protocol as P
 from . import tools
 from .errors import APIError
 from .serving import OpenAIServing
-from .streaming import ChoiceTracker, sse_events, usage_info
+from .streaming import ChoiceTracker, TextChunks, sse_events, usage_info
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -98,6 +98,9 @@ class OpenAIServingChat(OpenAIServing):
                 c["delta"] = tools.drop_none(c["delta"])
             return d
 
+        # The chunks of new text only: no response model per token (usage changes each chunk: not those).
+        text_chunk = None if req.continuous_usage else TextChunks(
+            lambda index, text: chunk([P.ChatCompletionStreamChoice(index=index, delta=P.DeltaMessage(content=text))]))
         for i in range(params.n):  # the first delta of each choice carries the role
             yield chunk([P.ChatCompletionStreamChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))])
         parsers = [tool_setup.parser() for _ in range(params.n)]  # None each without tool parsing
@@ -109,6 +112,9 @@ class OpenAIServingChat(OpenAIServing):
                     if params.logprobs is not None and len(o.token_ids) > d.first_token:
                         lps = P.ChatChoiceLogprobs(content=self.logprobs(o, d.first_token, params.logprobs,
                                                                          req.return_tokens_as_token_ids))
+                    if parsers[o.index] is None and lps is None and text_chunk is not None and not d.finished:
+                        yield text_chunk(o.index, d.text)  # plain text: the pre-rendered chunk, text spliced in
+                        continue
                     finish = o.finish_reason if d.finished else None
                     stop = o.stop_reason if d.finished else None
                     if parsers[o.index] is None:

@@ -16,7 +16,7 @@ from ..sampling_params import SamplingParams
 from . import protocol as P
 from .errors import APIError
 from .serving import OpenAIServing
-from .streaming import ChoiceTracker, sse_events, usage_info
+from .streaming import ChoiceTracker, TextChunks, sse_events, usage_info
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -151,6 +151,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 d.pop("usage")
             return d
 
+        # The chunks of new text only: no response model per token (usage changes each chunk: not those).
+        text_chunk = None if req.continuous_usage else TextChunks(
+            lambda index, text: chunk([P.CompletionChoice(index=index, text=text)]))
         # The echoed prompt goes first; with logprobs (or prompt_logprobs asked for) it waits for the prompt's
         # scoring, which comes with the first output.
         late_echo = req.echo and (params.logprobs is not None or req.prompt_logprobs is not None)
@@ -180,6 +183,9 @@ class OpenAIServingCompletion(OpenAIServing):
                     if params.logprobs is not None and len(o.token_ids) > d.first_token:
                         lp = self.logprobs(o, d.first_token, offsets[key], req.return_tokens_as_token_ids)
                         offsets[key] += sum(len(t) for t in lp.tokens)
+                    elif text_chunk is not None and not d.finished:
+                        yield text_chunk(pi * n + o.index, d.text)
+                        continue
                     yield chunk([P.CompletionChoice(index=pi * n + o.index, text=d.text, logprobs=lp,
                                                     finish_reason=o.finish_reason if d.finished else None,
                                                     stop_reason=o.stop_reason if d.finished else None)])

@@ -64,6 +64,30 @@ async def sse_events(chunks: AsyncIterator[BaseModel | dict], on_error: Callable
     yield DONE
 
 
+class TextChunks:
+    """SSE payloads of the chunks that carry only a choice's new text (nearly all of a stream), without a response
+    model per token: `render(index, text)` (the endpoint's own chunk builder) is called once per choice with a
+    sentinel text, the JSON split around it, and each token's chunk is the two halves around the JSON-escaped text:
+    every field the response model defines stays, and the bytes are what `sse(render(index, text))` would send."""
+
+    SENTINEL = "\x00minke-text\x00"
+
+    def __init__(self, render: Callable[[int, str], dict]):
+        self.render = render
+        self._parts: dict[int, tuple[str, str] | None] = {}
+
+    def __call__(self, index: int, text: str) -> str | dict:
+        parts = self._parts.get(index, False)
+        if parts is False:
+            body = json.dumps(self.render(index, self.SENTINEL), ensure_ascii=False, separators=(",", ":"))
+            key = json.dumps(self.SENTINEL, ensure_ascii=False)
+            parts = tuple(body.split(key)) if body.count(key) == 1 else None
+            self._parts[index] = parts
+        if parts is None:
+            return self.render(index, text)
+        return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
+
+
 # ------------------------------------------------------------------------------------------ deltas
 
 

@@ -1,0 +1,91 @@
+"""The messages between API servers ("fronts") and the engine core, and their wire form.
+
+Front -> core, one msgpack frame each: [kind, front_id, payload]
+  hello  out_address   a front joins; the core connects a PUSH socket to its address and answers "ready"
+  add    [handle, request]   a processed Request (encode_request), under the front's int handle
+  abort  [handle, ...]       requests the front ended (client gone, stop string, error)
+  stop   [[handle, index], ...]   sequences of n > 1 requests that a stop string ended in the front
+  bye    None          the front leaves
+  shutdown None        the owner ends the core
+
+Core -> front: multipart [header (msgpack dict), handles (int64), indices (int32), tokens (int64)], ONE message per
+engine step for all of that front's requests: row r says that sequence `indices[r]` of request `handles[r]` got
+token `tokens[r]`. The three arrays are raw buffers (numpy.frombuffer on the front, no copy, nothing per token in
+msgpack). The header: kind ("step" | "ready" | "stats" | "fatal"), the engine stats (for /metrics), and, only when
+there is any: fin [[row, reason, stop_reason]], lp {row: [logprob, rank, [[token, logprob], ...]]},
+err [[handle, message]] (requests that failed alone in the core), cached [[handle, prompt tokens served from the
+prefix cache]] (sent with a request's first token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..request import Request
+from .serial import packb, unpackb
+
+HELLO, ADD, ABORT, STOP, BYE, SHUTDOWN = "hello", "add", "abort", "stop", "bye", "shutdown"
+STEP, READY, STATS, FATAL = "step", "ready", "stats", "fatal"
+
+# Fields of Request that the core rebuilds itself (InputProcessor.process) rather than receives: the sequences
+# and their states, the metrics (from arrival_time), and what follows from params and the context length. The
+# prompt text stays in the front (the core works on token ids). Every other field travels as it is.
+DERIVED_REQUEST_FIELDS = frozenset({"request_id", "prompt", "states", "metrics", "max_tokens", "stop_ids",
+                                    "final_only"})
+
+
+def encode_request(req: Request) -> dict:
+    """A processed Request as plain data: its non-derived dataclass fields (params as a dataclass record) and its
+    arrival time."""
+    fields = {f.name: getattr(req, f.name) for f in dataclasses.fields(req) if f.name not in DERIVED_REQUEST_FIELDS}
+    return {"fields": fields, "arrival_time": req.metrics.arrival_time}
+
+
+def pack(kind: str, front_id: int, payload=None) -> bytes:
+    return packb([kind, front_id, payload])
+
+
+def unpack(frame) -> list:
+    return unpackb(frame)
+
+
+@dataclass
+class StepBatch:
+    """One step's output for one front, being built in the core."""
+
+    handles: list[int] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    fin: list = field(default_factory=list)
+    lp: dict = field(default_factory=dict)
+    err: list = field(default_factory=list)
+    cached: list = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.handles or self.err or self.fin)
+
+    def frames(self, stats: dict | None) -> list:
+        header = {"k": STEP} if stats is None else {"k": STEP, "stats": stats}
+        for name in ("fin", "lp", "err", "cached"):
+            value = getattr(self, name)
+            if value:
+                header[name] = value
+        return [packb(header), np.asarray(self.handles, dtype=np.int64).tobytes(),
+                np.asarray(self.indices, dtype=np.int32).tobytes(), np.asarray(self.tokens, dtype=np.int64).tobytes()]
+
+
+def header_frames(kind: str, **header) -> list:
+    return [packb({"k": kind, **header})]
+
+
+def read_frames(frames: list) -> tuple[dict, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(header, handles [R] int64, indices [R] int32, tokens [R] int64); the arrays view the frames' buffers."""
+    header = unpackb(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+    if len(frames) < 4:
+        return header, None, None, None
+    buf = [f.buffer if hasattr(f, "buffer") else f for f in frames[1:4]]
+    return (header, np.frombuffer(buf[0], dtype=np.int64), np.frombuffer(buf[1], dtype=np.int32),
+            np.frombuffer(buf[2], dtype=np.int64))
