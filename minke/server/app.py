@@ -95,12 +95,15 @@ def build_app(engine, served_model_name: str | None = None, api_key: str | None 
     # Resolved once (a file is read here, not per request); None = the tokenizer's own template.
     template = resolve_chat_template(chat_template) if chat_template else None
     server_metrics = ServerMetrics(engine.get_stats, name)
-    loras = LoRARegistry(bool(getattr(getattr(getattr(engine, "engine", None), "cfg", None), "enable_lora", False)))
+    # AsyncMPLLM says enable_lora itself; AsyncLLM's engine knows it.
+    loras = LoRARegistry(bool(getattr(engine, "enable_lora", None)
+                              or getattr(getattr(getattr(engine, "engine", None), "cfg", None), "enable_lora", False)))
     for lora_name, path in lora_modules or []:
         if lora_name in loras.by_name or lora_name == name:
             raise ValueError(f"--lora-modules: the name {lora_name!r} is given twice (or is the base model's)")
         lora = loras.new_request(lora_name, path)
-        engine.engine.add_lora(lora)  # before the loop runs: AdapterError names the problem
+        # before the loop runs: AdapterError names the problem (AsyncMPLLM: a control call to the engine core)
+        (engine.add_lora_sync if hasattr(engine, "add_lora_sync") else engine.engine.add_lora)(lora)
         loras.by_name[lora_name] = lora
     chat_api = OpenAIServingChat(engine, name, template, server_metrics, loras)
     completion_api = OpenAIServingCompletion(engine, name, template, server_metrics, loras)

@@ -7,6 +7,9 @@ once (FrontOutputProcessor) and puts each request's cumulative output on its str
 here goes back to the core in one abort / stop message. The core's death (it exited, or was killed) is seen within
 DEATH_POLL_S: every stream in flight raises EngineDeadError, `is_running` turns False (/health answers 503) and the
 `on_dead` callbacks run (`minke serve` then shuts the server down with a non-zero exit status).
+
+Adapters (add_lora / remove_lora) are control calls: a "call" message the core runs between steps, answered by a
+"reply" on the output socket (before `start`, add_lora_sync waits for it on the socket itself: --lora-modules).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import zmq.asyncio
 
 from ...config import load_config
 from ...default_model import resolve_model
+from ...lora import AdapterError, LoRARequest
 from ...sampling_params import SamplingParams
 from ...tokenizer import Tokenizer
 from ..async_llm import EngineDeadError, RequestFailedError
@@ -39,6 +43,13 @@ from .front_output import FrontOutputProcessor
 logger = logging.getLogger("minke")
 
 DEATH_POLL_S = 0.25
+
+# The core's errors of a control call that keep their type here (the server turns them into a 400).
+_CALL_ERRORS = {e.__name__: e for e in (ValueError, AdapterError, FileNotFoundError, NotADirectoryError)}
+
+
+def _call_error(reply: dict) -> Exception:
+    return _CALL_ERRORS.get(reply.get("type"), RuntimeError)(reply.get("msg"))
 
 
 class AsyncMPLLM:
@@ -64,13 +75,19 @@ class AsyncMPLLM:
         self.max_model_len: int = ready["max_model_len"]
         self._stats: dict = ready["stats"]
         # The front's sequences only carry token ids; their generators (seeded requests) are never used here.
+        # Its grammar states validate structured outputs at intake and drive the front's own stop decision (the
+        # core builds and advances its own, which fill the bitmask).
         self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.max_model_len, cfg.block_size,
-                                              torch.device("cpu"))
+                                              torch.device("cpu"), cfg.max_num_seqs, enable_lora=cfg.enable_lora)
+        self.enable_lora = cfg.enable_lora
         self.output = FrontOutputProcessor(self.tokenizer, self.max_model_len)
         self._handles = itertools.count()
         self._streams: dict[str, asyncio.Queue] = {}
         self._tasks: list[asyncio.Task] = []
         self._dead: str | None = None
+        self._calls = itertools.count()
+        self._pending: dict[int, asyncio.Future] = {}  # control calls awaiting the core's reply
+        self._loras: dict[int, LoRARequest] = {}  # what the core registered (list_loras answers from here)
         self.on_dead: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -102,11 +119,68 @@ class AsyncMPLLM:
         return SamplingParams(**self.default_sampling_kwargs)
 
     def render_chat(self, messages: list[dict], chat_template: str | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
-        return self.input_processor.render_chat(messages, chat_template, add_generation_prompt)
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        return self.input_processor.render_chat(messages, chat_template, add_generation_prompt, tools)
 
-    def process(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Request:
-        return self.input_processor.process(request_id, prompt, params, strict=True)
+    def process(self, prompt: Prompt, params: SamplingParams, request_id: str,
+                lora_request: LoRARequest | None = None) -> Request:
+        return self.input_processor.process(request_id, prompt, params, strict=True, lora_request=lora_request)
+
+    # ------------------------------------------------------------------ adapters (control calls to the core)
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Registers an adapter in the core between steps; AdapterError / ValueError say why it cannot be served."""
+        self._check_lora(lora_request)
+        ok = await self._call("add_lora", lora_request)
+        self._loras[lora_request.lora_int_id] = lora_request
+        return ok
+
+    def add_lora_sync(self, lora_request: LoRARequest, timeout: float = 600.0) -> bool:
+        """add_lora before `start` (no output loop yet): waits for the reply on the socket (--lora-modules)."""
+        if self._tasks:
+            raise RuntimeError("add_lora_sync is for before start(); use `await add_lora(...)`")
+        self._check_lora(lora_request)
+        call_id = next(self._calls)
+        self.client.send(M.CALL, [call_id, "add_lora", [lora_request]])
+        out = self.client.out
+        while True:
+            if not out.poll(int(timeout * 1000)):
+                raise RuntimeError(f"the engine core did not answer add_lora within {timeout:.0f} s")
+            header = M.read_frames(out.recv_multipart())[0]
+            if header["k"] == M.REPLY and header.get("id") == call_id:
+                break
+            if header["k"] == M.FATAL:
+                raise RuntimeError(f"the engine core failed: {header.get('msg')}")
+            if "stats" in header:  # nothing else is in flight before start
+                self._stats = header["stats"]
+        if "ok" not in header:
+            raise _call_error(header)
+        self._loras[lora_request.lora_int_id] = lora_request
+        return header["ok"]
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        ok = await self._call("remove_lora", lora_int_id)
+        self._loras.pop(lora_int_id, None)
+        return ok
+
+    def list_loras(self) -> list[LoRARequest]:
+        return list(self._loras.values())
+
+    @staticmethod
+    def _check_lora(lora_request) -> None:
+        if not isinstance(lora_request, LoRARequest):  # checked here: the wire would carry anything
+            raise ValueError(f"add_lora takes a LoRARequest, got {type(lora_request).__name__}")
+
+    async def _call(self, method: str, *args):
+        if not self.is_running:
+            raise EngineDeadError(self._dead or "the engine core is not running")
+        call_id = next(self._calls)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        self.client.send(M.CALL, [call_id, method, list(args)])
+        try:
+            return await fut
+        finally:
+            self._pending.pop(call_id, None)
 
     async def generate(self, prompt: Prompt | Request, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -166,6 +240,13 @@ class AsyncMPLLM:
                     self._stats = header["stats"]
                 if kind == M.STEP:
                     self._deliver_step(header, handles, indices, tokens)
+                elif kind == M.REPLY:
+                    fut = self._pending.get(header.get("id"))
+                    if fut is not None and not fut.done():
+                        if "ok" in header:
+                            fut.set_result(header["ok"])
+                        else:
+                            fut.set_exception(_call_error(header))
                 elif kind == M.FATAL:
                     self._die(f"the engine core failed: {header.get('msg')}")
                     return
@@ -204,6 +285,9 @@ class AsyncMPLLM:
         self.output.fail_all(why)
         for q in self._streams.values():
             q.put_nowait(EngineDeadError(why))
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(why))
         for cb in self.on_dead:
             try:
                 cb(why)

@@ -2,8 +2,10 @@
 
 It stands in for the OutputProcessor inside the core's LLMEngine (same interface: requests, owner, stats, add,
 abort, fail, process), but does only what the scheduler needs and what cannot be done elsewhere: the token-level
-stops (eos / stop_token_ids after min_tokens, max_tokens, the context length), and it files every sampled token of
-the step, with its logprobs when asked, into one StepBatch per front (messages.py). Detokenization, stop strings,
+stops (eos / stop_token_ids after min_tokens, max_tokens, the context length, a structured-output grammar that
+terminated: the core's own matchers, advanced here, fill the next step's bitmask), and it files every sampled token of
+the step, with its logprobs when asked, and the prompt-logprob rows scored in the step into one StepBatch per
+front (messages.py). Detokenization, stop strings,
 logprob token strings and RequestOutputs happen in the API process (front_output.py), which applies the same
 token-level rules on the same tokens and ends there what a stop string ends (it tells the core: EngineCore.stop).
 """
@@ -98,6 +100,9 @@ class CoreOutputProcessor:
         finished: list[tuple[Sequence, str]] = []
         now = time.monotonic()
         appended = 0
+        if step.prompt:
+            self._file_prompt_logprobs(step.prompt)
+        failed: list[tuple[str, Exception]] = []
         for seq in step.seqs:
             own = owner.get(seq.seq_id)
             if own is None:  # aborted or stopped while its step ran
@@ -121,7 +126,17 @@ class CoreOutputProcessor:
             p = req.params
             n_tokens = len(seq.token_ids)
             n_out = n_tokens - seq.num_prompt_tokens
-            if n_out >= p.min_tokens and token in req.stop_ids:
+            if st.grammar is not None:
+                try:
+                    st.grammar.accept(token)
+                except Exception as e:  # a token its grammar forbids: this request fails alone (as in-process)
+                    failed.append((req.request_id, e))
+                    continue
+            if st.grammar is not None and st.grammar.terminated:
+                # The grammar is complete (it allowed only stop tokens): whole, whatever ignore_eos / min_tokens say.
+                st.finish_reason = "stop"
+                st.stop_reason = token if token in (p.stop_token_ids or []) else None
+            elif n_out >= p.min_tokens and token in req.stop_ids:
                 st.finish_reason = "stop"
                 st.stop_reason = token if token in (p.stop_token_ids or []) else None
             elif n_out >= req.max_tokens or n_tokens >= limit:
@@ -136,4 +151,19 @@ class CoreOutputProcessor:
                     req.metrics.finished_time = now
                     self.stats["num_requests_finished"] += 1
         self.stats["generation_tokens_total"] += appended
+        for rid, e in failed:
+            got = self.fail(rid, f"{type(e).__name__}: {e}")
+            if got is not None:
+                finished.extend((s, "abort") for s in got[1])  # the scheduler frees them
         return [], finished
+
+    def _file_prompt_logprobs(self, rows: list[tuple[int, int, tuple]]) -> None:
+        """rows: StepSamples.prompt, (seq_id, first position, (logprobs, ranks, top ids, top logprobs)); each goes
+        to its front as [handle, first, logprobs, ranks, top ids, top logprobs] (the front fills the entries)."""
+        owner, route = self.owner, self.route
+        for seq_id, first, (lps, ranks, ids, tops) in rows:
+            own = owner.get(seq_id)
+            if own is None:  # aborted while its step ran
+                continue
+            front, handle = route[own[0].request_id]
+            self.batch(front).plp.append([handle, first, lps, ranks, ids, tops])

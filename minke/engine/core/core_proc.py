@@ -109,6 +109,16 @@ def core_main(cfg: EngineConfig, in_address: str, owner_address: str, parent_pid
     sys.exit(code)
 
 
+def _answer(core, fronts: _Fronts, front: int, payload: list) -> None:
+    """Runs a control call between steps and replies to its front; its error (a bad adapter) is the caller's."""
+    call_id, method, args = payload
+    try:
+        reply = dict(id=call_id, ok=core.call(method, args))
+    except Exception as e:
+        reply = dict(id=call_id, type=type(e).__name__, msg=str(e))
+    fronts.send(front, M.header_frames(M.REPLY, **reply))
+
+
 def _loop(core, inp: zmq.Socket, fronts: _Fronts, ready: dict, stopping: list) -> None:
     poller = zmq.Poller()
     poller.register(inp, zmq.POLLIN)
@@ -130,6 +140,8 @@ def _loop(core, inp: zmq.Socket, fronts: _Fronts, ready: dict, stopping: list) -
                     core.abort(front, payload)
                 elif kind == M.STOP:
                     core.stop(front, payload)
+                elif kind == M.CALL:
+                    _answer(core, fronts, front, payload)
                 elif kind == M.HELLO:
                     fronts.connect(front, payload)
                     fronts.send(front, M.header_frames(M.READY, stats=core.get_stats(), **ready))

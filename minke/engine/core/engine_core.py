@@ -39,10 +39,15 @@ class EngineCore:
         fields = dict(data["fields"])
         params = dataclasses.replace(fields.pop("params"), stop=[], output_kind="final_only")
         ids = fields.pop("prompt_token_ids")
+        lora = fields.pop("lora_request", None)
         rid = self.request_id(front, handle)
-        req = self.engine.input_processor.process(rid, ids, params, data.get("arrival_time"))
-        for name, value in fields.items():  # fields added to Request since (adapters, grammars, ...)
+        # The core's InputProcessor builds the sequences (their adapter id) and, from params.structured_outputs,
+        # the core's own grammar states (its compiled-grammar cache): the front's matchers do not travel.
+        req = self.engine.input_processor.process(rid, ids, params, data.get("arrival_time"), lora_request=lora)
+        for name, value in fields.items():  # fields added to Request since, that the core does not derive
             setattr(req, name, value)
+        if lora is not None:
+            self.engine.add_lora(lora)  # registered on first use, as LLMEngine.add_request does
         self.out.add(req, front, handle)
         for s in req.states:
             self.engine.scheduler.add(s.seq)
@@ -69,6 +74,15 @@ class EngineCore:
         for rid, (f, _) in list(self.out.route.items()):
             if f == front:
                 self.engine.abort_request(rid)
+
+    # ------------------------------------------------------------------ control calls (between steps)
+    CALLS = frozenset({"add_lora", "remove_lora", "list_loras"})
+
+    def call(self, method: str, args: list):
+        """A front's control call (messages.CALL); the result must be plain data (serial.py)."""
+        if method not in self.CALLS:
+            raise ValueError(f"unknown engine-core call {method!r}")
+        return getattr(self.engine, method)(*args)
 
     # ------------------------------------------------------------------ steps
     def has_work(self) -> bool:

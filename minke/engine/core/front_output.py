@@ -102,7 +102,15 @@ class FrontOutputProcessor:
                 core_fin[seqs[row_of[r]].seq_id] = (reason, stop_reason)
         owner = self.op.owner
         before = {s.seq_id: owner[s.seq_id] for s in seqs if s.seq_id in owner}
-        outs, finished = self.op.process(StepSamples(seqs, rows, chosen or None, top or None, ranks or None))
+        prompt = None
+        if "plp" in header:  # prompt-logprob rows: the front's entries (token strings) built as in-process
+            prompt = []
+            for h, first, lps, prompt_ranks, ids, tops in header["plp"]:
+                req = by_handle.get(h)
+                if req is not None:
+                    prompt.append((req.states[0].seq.seq_id, first, (lps, prompt_ranks, ids, tops)))
+        outs, finished = self.op.process(StepSamples(seqs, rows, chosen or None, top or None, ranks or None,
+                                                     prompt or None))
         res.outputs.extend(outs)
         # What the front ended on its own (a stop string; a detokenizer failure): the core must end it too.
         for seq, _ in finished:

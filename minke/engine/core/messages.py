@@ -5,6 +5,8 @@ Front -> core, one msgpack frame each: [kind, front_id, payload]
   add    [handle, request]   a processed Request (encode_request), under the front's int handle
   abort  [handle, ...]       requests the front ended (client gone, stop string, error)
   stop   [[handle, index], ...]   sequences of n > 1 requests that a stop string ended in the front
+  call   [call_id, method, args]   a control call run between steps (EngineCore.CALLS: add_lora, remove_lora,
+                       list_loras); answered by a "reply" message {"id", "ok": result} or {"id", "type", "msg"}
   bye    None          the front leaves
   shutdown None        the owner ends the core
 
@@ -14,7 +16,8 @@ token `tokens[r]`. The three arrays are raw buffers (numpy.frombuffer on the fro
 msgpack). The header: kind ("step" | "ready" | "stats" | "fatal"), the engine stats (for /metrics), and, only when
 there is any: fin [[row, reason, stop_reason]], lp {row: [logprob, rank, [[token, logprob], ...]]},
 err [[handle, message]] (requests that failed alone in the core), cached [[handle, prompt tokens served from the
-prefix cache]] (sent with a request's first token).
+prefix cache]] (sent with a request's first token), plp [[handle, first position, logprobs, ranks, top ids, top
+logprobs]] (prompt_logprobs rows scored this step; a prefill chunk may send some without any token).
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ import numpy as np
 from ..request import Request
 from .serial import packb, unpackb
 
-HELLO, ADD, ABORT, STOP, BYE, SHUTDOWN = "hello", "add", "abort", "stop", "bye", "shutdown"
-STEP, READY, STATS, FATAL = "step", "ready", "stats", "fatal"
+HELLO, ADD, ABORT, STOP, BYE, SHUTDOWN, CALL = "hello", "add", "abort", "stop", "bye", "shutdown", "call"
+STEP, READY, STATS, FATAL, REPLY = "step", "ready", "stats", "fatal", "reply"
 
 # Fields of Request that the core rebuilds itself (InputProcessor.process) rather than receives: the sequences
 # and their states, the metrics (from arrival_time), and what follows from params and the context length. The
-# prompt text stays in the front (the core works on token ids). Every other field travels as it is.
+# prompt text stays in the front (the core works on token ids); so do the prompt logprobs (filled in the front from
+# the core's rows). The grammar states are in `states`: the core builds its own from params.structured_outputs.
+# lora_request travels and is given to the core's InputProcessor. Every other field travels as it is.
 DERIVED_REQUEST_FIELDS = frozenset({"request_id", "prompt", "states", "metrics", "max_tokens", "stop_ids",
-                                    "final_only"})
+                                    "final_only", "prompt_logprobs"})
 
 
 def encode_request(req: Request) -> dict:
@@ -63,13 +68,14 @@ class StepBatch:
     lp: dict = field(default_factory=dict)
     err: list = field(default_factory=list)
     cached: list = field(default_factory=list)
+    plp: list = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.handles or self.err or self.fin)
+        return bool(self.handles or self.err or self.fin or self.plp)
 
     def frames(self, stats: dict | None) -> list:
         header = {"k": STEP} if stats is None else {"k": STEP, "stats": stats}
-        for name in ("fin", "lp", "err", "cached"):
+        for name in ("fin", "lp", "err", "cached", "plp"):
             value = getattr(self, name)
             if value:
                 header[name] = value
