@@ -312,3 +312,95 @@ def test_text_chunks_are_the_response_models_bytes(kind):
         fast = chunks(index, text)
         assert isinstance(fast, str)
         assert sse(fast) == sse(render(index, text))
+
+
+# ----------------------------------------------------------------------------------------------- issue 21 x the features
+# Structured outputs, prompt logprobs and LoRA adapters through the wire (encode_request, StepBatch frames, control
+# calls), each compared with the in-process engine on the same requests.
+
+
+def _same_prompt_logprobs(a, b) -> None:
+    assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
+    assert len(a.prompt_logprobs or []) == len(b.prompt_logprobs or [])
+    for ex, ey in zip(a.prompt_logprobs or [], b.prompt_logprobs or []):
+        assert (ex is None) == (ey is None)
+        if ex is not None:
+            assert ex.keys() == ey.keys()
+            for t in ex:
+                assert ex[t].rank == ey[t].rank and ex[t].decoded_token == ey[t].decoded_token
+                assert ex[t].logprob == pytest.approx(ey[t].logprob, abs=1e-4)
+
+
+def test_structured_outputs_and_prompt_logprobs_through_the_core_equal_in_process():
+    """The core builds and advances its own matchers (they fill its bitmask) and ends a request whose grammar
+    terminated, also under ignore_eos; prompt-logprob rows of several prefill chunks (max_num_batched_tokens 16)
+    reach the front, which builds RequestOutput.prompt_logprobs as in-process."""
+    from minke import LLM
+    from minke.default_model import default_model_dir
+    from minke.sampling_params import StructuredOutputsParams as SO
+
+    path = default_model_dir()
+    kw = dict(kv_cache_tokens=4096, max_model_len=512, max_num_batched_tokens=16, dtype="float32")
+    core, ip, front = _core_and_front(path, **kw)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "age"], "additionalProperties": False}
+    prompts = ["Once upon a time there was a little girl named Lily. She", "The dog", "Tom and Sue went to the park. They played on the swings and the slide, then sat under a big tree"]
+    params = [SamplingParams(temperature=0, max_tokens=60, structured_outputs=SO(json=schema), ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=30, structured_outputs=SO(regex=r"(yes|no)!{1,3}")),
+              SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=3, logprobs=2, ignore_eos=True)]
+    reqs = [ip.process(f"r{i}", p, sp, strict=True) for i, (p, sp) in enumerate(zip(prompts, params))]
+    assert reqs[0].states[0].grammar is not None
+    done = _drive(core, front, reqs)
+    llm = LLM(path, device="cpu", **kw)
+    refs = [llm.generate([p], sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    for i, ref in enumerate(refs):
+        _same(done[f"r{i}"], ref)
+        _same_prompt_logprobs(done[f"r{i}"], ref)
+    out = done["r0"].outputs[0]
+    assert out.finish_reason == "stop" and set(json.loads(out.text)) == {"name", "age"}
+    assert all(o.finish_reason == "stop" and o.text.rstrip("!") in ("yes", "no") for o in done["r1"].outputs)
+    plp = done["r2"].prompt_logprobs
+    assert plp[0] is None and len(plp) == len(reqs[2].prompt_token_ids) > 16 and all(e for e in plp[1:])
+    assert core.get_stats()["kv_cache_usage"] == 0.0
+
+
+def test_lora_requests_and_control_calls_through_the_core(tmp_path):
+    """add_lora / list_loras / remove_lora as control calls (their payload through msgpack), lora_request per
+    request across the boundary: the adapter's tokens equal the in-process engine's, the base model's stay base."""
+    from lora_assets import LoRAAssets
+
+    from minke import LLM
+    from minke.lora import LoRARequest
+
+    assets = LoRAAssets(tmp_path)
+    base = assets("llama")
+    adapter, _ = assets.adapter("llama", seed=3)
+    kw = dict(kv_cache_tokens=4096, enable_lora=True, max_loras=2, max_lora_rank=8)
+    core, _, front = _core_and_front(base, **kw)
+    eng = core.engine
+    import torch
+
+    from minke.engine.input_processor import InputProcessor
+
+    ip = InputProcessor(eng.tokenizer, eng.model_config, core.max_model_len, eng.cfg.block_size, torch.device("cpu"),
+                        enable_lora=True)
+    lora = LoRARequest("one", 1, adapter)
+    wire = lambda method, *args: unpackb(packb(core.call(method, unpackb(packb(list(args))))))  # noqa: E731
+    assert wire("add_lora", lora) is True
+    assert wire("list_loras") == [lora]
+    with pytest.raises(ValueError, match="unknown engine-core call"):
+        core.call("shutdown", [])
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = ["Once upon a time", "The capital of France is"]
+    reqs = [ip.process(f"a{i}", p, greedy, lora_request=lora) for i, p in enumerate(prompts)]
+    reqs += [ip.process(f"b{i}", p, greedy) for i, p in enumerate(prompts)]
+    done = _drive(core, front, reqs)
+    llm = LLM(base, device="cpu", **kw)
+    with_adapter = llm.generate(prompts, greedy, lora_request=lora, use_tqdm=False)
+    without = llm.generate(prompts, greedy, use_tqdm=False)
+    for i in range(2):
+        _same(done[f"a{i}"], with_adapter[i])
+        _same(done[f"b{i}"], without[i])
+    assert [o.outputs[0].token_ids for o in with_adapter] != [o.outputs[0].token_ids for o in without]
+    assert wire("remove_lora", 1) is True and wire("list_loras") == []
