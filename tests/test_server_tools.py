@@ -7,6 +7,7 @@ as minke/tokenizer/tool_prompt.py documents (token ids compared with the documen
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import jsonschema
@@ -45,8 +46,18 @@ N = 3  # choices per request: 24 constrained samples per test
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("tools-log") / "serve.log"
-    proc, base = launch_server(["--device", "cpu", "--served-model-name", MODEL, "--api-key", API_KEY,
-                                "--max-num-seqs", "64"], log_path)  # no model: the embedded default model
+    # One intra-op thread, as test_server_structured.py: on a shared 2-core CPU the engine-core process's two
+    # OpenMP threads stall each other (a request took ~5x longer than with one, and the client timed out).
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        proc, base = launch_server(["--device", "cpu", "--served-model-name", MODEL, "--api-key", API_KEY,
+                                    "--max-num-seqs", "64"], log_path)  # no model: the embedded default model
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     yield base
     stop_server(proc)
 
