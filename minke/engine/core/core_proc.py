@@ -111,12 +111,16 @@ def core_main(cfg: EngineConfig, in_address: str, owner_address: str, parent_pid
 
 def _answer(core, fronts: _Fronts, front: int, payload: list) -> None:
     """Runs a control call between steps and replies to its front; its error (a bad adapter) is the caller's."""
-    call_id, method, args = payload
     try:
-        reply = dict(id=call_id, ok=core.call(method, args))
-    except Exception as e:
-        reply = dict(id=call_id, type=type(e).__name__, msg=str(e))
-    fronts.send(front, M.header_frames(M.REPLY, **reply))
+        call_id, method, args = payload
+    except (TypeError, ValueError):
+        logger.error("ignoring a malformed control call from front %d: %r", front, payload)
+        return
+    try:
+        frames = M.header_frames(M.REPLY, id=call_id, ok=core.call(method, list(args)))
+    except Exception as e:  # its result, too, must be plain data
+        frames = M.header_frames(M.REPLY, id=call_id, type=type(e).__name__, msg=str(e))
+    fronts.send(front, frames)
 
 
 def _loop(core, inp: zmq.Socket, fronts: _Fronts, ready: dict, stopping: list) -> None:
