@@ -15,6 +15,10 @@ from tqdm.auto import tqdm
 
 from .backend import GenerationRequest, fit_context
 
+# Plain greedy decoding, whatever defaults the server takes from the model's generation_config.json (vLLM and minke
+# apply its repetition_penalty to requests that do not set one; the engine backend decodes without it).
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0}
+
 
 class OpenAIBackend:
     def __init__(self, base_url: str, tokenizer, max_model_len: int, model: str | None = None,
@@ -89,11 +93,11 @@ class OpenAIBackend:
             if batch[0].messages is not None:
                 r = batch[0]
                 body = {"model": self.model, "messages": r.messages, "max_tokens": r.max_tokens,
-                        "temperature": 0.0, **({"stop": list(r.stop)} if r.stop else {})}
+                        **GREEDY, **({"stop": list(r.stop)} if r.stop else {})}
                 return [self._post("/chat/completions", body)["choices"][0]["message"]["content"] or ""]
             r = batch[0]  # one batch shares max_tokens and stop (see the grouping below)
             body = {"model": self.model, "prompt": [b.prompt for b in batch], "max_tokens": r.max_tokens,
-                    "temperature": 0.0, **({"stop": list(r.stop)} if r.stop else {})}
+                    **GREEDY, **({"stop": list(r.stop)} if r.stop else {})}
             choices = sorted(self._post("/completions", body)["choices"], key=lambda ch: ch["index"])
             return [ch["text"] for ch in choices]
 

@@ -12,9 +12,10 @@ import random
 from .backend import Backend, GenerationRequest
 from .data import expect
 from .options import EvalOptions
+from .perplexity import read_documents
 
-WORDS = ["apple", "river", "lantern", "pebble", "violet", "comet", "thimble", "walnut", "harbor", "meadow",
-         "copper", "falcon", "marble", "ginger", "saddle", "quartz", "orchid", "tunnel", "velvet", "acorn"]
+WORDS = ["apple", "kite", "moon", "boat", "cake", "flower", "star", "ball", "hat", "tree", "bell", "lamp",
+         "shell", "drum", "key", "coin"]  # plain nouns: one or two tokens in any vocabulary
 QUESTION = "\nWhat is the secret word? The secret word is"
 ANSWER_TOKENS = 8
 
@@ -91,10 +92,9 @@ def heatmap(scores: dict[tuple[int, float], float], lengths: list[int], depths: 
 def run_needle(backend: Backend, opts: EvalOptions, path: str | None) -> dict:
     from .mc_tasks import ASSETS
 
-    file = expect(path or opts.haystack or os.path.join(ASSETS, "heldout_stories.txt"), "needle",
+    file = expect(path or opts.haystack or os.path.join(ASSETS, "heldout_stories.jsonl"), "needle",
                   "a haystack text file", "any long text")
-    with open(file, encoding="utf-8") as f:
-        haystack = f.read()
+    haystack = " ".join(read_documents(file))
     lengths = opts.needle_lengths or default_lengths(backend.max_model_len)
     depths = opts.needle_depths
     cases = build_cases(backend, haystack, lengths, depths, opts.seed, opts.apply_chat_template)

@@ -17,14 +17,18 @@ from .options import EvalOptions
 
 def rolling_windows(tokens: list[int], prefix_token: int, max_len: int) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) windows covering `tokens` once: lm-eval's get_rolling_token_windows with
-    context_len=1 followed by make_disjoint_window."""
+    context_len=1 followed by make_disjoint_window (tests/test_eval_scoring.py compares them)."""
     if max_len < 1:
         raise ValueError(f"rolling windows need max_len >= 1, got {max_len}")
     windows, done = [], 0
     while done < len(tokens):
         n = min(max_len, len(tokens) - done)
-        windows.append(([prefix_token] if done == 0 else [tokens[done - 1]], tokens[done:done + n]))
-        done += n
+        end = done + n
+        # Every window but the first reads max_len + 1 tokens: one before a full window, more before a short last
+        # one (its context reaches back over tokens an earlier window predicted).
+        context = [prefix_token] if done == 0 else tokens[max(0, end - max_len - 1):done]
+        windows.append((context, tokens[done:end]))
+        done = end
     return windows
 
 
@@ -69,7 +73,7 @@ def run_perplexity(backend: Backend, opts: EvalOptions, path: str | None) -> dic
     from .mc_tasks import ASSETS
     import os
 
-    file = path or os.path.join(ASSETS, "heldout_stories.txt")
+    file = path or os.path.join(ASSETS, "heldout_stories.jsonl")
     docs = read_documents(expect(file, "perplexity", "a text file (.txt, or .jsonl with a \"text\" field)",
                                  "any local text"))
     return perplexity(backend, opts.take(docs))
