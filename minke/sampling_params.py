@@ -65,7 +65,9 @@ class SamplingParams:
     presence_penalty / frequency_penalty: OpenAI rule on generated tokens, in [-2, 2].
     repetition_penalty: HF/CTRL rule on prompt + generated tokens, > 0 (1 = off).
     logprobs: number of top log-probabilities returned per generated token (0 = only the
-    chosen token's), at most 20.  prompt_logprobs: not supported (must be None).
+    chosen token's), at most 20.  prompt_logprobs: per prompt token, its logprob under the raw model
+    distribution plus the top-k alternatives (0 = only the token's own), at most 20; returned as
+    RequestOutput.prompt_logprobs (None for the first token, which has no context), as vLLM does.
     logit_bias: {token id: bias added to its logit}; -inf bans a token.
     output_kind: "cumulative" (the engine reports the request's output, text so far included, every step it gets
     a token: streaming) or "final_only" (only once, when it finishes; without stop strings the text is then
@@ -145,9 +147,10 @@ class SamplingParams:
                 raise ValueError(
                     f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs!r}")
         if self.prompt_logprobs is not None:
-            raise ValueError(
-                f"prompt_logprobs is not supported by minke (must be None), "
-                f"got {self.prompt_logprobs!r}")
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0)
+            if self.prompt_logprobs > MAX_LOGPROBS:
+                raise ValueError(
+                    f"prompt_logprobs must be <= {MAX_LOGPROBS}, got {self.prompt_logprobs!r}")
 
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
 

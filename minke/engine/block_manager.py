@@ -87,10 +87,12 @@ class BlockManager:
     def _lookup(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix of seq. Never the whole sequence: at least one token must
         remain to compute (the model needs it to produce logits), so hits are capped at
-        (num_tokens - 1) // block_size blocks."""
+        (num_tokens - 1) // block_size blocks, and below the first position whose logits prompt logprobs want."""
         if not self.enable_prefix_caching:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
+        if seq.wants_prompt_logits:  # the positions whose logits prompt logprobs still want must run
+            max_blocks = min(max_blocks, seq.prompt_logits_next // self.block_size)
         hashes = self._full_block_hashes(seq, max_blocks)
         bs = self.block_size
         hits: list[int] = []

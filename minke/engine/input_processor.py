@@ -118,4 +118,7 @@ class InputProcessor:
             detok = None if deferred else IncrementalDetokenizer(self.tokenizer, ids,
                                                                  skip_special_tokens=params.skip_special_tokens)
             req.states.append(SeqState(seq, i, detok, gen, logprobs=[] if params.logprobs is not None else None))
+        if params.prompt_logprobs is not None:  # the first sequence scores the prompt (the others share it)
+            req.prompt_logprobs = [None] * len(ids)
+            req.states[0].seq.prompt_logits_next = 0
         return req

@@ -25,6 +25,9 @@ class StepSamples:
     chosen_logprobs: list[float] | None = None
     top: list | None = None  # per row: [(token, logprob), ...] best first
     ranks: list[int] | None = None
+    # prompt logprobs scored this step: (seq_id, first position, (logprobs, ranks, top ids, top logprobs)), the
+    # rows of positions first.. (each scores the prompt token after it)
+    prompt: list[tuple[int, int, tuple]] | None = None
 
 
 class OutputProcessor:
@@ -33,6 +36,7 @@ class OutputProcessor:
         self.requests: dict[str, Request] = {}
         self.owner: dict[int, tuple[Request, SeqState]] = {}  # seq_id -> its request and state
         self.stats = dict(prompt_tokens_total=0, generation_tokens_total=0, num_requests_finished=0)
+        self._token_text: dict[int, str] = {}  # token id -> its text alone (logprob entries' decoded_token)
 
     def add(self, req: Request) -> None:
         if req.request_id in self.requests:
@@ -86,6 +90,8 @@ class OutputProcessor:
         now = time.monotonic()
         appended = 0
         failed: list[tuple[Request, Exception]] = []
+        if step.prompt:
+            self._add_prompt_logprobs(step.prompt)
         for seq in step.seqs:
             own = owner.get(seq.seq_id)
             if own is None:  # aborted (or failed) while its step ran
@@ -137,14 +143,38 @@ class OutputProcessor:
                     st.num_detok = -1  # final: no need to decode again
         return req.output()
 
+    def _text(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    def _add_prompt_logprobs(self, rows: list[tuple[int, int, tuple]]) -> None:
+        """Fills Request.prompt_logprobs from a step's scored rows: position p's row scores prompt token p + 1,
+        holding that token's logprob and rank and the request's top prompt_logprobs alternatives (vLLM's entry)."""
+        text = self._text
+        for seq_id, first, (lps, ranks, ids, tops) in rows:
+            own = self.owner.get(seq_id)
+            if own is None:  # aborted while its step ran
+                continue
+            req = own[0]
+            k, prompt, out = req.params.prompt_logprobs, req.prompt_token_ids, req.prompt_logprobs
+            for j, (lp, rank, top_ids, top_lps) in enumerate(zip(lps, ranks, ids, tops)):
+                pos = first + j + 1
+                entry = {t: Logprob(v, r + 1, text(t)) for r, (t, v) in enumerate(zip(top_ids[:k], top_lps[:k]))}
+                token = prompt[pos]
+                if token not in entry:
+                    entry[token] = Logprob(lp, rank, text(token))
+                out[pos] = entry
+
     # ------------------------------------------------------------------ one token
     def _append(self, req: Request, st: SeqState, token: int, logprob: float, top, rank: int | None) -> None:
         p = req.params
         if st.logprobs is not None:
-            entry = {t: Logprob(lp, r + 1, self.tokenizer.decode([t], skip_special_tokens=False))
-                     for r, (t, lp) in enumerate(top or [])}
+            text = self._text
+            entry = {t: Logprob(lp, r + 1, text(t)) for r, (t, lp) in enumerate(top or [])}
             if token not in entry:
-                entry[token] = Logprob(logprob, rank, self.tokenizer.decode([token], skip_special_tokens=False))
+                entry[token] = Logprob(logprob, rank, text(token))
             st.logprobs.append(entry)
             st.cumulative_logprob += logprob
         seq = st.seq

@@ -49,6 +49,9 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     error: str | None = field(default=None)
+    # SamplingParams.prompt_logprobs: per prompt token, {token_id: Logprob} holding the token itself and the top-k
+    # alternatives; None for the first token (no context), as vLLM. None when not asked for.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def num_cached_tokens(self) -> int:

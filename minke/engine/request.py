@@ -44,6 +44,9 @@ class Request:
     max_tokens: int  # the output-token limit: params.max_tokens, or what the context leaves
     stop_ids: frozenset[int] = field(default_factory=frozenset)  # eos (unless ignore_eos) + params.stop_token_ids
     final_only: bool = False  # params.output_kind == "final_only": reported once, when finished
+    # params.prompt_logprobs: one entry per prompt token, filled as the prefill chunks are scored (states[0]'s
+    # sequence computes them); entry 0 stays None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -58,4 +61,5 @@ class Request:
                                  s.cumulative_logprob if s.logprobs is not None else None,
                                  list(s.logprobs) if s.logprobs is not None else None,
                                  s.finish_reason, s.stop_reason) for s in self.states]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished, self.metrics)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished, self.metrics,
+                             prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs))

@@ -50,6 +50,12 @@ class Sequence:
         # prefix cache by commit().
         self.block_hashes: list[int] = []
         self.num_committed_blocks = 0
+        # Prompt logprobs (SamplingParams.prompt_logprobs): the first position whose logits are still wanted
+        # (position p's logits give the logprob of prompt token p + 1), so they are wanted for positions
+        # prompt_logits_next .. num_prompt_tokens - 2. num_prompt_tokens (the default) = none wanted. Advanced only
+        # when a step's results reach the host (StepPipeline._collect); the prefix cache never serves positions
+        # from here on (BlockManager._lookup), so a cache hit or a preemption cannot skip a wanted row.
+        self.prompt_logits_next = self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +75,16 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        return self.prompt_logits_next < self.num_prompt_tokens - 1
+
+    def prompt_logit_range(self, start: int, end: int) -> tuple[int, int]:
+        """The positions [lo, hi) of a chunk over positions [start, end) whose logits prompt logprobs want
+        (lo == hi: none)."""
+        lo, hi = max(start, self.prompt_logits_next), min(end, self.num_prompt_tokens - 1)
+        return (lo, hi) if lo < hi else (lo, lo)
 
     @property
     def last_token_id(self) -> int:

@@ -57,6 +57,8 @@ class _Step:
     # Async scheduling: scheduled, but not queued, because its sampler needs token lists (penalties) that still
     # end in a PLACEHOLDER; queued once the step before is collected (StepPipeline.step).
     deferred: bool = False
+    # Prompt logprobs: (sequence, lo, hi) per chunk whose positions lo..hi-1 are scored, in chunk order.
+    prompt_rows: list[tuple[Sequence, int, int]] | None = None
 
 
 class StepPipeline:
@@ -144,6 +146,10 @@ class StepPipeline:
             end = start + it.num_new_tokens
             chunk = SeqChunk(seq.token_ids[start:end], start, seq.block_table, end == len(seq.token_ids),
                              (seq.seq_id, seq.num_preemptions))
+            if seq.wants_prompt_logits:
+                lo, hi = seq.prompt_logit_range(start, end)
+                if hi > lo:  # position p's logits score prompt token p + 1
+                    chunk.logit_targets, chunk.logits_at = seq.token_ids[lo + 1: hi + 1], lo - start
             if end - start == 1 and start > 0:  # chunk.is_decode
                 decodes.append((chunk, seq))
             else:
@@ -161,10 +167,15 @@ class StepPipeline:
         sampling = self._sampling_batch(sample_seqs, prev is not None) if sample_seqs else None
         if sampling is None and sample_seqs:  # penalties read tokens prev has not delivered yet
             return _Step(sched, len(decodes), len(prefills), sample_seqs, None, True, t_start, deferred=True)
-        decode_ids = self._device_ids(decodes, prev) if decodes and prev is not None and prev.pending else None
-        pending = self.runner.execute(chunks, sampling, decode_ids)
+        decode_ids = (self._device_ids(decodes, prev)
+                      if decodes and prev is not None and prev.pending and prev.pending.out is not None else None)
+        prompt_rows = [(seq, c.start_pos + c.logits_at, c.start_pos + c.logits_at + c.num_prompt_logits)
+                       for c, seq in work if c.logit_targets] or None
+        topk = max(owner[seq.seq_id][0].params.prompt_logprobs or 0 for seq, _, _ in prompt_rows) if prompt_rows else 0
+        pending = self.runner.execute(chunks, sampling, decode_ids, topk)
         penalties = sampling is not None and (sampling.flags.any_repetition or sampling.flags.any_freq_presence)
-        return _Step(sched, len(decodes), len(prefills), sample_seqs, pending, penalties, t_start)
+        return _Step(sched, len(decodes), len(prefills), sample_seqs, pending, penalties, t_start,
+                     prompt_rows=prompt_rows)
 
     @staticmethod
     def _device_ids(decodes: list[tuple[SeqChunk, Sequence]], prev: _Step) -> torch.Tensor | None:
@@ -193,8 +204,8 @@ class StepPipeline:
         sampler would read the token lists (penalties), nor when every sampled sequence is sure to stop now."""
         if cur.penalties:
             return False
-        if cur.pending is None:  # prefill chunks that sample nothing: the next step needs no token of theirs
-            return True
+        if cur.pending is None or cur.pending.out is None:  # prefill chunks that sample nothing: the next step
+            return True                                      # needs no token of theirs
         owner, limit = self.owner, self.max_model_len
         for seq in cur.sample_seqs:
             own = owner.get(seq.seq_id)
@@ -265,6 +276,8 @@ class StepPipeline:
             if ranks is not None:  # some row asked for logprobs
                 out.rows = {seq.seq_id: r for r, seq in enumerate(cur.sample_seqs)}
                 out.chosen_logprobs, out.top, out.ranks = chosen_lp, cur.pending.out.top_logprobs, ranks
+            if cur.prompt_rows:
+                out.prompt = self._prompt_logprobs(cur.prompt_rows, cur.pending.prompt_results())
         got = cur.got
         if got is not None:
             for seq in got:
@@ -272,6 +285,19 @@ class StepPipeline:
         else:
             got = self.scheduler.update(cur.sched, sampled)
         out.seqs = got
+        return out
+
+    @staticmethod
+    def _prompt_logprobs(rows: list[tuple[Sequence, int, int]], res) -> list[tuple[int, int, tuple]]:
+        """Splits the step's scored rows by sequence: (seq_id, first position, (logprobs, ranks, top ids, top
+        logprobs) of its rows), and records in each sequence that these positions are done."""
+        lps, ranks, ids, tops = res
+        out, at = [], 0
+        for seq, lo, hi in rows:
+            n = hi - lo
+            out.append((seq.seq_id, lo, (lps[at:at + n], ranks[at:at + n], ids[at:at + n], tops[at:at + n])))
+            seq.prompt_logits_next = max(seq.prompt_logits_next, hi)
+            at += n
         return out
 
     def _record(self, cur: _Step) -> None:

@@ -83,7 +83,7 @@ class DecodeGraphs:
 
     def can_run(self, chunks: list[SeqChunk]) -> bool:
         return (0 < len(chunks) <= self.max_batch and bool(self.graphs)
-                and all(len(c.token_ids) == 1 and c.sample for c in chunks))
+                and all(len(c.token_ids) == 1 and c.sample and not c.logit_targets for c in chunks))
 
     def _update_tables(self, chunks: list[SeqChunk]) -> None:
         """Bring host_tables rows [:B] up to date with the chunks' block tables, touching only what changed."""

@@ -24,6 +24,14 @@ class SeqChunk:
     # the key was last seen, so a persistent copy needs only its new entries (the engine uses (seq_id,
     # num_preemptions): a table is only ever rebuilt after a preemption). None: no promise, copy it whole.
     table_key: Hashable | None = None
+    # Prompt logprobs: the logits of chunk rows logits_at .. logits_at + len(logit_targets) - 1 are wanted too,
+    # and logit_targets[j] is the token that row's logits score (the token after it). None: no such rows.
+    logit_targets: list[int] | None = None
+    logits_at: int = 0
+
+    @property
+    def num_prompt_logits(self) -> int:
+        return len(self.logit_targets) if self.logit_targets else 0
 
     @property
     def is_decode(self) -> bool:
@@ -63,7 +71,7 @@ class HostInputs:
     ends: np.ndarray  # [B] = seq_lens after it
     qsl: np.ndarray  # [B + 1] query offsets
     tables: np.ndarray  # [B, max_blocks] int32
-    logits_idx: np.ndarray  # [S] rows of the chunks that sample
+    logits_idx: np.ndarray  # [S + P] rows of the chunks that sample, then the P rows prompt logprobs want
 
 
 def host_inputs(chunks: list[SeqChunk], block_size: int) -> HostInputs:
@@ -90,7 +98,15 @@ def host_inputs(chunks: list[SeqChunk], block_size: int) -> HostInputs:
     pos = starts[row] + (np.arange(total) - qsl[:-1][row])                                  # [N]
     slots = cache_slots(tables, row, pos, block_size)                                        # [N]
     sample = np.fromiter((c.sample for c in chunks), dtype=bool, count=b)
-    return HostInputs(num_decodes, ids, pos, slots, starts, ends, qsl, tables, qsl[1:][sample] - 1)
+    logits_idx = qsl[1:][sample] - 1
+    wanted = [(int(qsl[i]) + c.logits_at, c.num_prompt_logits) for i, c in enumerate(chunks) if c.logit_targets]
+    if wanted:
+        for i, c in enumerate(chunks):
+            if c.logit_targets and not 0 <= c.logits_at <= len(c.token_ids) - len(c.logit_targets):
+                raise ValueError(f"chunk {i}: prompt-logit rows {c.logits_at}..+{len(c.logit_targets)} outside its "
+                                 f"{len(c.token_ids)} tokens")
+        logits_idx = np.concatenate([logits_idx] + [np.arange(a, a + n, dtype=np.int64) for a, n in wanted])
+    return HostInputs(num_decodes, ids, pos, slots, starts, ends, qsl, tables, logits_idx)
 
 
 def make_forward_batch(chunks: list[SeqChunk], kv_caches: list[torch.Tensor], block_size: int,

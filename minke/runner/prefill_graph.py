@@ -74,6 +74,8 @@ class PrefillGraphs:
         for c in chunks:
             if c.start_pos:  # cached context: attention would gather it (a shape the graphs do not fix)
                 return False
+            if c.logit_targets:  # prompt logprobs: more logits rows than the graphs' one per chunk (eager step)
+                return False
             if len(c.block_table) * self.block_size < len(c.token_ids):
                 return False  # malformed: the eager path's input builder names it, before other ranks are involved
             total += len(c.token_ids)

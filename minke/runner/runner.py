@@ -12,6 +12,7 @@ import torch
 from .executor import make_executor
 from .input_batch import SeqChunk
 from .kv_cache import CacheConfig
+from .prompt_logprobs import PromptLogprobs, prompt_logprobs
 from .sampler import Sampler, SamplerOutput, SamplingBatch
 from .worker import WorkerConfig
 
@@ -26,15 +27,19 @@ def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class PendingSample:
-    """A step's sampled tokens on their way to the host. The copies (into pinned memory) are queued on the stream
-    right behind the sampler and `wait` blocks on them alone: a plain .tolist() would wait for the whole stream,
-    including the next step that async scheduling has already queued behind this one."""
+    """A step's sampled tokens (and prompt logprobs) on their way to the host. The copies (into pinned memory) are
+    queued on the stream right behind the sampler and `wait` blocks on them alone: a plain .tolist() would wait for
+    the whole stream, including the next step that async scheduling has already queued behind this one.
+    out None: no chunk sampled (prompt logprobs only)."""
 
-    def __init__(self, out: SamplerOutput):
+    def __init__(self, out: SamplerOutput | None, prompt: PromptLogprobs | None = None):
         self.out = out  # device tensors: token_ids [S] feed the next step's decode rows under async scheduling
-        self._host = [_to_host(t) for t in (out.token_ids, out.logprobs, out.ranks)]
+        self.prompt = prompt
+        self._host = [_to_host(t) for t in (out.token_ids, out.logprobs, out.ranks)] if out is not None else None
+        self._prompt_host = None if prompt is None else [
+            _to_host(t) for t in (prompt.logprobs, prompt.ranks, prompt.top_ids, prompt.top_logprobs)]
         self._event = None
-        if out.token_ids.device.type == "cuda":
+        if (out.token_ids if out is not None else prompt.logprobs).device.type == "cuda":
             self._event = torch.cuda.Event()
             self._event.record()
 
@@ -42,8 +47,17 @@ class PendingSample:
         """(token ids [S], logprobs of the chosen tokens or None, their 1-based ranks or None)."""
         if self._event is not None:
             self._event.synchronize()
+        if self._host is None:
+            return [], None, None
         tokens, logprobs, ranks = (None if t is None else t.tolist() for t in self._host)
         return tokens, logprobs, ranks
+
+    def prompt_results(self) -> tuple[list[float], list[int], list[list[int]], list[list[float]]] | None:
+        """The step's prompt-logprob rows in chunk order (runner.execute): (logprob [P], rank [P], top ids [P][k],
+        top logprobs [P][k]); None when no chunk wanted any. Call after wait()."""
+        if self._prompt_host is None:
+            return None
+        return tuple(t.tolist() for t in self._prompt_host)
 
 
 class Runner:
@@ -111,14 +125,23 @@ class Runner:
         return self.num_blocks * self.block_size
 
     def execute(self, chunks: list[SeqChunk], sampling: SamplingBatch | None,
-                decode_ids: torch.Tensor | None = None) -> PendingSample | None:
+                decode_ids: torch.Tensor | None = None, prompt_topk: int = 0) -> PendingSample | None:
         """Queues one step over `chunks` (decodes first) and the sampling of one token for every chunk with
         sample=True; returns without waiting for the GPU. decode_ids [D]: device-side input ids of the first D
-        chunks (async scheduling: the previous step's samples; Worker.run)."""
-        logits = self.executor.execute(chunks, decode_ids)  # [S, V] on rank 0
+        chunks (async scheduling: the previous step's samples; Worker.run). Chunks with logit_targets also get
+        their rows scored for prompt logprobs, with the top `prompt_topk` alternatives (the step's largest k)."""
+        logits = self.executor.execute(chunks, decode_ids)  # [S + P, V] on rank 0
+        targets = [t for c in chunks if c.logit_targets for t in c.logit_targets]
+        s = len(logits) - len(targets)
+        prompt = None
+        if targets:
+            prompt = prompt_logprobs(logits[s:], torch.tensor(targets, dtype=torch.long).to(logits.device,
+                                                                                            non_blocking=True),
+                                     prompt_topk)
+            logits = logits[:s]
         if sampling is None:
-            return None
-        return PendingSample(self.sampler(logits.float(), sampling))
+            return None if prompt is None else PendingSample(None, prompt)
+        return PendingSample(self.sampler(logits.float(), sampling), prompt)
 
     def shutdown(self) -> None:
         self.executor.shutdown()
