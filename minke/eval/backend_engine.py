@@ -3,9 +3,13 @@ together; requests that share a few-shot prefix share its KV blocks through the 
 (enable_prefix_caching, on by default), so the prefix is computed once per step-batch rather than once per question.
 
 Loglikelihoods come from the engine's prompt logprobs (`SamplingParams(prompt_logprobs=1)`, vLLM's field): each
-prompt position's own token's logprob and its rank, computed per prefill chunk."""
+continuation position's own token's logprob and its rank, computed per prefill chunk."""
 
 from __future__ import annotations
+
+import itertools
+
+from tqdm.auto import tqdm
 
 from ..engine.llm import LLM
 from ..sampling_params import SamplingParams
@@ -18,6 +22,9 @@ class EngineBackend:
         self.tokenizer = llm.get_tokenizer()
         self.max_model_len = llm.max_model_len
         self.batch_size = batch_size  # requests per engine call; 0 = all of a task's requests at once
+        self._ids = itertools.count()
+        # Prompt tokens of loglikelihood requests, and how many of them the prefix cache served.
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
 
     def _chunks(self, items: list) -> list[list]:
         n = self.batch_size or len(items) or 1
@@ -29,7 +36,7 @@ class EngineBackend:
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, output_kind="final_only")
         results = []
         for chunk in self._chunks(fitted):
-            outs = self.llm.generate([{"prompt_token_ids": c + x} for c, x in chunk], params)
+            outs = self._score(chunk, params, desc)
             for (ctx, cont), out in zip(chunk, outs):
                 ids = out.prompt_token_ids
                 total, greedy = 0.0, True
@@ -39,6 +46,42 @@ class EngineBackend:
                     greedy = greedy and entry.rank == 1
                 results.append((total, greedy))
         return results
+
+    def _score(self, chunk: list[tuple[list[int], list[int]]], params: SamplingParams, desc: str) -> list:
+        """Runs (context, continuation) prompts with prompt logprobs wanted only for the continuation: positions
+        len(context) - 1 .. end - 2 (position p's logits score token p + 1). The context's own logits are never
+        needed, so the prefix cache may serve it: k-shot prompts sharing their header and shots compute them
+        once, as vLLM's prompt_logprobs (every position, no cache hit) cannot."""
+        engine = self.llm.llm_engine
+        rids = []
+        for ctx, cont in chunk:
+            rid = f"eval-{next(self._ids)}"
+            req = engine.input_processor.process(rid, {"prompt_token_ids": ctx + cont}, params)
+            seq = req.states[0].seq
+            seq.prompt_logits_next = max(seq.prompt_logits_next, len(ctx) - 1)
+            engine.add_request(rid, req)
+            rids.append(rid)
+        done = {}
+        bar = tqdm(total=len(rids), desc=desc or "loglikelihood", unit="req", disable=len(rids) < 2)
+        try:
+            while len(done) < len(rids):
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError("engine stopped with requests unfinished")
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in rids:  # leave the engine clean (Ctrl-C included)
+                if rid not in done:
+                    engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        outs = [done[r] for r in rids]
+        self.stats["prompt_tokens"] += sum(len(o.prompt_token_ids) for o in outs)
+        self.stats["cached_tokens"] += sum(o.num_cached_tokens for o in outs)
+        return outs
 
     def generate(self, requests, desc=""):
         texts = []

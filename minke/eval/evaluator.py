@@ -23,7 +23,8 @@ def evaluate(backend: Backend, tasks: str | list[tuple[str, str | None]], opts: 
         t0 = time.perf_counter()
         results[key] = TASKS[name](backend, opts, path)
         timing[key] = round(time.perf_counter() - t0, 3)
-    return {"results": results, "timing_s": timing,
+    stats = getattr(backend, "stats", None)
+    return {"results": results, "timing_s": timing, **({"loglikelihood_tokens": dict(stats)} if stats else {}),
             "config": {"num_fewshot": opts.num_fewshot, "limit": opts.limit, "mc_scoring": opts.mc_scoring,
                        "apply_chat_template": opts.apply_chat_template, "data_dir": opts.data_dir}}
 
