@@ -60,7 +60,7 @@ IGNORED_FLAGS: dict[str, tuple[object, str]] = {
 REFUSED_FLAGS: dict[str, tuple[object, tuple, str]] = {
     "do_eval": (str, ("false", "0", "no"), "minke trains without evaluation"),
     "do_predict": (str, ("false", "0", "no"), "minke trains without prediction"),
-    "load_best_model_at_end": (str, ("false", "0", "no"), "minke evaluates after training (minke eval), so there is no best model"),
+    "load_best_model_at_end": (str, ("false", "0", "no"), "minke evaluates after training, so no best model"),
     "push_to_hub": (str, ("false", "0", "no"), "minke does not upload; copy OUTPUT_DIR yourself"),
     "adafactor": (str, ("false", "0", "no"), "minke trains with AdamW (--optim adamw_torch)"),
     "auto_find_batch_size": (str, ("false", "0", "no"), "give --per_device_train_batch_size"),
