@@ -150,6 +150,7 @@ class StepPipeline:
                 lo, hi = seq.prompt_logit_range(start, end)
                 if hi > lo:  # position p's logits score prompt token p + 1
                     chunk.logit_targets, chunk.logits_at = seq.token_ids[lo + 1: hi + 1], lo - start
+                    chunk.logits_topk = owner[seq.seq_id][0].params.prompt_logprobs
             if end - start == 1 and start > 0:  # chunk.is_decode
                 decodes.append((chunk, seq))
             else:
@@ -171,8 +172,7 @@ class StepPipeline:
                       if decodes and prev is not None and prev.pending and prev.pending.out is not None else None)
         prompt_rows = [(seq, c.start_pos + c.logits_at, c.start_pos + c.logits_at + c.num_prompt_logits)
                        for c, seq in work if c.logit_targets] or None
-        topk = max(owner[seq.seq_id][0].params.prompt_logprobs or 0 for seq, _, _ in prompt_rows) if prompt_rows else 0
-        pending = self.runner.execute(chunks, sampling, decode_ids, topk)
+        pending = self.runner.execute(chunks, sampling, decode_ids)
         penalties = sampling is not None and (sampling.flags.any_repetition or sampling.flags.any_freq_presence)
         return _Step(sched, len(decodes), len(prefills), sample_seqs, pending, penalties, t_start,
                      prompt_rows=prompt_rows)

@@ -25,9 +25,11 @@ class SeqChunk:
     # num_preemptions): a table is only ever rebuilt after a preemption). None: no promise, copy it whole.
     table_key: Hashable | None = None
     # Prompt logprobs: the logits of chunk rows logits_at .. logits_at + len(logit_targets) - 1 are wanted too,
-    # and logit_targets[j] is the token that row's logits score (the token after it). None: no such rows.
+    # and logit_targets[j] is the token that row's logits score (the token after it); logits_topk alternatives are
+    # returned per row. None: no such rows.
     logit_targets: list[int] | None = None
     logits_at: int = 0
+    logits_topk: int = 0
 
     @property
     def num_prompt_logits(self) -> int:

@@ -125,11 +125,11 @@ class Runner:
         return self.num_blocks * self.block_size
 
     def execute(self, chunks: list[SeqChunk], sampling: SamplingBatch | None,
-                decode_ids: torch.Tensor | None = None, prompt_topk: int = 0) -> PendingSample | None:
+                decode_ids: torch.Tensor | None = None) -> PendingSample | None:
         """Queues one step over `chunks` (decodes first) and the sampling of one token for every chunk with
         sample=True; returns without waiting for the GPU. decode_ids [D]: device-side input ids of the first D
         chunks (async scheduling: the previous step's samples; Worker.run). Chunks with logit_targets also get
-        their rows scored for prompt logprobs, with the top `prompt_topk` alternatives (the step's largest k)."""
+        their rows scored for prompt logprobs, with the top-k alternatives of the step's largest logits_topk."""
         logits = self.executor.execute(chunks, decode_ids)  # [S + P, V] on rank 0
         targets = [t for c in chunks if c.logit_targets for t in c.logit_targets]
         s = len(logits) - len(targets)
@@ -137,7 +137,7 @@ class Runner:
         if targets:
             prompt = prompt_logprobs(logits[s:], torch.tensor(targets, dtype=torch.long).to(logits.device,
                                                                                             non_blocking=True),
-                                     prompt_topk)
+                                     max(c.logits_topk for c in chunks if c.logit_targets))
             logits = logits[:s]
         if sampling is None:
             return None if prompt is None else PendingSample(None, prompt)

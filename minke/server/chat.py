@@ -53,7 +53,8 @@ class OpenAIServingChat(OpenAIServing):
                 index=o.index, message=P.ChatResponseMessage(content=o.text), logprobs=logprobs,
                 finish_reason=o.finish_reason, stop_reason=o.stop_reason))
         usage = usage_info(len(prompt_ids), sum(len(o.token_ids) for o in out.outputs))
-        resp = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
+        resp = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage,
+                                        prompt_logprobs=P.prompt_logprobs_of(out.prompt_logprobs))
         return JSONResponse(resp.model_dump())
 
     def logprobs(self, o: CompletionOutput, start: int, top_k: int, as_ids: bool) -> list[P.ChatLogprobContent]:

@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.request import Request as EngineRequest  # the processed request (fastapi's Request is the HTTP one)
-from ..engine.outputs import CompletionOutput
+from ..engine.outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
 from . import protocol as P
 from .errors import APIError
@@ -58,6 +58,43 @@ class OpenAIServingCompletion(OpenAIServing):
             offset += len(token)
         return lp
 
+    def echo_logprobs(self, out: RequestOutput, as_ids: bool) -> P.CompletionLogprobs:
+        """The legacy logprobs object of the echoed prompt: every prompt token, its logprob (null for the first,
+        which has no context) and its top alternatives with itself; text_offset counts from 0."""
+        lp = P.CompletionLogprobs()
+        entries, offset = out.prompt_logprobs or [], 0
+        for i, tid in enumerate(out.prompt_token_ids):
+            entry = entries[i] if i < len(entries) else None
+            chosen = entry.get(tid) if entry else None
+            token = self.token_str(tid, chosen, as_ids)
+            lp.tokens.append(token)
+            lp.token_logprobs.append(max(chosen.logprob, -9999.0) if chosen else None)
+            lp.top_logprobs.append(None if entry is None else {
+                self.token_str(t, x, as_ids): max(x.logprob, -9999.0)
+                for t, x in sorted(entry.items(), key=lambda kv: kv[1].rank or 10**9)})
+            lp.text_offset.append(offset)
+            offset += len(token)
+        return lp
+
+    def choice_logprobs(self, req: P.CompletionRequest, out: RequestOutput, o: CompletionOutput
+                        ) -> P.CompletionLogprobs:
+        """A whole choice's logprobs: the echoed prompt's tokens (with echo), then the generated ones (none when
+        echo_only), text offsets running on across both."""
+        as_ids = req.return_tokens_as_token_ids
+        if not req.echo:
+            return self.logprobs(o, 0, 0, as_ids)
+        lp = self.echo_logprobs(out, as_ids)
+        if not req.echo_only:
+            gen = self.logprobs(o, 0, lp.text_offset[-1] + len(lp.tokens[-1]), as_ids)
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(lp, name).extend(getattr(gen, name))
+        return lp
+
+    @staticmethod
+    def prompt_logprobs(req: P.CompletionRequest, out: RequestOutput) -> P.PromptLogprobs | None:
+        """vLLM's `prompt_logprobs` field of a choice, when the request asked for it by that name."""
+        return P.prompt_logprobs_of(out.prompt_logprobs) if req.prompt_logprobs is not None else None
+
     async def create(self, request: Request) -> Response:
         arrival = time.monotonic()
         req: P.CompletionRequest = await self.parse(request, P.CompletionRequest)
@@ -80,12 +117,17 @@ class OpenAIServingCompletion(OpenAIServing):
         for pi, out in enumerate(finals):
             prefix = texts[pi] if req.echo else ""
             for o in out.outputs:
+                lp = self.choice_logprobs(req, out, o) if params.logprobs is not None else None
+                if req.echo_only:  # the one token sampled to get there is not part of the answer
+                    choices.append(P.CompletionChoice(index=pi * params.n + o.index, text=prefix, logprobs=lp,
+                                                      finish_reason="length",
+                                                      prompt_logprobs=self.prompt_logprobs(req, out)))
+                    continue
                 completion += len(o.token_ids)
-                lp = (self.logprobs(o, 0, len(prefix), req.return_tokens_as_token_ids)
-                      if params.logprobs is not None else None)
                 choices.append(P.CompletionChoice(index=pi * params.n + o.index, text=prefix + o.text,
                                                   logprobs=lp, finish_reason=o.finish_reason,
-                                                  stop_reason=o.stop_reason))
+                                                  stop_reason=o.stop_reason,
+                                                  prompt_logprobs=self.prompt_logprobs(req, out)))
         usage = usage_info(sum(len(p) for p in prompts), completion)
         resp = P.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(resp.model_dump())
@@ -108,12 +150,29 @@ class OpenAIServingCompletion(OpenAIServing):
                 d.pop("usage")
             return d
 
-        if req.echo:
+        # The echoed prompt goes first; with logprobs (or prompt_logprobs asked for) it waits for the prompt's
+        # scoring, which comes with the first output.
+        late_echo = req.echo and (params.logprobs is not None or req.prompt_logprobs is not None)
+        echoed: set[int] = set()
+        if req.echo and not late_echo:
             for pi in range(len(prompts)):
                 for i in range(n):
-                    yield chunk([P.CompletionChoice(index=pi * n + i, text=texts[pi])])
+                    yield chunk([P.CompletionChoice(index=pi * n + i, text=texts[pi],
+                                                    finish_reason="length" if req.echo_only else None)])
         async with contextlib.aclosing(self.stream(requests, rid, arrival)) as stream:
             async for pi, out in stream:
+                if late_echo and pi not in echoed:
+                    echoed.add(pi)
+                    for i in range(n):
+                        lp = None
+                        if params.logprobs is not None:
+                            lp = self.echo_logprobs(out, req.return_tokens_as_token_ids)
+                            offsets[(pi, i)] = lp.text_offset[-1] + len(lp.tokens[-1])
+                        yield chunk([P.CompletionChoice(index=pi * n + i, text=texts[pi], logprobs=lp,
+                                                        finish_reason="length" if req.echo_only else None,
+                                                        prompt_logprobs=self.prompt_logprobs(req, out))])
+                if req.echo_only:
+                    continue  # nothing generated is sent
                 for d in tracker.deltas(pi, out):
                     o, key = d.output, (pi, d.output.index)
                     lp = None

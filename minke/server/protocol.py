@@ -84,6 +84,27 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob, as its server writes `prompt_logprobs` entries."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# per prompt token: {token id: PromptLogprob} (null for the first token)
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
+def prompt_logprobs_of(entries) -> PromptLogprobs | None:
+    """RequestOutput.prompt_logprobs as the response field (-inf clamped to -9999, as OpenAI's logprobs are)."""
+    if entries is None:
+        return None
+    return [None if e is None else {t: PromptLogprob(logprob=max(x.logprob, -9999.0), rank=x.rank,
+                                                     decoded_token=x.decoded_token) for t, x in e.items()}
+            for e in entries]
+
+
 StopField = str | list[str] | None
 
 
@@ -114,6 +135,8 @@ class _SamplingFields(_Forbid):
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     return_tokens_as_token_ids: StrictBool = False  # logprob tokens as "token_id:<id>" (exact, unlike decoded text)
+    # per prompt token: its logprob and the top-k alternatives, returned as `prompt_logprobs` (vLLM's field)
+    prompt_logprobs: Int64 | None = _doc(None, minimum=0, maximum=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -157,6 +180,7 @@ class _SamplingFields(_Forbid):
             logit_bias=bias,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     @property
@@ -271,6 +295,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra (request field prompt_logprobs)
 
 
 class DeltaMessage(BaseModel):
@@ -303,8 +328,8 @@ PromptField = str | list[str] | list[Int64] | list[list[Int64]]
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptField
-    # OpenAI's default for /v1/completions; null = up to the context limit
-    max_tokens: Int64 | None = _doc(16, minimum=1)
+    # OpenAI's default for /v1/completions; null = up to the context limit; 0 (with echo) = score the prompt only
+    max_tokens: Int64 | None = _doc(16, minimum=0)
     logprobs: Int64 | None = _doc(None, minimum=0, maximum=MAX_LOGPROBS)  # here: top alternatives per token
     echo: StrictBool = False
     best_of: Int64 | None = None
@@ -318,9 +343,15 @@ class CompletionRequest(_SamplingFields):
             raise ValueError(f"best_of must equal n (beam-less sampling), got best_of={self.best_of}, n={self.n}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs needs prompt logprobs, which this server does not compute")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be >= 1, got 0 (0 is only for echo: the prompt scored, nothing "
+                             "generated)")
         return self
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) comes back, nothing is generated."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list of text or token-id lists, in request order."""
@@ -337,8 +368,12 @@ class CompletionRequest(_SamplingFields):
 
     def to_sampling_params(self, default_max_tokens: int, defaults: dict[str, Any] | None = None) -> SamplingParams:
         kw = self._sampling_kwargs(defaults)
-        kw["max_tokens"] = default_max_tokens if self.max_tokens is None else self.max_tokens
+        # echo only: the engine samples one token (the prompt's scoring needs a step), which the answer leaves out,
+        # as vLLM does
+        kw["max_tokens"] = 1 if self.echo_only else default_max_tokens if self.max_tokens is None else self.max_tokens
         kw["logprobs"] = self.logprobs
+        if self.echo and self.logprobs is not None:  # the echoed prompt's tokens get logprobs too
+            kw["prompt_logprobs"] = max(self.logprobs, self.prompt_logprobs or 0)
         return SamplingParams(**kw)
 
 
@@ -355,6 +390,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra (request field prompt_logprobs)
 
 
 class CompletionResponse(BaseModel):
