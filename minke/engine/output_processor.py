@@ -152,20 +152,24 @@ class OutputProcessor:
     def _add_prompt_logprobs(self, rows: list[tuple[int, int, tuple]]) -> None:
         """Fills Request.prompt_logprobs from a step's scored rows: position p's row scores prompt token p + 1,
         holding that token's logprob and rank and the request's top prompt_logprobs alternatives (vLLM's entry)."""
-        text = self._text
+        # The hot loop of scoring: 32 x 2048 prompt tokens are 65K entries, so names are bound locally.
+        cache, text, new = self._token_text, self._text, Logprob
         for seq_id, first, (lps, ranks, ids, tops) in rows:
             own = self.owner.get(seq_id)
             if own is None:  # aborted while its step ran
                 continue
             req = own[0]
             k, prompt, out = req.params.prompt_logprobs, req.prompt_token_ids, req.prompt_logprobs
-            for j, (lp, rank, top_ids, top_lps) in enumerate(zip(lps, ranks, ids, tops)):
-                pos = first + j + 1
-                entry = {t: Logprob(v, r + 1, text(t)) for r, (t, v) in enumerate(zip(top_ids[:k], top_lps[:k]))}
+            pos = first + 1
+            for lp, rank, top_ids, top_lps in zip(lps, ranks, ids, tops):
+                entry = {}
+                for r, t in enumerate(top_ids[:k]):
+                    entry[t] = new(top_lps[r], r + 1, cache.get(t) or text(t))
                 token = prompt[pos]
                 if token not in entry:
-                    entry[token] = Logprob(lp, rank, text(token))
+                    entry[token] = new(lp, rank, cache.get(token) or text(token))
                 out[pos] = entry
+                pos += 1
 
     # ------------------------------------------------------------------ one token
     def _append(self, req: Request, st: SeqState, token: int, logprob: float, top, rank: int | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)  # slots: prompt logprobs build one or two per prompt token
 class Logprob:
     logprob: float
     rank: int | None = None  # 1 = most likely token
