@@ -39,7 +39,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default="data",
                    help="where tasks look for their files without NAME=PATH, e.g. DIR/mmlu/test/*_test.csv, "
                         "DIR/gsm8k/test.jsonl, DIR/mbpp/mbpp.jsonl (default: %(default)s)")
-    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each task (default: all)")
+    g.add_argument("--limit", type=int, default=None,
+                   help="evaluate only the first N questions of each task (default: all)")
     g.add_argument("--num-fewshot", type=int, default=None,
                    help="shots per prompt (default: per task: MMLU/CMMLU/C-Eval 5, GSM8K 8, MATH 4, MBPP 3, others 0)")
     g.add_argument("--mc-scoring", choices=("letter", "answer"), default=None,
@@ -48,8 +49,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--apply-chat-template", action="store_true",
                    help="generation tasks: prompt through the chat template, shots as earlier turns (chat models; "
                         "default: off, plain-text prompts)")
-    g.add_argument("--max-gen-tokens", type=int, default=None, help="generation tasks: most new tokens per answer (default: GSM8K 256, MATH/HumanEval/MBPP 512)")
-    g.add_argument("--output", "-o", default=None, help="write the results as JSON to this file (default: none, the table only)")
+    g.add_argument("--max-gen-tokens", type=int, default=None,
+                   help="generation tasks: most new tokens per answer (default: GSM8K 256, MATH/HumanEval/MBPP 512)")
+    g.add_argument("--output", "-o", default=None,
+                   help="write the results as JSON to this file (default: none, the table only)")
     g.add_argument("--output-dir", default=None,
                    help="where task files go (the needle heatmap; default: the --output file's folder, or .)")
     g.add_argument("--batch-size", type=int, default=None,
@@ -60,7 +63,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--needle-depths", type=_fractions, default=None,
                    help="needle: depths as percentages or fractions (default: 0,10,...,100)")
     g.add_argument("--haystack", default=None, help="needle: the filler text file (default: shipped stories)")
-    g.add_argument("--code-timeout", type=float, default=10.0, help="HumanEval/MBPP: seconds per sample (default: %(default)s)")
+    g.add_argument("--code-timeout", type=float, default=10.0,
+                   help="HumanEval/MBPP: seconds per sample (default: %(default)s)")
     s = p.add_argument_group("OpenAI-compatible server (instead of loading MODEL)")
     s.add_argument("--base-url", default=None,
                    help="e.g. http://127.0.0.1:8000/v1; MODEL then names the tokenizer's directory (default: the "
