@@ -136,4 +136,6 @@ if want package; then
   run "$PYTHON" scripts/default_model/package_model.py \
     --model_dir "$WORK/finetuned4" --stories_dir "$WORK/stories" --commands "$COMMANDS" --out_dir "$ASSETS" \
     --trained_on "${TRAINED_ON:-one GPU}"
+  # The card's `minke eval` section (held-out perplexity, story comprehension, needle), measured on what was packaged.
+  run "$PYTHON" scripts/default_model/eval_card.py --model_dir "$ASSETS"
 fi
