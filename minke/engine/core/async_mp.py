@@ -102,8 +102,8 @@ class AsyncMPLLM:
         return SamplingParams(**self.default_sampling_kwargs)
 
     def render_chat(self, messages: list[dict], chat_template: str | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
-        return self.input_processor.render_chat(messages, chat_template, add_generation_prompt)
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        return self.input_processor.render_chat(messages, chat_template, add_generation_prompt, tools)
 
     def process(self, prompt: Prompt, params: SamplingParams, request_id: str) -> Request:
         return self.input_processor.process(request_id, prompt, params, strict=True)

@@ -96,6 +96,7 @@ class CoreOutputProcessor:
         """Files the step's tokens into the fronts' batches; returns ([], the sequences that finished)."""
         owner, route, limit = self.owner, self.route, self.max_model_len
         finished: list[tuple[Sequence, str]] = []
+        failed: list[tuple[str, str]] = []  # (request id, why): a token its grammar rejects fails that request
         now = time.monotonic()
         appended = 0
         for seq in step.seqs:
@@ -121,7 +122,16 @@ class CoreOutputProcessor:
             p = req.params
             n_tokens = len(seq.token_ids)
             n_out = n_tokens - seq.num_prompt_tokens
-            if n_out >= p.min_tokens and token in req.stop_ids:
+            if st.grammar is not None:  # structured outputs: the core's matcher fills this sequence's next mask
+                try:
+                    st.grammar.accept(token)
+                except ValueError as e:
+                    failed.append((req.request_id, str(e)))
+                    continue
+            if st.grammar is not None and st.grammar.terminated:
+                st.finish_reason = "stop"  # the grammar is complete (it took a stop token)
+                st.stop_reason = token if token in (p.stop_token_ids or []) else None
+            elif n_out >= p.min_tokens and token in req.stop_ids:
                 st.finish_reason = "stop"
                 st.stop_reason = token if token in (p.stop_token_ids or []) else None
             elif n_out >= req.max_tokens or n_tokens >= limit:
@@ -136,4 +146,8 @@ class CoreOutputProcessor:
                     req.metrics.finished_time = now
                     self.stats["num_requests_finished"] += 1
         self.stats["generation_tokens_total"] += appended
+        for rid, why in failed:
+            got = self.fail(rid, why)
+            if got is not None:
+                finished.extend((sq, "abort") for sq in got[1])  # the scheduler frees them
         return [], finished
