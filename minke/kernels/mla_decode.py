@@ -263,7 +263,10 @@ if _HAS_TRITON:
                 # ticket merges all of them and puts the counter back to 0 for the next launch / graph replay.
                 n_used = tl.cdiv(seq_len, split_len)  # splits holding >= 1 token (0 for an empty context)
                 if end > start:
-                    ticket = tl.atomic_add(ticket_ptr + b * n_hb + hb, 1, sem="acq_rel")
+                    # Every thread's partial stores are done before the one thread taking the ticket releases them
+                    # (the CUTLASS semaphore pattern: CTA barrier, then a gpu-scope release by one thread).
+                    tl.debug_barrier()
+                    ticket = tl.atomic_add(ticket_ptr + b * n_hb + hb, 1, sem="acq_rel", scope="gpu")
                     if ticket == n_used - 1:
                         e_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
                         e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
