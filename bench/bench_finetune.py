@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from minke.config import config_from_dict  # noqa: E402
 from minke.loader import build_model  # noqa: E402
 from minke.train.args import TrainingConfig  # noqa: E402
-from minke.train.data import BlockData  # noqa: E402
+from minke.train.data import BlockData, GlobalBatchSampler  # noqa: E402
 from minke.train.distributed import DistInfo, ShardPlan  # noqa: E402
 from minke.train.lora import apply_lora, make_lora_config  # noqa: E402
 from minke.train.pretrain import init_weights  # noqa: E402
@@ -122,6 +122,36 @@ def _lora_targets(trainable: str, model) -> str:
     return ",".join(t for t in trainable.split(",") if t in present)
 
 
+class _StepProfiler:
+    """--profile DIR: the last timed step of a side under torch.profiler; its kernel tables (by device time, and by
+    input shape) are written to DIR/{side}-{case}.txt, so the two sides' steps can be compared op by op."""
+
+    def __init__(self, args, side: str, case: str):
+        self.dir, self.name, self.last = args.profile, f"{side}-{case}", args.steps + args.warmup - 1
+        self.prof = None
+
+    def start(self, i: int) -> None:
+        if self.dir and i == self.last:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts, record_shapes=True)
+            self.prof.__enter__()
+
+    def stop(self) -> None:
+        if self.prof is None:
+            return
+        self.prof.__exit__(None, None, None)
+        os.makedirs(self.dir, exist_ok=True)
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        with open(os.path.join(self.dir, self.name + ".txt"), "w") as f:
+            f.write(self.prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
+            f.write("\n\n# grouped by input shape\n")
+            f.write(self.prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40,
+                                                                             max_name_column_width=60))
+        self.prof = None
+
+
 def _summary(side: str, case: str, raw: dict, args, steps: list[dict], setup_s: float, trainable: int,
              device: torch.device) -> dict:
     timed = steps[args.warmup:]
@@ -132,6 +162,8 @@ def _summary(side: str, case: str, raw: dict, args, steps: list[dict], setup_s: 
            "step_time_s": round(dt / len(timed), 3), "setup_s": round(setup_s, 1), "trainable_params": trainable,
            "loss_first": round(steps[0]["loss"], 4), "loss_last": round(steps[-1]["loss"], 4),
            "finite": all(math.isfinite(s["loss"]) for s in steps)}
+    if args.text:  # the curve: the token-mean cross-entropy of every step (minke's loss adds the balance loss)
+        res["ce_curve"] = [round(s.get("ce_loss", s["loss"]), 4) for s in steps]
     if device.type == "cuda":
         res["gpu_peak_gib"] = gib(torch.cuda.max_memory_allocated())
     return res
@@ -144,9 +176,10 @@ def run_minke(case: str, raw: dict, device: torch.device, args, data: torch.Tens
     _reset_memory(device)
     t0 = time.perf_counter()
     model = _base(raw, base, device)
-    # Tensors of the unprepared base, shared with the transformers model (LoRA leaves them untouched; the 4-bit
-    # conversion replaces modules but these references keep the bf16 originals for transformers to quantize).
-    shared = dict(model.state_dict()) if args.compare and base != "full" else None
+    # Tensors of the unprepared base, shared with the transformers model (LoRA leaves them untouched, so nothing is
+    # held twice). The 4-bit base replaces its modules: keeping the bf16 originals alive for transformers would count
+    # ~31 GiB of them in minke's peak, so that side draws the same weights again afterwards, as full fine-tuning does.
+    shared = dict(model.state_dict()) if args.compare and base == "bf16" else None
     lora = None
     if base == "nf4":
         from minke.train.quant import quantize_model_4bit
@@ -170,20 +203,24 @@ def run_minke(case: str, raw: dict, device: torch.device, args, data: torch.Tens
         cfg = TrainingConfig(output_dir=out, max_steps=args.steps + args.warmup,
                              per_device_train_batch_size=args.batch_size, learning_rate=2e-4 if lora else 2e-5,
                              max_grad_norm=0.3, bf16=True, save_strategy="no", gradient_checkpointing=True,
-                             disable_tqdm=True, seed=0)
+                             lr_scheduler_type="constant", weight_decay=0.0,  # as the transformers loop below
+                             disable_tqdm=True, seed=0, cuda_graphs=args.cuda_graphs)
         trainer = Trainer(model, BlockData(data), cfg, DistInfo(device=device), ShardPlan("none"), writer=None)
         model.train()
         _reset_memory(device)
         steps = []
-        for _ in range(args.steps + args.warmup):
+        prof = _StepProfiler(args, "minke", case)
+        for i in range(args.steps + args.warmup):
             _sync(device)
+            prof.start(i)
             m = trainer.train_step()
             _sync(device)
+            prof.stop()
             steps.append(m)
     res = _summary("minke", case, raw, args, steps, setup_s, sum(p.numel() for p in trainer.trainable), device)
     del trainer, model
     _reset_memory(device)
-    if shared is None and args.compare:  # full fine-tuning: the transformers side draws the same weights again
+    if shared is None and args.compare:  # full / 4-bit: the transformers side draws the same weights again
         shared = dict(_base(raw, base, device).state_dict())
     return res, shared, lora
 
@@ -240,13 +277,17 @@ def run_transformers(case: str, raw: dict, device: torch.device, args, data: tor
         hf = get_peft_model(hf, lora)
     hf.train()
     params = [p for p in hf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4 if lora is not None else 2e-5)
+    opt = torch.optim.AdamW(params, lr=2e-4 if lora is not None else 2e-5, weight_decay=0.0)  # minke's defaults
     setup_s = time.perf_counter() - t0
     _reset_memory(device)
     steps = []
+    prof = _StepProfiler(args, "transformers", case)
+    # The blocks in the order minke's Trainer takes them (its seeded sampler), so both sides see the same batches.
+    sampler = GlobalBatchSampler(len(data), args.batch_size, 1, 1, 0)
     for i in range(args.steps + args.warmup):
-        ids = data[i * args.batch_size:(i + 1) * args.batch_size].to(device)
+        ids = data[sampler.micro_batches(i, 0)[0]].to(device)
         _sync(device)
+        prof.start(i)
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = hf(input_ids=ids, labels=ids, use_cache=False).loss
@@ -255,7 +296,8 @@ def run_transformers(case: str, raw: dict, device: torch.device, args, data: tor
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        steps.append({"loss": loss.item(), "step_time_s": time.perf_counter() - t})
+        steps.append({"loss": loss.item(), "ce_loss": loss.item(), "step_time_s": time.perf_counter() - t})
+        prof.stop()
     res = _summary("transformers", case, raw, args, steps, setup_s, sum(p.numel() for p in params), device)
     res["experts_implementation"] = impl
     del hf, opt, params
@@ -263,6 +305,42 @@ def run_transformers(case: str, raw: dict, device: torch.device, args, data: tor
 
 
 # -------------------------------------------------------------------------------------------------------- main
+def _text_blocks(args, n_blocks: int, vocab: int) -> torch.Tensor:
+    """--text: real text (the given files, concatenated) tokenized with --tokenizer into [n_blocks, seq_len] blocks
+    (cycled when the text is shorter)."""
+    import glob
+
+    from minke.tokenizer import load_tokenizer
+
+    files = sorted(f for pat in args.text.split(",") for f in glob.glob(pat, recursive=True))
+    if not files:
+        raise SystemExit(f"bench_finetune: --text {args.text!r} matches no file")
+    tok = load_tokenizer(args.tokenizer)
+    ids = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            ids += tok.encode(fh.read())
+    ids = torch.tensor(ids, dtype=torch.long) % vocab
+    need = n_blocks * args.seq_len
+    ids = ids.repeat(need // ids.numel() + 1)[:need]
+    print(json.dumps({"text_files": len(files), "text_tokens": int(min(need, ids.numel()))}), flush=True)
+    return ids.view(n_blocks, args.seq_len)
+
+
+def _curve_table(rows: list[dict]) -> str:
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        m = next((r for r in rows if r["case"] == case and r["side"] == "minke" and "ce_curve" in r), None)
+        h = next((r for r in rows if r["case"] == case and r["side"] == "transformers" and "ce_curve" in r), None)
+        if not (m and h):
+            continue
+        d = [abs(a - b) for a, b in zip(m["ce_curve"], h["ce_curve"])]
+        out.append(f"{case}: cross-entropy per step, minke {m['ce_curve'][0]} -> {m['ce_curve'][-1]}, transformers "
+                   f"{h['ce_curve'][0]} -> {h['ce_curve'][-1]}; |difference| mean {sum(d) / len(d):.4f}, max "
+                   f"{max(d):.4f} over {len(d)} steps")
+    return "\n".join(out)
+
+
 def _table(rows: list[dict]) -> str:
     by = {}
     for r in rows:
@@ -296,6 +374,14 @@ def main() -> int:
     p.add_argument("--hf_experts", default="grouped_mm", help="transformers' experts_implementation")
     p.add_argument("--cpu_smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--text", default=None, metavar="GLOBS",
+                   help="train on real text (comma-separated globs, e.g. 'README.md,minke/**/*.py') tokenized with "
+                        "--tokenizer instead of random tokens, and print both sides' per-step loss curves")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory for --text (e.g. the DeepSeek tokenizer)")
+    p.add_argument("--no_cuda_graphs", dest="cuda_graphs", action="store_false",
+                   help="minke's steps eagerly (default: replayed as CUDA graphs, as `minke finetune` does)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile the last step of each side; kernel tables go to DIR")
     args = p.parse_args()
 
     if args.mode:
@@ -327,7 +413,11 @@ def main() -> int:
         layers = args.full_layers if case == "full" else args.num_layers
         raw = dict(V2_LITE, **(SMOKE if args.cpu_smoke else {"num_hidden_layers": layers}))
         n_blocks = args.batch_size * (args.steps + args.warmup)
-        data = torch.randint(0, raw["vocab_size"], (n_blocks, args.seq_len), generator=torch.Generator().manual_seed(1))
+        if args.text:
+            data = _text_blocks(args, n_blocks, raw["vocab_size"])
+        else:
+            data = torch.randint(0, raw["vocab_size"], (n_blocks, args.seq_len),
+                                 generator=torch.Generator().manual_seed(1))
         results = []
         state = lora = None
         try:
@@ -361,6 +451,8 @@ def main() -> int:
                     f.write(line + "\n")
         rows += results
     print(_table(rows), flush=True)
+    if args.text:
+        print(_curve_table(rows), flush=True)
     return 0 if all("error" not in r for r in rows if r["side"] == "minke") else 1
 
 

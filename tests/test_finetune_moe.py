@@ -233,3 +233,23 @@ def test_cuda_quantized_lora_training_step(bits):
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert torch.isfinite(loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(".mlp.experts.lora." in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_combine_equals_the_bmm_it_replaces_forward_and_backward(dtype):
+    """SlotCombine's hand-written backward (broadcast multiply for grad_y) gives autograd's bmm gradients."""
+    from minke.train.moe_train import slot_combine
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(7, 3, 16, generator=g).to(dtype).requires_grad_()
+    w = torch.rand(7, 3, generator=g).to(dtype).requires_grad_()
+    go = torch.randn(7, 16, generator=g).to(dtype)
+    out = slot_combine(y, w)
+    gy, gw = torch.autograd.grad(out, (y, w), go)
+    y2, w2 = y.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.bmm(w2.unsqueeze(1), y2).squeeze(1)
+    ry, rw = torch.autograd.grad(ref, (y2, w2), go)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(gy, ry, rtol=0, atol=0)
+    tol = 0 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(gw, rw, rtol=tol, atol=tol)

@@ -94,30 +94,32 @@ if _HAS_TRITON:
         m = offs < HALF
         cos = tl.load(cos_ptr + t * s_cs + offs, mask=m, other=0.0)
         sin = tl.load(sin_ptr + t * s_cs + offs, mask=m, other=0.0)
+        # Each branch names its own values: Triton merges same-named variables of both branches, and q's dtype
+        # may differ from k's / the cache's (fp32 q with a bf16 cache).
         if head < H:
-            base = q_ptr + t * sq_t + head * sq_h
-            x1 = tl.load(base + offs, mask=m, other=0.0)
-            x2 = tl.load(base + HALF + offs, mask=m, other=0.0)
-            o1, o2 = _rotate_half(x1, x2, cos, sin)
-            out = qo_ptr + (t * H + head) * (2 * HALF)
-            tl.store(out + offs, o1, mask=m)
-            tl.store(out + HALF + offs, o2, mask=m)
+            qbase = q_ptr + t * sq_t + head * sq_h
+            q1 = tl.load(qbase + offs, mask=m, other=0.0)
+            q2 = tl.load(qbase + HALF + offs, mask=m, other=0.0)
+            qo1, qo2 = _rotate_half(q1, q2, cos, sin)
+            qout = qo_ptr + (t * H + head) * (2 * HALF)
+            tl.store(qout + offs, qo1, mask=m)
+            tl.store(qout + HALF + offs, qo2, mask=m)
         else:
             j = head - H
-            base = k_ptr + t * sk_t + j * sk_h
-            x1 = tl.load(base + offs, mask=m, other=0.0)
-            x2 = tl.load(base + HALF + offs, mask=m, other=0.0)
-            o1, o2 = _rotate_half(x1, x2, cos, sin)
+            kbase = k_ptr + t * sk_t + j * sk_h
+            k1 = tl.load(kbase + offs, mask=m, other=0.0)
+            k2 = tl.load(kbase + HALF + offs, mask=m, other=0.0)
+            ko1, ko2 = _rotate_half(k1, k2, cos, sin)
             cdt = ko_ptr.dtype.element_ty
             hkv = tl.num_programs(1) - H
-            out = ko_ptr + (t * hkv + j) * (2 * HALF)
-            tl.store(out + offs, o1.to(cdt), mask=m)
-            tl.store(out + HALF + offs, o2.to(cdt), mask=m)
+            kout = ko_ptr + (t * hkv + j) * (2 * HALF)
+            tl.store(kout + offs, ko1.to(cdt), mask=m)
+            tl.store(kout + HALF + offs, ko2.to(cdt), mask=m)
             slot = tl.load(slot_ptr + t).to(tl.int64)
             if slot >= 0:
                 row = cache_ptr + slot * s_cache_slot + j * s_cache_h
-                tl.store(row + offs, o1.to(cdt), mask=m)
-                tl.store(row + HALF + offs, o2.to(cdt), mask=m)
+                tl.store(row + offs, ko1.to(cdt), mask=m)
+                tl.store(row + HALF + offs, ko2.to(cdt), mask=m)
                 vb = v_ptr + t * sv_t + j * sv_h
                 v1 = tl.load(vb + offs, mask=m, other=0.0)
                 v2 = tl.load(vb + HALF + offs, mask=m, other=0.0)

@@ -74,6 +74,9 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        # torch.utils.checkpoint's preserve_rng_state: the trainer turns it off when nothing in the forward draws
+        # random numbers (no dropout), which is cheaper and keeps the step capturable in a CUDA graph.
+        self.checkpoint_rng = True
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       batch: ForwardBatch | None = None, want_aux: bool = False):
@@ -84,7 +87,8 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 h, residual, aux = torch.utils.checkpoint.checkpoint(layer, h, residual, rope, batch, want_aux,
-                                                                     use_reentrant=False)
+                                                                     use_reentrant=False,
+                                                                     preserve_rng_state=self.checkpoint_rng)
             else:
                 h, residual, aux = layer(h, residual, rope, batch, want_aux)
             if aux is not None:

@@ -113,6 +113,7 @@ class TrainingConfig:
     seed: int = 42
     bf16: bool = False
     gradient_checkpointing: bool = False
+    cuda_graphs: bool = True  # replay each optimizer step as a CUDA graph where it can (train/graphed_step.py)
     report_to: list[str] = field(default_factory=list)
     logging_dir: str | None = None
     deepspeed: str | None = None
@@ -201,7 +202,7 @@ class TrainingConfig:
             adam_epsilon=a.adam_epsilon, max_grad_norm=a.max_grad_norm, lr_scheduler_type=a.lr_scheduler_type,
             warmup_steps=a.warmup_steps, warmup_ratio=a.warmup_ratio, logging_steps=a.logging_steps,
             save_strategy=a.save_strategy, save_steps=a.save_steps, save_total_limit=a.save_total_limit,
-            seed=a.seed, bf16=a.bf16, gradient_checkpointing=a.gradient_checkpointing,
+            seed=a.seed, bf16=a.bf16, gradient_checkpointing=a.gradient_checkpointing, cuda_graphs=a.cuda_graphs,
             report_to=[s.strip() for r in a.report_to for s in r.split(",")], logging_dir=a.logging_dir,
             deepspeed=a.deepspeed, optim=a.optim, device=device, overwrite_output_dir=a.overwrite_output_dir,
             resume_from_checkpoint=a.resume_from_checkpoint, disable_tqdm=a.disable_tqdm, fp16=a.fp16, tf32=a.tf32,
@@ -265,6 +266,8 @@ def add_training_args(p: argparse.ArgumentParser, max_length_default: int = 512)
         g.add_argument(f"--{name}", type=typ, default=None, nargs="?", const="true",
                        help=f"only its default is accepted: {why}")
     add_bool(g, "gradient_checkpointing", False, "recompute each decoder layer in the backward pass")
+    add_bool(g, "cuda_graphs", True, "replay each optimizer step as one CUDA graph on a single GPU when batches have "
+             "a fixed shape (minke-specific; falls back to eager steps with a notice where it cannot)")
     g.add_argument("--report_to", nargs="+", default=["none"],
                    help="'tensorboard', 'wandb' (needs the wandb package), 'all' or 'none'")
     g.add_argument("--deepspeed", default=None, metavar="FILE",

@@ -157,7 +157,18 @@ def wrap_model(model: nn.Module, plan: ShardPlan, info: DistInfo, bf16: bool) ->
         kw["offload_policy"] = CPUOffloadPolicy()
     for layer in model.model.layers:
         fully_shard(layer, **kw)
-    fully_shard(model, **kw)
+    # The root (embeddings, final norm, lm_head) keeps its parameters gathered from forward to backward, FSDP2's
+    # own default for the root: its output is a model-output object whose tensors FSDP2's pre-backward hook does not
+    # find, so a root resharded after forward reached the backward with freed parameters ("setStorage ... storage of
+    # size 0", seen with ZeRO-3 CPU offload on one GPU).
+    fully_shard(model, **{**kw, "reshard_after_forward": False})
+    if hasattr(model, "hidden_states"):
+        # The trainer's chunked cross-entropy calls model.hidden_states, then the lm_head chunk by chunk: FSDP2
+        # gathers the root's parameters around that method as around forward (they stay gathered for the lm_head,
+        # the root not resharding after forward), and reduces their gradients after the backward.
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "hidden_states")
     return model
 
 

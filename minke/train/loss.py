@@ -25,9 +25,10 @@ def _chunk_loss(head: nn.Module, h: torch.Tensor, labels: torch.Tensor, ignore_i
 
 
 def chunked_cross_entropy(h: torch.Tensor, head: nn.Module, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                          chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+                          chunk_tokens: int = CHUNK_TOKENS, preserve_rng_state: bool = True) -> torch.Tensor:
     """h [N, D] final hidden states, labels [N] -> sum over the tokens of cross_entropy(head(h), labels) (fp32),
-    equal to F.cross_entropy(head(h).float(), labels, reduction="sum")."""
+    equal to F.cross_entropy(head(h).float(), labels, reduction="sum"). `preserve_rng_state`: as torch.utils.checkpoint's
+    (only a head with dropout needs it)."""
     if h.dim() != 2 or labels.shape != h.shape[:1]:
         raise ValueError(f"chunked_cross_entropy takes h [N, D] and labels [N], got {tuple(h.shape)} and "
                          f"{tuple(labels.shape)}")
@@ -39,7 +40,8 @@ def chunked_cross_entropy(h: torch.Tensor, head: nn.Module, labels: torch.Tensor
         hc, lc = h[s:s + chunk_tokens], labels[s:s + chunk_tokens]
         if grad:
             total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, head, hc, lc, ignore_index,
-                                                              use_reentrant=False)
+                                                              use_reentrant=False,
+                                                              preserve_rng_state=preserve_rng_state)
         else:
             total = total + _chunk_loss(head, hc, lc, ignore_index)
     return total

@@ -33,6 +33,7 @@ from .moe_train import use_grouped_experts
 from .distributed import (DistInfo, ShardPlan, all_reduce_sum, full_model_state, full_optimizer_state, grad_sync,
                           load_full_optimizer_state)
 from .deepspeed_config import deepspeed_lr, resolve_schedule
+from .graphed_step import GraphedStep, graph_unavailable_reason
 from .metrics import RunLogger
 from .optim import build_optimizer, build_scheduler
 
@@ -80,6 +81,18 @@ class Trainer:
         self.aux_weight = 1.0 if cfg.balance_loss_weighting == "micro_batch" else 1.0 / cfg.gradient_accumulation_steps
         self.step = 0
         self.history: list[dict] = []
+        # torch.utils.checkpoint must replay the RNG only when the forward draws random numbers (LoRA dropout);
+        # not saving it is cheaper and keeps the step capturable.
+        self.random_forward = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+        if hasattr(model, "checkpoint_rng"):
+            model.checkpoint_rng = self.random_forward
+        self.graphed = None
+        if cfg.cuda_graphs:
+            why = graph_unavailable_reason(info.device, plan.strategy != "none", self.scaler is not None)
+            if why is None:
+                self.graphed = GraphedStep(self._device_step, self.optimizer, info.device, log)
+            elif info.device.type == "cuda":
+                log(f"notice: cuda graphs off: {why}")
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -146,32 +159,33 @@ class Trainer:
             counts[1] += self.data.num_tokens(ix)
         all_reduce_sum(counts, self.info)
         n_target = max(counts[0].item(), 1.0)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.info.device)  # [ce sum, aux sum]
+        ids = [b[0] for b in batches]
+        labels = [b[1] for b in batches]
         accum = len(batches)
-        for m, (ids, labels) in enumerate(batches):
-            ids, labels = ids.to(self.info.device), labels.to(self.info.device)
-            with grad_sync(self.model, self.plan, sync=m == accum - 1):
-                with self._autocast():
-                    ce, aux = self._losses(ids, labels)
-                    aux = aux if aux is not None else ce.new_zeros(())
-                    loss = ce * (self.info.world / n_target) + aux * self.aux_weight
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            sums[0] += ce.detach().double()
-            sums[1] += aux.detach().double()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = self._clip()
-        lr = self.scheduler.get_last_lr()[0]
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skipped when the gradients hold inf/nan
-            self.scaler.update()
-            if self.scaler.get_scale() >= scale:  # not skipped: HF steps the schedule only then
-                self.scheduler.step()
-        else:
-            self.optimizer.step()
+        scale = self.info.world / n_target  # each rank's share of the global mean (FSDP/DDP average over ranks)
+        if self.graphed is not None and self.graphed.wants(ids):
+            sums, norm = self.graphed.run(ids, labels, scale)
+            lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        else:
+            dev = self.info.device
+            sums = self._accumulate([t.to(dev) for t in ids], [t.to(dev) for t in labels], scale)
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            norm = self._clip()
+            lr = self.scheduler.get_last_lr()[0]
+            if self.scaler is not None:
+                prev = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)  # skipped when the gradients hold inf/nan
+                self.scaler.update()
+                if self.scaler.get_scale() >= prev:  # not skipped: HF steps the schedule only then
+                    self.scheduler.step()
+            else:
+                self.optimizer.step()
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
+        lr = float(lr)
         all_reduce_sum(sums, self.info)
         self.step += 1
         ce_mean = sums[0].item() / n_target
@@ -183,26 +197,49 @@ class Trainer:
                 "epoch": self.step / self.sampler.steps_per_epoch}
 
     def _losses(self, ids: torch.Tensor, labels: torch.Tensor):
-        """(sum of the token cross-entropies, balance loss or None). One process: the lm_head + cross-entropy run
-        in token chunks (train/loss.py), never holding [tokens, vocab] fp32 logits. DDP/FSDP: through the wrapped
-        model's forward, whose hooks sync and gather the parameters."""
+        """(sum of the token cross-entropies, balance loss or None). One process and FSDP2 (which gathers the root's
+        parameters around model.hidden_states too: distributed.wrap_model): the lm_head + cross-entropy run in token
+        chunks (train/loss.py), never holding [tokens, vocab] fp32 logits. DDP, label smoothing: through the model's
+        forward and full logits (DDP's reducer is armed by the wrapper's forward only)."""
         smoothing = self.cfg.label_smoothing_factor
-        if self.plan.strategy == "none" and hasattr(self.model, "hidden_states") and not smoothing:
+        if self.plan.strategy != "ddp" and hasattr(self.model, "hidden_states") and not smoothing:
             h, aux = self.model.hidden_states(ids, want_aux=True)
             h = h[:, :-1].reshape(-1, h.shape[-1])  # position t predicts token t+1
-            return chunked_cross_entropy(h, self.model.lm_head, labels[:, 1:].reshape(-1), IGNORE_INDEX), aux
+            ce = chunked_cross_entropy(h, self.model.lm_head, labels[:, 1:].reshape(-1), IGNORE_INDEX,
+                                       preserve_rng_state=self.random_forward)
+            return ce, aux
         out = self.model(ids, return_aux_loss=True)
         logits = out.logits[:, :-1]  # [B, T-1, V]
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=smoothing)
         return ce, out.aux_loss
 
-    def _clip(self) -> float:
+    def _accumulate(self, ids, labels, scale) -> torch.Tensor:
+        """Forward + backward of each micro-batch (ids / labels: [B, T] device tensors, one per micro-batch; or
+        [A, B, T]), gradients summed into .grad. Returns [ce sum, aux sum] (float64, on the device)."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.info.device)
+        accum = len(ids)
+        for m, (i, l) in enumerate(zip(ids, labels)):
+            with grad_sync(self.model, self.plan, sync=m == accum - 1):
+                with self._autocast():
+                    ce, aux = self._losses(i, l)
+                    aux = aux if aux is not None else ce.new_zeros(())
+                    loss = ce * scale + aux * self.aux_weight
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            sums[0] += ce.detach().double()
+            sums[1] += aux.detach().double()
+        return sums
+
+    def _device_step(self, ids: torch.Tensor, labels: torch.Tensor, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a CUDA graph captures (graphed_step.py): accumulate, clip, AdamW; no host sync anywhere."""
+        sums = self._accumulate(ids, labels, scale)
+        norm = self._clip()
+        self.optimizer.step()
+        return sums, norm
+
+    def _clip(self) -> torch.Tensor:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
-        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
-            norm = norm.full_tensor()
-        return float(norm)
+        return torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
 
     # -- the run ---------------------------------------------------------------------------------------------
 
