@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.latent_cache import KV_CACHE_DTYPES
 from ..lora.config import LoRAConfig
 from ..runner.kv_cache import CacheConfig
 from ..runner.quantization import QUANTIZATION_METHODS, check_quantization_method
@@ -52,6 +53,11 @@ class EngineConfig:
         None, f"most tokens per step (default {DEFAULT_MAX_NUM_BATCHED_TOKENS}; without chunked prefill: "
               "max_model_len)", type=int)
     block_size: int = _opt(16, "tokens per KV cache block", type=int)
+    # vLLM's and SGLang's flag. MLA (deepseek_v2) only: the 576-wide latent as fp8 with a float32 scale per token,
+    # 592 bytes a token against bf16's 1152 (kernels/latent_cache.py; accuracy: bench/kv_fp8_accuracy.py).
+    kv_cache_dtype: str = _opt("auto", "auto (the model dtype) | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2: the MLA "
+                                       "latent cache in fp8 with a scale per token, ~1.95x the tokens (deepseek_v2 "
+                                       "only)", choices=list(KV_CACHE_DTYPES))
     enable_prefix_caching: bool = _opt(True, "share the KV blocks of common prompt prefixes")
     enable_chunked_prefill: bool = _opt(True, "split long prompts over several steps")
     enforce_eager: bool = _opt(False, "no CUDA graphs")
@@ -108,6 +114,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         check_quantization_method(self.quantization)
         if self.enable_lora:
             self.lora_config()  # checks max_loras / max_lora_rank / max_cpu_loras
@@ -149,7 +157,8 @@ class EngineConfig:
     def cache_config(self) -> CacheConfig:
         profile = min(self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_BATCHED_TOKENS)
         return CacheConfig(self.block_size, self.kv_cache_tokens, self.kv_cache_gib, self.gpu_memory_utilization,
-                           profile, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len)
+                           profile, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+                           kv_cache_dtype=self.kv_cache_dtype)
 
     def step_token_budget(self, max_model_len: int) -> int:
         """Tokens per step: max_num_batched_tokens, or the default (chunked prefill) / the whole context (not)."""

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ...kernels.latent_cache import is_fp8, latent_scales
+
 if TYPE_CHECKING:
     from .batch import ForwardBatch, PrefillPack
 
@@ -39,6 +41,40 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
 
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's attention of q [Tq, H, D] over k [Tk, H, D], v [Tk, H, Dv] (causal: Tq == Tk, square mask;
+    else every key visible) with the log-sum-exp of its scores: -> out [Tq, H, Dv] (q's dtype), lse [Tq, H] fp32
+    (natural log). Pieces of one context attended separately merge exactly with merge_attention, so a long context
+    never needs its per-head K/V all at once. FlashAttention-2 on CUDA in half precision, the memory-efficient
+    kernel for fp32 there, the CPU flash kernel elsewhere: each returns the lse itself."""
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:  # the flash kernels want one head size for q, k and v: pad v, slice after
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, T, D]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, False,
+                                                                      scale=scale)[:2]
+    elif q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, vh, None, True, 0.0, causal,
+                                                                          scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
+    return out[0, :, :, :dv].transpose(0, 1), lse[0, :, : q.shape[0]].transpose(0, 1).float()
+
+
+def merge_attention(out: torch.Tensor | None, lse: torch.Tensor | None, out2: torch.Tensor,
+                    lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention over the union of two disjoint key sets from each one's (out [T, H, D], lse [T, H]); out None:
+    the first piece. fp32 arithmetic, the result in out2's dtype."""
+    if out is None:
+        return out2, lse2
+    m = torch.maximum(lse, lse2)
+    w1, w2 = torch.exp(lse - m), torch.exp(lse2 - m)  # [T, H]
+    merged = (out.float() * w1[..., None] + out2.float() * w2[..., None]) / (w1 + w2)[..., None]
+    return merged.to(out2.dtype), m + torch.log(w1 + w2)
 
 
 class FlashUnavailable(RuntimeError):
@@ -117,8 +153,11 @@ class TorchAttentionBackend:
                    kv_lora_rank: int, scale: float) -> torch.Tensor:
         """Absorbed MLA decode. q_latent [D, H, C], q_pe [D, H, R], cache [blocks, bs, C + R] -> [D, H, C]
         (attention output still in the latent space; the caller applies the value up-projection)."""
+        width = kv_lora_rank + q_pe.shape[-1]
         ctx, valid = self._padded_context(cache.view(-1, cache.shape[-1]), batch, q_latent.shape[0])  # [D, L, C+R]
-        c_kv, k_pe = ctx[..., :kv_lora_rank].float(), ctx[..., kv_lora_rank:].float()
+        if is_fp8(cache.dtype):  # values [.., :C+R] times the token's scale (kernels/latent_cache.py)
+            ctx = ctx[..., :width].float() * latent_scales(ctx, width)
+        c_kv, k_pe = ctx[..., :kv_lora_rank].float(), ctx[..., kv_lora_rank:width].float()
         scores = (torch.einsum("dhc,dlc->dhl", q_latent.float(), c_kv)
                   + torch.einsum("dhr,dlr->dhl", q_pe.float(), k_pe)) * scale
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
