@@ -127,7 +127,7 @@ def test_fp8_cache_write_quantizes_per_token(case, kv_dtype):
     kv_a, q, cos, sin, w, eps, _, slots = _inputs(n, h, nope, c, r, torch.float32, seed=21)
     blocks, bs = 6, 4
     cache = torch.zeros(blocks, bs, latent_cache.fp8_row_width(c + r), dtype=kv_dtype, device=DEVICE)
-    latent_cache.write_rows(cache, torch.arange(blocks * bs, device=DEVICE), torch.randn(blocks * bs, c + r))
+    latent_cache.write_rows(cache, torch.arange(blocks * bs, device=DEVICE), torch.randn(blocks * bs, c + r, device=DEVICE))
     before, ref_cache = cache.clone(), cache.clone()
     ref = mla_prologue_ref(kv_a, q, cos, sin, w, eps, ref_cache, slots)
     out = mla_prologue(kv_a, q, cos, sin, w, eps, cache, slots)

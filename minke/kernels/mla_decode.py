@@ -363,11 +363,18 @@ def mla_decode(
     num_stages: int | None = None,
     block_h: int | None = None,  # heads per program (new kernel): 16, 32 or 64
     fuse_combine: bool | None = None,  # new kernel: merge in the last split's program (True) or a second launch
-    impl: str = "new",  # "old": the previous kernel (kernels/mla_decode_old.py), kept for comparison
+    # "new" (this file) or "old" (kernels/mla_decode_old.py). None: "new" for an fp8 cache (the old kernel reads
+    # bf16 / fp16 only), else "old": on an H200 (2026-12-02, bench/RESULTS.md) the new kernel at its default launch
+    # was 2-3x slower at batch 1 (0.10 vs 0.32 TB/s at 4K context) and equal at batch 16-256; its best swept
+    # launches beat the old one (1.36 vs 0.88 TB/s at batch 1 x 32K, 2.5-2.9 vs 1.5-1.75 at batch 16-64) but are
+    # not its defaults yet.
+    impl: str | None = None,
 ) -> torch.Tensor:  # [B, H, C] in q_latent.dtype: attention output in latent space (apply W_UV after)
     """Split-K Triton MLA decode. See the module docstring for the math; mla_decode_ref gives the same result."""
     if not _HAS_TRITON:
         raise RuntimeError("mla_decode: triton is not installed (pip install 'minke[gpu]'); use mla_decode_ref")
+    if impl is None:
+        impl = "new" if is_fp8(kv_cache.dtype) or block_h is not None or fuse_combine is not None else "old"
     if impl not in ("new", "old"):
         raise ValueError(f"mla_decode: impl must be 'new' or 'old', got {impl!r}")
     B, H, C, R, block_size = _check_inputs(q_latent, q_pe, kv_cache, block_tables, context_lens)
