@@ -49,8 +49,9 @@ def build_model(cfg, model_config: ModelConfig, parallel: ParallelConfig, dtype:
                         "loading", cfg.quantization, n)
     else:
         model = load_unquantized(cfg, model_config, parallel, dtype, device)
-    install_gpu_kernels(model, device, tensor_parallel=parallel.is_parallel,
-                        weights_transformed=cfg.quantization is not None)
+    if not cfg.batch_invariant:  # batch-invariant steps run the plain torch model code (models/batch_invariant.py)
+        install_gpu_kernels(model, device, tensor_parallel=parallel.is_parallel,
+                            weights_transformed=cfg.quantization is not None)
     if cfg.setup is not None:
         cfg.setup(model, device)
     return model

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig, load_config
-from ..models.attention import make_backend
+from ..models.attention import TorchAttentionBackend, make_backend
+from ..models.batch_invariant import BatchInvariantMode
 from .cuda_graph import DecodeGraphs
 from .input_batch import SeqChunk, make_forward_batch
 from .kv_cache import CacheConfig, allocate_kv_caches
@@ -51,6 +52,9 @@ class WorkerConfig:
     timeout_s: float = 1800.0  # collectives and start-up rendezvous
     custom_all_reduce: bool = True  # GPUs: small all-reduces through symmetric memory (comm.SymmetricAllReduce)
     quantization: str | None = None  # "fp8": MoE experts quantized after loading (quantization.py)
+    # Steps whose logits rows do not depend on the batch (models/batch_invariant.py): the torch model code only (no
+    # kernel swaps, so no CUDA graphs), products row by row, attention per sequence.
+    batch_invariant: bool = False
 
     @property
     def dist_backend(self) -> str:
@@ -75,7 +79,8 @@ class Worker:
             fast = SymmetricAllReduce.create(self.parallel, self.dtype, self.device)
             self.parallel = dataclasses.replace(self.parallel, fast_all_reduce=fast)
         self.model = build_model(cfg, self.model_config, self.parallel, self.dtype, self.device)
-        self.backend = make_backend(self.device)
+        self.backend = (TorchAttentionBackend(batch_invariant=True) if cfg.batch_invariant
+                        else make_backend(self.device))
         self.kv_caches: list[torch.Tensor] | None = None
         self.block_size = self.num_blocks = 0
         self.graphs = None  # DecodeGraphs
@@ -178,6 +183,9 @@ class Worker:
             if len(decode_ids) > batch.num_decodes:
                 raise ValueError(f"{len(decode_ids)} device input ids for {batch.num_decodes} decode chunks")
             ids[: len(decode_ids)].copy_(decode_ids)
+        if self.cfg.batch_invariant:
+            with BatchInvariantMode():
+                return self.model(ids, batch=batch)
         return self.model(ids, batch=batch)  # [S, V] full-vocab logits (on every rank)
 
     def execute(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:
