@@ -93,7 +93,8 @@ def others_for(tok, trial: int, n: int):
             for _ in range(n)]
 
 
-def probe(llm, prompt: str, seed: int, steps: int, trials: int, others: int, log=print) -> list[dict]:
+def probe(llm, prompt: str, seed: int, steps: int, trials: int, others: int,
+          log=lambda r: print(r, flush=True)) -> list[dict]:
     from minke import SamplingParams
 
     engine, tok = llm.llm_engine, llm.get_tokenizer()

@@ -120,6 +120,14 @@ def test_tiny_fp32_seeded_request_alone_equals_beside_31_others(ckpts):
             assert r["first_token_diff"] is None and r["first_logits_diff"] is None, (seed, r)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_default_model_seeded_request_alone_equals_beside_31_others_gpu():
+    """The same on the GPU (torch path: cuBLAS one-row GEMMs, SDPA per sequence), four trials."""
+    llm = LLM(device="cuda", batch_invariant=True)
+    for r in probe(llm, "Once upon a time", 1234, 96, trials=4, others=31, log=lambda _: None):
+        assert r["first_token_diff"] is None and r["first_logits_diff"] is None, r
+
+
 def test_batch_invariant_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match="tensor_parallel_size 1"):
         EngineConfig(model="x", device="cpu", batch_invariant=True, tensor_parallel_size=2)
