@@ -14,8 +14,8 @@ one): inside BatchInvariantMode every F.linear / torch.matmul of N rows is N one
 the same shape, whatever the step), and each einsum over the step's rows is one einsum per row; the attention
 backend (TorchAttentionBackend(batch_invariant=True)) attends each sequence over exactly its own context. Row-wise
 ops (RMSNorm, softmax, rope, the router's top-k, the MoE loop's per-row sums in expert order) are already
-independent of the other rows. Cost: a Python loop per product (tests/test_batch_invariant.py; about 4x a step's
-CPU time on the embedded model at 32 sequences).
+independent of the other rows (tests/test_batch_invariant.py). Cost: one-row products read the weights once per
+row (memory-bound), the einsums and the decode attention loop over rows / sequences in Python.
 """
 
 from __future__ import annotations
@@ -25,25 +25,30 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 
+def _rows_times(rows: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] @ b [K, N] as M separate one-row products in fp32: one bmm over a batch of M [1, K] x [K, N]
+    matrices, b expanded (stride 0, not copied). Each batch entry runs the same one-row kernel whatever M is (bit
+    for bit: tests/test_batch_invariant.py), with no Python loop. fp32 because CPU bf16 bmm goes through oneDNN,
+    which copies the expanded operand (M x K x N) and is ~20x slower; a bf16 GEMM accumulates in fp32 anyway."""
+    m, k = rows.shape
+    return torch.bmm(rows.float()[:, None, :], b.float().expand(m, k, b.shape[-1]))[:, 0]  # [M, N] fp32
+
+
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [..., K] -> [..., N], one row at a time: row r's result is a function of
-    row r alone (the same one-row GEMV whatever the number of rows)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= 1:
-        return F.linear(x, weight, bias)
-    out = torch.cat([F.linear(rows[r : r + 1], weight, bias) for r in range(rows.shape[0])])
-    return out.view(*x.shape[:-1], out.shape[-1])
+    """F.linear(x, weight, bias) for x [..., K] -> [..., N] (in x's dtype), each row on its own: row r's result
+    is a function of row r alone, whatever the number of rows."""
+    out = _rows_times(x.reshape(-1, x.shape[-1]), weight.t())
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 def matmul_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for a [M, K] (or [..., M, K] with a 2-D b) and b [K, N], one row of a at a time."""
+    """a @ b for a [M, K] (or [..., M, K]) and a 2-D b [K, N], one row of a at a time; other shapes: plain."""
     if b.dim() != 2 or a.dim() < 2:
         return torch.matmul(a, b)
-    rows = a.reshape(-1, a.shape[-1])
-    if rows.shape[0] <= 1:
-        return torch.matmul(a, b)
-    out = torch.cat([torch.matmul(rows[r : r + 1], b) for r in range(rows.shape[0])])
-    return out.view(*a.shape[:-1], b.shape[-1])
+    return _rows_times(a.reshape(-1, a.shape[-1]), b).to(torch.promote_types(a.dtype, b.dtype)).view(
+        *a.shape[:-1], b.shape[-1])
 
 
 def einsum_rows(equation: str, *operands: torch.Tensor) -> torch.Tensor:
