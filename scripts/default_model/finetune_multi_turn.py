@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=24)
     ap.add_argument("--target_multi_turn", type=int, default=16, help="third answers on topic, of 24")
     ap.add_argument("--skip_eval", action="store_true", help="train only")
+    ap.add_argument("--eval_device", default="cpu", help="where the evaluations run (default cpu: the tests' "
+                    "numbers are CPU greedy decodes)")
     a = ap.parse_args(argv)
     data = a.out_dir / "multi_turn_sft.jsonl"
     counts = build_data(data, a.num_conversations, a.num_small_talk, a.num_story_requests, a.seed)
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     print(f"fine-tuned in {time.perf_counter() - t:.0f}s -> {model_out}", flush=True)
     if a.skip_eval:
         return 0
-    before, after = evaluate(a.base, a.device), evaluate(str(model_out), a.device)
+    before, after = evaluate(a.base, a.eval_device), evaluate(str(model_out), a.eval_device)
     report = {"data": counts, "command": cmd, "before": before, "after": after}
     (a.out_dir / "eval.json").write_text(json.dumps(report, indent=1))
     for k in ("multi_turn", "small_talk", "stories_on_topic"):
