@@ -103,11 +103,13 @@ class TorchAttentionBackend:
         # its result cannot depend on the step's other sequences (no padding to the longest context, no packed
         # varlen launch). models/batch_invariant.py does the same for the GEMMs.
         self.batch_invariant = batch_invariant
+        if batch_invariant:  # shadows the static method below: the per-sequence loop, never one packed launch
+            self.prefill = functools.partial(varlen_causal_attention, per_sequence=True)
 
-    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PrefillPack,
-                scale: float) -> torch.Tensor:
+    @staticmethod
+    def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PrefillPack, scale: float) -> torch.Tensor:
         """The step's prefill chunks: varlen_causal_attention (FlashAttention-2 on CUDA, else a loop over them)."""
-        return varlen_causal_attention(q, k, v, pack, scale, per_sequence=self.batch_invariant)
+        return varlen_causal_attention(q, k, v, pack, scale)
 
     @staticmethod
     def _one_context(flat: torch.Tensor, batch: ForwardBatch, i: int) -> torch.Tensor:
