@@ -7,10 +7,6 @@ process and its children, from /proc) every --sample-every requests.
     nice -n 19 python bench/soak_server.py --num-requests 6000 --max-minutes 14 --json soak.json
     python bench/soak_server.py --num-requests 40 --num-clients 4      # CPU smoke
 
-    # leak hunt: the server in this process (uvicorn in a thread), tracemalloc snapshots after --warm requests and at
-    # the end, the top allocation sites by growth
-    nice -n 19 python bench/soak_server.py --tracemalloc --warm 300 --num-requests 1500
-
 It prints the RSS curve (requests done, minutes, RSS MiB), RSS at each 1,000 requests, first / last / max, and the
 growth over the second half of the run (a leak keeps growing there; allocator warm-up does not). Any 5xx or
 unexpected status is counted and printed. Linux only (/proc).
@@ -174,62 +170,6 @@ def summarise(res: dict) -> dict:
             "per_1000": per_1000, "statuses": res["statuses"]}
 
 
-def in_process_server(args) -> tuple[object, str]:
-    """`minke serve`'s app on uvicorn in a daemon thread of this process (for tracemalloc)."""
-    import threading
-
-    import uvicorn
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from minke.engine.async_llm import AsyncLLM
-    from minke.server.app import build_app
-
-    engine = AsyncLLM(args.model_dir or None, **({"device": "cpu"} if "--device cpu" in args.serve_args else {}))
-    app = build_app(engine, api_key=args.api_key, log_stats_interval=None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return server, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("in-process server not healthy")
-
-
-def tracemalloc_hunt(args) -> int:
-    import gc
-    import tracemalloc
-
-    tracemalloc.start(12)
-    server, base = in_process_server(args)
-    n = args.num_requests
-    args.num_requests = args.warm
-    asyncio.run(soak(base, os.getpid(), args))
-    gc.collect()
-    first = tracemalloc.take_snapshot()
-    args.num_requests, args.seed = n - args.warm, args.seed + 1
-    res = asyncio.run(soak(base, os.getpid(), args))
-    gc.collect()
-    second = tracemalloc.take_snapshot()
-    filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
-    stats = second.filter_traces(filters).compare_to(first.filter_traces(filters), "traceback")
-    grown = sum(st.size_diff for st in stats)
-    print(f"traced Python memory grew {grown / 2**20:.2f} MiB over requests {args.warm}..{n} "
-          f"({grown / max(1, n - args.warm) / 1024:.2f} KiB per request); RSS {res['samples'][-1][2] / 2**20:.0f} MiB")
-    for st in stats[:12]:
-        print(f"{st.size_diff / 1024:+9.1f} KiB {st.count_diff:+7d} blocks")
-        for line in st.traceback.format()[-6:]:
-            print("      " + line)
-    server.should_exit = True
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default="", help="checkpoint to serve (default: the embedded default model)")
@@ -241,11 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-every", type=int, default=50, help="sample RSS every this many requests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", dest="json_path", default=None, help="also write samples + summary here")
-    ap.add_argument("--tracemalloc", action="store_true", help="leak hunt in this process (see above)")
-    ap.add_argument("--warm", type=int, default=300, help="with --tracemalloc: requests before the first snapshot")
     args = ap.parse_args(argv)
-    if args.tracemalloc:
-        return tracemalloc_hunt(args)
     proc, base = launch_server(args.model_dir, args.serve_args, args.api_key, timeout=600)
     try:
         res = asyncio.run(soak(base, proc.pid, args))
