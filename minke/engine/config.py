@@ -83,6 +83,10 @@ class EngineConfig:
                                           "at load (W8A8 on GPUs in bf16/fp16; default: none)",
                                     "--quantization", "-q",
                                     choices=list(QUANTIZATION_METHODS))
+    # vLLM's VLLM_BATCH_INVARIANT=1, as an option: costs speed, so off by default (models/batch_invariant.py).
+    batch_invariant: bool = _opt(False, "every token's logits, hence a seeded request's output, independent of "
+                                        "what shares its batch (plain torch model code, no CUDA graphs, products "
+                                        "row by row: slower)")
     generation_config: str = _opt("auto", "sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, "
                                           "max_new_tokens) where a call leaves them unset: auto = the model's "
                                           "generation_config.json, vllm = ignore it, or a directory holding one")
@@ -126,6 +130,19 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda")
+        if self.batch_invariant and self.tensor_parallel_size > 1:
+            # An all-reduce's summation order follows the message size (NCCL/gloo pick algorithms by it).
+            raise ValueError("batch_invariant needs tensor_parallel_size 1: the all-reduce's summation order "
+                             "depends on the step's size")
+        if self.batch_invariant and self.quantization is not None:
+            raise ValueError("batch_invariant does not combine with quantization (the fp8 GEMMs have no row-by-row "
+                             "path)")
+        if self.batch_invariant and self.kv_cache_dtype != "auto":
+            raise ValueError("batch_invariant does not combine with an fp8 KV cache (kv_cache_dtype "
+                             f"{self.kv_cache_dtype!r}): its per-sequence attention reads the model-dtype cache")
+        if self.batch_invariant and self.enable_lora:
+            raise ValueError("batch_invariant does not combine with enable_lora (the adapters' segmented GEMMs group "
+                             "rows by adapter)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
 
@@ -143,7 +160,8 @@ class EngineConfig:
                             expert_parallel=self.enable_expert_parallel, dtype=self.dtype, device=self.device,
                             load_format=self.load_format, seed=self.seed, config=model_config,
                             custom_all_reduce=not self.disable_custom_all_reduce, quantization=self.quantization,
-                            lora=self.lora_config(model_config) if self.enable_lora else None)
+                            lora=self.lora_config(model_config) if self.enable_lora else None,
+                            batch_invariant=self.batch_invariant)
 
     def lora_config(self, model_config=None) -> LoRAConfig:
         """The runner's LoRA settings. Its index buffer holds the largest step: max_num_batched_tokens (without

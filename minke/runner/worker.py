@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig, load_config
-from ..models.attention import make_backend
+from ..models.attention import TorchAttentionBackend, make_backend
+from ..models.batch_invariant import BatchInvariantMode
 from .cuda_graph import DecodeGraphs
 from .input_batch import SeqChunk, make_forward_batch
 from .kv_cache import CacheConfig, allocate_kv_caches, kv_bytes_per_token, resolve_kv_cache_dtype
@@ -55,6 +56,9 @@ class WorkerConfig:
     custom_all_reduce: bool = True  # GPUs: small all-reduces through symmetric memory (comm.SymmetricAllReduce)
     quantization: str | None = None  # "fp8": MoE experts quantized after loading (quantization.py)
     lora: LoRAConfig | None = None  # serve LoRA adapters (minke/lora/): slots, rank, index buffer size
+    # Steps whose logits rows do not depend on the batch (models/batch_invariant.py): the torch model code only (no
+    # kernel swaps, so no CUDA graphs), products row by row, attention per sequence.
+    batch_invariant: bool = False
 
     @property
     def dist_backend(self) -> str:
@@ -80,7 +84,8 @@ class Worker:
             self.parallel = dataclasses.replace(self.parallel, fast_all_reduce=fast)
         self.model = build_model(cfg, self.model_config, self.parallel, self.dtype, self.device)
         self.lora = LoRAManager(self.model.lora_layers) if cfg.lora is not None else None
-        self.backend = make_backend(self.device)
+        self.backend = (TorchAttentionBackend(batch_invariant=True) if cfg.batch_invariant
+                        else make_backend(self.device))
         self.kv_caches: list[torch.Tensor] | None = None
         self.kv_cache_dtype = self.dtype  # set by kv_cache_tokens / allocate_kv_cache from --kv-cache-dtype
         self.block_size = self.num_blocks = 0
@@ -205,6 +210,9 @@ class Worker:
             if len(decode_ids) > batch.num_decodes:
                 raise ValueError(f"{len(decode_ids)} device input ids for {batch.num_decodes} decode chunks")
             ids[: len(decode_ids)].copy_(decode_ids)
+        if self.cfg.batch_invariant:
+            with BatchInvariantMode():
+                return self.model(ids, batch=batch)
         return self.model(ids, batch=batch)  # [S, V] full-vocab logits (on every rank)
 
     def execute(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -96,7 +96,7 @@ def flash_varlen_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PrefillPack,
-                            scale: float) -> torch.Tensor:
+                            scale: float, per_sequence: bool = False) -> torch.Tensor:
     """All prefill sequences of a step at once: q [sum(q_lens), H, D] packed by pack.cu_q, k [sum(k_lens), Hkv, D]
     and v [sum(k_lens), Hkv, Dv] packed by pack.cu_k; each sequence's queries are the LAST q_len positions of its
     context (bottom-right causal, as causal_attention). Hkv may divide H (GQA). Returns [sum(q_lens), H, Dv].
@@ -104,8 +104,10 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     On CUDA this is one FlashAttention-2 varlen launch for the whole step instead of a launch (and its padding,
     cat and slice ops) per sequence; elsewhere, or for shapes flash does not take, it loops over causal_attention
     (the Triton backend runs its own varlen kernel there instead: models/attention/triton_backend.py).
+    per_sequence: always the loop (batch-invariant steps: flash's varlen launch may split the keys by a count it
+    picks from the whole step's shape).
     """
-    if flash_varlen_ok(q, k, v):
+    if not per_sequence and flash_varlen_ok(q, k, v):
         dv = v.shape[-1]
         if dv < q.shape[-1]:  # flash wants one head size for q, k and v: pad v (MLA: 128 -> 192), slice after
             v = F.pad(v, (0, q.shape[-1] - dv))
@@ -132,10 +134,26 @@ class TorchAttentionBackend:
 
     name = "torch"
 
+    def __init__(self, batch_invariant: bool = False):
+        # batch_invariant (engine option): each sequence attends over exactly its own context, in its own calls, so
+        # its result cannot depend on the step's other sequences (no padding to the longest context, no packed
+        # varlen launch). models/batch_invariant.py does the same for the GEMMs.
+        self.batch_invariant = batch_invariant
+        if batch_invariant:  # shadows the static method below: the per-sequence loop, never one packed launch
+            self.prefill = functools.partial(varlen_causal_attention, per_sequence=True)
+
     @staticmethod
     def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PrefillPack, scale: float) -> torch.Tensor:
         """The step's prefill chunks: varlen_causal_attention (FlashAttention-2 on CUDA, else a loop over them)."""
         return varlen_causal_attention(q, k, v, pack, scale)
+
+    @staticmethod
+    def _one_context(flat: torch.Tensor, batch: ForwardBatch, i: int) -> torch.Tensor:
+        """Sequence i's whole context, unpadded: flat [slots, ...] -> [L_i, ...] (batch-invariant steps)."""
+        n = batch.seq_lens_cpu[i]
+        blocks = batch.block_tables[i, : (n + batch.block_size - 1) // batch.block_size].long()
+        slots = (blocks[:, None] * batch.block_size + torch.arange(batch.block_size, device=blocks.device))
+        return flat[slots.flatten()[:n]]
 
     @staticmethod
     def _padded_context(flat: torch.Tensor, batch: ForwardBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +172,11 @@ class TorchAttentionBackend:
         """Absorbed MLA decode. q_latent [D, H, C], q_pe [D, H, R], cache [blocks, bs, C + R] -> [D, H, C]
         (attention output still in the latent space; the caller applies the value up-projection)."""
         width = kv_lora_rank + q_pe.shape[-1]
+        if self.batch_invariant:
+            flat = cache.view(-1, cache.shape[-1])
+            out = [self._mla_one(q_latent[i], q_pe[i], self._one_context(flat, batch, i), kv_lora_rank, scale)
+                   for i in range(q_latent.shape[0])]
+            return torch.stack(out) if out else q_latent.new_empty(q_latent.shape)
         ctx, valid = self._padded_context(cache.view(-1, cache.shape[-1]), batch, q_latent.shape[0])  # [D, L, C+R]
         if is_fp8(cache.dtype):  # values [.., :C+R] times the token's scale (kernels/latent_cache.py)
             ctx = ctx[..., :width].float() * latent_scales(ctx, width)
@@ -163,9 +186,28 @@ class TorchAttentionBackend:
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         return torch.einsum("dhl,dlc->dhc", scores.softmax(-1), c_kv).to(q_latent.dtype)
 
+    @staticmethod
+    def _mla_one(q_latent: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, kv_lora_rank: int,
+                 scale: float) -> torch.Tensor:
+        """One sequence's absorbed MLA decode, the same math as mla_decode's: q_latent [H, C], q_pe [H, R],
+        ctx [L, C + R] -> [H, C]."""
+        c_kv, k_pe = ctx[:, :kv_lora_rank].float(), ctx[:, kv_lora_rank:].float()
+        scores = (q_latent.float() @ c_kv.T + q_pe.float() @ k_pe.T) * scale  # [H, L]
+        return (scores.softmax(-1) @ c_kv).to(q_latent.dtype)
+
     def mha_decode(self, q: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
         """q [D, H, hd], cache [2, blocks, bs, Hkv, hd] -> [D, H, hd]."""
         n, h = q.shape[0], q.shape[1]
+        if self.batch_invariant:
+            out = q.new_empty(q.shape)
+            for i in range(n):
+                k = self._one_context(cache[0].flatten(0, 1), batch, i)  # [L, Hkv, hd]
+                v = self._one_context(cache[1].flatten(0, 1), batch, i)
+                rep = h // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1).to(q.dtype), v.repeat_interleave(rep, dim=1).to(q.dtype)
+                out[i] = F.scaled_dot_product_attention(q[i, :, None, :], k.transpose(0, 1), v.transpose(0, 1),
+                                                        scale=scale)[:, 0]  # [H, 1, hd] -> [H, hd]
+            return out
         k, valid = self._padded_context(cache[0].flatten(0, 1), batch, n)  # [D, L, Hkv, hd]
         v, _ = self._padded_context(cache[1].flatten(0, 1), batch, n)
         rep = h // k.shape[2]
