@@ -1,8 +1,17 @@
-"""Launch sweep for the Triton MLA decode (minke/kernels/mla_decode.py) at V2-Lite's shape (16 heads, 512 + 64
-latent), timed as CUDA-graph replays (as decode steps run it): min_split_len x BLOCK_N x warps x stages, per batch
-size at a fixed context. Also times the greedy sampler's argmax over the vocabulary, one reduction vs two stages.
+"""MLA decode kernel (minke/kernels/mla_decode.py) at V2-Lite's shape (16 heads, 512 + 64 latent), old vs new, and a
+launch sweep of the new one, timed as CUDA-graph replays (as decode steps run it). Prints per (batch, context):
+microseconds a layer and the latent bytes moved per second (context tokens x row bytes / time; the query, the
+partials and the output are not counted, so this is the bandwidth the attention gets out of the cache).
 
-    python bench/bench_mla_decode.py --batches 1,32,256 --context 640
+The caches are rotated through enough copies that a graph's calls never find their latents in L2 (an H200 has 60 MB
+of it; a 4K-token sequence's latents are 4.7 MB), so the figure is HBM's, not L2's.
+
+    # old vs new at the default launches, then the new kernel's sweep (TB/s per config and the best)
+    python bench/bench_mla_decode.py --impl old,new --batches 1,16,64,256 --contexts 4096,8192 --sweep
+    python bench/bench_mla_decode.py --impl old,new --batches 1,16,64,256 --contexts 32768,61440 --sweep
+    python bench/bench_mla_decode.py --kv-cache-dtype fp8 --batches 1,16,64 --contexts 8192,32768   # fp8 cache
+    # CPU smoke test (Triton's interpreter, tiny shape, wall-clock times that mean nothing)
+    TRITON_INTERPRET=1 python bench/bench_mla_decode.py --device cpu --tiny --batches 1,2 --contexts 40 --sweep
 """
 
 from __future__ import annotations
@@ -11,56 +20,167 @@ import argparse
 import itertools
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minke.kernels.mla_decode import mla_decode  # noqa: E402
-from tune_fused_moe import time_graph  # noqa: E402
+from minke.kernels import latent_cache  # noqa: E402
+from minke.kernels.mla_decode import (choose_num_kv_splits, default_config, mla_decode, mla_decode_ref,  # noqa: E402
+                                      num_sms)
+
+L2_BYTES = 60 * 2**20  # H200; the copies below keep a graph's working set > 4x this
+
+
+def _time(fns, device) -> float:
+    """Milliseconds per call of the fns (one call each, in turn): a CUDA graph of them on GPU, wall clock on CPU."""
+    if device.type != "cuda":
+        fns[0]()
+        t0 = time.perf_counter()
+        for f in fns:
+            f()
+        return (time.perf_counter() - t0) * 1000 / len(fns)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fns[0]()  # compile / warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    replays = 5
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (len(fns) * replays)
+
+
+def make_inputs(B: int, context: int, heads: int, C: int, R: int, kv_dtype: torch.dtype, device, copies: int,
+                block_size: int = 16, seed: int = 0):
+    """`copies` independent (cache, block table) pairs of B sequences of `context` tokens, shuffled blocks, plus
+    one query. The caches hold random latents (fp8: quantized per token)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    nb = -(-context // block_size)
+    width = latent_cache.cache_row_width(C + R, kv_dtype)
+    sets = []
+    for _ in range(copies):
+        cache = torch.empty(B * nb + 1, block_size, width, dtype=kv_dtype, device=device)
+        if latent_cache.is_fp8(kv_dtype):
+            flat = torch.randn(cache.shape[0] * block_size, C + R, device=device, dtype=dt, generator=g)
+            latent_cache.write_rows(cache, torch.arange(flat.shape[0], device=device), flat)
+        else:
+            cache.normal_(generator=g)
+        tables = torch.randperm(B * nb, device=device, generator=g).view(B, nb).to(torch.int32)
+        sets.append((cache, tables))
+    lens = torch.full((B,), context, device=device, dtype=torch.int32)
+    q = torch.randn(B, heads, C, device=device, dtype=dt, generator=g)
+    pe = torch.randn(B, heads, R, device=device, dtype=dt, generator=g)
+    return sets, lens, q, pe
+
+
+def sweep_configs(B: int, heads: int, context: int, kv_dtype, q_dtype, sms: int, tiny: bool) -> list[dict]:
+    """The new kernel's launches to try: tiles x warps x stages x merge, at the chosen split count, and the split
+    count halved / doubled at the default launch."""
+    base = default_config(B, heads, kv_dtype, q_dtype)
+    block_hs = [base["block_h"]] if heads <= 16 else [16, 32, 64]
+    grid = []
+    for bh, bn, w, st, fuse in itertools.product(block_hs, (16, 32) if tiny else (32, 64), (4, 8), (2, 3),
+                                                 (True, False)):
+        grid.append(dict(block_h=bh, block_n=bn, num_warps=w, num_stages=st, fuse_combine=fuse))
+    auto = choose_num_kv_splits(B, -(-heads // base["block_h"]), context, sms, block_n=base["block_n"])
+    for s in sorted({max(1, auto // 2), min(128, auto * 2)} - {auto}):
+        grid.append(dict(base, num_kv_splits=s))
+    return grid
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="1,32,256")
-    ap.add_argument("--context", type=int, default=640)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--contexts", "--context", default="4096,8192,32768,61440")
     ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--impl", default="old,new", help="old, new or both (old,new)")
+    ap.add_argument("--sweep", action="store_true", help="time the new kernel's launch configurations")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=list(latent_cache.KV_CACHE_DTYPES))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="C=32, R=8 (CPU smoke test under TRITON_INTERPRET=1)")
+    ap.add_argument("--argmax", action="store_true", help="also time the sampler's argmax, one pass vs two stages")
     args = ap.parse_args()
-    dev, dt, bs = torch.device("cuda"), torch.bfloat16, 16
-    g = torch.Generator(device=dev).manual_seed(0)
-    for B in (int(b) for b in args.batches.split(",")):
-        nb = (args.context + bs - 1) // bs
-        cache = torch.randn(B * nb + 1, bs, 576, device=dev, dtype=dt, generator=g)
-        tables = torch.randperm(B * nb, device=dev, generator=g).view(B, nb).to(torch.int32)
-        lens = torch.full((B,), args.context, device=dev, dtype=torch.int32)
-        q = torch.randn(B, args.heads, 512, device=dev, dtype=dt, generator=g)
-        pe = torch.randn(B, args.heads, 64, device=dev, dtype=dt, generator=g)
-        res = []
-        for ms, bn, w, st in itertools.product((64, 128, 256), (32, 64), (4, 8), (1, 2)):
+    device = torch.device(args.device)
+    C, R = (32, 8) if args.tiny else (512, 64)
+    q_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kv_dtype = latent_cache.KV_CACHE_DTYPES[args.kv_cache_dtype] or q_dtype
+    impls = [i for i in args.impl.split(",") if i]
+    if latent_cache.is_fp8(kv_dtype) and "old" in impls:
+        print("note: the old kernel takes no fp8 cache; timing the new one only", flush=True)
+        impls = [i for i in impls if i != "old"]
+    row_bytes = latent_cache.bytes_per_token(C + R, kv_dtype)
+    sms = num_sms(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
+    print(f"device {name}, {sms} SMs; heads {args.heads}, latent {C}+{R}, cache {kv_dtype} ({row_bytes} B/token)",
+          flush=True)
+    for context, B in itertools.product((int(c) for c in args.contexts.split(",")),
+                                        (int(b) for b in args.batches.split(","))):
+        kv_bytes = B * context * row_bytes
+        copies = 1 if device.type != "cuda" else max(1, min(10, -(-4 * L2_BYTES // kv_bytes)))
+        sets, lens, q, pe = make_inputs(B, context, args.heads, C, R, kv_dtype, device, copies)
+        scale = (192) ** -0.5
+
+        def run(**kw):
+            return [lambda c=c, t=t: mla_decode(q, pe, c, t, lens, scale, **kw) for c, t in sets]
+
+        ref = mla_decode_ref(q, pe, sets[0][0], sets[0][1], lens, scale).float() if B * context <= 65536 else None
+        results = {}
+        for impl in impls:
+            out = run(impl=impl)[0]().float()
+            if ref is not None:
+                err = (out - ref).abs().max().item()
+                assert err < 5e-2, f"{impl} kernel differs from the reference by {err}"
+            results[impl] = _time(run(impl=impl), device)
+        line = f"B={B:4d} ctx={context:6d} ({kv_bytes / 2**20:8.1f} MiB):"
+        for impl, ms in results.items():
+            line += f"  {impl} {ms * 1000:8.1f} us {kv_bytes / ms / 1e9:5.2f} TB/s"
+        if "old" in results and "new" in results:
+            line += f"  new/old speed x{results['old'] / results['new']:.2f}"
+        print(line, flush=True)
+        if not args.sweep:
+            continue
+        timed = []
+        for cfg in sweep_configs(B, args.heads, context, kv_dtype, q_dtype, sms, args.tiny):
             try:
-                t = time_graph(lambda: mla_decode(q, pe, cache, tables, lens, 0.1, min_split_len=ms, block_n=bn,
-                                                  num_warps=w, num_stages=st))
-            except Exception as e:  # out of resources for this tile
-                print(f"  B={B} skip {(ms, bn, w, st)}: {type(e).__name__}", flush=True)
+                out = run(**cfg)[0]().float()
+                if ref is not None and (out - ref).abs().max().item() >= 5e-2:
+                    print(f"    WRONG RESULT {cfg}", flush=True)
+                    continue
+                ms = _time(run(**cfg), device)
+            except Exception as e:  # out of resources (shared memory, registers) for this tile
+                print(f"    skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
                 continue
-            res.append((t, ms, bn, w, st))
-        res.sort()
-        default = next(r for r in res if r[1:] == (64, 32, 4, 2))
-        print(f"B={B:4d} ctx={args.context}: default {default[0] * 1000:.1f} us; best "
-              + ", ".join(f"{t * 1000:.1f} us (min_split {ms}, block_n {bn}, warps {w}, stages {st})"
-                          for t, ms, bn, w, st in res[:4]), flush=True)
-    for B in (1, 32, 256):
-        logits = torch.randn(B, 102400, device=dev)
-        one = time_graph(lambda: logits.argmax(-1))
+            timed.append((ms, cfg))
+            print(f"    {ms * 1000:8.1f} us {kv_bytes / ms / 1e9:5.2f} TB/s  {cfg}", flush=True)
+        if timed:
+            ms, cfg = min(timed, key=lambda r: r[0])
+            print(f"  best B={B} ctx={context}: {ms * 1000:.1f} us {kv_bytes / ms / 1e9:.2f} TB/s {cfg}", flush=True)
+        del sets
+    if args.argmax and device.type == "cuda":
+        for B in (1, 32, 256):
+            logits = torch.randn(B, 102400, device=device)
+            one = _time([lambda: logits.argmax(-1)], device)
 
-        def two_stage():
-            v, i = logits.view(B, 100, 1024).max(-1)  # [B, 100] per-chunk maxima
-            j = v.argmax(-1, keepdim=True)
-            return i.gather(1, j).squeeze(1) + j.squeeze(1) * 1024
+            def two_stage():
+                v, i = logits.view(B, 100, 1024).max(-1)  # [B, 100] per-chunk maxima
+                j = v.argmax(-1, keepdim=True)
+                return i.gather(1, j).squeeze(1) + j.squeeze(1) * 1024
 
-        assert torch.equal(two_stage(), logits.argmax(-1))
-        print(f"argmax [B={B}, 102400]: one pass {one * 1000:.1f} us, two stages {time_graph(two_stage) * 1000:.1f} us",
-              flush=True)
+            assert torch.equal(two_stage(), logits.argmax(-1))
+            print(f"argmax [B={B}, 102400]: one pass {one * 1000:.1f} us, two stages "
+                  f"{_time([two_stage], device) * 1000:.1f} us", flush=True)
     return 0
 
 

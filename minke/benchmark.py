@@ -135,6 +135,68 @@ def bench_decode(llm, batch: int, prompt_len: int, new_tokens: int, vocab: int) 
             "decode_tok_per_s": batch * steps / decode_s, "step_ms": 1000 * decode_s / steps}
 
 
+def _unique_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """n prompts of `length` tokens that share no block (their first tokens differ), so prefix caching cannot
+    make a batch's sequences read the same latents (which L2 would then serve instead of HBM)."""
+    prompts = _prompts(n, length, vocab, seed)
+    for i, p in enumerate(prompts):
+        p[0] = 100 + i % max(1, min(vocab, 100000) - 100)
+    return prompts
+
+
+def bench_context(llm, contexts, batches, new_tokens: int, vocab: int, log=print) -> list[dict]:
+    """Long contexts: per context length, the time to first token of one prompt of that many tokens (chunked
+    prefill over the growing cached prefix) and the transient GPU memory it took, then decode at each batch size
+    with prompts of that length (steady-state step time after the last prefill). Cases that need more tokens than
+    the KV cache holds are reported as skipped."""
+    from .sampling_params import SamplingParams
+
+    runner = llm.llm_engine.runner
+    capacity, max_len = runner.capacity_tokens, llm.llm_engine.max_model_len
+    out = []
+    for ctx in contexts:
+        row: dict = {"context": ctx}
+        if ctx + new_tokens > max_len:
+            row["skipped"] = f"context {ctx} + {new_tokens} new tokens > max_model_len {max_len}"
+            log(f"context {ctx}: {row['skipped']}")
+            out.append(row)
+            continue
+        p1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        prompt = _unique_prompts(1, ctx, vocab, 7 + ctx)
+        if torch.cuda.is_available():
+            _sync()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        _sync()
+        t = time.perf_counter()
+        llm.generate(prompt, p1, use_tqdm=False)
+        _sync()
+        ttft = time.perf_counter() - t
+        row["prefill"] = {"ttft_s": ttft, "tok_per_s": ctx / ttft}
+        if torch.cuda.is_available():
+            row["prefill"]["transient_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        log(f"context {ctx}: prefill TTFT {ttft:.2f}s ({ctx / ttft:.0f} tok/s)"
+            + (f", transient {row['prefill']['transient_gib']:.2f} GiB" if "transient_gib" in row["prefill"] else ""))
+        row["decode"] = []
+        for b in batches:
+            need = b * (ctx + new_tokens)
+            if need > capacity:
+                row["decode"].append({"batch": b, "skipped": f"needs {need} KV tokens, capacity {capacity}"})
+                log(f"context {ctx} decode batch {b}: skipped (needs {need} KV tokens, capacity {capacity})")
+                continue
+            p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+            outs = llm.generate(_unique_prompts(b, ctx, vocab, 1000 * b + ctx), p, use_tqdm=False)
+            last_first = max(o.metrics.first_token_time for o in outs)
+            end = max(o.metrics.finished_time for o in outs)
+            decode_s = max(end - last_first, 1e-9)
+            steps = new_tokens - 1
+            r = {"batch": b, "decode_tok_per_s": b * steps / decode_s, "step_ms": 1000 * decode_s / steps}
+            row["decode"].append(r)
+            log(f"context {ctx} decode batch {b}: {r['decode_tok_per_s']:.0f} tok/s ({r['step_ms']:.2f} ms/step)")
+        out.append(row)
+    return out
+
+
 def bench_throughput(llm, num_requests: int, vocab: int, seed: int = 0, min_in=32, max_in=1024, min_out=16,
                      max_out=512) -> dict:
     from .sampling_params import SamplingParams
@@ -261,10 +323,17 @@ def hf_decode(hf, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> d
 def run_bench(model: str | None, shape: str | None, *, tokenizer: str | None = None, num_layers: int | None = None,
               batches=(1, 8, 32, 128, 256), prompt_len=512, new_tokens=128, prefill_tokens=2048,
               num_requests=1000, hf_batches=(1, 32), hf_new_tokens=32, compare_transformers=True,
-              engine_kwargs: dict | None = None, throughput_kwargs: dict | None = None, log=print) -> dict:
+              engine_kwargs: dict | None = None, throughput_kwargs: dict | None = None, log=print,
+              contexts=None, context_batches=(1, 16, 64), context_new_tokens=32) -> dict:
+    """contexts: long-context mode (`minke bench --context 8192,32768,131072`): only bench_context's cases, at
+    the max_model_len the engine chooses (the config's positions, capped to the KV cache with its notice) unless
+    engine_kwargs gives one."""
     from .engine.llm import LLM
 
     kw = dict(dtype="bfloat16", max_model_len=4096, max_num_seqs=max(256, max(batches)))
+    if contexts:
+        kw.pop("max_model_len")
+        kw["max_num_seqs"] = max(context_batches)
     kw.update(engine_kwargs or {})
     if model is None:
         model = shape_dir(shape, tokenizer, num_layers)
@@ -283,6 +352,13 @@ def run_bench(model: str | None, shape: str | None, *, tokenizer: str | None = N
                  "engine_kwargs": kw}
     vocab = cfg_dict["vocab_size"]
     log(f"start-up {res['startup_s']:.1f}s, KV capacity {res['kv_capacity_tokens']} tokens")
+    res["kv_cache_dtype"] = llm.llm_engine.cfg.kv_cache_dtype
+    if contexts:
+        res["max_model_len"] = llm.llm_engine.max_model_len
+        res["context"] = bench_context(llm, contexts, context_batches, context_new_tokens, vocab, log)
+        if torch.cuda.is_available():
+            res["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return res
     res["prefill"] = bench_prefill(llm, prefill_tokens, vocab)
     log(f"prefill {prefill_tokens}: {res['prefill']['tok_per_s']:.0f} tok/s")
     res["decode"] = []

@@ -8,13 +8,13 @@ import importlib
 import sys
 
 # subcommand -> module under minke.commands
-COMMANDS = ("generate", "chat", "serve", "bench", "finetune", "train")
+COMMANDS = ("generate", "chat", "serve", "bench", "finetune", "train", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
-    parser = argparse.ArgumentParser(prog="minke", description="Run, serve and fine-tune DeepSeek models.")
+    parser = argparse.ArgumentParser(prog="minke", description="Run, serve, fine-tune and evaluate DeepSeek models.")
     parser.add_argument("--version", action="version", version=f"minke {__version__}")
     # The deepspeed launcher (`deepspeed --module minke.cli finetune ...`) puts --local_rank=N before the subcommand.
     parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,

@@ -11,7 +11,8 @@ import minke.kernels.mla_decode as _kmod
 from minke.kernels.mla_decode import mla_decode, mla_decode_ref
 from conftest import kernel_test_setup
 
-DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._mla_decode_stage1_kernel)
+DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._mla_decode_kernel)
+IMPLS = ["new", "old"]
 
 C, R, H, BS = 32, 8, 4, 4
 
@@ -70,11 +71,12 @@ def test_ref_matches_dense_computation():
 
 
 @needs_triton
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("num_kv_splits", [1, 3, 8])  # 8 > some lengths: empty splits must be skipped
-def test_kernel_matches_ref_fp32(num_kv_splits):
+def test_kernel_matches_ref_fp32(num_kv_splits, impl):
     (q, qpe, cache, bt, lens), dense = _make_case(LENS, torch.float32, seed=2)
     scale = 0.7 * (C + R) ** -0.5
-    out = mla_decode(q, qpe, cache, bt, lens, scale, num_kv_splits=num_kv_splits)
+    out = mla_decode(q, qpe, cache, bt, lens, scale, num_kv_splits=num_kv_splits, impl=impl)
     ref = mla_decode_ref(q, qpe, cache, bt, lens, scale)
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -82,23 +84,25 @@ def test_kernel_matches_ref_fp32(num_kv_splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("min_split_len", [4, 7, 64])  # 4/7: some sequences use 2-4 of the 8 splits; 64: one each
-def test_min_split_len_uses_fewer_splits_same_result(min_split_len):
+def test_min_split_len_uses_fewer_splits_same_result(min_split_len, impl):
     """Short contexts in a launch sized for long ones: splits of at least min_split_len tokens, fewer used."""
     (q, qpe, cache, bt, lens), _ = _make_case(LENS, torch.float32, seed=5)
     scale = (C + R) ** -0.5
-    out = mla_decode(q, qpe, cache, bt, lens, scale, num_kv_splits=8, min_split_len=min_split_len)
+    out = mla_decode(q, qpe, cache, bt, lens, scale, num_kv_splits=8, min_split_len=min_split_len, impl=impl)
     torch.testing.assert_close(out, mla_decode_ref(q, qpe, cache, bt, lens, scale), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="min_split_len"):
         mla_decode(q, qpe, cache, bt, lens, scale, min_split_len=0)
 
 
 @needs_triton
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_matches_ref_half(dtype):
+def test_kernel_matches_ref_half(dtype, impl):
     (q, qpe, cache, bt, lens), _ = _make_case(LENS, dtype, seed=3)
     scale = (C + R) ** -0.5
-    out = mla_decode(q, qpe, cache, bt, lens, scale, num_kv_splits=2)
+    out = mla_decode(q, qpe, cache, bt, lens, scale, num_kv_splits=2, impl=impl)
     ref = mla_decode_ref(q, qpe, cache, bt, lens, scale)
     assert out.dtype == dtype
     # p is rounded to the input dtype before the value dot, and the output once more: a few ulp of bf16.
@@ -106,18 +110,20 @@ def test_kernel_matches_ref_half(dtype):
 
 
 @needs_triton
-def test_default_splits_many_heads_and_long_context():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_default_splits_many_heads_and_long_context(impl):
     # H=20 spans two 16-head program blocks (the second one partly masked); a 70-token context spans several
     # BLOCK_N tiles inside one split; default num_kv_splits path.
     (q, qpe, cache, bt, lens), dense = _make_case([70, 2], torch.float32, seed=4, H=20)
-    out = mla_decode(q, qpe, cache, bt, lens, 0.1)
+    out = mla_decode(q, qpe, cache, bt, lens, 0.1, **({"block_h": 16} if impl == "new" else {"impl": "old"}))
     torch.testing.assert_close(out.cpu(), _dense_attention(q, qpe, dense, 0.1), rtol=1e-5, atol=1e-5)
 
 
 @needs_triton
-def test_empty_context_gives_zeros_and_leaves_others_alone():
+@pytest.mark.parametrize("impl,fuse", [("old", None), ("new", True), ("new", False)])
+def test_empty_context_gives_zeros_and_leaves_others_alone(impl, fuse):
     (q, qpe, cache, bt, lens), dense = _make_case([0, 6], torch.float32, seed=5)
-    out = mla_decode(q, qpe, cache, bt, lens, 0.2, num_kv_splits=4)
+    out = mla_decode(q, qpe, cache, bt, lens, 0.2, num_kv_splits=4, impl=impl, fuse_combine=fuse)
     assert torch.equal(out[0].cpu(), torch.zeros(H, C))
     torch.testing.assert_close(out.cpu(), mla_decode_ref(q, qpe, cache, bt, lens, 0.2).cpu(), rtol=1e-5, atol=1e-5)
 
@@ -163,3 +169,100 @@ def test_module_imports_without_triton(monkeypatch):
     assert torch.equal(fresh.mla_decode_ref(q, qpe, cache, bt, lens, 0.5), mla_decode_ref(q, qpe, cache, bt, lens, 0.5))
     with pytest.raises(RuntimeError, match="triton is not installed"):
         fresh.mla_decode(q, qpe, cache, bt, lens, 0.5)
+
+
+# ---------------------------------------------------------------- the new kernel's own options, the fp8 cache
+
+from minke.kernels import latent_cache  # noqa: E402
+from minke.kernels.mla_decode import choose_num_kv_splits  # noqa: E402
+
+
+@needs_triton
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("block_h,block_n", [(16, 16), (32, 32), (64, 16)])
+def test_new_kernel_launch_options_same_result(block_h, block_n, fuse):
+    """Head blocks of 16 / 32 / 64 (H=20: one partly-masked block, or padded heads), tile sizes, and the merge
+    fused into the last split vs a second launch: all the reference's result."""
+    (q, qpe, cache, bt, lens), dense = _make_case(LENS + [41], torch.float32, seed=11, H=20)
+    out = mla_decode(q, qpe, cache, bt, lens, 0.3, num_kv_splits=5, block_h=block_h, block_n=block_n,
+                     fuse_combine=fuse)
+    torch.testing.assert_close(out.cpu(), _dense_attention(q, qpe, dense, 0.3), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_fused_merge_resets_its_tickets_between_calls():
+    """The fused merge counts finished splits in a scratch counter and the merging program puts it back to 0: a
+    second call on the same inputs (a CUDA-graph replay reuses the buffers) gives the same result."""
+    (q, qpe, cache, bt, lens), _ = _make_case([30, 13, 1], torch.float32, seed=12)
+    a = mla_decode(q, qpe, cache, bt, lens, 0.2, num_kv_splits=4, block_n=16, fuse_combine=True)
+    b = mla_decode(q, qpe, cache, bt, lens, 0.2, num_kv_splits=4, block_n=16, fuse_combine=True)
+    assert torch.equal(a, b)
+
+
+def _to_fp8_cache(cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A [blocks, bs, C + R] cache rewritten in the fp8 layout (kernels/latent_cache.py), row by row."""
+    nb, bs, w = cache.shape
+    out = torch.zeros(nb, bs, latent_cache.fp8_row_width(w), dtype=dtype, device=cache.device)
+    latent_cache.write_rows(out, torch.arange(nb * bs, device=cache.device), cache.reshape(-1, w))
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cache_matches_ref_over_the_dequantized_cache(kv_dtype, q_dtype):
+    """Dequantization fused into the kernel: the same attention as the reference over the dequantized rows (the
+    rounding of the cache itself is the reference's too; bench/kv_fp8_accuracy.py measures what it costs)."""
+    (q, qpe, cache, bt, lens), _ = _make_case(LENS, q_dtype, seed=13)
+    cache8 = _to_fp8_cache(cache, kv_dtype)
+    ref = mla_decode_ref(q, qpe, cache8, bt, lens, 0.25)
+    deq = latent_cache.dequantize_cache(cache8, C + R, torch.float32)
+    ref32 = mla_decode_ref(q.float(), qpe.float(), deq, bt, lens, 0.25)
+    torch.testing.assert_close(ref.float(), ref32, rtol=1e-5 if q_dtype == torch.float32 else 1e-2, atol=1e-2)
+    for fuse in (True, False):
+        out = mla_decode(q, qpe, cache8, bt, lens, 0.25, num_kv_splits=3, block_n=16, fuse_combine=fuse)
+        tol = 1e-5 if q_dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    # and the fp8 result is near the full-precision one (e4m3: ~2^-4 relative per value; e5m2: 2^-3)
+    full = mla_decode_ref(q.float(), qpe.float(), cache.float(), bt, lens, 0.25)
+    err = (ref.float() - full).abs().max().item()
+    assert err < (0.25 if kv_dtype == torch.float8_e4m3fn else 0.5), err
+    with pytest.raises(ValueError, match="impl='old'"):
+        mla_decode(q, qpe, cache8, bt, lens, 0.25, impl="old")
+    with pytest.raises(ValueError, match="fp8_row_width"):
+        mla_decode(q, qpe, cache8[..., :C + R], bt, lens, 0.25)
+
+
+def test_choose_num_kv_splits_fills_the_sms_and_no_more():
+    sms = 132  # an H200
+    one = choose_num_kv_splits(1, 1, 32768, sms)
+    assert 64 < one <= 128  # a lone sequence is cut ~SM-count ways (the old cap of 64 idled half the GPU)
+    assert choose_num_kv_splits(256, 1, 8192, sms) == 1  # 256 programs already fill the GPU: no merge at all
+    b16 = choose_num_kv_splits(16, 1, 8192, sms)
+    assert 16 * b16 <= 2 * sms and b16 > 1
+    # fewer splits as the batch grows, never more than the context allows at min_split_len tokens a split
+    counts = [choose_num_kv_splits(b, 1, 65536, sms) for b in (1, 2, 4, 16, 64, 256)]
+    assert counts == sorted(counts, reverse=True), counts
+    assert choose_num_kv_splits(1, 1, 640, sms, min_split_len=64) <= 10
+    assert choose_num_kv_splits(1, 1, 63, sms, min_split_len=64) == 1
+    assert choose_num_kv_splits(0, 1, 4096, sms) == 1
+    assert choose_num_kv_splits(1, 1, 1 << 20, sms, max_splits=16) == 16
+    with pytest.raises(ValueError, match="num_sms"):
+        choose_num_kv_splits(1, 1, 4096, 0)
+
+
+def test_latent_cache_fp8_layout_round_trip():
+    rows = torch.randn(10, C + R) * torch.logspace(-3, 2, 10)[:, None]  # tokens of very different magnitudes
+    for dt in latent_cache.FP8_DTYPES:
+        cache = torch.zeros(3, 4, latent_cache.fp8_row_width(C + R), dtype=dt)
+        assert cache.shape[-1] % 16 == 0 and cache.shape[-1] >= C + R + 4
+        slots = torch.tensor([0, 5, 6, 7, 1, 2, 3, 11, 10, 9])
+        latent_cache.write_rows(cache, slots, rows)
+        back = latent_cache.read_rows(cache, slots, C + R, torch.float32)
+        rel = 2.0 ** -4 if dt == torch.float8_e4m3fn else 2.0 ** -3  # half an ulp of the format, relative
+        bound = rel * rows.abs() + rows.abs().amax(-1, keepdim=True) * 2.0 ** -16  # + subnormal slack
+        assert ((back - rows).abs() <= bound).all()
+        torch.testing.assert_close(latent_cache.round_trip(rows, dt), back)
+        # per-token scales: the small tokens keep their relative precision
+        assert (latent_cache.latent_scales(cache, C + R).view(-1)[slots] > 0).all()
+    assert latent_cache.bytes_per_token(576, torch.bfloat16) / latent_cache.bytes_per_token(576, torch.float8_e4m3fn) >= 1.9

@@ -116,6 +116,40 @@ def test_mixed_dtypes_round_like_torch():
 
 
 @needs_triton
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("case", [(5, 3, 16, 32, 8), (3, 16, 128, 512, 64)])
+def test_fp8_cache_write_quantizes_per_token(case, kv_dtype):
+    """An fp8 latent cache (kernels/latent_cache.py): the kernel writes each row / its scale in fp8 and the scale
+    amax(|row|) / fp8 max, as the reference does; the other rows (and their scales) stay as they were."""
+    from minke.kernels import latent_cache
+
+    n, h, nope, c, r = case
+    kv_a, q, cos, sin, w, eps, _, slots = _inputs(n, h, nope, c, r, torch.float32, seed=21)
+    blocks, bs = 6, 4
+    cache = torch.zeros(blocks, bs, latent_cache.fp8_row_width(c + r), dtype=kv_dtype, device=DEVICE)
+    latent_cache.write_rows(cache, torch.arange(blocks * bs, device=DEVICE), torch.randn(blocks * bs, c + r, device=DEVICE))
+    before, ref_cache = cache.clone(), cache.clone()
+    ref = mla_prologue_ref(kv_a, q, cos, sin, w, eps, ref_cache, slots)
+    out = mla_prologue(kv_a, q, cos, sin, w, eps, cache, slots)
+    for o, rf in zip(out, ref):
+        torch.testing.assert_close(o, rf, **_tol(torch.float32))
+    sc, ref_sc = latent_cache.latent_scales(cache, c + r).view(-1), latent_cache.latent_scales(ref_cache, c + r).view(-1)
+    torch.testing.assert_close(sc[slots], ref_sc[slots], rtol=1e-6, atol=0)
+    # the values: the same fp8 numbers, up to one fp8 step where the kernel's fp32 division rounds differently
+    got = latent_cache.read_rows(cache, slots, c + r, torch.float32)
+    want = latent_cache.read_rows(ref_cache, slots, c + r, torch.float32)
+    step = 2.0 ** -3 if kv_dtype == torch.float8_e4m3fn else 2.0 ** -2
+    assert ((got - want).abs() <= step * want.abs() + 1e-6 * sc[slots, None]).all()
+    # ... close to the row the prologue returned
+    row = torch.cat(out[1:], -1).float()
+    assert ((got - row).abs() <= step * row.abs() + row.abs().amax(-1, keepdim=True) * 2.0 ** -14).all()
+    keep = torch.ones(blocks * bs, dtype=torch.bool, device=DEVICE)
+    keep[slots] = False
+    assert torch.equal(cache.view(-1, cache.shape[-1])[keep].view(torch.uint8),
+                       before.view(-1, cache.shape[-1])[keep].view(torch.uint8))
+
+
+@needs_triton
 def test_negative_slots_write_nothing():
     """A slot < 0 (padding) leaves the cache alone; the token's q_pe / c_kv / k_pe are still computed."""
     kv_a, q, cos, sin, w, eps, cache, slots = _inputs(3, 2, 16, 32, 8, torch.float32, seed=5)

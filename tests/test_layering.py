@@ -29,6 +29,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("lora", ("lora",)),
     ("runner", ("runner",)),
     ("engine", ("engine",)),
+    # minke eval: runs on the engine (or over HTTP), never on the server's internals; commands import it.
+    ("eval", ("eval",)),
     ("top", ("server", "commands", "train", "benchmark", "cli", "__init__")),
 ]
 

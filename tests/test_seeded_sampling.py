@@ -131,8 +131,10 @@ def test_engine_seeded_request_ignores_the_batch(ckpts, async_scheduling):
 
 def test_default_model_issue_case():
     """The issue's case on the embedded default model: "Once upon a time", seed 1234, temperature 1, 96 tokens,
-    alone and beside 31 others arriving around it."""
-    llm = LLM(device="cpu")
+    alone and beside 31 others arriving around it. With batch_invariant: without it the target's logits rows
+    differ from step 58 on (bench/batch_invariance.py), and whether a token flips within 96 depends on the BLAS
+    (issue 24: 2 of 16 runs); tests/test_batch_invariant.py checks the logits rows too."""
+    llm = LLM(device="cpu", batch_invariant=True)
     engine = llm.llm_engine
     tok = llm.get_tokenizer()
     p = SamplingParams(temperature=1.0, seed=1234, max_tokens=STEPS, ignore_eos=True)

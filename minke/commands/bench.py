@@ -31,6 +31,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--hf-batches", default="1,32", help="transformers decode batch sizes (default: %(default)s)")
     p.add_argument("--hf-new-tokens", type=int, default=32,
                    help="tokens per transformers decode run (default: %(default)s)")
+    p.add_argument("--context", default=None,
+                   help="long-context mode: comma-separated context lengths (e.g. 8192,32768,131072): prefill "
+                        "time to first token and decode at --context-batches for each, instead of the other cases "
+                        "(max_model_len: the config's, capped to the KV cache, unless --max-model-len)")
+    p.add_argument("--context-batches", default="1,16,64",
+                   help="decode batch sizes of the --context runs (default: %(default)s)")
+    p.add_argument("--context-new-tokens", type=int, default=32,
+                   help="tokens generated per --context decode run (default: %(default)s)")
     p.add_argument("--output", default=None, help="write the results as JSON here (default: stdout only)")
     return p
 
@@ -47,7 +55,10 @@ def run(args) -> int:
                     new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens, num_requests=args.num_requests,
                     hf_batches=[int(b) for b in args.hf_batches.split(",") if b],
                     hf_new_tokens=args.hf_new_tokens, compare_transformers=not args.no_transformers,
-                    engine_kwargs=kw)
+                    engine_kwargs=kw,
+                    contexts=[int(c) for c in args.context.split(",")] if args.context else None,
+                    context_batches=[int(b) for b in args.context_batches.split(",")],
+                    context_new_tokens=args.context_new_tokens)
     text = json.dumps(res, indent=2, default=str)
     if args.output:
         with open(args.output, "w") as f:

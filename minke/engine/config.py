@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.latent_cache import KV_CACHE_DTYPES
 from ..lora.config import LoRAConfig
 from ..runner.kv_cache import CacheConfig
 from ..runner.quantization import QUANTIZATION_METHODS, check_quantization_method
@@ -52,6 +53,11 @@ class EngineConfig:
         None, f"most tokens per step (default {DEFAULT_MAX_NUM_BATCHED_TOKENS}; without chunked prefill: "
               "max_model_len)", type=int)
     block_size: int = _opt(16, "tokens per KV cache block", type=int)
+    # vLLM's and SGLang's flag. MLA (deepseek_v2) only: the 576-wide latent as fp8 with a float32 scale per token,
+    # 592 bytes a token against bf16's 1152 (kernels/latent_cache.py; accuracy: bench/kv_fp8_accuracy.py).
+    kv_cache_dtype: str = _opt("auto", "auto (the model dtype) | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2: the MLA "
+                                       "latent cache in fp8 with a scale per token, ~1.95x the tokens (deepseek_v2 "
+                                       "only)", choices=list(KV_CACHE_DTYPES))
     enable_prefix_caching: bool = _opt(True, "share the KV blocks of common prompt prefixes")
     enable_chunked_prefill: bool = _opt(True, "split long prompts over several steps")
     enforce_eager: bool = _opt(False, "no CUDA graphs")
@@ -77,6 +83,10 @@ class EngineConfig:
                                           "at load (W8A8 on GPUs in bf16/fp16; default: none)",
                                     "--quantization", "-q",
                                     choices=list(QUANTIZATION_METHODS))
+    # vLLM's VLLM_BATCH_INVARIANT=1, as an option: costs speed, so off by default (models/batch_invariant.py).
+    batch_invariant: bool = _opt(False, "every token's logits, hence a seeded request's output, independent of "
+                                        "what shares its batch (plain torch model code, no CUDA graphs, products "
+                                        "row by row: slower)")
     generation_config: str = _opt("auto", "sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, "
                                           "max_new_tokens) where a call leaves them unset: auto = the model's "
                                           "generation_config.json, vllm = ignore it, or a directory holding one")
@@ -108,6 +118,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         check_quantization_method(self.quantization)
         if self.enable_lora:
             self.lora_config()  # checks max_loras / max_lora_rank / max_cpu_loras
@@ -118,6 +130,19 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda")
+        if self.batch_invariant and self.tensor_parallel_size > 1:
+            # An all-reduce's summation order follows the message size (NCCL/gloo pick algorithms by it).
+            raise ValueError("batch_invariant needs tensor_parallel_size 1: the all-reduce's summation order "
+                             "depends on the step's size")
+        if self.batch_invariant and self.quantization is not None:
+            raise ValueError("batch_invariant does not combine with quantization (the fp8 GEMMs have no row-by-row "
+                             "path)")
+        if self.batch_invariant and self.kv_cache_dtype != "auto":
+            raise ValueError("batch_invariant does not combine with an fp8 KV cache (kv_cache_dtype "
+                             f"{self.kv_cache_dtype!r}): its per-sequence attention reads the model-dtype cache")
+        if self.batch_invariant and self.enable_lora:
+            raise ValueError("batch_invariant does not combine with enable_lora (the adapters' segmented GEMMs group "
+                             "rows by adapter)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
 
@@ -135,7 +160,8 @@ class EngineConfig:
                             expert_parallel=self.enable_expert_parallel, dtype=self.dtype, device=self.device,
                             load_format=self.load_format, seed=self.seed, config=model_config,
                             custom_all_reduce=not self.disable_custom_all_reduce, quantization=self.quantization,
-                            lora=self.lora_config(model_config) if self.enable_lora else None)
+                            lora=self.lora_config(model_config) if self.enable_lora else None,
+                            batch_invariant=self.batch_invariant)
 
     def lora_config(self, model_config=None) -> LoRAConfig:
         """The runner's LoRA settings. Its index buffer holds the largest step: max_num_batched_tokens (without
@@ -149,7 +175,8 @@ class EngineConfig:
     def cache_config(self) -> CacheConfig:
         profile = min(self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_BATCHED_TOKENS)
         return CacheConfig(self.block_size, self.kv_cache_tokens, self.kv_cache_gib, self.gpu_memory_utilization,
-                           profile, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len)
+                           profile, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+                           kv_cache_dtype=self.kv_cache_dtype)
 
     def step_token_budget(self, max_model_len: int) -> int:
         """Tokens per step: max_num_batched_tokens, or the default (chunked prefill) / the whole context (not)."""

@@ -67,9 +67,18 @@ class LLMEngine:
         self.num_step_failures = 0  # steps that failed (each recovered from)
         if self.async_scheduling:
             logger.info("async scheduling: the next step is queued while the GPU runs the current one")
-        logger.info("KV cache: %d blocks x %d = %d tokens (%.1f KiB/token); max_model_len %d",
+        logger.info("KV cache: %d blocks x %d = %d tokens (%.1f KiB/token%s); max_model_len %d",
                     self.runner.num_blocks, cfg.block_size, self.runner.capacity_tokens,
-                    self.runner.kv_bytes_per_token / 1024, self.max_model_len)
+                    self.runner.kv_bytes_per_token / 1024, self._kv_dtype_note(), self.max_model_len)
+
+    def _kv_dtype_note(self) -> str:
+        """', fp8 ... = 1.95x the tokens of bfloat16' when --kv-cache-dtype is not the model dtype, else ''."""
+        if self.cfg.kv_cache_dtype == "auto":
+            return ""
+        worker = self.runner.executor.worker
+        ratio = worker.kv_bytes_per_token("auto") / self.runner.kv_bytes_per_token
+        return (f", {self.cfg.kv_cache_dtype} ({str(worker.kv_cache_dtype).removeprefix('torch.')}, a scale per "
+                f"token): {ratio:.2f}x the tokens of {str(self.runner.dtype).removeprefix('torch.')}")
 
     def _resolve_max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings

@@ -7,11 +7,17 @@ output (out @ W_UV, applied by the caller), so every head attends directly over 
     scores[b, h, t] = (q_latent[b, h] . c_kv[t] + q_pe[b, h] . k_pe[t]) * sm_scale        t < context_lens[b]
     out[b, h]       = softmax_t(scores[b, h]) @ c_kv                                       (values = the latents)
 
-All heads share one K/V row per token (MQA-like), so one program loads a tile of latent rows once and uses it for
-BLOCK_H heads at a time (tl.dot [BLOCK_H, C] x [C, BLOCK_N]), as FlashMLA and SGLang's grouped decode kernel do.
-Decode has few queries per sequence, so to fill the GPU the context is cut into `num_kv_splits` pieces (split-K /
-flash-decoding): stage 1 computes, per split, the softmax-normalised partial output and its log-sum-exp; stage 2
-merges the splits with the usual max-rescaling. All accumulation is fp32; inputs may be bf16, fp16 or fp32.
+All heads share one latent row per token (MQA-like), so one program loads a tile of latent rows once and uses it
+for BLOCK_H heads at a time (tl.dot [BLOCK_H, C] x [C, BLOCK_N]), as FlashMLA and SGLang's grouped decode kernel do:
+with V2-Lite's 16 heads (and V2's 128 over 8 ranks) one program holds every head, so HBM reads each latent byte
+exactly once per step. Decode has one query row per sequence, so to fill the GPU the context is cut into
+`num_kv_splits` pieces (split-K / flash-decoding), their count from batch, context capacity and SM count
+(choose_num_kv_splits); each split writes its softmax-normalised partial output and log2-sum-exp, and the last
+split of a sequence to finish merges them in the same launch (fuse_combine; else kernels/splitk_combine.py runs
+after). One split writes the output directly. All accumulation is fp32; q may be bf16, fp16 or fp32; the cache the
+same dtype, or fp8 with a scale per token (kernels/latent_cache.py), widened to q's dtype in the kernel (exact) with
+the scale folded into the scores and probabilities. The previous kernel stays selectable (impl="old",
+kernels/mla_decode_old.py) until bench/bench_mla_decode.py has measured both on the GPU.
 
 Paging: token t of sequence b lives in physical block block_tables[b, t // block_size], row t % block_size.
 
@@ -21,11 +27,17 @@ this without a host sync (which would also break CUDA-graph capture); mla_decode
 
 Public API:
     mla_decode(q_latent, q_pe, kv_cache, block_tables, context_lens, sm_scale, num_kv_splits=None,
-               min_split_len=None) -> [B, H, C]
+               min_split_len=None, block_n=None, num_warps=None, num_stages=None, block_h=None,
+               fuse_combine=None, impl="new") -> [B, H, C]
     mla_decode_ref(...same...)   torch reference, loops over sequences and gathers by the block table
+    choose_num_kv_splits(batch, num_head_blocks, max_context, num_sms, ...)   the split count
+    default_config(batch, num_heads, kv_dtype, q_dtype)   the launch used when none is given
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -33,9 +45,15 @@ from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
+from .latent_cache import cache_row_width, is_fp8, latent_scales, read_rows
+from .splitk_combine import splitk_combine
+
+if _HAS_TRITON:
+    from .splitk_combine import split_cut
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_KV_SPLITS = 64
+_MAX_KV_SPLITS = 128
+_LOG2E = math.log2(math.e)
 
 
 def _check_inputs(q_latent, q_pe, kv_cache, block_tables, context_lens) -> tuple[int, int, int, int, int]:
@@ -46,17 +64,17 @@ def _check_inputs(q_latent, q_pe, kv_cache, block_tables, context_lens) -> tuple
     if q_pe.dim() != 3 or q_pe.shape[:2] != (B, H):
         raise ValueError(f"mla_decode: q_pe must be [B={B}, H={H}, R], got shape {tuple(q_pe.shape)}")
     R = q_pe.shape[2]
-    if kv_cache.dim() != 3 or kv_cache.shape[2] != C + R:
-        raise ValueError(
-            f"mla_decode: kv_cache must be [num_blocks, block_size, C + R = {C} + {R}], got {tuple(kv_cache.shape)}"
-        )
+    width = cache_row_width(C + R, kv_cache.dtype)
+    if kv_cache.dim() != 3 or kv_cache.shape[2] != width:
+        what = f"C + R = {C} + {R}" if width == C + R else f"fp8_row_width(C + R = {C} + {R}) = {width}"
+        raise ValueError(f"mla_decode: kv_cache must be [num_blocks, block_size, {what}], got {tuple(kv_cache.shape)}")
     block_size = kv_cache.shape[1]
     if q_latent.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"mla_decode: q_latent dtype must be one of {_FLOAT_DTYPES}, got {q_latent.dtype}")
-    if q_pe.dtype != q_latent.dtype or kv_cache.dtype != q_latent.dtype:
+    if q_pe.dtype != q_latent.dtype or (kv_cache.dtype != q_latent.dtype and not is_fp8(kv_cache.dtype)):
         raise ValueError(
-            f"mla_decode: q_latent, q_pe, kv_cache must share a dtype, got {q_latent.dtype}, {q_pe.dtype}, "
-            f"{kv_cache.dtype}"
+            f"mla_decode: q_latent, q_pe, kv_cache must share a dtype (or the cache be fp8), got {q_latent.dtype}, "
+            f"{q_pe.dtype}, {kv_cache.dtype}"
         )
     if block_tables.dim() != 2 or block_tables.shape[0] != B:
         raise ValueError(f"mla_decode: block_tables must be [B={B}, max_blocks], got {tuple(block_tables.shape)}")
@@ -98,28 +116,30 @@ def mla_decode_ref(
             )
         t = torch.arange(L, device=kv_cache.device)
         blocks = block_tables[b, t // block_size].long()  # [L] physical block per token
-        rows = kv_cache[blocks, t % block_size].float()  # [L, C + R]
+        rows = read_rows(kv_cache, blocks * block_size + t % block_size, C + R, torch.float32)  # [L, C + R]
         c_kv, k_pe = rows[:, :C], rows[:, C:]  # [L, C], [L, R]
         scores = (q_latent[b].float() @ c_kv.T + q_pe[b].float() @ k_pe.T) * sm_scale  # [H, L]
         out[b] = torch.softmax(scores, dim=-1) @ c_kv  # [H, C]
     return out.to(q_latent.dtype)
 
 
+
 if _HAS_TRITON:
 
     @triton.jit
-    def _mla_decode_stage1_kernel(
+    def _mla_decode_kernel(
         q_ptr,  # [B, H, C], unit last stride
         qpe_ptr,  # [B, H, R], unit last stride
-        kv_ptr,  # [num_blocks, block_size, C + R], unit last stride
+        kv_ptr,  # [num_blocks, block_size, C + R] (or the fp8 row width), unit last stride
+        scale_ptr,  # fp8 cache: [num_blocks, block_size, 1] fp32 per-token scales (a view of kv); else unused
         bt_ptr,  # [B, max_blocks] int32, unit last stride
         lens_ptr,  # [B] int32
+        out_ptr,  # [B, H, C] in q's dtype: written by the merging program (or directly with one split)
         mid_o_ptr,  # [B, H, NUM_SPLITS, C] fp32: per-split output, already divided by its own sum of exps
-        mid_lse_ptr,  # [B, H, NUM_SPLITS] fp32: per-split log-sum-exp of the (scaled) scores
-        sm_scale,
+        mid_lse_ptr,  # [B, H, NUM_SPLITS] fp32: per-split log2-sum-exp2 of the log2-scaled scores
+        ticket_ptr,  # [B, num_head_blocks] int32, zero between launches: splits done (FUSE_COMBINE)
+        qk_scale,  # sm_scale * log2(e): scores in the exp2 domain
         H,
-        C,
-        R,
         block_size,
         stride_qb,
         stride_qh,
@@ -127,185 +147,238 @@ if _HAS_TRITON:
         stride_peh,
         stride_kv_blk,
         stride_kv_row,
+        stride_sc_blk,
+        stride_sc_row,
         stride_bt,
+        stride_ob,
+        stride_oh,
         stride_mo_b,
         stride_mo_h,
         stride_mo_s,
         stride_ml_b,
         stride_ml_h,
+        C: tl.constexpr,
+        R: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
-        MIN_SPLIT: tl.constexpr,  # tokens per split at least (short contexts use fewer splits)
-        BLOCK_H: tl.constexpr,  # heads per program (>= 16: tl.dot's minimum M)
+        MIN_SPLIT: tl.constexpr,
+        BLOCK_H: tl.constexpr,  # heads per program, >= 16 (tl.dot's minimum M): all of a TP rank's 16 at once
         BLOCK_C: tl.constexpr,  # next pow2 >= C
         BLOCK_R: tl.constexpr,  # next pow2 >= R, >= 16 (tl.dot's minimum K)
-        BLOCK_N: tl.constexpr,  # tokens per inner iteration
+        BLOCK_N: tl.constexpr,  # tokens per inner iteration (splits are cut at multiples of it)
+        KV_FP8: tl.constexpr,  # the cache holds fp8 values and a float32 scale per token (kernels/latent_cache.py)
+        FUSE_COMBINE: tl.constexpr,  # the last split of a (sequence, head block) to finish merges the partials
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
     ):
-        b = tl.program_id(0)
-        head_block = tl.program_id(1)
-        split = tl.program_id(2)
+        # Axis 0 = head block, fastest: the programs that read the same latent tile (H > BLOCK_H) run together and
+        # share it through L2, so HBM sees each latent byte about once per (sequence, split).
+        hb = tl.program_id(0)
+        split = tl.program_id(1)
+        b = tl.program_id(2)
+        n_hb = tl.num_programs(0)
 
         seq_len = tl.load(lens_ptr + b)
-        # Every sequence is cut into NUM_SPLITS equal pieces of its *own* length (at least MIN_SPLIT tokens each),
-        # so sequences of very different lengths share one launch; short ones just get empty trailing splits,
-        # skipped here and in stage 2. NUM_SPLITS comes from the capacity (graph-safe); without MIN_SPLIT a
-        # 300-token context in a 4096-token graph was cut into 32 slivers of 10 tokens (~16 us per layer).
-        split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT)
+        split_len = split_cut(seq_len, NUM_SPLITS, MIN_SPLIT, BLOCK_N)  # a multiple of BLOCK_N
         start = split * split_len
         end = tl.minimum(start + split_len, seq_len)
-        if end > start:
-            offs_h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
-            mask_h = offs_h < H
-            offs_c = tl.arange(0, BLOCK_C)
-            mask_c = offs_c < C
-            offs_r = tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
 
-            q = tl.load(  # [BLOCK_H, BLOCK_C]; padded heads/columns are 0 and contribute nothing
-                q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
-                mask=mask_h[:, None] & mask_c[None, :],
-                other=0.0,
-            )
-            q_pe = tl.load(  # [BLOCK_H, BLOCK_R]
-                qpe_ptr + b * stride_peb + offs_h[:, None] * stride_peh + offs_r[None, :],
-                mask=mask_h[:, None] & mask_r[None, :],
-                other=0.0,
-            )
-            if UPCAST_DOT:
-                q = q.to(tl.float32)
-                q_pe = q_pe.to(tl.float32)
-
-            m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max of scores
-            l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp(score - m_i)
-            acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)  # running sum of exp(...) * c_kv
-
-            for n0 in range(start, end, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical token positions
-                mask_n = offs_n < end
-                # Page-table lookup per token; int64 because num_blocks * block_size * (C + R) can pass 2**31.
-                blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
-                row = blk * stride_kv_blk + (offs_n % block_size) * stride_kv_row  # [BLOCK_N] row offsets
-                c_kv = tl.load(  # [BLOCK_N, BLOCK_C] latent keys == latent values
-                    kv_ptr + row[:, None] + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :], other=0.0
-                )
-                k_pe = tl.load(  # [BLOCK_N, BLOCK_R] rope part, stored after the C latents
-                    kv_ptr + row[:, None] + C + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0
-                )
-                if UPCAST_DOT:
-                    c_kv = c_kv.to(tl.float32)
-                    k_pe = k_pe.to(tl.float32)
-                qk = tl.dot(q, tl.trans(c_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-                qk = tl.dot(q_pe, tl.trans(k_pe), acc=qk, input_precision=DOT_PRECISION)
-                qk = tl.where(mask_n[None, :], qk * sm_scale, float("-inf"))
-
-                # Online softmax. Each tile holds >= 1 valid token (n0 < end), so m_new is finite and
-                # exp(m_i - m_new) is 0 on the first tile rather than NaN.
-                m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(qk - m_new[:, None])  # [BLOCK_H, BLOCK_N]
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                # p is rounded to the cache dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
-                p_v = p.to(kv_ptr.dtype.element_ty)
-                if UPCAST_DOT:
-                    p_v = p_v.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p_v, c_kv, input_precision=DOT_PRECISION)
-                m_i = m_new
-
-            mid_o = acc / l_i[:, None]
-            lse = m_i + tl.log(l_i)
-            tl.store(
-                mid_o_ptr + b * stride_mo_b + offs_h[:, None] * stride_mo_h + split * stride_mo_s + offs_c[None, :],
-                mid_o,
-                mask=mask_h[:, None] & mask_c[None, :],
-            )
-            tl.store(mid_lse_ptr + b * stride_ml_b + offs_h * stride_ml_h + split, lse, mask=mask_h)
-
-    @triton.jit
-    def _mla_decode_stage2_kernel(
-        mid_o_ptr,  # [B, H, NUM_SPLITS, C] fp32
-        mid_lse_ptr,  # [B, H, NUM_SPLITS] fp32
-        lens_ptr,  # [B] int32
-        out_ptr,  # [B, H, C], unit last stride, dtype of q
-        C,
-        stride_mo_b,
-        stride_mo_h,
-        stride_mo_s,
-        stride_ml_b,
-        stride_ml_h,
-        stride_ob,
-        stride_oh,
-        NUM_SPLITS: tl.constexpr,
-        MIN_SPLIT: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        seq_len = tl.load(lens_ptr + b)
-        split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT)  # as stage 1
+        offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+        mask_h = offs_h < H
         offs_c = tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        q = tl.load(  # [BLOCK_H, BLOCK_C]; padded heads / columns are 0 and contribute nothing
+            q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
+            mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+        q_pe = tl.load(  # [BLOCK_H, BLOCK_R]
+            qpe_ptr + b * stride_peb + offs_h[:, None] * stride_peh + offs_r[None, :],
+            mask=mask_h[:, None] & mask_r[None, :], other=0.0)
+        dot_dtype = q.dtype  # the tensor-core operand type: q's (an fp8 tile is widened to it exactly)
+        if UPCAST_DOT:
+            q = q.to(tl.float32)
+            q_pe = q_pe.to(tl.float32)
 
-        # Merge: out = sum_s exp(lse_s - M) * o_s / sum_s exp(lse_s - M), M the running max of lse_s.
-        e_max = -float("inf")
-        e_sum = 0.0
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for s in range(0, NUM_SPLITS):
-            start = s * split_len
-            end = tl.minimum(start + split_len, seq_len)
-            if end > start:  # the same emptiness test as stage 1: empty splits were never written
-                o_s = tl.load(
-                    mid_o_ptr + b * stride_mo_b + h * stride_mo_h + s * stride_mo_s + offs_c, mask=mask_c, other=0.0
-                )
-                lse_s = tl.load(mid_lse_ptr + b * stride_ml_b + h * stride_ml_h + s)
-                n_max = tl.maximum(lse_s, e_max)
-                old_scale = tl.exp(e_max - n_max)
-                w = tl.exp(lse_s - n_max)
-                acc = acc * old_scale + w * o_s
-                e_sum = e_sum * old_scale + w
-                e_max = n_max
-        # Non-empty context: the split holding the max contributes exp(0) = 1, so e_sum >= 1 and the maximum() is
-        # a no-op. Empty context: acc == 0 and e_sum == 0, and the maximum() turns 0/0 into the defined output 0.
-        out = acc / tl.maximum(e_sum, 1.0)
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max of scores (log2 domain)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)  # running sum of exp2(...) * c_kv
+        for n0 in range(start, end, BLOCK_N):  # no iteration for an empty split
+            offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical token positions
+            mask_n = offs_n < end
+            # Page-table lookup per token; int64 because num_blocks * block_size * row can pass 2**31.
+            blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
+            in_blk = offs_n % block_size
+            row = blk * stride_kv_blk + in_blk * stride_kv_row  # [BLOCK_N]
+            # Each latent byte is loaded once here and used by both dots (keys == values) for all BLOCK_H heads.
+            c_kv = tl.load(kv_ptr + row[:, None] + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
+                           other=0.0)  # [BLOCK_N, BLOCK_C]
+            k_pe = tl.load(kv_ptr + row[:, None] + C + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
+                           other=0.0)  # [BLOCK_N, BLOCK_R]
+            if KV_FP8:
+                c_kv = c_kv.to(dot_dtype)  # exact: every e4m3 / e5m2 value is a bf16 / fp16 value
+                k_pe = k_pe.to(dot_dtype)
+                tok_scale = tl.load(scale_ptr + blk * stride_sc_blk + in_blk * stride_sc_row, mask=mask_n,
+                                    other=0.0)  # [BLOCK_N] fp32
+            if UPCAST_DOT:
+                c_kv = c_kv.to(tl.float32)
+                k_pe = k_pe.to(tl.float32)
+            qk = tl.dot(q, tl.trans(c_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+            qk = tl.dot(q_pe, tl.trans(k_pe), acc=qk, input_precision=DOT_PRECISION)
+            if KV_FP8:
+                qk = qk * (tok_scale * qk_scale)[None, :]  # q . (s_t v_t) = s_t (q . v_t)
+            else:
+                qk = qk * qk_scale
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+
+            # Online softmax. Each tile holds >= 1 valid token (n0 < end), so m_new is finite and exp2(m_i - m_new)
+            # is 0 on the first tile rather than NaN.
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])  # [BLOCK_H, BLOCK_N]
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if KV_FP8:
+                p = p * tok_scale[None, :]  # sum_t p_t (s_t v_t) = sum_t (p_t s_t) v_t: the values' scale on p
+            # p is rounded to the operand dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
+            p_v = p.to(dot_dtype)
+            if UPCAST_DOT:
+                p_v = p_v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p_v, c_kv, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        mask_hc = mask_h[:, None] & mask_c[None, :]
+        out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_c[None, :]
+        if NUM_SPLITS == 1:
+            # The whole context: l_i >= 1 when it is non-empty (the max term is exp2(0)); an empty context has
+            # acc == l_i == 0 and the maximum() turns 0/0 into the defined output 0.
+            tl.store(out_ptrs, (acc / tl.maximum(l_i, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=mask_hc)
+        else:
+            mo_ptrs = mid_o_ptr + b * stride_mo_b + offs_h[:, None] * stride_mo_h + offs_c[None, :]
+            ml_ptrs = mid_lse_ptr + b * stride_ml_b + offs_h * stride_ml_h
+            if end > start:  # empty splits write nothing; the merge skips them by the same test
+                tl.store(mo_ptrs + split * stride_mo_s, acc / l_i[:, None], mask=mask_hc)
+                tl.store(ml_ptrs + split, m_i + tl.log2(l_i), mask=mask_h)
+            if FUSE_COMBINE:
+                # No second launch: every non-empty split takes a ticket after its partial is written (acq_rel:
+                # its stores are visible before the ticket, the others' after it); the one that draws the last
+                # ticket merges all of them and puts the counter back to 0 for the next launch / graph replay.
+                n_used = tl.cdiv(seq_len, split_len)  # splits holding >= 1 token (0 for an empty context)
+                if end > start:
+                    # Every thread's partial stores are done before the one thread taking the ticket releases them
+                    # (the CUTLASS semaphore pattern: CTA barrier, then a gpu-scope release by one thread).
+                    tl.debug_barrier()
+                    ticket = tl.atomic_add(ticket_ptr + b * n_hb + hb, 1, sem="acq_rel", scope="gpu")
+                    if ticket == n_used - 1:
+                        e_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+                        e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+                        merged = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+                        for s in range(0, n_used):
+                            # .cg: read through L2, where the other SMs' partials are (not a stale L1 line).
+                            lse_s = tl.load(ml_ptrs + s, mask=mask_h, other=0.0, cache_modifier=".cg")
+                            o_s = tl.load(mo_ptrs + s * stride_mo_s, mask=mask_hc, other=0.0, cache_modifier=".cg")
+                            n_max = tl.maximum(e_max, lse_s)
+                            old_scale = tl.exp2(e_max - n_max)
+                            w = tl.exp2(lse_s - n_max)
+                            merged = merged * old_scale[:, None] + w[:, None] * o_s
+                            e_sum = e_sum * old_scale + w
+                            e_max = n_max
+                        tl.store(out_ptrs, (merged / e_sum[:, None]).to(out_ptr.dtype.element_ty), mask=mask_hc)
+                        tl.atomic_xchg(ticket_ptr + b * n_hb + hb, 0)
+                if seq_len == 0:
+                    if split == 0:  # nothing to merge: the defined output of an empty context is 0
+                        tl.store(out_ptrs, tl.zeros([BLOCK_H, BLOCK_C], dtype=out_ptr.dtype.element_ty),
+                                 mask=mask_hc)
 
 
+def choose_num_kv_splits(batch: int, num_head_blocks: int, max_context: int, num_sms: int, *, block_n: int = 32,
+                         min_split_len: int = 64, max_splits: int = _MAX_KV_SPLITS,
+                         split_overhead_tiles: float = 2.0) -> int:
+    """Splits per sequence for the new kernel, from shapes only (no host sync on the lengths: CUDA-graph safe).
 
-
-def default_num_kv_splits(batch: int, num_heads: int, max_context: int, device: torch.device) -> int:
-    """Splits per sequence, from shapes only (no host sync on context_lens, so CUDA graphs can capture it).
-
-    Untuned starting point: aim for ~2 programs per SM, but keep >= ~128 tokens of the *capacity* per split so
-    short contexts are not chopped into slivers. max_context is the block-table capacity, an upper bound.
+    Why: decode reads each latent byte once and is bound by HBM; the time is that of the busiest SM. With P =
+    batch x head blocks programs per split and s splits, an SM runs ceil(P s / SMs) programs of ceil(ctx / s)
+    tokens each, plus per split a fixed cost (the query load, the [BLOCK_H, 512] fp32 partial written and re-read
+    by the merge: 32 KiB each way for 16 heads, about 2 tiles of 32 bf16 tokens). The model picks the s in [1,
+    max_splits] with the least (the fewest within 5% of it)
+        cost(s) = ceil(P s / SMs) * (ceil(ctx / s / block_n) + split_overhead_tiles)
+    so a single sequence is cut ~SM-count ways (the old heuristic's cap of 64 left half of an H200's 132 SMs idle
+    at batch 1), a batch that fills the SMs is not split at all (no merge), and ties go to fewer splits. Splits
+    keep >= min_split_len tokens of max_context (the block table's capacity: an upper bound of every length).
+    The model's constants are a starting point: bench/bench_mla_decode.py --sweep prints the measured best.
     """
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4  # interpreter: a few splits, enough to exercise the merge
-    programs = max(1, batch * triton.cdiv(num_heads, 16))
-    splits = triton.cdiv(2 * sms, programs)
-    splits = min(splits, max(1, triton.cdiv(max_context, 128)), _MAX_KV_SPLITS)
-    return max(1, splits)
+    for name, v in (("batch", batch), ("num_head_blocks", num_head_blocks), ("max_context", max_context)):
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"choose_num_kv_splits: {name} must be a non-negative int, got {v!r}")
+    for name, v in (("num_sms", num_sms), ("block_n", block_n), ("min_split_len", min_split_len),
+                    ("max_splits", max_splits)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"choose_num_kv_splits: {name} must be a positive int, got {v!r}")
+    programs = batch * num_head_blocks
+    limit = max(1, min(max_splits, max_context // min_split_len))
+    if programs == 0 or max_context == 0:
+        return 1
+    costs = []
+    for s in range(1, limit + 1):
+        tiles = -(-(-(-max_context // s)) // block_n)
+        costs.append(-(-programs * s // num_sms) * (tiles + (split_overhead_tiles if s > 1 else 0.0)))
+    # The fewest splits within 5% of the best: a full GPU is not split for the last wave's few idle SMs (256
+    # sequences on 132 SMs), which the model's constants cannot resolve anyway.
+    best = min(costs)
+    return next(s for s, c in enumerate(costs, start=1) if c <= 1.05 * best)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """The device's SM count; 4 under the interpreter (a few splits, enough to exercise the merge)."""
+    return _sm_count(device) if device.type == "cuda" else 4
+
+
+def default_config(batch: int, num_heads: int, kv_dtype: torch.dtype, q_dtype: torch.dtype) -> dict:
+    """The new kernel's launch when none is given: {block_h, block_n, num_warps, num_stages, fuse_combine}.
+    Untuned starting points (the old kernel's H200 measurements: 64-token tiles over 8 warps at batch <= 4, 32 over
+    4 above; a [64, 576] bf16 tile is 72 KiB of shared memory a stage, an fp8 one 36 KiB); the sweep in
+    bench/bench_mla_decode.py measures the alternatives."""
+    fp32 = q_dtype == torch.float32
+    block_h = 16 if num_heads <= 16 else 32  # [32, 512] fp32 accumulators: 64 registers a thread over 8 warps
+    small = batch <= 4 and not fp32
+    block_n = 16 if fp32 else 64 if (small or is_fp8(kv_dtype)) else 32
+    num_warps = 8 if (small or block_h > 16) else 4
+    return dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=2, fuse_combine=True)
 
 
 def mla_decode(
     q_latent: torch.Tensor,  # [B, H, C]  query with W_UK absorbed (per-head q_nope @ W_UK)
     q_pe: torch.Tensor,  # [B, H, R]  roped query part
-    kv_cache: torch.Tensor,  # [num_blocks, block_size, C + R]  rows [c_kv | k_pe]
+    kv_cache: torch.Tensor,  # [num_blocks, block_size, C + R] rows [c_kv | k_pe]; or fp8 (kernels/latent_cache.py)
     block_tables: torch.Tensor,  # [B, max_blocks] int32  physical block ids per sequence
     context_lens: torch.Tensor,  # [B] int32  tokens attended by each sequence (incl. the current one)
     sm_scale: float,
-    num_kv_splits: int | None = None,
+    num_kv_splits: int | None = None,  # None: choose_num_kv_splits(batch, head blocks, capacity, SMs)
     min_split_len: int | None = None,  # tokens per split at least; None: 64 with automatic splits, 1 with given ones
-    block_n: int | None = None,  # stage-1 tokens per inner iteration; None: see below
-    num_warps: int | None = None,  # stage-1 launch (bench/bench_mla_decode.py sweeps these)
-    num_stages: int = 2,
+    block_n: int | None = None,  # tokens per inner iteration; None: default_config
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    block_h: int | None = None,  # heads per program (new kernel): 16, 32 or 64
+    fuse_combine: bool | None = None,  # new kernel: merge in the last split's program (True) or a second launch
+    # "new" (this file) or "old" (kernels/mla_decode_old.py). None: "new" for an fp8 cache (the old kernel reads
+    # bf16 / fp16 only), else "old": on an H200 (2026-12-02, bench/RESULTS.md) the new kernel at its default launch
+    # was 2-3x slower at batch 1 (0.10 vs 0.32 TB/s at 4K context) and equal at batch 16-256; its best swept
+    # launches beat the old one (1.36 vs 0.88 TB/s at batch 1 x 32K, 2.5-2.9 vs 1.5-1.75 at batch 16-64) but are
+    # not its defaults yet.
+    impl: str | None = None,
 ) -> torch.Tensor:  # [B, H, C] in q_latent.dtype: attention output in latent space (apply W_UV after)
     """Split-K Triton MLA decode. See the module docstring for the math; mla_decode_ref gives the same result."""
     if not _HAS_TRITON:
         raise RuntimeError("mla_decode: triton is not installed (pip install 'minke[gpu]'); use mla_decode_ref")
+    if impl is None:
+        impl = "new" if is_fp8(kv_cache.dtype) or block_h is not None or fuse_combine is not None else "old"
+    if impl not in ("new", "old"):
+        raise ValueError(f"mla_decode: impl must be 'new' or 'old', got {impl!r}")
     B, H, C, R, block_size = _check_inputs(q_latent, q_pe, kv_cache, block_tables, context_lens)
-    if q_latent.device.type == "cpu" and not _is_interpreted(_mla_decode_stage1_kernel):
+    if q_latent.device.type == "cpu" and not _is_interpreted(_mla_decode_kernel):
         raise RuntimeError(
             "mla_decode: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "
             "imported (or use mla_decode_ref on CPU)"
@@ -315,85 +388,63 @@ def mla_decode(
             raise ValueError(f"mla_decode: {name} must have a unit last stride (got strides {t.stride()})")
     if not context_lens.is_contiguous():
         raise ValueError("mla_decode: context_lens must be contiguous")
+    fp8 = is_fp8(kv_cache.dtype)
+    if impl == "old":
+        if fp8 or block_h is not None or fuse_combine is not None:
+            raise ValueError("mla_decode: impl='old' takes neither an fp8 cache nor block_h / fuse_combine")
+        from .mla_decode_old import mla_decode_old
+
+        return mla_decode_old(q_latent, q_pe, kv_cache, block_tables, context_lens, sm_scale, num_kv_splits,
+                              min_split_len, block_n, num_warps, 2 if num_stages is None else num_stages)
+
+    cfg = default_config(B, H, kv_cache.dtype, q_latent.dtype)
+    BLOCK_H = block_h if block_h is not None else cfg["block_h"]
+    if BLOCK_H not in (16, 32, 64):
+        raise ValueError(f"mla_decode: block_h must be 16, 32 or 64, got {BLOCK_H!r}")
+    BLOCK_N = block_n if block_n is not None else cfg["block_n"]
+    if not isinstance(BLOCK_N, int) or BLOCK_N < 16 or BLOCK_N & (BLOCK_N - 1):
+        raise ValueError(f"mla_decode: block_n must be a power of two >= 16, got {BLOCK_N!r}")
     if min_split_len is None:
         min_split_len = 64 if num_kv_splits is None else 1
     if not isinstance(min_split_len, int) or min_split_len < 1:
         raise ValueError(f"mla_decode: min_split_len must be a positive int, got {min_split_len!r}")
+    n_hb = triton.cdiv(H, BLOCK_H)
     if num_kv_splits is None:
-        num_kv_splits = default_num_kv_splits(B, H, block_tables.shape[1] * block_size, q_latent.device)
+        num_kv_splits = choose_num_kv_splits(B, n_hb, block_tables.shape[1] * block_size, num_sms(q_latent.device),
+                                             block_n=BLOCK_N, min_split_len=min_split_len)
     if not isinstance(num_kv_splits, int) or not 1 <= num_kv_splits <= _MAX_KV_SPLITS:
         raise ValueError(f"mla_decode: num_kv_splits must be an int in [1, {_MAX_KV_SPLITS}], got {num_kv_splits!r}")
+    fuse = (cfg["fuse_combine"] if fuse_combine is None else bool(fuse_combine)) and num_kv_splits > 1
 
-    out = torch.empty(B, H, C, dtype=q_latent.dtype, device=q_latent.device)
+    dev = q_latent.device
+    out = torch.empty(B, H, C, dtype=q_latent.dtype, device=dev)
     if B == 0 or H == 0:
         return out
-    # Scratch for the split partials, fp32 so the merge loses nothing. Untouched entries (empty splits) are never
-    # read, so empty() is fine.
-    mid_o = torch.empty(B, H, num_kv_splits, C, dtype=torch.float32, device=q_latent.device)
-    mid_lse = torch.empty(B, H, num_kv_splits, dtype=torch.float32, device=q_latent.device)
-
-    BLOCK_H = 16
-    BLOCK_C = triton.next_power_of_2(C)
-    BLOCK_R = max(16, triton.next_power_of_2(R))
+    if num_kv_splits > 1:
+        # Split partials in fp32 (the merge loses nothing). Entries of empty splits are never read: empty() is fine.
+        mid_o = torch.empty(B, H, num_kv_splits, C, dtype=torch.float32, device=dev)
+        mid_lse = torch.empty(B, H, num_kv_splits, dtype=torch.float32, device=dev)
+    else:  # the kernel writes `out` directly; the scratch pointers are never dereferenced
+        mid_o, mid_lse = out, out
+    tickets = torch.zeros(B, n_hb, dtype=torch.int32, device=dev) if fuse else context_lens
+    scales = latent_scales(kv_cache, C + R) if fp8 else kv_cache
     fp32 = q_latent.dtype == torch.float32
-    # Untuned starting points (H100): a [BLOCK_N, 512] tile of fp32 latents is twice the shared memory of bf16.
-    # Measured on an H200 (bench/bench_mla_decode.py, 640-token contexts): batch 1 runs both stages in 13.3 us with
-    # 64-token iterations over 8 warps vs 16.0 us with 32 over 4; batches 32 and 256 are best with 32 over 4.
-    small = B <= 4 and not fp32
-    BLOCK_N = block_n if block_n is not None else (16 if fp32 else 64 if small else 32)
-    num_warps = num_warps if num_warps is not None else (8 if small else 4)
-    _mla_decode_stage1_kernel[(B, triton.cdiv(H, BLOCK_H), num_kv_splits)](
-        q_latent,
-        q_pe,
-        kv_cache,
-        block_tables,
-        context_lens,
-        mid_o,
-        mid_lse,
-        float(sm_scale),
-        H,
-        C,
-        R,
-        block_size,
-        q_latent.stride(0),
-        q_latent.stride(1),
-        q_pe.stride(0),
-        q_pe.stride(1),
-        kv_cache.stride(0),
-        kv_cache.stride(1),
-        block_tables.stride(0),
-        mid_o.stride(0),
-        mid_o.stride(1),
-        mid_o.stride(2),
-        mid_lse.stride(0),
-        mid_lse.stride(1),
-        NUM_SPLITS=num_kv_splits,
-        MIN_SPLIT=min_split_len,
-        BLOCK_H=BLOCK_H,
-        BLOCK_C=BLOCK_C,
-        BLOCK_R=BLOCK_R,
-        BLOCK_N=BLOCK_N,
+    _mla_decode_kernel[(n_hb, num_kv_splits, B)](
+        q_latent, q_pe, kv_cache, scales, block_tables, context_lens, out, mid_o, mid_lse, tickets,
+        float(sm_scale) * _LOG2E, H, block_size,
+        q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), scales.stride(0), scales.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if num_kv_splits > 1 else 0,
+        mid_lse.stride(0), mid_lse.stride(1),
+        C=C, R=R, NUM_SPLITS=num_kv_splits, MIN_SPLIT=min_split_len,
+        BLOCK_H=BLOCK_H, BLOCK_C=triton.next_power_of_2(C), BLOCK_R=max(16, triton.next_power_of_2(R)),
+        BLOCK_N=BLOCK_N, KV_FP8=fp8, FUSE_COMBINE=fuse,
         DOT_PRECISION="ieee" if fp32 else "tf32",
-        UPCAST_DOT=_needs_dot_upcast(_mla_decode_stage1_kernel, q_latent.dtype),
-        num_warps=num_warps,
-        num_stages=num_stages,
+        UPCAST_DOT=_needs_dot_upcast(_mla_decode_kernel, q_latent.dtype),
+        num_warps=num_warps if num_warps is not None else cfg["num_warps"],
+        num_stages=num_stages if num_stages is not None else cfg["num_stages"],
     )
-    _mla_decode_stage2_kernel[(B, H)](
-        mid_o,
-        mid_lse,
-        context_lens,
-        out,
-        C,
-        mid_o.stride(0),
-        mid_o.stride(1),
-        mid_o.stride(2),
-        mid_lse.stride(0),
-        mid_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        NUM_SPLITS=num_kv_splits,
-        MIN_SPLIT=min_split_len,
-        BLOCK_C=BLOCK_C,
-        num_warps=4,
-    )
+    if num_kv_splits > 1 and not fuse:
+        splitk_combine(mid_o, mid_lse, context_lens, out, min_split_len, BLOCK_N)
     return out

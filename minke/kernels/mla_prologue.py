@@ -13,7 +13,8 @@ normalises its c_kv, ropes its k_pe and writes its latent row into the cache.
 Rounding follows the torch code exactly (so the kernel matches the reference up to fp32 arithmetic order):
     c_kv  = weight * (c.float() * rsqrt(mean(c.float()^2) + eps)).to(c.dtype)    in promote(weight, c) dtype
     rope  (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos) on x.float(), cos/sin fp32, cast back to x.dtype
-    cache row = cat(c_kv, k_pe) cast to cache.dtype (c_kv is rounded to its own dtype first, as torch does)
+    cache row = cat(c_kv, k_pe) cast to cache.dtype (c_kv is rounded to its own dtype first, as torch does);
+                an fp8 cache gets row / scale and the token's scale amax(|row|) / fp8 max (kernels/latent_cache.py)
 Slots < 0 are skipped by the kernel (the engine pads CUDA-graph rows with a real scratch slot, so none occur there).
 
 Public API:
@@ -29,6 +30,7 @@ import torch
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import tl, triton
+from .latent_cache import cache_row_width, fp8_max, fp8_row_width, is_fp8, latent_scales, write_rows
 from .rmsnorm import rmsnorm_torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,13 +52,14 @@ def _check(kv_a, q, cos, sin, norm_weight, cache, slot_mapping) -> tuple[int, in
     for name, t in (("cos", cos), ("sin", sin)):
         if t.shape != (n, r // 2) or t.dtype != torch.float32:
             raise ValueError(f"mla_prologue: {name} must be fp32 [N={n}, R/2={r // 2}], got {t.dtype} {tuple(t.shape)}")
-    if cache.dim() != 3 or cache.shape[-1] != c + r:
-        raise ValueError(f"mla_prologue: cache must be [blocks, block_size, C+R={c + r}], got {tuple(cache.shape)}")
+    if cache.dim() != 3 or cache.shape[-1] != cache_row_width(c + r, cache.dtype):
+        raise ValueError(f"mla_prologue: cache must be [blocks, block_size, C+R={c + r}] (fp8: "
+                         f"{fp8_row_width(c + r)} bytes a row), got {cache.dtype} {tuple(cache.shape)}")
     if slot_mapping.shape != (n,) or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"mla_prologue: slot_mapping must be int [N={n}], got {slot_mapping.dtype} "
                          f"{tuple(slot_mapping.shape)}")
     for name, t in (("kv_a", kv_a), ("q", q), ("norm_weight", norm_weight), ("cache", cache)):
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in _FLOAT_DTYPES and not (name == "cache" and is_fp8(t.dtype)):
             raise ValueError(f"mla_prologue: {name} dtype must be one of {_FLOAT_DTYPES}, got {t.dtype}")
     for name, t in (("q", q), ("cos", cos), ("sin", sin), ("norm_weight", norm_weight), ("cache", cache),
                     ("slot_mapping", slot_mapping)):
@@ -82,11 +85,31 @@ def mla_prologue_ref(kv_a, q, cos, sin, norm_weight, eps: float, cache, slot_map
     c_kv = rmsnorm_torch(c_kv, norm_weight, eps)  # kv_a_layernorm
     q_pe = rope_interleaved_ref(q[..., nope:], cos, sin)
     k_pe = rope_interleaved_ref(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
-    cache.view(-1, cache.shape[-1])[slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(cache.dtype)
+    # cast to the cache's dtype, or fp8 with a scale per token (latent_cache.py)
+    write_rows(cache, slot_mapping, torch.cat((c_kv, k_pe), dim=-1))
     return q_pe, c_kv, k_pe
 
 
 if _HAS_TRITON:
+
+    @triton.jit
+    def _fp8_grid(x, MANT: tl.constexpr):
+        """x (fp32, |x| <= the format's max) rounded to the fp8 grid (nearest, ties to even), so the cast after it is
+        exact. Interpreter only: Triton 3.x's interpreter mis-rounds fp32 -> fp8 when the mantissa carries into the
+        exponent (124.3 -> 64); compiled code rounds right itself. MANT = 3 (e4m3) or 2 (e5m2); subnormals
+        (below 2^-6 / 2^-14) are multiples of 2^-9 / 2^-16: added to and taken from 1.5 * 2^14 / 1.5 * 2^7, where
+        fp32's spacing is just that."""
+        y = tl.abs(x)
+        drop: tl.constexpr = 23 - MANT
+        bits = y.to(tl.int32, bitcast=True)
+        normal = ((bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & -(1 << drop)).to(tl.float32, bitcast=True)
+        if MANT == 3:
+            sub = (y + 24576.0) - 24576.0
+            r = tl.where(y < 0.015625, sub, normal)
+        else:
+            sub = (y + 192.0) - 192.0
+            r = tl.where(y < 6.103515625e-05, sub, normal)
+        return tl.where(x < 0, -r, r)
 
     @triton.jit
     def _mla_prologue_kernel(
@@ -95,7 +118,8 @@ if _HAS_TRITON:
         cos_ptr,  # [N, R/2] fp32, row stride stride_cos
         sin_ptr,  # [N, R/2] fp32, row stride stride_sin
         w_ptr,  # [C] RMSNorm weight
-        cache_ptr,  # [slots, C + R] (the cache flattened), row stride stride_cache
+        cache_ptr,  # [slots, C + R] (the cache flattened), row stride stride_cache (fp8: the value bytes)
+        scale_ptr,  # fp8 cache: [slots, 1] fp32 per-token scales (a view of the cache), row stride stride_scale
         slot_ptr,  # [N] int32/int64
         qpe_ptr,  # [N, H, R] out, contiguous, q's dtype
         ckv_ptr,  # [N, C] out, contiguous, promote(weight, kv_a) dtype
@@ -109,7 +133,12 @@ if _HAS_TRITON:
         stride_cos,
         stride_sin,
         stride_cache,
+        stride_scale,
         eps,
+        FP8_MAX,  # the fp8 format's largest value
+        KV_FP8: tl.constexpr,  # quantize the row: values / scale in fp8, scale = amax / FP8_MAX (latent_cache.py)
+        FP8_MANT: tl.constexpr,  # the fp8 format's mantissa bits (3: e4m3, 2: e5m2)
+        ROUND_GRID: tl.constexpr,  # interpreter: round to the fp8 grid before the cast (see _fp8_grid)
         HALF_R: tl.constexpr,
         BLOCK_HALF_R: tl.constexpr,  # next power of two >= R/2
         BLOCK_H: tl.constexpr,  # heads per program
@@ -159,9 +188,18 @@ if _HAS_TRITON:
             if slot >= 0:  # negative slot: padding, nothing written to the cache
                 # Latent row cat(c_kv, k_pe) in the cache's dtype (c_kv already rounded to its own dtype, as in torch).
                 row = cache_ptr + slot * stride_cache
-                tl.store(row + offs, y.to(cache_ptr.dtype.element_ty), mask=cm)
-                tl.store(row + C + 2 * i, r0.to(cache_ptr.dtype.element_ty), mask=rmask)
-                tl.store(row + C + 2 * i + 1, r1.to(cache_ptr.dtype.element_ty), mask=rmask)
+                yc, r0c, r1c = y.to(tl.float32), r0.to(tl.float32), r1.to(tl.float32)
+                if KV_FP8:  # one scale for the token's whole row (masked lanes are 0 and do not move the max)
+                    amax = tl.maximum(tl.max(tl.abs(yc), axis=0),
+                                      tl.maximum(tl.max(tl.abs(r0c), axis=0), tl.max(tl.abs(r1c), axis=0)))
+                    scale = tl.maximum(amax / FP8_MAX, 1e-12)
+                    tl.store(scale_ptr + slot * stride_scale, scale)
+                    yc, r0c, r1c = yc / scale, r0c / scale, r1c / scale
+                    if ROUND_GRID:
+                        yc, r0c, r1c = _fp8_grid(yc, FP8_MANT), _fp8_grid(r0c, FP8_MANT), _fp8_grid(r1c, FP8_MANT)
+                tl.store(row + offs, yc.to(cache_ptr.dtype.element_ty), mask=cm)
+                tl.store(row + C + 2 * i, r0c.to(cache_ptr.dtype.element_ty), mask=rmask)
+                tl.store(row + C + 2 * i + 1, r1c.to(cache_ptr.dtype.element_ty), mask=rmask)
 
 
 def mla_prologue(kv_a, q, cos, sin, norm_weight, eps: float, cache, slot_mapping):
@@ -182,14 +220,17 @@ def mla_prologue(kv_a, q, cos, sin, norm_weight, eps: float, cache, slot_mapping
     k_pe = torch.empty(n, r, dtype=kv_a.dtype, device=kv_a.device)
     if n == 0:
         return q_pe, c_kv, k_pe
-    flat = cache.view(-1, c + r)
+    flat = cache.view(-1, cache.shape[-1])
+    fp8 = is_fp8(cache.dtype)
+    scales = latent_scales(flat, c + r) if fp8 else flat
     # 16 heads x 32 pairs per program: V2-Lite's 16 heads are one program per token, V2's 128 are 8 (parallelism
     # at batch 1). Each program is a few KB of loads, so one warp-group suffices.
     block_h = min(triton.next_power_of_2(h), 16)
     _mla_prologue_kernel[(n, triton.cdiv(h, block_h))](
-        kv_a, q, cos, sin, norm_weight, flat, slot_mapping, q_pe, c_kv, k_pe,
+        kv_a, q, cos, sin, norm_weight, flat, scales, slot_mapping, q_pe, c_kv, k_pe,
         h, c, nope, kv_a.stride(0), q.stride(0), q.stride(1), cos.stride(0), sin.stride(0), flat.stride(0),
-        float(eps),
+        scales.stride(0), float(eps), fp8_max(cache.dtype) if fp8 else 1.0, KV_FP8=fp8,
+        FP8_MANT=2 if cache.dtype == torch.float8_e5m2 else 3, ROUND_GRID=fp8 and _is_interpreted(_mla_prologue_kernel),
         HALF_R=r // 2, BLOCK_HALF_R=triton.next_power_of_2(r // 2), BLOCK_H=block_h,
         BLOCK_C=triton.next_power_of_2(c), num_warps=4,
     )

@@ -17,8 +17,8 @@ organised around reading each K/V tile exactly once:
   (elementwise multiply + row sum on CUDA cores), which is as good for a single row; `use_dot` forces either;
 - decode has one query row per head, so at small batches B * Hkv programs cannot fill the GPU: the context is cut
   into `num_splits` pieces (split-K / flash-decoding). Stage 1 writes, per split, the softmax-normalised partial
-  output and its log2-sum-exp; stage 2 merges the splits with the usual max rescaling. With one split stage 1
-  writes the final output directly and stage 2 is not launched.
+  output and its log2-sum-exp; stage 2 merges the splits with the usual max rescaling (kernels/splitk_combine.py,
+  shared with mla_decode). With one split stage 1 writes the final output directly and stage 2 is not launched.
 All accumulation is fp32 (scores in the exp2 domain: scale * log2(e) folded into one multiply); inputs bf16, fp16
 or fp32; the output has q's dtype.
 
@@ -46,6 +46,10 @@ from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
+from .splitk_combine import splitk_combine
+
+if _HAS_TRITON:
+    from .splitk_combine import split_cut
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_SPLITS = 64
@@ -162,7 +166,7 @@ if _HAS_TRITON:
         # Every sequence is cut into NUM_SPLITS pieces of its *own* length (at least MIN_SPLIT tokens each), so
         # sequences of very different lengths share one launch; short ones get empty trailing splits, skipped here
         # and in stage 2 (the same test). NUM_SPLITS comes from the capacity (graph-safe).
-        split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT)
+        split_len = split_cut(seq_len, NUM_SPLITS, MIN_SPLIT, 1)
         start = split * split_len
         end = tl.minimum(start + split_len, seq_len)
 
@@ -241,49 +245,6 @@ if _HAS_TRITON:
                 )
                 tl.store(mid_lse_ptr + b * stride_ml_b + heads * stride_ml_h + split, m_i + tl.log2(l_i),
                          mask=mask_g)
-
-    @triton.jit
-    def _paged_decode_stage2_kernel(
-        mid_o_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
-        mid_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
-        lens_ptr,  # [B] int32
-        out_ptr,  # [B, Hq, D], unit last stride, dtype of q
-        stride_mo_b,
-        stride_mo_h,
-        stride_mo_s,
-        stride_ml_b,
-        stride_ml_h,
-        stride_ob,
-        stride_oh,
-        HEAD_DIM: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,
-        MIN_SPLIT: tl.constexpr,
-        BLOCK_S: tl.constexpr,  # next pow2 >= NUM_SPLITS
-        BLOCK_D: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        seq_len = tl.load(lens_ptr + b)
-        split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT)  # as stage 1
-        offs_s = tl.arange(0, BLOCK_S)
-        valid = (offs_s < NUM_SPLITS) & (offs_s * split_len < seq_len)  # the splits stage 1 wrote
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < HEAD_DIM
-
-        # All splits at once: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s.
-        lse = tl.load(mid_lse_ptr + b * stride_ml_b + h * stride_ml_h + offs_s, mask=valid, other=float("-inf"))
-        m = tl.max(lse, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)  # empty context: no valid split, keep the exponents finite
-        w = tl.where(valid, tl.exp2(lse - m), 0.0)  # [BLOCK_S]
-        o = tl.load(
-            mid_o_ptr + b * stride_mo_b + h * stride_mo_h + offs_s[:, None] * stride_mo_s + offs_d[None, :],
-            mask=valid[:, None] & mask_d[None, :],
-            other=0.0,
-        )  # [BLOCK_S, BLOCK_D]
-        # Non-empty context: the split holding the max has weight 1, so sum(w) >= 1 and the maximum() is a no-op.
-        # Empty context: everything is 0 and the maximum() turns 0/0 into the defined output 0.
-        out = tl.sum(w[:, None] * o, axis=0) / tl.maximum(tl.sum(w, axis=0), 1.0)
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @functools.lru_cache(maxsize=None)
@@ -416,23 +377,5 @@ def paged_decode_attention(
         num_stages=num_stages,
     )
     if num_splits > 1:
-        _paged_decode_stage2_kernel[(B, Hq)](
-            mid_o,
-            mid_lse,
-            seq_lens,
-            out,
-            mid_o.stride(0),
-            mid_o.stride(1),
-            mid_o.stride(2),
-            mid_lse.stride(0),
-            mid_lse.stride(1),
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=D,
-            NUM_SPLITS=num_splits,
-            MIN_SPLIT=min_split_len,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=BLOCK_D,
-            num_warps=4,
-        )
+        splitk_combine(mid_o, mid_lse, seq_lens, out, min_split_len)
     return out

@@ -56,13 +56,14 @@ def build_model(cfg, model_config: ModelConfig, parallel: ParallelConfig, dtype:
                         "loading", cfg.quantization, n)
     else:
         model = load_unquantized(cfg, model_config, parallel, dtype, device)
-    if lora is not None and cfg.quantization is None and gpu_kernels_available(device):
-        fuse_input_projections(model)
-    install_gpu_kernels(model, device, tensor_parallel=parallel.is_parallel,
-                        weights_transformed=cfg.quantization is not None or lora is not None)
+    if not cfg.batch_invariant:  # batch-invariant steps run the plain torch model code (models/batch_invariant.py)
+        if lora is not None and cfg.quantization is None and gpu_kernels_available(device):
+            fuse_input_projections(model)
+        install_gpu_kernels(model, device, tensor_parallel=parallel.is_parallel,
+                            weights_transformed=cfg.quantization is not None or lora is not None)
     if lora is not None:
         model.lora_layers = apply_lora(model, lora, parallel, lora.max_rows,
-                                       use_kernels=gpu_kernels_available(device))
+                                       use_kernels=gpu_kernels_available(device) and not cfg.batch_invariant)
     if cfg.setup is not None:
         cfg.setup(model, device)
     return model

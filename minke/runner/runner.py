@@ -80,7 +80,7 @@ class Runner:
         if self.num_blocks < 1:
             self.executor.shutdown()
             raise ValueError(f"KV cache of {tokens} tokens holds no block of {self.block_size}; give it more memory")
-        self.executor.collective_rpc("allocate_kv_cache", self.num_blocks, self.block_size)
+        self.executor.collective_rpc("allocate_kv_cache", self.num_blocks, self.block_size, cache.kv_cache_dtype)
         if worker_config.tensor_parallel_size > 1:
             logger.info("tensor parallel: %d ranks%s", worker_config.tensor_parallel_size,
                         ", expert parallel" if worker_config.expert_parallel else "")

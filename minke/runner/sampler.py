@@ -20,7 +20,8 @@ and its own generator's state, never on the rows beside it: every step above is 
 with the same arithmetic whatever the batch (the CUDA cumsum of top-p is made so:
 _row_cumsum), and a seeded row's noise is drawn from its generator alone
 (tests/test_seeded_sampling.py). The engine's seeded outputs are then as batch-independent
-as the model's logits rows are.
+as the model's logits rows are: bit for bit with the engine's batch_invariant option
+(models/batch_invariant.py), not guaranteed without it.
 """
 
 from __future__ import annotations

@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig, load_config
-from ..models.attention import make_backend
+from ..models.attention import TorchAttentionBackend, make_backend
+from ..models.batch_invariant import BatchInvariantMode
 from .cuda_graph import DecodeGraphs
 from .input_batch import SeqChunk, make_forward_batch
-from .kv_cache import CacheConfig, allocate_kv_caches
+from .kv_cache import CacheConfig, allocate_kv_caches, kv_bytes_per_token, resolve_kv_cache_dtype
 from .model_builder import build_model
 from .prefill_graph import PrefillGraphs
 from ..loader import resolve_dtype
@@ -55,6 +56,9 @@ class WorkerConfig:
     custom_all_reduce: bool = True  # GPUs: small all-reduces through symmetric memory (comm.SymmetricAllReduce)
     quantization: str | None = None  # "fp8": MoE experts quantized after loading (quantization.py)
     lora: LoRAConfig | None = None  # serve LoRA adapters (minke/lora/): slots, rank, index buffer size
+    # Steps whose logits rows do not depend on the batch (models/batch_invariant.py): the torch model code only (no
+    # kernel swaps, so no CUDA graphs), products row by row, attention per sequence.
+    batch_invariant: bool = False
 
     @property
     def dist_backend(self) -> str:
@@ -80,20 +84,25 @@ class Worker:
             self.parallel = dataclasses.replace(self.parallel, fast_all_reduce=fast)
         self.model = build_model(cfg, self.model_config, self.parallel, self.dtype, self.device)
         self.lora = LoRAManager(self.model.lora_layers) if cfg.lora is not None else None
-        self.backend = make_backend(self.device)
+        self.backend = (TorchAttentionBackend(batch_invariant=True) if cfg.batch_invariant
+                        else make_backend(self.device))
         self.kv_caches: list[torch.Tensor] | None = None
+        self.kv_cache_dtype = self.dtype  # set by kv_cache_tokens / allocate_kv_cache from --kv-cache-dtype
         self.block_size = self.num_blocks = 0
         self.graphs = None  # DecodeGraphs
         self.prefill_graphs = None  # PrefillGraphs
 
     # ---------------------------------------------------------------------------------------------- KV cache
-    def kv_bytes_per_token(self) -> int:
-        """This rank's cache bytes per token (all layers): the whole MLA latent, or the local KV heads."""
+    def kv_bytes_per_token(self, kv_cache_dtype: str | None = None) -> int:
+        """This rank's cache bytes per token (all layers): the whole MLA latent, or the local KV heads; stored as
+        kv_cache_dtype (None: as the allocated cache is, else the model dtype)."""
         c = kv_cache_config(self.model_config, self.parallel)
-        return c.num_hidden_layers * c.kv_cache_dim * torch.empty(0, dtype=self.dtype).element_size()
+        dtype = self.kv_cache_dtype if kv_cache_dtype is None else resolve_kv_cache_dtype(kv_cache_dtype, c, self.dtype)
+        return kv_bytes_per_token(c, dtype)
 
     def kv_cache_tokens(self, cache: CacheConfig) -> int:
         """Tokens this rank's cache can hold (the Runner takes the minimum over ranks)."""
+        self.kv_cache_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, self.model_config, self.dtype)
         if cache.kv_cache_tokens is not None:
             return cache.kv_cache_tokens
         if self.device.type != "cuda":
@@ -108,8 +117,8 @@ class Worker:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         n, block_size = cache.profile_tokens, cache.block_size
-        caches = allocate_kv_caches(kv_cache_config(self.model_config, self.parallel), 2, block_size, self.dtype,
-                                    self.device)
+        caches = allocate_kv_caches(kv_cache_config(self.model_config, self.parallel), 2, block_size,
+                                    self.kv_cache_dtype, self.device)
         if self.lora is not None:  # the adapters' transient buffers (expert deltas: [T*K, 2I] fp32) count too
             self.lora.begin_capture()
         with torch.inference_mode():
@@ -130,10 +139,11 @@ class Worker:
         budget = total * cache.gpu_memory_utilization - (total - free) - (peak - in_use)
         return max(int(budget) // self.kv_bytes_per_token(), 0)
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> None:
         # One extra block at the end: the scratch slot CUDA-graph padding rows write to (never handed out).
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.model_config, self.dtype)
         self.kv_caches = allocate_kv_caches(kv_cache_config(self.model_config, self.parallel), num_blocks + 1,
-                                            block_size, self.dtype, self.device)
+                                            block_size, self.kv_cache_dtype, self.device)
         self.block_size, self.num_blocks = block_size, num_blocks
 
     def capture_graphs(self, max_model_len: int, max_num_seqs: int, prefill_graph_tokens: int = 0) -> bool:
@@ -200,6 +210,9 @@ class Worker:
             if len(decode_ids) > batch.num_decodes:
                 raise ValueError(f"{len(decode_ids)} device input ids for {batch.num_decodes} decode chunks")
             ids[: len(decode_ids)].copy_(decode_ids)
+        if self.cfg.batch_invariant:
+            with BatchInvariantMode():
+                return self.model(ids, batch=batch)
         return self.model(ids, batch=batch)  # [S, V] full-vocab logits (on every rank)
 
     def execute(self, chunks: list[SeqChunk], decode_ids: torch.Tensor | None = None) -> torch.Tensor:

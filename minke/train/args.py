@@ -43,14 +43,14 @@ IGNORED_FLAGS: dict[str, tuple[object, str]] = {
     "include_tokens_per_second": (str, "tokens/s is always logged"),
     "skip_memory_metrics": (str, "no memory metrics are collected"),
     "ignore_data_skip": (str, "a resumed run computes its batches directly: nothing is skipped"),
-    "bf16_full_eval": (str, "minke does not evaluate"),
-    "fp16_full_eval": (str, "minke does not evaluate"),
-    "eval_steps": (str, "minke does not evaluate"),
-    "eval_accumulation_steps": (str, "minke does not evaluate"),
-    "eval_delay": (str, "minke does not evaluate"),
-    "prediction_loss_only": (str, "minke does not evaluate"),
-    "metric_for_best_model": (str, "minke does not evaluate"),
-    "greater_is_better": (str, "minke does not evaluate"),
+    "bf16_full_eval": (str, "minke evaluates after training (minke eval OUTPUT_DIR), not during it"),
+    "fp16_full_eval": (str, "minke evaluates after training (minke eval OUTPUT_DIR), not during it"),
+    "eval_steps": (str, "minke evaluates after training (minke eval OUTPUT_DIR), not during it"),
+    "eval_accumulation_steps": (str, "minke evaluates after training (minke eval OUTPUT_DIR), not during it"),
+    "eval_delay": (str, "minke evaluates after training (minke eval OUTPUT_DIR), not during it"),
+    "prediction_loss_only": (str, "minke evaluates after training (minke eval OUTPUT_DIR), not during it"),
+    "metric_for_best_model": (str, "minke evaluates after training (minke eval OUTPUT_DIR), not during it"),
+    "greater_is_better": (str, "minke evaluates after training (minke eval OUTPUT_DIR), not during it"),
     "average_tokens_across_devices": (str, "minke always normalizes the loss by the global batch's target tokens"),
     "use_liger_kernel": (str, "minke uses its own kernels"),
     "save_safetensors": (str, "minke always writes safetensors"),
@@ -60,7 +60,7 @@ IGNORED_FLAGS: dict[str, tuple[object, str]] = {
 REFUSED_FLAGS: dict[str, tuple[object, tuple, str]] = {
     "do_eval": (str, ("false", "0", "no"), "minke trains without evaluation"),
     "do_predict": (str, ("false", "0", "no"), "minke trains without prediction"),
-    "load_best_model_at_end": (str, ("false", "0", "no"), "minke does not evaluate, so there is no best model"),
+    "load_best_model_at_end": (str, ("false", "0", "no"), "minke evaluates after training, so no best model"),
     "push_to_hub": (str, ("false", "0", "no"), "minke does not upload; copy OUTPUT_DIR yourself"),
     "adafactor": (str, ("false", "0", "no"), "minke trains with AdamW (--optim adamw_torch)"),
     "auto_find_batch_size": (str, ("false", "0", "no"), "give --per_device_train_batch_size"),
@@ -222,7 +222,7 @@ def add_training_args(p: argparse.ArgumentParser, max_length_default: int = 512)
     g.add_argument("--model_max_length", type=int, default=max_length_default,
                    help="longest example in tokens (finetune: longer ones are skipped and counted; train: block size)")
     g.add_argument("--per_device_train_batch_size", type=int, default=8)
-    g.add_argument("--per_device_eval_batch_size", type=int, default=8, help="accepted; minke does not evaluate")
+    g.add_argument("--per_device_eval_batch_size", type=int, default=8, help="accepted; evaluate with minke eval")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=5e-5)
     g.add_argument("--weight_decay", type=float, default=0.0)

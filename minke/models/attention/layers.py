@@ -20,8 +20,10 @@ from torch import nn
 
 from ...config import ModelConfig
 from .batch import ForwardBatch
+from .torch_backend import attention_with_lse, merge_attention
 from ..layers import RMSNorm
 from ..rope import RotaryEmbedding
+from ...kernels.latent_cache import read_rows, round_trip, write_rows
 from ...kernels.mha_prologue import mha_prologue_ref
 
 
@@ -211,8 +213,35 @@ class MLAttention(nn.Module):
         latent cat(c_kv, k_pe) is written to cache rows slot_mapping. norm_weight/eps are kv_a_layernorm's, which
         this path calls."""
         q_pe, c_kv, k_pe = self._norm_rope(kv_a, q[..., self.nope :], cos, sin)
-        cache.view(-1, cache.shape[-1])[slot_mapping] = torch.cat((c_kv, k_pe), dim=-1).to(cache.dtype)
+        write_rows(cache, slot_mapping, torch.cat((c_kv, k_pe), dim=-1))  # the cache's dtype, or fp8 + a scale
         return q_pe, c_kv, k_pe
+
+    # A prefill chunk whose context is longer than this attends over it in pieces of this many tokens (per-head K/V
+    # of one piece at a time, merged by their log-sum-exps), so its memory does not grow with the context: a 128K
+    # V2-Lite context expanded at once is [131072, 16, 192 + 128] = 1.3 GB a layer. 0: never.
+    prefix_chunk_tokens: int = 16384
+
+    def _prefill_long_context(self, q, cache, pack, dtype) -> torch.Tensor:
+        """Prefill chunks over long cached contexts, memory flat in the context length. q [T, H, nope + R] (the
+        step's prefill queries, roped), cache [blocks, bs, C + R] (or fp8) holding every context token (this
+        step's too) -> [T, H, v]. Per sequence: the cached prefix in pieces of prefix_chunk_tokens (all of them
+        visible to every query), then the chunk's own tokens (causal), merged exactly by their log-sum-exps."""
+        width, rank = self.kv_lora_rank + self.rope_dim, self.kv_lora_rank
+        piece = self.prefix_chunk_tokens
+        out = q.new_empty(q.shape[0], self.num_heads, self.v_dim)
+        qs = ks = 0
+        for ql, kl in zip(pack.q_lens, pack.k_lens):
+            qj, slots = q[qs : qs + ql], pack.slots[ks : ks + kl]
+            o = lse = None
+            prefix = kl - ql
+            for p0 in [*range(0, prefix, piece), prefix]:  # the prefix's pieces, then the new tokens themselves
+                p1 = min(p0 + piece, prefix) if p0 < prefix else kl
+                ctx = read_rows(cache, slots[p0:p1], width, dtype)  # [P, C + R]
+                k, v = self._expand(ctx[:, :rank], ctx[:, rank:])
+                o, lse = merge_attention(o, lse, *attention_with_lse(qj, k, v, self.scale, causal=p0 == prefix))
+            out[qs : qs + ql] = o
+            qs, ks = qs + ql, ks + kl
+        return out
 
     def _expand(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
         """Naive form: c_kv [..., T, C], k_pe [..., T, R] -> k [..., T, H, nope + R], v [..., T, H, v_dim]."""
@@ -277,16 +306,19 @@ class MLAttention(nn.Module):
         if pack is not None:
             # Prefill chunks, all in one varlen call: expand the latent contexts to per-head K/V (cheaper than
             # absorbing when many queries share a context), then causal attention with each chunk at the end of
-            # its context. Contexts: gathered through the block tables, or, with nothing cached before any chunk,
-            # the chunks' own latents (the values the cache holds, after its dtype).
-            s0, rank = pack.start, self.kv_lora_rank
-            if pack.slots is None:
-                ctx_c, ctx_r = c_kv[s0:].to(cache.dtype), k_pe[s0:].to(cache.dtype)
-            else:
-                ctx = cache.view(-1, cache.shape[-1])[pack.slots]  # [Tk, C + R]
-                ctx_c, ctx_r = ctx[:, :rank], ctx[:, rank:]
-            k, v = self._expand(ctx_c.to(c_kv.dtype), ctx_r.to(c_kv.dtype))  # [Tk, H, nope + R], [Tk, H, v]
+            # its context. Contexts: gathered through the block tables (an fp8 cache dequantized in the gather),
+            # or, with nothing cached before any chunk, the chunks' own latents (the values the cache holds, after
+            # its rounding).
+            s0, rank, width = pack.start, self.kv_lora_rank, self.kv_lora_rank + self.rope_dim
             q = q[s0:]
             q[..., self.nope :] = q_pe[s0:]  # roped pe into the projection output: [T, H, nope + R] without a cat
+            if pack.slots is None:
+                ctx = round_trip(torch.cat((c_kv[s0:], k_pe[s0:].to(c_kv.dtype)), dim=-1), cache.dtype)
+            elif self.prefix_chunk_tokens and pack.max_k > self.prefix_chunk_tokens:
+                out[s0:] = self._prefill_long_context(q, cache, pack, c_kv.dtype)
+                return out
+            else:
+                ctx = read_rows(cache, pack.slots, width, c_kv.dtype)  # [Tk, C + R]
+            k, v = self._expand(ctx[:, :rank], ctx[:, rank:])  # [Tk, H, nope + R], [Tk, H, v]
             out[s0:] = batch.backend.prefill(q, k, v, pack, self.scale)  # v's head size (128) < q/k's (192)
         return out

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ...kernels.latent_cache import is_fp8, latent_scales
+
 if TYPE_CHECKING:
     from .batch import ForwardBatch, PrefillPack
 
@@ -41,6 +43,40 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's attention of q [Tq, H, D] over k [Tk, H, D], v [Tk, H, Dv] (causal: Tq == Tk, square mask;
+    else every key visible) with the log-sum-exp of its scores: -> out [Tq, H, Dv] (q's dtype), lse [Tq, H] fp32
+    (natural log). Pieces of one context attended separately merge exactly with merge_attention, so a long context
+    never needs its per-head K/V all at once. FlashAttention-2 on CUDA in half precision, the memory-efficient
+    kernel for fp32 there, the CPU flash kernel elsewhere: each returns the lse itself."""
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:  # the flash kernels want one head size for q, k and v: pad v, slice after
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, T, D]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, False,
+                                                                      scale=scale)[:2]
+    elif q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, vh, None, True, 0.0, causal,
+                                                                          scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
+    return out[0, :, :, :dv].transpose(0, 1), lse[0, :, : q.shape[0]].transpose(0, 1).float()
+
+
+def merge_attention(out: torch.Tensor | None, lse: torch.Tensor | None, out2: torch.Tensor,
+                    lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention over the union of two disjoint key sets from each one's (out [T, H, D], lse [T, H]); out None:
+    the first piece. fp32 arithmetic, the result in out2's dtype."""
+    if out is None:
+        return out2, lse2
+    m = torch.maximum(lse, lse2)
+    w1, w2 = torch.exp(lse - m), torch.exp(lse2 - m)  # [T, H]
+    merged = (out.float() * w1[..., None] + out2.float() * w2[..., None]) / (w1 + w2)[..., None]
+    return merged.to(out2.dtype), m + torch.log(w1 + w2)
+
+
 class FlashUnavailable(RuntimeError):
     """A graphed prefill (PrefillPack.flash_only) met inputs FlashAttention's varlen kernel does not take."""
 
@@ -60,7 +96,7 @@ def flash_varlen_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PrefillPack,
-                            scale: float) -> torch.Tensor:
+                            scale: float, per_sequence: bool = False) -> torch.Tensor:
     """All prefill sequences of a step at once: q [sum(q_lens), H, D] packed by pack.cu_q, k [sum(k_lens), Hkv, D]
     and v [sum(k_lens), Hkv, Dv] packed by pack.cu_k; each sequence's queries are the LAST q_len positions of its
     context (bottom-right causal, as causal_attention). Hkv may divide H (GQA). Returns [sum(q_lens), H, Dv].
@@ -68,8 +104,10 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     On CUDA this is one FlashAttention-2 varlen launch for the whole step instead of a launch (and its padding,
     cat and slice ops) per sequence; elsewhere, or for shapes flash does not take, it loops over causal_attention
     (the Triton backend runs its own varlen kernel there instead: models/attention/triton_backend.py).
+    per_sequence: always the loop (batch-invariant steps: flash's varlen launch may split the keys by a count it
+    picks from the whole step's shape).
     """
-    if flash_varlen_ok(q, k, v):
+    if not per_sequence and flash_varlen_ok(q, k, v):
         dv = v.shape[-1]
         if dv < q.shape[-1]:  # flash wants one head size for q, k and v: pad v (MLA: 128 -> 192), slice after
             v = F.pad(v, (0, q.shape[-1] - dv))
@@ -96,10 +134,26 @@ class TorchAttentionBackend:
 
     name = "torch"
 
+    def __init__(self, batch_invariant: bool = False):
+        # batch_invariant (engine option): each sequence attends over exactly its own context, in its own calls, so
+        # its result cannot depend on the step's other sequences (no padding to the longest context, no packed
+        # varlen launch). models/batch_invariant.py does the same for the GEMMs.
+        self.batch_invariant = batch_invariant
+        if batch_invariant:  # shadows the static method below: the per-sequence loop, never one packed launch
+            self.prefill = functools.partial(varlen_causal_attention, per_sequence=True)
+
     @staticmethod
     def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: PrefillPack, scale: float) -> torch.Tensor:
         """The step's prefill chunks: varlen_causal_attention (FlashAttention-2 on CUDA, else a loop over them)."""
         return varlen_causal_attention(q, k, v, pack, scale)
+
+    @staticmethod
+    def _one_context(flat: torch.Tensor, batch: ForwardBatch, i: int) -> torch.Tensor:
+        """Sequence i's whole context, unpadded: flat [slots, ...] -> [L_i, ...] (batch-invariant steps)."""
+        n = batch.seq_lens_cpu[i]
+        blocks = batch.block_tables[i, : (n + batch.block_size - 1) // batch.block_size].long()
+        slots = (blocks[:, None] * batch.block_size + torch.arange(batch.block_size, device=blocks.device))
+        return flat[slots.flatten()[:n]]
 
     @staticmethod
     def _padded_context(flat: torch.Tensor, batch: ForwardBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,16 +171,43 @@ class TorchAttentionBackend:
                    kv_lora_rank: int, scale: float) -> torch.Tensor:
         """Absorbed MLA decode. q_latent [D, H, C], q_pe [D, H, R], cache [blocks, bs, C + R] -> [D, H, C]
         (attention output still in the latent space; the caller applies the value up-projection)."""
+        width = kv_lora_rank + q_pe.shape[-1]
+        if self.batch_invariant:
+            flat = cache.view(-1, cache.shape[-1])
+            out = [self._mla_one(q_latent[i], q_pe[i], self._one_context(flat, batch, i), kv_lora_rank, scale)
+                   for i in range(q_latent.shape[0])]
+            return torch.stack(out) if out else q_latent.new_empty(q_latent.shape)
         ctx, valid = self._padded_context(cache.view(-1, cache.shape[-1]), batch, q_latent.shape[0])  # [D, L, C+R]
-        c_kv, k_pe = ctx[..., :kv_lora_rank].float(), ctx[..., kv_lora_rank:].float()
+        if is_fp8(cache.dtype):  # values [.., :C+R] times the token's scale (kernels/latent_cache.py)
+            ctx = ctx[..., :width].float() * latent_scales(ctx, width)
+        c_kv, k_pe = ctx[..., :kv_lora_rank].float(), ctx[..., kv_lora_rank:width].float()
         scores = (torch.einsum("dhc,dlc->dhl", q_latent.float(), c_kv)
                   + torch.einsum("dhr,dlr->dhl", q_pe.float(), k_pe)) * scale
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         return torch.einsum("dhl,dlc->dhc", scores.softmax(-1), c_kv).to(q_latent.dtype)
 
+    @staticmethod
+    def _mla_one(q_latent: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, kv_lora_rank: int,
+                 scale: float) -> torch.Tensor:
+        """One sequence's absorbed MLA decode, the same math as mla_decode's: q_latent [H, C], q_pe [H, R],
+        ctx [L, C + R] -> [H, C]."""
+        c_kv, k_pe = ctx[:, :kv_lora_rank].float(), ctx[:, kv_lora_rank:].float()
+        scores = (q_latent.float() @ c_kv.T + q_pe.float() @ k_pe.T) * scale  # [H, L]
+        return (scores.softmax(-1) @ c_kv).to(q_latent.dtype)
+
     def mha_decode(self, q: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
         """q [D, H, hd], cache [2, blocks, bs, Hkv, hd] -> [D, H, hd]."""
         n, h = q.shape[0], q.shape[1]
+        if self.batch_invariant:
+            out = q.new_empty(q.shape)
+            for i in range(n):
+                k = self._one_context(cache[0].flatten(0, 1), batch, i)  # [L, Hkv, hd]
+                v = self._one_context(cache[1].flatten(0, 1), batch, i)
+                rep = h // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1).to(q.dtype), v.repeat_interleave(rep, dim=1).to(q.dtype)
+                out[i] = F.scaled_dot_product_attention(q[i, :, None, :], k.transpose(0, 1), v.transpose(0, 1),
+                                                        scale=scale)[:, 0]  # [H, 1, hd] -> [H, hd]
+            return out
         k, valid = self._padded_context(cache[0].flatten(0, 1), batch, n)  # [D, L, Hkv, hd]
         v, _ = self._padded_context(cache[1].flatten(0, 1), batch, n)
         rep = h // k.shape[2]

@@ -1,0 +1,102 @@
+"""The in-process backend: minke's LLM, every request of a task submitted in one batch so the engine schedules them
+together; requests that share a few-shot prefix share its KV blocks through the prefix cache
+(enable_prefix_caching, on by default), so the prefix is computed once per step-batch rather than once per question.
+
+Loglikelihoods come from the engine's prompt logprobs (`SamplingParams(prompt_logprobs=1)`, vLLM's field): each
+continuation position's own token's logprob and its rank, computed per prefill chunk."""
+
+from __future__ import annotations
+
+import itertools
+
+from tqdm.auto import tqdm
+
+from ..engine.llm import LLM
+from ..sampling_params import SamplingParams
+from .backend import GenerationRequest, fit_context
+
+
+class EngineBackend:
+    def __init__(self, llm: LLM, batch_size: int = 0):
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self.max_model_len = llm.max_model_len
+        self.batch_size = batch_size  # requests per engine call; 0 = all of a task's requests at once
+        self._ids = itertools.count()
+        # Prompt tokens of loglikelihood requests, and how many of them the prefix cache served.
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0}
+
+    def _chunks(self, items: list) -> list[list]:
+        n = self.batch_size or len(items) or 1
+        return [items[i:i + n] for i in range(0, len(items), n)]
+
+    def loglikelihood(self, pairs, desc=""):
+        # The prompt must leave room for the one generated token the engine always produces.
+        fitted = [fit_context(c, x, self.max_model_len - 1) for c, x in pairs]
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, output_kind="final_only")
+        results = []
+        for chunk in self._chunks(fitted):
+            outs = self._score(chunk, params, desc)
+            for (ctx, cont), out in zip(chunk, outs):
+                ids = out.prompt_token_ids
+                total, greedy = 0.0, True
+                for pos in range(len(ctx), len(ctx) + len(cont)):
+                    entry = out.prompt_logprobs[pos][ids[pos]]
+                    total += entry.logprob
+                    greedy = greedy and entry.rank == 1
+                results.append((total, greedy))
+        return results
+
+    def _score(self, chunk: list[tuple[list[int], list[int]]], params: SamplingParams, desc: str) -> list:
+        """Runs (context, continuation) prompts with prompt logprobs wanted only for the continuation: positions
+        len(context) - 1 .. end - 2 (position p's logits score token p + 1). The context's own logits are never
+        needed, so the prefix cache may serve it: k-shot prompts sharing their header and shots compute them
+        once, as vLLM's prompt_logprobs (every position, no cache hit) cannot."""
+        engine = self.llm.llm_engine
+        rids = []
+        for ctx, cont in chunk:
+            rid = f"eval-{next(self._ids)}"
+            req = engine.input_processor.process(rid, {"prompt_token_ids": ctx + cont}, params)
+            seq = req.states[0].seq
+            seq.prompt_logits_next = max(seq.prompt_logits_next, len(ctx) - 1)
+            engine.add_request(rid, req)
+            rids.append(rid)
+        done = {}
+        bar = tqdm(total=len(rids), desc=desc or "loglikelihood", unit="req", disable=len(rids) < 2)
+        try:
+            while len(done) < len(rids):
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError("engine stopped with requests unfinished")
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in rids:  # leave the engine clean (Ctrl-C included)
+                if rid not in done:
+                    engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        outs = [done[r] for r in rids]
+        self.stats["prompt_tokens"] += sum(len(o.prompt_token_ids) for o in outs)
+        self.stats["cached_tokens"] += sum(o.num_cached_tokens for o in outs)
+        return outs
+
+    def generate(self, requests, desc=""):
+        texts = []
+        for chunk in self._chunks(requests):
+            prompts, params = [], []
+            for r in chunk:
+                if r.messages is not None:
+                    prompts.append({"prompt_token_ids": self.tokenizer.apply_chat_template(r.messages)})
+                else:
+                    prompts.append(r.prompt)
+                params.append(SamplingParams(temperature=0.0, max_tokens=r.max_tokens, stop=list(r.stop) or None))
+            texts += [out.outputs[0].text for out in self.llm.generate(prompts, params)]
+        return texts
+
+
+def engine_backend(model: str | None, batch_size: int = 0, **engine_kwargs) -> EngineBackend:
+    engine_kwargs.setdefault("enable_prefix_caching", True)
+    return EngineBackend(LLM(model, **engine_kwargs), batch_size)
