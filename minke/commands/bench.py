@@ -34,7 +34,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--context", default=None,
                    help="long-context mode: comma-separated context lengths (e.g. 8192,32768,131072): prefill "
                         "time to first token and decode at --context-batches for each, instead of the other cases "
-                        "(max_model_len: the config's, capped to the KV cache, unless --max-model-len)")
+                        "(max_model_len: the config's, capped to the KV cache, unless --max-model-len; default: off)")
     p.add_argument("--context-batches", default="1,16,64",
                    help="decode batch sizes of the --context runs (default: %(default)s)")
     p.add_argument("--context-new-tokens", type=int, default=32,

@@ -58,6 +58,9 @@ class AsyncMPLLM:
     servers of --api-server-count)."""
 
     def __init__(self, model: str | None = None, core: tuple[str, int, int] | None = None, **kwargs):
+        # This process runs no model: one intra-op thread leaves the cores to the core process (with torch's
+        # default, both processes' OpenMP pools spun on the same cores: a CPU server ran ~5x slower).
+        torch.set_num_threads(1)
         path = resolve_model(model)
         cfg = EngineConfig.from_kwargs(path, **kwargs)
         self.cfg = cfg
