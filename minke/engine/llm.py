@@ -150,10 +150,12 @@ class LLM:
     def list_loras(self) -> set[int]:
         return {r.lora_int_id for r in self.llm_engine.list_loras()}
 
-    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, order: list[str], use_tqdm: bool, desc: str = "Processed prompts") -> list[RequestOutput]:
+        """Steps the engine until the added requests `order` finish; their final outputs in that order. On any
+        exception (Ctrl-C included) the unfinished ones are aborted first. Also minke eval's loop (eval/backend_engine)."""
         engine = self.llm_engine
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(order), desc="Processed prompts", unit="req", disable=not use_tqdm or len(order) < 2)
+        bar = tqdm(total=len(order), desc=desc, unit="req", disable=not use_tqdm or len(order) < 2)
         try:
             while len(done) < len(order):
                 if not engine.has_unfinished_requests():

@@ -30,6 +30,23 @@ class StepSamples:
     prompt: list[tuple[int, int, tuple]] | None = None
 
 
+def end_request(requests: dict[str, Request], owner: dict[int, tuple[Request, SeqState]], request_id: str,
+                reason: str) -> tuple[Request, list[Sequence]] | None:
+    """Takes the request out of flight (`requests` and every sequence's `owner` entry): (it, its unfinished sequences,
+    now ended with `reason`), or None if it is not in flight. Shared with the engine core's output side."""
+    req = requests.pop(request_id, None)
+    if req is None:
+        return None
+    live = []
+    for s in req.states:
+        if s.finish_reason is None:
+            live.append(s.seq)
+            s.finish_reason = reason
+        owner.pop(s.seq.seq_id, None)
+    req.metrics.finished_time = time.monotonic()
+    return req, live
+
+
 class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer, max_model_len: int):
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
@@ -68,18 +85,7 @@ class OutputProcessor:
         return out, live
 
     def _end(self, request_id: str, reason: str) -> tuple[Request, list[Sequence]] | None:
-        """Takes the request out of flight: (it, its unfinished sequences, now ended with `reason`)."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
-        live = []
-        for s in req.states:
-            if s.finish_reason is None:
-                live.append(s.seq)
-                s.finish_reason = reason
-            self.owner.pop(s.seq.seq_id, None)
-        req.metrics.finished_time = time.monotonic()
-        return req, live
+        return end_request(self.requests, self.owner, request_id, reason)
 
     def process(self, step: StepSamples) -> tuple[list[RequestOutput], list[tuple[Sequence, str]]]:
         """(outputs of the requests that got a token or finished — final_only ones only when finished, the

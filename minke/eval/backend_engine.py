@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import itertools
 
-from tqdm.auto import tqdm
 
 from ..engine.llm import LLM
 from ..sampling_params import SamplingParams
-from .backend import GenerationRequest, fit_context
+from .backend import fit_context
 
 
 class EngineBackend:
@@ -61,24 +60,7 @@ class EngineBackend:
             seq.prompt_logits_next = max(seq.prompt_logits_next, len(ctx) - 1)
             engine.add_request(rid, req)
             rids.append(rid)
-        done = {}
-        bar = tqdm(total=len(rids), desc=desc or "loglikelihood", unit="req", disable=len(rids) < 2)
-        try:
-            while len(done) < len(rids):
-                if not engine.has_unfinished_requests():
-                    raise RuntimeError("engine stopped with requests unfinished")
-                for out in engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
-        except BaseException:
-            for rid in rids:  # leave the engine clean (Ctrl-C included)
-                if rid not in done:
-                    engine.abort_request(rid)
-            raise
-        finally:
-            bar.close()
-        outs = [done[r] for r in rids]
+        outs = self.llm._run(rids, use_tqdm=True, desc=desc or "loglikelihood")
         self.stats["prompt_tokens"] += sum(len(o.prompt_token_ids) for o in outs)
         self.stats["cached_tokens"] += sum(o.num_cached_tokens for o in outs)
         return outs

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from ..output_processor import StepSamples
+from ..output_processor import StepSamples, end_request
 from ..request import Request, SeqState
 from ..sequence import Sequence
 from .messages import StepBatch
@@ -80,18 +80,8 @@ class CoreOutputProcessor:
         return st.seq
 
     def _end(self, request_id: str, reason: str) -> tuple[Request, list[Sequence]] | None:
-        req = self.requests.pop(request_id, None)
         self.route.pop(request_id, None)
-        if req is None:
-            return None
-        live = []
-        for s in req.states:
-            if s.finish_reason is None:
-                live.append(s.seq)
-                s.finish_reason = reason
-            self.owner.pop(s.seq.seq_id, None)
-        req.metrics.finished_time = time.monotonic()
-        return req, live
+        return end_request(self.requests, self.owner, request_id, reason)
 
     # ------------------------------------------------------------------ one step
     def process(self, step: StepSamples) -> tuple[list, list[tuple[Sequence, str]]]:
