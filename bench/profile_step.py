@@ -29,20 +29,36 @@ def main():
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="also serve one random adapter of this rank on every adaptable module (routed experts "
+                         "included; bench_lora.py's) and decode every request through it (issue 17's batch-1 gap)")
     ap.add_argument("--mixed-prefill", type=int, default=0,
                     help="also profile one prefill step of this many prompts of random lengths 32..1024 (as the "
                          "offline benchmark admits them)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     d = shape_dir(args.shape, None)
+    lora_kw, lora = {}, None
+    if args.lora_rank:
+        import sys
+        import tempfile
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_lora import write_random_adapter
+
+        from minke.lora import LoRARequest
+
+        path = write_random_adapter(d, tempfile.mkdtemp(prefix="minke-prof-lora-"), args.lora_rank, 0)
+        lora_kw = dict(enable_lora=True, max_loras=4, max_lora_rank=args.lora_rank)
+        lora = LoRARequest("a0", 1, path)
     llm = LLM(d, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.8,
-              enforce_eager=args.eager)
+              enforce_eager=args.eager, **lora_kw)
     vocab = 102400
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    llm.generate(_prompts(1, args.prefill, vocab, 0), one, use_tqdm=False)
+    llm.generate(_prompts(1, args.prefill, vocab, 0), one, use_tqdm=False, lora_request=lora)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        llm.generate(_prompts(1, args.prefill, vocab, 1), one, use_tqdm=False)
+        llm.generate(_prompts(1, args.prefill, vocab, 1), one, use_tqdm=False, lora_request=lora)
         torch.cuda.synchronize()
     with open(os.path.join(args.out, "prefill.txt"), "w") as f:
         f.write(table(prof, "cuda_time_total"))
@@ -72,7 +88,7 @@ def main():
     for b in [int(x) for x in args.batches.split(",")]:
         p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
         for i, pr in enumerate(_prompts(b, 256, vocab, 7)):
-            engine.add_request(f"p{b}-{i}", pr, p)
+            engine.add_request(f"p{b}-{i}", pr, p, lora_request=lora)
         while any(s.is_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()
         for _ in range(3):
