@@ -63,8 +63,6 @@ def test_names_topic():
     assert not mt.names_topic("I am good, thank you.", "dog") and not mt.names_topic("dogsled", "dog")
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped weights predate the multi-turn pass (0 of 24); the lead replaces "
-                   "them with finetune_multi_turn.py's output, then this marker goes")
 def test_default_model_keeps_three_turns_on_topic(mt):
     from minke import LLM
 

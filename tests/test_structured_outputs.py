@@ -299,13 +299,16 @@ def test_cuda_graphs_and_async_scheduling_with_masks():
     so = StructuredOutputsParams(json=PERSON)
     params = [_params(so, s) for s in range(8)]
     prompts = [PROMPTS[s % len(PROMPTS)] for s in range(8)]
-    fast = LLM(device="cuda", dtype="float32", max_model_len=384)
+    # a fixed KV capacity: both engines live in this process, and a default-sized first one would leave the
+    # second no memory (KV cache of 0 tokens)
+    fast = LLM(device="cuda", dtype="float32", max_model_len=384, kv_cache_tokens=16384)
     assert fast.llm_engine.runner.graphs is not None and fast.llm_engine.async_scheduling
     a = fast.generate(prompts, params, use_tqdm=False)
     st = fast.llm_engine.step_stats
     assert st["mask_steps"] > 0
     print(f"mask ready before the GPU finished: {st['mask_ready_early']} of {st['mask_steps']} steps")
-    slow = LLM(device="cuda", dtype="float32", max_model_len=384, enforce_eager=True, async_scheduling=False)
+    slow = LLM(device="cuda", dtype="float32", max_model_len=384, kv_cache_tokens=16384, enforce_eager=True,
+               async_scheduling=False)
     b = slow.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
     for o in a:

@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default=str(SHIPPED), help="model to start from (default: the shipped one)")
     ap.add_argument("--device", default="cuda", help="cuda | cpu")
     ap.add_argument("--num_conversations", type=int, default=3000)
-    ap.add_argument("--num_small_talk", type=int, default=1500)
+    ap.add_argument("--num_small_talk", type=int, default=3000,
+                    help="small-talk replay rows (1,500 cost 0.07 of the small-talk score on an H200 run; 3,000 kept it)")
     ap.add_argument("--num_story_requests", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--learning_rate", default="2e-4")
