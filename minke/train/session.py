@@ -96,7 +96,9 @@ def output_sizes(model, writer, cfg: TrainingConfig) -> tuple[int, int]:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if writer.trainable_only:
         return n_train * 12, n_train * 4
-    final_bytes = n_all * (2 if cfg.bf16 else 4)
+    # the final model is written in the writer's dtype (the base checkpoint's), not the training precision's
+    dtype = getattr(writer, "final_dtype", None)
+    final_bytes = n_all * (dtype.itemsize if dtype is not None else (2 if cfg.bf16 else 4))
     return n_all * 4 + n_train * 8, final_bytes
 
 
