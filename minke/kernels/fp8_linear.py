@@ -7,15 +7,15 @@ Weights (quantize_weight_fp8, once at load, kernels/fp8_quant.py's row quantizer
 Three ways to multiply (fp8_linear picks by device, dtype and rows):
 - W8A16 GEMV, on CUDA for steps of at most gemv.FEW_ROWS_MAX (8) rows (batch-1..8 decode) with output in x's
   dtype: kernels/gemv.py streams the fp8 weights once, widens them in registers and applies the row scales to the
-  fp32 sums. Half the bytes of bf16 and no activation quantization; at one row _scaled_mm picks GEMM tiles of
-  which one row is used and read the 67B's weights at ~1.6 TB/s (bench/RESULTS.md, 2026-12-01).
+  fp32 sums. Half the bytes of bf16 and no activation quantization launch: the 67B's batch-1 step through the
+  quantizer + _scaled_mm read its weights at ~1.6 TB/s (bench/RESULTS.md, 2026-12-01).
 - W8A8, on CUDA GPUs of compute capability >= 9 (Hopper: fp8 tensor cores) with bf16 / fp16 activations and
   output: the activations are quantized per token (row) at every call, x ~= xq * x_scale[:, None], and
   torch._scaled_mm multiplies fp8 by fp8 with fp32 accumulation and applies both scales in its epilogue:
       y[m, n] = x_scale[m] * w_scale[n] * sum_k xq[m, k] Wq[n, k]
   (what vLLM's fp8 does for dense layers; fp8_linear_w8a8_ref is this math in torch.)
-- W8A16 in torch everywhere else (CPU, fp32, older GPUs, shapes _scaled_mm does not take): the fp8 weights are widened to the
-  activation dtype (exactly) and multiplied there, the output rows scaled in fp32:
+- W8A16 in torch everywhere else (CPU, fp32, older GPUs, shapes _scaled_mm does not take): the fp8 weights are
+  widened to the activation dtype (exactly) and multiplied there, the output rows scaled in fp32:
   y = (x @ Wq.to(x.dtype)^T) * w_scale (fp8_linear_w8a16_ref; the fp8 experts' torch path computes the same).
 
 torch._scaled_mm's constraints (torch/_meta_registrations.py `_check_scaled_mm_sizes`, aten/.../cuda/Blas.cpp,

@@ -45,16 +45,17 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False, silu_mul: bool = False) -> dict:
-    """Block sizes. n: the output rows (for silu_mul: I, the gate rows). bf16 one-row steps: the bench/bench_gemv.py
+def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False) -> dict:
+    """Block sizes. n: the output rows (gemv_silu_mul: I, the gate rows). bf16 one-row steps: the bench_gemv.py
     sweep on an H200, 2026-11-28 (4-row blocks won up to N = 2048, 8-row blocks above; 128-wide K tiles over 8
     warps). fp8 tiles are 256 wide (the same 256 bytes a weight row per tile). With BLOCK_M rows the fp32 partial
-    sums are BLOCK_M x BLOCK_N x BLOCK_K (twice that with the up half): BLOCK_N halves until they fit 64 registers
-    a thread (16K values over 256 threads)."""
+    sums are BLOCK_M x BLOCK_N x BLOCK_K: BLOCK_N halves until they fit 64 registers a thread (16K values over 256
+    threads). gemv_silu_mul streams the gate rows, then the up rows: one set of partial sums is live at a time, so
+    it takes the same blocks."""
     block_m = min(GEMV_BLOCK_M, _next_pow2(max(1, rows)))
     block_k = 256 if fp8 else 128
     block_n = 4 if n <= 2048 else 8
-    while block_n > 1 and block_m * block_n * block_k * (2 if silu_mul else 1) > 16384:
+    while block_n > 1 and block_m * block_n * block_k > 16384:
         block_n //= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 2}
 
@@ -120,7 +121,8 @@ if _HAS_TRITON:
         if HAS_SCALE:  # per-row weight scales: constant along the reduction, applied to the fp32 sums
             y = y * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         if SILU_MUL:  # the up rows sit N rows below the gate rows
-            up = _row_block_sums(x_ptr, w_ptr + N.to(tl.int64) * stride_wn, row0, M, offs_n, mask_n, K, stride_xm, stride_wn,
+            up_ptr = w_ptr + N.to(tl.int64) * stride_wn
+            up = _row_block_sums(x_ptr, up_ptr, row0, M, offs_n, mask_n, K, stride_xm, stride_wn,
                                  BLOCK_M, BLOCK_N, BLOCK_K)
             if HAS_SCALE:
                 up = up * tl.load(s_ptr + N + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -174,7 +176,7 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool) -> torch.Tensor:
         raise ValueError(f"{name}: w must be [2I, K] (gate rows, then up rows), got {tuple(w.shape)}")
     scale = None if scale is None else scale.contiguous()  # the kernel reads scale[n] at unit stride
     (m, k), n = x.shape, w.shape[0] // (2 if silu_mul else 1)
-    cfg = config or gemv_config(n, k, m, fp8=scale is not None, silu_mul=silu_mul)
+    cfg = config or gemv_config(n, k, m, fp8=scale is not None)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m and n:
         block_m = cfg.get("BLOCK_M", 1)
