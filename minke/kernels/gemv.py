@@ -19,8 +19,9 @@ Public API:
     gemv(x [M, K], w [N, K], scale=None, config=None) -> [M, N]              Triton (CUDA, or CPU interpreted)
     gemv_silu_mul(x [M, K], w [2I, K], scale=None, config=None) -> [M, I]    Triton, the fused gate_up + act
     gemv_ref(x, w, scale=None), gemv_silu_mul_ref(x, w, scale=None)          torch references (fp32 math)
-    linear(x, w, scale=None)        gemv for M <= max_rows on CUDA, else F.linear / kernels/fp8_linear.fp8_linear
-    GEMV_MAX_ROWS (bf16 projections), FEW_ROWS_MAX (fused MLP, fp8): the row counts the dispatchers send here
+    linear(x, w, scale=None)           gemv for M <= GEMV_MAX_ROWS on CUDA, else F.linear; fp8 w: fp8_linear
+    linear_silu_mul(x, w, scale=None)  gemv_silu_mul for M <= FEW_ROWS_MAX on CUDA, else GEMM + SiLU·mul
+    GEMV_MAX_ROWS (plain projections), FEW_ROWS_MAX (fused MLP; fp8 in fp8_linear): the dispatchers' row limits
 """
 
 from __future__ import annotations
@@ -98,8 +99,10 @@ if _HAS_TRITON:
     @triton.jit
     def _gemv_kernel(
         x_ptr,  # [M, K], unit column stride
-        w_ptr,  # [N, K] (silu_mul: [2N, K], gate rows then up rows), unit column stride; bf16 / fp32 / fp8
-        s_ptr,  # HAS_SCALE: [N] (silu_mul: [2N]) fp32 row scales of fp8 w; else unused
+        w_ptr,  # [N, K] (SILU_MUL: the gate rows), unit column stride; bf16 / fp32 / fp8
+        s_ptr,  # HAS_SCALE: [N] fp32 row scales of fp8 w; else unused
+        w_up_ptr,  # SILU_MUL: [N, K] the up rows, w's strides (the gate_up weight's second half); else unused
+        s_up_ptr,  # SILU_MUL and HAS_SCALE: [N] their scales; else unused
         y_ptr,  # [M, N] out
         M,
         N,  # output columns (silu_mul: I)
@@ -120,12 +123,11 @@ if _HAS_TRITON:
                             BLOCK_M, BLOCK_N, BLOCK_K)  # [BLOCK_M, BLOCK_N] fp32
         if HAS_SCALE:  # per-row weight scales: constant along the reduction, applied to the fp32 sums
             y = y * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        if SILU_MUL:  # the up rows sit N rows below the gate rows
-            up_ptr = w_ptr + N.to(tl.int64) * stride_wn
-            up = _row_block_sums(x_ptr, up_ptr, row0, M, offs_n, mask_n, K, stride_xm, stride_wn,
+        if SILU_MUL:
+            up = _row_block_sums(x_ptr, w_up_ptr, row0, M, offs_n, mask_n, K, stride_xm, stride_wn,
                                  BLOCK_M, BLOCK_N, BLOCK_K)
             if HAS_SCALE:
-                up = up * tl.load(s_ptr + N + offs_n, mask=mask_n, other=0.0)[None, :]
+                up = up * tl.load(s_up_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
             y = y / (1.0 + tl.exp(-y)) * up  # silu(gate) * up in fp32 (as kernels/fused_moe.py)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
@@ -181,8 +183,11 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool) -> torch.Tensor:
     if m and n:
         block_m = cfg.get("BLOCK_M", 1)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, block_m))
+        w_up = w[n:] if silu_mul else w  # the up rows: a view (its own base pointer; no int32 row offsets)
+        s = w if scale is None else scale
+        s_up = s[n:] if silu_mul and scale is not None else s
         _gemv_kernel[grid](
-            x, w, w if scale is None else scale, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+            x, w, s, w_up, s_up, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
             BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HAS_SCALE=scale is not None,
             SILU_MUL=silu_mul, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
