@@ -146,3 +146,37 @@ def test_linear_dispatch_and_configs():
             c = gemv_config(11008, 4096, rows, fp8)
             assert c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"] <= 16384 and c["BLOCK_N"] >= 1
     assert gemv_config(22016, 8192, 1, fp8=True)["BLOCK_K"] == 256
+
+
+@needs_triton
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+def test_model_mlp_through_the_kernels(monkeypatch, fp8):
+    """The wiring a GPU run has, taken here (the row limit's CUDA check lifted, so the interpreter runs the kernels):
+    MLP.fuse_gate_up + the GEMV mixin (runner/gpu_kernels.py) send steps of up to FEW_ROWS_MAX rows through
+    gemv_silu_mul (and fp8 down_proj through fp8_linear's GEMV), longer ones through GEMM + SiLU·mul; both equal
+    the plain MLP (fp8: the MLP quantized without the fusion, the same bits)."""
+    import minke.kernels.fp8_linear as fp8_mod
+    from minke.models.layers import MLP
+    from minke.runner.gpu_kernels import GemvProjections, swap_in
+    from minke.runner.quantization import quantize_dense_fp8
+
+    calls = []
+    real = _kmod.gemv_silu_mul
+    monkeypatch.setattr(_kmod, "_few_rows", lambda x, w, m: x.dim() == 2 and x.shape[0] <= m)
+    monkeypatch.setattr(_kmod, "gemv_silu_mul", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    monkeypatch.setattr(fp8_mod, "uses_gemv", lambda x, wq, out_dtype=None: x.numel() // x.shape[-1] <= 8)
+    torch.manual_seed(7)
+    plain, fast = MLP(24, 40), MLP(24, 40)
+    fast.load_state_dict(plain.state_dict())
+    plain, fast = plain.to(DEVICE), fast.to(DEVICE)
+    assert fast.fuse_gate_up()
+    if fp8:
+        quantize_dense_fp8(plain)
+        quantize_dense_fp8(fast)
+        assert fast.fused_gate_up.dtype == torch.float8_e4m3fn and fast.fused_gate_up_scale.shape == (80,)
+    swap_in(fast, GemvProjections)
+    for m in (1, 5, 12):
+        x = torch.randn(m, 24).to(DEVICE)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert calls == [1, 5]  # 12 rows: one GEMM + SiLU·mul
