@@ -2,6 +2,7 @@
 time goes: kernels by GPU time, and host time outside the model.
 
     python bench/profile_step.py --shape v2-lite --out /tmp/prof
+    python bench/profile_step.py --shape llm-67b --quantization fp8 --gpu-memory-utilization 0.9 --batches 1,8
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main():
     ap.add_argument("--mixed-prefill", type=int, default=0,
                     help="also profile one prefill step of this many prompts of random lengths 32..1024 (as the "
                          "offline benchmark admits them)")
+    ap.add_argument("--quantization", default=None, choices=[None, "fp8"], help="as minke bench's (llm-67b: fp8)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     d = shape_dir(args.shape, None)
@@ -51,8 +54,9 @@ def main():
         path = write_random_adapter(d, tempfile.mkdtemp(prefix="minke-prof-lora-"), args.lora_rank, 0)
         lora_kw = dict(enable_lora=True, max_loras=4, max_lora_rank=args.lora_rank)
         lora = LoRARequest("a0", 1, path)
-    llm = LLM(d, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.8,
-              enforce_eager=args.eager, **lora_kw)
+    llm = LLM(d, load_format="dummy", dtype="bfloat16", max_model_len=4096,
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.eager,
+              quantization=args.quantization, **lora_kw)
     vocab = 102400
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(_prompts(1, args.prefill, vocab, 0), one, use_tqdm=False, lora_request=lora)

@@ -74,10 +74,12 @@ def test_two_gpus_equal_reference_fp32(ckpt, variant, ep):
         llm.llm_engine.runner.shutdown()
 
 
-@pytest.mark.parametrize("variant", ["deepseek_v2_lite", "deepseek_v2"])
+@pytest.mark.parametrize("variant", ["deepseek_v2_lite", "deepseek_v2", "llama", "llama_gqa"])
 def test_fp8_experts_equal_dequantized_reference_fp32(ckpt, variant):
     """--quantization fp8 through the fused MoE (shared experts fused in and quantized with the routed ones), CUDA
-    graphs and async scheduling equals the plain model whose expert weights are the fp8 round trip."""
+    graphs and async scheduling equals the plain model whose expert weights are the fp8 round trip. DeepSeek LLM
+    (llama): every linear layer fp8, q/k/v and gate/up fused, through the few-row W8A16 GEMVs (decode, with the
+    SiLU·mul epilogue) and the torch W8A16 path (prefill, fp32)."""
     from test_quantization import dequantized_reference
 
     _, path = ckpt(variant)

@@ -13,6 +13,7 @@ from minke.kernels.fp8_linear import (
     fp8_linear_w8a8_ref,
     fp8_linear_w8a16_ref,
     quantize_weight_fp8,
+    uses_gemv,
     uses_scaled_mm,
 )
 from minke.kernels.fp8_quant import FP8_MAX, quantize_rows_fp8_ref
@@ -96,7 +97,7 @@ def test_w8a8_emulation_within_fp8_error_of_float64():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("k", [96, 16400])  # 16400 > the Triton quantizer's row limit: the torch quantizer runs
+@pytest.mark.parametrize("k", [96, 16400])  # 16400 > the quantizer's one-tile rows: it loops over K
 def test_scaled_mm_code_path(monkeypatch, dtype, k):
     """fp8_linear's W8A8 branch (quantizer, scale layouts, _scaled_mm call, leading dims) taken on this device:
     CPU has a torch._scaled_mm too, and the Triton row quantizer runs in the interpreter."""
@@ -114,6 +115,42 @@ def test_scaled_mm_code_path(monkeypatch, dtype, k):
     assert (y.view(6, 32).double() - (x.double() @ w.double().T)).abs().le(
         _w8a8_bound(x.float(), w) + ref.double().abs() * 2 ** -7 + tol).all()
     assert fp8_linear(x[:0], wq, s).shape == (0, 32)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_code_path(monkeypatch, dtype):
+    """fp8_linear's few-row branch (kernels/gemv.py's W8A16 GEMV, taken on CUDA up to gemv.FEW_ROWS_MAX rows) run on
+    this device: leading dims, a strided x, the result the W8A16 math (fp32 sums of the widened weights times the
+    scales, one rounding), and no activation quantization (closer to the float64 product than W8A8)."""
+    from minke.kernels.gemv import gemv_ref
+
+    monkeypatch.setattr(_kmod, "uses_gemv", lambda *a, **kw: True)
+    x, w = _case(m=6, k=96, n=32, seed=4)
+    x, w = x.to(dtype).to(DEVICE), w.to(DEVICE)
+    wq, s = quantize_weight_fp8(w)
+    y = fp8_linear(x.view(2, 3, 96), wq, s)
+    assert y.shape == (2, 3, 32) and y.dtype == dtype
+    want = gemv_ref(x.float(), wq, s)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(y.view(6, 32).float(), want, **tol)
+    wide = torch.cat([x, x[:, :8]], dim=1)[:, :96]  # a strided row view
+    torch.testing.assert_close(fp8_linear(wide, wq, s).float(), want, **tol)
+    exact = x.double() @ w.double().T
+    assert (want.double() - exact).norm() < (fp8_linear_w8a8_ref(x.float(), wq, s).double() - exact).norm()
+
+
+def test_uses_gemv_only_for_few_rows_on_cuda():
+    from minke.kernels.gemv import FEW_ROWS_MAX
+
+    x, w = _case()
+    wq, _ = quantize_weight_fp8(w)
+    assert not uses_gemv(x[:1], wq)  # CPU: the torch W8A16 path
+    if torch.cuda.is_available():
+        xc, wc = x.cuda(), wq.cuda()
+        assert uses_gemv(xc[:1], wc) and uses_gemv(xc.new_zeros(FEW_ROWS_MAX, 96), wc)
+        assert not uses_gemv(xc.new_zeros(FEW_ROWS_MAX + 1, 96), wc) and not uses_gemv(xc[:0], wc)
+        assert not uses_gemv(xc[:1], wc, out_dtype=torch.float16)  # the GEMV writes x's dtype only
 
 
 def test_rejects_bad_inputs():
@@ -154,8 +191,10 @@ _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9
 @pytest.mark.skipif(not _HOPPER, reason="needs a CUDA GPU of compute capability >= 9 (fp8 tensor cores)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (7, 4096, 11008), (256, 8192, 1024), (33, 22016, 8192)])
-def test_gpu_scaled_mm_matches_emulation(m, k, n, dtype):
-    """LLM 7B / 67B projection shapes (22016: the 67B down_proj, past the Triton quantizer's rows)."""
+def test_gpu_scaled_mm_matches_emulation(monkeypatch, m, k, n, dtype):
+    """LLM 7B / 67B projection shapes (22016: the 67B down_proj, past the quantizer's one-tile rows). The W8A8 path
+    at every row count (fp8_linear sends up to 8 rows to the GEMV: test_gpu_gemv_matches_w8a16 below)."""
+    monkeypatch.setattr(_kmod, "uses_gemv", lambda *a, **kw: False)
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.02
@@ -170,9 +209,29 @@ def test_gpu_scaled_mm_matches_emulation(m, k, n, dtype):
     assert err.le(_w8a8_bound(x.float(), w) + ref.double().abs() * 2 ** -7 + tol).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (8, 4096, 11008), (1, 22016, 8192), (5, 8192, 1024)])
+def test_gpu_gemv_matches_w8a16(m, k, n, dtype):
+    """The compiled few-row W8A16 GEMV that fp8_linear takes for up to 8 rows on CUDA, at LLM 7B / 67B shapes."""
+    from minke.kernels.gemv import gemv_ref
+
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    wq, s = quantize_weight_fp8(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+    assert uses_gemv(x, wq)
+    y = fp8_linear(x, wq, s)
+    want = gemv_ref(x.float(), wq, s)
+    tol = 1e-4 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol * want.abs().amax().item())
+
+
 @pytest.mark.skipif(not _HOPPER, reason="needs a CUDA GPU of compute capability >= 9 (fp8 tensor cores)")
-def test_gpu_fp8_linear_in_cuda_graph():
-    x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("m", [4, 32])  # the GEMV path, the _scaled_mm path
+def test_gpu_fp8_linear_in_cuda_graph(m):
+    from minke.kernels.gemv import gemv_ref
+
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     wq, s = quantize_weight_fp8(torch.randn(1024, 4096, device="cuda") * 0.02)
     y = fp8_linear(x, wq, s)  # warm-up / compile
     graph = torch.cuda.CUDAGraph()
@@ -180,5 +239,5 @@ def test_gpu_fp8_linear_in_cuda_graph():
         y = fp8_linear(x, wq, s)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    torch.testing.assert_close(y.float(), fp8_linear_w8a8_ref(x, wq, s, out_dtype=torch.float32), rtol=2 ** -7,
-                               atol=2e-2 * y.float().abs().amax().item())
+    want = gemv_ref(x.float(), wq, s) if uses_gemv(x, wq) else fp8_linear_w8a8_ref(x, wq, s, out_dtype=torch.float32)
+    torch.testing.assert_close(y.float(), want, rtol=2 ** -7, atol=2e-2 * y.float().abs().amax().item())

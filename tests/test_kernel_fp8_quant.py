@@ -30,8 +30,12 @@ def test_reference_error_bound():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k", [300, 2048])
-def test_kernel_matches_reference(dtype, k):
+@pytest.mark.parametrize("k,tile", [(300, None), (2048, None), (22016, None), (300, 128)])
+def test_kernel_matches_reference(monkeypatch, dtype, k, tile):
+    """22016: DeepSeek LLM 67B's down_proj input, past the one-tile rows (the kernel loops over K); tile 128: the
+    loop's ragged last tile on a short row."""
+    if tile is not None:
+        monkeypatch.setattr(_kmod, "_MAX_TILE", tile)
     x = _rows(dtype, k=k).to(DEVICE)
     q, s = quantize_rows_fp8(x)
     q_ref, s_ref = quantize_rows_fp8_ref(x)

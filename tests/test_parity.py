@@ -164,6 +164,37 @@ def test_fused_input_projections_equal_separate(checkpoints, variant):
     assert sorted(model.state_dict()) == names
 
 
+@pytest.mark.parametrize("variant", ["llama_gqa", "deepseek"])
+def test_fused_gate_up_equals_separate(checkpoints, variant):
+    """MLP.fuse_gate_up: one GEMM of x for gate_proj and up_proj gives the separate projections' MLP output, dense
+    and paged-shaped ([B, T, D] and [N, D]); gate/up become views of the fused weight in row order (no extra
+    memory, checkpoint names kept); a second call, or an MLP with a non-Linear projection, changes nothing."""
+    from minke.models.layers import MLP
+
+    _, path = checkpoints(variant)
+    model = minke.load_model(path)
+    mlp = model.model.layers[0].mlp  # dense in both (the MoE model's first layer is dense)
+    assert isinstance(mlp, MLP)
+    names = sorted(model.state_dict())
+    torch.manual_seed(5)
+    xs = [torch.randn(2, 3, model.config.hidden_size), torch.randn(7, model.config.hidden_size)]
+    with torch.no_grad():
+        before = [mlp(x) for x in xs]
+        assert mlp.fuse_gate_up() and not mlp.fuse_gate_up()
+        after = [mlp(x) for x in xs]
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    inter = mlp.gate_proj.out_features
+    assert mlp.fused_gate_up.shape == (2 * inter, model.config.hidden_size) and mlp.fused_gate_up_scale is None
+    assert mlp.gate_proj.weight.data_ptr() == mlp.fused_gate_up.data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.fused_gate_up[inter:].data_ptr()
+    assert sorted(model.state_dict()) == names
+    other = model.model.layers[1].mlp
+    if isinstance(other, MLP):
+        other.up_proj = torch.nn.Identity()
+        assert not other.fuse_gate_up() and other.fused_gate_up is None
+
+
 @pytest.mark.parametrize("variant", ["deepseek_v2", "deepseek", "llama_gqa"])
 def test_gpu_kernel_wiring_matches_reference_on_cpu(checkpoints, variant):
     """The kernels the runner installs on GPU (apply_gpu_kernels: shared experts fused into the fused MoE, fused
@@ -189,6 +220,7 @@ def test_gpu_kernel_wiring_matches_reference_on_cpu(checkpoints, variant):
     if variant != "llama_gqa":  # the tiny MoE models have shared experts: they were folded in
         assert moes and all(m.n_fused_shared for m in moes)
     assert all(layer.self_attn.fused_in_weight is not None for layer in fast.model.layers)
+    assert fast.model.layers[0].mlp.fused_gate_up is not None  # a dense MLP in every family: gate/up fused
     caches = allocate_kv_caches(fast.config, 16, 4, torch.float32, dev)
     prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(4)).tolist()
     table = [3, 9, 1, 12]

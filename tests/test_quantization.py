@@ -180,3 +180,41 @@ def test_gpu_wiring_bf16_fp8_moe_matches_w8a8_reference(tmp_path):
             got = moe_fast(x)[0].float().sum(1)  # [N, K+S, D] per-slot outputs, summed by the next RMSNorm
             want = moe_ref(x)[0].float()
         torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "deepseek"])
+def test_fused_projections_stay_fused_in_fp8(tmp_path, variant):
+    """After gpu_kernels.transform_weights, fp8 quantizes the fused q/k/v and gate/up weights whole: each keeps its
+    fp8 tensor with [N] row scales beside it, its projections' Fp8Linears hold views of them, the bits are those of
+    quantizing each projection alone (row scales), and the model computes what the unfused fp8 model does."""
+    from minke.runner.gpu_kernels import fuse_shared_experts, transform_weights
+    from minke.runner.quantization import Fp8Linear, apply_quantization
+
+    path = str(tmp_path / variant)
+    make_checkpoint(variant, path)
+    plain = minke.load_model(path, dtype=torch.float32)
+    fuse_shared_experts(plain)  # transform_weights' other change (MoE models), so only the fusions differ
+    n_plain = apply_quantization(plain, "fp8")
+    fused = minke.load_model(path, dtype=torch.float32)
+    transform_weights(fused)
+    assert apply_quantization(fused, "fp8") == n_plain
+    for layer_p, layer_f in zip(plain.model.layers, fused.model.layers):
+        groups = [(layer_f.self_attn, "fused_in_weight", "fused_in_scale", ["q_proj", "k_proj", "v_proj"])]
+        if isinstance(layer_f.mlp, MLP):
+            groups.append((layer_f.mlp, "fused_gate_up", "fused_gate_up_scale", ["gate_proj", "up_proj"]))
+        for mod, w_attr, s_attr, names in groups:
+            wq, scale = getattr(mod, w_attr), getattr(mod, s_attr)
+            assert wq.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (len(wq),)
+            start = 0
+            for name in names:
+                lin = getattr(mod, name)
+                assert isinstance(lin, Fp8Linear)
+                assert lin.weight_fp8.data_ptr() == wq[start:].data_ptr()
+                assert lin.weight_scale.data_ptr() == scale[start:].data_ptr()
+                start += lin.out_features
+            assert start == len(wq)
+        for (name, a), (_, b) in zip(layer_p.named_buffers(), layer_f.named_buffers()):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+    ids = torch.tensor([[5, 17, 42, 99, 3, 200, 7, 64]])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), plain(ids), rtol=1e-5, atol=1e-5)

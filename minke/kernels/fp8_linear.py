@@ -4,14 +4,18 @@ scale per output row (issue 23.3: DeepSeek LLM 67B's 134 GB of bf16 weights beco
 Weights (quantize_weight_fp8, once at load, kernels/fp8_quant.py's row quantizer):
     w_scale[n] = max_k |W[n, k]| / 448,   Wq[n, k] = e4m3(W[n, k] / w_scale[n])       W ~= Wq * w_scale[:, None]
 
-Two ways to multiply (fp8_linear picks by device and dtype):
+Three ways to multiply (fp8_linear picks by device, dtype and rows):
+- W8A16 GEMV, on CUDA for steps of at most gemv.FEW_ROWS_MAX (8) rows (batch-1..8 decode) with output in x's
+  dtype: kernels/gemv.py streams the fp8 weights once, widens them in registers and applies the row scales to the
+  fp32 sums. Half the bytes of bf16 and no activation quantization launch: the 67B's batch-1 step through the
+  quantizer + _scaled_mm read its weights at ~1.6 TB/s (bench/RESULTS.md, 2026-12-01).
 - W8A8, on CUDA GPUs of compute capability >= 9 (Hopper: fp8 tensor cores) with bf16 / fp16 activations and
   output: the activations are quantized per token (row) at every call, x ~= xq * x_scale[:, None], and
   torch._scaled_mm multiplies fp8 by fp8 with fp32 accumulation and applies both scales in its epilogue:
       y[m, n] = x_scale[m] * w_scale[n] * sum_k xq[m, k] Wq[n, k]
   (what vLLM's fp8 does for dense layers; fp8_linear_w8a8_ref is this math in torch.)
-- W8A16 everywhere else (CPU, fp32, older GPUs, shapes _scaled_mm does not take): the fp8 weights are widened to the
-  activation dtype (exactly) and multiplied there, the output rows scaled in fp32:
+- W8A16 in torch everywhere else (CPU, fp32, older GPUs, shapes _scaled_mm does not take): the fp8 weights are
+  widened to the activation dtype (exactly) and multiplied there, the output rows scaled in fp32:
   y = (x @ Wq.to(x.dtype)^T) * w_scale (fp8_linear_w8a16_ref; the fp8 experts' torch path computes the same).
 
 torch._scaled_mm's constraints (torch/_meta_registrations.py `_check_scaled_mm_sizes`, aten/.../cuda/Blas.cpp,
@@ -26,6 +30,7 @@ Public API:
     fp8_linear(x [..., K], wq, w_scale, out_dtype=None) -> [..., N]
     fp8_linear_w8a16_ref / fp8_linear_w8a8_ref (same signature)   torch references of the two paths
     uses_scaled_mm(x, wq, out_dtype=None) -> bool                   whether fp8_linear takes the W8A8 path
+    uses_gemv(x, wq, out_dtype=None) -> bool                        whether it takes the few-row W8A16 GEMV
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ import functools
 
 import torch
 
+from . import gemv as _gemv
+from ._triton import HAS_TRITON as _HAS_TRITON
 from .fp8_quant import FP8_DTYPE, quantize_rows_fp8, quantize_rows_fp8_ref, scaled_linear_torch
 
 _SCALED_MM_DTYPES = (torch.bfloat16, torch.float16)
-_TRITON_QUANT_MAX_K = 16384  # quantize_rows_fp8 keeps a whole row in registers; longer rows use the torch quantizer
 
 
 @torch.no_grad()
@@ -99,24 +105,34 @@ def uses_scaled_mm(x: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype | N
             and K % 16 == 0 and N % 16 == 0 and _capability(x.device) >= (9, 0))
 
 
+def uses_gemv(x: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype | None = None) -> bool:
+    """Whether fp8_linear runs the few-row W8A16 GEMV (kernels/gemv.py) for these inputs."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (_HAS_TRITON and x.is_cuda and (out_dtype is None or out_dtype == x.dtype)
+            and 0 < rows <= _gemv.FEW_ROWS_MAX and wq.stride(-1) == 1)
+
+
 def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype | None = None,
                use_fast_accum: bool = False) -> torch.Tensor:
     """y = x @ W^T for fp8 weights wq [N, K] with row scales w_scale [N]: x [..., K] -> [..., N] in out_dtype
-    (default x.dtype). W8A8 on fp8 tensor cores where uses_scaled_mm says so, else the W8A16 reference. No host
-    sync: CUDA-graph capturable. use_fast_accum: _scaled_mm's faster, less exact accumulation (bench only)."""
+    (default x.dtype). The W8A16 GEMV where uses_gemv says so (few rows on CUDA), W8A8 on fp8 tensor cores where
+    uses_scaled_mm does, else the W8A16 reference. No host sync: CUDA-graph capturable. use_fast_accum:
+    _scaled_mm's faster, less exact accumulation (bench only)."""
     out_dtype = _check(x, wq, w_scale, out_dtype)
-    if not uses_scaled_mm(x, wq, out_dtype):
-        return fp8_linear_w8a16_ref(x, wq, w_scale, out_dtype)
     N, K = wq.shape
     lead = x.shape[:-1]
+    if uses_gemv(x, wq, out_dtype):
+        x2 = x.reshape(-1, K)
+        return _gemv.gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), wq, w_scale).view(*lead, N)
+    if not uses_scaled_mm(x, wq, out_dtype):
+        return fp8_linear_w8a16_ref(x, wq, w_scale, out_dtype)
     x2 = x.reshape(-1, K)  # [M, K]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()  # the quantizer reads rows with a unit stride; its output xq is row-major [M, K]
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*lead, N, dtype=out_dtype)
-    # Per-token dynamic quantization: the Triton row quantizer (one launch) while a row fits its registers.
-    xq, x_scale = quantize_rows_fp8(x2) if K <= _TRITON_QUANT_MAX_K else quantize_rows_fp8_ref(x2)
+    xq, x_scale = quantize_rows_fp8(x2)  # per-token dynamic quantization: the Triton row quantizer, one launch
     y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale.view(M, 1), scale_b=w_scale.contiguous().view(1, N),
                          out_dtype=out_dtype, use_fast_accum=use_fast_accum)  # [M, N]
     return y.view(*lead, N)

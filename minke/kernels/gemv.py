@@ -1,15 +1,27 @@
-"""y = x @ w^T for a single row x (batch-1 decode projections): a Triton matrix-vector kernel + torch reference.
+"""y = x @ w^T for a few rows x (decode projections at batch 1-8): Triton matrix-vector kernels + torch references.
 
 At one row cuBLAS picks GEMM tiles (8 or 16 rows of which 1 is used) and on an H200 reads V2-Lite's attention
 projections at 1.6-2.8 TB/s (o_proj [2048 x 2048] 5.3 us, q+kv_a [3648 x 2048] 5.4 us). Here each program owns
 BLOCK_N output rows and streams their weights once in [BLOCK_N, BLOCK_K] tiles with fp32 multiply-adds on the CUDA
 cores (no tensor-core tile to fill), reducing once after the loop: 3.3 and 4.3 us (`bench/bench_gemv.py`).
-Every row of x re-reads the whole weight, so it is for M <= GEMV_MAX_ROWS only (`linear` dispatches).
+
+Up to GEMV_BLOCK_M = 8 rows share one program, so a step of M <= 8 rows reads each weight once (more rows: one
+program row per group of 8, each group re-reading the weights). Two options, both in the same kernel:
+- fp8 weights (W8A16, `scale` given): w [N, K] float8_e4m3fn with one fp32 scale per output row
+  (kernels/fp8_linear.py's layout); tiles are widened to fp32 in registers (exact), the row sums multiplied by
+  the scales: y[m, n] = scale[n] * sum_k x[m, k] w[n, k]. One byte a weight is read and the activations are not
+  quantized (the W8A8 path's per-token quantizer launch is skipped).
+- SiLU·mul epilogue (`gemv_silu_mul`): w [2I, K] = [gate; up] (an MLP's gate_proj and up_proj rows stacked, the
+  experts' gate_up layout); the program streams its BLOCK_N gate rows and the matching up rows and writes
+  silu(x gate^T) * (x up^T) [M, I]: a dense MLP's first half is one launch instead of three (gate, up, silu·mul).
 
 Public API:
-    gemv(x [M, K], w [N, K], config=None) -> [M, N]     Triton (CUDA, or CPU under TRITON_INTERPRET=1)
-    gemv_ref(x, w)                                     F.linear: the reference
-    linear(x, w)                                       gemv for M <= GEMV_MAX_ROWS on CUDA, else F.linear
+    gemv(x [M, K], w [N, K], scale=None, config=None) -> [M, N]              Triton (CUDA, or CPU interpreted)
+    gemv_silu_mul(x [M, K], w [2I, K], scale=None, config=None) -> [M, I]    Triton, the fused gate_up + act
+    gemv_ref(x, w, scale=None), gemv_silu_mul_ref(x, w, scale=None)          torch references (fp32 math)
+    linear(x, w, scale=None)           gemv for M <= GEMV_MAX_ROWS on CUDA, else F.linear; fp8 w: fp8_linear
+    linear_silu_mul(x, w, scale=None)  gemv_silu_mul for M <= FEW_ROWS_MAX on CUDA, else GEMM + SiLU·mul
+    GEMV_MAX_ROWS (plain projections), FEW_ROWS_MAX (fused MLP; fp8 in fp8_linear): the dispatchers' row limits
 """
 
 from __future__ import annotations
@@ -20,75 +32,205 @@ import torch.nn.functional as F
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import tl, triton
 
+# Rows a step may have for `linear` to send a plain (unscaled) projection to gemv on CUDA. One: measured on an
+# H200 (2026-11-28) at M = 1 only; bench/bench_gemv.py prints cuBLAS against gemv at M = 1, 2, 4, 8 to raise it.
 GEMV_MAX_ROWS = 1
+# Rows for the fused gate_up + SiLU·mul and for fp8 weights (W8A16): both replace more than one launch (cuBLAS
+# gate, up, silu, mul; or the activation quantizer + _scaled_mm) and, for fp8, half the weight bytes.
+FEW_ROWS_MAX = 8
+GEMV_BLOCK_M = 8  # rows one program multiplies against each weight tile
+_FP8 = torch.float8_e4m3fn
 
 
-def gemv_config(n: int, k: int) -> dict:
-    """Block sizes (bench/bench_gemv.py sweep on an H200, 2026-11-28: 4-row blocks won up to N = 2048, 8-row
-    blocks above; 128-wide K tiles over 8 warps everywhere)."""
-    return {"BLOCK_N": 4 if n <= 2048 else 8, "BLOCK_K": 128, "num_warps": 8, "num_stages": 2}
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False) -> dict:
+    """Block sizes. n: the output rows (gemv_silu_mul: I, the gate rows). bf16 one-row steps: the bench_gemv.py
+    sweep on an H200, 2026-11-28 (4-row blocks won up to N = 2048, 8-row blocks above; 128-wide K tiles over 8
+    warps). fp8 tiles are 256 wide (the same 256 bytes a weight row per tile). With BLOCK_M rows the fp32 partial
+    sums are BLOCK_M x BLOCK_N x BLOCK_K: BLOCK_N halves until they fit 64 registers a thread (16K values over 256
+    threads). gemv_silu_mul streams the gate rows, then the up rows: one set of partial sums is live at a time, so
+    it takes the same blocks."""
+    block_m = min(GEMV_BLOCK_M, _next_pow2(max(1, rows)))
+    block_k = 256 if fp8 else 128
+    block_n = 4 if n <= 2048 else 8
+    while block_n > 1 and block_m * block_n * block_k > 16384:
+        block_n //= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 2}
 
 
 if _HAS_TRITON:
 
     @triton.jit
+    def _row_block_sums(x_ptr, w_ptr, row0, M, offs_n, mask_n, K, stride_xm, stride_wn,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """sum_k x[row0 + m, k] * w[offs_n, k] in fp32 -> [BLOCK_M, BLOCK_N]: each weight tile is read once for all
+        BLOCK_M rows. Elementwise fp32 partial sums, reduced once after the loop."""
+        offs_k = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+        if BLOCK_M == 1:  # the one-row kernel as measured: 2-D partial sums (row0 < M: the grid has M programs)
+            x_ptrs = x_ptr + row0 * stride_xm + offs_k  # [BLOCK_K]
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+                k_mask = offs_k < K - k0 * BLOCK_K
+                x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
+                acc += w.to(tl.float32) * x[None, :]
+                x_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
+            out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+        else:
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+            acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+                k_mask = offs_k < K - k0 * BLOCK_K
+                x = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
+                acc3 += w.to(tl.float32)[None, :, :] * x[:, None, :]
+                x_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
+            out = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
+        return out
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,  # [M, K], unit column stride
-        w_ptr,  # [N, K], unit column stride
+        w_ptr,  # [N, K] (SILU_MUL: the gate rows), unit column stride; bf16 / fp32 / fp8
+        s_ptr,  # HAS_SCALE: [N] fp32 row scales of fp8 w; else unused
+        w_up_ptr,  # SILU_MUL: [N, K] the up rows, w's strides (the gate_up weight's second half); else unused
+        s_up_ptr,  # SILU_MUL and HAS_SCALE: [N] their scales; else unused
         y_ptr,  # [M, N] out
-        N,
+        M,
+        N,  # output columns (silu_mul: I)
         K,
         stride_xm,
         stride_wn,
         stride_ym,
+        BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        SILU_MUL: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + row * stride_xm + offs_k  # [BLOCK_K]
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-        # Elementwise fp32 partial sums, reduced once after the loop.
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-            k_mask = offs_k < K - k0 * BLOCK_K
-            x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        y = tl.sum(acc, axis=1)  # [BLOCK_N]
-        tl.store(y_ptr + row * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        row0 = tl.program_id(1).to(tl.int64) * BLOCK_M
+        y = _row_block_sums(x_ptr, w_ptr, row0, M, offs_n, mask_n, K, stride_xm, stride_wn,
+                            BLOCK_M, BLOCK_N, BLOCK_K)  # [BLOCK_M, BLOCK_N] fp32
+        if HAS_SCALE:  # per-row weight scales: constant along the reduction, applied to the fp32 sums
+            y = y * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if SILU_MUL:
+            up = _row_block_sums(x_ptr, w_up_ptr, row0, M, offs_n, mask_n, K, stride_xm, stride_wn,
+                                 BLOCK_M, BLOCK_N, BLOCK_K)
+            if HAS_SCALE:
+                up = up * tl.load(s_up_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            y = y / (1.0 + tl.exp(-y)) * up  # silu(gate) * up in fp32 (as kernels/fused_moe.py)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w)
-
-
-def gemv(x: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ w[N, K]^T -> [M, N] in x.dtype (fp32 accumulation). Both need a unit last stride."""
-    if not _HAS_TRITON:
-        raise RuntimeError("gemv: triton is not installed (pip install 'minke[gpu]'); use gemv_ref")
+def _check(name: str, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> None:
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"gemv: need x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+        raise ValueError(f"{name}: need x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.device != w.device:
+        raise ValueError(f"{name}: x ({x.device}) and w ({w.device}) must be on one device")
+    if scale is None:
+        if x.dtype != w.dtype:
+            raise ValueError(f"{name}: x ({x.dtype}) and w ({w.dtype}) dtypes must match (or give fp8 w a scale)")
+        return
+    if w.dtype != _FP8 or not x.is_floating_point() or x.dtype == _FP8:
+        raise ValueError(f"{name}: a scale goes with {_FP8} w and float x, got w {w.dtype}, x {x.dtype}")
+    if scale.shape != (w.shape[0],) or scale.dtype != torch.float32 or scale.device != w.device:
+        raise ValueError(f"{name}: scale must be [N={w.shape[0]}] float32 on {w.device}, got {tuple(scale.shape)} "
+                         f"{scale.dtype} on {scale.device}")
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T -> [M, N] in x.dtype: F.linear, or for fp8 w the fp32 product of the widened weights
+    times the row scales (the kernel's math: fp32 sums, one rounding at the end)."""
+    _check("gemv_ref", x, w, scale)
+    if scale is None:
+        return F.linear(x, w)
+    return (F.linear(x.float(), w.float()) * scale).to(x.dtype)
+
+
+def gemv_silu_mul_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T) [M, I] for w [2I, K] = [gate; up], in fp32 from the fp32 sums (the kernel's math)."""
+    _check("gemv_silu_mul_ref", x, w, scale)
+    h = F.linear(x.float(), w.float()) * (1.0 if scale is None else scale)  # [M, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+def _launch(name: str, x, w, scale, config, silu_mul: bool) -> torch.Tensor:
+    if not _HAS_TRITON:
+        raise RuntimeError(f"{name}: triton is not installed (pip install 'minke[gpu]'); use {name}_ref")
+    _check(name, x, w, scale)
     if x.stride(1) != 1 or w.stride(1) != 1:
-        raise ValueError(f"gemv: x and w need a unit last stride, got {x.stride()} and {w.stride()}")
-    if x.dtype != w.dtype or x.device != w.device:
-        raise ValueError(f"gemv: x ({x.dtype}, {x.device}) and w ({w.dtype}, {w.device}) must match")
-    (m, k), n = x.shape, w.shape[0]
-    cfg = config or gemv_config(n, k)
+        raise ValueError(f"{name}: x and w need a unit last stride, got {x.stride()} and {w.stride()}")
+    if silu_mul and w.shape[0] % 2:
+        raise ValueError(f"{name}: w must be [2I, K] (gate rows, then up rows), got {tuple(w.shape)}")
+    scale = None if scale is None else scale.contiguous()  # the kernel reads scale[n] at unit stride
+    (m, k), n = x.shape, w.shape[0] // (2 if silu_mul else 1)
+    cfg = config or gemv_config(n, k, m, fp8=scale is not None)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m and n:
-        _gemv_kernel[(m, triton.cdiv(n, cfg["BLOCK_N"]))](
-            x, w, y, n, k, x.stride(0), w.stride(0), y.stride(0), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        block_m = cfg.get("BLOCK_M", 1)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, block_m))
+        w_up = w[n:] if silu_mul else w  # the up rows: a view (its own base pointer; no int32 row offsets)
+        s = w if scale is None else scale
+        s_up = s[n:] if silu_mul and scale is not None else s
+        _gemv_kernel[grid](
+            x, w, s, w_up, s_up, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+            BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HAS_SCALE=scale is not None,
+            SILU_MUL=silu_mul, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x [..., K], w [N, K]) (no bias), through gemv when x is one row on CUDA (batch-1 decode)."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.stride(1) == 1 and w.stride(1) == 1:
+def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
+         config: dict | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T -> [M, N] in x.dtype (fp32 accumulation). Both need a unit last stride. With scale [N]
+    (fp32): w is float8_e4m3fn and each output column is multiplied by its row's scale (W8A16)."""
+    return _launch("gemv", x, w, scale, config, silu_mul=False)
+
+
+def gemv_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """x [M, K], w [2I, K] = [gate; up] (scale [2I] for fp8 w) -> silu(x gate^T) * (x up^T) [M, I] in x.dtype, one
+    launch: the products and the activation in fp32, one rounding at the end."""
+    return _launch("gemv_silu_mul", x, w, scale, config, silu_mul=True)
+
+
+def _few_rows(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
+    return (_HAS_TRITON and x.is_cuda and x.dim() == 2 and x.shape[0] <= max_rows and x.stride(1) == 1
+            and w.stride(1) == 1)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x [..., K], w [N, K]) (no bias), through gemv when x has at most GEMV_MAX_ROWS rows on CUDA
+    (batch-1 decode). With scale (fp8 w): kernels/fp8_linear.fp8_linear, which takes gemv up to FEW_ROWS_MAX."""
+    if scale is not None:
+        from .fp8_linear import fp8_linear
+
+        return fp8_linear(x, w, scale)
+    if _few_rows(x, w, GEMV_MAX_ROWS):
         return gemv(x, w)
     return F.linear(x, w)
+
+
+def linear_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T) for w [2I, K] = [gate; up]: gemv_silu_mul for x of at most FEW_ROWS_MAX rows on
+    CUDA (one launch), else one GEMM of the fused weight (cuBLAS, or fp8_linear) + the Triton SiLU·mul."""
+    if _few_rows(x, w, FEW_ROWS_MAX):
+        return gemv_silu_mul(x, w, scale)
+    from .silu_mul import silu_mul_fwd, silu_mul_fwd_ref
+
+    h = linear(x, w, scale)  # [..., 2I]
+    act = silu_mul_fwd if _HAS_TRITON and h.is_cuda else silu_mul_fwd_ref
+    return act(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)

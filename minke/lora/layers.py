@@ -112,8 +112,8 @@ class LoRAFusedInput:
     kv_a, or q / k / v, as slices of fused_in_weight): each projection's adapters go into its column slice of the
     fused output, so the fusion stays with LoRA enabled."""
 
-    def _linear(self, x, w):
-        y = super()._linear(x, w)
+    def _linear(self, x, w, scale=None):
+        y = super()._linear(x, w, scale)
         ctx = self.lora_ctx
         if ctx.active and w is self.fused_in_weight:
             x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])

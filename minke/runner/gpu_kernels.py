@@ -82,13 +82,20 @@ class FusedMHAPrologue:
 class GemvProjections:
     """One-row steps (batch-1 decode) run the bias-free projections of attention (the fused input projection and
     o_proj of paged steps) and of the MLPs (down_proj) through the Triton matrix-vector kernel (kernels/gemv.py:
-    1.1-3.2 us less than cuBLAS each on an H200); other sizes keep F.linear. Other modules (Fp8Linear) keep their
-    own forward."""
+    1.1-3.2 us less than cuBLAS each on an H200); other sizes keep F.linear. An MLP's fused gate_up (fuse_gate_up)
+    runs as one GEMV launch with the SiLU·mul in its epilogue at up to gemv.FEW_ROWS_MAX rows, else one GEMM + the
+    Triton SiLU·mul. Fused fp8 weights go through kernels/fp8_linear.py (its W8A16 GEMV at few rows). Other modules
+    (Fp8Linear) keep their own forward."""
 
-    def _linear(self, x, w):
+    def _linear(self, x, w, scale=None):
         from ..kernels.gemv import linear
 
-        return linear(x, w)
+        return linear(x, w, scale)
+
+    def _gate_up_act(self, x, w, scale):
+        from ..kernels.gemv import linear_silu_mul
+
+        return linear_silu_mul(x, w, scale)
 
     def _apply_linear(self, linear: nn.Module, x):
         if type(linear) is nn.Linear and linear.bias is None:
@@ -161,6 +168,12 @@ def defer_moe_slot_sums(model) -> int:
     return len(moes)
 
 
+def fuse_gate_up(model) -> int:
+    """Every plain MLP's (dense layers; shared experts not folded into the routed ones) gate_proj and up_proj as one
+    weight (MLP.fuse_gate_up). Returns how many MLPs changed."""
+    return sum(m.fuse_gate_up() for m in model.modules() if isinstance(m, MLP))
+
+
 def fuse_input_projections(model) -> int:
     """The input projections of every attention layer as one GEMM: MLA's q_proj (or q_a_proj) and
     kv_a_proj_with_mqa, MHA/GQA's q/k/v_proj (fuse_input_projections of each). Returns how many layers changed."""
@@ -189,9 +202,11 @@ def install_gpu_kernels(model, device: torch.device, tensor_parallel: bool = Fal
 
 def transform_weights(module) -> None:
     """The swaps that rewrite weights (they read the unquantized ones, so they run before quantization): shared
-    experts folded into the routed ones, q/k/v (MLA: q/q_a + kv_a) concatenated. Per decoder layer or model-wide."""
+    experts folded into the routed ones, q/k/v (MLA: q/q_a + kv_a) concatenated, the MLPs' gate and up
+    concatenated. Per decoder layer or model-wide."""
     fuse_shared_experts(module)
     fuse_input_projections(module)
+    fuse_gate_up(module)
 
 
 def apply_gpu_kernels(model, tensor_parallel: bool = False, weights_transformed: bool = False) -> None:

@@ -10,8 +10,9 @@ In fp32, and on CPU (the torch reference), activations stay in the model dtype a
 ("W8A16"): these are the exact checks of the weight path. Experts are ~92% of DeepSeek-V2-Lite's weights, so a
 batch-1 decode step reads ~2.2 GB instead of ~4.4 GB.
 The MHA / GQA attention projections and the dense MLPs (DeepSeek LLM's every linear layer; the first dense layers
-of the MoE models) become Fp8Linear modules with the same row scales (kernels/fp8_linear.py: W8A8 torch._scaled_mm
-on Hopper in bf16 / fp16, W8A16 elsewhere): DeepSeek LLM 67B, 134 GB in bf16, fits one H200 at ~67 GB. MLA's
+of the MoE models) become Fp8Linear modules with the same row scales (kernels/fp8_linear.py: the W8A16 GEMV for
+steps of up to 8 rows on CUDA, W8A8 torch._scaled_mm on Hopper in bf16 / fp16 above, W8A16 elsewhere; fused q/k/v
+and gate/up stay fused, in fp8): DeepSeek LLM 67B, 134 GB in bf16, fits one H200 at ~67 GB. MLA's
 projections, embeddings, lm_head and the KV cache stay in the model dtype.
 The runner quantizes while loading: model_builder.load_quantized calls apply_quantization on each decoder layer as
 soon as its tensors are loaded, so the bf16 model never exists whole on the device (the 67B one would not fit).
@@ -125,10 +126,14 @@ def _row_chunks(w: torch.Tensor) -> list[slice]:
     return [slice(lo, lo + rows) for lo in range(0, w.shape[0], rows)]
 
 
-def _quantize_rows_chunked(w: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_fp8(w [N, K], amax [N]), a block of rows at a time (_QUANT_BLOCK)."""
-    wq = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
-    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+def _quantize_rows_chunked(w: torch.Tensor, amax: torch.Tensor,
+                           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8(w [N, K], amax [N]), a block of rows at a time (_QUANT_BLOCK), into out (wq [N, K] fp8, scale
+    [N] fp32: views to fill) or new tensors."""
+    if out is None:
+        out = (torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device),
+               torch.empty(w.shape[0], dtype=torch.float32, device=w.device))
+    wq, scale = out
     for rows in _row_chunks(w):
         wq[rows], scale[rows] = quantize_fp8(w[rows], amax[rows])
     return wq, scale
@@ -139,27 +144,59 @@ def _quantize_rows_chunked(w: torch.Tensor, amax: torch.Tensor) -> tuple[torch.T
 _ROW_PARALLEL = ("o_proj", "down_proj")
 
 
+def _quantize_linear_weight(w: torch.Tensor, row_parallel: bool, parallel: ParallelConfig | None,
+                            out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (wq, scale [N]) (into out if given) with the unsharded rows' scales (row_parallel under TP: K is
+    split across ranks, so the rows' maxima are all-reduced first; collective)."""
+    amax = torch.cat([w[rows].abs().amax(dim=-1).float() for rows in _row_chunks(w)])  # [N]
+    if row_parallel and parallel is not None and parallel.is_parallel:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=parallel.group)
+    return _quantize_rows_chunked(w, amax, out)
+
+
+def _fused_parts(m: nn.Module) -> tuple[str, str, list[str]] | None:
+    """(weight attribute, scale attribute, projections in row order) of m's fused bf16 weight, or None."""
+    if isinstance(m, Attention) and m.fused_in_weight is not None and m.fused_in_weight.dtype != FP8_DTYPE:
+        return "fused_in_weight", "fused_in_scale", ["q_proj", "k_proj", "v_proj"]
+    if isinstance(m, MLP) and m.fused_gate_up is not None and m.fused_gate_up.dtype != FP8_DTYPE:
+        return "fused_gate_up", "fused_gate_up_scale", ["gate_proj", "up_proj"]
+    return None
+
+
 @torch.no_grad()
 def quantize_dense_fp8(model: torch.nn.Module, parallel: ParallelConfig | None = None) -> int:
     """The linear layers of MHA / GQA attention (q/k/v/o_proj) and of the dense MLPs (gate/up/down_proj, also the
     shared experts where they were not fused into the routed ones) to Fp8Linear, one module at a time (the bf16
-    weight is freed as it goes). MLA's projections, embeddings and lm_head stay in the model dtype (kv_b_proj is
-    absorbed into the decode path as a bmm). Returns how many linear layers changed."""
-    tp = parallel is not None and parallel.is_parallel
+    weight is freed as it goes). A fused weight (Attention.fused_in_weight, MLP.fused_gate_up: gpu_kernels
+    .transform_weights) is quantized whole, its row scales beside it, and its projections' Fp8Linears hold views
+    of it: the fused fp8 GEMV / GEMM stays (the same bits as quantizing each projection: the scales are per row;
+    q/k/v and gate/up are column-parallel, whole rows on every rank). MLA's projections, embeddings and lm_head
+    stay in the model dtype (kv_b_proj is absorbed into the decode path as a bmm). Returns how many linear layers
+    changed."""
     n = 0
     for m in list(model.modules()):
         if not isinstance(m, (Attention, MLP)):
             continue
-        if isinstance(m, Attention) and m.fused_in_weight is not None:
-            m.fused_in_weight = None  # q/k/v each become an Fp8Linear (their weights are views of the fused one)
+        fused = _fused_parts(m)
+        if fused is not None:
+            w_attr, s_attr, names = fused
+            w = getattr(m, w_attr)
+            wq = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+            scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+            start = 0
+            for name in names:  # projection by projection: the temporaries of one at a time, as unfused
+                rows = slice(start, start + getattr(m, name).out_features)
+                _quantize_linear_weight(w[rows], False, parallel, out=(wq[rows], scale[rows]))
+                setattr(m, name, Fp8Linear(wq[rows], scale[rows], None, w.dtype))
+                start = rows.stop
+                n += 1
+            setattr(m, w_attr, wq)
+            setattr(m, s_attr, scale)
         for name, lin in list(m.named_children()):
             if not isinstance(lin, nn.Linear):
                 continue
             w = lin.weight.detach()
-            amax = torch.cat([w[rows].abs().amax(dim=-1).float() for rows in _row_chunks(w)])  # [N]
-            if tp and name in _ROW_PARALLEL:
-                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=parallel.group)
-            wq, scale = _quantize_rows_chunked(w, amax)
+            wq, scale = _quantize_linear_weight(w, name in _ROW_PARALLEL, parallel)
             bias = None if lin.bias is None else lin.bias.detach()
             setattr(m, name, Fp8Linear(wq, scale, bias, w.dtype))
             n += 1

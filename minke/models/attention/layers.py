@@ -23,6 +23,7 @@ from .batch import ForwardBatch
 from .torch_backend import attention_with_lse, merge_attention
 from ..layers import RMSNorm
 from ..rope import RotaryEmbedding
+from ...kernels.fp8_linear import fp8_linear
 from ...kernels.latent_cache import read_rows, round_trip, write_rows
 from ...kernels.mha_prologue import mha_prologue_ref
 
@@ -51,8 +52,10 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, self.head_dim, cfg.max_position_embeddings, interleaved=False)
         self.scale = cfg.softmax_scale
         # After fuse_input_projections(): [(H + 2 Hkv) * hd, D], q/k/v_proj's weights as one (their weights become
-        # views of it). A plain attribute: the state dict keeps the checkpoint's names.
+        # views of it); with `--quantization fp8` float8_e4m3fn with its fp32 row scales in fused_in_scale
+        # (runner/quantization.py). Plain attributes: the state dict keeps the checkpoint's names.
         self.fused_in_weight: torch.Tensor | None = None
+        self.fused_in_scale: torch.Tensor | None = None
 
     @torch.no_grad()
     def fuse_input_projections(self) -> bool:
@@ -77,7 +80,7 @@ class Attention(nn.Module):
         if self.fused_in_weight is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
-            qkv = self._linear(x, self.fused_in_weight)
+            qkv = self._linear(x, self.fused_in_weight, self.fused_in_scale)
             q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
         q = q.view(*lead, self.num_heads, self.head_dim)
         k = k.view(*lead, self.num_kv_heads, self.head_dim)
@@ -97,8 +100,9 @@ class Attention(nn.Module):
         return mha_prologue_ref(q, k, v, cos, sin, cache, slot_mapping)
 
     # The runner's GEMV mixin overrides these two on GPU (runner/gpu_kernels.py): paged steps' projections.
-    def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w)
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ w^T; w fp8 with row scales `scale` when given (kernels/fp8_linear.py)."""
+        return F.linear(x, w) if scale is None else fp8_linear(x, w, scale)
 
     def _apply_linear(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return linear(x)
@@ -271,8 +275,9 @@ class MLAttention(nn.Module):
         return self.o_proj(out.flatten(-2))
 
     # The runner's GEMV mixin overrides these two on GPU (runner/gpu_kernels.py): paged steps' projections.
-    def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w)
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ w^T; w fp8 with row scales `scale` when given (kernels/fp8_linear.py)."""
+        return F.linear(x, w) if scale is None else fp8_linear(x, w, scale)
 
     def _apply_linear(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return linear(x)
