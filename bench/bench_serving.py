@@ -14,8 +14,11 @@ end-to-end percentiles (the numbers vLLM's benchmark_serving.py reports).
 --compare-offline (needs a server started here: --model-dir or --shape) runs, after the server is stopped, the
 same prompts offline with the same engine options (those of --serve-args): LLM.generate in this process, and the
 same through the engine core in its own process (AsyncMPLLM, no HTTP), then the offline decode step at batch
---num-clients and at batch 1. It prints server / offline output tok/s, the server's TPOT p50 against that batch's
-offline step, and the server's TPOT with one client (--single-client-requests of them) against batch-1 decode.
+--num-clients and at batch 1. It prints server / offline output tok/s; the server's TPOT p50 and ITL p50 next to the
+offline run's own (from its RequestMetrics and the time each token reached the host) and their ratio: the fair
+comparison, since prefill steps land between decode steps offline too; the server's TPOT p50 against that batch's
+offline decode step (issue 21's target); and the server's TPOT with one client (--single-client-requests of them)
+against batch-1 decode.
 
 The clients run in --client-processes processes (default: enough that each drives at most 64 streams, at most
 one per CPU): one Python process parsing ~11K SSE chunks a second falls behind a server at 256 streams, and then
@@ -426,6 +429,44 @@ async def _through_core_client(model_dir: str, options: dict, prompts: list[list
         await eng.shutdown()
 
 
+class TokenTimes:
+    """When each sequence's tokens reached the host in an offline run: the engine's OutputProcessor.process is
+    wrapped on this engine instance (per step: one timestamp, the ids of the sequences that got a token), so
+    LLM.generate runs unchanged, final-only outputs included. The same clock (time.monotonic) as RequestMetrics."""
+
+    def __init__(self, engine):
+        self.processor = engine.output_processor
+        self.steps: list[tuple[float, list[int]]] = []
+        inner = self.processor.process
+
+        def process(step):
+            self.steps.append((time.monotonic(), [s.seq_id for s in step.seqs]))
+            return inner(step)
+
+        self.processor.process = process
+
+    def close(self) -> None:
+        del self.processor.process  # the class's method again
+
+    def itl(self) -> list[float]:
+        """Gaps between consecutive tokens of each sequence (its first token, from the prefill, starts it)."""
+        last: dict[int, float] = {}
+        gaps = []
+        for t, ids in self.steps:
+            for i in ids:
+                prev = last.get(i)
+                if prev is not None:
+                    gaps.append(t - prev)
+                last[i] = t
+        return gaps
+
+
+def offline_tpot(outs) -> list[float]:
+    """Per request, (finished - first token) / (output tokens - 1): the server's TPOT, from RequestMetrics."""
+    return [(o.metrics.finished_time - o.metrics.first_token_time) / (len(o.outputs[0].token_ids) - 1)
+            for o in outs if len(o.outputs[0].token_ids) > 1]
+
+
 def compare_offline(model_dir: str, serve_args: str, prompts: list[list[int]], output_len: int, num_clients: int,
                     served: dict, single: dict | None) -> dict:
     """The offline figures of the same workload, and the server's ratios to them."""
@@ -439,10 +480,20 @@ def compare_offline(model_dir: str, serve_args: str, prompts: list[list[int]], o
     p = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     _sync()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, p, use_tqdm=False)
-    _sync()
-    res["offline_output_tok_per_s"] = _offline_tok_s(outs, time.perf_counter() - t)
+    times = TokenTimes(llm.llm_engine)
+    try:
+        t = time.perf_counter()
+        outs = llm.generate(prompts, p, use_tqdm=False)
+        _sync()
+        res["offline_output_tok_per_s"] = _offline_tok_s(outs, time.perf_counter() - t)
+    finally:
+        times.close()
+    # The offline run's own latencies on the same workload: its requests interleave prefill and decode as the
+    # server's do (all of them queued at once, though), so its TPOT is the fair yardstick for the server's.
+    res["offline_tpot_s"] = percentiles(offline_tpot(outs))
+    res["offline_itl_s"] = percentiles(times.itl())
+    # (all queued at t=0: TTFT includes the wait for a slot, unlike the server's closed-loop clients)
+    res["offline_ttft_s"] = percentiles([o.metrics.time_to_first_token for o in outs])
     vocab = llm.llm_engine.model_config.vocab_size
     batch = min(num_clients, llm.llm_engine.cfg.max_num_seqs)
     steps = max(2, min(output_len, 64))
@@ -453,6 +504,8 @@ def compare_offline(model_dir: str, serve_args: str, prompts: list[list[int]], o
     res["core_client_over_in_process"] = res["core_client_output_tok_per_s"] / res["offline_output_tok_per_s"]
     tpot = served["tpot_s"]["p50"]
     res["tpot_p50_over_offline_step"] = None if tpot is None else 1000 * tpot / res["offline_step_ms"]
+    off = res["offline_tpot_s"]["p50"]
+    res["tpot_p50_over_offline_tpot_p50"] = None if tpot is None or not off else tpot / off
     if single is not None and single["tpot_s"]["p50"] is not None:
         res["single_client_tpot_p50_ms"] = 1000 * single["tpot_s"]["p50"]
         res["single_client_tpot_over_batch1_step"] = res["single_client_tpot_p50_ms"] / res["offline_batch1_step_ms"]
@@ -460,15 +513,22 @@ def compare_offline(model_dir: str, serve_args: str, prompts: list[list[int]], o
 
 
 def print_comparison(c: dict, served: dict) -> None:
+    def ms(v):
+        return None if v is None else 1000 * v
+
     print("=" * 20 + " Server vs offline (same workload) " + "=" * 11)
     rows = [("server output tok/s", served["output_token_throughput"]),
             ("offline LLM.generate output tok/s", c["offline_output_tok_per_s"]),
             ("offline via engine-core client tok/s", c["core_client_output_tok_per_s"]),
             ("server / offline", c["server_over_offline"]),
             ("core client / in-process offline", c["core_client_over_in_process"]),
-            (f"server TPOT p50 (ms)", 1000 * served["tpot_s"]["p50"] if served["tpot_s"]["p50"] else None),
+            ("server TPOT p50 (ms)", ms(served["tpot_s"]["p50"])),
+            ("offline TPOT p50, same workload (ms)", ms(c["offline_tpot_s"]["p50"])),
+            ("server TPOT p50 / offline TPOT p50", c["tpot_p50_over_offline_tpot_p50"]),
+            ("server ITL p50 (ms)", ms(served["itl_s"]["p50"])),
+            ("offline ITL p50, same workload (ms)", ms(c["offline_itl_s"]["p50"])),
             (f"offline decode step at batch {c['offline_batch']} (ms)", c["offline_step_ms"]),
-            ("TPOT p50 / offline step", c["tpot_p50_over_offline_step"]),
+            ("server TPOT p50 / offline step", c["tpot_p50_over_offline_step"]),
             ("1-client TPOT p50 (ms)", c.get("single_client_tpot_p50_ms")),
             ("offline batch-1 decode step (ms)", c["offline_batch1_step_ms"]),
             ("1-client TPOT / batch-1 step", c.get("single_client_tpot_over_batch1_step"))]

@@ -95,3 +95,25 @@ def test_two_client_processes_against_the_default_model(bench, tmp_path):
     # the run spans every request: from the common start to the last finish
     assert res["duration_s"] >= res["e2e_s"]["p99"] >= res["e2e_s"]["p50"] > res["ttft_s"]["p50"] > 0
     assert res["itl_s"]["p50"] is not None and res["tpot_s"]["p50"] > 0
+
+
+def test_offline_token_times_match_request_metrics(bench):
+    """--compare-offline's offline ITL (token arrival times recorded around the OutputProcessor) and TPOT (from
+    RequestMetrics) describe the same run: per request, the gaps add up to finished - first token."""
+    from minke import LLM, SamplingParams
+
+    llm = LLM(device="cpu", kv_cache_tokens=2048, max_model_len=256, max_num_seqs=4)
+    prompts = [[5 + i, 17, 23, 42, 9 + i] for i in range(6)]  # 6 prompts through 4 slots: some wait
+    times = bench.TokenTimes(llm.llm_engine)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True), use_tqdm=False)
+    finally:
+        times.close()
+    assert "process" not in vars(llm.llm_engine.output_processor)  # unwrapped
+    itl = times.itl()
+    assert len(itl) == 6 * (7 - 1) and min(itl) > 0
+    tpot = bench.offline_tpot(outs)
+    assert len(tpot) == 6
+    spans = sorted(o.metrics.finished_time - o.metrics.first_token_time for o in outs)
+    assert sum(itl) == pytest.approx(sum(spans), abs=0.01)
+    assert sorted(t * 6 for t in tpot) == pytest.approx(spans)
