@@ -330,3 +330,42 @@ def test_separate_steps_light_load_admit_at_once():
     _decoding(sched, 3)  # 3 < 16 // 4: light load
     sched.add(seq(100, range(500, 505), sched))
     assert plan(step(sched)[0]) == [(100, 5)]
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_long_prefill_token_threshold_caps_each_sequence_chunk(mixed):
+    """vLLM's long_prefill_token_threshold: no sequence computes more prompt tokens in one step than the cap, even
+    with budget left; the step's budget goes to other prefills; the outputs are those of an uncapped run."""
+    def run(threshold):
+        sched, bm = make(64, block_size=4, max_num_batched_tokens=32, mixed_batches=mixed,
+                         long_prefill_token_threshold=threshold)
+        seqs = [seq(0, range(13), sched, max_tokens=3), seq(1, range(50, 53), sched, max_tokens=3)]
+        for s in seqs:
+            sched.add(s)
+        plans = []
+        while sched.has_unfinished():
+            out, got = step(sched)
+            check_invariants(sched, bm, out)
+            plans.append(plan(out))
+            for s in got:
+                if s.num_output_tokens == 3:
+                    sched.finish(s, "length")
+        return plans, [s.token_ids for s in seqs]
+
+    plans, tokens = run(5)
+    if mixed:  # seq 1's decodes ride along seq 0's chunks
+        assert plans[:3] == [[(0, 5), (1, 3)], [(0, 5), (1, 1)], [(0, 3), (1, 1)]]
+    else:  # prefill-only steps until seq 0's prompt is in, then the decodes
+        assert plans[:4] == [[(0, 5), (1, 3)], [(0, 5)], [(0, 3)], [(0, 1), (1, 1)]]
+    assert all(n <= 5 for p in plans for _, n in p)
+    assert sum(n for p in plans for i, n in p if i == 0) == 13 + 2  # prompt in chunks of <= 5, then 2 decodes
+    uncapped_plans, uncapped_tokens = run(0)
+    assert uncapped_plans[0] == [(0, 13), (1, 3)] and tokens == uncapped_tokens
+
+
+def test_long_prefill_token_threshold_validation():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be >= 0"):
+        SchedulerConfig(max_model_len=16, long_prefill_token_threshold=-1)
+    with pytest.raises(ValueError, match="needs enable_chunked_prefill"):
+        SchedulerConfig(max_model_len=16, max_num_batched_tokens=16, enable_chunked_prefill=False,
+                        long_prefill_token_threshold=8)

@@ -52,6 +52,10 @@ class EngineConfig:
     max_num_batched_tokens: int | None = _opt(
         None, f"most tokens per step (default {DEFAULT_MAX_NUM_BATCHED_TOKENS}; without chunked prefill: "
               "max_model_len)", type=int)
+    # vLLM's flag (0 = off, its default without partial prefills): trades a long prompt's TTFT for shorter stalls
+    # of the running requests' decodes (engine/scheduler.py's docstring has the arithmetic).
+    long_prefill_token_threshold: int = _opt(0, "with chunked prefill: the most prompt tokens one request computes "
+                                                "in a step (0: no cap but --max-num-batched-tokens)", type=int)
     block_size: int = _opt(16, "tokens per KV cache block", type=int)
     # vLLM's and SGLang's flag. MLA (deepseek_v2) only: the 576-wide latent as fp8 with a float32 scale per token,
     # 592 bytes a token against bf16's 1152 (kernels/latent_cache.py; accuracy: bench/kv_fp8_accuracy.py).
@@ -116,6 +120,11 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0 (0: no cap), got "
+                             f"{self.long_prefill_token_threshold}")
+        if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
+            raise ValueError("long_prefill_token_threshold chunks prompts: it needs enable_chunked_prefill")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -189,4 +198,5 @@ class EngineConfig:
         mixed = self.mixed_batches if self.mixed_batches is not None else not decode_graphs
         return SchedulerConfig(self.max_num_seqs, self.step_token_budget(max_model_len), self.enable_chunked_prefill,
                                max_model_len=max_model_len, mixed_batches=mixed,
+                               long_prefill_token_threshold=self.long_prefill_token_threshold,
                                max_loras=self.max_loras if self.enable_lora else 0)

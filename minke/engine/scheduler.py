@@ -21,6 +21,16 @@ prefill step (inter-token latency during admission bursts). Under load (a quarte
 requests are admitted in batches: a prefill step waits until it can admit prefill_batch_tokens prompt tokens, or at
 most max_prefill_delay_steps decode steps.
 
+What decode latency (TPOT) can and cannot gain from the step budget. With C sequences running and each request
+bringing P prompt tokens per O output tokens, a steady state admits about C * P / O prompt tokens per decode step
+(one request ends, one is admitted), so TPOT is about decode step + the time of those prefill tokens, however they
+are cut up (issue 21's workload, C 256, P 512, O 256: 512 prefill tokens a step). The knobs move the stalls, not
+their sum: a smaller max_num_batched_tokens (or long_prefill_token_threshold, which caps one sequence's chunk,
+vLLM's meaning) gives shorter, more frequent prefill steps: a lower ITL p99 for running requests, a longer TTFT
+for a burst of new ones (the backlog is admitted in smaller steps), and each prefill step pays its fixed cost more
+often. Only running fewer sequences (max_num_seqs; throughput falls) or cheaper prefill lowers steady-state TPOT;
+TPOT below it in a benchmark comes from phases without admissions (requests that started together).
+
 The engine drives it: out = schedule(); run the model on out.scheduled; update(out, sampled); then for each seq
 that got a token decide eos / stop / max_tokens and call finish(seq, reason).
 """
@@ -49,6 +59,10 @@ class SchedulerConfig:
     # would cost one small prefill step with the whole batch's decodes stalled (offline runs: ~2 per decode step).
     prefill_batch_tokens: int | None = None
     max_prefill_delay_steps: int = 16
+    # vLLM's long_prefill_token_threshold: the most prompt tokens one sequence computes in a step (its prefill is
+    # chunked to this size even when the step's budget has room); 0 = no cap, the step budget alone. Needs chunked
+    # prefill. The trade-off is in the module docstring.
+    long_prefill_token_threshold: int = 0
     # LoRA: the most distinct adapters among running sequences (so one step never mixes more than the runner's
     # device slots); a waiting sequence of another adapter waits until one ends (FCFS). 0 = no limit.
     max_loras: int = 0
@@ -57,6 +71,12 @@ class SchedulerConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"SchedulerConfig.long_prefill_token_threshold must be >= 0 (0: no cap), got "
+                             f"{self.long_prefill_token_threshold}")
+        if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
+            raise ValueError("SchedulerConfig: long_prefill_token_threshold chunks prompts, so it needs "
+                             "enable_chunked_prefill=True")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"SchedulerConfig: without chunked prefill a whole prompt must fit in one step, so "
@@ -223,7 +243,7 @@ class Scheduler:
         remaining = seq.num_tokens - self.block_manager.lookup_prefix(seq)
         if remaining > budget and not cfg.enable_chunked_prefill:
             return False
-        if not self.block_manager.can_admit(seq, min(remaining, budget)):
+        if not self.block_manager.can_admit(seq, self._chunk(min(remaining, budget))):
             return False
         if not self._lora_admits(seq, self._running_loras()):
             return False
@@ -234,12 +254,17 @@ class Scheduler:
             for i, w in enumerate(self.waiting):
                 if i >= slots or tokens >= want:
                     break
-                tokens += w.num_tokens - w.num_computed_tokens
+                tokens += self._chunk(w.num_tokens - w.num_computed_tokens)
             if tokens < want:
                 self._prefill_delayed += 1
                 return False
         self._prefill_delayed = 0
         return True
+
+    def _chunk(self, n: int) -> int:
+        """A prefill's tokens this step, capped at long_prefill_token_threshold."""
+        cap = self.config.long_prefill_token_threshold
+        return cap if 0 < cap < n else n
 
     def _running_loras(self) -> set[int]:
         return {s.lora_int_id for s in self.running if s.lora_int_id} if self.config.max_loras else set()
@@ -270,6 +295,7 @@ class Scheduler:
             if not (decode if n == 1 else prefill):
                 i += 1  # the other kind of step
                 continue
+            n = self._chunk(n)
             if n > budget:
                 if not cfg.enable_chunked_prefill:
                     i += 1  # whole remainder or nothing
@@ -300,7 +326,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not self._lora_admits(seq, loras):
                 break
-            remaining = seq.num_tokens - bm.lookup_prefix(seq)
+            remaining = self._chunk(seq.num_tokens - bm.lookup_prefix(seq))
             if remaining > budget:
                 if not cfg.enable_chunked_prefill:
                     break
