@@ -594,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
             res["single_client"] = single
             prompts = res.pop("prompts")
         res.pop("prompts", None)
+        if proc is not None:
+            res["serve_args"] = serve_args  # what the server ran with (a pair of runs differs here)
     finally:
         if proc is not None:
             proc.terminate()
