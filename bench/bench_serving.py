@@ -193,7 +193,8 @@ async def one_request(client: httpx.AsyncClient, url: str, headers: dict, model:
 def default_client_processes(num_clients: int) -> int:
     """Enough processes that each drives at most STREAMS_PER_PROCESS streams, at most one per CPU: one Python
     process parsing ~11K SSE chunks a second falls behind the server (bench/RESULTS.md, issue 21)."""
-    return max(1, min(-(-num_clients // STREAMS_PER_PROCESS), os.cpu_count() or 1))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(-(-num_clients // STREAMS_PER_PROCESS), cpus))
 
 
 def split_clients(num_clients: int, processes: int) -> list[int]:
