@@ -72,6 +72,11 @@ class EngineConfig:
     mixed_batches: bool | None = _opt(None, "prefill chunks and decodes in one step (default: only when decode "
                                             "steps run without CUDA graphs)", "--enable-mixed-chunk",
                                       "--enable_mixed_chunk")
+    # Separate steps' middle way (engine/scheduler.py): decodes ride along the large prefill steps, which are eager
+    # anyway, instead of waiting them out. Off until measured (bench/bench_serving.py).
+    mixed_chunk_min_tokens: int = _opt(0, "with separate prefill and decode steps (the CUDA default): a prefill step "
+                                          "of at least this many tokens runs the decodes too (the step is eager: "
+                                          "worth it above --prefill-graph-max-tokens); 0: never", type=int)
     # 2x H200, V2-Lite shape, TP=2, batch 64: 7,323 tok/s with it vs 5,763 without (bench/RESULTS.md).
     async_scheduling: bool | None = _opt(None, "schedule and queue the next step while the GPU runs this one, its "
                                                "decode rows fed this step's samples on the device (default: on "
@@ -120,6 +125,11 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.mixed_chunk_min_tokens < 0:
+            raise ValueError(f"mixed_chunk_min_tokens must be >= 0 (0: never), got {self.mixed_chunk_min_tokens}")
+        if self.mixed_chunk_min_tokens and self.mixed_batches:
+            raise ValueError("mixed_chunk_min_tokens is for separate prefill and decode steps; mixed_batches=True "
+                             "(--enable-mixed-chunk) already runs decodes in every prefill step")
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0 (0: no cap), got "
                              f"{self.long_prefill_token_threshold}")
@@ -199,4 +209,5 @@ class EngineConfig:
         return SchedulerConfig(self.max_num_seqs, self.step_token_budget(max_model_len), self.enable_chunked_prefill,
                                max_model_len=max_model_len, mixed_batches=mixed,
                                long_prefill_token_threshold=self.long_prefill_token_threshold,
+                               mixed_chunk_min_tokens=self.mixed_chunk_min_tokens,
                                max_loras=self.max_loras if self.enable_lora else 0)
