@@ -59,6 +59,10 @@ def mode_kwargs(mode: str) -> dict:
         kw.update(kv_cache_tokens=4096)
     elif mode == "chunked":
         kw.update(kv_cache_tokens=4096, max_num_batched_tokens=8)  # prompts split over several steps
+    elif mode == "long_prefill":  # no prompt computes more than 5 tokens a step (vLLM's threshold)
+        kw.update(kv_cache_tokens=4096, long_prefill_token_threshold=5)
+    elif mode == "ride_along":  # separate steps, decodes riding along prefill steps of >= 4 tokens, preempting
+        kw.update(kv_cache_tokens=64, max_num_batched_tokens=16, mixed_batches=False, mixed_chunk_min_tokens=4)
     elif mode == "preempt":
         kw.update(kv_cache_tokens=64, max_num_batched_tokens=16)  # 16 blocks for 6 requests: must preempt
     else:  # prefill and decode in separate steps (the CUDA-graph default), chunking and preempting
@@ -67,12 +71,17 @@ def mode_kwargs(mode: str) -> dict:
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "deepseek", "deepseek_v2_lite"])
-@pytest.mark.parametrize("mode", ["roomy", "chunked", "preempt", "separate"])
+@pytest.mark.parametrize("mode", ["roomy", "chunked", "long_prefill", "preempt", "separate", "ride_along"])
 def test_batch_equals_requests_alone(ckpts, variant, mode):
     path = ckpts(variant)
     llm = CpuLLM(path, **mode_kwargs(mode))
     prompts = prompts_of([3, 17, 9, 25, 1, 12])
+    sched, riders = llm.llm_engine.scheduler, []
+    ride_along = sched._ride_along
+    # decodes added to prefill steps (ride_along mode: some must be, or the mode was not exercised)
+    sched._ride_along = lambda out: riders.append(len((r := ride_along(out)).scheduled) - len(out.scheduled)) or r
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert (sum(riders) > 0) == (mode == "ride_along")
     ref_model = minke.load_model(path)
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == reference_greedy(ref_model, p, 10)
@@ -80,6 +89,8 @@ def test_batch_equals_requests_alone(ckpts, variant, mode):
     stats = llm.llm_engine.get_stats()
     if mode in ("preempt", "separate"):
         assert stats["num_preemptions"] > 0, "the tiny cache was meant to force preemption"
+    if mode == "long_prefill":
+        assert llm.llm_engine.scheduler.config.long_prefill_token_threshold == 5
     assert stats["kv_cache_usage"] == 0.0 and stats["num_running"] == 0  # everything freed
 
 

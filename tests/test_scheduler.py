@@ -330,3 +330,88 @@ def test_separate_steps_light_load_admit_at_once():
     _decoding(sched, 3)  # 3 < 16 // 4: light load
     sched.add(seq(100, range(500, 505), sched))
     assert plan(step(sched)[0]) == [(100, 5)]
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_long_prefill_token_threshold_caps_each_sequence_chunk(mixed):
+    """vLLM's long_prefill_token_threshold: no sequence computes more prompt tokens in one step than the cap, even
+    with budget left; the step's budget goes to other prefills; the outputs are those of an uncapped run."""
+    def run(threshold):
+        sched, bm = make(64, block_size=4, max_num_batched_tokens=32, mixed_batches=mixed,
+                         long_prefill_token_threshold=threshold)
+        seqs = [seq(0, range(13), sched, max_tokens=3), seq(1, range(50, 53), sched, max_tokens=3)]
+        for s in seqs:
+            sched.add(s)
+        plans = []
+        while sched.has_unfinished():
+            out, got = step(sched)
+            check_invariants(sched, bm, out)
+            plans.append(plan(out))
+            for s in got:
+                if s.num_output_tokens == 3:
+                    sched.finish(s, "length")
+        return plans, [s.token_ids for s in seqs]
+
+    plans, tokens = run(5)
+    if mixed:  # seq 1's decodes ride along seq 0's chunks
+        assert plans[:3] == [[(0, 5), (1, 3)], [(0, 5), (1, 1)], [(0, 3), (1, 1)]]
+    else:  # prefill-only steps until seq 0's prompt is in, then the decodes
+        assert plans[:4] == [[(0, 5), (1, 3)], [(0, 5)], [(0, 3)], [(0, 1), (1, 1)]]
+    assert all(n <= 5 for p in plans for _, n in p)
+    assert sum(n for p in plans for i, n in p if i == 0) == 13 + 2  # prompt in chunks of <= 5, then 2 decodes
+    uncapped_plans, uncapped_tokens = run(0)
+    assert uncapped_plans[0] == [(0, 13), (1, 3)] and tokens == uncapped_tokens
+
+
+def test_long_prefill_token_threshold_validation():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be >= 0"):
+        SchedulerConfig(max_model_len=16, long_prefill_token_threshold=-1)
+    with pytest.raises(ValueError, match="needs enable_chunked_prefill"):
+        SchedulerConfig(max_model_len=16, max_num_batched_tokens=16, enable_chunked_prefill=False,
+                        long_prefill_token_threshold=8)
+
+
+def test_separate_steps_decodes_ride_along_large_prefill_steps():
+    """mixed_chunk_min_tokens: a prefill step of at least that many tokens also runs the decodes whose blocks hold
+    their next token (within the budget); a smaller prefill step stays prefill-only."""
+    sched, bm = make(256, block_size=4, max_num_batched_tokens=32, mixed_batches=False, max_num_seqs=32,
+                     mixed_chunk_min_tokens=10)
+    decoding = _decoding(sched, 3)  # light load (3 < 32 // 4): admissions are not batched
+    step(sched), step(sched)  # 6 tokens, 5 computed, 2 blocks: room up to 8
+    small = seq(100, range(500, 505), sched)  # 5 < 10 tokens: prefill-only
+    sched.add(small)
+    out, got = step(sched)
+    assert plan(out) == [(100, 5)] and got == [small]
+    big = seq(101, range(600, 612), sched)  # 12 >= 10: the decodes come along
+    sched.add(big)
+    out, got = step(sched)
+    check_invariants(sched, bm, out)
+    assert plan(out) == [(101, 12), (0, 1), (1, 1), (2, 1), (100, 1)]
+    assert got == [big, *decoding, small] and out.num_batched_tokens == 16
+    step(sched), step(sched)  # decodes: 0-2 and 100 have 8 computed in 8 slots, big 14 in 16
+    last = seq(102, range(700, 712), sched)
+    sched.add(last)
+    out, _ = step(sched)
+    check_invariants(sched, bm, out)
+    assert plan(out) == [(102, 12), (101, 1)]  # a rider gets no new block: those that need one wait
+    assert plan(step(sched)[0]) == [(0, 1), (1, 1), (2, 1), (100, 1), (101, 1), (102, 1)]
+
+
+def test_mixed_chunk_min_tokens_validation():
+    with pytest.raises(ValueError, match="mixed_chunk_min_tokens must be >= 0"):
+        SchedulerConfig(max_model_len=16, mixed_chunk_min_tokens=-1)
+
+
+def test_engine_config_step_options_reach_the_scheduler_and_are_checked():
+    from minke.engine.config import EngineConfig
+
+    cfg = EngineConfig(model="m", device="cpu", long_prefill_token_threshold=256, mixed_chunk_min_tokens=3000,
+                       mixed_batches=False)
+    sc = cfg.scheduler_config(4096, decode_graphs=True)
+    assert (sc.long_prefill_token_threshold, sc.mixed_chunk_min_tokens, sc.mixed_batches) == (256, 3000, False)
+    with pytest.raises(ValueError, match="mixed_chunk_min_tokens is for separate"):
+        EngineConfig(model="m", device="cpu", mixed_batches=True, mixed_chunk_min_tokens=3000)
+    with pytest.raises(ValueError, match="needs enable_chunked_prefill"):
+        EngineConfig(model="m", device="cpu", enable_chunked_prefill=False, long_prefill_token_threshold=8)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be >= 0"):
+        EngineConfig(model="m", device="cpu", long_prefill_token_threshold=-1)

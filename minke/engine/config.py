@@ -52,6 +52,10 @@ class EngineConfig:
     max_num_batched_tokens: int | None = _opt(
         None, f"most tokens per step (default {DEFAULT_MAX_NUM_BATCHED_TOKENS}; without chunked prefill: "
               "max_model_len)", type=int)
+    # vLLM's flag (0 = off, its default without partial prefills): trades a long prompt's TTFT for shorter stalls
+    # of the running requests' decodes (engine/scheduler.py's docstring has the arithmetic).
+    long_prefill_token_threshold: int = _opt(0, "with chunked prefill: the most prompt tokens one request computes "
+                                                "in a step (0: no cap but --max-num-batched-tokens)", type=int)
     block_size: int = _opt(16, "tokens per KV cache block", type=int)
     # vLLM's and SGLang's flag. MLA (deepseek_v2) only: the 576-wide latent as fp8 with a float32 scale per token,
     # 592 bytes a token against bf16's 1152 (kernels/latent_cache.py; accuracy: bench/kv_fp8_accuracy.py).
@@ -68,6 +72,11 @@ class EngineConfig:
     mixed_batches: bool | None = _opt(None, "prefill chunks and decodes in one step (default: only when decode "
                                             "steps run without CUDA graphs)", "--enable-mixed-chunk",
                                       "--enable_mixed_chunk")
+    # Separate steps' middle way (engine/scheduler.py): decodes ride along the large prefill steps, which are eager
+    # anyway, instead of waiting them out. Off until measured (bench/bench_serving.py).
+    mixed_chunk_min_tokens: int = _opt(0, "with separate prefill and decode steps (the CUDA default): a prefill step "
+                                          "of at least this many tokens runs the decodes too (the step is eager: "
+                                          "worth it above --prefill-graph-max-tokens); 0: never", type=int)
     # 2x H200, V2-Lite shape, TP=2, batch 64: 7,323 tok/s with it vs 5,763 without (bench/RESULTS.md).
     async_scheduling: bool | None = _opt(None, "schedule and queue the next step while the GPU runs this one, its "
                                                "decode rows fed this step's samples on the device (default: on "
@@ -116,6 +125,16 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.mixed_chunk_min_tokens < 0:
+            raise ValueError(f"mixed_chunk_min_tokens must be >= 0 (0: never), got {self.mixed_chunk_min_tokens}")
+        if self.mixed_chunk_min_tokens and self.mixed_batches:
+            raise ValueError("mixed_chunk_min_tokens is for separate prefill and decode steps; mixed_batches=True "
+                             "(--enable-mixed-chunk) already runs decodes in every prefill step")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0 (0: no cap), got "
+                             f"{self.long_prefill_token_threshold}")
+        if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
+            raise ValueError("long_prefill_token_threshold chunks prompts: it needs enable_chunked_prefill")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -189,4 +208,6 @@ class EngineConfig:
         mixed = self.mixed_batches if self.mixed_batches is not None else not decode_graphs
         return SchedulerConfig(self.max_num_seqs, self.step_token_budget(max_model_len), self.enable_chunked_prefill,
                                max_model_len=max_model_len, mixed_batches=mixed,
+                               long_prefill_token_threshold=self.long_prefill_token_threshold,
+                               mixed_chunk_min_tokens=self.mixed_chunk_min_tokens,
                                max_loras=self.max_loras if self.enable_lora else 0)

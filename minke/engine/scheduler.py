@@ -19,7 +19,20 @@ every decode. A mixed step runs eagerly (a graph covers one-token rows only), so
 times a graphed decode step; separate steps keep every decode on the graph. The price is decodes waiting out a
 prefill step (inter-token latency during admission bursts). Under load (a quarter of max_num_seqs decoding) new
 requests are admitted in batches: a prefill step waits until it can admit prefill_batch_tokens prompt tokens, or at
-most max_prefill_delay_steps decode steps.
+most max_prefill_delay_steps decode steps. With mixed_chunk_min_tokens, a prefill step at least that large also
+runs the decodes that fit (no allocation for them): such a step is eager anyway, and they need not wait it out.
+
+What decode latency (TPOT) can and cannot gain from the step settings. With C sequences running and each request
+bringing P prompt tokens per O output tokens, a steady state admits about C * P / O prompt tokens per decode step
+(one request ends, one is admitted), so TPOT is about a decode step plus the time of those prefill tokens, however
+they are cut up (issue 21's workload, C 256, P 512, O 256: 512 prefill tokens a step). mixed_chunk_min_tokens can
+take the decode step that follows each large prefill step out of that sum. The other knobs move the stalls, not
+their sum: a smaller max_num_batched_tokens (or long_prefill_token_threshold, which caps one sequence's chunk,
+vLLM's meaning) gives shorter, more frequent prefill steps: a lower ITL p99 for running requests, a longer TTFT for
+a burst of new ones (the backlog is admitted in smaller steps), and each prefill step pays its fixed cost more
+often. Otherwise only running fewer sequences (max_num_seqs; throughput falls) or a cheaper prefill lowers
+steady-state TPOT; a benchmark's TPOT below it comes from phases without admissions (requests that started
+together).
 
 The engine drives it: out = schedule(); run the model on out.scheduled; update(out, sampled); then for each seq
 that got a token decide eos / stop / max_tokens and call finish(seq, reason).
@@ -49,6 +62,15 @@ class SchedulerConfig:
     # would cost one small prefill step with the whole batch's decodes stalled (offline runs: ~2 per decode step).
     prefill_batch_tokens: int | None = None
     max_prefill_delay_steps: int = 16
+    # Separate steps: a prefill step of at least this many tokens also runs the decodes whose blocks already hold
+    # their next token, within the budget left, so they get a token instead of waiting it out. The step is eager
+    # (as any prefill over the prefill-graph buckets or with cached context already is): worth it only above them.
+    # 0 = never (prefill-only steps).
+    mixed_chunk_min_tokens: int = 0
+    # vLLM's long_prefill_token_threshold: the most prompt tokens one sequence computes in a step (its prefill is
+    # chunked to this size even when the step's budget has room); 0 = no cap, the step budget alone. Needs chunked
+    # prefill. The trade-off is in the module docstring.
+    long_prefill_token_threshold: int = 0
     # LoRA: the most distinct adapters among running sequences (so one step never mixes more than the runner's
     # device slots); a waiting sequence of another adapter waits until one ends (FCFS). 0 = no limit.
     max_loras: int = 0
@@ -57,6 +79,15 @@ class SchedulerConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mixed_chunk_min_tokens < 0:
+            raise ValueError(f"SchedulerConfig.mixed_chunk_min_tokens must be >= 0 (0: never), got "
+                             f"{self.mixed_chunk_min_tokens}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"SchedulerConfig.long_prefill_token_threshold must be >= 0 (0: no cap), got "
+                             f"{self.long_prefill_token_threshold}")
+        if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
+            raise ValueError("SchedulerConfig: long_prefill_token_threshold chunks prompts, so it needs "
+                             "enable_chunked_prefill=True")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"SchedulerConfig: without chunked prefill a whole prompt must fit in one step, so "
@@ -207,11 +238,32 @@ class Scheduler:
         if self._has_prefill_work():
             out = self._schedule(prefill=True, decode=False)
             if out.scheduled:
-                return out
+                return self._ride_along(out)
             # Its sequences preempted themselves (blocks short): decode what is left, report both preemptions.
             rest = self._schedule(prefill=False, decode=True)
             return SchedulerOutput(rest.scheduled, out.preempted + rest.preempted, rest.num_batched_tokens)
         return self._schedule(prefill=False, decode=True)
+
+    def _ride_along(self, out: SchedulerOutput) -> SchedulerOutput:
+        """A prefill-only step of at least mixed_chunk_min_tokens tokens, plus the running decodes that fit the
+        budget left and need no new block (nothing is allocated or preempted for them: the others wait)."""
+        cfg = self.config
+        if not cfg.mixed_chunk_min_tokens or out.preempted or out.num_batched_tokens < cfg.mixed_chunk_min_tokens:
+            return out
+        budget = cfg.max_num_batched_tokens - out.num_batched_tokens
+        bs = self.block_manager.block_size
+        taken = {id(x.seq) for x in out.scheduled}
+        extra = []
+        for seq in self.running:
+            if budget == 0:
+                break
+            if (len(seq.token_ids) - seq.num_computed_tokens == 1 and id(seq) not in taken
+                    and seq.num_computed_tokens < len(seq.block_table) * bs):
+                extra.append(ScheduledSeq(seq, 1))
+                budget -= 1
+        if not extra:
+            return out
+        return SchedulerOutput(out.scheduled + extra, out.preempted, out.num_batched_tokens + len(extra))
 
     def _has_prefill_work(self) -> bool:
         if any(len(s.token_ids) - s.num_computed_tokens != 1 for s in self.running):  # some sequence mid-prefill
@@ -223,7 +275,7 @@ class Scheduler:
         remaining = seq.num_tokens - self.block_manager.lookup_prefix(seq)
         if remaining > budget and not cfg.enable_chunked_prefill:
             return False
-        if not self.block_manager.can_admit(seq, min(remaining, budget)):
+        if not self.block_manager.can_admit(seq, self._chunk(min(remaining, budget))):
             return False
         if not self._lora_admits(seq, self._running_loras()):
             return False
@@ -234,12 +286,17 @@ class Scheduler:
             for i, w in enumerate(self.waiting):
                 if i >= slots or tokens >= want:
                     break
-                tokens += w.num_tokens - w.num_computed_tokens
+                tokens += self._chunk(w.num_tokens - w.num_computed_tokens)
             if tokens < want:
                 self._prefill_delayed += 1
                 return False
         self._prefill_delayed = 0
         return True
+
+    def _chunk(self, n: int) -> int:
+        """A prefill's tokens this step, capped at long_prefill_token_threshold."""
+        cap = self.config.long_prefill_token_threshold
+        return cap if 0 < cap < n else n
 
     def _running_loras(self) -> set[int]:
         return {s.lora_int_id for s in self.running if s.lora_int_id} if self.config.max_loras else set()
@@ -270,6 +327,7 @@ class Scheduler:
             if not (decode if n == 1 else prefill):
                 i += 1  # the other kind of step
                 continue
+            n = self._chunk(n)
             if n > budget:
                 if not cfg.enable_chunked_prefill:
                     i += 1  # whole remainder or nothing
@@ -300,7 +358,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not self._lora_admits(seq, loras):
                 break
-            remaining = seq.num_tokens - bm.lookup_prefix(seq)
+            remaining = self._chunk(seq.num_tokens - bm.lookup_prefix(seq))
             if remaining > budget:
                 if not cfg.enable_chunked_prefill:
                     break
