@@ -313,6 +313,36 @@ def test_fused_merge_only_where_it_pays():
 
 
 @needs_triton
+@pytest.mark.parametrize("q_dtype,kv_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float8_e4m3fn), (torch.bfloat16, torch.float8_e4m3fn),
+    (torch.float32, torch.float8_e5m2), (torch.bfloat16, torch.float8_e5m2),
+])
+@pytest.mark.parametrize("lens,heads,launch", [
+    (LENS, H, {}),  # the launch model's choice (impl None -> new: the capacity below is >= 4096 tokens)
+    ([70, 130, 2], 20, {}),  # ... with 1-3 of its 64-token (or longer) splits used, merged in the last one
+    (LENS, H, dict(num_kv_splits=1)),  # one split writes the output itself
+    ([70, 2, 33], 20, dict(num_kv_splits=4, block_n=32, fuse_combine=False)),  # two head blocks, separate merge
+    ([70, 2, 33], 20, dict(num_kv_splits=6, block_n=16, fuse_combine=True, min_split_len=16)),
+])
+def test_default_launch_and_split_settings_match_ref(q_dtype, kv_dtype, lens, heads, launch):
+    """The kernel at the launch model's choice and at given split / tile / merge settings, model-dtype and fp8
+    (e4m3, e5m2) caches, against the reference over the same cache; a block table wider than the contexts (4096
+    tokens of capacity, as a CUDA graph's) picks the new kernel and more splits than the short contexts use."""
+    (q, qpe, cache, bt, lens_t), _ = _make_case(lens, q_dtype, seed=21, H=heads)
+    wide = torch.full((bt.shape[0], 4096 // BS), bt.max().item(), dtype=torch.int32, device=bt.device)
+    wide[:, : bt.shape[1]] = bt
+    if latent_cache.is_fp8(kv_dtype):
+        cache = _to_fp8_cache(cache.float(), kv_dtype)
+    out = mla_decode(q, qpe, cache, wide, lens_t, 0.3, **launch)
+    assert out.dtype == q_dtype
+    # bf16: p is rounded to bf16 for the value dot, the output once more (a few bf16 ulp)
+    tol = 1e-5 if q_dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), mla_decode_ref(q, qpe, cache, wide, lens_t, 0.3).float(), rtol=tol,
+                               atol=tol)
+
+
+@needs_triton
 def test_impl_none_takes_the_launch_models_kernel(monkeypatch):
     import minke.kernels.mla_decode_old as old_mod
 

@@ -212,18 +212,31 @@ if _HAS_TRITON:
             blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
             in_blk = offs_n % block_size
             row = blk * stride_kv_blk + in_blk * stride_kv_row  # [BLOCK_N]
-            # Each latent byte is loaded once here and used by both dots (keys == values) for all BLOCK_H heads.
-            c_kv = tl.load(kv_ptr + row[:, None] + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
-                           other=0.0)  # [BLOCK_N, BLOCK_C]
+            # HBM reads each latent byte once here, for both dots (keys == values) and all BLOCK_H heads.
+            kv_tile = kv_ptr + row[:, None] + offs_c[None, :]
+            mask_nc = mask_n[:, None] & mask_c[None, :]
+            c_kv = tl.load(kv_tile, mask=mask_nc, other=0.0)  # [BLOCK_N, BLOCK_C]: the keys of the score dot
             k_pe = tl.load(kv_ptr + row[:, None] + C + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
                            other=0.0)  # [BLOCK_N, BLOCK_R]
             if KV_FP8:
+                # The values of the output dot, loaded a second time (from L2: the first load just brought the
+                # lines in; the other eviction hint keeps the compiler from merging the two). An 8-bit tile read
+                # by both dots needs two shared-memory swizzles (K-major for the scores, N-major for the values)
+                # and Triton then does not pipeline its load at all: a synchronous [BLOCK_N, 512] load per
+                # iteration, the tile held and shuffled in registers, 500 B a thread of spills at 64 x 4 warps
+                # (ptxas, sm_90a) - the fp8 cache ran 3-10x slower than bf16. One load per dot: both go through
+                # cp.async a tile ahead, each into the swizzle its dot wants, and are widened in registers.
+                c_v = tl.load(kv_tile, mask=mask_nc, other=0.0, eviction_policy="evict_first").to(dot_dtype)
                 c_kv = c_kv.to(dot_dtype)  # exact: every e4m3 / e5m2 value is a bf16 / fp16 value
                 k_pe = k_pe.to(dot_dtype)
+                # One fp32 scale per token, applied to the score row and to p below, never to the tile.
                 tok_scale = tl.load(scale_ptr + blk * stride_sc_blk + in_blk * stride_sc_row, mask=mask_n,
                                     other=0.0)  # [BLOCK_N] fp32
+            else:
+                c_v = c_kv  # one load feeds both dots: Triton pipelines a 16-bit tile read in both orders
             if UPCAST_DOT:
                 c_kv = c_kv.to(tl.float32)
+                c_v = c_v.to(tl.float32)
                 k_pe = k_pe.to(tl.float32)
             qk = tl.dot(q, tl.trans(c_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
             qk = tl.dot(q_pe, tl.trans(k_pe), acc=qk, input_precision=DOT_PRECISION)
@@ -245,7 +258,7 @@ if _HAS_TRITON:
             p_v = p.to(dot_dtype)
             if UPCAST_DOT:
                 p_v = p_v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p_v, c_kv, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p_v, c_v, input_precision=DOT_PRECISION)
             m_i = m_new
 
         mask_hc = mask_h[:, None] & mask_c[None, :]
