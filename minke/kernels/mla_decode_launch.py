@@ -14,22 +14,25 @@ The model, fitted to the H200 sweep of 2026-12-02 (132 SMs, V2-Lite: 16 heads, 5
   (rounds of co-resident programs times the tokens each streams), where `overhead` is a split's fixed cost in tokens:
   the [BLOCK_H, C] fp32 partial written and read back by the merge (2 x 32 KiB for 16 heads = 57 bf16 rows or 111
   fp8 rows). Ties (within 5%) go to fewer splits; splits keep >= MIN_SPLIT_LEN tokens of the capacity and are at
-  most MAX_KV_SPLITS. So a batch that fills the SMs (P >= SMs) is not split at all, and a lone sequence is cut into
-  as many splits as it has 64-token pieces up to 128 (1 x 4K: 64 splits of one 64-token tile, the swept best).
+  most MAX_KV_SPLITS. So a batch that fills both slots of every SM (256 sequences on 132 SMs) is not split at all,
+  a lone sequence is cut into as many splits as it has 64-token pieces up to 128 (1 x 4K: 64 splits of one
+  64-token tile, the swept best), and between SMs and 2 SMs programs a long capacity may be cut into several
+  rounds rather than leave slots idle (160 x 32K: 8 splits; the sweep has no such cell yet).
   The count comes from the block table's capacity (graph-safe); the kernel cuts each sequence's own length into
   that many pieces of >= MIN_SPLIT_LEN tokens, so short contexts in a long-capacity graph use fewer splits.
 - Tiles. At most one program per SM (batch 1-ish): 64-token tiles over 8 warps, the loads of one program must fill
-  the SM (1 x 4K: 11.8 us against 48.5 at the old default); else 32-token tiles over 4 warps (<= 255 registers
-  and ~55 KB of shared memory a program: two fit an SM). fp32 queries (tests, interpreter): 16-token tiles.
+  the SM (the 1 x 4K best); else 32-token tiles over 4 warps (212-255 registers a thread and ~55 KiB of shared
+  memory a program: two fit an SM; bench/mla_decode_compile_report.py). fp32 queries (tests): 16-token tiles.
 - Merge. Fused into the last split (no second launch) when that costs less than the separate combine: the merging
-  program reads the s partials alone, at ~58 GB/s (1 x 4K: 64 fused partials cost 37 us more than the combine
-  kernel, 1 x 32K: 128 cost 71 us), while the combine is one more launch (~2.5 us in a graph) reading all the
-  partials at full bandwidth. 64 x 4K (4 splits) was best fused.
-- Kernel. The new kernel (mla_decode.py) at this launch beat the old one (mla_decode_old.py) in every measured
-  cell (batch 1-256, 4K-32K: 1.1-1.7x); shorter capacities were not measured with it, and there the old kernel's
-  own launch was tuned (640-token contexts, bench/RESULTS.md), so a bf16 / fp16 cache whose block table holds fewer
-  than NEW_KERNEL_MIN_CAPACITY tokens keeps the old kernel. An fp8 cache always takes the new one (the old reads
-  no fp8).
+  program reads the s partials alone, at ~58 GB/s (inferred: at 1 x 4K the fused default, 64 splits, took 48.5 us
+  and the best launch at the same splits and tiles 11.8, i.e. 2 MiB of partials in ~37 us; 1 x 32K, 128 splits:
+  98.8 vs 27.7), while the combine is one more launch (~2.5 us in a graph) reading all the partials at full
+  bandwidth. 64 x 4K (4 splits) was best fused.
+- Kernel. The new kernel's (mla_decode.py) best swept launches, which this model reproduces where the sweep pinned
+  them, beat the old kernel (mla_decode_old.py) in every measured cell (batch 1-256, 4K-32K: 1.08-1.69x). Shorter
+  capacities were not measured with it, and there the old kernel's own launch was tuned (640-token contexts,
+  bench/RESULTS.md), so a bf16 / fp16 cache whose block table holds fewer than NEW_KERNEL_MIN_CAPACITY tokens keeps
+  the old kernel. An fp8 cache always takes the new one (the old reads no fp8).
 
 Public API:
     MlaDecodeLaunch                     the launch (frozen dataclass)
@@ -41,6 +44,7 @@ Public API:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -119,6 +123,7 @@ def fuse_pays(programs: int, num_splits: int, partial_bytes: int) -> bool:
     return fused <= separate
 
 
+@functools.lru_cache(maxsize=4096)  # pure and ~0.1 ms of Python: eager decode calls it once per layer per step
 def choose_launch(batch: int, num_heads: int, capacity: int, num_sms: int, *, kv_dtype: torch.dtype = torch.bfloat16,
                   q_dtype: torch.dtype = torch.bfloat16, kv_lora_rank: int = 512, rope_dim: int = 64,
                   block_h: int | None = None, min_split_len: int = MIN_SPLIT_LEN) -> MlaDecodeLaunch:
