@@ -224,8 +224,9 @@ if _HAS_TRITON:
                 # by both dots needs two shared-memory swizzles (K-major for the scores, N-major for the values)
                 # and Triton then does not pipeline its load at all: a synchronous [BLOCK_N, 512] load per
                 # iteration, the tile held and shuffled in registers, 500 B a thread of spills at 64 x 4 warps
-                # (ptxas, sm_90a) - the fp8 cache ran 3-10x slower than bf16. One load per dot: both go through
-                # cp.async a tile ahead, each into the swizzle its dot wants, and are widened in registers.
+                # (bench/mla_decode_compile_report.py): the likely cause of the fp8 cache's 3-10x slower decode
+                # (H200, bench/RESULTS.md). One load per dot: both go through cp.async a tile ahead, each into the
+                # swizzle its dot wants, and are widened in registers.
                 c_v = tl.load(kv_tile, mask=mask_nc, other=0.0, eviction_policy="evict_first").to(dot_dtype)
                 c_kv = c_kv.to(dot_dtype)  # exact: every e4m3 / e5m2 value is a bf16 / fp16 value
                 k_pe = k_pe.to(dot_dtype)
