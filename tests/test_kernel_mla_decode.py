@@ -174,7 +174,7 @@ def test_module_imports_without_triton(monkeypatch):
 # ---------------------------------------------------------------- the new kernel's own options, the fp8 cache
 
 from minke.kernels import latent_cache  # noqa: E402
-from minke.kernels.mla_decode import choose_num_kv_splits  # noqa: E402
+from minke.kernels.mla_decode_launch import choose_launch, choose_num_kv_splits, fuse_pays  # noqa: E402
 
 
 @needs_triton
@@ -233,22 +233,130 @@ def test_fp8_cache_matches_ref_over_the_dequantized_cache(kv_dtype, q_dtype):
         mla_decode(q, qpe, cache8[..., :C + R], bt, lens, 0.25)
 
 
-def test_choose_num_kv_splits_fills_the_sms_and_no_more():
-    sms = 132  # an H200
-    one = choose_num_kv_splits(1, 1, 32768, sms)
-    assert 64 < one <= 128  # a lone sequence is cut ~SM-count ways (the old cap of 64 idled half the GPU)
-    assert choose_num_kv_splits(256, 1, 8192, sms) == 1  # 256 programs already fill the GPU: no merge at all
-    b16 = choose_num_kv_splits(16, 1, 8192, sms)
-    assert 16 * b16 <= 2 * sms and b16 > 1
-    # fewer splits as the batch grows, never more than the context allows at min_split_len tokens a split
-    counts = [choose_num_kv_splits(b, 1, 65536, sms) for b in (1, 2, 4, 16, 64, 256)]
-    assert counts == sorted(counts, reverse=True), counts
-    assert choose_num_kv_splits(1, 1, 640, sms, min_split_len=64) <= 10
-    assert choose_num_kv_splits(1, 1, 63, sms, min_split_len=64) == 1
-    assert choose_num_kv_splits(0, 1, 4096, sms) == 1
-    assert choose_num_kv_splits(1, 1, 1 << 20, sms, max_splits=16) == 16
+# The H200 sweep of 2026-12-02 (132 SMs, V2-Lite's 16 heads; bench/RESULTS.md "MLA decode kernel (issue 20)"):
+# (batch, capacity) -> (splits, block_n, num_warps, fused merge) of the best swept launch, where the sweep showed it;
+# None where the table does not pin a field. Cells left out (256 x 32K) were not swept.
+H200_BEST = {
+    (1, 4096): (64, 64, 8, False),  # 11.8 us; fused it was 48.5 (one program read 64 partials alone)
+    (1, 32768): (128, 64, 8, False),  # 27.7 us
+    (16, 4096): (None, 32, 4, None),  # 44.2 us
+    (64, 4096): (4, 32, 4, True),  # 124 us, 4 splits, fused merge
+    (256, 4096): (1, None, None, None),  # 434 us; 256 programs already fill the SMs
+    (16, 32768): (16, 32, 4, None),  # 238 us, 16 splits
+    (64, 32768): (4, 32, 4, None),  # 839 us, 4 splits
+}
+
+
+@pytest.mark.parametrize("cell", sorted(H200_BEST))
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_launch_model_reproduces_the_h200_sweep(cell, kv_dtype):
+    batch, capacity = cell
+    launch = choose_launch(batch, 16, capacity, 132, kv_dtype=kv_dtype)
+    got = (launch.num_kv_splits, launch.block_n, launch.num_warps, launch.fuse_combine)
+    want = H200_BEST[cell]
+    assert all(w is None or g == w for g, w in zip(got, want)), (cell, got, want)
+    assert launch.impl == "new" and launch.block_h == 16 and launch.num_stages == 2
+    assert launch.min_split_len == 64
+
+
+def test_launch_model_scales_with_the_sm_count_and_the_batch():
+    # About two programs per SM: a GPU of half / twice the SMs gets half / twice the splits.
+    for sms, want in ((66, 8), (132, 16), (264, 32)):
+        assert choose_launch(16, 16, 32768, sms).num_kv_splits == want
+    assert [choose_launch(64, 16, 32768, sms).num_kv_splits for sms in (66, 132, 264)] == [2, 4, 8]
+    # A batch that fills the SMs twice over is not split (no merge at all); a lone sequence is cut to its 64-token
+    # minimum pieces, at most 128 splits; 128 heads take 32-head programs.
+    assert choose_launch(512, 16, 32768, 132).num_kv_splits == 1
+    assert choose_launch(256, 16, 32768, 132).num_kv_splits == 1
+    assert choose_launch(1, 16, 640, 132).num_kv_splits == 10
+    assert choose_launch(1, 16, 163840, 132).num_kv_splits <= 128
+    assert choose_launch(1, 16, 63, 132).num_kv_splits == 1
+    assert choose_launch(0, 16, 4096, 132).num_kv_splits == 1
+    assert choose_launch(8, 128, 32768, 132).block_h == 32
+    # fp32 queries (the interpreter's tests) take 16-token tiles
+    assert choose_launch(1, 16, 4096, 4, q_dtype=torch.float32).block_n == 16
+
+
+def test_launch_model_kernel_choice():
+    """The new kernel wherever the sweep measured it (capacity >= 4096) and for every fp8 cache; the old one for
+    bf16 / fp16 caches of shorter capacity, where only it was measured."""
+    assert choose_launch(1, 16, 4096, 132).impl == "new"
+    assert choose_launch(256, 16, 65536, 132, kv_dtype=torch.float16, q_dtype=torch.float16).impl == "new"
+    assert choose_launch(1, 16, 640, 132).impl == "old"
+    assert choose_launch(32, 16, 4095, 132).impl == "old"
+    for dt in latent_cache.FP8_DTYPES:
+        assert choose_launch(1, 16, 640, 132, kv_dtype=dt).impl == "new"
+
+
+def test_split_model_counts_the_kernels_own_cut():
+    # 59 splits of 4096 tokens would be cut into 128-token pieces, i.e. 32 used: the model counts used splits.
+    from minke.kernels.splitk_combine import split_len_ref
+
+    for programs, capacity in ((1, 4096), (1, 32768), (1, 61440), (16, 4096), (96, 32768), (1, 163840)):
+        s = choose_num_kv_splits(programs, capacity, 132)
+        assert -(-capacity // split_len_ref(capacity, s, 64, 64)) == s, (programs, capacity, s)
+    assert choose_num_kv_splits(1, 1 << 20, 132, max_splits=16) == 16
+    assert choose_num_kv_splits(0, 4096, 132) == 1 and choose_num_kv_splits(3, 0, 132) == 1
     with pytest.raises(ValueError, match="num_sms"):
-        choose_num_kv_splits(1, 1, 4096, 0)
+        choose_num_kv_splits(1, 4096, 0)
+    with pytest.raises(ValueError, match="batch"):
+        choose_launch(-1, 16, 4096, 132)
+    with pytest.raises(ValueError, match="block_h"):
+        choose_launch(1, 16, 4096, 132, block_h=8)
+
+
+def test_fused_merge_only_where_it_pays():
+    partial = 16 * 512 * 4
+    assert fuse_pays(64, 4, partial)  # 64 x 4K: 4 partials read by each merging program, ~2 us
+    assert not fuse_pays(1, 64, partial)  # batch 1: 64 partials through one program, ~36 us; the combine ~3 us
+    assert not fuse_pays(16, 1, partial)  # nothing to merge
+
+
+@needs_triton
+@pytest.mark.parametrize("q_dtype,kv_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float8_e4m3fn), (torch.bfloat16, torch.float8_e4m3fn),
+    (torch.float32, torch.float8_e5m2), (torch.bfloat16, torch.float8_e5m2),
+])
+@pytest.mark.parametrize("lens,heads,launch", [
+    (LENS, H, {}),  # the launch model's choice (impl None -> new: the capacity below is >= 4096 tokens)
+    ([70, 130, 2], 20, {}),  # ... with 1-3 of its 64-token (or longer) splits used, merged in the last one
+    (LENS, H, dict(num_kv_splits=1)),  # one split writes the output itself
+    ([70, 2, 33], 20, dict(num_kv_splits=4, block_n=32, fuse_combine=False)),  # two head blocks, separate merge
+    ([70, 2, 33], 20, dict(num_kv_splits=6, block_n=16, fuse_combine=True, min_split_len=16)),
+])
+def test_default_launch_and_split_settings_match_ref(q_dtype, kv_dtype, lens, heads, launch):
+    """The kernel at the launch model's choice and at given split / tile / merge settings, model-dtype and fp8
+    (e4m3, e5m2) caches, against the reference over the same cache; a block table wider than the contexts (4096
+    tokens of capacity, as a CUDA graph's) picks the new kernel and more splits than the short contexts use."""
+    (q, qpe, cache, bt, lens_t), _ = _make_case(lens, q_dtype, seed=21, H=heads)
+    wide = torch.full((bt.shape[0], 4096 // BS), bt.max().item(), dtype=torch.int32, device=bt.device)
+    wide[:, : bt.shape[1]] = bt
+    if latent_cache.is_fp8(kv_dtype):
+        cache = _to_fp8_cache(cache.float(), kv_dtype)
+    out = mla_decode(q, qpe, cache, wide, lens_t, 0.3, **launch)
+    assert out.dtype == q_dtype
+    # bf16: p is rounded to bf16 for the value dot, the output once more (a few bf16 ulp)
+    tol = 1e-5 if q_dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), mla_decode_ref(q, qpe, cache, wide, lens_t, 0.3).float(), rtol=tol,
+                               atol=tol)
+
+
+@needs_triton
+def test_impl_none_takes_the_launch_models_kernel(monkeypatch):
+    import minke.kernels.mla_decode_old as old_mod
+
+    calls = []
+    real = old_mod.mla_decode_old
+    monkeypatch.setattr(old_mod, "mla_decode_old", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (q, qpe, cache, bt, lens), _ = _make_case([9, 4], torch.float32, seed=22)
+    ref = mla_decode_ref(q, qpe, cache, bt, lens, 0.3)
+    torch.testing.assert_close(mla_decode(q, qpe, cache, bt, lens, 0.3), ref, rtol=1e-5, atol=1e-5)
+    assert calls == [1]  # a short block table: the old kernel
+    wide = torch.zeros(bt.shape[0], 4096 // BS, dtype=torch.int32, device=bt.device)
+    wide[:, : bt.shape[1]] = bt
+    torch.testing.assert_close(mla_decode(q, qpe, cache, wide, lens, 0.3), ref, rtol=1e-5, atol=1e-5)
+    assert calls == [1]  # 4096 tokens of capacity: the new kernel
 
 
 def test_latent_cache_fp8_layout_round_trip():

@@ -11,13 +11,15 @@ All heads share one latent row per token (MQA-like), so one program loads a tile
 for BLOCK_H heads at a time (tl.dot [BLOCK_H, C] x [C, BLOCK_N]), as FlashMLA and SGLang's grouped decode kernel do:
 with V2-Lite's 16 heads (and V2's 128 over 8 ranks) one program holds every head, so HBM reads each latent byte
 exactly once per step. Decode has one query row per sequence, so to fill the GPU the context is cut into
-`num_kv_splits` pieces (split-K / flash-decoding), their count from batch, context capacity and SM count
-(choose_num_kv_splits); each split writes its softmax-normalised partial output and log2-sum-exp, and the last
-split of a sequence to finish merges them in the same launch (fuse_combine; else kernels/splitk_combine.py runs
-after). One split writes the output directly. All accumulation is fp32; q may be bf16, fp16 or fp32; the cache the
-same dtype, or fp8 with a scale per token (kernels/latent_cache.py), widened to q's dtype in the kernel (exact) with
-the scale folded into the scores and probabilities. The previous kernel stays selectable (impl="old",
-kernels/mla_decode_old.py) until bench/bench_mla_decode.py has measured both on the GPU.
+`num_kv_splits` pieces (split-K / flash-decoding); each split writes its softmax-normalised partial output and
+log2-sum-exp, and the last split of a sequence to finish merges them in the same launch (fuse_combine; else
+kernels/splitk_combine.py runs after). One split writes the output directly. The launch (split count, tiles, warps,
+fused merge, and which kernel) comes from one pure function of batch, heads, block-table capacity and SM count,
+kernels/mla_decode_launch.py choose_launch, fitted to the H200 sweep. All accumulation is fp32; q may be bf16,
+fp16 or fp32; the cache the same dtype, or fp8 with a scale per token (kernels/latent_cache.py), widened to q's
+dtype in registers (exact) with the scale folded into the score row and the probabilities, never the tile. The
+previous kernel stays selectable (impl="old", kernels/mla_decode_old.py), and is chosen for bf16 caches of short
+capacity (choose_launch).
 
 Paging: token t of sequence b lives in physical block block_tables[b, t // block_size], row t % block_size.
 
@@ -28,10 +30,10 @@ this without a host sync (which would also break CUDA-graph capture); mla_decode
 Public API:
     mla_decode(q_latent, q_pe, kv_cache, block_tables, context_lens, sm_scale, num_kv_splits=None,
                min_split_len=None, block_n=None, num_warps=None, num_stages=None, block_h=None,
-               fuse_combine=None, impl="new") -> [B, H, C]
+               fuse_combine=None, impl=None) -> [B, H, C]
     mla_decode_ref(...same...)   torch reference, loops over sequences and gathers by the block table
-    choose_num_kv_splits(batch, num_head_blocks, max_context, num_sms, ...)   the split count
-    default_config(batch, num_heads, kv_dtype, q_dtype)   the launch used when none is given
+    num_sms(device)              the SM count choose_launch is given (4 under the interpreter)
+    choose_launch, choose_num_kv_splits, MlaDecodeLaunch   re-exported from kernels/mla_decode_launch.py
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
 from .latent_cache import cache_row_width, is_fp8, latent_scales, read_rows
+from .mla_decode_launch import MAX_KV_SPLITS, MIN_SPLIT_LEN, choose_launch
+from .mla_decode_launch import MlaDecodeLaunch, choose_num_kv_splits  # noqa: F401  (re-exported)
 from .splitk_combine import splitk_combine
 
 if _HAS_TRITON:
     from .splitk_combine import split_cut
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_KV_SPLITS = 128
 _LOG2E = math.log2(math.e)
 
 
@@ -209,18 +212,32 @@ if _HAS_TRITON:
             blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
             in_blk = offs_n % block_size
             row = blk * stride_kv_blk + in_blk * stride_kv_row  # [BLOCK_N]
-            # Each latent byte is loaded once here and used by both dots (keys == values) for all BLOCK_H heads.
-            c_kv = tl.load(kv_ptr + row[:, None] + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
-                           other=0.0)  # [BLOCK_N, BLOCK_C]
+            # HBM reads each latent byte once here, for both dots (keys == values) and all BLOCK_H heads.
+            kv_tile = kv_ptr + row[:, None] + offs_c[None, :]
+            mask_nc = mask_n[:, None] & mask_c[None, :]
+            c_kv = tl.load(kv_tile, mask=mask_nc, other=0.0)  # [BLOCK_N, BLOCK_C]: the keys of the score dot
             k_pe = tl.load(kv_ptr + row[:, None] + C + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
                            other=0.0)  # [BLOCK_N, BLOCK_R]
             if KV_FP8:
+                # The values of the output dot, loaded a second time (from L2: the first load just brought the
+                # lines in; the other eviction hint keeps the compiler from merging the two). An 8-bit tile read
+                # by both dots needs two shared-memory swizzles (K-major for the scores, N-major for the values)
+                # and Triton then does not pipeline its load at all: a synchronous [BLOCK_N, 512] load per
+                # iteration, the tile held and shuffled in registers, 500 B a thread of spills at 64 x 4 warps
+                # (bench/mla_decode_compile_report.py): the likely cause of the fp8 cache's 3-10x slower decode
+                # (H200, bench/RESULTS.md). One load per dot: both go through cp.async a tile ahead, each into the
+                # swizzle its dot wants, and are widened in registers.
+                c_v = tl.load(kv_tile, mask=mask_nc, other=0.0, eviction_policy="evict_first").to(dot_dtype)
                 c_kv = c_kv.to(dot_dtype)  # exact: every e4m3 / e5m2 value is a bf16 / fp16 value
                 k_pe = k_pe.to(dot_dtype)
+                # One fp32 scale per token, applied to the score row and to p below, never to the tile.
                 tok_scale = tl.load(scale_ptr + blk * stride_sc_blk + in_blk * stride_sc_row, mask=mask_n,
                                     other=0.0)  # [BLOCK_N] fp32
+            else:
+                c_v = c_kv  # one load feeds both dots: Triton pipelines a 16-bit tile read in both orders
             if UPCAST_DOT:
                 c_kv = c_kv.to(tl.float32)
+                c_v = c_v.to(tl.float32)
                 k_pe = k_pe.to(tl.float32)
             qk = tl.dot(q, tl.trans(c_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
             qk = tl.dot(q_pe, tl.trans(k_pe), acc=qk, input_precision=DOT_PRECISION)
@@ -242,7 +259,7 @@ if _HAS_TRITON:
             p_v = p.to(dot_dtype)
             if UPCAST_DOT:
                 p_v = p_v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p_v, c_kv, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p_v, c_v, input_precision=DOT_PRECISION)
             m_i = m_new
 
         mask_hc = mask_h[:, None] & mask_c[None, :]
@@ -289,43 +306,6 @@ if _HAS_TRITON:
                                  mask=mask_hc)
 
 
-def choose_num_kv_splits(batch: int, num_head_blocks: int, max_context: int, num_sms: int, *, block_n: int = 32,
-                         min_split_len: int = 64, max_splits: int = _MAX_KV_SPLITS,
-                         split_overhead_tiles: float = 2.0) -> int:
-    """Splits per sequence for the new kernel, from shapes only (no host sync on the lengths: CUDA-graph safe).
-
-    Why: decode reads each latent byte once and is bound by HBM; the time is that of the busiest SM. With P =
-    batch x head blocks programs per split and s splits, an SM runs ceil(P s / SMs) programs of ceil(ctx / s)
-    tokens each, plus per split a fixed cost (the query load, the [BLOCK_H, 512] fp32 partial written and re-read
-    by the merge: 32 KiB each way for 16 heads, about 2 tiles of 32 bf16 tokens). The model picks the s in [1,
-    max_splits] with the least (the fewest within 5% of it)
-        cost(s) = ceil(P s / SMs) * (ceil(ctx / s / block_n) + split_overhead_tiles)
-    so a single sequence is cut ~SM-count ways (the old heuristic's cap of 64 left half of an H200's 132 SMs idle
-    at batch 1), a batch that fills the SMs is not split at all (no merge), and ties go to fewer splits. Splits
-    keep >= min_split_len tokens of max_context (the block table's capacity: an upper bound of every length).
-    The model's constants are a starting point: bench/bench_mla_decode.py --sweep prints the measured best.
-    """
-    for name, v in (("batch", batch), ("num_head_blocks", num_head_blocks), ("max_context", max_context)):
-        if not isinstance(v, int) or v < 0:
-            raise ValueError(f"choose_num_kv_splits: {name} must be a non-negative int, got {v!r}")
-    for name, v in (("num_sms", num_sms), ("block_n", block_n), ("min_split_len", min_split_len),
-                    ("max_splits", max_splits)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"choose_num_kv_splits: {name} must be a positive int, got {v!r}")
-    programs = batch * num_head_blocks
-    limit = max(1, min(max_splits, max_context // min_split_len))
-    if programs == 0 or max_context == 0:
-        return 1
-    costs = []
-    for s in range(1, limit + 1):
-        tiles = -(-(-(-max_context // s)) // block_n)
-        costs.append(-(-programs * s // num_sms) * (tiles + (split_overhead_tiles if s > 1 else 0.0)))
-    # The fewest splits within 5% of the best: a full GPU is not split for the last wave's few idle SMs (256
-    # sequences on 132 SMs), which the model's constants cannot resolve anyway.
-    best = min(costs)
-    return next(s for s, c in enumerate(costs, start=1) if c <= 1.05 * best)
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -336,19 +316,6 @@ def num_sms(device: torch.device) -> int:
     return _sm_count(device) if device.type == "cuda" else 4
 
 
-def default_config(batch: int, num_heads: int, kv_dtype: torch.dtype, q_dtype: torch.dtype) -> dict:
-    """The new kernel's launch when none is given: {block_h, block_n, num_warps, num_stages, fuse_combine}.
-    Untuned starting points (the old kernel's H200 measurements: 64-token tiles over 8 warps at batch <= 4, 32 over
-    4 above; a [64, 576] bf16 tile is 72 KiB of shared memory a stage, an fp8 one 36 KiB); the sweep in
-    bench/bench_mla_decode.py measures the alternatives."""
-    fp32 = q_dtype == torch.float32
-    block_h = 16 if num_heads <= 16 else 32  # [32, 512] fp32 accumulators: 64 registers a thread over 8 warps
-    small = batch <= 4 and not fp32
-    block_n = 16 if fp32 else 64 if (small or is_fp8(kv_dtype)) else 32
-    num_warps = 8 if (small or block_h > 16) else 4
-    return dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=2, fuse_combine=True)
-
-
 def mla_decode(
     q_latent: torch.Tensor,  # [B, H, C]  query with W_UK absorbed (per-head q_nope @ W_UK)
     q_pe: torch.Tensor,  # [B, H, R]  roped query part
@@ -356,27 +323,25 @@ def mla_decode(
     block_tables: torch.Tensor,  # [B, max_blocks] int32  physical block ids per sequence
     context_lens: torch.Tensor,  # [B] int32  tokens attended by each sequence (incl. the current one)
     sm_scale: float,
-    num_kv_splits: int | None = None,  # None: choose_num_kv_splits(batch, head blocks, capacity, SMs)
+    # Every launch option left None comes from choose_launch (kernels/mla_decode_launch.py: batch, heads, the block
+    # table's capacity, the SM count; no host sync). Given ones override it.
+    num_kv_splits: int | None = None,
     min_split_len: int | None = None,  # tokens per split at least; None: 64 with automatic splits, 1 with given ones
-    block_n: int | None = None,  # tokens per inner iteration; None: default_config
+    block_n: int | None = None,  # tokens per inner iteration
     num_warps: int | None = None,
     num_stages: int | None = None,
     block_h: int | None = None,  # heads per program (new kernel): 16, 32 or 64
     fuse_combine: bool | None = None,  # new kernel: merge in the last split's program (True) or a second launch
-    # "new" (this file) or "old" (kernels/mla_decode_old.py). None: "new" for an fp8 cache (the old kernel reads
-    # bf16 / fp16 only), else "old": on an H200 (2026-12-02, bench/RESULTS.md) the new kernel at its default launch
-    # was 2-3x slower at batch 1 (0.10 vs 0.32 TB/s at 4K context) and equal at batch 16-256; its best swept
-    # launches beat the old one (1.36 vs 0.88 TB/s at batch 1 x 32K, 2.5-2.9 vs 1.5-1.75 at batch 16-64) but are
-    # not its defaults yet.
+    # "new" (this file) or "old" (kernels/mla_decode_old.py). None: choose_launch's (the new kernel, but the old
+    # one for bf16 / fp16 caches of < 4096 tokens' capacity, where only it was measured); "new" whenever block_h /
+    # fuse_combine is given or the cache is fp8.
     impl: str | None = None,
 ) -> torch.Tensor:  # [B, H, C] in q_latent.dtype: attention output in latent space (apply W_UV after)
     """Split-K Triton MLA decode. See the module docstring for the math; mla_decode_ref gives the same result."""
     if not _HAS_TRITON:
         raise RuntimeError("mla_decode: triton is not installed (pip install 'minke[gpu]'); use mla_decode_ref")
-    if impl is None:
-        impl = "new" if is_fp8(kv_cache.dtype) or block_h is not None or fuse_combine is not None else "old"
-    if impl not in ("new", "old"):
-        raise ValueError(f"mla_decode: impl must be 'new' or 'old', got {impl!r}")
+    if impl not in (None, "new", "old"):
+        raise ValueError(f"mla_decode: impl must be 'new', 'old' or None, got {impl!r}")
     B, H, C, R, block_size = _check_inputs(q_latent, q_pe, kv_cache, block_tables, context_lens)
     if q_latent.device.type == "cpu" and not _is_interpreted(_mla_decode_kernel):
         raise RuntimeError(
@@ -388,7 +353,16 @@ def mla_decode(
             raise ValueError(f"mla_decode: {name} must have a unit last stride (got strides {t.stride()})")
     if not context_lens.is_contiguous():
         raise ValueError("mla_decode: context_lens must be contiguous")
+    if block_h is not None and block_h not in (16, 32, 64):
+        raise ValueError(f"mla_decode: block_h must be 16, 32 or 64, got {block_h!r}")
+    if min_split_len is not None and (not isinstance(min_split_len, int) or min_split_len < 1):
+        raise ValueError(f"mla_decode: min_split_len must be a positive int, got {min_split_len!r}")
     fp8 = is_fp8(kv_cache.dtype)
+    launch = choose_launch(B, H, block_tables.shape[1] * block_size, num_sms(q_latent.device), kv_dtype=kv_cache.dtype,
+                           q_dtype=q_latent.dtype, kv_lora_rank=C, rope_dim=R, block_h=block_h,
+                           min_split_len=min_split_len or MIN_SPLIT_LEN)
+    if impl is None:
+        impl = "new" if fp8 or block_h is not None or fuse_combine is not None else launch.impl
     if impl == "old":
         if fp8 or block_h is not None or fuse_combine is not None:
             raise ValueError("mla_decode: impl='old' takes neither an fp8 cache nor block_h / fuse_combine")
@@ -397,24 +371,18 @@ def mla_decode(
         return mla_decode_old(q_latent, q_pe, kv_cache, block_tables, context_lens, sm_scale, num_kv_splits,
                               min_split_len, block_n, num_warps, 2 if num_stages is None else num_stages)
 
-    cfg = default_config(B, H, kv_cache.dtype, q_latent.dtype)
-    BLOCK_H = block_h if block_h is not None else cfg["block_h"]
-    if BLOCK_H not in (16, 32, 64):
-        raise ValueError(f"mla_decode: block_h must be 16, 32 or 64, got {BLOCK_H!r}")
-    BLOCK_N = block_n if block_n is not None else cfg["block_n"]
+    BLOCK_H = launch.block_h
+    BLOCK_N = block_n if block_n is not None else launch.block_n
     if not isinstance(BLOCK_N, int) or BLOCK_N < 16 or BLOCK_N & (BLOCK_N - 1):
         raise ValueError(f"mla_decode: block_n must be a power of two >= 16, got {BLOCK_N!r}")
     if min_split_len is None:
-        min_split_len = 64 if num_kv_splits is None else 1
-    if not isinstance(min_split_len, int) or min_split_len < 1:
-        raise ValueError(f"mla_decode: min_split_len must be a positive int, got {min_split_len!r}")
+        min_split_len = launch.min_split_len if num_kv_splits is None else 1
     n_hb = triton.cdiv(H, BLOCK_H)
     if num_kv_splits is None:
-        num_kv_splits = choose_num_kv_splits(B, n_hb, block_tables.shape[1] * block_size, num_sms(q_latent.device),
-                                             block_n=BLOCK_N, min_split_len=min_split_len)
-    if not isinstance(num_kv_splits, int) or not 1 <= num_kv_splits <= _MAX_KV_SPLITS:
-        raise ValueError(f"mla_decode: num_kv_splits must be an int in [1, {_MAX_KV_SPLITS}], got {num_kv_splits!r}")
-    fuse = (cfg["fuse_combine"] if fuse_combine is None else bool(fuse_combine)) and num_kv_splits > 1
+        num_kv_splits = launch.num_kv_splits
+    if not isinstance(num_kv_splits, int) or not 1 <= num_kv_splits <= MAX_KV_SPLITS:
+        raise ValueError(f"mla_decode: num_kv_splits must be an int in [1, {MAX_KV_SPLITS}], got {num_kv_splits!r}")
+    fuse = (launch.fuse_combine if fuse_combine is None else bool(fuse_combine)) and num_kv_splits > 1
 
     dev = q_latent.device
     out = torch.empty(B, H, C, dtype=q_latent.dtype, device=dev)
@@ -442,8 +410,8 @@ def mla_decode(
         BLOCK_N=BLOCK_N, KV_FP8=fp8, FUSE_COMBINE=fuse,
         DOT_PRECISION="ieee" if fp32 else "tf32",
         UPCAST_DOT=_needs_dot_upcast(_mla_decode_kernel, q_latent.dtype),
-        num_warps=num_warps if num_warps is not None else cfg["num_warps"],
-        num_stages=num_stages if num_stages is not None else cfg["num_stages"],
+        num_warps=num_warps if num_warps is not None else launch.num_warps,
+        num_stages=num_stages if num_stages is not None else launch.num_stages,
     )
     if num_kv_splits > 1 and not fuse:
         splitk_combine(mid_o, mid_lse, context_lens, out, min_split_len, BLOCK_N)
