@@ -339,7 +339,8 @@ class StepPipeline:
     @staticmethod
     def _prompt_logprobs(rows: list[tuple[Sequence, int, int]], res) -> list[tuple[int, int, tuple]]:
         """Splits the step's scored rows by sequence: (seq_id, first position, (logprobs, ranks, top ids, top
-        logprobs) of its rows), and records in each sequence that these positions are done."""
+        logprobs) of its rows: numpy views of the step's host copies), and records in each sequence that these
+        positions are done."""
         lps, ranks, ids, tops = res
         out, at = [], 0
         for seq, lo, hi in rows:

@@ -44,7 +44,8 @@ def prompt_logprobs(logits: Tensor, targets: Tensor, k: int, rows_per_slice: int
         lp[i:j] = (tgt - lse).squeeze(1)
         ranks[i:j] = (x > tgt).sum(dim=-1) + 1
         if k:
-            vals, ids = x.topk(k, dim=-1)                         # [R, k]
+            # [R, k]; k = 1 (loglikelihood scoring, lm-eval's logprobs=1) is a plain max, cheaper than top-k
+            vals, ids = x.max(dim=-1, keepdim=True) if k == 1 else x.topk(k, dim=-1)
             top_lp[i:j] = vals - lse
             top_ids[i:j] = ids
     return PromptLogprobs(lp, ranks, top_ids, top_lp)
