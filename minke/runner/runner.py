@@ -4,6 +4,7 @@ CUDA graphs (worker.py)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -145,13 +146,15 @@ class Runner:
         the GPU. With CUDA graphs the logits are the graph's output buffer: sample them before the next forward is
         queued."""
         logits = self.executor.execute(chunks, decode_ids)  # [S + P, V] on rank 0
-        targets = [t for c in chunks if c.logit_targets for t in c.logit_targets]
-        if not targets:
+        scored = [c for c in chunks if c.logit_targets]
+        if not scored:
             return logits, None
-        s = len(logits) - len(targets)
-        prompt = prompt_logprobs(logits[s:], torch.tensor(targets, dtype=torch.long).to(logits.device,
-                                                                                        non_blocking=True),
-                                 max(c.logits_topk for c in chunks if c.logit_targets))
+        p = sum(len(c.logit_targets) for c in scored)
+        # [P] int64, one flat fromiter (8K targets a step); the pageable source is staged before .to returns
+        targets = np.fromiter(itertools.chain.from_iterable(c.logit_targets for c in scored), dtype=np.int64, count=p)
+        s = len(logits) - p
+        prompt = prompt_logprobs(logits[s:], torch.from_numpy(targets).to(logits.device, non_blocking=True),
+                                 max(c.logits_topk for c in scored))
         return logits[:s], prompt
 
     def sample(self, logits: torch.Tensor, sampling: SamplingBatch, token_bitmask: torch.Tensor | None = None,
