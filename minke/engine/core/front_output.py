@@ -104,7 +104,7 @@ class FrontOutputProcessor:
         owner = self.op.owner
         before = {s.seq_id: owner[s.seq_id] for s in seqs if s.seq_id in owner}
         prompt = None
-        if "plp" in header:  # prompt-logprob rows: the front's entries (token strings) built as in-process
+        if "plp" in header:  # prompt-logprob rows: filed into the front's request arrays, as in-process
             prompt = []
             for h, first, k, *arrays in header["plp"]:
                 req = by_handle.get(h)
