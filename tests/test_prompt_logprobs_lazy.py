@@ -7,7 +7,9 @@ the prefix cache serve the context."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,6 +68,8 @@ def check_list_behaviour(got, want: list) -> None:
     assert got[1:4] == want[1:4] and got[::3] == want[::3]
     assert all(type(e) is dict for e in got[1:])
     assert got[2] is got[2]  # one dict per entry, built once
+    copied = pickle.loads(pickle.dumps(got))
+    assert type(copied) is list and copied == want and copy.deepcopy(got) == want
     with pytest.raises(IndexError):
         got[len(want)]
     different = list(want)

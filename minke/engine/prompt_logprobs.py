@@ -147,6 +147,10 @@ class PromptLogprobList(Sequence):
     def __repr__(self) -> str:
         return f"PromptLogprobList({len(self)} tokens, {int(self.scored.sum())} scored, k={self.k})"
 
+    def __reduce__(self):
+        # pickle / copy.deepcopy give the plain list (its arrays refer to the engine's tokenizer, which stays)
+        return list, (self.tolist(),)
+
     def token_text(self, token_id: int) -> str | None:
         """A token's text alone, as the entries' decoded_token (None when the engine keeps no tokenizer)."""
         return None if self._a.decode is None else self._a.decode(token_id)
