@@ -6,7 +6,9 @@ vs the same prefill without, in prompt tok/s, then one long prompt with prompt l
         --num-prompts 2 --prompt-len 64 --long-len 256                          # CPU smoke run
 
 Named shapes run random weights (load_format="dummy", as `minke bench`). Every timed run uses fresh prompts, so the
-prefix cache serves nothing to either side. Prints one JSON object (also written to --out)."""
+prefix cache serves nothing to either side. On CUDA it also times the scoring alone (runner/prompt_logprobs.py) on
+one step's rows, [--max-num-batched-tokens or 8192, V] bf16 logits: the torch slices against the Triton pass, and
+checks that they agree. Prints one JSON object (also written to --out)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from minke import LLM, SamplingParams
 from minke.benchmark import _prompts, _sync, shape_dir
+from minke.runner.prompt_logprobs import prompt_logprobs
 
 
 def timed(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[float, list]:
@@ -26,6 +29,29 @@ def timed(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[f
     outs = llm.generate(prompts, params, use_tqdm=False)
     _sync()
     return time.perf_counter() - t, outs
+
+
+def time_scoring(rows: int, vocab: int, k: int, repeats: int = 10) -> dict:
+    """ms per call of prompt_logprobs on [rows, vocab] bf16 logits, per impl, and their largest differences."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.empty(rows, vocab, device="cuda", dtype=torch.bfloat16).normal_(0, 4, generator=g)  # 1.6 GiB
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
+    out, res = {}, {"rows": rows, "vocab": vocab, "k": k}
+    for impl in ("torch", "triton"):
+        out[impl] = prompt_logprobs(logits, targets, k, impl=impl)  # warm-up (compiles the kernel)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            prompt_logprobs(logits, targets, k, impl=impl)
+        end.record()
+        torch.cuda.synchronize()
+        res[f"{impl}_ms"] = start.elapsed_time(end) / repeats
+    a, b = out["torch"], out["triton"]
+    res["max_logprob_diff"] = float((a.logprobs - b.logprobs).abs().max())
+    res["ranks_equal"] = bool(torch.equal(a.ranks, b.ranks))
+    res["top_ids_equal_frac"] = float((a.top_ids == b.top_ids).float().mean()) if k else 1.0
+    return res
 
 
 def main(argv=None) -> dict:
@@ -64,6 +90,12 @@ def main(argv=None) -> dict:
                  "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                  "num_prompts": n, "prompt_len": length, "prompt_logprobs": args.prompt_logprobs,
                  "engine_kwargs": {k: v for k, v in kw.items()}}
+    if torch.cuda.is_available():
+        res["scoring"] = time_scoring(args.max_num_batched_tokens or 8192, vocab, args.prompt_logprobs)
+        sc = res["scoring"]
+        print(f"scoring {sc['rows']} x {vocab} bf16 rows (k={sc['k']}): torch {sc['torch_ms']:.2f} ms, triton "
+              f"{sc['triton_ms']:.2f} ms; max |logprob diff| {sc['max_logprob_diff']:.2e}, ranks equal "
+              f"{sc['ranks_equal']}", flush=True)
     llm.generate(_prompts(2, length, vocab, 1), plain, use_tqdm=False)  # warm-up: shapes, graphs, allocator
     llm.generate(_prompts(2, length, vocab, 2), scored, use_tqdm=False)
     best = {"plain": float("inf"), "prompt_logprobs": float("inf")}

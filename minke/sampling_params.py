@@ -131,6 +131,10 @@ class SamplingParams:
     chosen token's), at most 20.  prompt_logprobs: per prompt token, its logprob under the raw model
     distribution plus the top-k alternatives (0 = only the token's own), at most 20; returned as
     RequestOutput.prompt_logprobs (None for the first token, which has no context), as vLLM does.
+    prompt_logprobs_start (minke's, with prompt_logprobs): the first prompt token whose logprob is computed (1, the
+    default: all of them); the entries before it are None, and the prefix cache may serve those positions, as it
+    never serves a position whose logits are wanted. Scoring a continuation after a context (loglikelihood, minke
+    eval) thus computes a shared few-shot prefix once.
     logit_bias: {token id: bias added to its logit}; -inf bans a token.
     structured_outputs: a StructuredOutputsParams (or its dict) constraining the output to a JSON schema, regex,
     choice or grammar; a sequence whose grammar completes finishes with "stop", one that hits max_tokens first
@@ -156,6 +160,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 1
     logit_bias: dict[int, float] | None = field(default=None)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -218,6 +223,10 @@ class SamplingParams:
             if self.prompt_logprobs > MAX_LOGPROBS:
                 raise ValueError(
                     f"prompt_logprobs must be <= {MAX_LOGPROBS}, got {self.prompt_logprobs!r}")
+        _check_int("prompt_logprobs_start", self.prompt_logprobs_start, 1)
+        if self.prompt_logprobs_start != 1 and self.prompt_logprobs is None:
+            raise ValueError(f"prompt_logprobs_start={self.prompt_logprobs_start!r} needs prompt_logprobs (the number "
+                             "of alternatives per prompt token; 0 for the token's own logprob alone)")
 
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
 

@@ -22,6 +22,7 @@ from ..runner.sampler import make_generator
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .outputs import RequestMetrics
+from .prompt_logprobs import PromptLogprobArrays
 from .request import Request, SeqState
 from .sequence import Sequence
 from .structured_output import StructuredOutputManager
@@ -139,6 +140,7 @@ class InputProcessor:
             req.states.append(SeqState(seq, i, detok, gen, logprobs=[] if params.logprobs is not None else None,
                                        grammar=grammars[i]))
         if params.prompt_logprobs is not None:  # the first sequence scores the prompt (the others share it)
-            req.prompt_logprobs = [None] * len(ids)
-            req.states[0].seq.prompt_logits_next = 0
+            req.prompt_logprobs = PromptLogprobArrays(ids, params.prompt_logprobs)
+            # position p's logits score token p + 1: the first wanted position is the one before prompt_logprobs_start
+            req.states[0].seq.prompt_logits_next = params.prompt_logprobs_start - 1
         return req

@@ -25,8 +25,9 @@ class StepSamples:
     chosen_logprobs: list[float] | None = None
     top: list | None = None  # per row: [(token, logprob), ...] best first
     ranks: list[int] | None = None
-    # prompt logprobs scored this step: (seq_id, first position, (logprobs, ranks, top ids, top logprobs)), the
-    # rows of positions first.. (each scores the prompt token after it)
+    # prompt logprobs scored this step: (seq_id, first position, (logprobs [R], ranks [R], top ids [R, k'], top
+    # logprobs [R, k'])), numpy arrays of the rows of positions first.. (each scores the prompt token after it;
+    # k' >= the request's k: the step's largest)
     prompt: list[tuple[int, int, tuple]] | None = None
 
 
@@ -61,6 +62,8 @@ class OutputProcessor:
         self.requests[req.request_id] = req
         for s in req.states:
             self.owner[s.seq.seq_id] = (req, s)
+        if req.prompt_logprobs is not None:
+            req.prompt_logprobs.decode = self._text  # the entries' decoded_token, built when read
         self.stats["prompt_tokens_total"] += len(req.prompt_token_ids)
 
     def abort(self, request_id: str) -> tuple[RequestOutput, list[Sequence]] | None:
@@ -156,26 +159,14 @@ class OutputProcessor:
         return text
 
     def _add_prompt_logprobs(self, rows: list[tuple[int, int, tuple]]) -> None:
-        """Fills Request.prompt_logprobs from a step's scored rows: position p's row scores prompt token p + 1,
-        holding that token's logprob and rank and the request's top prompt_logprobs alternatives (vLLM's entry)."""
-        # The hot loop of scoring: 32 x 2048 prompt tokens are 65K entries, so names are bound locally.
-        cache, text, new = self._token_text, self._text, Logprob
-        for seq_id, first, (lps, ranks, ids, tops) in rows:
-            own = self.owner.get(seq_id)
-            if own is None:  # aborted while its step ran
-                continue
-            req = own[0]
-            k, prompt, out = req.params.prompt_logprobs, req.prompt_token_ids, req.prompt_logprobs
-            pos = first + 1
-            for lp, rank, top_ids, top_lps in zip(lps, ranks, ids, tops):
-                entry = {}
-                for r, t in enumerate(top_ids[:k]):
-                    entry[t] = new(top_lps[r], r + 1, cache.get(t) or text(t))
-                token = prompt[pos]
-                if token not in entry:
-                    entry[token] = new(lp, rank, cache.get(token) or text(token))
-                out[pos] = entry
-                pos += 1
+        """Files a step's scored rows into their requests' arrays (Request.prompt_logprobs): position p's row scores
+        prompt token p + 1. No per-token Python work: vLLM's per-token dicts are built only when a caller reads
+        RequestOutput.prompt_logprobs (PromptLogprobList)."""
+        owner = self.owner
+        for seq_id, first, arrays in rows:
+            own = owner.get(seq_id)
+            if own is not None:  # None: aborted while its step ran
+                own[0].prompt_logprobs.add(first, *arrays)
 
     # ------------------------------------------------------------------ one token
     def _append(self, req: Request, st: SeqState, token: int, logprob: float, top, rank: int | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -50,8 +51,9 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = field(default=None)
     # SamplingParams.prompt_logprobs: per prompt token, {token_id: Logprob} holding the token itself and the top-k
-    # alternatives; None for the first token (no context), as vLLM. None when not asked for.
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # alternatives; None for the first token (no context), as vLLM. None when not asked for. The engine gives a
+    # PromptLogprobList (engine/prompt_logprobs.py): that list, its dicts built when read, and its arrays.
+    prompt_logprobs: Sequence[dict[int, Logprob] | None] | None = None
 
     @property
     def num_cached_tokens(self) -> int:

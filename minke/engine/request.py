@@ -12,6 +12,7 @@ from ..lora.request import LoRARequest
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from .prompt_logprobs import PromptLogprobArrays
 from .sequence import Sequence
 
 if TYPE_CHECKING:
@@ -50,9 +51,9 @@ class Request:
     max_tokens: int  # the output-token limit: params.max_tokens, or what the context leaves
     stop_ids: frozenset[int] = field(default_factory=frozenset)  # eos (unless ignore_eos) + params.stop_token_ids
     final_only: bool = False  # params.output_kind == "final_only": reported once, when finished
-    # params.prompt_logprobs: one entry per prompt token, filled as the prefill chunks are scored (states[0]'s
-    # sequence computes them); entry 0 stays None
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # params.prompt_logprobs: the prompt's scored positions, filled as the prefill chunks are scored (states[0]'s
+    # sequence computes them); RequestOutput.prompt_logprobs is a snapshot of it
+    prompt_logprobs: PromptLogprobArrays | None = None
     lora_request: LoRARequest | None = None  # the adapter its sequences run with (None: the base model)
 
     @property
@@ -69,4 +70,4 @@ class Request:
                                  list(s.logprobs) if s.logprobs is not None else None,
                                  s.finish_reason, s.stop_reason) for s in self.states]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished, self.metrics,
-                             prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs))
+                             prompt_logprobs=None if self.prompt_logprobs is None else self.prompt_logprobs.view())

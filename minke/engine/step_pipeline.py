@@ -250,11 +250,16 @@ class StepPipeline:
 
     def _may_continue(self, cur: _Step) -> bool:
         """Whether the step after `cur` may be queued before cur's samples reach the host: not when the next step's
-        sampler would read the token lists (penalties), nor when every sampled sequence is sure to stop now."""
+        sampler would read the token lists (penalties), nor when every sampled sequence is sure to stop now and no
+        request waits. Prompts waiting are work that needs none of cur's tokens: a batch of max_tokens=1 requests
+        (scoring, prompt logprobs) would otherwise leave the GPU idle through the host's side of every step, for
+        the price of one wasted decode row per sequence that stops."""
         if cur.penalties:
             return False
         if cur.pending is None or cur.pending.out is None:  # prefill chunks that sample nothing: the next step
             return True                                      # needs no token of theirs
+        if self.scheduler.waiting:
+            return True
         owner, limit = self.owner, self.max_model_len
         for seq in cur.sample_seqs:
             own = owner.get(seq.seq_id)
@@ -339,7 +344,8 @@ class StepPipeline:
     @staticmethod
     def _prompt_logprobs(rows: list[tuple[Sequence, int, int]], res) -> list[tuple[int, int, tuple]]:
         """Splits the step's scored rows by sequence: (seq_id, first position, (logprobs, ranks, top ids, top
-        logprobs) of its rows), and records in each sequence that these positions are done."""
+        logprobs) of its rows: numpy views of the step's host copies), and records in each sequence that these
+        positions are done."""
         lps, ranks, ids, tops = res
         out, at = [], 0
         for seq, lo, hi in rows:

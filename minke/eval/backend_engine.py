@@ -3,7 +3,8 @@ together; requests that share a few-shot prefix share its KV blocks through the 
 (enable_prefix_caching, on by default), so the prefix is computed once per step-batch rather than once per question.
 
 Loglikelihoods come from the engine's prompt logprobs (`SamplingParams(prompt_logprobs=1)`, vLLM's field): each
-continuation position's own token's logprob and its rank, computed per prefill chunk."""
+continuation position's own token's logprob and its rank, computed per prefill chunk, and only for the continuation
+(`prompt_logprobs_start`, minke's field), read from RequestOutput.prompt_logprobs' arrays."""
 
 from __future__ import annotations
 
@@ -32,33 +33,29 @@ class EngineBackend:
     def loglikelihood(self, pairs, desc=""):
         # The prompt must leave room for the one generated token the engine always produces.
         fitted = [fit_context(c, x, self.max_model_len - 1) for c, x in pairs]
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, output_kind="final_only")
         results = []
         for chunk in self._chunks(fitted):
-            outs = self._score(chunk, params, desc)
+            outs = self._score(chunk, desc)
             for (ctx, cont), out in zip(chunk, outs):
-                ids = out.prompt_token_ids
-                total, greedy = 0.0, True
-                for pos in range(len(ctx), len(ctx) + len(cont)):
-                    entry = out.prompt_logprobs[pos][ids[pos]]
-                    total += entry.logprob
-                    greedy = greedy and entry.rank == 1
-                results.append((total, greedy))
+                plp, a, b = out.prompt_logprobs, len(ctx), len(ctx) + len(cont)
+                if not plp.scored[a:b].all():
+                    raise RuntimeError(f"request {out.request_id}: continuation tokens {a}..{b - 1} were not scored")
+                # summed in order as Python floats (the float32 values), as lm-eval's hf backend sums them
+                results.append((sum(plp.logprobs[a:b].tolist()), bool((plp.ranks[a:b] == 1).all())))
         return results
 
-    def _score(self, chunk: list[tuple[list[int], list[int]]], params: SamplingParams, desc: str) -> list:
-        """Runs (context, continuation) prompts with prompt logprobs wanted only for the continuation: positions
-        len(context) - 1 .. end - 2 (position p's logits score token p + 1). The context's own logits are never
-        needed, so the prefix cache may serve it: k-shot prompts sharing their header and shots compute them
-        once, as vLLM's prompt_logprobs (every position, no cache hit) cannot."""
+    def _score(self, chunk: list[tuple[list[int], list[int]]], desc: str) -> list:
+        """Runs (context, continuation) prompts with prompt logprobs wanted only for the continuation's tokens
+        (prompt_logprobs_start = len(context)). The context's own logits are never needed, so the prefix cache may
+        serve it: k-shot prompts sharing their header and shots compute them once, as vLLM's prompt_logprobs (every
+        position, no cache hit) cannot."""
         engine = self.llm.llm_engine
         rids = []
         for ctx, cont in chunk:
             rid = f"eval-{next(self._ids)}"
-            req = engine.input_processor.process(rid, {"prompt_token_ids": ctx + cont}, params)
-            seq = req.states[0].seq
-            seq.prompt_logits_next = max(seq.prompt_logits_next, len(ctx) - 1)
-            engine.add_request(rid, req)
+            params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, prompt_logprobs_start=len(ctx),
+                                    output_kind="final_only")
+            engine.add_request(rid, {"prompt_token_ids": ctx + cont}, params)
             rids.append(rid)
         outs = self.llm._run(rids, use_tqdm=True, desc=desc or "loglikelihood")
         self.stats["prompt_tokens"] += sum(len(o.prompt_token_ids) for o in outs)

@@ -4,9 +4,11 @@ CUDA graphs (worker.py)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
+import numpy as np
 import torch
 
 from .executor import make_executor
@@ -52,12 +54,13 @@ class PendingSample:
         tokens, logprobs, ranks = (None if t is None else t.tolist() for t in self._host)
         return tokens, logprobs, ranks
 
-    def prompt_results(self) -> tuple[list[float], list[int], list[list[int]], list[list[float]]] | None:
-        """The step's prompt-logprob rows in chunk order (runner.execute): (logprob [P], rank [P], top ids [P][k],
-        top logprobs [P][k]); None when no chunk wanted any. Call after wait()."""
+    def prompt_results(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """The step's prompt-logprob rows in chunk order (runner.execute), as numpy arrays over the host copies (no
+        per-row Python objects: 8K rows a step): (logprob [P] float32, rank [P] int64, top ids [P, k] int64, top
+        logprobs [P, k] float32); None when no chunk wanted any. Call after wait()."""
         if self._prompt_host is None:
             return None
-        return tuple(t.tolist() for t in self._prompt_host)
+        return tuple(t.numpy() for t in self._prompt_host)
 
 
 class Runner:
@@ -143,13 +146,15 @@ class Runner:
         the GPU. With CUDA graphs the logits are the graph's output buffer: sample them before the next forward is
         queued."""
         logits = self.executor.execute(chunks, decode_ids)  # [S + P, V] on rank 0
-        targets = [t for c in chunks if c.logit_targets for t in c.logit_targets]
-        if not targets:
+        scored = [c for c in chunks if c.logit_targets]
+        if not scored:
             return logits, None
-        s = len(logits) - len(targets)
-        prompt = prompt_logprobs(logits[s:], torch.tensor(targets, dtype=torch.long).to(logits.device,
-                                                                                        non_blocking=True),
-                                 max(c.logits_topk for c in chunks if c.logit_targets))
+        p = sum(len(c.logit_targets) for c in scored)
+        # [P] int64, one flat fromiter (8K targets a step); the pageable source is staged before .to returns
+        targets = np.fromiter(itertools.chain.from_iterable(c.logit_targets for c in scored), dtype=np.int64, count=p)
+        s = len(logits) - p
+        prompt = prompt_logprobs(logits[s:], torch.from_numpy(targets).to(logits.device, non_blocking=True),
+                                 max(c.logits_topk for c in scored))
         return logits[:s], prompt
 
     def sample(self, logits: torch.Tensor, sampling: SamplingBatch, token_bitmask: torch.Tensor | None = None,

@@ -7,11 +7,13 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.request import Request as EngineRequest  # the processed request (fastapi's Request is the HTTP one)
 from ..engine.outputs import CompletionOutput, RequestOutput
+from ..engine.prompt_logprobs import PromptLogprobList
 from ..sampling_params import SamplingParams
 from . import protocol as P
 from .errors import APIError
@@ -61,6 +63,8 @@ class OpenAIServingCompletion(OpenAIServing):
     def echo_logprobs(self, out: RequestOutput, as_ids: bool) -> P.CompletionLogprobs:
         """The legacy logprobs object of the echoed prompt: every prompt token, its logprob (null for the first,
         which has no context) and its top alternatives with itself; text_offset counts from 0."""
+        if isinstance(out.prompt_logprobs, PromptLogprobList):
+            return self.echo_logprobs_of_arrays(out.prompt_logprobs, as_ids)
         lp = P.CompletionLogprobs()
         entries, offset = out.prompt_logprobs or [], 0
         for i, tid in enumerate(out.prompt_token_ids):
@@ -72,6 +76,39 @@ class OpenAIServingCompletion(OpenAIServing):
             lp.top_logprobs.append(None if entry is None else {
                 self.token_str(t, x, as_ids): max(x.logprob, -9999.0)
                 for t, x in sorted(entry.items(), key=lambda kv: kv[1].rank or 10**9)})
+            lp.text_offset.append(offset)
+            offset += len(token)
+        return lp
+
+    def echo_logprobs_of_arrays(self, plp: PromptLogprobList, as_ids: bool) -> P.CompletionLogprobs:
+        """echo_logprobs read from the engine's arrays, without building its Logprob dicts: the same object (top
+        alternatives by rank, the token itself placed among them by its rank)."""
+        lp = P.CompletionLogprobs()
+        if as_ids:
+            def text(t: int) -> str:
+                return f"token_id:{t}"
+        else:
+            def text(t: int) -> str:
+                s = plp.token_text(t)
+                return s if s is not None else self.token_str(t, None, False)
+        lps, ranks = np.maximum(plp.logprobs, -9999.0).tolist(), plp.ranks.tolist()
+        top_ids, top_lps = plp.top_ids.tolist(), np.maximum(plp.top_logprobs, -9999.0).tolist()
+        offset = 0
+        for i, (tid, scored) in enumerate(zip(plp.token_ids, plp.scored.tolist())):
+            token = text(tid)
+            lp.tokens.append(token)
+            if not scored:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+            else:
+                ids, vals = top_ids[i], top_lps[i]
+                pairs = [(text(t), v) for t, v in zip(ids, vals)]
+                if tid in ids:  # its entry is the top-k one
+                    lp.token_logprobs.append(vals[ids.index(tid)])
+                else:  # after the alternatives of rank <= its own (ranks 1..k), as a stable sort by rank puts it
+                    lp.token_logprobs.append(lps[i])
+                    pairs.insert(min(ranks[i], len(ids)), (token, lps[i]))
+                lp.top_logprobs.append(dict(pairs))
             lp.text_offset.append(offset)
             offset += len(token)
         return lp

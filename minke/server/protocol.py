@@ -20,8 +20,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
+from ..engine.prompt_logprobs import PromptLogprobList
 from ..sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 from .tool_protocol import ChatTool, DeltaToolCall, ToolCall, ToolChoice
 
@@ -98,12 +100,27 @@ PromptLogprobs = list[dict[int, PromptLogprob] | None]
 
 
 def prompt_logprobs_of(entries) -> PromptLogprobs | None:
-    """RequestOutput.prompt_logprobs as the response field (-inf clamped to -9999, as OpenAI's logprobs are)."""
+    """RequestOutput.prompt_logprobs as the response field (-inf clamped to -9999, as OpenAI's logprobs are). The
+    engine's PromptLogprobList is read from its arrays (no Logprob dicts built first); a plain list as it is."""
     if entries is None:
         return None
-    return [None if e is None else {t: PromptLogprob(logprob=max(x.logprob, -9999.0), rank=x.rank,
-                                                     decoded_token=x.decoded_token) for t, x in e.items()}
-            for e in entries]
+    if not isinstance(entries, PromptLogprobList):
+        return [None if e is None else {t: PromptLogprob(logprob=max(x.logprob, -9999.0), rank=x.rank,
+                                                         decoded_token=x.decoded_token) for t, x in e.items()}
+                for e in entries]
+    text, out = entries.token_text, []
+    lps, ranks = np.maximum(entries.logprobs, -9999.0).tolist(), entries.ranks.tolist()
+    top_ids, top_lps = entries.top_ids.tolist(), np.maximum(entries.top_logprobs, -9999.0).tolist()
+    for i, (tid, scored) in enumerate(zip(entries.token_ids, entries.scored.tolist())):
+        if not scored:
+            out.append(None)
+            continue
+        entry = {t: PromptLogprob(logprob=v, rank=r + 1, decoded_token=text(t))
+                 for r, (t, v) in enumerate(zip(top_ids[i], top_lps[i]))}
+        if tid not in entry:
+            entry[tid] = PromptLogprob(logprob=lps[i], rank=ranks[i], decoded_token=text(tid))
+        out.append(entry)
+    return out
 
 
 StopField = str | list[str] | None

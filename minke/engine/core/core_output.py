@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from ..output_processor import StepSamples, end_request
 from ..request import Request, SeqState
 from ..sequence import Sequence
-from .messages import StepBatch
+from .messages import StepBatch, encode_rows
 
 
 class CoreOutputProcessor:
@@ -148,12 +150,15 @@ class CoreOutputProcessor:
         return [], finished
 
     def _file_prompt_logprobs(self, rows: list[tuple[int, int, tuple]]) -> None:
-        """rows: StepSamples.prompt, (seq_id, first position, (logprobs, ranks, top ids, top logprobs)); each goes
-        to its front as [handle, first, logprobs, ranks, top ids, top logprobs] (the front fills the entries)."""
+        """rows: StepSamples.prompt, (seq_id, first position, numpy (logprobs, ranks, top ids, top logprobs)); each
+        goes to its front as [handle, first, k', and the four arrays' raw bytes] (messages.py: plp), which files them
+        into its request's arrays as in-process."""
         owner, route = self.owner, self.route
         for seq_id, first, (lps, ranks, ids, tops) in rows:
             own = owner.get(seq_id)
             if own is None:  # aborted while its step ran
                 continue
             front, handle = route[own[0].request_id]
-            self.batch(front).plp.append([handle, first, lps, ranks, ids, tops])
+            self.batch(front).plp.append([handle, first, ids.shape[1], encode_rows(lps, np.float32),
+                                          encode_rows(ranks, np.int64), encode_rows(ids, np.int64),
+                                          encode_rows(tops, np.float32)])

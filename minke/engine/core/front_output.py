@@ -16,6 +16,7 @@ from ...tokenizer import Tokenizer
 from ..output_processor import OutputProcessor, StepSamples
 from ..outputs import RequestOutput
 from ..request import Request
+from .messages import decode_plp
 
 
 @dataclass
@@ -103,12 +104,12 @@ class FrontOutputProcessor:
         owner = self.op.owner
         before = {s.seq_id: owner[s.seq_id] for s in seqs if s.seq_id in owner}
         prompt = None
-        if "plp" in header:  # prompt-logprob rows: the front's entries (token strings) built as in-process
+        if "plp" in header:  # prompt-logprob rows: filed into the front's request arrays, as in-process
             prompt = []
-            for h, first, lps, prompt_ranks, ids, tops in header["plp"]:
+            for h, first, k, *arrays in header["plp"]:
                 req = by_handle.get(h)
                 if req is not None:
-                    prompt.append((req.states[0].seq.seq_id, first, (lps, prompt_ranks, ids, tops)))
+                    prompt.append((req.states[0].seq.seq_id, first, decode_plp(k, *arrays)))
         outs, finished = self.op.process(StepSamples(seqs, rows, chosen or None, top or None, ranks or None,
                                                      prompt or None))
         res.outputs.extend(outs)

@@ -16,8 +16,9 @@ token `tokens[r]`. The three arrays are raw buffers (numpy.frombuffer on the fro
 msgpack). The header: kind ("step" | "ready" | "stats" | "fatal"), the engine stats (for /metrics), and, only when
 there is any: fin [[row, reason, stop_reason]], lp {row: [logprob, rank, [[token, logprob], ...]]},
 err [[handle, message]] (requests that failed alone in the core), cached [[handle, prompt tokens served from the
-prefix cache]] (sent with a request's first token), plp [[handle, first position, logprobs, ranks, top ids, top
-logprobs]] (prompt_logprobs rows scored this step; a prefill chunk may send some without any token).
+prefix cache]] (sent with a request's first token), plp [[handle, first position, k, logprobs, ranks, top ids, top
+logprobs]] (prompt_logprobs rows scored this step, R of them, each array as raw bytes: float32 [R], int64 [R],
+int64 [R, k], float32 [R, k] (encode_rows / decode_plp); a prefill chunk may send some without any token).
 """
 
 from __future__ import annotations
@@ -81,6 +82,20 @@ class StepBatch:
                 header[name] = value
         return [packb(header), np.asarray(self.handles, dtype=np.int64).tobytes(),
                 np.asarray(self.indices, dtype=np.int32).tobytes(), np.asarray(self.tokens, dtype=np.int64).tobytes()]
+
+
+def encode_rows(x: np.ndarray, dtype) -> bytes:
+    """An array of prompt-logprob rows as the raw bytes of plp (C order, the given dtype)."""
+    return np.ascontiguousarray(x, dtype=dtype).tobytes()
+
+
+def decode_plp(k: int, lps: bytes, ranks: bytes, ids: bytes, tops: bytes) -> tuple[np.ndarray, ...]:
+    """One plp item's arrays back: (logprobs [R] float32, ranks [R] int64, top ids [R, k] int64, top logprobs [R, k]
+    float32), viewing the message's bytes."""
+    lp = np.frombuffer(lps, dtype=np.float32)
+    r = len(lp)
+    return (lp, np.frombuffer(ranks, dtype=np.int64), np.frombuffer(ids, dtype=np.int64).reshape(r, k),
+            np.frombuffer(tops, dtype=np.float32).reshape(r, k))
 
 
 def header_frames(kind: str, **header) -> list:
