@@ -37,7 +37,8 @@ class LoRAContext:
         self.token_slots = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
         self.context_slots: torch.Tensor | None = self.token_slots
         # MLA absorbed decode (heads > 0): per (decode token, head) row, slot * heads + head and slot, -1 = none
-        # ([max_rows * heads] each), written by the manager with the token slots: not recomputed in every layer.
+        # ([max_rows * heads] each), written by the manager with the token slots: not recomputed in every layer. The
+        # torch path reads them; the kernels read token_slots with a row divisor (kernels/lora.py).
         self.heads = 0
         self.head_slots = self.row_slots = None
         self.active = False
@@ -179,10 +180,14 @@ class LoRAMLA:
         if ctx.active and q_nope.shape[0]:
             n, h, c = q_latent.shape
             w = self.kv_b_lora
-            per_head, per_row = self._head_slots(n)
-            x = q_nope.reshape(n * h, self.nope)
-            t = self._shrink(x, w.buk_t, per_head)  # [n*H, R]: q_nope B_UK per head
-            self._expand_into(q_latent.view(n * h, c), t, w.a_t, per_row)  # += t A
+            x = q_nope.reshape(n * h, self.nope).to(w.a.dtype)
+            if ctx.use_kernels:  # rows (token i, head j) = i*H + j; the decode tokens are the step's first rows
+                slots = ctx.slots(n)
+                t = lora_shrink(x.contiguous(), w.buk_t, slots, slot_div=h, groups=h)  # q_nope B_UK per head
+                lora_expand(q_latent.view(n * h, c), t, w.a_t, slots, slot_div=h)  # += t A
+            else:
+                per_head, per_row = self._head_slots(n)
+                lora_expand_ref(q_latent.view(n * h, c), lora_shrink_ref(x, w.buk_t, per_head), w.a_t, per_row)
         return q_latent
 
     def _absorb_out(self, o_latent, w_uv):
@@ -191,19 +196,16 @@ class LoRAMLA:
         if ctx.active and o_latent.shape[0]:
             n, h, c = o_latent.shape
             w = self.kv_b_lora
-            per_head, per_row = self._head_slots(n)
-            u = self._shrink(o_latent.reshape(n * h, c), w.a, per_row)  # [n*H, R]: A o_latent
-            self._expand_into(out.view(n * h, self.v_dim), u, w.buv, per_head)  # += u B_UV^T per head
+            x = o_latent.reshape(n * h, c).to(w.a.dtype)
+            y = out.view(n * h, self.v_dim)
+            if ctx.use_kernels:
+                slots = ctx.slots(n)
+                u = lora_shrink(x.contiguous(), w.a, slots, slot_div=h)  # [., n*H, R]: A o_latent
+                lora_expand(y, u, w.buv, slots, slot_div=h, groups=h)  # += u B_UV^T per head
+            else:
+                per_head, per_row = self._head_slots(n)
+                lora_expand_ref(y, lora_shrink_ref(x, w.a, per_row), w.buv, per_head)
         return out
-
-    def _shrink(self, x, a, idx):
-        x = x.to(a.dtype)
-        if self.lora_ctx.use_kernels:
-            return lora_shrink(x.contiguous(), a, idx)
-        return lora_shrink_ref(x, a, idx)
-
-    def _expand_into(self, y, h, b, idx):
-        (lora_expand if self.lora_ctx.use_kernels else lora_expand_ref)(y, h, b, idx)
 
 
 class ExpertSlotWeights(nn.Module):
@@ -266,10 +268,7 @@ class LoRAExperts:
         has = {"gate_up_proj": True, "down_proj": True} if ctx.use_kernels else w.has
         if not ctx.active or not (has["gate_up_proj"] or has["down_proj"]):
             return super().forward(x, topk_ids, topk_weights, reduce)
-        s = ctx.slots(x.shape[0]).long()
-        e = w.e
-        pair = torch.where(s[:, None] >= 0, s[:, None] * e + topk_ids.long(), -1).reshape(-1).to(torch.int32)
-        lora = MoELoRA(pair, *((w.gate_up_a, w.gate_up_b) if has["gate_up_proj"] else (None, None)),
+        lora = MoELoRA(ctx.slots(x.shape[0]), *((w.gate_up_a, w.gate_up_b) if has["gate_up_proj"] else (None, None)),
                        *((w.down_a, w.down_b) if has["down_proj"] else (None, None)), use_kernels=ctx.use_kernels)
         if ctx.use_kernels:
             from ..kernels.fused_moe import fused_moe
