@@ -20,6 +20,7 @@ output's). Expert parallelism keeps whole experts per rank: expert adapters are 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.lora import MoELoRA, fused_moe_lora_ref, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
@@ -51,15 +52,27 @@ class LoRAContext:
         return self.token_slots[:rows]
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> None:
-        """y [M, N] += x [M, K] A[idx]^T B[idx]^T in place (rows with idx -1 untouched)."""
+        """y [M, N] += x [M, K] A[idx]^T B[idx]^T in place (rows with idx -1 untouched); idx: per-token slots."""
+        h = self.shrink(x, a, idx)
+        if self.use_kernels:
+            lora_expand(y, h, b, idx)
+        else:
+            lora_expand_ref(y, h, b, idx)
+
+    def shrink(self, x: torch.Tensor, a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> kernels: the partials [SPLIT, M, R] fp32 (lora_shrink); torch: h [M, R] fp32."""
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
         if self.use_kernels:
-            if x.stride(-1) != 1:
-                x = x.contiguous()
-            lora_expand(y, lora_shrink(x, a, idx), b, idx)
+            return lora_shrink(x if x.stride(-1) == 1 else x.contiguous(), a, idx)
+        return lora_shrink_ref(x, a, idx)
+
+    def expand_cols(self, y: torch.Tensor, h: torch.Tensor, lo: int, hi: int, b: torch.Tensor, idx) -> None:
+        """y += h[..., lo:hi] @ B[idx]^T: one projection's rank columns of a stacked shrink's output."""
+        if self.use_kernels:
+            lora_expand(y, h[:, :, lo:hi], b, idx)
         else:
-            lora_expand_ref(y, lora_shrink_ref(x, a, idx), b, idx)
+            lora_expand_ref(y, h[:, lo:hi], b, idx)
 
 
 class SlotWeights(nn.Module):
@@ -96,8 +109,36 @@ class SlotWeights(nn.Module):
         self.b[slot, :, :r].copy_(b)
 
 
+def stack_slot_weights(ws: list[SlotWeights], block_b: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Projections of one input under one shrink launch: A [S, n*R, in] with each w.a a view of its R rows (so
+    slot writes land in it), and with block_b one block-diagonal B [S, sum of outs, n*R] with each w.b a view of its
+    block (the rest stays zero): one expand into the projections' concatenated outputs. Exact: the zero blocks add
+    exact zeros in fp32."""
+    s, r, d_in = ws[0].a.shape
+    if any(w.a.shape != (s, r, d_in) for w in ws):
+        raise ValueError(f"stack_slot_weights: projections of one input need equal A shapes, got "
+                         f"{[tuple(w.a.shape) for w in ws]}")
+    a = ws[0].a.new_zeros(s, len(ws) * r, d_in)
+    b = ws[0].b.new_zeros(s, sum(w.b.shape[1] for w in ws), len(ws) * r) if block_b else None
+    row = 0
+    for i, w in enumerate(ws):
+        cols = slice(i * r, (i + 1) * r)
+        a[:, cols].copy_(w.a)
+        w.a = a[:, cols]
+        if block_b:
+            n = w.b.shape[1]
+            b[:, row: row + n, cols].copy_(w.b)
+            w.b = b[:, row: row + n, cols]
+            row += n
+    return a, b
+
+
 class LoRALinear:
     """Mixin for nn.Linear (or fp8 linears): out = base(x) + the rows' adapters."""
+
+    def base_forward(self, x):
+        """The projection without its adapters (LoRAMLP adds them itself)."""
+        return super().forward(x)
 
     def forward(self, x):
         y = super().forward(x)
@@ -119,6 +160,10 @@ class LoRAFusedInput:
         if ctx.active and w is self.fused_in_weight:
             x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
             idx, start = ctx.slots(x2.shape[0]), 0
+            stacked = getattr(self, "lora_stacked", None)  # (A [S, n*R, D], block-diagonal B [S, sum outs, n*R])
+            if stacked is not None and stacked[1].shape[1] == y2.shape[1]:
+                ctx.apply(x2, y2, *stacked, idx)  # one shrink, one expand for all the parts
+                return y
             for proj in self.lora_fused_parts():
                 end = start + proj.out_features
                 ctx.apply(x2, y2[:, start:end], proj.lora.a, proj.lora.b, idx)
@@ -130,6 +175,25 @@ class LoRAFusedInput:
         if hasattr(self, "kv_a_proj_with_mqa"):
             return [self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa]
         return [self.q_proj, self.k_proj, self.v_proj]
+
+
+class LoRAMLP:
+    """Mixin for MLP (dense layers, shared experts) whose gate_proj and up_proj are LoRALinear: one shrink of x for
+    both (lora_stacked_a: their A's stacked, [S, 2R, D]), then each one's expand; the rest is MLP.forward's math
+    (apply_lora swaps this in only over MLP.forward itself)."""
+
+    def forward(self, x):
+        ctx = self.lora_ctx
+        if not ctx.active:
+            return super().forward(x)
+        g, u = self.gate_proj, self.up_proj
+        yg, yu = g.base_forward(x), u.base_forward(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        idx, r = ctx.slots(x2.shape[0]), g.lora.a.shape[1]
+        h = ctx.shrink(x2, self.lora_stacked_a, idx)
+        ctx.expand_cols(yg.view(-1, yg.shape[-1]), h, 0, r, g.lora.b, idx)
+        ctx.expand_cols(yu.view(-1, yu.shape[-1]), h, r, 2 * r, u.lora.b, idx)
+        return self._apply_linear(self.down_proj, F.silu(yg) * yu)
 
 
 class KvbSlotWeights(SlotWeights):
@@ -296,5 +360,5 @@ def swap_in(module: nn.Module, mixin: type) -> None:
 
 _COMPOSED: dict[tuple[type, type], type] = {}
 
-__all__ = ["ExpertSlotWeights", "KvbSlotWeights", "LINEAR_TARGETS", "LoRAContext",
-           "LoRAExperts", "LoRAFusedInput", "LoRALinear", "LoRAMLA", "SlotWeights", "swap_in"]
+__all__ = ["ExpertSlotWeights", "KvbSlotWeights", "LINEAR_TARGETS", "LoRAContext", "LoRAExperts",
+           "LoRAFusedInput", "LoRALinear", "LoRAMLA", "LoRAMLP", "SlotWeights", "stack_slot_weights", "swap_in"]

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from ..models.attention import Attention, MLAttention
+from ..models.layers import MLP
 from ..models.moe import Experts
 from ..parallel.sharding import checkpoint_plan, checkpoint_shapes
 from ..parallel.state import ParallelConfig
 from .config import LoRAConfig
 from .layers import (LINEAR_TARGETS, ExpertSlotWeights, KvbSlotWeights, LoRAContext, LoRAExperts, LoRAFusedInput,
-                     LoRALinear, LoRAMLA, SlotWeights, swap_in)
+                     LoRALinear, LoRAMLA, LoRAMLP, SlotWeights, stack_slot_weights, swap_in)
 
 
 @dataclass
@@ -93,4 +94,20 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, parallel: ParallelConfig, max_
             m.lora, m.lora_ctx = w, ctx
             swap_in(m, LoRAExperts)
             out.experts[name] = w
+    _stack_shared_inputs(model, ctx)
     return out
+
+
+def _stack_shared_inputs(model: nn.Module, ctx: LoRAContext) -> None:
+    """Projections that read the same input share one shrink launch: attention's fused input projections (one
+    expand too, through a block-diagonal B into their fused output) and an MLP's gate_proj / up_proj."""
+    for m in model.modules():
+        if isinstance(m, LoRAFusedInput):
+            parts = m.lora_fused_parts()
+            if all(isinstance(p, LoRALinear) for p in parts):
+                m.lora_stacked = stack_slot_weights([p.lora for p in parts], block_b=True)
+        if isinstance(m, MLP) and type(m).forward is MLP.forward and isinstance(m.gate_proj, LoRALinear) \
+                and isinstance(m.up_proj, LoRALinear):
+            m.lora_stacked_a, _ = stack_slot_weights([m.gate_proj.lora, m.up_proj.lora], block_b=False)
+            m.lora_ctx = ctx
+            swap_in(m, LoRAMLP)
