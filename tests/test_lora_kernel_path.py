@@ -75,4 +75,87 @@ def test_kernel_path_tokens_equal_the_merged_model(tmp_path, monkeypatch, varian
     assert got[:3] == want[0] and got[3:6] == want[1] and got[6:] == want[2]
     assert want[1] != want[0], "the adapter changes the tokens"
     moe = variant != "llama"
-    assert calls["shrink"] and calls["stacked"] and bool(calls["per_head"]) == moe and bool(calls["experts"]) == moe, calls
+    assert calls["shrink"] and calls["stacked"], calls
+    assert bool(calls["per_head"]) == moe and bool(calls["experts"]) == moe, calls
+
+
+@pytest.mark.skipif(not HAS_TRITON or (not torch.cuda.is_available()
+                                       and type(_shrink_kernel).__name__ != "InterpretedFunction"),
+                    reason="needs triton (its interpreter on CPU: TRITON_INTERPRET=1 before triton's import)")
+def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch):
+    """The GPU build's weight transforms with LoRA (model_builder: fused input projections, shared experts folded
+    into the routed stacks with their adapters in the folded experts' rows), on CPU: the kernel path and the torch
+    path both give the merged model's tokens in a mixed batch."""
+    import minke.runner.model_builder as mb
+    from minke.models.moe import MoE
+
+    assets = LoRAAssets(tmp_path)
+    variant = "deepseek_v2_lite"
+    base = assets(variant)
+    a1, merged1 = assets.adapter(variant, seed=1)
+    a2, merged2 = assets.adapter(variant, seed=2)
+    want = [_tokens(LLM(m, **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False)) for m in (base, merged1, merged2)]
+    monkeypatch.setattr(mb, "gpu_kernels_available", lambda device: True)  # the transforms (no GPU kernel swaps)
+    llm = LLM(base, enable_lora=True, max_loras=2, max_lora_rank=8, **ENGINE)
+    model = llm.llm_engine.runner.executor.worker.model
+    assert all(m.n_fused_shared and m.shared_experts is None for m in model.modules() if isinstance(m, MoE))
+    assert model.lora_layers.shared and any(getattr(m, "fused_in_weight", None) is not None for m in model.modules())
+    ctx = model.lora_layers.ctx
+    r1, r2 = LoRARequest("one", 1, a1), LoRARequest("two", 2, a2)
+    for kernels in (True, False):
+        ctx.use_kernels = kernels
+        got = _tokens(llm.generate(PROMPTS * 3, GREEDY, lora_request=[None] * 3 + [r1] * 3 + [r2] * 3,
+                                   use_tqdm=False))
+        assert got[:3] == want[0] and got[3:6] == want[1] and got[6:] == want[2], kernels
+    for w in model.lora_layers.experts.values():  # the shared MLP's adapters sit in the folded experts' rows
+        for stack in (w.gate_up_a, w.gate_up_b, w.down_a, w.down_b):
+            assert stack[w.e: w.e_total].abs().sum() > 0 and stack[w.e_total + w.e: 2 * w.e_total].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_folded_shared_expert_adapters_equal_the_merged_mlp(kernels):
+    """ExpertSlotWeights with shared experts folded in: each fused expert j gets columns [j*I, (j+1)*I) of the
+    shared MLP's gate/up B and down A, gate and up their own A's (rank 2R stacks), so the fused MoE's folded slots
+    (weight 1) sum to the shared MLP with its adapters merged; routed experts keep theirs."""
+    if kernels and (not HAS_TRITON or (not torch.cuda.is_available()
+                                       and type(_shrink_kernel).__name__ != "InterpretedFunction")):
+        pytest.skip("needs triton (its interpreter on CPU)")
+    from minke.kernels.fused_moe import fused_moe, moe_experts_torch
+    from minke.kernels.lora import MoELoRA, fused_moe_lora_ref
+    from minke.lora.layers import ExpertSlotWeights, SharedFold
+
+    g = torch.Generator().manual_seed(0)
+    t, k, e, d, i, n_sh, r, slots = 5, 2, 4, 32, 16, 2, 4, 2
+    rnd = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    x, w13, w2 = rnd(t, d), rnd(e, 2 * i, d), rnd(e, d, i)
+    wg, wu, wd = rnd(n_sh * i, d), rnd(n_sh * i, d), rnd(d, n_sh * i)  # the shared MLP
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(torch.int32)
+    wts = torch.rand(t, k, generator=g)
+    routed = {"gate_up_proj": (rnd(e, r, d), rnd(e, 2 * i, r)), "down_proj": (rnd(e, r, i), rnd(e, d, r))}
+    shared = {"gate_proj": (rnd(r, d), rnd(n_sh * i, r)), "up_proj": (rnd(r, d), rnd(n_sh * i, r)),
+              "down_proj": (rnd(r, n_sh * i), rnd(d, r))}
+    w = ExpertSlotWeights(slots, 8, e, d, i, i, torch.float32, "cpu", shared=SharedFold(n_sh, n_sh * i))
+    w.write(1, routed, shared)
+    # folded weights (MoE.fuse_shared_experts' layout) and the router's extra slots (ids e.., weight 1)
+    f13 = torch.cat([w13, torch.cat([wg.view(n_sh, i, d), wu.view(n_sh, i, d)], 1)])
+    f2 = torch.cat([w2, wd.view(d, n_sh, i).transpose(0, 1)])
+    fids = torch.cat([ids, torch.arange(e, e + n_sh, dtype=torch.int32).expand(t, n_sh)], 1)
+    fwts = torch.cat([wts, torch.ones(t, n_sh)], 1)
+    tok_slots = torch.tensor([1, -1, 1, 1, -1], dtype=torch.int32)
+    lora = MoELoRA(tok_slots, w.gate_up_a, w.gate_up_b, w.down_a, w.down_b, use_kernels=kernels)
+    if kernels:
+        got = fused_moe(x, f13, f2, fwts, fids, lora=lora)
+    else:
+        got = fused_moe_lora_ref(x, f13, f2, fwts, fids, lora)
+    for tok in range(t):
+        m13, m2, sg, su, sd = w13.clone(), w2.clone(), wg.clone(), wu.clone(), wd.clone()
+        if tok_slots[tok] >= 0:
+            m13 += routed["gate_up_proj"][1] @ routed["gate_up_proj"][0]
+            m2 += routed["down_proj"][1] @ routed["down_proj"][0]
+            sg += shared["gate_proj"][1] @ shared["gate_proj"][0]
+            su += shared["up_proj"][1] @ shared["up_proj"][0]
+            sd += shared["down_proj"][1] @ shared["down_proj"][0]
+        xt = x[tok: tok + 1]
+        want = moe_experts_torch(xt, m13, m2, wts[tok: tok + 1], ids[tok: tok + 1])
+        want = want + (torch.nn.functional.silu(xt @ sg.t()) * (xt @ su.t())) @ sd.t()
+        torch.testing.assert_close(got[tok: tok + 1], want, rtol=1e-4, atol=1e-4)

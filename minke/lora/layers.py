@@ -6,7 +6,11 @@ forward adds sum over its rows' adapters of x A^T B^T through the multi-LoRA ker
                    gate/up/down_proj of dense MLPs and shared experts: a [S, R, in], b [S, out, R]
   MLA kv_b_proj    prefill contexts: the same shrink/expand over the context tokens (their own adapter indices);
                    absorbed decode: q_latent += (q_nope B_UK) A and out += (o_latent A^T) B_UV^T per head
-  routed experts   gate_up / down per expert per slot, inside the fused MoE's two grouped GEMMs
+  routed experts   gate_up / down per expert per slot, inside the fused MoE's two grouped GEMMs; on the GPU build
+                   the shared experts are folded into them (MoE.fuse_shared_experts) and their gate/up/down
+                   adapters become the folded experts' (ExpertSlotWeights, SharedFold)
+  same input       projections of one input share one shrink (stack_slot_weights): fused q/k/v or q + kv_a (and
+                   one block-diagonal expand), an MLP's gate/up (LoRAMLP)
 
 S = max_loras slots, R = max_lora_rank (smaller adapters are zero-padded; B holds the scaling). Slot -1 = no
 adapter. Every layer of a model reads one LoRAContext: the step's per-token slot indices in a persistent device
@@ -18,6 +22,8 @@ output's). Expert parallelism keeps whole experts per rank: expert adapters are 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -272,17 +278,35 @@ class LoRAMLA:
         return out
 
 
-class ExpertSlotWeights(nn.Module):
-    """Routed experts' stacks [S*E, ...] (index slot * E + expert): gate_up_a [., R, D], gate_up_b [., 2I, R],
-    down_a [., R, I], down_b [., D, R]. inter_range: this rank's slice [lo, hi) of the full intermediate size."""
+@dataclass(frozen=True)
+class SharedFold:
+    """Shared experts folded into the routed stacks (MoE.fuse_shared_experts): the shared MLP of full width
+    `width` (this rank's columns gate_rows of gate/up_proj's B and down_cols of down_proj's A, None = whole) is
+    `n` experts of the routed width after the routed ones."""
 
-    def __init__(self, slots, rank, e, d, inter, full_inter, dtype, device, inter_range=None):
+    n: int
+    width: int
+    gate_rows: tuple[int, int] | None = None
+    down_cols: tuple[int, int] | None = None
+
+
+class ExpertSlotWeights(nn.Module):
+    """Routed experts' stacks [S*E', ...] (index slot * E' + expert; E' = E routed + the folded shared experts):
+    gate_up_a [., R', D], gate_up_b [., 2I, R'], down_a [., R, I], down_b [., D, R]. inter_range: this rank's slice
+    [lo, hi) of the full intermediate size. With shared experts folded in (shared), R' = 2R: their gate_proj and
+    up_proj adapters have A's of their own, stacked as [A_gate; A_up] with B = [[B_gate, 0], [0, B_up]] per fused
+    expert (the routed experts use the first R columns)."""
+
+    def __init__(self, slots, rank, e, d, inter, full_inter, dtype, device, inter_range=None,
+                 shared: SharedFold | None = None):
         super().__init__()
-        n = slots * e
-        for name, shape in (("gate_up_a", (n, rank, d)), ("gate_up_b", (n, 2 * inter, rank)),
+        self.e, self.shared = e, shared
+        self.e_total = e + (shared.n if shared is not None else 0)
+        n, gu_rank = slots * self.e_total, 2 * rank if shared is not None else rank
+        for name, shape in (("gate_up_a", (n, gu_rank, d)), ("gate_up_b", (n, 2 * inter, gu_rank)),
                             ("down_a", (n, rank, inter)), ("down_b", (n, d, rank))):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.e, self.d, self.full_inter, self.inter_range = e, d, full_inter, inter_range
+        self.rank, self.d, self.inter, self.full_inter, self.inter_range = rank, d, inter, full_inter, inter_range
         self.slot_targets: list[set[str]] = [set() for _ in range(slots)]  # what each slot's adapter adapts
 
     @property
@@ -300,13 +324,29 @@ class ExpertSlotWeights(nn.Module):
                     f"with I={i}, D={d}")
         return None
 
+    def check_shared(self, name: str, leaf: str, a: torch.Tensor, b: torch.Tensor) -> str | None:
+        """A shared-expert projection's adapter (A [r, in], B [out, r]) against the shared MLP's full shape."""
+        w, d = self.shared.width, self.d
+        out_f, in_f = (d, w) if leaf == "down_proj" else (w, d)
+        if a.shape[-1] != in_f or b.shape[-2] != out_f:
+            return (f"{name}: adapter A {tuple(a.shape)} / B {tuple(b.shape)} does not fit the model's "
+                    f"[{out_f}, {in_f}] weight")
+        return None
+
     @torch.no_grad()
-    def write(self, slot: int, targets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        e = self.e
-        rows = slice(slot * e, (slot + 1) * e)
+    def write(self, slot: int, targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+              shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """targets: routed "gate_up_proj" / "down_proj" -> (A [E, r, in], B [E, out, r]); shared: the shared MLP's
+        "gate_proj" / "up_proj" / "down_proj" -> (A [r, in], B [out, r]) (only with shared experts folded in)."""
+        et, e = self.e_total, self.e
         for name in ("gate_up_a", "gate_up_b", "down_a", "down_b"):
-            getattr(self, name)[rows].zero_()
-        self.slot_targets[slot] = set(targets)
+            getattr(self, name)[slot * et: (slot + 1) * et].zero_()
+        shared = shared or {}
+        if shared and self.shared is None:
+            raise ValueError("shared-expert adapters given to experts without folded shared experts")
+        self.slot_targets[slot] = set(targets) | ({"gate_up_proj"} if {"gate_proj", "up_proj"} & set(shared)
+                                                  else set()) | ({"down_proj"} if "down_proj" in shared else set())
+        rows = slice(slot * et, slot * et + e)
         lo, hi = self.inter_range or (0, self.full_inter)
         i = self.full_inter
         if "gate_up_proj" in targets:
@@ -319,6 +359,34 @@ class ExpertSlotWeights(nn.Module):
             r = a.shape[1]
             self.down_a[rows, :r].copy_(a[:, :, lo:hi])
             self.down_b[rows, :, :r].copy_(b)
+        if shared:
+            self._write_shared(slot, shared)
+
+    def _write_shared(self, slot: int, shared) -> None:
+        """Fused expert j = columns [j*I, (j+1)*I) of this rank's slice of the shared MLP (its gate/up B rows, its
+        down A columns): SwiGLU is a sum over those columns, so the experts' sum is the shared MLP with its
+        adapters."""
+        f, n_i, half = self.shared, self.inter, self.rank
+        base = slot * self.e_total + self.e
+        for col, leaf in ((0, "gate_proj"), (1, "up_proj")):
+            if leaf not in shared:
+                continue
+            a, b = shared[leaf]  # [r, D], [W, r]
+            if f.gate_rows is not None:
+                b = b[f.gate_rows[0]: f.gate_rows[1]]
+            r = a.shape[0]
+            for j in range(f.n):
+                self.gate_up_a[base + j, col * half: col * half + r].copy_(a)
+                self.gate_up_b[base + j, col * n_i: (col + 1) * n_i, col * half: col * half + r].copy_(
+                    b[j * n_i: (j + 1) * n_i])
+        if "down_proj" in shared:
+            a, b = shared["down_proj"]  # [r, W], [D, r]
+            if f.down_cols is not None:
+                a = a[:, f.down_cols[0]: f.down_cols[1]]
+            r = a.shape[0]
+            for j in range(f.n):
+                self.down_a[base + j, :r].copy_(a[:, j * n_i: (j + 1) * n_i])
+                self.down_b[base + j, :, :r].copy_(b)
 
 
 class LoRAExperts:
@@ -361,4 +429,5 @@ def swap_in(module: nn.Module, mixin: type) -> None:
 _COMPOSED: dict[tuple[type, type], type] = {}
 
 __all__ = ["ExpertSlotWeights", "KvbSlotWeights", "LINEAR_TARGETS", "LoRAContext", "LoRAExperts",
-           "LoRAFusedInput", "LoRALinear", "LoRAMLA", "LoRAMLP", "SlotWeights", "stack_slot_weights", "swap_in"]
+           "LoRAFusedInput", "LoRALinear", "LoRAMLA", "LoRAMLP", "SharedFold", "SlotWeights", "stack_slot_weights",
+           "swap_in"]

@@ -4,6 +4,8 @@ outside, as module swaps: each mixin below overrides one method of a model modul
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -149,6 +151,18 @@ def fuse_shared_experts(model, max_tokens: int = 1024) -> int:
     they run inside the fused MoE's two grouped GEMMs instead of ~6 more launches per layer. Expert-parallel
     layers (ExpertParallelMoE) are not MoE instances and keep their own path. Returns how many layers changed."""
     return sum(m.fuse_shared_experts(max_tokens) for m in model.modules() if isinstance(m, MoE))
+
+
+def fold_shared_experts_for_lora(model) -> int:
+    """fuse_shared_experts for a model that serves adapters: the shared experts' adapters then run inside the
+    fused MoE with the routed ones' (lora/layers.py ExpertSlotWeights), and every step routes to the folded experts
+    (fused_max_tokens unbounded: the long-prefill path's dense GEMMs over them would skip their adapters). Returns
+    how many layers changed."""
+    n = fuse_shared_experts(model)
+    for m in model.modules():
+        if isinstance(m, MoE) and m.n_fused_shared:
+            m.fused_max_tokens = sys.maxsize
+    return n
 
 
 def defer_moe_slot_sums(model) -> int:
