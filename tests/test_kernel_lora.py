@@ -177,3 +177,33 @@ def test_fused_moe_with_lora_equals_reference(t):
                                                      db.to(DEVICE))), base)
     plain = slot < 0
     assert torch.equal(got[plain.to(DEVICE)], base[plain.to(DEVICE)])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("a_grouped,b_grouped", [(True, False), (False, True), (True, True), (False, False)])
+def test_shrink_expand_equals_references(dtype, a_grouped, b_grouped):
+    """One-launch y += (x A^T) B^T for small K (MLA absorbed decode's per-(token, head) rows): A and B each per head
+    (index slot * H + head) or per token (index slot); rows without an adapter untouched."""
+    from minke.kernels.lora import lora_shrink_expand
+
+    tokens, heads, k, n, S, r = 5, 3, 200, 40, 3, 8
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens * heads, k, generator=g).to(dtype)
+    a = (torch.randn(S * (heads if a_grouped else 1), r, k, generator=g) * 0.1).to(dtype)
+    b = (torch.randn(S * (heads if b_grouped else 1), n, r, generator=g) * 0.1).to(dtype)
+    slots = torch.randint(-1, S, (tokens + 2,), generator=g, dtype=torch.int32)
+    slots[0] = 1  # one token with an adapter at least
+    x, a, b, slots = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), slots.to(DEVICE)
+    rows = tokens * heads
+    ia = lora_row_index(slots, rows, heads, heads if a_grouped else 1)
+    ib = lora_row_index(slots, rows, heads, heads if b_grouped else 1)
+    y0 = torch.randn(rows, n + 4).to(DEVICE, dtype)
+    want = lora_expand_ref(y0[:, :n].clone(), lora_shrink_ref(x, a, ia), b, ib)
+    y = y0.clone()
+    lora_shrink_expand(y[:, :n], x, a, b, slots, heads, a_grouped, b_grouped)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y[:, :n], want, **tol)
+    assert torch.equal(y[:, n:], y0[:, n:])
+    plain = ia < 0
+    assert torch.equal(y[plain], y0[plain])

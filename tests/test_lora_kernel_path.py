@@ -46,6 +46,7 @@ def test_kernel_path_tokens_equal_the_merged_model(tmp_path, monkeypatch, varian
         return wrapper
 
     monkeypatch.setattr(layers, "lora_shrink", counted(layers.lora_shrink, "shrink"))
+    monkeypatch.setattr(layers, "lora_shrink_expand", counted(layers.lora_shrink_expand, "per_head"))
     monkeypatch.setattr(fm, "lora_shrink_moe", counted(fm.lora_shrink_moe, "experts"))
     assets = LoRAAssets(tmp_path)
     base = assets(variant)

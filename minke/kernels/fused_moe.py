@@ -16,6 +16,11 @@ Pipeline (the vLLM / SGLang `fused_moe` design):
   4. Sum over the K slots of each token (torch; fp32 accumulation inside torch.sum).
 All matmuls accumulate in fp32; the activation and the per-slot outputs are stored in x.dtype (as vLLM does).
 
+LoRA (lora=, kernels/lora.py MoELoRA): per-(token, slot) adapters of the experts. Before each GEMM one shrink over
+the same expert-sorted tiles gives h = x A^T (rank R, [SPLIT, T*K, R] fp32 partials); the GEMM's epilogue adds
+h @ B^T for its tile's columns (one small dot per adapter slot in the tile) before silu / the routing weight, so
+the [T*K, 2I] delta never goes through HBM.
+
 FP8 weights (`--quantization fp8`, runner/quantization.py): w13 / w2 may be float8_e4m3fn with one fp32 scale per
 output row (w13_scale [E, 2I], w2_scale [E, D]). Tiles are loaded as fp8 (half the bytes: decode is weight-bandwidth
 bound), widened to x.dtype in registers (exact: every e4m3 value is a bf16 / fp16 / fp32 value) and the row scale

@@ -187,6 +187,68 @@ if HAS_TRITON:
             tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+    @triton.jit(do_not_specialize=["M"])
+    def _shrink_expand_kernel(x_ptr, a_ptr, b_ptr, y_ptr, slot_ptr, M, K, N, R, S, G, k_iters,
+                              stride_xm, stride_al, stride_ar, stride_bl, stride_bn, stride_ym,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_R: tl.constexpr, A_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """Small K (MLA's per-head rows: K = nope or the latent width): y += (x A^T) B^T in one program per (row
+        block, N tile, group g), rows (token i, group g) = i * G + g; A (B) indexed slot * G + g when A_GROUPED
+        (B_GROUPED), else slot. Each N tile recomputes its rows' h (a few K iterations from L2): one launch
+        instead of a shrink and an expand."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        g = tl.program_id(2)
+        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) * G + g
+        valid = rows < M
+        slot = tl.load(slot_ptr + rows // G, mask=valid, other=-1)
+        used = slot >= 0
+        if tl.max(used.to(tl.int32), axis=0) > 0:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_r = tl.arange(0, BLOCK_R)
+            offs_k = tl.arange(0, BLOCK_K)
+            n_mask = offs_n < N
+            r_mask = offs_r < R
+            x_rows = rows.to(tl.int64) * stride_xm
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, S):
+                mine = slot == s
+                if tl.max(mine.to(tl.int32), axis=0) > 0:
+                    if A_GROUPED:
+                        la = (s * G + g).to(tl.int64)
+                    else:
+                        la = (s + 0 * g).to(tl.int64)
+                    if B_GROUPED:
+                        lb = (s * G + g).to(tl.int64)
+                    else:
+                        lb = (s + 0 * g).to(tl.int64)
+                    h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                    for i in range(0, k_iters):
+                        kk = i * BLOCK_K + offs_k
+                        k_mask = kk < K
+                        xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=mine[:, None] & k_mask[None, :],
+                                     other=0.0)  # other slots' rows: zeros, so their h rows stay zero
+                        at = tl.load(a_ptr + la * stride_al + offs_r[None, :] * stride_ar + kk[:, None],
+                                     mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+                        if UPCAST:
+                            xt = xt.to(tl.float32)
+                            at = at.to(tl.float32)
+                        h = tl.dot(xt, at, acc=h, input_precision=DOT_PRECISION)
+                    bt = tl.load(b_ptr + lb * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
+                                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+                    if UPCAST:
+                        bt = bt.to(tl.float32)
+                        hb = h
+                    else:
+                        hb = h.to(bt.dtype)
+                    acc = tl.dot(hb, bt, acc=acc, input_precision=DOT_PRECISION)
+            y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+            y_mask = used[:, None] & n_mask[None, :]
+            y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
 def lora_block_r(r: int) -> int:
     """The rank's tile width (tl.dot needs >= 16)."""
     return max(16, triton.next_power_of_2(r))
@@ -308,6 +370,47 @@ def lora_expand(y: torch.Tensor, hp: torch.Tensor, b: torch.Tensor, slots: torch
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=lora_block_r(R), SPLIT=hp.shape[0],
                          HEADS=groups > 1, DOT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
                          UPCAST=needs_dot_upcast(_expand_kernel, b.dtype), num_warps=4)
+    return y
+
+
+SHRINK_EXPAND_MAX_K = 512  # lora_shrink_expand: K up to this (MLA's nope 128 / latent 512); larger K: shrink + expand
+
+
+def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
+                       groups: int, a_grouped: bool, b_grouped: bool) -> torch.Tensor:
+    """y [M, N] += x [M, K] A[ia]^T B[ib]^T in one launch, for K <= SHRINK_EXPAND_MAX_K: rows m = token * groups + g
+    (token = m // groups), ia = slot * groups + g if a_grouped else slot (ib likewise). MLA absorbed decode:
+    q_latent += (q_nope B_UK[head]) A (a grouped), out += (o_latent A^T) B_UV[head]^T (b grouped). In place, returns
+    y; rows without an adapter are untouched."""
+    if not HAS_TRITON:
+        raise RuntimeError("lora_shrink_expand: triton is not installed; use lora_shrink_ref / lora_expand_ref")
+    m, n = y.shape
+    k = x.shape[1]
+    if x.shape[0] != m or m % groups or k > SHRINK_EXPAND_MAX_K:
+        raise ValueError(f"lora_shrink_expand: x must be [{m}, K <= {SHRINK_EXPAND_MAX_K}] with {m} a multiple of "
+                         f"groups {groups}, got x {tuple(x.shape)}")
+    sa = _check_groups(a, groups if a_grouped else 1, "lora_shrink_expand")
+    sb = _check_groups(b, groups if b_grouped else 1, "lora_shrink_expand")
+    if sa != sb or a.shape[2] != k or b.shape[1] != n or a.shape[1] != b.shape[2]:
+        raise ValueError(f"lora_shrink_expand: a [S*, R, {k}] and b [S*, {n}, R] must agree, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    _check_slots(slots, m // groups, "lora_shrink_expand")
+    _ready(y, "lora_shrink_expand")
+    if x.stride(-1) != 1 or y.stride(-1) != 1 or a.stride(-1) != 1 or b.stride(-1) != 1:
+        raise ValueError("lora_shrink_expand: x, y, a and b need a unit last stride")
+    if m == 0:
+        return y
+    R = a.shape[1]
+    rows = m // groups
+    block_m, block_k = _block_m(rows), _shrink_block_k(k)
+    block_n = 64 if n >= 64 else 32
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), groups)
+    _shrink_expand_kernel[grid](x, a, b, y, slots, m, k, n, R, sa, groups, triton.cdiv(k, block_k),
+                                x.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1), y.stride(0),
+                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=lora_block_r(R),
+                                A_GROUPED=a_grouped, B_GROUPED=b_grouped,
+                                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                                UPCAST=needs_dot_upcast(_shrink_expand_kernel, x.dtype), num_warps=4)
     return y
 
 

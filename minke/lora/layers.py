@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.lora import MoELoRA, fused_moe_lora_ref, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+from ..kernels.lora import (SHRINK_EXPAND_MAX_K, MoELoRA, fused_moe_lora_ref, lora_expand, lora_expand_ref, lora_shrink,
+                            lora_shrink_expand, lora_shrink_ref)
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
                   "gate_proj", "up_proj", "down_proj")
@@ -253,8 +254,12 @@ class LoRAMLA:
             x = q_nope.reshape(n * h, self.nope).to(w.a.dtype)
             if ctx.use_kernels:  # rows (token i, head j) = i*H + j; the decode tokens are the step's first rows
                 slots = ctx.slots(n)
-                t = lora_shrink(x.contiguous(), w.buk_t, slots, slot_div=h, groups=h)  # q_nope B_UK per head
-                lora_expand(q_latent.view(n * h, c), t, w.a_t, slots, slot_div=h)  # += t A
+                if self.nope <= SHRINK_EXPAND_MAX_K:  # one launch: += (q_nope B_UK per head) A
+                    lora_shrink_expand(q_latent.view(n * h, c), x.contiguous(), w.buk_t, w.a_t, slots, h,
+                                       a_grouped=True, b_grouped=False)
+                else:
+                    t = lora_shrink(x.contiguous(), w.buk_t, slots, slot_div=h, groups=h)  # q_nope B_UK per head
+                    lora_expand(q_latent.view(n * h, c), t, w.a_t, slots, slot_div=h)  # += t A
             else:
                 per_head, per_row = self._head_slots(n)
                 lora_expand_ref(q_latent.view(n * h, c), lora_shrink_ref(x, w.buk_t, per_head), w.a_t, per_row)
@@ -270,8 +275,11 @@ class LoRAMLA:
             y = out.view(n * h, self.v_dim)
             if ctx.use_kernels:
                 slots = ctx.slots(n)
-                u = lora_shrink(x.contiguous(), w.a, slots, slot_div=h)  # [., n*H, R]: A o_latent
-                lora_expand(y, u, w.buv, slots, slot_div=h, groups=h)  # += u B_UV^T per head
+                if c <= SHRINK_EXPAND_MAX_K:  # one launch: += (A o_latent) B_UV^T per head
+                    lora_shrink_expand(y, x.contiguous(), w.a, w.buv, slots, h, a_grouped=False, b_grouped=True)
+                else:
+                    u = lora_shrink(x.contiguous(), w.a, slots, slot_div=h)  # [., n*H, R]: A o_latent
+                    lora_expand(y, u, w.buv, slots, slot_div=h, groups=h)  # += u B_UV^T per head
             else:
                 per_head, per_row = self._head_slots(n)
                 lora_expand_ref(y, lora_shrink_ref(x, w.a, per_row), w.buv, per_head)
