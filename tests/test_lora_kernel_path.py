@@ -83,10 +83,13 @@ def test_kernel_path_tokens_equal_the_merged_model(tmp_path, monkeypatch, varian
 @pytest.mark.skipif(not HAS_TRITON or (not torch.cuda.is_available()
                                        and type(_shrink_kernel).__name__ != "InterpretedFunction"),
                     reason="needs triton (its interpreter on CPU: TRITON_INTERPRET=1 before triton's import)")
-def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch):
-    """The GPU build's weight transforms with LoRA (model_builder: fused input projections, shared experts folded
-    into the routed stacks with their adapters in the folded experts' rows), on CPU: the kernel path and the torch
-    path both give the merged model's tokens in a mixed batch."""
+@pytest.mark.parametrize("swaps", [False, True])
+def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch, swaps):
+    """The GPU build with LoRA on CPU (model_builder: fused input projections, shared experts folded into the
+    routed stacks with their adapters in the folded experts' rows; swaps: every GPU kernel swap too, run by Triton's
+    interpreter: the one-row GEMV before o_proj's / down_proj's adapters, deferred MoE slot sums, fused router and
+    MLA prologue): the kernel path and the torch path both give the merged model's tokens in a mixed batch."""
+    import minke.runner.gpu_kernels as gk
     import minke.runner.model_builder as mb
     from minke.models.moe import MoE
 
@@ -97,17 +100,27 @@ def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch):
     a2, merged2 = assets.adapter(variant, seed=2)
     want = [_tokens(LLM(m, **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False)) for m in (base, merged1, merged2)]
     monkeypatch.setattr(mb, "gpu_kernels_available", lambda device: True)  # the transforms (no GPU kernel swaps)
+    if swaps:
+        monkeypatch.setattr(gk, "gpu_kernels_available", lambda device: True)
     llm = LLM(base, enable_lora=True, max_loras=2, max_lora_rank=8, **ENGINE)
     model = llm.llm_engine.runner.executor.worker.model
     assert all(m.n_fused_shared and m.shared_experts is None for m in model.modules() if isinstance(m, MoE))
     assert model.lora_layers.shared and any(getattr(m, "fused_in_weight", None) is not None for m in model.modules())
     ctx = model.lora_layers.ctx
     r1, r2 = LoRARequest("one", 1, a1), LoRARequest("two", 2, a2)
-    for kernels in (True, False):
+    for kernels in (True, False) if not swaps else (True,):
         ctx.use_kernels = kernels
         got = _tokens(llm.generate(PROMPTS * 3, GREEDY, lora_request=[None] * 3 + [r1] * 3 + [r2] * 3,
                                    use_tqdm=False))
         assert got[:3] == want[0] and got[3:6] == want[1] and got[6:] == want[2], kernels
+    if swaps:  # a one-row step: o_proj / down_proj through the GEMV, then their adapters
+        from minke.lora.layers import LoRALinear
+
+        seen = []
+        plain = LoRALinear.plain_linear
+        monkeypatch.setattr(LoRALinear, "plain_linear", property(lambda self: seen.append(1) or plain.fget(self)))
+        one = llm.generate(PROMPTS[:1], GREEDY, lora_request=r1, use_tqdm=False)
+        assert _tokens(one) == want[1][:1] and seen
     for w in model.lora_layers.experts.values():  # the shared MLP's adapters sit in the folded experts' rows
         for stack in (w.gate_up_a, w.gate_up_b, w.down_a, w.down_b):
             assert stack[w.e: w.e_total].abs().sum() > 0 and stack[w.e_total + w.e: 2 * w.e_total].abs().sum() > 0

@@ -148,12 +148,21 @@ class LoRALinear:
         return super().forward(x)
 
     def forward(self, x):
-        y = super().forward(x)
+        return self.add_lora(x, super().forward(x))
+
+    def add_lora(self, x, y):
+        """y (this projection's base output for x) += the rows' adapters, in place; returns y. The GPU build's
+        one-row GEMV (runner/gpu_kernels.py GemvProjections) computes y itself and calls this."""
         ctx = self.lora_ctx
         if ctx.active:
             x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
             ctx.apply(x2, y2, self.lora.a, self.lora.b, ctx.slots(x2.shape[0]))
         return y
+
+    @property
+    def plain_linear(self) -> bool:
+        """Over a bias-free nn.Linear (what GemvProjections computes itself)."""
+        return type(self).__bases__[-1] is nn.Linear and self.bias is None
 
 
 class LoRAFusedInput:

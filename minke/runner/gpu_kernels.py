@@ -12,6 +12,7 @@ from torch import nn
 from ..models.attention import Attention, MLAttention
 from ..models.layers import MLP, RMSNorm
 from ..models.moe import Experts, MoE, Router, RouterOutput
+from ..lora.layers import LoRALinear
 
 
 def swap_in(module: nn.Module, mixin: type) -> None:
@@ -95,6 +96,8 @@ class GemvProjections:
     def _apply_linear(self, linear: nn.Module, x):
         if type(linear) is nn.Linear and linear.bias is None:
             return self._linear(x, linear.weight)
+        if isinstance(linear, LoRALinear) and linear.plain_linear:  # served adapters: the GEMV, then their deltas
+            return linear.add_lora(x, self._linear(x, linear.weight))
         return linear(x)
 
 
