@@ -207,3 +207,23 @@ def test_shrink_expand_equals_references(dtype, a_grouped, b_grouped):
     assert torch.equal(y[:, n:], y0[:, n:])
     plain = ia < 0
     assert torch.equal(y[plain], y0[plain])
+
+
+@needs_triton
+def test_fused_moe_with_lora_on_fp8_experts():
+    """fp8 expert weights (row scales on the sums) with adapters: the deltas are added after the scales, as the
+    torch path computes with the widened weights."""
+    from minke.kernels.fp8_quant import quantize_rows_fp8_ref
+    from minke.kernels.fused_moe import fused_moe
+    from minke.kernels.lora import fused_moe_lora_ref
+
+    x, w13, w2, ids, wts, (gua, gub, da, db), slot, MoELoRA = _moe_case(9, 2, 4, 32, 32, 2, 16, torch.float32)
+    q13, s13 = quantize_rows_fp8_ref(w13.flatten(0, 1))
+    q2, s2 = quantize_rows_fp8_ref(w2.flatten(0, 1))
+    q13, s13, q2, s2 = q13.view_as(w13), s13.view(4, -1), q2.view_as(w2), s2.view(4, -1)
+    lora = MoELoRA(slot.to(DEVICE), gua.to(DEVICE), gub.to(DEVICE), da.to(DEVICE), db.to(DEVICE))
+    got = fused_moe(x.to(DEVICE), q13.to(DEVICE), q2.to(DEVICE), wts.to(DEVICE), ids.to(DEVICE),
+                    w13_scale=s13.to(DEVICE), w2_scale=s2.to(DEVICE), lora=lora)
+    ref = fused_moe_lora_ref(x, q13.float() * s13[..., None], q2.float() * s2[..., None], wts, ids,
+                             MoELoRA(slot, gua, gub, da, db, use_kernels=False))
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
