@@ -48,3 +48,19 @@ def test_linear_dispatch_and_configs():
     x, w = torch.randn(1, 8), torch.randn(4, 8)
     assert torch.equal(linear(x, w), F.linear(x, w))
     assert gemv_config(2048, 2048)["BLOCK_N"] == 4 and gemv_config(3648, 2048)["BLOCK_N"] == 8
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_with_extra_rows(dtype):
+    """extra: a second matrix's rows in the same launch (LoRA's shrink over every slot's A), returned in fp32."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 300, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(40, 300, generator=g) * 0.05).to(dtype).to(DEVICE)
+    e = (torch.randn(3, 10, 300, generator=g) * 0.05).to(dtype).to(DEVICE)  # [S, R, K] stacked, rows S*R
+    y, h = gemv(x, w, extra=e.flatten(0, 1))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert h.dtype == torch.float32 and h.shape == (1, 30)
+    torch.testing.assert_close(y.float(), gemv_ref(x.float(), w.float()), rtol=tol, atol=tol)
+    torch.testing.assert_close(h, gemv_ref(x.float(), e.flatten(0, 1).float()), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gemv(x, w), y, rtol=0, atol=0)  # w's rows are computed as without extra

@@ -227,3 +227,21 @@ def test_fused_moe_with_lora_on_fp8_experts():
     ref = fused_moe_lora_ref(x, q13.float() * s13[..., None], q2.float() * s2[..., None], wts, ids,
                              MoELoRA(slot, gua, gub, da, db, use_kernels=False))
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expand_of_every_slots_h(dtype):
+    """slotted: h of every slot per row ([1, M, S*R], the one-row GEMV's extra rows): each row expands its own
+    slot's columns."""
+    tokens, k, n, S, r = 4, 48, 40, 3, 8
+    x, a, b, slots = _slots_case(tokens, k, n, S, r, 1, dtype, seed=3)
+    x, a, b, slots = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), slots.to(DEVICE)
+    h_all = (x.float() @ a.float().flatten(0, 1).t())[None]  # [1, M, S*R]
+    idx = lora_row_index(slots, tokens)
+    y0 = torch.randn(tokens, n).to(DEVICE, dtype)
+    want = lora_expand_ref(y0.clone(), lora_shrink_ref(x, a, idx), b, idx)
+    y = lora_expand(y0.clone(), h_all, b, slots, slotted=True)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, want, **tol)
+    assert torch.equal(y[idx < 0], y0[idx < 0])

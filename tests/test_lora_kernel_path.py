@@ -113,14 +113,24 @@ def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch, swaps):
         got = _tokens(llm.generate(PROMPTS * 3, GREEDY, lora_request=[None] * 3 + [r1] * 3 + [r2] * 3,
                                    use_tqdm=False))
         assert got[:3] == want[0] and got[3:6] == want[1] and got[6:] == want[2], kernels
-    if swaps:  # a one-row step: o_proj / down_proj through the GEMV, then their adapters
-        from minke.lora.layers import LoRALinear
+    if swaps:  # one-row steps: the GEMV (here on CPU, interpreted) with every slot's A as extra rows
+        import minke.kernels.gemv as gemv_mod
 
-        seen = []
-        plain = LoRALinear.plain_linear
-        monkeypatch.setattr(LoRALinear, "plain_linear", property(lambda self: seen.append(1) or plain.fget(self)))
+        def cpu_gemv_applies(x, w):
+            return x.dim() == 2 and x.shape[0] <= gemv_mod.GEMV_MAX_ROWS and x.stride(1) == 1 and w.stride(1) == 1
+
+        extra_rows = []
+        gemv = gemv_mod.gemv
+
+        def counted_gemv(x, w, config=None, extra=None):
+            extra_rows.append(0 if extra is None else extra.shape[0])
+            return gemv(x, w, config, extra=extra)
+
+        monkeypatch.setattr(gemv_mod, "gemv_applies", cpu_gemv_applies)
+        monkeypatch.setattr(gemv_mod, "gemv", counted_gemv)
         one = llm.generate(PROMPTS[:1], GREEDY, lora_request=r1, use_tqdm=False)
-        assert _tokens(one) == want[1][:1] and seen
+        assert _tokens(one) == want[1][:1]
+        assert len(set(extra_rows) - {0}) >= 2, extra_rows  # o_proj / down_proj (S*R) and the fused input (S*2R)
     for w in model.lora_layers.experts.values():  # the shared MLP's adapters sit in the folded experts' rows
         for stack in (w.gate_up_a, w.gate_up_b, w.down_a, w.down_b):
             assert stack[w.e: w.e_total].abs().sum() > 0 and stack[w.e_total + w.e: 2 * w.e_total].abs().sum() > 0

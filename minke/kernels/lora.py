@@ -160,7 +160,8 @@ if HAS_TRITON:
     def _expand_kernel(hp_ptr, b_ptr, y_ptr, slot_ptr, M, N, R, S, G, slot_div,
                        stride_hs, stride_hm, stride_bl, stride_bn, stride_ym,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
-                       HEADS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                       HEADS: tl.constexpr, SLOTTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       UPCAST: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs = tl.arange(0, BLOCK_M)
@@ -177,7 +178,11 @@ if HAS_TRITON:
             offs_r = tl.arange(0, BLOCK_R)
             n_mask = offs_n < N
             r_mask = offs_r < R
-            h = lora_h_tile(hp_ptr, rows, used, offs_r, r_mask, stride_hs, stride_hm, SPLIT)
+            if SLOTTED:  # hp [1, M, S*R]: every slot's h, this row's at columns slot*R (the GEMV's extra rows)
+                h = tl.load(hp_ptr + rows[:, None].to(tl.int64) * stride_hm + (tl.maximum(slot, 0) * R)[:, None]
+                            + offs_r[None, :], mask=used[:, None] & r_mask[None, :], other=0.0)
+            else:
+                h = lora_h_tile(hp_ptr, rows, used, offs_r, r_mask, stride_hs, stride_hm, SPLIT)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc = lora_add_delta(acc, h, slot, b_ptr, S, G, g, offs_n, n_mask, offs_r, r_mask, stride_bl, stride_bn,
                                  DOT_PRECISION, UPCAST)
@@ -337,18 +342,22 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, slot_div:
 
 
 def lora_expand(y: torch.Tensor, hp: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, slot_div: int = 1,
-                groups: int = 1) -> torch.Tensor:
+                groups: int = 1, slotted: bool = False) -> torch.Tensor:
     """y [M, N] (unit last stride; a column slice of a wider tensor is fine) += (sum_s hp[s]) @ b[idx]^T with
     idx = slots[m // slot_div] * groups + m % groups, for rows with an adapter; hp [SPLIT, M, R] fp32 (lora_shrink's
-    partials, or a view of their rank columns: unit last stride), b [S*groups, N, R] (unit last stride). In place,
-    returns y."""
+    partials, or a view of their rank columns: unit last stride), b [S*groups, N, R] (unit last stride). slotted:
+    hp is [1, M, S*R], every slot's h for each row (gemv(..., extra=A.flatten(0, 1))); the row's own slot's R
+    columns are used (groups 1). In place, returns y."""
     if not HAS_TRITON:
         raise RuntimeError("lora_expand: triton is not installed; use lora_expand_ref")
     m, n = y.shape
     _check_groups(b, groups, "lora_expand")
-    if hp.dim() != 3 or hp.shape[1] != m or hp.shape[2] != b.shape[2] or hp.dtype != torch.float32:
-        raise ValueError(f"lora_expand: hp must be fp32 [SPLIT, {m}, {b.shape[2]}] (lora_shrink's partials), got "
-                         f"{hp.dtype} {tuple(hp.shape)}")
+    want_r = b.shape[0] * b.shape[2] if slotted else b.shape[2]
+    if hp.dim() != 3 or hp.shape[1] != m or hp.shape[2] != want_r or hp.dtype != torch.float32 or \
+            (slotted and (hp.shape[0] != 1 or groups != 1)):
+        raise ValueError(f"lora_expand: hp must be fp32 [{'1' if slotted else 'SPLIT'}, {m}, {want_r}] "
+                         f"({'every slot' if slotted else 'lora_shrink'}'s partials{', groups 1' if slotted else ''}), "
+                         f"got {hp.dtype} {tuple(hp.shape)}")
     if b.shape[1] != n:
         raise ValueError(f"lora_expand: b must be [L, {n}, R], got {tuple(b.shape)}")
     if groups > 1 and (m % groups or slot_div != groups):
@@ -368,7 +377,8 @@ def lora_expand(y: torch.Tensor, hp: torch.Tensor, b: torch.Tensor, slots: torch
     _expand_kernel[grid](hp, b, y, slots, m, n, R, b.shape[0] // groups, groups, slot_div,
                          hp.stride(0), hp.stride(1), b.stride(0), b.stride(1), y.stride(0),
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=lora_block_r(R), SPLIT=hp.shape[0],
-                         HEADS=groups > 1, DOT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
+                         HEADS=groups > 1, SLOTTED=slotted,
+                         DOT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
                          UPCAST=needs_dot_upcast(_expand_kernel, b.dtype), num_warps=4)
     return y
 

@@ -164,6 +164,28 @@ class LoRALinear:
         """Over a bias-free nn.Linear (what GemvProjections computes itself)."""
         return type(self).__bases__[-1] is nn.Linear and self.bias is None
 
+    def gemv_forward(self, x):
+        """The GPU build's one-row path (runner/gpu_kernels.py GemvProjections, for plain_linear): the GEMV, with
+        every slot's A as extra rows of the same launch (the shrink: S*R rows more, ~3% of the weight's bytes),
+        then one expand of the row's slot; larger steps: linear() and add_lora."""
+        from ..kernels.gemv import linear
+
+        y = one_row_lora(self.lora_ctx, x, self.weight, self.lora.a, self.lora.b)
+        return y if y is not None else self.add_lora(x, linear(x, self.weight))
+
+
+def one_row_lora(ctx: LoRAContext, x, w, a, b):
+    """x [1, K] @ w^T plus the row's adapter in two launches (gemv with a's rows as extra rows, expand of the row's
+    slot), or None when that path does not apply (eager steps without adapters, the torch path, more rows, a
+    non-contiguous A such as one part of a stacked shrink)."""
+    from ..kernels.gemv import gemv, gemv_applies
+
+    if not (ctx.active and ctx.use_kernels and gemv_applies(x, w) and a.is_contiguous() and x.dtype == a.dtype):
+        return None
+    y, h = gemv(x, w, extra=a.flatten(0, 1))  # [1, N], [1, S*R] fp32: every slot's h
+    lora_expand(y, h.unsqueeze(0), b, ctx.slots(x.shape[0]), slotted=True)
+    return y
+
 
 class LoRAFusedInput:
     """Mixin for attention modules whose input projections run as one GEMM (fuse_input_projections: q / q_a and
@@ -171,12 +193,17 @@ class LoRAFusedInput:
     fused output, so the fusion stays with LoRA enabled."""
 
     def _linear(self, x, w):
-        y = super()._linear(x, w)
         ctx = self.lora_ctx
+        stacked = getattr(self, "lora_stacked", None)  # (A [S, n*R, D], block-diagonal B [S, sum outs, n*R])
+        if getattr(self, "one_row_gemv", False) and w is self.fused_in_weight and stacked is not None \
+                and stacked[1].shape[1] == w.shape[0]:  # the GPU build's one-row GEMV: the shrink rides along
+            y = one_row_lora(ctx, x, w, *stacked)
+            if y is not None:
+                return y
+        y = super()._linear(x, w)
         if ctx.active and w is self.fused_in_weight:
             x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
             idx, start = ctx.slots(x2.shape[0]), 0
-            stacked = getattr(self, "lora_stacked", None)  # (A [S, n*R, D], block-diagonal B [S, sum outs, n*R])
             if stacked is not None and stacked[1].shape[1] == y2.shape[1]:
                 ctx.apply(x2, y2, *stacked, idx)  # one shrink, one expand for all the parts
                 return y

@@ -88,6 +88,8 @@ class GemvProjections:
     1.1-3.2 us less than cuBLAS each on an H200); other sizes keep F.linear. Other modules (Fp8Linear) keep their
     own forward."""
 
+    one_row_gemv = True  # LoRA's fused input projection runs its shrink inside this GEMV (lora/layers.py)
+
     def _linear(self, x, w):
         from ..kernels.gemv import linear
 
@@ -97,7 +99,7 @@ class GemvProjections:
         if type(linear) is nn.Linear and linear.bias is None:
             return self._linear(x, linear.weight)
         if isinstance(linear, LoRALinear) and linear.plain_linear:  # served adapters: the GEMV, then their deltas
-            return linear.add_lora(x, self._linear(x, linear.weight))
+            return linear.gemv_forward(x)
         return linear(x)
 
 
