@@ -76,12 +76,17 @@ if _HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         pid_n = tl.program_id(1)
         tiles = tl.cdiv(N, BLOCK_N)
-        if HAS_EXTRA and pid_n >= tiles:  # the programs past w's tiles take e's rows
-            offs = (pid_n - tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-            _gemv_rows(x_ptr, e_ptr, h_ptr, row, offs, N2, K, stride_xm, stride_en, stride_hm, BLOCK_N, BLOCK_K)
+        offs = tl.arange(0, BLOCK_N)
+        if HAS_EXTRA:
+            if pid_n >= tiles:  # the programs past w's tiles take e's rows
+                _gemv_rows(x_ptr, e_ptr, h_ptr, row, (pid_n - tiles) * BLOCK_N + offs, N2, K, stride_xm, stride_en,
+                           stride_hm, BLOCK_N, BLOCK_K)
+            else:
+                _gemv_rows(x_ptr, w_ptr, y_ptr, row, pid_n * BLOCK_N + offs, N, K, stride_xm, stride_wn, stride_ym,
+                           BLOCK_N, BLOCK_K)
         else:
-            offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            _gemv_rows(x_ptr, w_ptr, y_ptr, row, offs, N, K, stride_xm, stride_wn, stride_ym, BLOCK_N, BLOCK_K)
+            _gemv_rows(x_ptr, w_ptr, y_ptr, row, pid_n * BLOCK_N + offs, N, K, stride_xm, stride_wn, stride_ym,
+                       BLOCK_N, BLOCK_K)
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

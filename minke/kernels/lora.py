@@ -18,6 +18,10 @@ launch): the consumer (expand, or the fused MoE's grouped GEMM epilogue, which a
 the experts' deltas never go through HBM) sums the SPLIT slices as it loads h. Rows without an adapter get zero
 partials. Indices are only read in device memory, so the kernels run inside CUDA graphs with new indices at replay.
 
+Also here: lora_shrink_expand (shrink and expand in one launch for K <= 512: MLA absorbed decode), lora_expand's
+slotted form (h of every slot per row, from the one-row GEMV's extra rows: kernels/gemv.py), lora_shrink_moe (the
+routed experts' shrink over moe_align's expert-sorted tiles).
+
 The torch references beside them (lora_shrink_ref / lora_expand_ref, with an explicit index per row, and
 lora_row_index giving the kernels' index of each row) are the model's torch path on CPU.
 """
