@@ -83,8 +83,9 @@ def test_kernel_path_tokens_equal_the_merged_model(tmp_path, monkeypatch, varian
 @pytest.mark.skipif(not HAS_TRITON or (not torch.cuda.is_available()
                                        and type(_shrink_kernel).__name__ != "InterpretedFunction"),
                     reason="needs triton (its interpreter on CPU: TRITON_INTERPRET=1 before triton's import)")
-@pytest.mark.parametrize("swaps", [False, True])
-def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch, swaps):
+@pytest.mark.parametrize("variant,swaps", [("deepseek_v2_lite", False), ("deepseek_v2_lite", True),
+                                           ("deepseek", True)])
+def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch, variant, swaps):
     """The GPU build with LoRA on CPU (model_builder: fused input projections, shared experts folded into the
     routed stacks with their adapters in the folded experts' rows; swaps: every GPU kernel swap too, run by Triton's
     interpreter: the one-row GEMV before o_proj's / down_proj's adapters, deferred MoE slot sums, fused router and
@@ -94,7 +95,6 @@ def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch, swaps):
     from minke.models.moe import MoE
 
     assets = LoRAAssets(tmp_path)
-    variant = "deepseek_v2_lite"
     base = assets(variant)
     a1, merged1 = assets.adapter(variant, seed=1)
     a2, merged2 = assets.adapter(variant, seed=2)
