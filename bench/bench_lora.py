@@ -4,7 +4,8 @@ shapes with dummy weights and random adapters on every adaptable module (attenti
 shared MLPs, routed experts), CUDA graphs on. Targets: batch 32 >= 80% of base, batch 1 >= 85%.
 
     python bench/bench_lora.py                                   # v2-lite and llm-7b on the GPU
-    python bench/bench_lora.py --shape tiny --device cpu --dtype float32 --prompt-len 16 --new-tokens 4   # smoke
+    python bench/bench_lora.py --shape tiny --device cpu --dtype float32 --prompt-len 16 --new-tokens 4 \
+        --max-model-len 512                                      # CPU smoke (the tiny config has 1,024 positions)
 
 Each engine runs in its own subprocess (one model on the GPU at a time); the parent prints one JSON line per
 shape and the ratios.

@@ -180,3 +180,21 @@ def test_model_mlp_through_the_kernels(monkeypatch, fp8):
         with torch.no_grad():
             torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-6)
     assert calls == [1, 5]  # 12 rows: one GEMM + SiLU·mul
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_with_extra_rows(dtype, m):
+    """extra: a second matrix's rows in the same launch (LoRA's shrink over every slot's A), returned in fp32; with
+    several rows too (the few-row program blocks)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(m, 300, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(40, 300, generator=g) * 0.05).to(dtype).to(DEVICE)
+    e = (torch.randn(3, 10, 300, generator=g) * 0.05).to(dtype).to(DEVICE)  # [S, R, K] stacked, rows S*R
+    y, h = gemv(x, w, extra=e.flatten(0, 1))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert h.dtype == torch.float32 and h.shape == (m, 30)
+    torch.testing.assert_close(y.float(), gemv_ref(x.float(), w.float()), rtol=tol, atol=tol)
+    torch.testing.assert_close(h, gemv_ref(x.float(), e.flatten(0, 1).float()), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gemv(x, w), y, rtol=0, atol=0)  # w's rows are computed as without extra

@@ -6,7 +6,7 @@ import torch
 
 import minke.kernels.lora as _kmod
 from conftest import kernel_test_setup
-from minke.kernels.lora import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+from minke.kernels.lora import lora_expand, lora_expand_ref, lora_row_index, lora_shrink, lora_shrink_ref
 
 DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._shrink_kernel)
 
@@ -43,27 +43,72 @@ def test_reference_pairs_read_token_rows():
         torch.testing.assert_close(h[m].double(), want)
 
 
+def test_row_index():
+    """lora_row_index: row m uses slots[m // slot_div] * groups + m % groups, -1 for tokens without an adapter."""
+    slots = torch.tensor([2, -1, 0], dtype=torch.int32)
+    assert lora_row_index(slots, 3).tolist() == [2, -1, 0]
+    assert lora_row_index(slots, 6, slot_div=2, groups=2).tolist() == [4, 5, -1, -1, 0, 1]
+    assert lora_row_index(slots, 6, slot_div=2).tolist() == [2, 2, -1, -1, 0, 0]
+
+
+def _slots_case(tokens, k, n, S, r, groups, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens * groups, k, generator=g).to(dtype)
+    a = (torch.randn(S * groups, r, k, generator=g) * 0.1).to(dtype)
+    b = (torch.randn(S * groups, n, r, generator=g) * 0.1).to(dtype)
+    slots = torch.randint(-1, S, (tokens + 3,), generator=g, dtype=torch.int32)  # longer than the step (the buffer)
+    return x, a, b, slots
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,k,n,L,r,row_div", [(1, 64, 48, 2, 16, 1), (37, 100, 130, 4, 8, 1),
-                                               (6, 72, 40, 5, 16, 3), (0, 32, 32, 2, 16, 1)])
-def test_kernels_equal_references(dtype, m, k, n, L, r, row_div):
-    x, a, b, idx = _case(m, k, n, L, r, dtype, row_div)
-    x, a, b, idx = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), idx.to(DEVICE)
-    rows = m * row_div
-    h_ref = lora_shrink_ref(x, a, idx, row_div)
-    h = lora_shrink(x, a, idx, row_div)
-    used = idx[:rows] >= 0
+@pytest.mark.parametrize("tokens,k,n,S,r,groups,split", [(1, 64, 48, 2, 16, 1, None), (37, 100, 130, 4, 8, 1, None),
+                                                         (5, 300, 40, 3, 16, 1, 2), (5, 300, 40, 3, 16, 1, 4),
+                                                         (3, 40, 24, 2, 8, 4, None), (0, 32, 32, 2, 16, 1, None)])
+def test_kernels_equal_references(dtype, tokens, k, n, S, r, groups, split):
+    """shrink's partials sum to the reference h (zeros where no adapter), whatever the split (split 4 over 3 K
+    chunks leaves one empty); expand adds into a column slice and leaves everything else bit-exact. groups > 1:
+    MLA's per-(token, head) rows (slot_div = groups)."""
+    x, a, b, slots = _slots_case(tokens, k, n, S, r, groups, dtype)
+    x, a, b, slots = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), slots.to(DEVICE)
+    rows = tokens * groups
+    idx = lora_row_index(slots, rows, groups, groups)
+    h_ref = lora_shrink_ref(x, a, idx)
+    hp = lora_shrink(x, a, slots, slot_div=groups, groups=groups, split=split)
+    if split is not None:
+        assert hp.shape[0] == split
+    h = hp.sum(0)
+    used = idx >= 0
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(h[used], h_ref[used], **tol)
+    assert not h[~used].any()
     y0 = torch.randn(rows, n + 8).to(DEVICE, dtype)  # a column slice of a wider output: the fused-projection case
     y_ref = lora_expand_ref(y0[:, 4 : 4 + n].clone(), h_ref, b, idx)
     y = y0.clone()
-    lora_expand(y[:, 4 : 4 + n], h_ref, b, idx)
+    lora_expand(y[:, 4 : 4 + n], hp, b, slots, slot_div=groups, groups=groups)
     torch.testing.assert_close(y[:, 4 : 4 + n], y_ref, **tol)
     torch.testing.assert_close(y[:, :4], y0[:, :4], rtol=0, atol=0)  # nothing outside the slice is touched
     torch.testing.assert_close(y[:, 4 + n :], y0[:, 4 + n :], rtol=0, atol=0)
     assert torch.equal(y[~used], y0[~used])  # rows without an adapter keep their values exactly
+
+
+@needs_triton
+def test_per_head_shrink_then_per_token_expand():
+    """MLA absorbed decode's q side: shrink with a per-head A (groups H), expand with one B per token (slot_div H),
+    and a rank-columns view of wider partials (two projections' A stacked in one shrink)."""
+    tokens, heads, k, n, S, r = 3, 4, 32, 40, 2, 8
+    x, a, _, slots = _slots_case(tokens, k, n, S, r, heads, torch.float32, seed=1)
+    b = torch.randn(S, n, r) * 0.1
+    x, a, b, slots = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), slots.to(DEVICE)
+    rows = tokens * heads
+    hp = lora_shrink(x, a, slots, slot_div=heads, groups=heads)
+    y0 = torch.randn(rows, n, device=DEVICE)
+    want = lora_expand_ref(y0.clone(), lora_shrink_ref(x, a, lora_row_index(slots, rows, heads, heads)), b,
+                           lora_row_index(slots, rows, heads))
+    torch.testing.assert_close(lora_expand(y0.clone(), hp, b, slots, slot_div=heads), want, rtol=1e-4, atol=1e-4)
+    wide = torch.cat([torch.zeros_like(hp), hp], dim=2)  # [SPLIT, rows, 2r]: this projection's columns r..2r
+    torch.testing.assert_close(lora_expand(y0.clone(), wide[:, :, r:], b, slots, slot_div=heads), want,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_bad_shapes_are_named():
@@ -85,9 +130,8 @@ def _moe_case(t, k, e, d, inter, L_slots, r, dtype, seed=0):
     L = L_slots * e
     st = [(torch.randn(L, r, d, generator=g) * 0.2).to(dtype), (torch.randn(L, 2 * inter, r, generator=g) * 0.2).to(dtype),
           (torch.randn(L, r, inter, generator=g) * 0.2).to(dtype), (torch.randn(L, d, r, generator=g) * 0.2).to(dtype)]
-    slot = torch.randint(-1, L_slots, (t,), generator=g)
-    pair = torch.where(slot[:, None] >= 0, slot[:, None] * e + ids.long(), -1).reshape(-1).to(torch.int32)
-    return x, w13, w2, ids, wts, st, slot, pair, MoELoRA
+    slot = torch.randint(-1, L_slots, (t,), generator=g, dtype=torch.int32)
+    return x, w13, w2, ids, wts, st, slot, MoELoRA
 
 
 def test_moe_lora_reference_equals_merged_experts():
@@ -95,8 +139,8 @@ def test_moe_lora_reference_equals_merged_experts():
     from minke.kernels.fused_moe import moe_experts_torch
     from minke.kernels.lora import fused_moe_lora_ref
 
-    x, w13, w2, ids, wts, (gua, gub, da, db), slot, pair, MoELoRA = _moe_case(7, 2, 4, 24, 16, 3, 4, torch.float64)
-    out = fused_moe_lora_ref(x, w13, w2, wts, ids, MoELoRA(pair, gua, gub, da, db, use_kernels=False))
+    x, w13, w2, ids, wts, (gua, gub, da, db), slot, MoELoRA = _moe_case(7, 2, 4, 24, 16, 3, 4, torch.float64)
+    out = fused_moe_lora_ref(x, w13, w2, wts, ids, MoELoRA(slot, gua, gub, da, db, use_kernels=False))
     e = w13.shape[0]
     for i in range(7):
         s = int(slot[i])
@@ -112,15 +156,92 @@ def test_moe_lora_reference_equals_merged_experts():
 @needs_triton
 @pytest.mark.parametrize("t", [1, 9])
 def test_fused_moe_with_lora_equals_reference(t):
+    """The deltas computed inside the grouped GEMMs (shrink over the expert-sorted tiles, h @ B^T in the epilogue)
+    equal the torch reference; tokens without an adapter get exactly the base experts' output."""
     from minke.kernels.fused_moe import fused_moe
     from minke.kernels.lora import fused_moe_lora_ref
 
-    x, w13, w2, ids, wts, (gua, gub, da, db), slot, pair, MoELoRA = _moe_case(t, 2, 4, 32, 32, 2, 16, torch.float32)
+    x, w13, w2, ids, wts, (gua, gub, da, db), slot, MoELoRA = _moe_case(t, 2, 4, 32, 32, 2, 16, torch.float32)
     args = [v.to(DEVICE) for v in (x, w13, w2, wts, ids)]
-    lora = MoELoRA(pair.to(DEVICE), gua.to(DEVICE), gub.to(DEVICE), da.to(DEVICE), db.to(DEVICE))
+    lora = MoELoRA(slot.to(DEVICE), gua.to(DEVICE), gub.to(DEVICE), da.to(DEVICE), db.to(DEVICE))
     ref = fused_moe_lora_ref(args[0], args[1], args[2], args[3], args[4], lora)
     got = fused_moe(*args, lora=lora)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    only_down = MoELoRA(lora.pair_idx, down_a=lora.down_a, down_b=lora.down_b)
-    torch.testing.assert_close(fused_moe(*args, lora=only_down), fused_moe_lora_ref(*args, only_down),
-                               rtol=1e-4, atol=1e-4)
+    for part in (MoELoRA(lora.slots, down_a=lora.down_a, down_b=lora.down_b),
+                 MoELoRA(lora.slots, lora.gate_up_a, lora.gate_up_b)):
+        torch.testing.assert_close(fused_moe(*args, lora=part), fused_moe_lora_ref(*args, part),
+                                   rtol=1e-4, atol=1e-4)
+    base = fused_moe(*args)
+    none = torch.full_like(lora.slots, -1)
+    assert torch.equal(fused_moe(*args, lora=MoELoRA(none, gua.to(DEVICE), gub.to(DEVICE), da.to(DEVICE),
+                                                     db.to(DEVICE))), base)
+    plain = slot < 0
+    assert torch.equal(got[plain.to(DEVICE)], base[plain.to(DEVICE)])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("a_grouped,b_grouped", [(True, False), (False, True), (True, True), (False, False)])
+def test_shrink_expand_equals_references(dtype, a_grouped, b_grouped):
+    """One-launch y += (x A^T) B^T for small K (MLA absorbed decode's per-(token, head) rows): A and B each per head
+    (index slot * H + head) or per token (index slot); rows without an adapter untouched."""
+    from minke.kernels.lora import lora_shrink_expand
+
+    tokens, heads, k, n, S, r = 5, 3, 200, 40, 3, 8
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens * heads, k, generator=g).to(dtype)
+    a = (torch.randn(S * (heads if a_grouped else 1), r, k, generator=g) * 0.1).to(dtype)
+    b = (torch.randn(S * (heads if b_grouped else 1), n, r, generator=g) * 0.1).to(dtype)
+    slots = torch.randint(-1, S, (tokens + 2,), generator=g, dtype=torch.int32)
+    slots[0] = 1  # one token with an adapter at least
+    x, a, b, slots = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), slots.to(DEVICE)
+    rows = tokens * heads
+    ia = lora_row_index(slots, rows, heads, heads if a_grouped else 1)
+    ib = lora_row_index(slots, rows, heads, heads if b_grouped else 1)
+    y0 = torch.randn(rows, n + 4).to(DEVICE, dtype)
+    want = lora_expand_ref(y0[:, :n].clone(), lora_shrink_ref(x, a, ia), b, ib)
+    y = y0.clone()
+    lora_shrink_expand(y[:, :n], x, a, b, slots, heads, a_grouped, b_grouped)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y[:, :n], want, **tol)
+    assert torch.equal(y[:, n:], y0[:, n:])
+    plain = ia < 0
+    assert torch.equal(y[plain], y0[plain])
+
+
+@needs_triton
+def test_fused_moe_with_lora_on_fp8_experts():
+    """fp8 expert weights (row scales on the sums) with adapters: the deltas are added after the scales, as the
+    torch path computes with the widened weights."""
+    from minke.kernels.fp8_quant import quantize_rows_fp8_ref
+    from minke.kernels.fused_moe import fused_moe
+    from minke.kernels.lora import fused_moe_lora_ref
+
+    x, w13, w2, ids, wts, (gua, gub, da, db), slot, MoELoRA = _moe_case(9, 2, 4, 32, 32, 2, 16, torch.float32)
+    q13, s13 = quantize_rows_fp8_ref(w13.flatten(0, 1))
+    q2, s2 = quantize_rows_fp8_ref(w2.flatten(0, 1))
+    q13, s13, q2, s2 = q13.view_as(w13), s13.view(4, -1), q2.view_as(w2), s2.view(4, -1)
+    lora = MoELoRA(slot.to(DEVICE), gua.to(DEVICE), gub.to(DEVICE), da.to(DEVICE), db.to(DEVICE))
+    got = fused_moe(x.to(DEVICE), q13.to(DEVICE), q2.to(DEVICE), wts.to(DEVICE), ids.to(DEVICE),
+                    w13_scale=s13.to(DEVICE), w2_scale=s2.to(DEVICE), lora=lora)
+    ref = fused_moe_lora_ref(x, q13.float() * s13[..., None], q2.float() * s2[..., None], wts, ids,
+                             MoELoRA(slot, gua, gub, da, db, use_kernels=False))
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expand_of_every_slots_h(dtype):
+    """slotted: h of every slot per row ([1, M, S*R], the one-row GEMV's extra rows): each row expands its own
+    slot's columns."""
+    tokens, k, n, S, r = 4, 48, 40, 3, 8
+    x, a, b, slots = _slots_case(tokens, k, n, S, r, 1, dtype, seed=3)
+    x, a, b, slots = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), slots.to(DEVICE)
+    h_all = (x.float() @ a.float().flatten(0, 1).t())[None]  # [1, M, S*R]
+    idx = lora_row_index(slots, tokens)
+    y0 = torch.randn(tokens, n).to(DEVICE, dtype)
+    want = lora_expand_ref(y0.clone(), lora_shrink_ref(x, a, idx), b, idx)
+    y = lora_expand(y0.clone(), h_all, b, slots, slotted=True)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, want, **tol)
+    assert torch.equal(y[idx < 0], y0[idx < 0])

@@ -16,6 +16,11 @@ Pipeline (the vLLM / SGLang `fused_moe` design):
   4. Sum over the K slots of each token (torch; fp32 accumulation inside torch.sum).
 All matmuls accumulate in fp32; the activation and the per-slot outputs are stored in x.dtype (as vLLM does).
 
+LoRA (lora=, kernels/lora.py MoELoRA): per-(token, slot) adapters of the experts. Before each GEMM one shrink over
+the same expert-sorted tiles gives h = x A^T (rank R, [SPLIT, T*K, R] fp32 partials); the GEMM's epilogue adds
+h @ B^T for its tile's columns (one small dot per adapter slot in the tile) before silu / the routing weight, so
+the [T*K, 2I] delta never goes through HBM.
+
 FP8 weights (`--quantization fp8`, runner/quantization.py): w13 / w2 may be float8_e4m3fn with one fp32 scale per
 output row (w13_scale [E, 2I], w2_scale [E, D]). Tiles are loaded as fp8 (half the bytes: decode is weight-bandwidth
 bound), widened to x.dtype in registers (exact: every e4m3 value is a bf16 / fp16 / fp32 value) and the row scale
@@ -48,6 +53,7 @@ from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
 from .fp8_quant import quantize_rows_fp8, quantize_rows_fp8_ref, scaled_linear_torch
+from .lora import lora_block_r, lora_shrink_moe
 from .moe_align import moe_align_block_size, moe_align_block_size_ref  # noqa: F401  (re-exported)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -299,6 +305,7 @@ def _validate_config(config: dict) -> dict:
 
 
 if _HAS_TRITON:
+    from .lora import lora_add_delta, lora_h_tile  # jit helpers of the LoRA epilogue
 
     # num_pairs and EM change with every step's token count: not specialised on (Triton would compile a variant
     # per divisibility-by-16 pattern, ~1 s each, in the middle of serving prefills of odd lengths).
@@ -310,7 +317,9 @@ if _HAS_TRITON:
         b_scale_ptr,  # HAS_SCALE: [E, rows of b] fp32 scale per weight row (fp8 b); else unused
         a_scale_ptr,  # A_FP8: [rows of a] fp32 scale per activation row (fp8 a); else unused
         topk_w_ptr,  # [T*K] fp32 routing weights (GEMM2)
-        add_ptr,  # HAS_ADD: [T*K, N] (GEMM1: [T*K, 2N], gate then up) added to the sums before the epilogue (LoRA)
+        lora_h_ptr,  # HAS_LORA: [SPLIT, T*K, R] fp32 shrink partials of each pair (kernels/lora.py lora_shrink_moe)
+        lora_b_ptr,  # HAS_LORA: B stacks [S*E, N, R] (GEMM1: [S*E, 2N, R], gate rows then up), index slot * E + e
+        lora_slot_ptr,  # HAS_LORA: [T] int32 adapter slot of each token, -1 = none
         sorted_ids_ptr,  # [EM] int32 pair ids grouped by expert, padding = num_pairs
         expert_ids_ptr,  # [EM // BLOCK_M] int32
         num_post_ptr,  # [1] int32 rows in use
@@ -327,7 +336,14 @@ if _HAS_TRITON:
         stride_cm,
         stride_cn,
         stride_se,  # b_scale's expert stride
-        stride_addm,
+        lora_S,  # adapter slots
+        lora_E,  # experts in the B stacks (index slot * lora_E + expert)
+        lora_R,  # the stacks' rank
+        lora_top_k,  # token of a pair = pair // lora_top_k
+        stride_lhs,
+        stride_lhm,
+        stride_lbl,
+        stride_lbn,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -338,7 +354,9 @@ if _HAS_TRITON:
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
         HAS_SCALE: tl.constexpr,  # b is fp8 with a scale per row: widen tiles to a's dtype, scale the outputs
         A_FP8: tl.constexpr,  # with HAS_SCALE: a is fp8 too (a scale per row): fp8 x fp8 dots, nothing widened
-        HAS_ADD: tl.constexpr,  # add_ptr holds per-pair terms to add before silu / the routing weight (LoRA deltas)
+        HAS_LORA: tl.constexpr,  # add each pair's adapter delta h @ B^T before silu / the routing weight
+        LORA_BLOCK_R: tl.constexpr,
+        LORA_SPLIT: tl.constexpr,  # partial slices in lora_h
     ):
         # Grouped tile order (as in the Triton matmul tutorial): GROUP_M row tiles walk the N tiles together, so
         # the expert weight tiles they share stay in L2.
@@ -401,12 +419,20 @@ if _HAS_TRITON:
                 acc = acc * a_s
                 if FUSE_SILU_MUL:
                     acc_up = acc_up * a_s
-            if HAS_ADD:  # the adapters' deltas of this pair (kernels/lora.py), before the nonlinearity / weight
-                add_ptrs = add_ptr + pair[:, None].to(tl.int64) * stride_addm + offs_n[None, :]
-                add_mask = row_mask[:, None] & mask_n[None, :]
-                acc += tl.load(add_ptrs, mask=add_mask, other=0.0).to(tl.float32)
-                if FUSE_SILU_MUL:
-                    acc_up += tl.load(add_ptrs + N, mask=add_mask, other=0.0).to(tl.float32)
+            if HAS_LORA:  # the adapters' deltas of this tile's pairs, before the nonlinearity / weight: the rank-R
+                # h (tiny) times this tile's columns of B, one small dot per slot present (kernels/lora.py)
+                lslot = tl.load(lora_slot_ptr + pair // lora_top_k, mask=row_mask, other=-1)  # [BLOCK_M]
+                lused = lslot >= 0
+                if tl.max(lused.to(tl.int32), axis=0) > 0:
+                    offs_r = tl.arange(0, LORA_BLOCK_R)
+                    r_mask = offs_r < lora_R
+                    lh = lora_h_tile(lora_h_ptr, pair, lused, offs_r, r_mask, stride_lhs, stride_lhm, LORA_SPLIT)
+                    acc = lora_add_delta(acc, lh, lslot, lora_b_ptr, lora_S, lora_E, expert, offs_n, mask_n, offs_r,
+                                         r_mask, stride_lbl, stride_lbn, DOT_PRECISION, UPCAST_DOT)
+                    if FUSE_SILU_MUL:
+                        acc_up = lora_add_delta(acc_up, lh, lslot, lora_b_ptr + N * stride_lbn, lora_S, lora_E,
+                                                expert, offs_n, mask_n, offs_r, r_mask, stride_lbl, stride_lbn,
+                                                DOT_PRECISION, UPCAST_DOT)
             if FUSE_SILU_MUL:
                 acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up, in fp32
             if MUL_ROUTED_WEIGHT:
@@ -419,19 +445,23 @@ if _HAS_TRITON:
 
 
 def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_pairs, a_row_div, cfg,
-                 fuse_silu_mul, mul_routed_weight, b_scale=None, a_scale=None, add=None):
+                 fuse_silu_mul, mul_routed_weight, b_scale=None, a_scale=None, lora=None):
+    """lora: None or (partials hp [SPLIT, T*K, R] fp32, B stacks [S*E, N or 2N, R], token slots [T] int32, top_k)."""
     EM = sorted_ids.shape[0]
+    hp, lb, lslots, top_k = lora if lora is not None else (c, c, sorted_ids, 1)
+    lora_args = ((lb.shape[0] // b.shape[0], b.shape[0], lb.shape[2], top_k, hp.stride(0), hp.stride(1),
+                  lb.stride(0), lb.stride(1)) if lora is not None else (1, 1, 1, 1, 0, 0, 0, 0))
     BM, BN = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
     grid = (triton.cdiv(EM, BM) * triton.cdiv(N, BN),)
     _moe_grouped_gemm_kernel[grid](
         a, b, c, b if b_scale is None else b_scale, a if a_scale is None else a_scale, topk_w,
-        c if add is None else add, sorted_ids, expert_ids, num_post,
+        hp, lb, lslots, sorted_ids, expert_ids, num_post,
         N, Kd, num_pairs, a_row_div, EM,
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), c.stride(1),
         0 if b_scale is None else b_scale.stride(0),
-        0 if add is None else add.stride(0),
+        *lora_args,
         BLOCK_M=BM,
         BLOCK_N=BN,
         BLOCK_K=cfg["BLOCK_SIZE_K"],
@@ -442,7 +472,9 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_p
         UPCAST_DOT=_needs_dot_upcast(_moe_grouped_gemm_kernel, a.dtype),
         HAS_SCALE=b_scale is not None,
         A_FP8=a_scale is not None,
-        HAS_ADD=add is not None,
+        HAS_LORA=lora is not None,
+        LORA_BLOCK_R=16 if lora is None else lora_block_r(lb.shape[2]),
+        LORA_SPLIT=1 if lora is None else hp.shape[0],
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )
@@ -507,15 +539,21 @@ def fused_moe(
     TK = T * K
     a1, a1_scale = quantize_rows_fp8(x) if act_fp8 else (x, None)  # [T, D] fp8 and [T] scales per token
     act = torch.empty(TK, I, dtype=x.dtype, device=x.device)  # silu(gate) * up per (token, slot) pair
-    gate_up_add = None if lora is None else lora.gate_up_delta(x, K)  # [TK, 2I] fp32 or None
+    bm = cfg["BLOCK_SIZE_M"]
+    gu_lora = down_lora = None  # (shrink partials [SPLIT, TK, R], B stacks, token slots, K) of each GEMM
+    if lora is not None and lora.gate_up_a is not None:  # shrinks read x / act in x.dtype (not the fp8 copies)
+        gu_lora = (lora_shrink_moe(x, lora.gate_up_a, lora.slots, K, K, sorted_ids, expert_ids, num_post, bm, E),
+                   lora.gate_up_b, lora.slots, K)
     _launch_gemm(a1, w13, act, topk_weights, sorted_ids, expert_ids, num_post, N=I, Kd=D, num_pairs=TK,
                  a_row_div=K, cfg=cfg, fuse_silu_mul=True, mul_routed_weight=False, b_scale=w13_scale,
-                 a_scale=a1_scale, add=gate_up_add)
-    down_add = None if lora is None else lora.down_delta(act)  # [TK, D] fp32 or None
+                 a_scale=a1_scale, lora=gu_lora)
+    if lora is not None and lora.down_a is not None:
+        down_lora = (lora_shrink_moe(act, lora.down_a, lora.slots, K, 1, sorted_ids, expert_ids, num_post, bm, E),
+                     lora.down_b, lora.slots, K)
     a2, a2_scale = quantize_rows_fp8(act) if act_fp8 else (act, None)  # [TK, I] fp8 and [TK] scales per pair
     per_slot = torch.empty(TK, D, dtype=x.dtype, device=x.device)  # weighted expert output per pair
     _launch_gemm(a2, w2, per_slot, topk_weights, sorted_ids, expert_ids, num_post, N=D, Kd=I, num_pairs=TK,
                  a_row_div=1, cfg=cfg, fuse_silu_mul=False, mul_routed_weight=True, b_scale=w2_scale,
-                 a_scale=a2_scale, add=down_add)
+                 a_scale=a2_scale, lora=down_lora)
     # Rows of per_slot are pair ids t*K + k, so the K slots of token t are contiguous.
     return per_slot.view(T, K, D).sum(dim=1) if reduce else per_slot.view(T, K, D)

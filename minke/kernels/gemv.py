@@ -22,6 +22,9 @@ Public API:
     linear(x, w, scale=None)           gemv for M <= GEMV_MAX_ROWS on CUDA, else F.linear; fp8 w: fp8_linear
     linear_silu_mul(x, w, scale=None)  gemv_silu_mul for M <= FEW_ROWS_MAX on CUDA, else GEMM + SiLU·mul
     GEMV_MAX_ROWS (plain projections), FEW_ROWS_MAX (fused MLP; fp8 in fp8_linear): the dispatchers' row limits
+    gemv(x, w, extra=e [N2, K]) -> ([M, N], [M, N2] fp32)   e's rows in the same launch (LoRA's shrink: the A's
+                                       of every adapter slot, a few hundred rows more; plain weights only)
+    gemv_applies(x, w)                 whether linear(x, w) takes the gemv
 """
 
 from __future__ import annotations
@@ -104,21 +107,40 @@ if _HAS_TRITON:
         w_up_ptr,  # SILU_MUL: [N, K] the up rows, w's strides (the gate_up weight's second half); else unused
         s_up_ptr,  # SILU_MUL and HAS_SCALE: [N] their scales; else unused
         y_ptr,  # [M, N] out
+        e_ptr,  # HAS_EXTRA: [N2, K] more rows (x.dtype, unit column stride); else unused
+        h_ptr,  # HAS_EXTRA: [M, N2] fp32 out; else unused
         M,
         N,  # output columns (silu_mul: I)
         K,
         stride_xm,
         stride_wn,
         stride_ym,
+        N2,
+        stride_en,
+        stride_hm,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         HAS_SCALE: tl.constexpr,
         SILU_MUL: tl.constexpr,
+        HAS_EXTRA: tl.constexpr,
     ):
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+        pid_n = tl.program_id(0)
         row0 = tl.program_id(1).to(tl.int64) * BLOCK_M
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        if HAS_EXTRA:
+            tiles = tl.cdiv(N, BLOCK_N)
+            if pid_n >= tiles:  # the programs past w's tiles take e's rows: fp32 sums into h (no scale, no act)
+                offs_e = (pid_n - tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+                mask_e = offs_e < N2
+                h = _row_block_sums(x_ptr, e_ptr, row0, M, offs_e, mask_e, K, stride_xm, stride_en,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)
+                tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_e[None, :], h,
+                         mask=mask_m[:, None] & mask_e[None, :])
+                return
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
         y = _row_block_sums(x_ptr, w_ptr, row0, M, offs_n, mask_n, K, stride_xm, stride_wn,
                             BLOCK_M, BLOCK_N, BLOCK_K)  # [BLOCK_M, BLOCK_N] fp32
         if HAS_SCALE:  # per-row weight scales: constant along the reduction, applied to the fp32 sums
@@ -129,8 +151,6 @@ if _HAS_TRITON:
             if HAS_SCALE:
                 up = up * tl.load(s_up_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
             y = y / (1.0 + tl.exp(-y)) * up  # silu(gate) * up in fp32 (as kernels/fused_moe.py)
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -168,7 +188,7 @@ def gemv_silu_mul_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | No
     return (F.silu(gate) * up).to(x.dtype)
 
 
-def _launch(name: str, x, w, scale, config, silu_mul: bool) -> torch.Tensor:
+def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor | None = None):
     if not _HAS_TRITON:
         raise RuntimeError(f"{name}: triton is not installed (pip install 'minke[gpu]'); use {name}_ref")
     _check(name, x, w, scale)
@@ -176,28 +196,36 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool) -> torch.Tensor:
         raise ValueError(f"{name}: x and w need a unit last stride, got {x.stride()} and {w.stride()}")
     if silu_mul and w.shape[0] % 2:
         raise ValueError(f"{name}: w must be [2I, K] (gate rows, then up rows), got {tuple(w.shape)}")
+    if extra is not None and (scale is not None or silu_mul or extra.dim() != 2 or extra.shape[1] != x.shape[1]
+                              or extra.stride(1) != 1 or extra.dtype != x.dtype or extra.device != x.device):
+        raise ValueError(f"{name}: extra must be [N2, {x.shape[1]}] {x.dtype} on {x.device} with a unit last stride "
+                         f"(plain weights only), got {extra.dtype} {tuple(extra.shape)} strides {extra.stride()}")
     scale = None if scale is None else scale.contiguous()  # the kernel reads scale[n] at unit stride
     (m, k), n = x.shape, w.shape[0] // (2 if silu_mul else 1)
     cfg = config or gemv_config(n, k, m, fp8=scale is not None)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m and n:
+    n2 = 0 if extra is None else extra.shape[0]
+    h = None if extra is None else torch.empty(m, n2, dtype=torch.float32, device=x.device)
+    if m and n + n2:
         block_m = cfg.get("BLOCK_M", 1)
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, block_m))
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]) + triton.cdiv(n2, cfg["BLOCK_N"]), triton.cdiv(m, block_m))
         w_up = w[n:] if silu_mul else w  # the up rows: a view (its own base pointer; no int32 row offsets)
         s = w if scale is None else scale
         s_up = s[n:] if silu_mul and scale is not None else s
         _gemv_kernel[grid](
-            x, w, s, w_up, s_up, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+            x, w, s, w_up, s_up, y, w if extra is None else extra, y if h is None else h, m, n, k, x.stride(0),
+            w.stride(0), y.stride(0), n2, 0 if extra is None else extra.stride(0), 0 if h is None else h.stride(0),
             BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HAS_SCALE=scale is not None,
-            SILU_MUL=silu_mul, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return y
+            SILU_MUL=silu_mul, HAS_EXTRA=extra is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y if extra is None else (y, h)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-         config: dict | None = None) -> torch.Tensor:
+         config: dict | None = None, extra: torch.Tensor | None = None):
     """x [M, K] @ w[N, K]^T -> [M, N] in x.dtype (fp32 accumulation). Both need a unit last stride. With scale [N]
-    (fp32): w is float8_e4m3fn and each output column is multiplied by its row's scale (W8A16)."""
-    return _launch("gemv", x, w, scale, config, silu_mul=False)
+    (fp32): w is float8_e4m3fn and each output column is multiplied by its row's scale (W8A16). extra [N2, K]
+    (x.dtype, unit last stride; plain w only): also x @ extra^T in the same launch -> (y [M, N], h [M, N2] fp32)."""
+    return _launch("gemv", x, w, scale, config, silu_mul=False, extra=extra)
 
 
 def gemv_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
@@ -210,6 +238,12 @@ def gemv_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None =
 def _few_rows(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
     return (_HAS_TRITON and x.is_cuda and x.dim() == 2 and x.shape[0] <= max_rows and x.stride(1) == 1
             and w.stride(1) == 1)
+
+
+def gemv_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether linear(x, w) (plain weights) runs the gemv: x of at most GEMV_MAX_ROWS rows (2-D) on CUDA, unit last
+    strides."""
+    return _few_rows(x, w, GEMV_MAX_ROWS)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

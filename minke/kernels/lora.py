@@ -1,18 +1,29 @@
-"""Multi-LoRA GEMMs (Punica's shrink / expand, segmented by adapter): one launch applies every adapter of a step.
+"""Multi-LoRA GEMMs (Punica's shrink / expand, by adapter slot): one launch applies every adapter of a step.
 
-A step's rows (tokens, or (token, expert slot) pairs for routed experts) each carry an adapter index into stacked
-weights; index -1 means no adapter. With A [L, R, K] and B [L, N, R] (R = the padded max rank, zero rows/columns
-past an adapter's own rank; B already multiplied by the adapter's scaling alpha/r or alpha/sqrt(r)):
+A step's tokens each carry an adapter slot in a device buffer (slots [T] int32, -1 = no adapter, the manager's
+LoRAContext.token_slots). A kernel row m belongs to token m // slot_div (1 for projections of the tokens, H for MLA's
+per-(token, head) rows, K for routed experts' (token, slot) pairs) and uses the stacked weights at index
+slot * G + g (G = 1, g = 0 for plain projections; G = H heads, g = the row's head; G = E experts, g = the row's
+expert). With A [S*G, R, K] and B [S*G, N, R] (R = the padded max rank, zero rows / columns past an adapter's own
+rank; B already multiplied by the adapter's scaling alpha/r or alpha/sqrt(r)):
 
-    shrink:  h[m]  = x[m // row_div] @ A[idx[m]]^T          h [M, R] fp32   (rows with idx -1: left unwritten)
-    expand:  y[m] += h[m] @ B[idx[m]]^T    (idx[m] >= 0)    y [M, N] in place, may be a column slice of a wider y
+    shrink:  hp[s, m] = x[m // x_div, K-chunk s] @ A[idx[m], :, K-chunk s]^T    hp [SPLIT, M, R] fp32 partials
+    expand:  y[m]    += (sum_s hp[s, m]) @ B[idx[m]]^T      (rows with an adapter)   y [M, N] in place
 
-Grid: (row blocks, [column blocks,] adapters). A program keeps the rows of its block whose index is its adapter and
-returns at once when there are none, so each adapter's weights are read once per row block that uses it: the
-segments of one sequence's tokens are contiguous, and a decode batch of B rows with L adapters reads L weight sets,
-not B. Indices live in device memory and nothing reads them on the host, so the kernels run inside CUDA graphs.
+Why this shape (decode is latency-bound: a step runs ~10 shrinks a layer): the shrink's grid is (row blocks,
+SPLIT) and not (row blocks, adapters): each program loops over the S slots and does work only for slots its rows
+use, and split-K gives a decode step of one row block SPLIT programs of one or two K iterations each instead of one
+program walking all of K. The partial sums are not reduced in the shrink (no atomics, no zeroed buffer, no extra
+launch): the consumer (expand, or the fused MoE's grouped GEMM epilogue, which adds h @ B^T to its accumulator so
+the experts' deltas never go through HBM) sums the SPLIT slices as it loads h. Rows without an adapter get zero
+partials. Indices are only read in device memory, so the kernels run inside CUDA graphs with new indices at replay.
 
-The torch references beside them (lora_shrink_ref / lora_expand_ref) are the model's torch path on CPU.
+Also here: lora_shrink_expand (shrink and expand in one launch for K <= 512: MLA absorbed decode), lora_expand's
+slotted form (h of every slot per row, from the one-row GEMV's extra rows: kernels/gemv.py), lora_shrink_moe (the
+routed experts' shrink over moe_align's expert-sorted tiles).
+
+The torch references beside them (lora_shrink_ref / lora_expand_ref, with an explicit index per row, and
+lora_row_index giving the kernels' index of each row) are the model's torch path on CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +38,14 @@ def _check(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, rows: int, name:
         raise ValueError(f"{name}: stacked adapter weights must be [L, out, in], got {tuple(w.shape)}")
     if idx.dim() != 1 or idx.shape[0] < rows:
         raise ValueError(f"{name}: adapter indices must be [>= {rows}], got {tuple(idx.shape)}")
+
+
+def lora_row_index(slots: torch.Tensor, rows: int, slot_div: int = 1, groups: int = 1) -> torch.Tensor:
+    """The stacked-weight index the kernels use for each of `rows` rows: slots[m // slot_div] * groups + m % groups,
+    -1 where the token has no adapter -> [rows] int32 (for the references and the tests)."""
+    m = torch.arange(rows, device=slots.device)
+    s = slots.long()[m // slot_div]
+    return torch.where(s >= 0, s * groups + m % groups, -1).to(torch.int32)
 
 
 def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, row_div: int = 1) -> torch.Tensor:
@@ -59,69 +78,204 @@ def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, idx: torc
 
 if HAS_TRITON:
 
+    @triton.jit
+    def lora_h_tile(hp_ptr, rows, mask, offs_r, r_mask, stride_hs, stride_hm, SPLIT: tl.constexpr):
+        """sum over the SPLIT partial slices hp[s, rows, offs_r] -> [BLOCK_M, BLOCK_R] fp32 (0 where masked)."""
+        if SPLIT == 1:
+            h = tl.load(hp_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_r[None, :],
+                        mask=mask[:, None] & r_mask[None, :], other=0.0)
+        else:
+            offs_s = tl.arange(0, SPLIT)
+            ptrs = (hp_ptr + offs_s[:, None, None] * stride_hs + rows[None, :, None].to(tl.int64) * stride_hm
+                    + offs_r[None, None, :])  # [SPLIT, BLOCK_M, BLOCK_R]
+            h = tl.sum(tl.load(ptrs, mask=mask[None, :, None] & r_mask[None, None, :], other=0.0), axis=0)
+        return h
+
+    @triton.jit
+    def lora_add_delta(acc, h, slot, b_ptr, S, G, g, offs_n, n_mask, offs_r, r_mask, stride_bl, stride_bn,
+                       DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """acc [BLOCK_M, BLOCK_N] += h[m] @ B[slot[m] * G + g, offs_n, :]^T for each row m with a slot >= 0: one
+        small dot per slot present in the tile (h [BLOCK_M, BLOCK_R] fp32, rounded to B's dtype for the dot as the
+        expand always did)."""
+        for s in range(0, S):
+            mine = slot == s
+            if tl.max(mine.to(tl.int32), axis=0) > 0:
+                lora = (s * G + g).to(tl.int64)
+                bt = tl.load(b_ptr + lora * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
+                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+                hs = tl.where(mine[:, None], h, 0.0)
+                if UPCAST:
+                    bt = bt.to(tl.float32)
+                else:
+                    hs = hs.to(bt.dtype)
+                acc = tl.dot(hs, bt, acc=acc, input_precision=DOT_PRECISION)
+        return acc
+
+    # M changes with every step's token count: not specialised (a compile per divisibility pattern).
     @triton.jit(do_not_specialize=["M"])
-    def _shrink_kernel(x_ptr, a_ptr, h_ptr, idx_ptr, M, K, R, row_div,
-                       stride_xm, stride_al, stride_ar, stride_hm,
+    def _shrink_kernel(x_ptr, a_ptr, hp_ptr, slot_ptr, sorted_ptr, gid_ptr, npost_ptr,
+                       M, K, R, S, G, x_div, slot_div, k_per_split, k_iters,
+                       stride_xm, stride_al, stride_ar, stride_hs, stride_hm,
                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                       MODE: tl.constexpr,  # 0: rows in order (g = 0); 1: heads (g = program_id(2)); 2: MoE tiles
                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         pid_m = tl.program_id(0)
-        lora = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        idx = tl.load(idx_ptr + offs_m, mask=offs_m < M, other=-1)
-        mine = idx == lora  # [BLOCK_M] the rows of this block that use this program's adapter
-        if tl.max(mine.to(tl.int32), axis=0) > 0:
-            offs_r = tl.arange(0, BLOCK_R)
-            offs_k = tl.arange(0, BLOCK_K)
-            x_rows = (offs_m // row_div).to(tl.int64)
-            x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-            a_ptrs = a_ptr + lora.to(tl.int64) * stride_al + offs_r[None, :] * stride_ar + offs_k[:, None]  # [K, R]
-            acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-                k_mask = offs_k < K - k0 * BLOCK_K
-                xt = tl.load(x_ptrs, mask=mine[:, None] & k_mask[None, :], other=0.0)
-                at = tl.load(a_ptrs, mask=k_mask[:, None] & (offs_r[None, :] < R), other=0.0)
-                if UPCAST:
-                    xt = xt.to(tl.float32)
-                    at = at.to(tl.float32)
-                acc = tl.dot(xt, at, acc=acc, input_precision=DOT_PRECISION)
-                x_ptrs += BLOCK_K
-                a_ptrs += BLOCK_K
-            h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_r[None, :]
-            tl.store(h_ptrs, acc, mask=mine[:, None] & (offs_r[None, :] < R))
+        pid_k = tl.program_id(1)
+        offs = tl.arange(0, BLOCK_M)
+        if MODE == 2:  # one tile of moe_align_block_size's sorted pairs: one expert (g) per tile, padding = M
+            rows = tl.load(sorted_ptr + pid_m * BLOCK_M + offs)
+            valid = (rows < M) & (pid_m * BLOCK_M + offs < tl.load(npost_ptr))  # tiles past num_post: none
+            g = tl.load(gid_ptr + pid_m).to(tl.int64)
+        elif MODE == 1:  # rows (token i, head g) = i * G + g
+            g = tl.program_id(2)
+            rows = (pid_m * BLOCK_M + offs) * G + g
+            valid = rows < M
+        else:
+            g = 0
+            rows = pid_m * BLOCK_M + offs
+            valid = rows < M
+        slot = tl.load(slot_ptr + rows // slot_div, mask=valid, other=-1)  # [BLOCK_M]
+        x_rows = (rows // x_div).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_k = tl.arange(0, BLOCK_K)
+        r_mask = offs_r < R
+        k_lo = pid_k * k_per_split
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for s in range(0, S):
+            mine = valid & (slot == s)
+            if tl.max(mine.to(tl.int32), axis=0) > 0:
+                lora = (s * G + g).to(tl.int64)
+                for i in range(0, k_iters):
+                    kk = k_lo + i * BLOCK_K + offs_k
+                    k_mask = kk < K
+                    # other slots' rows load zeros, so one accumulator serves every slot of the block
+                    xt = tl.load(x_ptr + x_rows[:, None] * stride_xm + kk[None, :],
+                                 mask=mine[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+                    at = tl.load(a_ptr + lora * stride_al + offs_r[None, :] * stride_ar + kk[:, None],
+                                 mask=k_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
+                    if UPCAST:
+                        xt = xt.to(tl.float32)
+                        at = at.to(tl.float32)
+                    acc = tl.dot(xt, at, acc=acc, input_precision=DOT_PRECISION)
+        h_ptrs = hp_ptr + pid_k * stride_hs + rows[:, None].to(tl.int64) * stride_hm + offs_r[None, :]
+        tl.store(h_ptrs, acc, mask=valid[:, None] & r_mask[None, :])
 
     @triton.jit(do_not_specialize=["M"])
-    def _expand_kernel(h_ptr, b_ptr, y_ptr, idx_ptr, M, N, R,
-                       stride_hm, stride_bl, stride_bn, stride_ym,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def _expand_kernel(hp_ptr, b_ptr, y_ptr, slot_ptr, M, N, R, S, G, slot_div,
+                       stride_hs, stride_hm, stride_bl, stride_bn, stride_ym,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+                       HEADS: tl.constexpr, SLOTTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       UPCAST: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        lora = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        idx = tl.load(idx_ptr + offs_m, mask=offs_m < M, other=-1)
-        mine = idx == lora
-        if tl.max(mine.to(tl.int32), axis=0) > 0:
+        offs = tl.arange(0, BLOCK_M)
+        if HEADS:
+            g = tl.program_id(2)
+            rows = (pid_m * BLOCK_M + offs) * G + g
+        else:
+            g = 0
+            rows = pid_m * BLOCK_M + offs
+        slot = tl.load(slot_ptr + rows // slot_div, mask=rows < M, other=-1)
+        used = slot >= 0
+        if tl.max(used.to(tl.int32), axis=0) > 0:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             offs_r = tl.arange(0, BLOCK_R)
             n_mask = offs_n < N
             r_mask = offs_r < R
-            ht = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_r[None, :],
-                         mask=mine[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
-            bt = tl.load(b_ptr + lora.to(tl.int64) * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn
-                         + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [R, N]
-            if UPCAST:
-                bt = bt.to(tl.float32)
+            if SLOTTED:  # hp [1, M, S*R]: every slot's h, this row's at columns slot*R (the GEMV's extra rows)
+                h = tl.load(hp_ptr + rows[:, None].to(tl.int64) * stride_hm + (tl.maximum(slot, 0) * R)[:, None]
+                            + offs_r[None, :], mask=used[:, None] & r_mask[None, :], other=0.0)
             else:
-                ht = ht.to(bt.dtype)
-            acc = tl.dot(ht, bt, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-            y_mask = mine[:, None] & n_mask[None, :]
+                h = lora_h_tile(hp_ptr, rows, used, offs_r, r_mask, stride_hs, stride_hm, SPLIT)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc = lora_add_delta(acc, h, slot, b_ptr, S, G, g, offs_n, n_mask, offs_r, r_mask, stride_bl, stride_bn,
+                                 DOT_PRECISION, UPCAST)
+            y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+            y_mask = used[:, None] & n_mask[None, :]  # rows without an adapter are not rewritten (bit-exact)
             y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
             tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def _block_r(r: int) -> int:
+    @triton.jit(do_not_specialize=["M"])
+    def _shrink_expand_kernel(x_ptr, a_ptr, b_ptr, y_ptr, slot_ptr, M, K, N, R, S, G, k_iters,
+                              stride_xm, stride_al, stride_ar, stride_bl, stride_bn, stride_ym,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_R: tl.constexpr, A_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """Small K (MLA's per-head rows: K = nope or the latent width): y += (x A^T) B^T in one program per (row
+        block, N tile, group g), rows (token i, group g) = i * G + g; A (B) indexed slot * G + g when A_GROUPED
+        (B_GROUPED), else slot. Each N tile recomputes its rows' h (a few K iterations from L2): one launch
+        instead of a shrink and an expand."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        g = tl.program_id(2)
+        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) * G + g
+        valid = rows < M
+        slot = tl.load(slot_ptr + rows // G, mask=valid, other=-1)
+        used = slot >= 0
+        if tl.max(used.to(tl.int32), axis=0) > 0:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_r = tl.arange(0, BLOCK_R)
+            offs_k = tl.arange(0, BLOCK_K)
+            n_mask = offs_n < N
+            r_mask = offs_r < R
+            x_rows = rows.to(tl.int64) * stride_xm
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, S):
+                mine = slot == s
+                if tl.max(mine.to(tl.int32), axis=0) > 0:
+                    if A_GROUPED:
+                        la = (s * G + g).to(tl.int64)
+                    else:
+                        la = (s + 0 * g).to(tl.int64)
+                    if B_GROUPED:
+                        lb = (s * G + g).to(tl.int64)
+                    else:
+                        lb = (s + 0 * g).to(tl.int64)
+                    h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                    for i in range(0, k_iters):
+                        kk = i * BLOCK_K + offs_k
+                        k_mask = kk < K
+                        xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=mine[:, None] & k_mask[None, :],
+                                     other=0.0)  # other slots' rows: zeros, so their h rows stay zero
+                        at = tl.load(a_ptr + la * stride_al + offs_r[None, :] * stride_ar + kk[:, None],
+                                     mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+                        if UPCAST:
+                            xt = xt.to(tl.float32)
+                            at = at.to(tl.float32)
+                        h = tl.dot(xt, at, acc=h, input_precision=DOT_PRECISION)
+                    bt = tl.load(b_ptr + lb * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
+                                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+                    if UPCAST:
+                        bt = bt.to(tl.float32)
+                        hb = h
+                    else:
+                        hb = h.to(bt.dtype)
+                    acc = tl.dot(hb, bt, acc=acc, input_precision=DOT_PRECISION)
+            y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+            y_mask = used[:, None] & n_mask[None, :]
+            y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def lora_block_r(r: int) -> int:
+    """The rank's tile width (tl.dot needs >= 16)."""
     return max(16, triton.next_power_of_2(r))
+
+
+def _block_m(rows: int) -> int:
+    return 16 if rows <= 16 else 32 if rows <= 32 else 64
+
+
+def shrink_split(row_blocks: int, k: int, block_k: int) -> tuple[int, int]:
+    """(SPLIT, K iterations per split): enough programs for ~2 per SM of an H100/H200 (132 SMs) when there are
+    few row blocks (decode), one split when the rows alone fill the GPU (prefill); a power of two <= 16 (the
+    consumers load the SPLIT partials as one [SPLIT, BLOCK_M, BLOCK_R] tile)."""
+    chunks = triton.cdiv(k, block_k)
+    split = 1
+    while split < 16 and split * row_blocks < 264 and split < chunks:
+        split *= 2
+    return split, triton.cdiv(chunks, split)
 
 
 def _ready(t: torch.Tensor, name: str) -> None:
@@ -130,52 +284,147 @@ def _ready(t: torch.Tensor, name: str) -> None:
                            "first import), or use the _ref function")
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, row_div: int = 1,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] (unit last stride), a [L, R, K] contiguous, idx [>= M] int32 -> h [M, R] fp32, M = T * row_div
-    (row m reads x row m // row_div: the (token, slot) pairs of routed experts). Rows with idx -1 are unwritten."""
+def _check_slots(slots: torch.Tensor, tokens: int, name: str) -> None:
+    if slots.dim() != 1 or slots.dtype != torch.int32 or slots.shape[0] < tokens:
+        raise ValueError(f"{name}: slots must be int32 [>= {tokens}] (one per token), got {slots.dtype} "
+                         f"{tuple(slots.shape)}")
+
+
+def _check_groups(w: torch.Tensor, groups: int, name: str) -> int:
+    if w.dim() != 3 or w.shape[0] % groups:
+        raise ValueError(f"{name}: stacked adapter weights must be [slots * {groups}, out, in], got {tuple(w.shape)}")
+    return w.shape[0] // groups
+
+
+def _launch_shrink(x, a, hp, slots, m, x_div, slot_div, groups, mode, grid_m, block_m, split, k_iters, block_k,
+                   sorted_ids=None, expert_ids=None, num_post=None):
+    L, R, K = a.shape
+    _shrink_kernel[(grid_m, split) + ((groups,) if mode == 1 else ())](
+        x, a, hp, slots, slots if sorted_ids is None else sorted_ids, slots if expert_ids is None else expert_ids,
+        slots if num_post is None else num_post,
+        m, K, R, L // groups, groups, x_div, slot_div, k_iters * block_k, k_iters,
+        x.stride(0), a.stride(0), a.stride(1), hp.stride(0), hp.stride(1),
+        BLOCK_M=block_m, BLOCK_R=lora_block_r(R), BLOCK_K=block_k, MODE=mode,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST=needs_dot_upcast(_shrink_kernel, x.dtype), num_warps=4)
+
+
+def _shrink_block_k(k: int) -> int:
+    return 128 if k >= 128 else 64 if k >= 64 else 32
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, slot_div: int = 1, groups: int = 1,
+                split: int | None = None) -> torch.Tensor:
+    """x [M, K] (unit last stride), a [S*groups, R, K] (unit last stride), slots [>= M / slot_div] int32 ->
+    partials hp [SPLIT, M, R] fp32 (sum over dim 0 = h; lora_expand takes them as they are). Row m uses
+    a[slots[m // slot_div] * groups + m % groups]; rows without an adapter get zeros. split: force SPLIT (tests)."""
     if not HAS_TRITON:
         raise RuntimeError("lora_shrink: triton is not installed; use lora_shrink_ref")
-    m = x.shape[0] * row_div
-    _check(x, a, idx, m, "lora_shrink")
+    m, k = x.shape
+    _check_groups(a, groups, "lora_shrink")
+    if a.shape[2] != k:
+        raise ValueError(f"lora_shrink: a must be [L, R, {k}], got {tuple(a.shape)}")
+    if groups > 1 and (m % groups or slot_div != groups):
+        raise ValueError(f"lora_shrink: per-group rows need M ({m}) a multiple of groups ({groups}) and "
+                         f"slot_div == groups, got slot_div {slot_div}")
+    _check_slots(slots, triton.cdiv(m, slot_div), "lora_shrink")
     _ready(x, "lora_shrink")
-    if x.stride(-1) != 1 or not a.is_contiguous():
-        raise ValueError("lora_shrink: x needs a unit last stride and a must be contiguous")
-    L, R, K = a.shape
-    h = out if out is not None else torch.empty(m, R, dtype=torch.float32, device=x.device)
-    if m == 0:
-        return h
-    block_m = 16 if m <= 16 else 32
-    grid = (triton.cdiv(m, block_m), L)
-    _shrink_kernel[grid](x, a, h, idx, m, K, R, row_div, x.stride(0), a.stride(0), a.stride(1), h.stride(0),
-                         BLOCK_M=block_m, BLOCK_R=_block_r(R), BLOCK_K=64 if K >= 64 else 32,
-                         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                         UPCAST=needs_dot_upcast(_shrink_kernel, x.dtype))
-    return h
+    if x.stride(-1) != 1 or a.stride(-1) != 1:
+        raise ValueError("lora_shrink: x and a need a unit last stride")
+    R = a.shape[1]
+    rows = m // groups
+    block_m, block_k = _block_m(rows), _shrink_block_k(k)
+    grid_m = triton.cdiv(rows, block_m)
+    s, k_iters = shrink_split(grid_m * groups, k, block_k)
+    if split is not None:
+        s, k_iters = split, triton.cdiv(triton.cdiv(k, block_k), split)
+    hp = torch.empty(s, m, R, dtype=torch.float32, device=x.device)
+    if m:
+        _launch_shrink(x, a, hp, slots, m, 1, slot_div, groups, 1 if groups > 1 else 0, grid_m, block_m, s,
+                       k_iters, block_k)
+    return hp
 
 
-def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """y [M, N] (unit last stride; a column slice of a wider tensor is fine) += h [M, R] fp32 @ b[idx]^T, b
-    [L, N, R] contiguous, for rows with idx >= 0; in place, returns y."""
+def lora_expand(y: torch.Tensor, hp: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, slot_div: int = 1,
+                groups: int = 1, slotted: bool = False) -> torch.Tensor:
+    """y [M, N] (unit last stride; a column slice of a wider tensor is fine) += (sum_s hp[s]) @ b[idx]^T with
+    idx = slots[m // slot_div] * groups + m % groups, for rows with an adapter; hp [SPLIT, M, R] fp32 (lora_shrink's
+    partials, or a view of their rank columns: unit last stride), b [S*groups, N, R] (unit last stride). slotted:
+    hp is [1, M, S*R], every slot's h for each row (gemv(..., extra=A.flatten(0, 1))); the row's own slot's R
+    columns are used (groups 1). In place, returns y."""
     if not HAS_TRITON:
         raise RuntimeError("lora_expand: triton is not installed; use lora_expand_ref")
     m, n = y.shape
-    _check(h, b, idx, m, "lora_expand")
+    _check_groups(b, groups, "lora_expand")
+    want_r = b.shape[0] * b.shape[2] if slotted else b.shape[2]
+    if hp.dim() != 3 or hp.shape[1] != m or hp.shape[2] != want_r or hp.dtype != torch.float32 or \
+            (slotted and (hp.shape[0] != 1 or groups != 1)):
+        raise ValueError(f"lora_expand: hp must be fp32 [{'1' if slotted else 'SPLIT'}, {m}, {want_r}] "
+                         f"({'every slot' if slotted else 'lora_shrink'}'s partials{', groups 1' if slotted else ''}), "
+                         f"got {hp.dtype} {tuple(hp.shape)}")
+    if b.shape[1] != n:
+        raise ValueError(f"lora_expand: b must be [L, {n}, R], got {tuple(b.shape)}")
+    if groups > 1 and (m % groups or slot_div != groups):
+        raise ValueError(f"lora_expand: per-group rows need M ({m}) a multiple of groups ({groups}) and "
+                         f"slot_div == groups, got slot_div {slot_div}")
+    _check_slots(slots, triton.cdiv(m, slot_div), "lora_expand")
     _ready(y, "lora_expand")
-    if y.stride(-1) != 1 or h.stride(-1) != 1 or not b.is_contiguous():
-        raise ValueError("lora_expand: y and h need a unit last stride and b must be contiguous")
-    if b.shape[1] != n or b.shape[2] != h.shape[1]:
-        raise ValueError(f"lora_expand: b must be [L, {n}, {h.shape[1]}], got {tuple(b.shape)}")
+    if y.stride(-1) != 1 or hp.stride(-1) != 1 or b.stride(-1) != 1:
+        raise ValueError("lora_expand: y, hp and b need a unit last stride")
     if m == 0:
         return y
-    L, _, R = b.shape
-    block_m = 16 if m <= 16 else 32
+    R = b.shape[2]
+    rows = m // groups
+    block_m = _block_m(rows)
     block_n = 64 if n >= 64 else 32
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), L)
-    _expand_kernel[grid](h, b, y, idx, m, n, R, h.stride(0), b.stride(0), b.stride(1), y.stride(0),
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(R),
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n)) + ((groups,) if groups > 1 else ())
+    _expand_kernel[grid](hp, b, y, slots, m, n, R, b.shape[0] // groups, groups, slot_div,
+                         hp.stride(0), hp.stride(1), b.stride(0), b.stride(1), y.stride(0),
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=lora_block_r(R), SPLIT=hp.shape[0],
+                         HEADS=groups > 1, SLOTTED=slotted,
                          DOT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
-                         UPCAST=needs_dot_upcast(_expand_kernel, b.dtype))
+                         UPCAST=needs_dot_upcast(_expand_kernel, b.dtype), num_warps=4)
+    return y
+
+
+SHRINK_EXPAND_MAX_K = 512  # lora_shrink_expand: K up to this (MLA's nope 128 / latent 512); larger K: shrink + expand
+
+
+def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
+                       groups: int, a_grouped: bool, b_grouped: bool) -> torch.Tensor:
+    """y [M, N] += x [M, K] A[ia]^T B[ib]^T in one launch, for K <= SHRINK_EXPAND_MAX_K: rows m = token * groups + g
+    (token = m // groups), ia = slot * groups + g if a_grouped else slot (ib likewise). MLA absorbed decode:
+    q_latent += (q_nope B_UK[head]) A (a grouped), out += (o_latent A^T) B_UV[head]^T (b grouped). In place, returns
+    y; rows without an adapter are untouched."""
+    if not HAS_TRITON:
+        raise RuntimeError("lora_shrink_expand: triton is not installed; use lora_shrink_ref / lora_expand_ref")
+    m, n = y.shape
+    k = x.shape[1]
+    if x.shape[0] != m or m % groups or k > SHRINK_EXPAND_MAX_K:
+        raise ValueError(f"lora_shrink_expand: x must be [{m}, K <= {SHRINK_EXPAND_MAX_K}] with {m} a multiple of "
+                         f"groups {groups}, got x {tuple(x.shape)}")
+    sa = _check_groups(a, groups if a_grouped else 1, "lora_shrink_expand")
+    sb = _check_groups(b, groups if b_grouped else 1, "lora_shrink_expand")
+    if sa != sb or a.shape[2] != k or b.shape[1] != n or a.shape[1] != b.shape[2]:
+        raise ValueError(f"lora_shrink_expand: a [S*, R, {k}] and b [S*, {n}, R] must agree, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    _check_slots(slots, m // groups, "lora_shrink_expand")
+    _ready(y, "lora_shrink_expand")
+    if x.stride(-1) != 1 or y.stride(-1) != 1 or a.stride(-1) != 1 or b.stride(-1) != 1:
+        raise ValueError("lora_shrink_expand: x, y, a and b need a unit last stride")
+    if m == 0:
+        return y
+    R = a.shape[1]
+    rows = m // groups
+    block_m, block_k = _block_m(rows), _shrink_block_k(k)
+    block_n = 64 if n >= 64 else 32
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), groups)
+    _shrink_expand_kernel[grid](x, a, b, y, slots, m, k, n, R, sa, groups, triton.cdiv(k, block_k),
+                                x.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1), y.stride(0),
+                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=lora_block_r(R),
+                                A_GROUPED=a_grouped, B_GROUPED=b_grouped,
+                                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                                UPCAST=needs_dot_upcast(_shrink_expand_kernel, x.dtype), num_warps=4)
     return y
 
 
@@ -184,29 +433,46 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, idx: torch.Te
 
 class MoELoRA:
     """The adapters of routed experts for one fused-MoE call (fused_moe(..., lora=)). Stacks are indexed by
-    slot * E + expert (L = slots * E): gate_up_a [L, R, D], gate_up_b [L, 2I, R], down_a [L, R, I], down_b [L, D, R]
-    (either pair may be None: not adapted); pair_idx [T*K] int32 = that index of each (token, slot) pair, -1 for
-    tokens without an adapter. The deltas enter the grouped GEMMs' epilogues: gate/up before silu, down before the
-    routing weight, so out = sum_k w_k (W_down + dB dA)(silu((W_g + gB gA) x) * ((W_u + uB uA) x))."""
+    slot * E + expert: gate_up_a [S*E, R, D], gate_up_b [S*E, 2I, R], down_a [S*E, R, I], down_b [S*E, D, R]
+    (either pair may be None: not adapted); slots [>= T] int32 = each token's adapter slot, -1 = none. The deltas
+    enter the grouped GEMMs' epilogues: gate/up before silu, down before the routing weight, so
+    out = sum_k w_k (W_down + dB dA)(silu((W_g + gB gA) x) * ((W_u + uB uA) x)). On the kernel path
+    (fused_moe) the shrinks run over moe_align's expert-sorted tiles (lora_shrink_moe) and the expands inside the
+    GEMMs; use_kernels False: the torch references on explicit (token, slot) pair indices."""
 
-    def __init__(self, pair_idx, gate_up_a=None, gate_up_b=None, down_a=None, down_b=None, use_kernels=True):
-        self.pair_idx, self.use_kernels = pair_idx, use_kernels
+    def __init__(self, slots, gate_up_a=None, gate_up_b=None, down_a=None, down_b=None, use_kernels=True):
+        self.slots, self.use_kernels = slots, use_kernels
         self.gate_up_a, self.gate_up_b, self.down_a, self.down_b = gate_up_a, gate_up_b, down_a, down_b
 
-    def _delta(self, x, a, b, row_div):
-        m = x.shape[0] * row_div
-        out = torch.zeros(m, b.shape[1], dtype=torch.float32, device=x.device)
-        if self.use_kernels:
-            return lora_expand(out, lora_shrink(x, a, self.pair_idx, row_div), b, self.pair_idx)
-        return lora_expand_ref(out, lora_shrink_ref(x, a, self.pair_idx, row_div), b, self.pair_idx)
+    def pair_index(self, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """[T*K] int32 stack index slot * E + expert of each (token, slot) pair, -1 for tokens without an adapter."""
+        t = topk_ids.shape[0]
+        s = self.slots[:t].long()[:, None]
+        return torch.where(s >= 0, s * num_experts + topk_ids.long(), -1).reshape(-1).to(torch.int32)
 
-    def gate_up_delta(self, x: torch.Tensor, k: int) -> torch.Tensor | None:
-        """x [T, D] -> [T*K, 2I] fp32 (gate columns then up), or None."""
-        return None if self.gate_up_a is None else self._delta(x, self.gate_up_a, self.gate_up_b, k)
 
-    def down_delta(self, act: torch.Tensor) -> torch.Tensor | None:
-        """act [T*K, I] -> [T*K, D] fp32 (before the routing weight), or None."""
-        return None if self.down_a is None else self._delta(act, self.down_a, self.down_b, 1)
+def lora_shrink_moe(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, top_k: int, x_div: int,
+                    sorted_ids: torch.Tensor, expert_ids: torch.Tensor, num_post: torch.Tensor, block_m: int,
+                    num_experts: int) -> torch.Tensor:
+    """The routed experts' shrink over moe_align_block_size's tiles (one expert each): x [T*K / x_div, D] (x_div K:
+    the tokens; 1: the pairs' activations), a [S*E, R, D] -> partials hp [SPLIT, T*K, R] fp32, row = pair id
+    t*K + k, whose token's slot is slots[t] and whose expert is its tile's. A tile reads the A of each slot its rows
+    use once (not once per row)."""
+    m = x.shape[0] * x_div
+    _check_groups(a, num_experts, "lora_shrink_moe")
+    _check_slots(slots, m // top_k, "lora_shrink_moe")
+    if x.stride(-1) != 1 or a.stride(-1) != 1 or a.shape[2] != x.shape[1]:
+        raise ValueError(f"lora_shrink_moe: x [., {x.shape[1]}] and a [L, R, {x.shape[1]}] need unit last strides, "
+                         f"got a {tuple(a.shape)}")
+    k = x.shape[1]
+    block_k = _shrink_block_k(k)
+    tiles = sorted_ids.shape[0] // block_m
+    split, k_iters = shrink_split(min(tiles, m), k, block_k)  # live tiles <= pairs
+    hp = torch.empty(split, m, a.shape[1], dtype=torch.float32, device=x.device)
+    if m:
+        _launch_shrink(x, a, hp, slots, m, x_div, top_k, num_experts, 2, tiles, block_m, split, k_iters, block_k,
+                       sorted_ids, expert_ids, num_post)
+    return hp
 
 
 def fused_moe_lora_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -216,7 +482,11 @@ def fused_moe_lora_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     t, k = topk_ids.shape
     ids = topk_ids.reshape(-1).long()  # [T*K] expert of each pair
     tok = torch.arange(t * k, device=x.device) // k
-    gu_add = lora.gate_up_delta(x, k)
+    pair = lora.pair_index(topk_ids, w13.shape[0])
+    gu_add = None
+    if lora.gate_up_a is not None:
+        gu_add = lora_expand_ref(torch.zeros(t * k, lora.gate_up_b.shape[1], dtype=torch.float32, device=x.device),
+                                 lora_shrink_ref(x, lora.gate_up_a, pair, k), lora.gate_up_b, pair)
     act = x.new_empty(t * k, w2.shape[2])
     for e in torch.unique(ids).tolist():
         p = torch.nonzero(ids == e).squeeze(1)
@@ -225,7 +495,10 @@ def fused_moe_lora_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
             h = h + gu_add[p]
         gate, up = h.chunk(2, dim=-1)
         act[p] = (torch.nn.functional.silu(gate) * up).to(x.dtype)
-    d_add = lora.down_delta(act)
+    d_add = None
+    if lora.down_a is not None:
+        d_add = lora_expand_ref(torch.zeros(t * k, lora.down_b.shape[1], dtype=torch.float32, device=x.device),
+                                lora_shrink_ref(act, lora.down_a, pair), lora.down_b, pair)
     out = x.new_empty(t * k, x.shape[1])
     for e in torch.unique(ids).tolist():
         p = torch.nonzero(ids == e).squeeze(1)

@@ -6,7 +6,11 @@ forward adds sum over its rows' adapters of x A^T B^T through the multi-LoRA ker
                    gate/up/down_proj of dense MLPs and shared experts: a [S, R, in], b [S, out, R]
   MLA kv_b_proj    prefill contexts: the same shrink/expand over the context tokens (their own adapter indices);
                    absorbed decode: q_latent += (q_nope B_UK) A and out += (o_latent A^T) B_UV^T per head
-  routed experts   gate_up / down per expert per slot, inside the fused MoE's two grouped GEMMs
+  routed experts   gate_up / down per expert per slot, inside the fused MoE's two grouped GEMMs; on the GPU build
+                   the shared experts are folded into them (MoE.fuse_shared_experts) and their gate/up/down
+                   adapters become the folded experts' (ExpertSlotWeights, SharedFold)
+  same input       projections of one input share one shrink (stack_slot_weights): fused q/k/v or q + kv_a (and
+                   one block-diagonal expand), an MLP's gate/up (LoRAMLP)
 
 S = max_loras slots, R = max_lora_rank (smaller adapters are zero-padded; B holds the scaling). Slot -1 = no
 adapter. Every layer of a model reads one LoRAContext: the step's per-token slot indices in a persistent device
@@ -19,10 +23,14 @@ output's). Expert parallelism keeps whole experts per rank: expert adapters are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.lora import MoELoRA, fused_moe_lora_ref, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+from ..kernels.lora import (SHRINK_EXPAND_MAX_K, MoELoRA, fused_moe_lora_ref, lora_expand, lora_expand_ref, lora_shrink,
+                            lora_shrink_expand, lora_shrink_ref)
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
                   "gate_proj", "up_proj", "down_proj")
@@ -37,7 +45,8 @@ class LoRAContext:
         self.token_slots = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
         self.context_slots: torch.Tensor | None = self.token_slots
         # MLA absorbed decode (heads > 0): per (decode token, head) row, slot * heads + head and slot, -1 = none
-        # ([max_rows * heads] each), written by the manager with the token slots: not recomputed in every layer.
+        # ([max_rows * heads] each), written by the manager with the token slots: not recomputed in every layer. The
+        # torch path reads them; the kernels read token_slots with a row divisor (kernels/lora.py).
         self.heads = 0
         self.head_slots = self.row_slots = None
         self.active = False
@@ -50,15 +59,27 @@ class LoRAContext:
         return self.token_slots[:rows]
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> None:
-        """y [M, N] += x [M, K] A[idx]^T B[idx]^T in place (rows with idx -1 untouched)."""
+        """y [M, N] += x [M, K] A[idx]^T B[idx]^T in place (rows with idx -1 untouched); idx: per-token slots."""
+        h = self.shrink(x, a, idx)
+        if self.use_kernels:
+            lora_expand(y, h, b, idx)
+        else:
+            lora_expand_ref(y, h, b, idx)
+
+    def shrink(self, x: torch.Tensor, a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> kernels: the partials [SPLIT, M, R] fp32 (lora_shrink); torch: h [M, R] fp32."""
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
         if self.use_kernels:
-            if x.stride(-1) != 1:
-                x = x.contiguous()
-            lora_expand(y, lora_shrink(x, a, idx), b, idx)
+            return lora_shrink(x if x.stride(-1) == 1 else x.contiguous(), a, idx)
+        return lora_shrink_ref(x, a, idx)
+
+    def expand_cols(self, y: torch.Tensor, h: torch.Tensor, lo: int, hi: int, b: torch.Tensor, idx) -> None:
+        """y += h[..., lo:hi] @ B[idx]^T: one projection's rank columns of a stacked shrink's output."""
+        if self.use_kernels:
+            lora_expand(y, h[:, :, lo:hi], b, idx)
         else:
-            lora_expand_ref(y, lora_shrink_ref(x, a, idx), b, idx)
+            lora_expand_ref(y, h[:, lo:hi], b, idx)
 
 
 class SlotWeights(nn.Module):
@@ -95,16 +116,75 @@ class SlotWeights(nn.Module):
         self.b[slot, :, :r].copy_(b)
 
 
+def stack_slot_weights(ws: list[SlotWeights], block_b: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Projections of one input under one shrink launch: A [S, n*R, in] with each w.a a view of its R rows (so
+    slot writes land in it), and with block_b one block-diagonal B [S, sum of outs, n*R] with each w.b a view of its
+    block (the rest stays zero): one expand into the projections' concatenated outputs. Exact: the zero blocks add
+    exact zeros in fp32."""
+    s, r, d_in = ws[0].a.shape
+    if any(w.a.shape != (s, r, d_in) for w in ws):
+        raise ValueError(f"stack_slot_weights: projections of one input need equal A shapes, got "
+                         f"{[tuple(w.a.shape) for w in ws]}")
+    a = ws[0].a.new_zeros(s, len(ws) * r, d_in)
+    b = ws[0].b.new_zeros(s, sum(w.b.shape[1] for w in ws), len(ws) * r) if block_b else None
+    row = 0
+    for i, w in enumerate(ws):
+        cols = slice(i * r, (i + 1) * r)
+        a[:, cols].copy_(w.a)
+        w.a = a[:, cols]
+        if block_b:
+            n = w.b.shape[1]
+            b[:, row: row + n, cols].copy_(w.b)
+            w.b = b[:, row: row + n, cols]
+            row += n
+    return a, b
+
+
 class LoRALinear:
     """Mixin for nn.Linear (or fp8 linears): out = base(x) + the rows' adapters."""
 
+    def base_forward(self, x):
+        """The projection without its adapters (LoRAMLP adds them itself)."""
+        return super().forward(x)
+
     def forward(self, x):
-        y = super().forward(x)
+        return self.add_lora(x, super().forward(x))
+
+    def add_lora(self, x, y):
+        """y (this projection's base output for x) += the rows' adapters, in place; returns y. The GPU build's
+        one-row GEMV (runner/gpu_kernels.py GemvProjections) computes y itself and calls this."""
         ctx = self.lora_ctx
         if ctx.active:
             x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
             ctx.apply(x2, y2, self.lora.a, self.lora.b, ctx.slots(x2.shape[0]))
         return y
+
+    @property
+    def plain_linear(self) -> bool:
+        """Over a bias-free nn.Linear (what GemvProjections computes itself)."""
+        return type(self).__bases__[-1] is nn.Linear and self.bias is None
+
+    def gemv_forward(self, x):
+        """The GPU build's one-row path (runner/gpu_kernels.py GemvProjections, for plain_linear): the GEMV, with
+        every slot's A as extra rows of the same launch (the shrink: S*R rows more, ~3% of the weight's bytes),
+        then one expand of the row's slot; larger steps: linear() and add_lora."""
+        from ..kernels.gemv import linear
+
+        y = one_row_lora(self.lora_ctx, x, self.weight, self.lora.a, self.lora.b)
+        return y if y is not None else self.add_lora(x, linear(x, self.weight))
+
+
+def one_row_lora(ctx: LoRAContext, x, w, a, b):
+    """x [1, K] @ w^T plus the row's adapter in two launches (gemv with a's rows as extra rows, expand of the row's
+    slot), or None when that path does not apply (eager steps without adapters, the torch path, more rows, a
+    non-contiguous A such as one part of a stacked shrink)."""
+    from ..kernels.gemv import gemv, gemv_applies
+
+    if not (ctx.active and ctx.use_kernels and gemv_applies(x, w) and a.is_contiguous() and x.dtype == a.dtype):
+        return None
+    y, h = gemv(x, w, extra=a.flatten(0, 1))  # [1, N], [1, S*R] fp32: every slot's h
+    lora_expand(y, h.unsqueeze(0), b, ctx.slots(x.shape[0]), slotted=True)
+    return y
 
 
 class LoRAFusedInput:
@@ -113,11 +193,20 @@ class LoRAFusedInput:
     fused output, so the fusion stays with LoRA enabled."""
 
     def _linear(self, x, w, scale=None):
-        y = super()._linear(x, w, scale)
         ctx = self.lora_ctx
+        stacked = getattr(self, "lora_stacked", None)  # (A [S, n*R, D], block-diagonal B [S, sum outs, n*R])
+        if scale is None and getattr(self, "one_row_gemv", False) and w is self.fused_in_weight and stacked is not None \
+                and stacked[1].shape[1] == w.shape[0]:  # the GPU build's one-row GEMV: the shrink rides along
+            y = one_row_lora(ctx, x, w, *stacked)
+            if y is not None:
+                return y
+        y = super()._linear(x, w, scale)
         if ctx.active and w is self.fused_in_weight:
             x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
             idx, start = ctx.slots(x2.shape[0]), 0
+            if stacked is not None and stacked[1].shape[1] == y2.shape[1]:
+                ctx.apply(x2, y2, *stacked, idx)  # one shrink, one expand for all the parts
+                return y
             for proj in self.lora_fused_parts():
                 end = start + proj.out_features
                 ctx.apply(x2, y2[:, start:end], proj.lora.a, proj.lora.b, idx)
@@ -129,6 +218,25 @@ class LoRAFusedInput:
         if hasattr(self, "kv_a_proj_with_mqa"):
             return [self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa]
         return [self.q_proj, self.k_proj, self.v_proj]
+
+
+class LoRAMLP:
+    """Mixin for MLP (dense layers, shared experts) whose gate_proj and up_proj are LoRALinear: one shrink of x for
+    both (lora_stacked_a: their A's stacked, [S, 2R, D]), then each one's expand; the rest is MLP.forward's math
+    (apply_lora swaps this in only over MLP.forward itself)."""
+
+    def forward(self, x):
+        ctx = self.lora_ctx
+        if not ctx.active:
+            return super().forward(x)
+        g, u = self.gate_proj, self.up_proj
+        yg, yu = g.base_forward(x), u.base_forward(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        idx, r = ctx.slots(x2.shape[0]), g.lora.a.shape[1]
+        h = ctx.shrink(x2, self.lora_stacked_a, idx)
+        ctx.expand_cols(yg.view(-1, yg.shape[-1]), h, 0, r, g.lora.b, idx)
+        ctx.expand_cols(yu.view(-1, yu.shape[-1]), h, r, 2 * r, u.lora.b, idx)
+        return self._apply_linear(self.down_proj, F.silu(yg) * yu)
 
 
 class KvbSlotWeights(SlotWeights):
@@ -179,10 +287,18 @@ class LoRAMLA:
         if ctx.active and q_nope.shape[0]:
             n, h, c = q_latent.shape
             w = self.kv_b_lora
-            per_head, per_row = self._head_slots(n)
-            x = q_nope.reshape(n * h, self.nope)
-            t = self._shrink(x, w.buk_t, per_head)  # [n*H, R]: q_nope B_UK per head
-            self._expand_into(q_latent.view(n * h, c), t, w.a_t, per_row)  # += t A
+            x = q_nope.reshape(n * h, self.nope).to(w.a.dtype)
+            if ctx.use_kernels:  # rows (token i, head j) = i*H + j; the decode tokens are the step's first rows
+                slots = ctx.slots(n)
+                if self.nope <= SHRINK_EXPAND_MAX_K:  # one launch: += (q_nope B_UK per head) A
+                    lora_shrink_expand(q_latent.view(n * h, c), x.contiguous(), w.buk_t, w.a_t, slots, h,
+                                       a_grouped=True, b_grouped=False)
+                else:
+                    t = lora_shrink(x.contiguous(), w.buk_t, slots, slot_div=h, groups=h)  # q_nope B_UK per head
+                    lora_expand(q_latent.view(n * h, c), t, w.a_t, slots, slot_div=h)  # += t A
+            else:
+                per_head, per_row = self._head_slots(n)
+                lora_expand_ref(q_latent.view(n * h, c), lora_shrink_ref(x, w.buk_t, per_head), w.a_t, per_row)
         return q_latent
 
     def _absorb_out(self, o_latent, w_uv):
@@ -191,32 +307,50 @@ class LoRAMLA:
         if ctx.active and o_latent.shape[0]:
             n, h, c = o_latent.shape
             w = self.kv_b_lora
-            per_head, per_row = self._head_slots(n)
-            u = self._shrink(o_latent.reshape(n * h, c), w.a, per_row)  # [n*H, R]: A o_latent
-            self._expand_into(out.view(n * h, self.v_dim), u, w.buv, per_head)  # += u B_UV^T per head
+            x = o_latent.reshape(n * h, c).to(w.a.dtype)
+            y = out.view(n * h, self.v_dim)
+            if ctx.use_kernels:
+                slots = ctx.slots(n)
+                if c <= SHRINK_EXPAND_MAX_K:  # one launch: += (A o_latent) B_UV^T per head
+                    lora_shrink_expand(y, x.contiguous(), w.a, w.buv, slots, h, a_grouped=False, b_grouped=True)
+                else:
+                    u = lora_shrink(x.contiguous(), w.a, slots, slot_div=h)  # [., n*H, R]: A o_latent
+                    lora_expand(y, u, w.buv, slots, slot_div=h, groups=h)  # += u B_UV^T per head
+            else:
+                per_head, per_row = self._head_slots(n)
+                lora_expand_ref(y, lora_shrink_ref(x, w.a, per_row), w.buv, per_head)
         return out
 
-    def _shrink(self, x, a, idx):
-        x = x.to(a.dtype)
-        if self.lora_ctx.use_kernels:
-            return lora_shrink(x.contiguous(), a, idx)
-        return lora_shrink_ref(x, a, idx)
 
-    def _expand_into(self, y, h, b, idx):
-        (lora_expand if self.lora_ctx.use_kernels else lora_expand_ref)(y, h, b, idx)
+@dataclass(frozen=True)
+class SharedFold:
+    """Shared experts folded into the routed stacks (MoE.fuse_shared_experts): the shared MLP of full width
+    `width` (this rank's columns gate_rows of gate/up_proj's B and down_cols of down_proj's A, None = whole) is
+    `n` experts of the routed width after the routed ones."""
+
+    n: int
+    width: int
+    gate_rows: tuple[int, int] | None = None
+    down_cols: tuple[int, int] | None = None
 
 
 class ExpertSlotWeights(nn.Module):
-    """Routed experts' stacks [S*E, ...] (index slot * E + expert): gate_up_a [., R, D], gate_up_b [., 2I, R],
-    down_a [., R, I], down_b [., D, R]. inter_range: this rank's slice [lo, hi) of the full intermediate size."""
+    """Routed experts' stacks [S*E', ...] (index slot * E' + expert; E' = E routed + the folded shared experts):
+    gate_up_a [., R', D], gate_up_b [., 2I, R'], down_a [., R, I], down_b [., D, R]. inter_range: this rank's slice
+    [lo, hi) of the full intermediate size. With shared experts folded in (shared), R' = 2R: their gate_proj and
+    up_proj adapters have A's of their own, stacked as [A_gate; A_up] with B = [[B_gate, 0], [0, B_up]] per fused
+    expert (the routed experts use the first R columns)."""
 
-    def __init__(self, slots, rank, e, d, inter, full_inter, dtype, device, inter_range=None):
+    def __init__(self, slots, rank, e, d, inter, full_inter, dtype, device, inter_range=None,
+                 shared: SharedFold | None = None):
         super().__init__()
-        n = slots * e
-        for name, shape in (("gate_up_a", (n, rank, d)), ("gate_up_b", (n, 2 * inter, rank)),
+        self.e, self.shared = e, shared
+        self.e_total = e + (shared.n if shared is not None else 0)
+        n, gu_rank = slots * self.e_total, 2 * rank if shared is not None else rank
+        for name, shape in (("gate_up_a", (n, gu_rank, d)), ("gate_up_b", (n, 2 * inter, gu_rank)),
                             ("down_a", (n, rank, inter)), ("down_b", (n, d, rank))):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.e, self.d, self.full_inter, self.inter_range = e, d, full_inter, inter_range
+        self.rank, self.d, self.inter, self.full_inter, self.inter_range = rank, d, inter, full_inter, inter_range
         self.slot_targets: list[set[str]] = [set() for _ in range(slots)]  # what each slot's adapter adapts
 
     @property
@@ -234,13 +368,29 @@ class ExpertSlotWeights(nn.Module):
                     f"with I={i}, D={d}")
         return None
 
+    def check_shared(self, name: str, leaf: str, a: torch.Tensor, b: torch.Tensor) -> str | None:
+        """A shared-expert projection's adapter (A [r, in], B [out, r]) against the shared MLP's full shape."""
+        w, d = self.shared.width, self.d
+        out_f, in_f = (d, w) if leaf == "down_proj" else (w, d)
+        if a.shape[-1] != in_f or b.shape[-2] != out_f:
+            return (f"{name}: adapter A {tuple(a.shape)} / B {tuple(b.shape)} does not fit the model's "
+                    f"[{out_f}, {in_f}] weight")
+        return None
+
     @torch.no_grad()
-    def write(self, slot: int, targets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        e = self.e
-        rows = slice(slot * e, (slot + 1) * e)
+    def write(self, slot: int, targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+              shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """targets: routed "gate_up_proj" / "down_proj" -> (A [E, r, in], B [E, out, r]); shared: the shared MLP's
+        "gate_proj" / "up_proj" / "down_proj" -> (A [r, in], B [out, r]) (only with shared experts folded in)."""
+        et, e = self.e_total, self.e
         for name in ("gate_up_a", "gate_up_b", "down_a", "down_b"):
-            getattr(self, name)[rows].zero_()
-        self.slot_targets[slot] = set(targets)
+            getattr(self, name)[slot * et: (slot + 1) * et].zero_()
+        shared = shared or {}
+        if shared and self.shared is None:
+            raise ValueError("shared-expert adapters given to experts without folded shared experts")
+        self.slot_targets[slot] = set(targets) | ({"gate_up_proj"} if {"gate_proj", "up_proj"} & set(shared)
+                                                  else set()) | ({"down_proj"} if "down_proj" in shared else set())
+        rows = slice(slot * et, slot * et + e)
         lo, hi = self.inter_range or (0, self.full_inter)
         i = self.full_inter
         if "gate_up_proj" in targets:
@@ -253,6 +403,34 @@ class ExpertSlotWeights(nn.Module):
             r = a.shape[1]
             self.down_a[rows, :r].copy_(a[:, :, lo:hi])
             self.down_b[rows, :, :r].copy_(b)
+        if shared:
+            self._write_shared(slot, shared)
+
+    def _write_shared(self, slot: int, shared) -> None:
+        """Fused expert j = columns [j*I, (j+1)*I) of this rank's slice of the shared MLP (its gate/up B rows, its
+        down A columns): SwiGLU is a sum over those columns, so the experts' sum is the shared MLP with its
+        adapters."""
+        f, n_i, half = self.shared, self.inter, self.rank
+        base = slot * self.e_total + self.e
+        for col, leaf in ((0, "gate_proj"), (1, "up_proj")):
+            if leaf not in shared:
+                continue
+            a, b = shared[leaf]  # [r, D], [W, r]
+            if f.gate_rows is not None:
+                b = b[f.gate_rows[0]: f.gate_rows[1]]
+            r = a.shape[0]
+            for j in range(f.n):
+                self.gate_up_a[base + j, col * half: col * half + r].copy_(a)
+                self.gate_up_b[base + j, col * n_i: (col + 1) * n_i, col * half: col * half + r].copy_(
+                    b[j * n_i: (j + 1) * n_i])
+        if "down_proj" in shared:
+            a, b = shared["down_proj"]  # [r, W], [D, r]
+            if f.down_cols is not None:
+                a = a[:, f.down_cols[0]: f.down_cols[1]]
+            r = a.shape[0]
+            for j in range(f.n):
+                self.down_a[base + j, :r].copy_(a[:, j * n_i: (j + 1) * n_i])
+                self.down_b[base + j, :, :r].copy_(b)
 
 
 class LoRAExperts:
@@ -266,10 +444,7 @@ class LoRAExperts:
         has = {"gate_up_proj": True, "down_proj": True} if ctx.use_kernels else w.has
         if not ctx.active or not (has["gate_up_proj"] or has["down_proj"]):
             return super().forward(x, topk_ids, topk_weights, reduce)
-        s = ctx.slots(x.shape[0]).long()
-        e = w.e
-        pair = torch.where(s[:, None] >= 0, s[:, None] * e + topk_ids.long(), -1).reshape(-1).to(torch.int32)
-        lora = MoELoRA(pair, *((w.gate_up_a, w.gate_up_b) if has["gate_up_proj"] else (None, None)),
+        lora = MoELoRA(ctx.slots(x.shape[0]), *((w.gate_up_a, w.gate_up_b) if has["gate_up_proj"] else (None, None)),
                        *((w.down_a, w.down_b) if has["down_proj"] else (None, None)), use_kernels=ctx.use_kernels)
         if ctx.use_kernels:
             from ..kernels.fused_moe import fused_moe
@@ -297,5 +472,6 @@ def swap_in(module: nn.Module, mixin: type) -> None:
 
 _COMPOSED: dict[tuple[type, type], type] = {}
 
-__all__ = ["ExpertSlotWeights", "KvbSlotWeights", "LINEAR_TARGETS", "LoRAContext",
-           "LoRAExperts", "LoRAFusedInput", "LoRALinear", "LoRAMLA", "SlotWeights", "swap_in"]
+__all__ = ["ExpertSlotWeights", "KvbSlotWeights", "LINEAR_TARGETS", "LoRAContext", "LoRAExperts",
+           "LoRAFusedInput", "LoRALinear", "LoRAMLA", "LoRAMLP", "SharedFold", "SlotWeights", "stack_slot_weights",
+           "swap_in"]

@@ -31,7 +31,7 @@ class LoRAManager:
         if adapter.rank > cfg.max_lora_rank:
             raise AdapterError(f"adapter {adapter.name!r} has rank {adapter.rank}, above max_lora_rank "
                                f"{cfg.max_lora_rank} (--max-lora-rank)")
-        unknown = [n for n in adapter.linears if n not in m.linears]
+        unknown = [n for n in adapter.linears if n not in m.linears and n not in m.shared]
         unknown += [n for n in adapter.experts if n not in m.experts]
         if unknown:
             hint = ("; routed-expert adapters are not served under expert parallelism"
@@ -40,7 +40,8 @@ class LoRAManager:
             raise AdapterError(f"adapter {adapter.name!r} targets modules this model cannot serve adapters on: "
                                f"{unknown[:4]}{' ...' if len(unknown) > 4 else ''}; adaptable: {leaves}{hint}")
         for n, (a, b) in adapter.linears.items():
-            err = m.linears[n].check(n, a, b)
+            err = m.linears[n].check(n, a, b) if n in m.linears else m.experts[m.shared[n][0]].check_shared(
+                n, m.shared[n][1], a, b)
             if err:
                 raise AdapterError(f"adapter {adapter.name!r}: {err}")
         for n, targets in adapter.experts.items():
@@ -100,7 +101,12 @@ class LoRAManager:
             a, b = adapter.linears.get(name, (None, None)) if adapter is not None else (None, None)
             w.write(slot, a, b)
         for name, w in m.experts.items():
-            w.write(slot, adapter.experts.get(name, {}) if adapter is not None else {})
+            if adapter is None:
+                w.write(slot, {})
+                continue
+            shared = {leaf: adapter.linears[n] for n, (e, leaf) in m.shared.items()
+                      if e == name and n in adapter.linears}
+            w.write(slot, adapter.experts.get(name, {}), shared)
 
     def activate(self, int_ids) -> dict[int, int]:
         """Slots of these adapters (at most max_loras), loading the missing ones over the least recently used

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from ..models.attention import Attention, MLAttention
-from ..models.moe import Experts
+from ..models.layers import MLP
+from ..models.moe import MoE, Experts
 from ..parallel.sharding import checkpoint_plan, checkpoint_shapes
 from ..parallel.state import ParallelConfig
 from .config import LoRAConfig
 from .layers import (LINEAR_TARGETS, ExpertSlotWeights, KvbSlotWeights, LoRAContext, LoRAExperts, LoRAFusedInput,
-                     LoRALinear, LoRAMLA, SlotWeights, swap_in)
+                     LoRALinear, LoRAMLA, LoRAMLP, SharedFold, SlotWeights, stack_slot_weights, swap_in)
 
 
 @dataclass
@@ -26,6 +27,9 @@ class LoRAModel:
     config: LoRAConfig
     linears: dict[str, SlotWeights] = field(default_factory=dict)
     experts: dict[str, ExpertSlotWeights] = field(default_factory=dict)
+    # shared-expert projections folded into a fused MoE (MoE.fuse_shared_experts): their Linear name (as adapters
+    # name them) -> (the experts module's name, "gate_proj" | "up_proj" | "down_proj")
+    shared: dict[str, tuple[str, str]] = field(default_factory=dict)
     num_experts: int | None = None
     expert_parallel: bool = False
 
@@ -55,6 +59,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, parallel: ParallelConfig, max_
     out = LoRAModel(ctx, cfg, num_experts=mc.n_routed_experts if mc.is_moe else None,
                     expert_parallel=parallel.expert_parallel)
     s, r = cfg.max_loras, cfg.max_lora_rank
+    folded = {id(m.experts): (name, m.n_fused_shared) for name, m in model.named_modules()
+              if isinstance(m, MoE) and m.n_fused_shared}
     for name, m in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
         if leaf in LINEAR_TARGETS and hasattr(m, "in_features") and f"{name}.weight" in shapes:
@@ -82,15 +88,40 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, parallel: ParallelConfig, max_
             out.linears[kname] = w
         if isinstance(m, Experts) and not parallel.expert_parallel:
             e, two_i, d = m.gate_up_proj.shape
-            if e != mc.n_routed_experts:
-                raise RuntimeError(f"{name}: {e} experts (shared experts folded in?); LoRA needs the routed ones "
-                                   "alone (the model builder skips that fold when LoRA is enabled)")
+            moe_name, n_shared = folded.get(id(m), (None, 0))
+            if e != mc.n_routed_experts + n_shared:
+                raise RuntimeError(f"{name}: {e} experts, expected {mc.n_routed_experts} routed + {n_shared} folded "
+                                   "shared")
             inter_range = None
             if plan is not None:
                 entry = plan[f"{name}.0.gate_proj.weight"]
                 inter_range = (entry.shard.start, entry.shard.stop) if entry.shard.dim is not None else None
-            w = ExpertSlotWeights(s, r, e, d, two_i // 2, mc.moe_intermediate_size, dtype, device, inter_range)
+            fold = None
+            if n_shared:  # the shared MLP's adapters go into the folded experts' rows of the stacks
+                mlp = f"{moe_name}.shared_experts"
+                fold = SharedFold(n_shared, shapes[f"{mlp}.gate_proj.weight"][0], _slices(plan, f"{mlp}.gate_proj")[1],
+                                  _slices(plan, f"{mlp}.down_proj")[0])
+                for leaf in ("gate_proj", "up_proj", "down_proj"):
+                    out.shared[f"{mlp}.{leaf}"] = (name, leaf)
+            w = ExpertSlotWeights(s, r, e - n_shared, d, two_i // 2, mc.moe_intermediate_size, dtype, device,
+                                  inter_range, shared=fold)
             m.lora, m.lora_ctx = w, ctx
             swap_in(m, LoRAExperts)
             out.experts[name] = w
+    _stack_shared_inputs(model, ctx)
     return out
+
+
+def _stack_shared_inputs(model: nn.Module, ctx: LoRAContext) -> None:
+    """Projections that read the same input share one shrink launch: attention's fused input projections (one
+    expand too, through a block-diagonal B into their fused output) and an MLP's gate_proj / up_proj."""
+    for m in model.modules():
+        if isinstance(m, LoRAFusedInput):
+            parts = m.lora_fused_parts()
+            if all(isinstance(p, LoRALinear) for p in parts):
+                m.lora_stacked = stack_slot_weights([p.lora for p in parts], block_b=True)
+        if isinstance(m, MLP) and type(m).forward is MLP.forward and isinstance(m.gate_proj, LoRALinear) \
+                and isinstance(m.up_proj, LoRALinear):
+            m.lora_stacked_a, _ = stack_slot_weights([m.gate_proj.lora, m.up_proj.lora], block_b=False)
+            m.lora_ctx = ctx
+            swap_in(m, LoRAMLP)

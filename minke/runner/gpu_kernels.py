@@ -4,12 +4,15 @@ outside, as module swaps: each mixin below overrides one method of a model modul
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from ..models.attention import Attention, MLAttention
 from ..models.layers import MLP, RMSNorm
 from ..models.moe import Experts, MoE, Router, RouterOutput
+from ..lora.layers import LoRALinear
 
 
 def swap_in(module: nn.Module, mixin: type) -> None:
@@ -87,6 +90,8 @@ class GemvProjections:
     Triton SiLU·mul. Fused fp8 weights go through kernels/fp8_linear.py (its W8A16 GEMV at few rows). Other modules
     (Fp8Linear) keep their own forward."""
 
+    one_row_gemv = True  # LoRA's fused input projection runs its shrink inside this GEMV (lora/layers.py)
+
     def _linear(self, x, w, scale=None):
         from ..kernels.gemv import linear
 
@@ -100,6 +105,8 @@ class GemvProjections:
     def _apply_linear(self, linear: nn.Module, x):
         if type(linear) is nn.Linear and linear.bias is None:
             return self._linear(x, linear.weight)
+        if isinstance(linear, LoRALinear) and linear.plain_linear:  # served adapters: the GEMV, then their deltas
+            return linear.gemv_forward(x)
         return linear(x)
 
 
@@ -156,6 +163,18 @@ def fuse_shared_experts(model, max_tokens: int = 1024) -> int:
     they run inside the fused MoE's two grouped GEMMs instead of ~6 more launches per layer. Expert-parallel
     layers (ExpertParallelMoE) are not MoE instances and keep their own path. Returns how many layers changed."""
     return sum(m.fuse_shared_experts(max_tokens) for m in model.modules() if isinstance(m, MoE))
+
+
+def fold_shared_experts_for_lora(model) -> int:
+    """fuse_shared_experts for a model that serves adapters: the shared experts' adapters then run inside the
+    fused MoE with the routed ones' (lora/layers.py ExpertSlotWeights), and every step routes to the folded experts
+    (fused_max_tokens unbounded: the long-prefill path's dense GEMMs over them would skip their adapters). Returns
+    how many layers changed."""
+    n = fuse_shared_experts(model)
+    for m in model.modules():
+        if isinstance(m, MoE) and m.n_fused_shared:
+            m.fused_max_tokens = sys.maxsize
+    return n
 
 
 def defer_moe_slot_sums(model) -> int:

@@ -119,7 +119,7 @@ class Worker:
         n, block_size = cache.profile_tokens, cache.block_size
         caches = allocate_kv_caches(kv_cache_config(self.model_config, self.parallel), 2, block_size,
                                     self.kv_cache_dtype, self.device)
-        if self.lora is not None:  # the adapters' transient buffers (expert deltas: [T*K, 2I] fp32) count too
+        if self.lora is not None:  # the adapters' transient buffers (shrink partials [SPLIT, rows, R] fp32) count too
             self.lora.begin_capture()
         with torch.inference_mode():
             table = [0] * ((n + block_size - 1) // block_size)
