@@ -29,6 +29,7 @@ from . import checkpoint as ckpt
 from .args import TrainingConfig
 from .data import IGNORE_INDEX, GlobalBatchSampler
 from .loss import chunked_cross_entropy
+from .fused_attention import use_fused_attention
 from .fused_norm import use_fused_norms
 from .lora_linear import fuse_lora_linears
 from .moe_train import use_grouped_experts
@@ -63,6 +64,7 @@ class Trainer:
         use_grouped_experts(model)  # routed experts as grouped GEMMs (train/moe_train.py), not a per-expert loop
         fuse_lora_linears(model)  # PEFT's LoRA Linears as one autograd node each (train/lora_linear.py)
         use_fused_norms(model)  # RMSNorm forward + backward as Triton kernels on CUDA (train/fused_norm.py)
+        use_fused_attention(model)  # MLA's q/k/v rope + assembly as one kernel each way (train/fused_attention.py)
         if deepspeed is not None and deepspeed.optimizer is not None:
             o = deepspeed.optimizer  # DeepSpeed's AdamW: one group, decay on every trainable parameter
             self.optimizer = torch.optim.AdamW(self.trainable, lr=o["lr"], betas=o["betas"], eps=o["eps"],
