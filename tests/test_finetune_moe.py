@@ -281,3 +281,17 @@ def test_route_rows_order_is_the_stable_sort_of_the_expert_ids():
     ids = torch.randint(0, 64, (300, 6), generator=g)
     _, _, _, order = route_rows(ids, 64)
     assert torch.equal(order, torch.argsort(ids.reshape(-1), stable=True))
+
+
+def test_router_scores_under_autocast_equal_the_widened_form():
+    """Skipping the fp32 widening under autocast changes no value: autocast runs the GEMM in its dtype anyway."""
+    import torch.nn.functional as F
+
+    from minke.kernels.router import router_scores_torch
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 32, generator=g).bfloat16(), torch.randn(8, 32, generator=g).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = router_scores_torch(x, w)
+        widened = F.linear(x.float(), w.float()).softmax(dim=-1)
+    assert torch.equal(ours, widened)

@@ -76,8 +76,9 @@ def _plain_head_weight(head: nn.Module) -> torch.Tensor | None:
             inner = head.original_module
         else:
             inner = head.modules_to_save[active[0]]
-    if type(inner) is nn.Linear and inner.bias is None and inner.weight.is_floating_point():
-        return inner.weight
+    w = getattr(inner, "weight", None)
+    if type(inner) is nn.Linear and inner.bias is None and w.is_floating_point() and type(w).__name__ != "DTensor":
+        return w
     return None
 
 
