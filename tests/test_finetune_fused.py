@@ -1,5 +1,5 @@
-"""The training-side kernel swaps together (train/lora_linear.py, fused_norm.py, fused_attention.py, and the
-grouped experts) on a tiny DeepSeek-V2 model with LoRA on attention: loss and every trainable gradient equal the
+"""The training-side kernel swaps together (train/lora_linear.py, fused_norm.py, fused_attention.py, fused_mlp.py
+and the grouped experts) on a tiny DeepSeek-V2 model with LoRA on attention: loss and every trainable gradient equal the
 plain model with PEFT's modules (fp32, CPU, 1e-5 relative), gradient checkpointing on. The Triton kernels run in
 the interpreter (TRITON_INTERPRET=1, set by conftest.py)."""
 
@@ -12,6 +12,7 @@ import torch
 
 import minke.kernels.mla_qk as _mla
 import minke.train.fused_attention as fused_attention
+import minke.train.fused_mlp as fused_mlp
 import minke.train.fused_norm as fused_norm
 from conftest import kernel_test_setup
 
@@ -38,6 +39,7 @@ def test_fused_training_model_equals_the_plain_one(monkeypatch, trainable):
     torch.set_num_threads(1)
     monkeypatch.setattr(fused_norm, "_fused_device", lambda x: True)
     monkeypatch.setattr(fused_attention, "_fused_device", lambda x: True)
+    monkeypatch.setattr(fused_mlp, "_fused_device", lambda x: True)
     cfg = config_from_dict(config_dict("deepseek_v2_lite", vocab_size=64, aux_loss_alpha=0.01, seq_aux=True))
     torch.manual_seed(0)
     ref = init_weights(build_model(cfg, torch.float32, "cpu"))
@@ -50,6 +52,7 @@ def test_fused_training_model_equals_the_plain_one(monkeypatch, trainable):
     assert fuse_lora_linears(new) > 0
     assert fused_norm.use_fused_norms(new) == 3 * cfg.num_hidden_layers + 1
     assert fused_attention.use_fused_attention(new) == cfg.num_hidden_layers
+    assert fused_mlp.use_fused_mlps(new) == cfg.num_hidden_layers  # layer 0's dense MLP, the others' shared experts
     use_grouped_experts(new)
     ids = torch.randint(0, 64, (2, 9))
     losses = []

@@ -30,6 +30,7 @@ from .args import TrainingConfig
 from .data import IGNORE_INDEX, GlobalBatchSampler
 from .loss import chunked_cross_entropy
 from .fused_attention import use_fused_attention
+from .fused_mlp import use_fused_mlps
 from .fused_norm import use_fused_norms
 from .lora_linear import fuse_lora_linears
 from .moe_train import use_grouped_experts
@@ -65,6 +66,7 @@ class Trainer:
         fuse_lora_linears(model)  # PEFT's LoRA Linears as one autograd node each (train/lora_linear.py)
         use_fused_norms(model)  # RMSNorm forward + backward as Triton kernels on CUDA (train/fused_norm.py)
         use_fused_attention(model)  # MLA's q/k/v rope + assembly as one kernel each way (train/fused_attention.py)
+        use_fused_mlps(model)  # dense / shared-expert SwiGLU as one kernel each way (train/fused_mlp.py)
         if deepspeed is not None and deepspeed.optimizer is not None:
             o = deepspeed.optimizer  # DeepSpeed's AdamW: one group, decay on every trainable parameter
             self.optimizer = torch.optim.AdamW(self.trainable, lr=o["lr"], betas=o["betas"], eps=o["eps"],
