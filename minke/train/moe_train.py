@@ -7,10 +7,10 @@
      to expert e (offs = cumsum of the per-expert counts, int32, on the device: no host sync);
   2. gate_up and down as one `torch._grouped_mm` each (Hopper grouped GEMM on CUDA, fp32/bf16 on CPU), with the
      backward also as grouped mms of the transposes (`GroupedLinear`); a frozen base weight gets no weight grad;
-  3. SiLU(gate) * up as one autograd node that saves only its [M, 2I] input (`silu_mul`), with each row scaled by
-     its routing weight there (the down projection is linear: scaling its input row scales its output row), so
-  4. the un-permute and the sum over the K slots are one gather-sum pass (kernels/gather_sum.py) that reads the
-     expert-order rows once; its backward, and the dispatch's forward, are one row gather each.
+  3. SiLU(gate) * up as one autograd node that saves only its [M, 2I] input (`silu_mul`);
+  4. the un-permute and the routing-weighted sum over the K slots as one gather-sum pass (kernels/gather_sum.py)
+     that reads the expert-order rows once; its backward is one pass too (the rows' grads and the weights' grads),
+     and the dispatch's backward is the unweighted gather-sum.
 
 LoRA on the routed experts (`ExpertLoRA`): stacked A [E, r, K] and B [E, N, r] per target (gate_up_proj, down_proj),
 applied inside the same grouped GEMMs: y = x W_e^T + scale * (x A_e^T) B_e^T for the rows of expert e. That is
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels._triton import HAS_TRITON
-from ..kernels.gather_sum import gather_sum, gather_sum_ref
-from ..kernels.silu_mul import silu_mul_bwd, silu_mul_bwd_ref, silu_mul_fwd, silu_mul_fwd_ref
+from ..kernels.gather_sum import combine_bwd, combine_bwd_ref, gather_sum, gather_sum_ref
+from ..kernels.silu_mul import silu_mul_bwd, silu_mul_bwd_ref, silu_mul_fwd
 
 
 # ---------------------------------------------------------------------------------------------- grouped matmul
@@ -97,40 +97,38 @@ def grouped_linear_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tenso
 
 # ------------------------------------------------------------------------------------------------- SiLU * mul
 class SiluMul(torch.autograd.Function):
-    """h [M, 2I] = [gate | up] (, scale [M]) -> scale * silu(gate) * up [M, I]. Saves h (and scale) only (autograd's
-    chain would keep gate, up and silu(gate): 1.5x the memory of h), recomputing sigmoid in the backward. On CUDA
-    both directions are one Triton pass each (kernels/silu_mul.py); elsewhere the same math in torch."""
+    """h [M, 2I] = [gate | up] -> silu(gate) * up [M, I]. Saves h only (autograd's chain would keep gate, up and
+    silu(gate): 1.5x the memory of h), recomputing sigmoid in the backward. On CUDA both directions are one Triton
+    pass each (kernels/silu_mul.py); elsewhere the same math in torch."""
 
     @staticmethod
-    def forward(ctx, h, scale):
-        ctx.save_for_backward(h, scale)
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
         if h.is_cuda and HAS_TRITON:
-            return silu_mul_fwd(h, scale)
-        return silu_mul_fwd_ref(h, scale)
+            return silu_mul_fwd(h)
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, go):
-        h, scale = ctx.saved_tensors
-        fn = silu_mul_bwd if h.is_cuda and HAS_TRITON else silu_mul_bwd_ref
-        if scale is None:
-            return fn(h, go.to(h.dtype)), None
-        dh, dscale = fn(h, go.to(h.dtype), scale)
-        return dh, (dscale.to(scale.dtype) if ctx.needs_input_grad[1] else None)
+        (h,) = ctx.saved_tensors
+        if h.is_cuda and HAS_TRITON:
+            return silu_mul_bwd(h, go.to(h.dtype))
+        return silu_mul_bwd_ref(h, go.to(h.dtype))
 
 
-def silu_mul(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    return SiluMul.apply(h, scale)
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    return SiluMul.apply(h)
 
 
-def silu_mul_reference(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul_reference(h: torch.Tensor) -> torch.Tensor:
     gate, up = h.chunk(2, dim=-1)
-    out = F.silu(gate) * up
-    return out if scale is None else out * scale[:, None]
+    return F.silu(gate) * up
 
 
 # ---------------------------------------------------------------------------------------- dispatch / combine
-def _gather_sum(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return gather_sum(src, idx) if src.is_cuda and HAS_TRITON else gather_sum_ref(src, idx)
+def _gather_sum(src: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    return gather_sum(src, idx, w) if src.is_cuda and HAS_TRITON else gather_sum_ref(src, idx, w)
 
 
 class DispatchRows(torch.autograd.Function):
@@ -151,33 +149,21 @@ class DispatchRows(torch.autograd.Function):
 
 
 class CombineRows(torch.autograd.Function):
-    """y [N*K, D] in expert order -> out [N, D], out[n] = sum_k y[inv[n*K + k]] (the routing weights are already in
-    y's rows): the un-permute and the slot sum in one pass. Backward: g[tok] (each sorted row's token's grad)."""
+    """y [N*K, D] in expert order, w [N, K] routing weights -> out [N, D], out[n] = sum_k w[n, k] * y[inv[n*K + k]]:
+    the un-permute and the weighted slot sum in one pass. Backward in one pass too: grad_y[i] = w * g[tok[i]] and
+    grad_w = <y[i], g[tok[i]]> for each expert-order row i (order[i]: its (token, slot) pair)."""
 
     @staticmethod
-    def forward(ctx, y, tok, inv, k):
-        ctx.save_for_backward(tok)
-        return _gather_sum(y, inv.view(-1, k))
-
-    @staticmethod
-    def backward(ctx, g):
-        (tok,) = ctx.saved_tensors
-        return g.index_select(0, tok), None, None, None
-
-
-class PermuteRows(torch.autograd.Function):
-    """y [M, ...] -> y[perm] for a permutation perm (inverse: inv_perm). Backward gathers with the inverse instead of
-    index_select's scatter-add (no atomics)."""
-
-    @staticmethod
-    def forward(ctx, y, perm, inv_perm):
-        ctx.save_for_backward(inv_perm)
-        return y.index_select(0, perm)
+    def forward(ctx, y, w, inv, order):
+        ctx.save_for_backward(y, w, order)
+        return _gather_sum(y, inv.view(w.shape), w)
 
     @staticmethod
     def backward(ctx, g):
-        (inv_perm,) = ctx.saved_tensors
-        return g.index_select(0, inv_perm), None, None
+        y, w, order = ctx.saved_tensors
+        fn = combine_bwd if g.is_cuda and HAS_TRITON else combine_bwd_ref
+        gy, gw = fn(g.to(y.dtype), y, order, w.reshape(-1), w.shape[1])
+        return gy, gw.view(w.shape).to(w.dtype) if ctx.needs_input_grad[1] else None, None, None
 
 
 def route_rows(topk_ids: torch.Tensor, n_experts: int):
@@ -258,9 +244,8 @@ def experts_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     tok, inv, offs, order = route_rows(topk_ids, gate_up.shape[0])
     xs = DispatchRows.apply(x, tok, inv, k)  # [N*K, D] in expert order
     h = _lora_linear(xs, gate_up, offs, lora.factors("gate_up_proj") if lora else None)  # [N*K, 2I]
-    w = PermuteRows.apply(topk_weights.reshape(-1), order, inv)  # [N*K] routing weight of each sorted row
-    y = _lora_linear(silu_mul(h, w), down, offs, lora.factors("down_proj") if lora else None)  # [N*K, D], weighted
-    return CombineRows.apply(y, tok, inv, k).to(x.dtype)  # each token's K rows summed, [N, D]
+    y = _lora_linear(silu_mul(h), down, offs, lora.factors("down_proj") if lora else None)  # [N*K, D]
+    return CombineRows.apply(y, topk_weights, inv, order).to(x.dtype)  # the weighted sum over the K slots, [N, D]
 
 
 def experts_lora_reference(x, gate_up, down, topk_ids, topk_weights, lora: ExpertLoRA | None = None):
