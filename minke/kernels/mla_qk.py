@@ -73,7 +73,7 @@ if HAS_TRITON:
                            H: tl.constexpr, NOPE: tl.constexpr, HALF: tl.constexpr, V: tl.constexpr,
                            BH: tl.constexpr, BNOPE: tl.constexpr, BHALF: tl.constexpr, BV: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
-        QK: tl.constexpr = NOPE + 2 * HALF
+        QK = NOPE + 2 * HALF
         h = tl.arange(0, BH)[:, None]
         hm = h < H
         d = tl.arange(0, BNOPE)[None, :]
@@ -115,8 +115,8 @@ if HAS_TRITON:
                            H: tl.constexpr, NOPE: tl.constexpr, HALF: tl.constexpr, V: tl.constexpr,
                            BH: tl.constexpr, BNOPE: tl.constexpr, BHALF: tl.constexpr, BV: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
-        QK: tl.constexpr = NOPE + 2 * HALF
-        KV: tl.constexpr = NOPE + V
+        QK = NOPE + 2 * HALF
+        KV = NOPE + V
         h = tl.arange(0, BH)[:, None]
         hm = h < H
         d = tl.arange(0, BNOPE)[None, :]

@@ -229,7 +229,9 @@ def _lora_linear(x, w, offs, f):
     if f is None:
         return y
     a, b, scale = f
-    return y + grouped_linear(grouped_linear(x, a, offs), b, offs) * scale
+    # the scale on the rank-r rows ([M, r]), not on the [M, N] product: one [M, N] pass (the add) forward, none in
+    # the backward (the add passes its grad through; the scale's grad is again an [M, r] product)
+    return y + grouped_linear(grouped_linear(x, a, offs) * scale, b, offs)
 
 
 # ---------------------------------------------------------------------------------------------- the experts
