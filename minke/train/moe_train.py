@@ -242,7 +242,7 @@ def experts_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     if unsupported or not reduce:
         raise ValueError(f"experts_grouped (training) takes no {sorted(unsupported) or ['reduce=False']}: fp8 "
                          "experts and deferred slot sums are inference-only")
-    n, k = topk_ids.shape
+    k = topk_ids.shape[1]
     tok, inv, offs, order = route_rows(topk_ids, gate_up.shape[0])
     xs = DispatchRows.apply(x, tok, inv, k)  # [N*K, D] in expert order
     h = _lora_linear(xs, gate_up, offs, lora.factors("gate_up_proj") if lora else None)  # [N*K, 2I]
