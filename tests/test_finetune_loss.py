@@ -12,8 +12,9 @@ from minke.train.loss import IGNORE_INDEX, chunked_cross_entropy
 torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("chunk", [3, 4, 1024])
-def test_chunked_cross_entropy_equals_full_logits(chunk):
+def test_chunked_cross_entropy_equals_full_logits(chunk, fused):
     torch.manual_seed(0)
     h = torch.randn(10, 16)
     labels = torch.randint(0, 50, (10,))
@@ -21,7 +22,7 @@ def test_chunked_cross_entropy_equals_full_logits(chunk):
     heads = [torch.nn.Linear(16, 50, bias=False) for _ in range(2)]
     heads[1].load_state_dict(heads[0].state_dict())
     h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
-    ours = chunked_cross_entropy(h1, heads[0], labels, chunk_tokens=chunk)
+    ours = chunked_cross_entropy(h1, heads[0], labels, chunk_tokens=chunk, force_fused=fused)
     ref = F.cross_entropy(heads[1](h2).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
     (ours * 0.5).backward()
@@ -40,3 +41,22 @@ def test_chunked_cross_entropy_all_ignored_chunk_and_bad_shapes():
     assert torch.isfinite(loss) and h.grad[:4].abs().max() == 0
     with pytest.raises(ValueError, match="labels"):
         chunked_cross_entropy(h, head, labels[:5])
+
+
+def test_fused_chunks_take_the_linear_cross_entropy_node_for_plain_and_modules_to_save_heads():
+    """The LinearCrossEntropy path (one node per chunk) is taken for a bias-free Linear and PEFT's
+    modules_to_save copy of one; a head with a bias keeps the checkpointed chunks (same loss either way)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    from minke.train.loss import _plain_head_weight
+
+    lin = torch.nn.Linear(8, 20, bias=False)
+    assert _plain_head_weight(lin) is lin.weight
+    wrapped = ModulesToSaveWrapper(torch.nn.Linear(8, 20, bias=False), "default")
+    wrapped.set_adapter("default")
+    assert _plain_head_weight(wrapped) is wrapped.modules_to_save["default"].weight
+    assert _plain_head_weight(torch.nn.Linear(8, 20)) is None
+    h = torch.randn(5, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (5,))
+    loss = chunked_cross_entropy(h, lin, labels, chunk_tokens=2, force_fused=True)
+    assert "LinearCrossEntropy" in loss.grad_fn.next_functions[1][0].name()

@@ -236,20 +236,50 @@ def test_cuda_quantized_lora_training_step(bits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_slot_combine_equals_the_bmm_it_replaces_forward_and_backward(dtype):
-    """SlotCombine's hand-written backward (broadcast multiply for grad_y) gives autograd's bmm gradients."""
-    from minke.train.moe_train import slot_combine
+def test_dispatch_and_combine_rows_equal_index_select_and_the_bmm(dtype):
+    """DispatchRows / CombineRows (hand-written backwards: a gather-sum, and one pass for the rows' and the weights'
+    grads) give autograd's gradients of the index_select + view + bmm they replace."""
+    from minke.train.moe_train import CombineRows, DispatchRows
 
     g = torch.Generator().manual_seed(0)
-    y = torch.randn(7, 3, 16, generator=g).to(dtype).requires_grad_()
-    w = torch.rand(7, 3, generator=g).to(dtype).requires_grad_()
-    go = torch.randn(7, 16, generator=g).to(dtype)
-    out = slot_combine(y, w)
-    gy, gw = torch.autograd.grad(out, (y, w), go)
-    y2, w2 = y.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    ref = torch.bmm(w2.unsqueeze(1), y2).squeeze(1)
-    ry, rw = torch.autograd.grad(ref, (y2, w2), go)
-    assert torch.equal(out, ref)
-    torch.testing.assert_close(gy, ry, rtol=0, atol=0)
-    tol = 0 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(gw, rw, rtol=tol, atol=tol)
+    n, k, d = 9, 3, 16
+    ids = torch.stack([torch.randperm(5, generator=g)[:k] for _ in range(n)])
+    tok, inv, _, order = route_rows(ids, 5)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    y = torch.randn(n * k, d, generator=g).to(dtype)
+    w = torch.rand(n, k, generator=g)
+    gx, gy = torch.randn(n * k, d, generator=g).to(dtype), torch.randn(n, d, generator=g).to(dtype)
+    (x1, y1, w1), (x2, y2, w2) = ([t.detach().clone().requires_grad_() for t in (x, y, w)] for _ in range(2))
+    xs1, out1 = DispatchRows.apply(x1, tok, inv, k), CombineRows.apply(y1, w1, inv, order)
+    xs2 = x2[order // k]
+    out2 = torch.bmm(w2.unsqueeze(1), y2[inv].view(n, k, d).float()).squeeze(1).to(dtype)
+    assert torch.equal(xs1, xs2)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out1, out2, **tol)
+    ((xs1.float() * gx.float()).sum() + (out1.float() * gy.float()).sum()).backward()
+    ((xs2.float() * gx.float()).sum() + (out2.float() * gy.float()).sum()).backward()
+    # the K copies' grads added in another order than index_put's accumulation
+    for a, b in ((x1, x2), (y1, y2), (w1, w2)):
+        torch.testing.assert_close(a.grad, b.grad, **tol)
+
+
+def test_route_rows_order_is_the_stable_sort_of_the_expert_ids():
+    """The uint8 sort key gives the same stable order as sorting the int64 ids (ties in (token, slot) order)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (300, 6), generator=g)
+    _, _, _, order = route_rows(ids, 64)
+    assert torch.equal(order, torch.argsort(ids.reshape(-1), stable=True))
+
+
+def test_router_scores_under_autocast_equal_the_widened_form():
+    """Skipping the fp32 widening under autocast changes no value: autocast runs the GEMM in its dtype anyway."""
+    import torch.nn.functional as F
+
+    from minke.kernels.router import router_scores_torch
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 32, generator=g).bfloat16(), torch.randn(8, 32, generator=g).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = router_scores_torch(x, w)
+        widened = F.linear(x.float(), w.float()).softmax(dim=-1)
+    assert torch.equal(ours, widened)

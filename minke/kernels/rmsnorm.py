@@ -199,3 +199,149 @@ def rmsnorm(
             num_warps=num_warps,
         )
     return y if s is None else (y, s)
+
+
+# ---------------------------------------------------------------------------------------------------- backward
+# Training (minke/train/fused_norm.py): the forward above saves s (the normalised input: x + residual, or x) and
+# the backward recomputes rstd from it, per row:
+#     h = s.float();  rstd = rsqrt(mean(h^2) + eps);  n = h * rstd;  dn = gy * w
+#     ds = rstd * (dn - n * mean(dn * n))  (+ gs, the grad of the returned sum s)     -> dx = dresidual = ds
+#     dw = sum over rows of gy * n.to(s.dtype)                                         (y = w * round(n))
+# in fp32 registers; autograd of rmsnorm_torch runs ~12 kernels for the same and keeps fp32 copies of the rows.
+
+
+def rmsnorm_bwd_ref(s: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor, gs: torch.Tensor | None, eps: float,
+                    want_dw: bool = True):
+    """s [N, D] (x.dtype), weight [D], gy [N, D] (y's dtype), gs [N, D] or None -> (ds [N, D] in s.dtype,
+    dw [D] in weight.dtype or None). The formula above in torch (fp32)."""
+    h = s.float()
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    n = h * rstd
+    g = gy.float()
+    dn = g * weight.float()
+    ds = rstd * (dn - n * (dn * n).mean(-1, keepdim=True))
+    if gs is not None:
+        ds = ds + gs.float()
+    dw = (g * n.to(s.dtype).float()).sum(0).to(weight.dtype) if want_dw else None
+    return ds.to(s.dtype), dw
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _rmsnorm_bwd_kernel(
+        s_ptr,  # [N, D] the normalised input (x + residual, or x), unit column stride
+        w_ptr,  # [D]
+        gy_ptr,  # [N, D] grad of y
+        gs_ptr,  # [N, D] grad of the returned sum, or dummy (HAS_GS=False)
+        ds_ptr,  # [N, D] out, s.dtype
+        dw_ptr,  # [P, D] fp32 out: per-program partial sums of dw, or dummy (WANT_DW=False)
+        N,
+        D,
+        stride_s,
+        stride_gy,
+        stride_gs,
+        stride_ds,
+        eps,
+        ROWS_PER_PROG,
+        HAS_GS: tl.constexpr,
+        WANT_DW: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # Program p handles rows p, p + P, p + 2P, ...: dw's partial sum stays in registers (no atomics; the P
+        # partials are summed afterwards in a fixed order, so dw is deterministic).
+        pid = tl.program_id(0).to(tl.int64)  # int64 row offsets: N * D can pass 2**31
+        nprog = tl.num_programs(0)
+        offs = tl.arange(0, BLOCK_D)
+        cmask = offs < D
+        w = tl.load(w_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for i in range(0, ROWS_PER_PROG):
+            r = pid + i * nprog
+            mask = cmask & ((offs * 0 + r) < N)  # rows past N: all zeros, adding nothing to dw
+            h = tl.load(s_ptr + r * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+            n = h * rstd
+            g = tl.load(gy_ptr + r * stride_gy + offs, mask=mask, other=0.0).to(tl.float32)
+            dn = g * w
+            ds = rstd * (dn - n * (tl.sum(dn * n, axis=0) / D))
+            if HAS_GS:
+                ds += tl.load(gs_ptr + r * stride_gs + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ds_ptr + r * stride_ds + offs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+            if WANT_DW:
+                dw += g * n.to(s_ptr.dtype.element_ty).to(tl.float32)
+        if WANT_DW:
+            tl.store(dw_ptr + pid * D + offs, dw, mask=cmask)
+
+
+def rmsnorm_bwd(s: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor, gs: torch.Tensor | None, eps: float,
+                want_dw: bool = True, programs: int | None = None):
+    """Triton version of rmsnorm_bwd_ref: s, gy, gs 2-D [N, D] with unit column stride. `programs`: how many
+    programs share the rows (default: enough to fill a GPU, at most N)."""
+    if not _HAS_TRITON:
+        raise RuntimeError("rmsnorm_bwd: triton is not installed; use rmsnorm_bwd_ref instead")
+    for name, t in (("s", s), ("gy", gy), ("gs", gs)):
+        if t is not None and (t.dim() != 2 or t.stride(1) != 1 or t.shape != s.shape):
+            raise ValueError(f"rmsnorm_bwd: {name} must be [N, D] = {tuple(s.shape)} with unit column stride, got "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+    n, d = s.shape
+    if d > _MAX_D:
+        raise ValueError(f"rmsnorm_bwd: D={d} exceeds the one-row-per-program limit {_MAX_D}")
+    ds = torch.empty(n, d, dtype=s.dtype, device=s.device)
+    if n == 0:
+        return ds, (torch.zeros_like(weight) if want_dw else None)
+    p = max(1, min(n, programs or 8 * _sm_count(s.device)))
+    dw_part = torch.empty(p, d, dtype=torch.float32, device=s.device) if want_dw else ds
+    block = triton.next_power_of_2(d)
+    _rmsnorm_bwd_kernel[(p,)](s, weight, gy, gs if gs is not None else gy, ds, dw_part, n, d, s.stride(0),
+                              gy.stride(0), gs.stride(0) if gs is not None else 0, ds.stride(0), float(eps),
+                              triton.cdiv(n, p), HAS_GS=gs is not None, WANT_DW=want_dw, BLOCK_D=block,
+                              num_warps=min(16, max(1, block // 512)))
+    return ds, (dw_part.sum(0).to(weight.dtype) if want_dw else None)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class RMSNormFn(torch.autograd.Function):
+    """Differentiable Triton RMSNorm (+ residual add): forward = rmsnorm (one launch), backward = rmsnorm_bwd (one
+    launch, plus the sum of dw's partials when the weight trains). x, residual [..., D] of one dtype (x may be a
+    strided view whose rows flatten evenly, e.g. c_kv = kv_a[..., :C])."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps):
+        d = x.shape[-1]
+        x2 = x.reshape(-1, d)
+        x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+        r2 = None if residual is None else residual.reshape(-1, d).contiguous()
+        out = rmsnorm(x2, weight, eps, r2)
+        y, s = (out, x2) if residual is None else out
+        ctx.save_for_backward(s, weight)
+        ctx.eps, ctx.has_residual, ctx.shape = eps, residual is not None, x.shape
+        ctx.set_materialize_grads(False)
+        y = y.view(*x.shape[:-1], d)
+        return y if residual is None else (y, s.view(*x.shape[:-1], d))
+
+    @staticmethod
+    def backward(ctx, gy, gs=None):
+        s, weight = ctx.saved_tensors
+        d = s.shape[-1]
+        if gy is None:
+            gy = torch.zeros(s.shape, dtype=torch.promote_types(weight.dtype, s.dtype), device=s.device)
+
+        def rows(t):
+            t = t.reshape(-1, d)
+            return t if t.stride(1) == 1 else t.contiguous()
+
+        ds, dw = rmsnorm_bwd(s, weight, rows(gy), None if gs is None else rows(gs), ctx.eps,
+                             want_dw=ctx.needs_input_grad[1])
+        ds = ds.view(ctx.shape)
+        return ds, dw, (ds if ctx.has_residual and ctx.needs_input_grad[2] else None), None
+
+
+def rmsnorm_autograd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """rmsnorm with a backward (RMSNormFn); the same returns as rmsnorm / rmsnorm_torch."""
+    return RMSNormFn.apply(x, weight, residual, eps)

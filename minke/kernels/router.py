@@ -60,7 +60,12 @@ def append_shared_slots(ids: torch.Tensor, weights: torch.Tensor, first: int, n_
 
 
 def router_scores_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [N, D], weight [E, D] -> softmax(x Wᵀ) [N, E], in fp32 (DeepSeek's MoEGate). Unchecked (route_ref checks)."""
+    """x [N, D], weight [E, D] -> softmax(x Wᵀ) [N, E], in fp32 (DeepSeek's MoEGate). Unchecked (route_ref checks).
+    Under autocast F.linear runs in autocast's dtype whatever its inputs' (training: bf16 logits, as transformers'
+    gate gives there too); widening x first would only add two [N, D] casts forward and two backward, so it is
+    skipped there: the same values."""
+    if torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight).softmax(dim=-1)
     return F.linear(x.float(), weight.float()).softmax(dim=-1)
 
 

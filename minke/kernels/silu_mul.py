@@ -11,6 +11,8 @@ in fp32 registers; torch's elementwise chain for the same (widen, sigmoid, 6 pro
 Public API:
     silu_mul_fwd(h), silu_mul_bwd(h, go)              Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)
     silu_mul_fwd_ref(h), silu_mul_bwd_ref(h, go)      plain torch, identical semantics
+    swiglu_fwd(gate, up), swiglu_bwd(gate, up, go) -> (d_gate, d_up)   the same math on two [M, I] tensors (a dense
+    swiglu_fwd_ref, swiglu_bwd_ref                                    MLP's gate_proj / up_proj outputs)
 """
 
 from __future__ import annotations
@@ -99,3 +101,67 @@ def silu_mul_bwd(h: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
         _bwd_kernel[_grid(h.shape[0], inter)](h, go, dh, inter, h.stride(0), go.stride(0), dh.stride(0),
                                               BLOCK=_BLOCK)
     return dh
+
+
+# ------------------------------------------------------------------------------- two-tensor form (dense MLPs)
+def _check2(gate: torch.Tensor, up: torch.Tensor, go: torch.Tensor | None = None) -> None:
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.dim() < 1:
+        raise ValueError(f"swiglu: gate and up must share shape and dtype, got {tuple(gate.shape)} {gate.dtype} and "
+                         f"{tuple(up.shape)} {up.dtype}")
+    if go is not None and (go.shape != gate.shape or go.dtype != gate.dtype):
+        raise ValueError(f"swiglu: grad must be {tuple(gate.shape)} in {gate.dtype}, got {tuple(go.shape)} {go.dtype}")
+
+
+def swiglu_fwd_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    _check2(gate, up)
+    acc = torch.promote_types(gate.dtype, torch.float32)
+    return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
+
+
+def swiglu_bwd_ref(gate: torch.Tensor, up: torch.Tensor, go: torch.Tensor):
+    _check2(gate, up, go)
+    acc = torch.promote_types(gate.dtype, torch.float32)
+    g, u, gg = gate.to(acc), up.to(acc), go.to(acc)
+    s = torch.sigmoid(g)
+    return (gg * u * s * (1 + g * (1 - s))).to(gate.dtype), (gg * g * s).to(gate.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(g_ptr, u_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(g_ptr, u_ptr, go_ptr, dg_ptr, du_ptr, numel, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        go = tl.load(go_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        ty = dg_ptr.dtype.element_ty
+        tl.store(dg_ptr + offs, (go * u * s * (1.0 + g * (1.0 - s))).to(ty), mask=mask)
+        tl.store(du_ptr + offs, (go * g * s).to(ty), mask=mask)
+
+
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    _check2(gate, up)
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    if gate.numel():
+        _swiglu_fwd_kernel[(triton.cdiv(gate.numel(), _BLOCK),)](gate, up, out, gate.numel(), BLOCK=_BLOCK)
+    return out
+
+
+def swiglu_bwd(gate: torch.Tensor, up: torch.Tensor, go: torch.Tensor):
+    _check2(gate, up, go)
+    gate, up, go = gate.contiguous(), up.contiguous(), go.contiguous()
+    dg, du = torch.empty_like(gate), torch.empty_like(gate)
+    if gate.numel():
+        _swiglu_bwd_kernel[(triton.cdiv(gate.numel(), _BLOCK),)](gate, up, go, dg, du, gate.numel(), BLOCK=_BLOCK)
+    return dg, du

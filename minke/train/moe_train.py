@@ -8,7 +8,9 @@
   2. gate_up and down as one `torch._grouped_mm` each (Hopper grouped GEMM on CUDA, fp32/bf16 on CPU), with the
      backward also as grouped mms of the transposes (`GroupedLinear`); a frozen base weight gets no weight grad;
   3. SiLU(gate) * up as one autograd node that saves only its [M, 2I] input (`silu_mul`);
-  4. the un-permute and the routing-weighted sum over the K slots as one bmm per token.
+  4. the un-permute and the routing-weighted sum over the K slots as one gather-sum pass (kernels/gather_sum.py)
+     that reads the expert-order rows once; its backward is one pass too (the rows' grads and the weights' grads),
+     and the dispatch's backward is the unweighted gather-sum.
 
 LoRA on the routed experts (`ExpertLoRA`): stacked A [E, r, K] and B [E, N, r] per target (gate_up_proj, down_proj),
 applied inside the same grouped GEMMs: y = x W_e^T + scale * (x A_e^T) B_e^T for the rows of expert e. That is
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels._triton import HAS_TRITON
+from ..kernels.gather_sum import combine_bwd, combine_bwd_ref, gather_sum, gather_sum_ref
 from ..kernels.silu_mul import silu_mul_bwd, silu_mul_bwd_ref, silu_mul_fwd
 
 
@@ -124,9 +127,14 @@ def silu_mul_reference(h: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- dispatch / combine
+def _gather_sum(src: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    return gather_sum(src, idx, w) if src.is_cuda and HAS_TRITON else gather_sum_ref(src, idx, w)
+
+
 class DispatchRows(torch.autograd.Function):
-    """x [N, D] -> x[tok] [N*K, D] (the rows in expert order). Backward: the N*K row grads put back in slot order
-    (inv) and summed over each token's K slots: no atomics, deterministic."""
+    """x [N, D] -> x[tok] [N*K, D] (the rows in expert order). Backward: each token's K row grads gathered from
+    expert order (inv [N*K]: the sorted position of each (token, slot)) and summed, in one pass: no atomics,
+    deterministic. The transpose of CombineRows."""
 
     @staticmethod
     def forward(ctx, x, tok, inv, k):
@@ -137,30 +145,35 @@ class DispatchRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (inv,) = ctx.saved_tensors
-        g = g.index_select(0, inv).view(ctx.n, ctx.k, -1)
-        return g.sum(1, dtype=torch.float32).to(g.dtype) if g.dtype != torch.float32 else g.sum(1), None, None, None
+        return _gather_sum(g, inv.view(ctx.n, ctx.k)), None, None, None
 
 
-class PermuteRows(torch.autograd.Function):
-    """y [M, D] -> y[perm] for a permutation perm (inverse: inv_perm). Backward gathers with the inverse instead of
-    index_select's scatter-add (no atomics)."""
+class CombineRows(torch.autograd.Function):
+    """y [N*K, D] in expert order, w [N, K] routing weights -> out [N, D], out[n] = sum_k w[n, k] * y[inv[n*K + k]]:
+    the un-permute and the weighted slot sum in one pass. Backward in one pass too: grad_y[i] = w * g[tok[i]] and
+    grad_w = <y[i], g[tok[i]]> for each expert-order row i (order[i]: its (token, slot) pair)."""
 
     @staticmethod
-    def forward(ctx, y, perm, inv_perm):
-        ctx.save_for_backward(inv_perm)
-        return y.index_select(0, perm)
+    def forward(ctx, y, w, inv, order):
+        ctx.save_for_backward(y, w, order)
+        return _gather_sum(y, inv.view(w.shape), w)
 
     @staticmethod
     def backward(ctx, g):
-        (inv_perm,) = ctx.saved_tensors
-        return g.index_select(0, inv_perm), None, None
+        y, w, order = ctx.saved_tensors
+        fn = combine_bwd if g.is_cuda and HAS_TRITON else combine_bwd_ref
+        gy, gw = fn(g.to(y.dtype), y, order, w.reshape(-1), w.shape[1])
+        return gy, gw.view(w.shape).to(w.dtype) if ctx.needs_input_grad[1] else None, None, None
 
 
 def route_rows(topk_ids: torch.Tensor, n_experts: int):
     """topk_ids [N, K] -> (tok [N*K] token of each sorted row, inv [N*K] sorted position of each (token, slot) in
     row-major slot order, offs [E] int32 cumulative counts, order [N*K] the (token, slot) pair of each sorted row)."""
     flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # sorted row i is (token, slot) pair order[i]
+    # The sort key as uint8 where the expert ids fit: CUDA's radix sort makes one pass per key byte, 8 for int64
+    # keys (8 launches a layer); the stable order is the same.
+    key = flat.to(torch.uint8) if n_experts <= 256 else flat
+    order = torch.argsort(key, stable=True)  # sorted row i is (token, slot) pair order[i]
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
     # scatter_add, not bincount: bincount's output size depends on max(flat), a host sync on CUDA every layer.
@@ -168,31 +181,6 @@ def route_rows(topk_ids: torch.Tensor, n_experts: int):
                                                                                       torch.ones_like(flat))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     return order // topk_ids.shape[1], inv, offs, order
-
-
-class SlotCombine(torch.autograd.Function):
-    """out [N, D] = sum_k w[n, k] * y[n, k, :] for y [N, K, D], w [N, K] (same dtype): forward as one batched GEMV
-    ([N, 1, K] @ [N, K, D], fp32 accumulation). Backward: grad_y = w[n, k] * g[n] is an outer product with inner
-    dimension 1, which autograd's bmm ran as a [N, K, 1] @ [N, 1, D] GEMM at ~0.16 TB/s (625 us a layer on an H200
-    at 4 x 1024 tokens, top-6, D 2048); as a broadcast multiply it is one pass over grad_y, with the same single
-    rounded product per element. grad_w[n, k] = <y[n, k], g[n]> stays a batched GEMV."""
-
-    @staticmethod
-    def forward(ctx, y, w):
-        ctx.save_for_backward(y, w)
-        return torch.bmm(w.unsqueeze(1), y).squeeze(1)
-
-    @staticmethod
-    def backward(ctx, g):
-        y, w = ctx.saved_tensors
-        g = g.to(y.dtype)
-        gy = w.unsqueeze(-1) * g.unsqueeze(1) if ctx.needs_input_grad[0] else None  # [N, K, D]
-        gw = torch.bmm(y, g.unsqueeze(-1)).squeeze(-1) if ctx.needs_input_grad[1] else None  # [N, K]
-        return gy, gw
-
-
-def slot_combine(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return SlotCombine.apply(y, w)
 
 
 # ------------------------------------------------------------------------------------------------------ LoRA
@@ -241,7 +229,9 @@ def _lora_linear(x, w, offs, f):
     if f is None:
         return y
     a, b, scale = f
-    return y + grouped_linear(grouped_linear(x, a, offs), b, offs) * scale
+    # the scale on the rank-r rows ([M, r]), not on the [M, N] product: one [M, N] pass (the add) forward, none in
+    # the backward (the add passes its grad through; the scale's grad is again an [M, r] product)
+    return y + grouped_linear(grouped_linear(x, a, offs) * scale, b, offs)
 
 
 # ---------------------------------------------------------------------------------------------- the experts
@@ -252,14 +242,12 @@ def experts_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     if unsupported or not reduce:
         raise ValueError(f"experts_grouped (training) takes no {sorted(unsupported) or ['reduce=False']}: fp8 "
                          "experts and deferred slot sums are inference-only")
-    n, k = topk_ids.shape
+    k = topk_ids.shape[1]
     tok, inv, offs, order = route_rows(topk_ids, gate_up.shape[0])
     xs = DispatchRows.apply(x, tok, inv, k)  # [N*K, D] in expert order
     h = _lora_linear(xs, gate_up, offs, lora.factors("gate_up_proj") if lora else None)  # [N*K, 2I]
     y = _lora_linear(silu_mul(h), down, offs, lora.factors("down_proj") if lora else None)  # [N*K, D]
-    y = PermuteRows.apply(y, inv, order).view(n, k, -1)  # back to (token, slot) order
-    out = slot_combine(y, topk_weights.to(y.dtype))  # the routing-weighted sum over the K slots, [N, D]
-    return out.to(x.dtype)
+    return CombineRows.apply(y, topk_weights, inv, order).to(x.dtype)  # the weighted sum over the K slots, [N, D]
 
 
 def experts_lora_reference(x, gate_up, down, topk_ids, topk_weights, lora: ExpertLoRA | None = None):

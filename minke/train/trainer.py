@@ -29,6 +29,10 @@ from . import checkpoint as ckpt
 from .args import TrainingConfig
 from .data import IGNORE_INDEX, GlobalBatchSampler
 from .loss import chunked_cross_entropy
+from .fused_attention import use_fused_attention
+from .fused_mlp import use_fused_mlps
+from .fused_norm import use_fused_norms
+from .lora_linear import fuse_lora_linears
 from .moe_train import use_grouped_experts
 from .distributed import (DistInfo, ShardPlan, all_reduce_sum, full_model_state, full_optimizer_state, grad_sync,
                           load_full_optimizer_state)
@@ -59,6 +63,10 @@ class Trainer:
                              "for sharded parameters here): use --bf16, or a DeepSpeed ZeRO-0 config (DDP)")
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         use_grouped_experts(model)  # routed experts as grouped GEMMs (train/moe_train.py), not a per-expert loop
+        fuse_lora_linears(model)  # PEFT's LoRA Linears as one autograd node each (train/lora_linear.py)
+        use_fused_norms(model)  # RMSNorm forward + backward as Triton kernels on CUDA (train/fused_norm.py)
+        use_fused_attention(model)  # MLA's q/k/v rope + assembly as one kernel each way (train/fused_attention.py)
+        use_fused_mlps(model)  # dense / shared-expert SwiGLU as one kernel each way (train/fused_mlp.py)
         if deepspeed is not None and deepspeed.optimizer is not None:
             o = deepspeed.optimizer  # DeepSpeed's AdamW: one group, decay on every trainable parameter
             self.optimizer = torch.optim.AdamW(self.trainable, lr=o["lr"], betas=o["betas"], eps=o["eps"],
