@@ -17,6 +17,7 @@ from torch import nn
 from ..kernels._triton import HAS_TRITON
 from ..kernels.mla_qk import mla_qk
 from ..models.attention import MLAttention, token_positions
+from .swap import mix_into
 
 
 def _fused_device(x: torch.Tensor) -> bool:
@@ -44,18 +45,6 @@ class _FusedDenseMLA:
         return self.o_proj(out.flatten(-2))
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def use_fused_attention(model: nn.Module) -> int:
     """Returns the number of MLAttention modules switched (already switched ones count too)."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, MLAttention):
-            base = type(m)
-            if not issubclass(base, _FusedDenseMLA):
-                if base not in _CLASSES:
-                    _CLASSES[base] = type(f"Train{base.__name__}", (_FusedDenseMLA, base), {})
-                m.__class__ = _CLASSES[base]
-            n += 1
-    return n
+    return mix_into(model, MLAttention, _FusedDenseMLA)

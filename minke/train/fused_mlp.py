@@ -14,6 +14,7 @@ from torch import nn
 from ..kernels._triton import HAS_TRITON
 from ..kernels.silu_mul import swiglu_bwd, swiglu_fwd
 from ..models.layers import MLP
+from .swap import mix_into
 
 
 def _fused_device(x: torch.Tensor) -> bool:
@@ -43,18 +44,6 @@ class _FusedMLP:
         return self._apply_linear(self.down_proj, SwiGLUFn.apply(self.gate_proj(x), self.up_proj(x)))
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def use_fused_mlps(model: nn.Module) -> int:
     """Returns the number of MLP modules switched (already switched ones count too)."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, MLP):
-            base = type(m)
-            if not issubclass(base, _FusedMLP):
-                if base not in _CLASSES:
-                    _CLASSES[base] = type(f"Train{base.__name__}", (_FusedMLP, base), {})
-                m.__class__ = _CLASSES[base]
-            n += 1
-    return n
+    return mix_into(model, MLP, _FusedMLP)

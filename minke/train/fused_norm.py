@@ -16,6 +16,7 @@ from torch import nn
 from ..kernels._triton import HAS_TRITON
 from ..kernels.rmsnorm import rmsnorm_autograd
 from ..models.layers import RMSNorm
+from .swap import mix_into
 
 
 def _fused_device(x: torch.Tensor) -> bool:
@@ -31,18 +32,6 @@ class _FusedForward:
         return super().forward(x, residual)
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def use_fused_norms(model: nn.Module) -> int:
     """Returns the number of RMSNorm modules switched (already switched ones count too)."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, RMSNorm):
-            base = type(m)
-            if not issubclass(base, _FusedForward):
-                if base not in _CLASSES:
-                    _CLASSES[base] = type(f"Train{base.__name__}", (_FusedForward, base), {})
-                m.__class__ = _CLASSES[base]
-            n += 1
-    return n
+    return mix_into(model, RMSNorm, _FusedForward)

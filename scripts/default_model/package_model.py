@@ -101,6 +101,28 @@ def small_talk_eval(out_dir: Path) -> tuple[float, list[dict]]:
     return module.evaluate(str(out_dir))
 
 
+def small_talk_lines(score: float, results: list[dict]) -> list[str]:
+    """The card's small-talk paragraph and its table of every held-out answer (small_talk.py's evaluation)."""
+    cats: dict[str, list[bool]] = {}
+    for r in results:
+        cats.setdefault(r["category"], []).append(r["hit"])
+    return [
+        f"Small talk: {sum(r['hit'] for r in results)} of {len(results)} held-out prompts "
+        f"(`scripts/default_model/small_talk_eval.json`, phrasings the training never asked) get a greedy answer "
+        f"that contains an accepted keyword (score {score:.2f}; "
+        + ", ".join(f"{c} {sum(h)}/{len(h)}" for c, h in cats.items())
+        + "), measured by `python scripts/default_model/small_talk.py --eval minke/assets/default_model "
+        "--stories` (which also counts the on-topic stories above). "
+        "Every answer (greedy, max 80 new tokens, unedited; [x] = keyword found):",
+        "",
+        "| | prompt | answer |",
+        "| --- | --- | --- |",
+        *[f"| {'x' if r['hit'] else ' '} | {r['prompt']} | {r['answer'].replace(chr(10), ' / ').replace('|', '/')} |"
+          for r in results],
+        "",
+    ]
+
+
 def model_card(cfg: dict, stats: dict, sizes: dict, n_params: int, loss: tuple[float, int], commands: list[str],
                comp, chat, trained_on: str, topic_rate: tuple[int, int], st_stats: list[dict] | None = None,
                st_eval: tuple[float, list[dict]] | None = None) -> str:
@@ -211,25 +233,7 @@ def model_card(cfg: dict, stats: dict, sizes: dict, n_params: int, loss: tuple[f
         "",
     ]
     if st_eval:
-        score, results = st_eval
-        cats: dict[str, list[bool]] = {}
-        for r in results:
-            cats.setdefault(r["category"], []).append(r["hit"])
-        lines[lines.index("## Sample outputs"):lines.index("## Sample outputs")] = [
-            f"Small talk: {sum(r['hit'] for r in results)} of {len(results)} held-out prompts "
-            f"(`scripts/default_model/small_talk_eval.json`, phrasings the training never asked) get a greedy answer "
-            f"that contains an accepted keyword (score {score:.2f}; "
-            + ", ".join(f"{c} {sum(h)}/{len(h)}" for c, h in cats.items())
-            + "), measured by `python scripts/default_model/small_talk.py --eval minke/assets/default_model "
-            "--stories` (which also counts the on-topic stories above). "
-            "Every answer (greedy, max 80 new tokens, unedited; [x] = keyword found):",
-            "",
-            "| | prompt | answer |",
-            "| --- | --- | --- |",
-            *[f"| {'x' if r['hit'] else ' '} | {r['prompt']} | {r['answer'].replace(chr(10), ' / ').replace('|', '/')} |"
-              for r in results],
-            "",
-        ]
+        lines[lines.index("## Sample outputs"):lines.index("## Sample outputs")] = small_talk_lines(*st_eval)
     for prompt, how, text in comp:
         lines += [f"**Completion** of `{prompt}` ({how}):", "", q(prompt + text), ""]
     for prompt, reason, text in chat:

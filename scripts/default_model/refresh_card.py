@@ -59,31 +59,13 @@ def main(argv=None) -> int:
     card = card_path.read_text(encoding="utf-8")
     out = Path(a.model_dir)
 
-    topics = pm.stories_topics() if hasattr(pm, "stories_topics") else multi_turn.stories.TOPICS
+    topics = multi_turn.stories.TOPICS  # the grammar's topics (package_model.py counts the same)
     hits, n = pm.on_topic_rate(out, list(topics))
     card = re.sub(r"for each of the \d+ grammar topics, \d+ answers name X",
                   f"for each of the {n} grammar topics, {hits} answers name X", card)
 
     score, results = pm.small_talk_eval(out)
-    cats: dict[str, list[bool]] = {}
-    for r in results:
-        cats.setdefault(r["category"], []).append(r["hit"])
-    small_talk = "\n".join([
-        f"Small talk: {sum(r['hit'] for r in results)} of {len(results)} held-out prompts "
-        f"(`scripts/default_model/small_talk_eval.json`, phrasings the training never asked) get a greedy answer "
-        f"that contains an accepted keyword (score {score:.2f}; "
-        + ", ".join(f"{c} {sum(h)}/{len(h)}" for c, h in cats.items())
-        + "), measured by `python scripts/default_model/small_talk.py --eval minke/assets/default_model "
-        "--stories` (which also counts the on-topic stories above). "
-        "Every answer (greedy, max 80 new tokens, unedited; [x] = keyword found):",
-        "",
-        "| | prompt | answer |",
-        "| --- | --- | --- |",
-        *[f"| {'x' if r['hit'] else ' '} | {r['prompt']} | {r['answer'].replace(chr(10), ' / ').replace('|', '/')} |"
-          for r in results],
-        "",
-        "",
-    ])
+    small_talk = "\n".join(pm.small_talk_lines(score, results) + [""])
     if "Three-turn conversations:" in card:
         card = _between(card, "Three-turn conversations:", "<!-- minke eval -->", "")
     card = _between(card, "Small talk: ", "<!-- minke eval -->", small_talk + three_turn_section(str(out)))
