@@ -55,9 +55,11 @@ def _call_error(reply: dict) -> Exception:
 class AsyncMPLLM:
     """model / kwargs: as AsyncLLM (EngineConfig's options); the core process is started here and the call returns
     once it has loaded the model. core: attach to a running core instead ((address, front id, pid): the API
-    servers of --api-server-count)."""
+    servers of --api-server-count). client: a CoreClient made elsewhere (bench/front_overhead.py drives the front with
+one whose core is the benchmark itself)."""
 
-    def __init__(self, model: str | None = None, core: tuple[str, int, int] | None = None, **kwargs):
+    def __init__(self, model: str | None = None, core: tuple[str, int, int] | None = None,
+                 client: CoreClient | None = None, **kwargs):
         # This process runs no model: one intra-op thread leaves the cores to the core process (with torch's
         # default, both processes' OpenMP pools spun on the same cores: a CPU server ran ~5x slower).
         torch.set_num_threads(1)
@@ -69,7 +71,9 @@ class AsyncMPLLM:
         self.tokenizer = Tokenizer.from_dir(path, chat_template=cfg.chat_template)
         self.model_path = path
         self.model_name = os.path.basename(os.path.normpath(path))
-        if core is None:
+        if client is not None:
+            self.client = client
+        elif core is None:
             self.client = CoreClient.spawn(cfg)
         else:
             self.client = CoreClient.attach(*core)
