@@ -152,6 +152,7 @@ def digest(bodies: list[list[bytes]]) -> str:
         b = b"".join(chunks)
         b = re.sub(rb'"id":"cmpl-[0-9a-zA-Z]+"', b'"id":"cmpl-X"', b)
         b = re.sub(rb'"created":[0-9]+', b'"created":0', b)
+        b = re.sub(rb'"model":"[^"]*"', b'"model":"M"', b)
         h.update(b)
         h.update(b"\x00")
     return h.hexdigest()[:16]

@@ -146,9 +146,11 @@ class ChoiceTracker:
 # ------------------------------------------------------------------------------------------ engine streams
 
 
-async def generate(engine, metrics: ServerMetrics, req: EngineRequest, arrival: float
-                   ) -> AsyncIterator[RequestOutput]:
-    """engine.generate of a processed request, with metrics; if the consumer stops early, it is aborted."""
+async def generate(engine, metrics: ServerMetrics, req: EngineRequest, arrival: float, index: int = 0
+                   ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index, output) of engine.generate of a processed request, with metrics; if the consumer stops early, it is
+    aborted. The index rides along so that one prompt's stream is `merged`'s stream itself (one async-generator
+    hop less per chunk)."""
     prompt_ids, params, request_id = req.prompt_token_ids, req.params, req.request_id
     timer = RequestTimer(metrics, arrival)
     seen = [0] * params.n
@@ -161,7 +163,7 @@ async def generate(engine, metrics: ServerMetrics, req: EngineRequest, arrival: 
                 timer.tokens(o.index, len(o.token_ids) - seen[o.index], now)
                 seen[o.index] = len(o.token_ids)
             last = out
-            yield out
+            yield index, out
             if out.finished:
                 break
     finally:
@@ -176,22 +178,25 @@ async def generate(engine, metrics: ServerMetrics, req: EngineRequest, arrival: 
         timer.finish(time.monotonic(), len(prompt_ids), sum(seen), reasons)
 
 
-async def merged(engine, metrics: ServerMetrics, requests: list[EngineRequest], base_id: str,
-                 arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) from the processed engine requests, one per prompt, as they come."""
+def merged(engine, metrics: ServerMetrics, requests: list[EngineRequest], base_id: str,
+           arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from the processed engine requests, one per prompt, as they come (an async
+    generator: close it, or exhaust it)."""
     if len(requests) == 1:
-        async with contextlib.aclosing(generate(engine, metrics, requests[0], arrival)) as g:
-            async for out in g:
-                yield 0, out
-        return
+        return generate(engine, metrics, requests[0], arrival)
+    return _merged(engine, metrics, requests, arrival)
+
+
+async def _merged(engine, metrics: ServerMetrics, requests: list[EngineRequest], arrival: float
+                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
     q: asyncio.Queue = asyncio.Queue()
     end = object()
 
     async def pump(i: int, req: EngineRequest) -> None:
         try:
-            async with contextlib.aclosing(generate(engine, metrics, req, arrival)) as g:
-                async for out in g:
-                    q.put_nowait((i, out))
+            async with contextlib.aclosing(generate(engine, metrics, req, arrival, i)) as g:
+                async for item in g:
+                    q.put_nowait(item)
         except Exception as e:  # surfaces in the consumer
             q.put_nowait((i, e))
         finally:

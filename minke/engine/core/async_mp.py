@@ -34,6 +34,7 @@ from ..async_llm import EngineDeadError, RequestFailedError
 from ..config import EngineConfig
 from ..generation_config import load_generation_defaults
 from ..input_processor import InputProcessor, Prompt
+from ..output_stream import OutputStream
 from ..outputs import RequestOutput
 from ..request import Request
 from . import messages as M
@@ -89,7 +90,7 @@ one whose core is the benchmark itself)."""
         self.enable_lora = cfg.enable_lora
         self.output = FrontOutputProcessor(self.tokenizer, self.max_model_len)
         self._handles = itertools.count()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, OutputStream] = {}  # the consumers' streams (latest output)
         self._tasks: list[asyncio.Task] = []
         self._dead: str | None = None
         self._calls = itertools.count()
@@ -197,7 +198,7 @@ one whose core is the benchmark itself)."""
         request_id = req.request_id
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        q: asyncio.Queue = asyncio.Queue()
+        q = OutputStream()
         handle = next(self._handles)
         self.output.add(req, handle)
         self._streams[request_id] = q
@@ -205,10 +206,11 @@ one whose core is the benchmark itself)."""
         finished = False
         try:
             while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
+                try:
+                    item = await q.get()
+                except Exception:  # the stream's error (the engine ended it); a cancellation still aborts below
                     finished = True
-                    raise item
+                    raise
                 finished = item.finished
                 yield item
                 if finished:
@@ -230,7 +232,7 @@ one whose core is the benchmark itself)."""
             self.client.send(M.ABORT, [handle])
         q = self._streams.get(request_id)
         if q is not None:
-            q.put_nowait(out)
+            q.put(out)
 
     def get_stats(self) -> dict:
         return dict(self._stats)
@@ -274,9 +276,9 @@ one whose core is the benchmark itself)."""
             if q is None:
                 continue
             if out.error is not None:
-                q.put_nowait(RequestFailedError(f"request {out.request_id} failed in the engine: {out.error}"))
+                q.put(RequestFailedError(f"request {out.request_id} failed in the engine: {out.error}"))
             else:
-                q.put_nowait(out)
+                q.put(out)
 
     async def _watch_core(self) -> None:
         while self.client.alive():
@@ -291,7 +293,7 @@ one whose core is the benchmark itself)."""
         logger.error("%s; failing the %d request(s) in flight", why, len(self._streams))
         self.output.fail_all(why)
         for q in self._streams.values():
-            q.put_nowait(EngineDeadError(why))
+            q.put(EngineDeadError(why))
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(EngineDeadError(why))
