@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ from host_overhead import make_checkpoint_dir  # noqa: E402
 
 from minke.engine.core import messages as M  # noqa: E402
 from minke.engine.core.async_mp import AsyncMPLLM  # noqa: E402
+import minke.server.app as app_module  # noqa: E402
 from minke.server.app import build_app  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon; Neil Armstrong said: "
@@ -51,6 +53,22 @@ TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed 
 STATS = dict(num_running=256, num_waiting=0, kv_cache_usage=0.4, prompt_tokens_total=0, generation_tokens_total=0,
              num_requests_finished=0, num_preemptions=0, prefix_cache_hits=0, prefix_cache_queries=0)
 STATS_EVERY = 4
+
+
+class GCPauses:
+    """The pauses of the collector's full (generation 2) collections while the benchmark runs."""
+
+    pauses: list[float] = []
+    _t = 0.0
+
+    @classmethod
+    def callback(cls, phase, info) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            cls._t = time.perf_counter()
+        else:
+            cls.pauses.append(time.perf_counter() - cls._t)
 
 
 class BenchCore:
@@ -185,6 +203,7 @@ async def one_round(engine, app, args, text_ids: list[int], prof: cProfile.Profi
         total += sum(bool(detoks[r].step([text_ids[(r * 7 + step) % len(text_ids)]])) for r in range(n))
         expect_chunks.append(total)
     times = []
+    GCPauses.pauses.clear()
     if prof is not None:
         prof.enable()
     for step in range(args.output_len):
@@ -204,7 +223,7 @@ async def one_round(engine, app, args, text_ids: list[int], prof: cProfile.Profi
     # Every stream carried exactly the tokens' text (the benchmark measures the real thing, not a short cut).
     expect = [engine.tokenizer.decode([text_ids[(r * 7 + s) % len(text_ids)] for s in range(args.output_len)])
               for r in range(n)]
-    for r in (0, n // 2, n - 1):
+    for r in range(n):
         events = [json.loads(line[6:]) for c in sink.bodies[r] for line in c.decode().split("\n\n")
                   if line.startswith("data: {")]
         got = "".join(e["choices"][0]["text"] for e in events if e["choices"])
@@ -212,7 +231,8 @@ async def one_round(engine, app, args, text_ids: list[int], prof: cProfile.Profi
         assert events[-1]["usage"]["completion_tokens"] == args.output_len
     mid = times[1:-1]
     return dict(median_ms=1e3 * statistics.median(mid), mean_ms=1e3 * statistics.mean(mid),
-                first_ms=1e3 * times[0], last_ms=1e3 * times[-1], digest=digest(sink.bodies))
+                first_ms=1e3 * times[0], last_ms=1e3 * times[-1], max_ms=1e3 * max(times), digest=digest(sink.bodies),
+                gc=[1e3 * p for p in GCPauses.pauses])
 
 
 async def run(args) -> None:
@@ -222,6 +242,10 @@ async def run(args) -> None:
                         max_num_seqs=args.streams, load_format="dummy")
     app = build_app(engine, manage_engine=False, log_stats_interval=None)
     await engine.start()
+    freeze = getattr(app_module, "freeze_startup_heap", None)  # absent on trees before it (runs there too)
+    if freeze is not None and not args.no_freeze:
+        freeze()  # as the app's start-up does (manage_engine=True)
+    gc.callbacks.append(GCPauses.callback)
     text_ids = engine.tokenizer.encode(TEXT * 4)
     prof = cProfile.Profile() if args.profile else None
     try:
@@ -229,9 +253,11 @@ async def run(args) -> None:
             res = await one_round(engine, app, args, text_ids, prof if r == args.rounds - 1 else None)
             print(f"round {r}: {args.streams} streams: {res['median_ms']:.2f} ms/step median, {res['mean_ms']:.2f} "
                   f"mean ({1e3 * res['median_ms'] / args.streams:.1f} us/step/stream); first step "
-                  f"{res['first_ms']:.1f} ms, last {res['last_ms']:.1f} ms; bytes digest {res['digest']}", flush=True)
+                  f"{res['first_ms']:.1f} ms, last {res['last_ms']:.1f} ms, slowest {res['max_ms']:.1f} ms; full GCs "
+                  f"{len(res['gc'])} (max {max(res['gc'], default=0):.1f} ms); bytes digest {res['digest']}", flush=True)
     finally:
         await engine.shutdown()
+        gc.unfreeze()
     if prof is not None:
         st = pstats.Stats(prof).sort_stats(args.sort)
         st.print_stats(args.top)
@@ -243,6 +269,7 @@ def main():
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-freeze", action="store_true", help="leave the start-up heap to the collector")
     ap.add_argument("--profile", action="store_true", help="cProfile the last round")
     ap.add_argument("--sort", default="tottime")
     ap.add_argument("--top", type=int, default=40)
