@@ -141,8 +141,8 @@ def test_kernel_matches_ref_half(shape, dtype):
 @needs_triton
 @pytest.mark.parametrize("use_dot", [True, False])
 def test_mha_dot_and_vector_paths_agree(use_dot):
-    """MHA takes the vector path by default; the padded tensor-core path must give the same result (the bench
-    times both)."""
+    """MHA takes the tensor-core path (its one row padded to 16) by default; the vector path must give the same
+    result (the bench times both)."""
     Hq, Hkv, D, bs = SHAPES["llm-7b"]
     (q, cache, bt, lens), _ = _make_case(LENS, Hq, Hkv, D, bs, torch.float32, seed=5)
     out = paged_decode_attention(q, cache, bt, lens, 0.1, num_splits=2, use_dot=use_dot)

@@ -13,8 +13,11 @@ Decode is memory-bound (every K/V byte of the context is read once for one query
 organised around reading each K/V tile exactly once:
 - one program per (sequence, KV head, split) holds the G query heads of that KV head, so a GQA group of 8 (67B)
   reads its K/V tile once for all 8 heads, as one tl.dot [pad16(G), D] x [D, BLOCK_N] (tl.dot's minimum M is 16);
-  MHA (G = 1, 7B and 16B) would waste 15 of 16 rows of that dot, so by default it takes a vector path
-  (elementwise multiply + row sum on CUDA cores), which is as good for a single row; `use_dot` forces either;
+  MHA (G = 1, 7B and 16B) takes the same dot with its one row padded to 16: the 15 wasted rows cost nothing in a
+  bandwidth-bound kernel, while the vector path (elementwise multiply + row sums on CUDA cores, `use_dot=False`)
+  spends its time in cross-thread reductions: on an H200, llm-7b at 256 x 640 tokens 1,123 us (2.39 TB/s) on the
+  vector path, 610 us (4.4 TB/s) on the dot path with 128-token tiles and 3 stages; 32 x 640: 177 -> 84 us
+  (bench/bench_paged_attention.py --sweep-launch, 2026-12-02);
 - decode has one query row per head, so at small batches B * Hkv programs cannot fill the GPU: the context is cut
   into `num_splits` pieces (split-K / flash-decoding). Stage 1 writes, per split, the softmax-normalised partial
   output and its log2-sum-exp; stage 2 merges the splits with the usual max rescaling (kernels/splitk_combine.py,
@@ -281,10 +284,10 @@ def paged_decode_attention(
     num_splits: int | None = None,  # None: default_num_splits(B, Hkv, max_seq_len)
     max_seq_len: int | None = None,  # upper bound of seq_lens, host-known; None: the block table's capacity
     min_split_len: int | None = None,  # tokens per split at least; None: 64 with automatic splits, 1 with given ones
-    use_dot: bool | None = None,  # None: tensor-core dot for GQA (G > 1), the vector path for MHA (G == 1)
+    use_dot: bool | None = None,  # None: the tensor-core dot (MHA's one row padded to 16); False: the vector path
     block_n: int | None = None,  # stage-1 tokens per inner iteration; None: see below
     num_warps: int | None = None,  # stage-1 launch (bench/bench_paged_attention.py sweeps these)
-    num_stages: int = 2,
+    num_stages: int | None = None,  # None: 3 (the sweep's best for 16-bit caches; 2 for fp32 tiles)
 ) -> torch.Tensor:  # [B, Hq, D] in q.dtype
     """Split-K Triton paged decode attention. See the module docstring; paged_decode_attention_ref gives the same."""
     if not _HAS_TRITON:
@@ -316,7 +319,7 @@ def paged_decode_attention(
         raise ValueError(f"paged_decode_attention: num_splits must be an int in [1, {_MAX_SPLITS}], got {num_splits!r}")
     group = Hq // Hkv
     if use_dot is None:
-        use_dot = group > 1
+        use_dot = True
     if not use_dot and group != 1:
         raise ValueError(f"paged_decode_attention: use_dot=False takes MHA only (group 1), got group {group}")
 
@@ -334,10 +337,13 @@ def paged_decode_attention(
     fp32 = q.dtype == torch.float32
     BLOCK_G = max(16, triton.next_power_of_2(group)) if use_dot else 1
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    # Untuned starting points: a [64, 128] bf16 K tile and its V tile are 32 KiB, double-buffered 64 KiB of shared
-    # memory; fp32 tiles are twice the bytes, so half the tokens.
-    BLOCK_N = block_n if block_n is not None else (32 if fp32 else 64)
+    # The H200 sweep's best for bf16 (llm-7b, batch 32 and 256, 640 tokens): 128-token tiles, 4 warps, 3 stages
+    # (a [128, 128] bf16 K tile and its V tile are 64 KiB a stage). fp32 tiles are twice the bytes: 32 tokens, 2
+    # stages, as before (fp32 caches are the test and reference path, not a speed one).
+    BLOCK_N = block_n if block_n is not None else (32 if fp32 else 128)
     num_warps = num_warps if num_warps is not None else 4
+    if num_stages is None:
+        num_stages = 2 if fp32 else 3
     k_cache, v_cache = cache[0], cache[1]  # views; separate pointers keep every offset below the block stride
     _paged_decode_stage1_kernel[(B, Hkv, num_splits)](
         q,
