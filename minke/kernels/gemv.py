@@ -1,24 +1,48 @@
 """y = x @ w^T for a few rows x (decode projections at batch 1-8): Triton matrix-vector kernels + torch references.
 
-At one row cuBLAS picks GEMM tiles (8 or 16 rows of which 1 is used) and on an H200 reads V2-Lite's attention
-projections at 1.6-2.8 TB/s (o_proj [2048 x 2048] 5.3 us, q+kv_a [3648 x 2048] 5.4 us). Here each program owns
-BLOCK_N output rows and streams their weights once in [BLOCK_N, BLOCK_K] tiles with fp32 multiply-adds on the CUDA
-cores (no tensor-core tile to fill), reducing once after the loop: 3.3 and 4.3 us (`bench/bench_gemv.py`).
+A decode step of 1-8 rows reads every weight once and does 1-8 multiply-adds with it: the time is the weight bytes
+over HBM bandwidth (4.8 TB/s on an H200) if enough bytes are in flight. By Little's law that is ~5 MB across the
+GPU (~1 us of loaded latency), ~40 KB per SM. Two paths, one kernel (`DOT` picks):
 
-Up to GEMV_BLOCK_M = 8 rows share one program, so a step of M <= 8 rows reads each weight once (more rows: one
-program row per group of 8, each group re-reading the weights). Two options, both in the same kernel:
+- vector path (one row, BLOCK_M = 1; also BLOCK_M 2..8 as the 3-D product below): each program owns BLOCK_N
+  output rows and streams their weights in [BLOCK_N, BLOCK_K] tiles, fp32 multiply-adds on the CUDA cores into a
+  [BLOCK_N, BLOCK_K] accumulator reduced once after the loop. BLOCK_K is 512 bytes of a weight row (one warp, 16
+  bytes a thread: bf16 256, fp8 512). The K loop is a `tl.range(..., num_stages=S)`: Triton's pipeliner only
+  software-pipelines loads of a loop without tl.dot when the loop itself carries num_stages (AssignLatencies'
+  `pipelineWithoutDot`); the launch option alone left the earlier kernel with one tile in flight per program.
+  With S stages a program keeps S-1 tiles in flight through shared memory (cp.async).
+- dot path (2..16 rows, `DOT`): the rows are padded to BLOCK_M = 16 and the product is the transposed tile GEMM
+  acc[BLOCK_N, 16] += W[BLOCK_N, BLOCK_K] @ x[16, BLOCK_K]^T on the tensor cores (weights as the wide operand:
+  BLOCK_N = 64 fills a wgmma's 64 rows); fp8 tiles are widened to x's dtype in registers (exact for e4m3 into
+  bf16 / fp16), fp32 accumulation. The 3-D [BLOCK_M, BLOCK_N, BLOCK_K] fp32 product it replaces does M x more
+  CUDA-core work per byte than one row and was compute bound (0.4-0.55 TB/s at M = 8 on the 67B's fp8 weights).
+  Loads feeding a dot are pipelined by num_stages as usual.
+
+Split-K (`SPLIT_K` > 1): when N / BLOCK_N gives too few programs to fill the SMs, grid axis 2 cuts K into SPLIT_K
+ranges; each program writes its fp32 partial sums to a [SPLIT_K, M, N] (silu_mul: [SPLIT_K, M, 2N]) workspace
+and a second launch sums the splits in a fixed order and applies the scale / SiLU·mul / cast: deterministic (no
+atomics), results differ from SPLIT_K = 1 only in fp32 summation order.
+
+Options, in both paths:
 - fp8 weights (W8A16, `scale` given): w [N, K] float8_e4m3fn with one fp32 scale per output row
-  (kernels/fp8_linear.py's layout); tiles are widened to fp32 in registers (exact), the row sums multiplied by
-  the scales: y[m, n] = scale[n] * sum_k x[m, k] w[n, k]. One byte a weight is read and the activations are not
-  quantized (the W8A8 path's per-token quantizer launch is skipped).
-- SiLU·mul epilogue (`gemv_silu_mul`): w [2I, K] = [gate; up] (an MLP's gate_proj and up_proj rows stacked, the
-  experts' gate_up layout); the program streams its BLOCK_N gate rows and the matching up rows and writes
-  silu(x gate^T) * (x up^T) [M, I]: a dense MLP's first half is one launch instead of three (gate, up, silu·mul).
+  (kernels/fp8_linear.py's layout); y[m, n] = scale[n] * sum_k x[m, k] w[n, k], the scale applied to the fp32
+  sums. One byte a weight is read and the activations are not quantized.
+- SiLU·mul epilogue (`gemv_silu_mul`): w [2I, K] = [gate; up] (an MLP's gate_proj and up_proj rows stacked);
+  the program streams its BLOCK_N gate rows and the matching up rows (the dot path in the same loop, the vector
+  path one after the other: one [BLOCK_N, BLOCK_K] accumulator live at a time) and writes
+  silu(x gate^T) * (x up^T) [M, I].
+- extra rows (`extra=`, plain weights, no split): programs past w's tiles take e's rows, fp32 out (LoRA shrink).
+
+Launch parameters: gemv_config, a shape rule with its rationale in the docstring (no autotuning: a cold Triton
+compile per candidate config costs ~1 s, over the 2 s start-up budget, and a table needs no capture guard);
+`python bench/bench_gemv.py --sweep` measures candidates against it on the device. gemv_config_v1 is the rule
+before the pipelined loop / dot path / split-K (kept for the bench's "old" column).
 
 Public API:
     gemv(x [M, K], w [N, K], scale=None, config=None) -> [M, N]              Triton (CUDA, or CPU interpreted)
     gemv_silu_mul(x [M, K], w [2I, K], scale=None, config=None) -> [M, I]    Triton, the fused gate_up + act
     gemv_ref(x, w, scale=None), gemv_silu_mul_ref(x, w, scale=None)          torch references (fp32 math)
+    gemv_config(n, k, rows, fp8, silu_mul, x_bytes, sms) -> dict             the launch parameters the kernels use
     linear(x, w, scale=None)           gemv for M <= GEMV_MAX_ROWS on CUDA, else F.linear; fp8 w: fp8_linear
     linear_silu_mul(x, w, scale=None)  gemv_silu_mul for M <= FEW_ROWS_MAX on CUDA, else GEMM + SiLU·mul
     GEMV_MAX_ROWS (plain projections), FEW_ROWS_MAX (fused MLP; fp8 in fp8_linear): the dispatchers' row limits
@@ -29,10 +53,13 @@ Public API:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
 
 # Rows a step may have for `linear` to send a plain (unscaled) projection to gemv on CUDA. One: measured on an
@@ -41,77 +68,192 @@ GEMV_MAX_ROWS = 1
 # Rows for the fused gate_up + SiLU·mul and for fp8 weights (W8A16): both replace more than one launch (cuBLAS
 # gate, up, silu, mul; or the activation quantizer + _scaled_mm) and, for fp8, half the weight bytes.
 FEW_ROWS_MAX = 8
-GEMV_BLOCK_M = 8  # rows one program multiplies against each weight tile
+GEMV_BLOCK_M = 8  # rows one vector-path program multiplies against each weight tile (gemv_config_v1)
+DOT_BLOCK_M = 16  # rows of the dot path's tile (tl.dot needs >= 16): M <= 16 rows in one program row
 _FP8 = torch.float8_e4m3fn
+_DEFAULT_SMS = 132  # an H200 / H100 SXM; off CUDA (the interpreter) the rule uses this
+_MAX_SPLIT_K = 8
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False) -> dict:
-    """Block sizes. n: the output rows (gemv_silu_mul: I, the gate rows). bf16 one-row steps: the bench_gemv.py
-    sweep on an H200, 2026-11-28 (4-row blocks won up to N = 2048, 8-row blocks above; 128-wide K tiles over 8
-    warps). fp8 tiles are 256 wide (the same 256 bytes a weight row per tile). With BLOCK_M rows the fp32 partial
-    sums are BLOCK_M x BLOCK_N x BLOCK_K: BLOCK_N halves until they fit 64 registers a thread (16K values over 256
-    threads). gemv_silu_mul streams the gate rows, then the up rows: one set of partial sums is live at a time, so
-    it takes the same blocks."""
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemv_config_v1(n: int, k: int, rows: int = 1, fp8: bool = False) -> dict:
+    """The block sizes before 2026-12-02's rework (the bench's "old" column): BLOCK_K 128 bf16 / 256 fp8, BLOCK_N
+    4 (N <= 2048) or 8, halved while BLOCK_M x BLOCK_N x BLOCK_K > 16K fp32 partial sums; 8 warps; a plain K loop
+    (PIPELINE off: one tile in flight per program), the 3-D CUDA-core product for several rows, no split."""
     block_m = min(GEMV_BLOCK_M, _next_pow2(max(1, rows)))
     block_k = 256 if fp8 else 128
     block_n = 4 if n <= 2048 else 8
     while block_n > 1 and block_m * block_n * block_k > 16384:
         block_n //= 2
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 2,
+            "PIPELINE": False}
+
+
+def _split_for(programs: int, k_tiles: int, target: int) -> int:
+    """Powers of two while the programs stay under target and each split keeps >= 4 K tiles (so the pipeline has
+    a steady state and the workspace traffic, SPLIT_K x M x N x 4 bytes, stays far below the weights')."""
+    split = 1
+    while programs * split < target and split * 2 <= _MAX_SPLIT_K and k_tiles // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
+def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False, silu_mul: bool = False, x_bytes: int = 2,
+                sms: int | None = None) -> dict:
+    """Launch parameters for x [rows, k] against n weight rows (gemv_silu_mul: n = I, the gate rows). Written
+    without an H200 at hand from the rule "keep ~40 KB of weights in flight per SM" (module docstring); the
+    measured sweep (`bench/bench_gemv.py --sweep`) is how to refine it.
+
+    - rows == 1, vector path: a tile row is 512 bytes (BLOCK_K = 512 / weight bytes: fp8 512, bf16 256, fp32 128),
+      one warp a row (16-byte loads), BLOCK_N = 8 rows (4 up to N = 2048, as the 2026-11-28 sweep chose for V2-Lite:
+      more programs for small N), 4 loop stages: 3 tiles (12 KB at BLOCK_N 8) in flight per program, 4-8 programs
+      an SM by registers (the accumulator is BLOCK_N x BLOCK_K / threads = 16 fp32 a thread).
+    - rows >= 2, dot path: BLOCK_M 16 (rows padded), BLOCK_N 64 (one wgmma's rows over 4 warps), a 16 KB weight
+      tile (BLOCK_K fp8 256, bf16 128, fp32 64), 4 stages (silu_mul: two tiles a stage, 3 stages): ~96 KB of
+      shared memory, 2 programs an SM.
+    - SPLIT_K: doubled while the programs (N / BLOCK_N x SPLIT_K) are under 2 per SM (vector) or 1.5 per SM (dot),
+      at most 8, each split >= 4 K tiles: e.g. the 67B's o_proj [8192 x 8192] at M = 8 gets 2, llm-7b's o_proj 4."""
+    sms = sms or _DEFAULT_SMS
+    w_bytes = 1 if fp8 else x_bytes
+    if rows <= 1:
+        block_n = 4 if n <= 2048 else 8
+        block_k = 512 // w_bytes
+        warps = max(1, min(8, block_n * block_k * w_bytes // 512))
+        split = _split_for(_cdiv(n, block_n), _cdiv(k, block_k), 2 * sms)
+        return {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 4,
+                "SPLIT_K": split}
+    block_m = max(DOT_BLOCK_M, min(64, _next_pow2(rows)))
+    block_n = 64
+    block_k = 16384 // (block_n * w_bytes)
+    split = _split_for(_cdiv(n, block_n), _cdiv(k, block_k), (3 * sms) // 2)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4,
+            "num_stages": 3 if silu_mul else 4, "DOT": True, "SPLIT_K": split}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 if _HAS_TRITON:
 
     @triton.jit
-    def _row_block_sums(x_ptr, w_ptr, row0, M, offs_n, mask_n, K, stride_xm, stride_wn,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """sum_k x[row0 + m, k] * w[offs_n, k] in fp32 -> [BLOCK_M, BLOCK_N]: each weight tile is read once for all
-        BLOCK_M rows. Elementwise fp32 partial sums, reduced once after the loop."""
+    def _vec_sums(x_ptr, w_ptr, row0, M, offs_n, mask_n, k_lo, k_hi, stride_xm, stride_wn,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOP_STAGES: tl.constexpr):
+        """sum_{k in [k_lo, k_hi)} x[row0 + m, k] * w[offs_n, k] in fp32 -> [BLOCK_M, BLOCK_N] on the CUDA cores:
+        each weight tile is read once for all BLOCK_M rows; elementwise fp32 partial sums, reduced once after the
+        loop. The loop carries LOOP_STAGES so that Triton pipelines its loads (a loop without tl.dot is pipelined
+        only with the attribute; 1 = not pipelined, the kernel before 2026-12-02)."""
         offs_k = tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-        if BLOCK_M == 1:  # the one-row kernel as measured: 2-D partial sums (row0 < M: the grid has M programs)
-            x_ptrs = x_ptr + row0 * stride_xm + offs_k  # [BLOCK_K]
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
+        if BLOCK_M == 1:  # 2-D partial sums (row0 < M: the grid has M programs)
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-                k_mask = offs_k < K - k0 * BLOCK_K
-                x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
+            for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
+                k_mask = offs_k < k_hi - k0
+                x = tl.load(x_ptr + row0 * stride_xm + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                w = tl.load(w_rows + k0 + offs_k[None, :], mask=mask_n[:, None] & k_mask[None, :], other=0.0)
                 acc += w.to(tl.float32) * x[None, :]
-                x_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K
             out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
         else:
             offs_m = row0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
-            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+            x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
             acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-                k_mask = offs_k < K - k0 * BLOCK_K
-                x = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
+            for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
+                k_mask = offs_k < k_hi - k0
+                x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & k_mask[None, :],
+                            other=0.0).to(tl.float32)
+                w = tl.load(w_rows + k0 + offs_k[None, :], mask=mask_n[:, None] & k_mask[None, :], other=0.0)
                 acc3 += w.to(tl.float32)[None, :, :] * x[:, None, :]
-                x_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K
             out = tl.sum(acc3, axis=2)  # [BLOCK_M, BLOCK_N]
         return out
 
     @triton.jit
+    def _dot_sums(x_ptr, w_ptr, w2_ptr, row0, M, offs_n, mask_n, k_lo, k_hi, stride_xm, stride_wn,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
+                  TWO: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """The same sums on the tensor cores: acc[BLOCK_N, BLOCK_M] += W[BLOCK_N, BLOCK_K] @ x[BLOCK_M, BLOCK_K]^T,
+        the rows past M loaded as zeros (x padded to BLOCK_M >= 16 rows). The weights are the dot's first operand
+        so that BLOCK_N (64) fills the instruction's rows and the padded x is its narrow side. fp8 tiles are widened
+        to x's dtype first (exact). TWO: w2's rows too (the up rows of silu_mul), in the same loop. Returns the
+        [BLOCK_M, BLOCK_N] sums of w and of w2 (zeros unless TWO)."""
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
+        w_rows = offs_n[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1] element offsets (w and w2 alike)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
+            k_mask = offs_k < k_hi - k0
+            x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+            w_mask = mask_n[:, None] & k_mask[None, :]
+            w = tl.load(w_ptr + w_rows + k0 + offs_k[None, :], mask=w_mask, other=0.0).to(x.dtype)
+            xt = tl.trans(x)  # [BLOCK_K, BLOCK_M]
+            if UPCAST_DOT:
+                w = w.to(tl.float32)
+                xt = xt.to(tl.float32)
+            acc = tl.dot(w, xt, acc=acc, input_precision=DOT_PRECISION)
+            if TWO:
+                w2 = tl.load(w2_ptr + w_rows + k0 + offs_k[None, :], mask=w_mask, other=0.0).to(x.dtype)
+                if UPCAST_DOT:
+                    w2 = w2.to(tl.float32)
+                acc2 = tl.dot(w2, xt, acc=acc2, input_precision=DOT_PRECISION)
+        return tl.trans(acc), tl.trans(acc2)
+
+    @triton.jit
+    def _sums(x_ptr, w_ptr, w2_ptr, row0, M, offs_n, mask_n, k_lo, k_hi, stride_xm, stride_wn,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
+              TWO: tl.constexpr, DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """(sums of w, sums of w2 if TWO) [BLOCK_M, BLOCK_N] fp32 over k in [k_lo, k_hi), by either path."""
+        if DOT:
+            y, y2 = _dot_sums(x_ptr, w_ptr, w2_ptr, row0, M, offs_n, mask_n, k_lo, k_hi, stride_xm, stride_wn,
+                              BLOCK_M, BLOCK_N, BLOCK_K, LOOP_STAGES, TWO, UPCAST_DOT, DOT_PRECISION)
+        else:
+            y = _vec_sums(x_ptr, w_ptr, row0, M, offs_n, mask_n, k_lo, k_hi, stride_xm, stride_wn,
+                          BLOCK_M, BLOCK_N, BLOCK_K, LOOP_STAGES)
+            y2 = y
+            if TWO:  # one after the other: one [BLOCK_(M x)N x BLOCK_K] accumulator live at a time
+                y2 = _vec_sums(x_ptr, w2_ptr, row0, M, offs_n, mask_n, k_lo, k_hi, stride_xm, stride_wn,
+                               BLOCK_M, BLOCK_N, BLOCK_K, LOOP_STAGES)
+        return y, y2
+
+    @triton.jit
+    def _epilogue(y, up, s_ptr, s_up_ptr, offs_n, mask_n, HAS_SCALE: tl.constexpr, SILU_MUL: tl.constexpr):
+        """fp32 sums [BLOCK_M, BLOCK_N] -> the output values (fp32): row scales (constant along the reduction, so
+        applied to the sums), then silu(gate) * up (as kernels/fused_moe.py)."""
+        if HAS_SCALE:
+            y = y * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if SILU_MUL:
+            if HAS_SCALE:
+                up = up * tl.load(s_up_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            y = y / (1.0 + tl.exp(-y)) * up
+        return y
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,  # [M, K], unit column stride
-        w_ptr,  # [N, K] (SILU_MUL: the gate rows), unit column stride; bf16 / fp32 / fp8
+        w_ptr,  # [N, K] (SILU_MUL: the gate rows), unit column stride; bf16 / fp16 / fp32 / fp8
         s_ptr,  # HAS_SCALE: [N] fp32 row scales of fp8 w; else unused
         w_up_ptr,  # SILU_MUL: [N, K] the up rows, w's strides (the gate_up weight's second half); else unused
         s_up_ptr,  # SILU_MUL and HAS_SCALE: [N] their scales; else unused
         y_ptr,  # [M, N] out
         e_ptr,  # HAS_EXTRA: [N2, K] more rows (x.dtype, unit column stride); else unused
         h_ptr,  # HAS_EXTRA: [M, N2] fp32 out; else unused
+        ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N (SILU_MUL: 2N)] fp32 partial sums, contiguous; else unused
         M,
         N,  # output columns (silu_mul: I)
         K,
+        K_SPLIT,  # columns of K per split (a multiple of BLOCK_K; K when SPLIT_K == 1)
         stride_xm,
         stride_wn,
         stride_ym,
@@ -121,38 +263,65 @@ if _HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        LOOP_STAGES: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        DOT: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
         HAS_SCALE: tl.constexpr,
         SILU_MUL: tl.constexpr,
         HAS_EXTRA: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         row0 = tl.program_id(1).to(tl.int64) * BLOCK_M
+        pid_k = tl.program_id(2)
+        k_lo = pid_k * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        if HAS_EXTRA:
+        if HAS_EXTRA:  # (SPLIT_K == 1: the launcher's rule)
             tiles = tl.cdiv(N, BLOCK_N)
             if pid_n >= tiles:  # the programs past w's tiles take e's rows: fp32 sums into h (no scale, no act)
                 offs_e = (pid_n - tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
                 mask_e = offs_e < N2
-                h = _row_block_sums(x_ptr, e_ptr, row0, M, offs_e, mask_e, K, stride_xm, stride_en,
-                                    BLOCK_M, BLOCK_N, BLOCK_K)
+                h, _ = _sums(x_ptr, e_ptr, e_ptr, row0, M, offs_e, mask_e, k_lo, k_hi, stride_xm, stride_en,
+                             BLOCK_M, BLOCK_N, BLOCK_K, LOOP_STAGES, False, DOT, UPCAST_DOT, DOT_PRECISION)
                 tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_e[None, :], h,
                          mask=mask_m[:, None] & mask_e[None, :])
                 return
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        y = _row_block_sums(x_ptr, w_ptr, row0, M, offs_n, mask_n, K, stride_xm, stride_wn,
-                            BLOCK_M, BLOCK_N, BLOCK_K)  # [BLOCK_M, BLOCK_N] fp32
-        if HAS_SCALE:  # per-row weight scales: constant along the reduction, applied to the fp32 sums
-            y = y * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        if SILU_MUL:
-            up = _row_block_sums(x_ptr, w_up_ptr, row0, M, offs_n, mask_n, K, stride_xm, stride_wn,
-                                 BLOCK_M, BLOCK_N, BLOCK_K)
-            if HAS_SCALE:
-                up = up * tl.load(s_up_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-            y = y / (1.0 + tl.exp(-y)) * up  # silu(gate) * up in fp32 (as kernels/fused_moe.py)
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        y, up = _sums(x_ptr, w_ptr, w_up_ptr, row0, M, offs_n, mask_n, k_lo, k_hi, stride_xm, stride_wn,
+                      BLOCK_M, BLOCK_N, BLOCK_K, LOOP_STAGES, SILU_MUL, DOT, UPCAST_DOT, DOT_PRECISION)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K > 1:  # raw fp32 partial sums; _gemv_combine_kernel applies the epilogue
+            ws_cols = 2 * N if SILU_MUL else N
+            ws = ws_ptr + (pid_k * M + offs_m[:, None]) * ws_cols + offs_n[None, :]
+            tl.store(ws, y, mask=mask)
+            if SILU_MUL:
+                tl.store(ws + N, up, mask=mask)
+        else:
+            y = _epilogue(y, up, s_ptr, s_up_ptr, offs_n, mask_n, HAS_SCALE, SILU_MUL)
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gemv_combine_kernel(ws_ptr, s_ptr, s_up_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr,
+                             BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, SILU_MUL: tl.constexpr):
+        """y[m, n] = epilogue(sum_s ws[s, m, n]) for one row m and BLOCK columns: the splits summed in order 0..S-1
+        (deterministic), then the same scale / SiLU·mul / cast as the one-split kernel."""
+        m = tl.program_id(1).to(tl.int64)
+        offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask_n = offs_n < N
+        ws_cols = 2 * N if SILU_MUL else N
+        y = tl.zeros([1, BLOCK], dtype=tl.float32)
+        up = tl.zeros([1, BLOCK], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            row = ws_ptr + (s * M + m) * ws_cols + offs_n[None, :]
+            y += tl.load(row, mask=mask_n[None, :], other=0.0)
+            if SILU_MUL:
+                up += tl.load(row + N, mask=mask_n[None, :], other=0.0)
+        y = _epilogue(y, up, s_ptr, s_up_ptr, offs_n, mask_n, HAS_SCALE, SILU_MUL)
+        tl.store(y_ptr + m * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
 def _check(name: str, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> None:
@@ -202,21 +371,40 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
                          f"(plain weights only), got {extra.dtype} {tuple(extra.shape)} strides {extra.stride()}")
     scale = None if scale is None else scale.contiguous()  # the kernel reads scale[n] at unit stride
     (m, k), n = x.shape, w.shape[0] // (2 if silu_mul else 1)
-    cfg = config or gemv_config(n, k, m, fp8=scale is not None)
+    cfg = config or gemv_config(n, k, m, fp8=scale is not None, silu_mul=silu_mul, x_bytes=x.element_size(),
+                                sms=_num_sms(x.device))
+    dot = bool(cfg.get("DOT", False))
+    block_m = max(DOT_BLOCK_M, cfg.get("BLOCK_M", 1)) if dot else cfg.get("BLOCK_M", 1)
+    block_k = cfg["BLOCK_K"]
+    # extra rows share the launch only unsplit (their h is the LoRA shrink: no combine for it)
+    split = 1 if extra is not None else max(1, min(int(cfg.get("SPLIT_K", 1)), triton.cdiv(k, block_k)))
+    k_split = triton.cdiv(triton.cdiv(k, block_k), split) * block_k  # whole tiles per split
+    split = triton.cdiv(k, k_split) if k else 1  # no empty trailing split
+    stages = cfg["num_stages"]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     n2 = 0 if extra is None else extra.shape[0]
     h = None if extra is None else torch.empty(m, n2, dtype=torch.float32, device=x.device)
     if m and n + n2:
-        block_m = cfg.get("BLOCK_M", 1)
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]) + triton.cdiv(n2, cfg["BLOCK_N"]), triton.cdiv(m, block_m))
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]) + triton.cdiv(n2, cfg["BLOCK_N"]), triton.cdiv(m, block_m), split)
         w_up = w[n:] if silu_mul else w  # the up rows: a view (its own base pointer; no int32 row offsets)
         s = w if scale is None else scale
         s_up = s[n:] if silu_mul and scale is not None else s
+        ws = torch.empty(split, m, 2 * n if silu_mul else n, dtype=torch.float32, device=x.device) if split > 1 else y
         _gemv_kernel[grid](
-            x, w, s, w_up, s_up, y, w if extra is None else extra, y if h is None else h, m, n, k, x.stride(0),
-            w.stride(0), y.stride(0), n2, 0 if extra is None else extra.stride(0), 0 if h is None else h.stride(0),
-            BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HAS_SCALE=scale is not None,
-            SILU_MUL=silu_mul, HAS_EXTRA=extra is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            x, w, s, w_up, s_up, y, w if extra is None else extra, y if h is None else h, ws, m, n, k, k_split,
+            x.stride(0), w.stride(0), y.stride(0), n2, 0 if extra is None else extra.stride(0),
+            0 if h is None else h.stride(0),
+            BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+            LOOP_STAGES=stages if cfg.get("PIPELINE", True) else 1, SPLIT_K=split, DOT=dot,
+            UPCAST_DOT=dot and _needs_dot_upcast(_gemv_kernel, x.dtype),
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            HAS_SCALE=scale is not None, SILU_MUL=silu_mul, HAS_EXTRA=extra is not None,
+            num_warps=cfg["num_warps"], num_stages=stages)
+        if split > 1:
+            block = min(1024, triton.next_power_of_2(n))
+            _gemv_combine_kernel[(triton.cdiv(n, block), m)](
+                ws, s, s_up, y, m, n, y.stride(0), SPLIT_K=split, BLOCK=block, HAS_SCALE=scale is not None,
+                SILU_MUL=silu_mul, num_warps=4)
     return y if extra is None else (y, h)
 
 
@@ -224,14 +412,17 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
          config: dict | None = None, extra: torch.Tensor | None = None):
     """x [M, K] @ w[N, K]^T -> [M, N] in x.dtype (fp32 accumulation). Both need a unit last stride. With scale [N]
     (fp32): w is float8_e4m3fn and each output column is multiplied by its row's scale (W8A16). extra [N2, K]
-    (x.dtype, unit last stride; plain w only): also x @ extra^T in the same launch -> (y [M, N], h [M, N2] fp32)."""
+    (x.dtype, unit last stride; plain w only): also x @ extra^T in the same launch -> (y [M, N], h [M, N2] fp32).
+    config: gemv_config's keys (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; optional DOT, SPLIT_K,
+    PIPELINE); None: gemv_config for this shape."""
     return _launch("gemv", x, w, scale, config, silu_mul=False, extra=extra)
 
 
 def gemv_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
                   config: dict | None = None) -> torch.Tensor:
     """x [M, K], w [2I, K] = [gate; up] (scale [2I] for fp8 w) -> silu(x gate^T) * (x up^T) [M, I] in x.dtype, one
-    launch: the products and the activation in fp32, one rounding at the end."""
+    launch (two with split-K: the partial sums, then their combine + activation): the products and the activation
+    in fp32, one rounding at the end."""
     return _launch("gemv_silu_mul", x, w, scale, config, silu_mul=True)
 
 
