@@ -12,6 +12,7 @@ from minke.kernels.fp8_linear import fp8_linear_w8a16_ref, quantize_weight_fp8
 from minke.kernels.gemv import (
     gemv,
     gemv_config,
+    gemv_config_v1,
     gemv_ref,
     gemv_silu_mul,
     gemv_silu_mul_ref,
@@ -139,13 +140,35 @@ def test_linear_dispatch_and_configs():
     assert torch.equal(linear(x, wq, s), fp8_linear_w8a16_ref(x, wq, s))
     x3 = torch.randn(2, 3, 8)
     assert torch.equal(linear_silu_mul(x3, w), silu_mul_fwd_ref(F.linear(x3, w).view(6, 4)).view(2, 3, 2))
-    assert gemv_config(2048, 2048)["BLOCK_N"] == 4 and gemv_config(3648, 2048)["BLOCK_N"] == 8
-    assert gemv_config(4096, 4096)["BLOCK_M"] == 1 and gemv_config(4096, 4096, rows=5)["BLOCK_M"] == 8
+    # the rule before the pipelined loop / dot path (the bench's "old" column)
+    assert gemv_config_v1(2048, 2048)["BLOCK_N"] == 4 and gemv_config_v1(3648, 2048)["BLOCK_N"] == 8
+    assert gemv_config_v1(4096, 4096)["BLOCK_M"] == 1 and gemv_config_v1(4096, 4096, rows=5)["BLOCK_M"] == 8
     for rows in (1, 2, 8, 64):
         for fp8 in (False, True):
-            c = gemv_config(11008, 4096, rows, fp8)
+            c = gemv_config_v1(11008, 4096, rows, fp8)
             assert c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"] <= 16384 and c["BLOCK_N"] >= 1
-    assert gemv_config(22016, 8192, 1, fp8=True)["BLOCK_K"] == 256
+    assert gemv_config_v1(22016, 8192, 1, fp8=True)["BLOCK_K"] == 256 and not gemv_config_v1(1, 1)["PIPELINE"]
+
+
+def test_gemv_config_rule():
+    """One row: the vector path with 512-byte tile rows (16-byte loads), a pipelined loop, split-K only where
+    N / BLOCK_N leaves SMs idle. Several rows: the dot path (16 padded rows, 64 weight rows, a 16 KB weight tile),
+    split-K where N / 64 gives under 1.5 programs an SM."""
+    one = gemv_config(8192, 8192, 1, fp8=True)
+    assert (one["BLOCK_K"], one["BLOCK_N"], one["SPLIT_K"], one.get("DOT", False)) == (512, 8, 1, False)
+    assert one["num_stages"] >= 3 and one["num_warps"] == 8
+    assert gemv_config(4096, 4096, 1)["BLOCK_K"] == 256 and gemv_config(2048, 2048, 1)["num_warps"] == 4
+    assert gemv_config(1024, 8192, 1, fp8=True)["SPLIT_K"] == 2  # 256 programs (BLOCK_N 4) -> 512
+    assert gemv_config(128, 64, 1)["SPLIT_K"] == 1  # too few K tiles to split
+    for rows in (2, 4, 8):
+        c = gemv_config(8192, 8192, rows, fp8=True)
+        assert c["DOT"] and c["BLOCK_M"] == 16 and c["BLOCK_N"] == 64 and c["BLOCK_K"] == 256
+        assert c["SPLIT_K"] == 2  # 128 programs -> 256 on 132 SMs
+    assert gemv_config(4096, 4096, 8)["BLOCK_K"] == 128 and gemv_config(4096, 4096, 8)["SPLIT_K"] == 4
+    assert gemv_config(22016, 8192, 8, fp8=True, silu_mul=True)["SPLIT_K"] == 1  # 344 programs
+    assert gemv_config(22016, 8192, 8, fp8=True, silu_mul=True)["num_stages"] == 3
+    assert gemv_config(4096, 4096, 8, sms=264)["SPLIT_K"] == 8
+    assert gemv_config(4096, 4096, 40)["BLOCK_M"] == 64
 
 
 @needs_triton
@@ -198,3 +221,77 @@ def test_gemv_with_extra_rows(dtype, m):
     torch.testing.assert_close(y.float(), gemv_ref(x.float(), w.float()), rtol=tol, atol=tol)
     torch.testing.assert_close(h, gemv_ref(x.float(), e.flatten(0, 1).float()), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gemv(x, w), y, rtol=0, atol=0)  # w's rows are computed as without extra
+
+
+# Configs for the new paths at the tiny test shapes: the pipelined vector loop with split-K (ragged last split:
+# K 300 is 10 tiles of 32 over 3 splits of 4), the dot path (rows padded to 16), the dot path with split-K, and the
+# old rule (plain loop). tl.dot needs every block >= 16.
+PATH_CONFIGS = {
+    "vec-split3": {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 2, "num_stages": 3, "SPLIT_K": 3},
+    "vec3d-split2": {"BLOCK_M": 4, "BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 2, "num_stages": 2, "SPLIT_K": 2},
+    "dot": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "DOT": True},
+    "dot-split2": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "DOT": True,
+                   "SPLIT_K": 2},
+    "v1": gemv_config_v1(40, 300, 1),
+}
+
+
+def _path_config(name, m):
+    cfg = dict(PATH_CONFIGS[name])
+    if cfg["BLOCK_M"] == 1 and m > 1:
+        cfg["BLOCK_M"] = 2  # the 2-D one-row sums assume one row a program; several rows take the 3-D product
+    return cfg
+
+
+@needs_triton
+@pytest.mark.parametrize("path", sorted(PATH_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 300), (5, 33, 136), (8, 24, 72)])
+def test_gemv_paths_match_reference(path, dtype, m, n, k):
+    """Every path (vector / dot, split or not) against the references: plain weights, fp8 weights with scales,
+    and the fused SiLU·mul (fp8), M 1..8, ragged N and K."""
+    cfg = _path_config(path, m)
+    x, wq, s = _fp8_case(m, n, k, dtype, seed=m * n + k)
+    g = torch.Generator().manual_seed(k)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype).to(DEVICE)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    y = gemv(x, w, config=cfg)
+    assert y.shape == (m, n) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), gemv_ref(x.float(), w.float()), **tol)
+    torch.testing.assert_close(gemv(x, wq, s, cfg).float(), gemv_ref(x.float(), wq, s), **tol)
+    wq2, s2 = quantize_weight_fp8(torch.randn(2 * n, k, generator=g) * 0.1)
+    wq2, s2 = wq2.to(DEVICE), s2.to(DEVICE)
+    y = gemv_silu_mul(x, wq2, s2, cfg)
+    assert y.shape == (m, n) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), gemv_silu_mul_ref(x.float(), wq2, s2).float(), **tol)
+
+
+@needs_triton
+def test_gemv_split_k_is_deterministic_and_equals_one_split():
+    """Split-K sums its splits in a fixed order (a workspace and a combine launch, no atomics): the same bits on
+    every call, and the one-split result up to fp32 summation order."""
+    x, wq, s = _fp8_case(3, 24, 520, torch.float32, seed=11)
+    split = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "DOT": True,
+             "SPLIT_K": 4}
+    a, b = gemv(x, wq, s, split), gemv(x, wq, s, split)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, gemv(x, wq, s, dict(split, SPLIT_K=1)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, gemv_ref(x, wq, s), rtol=1e-5, atol=1e-5)
+    # more splits than K tiles: clamped to one split a tile (no empty split)
+    torch.testing.assert_close(gemv(x, wq, s, dict(split, SPLIT_K=64)), a, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["dot", "vec-split3"])
+def test_gemv_extra_rows_on_other_paths(path):
+    """extra= rows through the dot path, and with a split config (extra rows run unsplit: the config's SPLIT_K is
+    dropped for the launch), several rows."""
+    m = 3
+    cfg = _path_config(path, m)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(m, 136, generator=g).to(DEVICE)
+    w = (torch.randn(40, 136, generator=g) * 0.05).to(DEVICE)
+    e = (torch.randn(20, 136, generator=g) * 0.05).to(DEVICE)
+    y, h = gemv(x, w, config=cfg, extra=e)
+    torch.testing.assert_close(y, gemv_ref(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, gemv_ref(x, e), rtol=1e-5, atol=1e-5)
