@@ -152,8 +152,8 @@ def test_linear_dispatch_and_configs():
 
 def test_gemv_config_rule():
     """One row: the vector path with 512-byte tile rows (16-byte loads), a pipelined loop, split-K only where
-    N / BLOCK_N leaves SMs idle. Several rows: the dot path (16 padded rows, 64 weight rows, a 16 KB weight tile),
-    split-K where N / 64 gives under 1.5 programs an SM."""
+    N / BLOCK_N leaves SMs idle. Several rows: the dot path (16 padded rows, a 16 KB weight tile: bf16 64 x 128, fp8 128 x 128),
+    split-K where N / BLOCK_N gives under 1.5 programs an SM."""
     one = gemv_config(8192, 8192, 1, fp8=True)
     assert (one["BLOCK_K"], one["BLOCK_N"], one["SPLIT_K"], one.get("DOT", False)) == (512, 8, 1, False)
     assert one["num_stages"] >= 3 and one["num_warps"] == 8
@@ -162,10 +162,11 @@ def test_gemv_config_rule():
     assert gemv_config(128, 64, 1)["SPLIT_K"] == 1  # too few K tiles to split
     for rows in (2, 4, 8):
         c = gemv_config(8192, 8192, rows, fp8=True)
-        assert c["DOT"] and c["BLOCK_M"] == 16 and c["BLOCK_N"] == 64 and c["BLOCK_K"] == 256
-        assert c["SPLIT_K"] == 2  # 128 programs -> 256 on 132 SMs
-    assert gemv_config(4096, 4096, 8)["BLOCK_K"] == 128 and gemv_config(4096, 4096, 8)["SPLIT_K"] == 4
-    assert gemv_config(22016, 8192, 8, fp8=True, silu_mul=True)["SPLIT_K"] == 1  # 344 programs
+        assert c["DOT"] and c["BLOCK_M"] == 16 and c["BLOCK_N"] == 128 and c["BLOCK_K"] == 128
+        assert c["SPLIT_K"] == 4 and c["num_warps"] == 8  # 64 programs -> 256 on 132 SMs
+    c = gemv_config(4096, 4096, 8)
+    assert (c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["SPLIT_K"]) == (64, 128, 4, 4)
+    assert gemv_config(22016, 8192, 8, fp8=True, silu_mul=True)["SPLIT_K"] == 2  # 172 programs -> 344
     assert gemv_config(22016, 8192, 8, fp8=True, silu_mul=True)["num_stages"] == 3
     assert gemv_config(4096, 4096, 8, sms=264)["SPLIT_K"] == 8
     assert gemv_config(4096, 4096, 40)["BLOCK_M"] == 64

@@ -118,11 +118,14 @@ def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False, silu_mul: bool
       one warp a row (16-byte loads), BLOCK_N = 8 rows (4 up to N = 2048, as the 2026-11-28 sweep chose for V2-Lite:
       more programs for small N), 4 loop stages: 3 tiles (12 KB at BLOCK_N 8) in flight per program, 4-8 programs
       an SM by registers (the accumulator is BLOCK_N x BLOCK_K / threads = 16 fp32 a thread).
-    - rows >= 2, dot path: BLOCK_M 16 (rows padded), BLOCK_N 64 (one wgmma's rows over 4 warps), a 16 KB weight
-      tile (BLOCK_K fp8 256, bf16 128, fp32 64), 4 stages (silu_mul: two tiles a stage, 3 stages): ~96 KB of
-      shared memory, 2 programs an SM.
+    - rows >= 2, dot path: BLOCK_M 16 (rows padded), a 16 KB weight tile, 4 stages (silu_mul: two tiles a stage,
+      3 stages): ~64-100 KB of shared memory, 2 programs an SM. bf16: BLOCK_N 64 (one wgmma's rows) x BLOCK_K 128
+      over 4 warps (48 registers a thread; 80 with silu_mul). fp8: the tile is widened to bf16 in registers (the
+      wgmma's register operand), so it is spread over 8 warps as 128 x 128: 87 registers (123 with silu_mul),
+      where 64 x 256 over 4 warps took 208 (255 and spills with silu_mul) -- ptxas for sm_90, Triton 3.9.
     - SPLIT_K: doubled while the programs (N / BLOCK_N x SPLIT_K) are under 2 per SM (vector) or 1.5 per SM (dot),
-      at most 8, each split >= 4 K tiles: e.g. the 67B's o_proj [8192 x 8192] at M = 8 gets 2, llm-7b's o_proj 4."""
+      at most 8, each split >= 4 K tiles: e.g. the 67B's fp8 o_proj [8192 x 8192] at M = 8 gets 4 (64 -> 256
+      programs), llm-7b's bf16 o_proj 4."""
     sms = sms or _DEFAULT_SMS
     w_bytes = 1 if fp8 else x_bytes
     if rows <= 1:
@@ -133,10 +136,10 @@ def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False, silu_mul: bool
         return {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 4,
                 "SPLIT_K": split}
     block_m = max(DOT_BLOCK_M, min(64, _next_pow2(rows)))
-    block_n = 64
+    block_n = 128 if fp8 else 64
     block_k = 16384 // (block_n * w_bytes)
     split = _split_for(_cdiv(n, block_n), _cdiv(k, block_k), (3 * sms) // 2)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4,
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8 if fp8 else 4,
             "num_stages": 3 if silu_mul else 4, "DOT": True, "SPLIT_K": split}
 
 
