@@ -296,3 +296,21 @@ def test_gemv_extra_rows_on_other_paths(path):
     y, h = gemv(x, w, config=cfg, extra=e)
     torch.testing.assert_close(y, gemv_ref(x, w), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h, gemv_ref(x, e), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["dot", "vec-split3"])
+def test_gemv_fp8_every_code_exact(dtype, path):
+    """Every finite e4m3 code (254: the two NaNs left out), subnormals included, comes out exactly: x is the
+    identity (one-hot rows), so y[m, n] = w[n, m] * 1.0 with no rounding anywhere (fp8 values are exact in bf16 and
+    fp16). Checks the widening of both paths (the dot path's fp8 -> fp32 -> bf16 / fp16)."""
+    codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)], dtype=torch.uint8)
+    k = codes.numel()
+    w = torch.stack([codes.roll(r) for r in range(16)]).view(torch.float8_e4m3fn).to(DEVICE)  # [16, 254]
+    s = torch.ones(16, device=DEVICE)
+    rows = 16 if path == "dot" else 1  # the vector path one row at a time (the 2-D sums), the dot path 16
+    for m0 in range(0, k, rows) if path == "dot" else (0, 1, 100, 253):
+        x = torch.eye(k, dtype=dtype)[m0:m0 + rows].to(DEVICE)
+        y = gemv(x, w, s, _path_config(path, x.shape[0]))
+        assert torch.equal(y.float().cpu(), w.float().cpu().T[m0:m0 + rows])

@@ -181,6 +181,18 @@ if _HAS_TRITON:
         return out
 
     @triton.jit
+    def _widen(w, dtype: tl.constexpr):
+        """A weight tile in the dot's input dtype. fp8 into bf16 through fp32: the compiler's direct fp8 -> bf16
+        goes fp8 -> fp16 (F2FP, 2 a op) -> bf16 by F2F.BF16.F16, one conversion-unit op a weight (sm_90 SASS);
+        through fp32 it is F2FP unpack, HADD2.F32 (the FMA pipe) and the F2FP pack of two fp32 into bf16x2. Exact
+        either way (e4m3 into fp32 into bf16)."""
+        if w.dtype == tl.float8e4nv and dtype == tl.bfloat16:
+            out = w.to(tl.float32).to(tl.bfloat16)
+        else:
+            out = w.to(dtype)
+        return out
+
+    @triton.jit
     def _dot_sums(x_ptr, w_ptr, w2_ptr, row0, M, offs_n, mask_n, k_lo, k_hi, stride_xm, stride_wn,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
                   TWO: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -200,14 +212,14 @@ if _HAS_TRITON:
             k_mask = offs_k < k_hi - k0
             x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
             w_mask = mask_n[:, None] & k_mask[None, :]
-            w = tl.load(w_ptr + w_rows + k0 + offs_k[None, :], mask=w_mask, other=0.0).to(x.dtype)
+            w = _widen(tl.load(w_ptr + w_rows + k0 + offs_k[None, :], mask=w_mask, other=0.0), x.dtype)
             xt = tl.trans(x)  # [BLOCK_K, BLOCK_M]
             if UPCAST_DOT:
                 w = w.to(tl.float32)
                 xt = xt.to(tl.float32)
             acc = tl.dot(w, xt, acc=acc, input_precision=DOT_PRECISION)
             if TWO:
-                w2 = tl.load(w2_ptr + w_rows + k0 + offs_k[None, :], mask=w_mask, other=0.0).to(x.dtype)
+                w2 = _widen(tl.load(w2_ptr + w_rows + k0 + offs_k[None, :], mask=w_mask, other=0.0), x.dtype)
                 if UPCAST_DOT:
                     w2 = w2.to(tl.float32)
                 acc2 = tl.dot(w2, xt, acc=acc2, input_precision=DOT_PRECISION)
