@@ -152,8 +152,8 @@ def test_linear_dispatch_and_configs():
 
 def test_gemv_config_rule():
     """One row: the vector path with 512-byte tile rows (16-byte loads), a pipelined loop, split-K only where
-    N / BLOCK_N leaves SMs idle. Several rows: the dot path (16 padded rows, a 16 KB weight tile: bf16 64 x 128, fp8 128 x 128),
-    split-K where N / BLOCK_N gives under 1.5 programs an SM."""
+    N / BLOCK_N leaves SMs idle. Several rows: the dot path (16 padded rows, a 16 KB weight tile: bf16 64 x 128,
+    fp8 128 x 128), split-K where N / BLOCK_N gives under 1.5 programs an SM."""
     one = gemv_config(8192, 8192, 1, fp8=True)
     assert (one["BLOCK_K"], one["BLOCK_N"], one["SPLIT_K"], one.get("DOT", False)) == (512, 8, 1, False)
     assert one["num_stages"] >= 3 and one["num_warps"] == 8
