@@ -8,7 +8,7 @@ Per shape, row count M and weight dtype (bf16, or fp8 e4m3 with per-row scales: 
 - old: gemv at gemv_config_v1 (BLOCK_K 128 bf16 / 256 fp8, a plain K loop, the 3-D CUDA-core product for M > 1);
 - new: gemv at gemv_config (pipelined loop, 512-byte tile rows at M = 1; the tensor-core dot path at M >= 2;
   split-K where N / BLOCK_N gives too few programs) -- what the model runs;
-- with --sweep: the best of ~30 configs around the rule (a compile each, shared by every shape and M).
+- with --sweep: the best of 30-42 configs around the rule (a compile each, shared by every shape and M).
 
 µs per call and TB/s of the bytes each method reads (its weights -- 2 B a bf16 weight, 1 B + 4 B a row for fp8 --
 plus x and y). new/old and new/cuBLAS are time ratios (> 1: new is faster).
@@ -58,14 +58,15 @@ SHAPES = {
 
 
 def candidates(rows: int, fp8: bool, silu_mul: bool) -> list[dict]:
-    """~30 configs around gemv_config's rule for --sweep (M and the shape are runtime values, so each compiles once
-    for every shape and row count): one row -- the vector path's rows, stages, splits and a 1 KB tile row, and four
-    dot-path points; several rows -- the dot path's weight rows, tile bytes and splits."""
+    """30-42 configs around gemv_config's rule for --sweep (M and the shape are runtime values, so each compiles
+    once for every shape and row count): one row -- the vector path's rows, rows a warp, stages, splits and a 1 KB
+    tile row, and four dot-path points; several rows -- the dot path's weight rows, tile bytes and splits."""
     wb = 1 if fp8 else 2
     out = []
     if rows == 1:
-        for bn, st, sk in itertools.product((4, 8, 16), (3, 4, 6), (1, 2, 4)):
-            out.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": 512 // wb, "num_warps": max(1, min(8, bn)),
+        for bn, per_warp, st, sk in itertools.product((4, 8, 16), (1, 2), (3, 5), (1, 2, 4)):
+            # per_warp: weight rows a warp streams (2: each x value loaded and widened once for two rows)
+            out.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": 512 // wb, "num_warps": max(1, min(8, bn // per_warp)),
                         "num_stages": st, "SPLIT_K": sk})
         out += [{"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 1024 // wb, "num_warps": 8, "num_stages": st, "SPLIT_K": 1}
                 for st in (3, 4)]

@@ -13,10 +13,16 @@ GPU (~1 us of loaded latency), ~40 KB per SM. Two paths, one kernel (`DOT` picks
   With S stages a program keeps S-1 tiles in flight through shared memory (cp.async).
 - dot path (2..16 rows, `DOT`): the rows are padded to BLOCK_M = 16 and the product is the transposed tile GEMM
   acc[BLOCK_N, 16] += W[BLOCK_N, BLOCK_K] @ x[16, BLOCK_K]^T on the tensor cores (weights as the wide operand:
-  BLOCK_N = 64 fills a wgmma's 64 rows); fp8 tiles are widened to x's dtype in registers (exact for e4m3 into
-  bf16 / fp16), fp32 accumulation. The 3-D [BLOCK_M, BLOCK_N, BLOCK_K] fp32 product it replaces does M x more
-  CUDA-core work per byte than one row and was compute bound (0.4-0.55 TB/s at M = 8 on the 67B's fp8 weights).
-  Loads feeding a dot are pipelined by num_stages as usual.
+  BLOCK_N >= 64 fills a wgmma's 64 rows, the padded rows are its narrow n = 16 side); fp8 tiles are widened to
+  x's dtype in registers (exact for e4m3 into bf16 / fp16; into bf16 through fp32, see _widen), fp32
+  accumulation. The 3-D [BLOCK_M, BLOCK_N, BLOCK_K] fp32 product it replaces does M x more CUDA-core work per
+  byte than one row and was compute bound (0.4-0.55 TB/s at M = 8 on the 67B's fp8 weights). Loads feeding a
+  dot are pipelined by num_stages as usual.
+
+Checked without a GPU by compiling for sm_90 (triton.compile with a GPUTarget, ptxas, cuobjdump): the old one-row
+kernel had no cp.async (not pipelined); now the vector path streams weights by 16-byte cp.async into 3 stages
+(13-15 KB of shared memory, 33-62 registers) and the dot path issues wgmma m64n16k16 (48-127 registers, no
+spills, 64-110 KB of shared memory).
 
 Split-K (`SPLIT_K` > 1): when N / BLOCK_N gives too few programs to fill the SMs, grid axis 2 cuts K into SPLIT_K
 ranges; each program writes its fp32 partial sums to a [SPLIT_K, M, N] (silu_mul: [SPLIT_K, M, 2N]) workspace
@@ -279,7 +285,7 @@ if _HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         LOOP_STAGES: tl.constexpr,
-        SPLIT_K: tl.constexpr,
+        SPLIT: tl.constexpr,  # more than one K split (their count is the grid's axis 2: one compile for any)
         DOT: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -294,7 +300,7 @@ if _HAS_TRITON:
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        if HAS_EXTRA:  # (SPLIT_K == 1: the launcher's rule)
+        if HAS_EXTRA:  # (not SPLIT: the launcher's rule)
             tiles = tl.cdiv(N, BLOCK_N)
             if pid_n >= tiles:  # the programs past w's tiles take e's rows: fp32 sums into h (no scale, no act)
                 offs_e = (pid_n - tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -309,7 +315,7 @@ if _HAS_TRITON:
         y, up = _sums(x_ptr, w_ptr, w_up_ptr, row0, M, offs_n, mask_n, k_lo, k_hi, stride_xm, stride_wn,
                       BLOCK_M, BLOCK_N, BLOCK_K, LOOP_STAGES, SILU_MUL, DOT, UPCAST_DOT, DOT_PRECISION)
         mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K > 1:  # raw fp32 partial sums; _gemv_combine_kernel applies the epilogue
+        if SPLIT:  # raw fp32 partial sums; _gemv_combine_kernel applies the epilogue
             ws_cols = 2 * N if SILU_MUL else N
             ws = ws_ptr + (pid_k * M + offs_m[:, None]) * ws_cols + offs_n[None, :]
             tl.store(ws, y, mask=mask)
@@ -320,7 +326,7 @@ if _HAS_TRITON:
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gemv_combine_kernel(ws_ptr, s_ptr, s_up_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr,
+    def _gemv_combine_kernel(ws_ptr, s_ptr, s_up_ptr, y_ptr, M, N, stride_ym, SPLIT_K,
                              BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, SILU_MUL: tl.constexpr):
         """y[m, n] = epilogue(sum_s ws[s, m, n]) for one row m and BLOCK columns: the splits summed in order 0..S-1
         (deterministic), then the same scale / SiLU·mul / cast as the one-split kernel."""
@@ -330,7 +336,7 @@ if _HAS_TRITON:
         ws_cols = 2 * N if SILU_MUL else N
         y = tl.zeros([1, BLOCK], dtype=tl.float32)
         up = tl.zeros([1, BLOCK], dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
+        for s in range(0, SPLIT_K):
             row = ws_ptr + (s * M + m) * ws_cols + offs_n[None, :]
             y += tl.load(row, mask=mask_n[None, :], other=0.0)
             if SILU_MUL:
@@ -410,7 +416,7 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
             x.stride(0), w.stride(0), y.stride(0), n2, 0 if extra is None else extra.stride(0),
             0 if h is None else h.stride(0),
             BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-            LOOP_STAGES=stages if cfg.get("PIPELINE", True) else 1, SPLIT_K=split, DOT=dot,
+            LOOP_STAGES=stages if cfg.get("PIPELINE", True) else 1, SPLIT=split > 1, DOT=dot,
             UPCAST_DOT=dot and _needs_dot_upcast(_gemv_kernel, x.dtype),
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             HAS_SCALE=scale is not None, SILU_MUL=silu_mul, HAS_EXTRA=extra is not None,
@@ -418,7 +424,7 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
         if split > 1:
             block = min(1024, triton.next_power_of_2(n))
             _gemv_combine_kernel[(triton.cdiv(n, block), m)](
-                ws, s, s_up, y, m, n, y.stride(0), SPLIT_K=split, BLOCK=block, HAS_SCALE=scale is not None,
+                ws, s, s_up, y, m, n, y.stride(0), split, BLOCK=block, HAS_SCALE=scale is not None,
                 SILU_MUL=silu_mul, num_warps=4)
     return y if extra is None else (y, h)
 
