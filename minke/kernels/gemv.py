@@ -21,7 +21,7 @@ GPU (~1 us of loaded latency), ~40 KB per SM. Two paths, one kernel (`DOT` picks
 
 Checked without a GPU by compiling for sm_90 (triton.compile with a GPUTarget, ptxas, cuobjdump): the old one-row
 kernel had no cp.async (not pipelined); now the vector path streams weights by 16-byte cp.async into 3 stages
-(13-15 KB of shared memory, 33-62 registers) and the dot path issues wgmma m64n16k16 (48-127 registers, no
+(13-15 KB of shared memory, 33-96 registers) and the dot path issues wgmma m64n16k16 (48-127 registers, no
 spills, 64-110 KB of shared memory).
 
 Split-K (`SPLIT_K` > 1): when N / BLOCK_N gives too few programs to fill the SMs, grid axis 2 cuts K into SPLIT_K
@@ -121,9 +121,12 @@ def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False, silu_mul: bool
     measured sweep (`bench/bench_gemv.py --sweep`) is how to refine it.
 
     - rows == 1, vector path: a tile row is 512 bytes (BLOCK_K = 512 / weight bytes: fp8 512, bf16 256, fp32 128),
-      one warp a row (16-byte loads), BLOCK_N = 8 rows (4 up to N = 2048, as the 2026-11-28 sweep chose for V2-Lite:
-      more programs for small N), 4 loop stages: 3 tiles (12 KB at BLOCK_N 8) in flight per program, 4-8 programs
-      an SM by registers (the accumulator is BLOCK_N x BLOCK_K / threads = 16 fp32 a thread).
+      16-byte loads, BLOCK_N = 8 rows (4 up to N = 2048, as the 2026-11-28 sweep chose for V2-Lite: more programs
+      for small N), 4 loop stages: 3 tiles in flight per program. bf16: one warp a row (8 warps; 33 registers,
+      ~7 programs an SM: ~84 KB in flight). fp8: two rows a warp (4 warps), so each x value is loaded and widened
+      once for two weights: the loop is 157 SASS instructions a warp for 1,024 weights against 107 for 512 with
+      one row a warp (an issue-rate ceiling of ~6.8 instead of ~5.0 TB/s on 132 SMs at 1.98 GHz), 80 registers,
+      ~6 programs an SM (~72 KB in flight).
     - rows >= 2, dot path: BLOCK_M 16 (rows padded), a 16 KB weight tile, 4 stages (silu_mul: two tiles a stage,
       3 stages): ~64-100 KB of shared memory, 2 programs an SM. bf16: BLOCK_N 64 (one wgmma's rows) x BLOCK_K 128
       over 4 warps (48 registers a thread; 80 with silu_mul). fp8: the tile is widened to bf16 in registers (the
@@ -137,7 +140,7 @@ def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False, silu_mul: bool
     if rows <= 1:
         block_n = 4 if n <= 2048 else 8
         block_k = 512 // w_bytes
-        warps = max(1, min(8, block_n * block_k * w_bytes // 512))
+        warps = max(1, min(8, block_n * block_k * w_bytes // (1024 if fp8 else 512)))
         split = _split_for(_cdiv(n, block_n), _cdiv(k, block_k), 2 * sms)
         return {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 4,
                 "SPLIT_K": split}
