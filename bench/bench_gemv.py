@@ -175,6 +175,19 @@ def main() -> int:
                       f"{t_cublas / t_new:5.2f} | {short} | {best}", flush=True)
             del w, wq, ws
             torch.cuda.empty_cache()
+    # One decoder layer's projections (qkv, o, gate_up+act, down: one row each per shape), summed: the per-layer
+    # weight-streaming rate a decode step sees (the 7B batch-1 target needs ~4.2 TB/s over these).
+    print("\nper layer (the shape's projections summed): us and TB/s of the bytes each method reads")
+    groups = {}
+    for r in rows_out:
+        groups.setdefault((r["shape"], r["weights"], r["M"]), []).append(r)
+    for (shape, wdt, m), rs in groups.items():
+        tot = {key: sum(r[key] for r in rs) if all(r[key] for r in rs) else None
+               for key in ("cublas_bf16_ms", "old_ms", "new_ms")}
+        b_bf16, b_gemv = sum(r["bytes_bf16"] for r in rs), sum(r["bytes_gemv"] for r in rs)
+        print(f"{shape:8s} {wdt:4s} M={m}: cuBLAS {fmt(tot['cublas_bf16_ms'])} {tbs(b_bf16, tot['cublas_bf16_ms'])} | "
+              f"old {fmt(tot['old_ms'])} {tbs(b_gemv, tot['old_ms'])} | new {fmt(tot['new_ms'])} "
+              f"{tbs(b_gemv, tot['new_ms'])}")
     print(f"({time.time() - t_start:.0f} s)")
     if args.output:
         with open(args.output, "w") as f:
