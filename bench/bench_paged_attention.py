@@ -7,10 +7,16 @@ cannot be captured). TB/s counts the bytes that must move: the K and V rows of e
 
     python bench/bench_paged_attention.py --output paged_attention.json             # the full grid
     python bench/bench_paged_attention.py --shapes llm-67b --batches 1,8 --contexts 4096,32768 --sweep-splits
-    python bench/bench_paged_attention.py --shapes llm-7b --batches 1,32 --contexts 4096 --sweep-launch
+    python bench/bench_paged_attention.py --shapes llm-7b,moe-16b --batches 1,32,256 --contexts 640,4096,32768 \
+        --sweep-launch --no-torch                                                      # decides the MHA defaults
 
 --sweep-splits also times num_splits in 1, 2, 4, ..., 64 and prints the best against default_num_splits' pick;
---sweep-launch times BLOCK_N x warps x stages (and, for MHA, the tensor-core path against the vector path).
+--sweep-launch times the stage-1 variants of paged_decode_attention at default_num_splits' split count for each
+(the vector path for MHA, the tensor-core dot path, kv_heads_per_program = 2 / 4 / 8), each over a few BLOCK_N x
+warps x stages (LAUNCHES below; --launch-grid full: every BLOCK_N x warps x stages), checks each against the
+default's output, and prints per point the default beside the best launch and the best of each variant; at the end
+a table per point (default TB/s, best launch, its TB/s) and, per shape, every launch ranked by its geometric-mean
+time over the points relative to each point's best (the one launch to make the default).
 Points whose cache does not fit in free memory are skipped; the torch path is skipped where its gathered,
 head-repeated copy of the context would not fit.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 
@@ -35,6 +42,45 @@ from minke.models.attention import ForwardBatch, TorchAttentionBackend  # noqa: 
 
 SHAPES = {"llm-7b": (32, 32), "llm-67b": (64, 8), "moe-16b": (16, 16)}  # (q heads, KV heads), head 128
 HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
+
+# --sweep-launch candidates: (variant, block_n, num_warps, num_stages). Variants: "vec" (use_dot=False, MHA only),
+# "dot" (use_dot=True), "h2" / "h4" / "h8" (kv_heads_per_program = 2 / 4 / 8, tensor cores). The first entry of
+# each list is paged_decode_attention's default launch. A few per variant: every (variant, block_n, warps, stages,
+# split count) is a compile, and compiles dominate the sweep's time.
+LAUNCHES = {
+    "mha": [("vec", 64, 4, 2), ("vec", 128, 4, 2), ("vec", 32, 4, 3), ("vec", 64, 8, 2),
+            ("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
+            ("h2", 32, 4, 2), ("h2", 32, 4, 3), ("h2", 64, 8, 2),
+            ("h4", 16, 4, 2), ("h4", 16, 4, 3), ("h4", 32, 8, 2),
+            ("h8", 16, 8, 2)],
+    "gqa": [("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
+            ("h2", 32, 4, 2), ("h2", 32, 4, 3), ("h2", 64, 8, 2)],
+}
+
+
+def launch_grid(mha: bool, full: bool) -> list[tuple[str, int, int, int]]:
+    if not full:
+        return LAUNCHES["mha" if mha else "gqa"]
+    variants = ("vec", "dot", "h2", "h4") if mha else ("dot", "h2")
+    grid = [(v, bn, w, st) for v, bn, w, st in itertools.product(variants, (16, 32, 64, 128), (4, 8), (1, 2, 3))
+            if not (v == "vec" and bn == 16) and not (v == "h4" and bn == 128)]
+    default = LAUNCHES["mha" if mha else "gqa"][0]
+    return [default] + [c for c in grid if c != default]
+
+
+def launch_kwargs(variant: str, block_n: int, num_warps: int, num_stages: int) -> dict:
+    kw = {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    if variant == "vec":
+        kw["use_dot"] = False
+    elif variant == "dot":
+        kw["use_dot"] = True
+    else:
+        kw["kv_heads_per_program"] = int(variant[1:])
+    return kw
+
+
+def launch_label(variant: str, block_n: int, num_warps: int, num_stages: int) -> str:
+    return f"{variant} n{block_n} w{num_warps} s{num_stages}"
 
 
 def timed(fn) -> float:
@@ -68,6 +114,69 @@ def torch_path(q, cache, tables, lens):
     return lambda: backend.mha_decode(q, cache, batch, scale)
 
 
+def sweep_launches(row, notes, q, cache, tables, lens, scale, moved, mha: bool, full: bool) -> None:
+    """Time every launch candidate at its own default split count (a variant with H KV heads per program has
+    Hkv / H programs per split, so default_num_splits gives it more splits); row["launches"] gets them all."""
+    ref = paged_decode_attention(q, cache, tables, lens, scale)
+    res = []
+    for cand in launch_grid(mha, full):
+        kw = launch_kwargs(*cand)
+        label = launch_label(*cand)
+        try:
+            out = paged_decode_attention(q, cache, tables, lens, scale, **kw)
+            err = (out.float() - ref.float()).abs().max().item()
+            del out
+            t = timed(lambda: paged_decode_attention(q, cache, tables, lens, scale, **kw))
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / registers for this tile
+            print(f"  skip {label}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
+            continue
+        if err > 3e-2:
+            notes.append(f"MISMATCH {label} {err:.3g}")
+        res.append({"label": label, "ms": t, "tbps": moved / t / 1e9, "max_abs_diff_vs_default": err, **kw})
+    if not res:
+        return
+    row["launches"] = res
+    default, best = res[0], min(res, key=lambda r: r["ms"])
+    row["default_launch"], row["best_launch"] = default["label"], best["label"]
+    family = {}
+    for r in res:
+        fam = r["label"].split()[0]
+        if fam not in family or r["ms"] < family[fam]["ms"]:
+            family[fam] = r
+    notes.append(f"default {default['label']} {default['tbps']:.2f} TB/s; best {best['label']} "
+                 f"{best['ms'] * 1000:.1f} us {best['tbps']:.2f} TB/s ({default['ms'] / best['ms']:.2f}x); per variant "
+                 + ", ".join(f"{f} {r['tbps']:.2f} ({r['label'].split(' ', 1)[1]})" for f, r in family.items()))
+
+
+def print_launch_summary(rows) -> None:
+    """Per point: the default launch against the best; per shape: each launch's geometric-mean time over the
+    points relative to every point's best (1.00 = best everywhere) and its worst point: the one to make default."""
+    rows = [r for r in rows if r.get("launches")]
+    if not rows:
+        return
+    print(f"\n{'shape':8s} {'B':>4s} {'ctx':>6s} {'default':>16s} {'TB/s':>6s}   {'best launch':>16s} {'TB/s':>6s} "
+          f"{'gain':>5s}")
+    for r in rows:
+        d, b = r["launches"][0], min(r["launches"], key=lambda x: x["ms"])
+        print(f"{r['shape']:8s} {r['batch']:4d} {r['context']:6d} {d['label']:>16s} {d['tbps']:6.2f}   "
+              f"{b['label']:>16s} {b['tbps']:6.2f} {d['ms'] / b['ms']:5.2f}x")
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        pts = [r for r in rows if r["shape"] == shape]
+        best = [min(x["ms"] for x in r["launches"]) for r in pts]
+        labels = dict.fromkeys(x["label"] for r in pts for x in r["launches"])
+        ranked = []
+        for label in labels:
+            rel = [next((x["ms"] for x in r["launches"] if x["label"] == label), None) for r in pts]
+            if any(t is None for t in rel):
+                continue  # skipped somewhere (out of resources): not a candidate for a default
+            rel = [t / b for t, b in zip(rel, best)]
+            ranked.append((math.exp(sum(map(math.log, rel)) / len(rel)), max(rel), label))
+        ranked.sort()
+        print(f"\n{shape}: launches by geometric-mean time / best over {len(pts)} points (worst point in brackets)")
+        for gm, worst, label in ranked:
+            print(f"  {label:>16s} {gm:5.3f} ({worst:.3f})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -75,6 +184,8 @@ def main() -> int:
     ap.add_argument("--contexts", default="512,4096,32768")
     ap.add_argument("--sweep-splits", action="store_true")
     ap.add_argument("--sweep-launch", action="store_true")
+    ap.add_argument("--launch-grid", choices=("short", "full"), default="short",
+                    help="--sweep-launch candidates: LAUNCHES (short) or every BLOCK_N x warps x stages (full)")
     ap.add_argument("--no-torch", action="store_true", help="kernel only")
     ap.add_argument("--output", "--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
@@ -99,7 +210,7 @@ def main() -> int:
                 continue
             q, cache, tables, lens = make_point(B, ctx, hq, hkv, dev, g)
             moved = kv_bytes + 2 * q.numel() * q.element_size()
-            splits = default_num_splits(B, hkv, ctx, dev)
+            splits = default_num_splits(B, hkv, ctx, dev)  # the default launch's (one KV head per program)
             ms = timed(lambda: paged_decode_attention(q, cache, tables, lens, scale))
             row = {"shape": name, "batch": B, "context": ctx, "q_heads": hq, "kv_heads": hkv, "splits": splits,
                    "kernel_ms": ms, "kernel_tbps": moved / ms / 1e9, "bytes": moved}
@@ -130,21 +241,7 @@ def main() -> int:
                 row["best_splits"] = best[1]
                 notes.append(f"best splits {best[1]}: {best[0] * 1000:.1f} us")
             if args.sweep_launch:
-                res = []
-                dots = (False, True) if hq == hkv else (True,)
-                for bn, w, st, dot in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), dots):
-                    try:
-                        t = timed(lambda: paged_decode_attention(q, cache, tables, lens, scale, block_n=bn,
-                                                                 num_warps=w, num_stages=st, use_dot=dot))
-                    except Exception as e:  # noqa: BLE001 - out of resources for this tile
-                        print(f"  skip block_n {bn} warps {w} stages {st} dot {dot}: {type(e).__name__}")
-                        continue
-                    res.append((t, bn, w, st, dot))
-                res.sort()
-                row["launch_ms"] = [{"ms": t, "block_n": bn, "num_warps": w, "num_stages": st, "use_dot": dot}
-                                    for t, bn, w, st, dot in res]
-                notes.append("best " + ", ".join(f"{t * 1000:.1f} us (block_n {bn}, warps {w}, stages {st}, dot {dot})"
-                                                 for t, bn, w, st, dot in res[:3]))
+                sweep_launches(row, notes, q, cache, tables, lens, scale, moved, hq == hkv, args.launch_grid == "full")
             rows.append(row)
             tms = row.get("torch_ms")
             torch_cols = (f"{tms * 1000:10.1f} {row['torch_tbps']:6.2f} {tms / ms:6.2f}x" if tms is not None
@@ -153,6 +250,8 @@ def main() -> int:
                   + "; ".join(notes), flush=True)
             del q, cache, tables, lens
             torch.cuda.empty_cache()
+    if args.sweep_launch:
+        print_launch_summary(rows)
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(dev), "dtype": str(DTYPE), "block_size": BLOCK_SIZE,
