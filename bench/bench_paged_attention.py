@@ -48,7 +48,7 @@ HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
 # each list is paged_decode_attention's default launch. A few per variant: every (variant, block_n, warps, stages,
 # split count) is a compile, and compiles dominate the sweep's time.
 LAUNCHES = {
-    "mha": [("vec", 64, 4, 2), ("vec", 128, 4, 2), ("vec", 32, 4, 3), ("vec", 64, 8, 2),
+    "mha": [("vec", 64, 4, 2), ("vec", 128, 4, 2), ("vec", 32, 4, 3), ("vec", 64, 8, 2), ("vec", 32, 2, 2),
             ("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
             ("h2", 32, 4, 2), ("h2", 32, 4, 3), ("h2", 64, 8, 2),
             ("h4", 16, 4, 2), ("h4", 16, 4, 3), ("h4", 32, 8, 2),
@@ -62,7 +62,7 @@ def launch_grid(mha: bool, full: bool) -> list[tuple[str, int, int, int]]:
     if not full:
         return LAUNCHES["mha" if mha else "gqa"]
     variants = ("vec", "dot", "h2", "h4") if mha else ("dot", "h2")
-    grid = [(v, bn, w, st) for v, bn, w, st in itertools.product(variants, (16, 32, 64, 128), (4, 8), (1, 2, 3))
+    grid = [(v, bn, w, st) for v, bn, w, st in itertools.product(variants, (16, 32, 64, 128), (2, 4, 8), (1, 2, 3))
             if not (v == "vec" and bn == 16) and not (v == "h4" and bn == 128)]
     default = LAUNCHES["mha" if mha else "gqa"][0]
     return [default] + [c for c in grid if c != default]

@@ -125,14 +125,15 @@ def test_kernel_matches_ref_fp32(shape, num_splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("heads", [1, 2])  # 2: the kv_heads_per_program variant (block-diagonal dot)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["llm-7b", "llm-67b", "moe-16b"])
-def test_kernel_matches_ref_half(shape, dtype):
+def test_kernel_matches_ref_half(shape, dtype, heads):
     Hq, Hkv, D, bs = SHAPES[shape]
     (q, cache, bt, lens), _ = _make_case(LENS, Hq, Hkv, D, bs, dtype, seed=4)
     scale = D ** -0.5
     for splits in (1, 4):
-        out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=splits)
+        out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=splits, kv_heads_per_program=heads)
         ref = paged_decode_attention_ref(q, cache, bt, lens, scale)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype])
@@ -165,20 +166,6 @@ def test_heads_per_program_variant_matches_ref_fp32(shape, heads, num_splits):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", ["llm-7b", "moe-16b", "llm-67b"])
-def test_heads_per_program_variant_matches_ref_half(shape, dtype):
-    Hq, Hkv, D, bs = SHAPES[shape]
-    (q, cache, bt, lens), _ = _make_case(LENS, Hq, Hkv, D, bs, dtype, seed=16)
-    scale = D ** -0.5
-    ref = paged_decode_attention_ref(q, cache, bt, lens, scale)
-    for splits in (1, 4):
-        out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=splits, kv_heads_per_program=2)
-        assert out.dtype == dtype
-        torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype])
-
-
-@needs_triton
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_heads_per_program_empty_context_and_default_splits(num_splits):
     Hq, Hkv, D, bs = SHAPES["llm-7b"]
@@ -205,6 +192,18 @@ def test_out_is_written_in_place(heads, num_splits):
     assert got.data_ptr() == full.data_ptr()
     torch.testing.assert_close(full[:2], paged_decode_attention_ref(q, cache, bt, lens, 0.3), rtol=2e-5, atol=2e-5)
     assert torch.equal(full[2].cpu(), torch.full((Hq, D), 5.0))
+
+
+@needs_triton
+def test_heads_per_program_default_splits_count_head_blocks(monkeypatch):
+    """The split heuristic sees programs: cdiv(Hkv, H) head blocks per sequence, not Hkv."""
+    Hq, Hkv, D, bs = SHAPES["odd-head"]  # 3 KV heads: 2 head blocks of 2
+    (q, cache, bt, lens), _ = _make_case([9, 30], Hq, Hkv, D, bs, torch.float32, seed=20)
+    seen = []
+    monkeypatch.setattr(_kmod, "default_num_splits", lambda *a: seen.append(a) or 2)
+    out = paged_decode_attention(q, cache, bt, lens, 0.3, kv_heads_per_program=2)
+    assert seen == [(2, 2, bt.shape[1] * bs, q.device)]
+    torch.testing.assert_close(out, paged_decode_attention_ref(q, cache, bt, lens, 0.3), rtol=2e-5, atol=2e-5)
 
 
 @needs_triton
