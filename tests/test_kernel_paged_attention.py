@@ -345,7 +345,8 @@ def test_gpu_full_size_shapes(shape, dtype):
     ref = paged_decode_attention_ref(q, cache, bt, lens_t, scale)
     for kw in ({}, {"num_splits": 1}, {"num_splits": 7}, {"num_splits": 64, "min_split_len": 1},
                {"use_dot": True}, {"block_n": 32, "num_warps": 8}, {"kv_heads_per_program": 2},
-               {"kv_heads_per_program": 4, "block_n": 16, "num_warps": 8}, {"kv_heads_per_program": 2, "num_splits": 7}):
+               {"kv_heads_per_program": 4, "block_n": 16, "num_warps": 8},
+               {"kv_heads_per_program": 2, "num_splits": 7}):
         out = paged_decode_attention(q, cache, bt, lens_t, scale, **kw)
         torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype], msg=str(kw))
 
