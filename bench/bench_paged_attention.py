@@ -44,11 +44,13 @@ SHAPES = {"llm-7b": (32, 32), "llm-67b": (64, 8), "moe-16b": (16, 16)}  # (q hea
 HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
 
 # --sweep-launch candidates: (variant, block_n, num_warps, num_stages). Variants: "vec" (use_dot=False, MHA only),
-# "dot" (use_dot=True), "h2" / "h4" / "h8" (kv_heads_per_program = 2 / 4 / 8, tensor cores). The first entry of
+# "vecp" (the same with loop_stages = num_stages: its K / V loads pipelined), "dot" (use_dot=True), "h2" / "h4" /
+# "h8" (kv_heads_per_program = 2 / 4 / 8, tensor cores). The first entry of
 # each list is paged_decode_attention's default launch. A few per variant: every (variant, block_n, warps, stages,
 # split count) is a compile, and compiles dominate the sweep's time.
 LAUNCHES = {
     "mha": [("vec", 64, 4, 2), ("vec", 128, 4, 2), ("vec", 32, 4, 3), ("vec", 64, 8, 2), ("vec", 32, 2, 2),
+            ("vecp", 64, 4, 2), ("vecp", 64, 4, 3), ("vecp", 32, 4, 3), ("vecp", 64, 8, 3),
             ("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
             ("h2", 32, 4, 2), ("h2", 32, 4, 3), ("h2", 64, 8, 2),
             ("h4", 16, 4, 2), ("h4", 16, 4, 3), ("h4", 32, 8, 2),
@@ -61,17 +63,20 @@ LAUNCHES = {
 def launch_grid(mha: bool, full: bool) -> list[tuple[str, int, int, int]]:
     if not full:
         return LAUNCHES["mha" if mha else "gqa"]
-    variants = ("vec", "dot", "h2", "h4") if mha else ("dot", "h2")
+    variants = ("vec", "vecp", "dot", "h2", "h4") if mha else ("dot", "h2")
     grid = [(v, bn, w, st) for v, bn, w, st in itertools.product(variants, (16, 32, 64, 128), (2, 4, 8), (1, 2, 3))
-            if not (v == "vec" and bn == 16) and not (v == "h4" and bn == 128)]
+            if not (v.startswith("vec") and bn == 16) and not (v == "h4" and bn == 128)
+            and not (v == "vecp" and st == 1)]
     default = LAUNCHES["mha" if mha else "gqa"][0]
     return [default] + [c for c in grid if c != default]
 
 
 def launch_kwargs(variant: str, block_n: int, num_warps: int, num_stages: int) -> dict:
     kw = {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
-    if variant == "vec":
+    if variant in ("vec", "vecp"):
         kw["use_dot"] = False
+        if variant == "vecp":
+            kw["loop_stages"] = num_stages
     elif variant == "dot":
         kw["use_dot"] = True
     else:

@@ -140,13 +140,14 @@ def test_kernel_matches_ref_half(shape, dtype, heads):
 
 
 @needs_triton
+@pytest.mark.parametrize("loop_stages", [None, 3])  # 3: every loop load pipelined (tl.range num_stages)
 @pytest.mark.parametrize("use_dot", [True, False])
-def test_mha_dot_and_vector_paths_agree(use_dot):
+def test_mha_dot_and_vector_paths_agree(use_dot, loop_stages):
     """MHA takes the vector path by default; the padded tensor-core path must give the same result (the bench
     times both)."""
     Hq, Hkv, D, bs = SHAPES["llm-7b"]
     (q, cache, bt, lens), _ = _make_case(LENS, Hq, Hkv, D, bs, torch.float32, seed=5)
-    out = paged_decode_attention(q, cache, bt, lens, 0.1, num_splits=2, use_dot=use_dot)
+    out = paged_decode_attention(q, cache, bt, lens, 0.1, num_splits=2, use_dot=use_dot, loop_stages=loop_stages)
     torch.testing.assert_close(out, paged_decode_attention_ref(q, cache, bt, lens, 0.1), rtol=2e-5, atol=2e-5)
 
 
@@ -175,7 +176,8 @@ def test_heads_per_program_empty_context_and_default_splits(num_splits):
     ref = paged_decode_attention_ref(q, cache, bt, lens, 0.2)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
     # Automatic splits (counted over head blocks) and a caller-given bound, as a captured graph sees them.
-    out = paged_decode_attention(q, cache, bt, lens, 0.2, max_seq_len=4096, kv_heads_per_program=4, block_n=16)
+    out = paged_decode_attention(q, cache, bt, lens, 0.2, max_seq_len=4096, kv_heads_per_program=4, block_n=16,
+                                 loop_stages=2)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
 
 
@@ -214,6 +216,8 @@ def test_heads_per_program_rejects_bad_arguments():
         paged_decode_attention(q, cache, bt, lens, 0.1, kv_heads_per_program=3)
     with pytest.raises(ValueError, match="tensor cores only"):
         paged_decode_attention(q, cache, bt, lens, 0.1, kv_heads_per_program=2, use_dot=False)
+    with pytest.raises(ValueError, match="loop_stages must be"):
+        paged_decode_attention(q, cache, bt, lens, 0.1, loop_stages=0)
     with pytest.raises(ValueError, match="block_n must be >= 16"):
         paged_decode_attention(q, cache, bt, lens, 0.1, kv_heads_per_program=2, block_n=8)
     with pytest.raises(ValueError, match="out must be"):
@@ -346,7 +350,8 @@ def test_gpu_full_size_shapes(shape, dtype):
     for kw in ({}, {"num_splits": 1}, {"num_splits": 7}, {"num_splits": 64, "min_split_len": 1},
                {"use_dot": True}, {"block_n": 32, "num_warps": 8}, {"kv_heads_per_program": 2},
                {"kv_heads_per_program": 4, "block_n": 16, "num_warps": 8},
-               {"kv_heads_per_program": 2, "num_splits": 7}):
+               {"kv_heads_per_program": 2, "num_splits": 7}, {"kv_heads_per_program": 2, "loop_stages": 3},
+               {"loop_stages": 3}):
         out = paged_decode_attention(q, cache, bt, lens_t, scale, **kw)
         torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype], msg=str(kw))
 

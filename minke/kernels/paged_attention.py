@@ -161,6 +161,7 @@ if _HAS_TRITON:
         USE_DOT: tl.constexpr,  # tensor-core tl.dot (GQA) or elementwise multiply + sum (MHA, BLOCK_G == 1)
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
+        LOOP_STAGES: tl.constexpr,  # None: Triton's pipelining (dot operands only); n: all loop loads n deep
     ):
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -195,7 +196,10 @@ if _HAS_TRITON:
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)  # running sum of exp2(...) * v
         head_off = kv_head * stride_kv_head
 
-        for n0 in range(start, end, BLOCK_N):
+        # Triton software-pipelines (cp.async a tile ahead) only the loads that feed tl.dot unless the loop names its
+        # stages: the vector path's K / V loads stay synchronous at LOOP_STAGES=None (bench/
+        # paged_attention_compile_report.py shows it), and are pipelined LOOP_STAGES deep otherwise.
+        for n0 in tl.range(start, end, BLOCK_N, num_stages=LOOP_STAGES):
             offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical token positions
             mask_n = offs_n < end
             # Page-table lookup per token; int64 because num_blocks * block_size * Hkv * D can pass 2**31.
@@ -286,6 +290,7 @@ if _HAS_TRITON:
         BLOCK_N: tl.constexpr,  # tokens per inner iteration (>= 16: the K dim of the value dot)
         DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
+        LOOP_STAGES: tl.constexpr,  # as _paged_decode_stage1_kernel's
     ):
         """BLOCK_H consecutive KV heads per program, as one block-diagonal tensor-core dot per tile.
 
@@ -326,7 +331,7 @@ if _HAS_TRITON:
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)  # row r against every head; the diagonal is kept
 
-        for n0 in range(start, end, BLOCK_N):
+        for n0 in tl.range(start, end, BLOCK_N, num_stages=LOOP_STAGES):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
             blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
@@ -400,6 +405,7 @@ def paged_decode_attention(
     num_warps: int | None = None,  # stage-1 launch (bench/bench_paged_attention.py sweeps these)
     num_stages: int = 2,
     kv_heads_per_program: int = 1,  # > 1: that many KV heads per program, block-diagonal dot (see below)
+    loop_stages: int | None = None,  # pipeline every K/V load of the inner loop this deep (see below); None: Triton's
     out: torch.Tensor | None = None,  # [B, Hq, D] in q.dtype, unit last stride: written in place (no copy after)
 ) -> torch.Tensor:  # [B, Hq, D] in q.dtype (`out` when given)
     """Split-K Triton paged decode attention. See the module docstring; paged_decode_attention_ref gives the same.
@@ -411,6 +417,9 @@ def paged_decode_attention(
       tiles [BLOCK_N, H * D] of contiguous bytes and one block-diagonal tensor-core dot for all H heads
       (_paged_decode_stage1_heads_kernel); tensor cores only (use_dot must not be False). The split heuristic
       counts programs, so it sees cdiv(Hkv, H) head blocks per sequence.
+    - loop_stages = n (any path): the inner loop is tl.range(..., num_stages=n), so Triton pipelines (cp.async, n - 1
+      tiles ahead) all its loads; with None it pipelines only the loads feeding tl.dot (num_stages), which leaves
+      the vector path's K / V loads synchronous. n = 1 turns pipelining off.
     """
     if not _HAS_TRITON:
         raise RuntimeError(
@@ -441,6 +450,8 @@ def paged_decode_attention(
                          f"{kv_heads_per_program!r}")
     if kv_heads_per_program > 1 and use_dot is False:
         raise ValueError("paged_decode_attention: kv_heads_per_program > 1 runs on tensor cores only (use_dot=False)")
+    if loop_stages is not None and (not isinstance(loop_stages, int) or loop_stages < 1):
+        raise ValueError(f"paged_decode_attention: loop_stages must be None or a positive int, got {loop_stages!r}")
     head_blocks = -(-Hkv // kv_heads_per_program)  # programs per sequence and split
     if num_splits is None:
         num_splits = default_num_splits(B, head_blocks, max_seq_len, q.device)
@@ -496,6 +507,7 @@ def paged_decode_attention(
             BLOCK_N=heads_block_n,
             DOT_PRECISION="ieee" if fp32 else "tf32",
             UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_heads_kernel, q.dtype),
+            LOOP_STAGES=loop_stages,
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -536,6 +548,7 @@ def paged_decode_attention(
         USE_DOT=use_dot,
         DOT_PRECISION="ieee" if fp32 else "tf32",
         UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_kernel, q.dtype),
+        LOOP_STAGES=loop_stages,
         num_warps=num_warps,
         num_stages=num_stages,
     )
