@@ -45,16 +45,15 @@ HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
 
 # --sweep-launch candidates: (variant, block_n, num_warps, num_stages). Variants: "vec" (use_dot=False, MHA only),
 # "vecp" (the same with loop_stages = num_stages: its K / V loads pipelined), "dot" (use_dot=True), "h2" / "h4" /
-# "h8" (kv_heads_per_program = 2 / 4 / 8, tensor cores). The first entry of
+# "h8" (kv_heads_per_program = 2 / 4 / 8, tensor cores; h8 only with --launch-grid full). The first entry of
 # each list is paged_decode_attention's default launch. A few per variant: every (variant, block_n, warps, stages,
 # split count) is a compile, and compiles dominate the sweep's time.
 LAUNCHES = {
-    "mha": [("vec", 64, 4, 2), ("vec", 128, 4, 2), ("vec", 32, 4, 3), ("vec", 64, 8, 2), ("vec", 32, 2, 2),
-            ("vecp", 64, 4, 2), ("vecp", 64, 4, 3), ("vecp", 32, 4, 3), ("vecp", 64, 8, 3),
+    "mha": [("vec", 64, 4, 2), ("vec", 32, 2, 2),
+            ("vecp", 64, 4, 3), ("vecp", 32, 4, 3), ("vecp", 64, 8, 3),
             ("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
             ("h2", 32, 4, 2), ("h2", 32, 4, 3), ("h2", 64, 8, 2),
-            ("h4", 16, 4, 2), ("h4", 16, 4, 3), ("h4", 32, 8, 2),
-            ("h8", 16, 8, 2)],
+            ("h4", 16, 4, 2), ("h4", 32, 8, 2)],
     "gqa": [("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
             ("h2", 32, 4, 2), ("h2", 32, 4, 3), ("h2", 64, 8, 2)],
 }
@@ -63,9 +62,9 @@ LAUNCHES = {
 def launch_grid(mha: bool, full: bool) -> list[tuple[str, int, int, int]]:
     if not full:
         return LAUNCHES["mha" if mha else "gqa"]
-    variants = ("vec", "vecp", "dot", "h2", "h4") if mha else ("dot", "h2")
+    variants = ("vec", "vecp", "dot", "h2", "h4", "h8") if mha else ("dot", "h2", "h4")
     grid = [(v, bn, w, st) for v, bn, w, st in itertools.product(variants, (16, 32, 64, 128), (2, 4, 8), (1, 2, 3))
-            if not (v.startswith("vec") and bn == 16) and not (v == "h4" and bn == 128)
+            if not (v.startswith("vec") and bn == 16) and not (v in ("h4", "h8") and bn > 32 * 4 // int(v[1:]))
             and not (v == "vecp" and st == 1)]
     default = LAUNCHES["mha" if mha else "gqa"][0]
     return [default] + [c for c in grid if c != default]
@@ -88,10 +87,10 @@ def launch_label(variant: str, block_n: int, num_warps: int, num_stages: int) ->
     return f"{variant} n{block_n} w{num_warps} s{num_stages}"
 
 
-def timed(fn) -> float:
+def timed(fn, calls: int = 10) -> float:
     """GPU ms per call: CUDA-graph replays, or do_bench's median where fn cannot be captured."""
     try:
-        return time_graph(fn)
+        return time_graph(fn, calls=calls)
     except Exception:  # noqa: BLE001 - e.g. a host sync inside fn
         torch.cuda.synchronize()
         import triton.testing
@@ -119,10 +118,52 @@ def torch_path(q, cache, tables, lens):
     return lambda: backend.mha_decode(q, cache, batch, scale)
 
 
+def _precompile_job(job) -> str | None:
+    """One launch on tiny inputs with the strides, split count and constexprs of a sweep point: compiles it into
+    Triton's on-disk cache, which the timing process then loads instead of compiling (a spawned worker)."""
+    hq, hkv, nb, kw = job
+    dev = torch.device("cuda")
+    try:
+        q = torch.zeros(1, hq, HEAD_DIM, device=dev, dtype=DTYPE)
+        cache = torch.zeros(2, 2, BLOCK_SIZE, hkv, HEAD_DIM, device=dev, dtype=DTYPE)
+        tables = torch.zeros(1, nb, device=dev, dtype=torch.int32)
+        lens = torch.ones(1, device=dev, dtype=torch.int32)
+        paged_decode_attention(q, cache, tables, lens, HEAD_DIM ** -0.5, **kw)
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - out of resources: the timing process reports it
+        return f"{type(e).__name__}"
+    return None
+
+
+def precompile(args, workers: int) -> None:
+    """Compile every (point, launch) of --sweep-launch in `workers` processes first: the sweep's time is mostly
+    Triton compiles (every launch x split count is one), one at a time otherwise."""
+    import multiprocessing as mp
+
+    dev = torch.device("cuda")
+    jobs = []
+    for name in args.shapes.split(","):
+        hq, hkv = SHAPES[name]
+        for B, ctx in itertools.product((int(b) for b in args.batches.split(",")),
+                                        (int(c) for c in args.contexts.split(","))):
+            nb = -(-ctx // BLOCK_SIZE)
+            for cand in launch_grid(hq == hkv, args.launch_grid == "full"):
+                kw = launch_kwargs(*cand)
+                blocks = -(-hkv // kw.get("kv_heads_per_program", 1))
+                # What paged_decode_attention derives for the real point (max_seq_len = the table's capacity).
+                splits = default_num_splits(B, blocks, nb * BLOCK_SIZE, dev)
+                jobs.append((hq, hkv, nb, dict(kw, num_splits=splits, min_split_len=64)))
+    jobs = list({repr(j): j for j in jobs}.values())
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(_precompile_job, jobs, chunksize=1)
+    print(f"precompiled {len(jobs)} launches in {workers} processes", flush=True)
+
+
 def sweep_launches(row, notes, q, cache, tables, lens, scale, moved, mha: bool, full: bool) -> None:
     """Time every launch candidate at its own default split count (a variant with H KV heads per program has
     Hkv / H programs per split, so default_num_splits gives it more splits); row["launches"] gets them all."""
     ref = paged_decode_attention(q, cache, tables, lens, scale)
+    calls = max(2, min(10, int(4e9 // moved)))  # graphs of >= ~4 GB of K/V: big points need fewer calls
     res = []
     for cand in launch_grid(mha, full):
         kw = launch_kwargs(*cand)
@@ -131,7 +172,7 @@ def sweep_launches(row, notes, q, cache, tables, lens, scale, moved, mha: bool, 
             out = paged_decode_attention(q, cache, tables, lens, scale, **kw)
             err = (out.float() - ref.float()).abs().max().item()
             del out
-            t = timed(lambda: paged_decode_attention(q, cache, tables, lens, scale, **kw))
+            t = timed(lambda: paged_decode_attention(q, cache, tables, lens, scale, **kw), calls=calls)
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / registers for this tile
             print(f"  skip {label}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
             continue
@@ -191,6 +232,8 @@ def main() -> int:
     ap.add_argument("--sweep-launch", action="store_true")
     ap.add_argument("--launch-grid", choices=("short", "full"), default="short",
                     help="--sweep-launch candidates: LAUNCHES (short) or every BLOCK_N x warps x stages (full)")
+    ap.add_argument("--precompile", type=int, default=12, metavar="N",
+                    help="--sweep-launch: compile every launch in N processes first (0: compile as timed)")
     ap.add_argument("--no-torch", action="store_true", help="kernel only")
     ap.add_argument("--output", "--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
@@ -198,6 +241,8 @@ def main() -> int:
         print("bench_paged_attention needs a CUDA GPU", file=sys.stderr)
         return 1
     dev = torch.device("cuda")
+    if args.sweep_launch and args.precompile > 0:
+        precompile(args, args.precompile)
     g = torch.Generator(device=dev).manual_seed(0)
     scale = HEAD_DIM ** -0.5
     rows = []
