@@ -12,11 +12,14 @@ cannot be captured). TB/s counts the bytes that must move: the K and V rows of e
 
 --sweep-splits also times num_splits in 1, 2, 4, ..., 64 and prints the best against default_num_splits' pick;
 --sweep-launch times the stage-1 variants of paged_decode_attention at default_num_splits' split count for each
-(the vector path for MHA, the tensor-core dot path, kv_heads_per_program = 2 / 4 / 8), each over a few BLOCK_N x
-warps x stages (LAUNCHES below; --launch-grid full: every BLOCK_N x warps x stages), checks each against the
-default's output, and prints per point the default beside the best launch and the best of each variant; at the end
-a table per point (default TB/s, best launch, its TB/s) and, per shape, every launch ranked by its geometric-mean
-time over the points relative to each point's best (the one launch to make the default).
+(MHA's vector path with and without loop_stages, the tensor-core dot path, kv_heads_per_program = 2 / 4), each over
+a few BLOCK_N x warps x stages (LAUNCHES below; --launch-grid full: every BLOCK_N x warps x stages), checks each
+against the default's output, and prints per point the default (the kernel's default_launch) beside the best
+launch and the best of each variant; at the end a table per point (default TB/s, best launch, its TB/s) and, per
+shape, every launch ranked by its geometric-mean time over the points relative to each point's best: the first
+line is the launch to write into the kernel's _DEFAULT_VARIANT / _LAUNCH. Compiles (one per launch and split
+count) are done first in --precompile processes; bench/paged_attention_compile_report.py shows each launch's
+registers, shared memory and pipelined loads without a GPU.
 Points whose cache does not fit in free memory are skipped; the torch path is skipped where its gathered,
 head-repeated copy of the context would not fit.
 """
@@ -36,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 
 from tune_fused_moe import time_graph  # noqa: E402
-from minke.kernels.paged_attention import default_num_splits, paged_decode_attention  # noqa: E402
+from minke.kernels.paged_attention import default_launch, default_num_splits, paged_decode_attention  # noqa: E402
 
 from minke.models.attention import ForwardBatch, TorchAttentionBackend  # noqa: E402
 
@@ -45,8 +48,8 @@ HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
 
 # --sweep-launch candidates: (variant, block_n, num_warps, num_stages). Variants: "vec" (use_dot=False, MHA only),
 # "vecp" (the same with loop_stages = num_stages: its K / V loads pipelined), "dot" (use_dot=True), "h2" / "h4" /
-# "h8" (kv_heads_per_program = 2 / 4 / 8, tensor cores; h8 only with --launch-grid full). The first entry of
-# each list is paged_decode_attention's default launch. A few per variant: every (variant, block_n, warps, stages,
+# "h8" (kv_heads_per_program = 2 / 4 / 8, tensor cores; h8 only with --launch-grid full). paged_decode_attention's
+# default (default_launch) is always timed too, first. A few per variant: every (variant, block_n, warps, stages,
 # split count) is a compile, and compiles dominate the sweep's time.
 LAUNCHES = {
     "mha": [("vec", 64, 4, 2), ("vec", 32, 2, 2),
@@ -59,14 +62,23 @@ LAUNCHES = {
 }
 
 
+def default_candidate(mha: bool) -> tuple[str, int, int, int]:
+    """paged_decode_attention's own launch when none is named (kernels' default_launch), as a LAUNCHES entry."""
+    d = default_launch(1 if mha else 8, DTYPE)
+    h = d["kv_heads_per_program"]
+    variant = f"h{h}" if h > 1 else "dot" if d["use_dot"] else "vecp" if d["loop_stages"] else "vec"
+    return variant, d["block_n"], d["num_warps"], d["num_stages"]
+
+
 def launch_grid(mha: bool, full: bool) -> list[tuple[str, int, int, int]]:
+    """The candidates, paged_decode_attention's default first."""
+    default = default_candidate(mha)
     if not full:
-        return LAUNCHES["mha" if mha else "gqa"]
+        return [default] + [c for c in LAUNCHES["mha" if mha else "gqa"] if c != default]
     variants = ("vec", "vecp", "dot", "h2", "h4", "h8") if mha else ("dot", "h2", "h4")
     grid = [(v, bn, w, st) for v, bn, w, st in itertools.product(variants, (16, 32, 64, 128), (2, 4, 8), (1, 2, 3))
             if not (v.startswith("vec") and bn == 16) and not (v in ("h4", "h8") and bn > 32 * 4 // int(v[1:]))
             and not (v == "vecp" and st == 1)]
-    default = LAUNCHES["mha" if mha else "gqa"][0]
     return [default] + [c for c in grid if c != default]
 
 
@@ -163,6 +175,7 @@ def sweep_launches(row, notes, q, cache, tables, lens, scale, moved, mha: bool, 
     """Time every launch candidate at its own default split count (a variant with H KV heads per program has
     Hkv / H programs per split, so default_num_splits gives it more splits); row["launches"] gets them all."""
     ref = paged_decode_attention(q, cache, tables, lens, scale)
+    default_label = launch_label(*default_candidate(mha))
     calls = max(2, min(10, int(4e9 // moved)))  # graphs of >= ~4 GB of K/V: big points need fewer calls
     res = []
     for cand in launch_grid(mha, full):
@@ -181,9 +194,12 @@ def sweep_launches(row, notes, q, cache, tables, lens, scale, moved, mha: bool, 
         res.append({"label": label, "ms": t, "tbps": moved / t / 1e9, "max_abs_diff_vs_default": err, **kw})
     if not res:
         return
-    row["launches"] = res
-    default, best = res[0], min(res, key=lambda r: r["ms"])
-    row["default_launch"], row["best_launch"] = default["label"], best["label"]
+    default = next((r for r in res if r["label"] == default_label), None)
+    if default is None:
+        notes.append(f"the default launch {default_label} failed")
+        return
+    best = min(res, key=lambda r: r["ms"])
+    row["launches"], row["default_launch"], row["best_launch"] = res, default["label"], best["label"]
     family = {}
     for r in res:
         fam = r["label"].split()[0]
@@ -203,7 +219,8 @@ def print_launch_summary(rows) -> None:
     print(f"\n{'shape':8s} {'B':>4s} {'ctx':>6s} {'default':>16s} {'TB/s':>6s}   {'best launch':>16s} {'TB/s':>6s} "
           f"{'gain':>5s}")
     for r in rows:
-        d, b = r["launches"][0], min(r["launches"], key=lambda x: x["ms"])
+        d = next(x for x in r["launches"] if x["label"] == r["default_launch"])
+        b = min(r["launches"], key=lambda x: x["ms"])
         print(f"{r['shape']:8s} {r['batch']:4d} {r['context']:6d} {d['label']:>16s} {d['tbps']:6.2f}   "
               f"{b['label']:>16s} {b['tbps']:6.2f} {d['ms'] / b['ms']:5.2f}x")
     for shape in dict.fromkeys(r["shape"] for r in rows):

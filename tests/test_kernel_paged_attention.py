@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import minke.kernels.paged_attention as _kmod
-from minke.kernels.paged_attention import default_num_splits, paged_decode_attention, paged_decode_attention_ref
+from minke.kernels.paged_attention import (default_launch, default_num_splits, paged_decode_attention,
+                                          paged_decode_attention_ref)
 from minke.models.attention import ForwardBatch, TorchAttentionBackend
 from conftest import kernel_test_setup
 
@@ -275,6 +276,21 @@ def test_strided_query_view():
     qkv = torch.cat([q, torch.zeros(2, 2 * Hkv, D, device=q.device)], dim=1)
     out = paged_decode_attention(qkv[:, :Hq], cache, bt, lens, 0.3, num_splits=2)
     torch.testing.assert_close(out, paged_decode_attention_ref(q, cache, bt, lens, 0.3), rtol=2e-5, atol=2e-5)
+
+
+def test_default_launch_rules():
+    """What paged_decode_attention runs for the launch arguments left None: the variant per attention kind (MHA the
+    vector path, GQA the padded dot), a caller's variant kept whole, that variant's tiles (fp32: half the tokens)."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert default_launch(1, bf16) == dict(use_dot=False, kv_heads_per_program=1, loop_stages=None, block_n=64,
+                                           num_warps=4, num_stages=2)
+    assert default_launch(8, bf16)["use_dot"] is True and default_launch(8, fp32)["block_n"] == 32
+    assert default_launch(1, bf16, use_dot=True)["use_dot"] is True
+    heads = default_launch(1, bf16, kv_heads_per_program=2)
+    assert heads["use_dot"] is True and heads["kv_heads_per_program"] == 2 and heads["block_n"] == 32
+    assert default_launch(1, fp32, kv_heads_per_program=4)["block_n"] == 16
+    assert default_launch(1, bf16, loop_stages=3) == dict(default_launch(1, bf16), loop_stages=3)
+    assert default_launch(8, bf16, use_dot=False)["use_dot"] is False  # then rejected: the vector path is MHA only
 
 
 def test_default_num_splits_rules(monkeypatch):

@@ -371,6 +371,34 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Stage-1 launch per variant where the caller names none: (BLOCK_N for 16-bit inputs, num_warps, num_stages); fp32
+# tiles are twice the bytes, so half the tokens. Untuned starting points except where bench/bench_paged_attention.py
+# --sweep-launch (H200) says otherwise: "vec" the MHA vector path, "dot" the padded tensor-core path, "heads" the
+# kv_heads_per_program > 1 path ([32, H * 128] bf16 tiles: H = 2 is 16 KiB for K, the same for V).
+_LAUNCH = {"vec": (64, 4, 2), "dot": (64, 4, 2), "heads": (32, 4, 2)}
+# The variant of each attention kind when the caller picks none (use_dot / kv_heads_per_program / loop_stages None).
+_DEFAULT_VARIANT = {"mha": {"use_dot": False, "kv_heads_per_program": 1, "loop_stages": None},
+                    "gqa": {"use_dot": True, "kv_heads_per_program": 1, "loop_stages": None}}
+
+
+def default_launch(group: int, dtype: torch.dtype, use_dot: bool | None = None,
+                   kv_heads_per_program: int | None = None, loop_stages: int | None = None) -> dict:
+    """The stage-1 launch paged_decode_attention runs for the arguments the caller leaves None (shapes only, so
+    CUDA-graph safe): the variant (MHA: the vector path, GQA: the padded dot; a caller's own choice wins), then that
+    variant's block_n / num_warps / num_stages. The bench labels this launch 'default' in --sweep-launch."""
+    pick = dict(_DEFAULT_VARIANT["mha" if group == 1 else "gqa"])
+    given = {"use_dot": use_dot, "kv_heads_per_program": kv_heads_per_program, "loop_stages": loop_stages}
+    if use_dot is not None or kv_heads_per_program is not None:  # the caller chose the path: keep it whole
+        pick.update(use_dot=None, kv_heads_per_program=1)
+    pick.update({k: v for k, v in given.items() if v is not None})
+    heads = pick["kv_heads_per_program"]
+    if pick["use_dot"] is None:
+        pick["use_dot"] = heads > 1 or group > 1
+    block_n, num_warps, num_stages = _LAUNCH["heads" if heads > 1 else "dot" if pick["use_dot"] else "vec"]
+    return dict(pick, block_n=block_n // 2 if dtype == torch.float32 and block_n > 16 else block_n,
+                num_warps=num_warps, num_stages=num_stages)
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Splits per sequence, from shapes only (no host sync on seq_lens, so CUDA graphs can capture it).
 
@@ -397,22 +425,24 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks] int32  physical block ids per sequence (unused entries: any id)
     seq_lens: torch.Tensor,  # [B] int32  tokens attended by each sequence (incl. the current one)
     scale: float,
-    num_splits: int | None = None,  # None: default_num_splits(B, Hkv, max_seq_len)
+    num_splits: int | None = None,  # None: default_num_splits(B, cdiv(Hkv, kv_heads_per_program), max_seq_len)
     max_seq_len: int | None = None,  # upper bound of seq_lens, host-known; None: the block table's capacity
     min_split_len: int | None = None,  # tokens per split at least; None: 64 with automatic splits, 1 with given ones
-    use_dot: bool | None = None,  # None: tensor-core dot for GQA (G > 1), the vector path for MHA (G == 1)
-    block_n: int | None = None,  # stage-1 tokens per inner iteration; None: see below
-    num_warps: int | None = None,  # stage-1 launch (bench/bench_paged_attention.py sweeps these)
-    num_stages: int = 2,
-    kv_heads_per_program: int = 1,  # > 1: that many KV heads per program, block-diagonal dot (see below)
-    loop_stages: int | None = None,  # pipeline every K/V load of the inner loop this deep (see below); None: Triton's
+    # Stage-1 launch; every None comes from default_launch (bench/bench_paged_attention.py --sweep-launch times them).
+    use_dot: bool | None = None,  # tensor-core dot (the G query rows padded to 16) or, MHA only, the vector path
+    block_n: int | None = None,  # tokens per inner iteration
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    kv_heads_per_program: int | None = None,  # > 1: that many KV heads per program, block-diagonal dot (see below)
+    loop_stages: int | None = None,  # pipeline every load of the inner loop this deep (see below)
     out: torch.Tensor | None = None,  # [B, Hq, D] in q.dtype, unit last stride: written in place (no copy after)
 ) -> torch.Tensor:  # [B, Hq, D] in q.dtype (`out` when given)
     """Split-K Triton paged decode attention. See the module docstring; paged_decode_attention_ref gives the same.
 
-    Stage-1 variants (each one explicit; the default is the one measured first):
-    - kv_heads_per_program == 1 (default): one program per (sequence, KV head, split); use_dot picks the
-      tensor-core path (the G query rows padded to 16) or, for MHA, the vector path (use_dot=None: vector for MHA).
+    Stage-1 variants, each selectable explicitly; with none named, default_launch's (today the first measured: the
+    vector path for MHA, the padded dot for GQA):
+    - kv_heads_per_program == 1: one program per (sequence, KV head, split); use_dot picks the tensor-core path (the
+      G query rows padded to 16) or, for MHA, the vector path.
     - kv_heads_per_program == H > 1 (a power of two): one program per (sequence, H consecutive KV heads, split),
       tiles [BLOCK_N, H * D] of contiguous bytes and one block-diagonal tensor-core dot for all H heads
       (_paged_decode_stage1_heads_kernel); tensor cores only (use_dot must not be False). The split heuristic
@@ -444,6 +474,12 @@ def paged_decode_attention(
         min_split_len = 64 if num_splits is None else 1
     if not isinstance(min_split_len, int) or min_split_len < 1:
         raise ValueError(f"paged_decode_attention: min_split_len must be a positive int, got {min_split_len!r}")
+    group = Hq // Hkv
+    launch = default_launch(group, q.dtype, use_dot, kv_heads_per_program, loop_stages)
+    use_dot, kv_heads_per_program, loop_stages = launch["use_dot"], launch["kv_heads_per_program"], launch["loop_stages"]
+    block_n = launch["block_n"] if block_n is None else block_n
+    num_warps = launch["num_warps"] if num_warps is None else num_warps
+    num_stages = launch["num_stages"] if num_stages is None else num_stages
     if not isinstance(kv_heads_per_program, int) or kv_heads_per_program < 1 or (
             kv_heads_per_program & (kv_heads_per_program - 1)):
         raise ValueError(f"paged_decode_attention: kv_heads_per_program must be a power of two >= 1, got "
@@ -457,9 +493,6 @@ def paged_decode_attention(
         num_splits = default_num_splits(B, head_blocks, max_seq_len, q.device)
     if not isinstance(num_splits, int) or not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"paged_decode_attention: num_splits must be an int in [1, {_MAX_SPLITS}], got {num_splits!r}")
-    group = Hq // Hkv
-    if use_dot is None:
-        use_dot = group > 1
     if not use_dot and group != 1:
         raise ValueError(f"paged_decode_attention: use_dot=False takes MHA only (group 1), got group {group}")
 
@@ -481,16 +514,10 @@ def paged_decode_attention(
     fp32 = q.dtype == torch.float32
     BLOCK_G = max(16, triton.next_power_of_2(group)) if use_dot else 1
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    # Untuned starting points: a [64, 128] bf16 K tile and its V tile are 32 KiB, double-buffered 64 KiB of shared
-    # memory; fp32 tiles are twice the bytes, so half the tokens.
-    BLOCK_N = block_n if block_n is not None else (32 if fp32 else 64)
-    num_warps = num_warps if num_warps is not None else 4
+    if use_dot and block_n < 16:
+        raise ValueError(f"paged_decode_attention: block_n must be >= 16 on the tensor-core paths, got {block_n}")
     k_cache, v_cache = cache[0], cache[1]  # views; separate pointers keep every offset below the block stride
     if kv_heads_per_program > 1:
-        # Untuned starting point: [32, H * 128] bf16 tiles (H = 2: 16 KiB for K, the same for V).
-        heads_block_n = block_n if block_n is not None else (16 if fp32 else 32)
-        if heads_block_n < 16:
-            raise ValueError(f"paged_decode_attention: block_n must be >= 16 on the tensor-core paths, got {block_n}")
         _paged_decode_stage1_heads_kernel[(B, head_blocks, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
             float(scale) * _LOG2E, block_size, Hkv,
@@ -504,7 +531,7 @@ def paged_decode_attention(
             MIN_SPLIT=min_split_len,
             BLOCK_R=max(16, triton.next_power_of_2(kv_heads_per_program * group)),
             BLOCK_D=BLOCK_D,
-            BLOCK_N=heads_block_n,
+            BLOCK_N=block_n,
             DOT_PRECISION="ieee" if fp32 else "tf32",
             UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_heads_kernel, q.dtype),
             LOOP_STAGES=loop_stages,
@@ -544,7 +571,7 @@ def paged_decode_attention(
         MIN_SPLIT=min_split_len,
         BLOCK_G=BLOCK_G,
         BLOCK_D=BLOCK_D,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         USE_DOT=use_dot,
         DOT_PRECISION="ieee" if fp32 else "tf32",
         UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_kernel, q.dtype),
