@@ -50,15 +50,17 @@ HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
 # "vecp" (the same with loop_stages = num_stages: its K / V loads pipelined), "dot" (use_dot=True), "h2" / "h4" /
 # "h8" (kv_heads_per_program = 2 / 4 / 8, tensor cores; h8 only with --launch-grid full). paged_decode_attention's
 # default (default_launch) is always timed too, first. A few per variant: every (variant, block_n, warps, stages,
-# split count) is a compile, and compiles dominate the sweep's time.
+# split count) is a compile, and compiles dominate the sweep's time. Chosen from paged_attention_compile_report.py
+# (Triton 3.9, sm_90): registers grow with the tile (BLOCK_N x H * 128) a thread holds, so the wide variants get
+# short tiles or 8 warps to keep >= 3 programs an SM.
 LAUNCHES = {
     "mha": [("vec", 64, 4, 2), ("vec", 32, 2, 2),
             ("vecp", 64, 4, 3), ("vecp", 32, 4, 3), ("vecp", 64, 8, 3),
             ("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
-            ("h2", 32, 4, 2), ("h2", 32, 4, 3), ("h2", 64, 8, 2),
-            ("h4", 16, 4, 2), ("h4", 32, 8, 2)],
+            ("h2", 16, 4, 2), ("h2", 16, 4, 3), ("h2", 32, 4, 2), ("h2", 32, 8, 2),
+            ("h4", 16, 4, 2), ("h4", 16, 8, 2)],
     "gqa": [("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
-            ("h2", 32, 4, 2), ("h2", 32, 4, 3), ("h2", 64, 8, 2)],
+            ("h2", 16, 4, 2), ("h2", 32, 4, 2), ("h2", 32, 8, 2)],
 }
 
 
@@ -66,8 +68,8 @@ def default_candidate(mha: bool) -> tuple[str, int, int, int]:
     """paged_decode_attention's own launch when none is named (kernels' default_launch), as a LAUNCHES entry."""
     d = default_launch(1 if mha else 8, DTYPE)
     h = d["kv_heads_per_program"]
-    variant = f"h{h}" if h > 1 else "dot" if d["use_dot"] else "vecp" if d["loop_stages"] else "vec"
-    return variant, d["block_n"], d["num_warps"], d["num_stages"]
+    variant = f"h{h}" if h > 1 else "dot" if d["use_dot"] else "vec"
+    return variant + ("p" if d["loop_stages"] else ""), d["block_n"], d["num_warps"], d["num_stages"]
 
 
 def launch_grid(mha: bool, full: bool) -> list[tuple[str, int, int, int]]:
@@ -83,11 +85,13 @@ def launch_grid(mha: bool, full: bool) -> list[tuple[str, int, int, int]]:
 
 
 def launch_kwargs(variant: str, block_n: int, num_warps: int, num_stages: int) -> dict:
+    """paged_decode_attention's arguments for a candidate; a trailing 'p' (vecp, dotp, h2p) adds loop_stages =
+    num_stages (every loop load pipelined)."""
     kw = {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
-    if variant in ("vec", "vecp"):
+    if variant.endswith("p"):
+        variant, kw["loop_stages"] = variant[:-1], num_stages
+    if variant == "vec":
         kw["use_dot"] = False
-        if variant == "vecp":
-            kw["loop_stages"] = num_stages
     elif variant == "dot":
         kw["use_dot"] = True
     else:

@@ -6,7 +6,7 @@ ahead) or synchronous loads. No GPU needed; ~1-3 s a launch.
 
     python bench/paged_attention_compile_report.py                       # MHA (7B / 16B) and GQA 8 (67B), bf16
     python bench/paged_attention_compile_report.py --group 1 --splits 1,8 --launches "dot 64 4 2,h2 32 4 3"
-    (variants as bench_paged_attention.LAUNCHES: vec, vecp, dot, h2, h4, h8)
+    (variants as bench_paged_attention.LAUNCHES: vec, dot, h2, h4, h8; a trailing p adds loop_stages = stages)
 
 What it showed first (Triton 3.9, sm_90, MHA bf16): the vector path's K and V loads are plain synchronous loads
 (no cp.async whatever num_stages says; 96 registers, 5 programs an SM), while every tensor-core launch loads both
@@ -46,8 +46,9 @@ def compile_launch(variant: str, block_n: int, num_warps: int, num_stages: int, 
     """The compiled stage 1 for head 128 (what paged_decode_attention launches for that variant)."""
     const = dict(HEAD_DIM=128, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_D=128, BLOCK_N=block_n,
                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_DOT=False,
-                 LOOP_STAGES=num_stages if variant == "vecp" else None)
-    if variant in ("vec", "vecp", "dot"):
+                 LOOP_STAGES=num_stages if variant.endswith("p") else None)
+    variant = variant.removesuffix("p")
+    if variant in ("vec", "dot"):
         fn = pa._paged_decode_stage1_kernel
         const.update(BLOCK_G=max(16, triton.next_power_of_2(group)) if variant == "dot" else 1,
                      USE_DOT=variant == "dot")
