@@ -48,7 +48,9 @@ HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
 
 # --sweep-launch candidates: (variant, block_n, num_warps, num_stages). Variants: "vec" (use_dot=False, MHA only),
 # "vecp" (the same with loop_stages = num_stages: its K / V loads pipelined), "dot" (use_dot=True), "h2" / "h4" /
-# "h8" (kv_heads_per_program = 2 / 4 / 8, tensor cores; h8 only with --launch-grid full). paged_decode_attention's
+# "h8" (kv_heads_per_program = 2 / 4 / 8, tensor cores; h8 only with --launch-grid full); suffix "p": loop_stages =
+# num_stages, "x": head_fastest (grid (heads, B, splits): programs running together read whole token rows).
+# paged_decode_attention's
 # default (default_launch) is always timed too, first. A few per variant: every (variant, block_n, warps, stages,
 # split count) is a compile, and compiles dominate the sweep's time. Chosen from paged_attention_compile_report.py
 # (Triton 3.9, sm_90): registers grow with the tile (BLOCK_N x H * 128) a thread holds, so the wide variants get
@@ -58,9 +60,10 @@ LAUNCHES = {
             ("vecp", 64, 4, 3), ("vecp", 32, 4, 3), ("vecp", 64, 8, 3),
             ("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
             ("h2", 16, 4, 2), ("h2", 16, 4, 3), ("h2", 32, 4, 2), ("h2", 32, 8, 2),
-            ("h4", 16, 4, 2), ("h4", 16, 8, 2)],
+            ("h4", 16, 4, 2), ("h4", 16, 8, 2),
+            ("vecpx", 32, 4, 3), ("dotx", 64, 4, 2), ("dotx", 32, 4, 3), ("h2x", 16, 4, 2)],
     "gqa": [("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
-            ("h2", 16, 4, 2), ("h2", 32, 4, 2), ("h2", 32, 8, 2)],
+            ("h2", 16, 4, 2), ("h2", 32, 4, 2), ("h2", 32, 8, 2), ("dotx", 64, 4, 2), ("h2x", 16, 4, 2)],
 }
 
 
@@ -68,8 +71,9 @@ def default_candidate(mha: bool) -> tuple[str, int, int, int]:
     """paged_decode_attention's own launch when none is named (kernels' default_launch), as a LAUNCHES entry."""
     d = default_launch(1 if mha else 8, DTYPE)
     h = d["kv_heads_per_program"]
-    variant = f"h{h}" if h > 1 else "dot" if d["use_dot"] else "vec"
-    return variant + ("p" if d["loop_stages"] else ""), d["block_n"], d["num_warps"], d["num_stages"]
+    variant = (f"h{h}" if h > 1 else "dot" if d["use_dot"] else "vec") + ("p" if d["loop_stages"] else "") + (
+        "x" if d["head_fastest"] else "")
+    return variant, d["block_n"], d["num_warps"], d["num_stages"]
 
 
 def launch_grid(mha: bool, full: bool) -> list[tuple[str, int, int, int]]:
@@ -77,19 +81,23 @@ def launch_grid(mha: bool, full: bool) -> list[tuple[str, int, int, int]]:
     default = default_candidate(mha)
     if not full:
         return [default] + [c for c in LAUNCHES["mha" if mha else "gqa"] if c != default]
-    variants = ("vec", "vecp", "dot", "h2", "h4", "h8") if mha else ("dot", "h2", "h4")
+    variants = ("vec", "vecp", "vecpx", "dot", "dotx", "h2", "h2x", "h4", "h8") if mha else ("dot", "dotx", "h2", "h4")
     grid = [(v, bn, w, st) for v, bn, w, st in itertools.product(variants, (16, 32, 64, 128), (2, 4, 8), (1, 2, 3))
             if not (v.startswith("vec") and bn == 16) and not (v in ("h4", "h8") and bn > 32 * 4 // int(v[1:]))
-            and not (v == "vecp" and st == 1)]
+            and not (v.startswith("vecp") and st == 1)]
     return [default] + [c for c in grid if c != default]
 
 
 def launch_kwargs(variant: str, block_n: int, num_warps: int, num_stages: int) -> dict:
-    """paged_decode_attention's arguments for a candidate; a trailing 'p' (vecp, dotp, h2p) adds loop_stages =
-    num_stages (every loop load pipelined)."""
+    """paged_decode_attention's arguments for a candidate. Suffixes: 'p' (vecp, dotp, h2p) adds loop_stages =
+    num_stages (every loop load pipelined), 'x' (dotx, vecpx) head_fastest=True (grid (heads, B, splits))."""
     kw = {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
-    if variant.endswith("p"):
-        variant, kw["loop_stages"] = variant[:-1], num_stages
+    base = variant.rstrip("px")
+    if "p" in variant[len(base):]:
+        kw["loop_stages"] = num_stages
+    if "x" in variant[len(base):]:
+        kw["head_fastest"] = True
+    variant = base
     if variant == "vec":
         kw["use_dot"] = False
     elif variant == "dot":

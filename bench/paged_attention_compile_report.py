@@ -6,7 +6,7 @@ ahead) or synchronous loads. No GPU needed; ~1-3 s a launch.
 
     python bench/paged_attention_compile_report.py                       # MHA (7B / 16B) and GQA 8 (67B), bf16
     python bench/paged_attention_compile_report.py --group 1 --splits 1,8 --launches "dot 64 4 2,h2 32 4 3"
-    (variants as bench_paged_attention.LAUNCHES: vec, dot, h2, h4, h8; a trailing p adds loop_stages = stages)
+    (variants as bench_paged_attention.LAUNCHES: vec, dot, h2, h4, h8; suffix p: loop_stages = stages, x: head_fastest)
 
 What it showed first (Triton 3.9, sm_90, MHA bf16): the vector path's K and V loads are plain synchronous loads
 (no cp.async whatever num_stages says; 96 registers, 5 programs an SM), while every tensor-core launch loads both
@@ -28,7 +28,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from bench_paged_attention import LAUNCHES  # noqa: E402
+from bench_paged_attention import LAUNCHES, launch_kwargs  # noqa: E402
 from mla_decode_compile_report import ptxas_usage  # noqa: E402
 from minke.kernels import paged_attention as pa  # noqa: E402
 
@@ -44,16 +44,16 @@ SM_REGS, SM_SMEM, SM_WARPS = 65536, 228 * 1024, 64
 def compile_launch(variant: str, block_n: int, num_warps: int, num_stages: int, group: int, splits: int,
                    dtype: str, arch: int):
     """The compiled stage 1 for head 128 (what paged_decode_attention launches for that variant)."""
+    kw = launch_kwargs(variant, block_n, num_warps, num_stages)  # the bench's reading of the label
     const = dict(HEAD_DIM=128, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_D=128, BLOCK_N=block_n,
                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_DOT=False,
-                 LOOP_STAGES=num_stages if variant.endswith("p") else None)
-    variant = variant.removesuffix("p")
-    if variant in ("vec", "dot"):
+                 LOOP_STAGES=kw.get("loop_stages"), HEAD_FASTEST=kw.get("head_fastest", False))
+    h = kw.get("kv_heads_per_program", 1)
+    if h == 1:
         fn = pa._paged_decode_stage1_kernel
-        const.update(BLOCK_G=max(16, triton.next_power_of_2(group)) if variant == "dot" else 1,
-                     USE_DOT=variant == "dot")
+        dot = kw.get("use_dot", True)
+        const.update(BLOCK_G=max(16, triton.next_power_of_2(group)) if dot else 1, USE_DOT=dot)
     else:
-        h = int(variant[1:])
         fn = pa._paged_decode_stage1_heads_kernel
         const.update(GROUP=group, BLOCK_H=h, BLOCK_R=max(16, triton.next_power_of_2(h * group)))
     sig, constexprs, attrs = {}, {}, {}

@@ -118,7 +118,7 @@ def test_kernel_matches_ref_fp32(shape, num_splits):
     Hq, Hkv, D, bs = SHAPES[shape]
     (q, cache, bt, lens), dense = _make_case(LENS, Hq, Hkv, D, bs, torch.float32, seed=3)
     scale = 0.7 * D ** -0.5
-    out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=num_splits)
+    out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=num_splits, head_fastest=num_splits == 8)
     ref = paged_decode_attention_ref(q, cache, bt, lens, scale)
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=TOL[torch.float32], atol=TOL[torch.float32])
@@ -148,7 +148,8 @@ def test_mha_dot_and_vector_paths_agree(use_dot, loop_stages):
     times both)."""
     Hq, Hkv, D, bs = SHAPES["llm-7b"]
     (q, cache, bt, lens), _ = _make_case(LENS, Hq, Hkv, D, bs, torch.float32, seed=5)
-    out = paged_decode_attention(q, cache, bt, lens, 0.1, num_splits=2, use_dot=use_dot, loop_stages=loop_stages)
+    out = paged_decode_attention(q, cache, bt, lens, 0.1, num_splits=2, use_dot=use_dot, loop_stages=loop_stages,
+                                 head_fastest=loop_stages is not None)
     torch.testing.assert_close(out, paged_decode_attention_ref(q, cache, bt, lens, 0.1), rtol=2e-5, atol=2e-5)
 
 
@@ -161,7 +162,8 @@ def test_heads_per_program_variant_matches_ref_fp32(shape, heads, num_splits):
     Hq, Hkv, D, bs = SHAPES[shape]
     (q, cache, bt, lens), dense = _make_case(LENS, Hq, Hkv, D, bs, torch.float32, seed=15)
     scale = 0.7 * D ** -0.5
-    out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=num_splits, kv_heads_per_program=heads)
+    out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=num_splits, kv_heads_per_program=heads,
+                                 head_fastest=num_splits == 3)  # both grid orders
     assert out.shape == (len(LENS), Hq, D) and out.dtype == torch.float32
     torch.testing.assert_close(out, paged_decode_attention_ref(q, cache, bt, lens, scale), rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(out.cpu(), _dense_attention(q, dense, scale), rtol=2e-5, atol=2e-5)
@@ -282,14 +284,15 @@ def test_default_launch_rules():
     """What paged_decode_attention runs for the launch arguments left None: the variant per attention kind (MHA the
     vector path, GQA the padded dot), a caller's variant kept whole, that variant's tiles (fp32: half the tokens)."""
     bf16, fp32 = torch.bfloat16, torch.float32
-    assert default_launch(1, bf16) == dict(use_dot=False, kv_heads_per_program=1, loop_stages=None, block_n=64,
-                                           num_warps=4, num_stages=2)
+    assert default_launch(1, bf16) == dict(use_dot=False, kv_heads_per_program=1, loop_stages=None,
+                                           head_fastest=False, block_n=64, num_warps=4, num_stages=2)
     assert default_launch(8, bf16)["use_dot"] is True and default_launch(8, fp32)["block_n"] == 32
     assert default_launch(1, bf16, use_dot=True)["use_dot"] is True
     heads = default_launch(1, bf16, kv_heads_per_program=2)
     assert heads["use_dot"] is True and heads["kv_heads_per_program"] == 2 and heads["block_n"] == 32
     assert default_launch(1, fp32, kv_heads_per_program=4)["block_n"] == 16
     assert default_launch(1, bf16, loop_stages=3) == dict(default_launch(1, bf16), loop_stages=3)
+    assert default_launch(8, bf16, head_fastest=True) == dict(default_launch(8, bf16), head_fastest=True)
     assert default_launch(8, bf16, use_dot=False)["use_dot"] is False  # then rejected: the vector path is MHA only
 
 
@@ -367,7 +370,7 @@ def test_gpu_full_size_shapes(shape, dtype):
                {"use_dot": True}, {"block_n": 32, "num_warps": 8}, {"kv_heads_per_program": 2},
                {"kv_heads_per_program": 4, "block_n": 16, "num_warps": 8},
                {"kv_heads_per_program": 2, "num_splits": 7}, {"kv_heads_per_program": 2, "loop_stages": 3},
-               {"loop_stages": 3}):
+               {"loop_stages": 3}, {"head_fastest": True}, {"kv_heads_per_program": 2, "head_fastest": True}):
         out = paged_decode_attention(q, cache, bt, lens_t, scale, **kw)
         torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype], msg=str(kw))
 
@@ -381,7 +384,7 @@ def test_gpu_cuda_graph_replay_with_new_lengths(heads):
     (q, cache, bt, lens), _ = _make_case([1600] * 4, Hq, Hkv, 128, 16, torch.bfloat16, seed=14)
     lens.copy_(torch.tensor([700, 5, 1500, 1], dtype=torch.int32))
     scale = 128 ** -0.5
-    kw = {"max_seq_len": 2048, "kv_heads_per_program": heads}
+    kw = {"max_seq_len": 2048, "kv_heads_per_program": heads, "head_fastest": heads == 2}
     out = paged_decode_attention(q, cache, bt, lens, scale, **kw)  # warm-up / compile
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

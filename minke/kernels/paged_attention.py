@@ -162,9 +162,14 @@ if _HAS_TRITON:
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
         LOOP_STAGES: tl.constexpr,  # None: Triton's pipelining (dot operands only); n: all loop loads n deep
+        HEAD_FASTEST: tl.constexpr,  # grid (Hkv, B, splits) instead of (B, Hkv, splits); see paged_decode_attention
     ):
-        b = tl.program_id(0)
-        kv_head = tl.program_id(1)
+        if HEAD_FASTEST:
+            b = tl.program_id(1)
+            kv_head = tl.program_id(0)
+        else:
+            b = tl.program_id(0)
+            kv_head = tl.program_id(1)
         split = tl.program_id(2)
 
         seq_len = tl.load(lens_ptr + b)
@@ -291,6 +296,7 @@ if _HAS_TRITON:
         DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
         LOOP_STAGES: tl.constexpr,  # as _paged_decode_stage1_kernel's
+        HEAD_FASTEST: tl.constexpr,  # idem: grid (head blocks, B, splits)
     ):
         """BLOCK_H consecutive KV heads per program, as one block-diagonal tensor-core dot per tile.
 
@@ -303,8 +309,12 @@ if _HAS_TRITON:
         are kept (masked stores). The tensor-core work per K/V byte is that of the one-head dot path (16 rows per
         element), and for GQA 8 with BLOCK_H = 2 no row is padding. Same split cut, online softmax and outputs as
         _paged_decode_stage1_kernel."""
-        b = tl.program_id(0)
-        kv0 = tl.program_id(1) * BLOCK_H  # first KV head of this program
+        if HEAD_FASTEST:
+            b = tl.program_id(1)
+            kv0 = tl.program_id(0) * BLOCK_H  # first KV head of this program
+        else:
+            b = tl.program_id(0)
+            kv0 = tl.program_id(1) * BLOCK_H
         split = tl.program_id(2)
 
         seq_len = tl.load(lens_ptr + b)
@@ -376,20 +386,24 @@ def _sm_count(device: torch.device) -> int:
 # --sweep-launch (H200) says otherwise: "vec" the MHA vector path, "dot" the padded tensor-core path, "heads" the
 # kv_heads_per_program > 1 path ([32, H * 128] bf16 tiles: H = 2 is 16 KiB for K, the same for V).
 _LAUNCH = {"vec": (64, 4, 2), "dot": (64, 4, 2), "heads": (32, 4, 2)}
-# The variant of each attention kind when the caller picks none (use_dot / kv_heads_per_program / loop_stages None).
-_DEFAULT_VARIANT = {"mha": {"use_dot": False, "kv_heads_per_program": 1, "loop_stages": None},
-                    "gqa": {"use_dot": True, "kv_heads_per_program": 1, "loop_stages": None}}
+# The variant of each attention kind when the caller picks none (use_dot / kv_heads_per_program / loop_stages /
+# head_fastest None).
+_PLAIN = {"use_dot": None, "kv_heads_per_program": 1, "loop_stages": None, "head_fastest": False}
+_DEFAULT_VARIANT = {"mha": dict(_PLAIN, use_dot=False), "gqa": dict(_PLAIN, use_dot=True)}
 
 
 def default_launch(group: int, dtype: torch.dtype, use_dot: bool | None = None,
-                   kv_heads_per_program: int | None = None, loop_stages: int | None = None) -> dict:
+                   kv_heads_per_program: int | None = None, loop_stages: int | None = None,
+                   head_fastest: bool | None = None) -> dict:
     """The stage-1 launch paged_decode_attention runs for the arguments the caller leaves None (shapes only, so
-    CUDA-graph safe): the variant (MHA: the vector path, GQA: the padded dot; a caller's own choice wins), then that
-    variant's block_n / num_warps / num_stages. The bench labels this launch 'default' in --sweep-launch."""
+    CUDA-graph safe): the variant (MHA: the vector path, GQA: the padded dot; a caller who names use_dot or
+    kv_heads_per_program gets that path plain, plus what else it names), then that variant's block_n / num_warps /
+    num_stages. The bench labels this launch 'default' in --sweep-launch."""
     pick = dict(_DEFAULT_VARIANT["mha" if group == 1 else "gqa"])
-    given = {"use_dot": use_dot, "kv_heads_per_program": kv_heads_per_program, "loop_stages": loop_stages}
+    given = {"use_dot": use_dot, "kv_heads_per_program": kv_heads_per_program, "loop_stages": loop_stages,
+             "head_fastest": head_fastest}
     if use_dot is not None or kv_heads_per_program is not None:  # the caller chose the path: keep it whole
-        pick.update(use_dot=None, kv_heads_per_program=1)
+        pick = dict(_PLAIN)
     pick.update({k: v for k, v in given.items() if v is not None})
     heads = pick["kv_heads_per_program"]
     if pick["use_dot"] is None:
@@ -435,6 +449,7 @@ def paged_decode_attention(
     num_stages: int | None = None,
     kv_heads_per_program: int | None = None,  # > 1: that many KV heads per program, block-diagonal dot (see below)
     loop_stages: int | None = None,  # pipeline every load of the inner loop this deep (see below)
+    head_fastest: bool | None = None,  # launch order: the KV heads of a sequence together (see below)
     out: torch.Tensor | None = None,  # [B, Hq, D] in q.dtype, unit last stride: written in place (no copy after)
 ) -> torch.Tensor:  # [B, Hq, D] in q.dtype (`out` when given)
     """Split-K Triton paged decode attention. See the module docstring; paged_decode_attention_ref gives the same.
@@ -450,6 +465,11 @@ def paged_decode_attention(
     - loop_stages = n (any path): the inner loop is tl.range(..., num_stages=n), so Triton pipelines (cp.async, n - 1
       tiles ahead) all its loads; with None it pipelines only the loads feeding tl.dot (num_stages), which leaves
       the vector path's K / V loads synchronous. n = 1 turns pipelining off.
+    - head_fastest (any path): the grid is (head blocks, B, splits) rather than (B, head blocks, splits). Programs
+      start in grid order, so by default the programs resident together read one KV head's 256-byte rows of many
+      sequences, Hkv * D * 2 bytes apart (8 KiB for the 7B); head-fastest, they read all the heads of a few
+      sequences, i.e. whole contiguous token rows (as GQA 8's 8 heads at batch 256 already do), which DRAM pages
+      and L2 sectors serve better.
     """
     if not _HAS_TRITON:
         raise RuntimeError(
@@ -475,8 +495,9 @@ def paged_decode_attention(
     if not isinstance(min_split_len, int) or min_split_len < 1:
         raise ValueError(f"paged_decode_attention: min_split_len must be a positive int, got {min_split_len!r}")
     group = Hq // Hkv
-    launch = default_launch(group, q.dtype, use_dot, kv_heads_per_program, loop_stages)
-    use_dot, kv_heads_per_program, loop_stages = launch["use_dot"], launch["kv_heads_per_program"], launch["loop_stages"]
+    launch = default_launch(group, q.dtype, use_dot, kv_heads_per_program, loop_stages, head_fastest)
+    use_dot, kv_heads_per_program = launch["use_dot"], launch["kv_heads_per_program"]
+    loop_stages, head_fastest = launch["loop_stages"], bool(launch["head_fastest"])
     block_n = launch["block_n"] if block_n is None else block_n
     num_warps = launch["num_warps"] if num_warps is None else num_warps
     num_stages = launch["num_stages"] if num_stages is None else num_stages
@@ -517,8 +538,9 @@ def paged_decode_attention(
     if use_dot and block_n < 16:
         raise ValueError(f"paged_decode_attention: block_n must be >= 16 on the tensor-core paths, got {block_n}")
     k_cache, v_cache = cache[0], cache[1]  # views; separate pointers keep every offset below the block stride
+    grid = (head_blocks, B, num_splits) if head_fastest else (B, head_blocks, num_splits)
     if kv_heads_per_program > 1:
-        _paged_decode_stage1_heads_kernel[(B, head_blocks, num_splits)](
+        _paged_decode_stage1_heads_kernel[grid](
             q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
             float(scale) * _LOG2E, block_size, Hkv,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -535,13 +557,14 @@ def paged_decode_attention(
             DOT_PRECISION="ieee" if fp32 else "tf32",
             UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_heads_kernel, q.dtype),
             LOOP_STAGES=loop_stages,
+            HEAD_FASTEST=head_fastest,
             num_warps=num_warps,
             num_stages=num_stages,
         )
         if num_splits > 1:
             splitk_combine(mid_o, mid_lse, seq_lens, out, min_split_len)
         return out
-    _paged_decode_stage1_kernel[(B, Hkv, num_splits)](
+    _paged_decode_stage1_kernel[grid](
         q,
         k_cache,
         v_cache,
@@ -576,6 +599,7 @@ def paged_decode_attention(
         DOT_PRECISION="ieee" if fp32 else "tf32",
         UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_kernel, q.dtype),
         LOOP_STAGES=loop_stages,
+        HEAD_FASTEST=head_fastest,
         num_warps=num_warps,
         num_stages=num_stages,
     )
