@@ -49,7 +49,7 @@ from ._triton import tl, triton
 
 _FP8 = torch.float8_e4m3fn
 SKINNY_DTYPES = (torch.bfloat16, torch.float16)
-_SMS = 132  # H100 / H200 SXM streaming multiprocessors: the split-K heuristic aims at >= 2 programs each
+_SMS = 132  # H100 / H200 SXM streaming multiprocessors: the split-K heuristic aims at >= 1 program each
 _CFG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP_AB", "num_warps", "num_stages")
 
 
@@ -62,15 +62,16 @@ def skinny_config(m: int, n: int, k: int, silu_mul: bool = False, sms: int = _SM
     streams 2 BLOCK_N weight rows). Reasoning (to be replaced by the bench_fp8_linear.py --skinny sweep on an H200):
     BLOCK_M covers the rows up to 64 (one read of each weight); BLOCK_N = 128 keeps the x re-reads (2 BLOCK_M / BLOCK_N
     of the weight bytes, from L2) at most the weight bytes; BLOCK_K = 128 fp8 bytes a row per stage, 4 stages in
-    flight (~64 KB of shared memory: 2 programs an SM); split-K until there are >= 2 programs an SM, keeping >= 8 K
-    tiles a split (the partials' traffic, 8 M N bytes a split, stays small against the N K weight bytes)."""
+    flight (~64 KB of shared memory: 2 programs an SM); split-K doubled while there are fewer programs than SMs, keeping
+    >= 8 K tiles a split (the partials' traffic, 8 M N bytes a split written and read, mostly in L2, stays small
+    against the N K weight bytes: 4 splits of o_proj at M = 32 are 4 MB against 67 MB)."""
     block_m = min(64, max(16, _next_pow2(m)))
     block_n = 64 if silu_mul else 128  # silu_mul: two weight tiles (gate, up) per step
     block_k = 128
     programs = -(-n // block_n) * -(-m // block_m)
     tiles = -(-k // block_k)
     split = 1
-    while programs * split < 2 * sms and tiles // (split * 2) >= 8:
+    while programs * split < sms and tiles // (split * 2) >= 8:
         split *= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "SWAP_AB": True,
             "num_warps": 4, "num_stages": 4}

@@ -1,0 +1,167 @@
+"""The W8A16 skinny GEMM (kernels/fp8_skinny.py) against its torch references: ragged M, N, K (not multiples of the
+blocks), split-K on and off (including splits that do not divide the K tiles), both dot orientations (SWAP_AB), bf16
+and fp16, the fused SiLU·mul variant; the default launch heuristic; and on CUDA the compiled kernel at LLM 7B / 67B
+shapes and inside a CUDA graph.
+
+CPU: Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py). Its fp32 -> bf16 cast truncates instead of
+rounding to nearest, so bf16 outputs are compared with the fp32 reference within one bf16 step (2^-7 relative);
+fp16 outputs within one fp16 rounding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minke.kernels.fp8_skinny as _kmod
+from minke.kernels.fp8_linear import fp8_linear_w8a16_ref, quantize_weight_fp8
+from minke.kernels.fp8_skinny import (
+    skinny_config,
+    skinny_fp8,
+    skinny_fp8_ref,
+    skinny_fp8_silu_mul,
+    skinny_fp8_silu_mul_ref,
+)
+from conftest import kernel_test_setup
+
+DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._skinny_kernel)
+_TOL = {torch.bfloat16: dict(rtol=2 ** -7, atol=1e-3), torch.float16: dict(rtol=2 ** -10, atol=1e-4)}
+
+
+def _case(m, n, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-1, 1, m)[:, None]).to(dtype)  # rows of other magnitudes
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[1, 3] = 1.5  # an outlier sets its row's scale (the rest of that row rounds coarser)
+    wq, s = quantize_weight_fp8(w)
+    return x.to(DEVICE), wq.to(DEVICE), s.to(DEVICE)
+
+
+def _fp32_ref(x, wq, s):
+    return (x.float() @ wq.float().T) * s  # [M, N]: the sums the kernel rounds once
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K): one split; 3 splits of 32-wide tiles (K = 72 -> 3 tiles, 200 -> 7: ragged
+# last split); more splits asked than tiles.
+CONFIGS = [(16, 16, 32, 1), (16, 32, 32, 3), (32, 16, 64, 8)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("swap", [True, False], ids=["swap_ab", "plain"])
+@pytest.mark.parametrize("m,n,k", [(9, 40, 72), (20, 33, 200), (37, 24, 128)])  # ragged M/N/K; 37 > BLOCK_M rows
+def test_skinny_matches_reference(dtype, swap, m, n, k):
+    x, wq, s = _case(m, n, k, dtype, seed=m + n + k)
+    want = _fp32_ref(x, wq, s)
+    assert torch.equal(skinny_fp8_ref(x, wq, s), want.to(dtype))
+    for bm, bn, bk, split in CONFIGS:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "SWAP_AB": swap, "num_warps": 2,
+               "num_stages": 2}
+        y = skinny_fp8(x, wq, s, cfg)
+        assert y.shape == (m, n) and y.dtype == dtype
+        torch.testing.assert_close(y.float(), want, **_TOL[dtype], msg=lambda e: f"{cfg}: {e}")
+    # The default launch; and the result is fp8_linear's torch W8A16 path within the activation dtype's rounding.
+    y = skinny_fp8(x, wq, s)
+    torch.testing.assert_close(y.float(), want, **_TOL[dtype])
+    torch.testing.assert_close(y.float(), fp8_linear_w8a16_ref(x, wq, s).float(), rtol=2 ** -6, atol=1e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("swap", [True, False], ids=["swap_ab", "plain"])
+def test_skinny_silu_mul_matches_mlp_first_half(dtype, split, swap):
+    """w [2I, K] = [gate; up]: silu(x gate^T) * (x up^T) from the scaled fp32 sums; the reference is the MLP's torch
+    first half on the dequantized weights."""
+    m, inter, k = 13, 20, 136  # ragged: I and K not multiples of the blocks
+    x, wq, s = _case(m, 2 * inter, k, dtype, seed=split)
+    want = skinny_fp8_silu_mul_ref(x, wq, s)
+    gate, up = (wq.float() * s[:, None]).chunk(2)
+    xf = x.float()
+    exact = F.silu(xf @ gate.T) * (xf @ up.T)
+    torch.testing.assert_close(want.float(), exact, **_TOL[dtype])
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split, "SWAP_AB": swap, "num_warps": 2,
+           "num_stages": 2}
+    for c in (cfg, None):
+        y = skinny_fp8_silu_mul(x, wq, s, c)
+        assert y.shape == (m, inter) and y.dtype == dtype
+        torch.testing.assert_close(y.float(), exact, **_TOL[dtype])
+
+
+@needs_triton
+def test_skinny_strided_rows_and_empty():
+    x, wq, s = _case(10, 24, 96, torch.bfloat16, seed=3)
+    wide = torch.cat([x, x[:, :16]], dim=1)[:, :96]  # a strided row view (the model passes slices)
+    torch.testing.assert_close(skinny_fp8(wide, wq, s).float(), _fp32_ref(x, wq, s), **_TOL[torch.bfloat16])
+    assert skinny_fp8(x[:0], wq, s).shape == (0, 24)
+
+
+def test_skinny_rejects_bad_input():
+    x = torch.randn(9, 32, dtype=torch.bfloat16)
+    wq, s = quantize_weight_fp8(torch.randn(8, 32))
+    with pytest.raises(ValueError, match="need x"):
+        skinny_fp8_ref(x[:, :-1], wq, s)
+    with pytest.raises(ValueError, match="must be torch.float8_e4m3fn"):
+        skinny_fp8_ref(x, wq.float(), s)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        skinny_fp8_ref(x.float(), wq, s)
+    with pytest.raises(ValueError, match=r"w_scale must be \[N=8\] float32"):
+        skinny_fp8_ref(x, wq, s[:-1])
+    with pytest.raises(ValueError, match=r"must be \[2I, K\]"):
+        skinny_fp8_silu_mul_ref(x, wq[:7], s[:7])
+    if _kmod._HAS_TRITON:
+        with pytest.raises(ValueError, match="unknown config keys"):
+            skinny_fp8(x, wq, s, {"BLOCK_Q": 4})
+        with pytest.raises(ValueError, match="unit last stride"):
+            skinny_fp8(x, wq.t().contiguous().t(), s)
+
+
+def test_skinny_config_heuristic():
+    """One row block up to 64 rows (each weight read once); split-K fills the SMs for the narrow 67B projections and
+    stays off where the columns alone give one program an SM; every split keeps >= 8 K tiles."""
+    for m in (9, 16, 17, 32, 64, 128):
+        c = skinny_config(m, 8192, 8192)
+        assert c["BLOCK_M"] == min(64, max(16, 1 << (m - 1).bit_length()))
+    o_proj = skinny_config(32, 8192, 8192)  # 64 column blocks of 128: split to >= 132 programs
+    assert o_proj["SPLIT_K"] == 4 and skinny_config(32, 8192, 22016)["SPLIT_K"] == 4  # o_proj, down_proj
+    assert skinny_config(32, 44032, 8192)["SPLIT_K"] == 1  # gate_up [2I, K]: 344 column blocks already
+    assert skinny_config(32, 22016, 8192, silu_mul=True)["SPLIT_K"] == 1
+    for m, n, k in ((9, 1024, 8192), (64, 4096, 4096), (32, 8192, 22016), (16, 4096, 11008)):
+        c = skinny_config(m, n, k)
+        assert -(-k // c["BLOCK_K"]) // c["SPLIT_K"] >= 8
+
+
+# ---- GPU only: the compiled kernel ---------------------------------------------------------------------------------
+
+_CUDA = torch.cuda.is_available() and not INTERPRET
+
+
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(9, 4096, 4096), (32, 10240, 8192), (64, 8192, 22016), (17, 1024, 8192),
+                                   (128, 11008, 4096)])
+def test_gpu_skinny_matches_reference(m, n, k, dtype):
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    wq, s = quantize_weight_fp8(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+    want = _fp32_ref(x, wq, s)
+    for swap in (True, False):
+        for split in (1, 4):
+            y = skinny_fp8(x, wq, s, {"SWAP_AB": swap, "SPLIT_K": split})
+            torch.testing.assert_close(y.float(), want, rtol=2 ** -7, atol=1e-3 * want.abs().amax().item())
+    wq2, s2 = quantize_weight_fp8(torch.randn(2 * n, k, device="cuda", generator=g) * 0.02)
+    torch.testing.assert_close(skinny_fp8_silu_mul(x, wq2, s2).float(), skinny_fp8_silu_mul_ref(x, wq2, s2).float(),
+                               rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("split", [1, 4])
+def test_gpu_skinny_in_cuda_graph(split):
+    x = torch.randn(32, 4096, device="cuda", dtype=torch.bfloat16)
+    wq, s = quantize_weight_fp8(torch.randn(1024, 4096, device="cuda") * 0.02)
+    cfg = {"SPLIT_K": split}
+    y = skinny_fp8(x, wq, s, cfg)  # warm-up / compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = skinny_fp8(x, wq, s, cfg)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(y.float(), _fp32_ref(x, wq, s), rtol=2 ** -7, atol=1e-3)
