@@ -165,3 +165,22 @@ def test_gpu_skinny_in_cuda_graph(split):
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(y.float(), _fp32_ref(x, wq, s), rtol=2 ** -7, atol=1e-3)
+
+
+@needs_triton
+def test_linear_silu_mul_takes_the_skinny_variant(monkeypatch):
+    """gemv.linear_silu_mul (the fused fp8 MLP's first half on GPU) sends FEW_ROWS_MAX < rows <= SKINNY_MAX_ROWS to
+    skinny_fp8_silu_mul (uses_skinny's CUDA check lifted here, so the interpreter runs it), leading dims kept; the
+    result is the GEMM + SiLU·mul path's within the activation dtype's rounding."""
+    import minke.kernels.fp8_linear as fp8_mod
+    import minke.kernels.gemv as gemv_mod
+
+    calls = []
+    real = gemv_mod.skinny_fp8_silu_mul
+    monkeypatch.setattr(fp8_mod, "uses_skinny", lambda x, wq, out_dtype=None: True)
+    monkeypatch.setattr(gemv_mod, "skinny_fp8_silu_mul", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    x, wq, s = _case(12, 2 * 24, 64, torch.bfloat16, seed=9)
+    y = gemv_mod.linear_silu_mul(x.view(3, 4, 64), wq, s)
+    assert calls == [(12, 64)] and y.shape == (3, 4, 24)
+    torch.testing.assert_close(y.view(12, 24).float(), skinny_fp8_silu_mul_ref(x, wq, s).float(),
+                               **_TOL[torch.bfloat16])
