@@ -84,13 +84,13 @@ LAYER = {
                "gate_up+act": (11008, 4096, True), "down_proj": (4096, 11008, False)},
 }
 SWEEP = {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (64, 128, 256), "BLOCK_K": (64, 128, 256), "SPLIT_K": (1, 2, 4, 8),
-         "SWAP_AB": (True, False), "num_warps": (4, 8), "num_stages": (3, 4, 5)}
+         "SWAP_AB": (True, False), "FAST_CVT": (False, True), "num_warps": (4, 8), "num_stages": (3, 4, 5)}
 L2_BYTES = 128 << 20  # over twice an H200's 50 MB L2: weight copies rotate until they exceed it
 
 
 def _cfg_str(c: dict) -> str:
     return (f"m{c['BLOCK_M']} n{c['BLOCK_N']} k{c['BLOCK_K']} s{c['SPLIT_K']} {'swap' if c['SWAP_AB'] else 'mma '} "
-            f"w{c['num_warps']} st{c['num_stages']}")
+            f"{'bits' if c['FAST_CVT'] else 'cvt '} w{c['num_warps']} st{c['num_stages']}")
 
 
 def _time_rotating(fns: list) -> float | None:
@@ -174,7 +174,21 @@ def skinny_main(args) -> int:
                     w8 = lambda wq, ws: w8a8(x, wq, ws)  # noqa: E731
                     gv = lambda wq, ws: gemv(x, wq, ws)  # noqa: E731
                     layer = lambda wq, ws: fp8_linear(x, wq, ws)  # noqa: E731
-                run = lambda c: _time_rotating([lambda wq=wq, ws=ws: sk(x, wq, ws, c) for wq, ws in ws_list])  # noqa: E731
+
+                def run(c, sk=sk, x=x, ref=ref):
+                    """ms per call of config c, or None if it does not launch or gives a wrong result (a config
+                    that wins the sweep must be one the tests would pass)."""
+                    try:
+                        y = sk(x, ws_list[0][0], ws_list[0][1], c)
+                    except Exception as e:  # noqa: BLE001 - e.g. Triton's OutOfResources: skip the config
+                        print(f"    ({_cfg_str(c)}: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__})",
+                              file=sys.stderr)
+                        return None
+                    err = ((y.float() - ref.float()).abs().amax() / ref.float().abs().amax()).item()
+                    if not err <= 2 ** -7:
+                        print(f"    WRONG RESULT {_cfg_str(c)}: max err {err:.2e} of max |y|", file=sys.stderr)
+                        return None
+                    return _time_rotating([lambda wq=wq, ws=ws: sk(x, wq, ws, c) for wq, ws in ws_list])
                 best, t_best, t_def = _sweep(run, m, n, k, act, args.sweep_passes)
                 t_gemv = _time_rotating([lambda wq=wq, ws=ws: gv(wq, ws) for wq, ws in ws_list]) if m <= 8 else None
                 t_w8a8 = _time_rotating([lambda wq=wq, ws=ws: w8(wq, ws) for wq, ws in ws_list])

@@ -145,11 +145,33 @@ def test_gpu_skinny_matches_reference(m, n, k, dtype):
     want = _fp32_ref(x, wq, s)
     for swap in (True, False):
         for split in (1, 4):
-            y = skinny_fp8(x, wq, s, {"SWAP_AB": swap, "SPLIT_K": split})
-            torch.testing.assert_close(y.float(), want, rtol=2 ** -7, atol=1e-3 * want.abs().amax().item())
+            for fast in (False, True):
+                cfg = {"SWAP_AB": swap, "SPLIT_K": split, "FAST_CVT": fast}
+                y = skinny_fp8(x, wq, s, cfg)
+                torch.testing.assert_close(y.float(), want, rtol=2 ** -7, atol=1e-3 * want.abs().amax().item(),
+                                           msg=lambda e: f"{cfg}: {e}")
     wq2, s2 = quantize_weight_fp8(torch.randn(2 * n, k, device="cuda", generator=g) * 0.02)
-    torch.testing.assert_close(skinny_fp8_silu_mul(x, wq2, s2).float(), skinny_fp8_silu_mul_ref(x, wq2, s2).float(),
-                               rtol=2 ** -7, atol=1e-3)
+    for fast in (False, True):
+        torch.testing.assert_close(skinny_fp8_silu_mul(x, wq2, s2, {"FAST_CVT": fast}).float(),
+                                   skinny_fp8_silu_mul_ref(x, wq2, s2).float(), rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
+def test_gpu_fast_cvt_every_e4m3_code():
+    """The compiled FAST_CVT widening (inline PTX) on every finite e4m3 code, subnormals included: x = one-hot rows
+    pick single weights, so each output is one weight times its scale, exactly (one product, fp32 sum of zeros)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = codes[~torch.isnan(codes.view(torch.float8_e4m3fn).float())]  # 254 codes
+    k = 256
+    wq = torch.zeros(16, k, dtype=torch.uint8)
+    wq.view(-1)[:codes.numel()] = codes
+    wq = wq.view(torch.float8_e4m3fn).cuda()
+    s = torch.ones(16, device="cuda")
+    for fast in (False, True):
+        for start in range(0, k, 64):
+            xs = torch.eye(k, device="cuda", dtype=torch.bfloat16)[start:start + 64]
+            y = skinny_fp8(xs, wq, s, {"FAST_CVT": fast, "SPLIT_K": 1})  # [64, 16]: y[i, n] = w[n, start + i]
+            assert torch.equal(y.float(), wq.float()[:, start:start + 64].T), (fast, start)
 
 
 @pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
@@ -184,3 +206,16 @@ def test_linear_silu_mul_takes_the_skinny_variant(monkeypatch):
     assert calls == [(12, 64)] and y.shape == (3, 4, 24)
     torch.testing.assert_close(y.view(12, 24).float(), skinny_fp8_silu_mul_ref(x, wq, s).float(),
                                **_TOL[torch.bfloat16])
+
+
+def test_fast_cvt_bit_math_is_exact_for_every_e4m3_code():
+    """FAST_CVT's widening (e4m3 bits placed in bf16's fields, times 2^120) equals torch's cast for all 254 finite
+    e4m3 codes: normals, subnormals, +-0; the NaN codes (never written by the quantizer) become +-480."""
+    from minke.kernels.fp8_skinny import e4m3_to_bf16_bits_ref
+
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    got, want = e4m3_to_bf16_bits_ref(codes), codes.to(torch.bfloat16)
+    finite = ~torch.isnan(want)
+    assert finite.sum() == 254 and torch.equal(got[finite], want[finite])
+    assert torch.equal(got.view(torch.int16)[finite], want.view(torch.int16)[finite])  # -0 stays -0
+    assert got[~finite].abs().eq(480).all()

@@ -25,6 +25,10 @@ step at batch 32). Here the weights stream through tl.dot tiles as in a GEMV, wi
 - SILU_MUL: w [2I, K] = [gate; up] (an MLP's fused gate_up): a program streams its gate rows and the matching up
   rows (two accumulators) and writes silu(x gate^T) * (x up^T) [M, I] -- the dense MLP's first half in one launch
   (two with split-K), instead of a GEMM of [M, 2I] and the SiLU·mul launch.
+- FAST_CVT (bf16 x, compiled code): the fp8 tiles widened with integer ops and one bf16x2 multiply (inline PTX,
+  e4m3_to_bf16_bits_ref is its math) instead of Triton's cast (a conversion-unit cvt to f16x2, then one cvt a
+  value to bf16): at 4.8 TB/s an SM widens ~18 weights a clock, which the cast's 1.5 conversion instructions a
+  value may not sustain. Exact either way; the sweep decides.
 - More rows than BLOCK_M: one program row per BLOCK_M-row group (axis 0 of the grid, so the groups of one weight
   tile run side by side and the re-reads hit L2).
 
@@ -34,7 +38,9 @@ Public API:
     skinny_fp8(x [M, K], wq [N, K], w_scale [N], config=None) -> [M, N] in x's dtype                   Triton
     skinny_fp8_silu_mul(x [M, K], wq [2I, K], w_scale [2I], config=None) -> [M, I]                    Triton
     skinny_fp8_ref(x, wq, w_scale), skinny_fp8_silu_mul_ref(...)   torch references (fp32 sums, one rounding)
-    skinny_config(m, n, k, silu_mul=False) -> dict   the default launch (BLOCK_M/N/K, SPLIT_K, SWAP_AB, warps, stages)
+    skinny_config(m, n, k, silu_mul=False) -> dict   the default launch (BLOCK_M/N/K, SPLIT_K, SWAP_AB, FAST_CVT,
+                                                     warps, stages)
+    e4m3_to_bf16_bits_ref(wq) -> bf16                FAST_CVT's widening in torch
     SKINNY_DTYPES                                    the activation dtypes the kernel takes (bf16, fp16)
 """
 
@@ -44,13 +50,14 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
 
 _FP8 = torch.float8_e4m3fn
 SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 _SMS = 132  # H100 / H200 SXM streaming multiprocessors: the split-K heuristic aims at >= 1 program each
-_CFG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP_AB", "num_warps", "num_stages")
+_CFG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP_AB", "FAST_CVT", "num_warps", "num_stages")
 
 
 def _next_pow2(n: int) -> int:
@@ -74,18 +81,46 @@ def skinny_config(m: int, n: int, k: int, silu_mul: bool = False, sms: int = _SM
     while programs * split < sms and tiles // (split * 2) >= 8:
         split *= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "SWAP_AB": True,
-            "num_warps": 4, "num_stages": 4}
+            "FAST_CVT": False, "num_warps": 4, "num_stages": 4}
 
 
 if _HAS_TRITON:
 
     @triton.jit
-    def _tile_dot(acc, x, w, SWAP_AB: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    def _e4m3_to_bf16_bits(w):
+        """float8_e4m3fn -> bf16 with integer ops, 4 values a call (see e4m3_to_bf16_bits_ref for the math): the
+        byte's sign and 7 exponent/mantissa bits are put in bf16's places (prmt + and + shr + lop3: the value times
+        2^-120, bf16 subnormals for e4m3 subnormals), then one bf16x2 multiply by 2^120 (exact) -- ~5 ALU/FMA-pipe
+        instructions per pair, where Triton's cast is cvt.rn.f16x2.e4m3x2 + two scalar cvt.bf16.f16 a pair (1.5
+        conversion-unit instructions a value). NaN codes (never produced by the quantizer) become +-480."""
+        return tl.inline_asm_elementwise(
+            "{\n"
+            ".reg .b32 a<2>, b<2>, c, z;\n"
+            "mov.b32 c, 0x7b807b80;\n"  # 2^120, 2^120 in bf16x2
+            "mov.b32 z, 0x80008000;\n"  # -0, -0: fma's addend (x + -0 = x for every x, +0 included)
+            "prmt.b32 a0, 0, $2, 0x5040;\n"  # a0 = x1 << 24 | x0 << 8: elements 0 and 1 in the high bytes
+            "prmt.b32 a1, 0, $2, 0x7060;\n"  # a1 = x3 << 24 | x2 << 8
+            "and.b32 b0, a0, 0x7fff7fff;\n"
+            "and.b32 b1, a1, 0x7fff7fff;\n"
+            "shr.b32 b0, b0, 4;\n"  # eeeemmm to bf16's exponent lsbs / mantissa msbs
+            "shr.b32 b1, b1, 4;\n"
+            "lop3.b32 b0, b0, 0x80008000, a0, 0xf8;\n"  # | the signs
+            "lop3.b32 b1, b1, 0x80008000, a1, 0xf8;\n"
+            "fma.rn.bf16x2 $0, b0, c, z;\n"
+            "fma.rn.bf16x2 $1, b1, c, z;\n"
+            "}",
+            "=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _tile_dot(acc, x, w, SWAP_AB: tl.constexpr, UPCAST_DOT: tl.constexpr, FAST_CVT: tl.constexpr):
         """acc += the tile product. SWAP_AB: x [BLOCK_K, BLOCK_M], w [BLOCK_N, BLOCK_K] fp8, acc [BLOCK_N, BLOCK_M];
-        else x [BLOCK_M, BLOCK_K], w [BLOCK_K, BLOCK_N], acc [BLOCK_M, BLOCK_N]. w widened to x's dtype (exact)."""
+        else x [BLOCK_M, BLOCK_K], w [BLOCK_K, BLOCK_N], acc [BLOCK_M, BLOCK_N]. w widened to x's dtype (exact);
+        FAST_CVT with bf16 x: by _e4m3_to_bf16_bits (compiled code only)."""
         if UPCAST_DOT:  # the interpreter's bf16 dot is wrong (kernels/_triton.py): fp32 operands, same values
             x = x.to(tl.float32)
             w = w.to(tl.float32)
+        elif FAST_CVT and x.dtype == tl.bfloat16:
+            w = _e4m3_to_bf16_bits(w)
         else:
             w = w.to(x.dtype)
         if SWAP_AB:
@@ -118,6 +153,7 @@ if _HAS_TRITON:
         SILU_MUL: tl.constexpr,
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
         UPCAST_DOT: tl.constexpr,
+        FAST_CVT: tl.constexpr,  # bf16 x: widen the fp8 tiles with integer ops (_e4m3_to_bf16_bits)
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -158,10 +194,10 @@ if _HAS_TRITON:
                     w_mask = w_rows & k_ok[:, None]
             x = tl.load(x_ptrs, mask=x_mask, other=0.0)
             w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-            acc = _tile_dot(acc, x, w, SWAP_AB, UPCAST_DOT)
+            acc = _tile_dot(acc, x, w, SWAP_AB, UPCAST_DOT, FAST_CVT)
             if SILU_MUL:
                 wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
-                acc_up = _tile_dot(acc_up, x, wu, SWAP_AB, UPCAST_DOT)
+                acc_up = _tile_dot(acc_up, x, wu, SWAP_AB, UPCAST_DOT, FAST_CVT)
                 wu_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
@@ -216,6 +252,16 @@ if _HAS_TRITON:
             up = acc_up * tl.load(s_up_ptr + offs, mask=mask, other=0.0)
             y = y / (1.0 + tl.exp(-y)) * up
         tl.store(y_ptr + m * stride_ym + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def e4m3_to_bf16_bits_ref(wq: torch.Tensor) -> torch.Tensor:
+    """The FAST_CVT widening's math in torch, wq float8_e4m3fn -> bf16: bf16 bits = sign << 15 | (eeeemmm << 4),
+    i.e. e4m3's exponent field read with bf16's bias (127 instead of 7) and its 3 mantissa bits as bf16's top 3, the
+    value times 2^-120 for normals and subnormals alike (e4m3 subnormals 2^-6 0.mmm land on bf16 subnormals
+    2^-126 0.mmm); times 2^120 (exact) gives the e4m3 value. NaN codes (0x7f, 0xff) give +-480."""
+    b = wq.view(torch.uint8).to(torch.int32)
+    bits = ((b & 0x80) << 8) | ((b & 0x7F) << 4)  # [.., ..] int32 holding 16-bit patterns
+    return (bits.to(torch.int16).view(torch.bfloat16).float() * 2.0 ** 120).to(torch.bfloat16)
 
 
 def _check(name: str, x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, silu_mul: bool) -> None:
@@ -279,10 +325,12 @@ def _launch(name: str, x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
         out = torch.empty(split, m, 2 * n if silu_mul else n, dtype=torch.float32, device=x.device)
         stride_om, stride_os = out.stride(1), out.stride(0)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+    upcast = _needs_dot_upcast(_skinny_kernel, x.dtype)
+    fast_cvt = bool(cfg["FAST_CVT"]) and not _is_interpreted(_skinny_kernel)  # the interpreter runs no inline asm
     _skinny_kernel[grid](
         x, wq, w_scale, w_up, s_up, out, m, n, k, x.stride(0), wq.stride(0), stride_om, stride_os, tiles_per_split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, SWAP_AB=bool(cfg["SWAP_AB"]), SILU_MUL=silu_mul,
-        EVEN_K=k % bk == 0, UPCAST_DOT=_needs_dot_upcast(_skinny_kernel, x.dtype),
+        EVEN_K=k % bk == 0, UPCAST_DOT=upcast, FAST_CVT=fast_cvt,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
