@@ -2,10 +2,11 @@
 DeepSeek LLM 7B and 67B, for M = 1, 8, 32, 256, 2048 tokens; CUDA-graph replay times (as decode steps run them).
 
 Columns: bf16 F.linear; W8A8 (per-token activation quantization + torch._scaled_mm, row-wise scales: what
-fp8_linear runs above fp8_linear.SKINNY_MAX_ROWS rows; the skinny GEMM between: --skinny below); _scaled_mm alone on pre-quantized activations (the GEMM's share);
-_scaled_mm with use_fast_accum; at M = 1 the W8A8 path on the row padded to 16 (does cuBLAS pick a better kernel
-for M >= 16?); and for M <= 8 the W8A16 GEMV (kernels/gemv.py: fp8 weights streamed once, bf16 activations, what
-fp8_linear runs there). "layer" is what an Fp8Linear runs (fp8_linear's dispatch) and "x" its speed-up over bf16.
+fp8_linear runs above fp8_linear.SKINNY_MAX_ROWS rows; the skinny GEMM between: --skinny below); _scaled_mm
+alone on pre-quantized activations (the GEMM's share); _scaled_mm with use_fast_accum; at M = 1 the W8A8 path on
+the row padded to 16 (does cuBLAS pick a better kernel for M >= 16?); and for M <= 8 the W8A16 GEMV
+(kernels/gemv.py: fp8 weights streamed once, bf16 activations, what fp8_linear runs there). "layer" is what an
+Fp8Linear runs (fp8_linear's dispatch) and "x" its speed-up over bf16.
 The "gate_up+act" rows are an MLP's first half on the fused [2I, K] weight: bf16 is cuBLAS gate + up + silu + mul,
 W8A8 two fp8_linear W8A8 calls + silu + mul (the model before the fusion), the GEMV column gemv_silu_mul (one
 launch, what the fused fp8 MLP runs at M <= 8) and "layer" what the fused MLP runs at this M. TFLOP/s = 2 M N K / t;
@@ -18,10 +19,11 @@ in bf16).
 --skinny: the decode-sized table instead, for one decoder layer's fp8 projections of the 67B and 7B (fused qkv,
 o_proj, fused gate_up + SiLU·mul, down_proj) at M = 1, 8, 16, 32, 64, 128 (--tokens overrides): the W8A16 GEMV
 (M <= 8), the W8A16 skinny GEMM (kernels/fp8_skinny.py) at its default launch and the best of a coordinate-descent
-sweep over BLOCK_M / BLOCK_N / BLOCK_K / SPLIT_K / SWAP_AB / warps / stages (printed), and the W8A8 quantizer +
-_scaled_mm (gate_up: of the [2I] weight + the Triton SiLU·mul, what the model ran there before), each in us and TB/s
-of weight bytes (fp8 weights + row scales; x and y not counted). The weights rotate over enough copies to exceed
-the L2 cache (no call re-reads a cached weight). Then per model and M the layer's sum per path, and the
+sweep over BLOCK_M / BLOCK_N / BLOCK_K / SPLIT_K / SWAP_AB / FAST_CVT / warps / stages (printed; a config whose
+result is off the reference is rejected), and the W8A8 quantizer + _scaled_mm (gate_up: of the [2I] weight + the
+Triton SiLU·mul, what the model ran there before), each in us and TB/s of weight bytes (fp8 weights + row scales;
+x and y not counted). The weights rotate over enough copies to exceed the L2 cache (no call re-reads a cached
+weight). Then per model and M the layer's sum per path, and the
 recommended fp8_linear.SKINNY_MAX_ROWS (the largest M up to which the tuned skinny layer beats W8A8 at every
 measured M) and whether the skinny GEMM beats the GEMV at M = 8 (gemv.FEW_ROWS_MAX):
 
@@ -243,7 +245,8 @@ def main() -> int:
     ap.add_argument("--tokens", default=None, help="comma-separated M (default 1,8,32,256,2048; --skinny: "
                     "1,8,16,32,64,128)")
     ap.add_argument("--skinny", action="store_true", help="the decode-sized table: GEMV / skinny GEMM / W8A8")
-    ap.add_argument("--sweep-passes", type=int, default=2, help="--skinny: coordinate-descent rounds of the sweep")
+    ap.add_argument("--sweep-passes", type=int, default=1, help="--skinny: coordinate-descent rounds of the sweep "
+                    "(0: the default launch only; 2: a deeper search, ~2x the time)")
     ap.add_argument("--output", "--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     args.tokens_given = args.tokens is not None

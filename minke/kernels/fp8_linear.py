@@ -14,8 +14,9 @@ Four ways to multiply (fp8_linear picks by device, dtype and rows):
   in the epilogue, split-K where the columns alone do not fill the SMs; again no activation quantization launch,
   and tiles made for a weight-bandwidth-bound step (_scaled_mm's CUTLASS tiles are made for large M).
 - W8A8, on CUDA GPUs of compute capability >= 9 (Hopper: fp8 tensor cores) with bf16 / fp16 activations and
-  output, for steps of more than SKINNY_MAX_ROWS rows (prefill, large batches): the activations are quantized per token (row) at every call, x ~= xq * x_scale[:, None], and
-  torch._scaled_mm multiplies fp8 by fp8 with fp32 accumulation and applies both scales in its epilogue:
+  output, for steps of more than SKINNY_MAX_ROWS rows (prefill, large batches): the activations are quantized
+  per token (row) at every call, x ~= xq * x_scale[:, None], and torch._scaled_mm multiplies fp8 by fp8 with fp32
+  accumulation and applies both scales in its epilogue:
       y[m, n] = x_scale[m] * w_scale[n] * sum_k xq[m, k] Wq[n, k]
   (what vLLM's fp8 does for dense layers; fp8_linear_w8a8_ref is this math in torch.)
 - W8A16 in torch everywhere else (CPU, fp32, older GPUs, shapes _scaled_mm does not take): the fp8 weights are

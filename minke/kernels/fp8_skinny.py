@@ -15,8 +15,8 @@ step at batch 32). Here the weights stream through tl.dot tiles as in a GEMV, wi
 - SWAP_AB: the dot is computed transposed, acc^T [BLOCK_N, BLOCK_M] = Wq_tile [BLOCK_N, BLOCK_K] @ x_tile^T: the
   widened weight tile is then the MMA's A operand, which Hopper's wgmma can read from registers (where the
   widening happened) while the B operand (x) comes from shared memory, and BLOCK_N (64/128) fills the wgmma M
-  dimension instead of the 9-64 token rows. Without it the widened tile is the B operand (stored back to shared
-  memory first). The bench sweep picks; both are exact to the same math.
+  dimension instead of the 9-64 token rows. Without it (the widened tile as the B operand) Triton 3.9 compiles
+  mma.sync (sm_80 MMAs, both operands in registers) instead of wgmma. The bench sweep picks; both are exact.
 - Split-K (SPLIT_K > 1): o_proj / down_proj (N = 8192) have only 64 column blocks of 128 rows for 132 SMs, and
   narrower blocks would make the programs re-read x more than they read weights (x bytes a tile: 2 BLOCK_M
   BLOCK_K; weight bytes: BLOCK_N BLOCK_K). The K tiles are cut into SPLIT_K contiguous ranges; each program writes
@@ -66,12 +66,12 @@ def _next_pow2(n: int) -> int:
 
 def skinny_config(m: int, n: int, k: int, silu_mul: bool = False, sms: int = _SMS) -> dict:
     """The default launch for x [m, k] and n output columns (silu_mul: n = I, the gate rows; each program then
-    streams 2 BLOCK_N weight rows). Reasoning (to be replaced by the bench_fp8_linear.py --skinny sweep on an H200):
-    BLOCK_M covers the rows up to 64 (one read of each weight); BLOCK_N = 128 keeps the x re-reads (2 BLOCK_M / BLOCK_N
-    of the weight bytes, from L2) at most the weight bytes; BLOCK_K = 128 fp8 bytes a row per stage, 4 stages in
-    flight (~64 KB of shared memory: 2 programs an SM); split-K doubled while there are fewer programs than SMs, keeping
-    >= 8 K tiles a split (the partials' traffic, 8 M N bytes a split written and read, mostly in L2, stays small
-    against the N K weight bytes: 4 splits of o_proj at M = 32 are 4 MB against 67 MB)."""
+    streams 2 BLOCK_N weight rows). Reasoning, to be replaced by the bench_fp8_linear.py --skinny sweep on an H200:
+    BLOCK_M covers the rows up to 64 (one read of each weight); BLOCK_N = 128 keeps the x re-reads (2 BLOCK_M /
+    BLOCK_N of the weight bytes, from L2) at most the weight bytes; BLOCK_K = 128 fp8 bytes a row per stage, 4 stages
+    in flight (80 KB of shared memory at BLOCK_M = 32: 2 programs an SM); split-K doubled while there are fewer
+    programs than SMs, keeping >= 8 K tiles a split (the partials' traffic, 8 M N bytes a split written and read,
+    mostly in L2, stays small against the N K weight bytes: 4 splits of o_proj at M = 32 are 4 MB against 67 MB)."""
     block_m = min(64, max(16, _next_pow2(m)))
     block_n = 64 if silu_mul else 128  # silu_mul: two weight tiles (gate, up) per step
     block_k = 128
@@ -136,7 +136,7 @@ if _HAS_TRITON:
         s_ptr,  # [N] fp32 row scales
         w_up_ptr,  # SILU_MUL: [N, K] the up rows (w's strides); else unused
         s_up_ptr,  # SILU_MUL: [N] their scales; else unused
-        y_ptr,  # SPLIT_K == 1: [M, N] out in x's dtype; else the fp32 partials [SPLIT_K, M, N (SILU_MUL: 2N)]
+        y_ptr,  # not SPLIT: [M, N] out in x's dtype; else the fp32 partials [splits, M, N (SILU_MUL: 2N)]
         M,
         N,  # output columns (SILU_MUL: I)
         K,
@@ -148,7 +148,7 @@ if _HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr,
+        SPLIT: tl.constexpr,  # split-K (the grid's axis 2 > 1): write partials (a bool: one variant for any count)
         SWAP_AB: tl.constexpr,
         SILU_MUL: tl.constexpr,
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
@@ -206,7 +206,7 @@ if _HAS_TRITON:
             if SILU_MUL:
                 acc_up = tl.trans(acc_up)
         out_mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:  # epilogue here: scales on the fp32 sums, the activation, one rounding
+        if not SPLIT:  # epilogue here: scales on the fp32 sums, the activation, one rounding
             y = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
             if SILU_MUL:
                 up = acc_up * tl.load(s_up_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -329,7 +329,7 @@ def _launch(name: str, x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     fast_cvt = bool(cfg["FAST_CVT"]) and not _is_interpreted(_skinny_kernel)  # the interpreter runs no inline asm
     _skinny_kernel[grid](
         x, wq, w_scale, w_up, s_up, out, m, n, k, x.stride(0), wq.stride(0), stride_om, stride_os, tiles_per_split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, SWAP_AB=bool(cfg["SWAP_AB"]), SILU_MUL=silu_mul,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split > 1, SWAP_AB=bool(cfg["SWAP_AB"]), SILU_MUL=silu_mul,
         EVEN_K=k % bk == 0, UPCAST_DOT=upcast, FAST_CVT=fast_cvt,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
