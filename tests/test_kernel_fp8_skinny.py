@@ -219,3 +219,37 @@ def test_fast_cvt_bit_math_is_exact_for_every_e4m3_code():
     assert finite.sum() == 254 and torch.equal(got[finite], want[finite])
     assert torch.equal(got.view(torch.int16)[finite], want.view(torch.int16)[finite])  # -0 stays -0
     assert got[~finite].abs().eq(480).all()
+
+
+@needs_triton
+def test_model_mlp_through_the_skinny_kernels(monkeypatch):
+    """The wiring a GPU run has at batch 9-64 (uses_skinny's CUDA check lifted, so the interpreter runs it): the
+    fused fp8 MLP (fuse_gate_up + quantize_dense_fp8 + the GEMV mixin) sends 12 rows through skinny_fp8_silu_mul and
+    its fp8 down_proj through fp8_linear's skinny branch; the result is the unfused fp8 MLP's (torch W8A16) within
+    bf16 roundings."""
+    import minke.kernels.fp8_linear as fp8_mod
+    import minke.kernels.gemv as gemv_mod
+    from minke.models.layers import MLP
+    from minke.runner.gpu_kernels import GemvProjections, swap_in
+    from minke.runner.quantization import quantize_dense_fp8
+
+    torch.manual_seed(8)
+    plain, fast = MLP(48, 40), MLP(48, 40)
+    fast.load_state_dict(plain.state_dict())
+    plain, fast = plain.to(DEVICE, torch.bfloat16), fast.to(DEVICE, torch.bfloat16)
+    assert fast.fuse_gate_up()
+    quantize_dense_fp8(plain)
+    quantize_dense_fp8(fast)
+    swap_in(fast, GemvProjections)
+    x = torch.randn(12, 48).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        want = plain(x)  # before the patches: fp8_linear's torch W8A16 path
+    calls = []
+    real_act, real_lin = gemv_mod.skinny_fp8_silu_mul, fp8_mod._skinny.skinny_fp8
+    monkeypatch.setattr(fp8_mod, "uses_skinny", lambda x, wq, out_dtype=None: x.numel() // x.shape[-1] > 8)
+    monkeypatch.setattr(gemv_mod, "skinny_fp8_silu_mul", lambda *a, **kw: calls.append("act") or real_act(*a, **kw))
+    monkeypatch.setattr(fp8_mod._skinny, "skinny_fp8", lambda *a, **kw: calls.append("lin") or real_lin(*a, **kw))
+    with torch.no_grad():
+        got = fast(x)
+    assert calls == ["act", "lin"]
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -5, atol=2e-3 * want.float().abs().amax().item())
