@@ -119,47 +119,28 @@ def test_scaled_mm_code_path(monkeypatch, dtype, k):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gemv_code_path(monkeypatch, dtype):
-    """fp8_linear's few-row branch (kernels/gemv.py's W8A16 GEMV, taken on CUDA up to gemv.FEW_ROWS_MAX rows) run on
-    this device: leading dims, a strided x, the result the W8A16 math (fp32 sums of the widened weights times the
-    scales, one rounding), and no activation quantization (closer to the float64 product than W8A8)."""
+@pytest.mark.parametrize("branch,dtype", [("gemv", torch.bfloat16), ("gemv", torch.float32),
+                                          ("skinny", torch.bfloat16), ("skinny", torch.float16)])
+def test_w8a16_kernel_code_paths(monkeypatch, branch, dtype):
+    """fp8_linear's W8A16 kernel branches run on this device: the few-row GEMV (kernels/gemv.py, taken on CUDA up to
+    gemv.FEW_ROWS_MAX rows) and the skinny GEMM (kernels/fp8_skinny.py, from there to SKINNY_MAX_ROWS; bf16 / fp16):
+    leading dims, a strided x, the W8A16 math (fp32 sums of the widened weights times the scales, one rounding; the
+    interpreter's bf16 cast truncates: one bf16 step), no W8A8 branch, and no activation quantization (closer to
+    the float64 product than W8A8)."""
     from minke.kernels.gemv import gemv_ref
 
-    monkeypatch.setattr(_kmod, "uses_gemv", lambda *a, **kw: True)
-    x, w = _case(m=6, k=96, n=32, seed=4)
-    x, w = x.to(dtype).to(DEVICE), w.to(DEVICE)
-    wq, s = quantize_weight_fp8(w)
-    y = fp8_linear(x.view(2, 3, 96), wq, s)
-    assert y.shape == (2, 3, 32) and y.dtype == dtype
-    want = gemv_ref(x.float(), wq, s)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-2)
-    torch.testing.assert_close(y.view(6, 32).float(), want, **tol)
-    wide = torch.cat([x, x[:, :8]], dim=1)[:, :96]  # a strided row view
-    torch.testing.assert_close(fp8_linear(wide, wq, s).float(), want, **tol)
-    exact = x.double() @ w.double().T
-    assert (want.double() - exact).norm() < (fp8_linear_w8a8_ref(x.float(), wq, s).double() - exact).norm()
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_skinny_code_path(monkeypatch, dtype):
-    """fp8_linear's skinny-GEMM branch (kernels/fp8_skinny.py, taken on CUDA for FEW_ROWS_MAX < rows <=
-    SKINNY_MAX_ROWS) run on this device: leading dims, a strided x, the W8A16 math (fp32 sums of the widened
-    weights times the scales, one rounding; the interpreter's bf16 cast truncates: one bf16 step), no activation
-    quantization (closer to the float64 product than W8A8), and the GEMV / W8A8 branches not taken."""
-    from minke.kernels.gemv import gemv_ref
-
-    monkeypatch.setattr(_kmod, "uses_skinny", lambda *a, **kw: True)
+    monkeypatch.setattr(_kmod, "uses_gemv" if branch == "gemv" else "uses_skinny", lambda *a, **kw: True)
     monkeypatch.setattr(_kmod, "uses_scaled_mm", lambda *a, **kw: pytest.fail("W8A8 taken"))
-    x, w = _case(m=12, k=96, n=40, seed=5)
+    m = 6 if branch == "gemv" else 12
+    x, w = _case(m=m, k=96, n=40, seed=4)
     x, w = x.to(dtype).to(DEVICE), w.to(DEVICE)
     wq, s = quantize_weight_fp8(w)
-    y = fp8_linear(x.view(3, 4, 96), wq, s)
-    assert y.shape == (3, 4, 40) and y.dtype == dtype
+    y = fp8_linear(x.view(2, m // 2, 96), wq, s)
+    assert y.shape == (2, m // 2, 40) and y.dtype == dtype
     want = gemv_ref(x.float(), wq, s)
-    tol = dict(rtol=2 ** -7, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=2 ** -10, atol=1e-4)
-    torch.testing.assert_close(y.view(12, 40).float(), want, **tol)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2 ** -7, atol=1e-2),
+           torch.float16: dict(rtol=2 ** -10, atol=1e-4)}[dtype]
+    torch.testing.assert_close(y.view(m, 40).float(), want, **tol)
     wide = torch.cat([x, x[:, :8]], dim=1)[:, :96]  # a strided row view
     torch.testing.assert_close(fp8_linear(wide, wq, s).float(), want, **tol)
     exact = x.double() @ w.double().T

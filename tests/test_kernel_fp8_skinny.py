@@ -20,19 +20,14 @@ from minke.kernels.fp8_skinny import (
     skinny_fp8_silu_mul,
     skinny_fp8_silu_mul_ref,
 )
-from conftest import kernel_test_setup
+from conftest import fp8_weight_case, kernel_test_setup
 
 DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._skinny_kernel)
 _TOL = {torch.bfloat16: dict(rtol=2 ** -7, atol=1e-3), torch.float16: dict(rtol=2 ** -10, atol=1e-4)}
 
 
 def _case(m, n, k, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(m, k, generator=g) * torch.logspace(-1, 1, m)[:, None]).to(dtype)  # rows of other magnitudes
-    w = torch.randn(n, k, generator=g) * 0.05
-    w[1, 3] = 1.5  # an outlier sets its row's scale (the rest of that row rounds coarser)
-    wq, s = quantize_weight_fp8(w)
-    return x.to(DEVICE), wq.to(DEVICE), s.to(DEVICE)
+    return fp8_weight_case(m, n, k, dtype, seed, DEVICE)
 
 
 def _fp32_ref(x, wq, s):
