@@ -25,7 +25,8 @@ Triton SiLU·mul, what the model ran there before), each in us and TB/s of weigh
 x and y not counted). The weights rotate over enough copies to exceed the L2 cache (no call re-reads a cached
 weight). Then per model and M the layer's sum per path, and the
 recommended fp8_linear.SKINNY_MAX_ROWS (the largest M up to which the tuned skinny layer beats W8A8 at every
-measured M) and whether the skinny GEMM beats the GEMV at M = 8 (gemv.FEW_ROWS_MAX):
+measured M) and whether the skinny GEMM beats the GEMV at M = 8 (gemv.FEW_ROWS_MAX); last the best launches as
+kernels/fp8_skinny.py's TUNED table, to paste there:
 
     python bench/bench_fp8_linear.py --skinny --output fp8_skinny.json
 """
@@ -54,6 +55,7 @@ from minke.kernels.fp8_linear import (  # noqa: E402
 from minke.kernels.fp8_quant import quantize_rows_fp8  # noqa: E402
 from minke.kernels.gemv import gemv, gemv_silu_mul, linear_silu_mul  # noqa: E402
 from minke.kernels.fp8_skinny import (  # noqa: E402
+    m_bucket,
     skinny_config,
     skinny_fp8,
     skinny_fp8_ref,
@@ -232,6 +234,16 @@ def skinny_main(args) -> int:
               f"the next measured M); skinny {'beats' if beats else 'does not beat'} the GEMV at M = 8\n")
         summary.append({"model": model, "per_m_ms": per_m, "recommended_skinny_max_rows": limit,
                         "skinny_beats_gemv_at_8": bool(beats)})
+    # The best launches as kernels/fp8_skinny.py's TUNED table (key n: the output columns, gate_up's I).
+    print("# kernels/fp8_skinny.py TUNED, measured on", torch.cuda.get_device_name(dev))
+    print("TUNED: dict[tuple[int, int, bool, int], dict] = {")
+    for r in rows:
+        act = r["projection"] == "gate_up+act"
+        n = r["N"] // 2 if act else r["N"]
+        if r["M"] > 8 and r["M"] == m_bucket(r["M"]) and r["skinny_best_ms"] is not None:
+            cfg = {key: r["skinny_best_config"][key] for key in sorted(r["skinny_best_config"])}
+            print(f"    ({n}, {r['K']}, {act}, {r['M']}): {cfg},  # {r['model']} {r['projection']}")
+    print("}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows, "summary": summary}, f, indent=1)

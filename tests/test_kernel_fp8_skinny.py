@@ -124,6 +124,23 @@ def test_skinny_config_heuristic():
         assert -(-k // c["BLOCK_K"]) // c["SPLIT_K"] >= 8
 
 
+@needs_triton
+def test_tuned_table_overrides_the_heuristic(monkeypatch):
+    """TUNED (the bench sweep's table): an entry for (n, k, silu_mul, M bucket) replaces the heuristic's keys for
+    every M of that bucket, and the kernel runs with it; other shapes and buckets keep the heuristic."""
+    from minke.kernels.fp8_skinny import m_bucket
+
+    assert [m_bucket(m) for m in (1, 9, 16, 17, 33, 64, 65, 128, 300)] == [16, 16, 16, 32, 64, 64, 128, 128, 128]
+    entry = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "SWAP_AB": False, "num_warps": 2,
+             "num_stages": 2}
+    monkeypatch.setitem(_kmod.TUNED, (24, 96, False, 32), entry)
+    for m in (17, 32):
+        assert skinny_config(m, 24, 96) == dict(entry, FAST_CVT=False)  # FAST_CVT: the heuristic's, not in entry
+    assert skinny_config(16, 24, 96)["SWAP_AB"] and skinny_config(32, 24, 96, silu_mul=True)["SWAP_AB"]
+    x, wq, s = _case(20, 24, 96, torch.float16, seed=2)
+    torch.testing.assert_close(skinny_fp8(x, wq, s).float(), _fp32_ref(x, wq, s), **_TOL[torch.float16])
+
+
 # ---- GPU only: the compiled kernel ---------------------------------------------------------------------------------
 
 _CUDA = torch.cuda.is_available() and not INTERPRET

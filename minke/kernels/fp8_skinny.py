@@ -39,7 +39,8 @@ Public API:
     skinny_fp8_silu_mul(x [M, K], wq [2I, K], w_scale [2I], config=None) -> [M, I]                    Triton
     skinny_fp8_ref(x, wq, w_scale), skinny_fp8_silu_mul_ref(...)   torch references (fp32 sums, one rounding)
     skinny_config(m, n, k, silu_mul=False) -> dict   the default launch (BLOCK_M/N/K, SPLIT_K, SWAP_AB, FAST_CVT,
-                                                     warps, stages)
+                                                     warps, stages): TUNED's entry, else a heuristic
+    TUNED, m_bucket(m)                               the measured launches, keyed (n, k, silu_mul, m_bucket(m))
     e4m3_to_bf16_bits_ref(wq) -> bf16                FAST_CVT's widening in torch
     SKINNY_DTYPES                                    the activation dtypes the kernel takes (bf16, fp16)
 """
@@ -60,13 +61,26 @@ _SMS = 132  # H100 / H200 SXM streaming multiprocessors: the split-K heuristic a
 _CFG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP_AB", "FAST_CVT", "num_warps", "num_stages")
 
 
+# Launches measured best on an H200 by `python bench/bench_fp8_linear.py --skinny`, which prints this table to paste:
+# (n, k, silu_mul, M bucket) -> config (skinny_config's keys), the M bucket the smallest of _M_BUCKETS >= M.
+# Shapes and buckets not listed take skinny_config's heuristic. Empty until that sweep has run.
+TUNED: dict[tuple[int, int, bool, int], dict] = {}
+_M_BUCKETS = (16, 32, 64, 128)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def m_bucket(m: int) -> int:
+    """The TUNED table's row bucket of an m-row step: the smallest of 16, 32, 64, 128 that holds it (128 above)."""
+    return next((b for b in _M_BUCKETS if m <= b), _M_BUCKETS[-1])
+
+
 def skinny_config(m: int, n: int, k: int, silu_mul: bool = False, sms: int = _SMS) -> dict:
     """The default launch for x [m, k] and n output columns (silu_mul: n = I, the gate rows; each program then
-    streams 2 BLOCK_N weight rows). Reasoning, to be replaced by the bench_fp8_linear.py --skinny sweep on an H200:
+    streams 2 BLOCK_N weight rows): the TUNED entry of the shape where there is one, else this heuristic, whose
+    reasoning the bench_fp8_linear.py --skinny sweep on an H200 is to check:
     BLOCK_M covers the rows up to 64 (one read of each weight); BLOCK_N = 128 keeps the x re-reads (2 BLOCK_M /
     BLOCK_N of the weight bytes, from L2) at most the weight bytes; BLOCK_K = 128 fp8 bytes a row per stage, 4 stages
     in flight (80 KB of shared memory at BLOCK_M = 32: 2 programs an SM); split-K doubled while there are fewer
@@ -80,8 +94,10 @@ def skinny_config(m: int, n: int, k: int, silu_mul: bool = False, sms: int = _SM
     split = 1
     while programs * split < sms and tiles // (split * 2) >= 8:
         split *= 2
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "SWAP_AB": True,
-            "FAST_CVT": False, "num_warps": 4, "num_stages": 4}
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "SWAP_AB": True,
+           "FAST_CVT": False, "num_warps": 4, "num_stages": 4}
+    cfg.update(TUNED.get((n, k, bool(silu_mul), m_bucket(m)), {}))
+    return cfg
 
 
 if _HAS_TRITON:
