@@ -155,7 +155,7 @@ def test_uses_skinny_rows_between_gemv_and_w8a8():
     x, w = _case(m=12)
     wq, _ = quantize_weight_fp8(w)
     assert not uses_skinny(x.bfloat16(), wq)  # CPU: the torch W8A16 path
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
         wc = wq.cuda()
         rows = lambda m, dt=torch.bfloat16: torch.zeros(m, 96, device="cuda", dtype=dt)  # noqa: E731
         assert not uses_skinny(rows(FEW_ROWS_MAX), wc) and uses_gemv(rows(FEW_ROWS_MAX), wc)

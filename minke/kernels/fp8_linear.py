@@ -131,14 +131,15 @@ def uses_gemv(x: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype | None =
 
 def uses_skinny(x: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype | None = None,
                 max_rows: int | None = None) -> bool:
-    """Whether fp8_linear runs the W8A16 skinny GEMM (kernels/fp8_skinny.py): bf16 / fp16 x on CUDA, output in x's
-    dtype, more than gemv.FEW_ROWS_MAX and at most SKINNY_MAX_ROWS rows (max_rows: another limit, for the bench).
-    Reads no tensor data: the row count is the shape's (graph-safe)."""
+    """Whether fp8_linear runs the W8A16 skinny GEMM (kernels/fp8_skinny.py): bf16 / fp16 x on a CUDA GPU of compute
+    capability >= 8.9 (Triton's float8_e4m3fn loads and casts), output in x's dtype, more than gemv.FEW_ROWS_MAX and
+    at most SKINNY_MAX_ROWS rows (max_rows: another limit, for the bench). Reads no tensor data: the row count is
+    the shape's (graph-safe)."""
     rows = x.numel() // max(1, x.shape[-1])
     limit = SKINNY_MAX_ROWS if max_rows is None else max_rows
     return (_HAS_TRITON and x.is_cuda and x.dtype in _skinny.SKINNY_DTYPES
             and (out_dtype is None or out_dtype == x.dtype) and _gemv.FEW_ROWS_MAX < rows <= limit
-            and wq.stride(-1) == 1)
+            and wq.stride(-1) == 1 and _capability(x.device) >= (8, 9))
 
 
 def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype | None = None,
