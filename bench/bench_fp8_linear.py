@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,7 @@ def skinny_main(args) -> int:
     g = torch.Generator(device=dev).manual_seed(0)
     tokens = [int(t) for t in (args.tokens if args.tokens_given else "1,8,16,32,64,128").split(",")]
     rows, summary = [], []
+    t_start = time.perf_counter()
     fmt = lambda t: f"{t * 1000:8.1f}" if t is not None else f"{'-':>8s}"  # noqa: E731
     tbs = lambda b, t: f"{b / t / 1e9:5.2f}" if t else f"{'-':>5s}"  # noqa: E731
     print(f"{'model':8s} {'projection':12s} {'N x K':>12s} {'M':>4s} | {'GEMV us':>8s} {'TB/s':>5s} | "
@@ -213,6 +215,7 @@ def skinny_main(args) -> int:
                       f"{fmt(t_w8a8)} {tbs(wbytes, t_w8a8)} | {fmt(t_layer)} {path:6s} | {rel:.1e}", flush=True)
             del ws_list
             torch.cuda.empty_cache()
+            print(f"    ({model} {name} done at {time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
         # The layer's projections summed per path; the threshold: skinny (tuned) below W8A8 at every M up to it.
         layer_bytes = sum((2 * n if act else n) * k for n, k, act in LAYER[model].values())
         print(f"\n{model}: one layer's fp8 projections ({layer_bytes / 1e6:.0f} MB of weights), us (TB/s)")
