@@ -19,7 +19,7 @@ from minke.kernels.gemv import (
     linear_silu_mul,
 )
 from minke.kernels.silu_mul import silu_mul_fwd_ref
-from conftest import kernel_test_setup
+from conftest import fp8_weight_case, kernel_test_setup
 
 DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._gemv_kernel)
 
@@ -55,12 +55,7 @@ def test_gemv_rejects_bad_input():
 
 
 def _fp8_case(m, n, k, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(m, k, generator=g) * torch.logspace(-1, 1, m)[:, None]).to(dtype)  # rows of other magnitudes
-    w = torch.randn(n, k, generator=g) * 0.05
-    w[1, 3] = 1.5  # an outlier sets its row's scale (the rest of that row rounds coarser)
-    wq, s = quantize_weight_fp8(w)
-    return x.to(DEVICE), wq.to(DEVICE), s.to(DEVICE)
+    return fp8_weight_case(m, n, k, dtype, seed, DEVICE)
 
 
 # 1, 3, 8 rows (one program row: the 2-D and the 3-D partial sums), 11 rows (two row groups, the second partial);

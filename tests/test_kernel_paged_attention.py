@@ -144,8 +144,8 @@ def test_kernel_matches_ref_half(shape, dtype, heads):
 @pytest.mark.parametrize("loop_stages", [None, 3])  # 3: every loop load pipelined (tl.range num_stages)
 @pytest.mark.parametrize("use_dot", [True, False])
 def test_mha_dot_and_vector_paths_agree(use_dot, loop_stages):
-    """MHA takes the vector path by default; the padded tensor-core path must give the same result (the bench
-    times both)."""
+    """MHA takes the tensor-core path (its one row padded to 16) by default; the vector path must give the same
+    result (the bench times both)."""
     Hq, Hkv, D, bs = SHAPES["llm-7b"]
     (q, cache, bt, lens), _ = _make_case(LENS, Hq, Hkv, D, bs, torch.float32, seed=5)
     out = paged_decode_attention(q, cache, bt, lens, 0.1, num_splits=2, use_dot=use_dot, loop_stages=loop_stages,
@@ -281,13 +281,15 @@ def test_strided_query_view():
 
 
 def test_default_launch_rules():
-    """What paged_decode_attention runs for the launch arguments left None: the variant per attention kind (MHA the
-    vector path, GQA the padded dot), a caller's variant kept whole, that variant's tiles (fp32: half the tokens)."""
+    """What paged_decode_attention runs for the launch arguments left None: the variant (the padded dot, MHA and
+    GQA), a caller's variant kept whole, that variant's tiles (fp32: its own, smaller)."""
     bf16, fp32 = torch.bfloat16, torch.float32
-    assert default_launch(1, bf16) == dict(use_dot=False, kv_heads_per_program=1, loop_stages=None,
-                                           head_fastest=False, block_n=64, num_warps=4, num_stages=2)
-    assert default_launch(8, bf16)["use_dot"] is True and default_launch(8, fp32)["block_n"] == 32
-    assert default_launch(1, bf16, use_dot=True)["use_dot"] is True
+    assert default_launch(1, bf16) == dict(use_dot=True, kv_heads_per_program=1, loop_stages=None,
+                                           head_fastest=False, block_n=128, num_warps=4, num_stages=3)
+    assert default_launch(8, bf16) == default_launch(1, bf16)
+    assert default_launch(8, fp32)["block_n"] == 32 and default_launch(8, fp32)["num_stages"] == 2
+    vec = default_launch(1, bf16, use_dot=False)
+    assert vec["use_dot"] is False and (vec["block_n"], vec["num_warps"], vec["num_stages"]) == (64, 4, 2)
     heads = default_launch(1, bf16, kv_heads_per_program=2)
     assert heads["use_dot"] is True and heads["kv_heads_per_program"] == 2 and heads["block_n"] == 32
     assert default_launch(1, fp32, kv_heads_per_program=4)["block_n"] == 16

@@ -20,7 +20,8 @@ Public API:
     gemv_silu_mul(x [M, K], w [2I, K], scale=None, config=None) -> [M, I]    Triton, the fused gate_up + act
     gemv_ref(x, w, scale=None), gemv_silu_mul_ref(x, w, scale=None)          torch references (fp32 math)
     linear(x, w, scale=None)           gemv for M <= GEMV_MAX_ROWS on CUDA, else F.linear; fp8 w: fp8_linear
-    linear_silu_mul(x, w, scale=None)  gemv_silu_mul for M <= FEW_ROWS_MAX on CUDA, else GEMM + SiLU·mul
+    linear_silu_mul(x, w, scale=None)  gemv_silu_mul for M <= FEW_ROWS_MAX on CUDA (fp8 w: the skinny GEMM's
+                                       SiLU·mul up to fp8_linear.SKINNY_MAX_ROWS), else GEMM + SiLU·mul
     GEMV_MAX_ROWS (plain projections), FEW_ROWS_MAX (fused MLP; fp8 in fp8_linear): the dispatchers' row limits
     gemv(x, w, extra=e [N2, K]) -> ([M, N], [M, N2] fp32)   e's rows in the same launch (LoRA's shrink: the A's
                                        of every adapter slot, a few hundred rows more; plain weights only)
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import tl, triton
+from .fp8_skinny import skinny_fp8_silu_mul
 
 # Rows a step may have for `linear` to send a plain (unscaled) projection to gemv on CUDA. One: measured on an
 # H200 (2026-11-28) at M = 1 only; bench/bench_gemv.py prints cuBLAS against gemv at M = 1, 2, 4, 8 to raise it.
@@ -260,9 +262,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) 
 
 def linear_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """silu(x gate^T) * (x up^T) for w [2I, K] = [gate; up]: gemv_silu_mul for x of at most FEW_ROWS_MAX rows on
-    CUDA (one launch), else one GEMM of the fused weight (cuBLAS, or fp8_linear) + the Triton SiLU·mul."""
+    CUDA (one launch); fp8 w at up to fp8_linear.SKINNY_MAX_ROWS rows: the skinny GEMM's SiLU·mul variant
+    (kernels/fp8_skinny.py, one launch, two with split-K); else one GEMM of the fused weight (cuBLAS, or
+    fp8_linear) + the Triton SiLU·mul."""
     if _few_rows(x, w, FEW_ROWS_MAX):
         return gemv_silu_mul(x, w, scale)
+    if scale is not None:
+        from .fp8_linear import uses_skinny  # not at the top: fp8_linear imports this module
+
+        if uses_skinny(x, w) and w.shape[0] % 2 == 0:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = skinny_fp8_silu_mul(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, scale)  # [M, I]
+            return y.view(*x.shape[:-1], w.shape[0] // 2)
     from .silu_mul import silu_mul_fwd, silu_mul_fwd_ref
 
     h = linear(x, w, scale)  # [..., 2I]

@@ -13,8 +13,12 @@ Decode is memory-bound (every K/V byte of the context is read once for one query
 organised around reading each K/V tile exactly once:
 - one program per (sequence, KV head, split) holds the G query heads of that KV head, so a GQA group of 8 (67B)
   reads its K/V tile once for all 8 heads, as one tl.dot [pad16(G), D] x [D, BLOCK_N] (tl.dot's minimum M is 16);
-  MHA (G = 1, 7B and 16B) would waste 15 of 16 rows of that dot, so by default it takes a vector path
-  (elementwise multiply + row sum on CUDA cores), which is as good for a single row; `use_dot` forces either;
+  MHA (G = 1, 7B and 16B) takes the same dot with its one row padded to 16: the 15 wasted rows cost nothing in a
+  bandwidth-bound kernel, while the vector path (elementwise multiply + row sums on CUDA cores, `use_dot=False`)
+  spends its time in cross-thread reductions and its K / V loads are not pipelined (Triton pipelines only dot
+  operands unless the loop names its stages: bench/paged_attention_compile_report.py; see loop_stages): on an H200, llm-7b at 256 x 640 tokens 1,123 us (2.39 TB/s) on the
+  vector path, 610 us (4.4 TB/s) on the dot path with 128-token tiles and 3 stages; 32 x 640: 177 -> 84 us
+  (bench/bench_paged_attention.py --sweep-launch, 2026-12-02);
 - variant (kv_heads_per_program = H > 1): one program per (sequence, H consecutive KV heads, split) reads tiles of
   H * D contiguous elements per token (one page-table lookup for all H) and runs the H heads as one block-diagonal
   tensor-core dot: the 16-row softmax and the per-program overheads are paid once per H heads, the dot work per
@@ -381,22 +385,25 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Stage-1 launch per variant where the caller names none: (BLOCK_N for 16-bit inputs, num_warps, num_stages); fp32
-# tiles are twice the bytes, so half the tokens. Untuned starting points except where bench/bench_paged_attention.py
-# --sweep-launch (H200) says otherwise: "vec" the MHA vector path, "dot" the padded tensor-core path, "heads" the
-# kv_heads_per_program > 1 path ([32, H * 128] bf16 tiles: H = 2 is 16 KiB for K, the same for V).
-_LAUNCH = {"vec": (64, 4, 2), "dot": (64, 4, 2), "heads": (32, 4, 2)}
+# Stage-1 launch per variant where the caller names none: (BLOCK_N, num_warps, num_stages) for 16-bit and for fp32
+# inputs. "dot" (the padded tensor-core path): the H200 sweep's best for bf16 (llm-7b, batch 32 and 256, 640
+# tokens): 128-token tiles, 4 warps, 3 stages (a [128, 128] bf16 K tile and its V tile are 64 KiB a stage); fp32
+# tiles are twice the bytes: 32 tokens, 2 stages (fp32 caches are the test and reference path, not a speed one).
+# "vec" (MHA's vector path) and "heads" (kv_heads_per_program > 1: [32, H * 128] bf16 tiles, H = 2 is 16 KiB for
+# K, the same for V) are untuned starting points; bench/bench_paged_attention.py --sweep-launch times them all.
+_LAUNCH = {"vec": ((64, 4, 2), (32, 4, 2)), "dot": ((128, 4, 3), (32, 4, 2)), "heads": ((32, 4, 2), (16, 4, 2))}
 # The variant of each attention kind when the caller picks none (use_dot / kv_heads_per_program / loop_stages /
 # head_fastest None).
 _PLAIN = {"use_dot": None, "kv_heads_per_program": 1, "loop_stages": None, "head_fastest": False}
-_DEFAULT_VARIANT = {"mha": dict(_PLAIN, use_dot=False), "gqa": dict(_PLAIN, use_dot=True)}
+# Both take the padded dot (measured for MHA: see the module docstring).
+_DEFAULT_VARIANT = {"mha": dict(_PLAIN, use_dot=True), "gqa": dict(_PLAIN, use_dot=True)}
 
 
 def default_launch(group: int, dtype: torch.dtype, use_dot: bool | None = None,
                    kv_heads_per_program: int | None = None, loop_stages: int | None = None,
                    head_fastest: bool | None = None) -> dict:
     """The stage-1 launch paged_decode_attention runs for the arguments the caller leaves None (shapes only, so
-    CUDA-graph safe): the variant (MHA: the vector path, GQA: the padded dot; a caller who names use_dot or
+    CUDA-graph safe): the variant (the padded dot for MHA and GQA; a caller who names use_dot or
     kv_heads_per_program gets that path plain, plus what else it names), then that variant's block_n / num_warps /
     num_stages. The bench labels this launch 'default' in --sweep-launch."""
     pick = dict(_DEFAULT_VARIANT["mha" if group == 1 else "gqa"])
@@ -408,9 +415,9 @@ def default_launch(group: int, dtype: torch.dtype, use_dot: bool | None = None,
     heads = pick["kv_heads_per_program"]
     if pick["use_dot"] is None:
         pick["use_dot"] = heads > 1 or group > 1
-    block_n, num_warps, num_stages = _LAUNCH["heads" if heads > 1 else "dot" if pick["use_dot"] else "vec"]
-    return dict(pick, block_n=block_n // 2 if dtype == torch.float32 and block_n > 16 else block_n,
-                num_warps=num_warps, num_stages=num_stages)
+    tiles = _LAUNCH["heads" if heads > 1 else "dot" if pick["use_dot"] else "vec"]
+    block_n, num_warps, num_stages = tiles[dtype == torch.float32]
+    return dict(pick, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
@@ -454,8 +461,8 @@ def paged_decode_attention(
 ) -> torch.Tensor:  # [B, Hq, D] in q.dtype (`out` when given)
     """Split-K Triton paged decode attention. See the module docstring; paged_decode_attention_ref gives the same.
 
-    Stage-1 variants, each selectable explicitly; with none named, default_launch's (today the first measured: the
-    vector path for MHA, the padded dot for GQA):
+    Stage-1 variants, each selectable explicitly; with none named, default_launch's (today the padded dot, measured
+    on an H200 for MHA and GQA):
     - kv_heads_per_program == 1: one program per (sequence, KV head, split); use_dot picks the tensor-core path (the
       G query rows padded to 16) or, for MHA, the vector path.
     - kv_heads_per_program == H > 1 (a power of two): one program per (sequence, H consecutive KV heads, split),
