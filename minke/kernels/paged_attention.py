@@ -16,9 +16,9 @@ organised around reading each K/V tile exactly once:
   MHA (G = 1, 7B and 16B) takes the same dot with its one row padded to 16: the 15 wasted rows cost nothing in a
   bandwidth-bound kernel, while the vector path (elementwise multiply + row sums on CUDA cores, `use_dot=False`)
   spends its time in cross-thread reductions and its K / V loads are not pipelined (Triton pipelines only dot
-  operands unless the loop names its stages: bench/paged_attention_compile_report.py; see loop_stages): on an H200, llm-7b at 256 x 640 tokens 1,123 us (2.39 TB/s) on the
-  vector path, 610 us (4.4 TB/s) on the dot path with 128-token tiles and 3 stages; 32 x 640: 177 -> 84 us
-  (bench/bench_paged_attention.py --sweep-launch, 2026-12-02);
+  operands unless the loop names its stages: bench/paged_attention_compile_report.py; see loop_stages): on an
+  H200, llm-7b at 256 x 640 tokens 1,123 us (2.39 TB/s) on the vector path, 610 us (4.4 TB/s) on the dot path with
+  128-token tiles and 3 stages; 32 x 640: 177 -> 84 us (bench/bench_paged_attention.py --sweep-launch, 2026-12-02);
 - variant (kv_heads_per_program = H > 1): one program per (sequence, H consecutive KV heads, split) reads tiles of
   H * D contiguous elements per token (one page-table lookup for all H) and runs the H heads as one block-diagonal
   tensor-core dot: the 16-row softmax and the per-program overheads are paid once per H heads, the dot work per
