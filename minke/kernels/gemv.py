@@ -261,11 +261,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) 
 
 
 def linear_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(x gate^T) * (x up^T) for w [2I, K] = [gate; up]: gemv_silu_mul for x of at most FEW_ROWS_MAX rows on
-    CUDA (one launch); fp8 w at up to fp8_linear.SKINNY_MAX_ROWS rows: the skinny GEMM's SiLU·mul variant
+    """silu(x gate^T) * (x up^T) for w [2I, K] = [gate; up]: gemv_silu_mul on CUDA (one launch) for x of one row
+    (GEMV_MAX_ROWS) with bf16 / fp16 weights, of at most FEW_ROWS_MAX rows with fp8 weights; fp8 w at up to fp8_linear.SKINNY_MAX_ROWS rows: the skinny GEMM's SiLU·mul variant
     (kernels/fp8_skinny.py, one launch, two with split-K); else one GEMM of the fused weight (cuBLAS, or
     fp8_linear) + the Triton SiLU·mul."""
-    if _few_rows(x, w, FEW_ROWS_MAX):
+    # bf16 weights: the fused GEMV at one row only. At 8 rows its [8, BLOCK_N, BLOCK_K] fp32 product on CUDA cores
+    # is compute-bound: llm-7b's batch-8 step took 9.60 ms with it against 5.97 ms with cuBLAS gate_up + SiLU·mul
+    # (H200, `minke bench --shape llm-7b`, 2026-12-02).
+    if _few_rows(x, w, FEW_ROWS_MAX if scale is not None else GEMV_MAX_ROWS):
         return gemv_silu_mul(x, w, scale)
     if scale is not None:
         from .fp8_linear import uses_skinny  # not at the top: fp8_linear imports this module
