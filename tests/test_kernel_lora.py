@@ -154,12 +154,21 @@ def test_moe_lora_reference_equals_merged_experts():
 
 
 @needs_triton
+@pytest.mark.parametrize("in_loop", [True, False])
 @pytest.mark.parametrize("t", [1, 9])
-def test_fused_moe_with_lora_equals_reference(t):
-    """The deltas computed inside the grouped GEMMs (shrink over the expert-sorted tiles, h @ B^T in the epilogue)
-    equal the torch reference; tokens without an adapter get exactly the base experts' output."""
+def test_fused_moe_with_lora_equals_reference(t, in_loop, monkeypatch):
+    """The deltas computed inside the grouped GEMMs (the shrink in their K loops, or with more slots than
+    LORA_IN_LOOP_MAX_SLOTS a shrink launch over the expert-sorted tiles; h @ B^T in the epilogue) equal the torch
+    reference; tokens without an adapter get exactly the base experts' output."""
+    import minke.kernels.fused_moe as fm
     from minke.kernels.fused_moe import fused_moe
     from minke.kernels.lora import fused_moe_lora_ref
+
+    shrinks = []
+    monkeypatch.setattr(fm, "lora_shrink_moe", lambda *a, **kw: shrinks.append(1) or fm_shrink(*a, **kw))
+    fm_shrink = __import__("minke.kernels.lora", fromlist=["lora_shrink_moe"]).lora_shrink_moe
+    if not in_loop:
+        monkeypatch.setattr(fm, "LORA_IN_LOOP_MAX_SLOTS", 1)  # 2 slots below: the shrink launches
 
     x, w13, w2, ids, wts, (gua, gub, da, db), slot, MoELoRA = _moe_case(t, 2, 4, 32, 32, 2, 16, torch.float32)
     args = [v.to(DEVICE) for v in (x, w13, w2, wts, ids)]
@@ -177,6 +186,7 @@ def test_fused_moe_with_lora_equals_reference(t):
                                                      db.to(DEVICE))), base)
     plain = slot < 0
     assert torch.equal(got[plain.to(DEVICE)], base[plain.to(DEVICE)])
+    assert bool(shrinks) != in_loop
 
 
 @needs_triton
