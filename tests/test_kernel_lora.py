@@ -255,3 +255,38 @@ def test_expand_of_every_slots_h(dtype):
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y, want, **tol)
     assert torch.equal(y[idx < 0], y0[idx < 0])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slotted,split", [(True, 1), (False, 1), (False, 4)])
+def test_expand_inside_the_add_rmsnorm(dtype, slotted, split):
+    """rmsnorm(x, w, eps, residual, lora=RowDelta(...)): the expand of o_proj / down_proj riding the next add +
+    RMSNorm equals lora_expand into x then the plain add + norm (and its torch reference); rows without an adapter
+    are exactly the plain norm's."""
+    from minke.kernels.rmsnorm import RowDelta, rmsnorm, rmsnorm_ref
+
+    tokens, k, d, S, r = 5, 48, 40, 3, 8
+    x_in, a, b, slots = _slots_case(tokens, k, d, S, r, 1, dtype, seed=5)
+    x_in, a, b, slots = x_in.to(DEVICE), a.to(DEVICE), b.to(DEVICE), slots.to(DEVICE)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(tokens, d, generator=g).to(DEVICE, dtype)
+    res = torch.randn(tokens, d, generator=g).to(DEVICE, dtype)
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(DEVICE, dtype)
+    idx = lora_row_index(slots, tokens)
+    if slotted:
+        h = (x_in.float() @ a.float().flatten(0, 1).t())[None]  # [1, M, S*R]: every slot's h
+    else:
+        h = lora_shrink(x_in, a, slots, split=split)  # [SPLIT, M, R] partials
+        assert h.shape[0] == split
+    delta = RowDelta(h, b.transpose(1, 2).contiguous(), slots, slotted)
+    y, s = rmsnorm(x, w, 1e-6, res, lora=delta)
+    x_exp = lora_expand(x.clone(), h, b, slots, slotted=slotted)
+    y_want, s_want = rmsnorm_ref(x_exp, w, 1e-6, res)
+    y_ref, s_ref = rmsnorm_ref(x, w, 1e-6, res, lora=delta)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for got, want in ((y, y_want), (s, s_want), (y_ref, y_want), (s_ref, s_want), (y, y_ref)):
+        torch.testing.assert_close(got, want, **tol)
+    plain_y, plain_s = rmsnorm(x, w, 1e-6, res)
+    assert torch.equal(y[idx < 0], plain_y[idx < 0]) and torch.equal(s[idx < 0], plain_s[idx < 0])
+    assert (idx >= 0).any() and (idx < 0).any()

@@ -47,7 +47,23 @@ def test_kernel_path_tokens_equal_the_merged_model(tmp_path, monkeypatch, varian
 
     monkeypatch.setattr(layers, "lora_shrink", counted(layers.lora_shrink, "shrink"))
     monkeypatch.setattr(layers, "lora_shrink_expand", counted(layers.lora_shrink_expand, "per_head"))
-    monkeypatch.setattr(fm, "lora_shrink_moe", counted(fm.lora_shrink_moe, "experts"))
+    fused = fm.fused_moe
+
+    def fused_counted(*a, **kw):  # the experts' adapters ride its grouped GEMMs (their shrinks in the K loops)
+        calls["experts"] += kw.get("lora") is not None
+        return fused(*a, **kw)
+
+    monkeypatch.setattr(fm, "fused_moe", fused_counted)
+    import minke.kernels.rmsnorm as rn
+
+    norm = rn.rmsnorm
+
+    def norm_counted(*a, **kw):  # o_proj's (and dense down_proj's) expand inside the next add + RMSNorm
+        calls["norm_expand"] += kw.get("lora") is not None
+        return norm(*a, **kw)
+
+    calls["norm_expand"] = 0
+    monkeypatch.setattr(rn, "rmsnorm", norm_counted)
     assets = LoRAAssets(tmp_path)
     base = assets(variant)
     a1, merged1 = assets.adapter(variant, seed=1)
@@ -76,7 +92,7 @@ def test_kernel_path_tokens_equal_the_merged_model(tmp_path, monkeypatch, varian
     assert got[:3] == want[0] and got[3:6] == want[1] and got[6:] == want[2]
     assert want[1] != want[0], "the adapter changes the tokens"
     moe = variant != "llama"
-    assert calls["shrink"] and calls["stacked"], calls
+    assert calls["shrink"] and calls["stacked"] and calls["norm_expand"], calls
     assert bool(calls["per_head"]) == moe and bool(calls["experts"]) == moe, calls
 
 

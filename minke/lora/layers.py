@@ -51,6 +51,21 @@ class LoRAContext:
         self.head_slots = self.row_slots = None
         self.active = False
         self.use_kernels = use_kernels
+        # An expand left for the next add + RMSNorm to apply (LoRALinear.lora_next_norm): (that norm, RowDelta).
+        self.pending = None
+
+    def defer(self, norm: nn.Module, delta) -> None:
+        """Leave `delta` (kernels/rmsnorm.py RowDelta) for `norm`'s next call: its add + RMSNorm adds it."""
+        if self.pending is not None:
+            raise RuntimeError("a LoRA expand left for an RMSNorm was never applied")
+        self.pending = (norm, delta)
+
+    def take(self, norm: nn.Module):
+        """The RowDelta left for `norm`, or None."""
+        if self.pending is None or self.pending[0] is not norm:
+            return None
+        delta, self.pending = self.pending[1], None
+        return delta
 
     def slots(self, rows: int) -> torch.Tensor:
         if rows > self.token_slots.shape[0]:
@@ -92,7 +107,14 @@ class SlotWeights(nn.Module):
         super().__init__()
         self.register_buffer("a", torch.zeros(slots, rank, d_in, dtype=dtype, device=device), persistent=False)
         self.register_buffer("b", torch.zeros(slots, d_out, rank, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("b_t", None, persistent=False)  # [S, R, out] (keep_b_t): for an expand in a norm
         self.full_in, self.full_out, self.a_cols, self.b_rows = full_in, full_out, a_cols, b_rows
+
+    @torch.no_grad()
+    def keep_b_t(self) -> None:
+        """Also keep B transposed, b_t [S, R, out] (each rank's weights contiguous: the add + RMSNorm's expand,
+        kernels/rmsnorm.py RowDelta), in step with b from now on."""
+        self.b_t = self.b.transpose(1, 2).contiguous()
 
     def check(self, name: str, a: torch.Tensor, b: torch.Tensor) -> str | None:
         if a.shape[-1] != self.full_in or b.shape[-2] != self.full_out:
@@ -105,6 +127,8 @@ class SlotWeights(nn.Module):
         """a [r, in_full], b [out_full, r] (or None: clear the slot)."""
         self.a[slot].zero_()
         self.b[slot].zero_()
+        if self.b_t is not None:
+            self.b_t[slot].zero_()
         if a is None:
             return
         if self.a_cols is not None:
@@ -114,6 +138,8 @@ class SlotWeights(nn.Module):
         r = a.shape[0]
         self.a[slot, :r].copy_(a)
         self.b[slot, :, :r].copy_(b)
+        if self.b_t is not None:
+            self.b_t[slot].copy_(self.b[slot].t())
 
 
 def stack_slot_weights(ws: list[SlotWeights], block_b: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -141,7 +167,17 @@ def stack_slot_weights(ws: list[SlotWeights], block_b: bool) -> tuple[torch.Tens
 
 
 class LoRALinear:
-    """Mixin for nn.Linear (or fp8 linears): out = base(x) + the rows' adapters."""
+    """Mixin for nn.Linear (or fp8 linears): out = base(x) + the rows' adapters. With lora_next_norm (o_proj, a
+    dense MLP's down_proj: apply_lora sets it to the add + RMSNorm their output goes to next) the kernel path
+    leaves the expand to that norm (LoRAContext.defer; kernels/rmsnorm.py RowDelta): out is then base(x) alone
+    until the norm adds the delta, one launch fewer."""
+
+    lora_next_norm: nn.Module | None = None
+
+    def _defer_to(self):
+        """The norm to leave this step's expand to, or None (torch path, or not wired)."""
+        ctx = self.lora_ctx
+        return self.lora_next_norm if ctx.use_kernels and self.lora.b_t is not None else None
 
     def base_forward(self, x):
         """The projection without its adapters (LoRAMLP adds them itself)."""
@@ -156,7 +192,13 @@ class LoRALinear:
         ctx = self.lora_ctx
         if ctx.active:
             x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-            ctx.apply(x2, y2, self.lora.a, self.lora.b, ctx.slots(x2.shape[0]))
+            idx, norm = ctx.slots(x2.shape[0]), self._defer_to()
+            if norm is not None:  # the shrink now ([SPLIT, M, R] partials), the expand in the norm's launch
+                from ..kernels.rmsnorm import RowDelta
+
+                ctx.defer(norm, RowDelta(ctx.shrink(x2, self.lora.a, idx), self.lora.b_t, idx))
+            else:
+                ctx.apply(x2, y2, self.lora.a, self.lora.b, idx)
         return y
 
     @property
@@ -170,21 +212,45 @@ class LoRALinear:
         then one expand of the row's slot; larger steps: linear() and add_lora."""
         from ..kernels.gemv import linear
 
-        y = one_row_lora(self.lora_ctx, x, self.weight, self.lora.a, self.lora.b)
+        y = one_row_lora(self.lora_ctx, x, self.weight, self.lora.a, self.lora.b, self._defer_to(), self.lora.b_t)
         return y if y is not None else self.add_lora(x, linear(x, self.weight))
 
 
-def one_row_lora(ctx: LoRAContext, x, w, a, b):
+def one_row_lora(ctx: LoRAContext, x, w, a, b, defer_to: nn.Module | None = None, b_t=None):
     """x [1, K] @ w^T plus the row's adapter in two launches (gemv with a's rows as extra rows, expand of the row's
-    slot), or None when that path does not apply (eager steps without adapters, the torch path, more rows, a
-    non-contiguous A such as one part of a stacked shrink)."""
+    slot; with defer_to, that norm's add + RMSNorm does the expand from b_t: one launch), or None when that path
+    does not apply (eager steps without adapters, the torch path, more rows, a non-contiguous A such as one part of
+    a stacked shrink)."""
     from ..kernels.gemv import gemv, gemv_applies
 
     if not (ctx.active and ctx.use_kernels and gemv_applies(x, w) and a.is_contiguous() and x.dtype == a.dtype):
         return None
     y, h = gemv(x, w, extra=a.flatten(0, 1))  # [1, N], [1, S*R] fp32: every slot's h
-    lora_expand(y, h.unsqueeze(0), b, ctx.slots(x.shape[0]), slotted=True)
+    slots = ctx.slots(x.shape[0])
+    if defer_to is not None:
+        from ..kernels.rmsnorm import RowDelta
+
+        ctx.defer(defer_to, RowDelta(h.unsqueeze(0), b_t, slots, slotted=True))
+    else:
+        lora_expand(y, h.unsqueeze(0), b, slots, slotted=True)
     return y
+
+
+class LoRANorm:
+    """Mixin for the RMSNorm a LoRALinear's output goes to next (its lora_next_norm): applies the expand that
+    projection left (LoRAContext.defer) inside the add + RMSNorm launch (kernels/rmsnorm.py rmsnorm(lora=))."""
+
+    def forward(self, x, residual=None):
+        delta = self.lora_ctx.take(self)
+        if delta is None:
+            return super().forward(x, residual)
+        if residual is None or x.shape != residual.shape:  # not the shape wired for (a plain add first)
+            from ..kernels.rmsnorm import row_delta_ref
+
+            return super().forward(row_delta_ref(x.reshape(-1, x.shape[-1]), delta).view_as(x), residual)
+        from ..kernels.rmsnorm import rmsnorm
+
+        return rmsnorm(x, self.weight, self.eps, residual, lora=delta)
 
 
 class LoRAFusedInput:
@@ -473,5 +539,5 @@ def swap_in(module: nn.Module, mixin: type) -> None:
 _COMPOSED: dict[tuple[type, type], type] = {}
 
 __all__ = ["ExpertSlotWeights", "KvbSlotWeights", "LINEAR_TARGETS", "LoRAContext", "LoRAExperts",
-           "LoRAFusedInput", "LoRALinear", "LoRAMLA", "LoRAMLP", "SharedFold", "SlotWeights", "stack_slot_weights",
+           "LoRAFusedInput", "LoRALinear", "LoRAMLA", "LoRAMLP", "LoRANorm", "SharedFold", "SlotWeights", "stack_slot_weights",
            "swap_in"]

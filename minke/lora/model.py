@@ -15,7 +15,7 @@ from ..parallel.sharding import checkpoint_plan, checkpoint_shapes
 from ..parallel.state import ParallelConfig
 from .config import LoRAConfig
 from .layers import (LINEAR_TARGETS, ExpertSlotWeights, KvbSlotWeights, LoRAContext, LoRAExperts, LoRAFusedInput,
-                     LoRALinear, LoRAMLA, LoRAMLP, SharedFold, SlotWeights, stack_slot_weights, swap_in)
+                     LoRALinear, LoRAMLA, LoRAMLP, LoRANorm, SharedFold, SlotWeights, stack_slot_weights, swap_in)
 
 
 @dataclass
@@ -109,7 +109,30 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, parallel: ParallelConfig, max_
             swap_in(m, LoRAExperts)
             out.experts[name] = w
     _stack_shared_inputs(model, ctx)
+    if not parallel.is_parallel:  # under tensor parallelism the block's all-reduce sits between them
+        _expands_into_norms(model, ctx)
     return out
+
+
+def _expands_into_norms(model: nn.Module, ctx: LoRAContext) -> None:
+    """o_proj's expand into its layer's post-attention add + RMSNorm, a dense MLP's down_proj's into the next
+    layer's input add + RMSNorm (the final norm after the last layer): their outputs go there next, as the residual
+    stream's x (models/model.py DecoderLayer). The kernel path then has no expand launch for them."""
+    backbone = getattr(model, "model", None)
+    if backbone is None or not hasattr(backbone, "layers"):
+        return
+    layers = list(backbone.layers)
+    nexts = [layer.input_layernorm for layer in layers[1:]] + [backbone.norm]
+    for layer, next_norm in zip(layers, nexts):
+        pairs = [(getattr(layer.self_attn, "o_proj", None), layer.post_attention_layernorm)]
+        if isinstance(layer.mlp, MLP):  # not a MoE's shared experts: their output is summed with the routed first
+            pairs.append((layer.mlp.down_proj, next_norm))
+        for proj, norm in pairs:
+            if isinstance(proj, LoRALinear):
+                proj.lora.keep_b_t()
+                proj.__dict__["lora_next_norm"] = norm  # a plain reference, not a submodule (state dict unchanged)
+                norm.lora_ctx = ctx
+                swap_in(norm, LoRANorm)
 
 
 def _stack_shared_inputs(model: nn.Module, ctx: LoRAContext) -> None:
