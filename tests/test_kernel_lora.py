@@ -217,6 +217,14 @@ def test_shrink_expand_equals_references(dtype, a_grouped, b_grouped):
     assert torch.equal(y[:, n:], y0[:, n:])
     plain = ia < 0
     assert torch.equal(y[plain], y0[plain])
+    # per-(token, head) views, read and written in place: x a slice of a wider projection output [T, H, k + 8] (the
+    # q_nope of q), y a permuted [H, T, n] buffer (an einsum's bmm output) -- the same result, nothing copied
+    wide = torch.zeros(tokens, heads, k + 8, dtype=dtype, device=DEVICE)
+    wide[:, :, :k] = x.view(tokens, heads, k)
+    y_perm = y0[:, :n].clone().view(tokens, heads, n).transpose(0, 1).contiguous().transpose(0, 1)  # [T, H, n] view
+    lora_shrink_expand(y_perm, wide[:, :, :k], a, b, slots, heads, a_grouped, b_grouped)
+    assert y_perm.stride(1) == tokens * n
+    torch.testing.assert_close(y_perm.reshape(rows, n), want, **tol)
 
 
 @needs_triton

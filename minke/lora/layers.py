@@ -348,15 +348,20 @@ class LoRAMLA:
         return ctx.head_slots[: n * h], ctx.row_slots[: n * h]
 
     def _absorb_q(self, q_nope, w_uk):
-        q_latent = super()._absorb_q(q_nope, w_uk).contiguous()  # [n, H, C]
+        q_latent = super()._absorb_q(q_nope, w_uk).contiguous()  # [n, H, C] (what mla_decode reads: no extra copy)
         ctx = self.lora_ctx
         if ctx.active and q_nope.shape[0]:
             n, h, c = q_latent.shape
             w = self.kv_b_lora
+            if ctx.use_kernels and self.nope <= SHRINK_EXPAND_MAX_K and q_nope.dtype == w.a.dtype \
+                    and q_nope.stride(-1) == 1:  # one launch: += (q_nope B_UK per head) A, q_nope read in place
+                lora_shrink_expand(q_latent, q_nope, w.buk_t, w.a_t, ctx.slots(n), h, a_grouped=True,
+                                   b_grouped=False)
+                return q_latent
             x = q_nope.reshape(n * h, self.nope).to(w.a.dtype)
             if ctx.use_kernels:  # rows (token i, head j) = i*H + j; the decode tokens are the step's first rows
                 slots = ctx.slots(n)
-                if self.nope <= SHRINK_EXPAND_MAX_K:  # one launch: += (q_nope B_UK per head) A
+                if self.nope <= SHRINK_EXPAND_MAX_K:
                     lora_shrink_expand(q_latent.view(n * h, c), x.contiguous(), w.buk_t, w.a_t, slots, h,
                                        a_grouped=True, b_grouped=False)
                 else:
@@ -368,8 +373,17 @@ class LoRAMLA:
         return q_latent
 
     def _absorb_out(self, o_latent, w_uv):
-        out = super()._absorb_out(o_latent, w_uv).contiguous()  # [n, H, v]
+        out = super()._absorb_out(o_latent, w_uv)  # [n, H, v], maybe a permuted view (einsum's bmm over heads)
         ctx = self.lora_ctx
+        if ctx.active and o_latent.shape[0] and ctx.use_kernels and o_latent.shape[-1] <= SHRINK_EXPAND_MAX_K \
+                and o_latent.dtype == self.kv_b_lora.a.dtype and o_latent.stride(-1) == 1 and out.stride(-1) == 1:
+            # one launch: += (A o_latent) B_UV^T per head, into the einsum's output as it is (no copy: _paged
+            # copies it into its own output next)
+            w = self.kv_b_lora
+            lora_shrink_expand(out, o_latent, w.a, w.buv, ctx.slots(o_latent.shape[0]), self.num_heads,
+                               a_grouped=False, b_grouped=True)
+            return out
+        out = out.contiguous()
         if ctx.active and o_latent.shape[0]:
             n, h, c = o_latent.shape
             w = self.kv_b_lora
