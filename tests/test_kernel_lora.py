@@ -298,3 +298,65 @@ def test_expand_inside_the_add_rmsnorm(dtype, slotted, split):
     plain_y, plain_s = rmsnorm(x, w, 1e-6, res)
     assert torch.equal(y[idx < 0], plain_y[idx < 0]) and torch.equal(s[idx < 0], plain_s[idx < 0])
     assert (idx >= 0).any() and (idx < 0).any()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["plain", "residual", "partials", "residual+delta"])
+def test_shrink_inside_the_rmsnorm(dtype, form):
+    """rmsnorm(..., shrink=RowShrink(a, slots)) also returns h = y A[slot]^T of its output rows ([1, M, R] fp32,
+    zeros without an adapter: lora_shrink's partials layout) and leaves y (and the sum) exactly the plain norm's;
+    h equals lora_shrink of y, and the torch reference."""
+    from minke.kernels.rmsnorm import RowDelta, RowShrink, rmsnorm, rmsnorm_ref
+
+    tokens, d, S, r = 5, 40, 3, 6
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(tokens, *((3,) if form == "partials" else ()), d, generator=g).to(DEVICE, dtype)
+    res = torch.randn(tokens, d, generator=g).to(DEVICE, dtype) if form != "plain" else None
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(DEVICE, dtype)
+    a = (torch.randn(S, r, d, generator=g) * 0.3).to(DEVICE, dtype)
+    slots = torch.tensor([1, -1, 0, 2, 1], dtype=torch.int32, device=DEVICE)
+    delta = None
+    if form == "residual+delta":
+        b_t = (torch.randn(S, 4, d, generator=g) * 0.3).to(DEVICE, dtype)
+        delta = RowDelta(torch.randn(1, tokens, 4, generator=g).to(DEVICE), b_t, slots)
+    shrink = RowShrink(a, slots)
+    got = rmsnorm(x, w, 1e-6, res, lora=delta, shrink=shrink)
+    plain = rmsnorm(x, w, 1e-6, res, lora=delta)
+    ref = rmsnorm_ref(x, w, 1e-6, res, lora=delta, shrink=shrink)
+    plain = plain if isinstance(plain, tuple) else (plain,)
+    assert len(got) == len(plain) + 1
+    for t_got, t_plain in zip(got[:-1], plain):
+        assert torch.equal(t_got, t_plain)
+    h = got[-1]
+    assert h.shape == (1, tokens, r) and h.dtype == torch.float32
+    want = lora_shrink(got[0].reshape(tokens, d), a, slots).sum(0)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(h[0], want, **tol)
+    torch.testing.assert_close(h, ref[-1], **tol)
+    assert not h[0, 1].any()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_expand_epilogue(dtype, rows):
+    """gemv(x, w, lora=(h, B, slots)): the expand in the GEMV's epilogue equals the GEMV then lora_expand (and
+    gemv_lora_ref); rows without an adapter are the plain GEMV's bit for bit."""
+    from minke.kernels.gemv import gemv, gemv_lora_ref
+
+    k, n, S, r = 64, 40, 3, 8
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) * 0.2).to(DEVICE, dtype)
+    b = (torch.randn(S, n, r, generator=g) * 0.3).to(DEVICE, dtype)
+    h = torch.randn(rows, r, generator=g).to(DEVICE)
+    slots = torch.tensor([2, -1, 0][:rows], dtype=torch.int32, device=DEVICE)
+    got = gemv(x, w, lora=(h, b, slots))
+    plain = gemv(x, w)
+    want = lora_expand(plain.clone(), h[None], b, slots)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(gemv_lora_ref(x, w, (h, b, slots)), want, **tol)
+    none = slots < 0
+    assert torch.equal(got[none], plain[none])

@@ -51,21 +51,20 @@ class LoRAContext:
         self.head_slots = self.row_slots = None
         self.active = False
         self.use_kernels = use_kernels
-        # An expand left for the next add + RMSNorm to apply (LoRALinear.lora_next_norm): (that norm, RowDelta).
-        self.pending = None
+        # LoRA math one module leaves to the next within a forward, by the receiving module's id: an expand for
+        # the next add + RMSNorm (LoRALinear.lora_next_norm: a kernels/rmsnorm.py RowDelta), or the shrink an add +
+        # RMSNorm computed for the fused input projection after it (LoRANorm.lora_shrink_for: h [1, M, n*R]).
+        self.pending: dict[int, object] = {}
 
-    def defer(self, norm: nn.Module, delta) -> None:
-        """Leave `delta` (kernels/rmsnorm.py RowDelta) for `norm`'s next call: its add + RMSNorm adds it."""
-        if self.pending is not None:
-            raise RuntimeError("a LoRA expand left for an RMSNorm was never applied")
-        self.pending = (norm, delta)
+    def defer(self, target: nn.Module, item) -> None:
+        """Leave `item` for `target`'s next call."""
+        if id(target) in self.pending:
+            raise RuntimeError(f"LoRA math left for {type(target).__name__} was never applied")
+        self.pending[id(target)] = item
 
-    def take(self, norm: nn.Module):
-        """The RowDelta left for `norm`, or None."""
-        if self.pending is None or self.pending[0] is not norm:
-            return None
-        delta, self.pending = self.pending[1], None
-        return delta
+    def take(self, target: nn.Module):
+        """What was left for `target` (and forget it), or None."""
+        return self.pending.pop(id(target), None) if self.pending else None
 
     def slots(self, rows: int) -> torch.Tensor:
         if rows > self.token_slots.shape[0]:
@@ -237,20 +236,44 @@ def one_row_lora(ctx: LoRAContext, x, w, a, b, defer_to: nn.Module | None = None
 
 
 class LoRANorm:
-    """Mixin for the RMSNorm a LoRALinear's output goes to next (its lora_next_norm): applies the expand that
-    projection left (LoRAContext.defer) inside the add + RMSNorm launch (kernels/rmsnorm.py rmsnorm(lora=))."""
+    """Mixin for an add + RMSNorm next to LoRA projections, on the kernel path: applies the expand a LoRALinear
+    left for it (its lora_next_norm: o_proj, a dense down_proj; LoRAContext.defer) inside the norm's launch
+    (kernels/rmsnorm.py rmsnorm(lora=)), and with lora_shrink_for (the attention whose fused input projection
+    reads this norm's output) computes that projection's stacked shrink there too (rmsnorm(shrink=)), leaving h
+    to LoRAFusedInput._linear."""
+
+    def _lora_shrink(self, x):
+        """The RowShrink for the attention after this norm, or None (not wired, torch path, unfused projections)."""
+        attn, ctx = self.__dict__.get("lora_shrink_for"), self.lora_ctx
+        if attn is None or not (ctx.active and ctx.use_kernels) or attn.fused_in_weight is None:
+            return None
+        stacked = getattr(attn, "lora_stacked", None)
+        if stacked is None or stacked[1].shape[1] != attn.fused_in_weight.shape[0] or \
+                torch.promote_types(self.weight.dtype, x.dtype) != stacked[0].dtype:
+            return None
+        from ..kernels.rmsnorm import RowShrink
+
+        return RowShrink(stacked[0], ctx.slots(x.numel() // x.shape[-1]))
 
     def forward(self, x, residual=None):
-        delta = self.lora_ctx.take(self)
-        if delta is None:
+        ctx = self.lora_ctx
+        # rows: the residual's (x may be a MoE's per-slot partial rows, MoE.defer_slot_sum)
+        delta, shrink = ctx.take(self), self._lora_shrink(x if residual is None else residual)
+        if delta is None and shrink is None:
             return super().forward(x, residual)
-        if residual is None or x.shape != residual.shape:  # not the shape wired for (a plain add first)
+        if delta is not None and (residual is None or x.shape != residual.shape):  # not the shape wired for
             from ..kernels.rmsnorm import row_delta_ref
 
-            return super().forward(row_delta_ref(x.reshape(-1, x.shape[-1]), delta).view_as(x), residual)
+            x, delta = row_delta_ref(x.reshape(-1, x.shape[-1]), delta).view_as(x), None
+            if shrink is None:
+                return super().forward(x, residual)
         from ..kernels.rmsnorm import rmsnorm
 
-        return rmsnorm(x, self.weight, self.eps, residual, lora=delta)
+        out = rmsnorm(x, self.weight, self.eps, residual, lora=delta, shrink=shrink)
+        if shrink is None:
+            return out
+        ctx.defer(self.__dict__["lora_shrink_for"], out[-1])
+        return out[0] if residual is None else out[:2]
 
 
 class LoRAFusedInput:
@@ -261,6 +284,18 @@ class LoRAFusedInput:
     def _linear(self, x, w, scale=None):
         ctx = self.lora_ctx
         stacked = getattr(self, "lora_stacked", None)  # (A [S, n*R, D], block-diagonal B [S, sum outs, n*R])
+        pre = ctx.take(self) if ctx.active and w is self.fused_in_weight else None  # the input norm's shrink
+        if pre is not None and stacked is not None and stacked[1].shape[1] == w.shape[0] and x.dim() == 2:
+            # h [1, M, n*R] came with x from the add + RMSNorm before (LoRANorm): the expand alone is left, inside
+            # the one-row GEMV (no launch at all) or as one lora_expand after the GEMM
+            from ..kernels.gemv import gemv, gemv_applies
+
+            idx = ctx.slots(x.shape[0])
+            if scale is None and getattr(self, "one_row_gemv", False) and gemv_applies(x, w):
+                return gemv(x, w, lora=(pre[0], stacked[1], idx))
+            y = super()._linear(x, w, scale)
+            lora_expand(y, pre, stacked[1], idx)
+            return y
         if scale is None and getattr(self, "one_row_gemv", False) and w is self.fused_in_weight and stacked is not None \
                 and stacked[1].shape[1] == w.shape[0]:  # the GPU build's one-row GEMV: the shrink rides along
             y = one_row_lora(ctx, x, w, *stacked)

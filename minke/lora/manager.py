@@ -138,7 +138,7 @@ class LoRAManager:
         """Per-token slots of the step's chunks (SeqChunk.lora_id, 0 = base; decodes first) into the device
         buffer. Also the context tokens' slots for MLA prefills that read cached context."""
         ctx = self.ctx
-        ctx.pending = None  # (a step that raised mid-forward may have left an expand for a norm)
+        ctx.pending.clear()  # (a step that raised mid-forward may have left some LoRA math behind)
         ids = [c.lora_id for c in chunks]
         if not any(ids):
             ctx.active = False
@@ -188,7 +188,7 @@ class LoRAManager:
         (indices decide at replay)."""
         self._clear()
         self.ctx.context_slots = self.ctx.token_slots
-        self.ctx.pending = None
+        self.ctx.pending.clear()
         self.ctx.active = True
 
     def end_capture(self) -> None:

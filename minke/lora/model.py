@@ -117,14 +117,21 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, parallel: ParallelConfig, max_
 def _expands_into_norms(model: nn.Module, ctx: LoRAContext) -> None:
     """o_proj's expand into its layer's post-attention add + RMSNorm, a dense MLP's down_proj's into the next
     layer's input add + RMSNorm (the final norm after the last layer): their outputs go there next, as the residual
-    stream's x (models/model.py DecoderLayer). The kernel path then has no expand launch for them."""
+    stream's x (models/model.py DecoderLayer). The fused input projection's stacked shrink into the input add +
+    RMSNorm whose output it reads. The kernel path then has no shrink / expand launch for them."""
     backbone = getattr(model, "model", None)
     if backbone is None or not hasattr(backbone, "layers"):
         return
     layers = list(backbone.layers)
     nexts = [layer.input_layernorm for layer in layers[1:]] + [backbone.norm]
     for layer, next_norm in zip(layers, nexts):
-        pairs = [(getattr(layer.self_attn, "o_proj", None), layer.post_attention_layernorm)]
+        attn = layer.self_attn
+        if isinstance(attn, LoRAFusedInput) and getattr(attn, "lora_stacked", None) is not None:
+            norm = layer.input_layernorm  # its output is the fused input projection's x: the shrink rides it
+            norm.__dict__["lora_shrink_for"] = attn  # a plain reference, not a submodule
+            norm.lora_ctx = ctx
+            swap_in(norm, LoRANorm)
+        pairs = [(getattr(attn, "o_proj", None), layer.post_attention_layernorm)]
         if isinstance(layer.mlp, MLP):  # not a MoE's shared experts: their output is summed with the routed first
             pairs.append((layer.mlp.down_proj, next_norm))
         for proj, norm in pairs:
