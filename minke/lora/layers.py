@@ -13,7 +13,46 @@ forward adds sum over its rows' adapters of x A^T B^T through the multi-LoRA ker
                    one block-diagonal expand), an MLP's gate/up (LoRAMLP)
 
 S = max_loras slots, R = max_lora_rank (smaller adapters are zero-padded; B holds the scaling). Slot -1 = no
-adapter. Every layer of a model reads one LoRAContext: the step's per-token slot indices in a persistent device
+adapter.
+
+Launches the adapters add to one decode step on the CUDA path (CUDA graphs; the GPU build: fused input projection,
+shared experts folded into the fused MoE, one-row GEMV, deferred MoE slot sums, single rank). The design record:
+decode is launch-bound, a graph node costs ~2-4 us even when it moves almost nothing, so the adapters' math rides
+kernels the base step runs anyway wherever their rows are already in registers. V2-Lite (D 2048, 16 MLA heads,
+nope 128, latent C 512, no q compression; layer 0 dense MLP I 10944; 26 MoE layers, 64 routed + 2 folded shared
+experts, 8 (token, expert) pairs a token), S = 4, R = 16; "was" = before this layout (2026-12-02):
+
+  module            batch 1: extra launches (was)  batch 32: extra (was)  what the LoRA math moves, where
+  q + kv_a fused    0 (1: slotted expand)          1 (2: shrink, expand)  shrink y A^T of the stacked [S, 2R, D] A in
+                                                                          the input add + RMSNorm (grid (rows, 2R/4),
+                                                                          128 KB of A a row); expand: one row in the
+                                                                          GEMV epilogue (B rows [3648, 2R] of the
+                                                                          slot, 233 KB) / lora_expand after the GEMM
+  kv_b absorbed q   1 (2: q_nope copy, s+e)        1 (2: reshape copy)    lora_shrink_expand on q_nope in place:
+                                                                          B_UK^T [H, R, nope] 64 KB, A^T 16 KB a slot
+  kv_b absorbed out 1 (1)                          1 (2: contiguous copy) lora_shrink_expand into the einsum's view:
+                                                                          A 16 KB, B_UV [H, v, R] 64 KB a slot
+  o_proj            0 (1: slotted expand)          1 (2: shrink, expand)  shrink: batch 1 S*R extra GEMV rows
+                                                                          (256 KB), batch 32 lora_shrink; expand in
+                                                                          the post-attention add + RMSNorm from B^T
+                                                                          [R, D] (64 KB a slot)
+  routed + shared   0 (2: lora_shrink_moe x2)      0 (2)                  both shrinks in the grouped GEMMs' K loops
+  experts (MoE)                                                           (A [2R, D] / [R, I] per (slot, expert),
+                                                                          re-read from L2 by every N tile), expands in
+                                                                          their epilogues (gate_up B, down B tiles)
+  dense MLP         6 (7)                          6 (7)                  gate and up unfused (cuBLAS each), one
+  (layer 0)                                                               shrink of x for both, 2 expands, silu, mul;
+                                                                          down_proj as o_proj (its expand in layer 1's
+                                                                          input add + RMSNorm)
+  per step          0 (2 H2D copies of the torch path's per-head indices; token_slots' copy stays)
+
+  a MoE layer       2 (7)                          4 (10)
+  the step          26*2 + 8 = 60 (194)            26*4 + 10 = 114 (275)
+
+(q_a / q_b of models with q compression: q_a is the fused input's first part (as above); q_b_proj is a plain
+LoRALinear after q_a_layernorm: shrink + expand, 2 launches; MHA / GQA models: q/k/v fused as above, their
+dense MLPs as layer 0's.) bench/profile_step.py prints the GPU kernels a decode step runs, with and without
+--lora-rank. Every layer of a model reads one LoRAContext: the step's per-token slot indices in a persistent device
 buffer (rows [:N] for a step of N tokens), so CUDA graphs capture the reads and replay them with new indices.
 
 Tensor parallelism: A/B are sliced like the base weight (parallel/sharding.py's plan): column-parallel layers take
@@ -588,5 +627,6 @@ def swap_in(module: nn.Module, mixin: type) -> None:
 _COMPOSED: dict[tuple[type, type], type] = {}
 
 __all__ = ["ExpertSlotWeights", "KvbSlotWeights", "LINEAR_TARGETS", "LoRAContext", "LoRAExperts",
-           "LoRAFusedInput", "LoRALinear", "LoRAMLA", "LoRAMLP", "LoRANorm", "SharedFold", "SlotWeights", "stack_slot_weights",
+           "LoRAFusedInput", "LoRALinear", "LoRAMLA", "LoRAMLP", "LoRANorm", "SharedFold", "SlotWeights",
+           "stack_slot_weights",
            "swap_in"]

@@ -162,7 +162,8 @@ class LoRAManager:
         nd = 0
         while nd < len(chunks) and chunks[nd].is_decode:
             nd += 1
-        if ctx.heads and nd:  # absorbed decode's per-(token, head) indices of the decode rows (one each)
+        if ctx.heads and nd and not ctx.use_kernels:  # the torch path's per-(token, head) indices of the decode
+            # rows (the kernels read token_slots with a row divisor: two host-to-device copies a step fewer)
             h, s = ctx.heads, per_chunk[:nd].astype(np.int64)
             per_head = np.where(s[:, None] >= 0, s[:, None] * h + np.arange(h), -1).astype(np.int32).reshape(-1)
             ctx.head_slots[: nd * h].copy_(torch.from_numpy(per_head), non_blocking=ctx.token_slots.is_cuda)
