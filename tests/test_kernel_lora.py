@@ -360,3 +360,28 @@ def test_gemv_expand_epilogue(dtype, rows):
     torch.testing.assert_close(gemv_lora_ref(x, w, (h, b, slots)), want, **tol)
     none = slots < 0
     assert torch.equal(got[none], plain[none])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_silu_mul_with_adapter_deltas(dtype):
+    """gemv_silu_mul(x, [gate; up], lora=(h, B [S, 2I, R], slots)): the gate / up deltas enter before the activation,
+    as the torch reference and the unfused GEMM + expand + silu * mul; rows without an adapter are the plain
+    kernel's bit for bit."""
+    from minke.kernels.gemv import gemv_silu_mul, gemv_silu_mul_lora_ref
+
+    rows, k, inter, S, r = 3, 64, 24, 3, 8
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(2 * inter, k, generator=g) * 0.2).to(DEVICE, dtype)
+    b = (torch.randn(S, 2 * inter, r, generator=g) * 0.3).to(DEVICE, dtype)
+    h = torch.randn(rows, r, generator=g).to(DEVICE)
+    slots = torch.tensor([1, -1, 2], dtype=torch.int32, device=DEVICE)
+    got = gemv_silu_mul(x, w, lora=(h, b, slots))
+    want = gemv_silu_mul_lora_ref(x, w, (h, b, slots))
+    y = lora_expand((x.float() @ w.float().t()).to(dtype), h[None], b, slots).float()
+    unfused = (torch.nn.functional.silu(y[:, :inter]) * y[:, inter:]).to(dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got, unfused, **tol)
+    assert torch.equal(got[1], gemv_silu_mul(x, w)[1])

@@ -148,13 +148,26 @@ def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch, variant, sw
             lora_ranks.append(0 if lora is None else lora[0].shape[1])
             return gemv(x, w, config, extra=extra, lora=lora)
 
+        silu_mul = gemv_mod.gemv_silu_mul
+        silu_mul_lora = []
+
+        def counted_silu_mul(x, w, scale=None, config=None, lora=None):  # a dense MLP's gate_up + its expand
+            silu_mul_lora.append(lora is not None)
+            return silu_mul(x, w, scale, config, lora=lora)
+
+        def cpu_few_rows(x, w, max_rows):
+            return x.dim() == 2 and x.shape[0] <= max_rows and x.stride(1) == 1 and w.stride(1) == 1
+
         monkeypatch.setattr(gemv_mod, "gemv_applies", cpu_gemv_applies)
+        monkeypatch.setattr(gemv_mod, "_few_rows", cpu_few_rows)
         monkeypatch.setattr(gemv_mod, "gemv", counted_gemv)
+        monkeypatch.setattr(gemv_mod, "gemv_silu_mul", counted_silu_mul)
         one = llm.generate(PROMPTS[:1], GREEDY, lora_request=r1, use_tqdm=False)
         assert _tokens(one) == want[1][:1]
         assert set(extra_rows) - {0} == {2 * 8}, extra_rows  # o_proj / down_proj: S*R rows more
         parts = 2 if variant.startswith("deepseek_v2") else 3  # MLA: q + kv_a; MHA: q, k, v
         assert set(lora_ranks) - {0} == {parts * 8}, lora_ranks  # the fused input: its stacked ranks
+        assert any(silu_mul_lora), silu_mul_lora  # the dense layer's gate_up GEMV with its adapters' expand
     for w in model.lora_layers.experts.values():  # the shared MLP's adapters sit in the folded experts' rows
         for stack in (w.gate_up_a, w.gate_up_b, w.down_a, w.down_b):
             assert stack[w.e: w.e_total].abs().sum() > 0 and stack[w.e_total + w.e: 2 * w.e_total].abs().sum() > 0

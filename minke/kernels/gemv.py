@@ -25,7 +25,8 @@ Public API:
     gemv(x, w, extra=e [N2, K]) -> ([M, N], [M, N2] fp32)   e's rows in the same launch (LoRA's shrink: the A's
                                        of every adapter slot, a few hundred rows more; plain weights only)
     gemv(x, w, lora=(h, B, slots))     + each row's LoRA delta h[m] @ B[slot[m]]^T in the epilogue (the
-                                       expand of a shrink done before, by the add + RMSNorm: lora/layers.py)
+                                       expand of a shrink done before, by the add + RMSNorm: lora/layers.py);
+                                       gemv_silu_mul(..., lora=) too (gate / up deltas before the activation)
     gemv_applies(x, w)                 whether linear(x, w) takes the gemv
 """
 
@@ -102,6 +103,24 @@ if _HAS_TRITON:
         return out
 
     @triton.jit
+    def _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, rows_b, mask_n, lora_R, stride_lhm, stride_lbs,
+                         stride_lbn, LORA_BLOCK_R: tl.constexpr):
+        """(delta [BLOCK_M, BLOCK_N] fp32 = h[m] @ B[slot[m], rows_b]^T, used [BLOCK_M] = slot >= 0): h [BLOCK_M, R]
+        is tiny, B's rows are this program's; h rounded to B's dtype (as lora_expand's dot), exact products, fp32
+        sums."""
+        slot = tl.load(lslot_ptr + offs_m, mask=mask_m, other=-1)  # [BLOCK_M]
+        used = slot >= 0
+        offs_r = tl.arange(0, LORA_BLOCK_R)
+        r_mask = offs_r < lora_R
+        h = tl.load(lh_ptr + offs_m[:, None] * stride_lhm + offs_r[None, :], mask=used[:, None] & r_mask[None, :],
+                    other=0.0)  # [BLOCK_M, R]
+        bt = tl.load(lb_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * stride_lbs
+                     + rows_b[None, :, None].to(tl.int64) * stride_lbn + offs_r[None, None, :],
+                     mask=used[:, None, None] & mask_n[None, :, None] & r_mask[None, None, :], other=0.0)
+        delta = tl.sum(h.to(bt.dtype).to(tl.float32)[:, None, :] * bt.to(tl.float32), axis=2)
+        return delta, used
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,  # [M, K], unit column stride
         w_ptr,  # [N, K] (SILU_MUL: the gate rows), unit column stride; bf16 / fp32 / fp8
@@ -161,22 +180,19 @@ if _HAS_TRITON:
                                  BLOCK_M, BLOCK_N, BLOCK_K)
             if HAS_SCALE:
                 up = up * tl.load(s_up_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            if HAS_LORA:  # gate and up deltas (B's gate rows, then its up rows N below) before the activation
+                dg, _ = _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, offs_n, mask_n, lora_R,
+                                         stride_lhm, stride_lbs, stride_lbn, LORA_BLOCK_R)
+                du, _ = _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, offs_n + N, mask_n, lora_R,
+                                         stride_lhm, stride_lbs, stride_lbn, LORA_BLOCK_R)
+                y += dg
+                up += du
             y = y / (1.0 + tl.exp(-y)) * up  # silu(gate) * up in fp32 (as kernels/fused_moe.py)
-        if HAS_LORA:  # the rows' adapter deltas: h [BLOCK_M, R] (tiny) times this program's BLOCK_N rows of B
-            slot = tl.load(lslot_ptr + offs_m, mask=mask_m, other=-1)  # [BLOCK_M]
-            used = slot >= 0
-            offs_r = tl.arange(0, LORA_BLOCK_R)
-            r_mask = offs_r < lora_R
-            h = tl.load(lh_ptr + offs_m[:, None] * stride_lhm + offs_r[None, :], mask=used[:, None] & r_mask[None, :],
-                        other=0.0)  # [BLOCK_M, R]
-            bt = tl.load(lb_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * stride_lbs
-                         + offs_n[None, :, None].to(tl.int64) * stride_lbn + offs_r[None, None, :],
-                         mask=used[:, None, None] & mask_n[None, :, None] & r_mask[None, None, :], other=0.0)
-            # h rounded to B's dtype (as lora_expand's dot), exact products, fp32 sums; y rounded first, then the
-            # delta added and rounded again: what the GEMV's store and lora_expand's in-place add give
-            delta = tl.sum(h.to(bt.dtype).to(tl.float32)[:, None, :] * bt.to(tl.float32), axis=2)  # [BLOCK_M, BLOCK_N]
-            y_q = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-            y = tl.where(used[:, None], y_q + delta, y)
+        elif HAS_LORA:  # the rows' adapter deltas: h [BLOCK_M, R] (tiny) times this program's BLOCK_N rows of B;
+            # y rounded first, then the delta added and rounded again: the GEMV's store + lora_expand's in-place add
+            delta, used = _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, offs_n, mask_n, lora_R,
+                                           stride_lhm, stride_lbs, stride_lbn, LORA_BLOCK_R)
+            y = tl.where(used[:, None], y.to(y_ptr.dtype.element_ty).to(tl.float32) + delta, y)
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -229,7 +245,7 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
     if lora is not None:
         lh, lb, lslots = lora
         m_rows, n_out = x.shape[0], w.shape[0]
-        if (scale is not None or silu_mul or lh.dim() != 2 or lh.shape[0] != m_rows or lh.dtype != torch.float32
+        if (scale is not None or lh.dim() != 2 or lh.shape[0] != m_rows or lh.dtype != torch.float32
                 or lh.stride(-1) != 1 or lb.dim() != 3 or lb.shape[1:] != (n_out, lh.shape[1]) or lb.stride(-1) != 1
                 or lslots.dtype != torch.int32 or lslots.shape[0] < m_rows):
             raise ValueError(f"{name}: lora must be (h fp32 [{m_rows}, R] unit last stride, B [S, {n_out}, R] unit "
@@ -281,10 +297,22 @@ def gemv_lora_ref(x: torch.Tensor, w: torch.Tensor, lora) -> torch.Tensor:
 
 
 def gemv_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, lora=None) -> torch.Tensor:
     """x [M, K], w [2I, K] = [gate; up] (scale [2I] for fp8 w) -> silu(x gate^T) * (x up^T) [M, I] in x.dtype, one
-    launch: the products and the activation in fp32, one rounding at the end."""
-    return _launch("gemv_silu_mul", x, w, scale, config, silu_mul=True)
+    launch: the products and the activation in fp32, one rounding at the end. lora = (h [M, R] fp32, B [S, 2I, R],
+    slots) (plain w only): each adapted row's gate / up deltas h @ B[slot]^T are added to the fp32 sums before the
+    activation (gemv_silu_mul_lora_ref)."""
+    return _launch("gemv_silu_mul", x, w, scale, config, silu_mul=True, lora=lora)
+
+
+def gemv_silu_mul_lora_ref(x: torch.Tensor, w: torch.Tensor, lora) -> torch.Tensor:
+    """gemv_silu_mul(x, w, lora=(h, B, slots)) in torch (fp32 sums, deltas from h rounded to B's dtype)."""
+    h, b, slots = lora
+    idx = slots[: x.shape[0]].long()
+    delta = torch.einsum("mr,mnr->mn", h.to(b.dtype).float(), b[idx.clamp(min=0)].float())
+    g = F.linear(x.float(), w.float()) + torch.where((idx >= 0)[:, None], delta, 0.0)  # [M, 2I]
+    gate, up = g.chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
 
 
 def _few_rows(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:

@@ -282,17 +282,17 @@ class LoRANorm:
     to LoRAFusedInput._linear."""
 
     def _lora_shrink(self, x):
-        """The RowShrink for the attention after this norm, or None (not wired, torch path, unfused projections)."""
-        attn, ctx = self.__dict__.get("lora_shrink_for"), self.lora_ctx
-        if attn is None or not (ctx.active and ctx.use_kernels) or attn.fused_in_weight is None:
+        """The RowShrink for the module after this norm (the attention's fused input projection, a dense MLP's fused
+        gate/up), or None (not wired, torch path, unfused projections)."""
+        target, ctx = self.__dict__.get("lora_shrink_for"), self.lora_ctx
+        if target is None or not (ctx.active and ctx.use_kernels):
             return None
-        stacked = getattr(attn, "lora_stacked", None)
-        if stacked is None or stacked[1].shape[1] != attn.fused_in_weight.shape[0] or \
-                torch.promote_types(self.weight.dtype, x.dtype) != stacked[0].dtype:
+        a = target.lora_norm_a()
+        if a is None or torch.promote_types(self.weight.dtype, x.dtype) != a.dtype:
             return None
         from ..kernels.rmsnorm import RowShrink
 
-        return RowShrink(stacked[0], ctx.slots(x.numel() // x.shape[-1]))
+        return RowShrink(a, ctx.slots(x.numel() // x.shape[-1]))
 
     def forward(self, x, residual=None):
         ctx = self.lora_ctx
@@ -353,6 +353,13 @@ class LoRAFusedInput:
                 start = end
         return y
 
+    def lora_norm_a(self):
+        """The stacked A the add + RMSNorm before may shrink with (LoRANorm), or None."""
+        stacked = getattr(self, "lora_stacked", None)
+        if self.fused_in_weight is None or stacked is None or stacked[1].shape[1] != self.fused_in_weight.shape[0]:
+            return None
+        return stacked[0]
+
     def lora_fused_parts(self):
         """The projections of fused_in_weight, in its row order."""
         if hasattr(self, "kv_a_proj_with_mqa"):
@@ -362,13 +369,43 @@ class LoRAFusedInput:
 
 class LoRAMLP:
     """Mixin for MLP (dense layers, shared experts) whose gate_proj and up_proj are LoRALinear: one shrink of x for
-    both (lora_stacked_a: their A's stacked, [S, 2R, D]), then each one's expand; the rest is MLP.forward's math
-    (apply_lora swaps this in only over MLP.forward itself)."""
+    both (lora_stacked_a: their A's stacked, [S, 2R, D]; lora_stacked_b: their B's block-diagonal, [S, 2I, 2R]),
+    then each one's expand; the rest is MLP.forward's math (apply_lora swaps this in only over MLP.forward itself).
+    Kernel path with gate/up fused (fuse_gate_up): the shrink from the add + RMSNorm before (LoRANorm, or one
+    lora_shrink), the expand inside the one-row gate_up + SiLU·mul GEMV (gemv_silu_mul(lora=)) at up to
+    FEW_ROWS_MAX rows, else one lora_expand between the fused GEMM and the SiLU·mul."""
+
+    def lora_norm_a(self):
+        """The stacked A the add + RMSNorm before may shrink with (LoRANorm), or None."""
+        if self.fused_gate_up is None or getattr(self, "lora_stacked_b", None) is None:
+            return None
+        return self.lora_stacked_a
+
+    def _fused_forward(self, x, pre):
+        from ..kernels import gemv as gemv_mod
+
+        ctx, w, scale = self.lora_ctx, self.fused_gate_up, self.fused_gate_up_scale
+        x2 = x.reshape(-1, x.shape[-1])
+        idx, b = ctx.slots(x2.shape[0]), self.lora_stacked_b
+        if pre is None:  # not wired to a norm (shared experts not folded): one shrink, every rank column at once
+            pre = lora_shrink(x2 if x2.stride(-1) == 1 else x2.contiguous(), self.lora_stacked_a, idx, split=1)
+        if scale is None and pre.shape[0] == 1 and gemv_mod._few_rows(x2, w, gemv_mod.FEW_ROWS_MAX):
+            act = gemv_mod.gemv_silu_mul(x2, w, lora=(pre[0], b, idx))
+        else:
+            from ..kernels.silu_mul import silu_mul_fwd, silu_mul_fwd_ref
+
+            y = gemv_mod.linear(x2, w, scale)  # [M, 2I]
+            lora_expand(y, pre, b, idx)
+            act = (silu_mul_fwd if y.is_cuda else silu_mul_fwd_ref)(y)
+        return self._apply_linear(self.down_proj, act.view(*x.shape[:-1], act.shape[-1]))
 
     def forward(self, x):
         ctx = self.lora_ctx
         if not ctx.active:
             return super().forward(x)
+        pre = ctx.take(self)  # h [1, M, 2R] from the norm before (LoRANorm), on the kernel path
+        if ctx.use_kernels and self.lora_norm_a() is not None:
+            return self._fused_forward(x, pre)
         g, u = self.gate_proj, self.up_proj
         yg, yu = g.base_forward(x), u.base_forward(x)
         x2 = x.reshape(-1, x.shape[-1])

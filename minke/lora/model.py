@@ -118,7 +118,8 @@ def _expands_into_norms(model: nn.Module, ctx: LoRAContext) -> None:
     """o_proj's expand into its layer's post-attention add + RMSNorm, a dense MLP's down_proj's into the next
     layer's input add + RMSNorm (the final norm after the last layer): their outputs go there next, as the residual
     stream's x (models/model.py DecoderLayer). The fused input projection's stacked shrink into the input add +
-    RMSNorm whose output it reads. The kernel path then has no shrink / expand launch for them."""
+    RMSNorm whose output it reads, a dense MLP's gate/up one into the post-attention one. The kernel path then has
+    no shrink / expand launch for them."""
     backbone = getattr(model, "model", None)
     if backbone is None or not hasattr(backbone, "layers"):
         return
@@ -134,6 +135,11 @@ def _expands_into_norms(model: nn.Module, ctx: LoRAContext) -> None:
         pairs = [(getattr(attn, "o_proj", None), layer.post_attention_layernorm)]
         if isinstance(layer.mlp, MLP):  # not a MoE's shared experts: their output is summed with the routed first
             pairs.append((layer.mlp.down_proj, next_norm))
+            if isinstance(layer.mlp, LoRAMLP):  # its gate/up shrink rides the post-attention add + RMSNorm
+                norm = layer.post_attention_layernorm
+                norm.__dict__["lora_shrink_for"] = layer.mlp
+                norm.lora_ctx = ctx
+                swap_in(norm, LoRANorm)
         for proj, norm in pairs:
             if isinstance(proj, LoRALinear):
                 proj.lora.keep_b_t()
@@ -152,6 +158,6 @@ def _stack_shared_inputs(model: nn.Module, ctx: LoRAContext) -> None:
                 m.lora_stacked = stack_slot_weights([p.lora for p in parts], block_b=True)
         if isinstance(m, MLP) and type(m).forward is MLP.forward and isinstance(m.gate_proj, LoRALinear) \
                 and isinstance(m.up_proj, LoRALinear):
-            m.lora_stacked_a, _ = stack_slot_weights([m.gate_proj.lora, m.up_proj.lora], block_b=False)
+            m.lora_stacked_a, m.lora_stacked_b = stack_slot_weights([m.gate_proj.lora, m.up_proj.lora], block_b=True)
             m.lora_ctx = ctx
             swap_in(m, LoRAMLP)
