@@ -40,20 +40,28 @@ experts, 8 (token, expert) pairs a token), S = 4, R = 16; "was" = before this la
   experts (MoE)                                                           (A [2R, D] / [R, I] per (slot, expert),
                                                                           re-read from L2 by every N tile), expands in
                                                                           their epilogues (gate_up B, down B tiles)
-  dense MLP         6 (7)                          6 (7)                  gate and up unfused (cuBLAS each), one
-  (layer 0)                                                               shrink of x for both, 2 expands, silu, mul;
-                                                                          down_proj as o_proj (its expand in layer 1's
-                                                                          input add + RMSNorm)
+  dense MLP         0 (7: gate, up unfused on      2 (7: the same)        gate/up fused: their stacked shrink [S, 2R,
+  (layer 0)         cuBLAS, shrink, 2 expands,                            D] in the post-attention add + RMSNorm, the
+                    silu, mul, down's expand)                             block-diagonal expand in the gate_up +
+                                                                          SiLU·mul GEMV's epilogue (B rows [2I, 2R] of
+                                                                          the slot, 700 KB) / one lora_expand between
+                                                                          GEMM and SiLU·mul; down_proj as o_proj (its
+                                                                          expand in layer 1's input add + RMSNorm)
   per step          0 (2 H2D copies of the torch path's per-head indices; token_slots' copy stays)
 
   a MoE layer       2 (7)                          4 (10)
-  the step          26*2 + 8 = 60 (194)            26*4 + 10 = 114 (275)
+  the step          26*2 + 2 = 54 (194)            26*4 + 6 = 110 (275)
 
 (q_a / q_b of models with q compression: q_a is the fused input's first part (as above); q_b_proj is a plain
 LoRALinear after q_a_layernorm: shrink + expand, 2 launches; MHA / GQA models: q/k/v fused as above, their
-dense MLPs as layer 0's.) bench/profile_step.py prints the GPU kernels a decode step runs, with and without
---lora-rank. Every layer of a model reads one LoRAContext: the step's per-token slot indices in a persistent device
-buffer (rows [:N] for a step of N tokens), so CUDA graphs capture the reads and replay them with new indices.
+dense MLPs as layer 0's. Under tensor parallelism the block's all-reduce sits between a projection and the next
+norm: o_proj / down_proj keep their expand launch and the norms do no shrink.) "s+e" = lora_shrink_expand.
+bench/profile_step.py prints the GPU kernels a decode step runs, with and without --lora-rank.
+
+Every layer of a model reads one LoRAContext: the step's per-token slot indices in a persistent device buffer
+(rows [:N] for a step of N tokens), so CUDA graphs capture the reads and replay them with new indices. LoRA math
+one module leaves to the next in the same forward (an expand for a norm, a norm's shrink for the projection after
+it) goes through LoRAContext.defer / take: Python-side, so a captured graph holds the fused kernels only.
 
 Tensor parallelism: A/B are sliced like the base weight (parallel/sharding.py's plan): column-parallel layers take
 B's rows, row-parallel ones A's columns (their partial outputs are summed by the block's all-reduce with the base
