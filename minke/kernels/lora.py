@@ -20,7 +20,10 @@ partials. Indices are only read in device memory, so the kernels run inside CUDA
 
 Also here: lora_shrink_expand (shrink and expand in one launch for K <= 512: MLA absorbed decode), lora_expand's
 slotted form (h of every slot per row, from the one-row GEMV's extra rows: kernels/gemv.py), lora_shrink_moe (the
-routed experts' shrink over moe_align's expert-sorted tiles).
+routed experts' shrink over moe_align's expert-sorted tiles; fused_moe runs it only for fp8 activations or many
+slots, otherwise the shrinks ride its grouped GEMMs' K loops). Other expands and shrinks ride the kernels beside
+them: kernels/rmsnorm.py (an expand into the add, a shrink of the norm's output), kernels/gemv.py (an expand in
+the GEMV's epilogue); lora/layers.py's docstring has the table of what runs where.
 
 The torch references beside them (lora_shrink_ref / lora_expand_ref, with an explicit index per row, and
 lora_row_index giving the kernels' index of each row) are the model's torch path on CPU.
