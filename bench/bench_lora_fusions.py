@@ -8,8 +8,10 @@ rank 16, every row with an adapter (4 distinct ones at batch 32).
 
 Pieces: "q+kv_a" = input add + RMSNorm (MoE partial rows) and the fused input projection; "o_proj" = the o_proj
 projection and the post-attention add + RMSNorm; "moe" = the fused MoE with the 2 shared experts folded in (8
-pairs a token). Prints one JSON line per (piece, batch) with us for base / separate / fused and the fused - base
-overhead; the fused variant should sit within a few us of base at batch 1 (separate: ~3-4 us a launch more).
+pairs a token; "fused" is fused_moe's default, the shrinks in the GEMMs' K loops at one token only, "in_loop_us"
+forces them there at every batch: fused_moe.LORA_IN_LOOP_MAX_TOKENS's evidence). Prints one JSON line per (piece,
+batch) with us for base / separate / fused and the overheads over base; the fused variant should sit within a few
+us of base at batch 1 (separate: ~3-4 us a launch more).
 """
 
 from __future__ import annotations
@@ -137,13 +139,18 @@ def main() -> None:
         def moe_fused():
             return fm.fused_moe(xm, w13, w2, wts, ids, reduce=False, lora=lora)
 
-        def moe_separate():
-            keep = fm.LORA_IN_LOOP_MAX_SLOTS
-            fm.LORA_IN_LOOP_MAX_SLOTS = 0  # the shrink launches before each GEMM (traced as such into the graph)
-            try:
-                return fm.fused_moe(xm, w13, w2, wts, ids, reduce=False, lora=lora)
-            finally:
-                fm.LORA_IN_LOOP_MAX_SLOTS = keep
+        def moe_with(name, value):
+            def run():  # fused_moe with one of its in-loop limits changed (traced as such into the graph)
+                keep = getattr(fm, name)
+                setattr(fm, name, value)
+                try:
+                    return fm.fused_moe(xm, w13, w2, wts, ids, reduce=False, lora=lora)
+                finally:
+                    setattr(fm, name, keep)
+            return run
+
+        moe_separate = moe_with("LORA_IN_LOOP_MAX_SLOTS", 0)  # a shrink launch before each GEMM
+        moe_in_loop = moe_with("LORA_IN_LOOP_MAX_TOKENS", 1 << 20)  # the shrinks in the K loops at any batch
 
         for piece, fns in (("q+kv_a", (qkv_base, qkv_separate, qkv_fused)), ("o_proj", (o_base, o_separate, o_fused)),
                            ("moe", (moe_base, moe_separate, moe_fused))):
@@ -152,9 +159,14 @@ def main() -> None:
                 for a, b in zip(sep if isinstance(sep, tuple) else (sep,), fus if isinstance(fus, tuple) else (fus,)):
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
             us = [timed(f) for f in fns]
-            print(json.dumps({"piece": piece, "batch": t, "base_us": round(us[0], 2), "separate_us": round(us[1], 2),
-                              "fused_us": round(us[2], 2), "fused_over_base_us": round(us[2] - us[0], 2),
-                              "separate_over_base_us": round(us[1] - us[0], 2)}), flush=True)
+            row = {"piece": piece, "batch": t, "base_us": round(us[0], 2), "separate_us": round(us[1], 2),
+                   "fused_us": round(us[2], 2), "fused_over_base_us": round(us[2] - us[0], 2),
+                   "separate_over_base_us": round(us[1] - us[0], 2)}
+            if piece == "moe":  # fused = fused_moe's default (in the K loops at one token only); in_loop = always
+                if args.smoke:
+                    torch.testing.assert_close(moe_in_loop(), fns[1](), rtol=1e-4, atol=1e-4)
+                row["in_loop_us"] = round(timed(moe_in_loop), 2)
+            print(json.dumps(row), flush=True)
     return 0
 
 

@@ -167,7 +167,9 @@ def test_fused_moe_with_lora_equals_reference(t, in_loop, monkeypatch):
     shrinks = []
     monkeypatch.setattr(fm, "lora_shrink_moe", lambda *a, **kw: shrinks.append(1) or fm_shrink(*a, **kw))
     fm_shrink = __import__("minke.kernels.lora", fromlist=["lora_shrink_moe"]).lora_shrink_moe
-    if not in_loop:
+    if in_loop:
+        monkeypatch.setattr(fm, "LORA_IN_LOOP_MAX_TOKENS", 16)  # t = 9 too: the unrolled per-slot dots
+    else:
         monkeypatch.setattr(fm, "LORA_IN_LOOP_MAX_SLOTS", 1)  # 2 slots below: the shrink launches
 
     x, w13, w2, ids, wts, (gua, gub, da, db), slot, MoELoRA = _moe_case(t, 2, 4, 32, 32, 2, 16, torch.float32)

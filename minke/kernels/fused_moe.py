@@ -16,13 +16,13 @@ Pipeline (the vLLM / SGLang `fused_moe` design):
   4. Sum over the K slots of each token (torch; fp32 accumulation inside torch.sum).
 All matmuls accumulate in fp32; the activation and the per-slot outputs are stored in x.dtype (as vLLM does).
 
-LoRA (lora=, kernels/lora.py MoELoRA): per-(token, slot) adapters of the experts, with no launch of their own. Each
-GEMM accumulates h = a A^T (rank R, fp32) of its tile's pairs in its K loop from the a tiles it loads anyway
-(one masked [BLOCK_K, R] A tile and dot per slot, unrolled; every N tile recomputes it: R / BLOCK_N more
-tensor-core work, A read from L2) and its epilogue adds h @ B^T for the tile's columns (one small dot per adapter
-slot in the tile) before silu / the routing weight, so neither h nor the [T*K, 2I] delta goes through HBM. With
-fp8 activations (the shrinks read x / act in x.dtype) or more than LORA_IN_LOOP_MAX_SLOTS slots, one shrink
-launch over the same expert-sorted tiles (lora_shrink_moe, [SPLIT, T*K, R] fp32 partials) precedes each GEMM.
+LoRA (lora=, kernels/lora.py MoELoRA): per-(token, slot) adapters of the experts. Before each GEMM one shrink over
+the same expert-sorted tiles gives h = x A^T (rank R, [SPLIT, T*K, R] fp32 partials; lora_shrink_moe); the GEMM's
+epilogue adds h @ B^T for its tile's columns (one small dot per adapter slot in the tile) before silu / the routing
+weight, so the [T*K, 2I] delta never goes through HBM. One-token steps (LORA_IN_LOOP_MAX_TOKENS: batch-1 decode,
+launch-bound) have no shrink launch: each GEMM accumulates h of its tile's pairs in its K loop from the a tiles it
+loads anyway (one [BLOCK_K, R] tile of the token's slot's A and one dot a K step; every N tile recomputes it, A
+re-read from L2).
 
 FP8 weights (`--quantization fp8`, runner/quantization.py): w13 / w2 may be float8_e4m3fn with one fp32 scale per
 output row (w13_scale [E, 2I], w2_scale [E, D]). Tiles are loaded as fp8 (half the bytes: decode is weight-bandwidth
@@ -365,6 +365,7 @@ if _HAS_TRITON:
         LORA_SPLIT: tl.constexpr,  # partial slices in lora_h
         LORA_IN_LOOP: tl.constexpr,  # h = a[rows] @ A[slot * E + e]^T accumulated in the K loop (no shrink launch)
         LORA_S: tl.constexpr,  # LORA_IN_LOOP: the slots, unrolled (straight-line loop body: loads stay pipelined)
+        LORA_ONE_SLOT: tl.constexpr,  # LORA_IN_LOOP: a tile's rows have one slot (one token a step): one A, one dot
     ):
         # Grouped tile order (as in the Triton matmul tutorial): GROUP_M row tiles walk the N tiles together, so
         # the expert weight tiles they share stay in L2.
@@ -406,6 +407,10 @@ if _HAS_TRITON:
                 # One masked A load and dot per slot, unrolled: slots absent from the tile load nothing.
                 lh_in = tl.zeros([BLOCK_M, LORA_BLOCK_R], dtype=tl.float32)
                 la_ptrs = lora_h_ptr + expert * stride_lal + offs_r[None, :] * stride_lar + offs_k[:, None]
+                if LORA_ONE_SLOT:  # the tile's one slot (-1: no adapter, nothing loaded)
+                    tile_slot = tl.max(lslot, axis=0)
+                    la_ptrs += tl.maximum(tile_slot, 0).to(tl.int64) * lora_E * stride_lal
+                    r_one = r_mask & (offs_r * 0 + tile_slot >= 0)
             for k0 in range(0, tl.cdiv(Kd, BLOCK_K)):
                 k_mask = offs_k < Kd - k0 * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -416,7 +421,12 @@ if _HAS_TRITON:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
-                if LORA_IN_LOOP:
+                if LORA_IN_LOOP and LORA_ONE_SLOT:
+                    at = tl.load(la_ptrs + k0 * BLOCK_K, mask=k_mask[:, None] & r_one[None, :], other=0.0)
+                    if UPCAST_DOT:
+                        at = at.to(tl.float32)
+                    lh_in = tl.dot(a.to(at.dtype), at, acc=lh_in, input_precision=DOT_PRECISION)
+                elif LORA_IN_LOOP:
                     for s in tl.static_range(LORA_S):
                         mine = lslot == s
                         r_has = r_mask & (offs_r * 0 + tl.max(mine.to(tl.int32), axis=0) > 0)  # [R]: none if absent
@@ -474,7 +484,7 @@ if _HAS_TRITON:
 
 
 def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_pairs, a_row_div, cfg,
-                 fuse_silu_mul, mul_routed_weight, b_scale=None, a_scale=None, lora=None):
+                 fuse_silu_mul, mul_routed_weight, b_scale=None, a_scale=None, lora=None, lora_one_slot=False):
     """lora: None or (h, B stacks [S*E, N or 2N, R], token slots [T] int32, top_k, in_loop): h = the shrink's
     partials hp [SPLIT, T*K, R] fp32, or with in_loop the A stacks [S*E, R, Kd] (the shrink runs in the K loop)."""
     EM = sorted_ids.shape[0]
@@ -508,13 +518,20 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_p
         LORA_SPLIT=1 if lora is None or in_loop else hp.shape[0],
         LORA_IN_LOOP=in_loop,
         LORA_S=lb.shape[0] // b.shape[0] if in_loop else 1,
+        LORA_ONE_SLOT=bool(in_loop and lora_one_slot),
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )
 
 
-# Slots up to which the experts' shrinks run inside the grouped GEMMs' K loops (one unrolled masked dot per slot
-# and K step; more slots: a lora_shrink_moe launch before each GEMM).
+# When the experts' shrinks run inside the grouped GEMMs' K loops instead of a lora_shrink_moe launch before each:
+# steps of at most LORA_IN_LOOP_MAX_TOKENS tokens with at most LORA_IN_LOOP_MAX_SLOTS slots. Every N tile of a
+# GEMM recomputes its rows' h (A [R, Kd] per (slot, expert) re-read from L2: +50% load volume at V2-Lite's
+# decode tiles, BLOCK_N 32 against R 16-32), so it pays where the launch it saves dominates: one token (one slot a
+# tile: one A tile and dot a K step). At 32 tokens a tile holds up to S slots (an unrolled masked dot each) and
+# the re-reads approach the expert weights' own HBM volume: the shrink launches stay (bench/bench_lora_fusions.py
+# measures both; raise the limit if it says otherwise).
+LORA_IN_LOOP_MAX_TOKENS = 1
 LORA_IN_LOOP_MAX_SLOTS = 8
 
 
@@ -587,17 +604,18 @@ def fused_moe(
     act = torch.empty(TK, I, dtype=x.dtype, device=x.device)  # silu(gate) * up per (token, slot) pair
     bm = cfg["BLOCK_SIZE_M"]
     # (h, B stacks, token slots, K, in_loop) of each GEMM: the shrinks ride the GEMMs' K loops (no launch of
-    # their own) unless the activations are fp8 (the shrinks read x / act in x.dtype, not the fp8 copies) or there
-    # are more slots than LORA_IN_LOOP_MAX_SLOTS (one unrolled dot each per K step); then lora_shrink_moe first.
+    # their own) for steps of up to LORA_IN_LOOP_MAX_TOKENS tokens, unless the activations are fp8 (the shrinks read
+    # x / act in x.dtype, not the fp8 copies) or there are more slots than LORA_IN_LOOP_MAX_SLOTS; else
+    # lora_shrink_moe before each GEMM.
     gu_lora = down_lora = None
-    in_loop = lora is not None and not act_fp8 and lora_in_loop(lora, E)
+    in_loop = lora is not None and not act_fp8 and T <= LORA_IN_LOOP_MAX_TOKENS and lora_in_loop(lora, E)
     if lora is not None and lora.gate_up_a is not None:
         h = lora.gate_up_a if in_loop else lora_shrink_moe(x, lora.gate_up_a, lora.slots, K, K, sorted_ids,
                                                            expert_ids, num_post, bm, E)
         gu_lora = (h, lora.gate_up_b, lora.slots, K, in_loop)
     _launch_gemm(a1, w13, act, topk_weights, sorted_ids, expert_ids, num_post, N=I, Kd=D, num_pairs=TK,
                  a_row_div=K, cfg=cfg, fuse_silu_mul=True, mul_routed_weight=False, b_scale=w13_scale,
-                 a_scale=a1_scale, lora=gu_lora)
+                 a_scale=a1_scale, lora=gu_lora, lora_one_slot=T == 1)
     if lora is not None and lora.down_a is not None:
         h = lora.down_a if in_loop else lora_shrink_moe(act, lora.down_a, lora.slots, K, 1, sorted_ids, expert_ids,
                                                         num_post, bm, E)
@@ -606,6 +624,6 @@ def fused_moe(
     per_slot = torch.empty(TK, D, dtype=x.dtype, device=x.device)  # weighted expert output per pair
     _launch_gemm(a2, w2, per_slot, topk_weights, sorted_ids, expert_ids, num_post, N=D, Kd=I, num_pairs=TK,
                  a_row_div=1, cfg=cfg, fuse_silu_mul=False, mul_routed_weight=True, b_scale=w2_scale,
-                 a_scale=a2_scale, lora=down_lora)
+                 a_scale=a2_scale, lora=down_lora, lora_one_slot=T == 1)
     # Rows of per_slot are pair ids t*K + k, so the K slots of token t are contiguous.
     return per_slot.view(T, K, D).sum(dim=1) if reduce else per_slot.view(T, K, D)

@@ -36,10 +36,12 @@ experts, 8 (token, expert) pairs a token), S = 4, R = 16; "was" = before this la
                                                                           (256 KB), batch 32 lora_shrink; expand in
                                                                           the post-attention add + RMSNorm from B^T
                                                                           [R, D] (64 KB a slot)
-  routed + shared   0 (2: lora_shrink_moe x2)      0 (2)                  both shrinks in the grouped GEMMs' K loops
-  experts (MoE)                                                           (A [2R, D] / [R, I] per (slot, expert),
-                                                                          re-read from L2 by every N tile), expands in
-                                                                          their epilogues (gate_up B, down B tiles)
+  routed + shared   0 (2: lora_shrink_moe x2)      2 (2: the same)        one token: both shrinks in the grouped
+  experts (MoE)                                                           GEMMs' K loops (A [2R, D] / [R, I] of the
+                                                                          (slot, expert), re-read from L2 by every N
+                                                                          tile); more tokens: lora_shrink_moe before
+                                                                          each (fused_moe.LORA_IN_LOOP_MAX_TOKENS);
+                                                                          expands in the GEMMs' epilogues
   dense MLP         0 (7: gate, up unfused on      2 (7: the same)        gate/up fused: their stacked shrink [S, 2R,
   (layer 0)         cuBLAS, shrink, 2 expands,                            D] in the post-attention add + RMSNorm, the
                     silu, mul, down's expand)                             block-diagonal expand in the gate_up +
@@ -49,8 +51,8 @@ experts, 8 (token, expert) pairs a token), S = 4, R = 16; "was" = before this la
                                                                           expand in layer 1's input add + RMSNorm)
   per step          0 (2 H2D copies of the torch path's per-head indices; token_slots' copy stays)
 
-  a MoE layer       2 (7)                          4 (10)
-  the step          26*2 + 2 = 54 (194)            26*4 + 6 = 110 (275)
+  a MoE layer       2 (7)                          6 (10)
+  the step          26*2 + 2 = 54 (194)            26*6 + 6 = 162 (275)
 
 (q_a / q_b of models with q compression: q_a is the fused input's first part (as above); q_b_proj is a plain
 LoRALinear after q_a_layernorm: shrink + expand, 2 launches; MHA / GQA models: q/k/v fused as above, their
