@@ -25,6 +25,9 @@ Public API:
     GEMV_MAX_ROWS (plain projections), FEW_ROWS_MAX (fused MLP; fp8 in fp8_linear): the dispatchers' row limits
     gemv(x, w, extra=e [N2, K]) -> ([M, N], [M, N2] fp32)   e's rows in the same launch (LoRA's shrink: the A's
                                        of every adapter slot, a few hundred rows more; plain weights only)
+    gemv(x, w, lora=(h, B, slots))     + each row's LoRA delta h[m] @ B[slot[m]]^T in the epilogue (the
+                                       expand of a shrink done before, by the add + RMSNorm: lora/layers.py);
+                                       gemv_silu_mul(..., lora=) too (gate / up deltas before the activation)
     gemv_applies(x, w)                 whether linear(x, w) takes the gemv
 """
 
@@ -102,6 +105,24 @@ if _HAS_TRITON:
         return out
 
     @triton.jit
+    def _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, rows_b, mask_n, lora_R, stride_lhm, stride_lbs,
+                         stride_lbn, LORA_BLOCK_R: tl.constexpr):
+        """(delta [BLOCK_M, BLOCK_N] fp32 = h[m] @ B[slot[m], rows_b]^T, used [BLOCK_M] = slot >= 0): h [BLOCK_M, R]
+        is tiny, B's rows are this program's; h rounded to B's dtype (as lora_expand's dot), exact products, fp32
+        sums."""
+        slot = tl.load(lslot_ptr + offs_m, mask=mask_m, other=-1)  # [BLOCK_M]
+        used = slot >= 0
+        offs_r = tl.arange(0, LORA_BLOCK_R)
+        r_mask = offs_r < lora_R
+        h = tl.load(lh_ptr + offs_m[:, None] * stride_lhm + offs_r[None, :], mask=used[:, None] & r_mask[None, :],
+                    other=0.0)  # [BLOCK_M, R]
+        bt = tl.load(lb_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * stride_lbs
+                     + rows_b[None, :, None].to(tl.int64) * stride_lbn + offs_r[None, None, :],
+                     mask=used[:, None, None] & mask_n[None, :, None] & r_mask[None, None, :], other=0.0)
+        delta = tl.sum(h.to(bt.dtype).to(tl.float32)[:, None, :] * bt.to(tl.float32), axis=2)
+        return delta, used
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,  # [M, K], unit column stride
         w_ptr,  # [N, K] (SILU_MUL: the gate rows), unit column stride; bf16 / fp32 / fp8
@@ -111,6 +132,13 @@ if _HAS_TRITON:
         y_ptr,  # [M, N] out
         e_ptr,  # HAS_EXTRA: [N2, K] more rows (x.dtype, unit column stride); else unused
         h_ptr,  # HAS_EXTRA: [M, N2] fp32 out; else unused
+        lh_ptr,  # HAS_LORA: [M, R] fp32 each row's adapter h (its slot's shrink); else unused
+        lb_ptr,  # HAS_LORA: B [S, N, R] (unit last stride); else unused
+        lslot_ptr,  # HAS_LORA: [M] int32 slot per row, -1 = none; else unused
+        lora_R,
+        stride_lhm,
+        stride_lbs,
+        stride_lbn,
         M,
         N,  # output columns (silu_mul: I)
         K,
@@ -126,6 +154,8 @@ if _HAS_TRITON:
         HAS_SCALE: tl.constexpr,
         SILU_MUL: tl.constexpr,
         HAS_EXTRA: tl.constexpr,
+        HAS_LORA: tl.constexpr = False,  # y += h[m] @ B[slot[m]]^T for rows with an adapter (plain weights)
+        LORA_BLOCK_R: tl.constexpr = 16,
     ):
         pid_n = tl.program_id(0)
         row0 = tl.program_id(1).to(tl.int64) * BLOCK_M
@@ -152,7 +182,19 @@ if _HAS_TRITON:
                                  BLOCK_M, BLOCK_N, BLOCK_K)
             if HAS_SCALE:
                 up = up * tl.load(s_up_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            if HAS_LORA:  # gate and up deltas (B's gate rows, then its up rows N below) before the activation
+                dg, _ = _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, offs_n, mask_n, lora_R,
+                                         stride_lhm, stride_lbs, stride_lbn, LORA_BLOCK_R)
+                du, _ = _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, offs_n + N, mask_n, lora_R,
+                                         stride_lhm, stride_lbs, stride_lbn, LORA_BLOCK_R)
+                y += dg
+                up += du
             y = y / (1.0 + tl.exp(-y)) * up  # silu(gate) * up in fp32 (as kernels/fused_moe.py)
+        elif HAS_LORA:  # the rows' adapter deltas: h [BLOCK_M, R] (tiny) times this program's BLOCK_N rows of B;
+            # y rounded first, then the delta added and rounded again: the GEMV's store + lora_expand's in-place add
+            delta, used = _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, offs_n, mask_n, lora_R,
+                                           stride_lhm, stride_lbs, stride_lbn, LORA_BLOCK_R)
+            y = tl.where(used[:, None], y.to(y_ptr.dtype.element_ty).to(tl.float32) + delta, y)
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -190,7 +232,7 @@ def gemv_silu_mul_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | No
     return (F.silu(gate) * up).to(x.dtype)
 
 
-def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor | None = None):
+def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor | None = None, lora=None):
     if not _HAS_TRITON:
         raise RuntimeError(f"{name}: triton is not installed (pip install 'minke[gpu]'); use {name}_ref")
     _check(name, x, w, scale)
@@ -202,6 +244,15 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
                               or extra.stride(1) != 1 or extra.dtype != x.dtype or extra.device != x.device):
         raise ValueError(f"{name}: extra must be [N2, {x.shape[1]}] {x.dtype} on {x.device} with a unit last stride "
                          f"(plain weights only), got {extra.dtype} {tuple(extra.shape)} strides {extra.stride()}")
+    if lora is not None:
+        lh, lb, lslots = lora
+        m_rows, n_out = x.shape[0], w.shape[0]
+        if (scale is not None or lh.dim() != 2 or lh.shape[0] != m_rows or lh.dtype != torch.float32
+                or lh.stride(-1) != 1 or lb.dim() != 3 or lb.shape[1:] != (n_out, lh.shape[1]) or lb.stride(-1) != 1
+                or lslots.dtype != torch.int32 or lslots.shape[0] < m_rows):
+            raise ValueError(f"{name}: lora must be (h fp32 [{m_rows}, R] unit last stride, B [S, {n_out}, R] unit "
+                             f"last stride, int32 slots [>= {m_rows}]) with plain weights; got h {lh.dtype} "
+                             f"{tuple(lh.shape)}, B {tuple(lb.shape)}, slots {lslots.dtype} {tuple(lslots.shape)}")
     scale = None if scale is None else scale.contiguous()  # the kernel reads scale[n] at unit stride
     (m, k), n = x.shape, w.shape[0] // (2 if silu_mul else 1)
     cfg = config or gemv_config(n, k, m, fp8=scale is not None)
@@ -215,26 +266,55 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
         s = w if scale is None else scale
         s_up = s[n:] if silu_mul and scale is not None else s
         _gemv_kernel[grid](
-            x, w, s, w_up, s_up, y, w if extra is None else extra, y if h is None else h, m, n, k, x.stride(0),
+            x, w, s, w_up, s_up, y, w if extra is None else extra, y if h is None else h,
+            *((y, y, y, 1, 0, 0, 0) if lora is None else
+              (lh, lb, lslots, lb.shape[2], lh.stride(0), lb.stride(0), lb.stride(1))),
+            m, n, k, x.stride(0),
             w.stride(0), y.stride(0), n2, 0 if extra is None else extra.stride(0), 0 if h is None else h.stride(0),
             BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HAS_SCALE=scale is not None,
-            SILU_MUL=silu_mul, HAS_EXTRA=extra is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            SILU_MUL=silu_mul, HAS_EXTRA=extra is not None, HAS_LORA=lora is not None,
+            LORA_BLOCK_R=16 if lora is None else max(16, triton.next_power_of_2(lb.shape[2])),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y if extra is None else (y, h)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-         config: dict | None = None, extra: torch.Tensor | None = None):
+         config: dict | None = None, extra: torch.Tensor | None = None, lora=None):
     """x [M, K] @ w[N, K]^T -> [M, N] in x.dtype (fp32 accumulation). Both need a unit last stride. With scale [N]
     (fp32): w is float8_e4m3fn and each output column is multiplied by its row's scale (W8A16). extra [N2, K]
-    (x.dtype, unit last stride; plain w only): also x @ extra^T in the same launch -> (y [M, N], h [M, N2] fp32)."""
-    return _launch("gemv", x, w, scale, config, silu_mul=False, extra=extra)
+    (x.dtype, unit last stride; plain w only): also x @ extra^T in the same launch -> (y [M, N], h [M, N2] fp32).
+    lora = (h [M, R] fp32, B [S, N, R], slots [>= M] int32; plain w only): each row with a slot >= 0 also gets
+    h[m] @ B[slot]^T, as lora_expand would add it to the stored y (gemv_lora_ref), in the same launch."""
+    return _launch("gemv", x, w, scale, config, silu_mul=False, extra=extra, lora=lora)
+
+
+def gemv_lora_ref(x: torch.Tensor, w: torch.Tensor, lora) -> torch.Tensor:
+    """gemv(x, w, lora=(h, B, slots)) in torch: F.linear, then each adapted row's fp32 delta (h rounded to B's
+    dtype) added and rounded once more (kernels/lora.py lora_expand_ref's math)."""
+    h, b, slots = lora
+    y = F.linear(x, w)
+    idx = slots[: x.shape[0]].long()
+    delta = torch.einsum("mr,mnr->mn", h.to(b.dtype).float(), b[idx.clamp(min=0)].float())
+    return torch.where((idx >= 0)[:, None], (y.float() + delta).to(y.dtype), y)
 
 
 def gemv_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, lora=None) -> torch.Tensor:
     """x [M, K], w [2I, K] = [gate; up] (scale [2I] for fp8 w) -> silu(x gate^T) * (x up^T) [M, I] in x.dtype, one
-    launch: the products and the activation in fp32, one rounding at the end."""
-    return _launch("gemv_silu_mul", x, w, scale, config, silu_mul=True)
+    launch: the products and the activation in fp32, one rounding at the end. lora = (h [M, R] fp32, B [S, 2I, R],
+    slots) (plain w only): each adapted row's gate / up deltas h @ B[slot]^T are added to the fp32 sums before the
+    activation (gemv_silu_mul_lora_ref)."""
+    return _launch("gemv_silu_mul", x, w, scale, config, silu_mul=True, lora=lora)
+
+
+def gemv_silu_mul_lora_ref(x: torch.Tensor, w: torch.Tensor, lora) -> torch.Tensor:
+    """gemv_silu_mul(x, w, lora=(h, B, slots)) in torch (fp32 sums, deltas from h rounded to B's dtype)."""
+    h, b, slots = lora
+    idx = slots[: x.shape[0]].long()
+    delta = torch.einsum("mr,mnr->mn", h.to(b.dtype).float(), b[idx.clamp(min=0)].float())
+    g = F.linear(x.float(), w.float()) + torch.where((idx >= 0)[:, None], delta, 0.0)  # [M, 2I]
+    gate, up = g.chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
 
 
 def _few_rows(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
