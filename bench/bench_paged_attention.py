@@ -7,10 +7,19 @@ cannot be captured). TB/s counts the bytes that must move: the K and V rows of e
 
     python bench/bench_paged_attention.py --output paged_attention.json             # the full grid
     python bench/bench_paged_attention.py --shapes llm-67b --batches 1,8 --contexts 4096,32768 --sweep-splits
-    python bench/bench_paged_attention.py --shapes llm-7b --batches 1,32 --contexts 4096 --sweep-launch
+    python bench/bench_paged_attention.py --shapes llm-7b,moe-16b --batches 1,32,256 --contexts 640,4096,32768 \
+        --sweep-launch --no-torch                                                      # decides the MHA defaults
 
 --sweep-splits also times num_splits in 1, 2, 4, ..., 64 and prints the best against default_num_splits' pick;
---sweep-launch times BLOCK_N x warps x stages (and, for MHA, the tensor-core path against the vector path).
+--sweep-launch times the stage-1 variants of paged_decode_attention at default_num_splits' split count for each
+(MHA's vector path with and without loop_stages, the tensor-core dot path, kv_heads_per_program = 2 / 4), each over
+a few BLOCK_N x warps x stages (LAUNCHES below; --launch-grid full: every BLOCK_N x warps x stages), checks each
+against the default's output, and prints per point the default (the kernel's default_launch) beside the best
+launch and the best of each variant; at the end a table per point (default TB/s, best launch, its TB/s) and, per
+shape, every launch ranked by its geometric-mean time over the points relative to each point's best: the first
+line is the launch to write into the kernel's _DEFAULT_VARIANT / _LAUNCH. Compiles (one per launch and split
+count) are done first in --precompile processes; bench/paged_attention_compile_report.py shows each launch's
+registers, shared memory and pipelined loads without a GPU.
 Points whose cache does not fit in free memory are skipped; the torch path is skipped where its gathered,
 head-repeated copy of the context would not fit.
 """
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 
@@ -29,18 +39,84 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 
 from tune_fused_moe import time_graph  # noqa: E402
-from minke.kernels.paged_attention import default_num_splits, paged_decode_attention  # noqa: E402
+from minke.kernels.paged_attention import default_launch, default_num_splits, paged_decode_attention  # noqa: E402
 
 from minke.models.attention import ForwardBatch, TorchAttentionBackend  # noqa: E402
 
 SHAPES = {"llm-7b": (32, 32), "llm-67b": (64, 8), "moe-16b": (16, 16)}  # (q heads, KV heads), head 128
 HEAD_DIM, BLOCK_SIZE, DTYPE = 128, 16, torch.bfloat16
 
+# --sweep-launch candidates: (variant, block_n, num_warps, num_stages). Variants: "vec" (use_dot=False, MHA only),
+# "vecp" (the same with loop_stages = num_stages: its K / V loads pipelined), "dot" (use_dot=True), "h2" / "h4" /
+# "h8" (kv_heads_per_program = 2 / 4 / 8, tensor cores; h8 only with --launch-grid full); suffix "p": loop_stages =
+# num_stages, "x": head_fastest (grid (heads, B, splits): programs running together read whole token rows).
+# paged_decode_attention's
+# default (default_launch) is always timed too, first. A few per variant: every (variant, block_n, warps, stages,
+# split count) is a compile, and compiles dominate the sweep's time. Chosen from paged_attention_compile_report.py
+# (Triton 3.9, sm_90): registers grow with the tile (BLOCK_N x H * 128) a thread holds, so the wide variants get
+# short tiles or 8 warps to keep >= 3 programs an SM.
+LAUNCHES = {
+    "mha": [("vec", 64, 4, 2), ("vecp", 64, 4, 3), ("vecp", 32, 4, 3), ("vecp", 64, 8, 3),
+            ("dot", 128, 4, 3), ("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
+            ("dot", 128, 8, 3),
+            ("h2", 16, 4, 2), ("h2", 32, 4, 2), ("h2", 32, 8, 2), ("h2", 64, 4, 3),
+            ("h4", 16, 4, 2), ("h4", 16, 8, 2),
+            ("vecpx", 32, 4, 3), ("dotx", 128, 4, 3), ("dotx", 64, 4, 2), ("h2x", 16, 4, 2)],
+    "gqa": [("dot", 128, 4, 3), ("dot", 64, 4, 2), ("dot", 64, 4, 3), ("dot", 128, 4, 2), ("dot", 32, 4, 3),
+            ("dot", 128, 8, 3),
+            ("h2", 16, 4, 2), ("h2", 32, 4, 2), ("h2", 32, 8, 2), ("h2", 64, 4, 3),
+            ("dotx", 128, 4, 3), ("h2x", 16, 4, 2)],
+}
 
-def timed(fn) -> float:
+
+def default_candidate(mha: bool) -> tuple[str, int, int, int]:
+    """paged_decode_attention's own launch when none is named (kernels' default_launch), as a LAUNCHES entry."""
+    d = default_launch(1 if mha else 8, DTYPE)
+    h = d["kv_heads_per_program"]
+    variant = (f"h{h}" if h > 1 else "dot" if d["use_dot"] else "vec") + ("p" if d["loop_stages"] else "") + (
+        "x" if d["head_fastest"] else "")
+    return variant, d["block_n"], d["num_warps"], d["num_stages"]
+
+
+def launch_grid(mha: bool, full: bool) -> list[tuple[str, int, int, int]]:
+    """The candidates, paged_decode_attention's default first."""
+    default = default_candidate(mha)
+    if not full:
+        return [default] + [c for c in LAUNCHES["mha" if mha else "gqa"] if c != default]
+    variants = ("vec", "vecp", "vecpx", "dot", "dotx", "h2", "h2x", "h4", "h8") if mha else ("dot", "dotx", "h2", "h4")
+    grid = [(v, bn, w, st) for v, bn, w, st in itertools.product(variants, (16, 32, 64, 128), (2, 4, 8), (1, 2, 3))
+            if not (v.startswith("vec") and bn == 16) and not (v in ("h4", "h8") and bn > 32 * 4 // int(v[1:]))
+            and not (v.startswith("vecp") and st == 1)]
+    return [default] + [c for c in grid if c != default]
+
+
+def launch_kwargs(variant: str, block_n: int, num_warps: int, num_stages: int) -> dict:
+    """paged_decode_attention's arguments for a candidate. Suffixes: 'p' (vecp, dotp, h2p) adds loop_stages =
+    num_stages (every loop load pipelined), 'x' (dotx, vecpx) head_fastest=True (grid (heads, B, splits))."""
+    kw = {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    base = variant.rstrip("px")
+    if "p" in variant[len(base):]:
+        kw["loop_stages"] = num_stages
+    if "x" in variant[len(base):]:
+        kw["head_fastest"] = True
+    variant = base
+    if variant == "vec":
+        kw["use_dot"] = False
+    elif variant == "dot":
+        kw["use_dot"] = True
+    else:
+        kw["kv_heads_per_program"] = int(variant[1:])
+    return kw
+
+
+def launch_label(variant: str, block_n: int, num_warps: int, num_stages: int) -> str:
+    return f"{variant} n{block_n} w{num_warps} s{num_stages}"
+
+
+def timed(fn, calls: int = 10) -> float:
     """GPU ms per call: CUDA-graph replays, or do_bench's median where fn cannot be captured."""
     try:
-        return time_graph(fn)
+        return time_graph(fn, calls=calls)
     except Exception:  # noqa: BLE001 - e.g. a host sync inside fn
         torch.cuda.synchronize()
         import triton.testing
@@ -68,6 +144,116 @@ def torch_path(q, cache, tables, lens):
     return lambda: backend.mha_decode(q, cache, batch, scale)
 
 
+def _precompile_job(job) -> str | None:
+    """One launch on tiny inputs with the strides, split count and constexprs of a sweep point: compiles it into
+    Triton's on-disk cache, which the timing process then loads instead of compiling (a spawned worker)."""
+    hq, hkv, nb, kw = job
+    dev = torch.device("cuda")
+    try:
+        q = torch.zeros(1, hq, HEAD_DIM, device=dev, dtype=DTYPE)
+        cache = torch.zeros(2, 2, BLOCK_SIZE, hkv, HEAD_DIM, device=dev, dtype=DTYPE)
+        tables = torch.zeros(1, nb, device=dev, dtype=torch.int32)
+        lens = torch.ones(1, device=dev, dtype=torch.int32)
+        paged_decode_attention(q, cache, tables, lens, HEAD_DIM ** -0.5, **kw)
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - out of resources: the timing process reports it
+        return f"{type(e).__name__}"
+    return None
+
+
+def precompile(args, workers: int) -> None:
+    """Compile every (point, launch) of --sweep-launch in `workers` processes first: the sweep's time is mostly
+    Triton compiles (every launch x split count is one), one at a time otherwise."""
+    import multiprocessing as mp
+
+    dev = torch.device("cuda")
+    jobs = []
+    for name in args.shapes.split(","):
+        hq, hkv = SHAPES[name]
+        for B, ctx in itertools.product((int(b) for b in args.batches.split(",")),
+                                        (int(c) for c in args.contexts.split(","))):
+            nb = -(-ctx // BLOCK_SIZE)
+            for cand in launch_grid(hq == hkv, args.launch_grid == "full"):
+                kw = launch_kwargs(*cand)
+                blocks = -(-hkv // kw.get("kv_heads_per_program", 1))
+                # What paged_decode_attention derives for the real point (max_seq_len = the table's capacity).
+                splits = default_num_splits(B, blocks, nb * BLOCK_SIZE, dev)
+                jobs.append((hq, hkv, nb, dict(kw, num_splits=splits, min_split_len=64)))
+    jobs = list({repr(j): j for j in jobs}.values())
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(_precompile_job, jobs, chunksize=1)
+    print(f"precompiled {len(jobs)} launches in {workers} processes", flush=True)
+
+
+def sweep_launches(row, notes, q, cache, tables, lens, scale, moved, mha: bool, full: bool) -> None:
+    """Time every launch candidate at its own default split count (a variant with H KV heads per program has
+    Hkv / H programs per split, so default_num_splits gives it more splits); row["launches"] gets them all."""
+    ref = paged_decode_attention(q, cache, tables, lens, scale)
+    default_label = launch_label(*default_candidate(mha))
+    calls = max(2, min(10, int(4e9 // moved)))  # graphs of >= ~4 GB of K/V: big points need fewer calls
+    res = []
+    for cand in launch_grid(mha, full):
+        kw = launch_kwargs(*cand)
+        label = launch_label(*cand)
+        try:
+            out = paged_decode_attention(q, cache, tables, lens, scale, **kw)
+            err = (out.float() - ref.float()).abs().max().item()
+            del out
+            t = timed(lambda: paged_decode_attention(q, cache, tables, lens, scale, **kw), calls=calls)
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / registers for this tile
+            print(f"  skip {label}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
+            continue
+        if err > 3e-2:
+            notes.append(f"MISMATCH {label} {err:.3g}")
+        res.append({"label": label, "ms": t, "tbps": moved / t / 1e9, "max_abs_diff_vs_default": err, **kw})
+    if not res:
+        return
+    default = next((r for r in res if r["label"] == default_label), None)
+    if default is None:
+        notes.append(f"the default launch {default_label} failed")
+        return
+    best = min(res, key=lambda r: r["ms"])
+    row["launches"], row["default_launch"], row["best_launch"] = res, default["label"], best["label"]
+    family = {}
+    for r in res:
+        fam = r["label"].split()[0]
+        if fam not in family or r["ms"] < family[fam]["ms"]:
+            family[fam] = r
+    notes.append(f"default {default['label']} {default['tbps']:.2f} TB/s; best {best['label']} "
+                 f"{best['ms'] * 1000:.1f} us {best['tbps']:.2f} TB/s ({default['ms'] / best['ms']:.2f}x); per variant "
+                 + ", ".join(f"{f} {r['tbps']:.2f} ({r['label'].split(' ', 1)[1]})" for f, r in family.items()))
+
+
+def print_launch_summary(rows) -> None:
+    """Per point: the default launch against the best; per shape: each launch's geometric-mean time over the
+    points relative to every point's best (1.00 = best everywhere) and its worst point: the one to make default."""
+    rows = [r for r in rows if r.get("launches")]
+    if not rows:
+        return
+    print(f"\n{'shape':8s} {'B':>4s} {'ctx':>6s} {'default':>16s} {'TB/s':>6s}   {'best launch':>16s} {'TB/s':>6s} "
+          f"{'gain':>5s}")
+    for r in rows:
+        d = next(x for x in r["launches"] if x["label"] == r["default_launch"])
+        b = min(r["launches"], key=lambda x: x["ms"])
+        print(f"{r['shape']:8s} {r['batch']:4d} {r['context']:6d} {d['label']:>16s} {d['tbps']:6.2f}   "
+              f"{b['label']:>16s} {b['tbps']:6.2f} {d['ms'] / b['ms']:5.2f}x")
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        pts = [r for r in rows if r["shape"] == shape]
+        best = [min(x["ms"] for x in r["launches"]) for r in pts]
+        labels = dict.fromkeys(x["label"] for r in pts for x in r["launches"])
+        ranked = []
+        for label in labels:
+            rel = [next((x["ms"] for x in r["launches"] if x["label"] == label), None) for r in pts]
+            if any(t is None for t in rel):
+                continue  # skipped somewhere (out of resources): not a candidate for a default
+            rel = [t / b for t, b in zip(rel, best)]
+            ranked.append((math.exp(sum(map(math.log, rel)) / len(rel)), max(rel), label))
+        ranked.sort()
+        print(f"\n{shape}: launches by geometric-mean time / best over {len(pts)} points (worst point in brackets)")
+        for gm, worst, label in ranked:
+            print(f"  {label:>16s} {gm:5.3f} ({worst:.3f})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -75,6 +261,10 @@ def main() -> int:
     ap.add_argument("--contexts", default="512,4096,32768")
     ap.add_argument("--sweep-splits", action="store_true")
     ap.add_argument("--sweep-launch", action="store_true")
+    ap.add_argument("--launch-grid", choices=("short", "full"), default="short",
+                    help="--sweep-launch candidates: LAUNCHES (short) or every BLOCK_N x warps x stages (full)")
+    ap.add_argument("--precompile", type=int, default=12, metavar="N",
+                    help="--sweep-launch: compile every launch in N processes first (0: compile as timed)")
     ap.add_argument("--no-torch", action="store_true", help="kernel only")
     ap.add_argument("--output", "--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
@@ -82,6 +272,8 @@ def main() -> int:
         print("bench_paged_attention needs a CUDA GPU", file=sys.stderr)
         return 1
     dev = torch.device("cuda")
+    if args.sweep_launch and args.precompile > 0:
+        precompile(args, args.precompile)
     g = torch.Generator(device=dev).manual_seed(0)
     scale = HEAD_DIM ** -0.5
     rows = []
@@ -99,7 +291,7 @@ def main() -> int:
                 continue
             q, cache, tables, lens = make_point(B, ctx, hq, hkv, dev, g)
             moved = kv_bytes + 2 * q.numel() * q.element_size()
-            splits = default_num_splits(B, hkv, ctx, dev)
+            splits = default_num_splits(B, hkv, ctx, dev)  # the default launch's (one KV head per program)
             ms = timed(lambda: paged_decode_attention(q, cache, tables, lens, scale))
             row = {"shape": name, "batch": B, "context": ctx, "q_heads": hq, "kv_heads": hkv, "splits": splits,
                    "kernel_ms": ms, "kernel_tbps": moved / ms / 1e9, "bytes": moved}
@@ -130,21 +322,7 @@ def main() -> int:
                 row["best_splits"] = best[1]
                 notes.append(f"best splits {best[1]}: {best[0] * 1000:.1f} us")
             if args.sweep_launch:
-                res = []
-                dots = (False, True) if hq == hkv else (True,)
-                for bn, w, st, dot in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), dots):
-                    try:
-                        t = timed(lambda: paged_decode_attention(q, cache, tables, lens, scale, block_n=bn,
-                                                                 num_warps=w, num_stages=st, use_dot=dot))
-                    except Exception as e:  # noqa: BLE001 - out of resources for this tile
-                        print(f"  skip block_n {bn} warps {w} stages {st} dot {dot}: {type(e).__name__}")
-                        continue
-                    res.append((t, bn, w, st, dot))
-                res.sort()
-                row["launch_ms"] = [{"ms": t, "block_n": bn, "num_warps": w, "num_stages": st, "use_dot": dot}
-                                    for t, bn, w, st, dot in res]
-                notes.append("best " + ", ".join(f"{t * 1000:.1f} us (block_n {bn}, warps {w}, stages {st}, dot {dot})"
-                                                 for t, bn, w, st, dot in res[:3]))
+                sweep_launches(row, notes, q, cache, tables, lens, scale, moved, hq == hkv, args.launch_grid == "full")
             rows.append(row)
             tms = row.get("torch_ms")
             torch_cols = (f"{tms * 1000:10.1f} {row['torch_tbps']:6.2f} {tms / ms:6.2f}x" if tms is not None
@@ -153,6 +331,8 @@ def main() -> int:
                   + "; ".join(notes), flush=True)
             del q, cache, tables, lens
             torch.cuda.empty_cache()
+    if args.sweep_launch:
+        print_launch_summary(rows)
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(dev), "dtype": str(DTYPE), "block_size": BLOCK_SIZE,

@@ -33,7 +33,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from minke.kernels import gemv as g  # noqa: E402
 
 _PTRS = {"x_ptr": "x", "w_ptr": "w", "s_ptr": "*fp32", "w_up_ptr": "w", "s_up_ptr": "*fp32", "y_ptr": "x",
-         "e_ptr": "x", "h_ptr": "*fp32", "ws_ptr": "*fp32"}
+         "e_ptr": "x", "h_ptr": "*fp32", "lh_ptr": "*fp32", "lb_ptr": "x", "lslot_ptr": "*i32", "ws_ptr": "*fp32"}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -44,7 +44,7 @@ def compile_config(cfg: dict, fp8: bool, silu: bool, arch: int = 90, x: str = "b
     const = dict(BLOCK_M=max(g.DOT_BLOCK_M, cfg["BLOCK_M"]) if dot else cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], LOOP_STAGES=cfg["num_stages"] if cfg.get("PIPELINE", True) else 1,
                  SPLIT=cfg.get("SPLIT_K", 1) > 1, DOT=dot, UPCAST_DOT=False, DOT_PRECISION="tf32",
-                 HAS_SCALE=fp8, SILU_MUL=silu, HAS_EXTRA=False)
+                 HAS_SCALE=fp8, SILU_MUL=silu, HAS_EXTRA=False, HAS_LORA=False, LORA_BLOCK_R=16)
     kinds = {"x": "*" + x, "w": "*fp8e4nv" if fp8 else "*" + x}
     fn = g._gemv_kernel
     sig, constexprs, attrs = {}, {}, {}

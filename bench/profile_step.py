@@ -2,6 +2,7 @@
 time goes: kernels by GPU time, and host time outside the model.
 
     python bench/profile_step.py --shape v2-lite --out /tmp/prof
+    python bench/profile_step.py --shape v2-lite --lora-rank 16 --out /tmp/prof-lora   # + GPU kernels a step vs base
     python bench/profile_step.py --shape llm-67b --quantization fp8 --gpu-memory-utilization 0.9 --batches 1,8
 """
 
@@ -21,6 +22,21 @@ from minke.sampling_params import SamplingParams
 
 def table(prof, sort: str, n: int = 30) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=n, max_name_column_width=70)
+
+
+def gpu_launches(prof, steps: int) -> tuple[float, float]:
+    """(kernels, memcpy/memset) per step on the GPU: every device-side event the profiler recorded (CUDA-graph
+    replays included: CUPTI traces the graphs' kernels one by one), divided by the profiled steps. Run with and
+    without --lora-rank to see how many launches the adapters add to a decode step."""
+    kernels = copies = 0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if e.name.startswith(("Memcpy", "Memset", "cudaMemcpy", "cudaMemset")):
+            copies += 1
+        else:
+            kernels += 1
+    return kernels / steps, copies / steps
 
 
 def main():
@@ -106,15 +122,20 @@ def main():
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / n
         replay = engine.runner.executor.worker.time_graph_replay(b, 20)
+        steps = 5
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
+            for _ in range(steps):
                 engine.step()
             torch.cuda.synchronize()
+        kernels, copies = gpu_launches(prof, steps)
+        launches = (f"GPU kernels per step {kernels:.0f} (+ {copies:.0f} memcpy/memset), "
+                    f"{kernels / engine.model_config.num_hidden_layers:.1f} a layer"
+                    + (f", adapter rank {args.lora_rank}" if args.lora_rank else ", base model"))
         with open(os.path.join(args.out, f"decode_b{b}.txt"), "w") as f:
-            f.write(f"wall per step {wall * 1000:.2f} ms, graph replay {replay} ms\n")
+            f.write(f"wall per step {wall * 1000:.2f} ms, graph replay {replay} ms\n{launches}\n")
             f.write(table(prof, "cuda_time_total"))
             f.write("\n\n" + table(prof, "cpu_time_total"))
-        print(f"=== decode batch {b}: wall {wall * 1000:.2f} ms/step, graph replay (GPU only) {replay} ms")
+        print(f"=== decode batch {b}: wall {wall * 1000:.2f} ms/step, graph replay (GPU only) {replay} ms; {launches}")
         print(table(prof, "cuda_time_total", 15))
         while engine.has_unfinished_requests():
             engine.step()

@@ -43,3 +43,17 @@ def kernel_test_setup(kernel):
     elif device == "cpu" and not is_interpreted(kernel):
         reason = "triton was imported before TRITON_INTERPRET=1 was set; its kernels cannot run on CPU"
     return device, interpreted, pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+def fp8_weight_case(m, n, k, dtype, seed=0, device="cpu"):
+    """(x [m, k] in dtype, wq [n, k] float8_e4m3fn, scale [n] fp32) on device for the fp8-weight kernels' tests:
+    rows of x of magnitudes 0.1..10, and an outlier that sets weight row 1's scale (the rest of that row rounds
+    coarser, e4m3 subnormals included)."""
+    from minke.kernels.fp8_linear import quantize_weight_fp8
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-1, 1, m)[:, None]).to(dtype)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[1, 3] = 1.5
+    wq, s = quantize_weight_fp8(w)
+    return x.to(device), wq.to(device), s.to(device)

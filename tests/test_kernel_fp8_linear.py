@@ -15,6 +15,7 @@ from minke.kernels.fp8_linear import (
     quantize_weight_fp8,
     uses_gemv,
     uses_scaled_mm,
+    uses_skinny,
 )
 from minke.kernels.fp8_quant import FP8_MAX, quantize_rows_fp8_ref
 from conftest import kernel_test_setup
@@ -118,26 +119,51 @@ def test_scaled_mm_code_path(monkeypatch, dtype, k):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gemv_code_path(monkeypatch, dtype):
-    """fp8_linear's few-row branch (kernels/gemv.py's W8A16 GEMV, taken on CUDA up to gemv.FEW_ROWS_MAX rows) run on
-    this device: leading dims, a strided x, the result the W8A16 math (fp32 sums of the widened weights times the
-    scales, one rounding), and no activation quantization (closer to the float64 product than W8A8)."""
+@pytest.mark.parametrize("branch,dtype", [("gemv", torch.bfloat16), ("gemv", torch.float32),
+                                          ("skinny", torch.bfloat16), ("skinny", torch.float16)])
+def test_w8a16_kernel_code_paths(monkeypatch, branch, dtype):
+    """fp8_linear's W8A16 kernel branches run on this device: the few-row GEMV (kernels/gemv.py, taken on CUDA up to
+    gemv.FEW_ROWS_MAX rows) and the skinny GEMM (kernels/fp8_skinny.py, from there to SKINNY_MAX_ROWS; bf16 / fp16):
+    leading dims, a strided x, the W8A16 math (fp32 sums of the widened weights times the scales, one rounding; the
+    interpreter's bf16 cast truncates: one bf16 step), no W8A8 branch, and no activation quantization (closer to
+    the float64 product than W8A8)."""
     from minke.kernels.gemv import gemv_ref
 
-    monkeypatch.setattr(_kmod, "uses_gemv", lambda *a, **kw: True)
-    x, w = _case(m=6, k=96, n=32, seed=4)
+    monkeypatch.setattr(_kmod, "uses_gemv" if branch == "gemv" else "uses_skinny", lambda *a, **kw: True)
+    monkeypatch.setattr(_kmod, "uses_scaled_mm", lambda *a, **kw: pytest.fail("W8A8 taken"))
+    m = 6 if branch == "gemv" else 12
+    x, w = _case(m=m, k=96, n=40, seed=4)
     x, w = x.to(dtype).to(DEVICE), w.to(DEVICE)
     wq, s = quantize_weight_fp8(w)
-    y = fp8_linear(x.view(2, 3, 96), wq, s)
-    assert y.shape == (2, 3, 32) and y.dtype == dtype
+    y = fp8_linear(x.view(2, m // 2, 96), wq, s)
+    assert y.shape == (2, m // 2, 40) and y.dtype == dtype
     want = gemv_ref(x.float(), wq, s)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-2)
-    torch.testing.assert_close(y.view(6, 32).float(), want, **tol)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2 ** -7, atol=1e-2),
+           torch.float16: dict(rtol=2 ** -10, atol=1e-4)}[dtype]
+    torch.testing.assert_close(y.view(m, 40).float(), want, **tol)
     wide = torch.cat([x, x[:, :8]], dim=1)[:, :96]  # a strided row view
     torch.testing.assert_close(fp8_linear(wide, wq, s).float(), want, **tol)
     exact = x.double() @ w.double().T
     assert (want.double() - exact).norm() < (fp8_linear_w8a8_ref(x.float(), wq, s).double() - exact).norm()
+
+
+def test_uses_skinny_rows_between_gemv_and_w8a8():
+    from minke.kernels.fp8_linear import SKINNY_MAX_ROWS
+    from minke.kernels.gemv import FEW_ROWS_MAX
+
+    assert FEW_ROWS_MAX < SKINNY_MAX_ROWS
+    x, w = _case(m=12)
+    wq, _ = quantize_weight_fp8(w)
+    assert not uses_skinny(x.bfloat16(), wq)  # CPU: the torch W8A16 path
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        wc = wq.cuda()
+        rows = lambda m, dt=torch.bfloat16: torch.zeros(m, 96, device="cuda", dtype=dt)  # noqa: E731
+        assert not uses_skinny(rows(FEW_ROWS_MAX), wc) and uses_gemv(rows(FEW_ROWS_MAX), wc)
+        assert uses_skinny(rows(FEW_ROWS_MAX + 1), wc) and uses_skinny(rows(SKINNY_MAX_ROWS, torch.float16), wc)
+        assert not uses_skinny(rows(SKINNY_MAX_ROWS + 1), wc) and uses_skinny(rows(128), wc, max_rows=128)
+        assert not uses_skinny(rows(16, torch.float32), wc)  # fp32: the torch W8A16 path (no tf32 dots)
+        assert not uses_skinny(rows(16), wc, out_dtype=torch.float16)  # the kernel writes x's dtype only
+        assert uses_skinny(torch.zeros(4, 4, 96, device="cuda", dtype=torch.bfloat16), wc)  # 16 rows, 3-D
 
 
 def test_uses_gemv_only_for_few_rows_on_cuda():
@@ -193,8 +219,10 @@ _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (7, 4096, 11008), (256, 8192, 1024), (33, 22016, 8192)])
 def test_gpu_scaled_mm_matches_emulation(monkeypatch, m, k, n, dtype):
     """LLM 7B / 67B projection shapes (22016: the 67B down_proj, past the quantizer's one-tile rows). The W8A8 path
-    at every row count (fp8_linear sends up to 8 rows to the GEMV: test_gpu_gemv_matches_w8a16 below)."""
+    at every row count (fp8_linear sends up to 8 rows to the GEMV: test_gpu_gemv_matches_w8a16 below, and up to
+    SKINNY_MAX_ROWS to the skinny GEMM: tests/test_kernel_fp8_skinny.py)."""
     monkeypatch.setattr(_kmod, "uses_gemv", lambda *a, **kw: False)
+    monkeypatch.setattr(_kmod, "uses_skinny", lambda *a, **kw: False)
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.02
@@ -227,7 +255,7 @@ def test_gpu_gemv_matches_w8a16(m, k, n, dtype):
 
 
 @pytest.mark.skipif(not _HOPPER, reason="needs a CUDA GPU of compute capability >= 9 (fp8 tensor cores)")
-@pytest.mark.parametrize("m", [4, 32])  # the GEMV path, the _scaled_mm path
+@pytest.mark.parametrize("m", [4, 32, 256])  # the GEMV path, the skinny GEMM, the _scaled_mm path
 def test_gpu_fp8_linear_in_cuda_graph(m):
     from minke.kernels.gemv import gemv_ref
 
@@ -239,5 +267,6 @@ def test_gpu_fp8_linear_in_cuda_graph(m):
         y = fp8_linear(x, wq, s)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    want = gemv_ref(x.float(), wq, s) if uses_gemv(x, wq) else fp8_linear_w8a8_ref(x, wq, s, out_dtype=torch.float32)
+    w8a16 = uses_gemv(x, wq) or uses_skinny(x, wq)
+    want = gemv_ref(x.float(), wq, s) if w8a16 else fp8_linear_w8a8_ref(x, wq, s, out_dtype=torch.float32)
     torch.testing.assert_close(y.float(), want, rtol=2 ** -7, atol=2e-2 * y.float().abs().amax().item())

@@ -20,7 +20,7 @@ from minke.kernels.gemv import (
     linear_silu_mul,
 )
 from minke.kernels.silu_mul import silu_mul_fwd_ref
-from conftest import kernel_test_setup
+from conftest import fp8_weight_case, kernel_test_setup
 
 DEVICE, INTERPRET, needs_triton = kernel_test_setup(_kmod._gemv_kernel)
 
@@ -56,12 +56,7 @@ def test_gemv_rejects_bad_input():
 
 
 def _fp8_case(m, n, k, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(m, k, generator=g) * torch.logspace(-1, 1, m)[:, None]).to(dtype)  # rows of other magnitudes
-    w = torch.randn(n, k, generator=g) * 0.05
-    w[1, 3] = 1.5  # an outlier sets its row's scale (the rest of that row rounds coarser)
-    wq, s = quantize_weight_fp8(w)
-    return x.to(DEVICE), wq.to(DEVICE), s.to(DEVICE)
+    return fp8_weight_case(m, n, k, dtype, seed, DEVICE)
 
 
 # 1, 3, 8 rows (one program row: the 2-D and the 3-D partial sums), 11 rows (two row groups, the second partial);
@@ -177,7 +172,7 @@ def test_gemv_config_rule():
 @pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
 def test_model_mlp_through_the_kernels(monkeypatch, fp8):
     """The wiring a GPU run has, taken here (the row limit's CUDA check lifted, so the interpreter runs the kernels):
-    MLP.fuse_gate_up + the GEMV mixin (runner/gpu_kernels.py) send steps of up to FEW_ROWS_MAX rows through
+    MLP.fuse_gate_up + the GEMV mixin (runner/gpu_kernels.py) send one-row steps (fp8: up to FEW_ROWS_MAX rows) through
     gemv_silu_mul (and fp8 down_proj through fp8_linear's GEMV), longer ones through GEMM + SiLU·mul; both equal
     the plain MLP (fp8: the MLP quantized without the fusion, the same bits)."""
     import minke.kernels.fp8_linear as fp8_mod
@@ -204,7 +199,8 @@ def test_model_mlp_through_the_kernels(monkeypatch, fp8):
         x = torch.randn(m, 24).to(DEVICE)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-6)
-    assert calls == [1, 5]  # 12 rows: one GEMM + SiLU·mul
+    # fp8: up to FEW_ROWS_MAX rows fused; plain weights: one row only (GEMV_MAX_ROWS); 12 rows: GEMM + SiLU·mul
+    assert calls == ([1, 5] if fp8 else [1])
 
 
 @needs_triton

@@ -154,12 +154,23 @@ def test_moe_lora_reference_equals_merged_experts():
 
 
 @needs_triton
+@pytest.mark.parametrize("in_loop", [True, False])
 @pytest.mark.parametrize("t", [1, 9])
-def test_fused_moe_with_lora_equals_reference(t):
-    """The deltas computed inside the grouped GEMMs (shrink over the expert-sorted tiles, h @ B^T in the epilogue)
-    equal the torch reference; tokens without an adapter get exactly the base experts' output."""
+def test_fused_moe_with_lora_equals_reference(t, in_loop, monkeypatch):
+    """The deltas computed inside the grouped GEMMs (the shrink in their K loops, or with more slots than
+    LORA_IN_LOOP_MAX_SLOTS a shrink launch over the expert-sorted tiles; h @ B^T in the epilogue) equal the torch
+    reference; tokens without an adapter get exactly the base experts' output."""
+    import minke.kernels.fused_moe as fm
     from minke.kernels.fused_moe import fused_moe
     from minke.kernels.lora import fused_moe_lora_ref
+
+    shrinks = []
+    monkeypatch.setattr(fm, "lora_shrink_moe", lambda *a, **kw: shrinks.append(1) or fm_shrink(*a, **kw))
+    fm_shrink = __import__("minke.kernels.lora", fromlist=["lora_shrink_moe"]).lora_shrink_moe
+    if in_loop:
+        monkeypatch.setattr(fm, "LORA_IN_LOOP_MAX_TOKENS", 16)  # t = 9 too: the unrolled per-slot dots
+    else:
+        monkeypatch.setattr(fm, "LORA_IN_LOOP_MAX_SLOTS", 1)  # 2 slots below: the shrink launches
 
     x, w13, w2, ids, wts, (gua, gub, da, db), slot, MoELoRA = _moe_case(t, 2, 4, 32, 32, 2, 16, torch.float32)
     args = [v.to(DEVICE) for v in (x, w13, w2, wts, ids)]
@@ -177,6 +188,7 @@ def test_fused_moe_with_lora_equals_reference(t):
                                                      db.to(DEVICE))), base)
     plain = slot < 0
     assert torch.equal(got[plain.to(DEVICE)], base[plain.to(DEVICE)])
+    assert bool(shrinks) != in_loop
 
 
 @needs_triton
@@ -207,6 +219,14 @@ def test_shrink_expand_equals_references(dtype, a_grouped, b_grouped):
     assert torch.equal(y[:, n:], y0[:, n:])
     plain = ia < 0
     assert torch.equal(y[plain], y0[plain])
+    # per-(token, head) views, read and written in place: x a slice of a wider projection output [T, H, k + 8] (the
+    # q_nope of q), y a permuted [H, T, n] buffer (an einsum's bmm output) -- the same result, nothing copied
+    wide = torch.zeros(tokens, heads, k + 8, dtype=dtype, device=DEVICE)
+    wide[:, :, :k] = x.view(tokens, heads, k)
+    y_perm = y0[:, :n].clone().view(tokens, heads, n).transpose(0, 1).contiguous().transpose(0, 1)  # [T, H, n] view
+    lora_shrink_expand(y_perm, wide[:, :, :k], a, b, slots, heads, a_grouped, b_grouped)
+    assert y_perm.stride(1) == tokens * n
+    torch.testing.assert_close(y_perm.reshape(rows, n), want, **tol)
 
 
 @needs_triton
@@ -245,3 +265,125 @@ def test_expand_of_every_slots_h(dtype):
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y, want, **tol)
     assert torch.equal(y[idx < 0], y0[idx < 0])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slotted,split", [(True, 1), (False, 1), (False, 4)])
+def test_expand_inside_the_add_rmsnorm(dtype, slotted, split):
+    """rmsnorm(x, w, eps, residual, lora=RowDelta(...)): the expand of o_proj / down_proj riding the next add +
+    RMSNorm equals lora_expand into x then the plain add + norm (and its torch reference); rows without an adapter
+    are exactly the plain norm's."""
+    from minke.kernels.rmsnorm import RowDelta, rmsnorm, rmsnorm_ref
+
+    tokens, k, d, S, r = 5, 48, 40, 3, 8
+    x_in, a, b, slots = _slots_case(tokens, k, d, S, r, 1, dtype, seed=5)
+    x_in, a, b, slots = x_in.to(DEVICE), a.to(DEVICE), b.to(DEVICE), slots.to(DEVICE)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(tokens, d, generator=g).to(DEVICE, dtype)
+    res = torch.randn(tokens, d, generator=g).to(DEVICE, dtype)
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(DEVICE, dtype)
+    idx = lora_row_index(slots, tokens)
+    if slotted:
+        h = (x_in.float() @ a.float().flatten(0, 1).t())[None]  # [1, M, S*R]: every slot's h
+    else:
+        h = lora_shrink(x_in, a, slots, split=split)  # [SPLIT, M, R] partials
+        assert h.shape[0] == split
+    delta = RowDelta(h, b.transpose(1, 2).contiguous(), slots, slotted)
+    y, s = rmsnorm(x, w, 1e-6, res, lora=delta)
+    x_exp = lora_expand(x.clone(), h, b, slots, slotted=slotted)
+    y_want, s_want = rmsnorm_ref(x_exp, w, 1e-6, res)
+    y_ref, s_ref = rmsnorm_ref(x, w, 1e-6, res, lora=delta)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for got, want in ((y, y_want), (s, s_want), (y_ref, y_want), (s_ref, s_want), (y, y_ref)):
+        torch.testing.assert_close(got, want, **tol)
+    plain_y, plain_s = rmsnorm(x, w, 1e-6, res)
+    assert torch.equal(y[idx < 0], plain_y[idx < 0]) and torch.equal(s[idx < 0], plain_s[idx < 0])
+    assert (idx >= 0).any() and (idx < 0).any()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["plain", "residual", "partials", "residual+delta"])
+def test_shrink_inside_the_rmsnorm(dtype, form):
+    """rmsnorm(..., shrink=RowShrink(a, slots)) also returns h = y A[slot]^T of its output rows ([1, M, R] fp32,
+    zeros without an adapter: lora_shrink's partials layout) and leaves y (and the sum) exactly the plain norm's;
+    h equals lora_shrink of y, and the torch reference."""
+    from minke.kernels.rmsnorm import RowDelta, RowShrink, rmsnorm, rmsnorm_ref
+
+    tokens, d, S, r = 5, 40, 3, 6
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(tokens, *((3,) if form == "partials" else ()), d, generator=g).to(DEVICE, dtype)
+    res = torch.randn(tokens, d, generator=g).to(DEVICE, dtype) if form != "plain" else None
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(DEVICE, dtype)
+    a = (torch.randn(S, r, d, generator=g) * 0.3).to(DEVICE, dtype)
+    slots = torch.tensor([1, -1, 0, 2, 1], dtype=torch.int32, device=DEVICE)
+    delta = None
+    if form == "residual+delta":
+        b_t = (torch.randn(S, 4, d, generator=g) * 0.3).to(DEVICE, dtype)
+        delta = RowDelta(torch.randn(1, tokens, 4, generator=g).to(DEVICE), b_t, slots)
+    shrink = RowShrink(a, slots)
+    got = rmsnorm(x, w, 1e-6, res, lora=delta, shrink=shrink)
+    plain = rmsnorm(x, w, 1e-6, res, lora=delta)
+    ref = rmsnorm_ref(x, w, 1e-6, res, lora=delta, shrink=shrink)
+    plain = plain if isinstance(plain, tuple) else (plain,)
+    assert len(got) == len(plain) + 1
+    for t_got, t_plain in zip(got[:-1], plain):
+        assert torch.equal(t_got, t_plain)
+    h = got[-1]
+    assert h.shape == (1, tokens, r) and h.dtype == torch.float32
+    want = lora_shrink(got[0].reshape(tokens, d), a, slots).sum(0)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(h[0], want, **tol)
+    torch.testing.assert_close(h, ref[-1], **tol)
+    assert not h[0, 1].any()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_expand_epilogue(dtype, rows):
+    """gemv(x, w, lora=(h, B, slots)): the expand in the GEMV's epilogue equals the GEMV then lora_expand (and
+    gemv_lora_ref); rows without an adapter are the plain GEMV's bit for bit."""
+    from minke.kernels.gemv import gemv, gemv_lora_ref
+
+    k, n, S, r = 64, 40, 3, 8
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) * 0.2).to(DEVICE, dtype)
+    b = (torch.randn(S, n, r, generator=g) * 0.3).to(DEVICE, dtype)
+    h = torch.randn(rows, r, generator=g).to(DEVICE)
+    slots = torch.tensor([2, -1, 0][:rows], dtype=torch.int32, device=DEVICE)
+    got = gemv(x, w, lora=(h, b, slots))
+    plain = gemv(x, w)
+    want = lora_expand(plain.clone(), h[None], b, slots)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(gemv_lora_ref(x, w, (h, b, slots)), want, **tol)
+    none = slots < 0
+    assert torch.equal(got[none], plain[none])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_silu_mul_with_adapter_deltas(dtype):
+    """gemv_silu_mul(x, [gate; up], lora=(h, B [S, 2I, R], slots)): the gate / up deltas enter before the activation,
+    as the torch reference and the unfused GEMM + expand + silu * mul; rows without an adapter are the plain
+    kernel's bit for bit."""
+    from minke.kernels.gemv import gemv_silu_mul, gemv_silu_mul_lora_ref
+
+    rows, k, inter, S, r = 3, 64, 24, 3, 8
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(2 * inter, k, generator=g) * 0.2).to(DEVICE, dtype)
+    b = (torch.randn(S, 2 * inter, r, generator=g) * 0.3).to(DEVICE, dtype)
+    h = torch.randn(rows, r, generator=g).to(DEVICE)
+    slots = torch.tensor([1, -1, 2], dtype=torch.int32, device=DEVICE)
+    got = gemv_silu_mul(x, w, lora=(h, b, slots))
+    want = gemv_silu_mul_lora_ref(x, w, (h, b, slots))
+    y = lora_expand((x.float() @ w.float().t()).to(dtype), h[None], b, slots).float()
+    unfused = (torch.nn.functional.silu(y[:, :inter]) * y[:, inter:]).to(dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got, unfused, **tol)
+    assert torch.equal(got[1], gemv_silu_mul(x, w)[1])

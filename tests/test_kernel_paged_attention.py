@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import minke.kernels.paged_attention as _kmod
-from minke.kernels.paged_attention import default_num_splits, paged_decode_attention, paged_decode_attention_ref
+from minke.kernels.paged_attention import (default_launch, default_num_splits, paged_decode_attention,
+                                          paged_decode_attention_ref)
 from minke.models.attention import ForwardBatch, TorchAttentionBackend
 from conftest import kernel_test_setup
 
@@ -117,7 +118,7 @@ def test_kernel_matches_ref_fp32(shape, num_splits):
     Hq, Hkv, D, bs = SHAPES[shape]
     (q, cache, bt, lens), dense = _make_case(LENS, Hq, Hkv, D, bs, torch.float32, seed=3)
     scale = 0.7 * D ** -0.5
-    out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=num_splits)
+    out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=num_splits, head_fastest=num_splits == 8)
     ref = paged_decode_attention_ref(q, cache, bt, lens, scale)
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=TOL[torch.float32], atol=TOL[torch.float32])
@@ -125,28 +126,107 @@ def test_kernel_matches_ref_fp32(shape, num_splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("heads", [1, 2])  # 2: the kv_heads_per_program variant (block-diagonal dot)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["llm-7b", "llm-67b", "moe-16b"])
-def test_kernel_matches_ref_half(shape, dtype):
+def test_kernel_matches_ref_half(shape, dtype, heads):
     Hq, Hkv, D, bs = SHAPES[shape]
     (q, cache, bt, lens), _ = _make_case(LENS, Hq, Hkv, D, bs, dtype, seed=4)
     scale = D ** -0.5
     for splits in (1, 4):
-        out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=splits)
+        out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=splits, kv_heads_per_program=heads)
         ref = paged_decode_attention_ref(q, cache, bt, lens, scale)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @needs_triton
+@pytest.mark.parametrize("loop_stages", [None, 3])  # 3: every loop load pipelined (tl.range num_stages)
 @pytest.mark.parametrize("use_dot", [True, False])
-def test_mha_dot_and_vector_paths_agree(use_dot):
+def test_mha_dot_and_vector_paths_agree(use_dot, loop_stages):
     """MHA takes the tensor-core path (its one row padded to 16) by default; the vector path must give the same
     result (the bench times both)."""
     Hq, Hkv, D, bs = SHAPES["llm-7b"]
     (q, cache, bt, lens), _ = _make_case(LENS, Hq, Hkv, D, bs, torch.float32, seed=5)
-    out = paged_decode_attention(q, cache, bt, lens, 0.1, num_splits=2, use_dot=use_dot)
+    out = paged_decode_attention(q, cache, bt, lens, 0.1, num_splits=2, use_dot=use_dot, loop_stages=loop_stages,
+                                 head_fastest=loop_stages is not None)
     torch.testing.assert_close(out, paged_decode_attention_ref(q, cache, bt, lens, 0.1), rtol=2e-5, atol=2e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("heads", [2, 4])
+@pytest.mark.parametrize("shape", ["llm-7b", "llm-67b", "odd-head"])  # odd-head: 3 KV heads, a partial head block
+def test_heads_per_program_variant_matches_ref_fp32(shape, heads, num_splits):
+    """kv_heads_per_program > 1: block-diagonal dot over H KV heads per program, MHA and GQA, ragged lengths."""
+    Hq, Hkv, D, bs = SHAPES[shape]
+    (q, cache, bt, lens), dense = _make_case(LENS, Hq, Hkv, D, bs, torch.float32, seed=15)
+    scale = 0.7 * D ** -0.5
+    out = paged_decode_attention(q, cache, bt, lens, scale, num_splits=num_splits, kv_heads_per_program=heads,
+                                 head_fastest=num_splits == 3)  # both grid orders
+    assert out.shape == (len(LENS), Hq, D) and out.dtype == torch.float32
+    torch.testing.assert_close(out, paged_decode_attention_ref(q, cache, bt, lens, scale), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out.cpu(), _dense_attention(q, dense, scale), rtol=2e-5, atol=2e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_heads_per_program_empty_context_and_default_splits(num_splits):
+    Hq, Hkv, D, bs = SHAPES["llm-7b"]
+    (q, cache, bt, lens), _ = _make_case([0, 70, 0, 3], Hq, Hkv, D, bs, torch.float32, seed=17)
+    out = paged_decode_attention(q, cache, bt, lens, 0.2, num_splits=num_splits, kv_heads_per_program=2)
+    assert torch.equal(out[0].cpu(), torch.zeros(Hq, D)) and torch.equal(out[2].cpu(), torch.zeros(Hq, D))
+    ref = paged_decode_attention_ref(q, cache, bt, lens, 0.2)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+    # Automatic splits (counted over head blocks) and a caller-given bound, as a captured graph sees them.
+    out = paged_decode_attention(q, cache, bt, lens, 0.2, max_seq_len=4096, kv_heads_per_program=4, block_n=16,
+                                 loop_stages=2)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_out_is_written_in_place(heads, num_splits):
+    """out= (the model's decode rows of its [N, H, D] output): written directly, rows outside it untouched."""
+    Hq, Hkv, D, bs = SHAPES["moe-16b"]
+    (q, cache, bt, lens), _ = _make_case([5, 40], Hq, Hkv, D, bs, torch.float32, seed=18)
+    full = torch.full((3, Hq, D), 5.0, device=q.device)
+    got = paged_decode_attention(q, cache, bt, lens, 0.3, num_splits=num_splits, kv_heads_per_program=heads,
+                                 out=full[:2])
+    assert got.data_ptr() == full.data_ptr()
+    torch.testing.assert_close(full[:2], paged_decode_attention_ref(q, cache, bt, lens, 0.3), rtol=2e-5, atol=2e-5)
+    assert torch.equal(full[2].cpu(), torch.full((Hq, D), 5.0))
+
+
+@needs_triton
+def test_heads_per_program_default_splits_count_head_blocks(monkeypatch):
+    """The split heuristic sees programs: cdiv(Hkv, H) head blocks per sequence, not Hkv."""
+    Hq, Hkv, D, bs = SHAPES["odd-head"]  # 3 KV heads: 2 head blocks of 2
+    (q, cache, bt, lens), _ = _make_case([9, 30], Hq, Hkv, D, bs, torch.float32, seed=20)
+    seen = []
+    monkeypatch.setattr(_kmod, "default_num_splits", lambda *a: seen.append(a) or 2)
+    out = paged_decode_attention(q, cache, bt, lens, 0.3, kv_heads_per_program=2)
+    assert seen == [(2, 2, bt.shape[1] * bs, q.device)]
+    torch.testing.assert_close(out, paged_decode_attention_ref(q, cache, bt, lens, 0.3), rtol=2e-5, atol=2e-5)
+
+
+@needs_triton
+def test_heads_per_program_rejects_bad_arguments():
+    Hq, Hkv, D, bs = SHAPES["llm-7b"]
+    (q, cache, bt, lens), _ = _make_case([3], Hq, Hkv, D, bs, torch.float32, seed=19)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_decode_attention(q, cache, bt, lens, 0.1, kv_heads_per_program=3)
+    with pytest.raises(ValueError, match="tensor cores only"):
+        paged_decode_attention(q, cache, bt, lens, 0.1, kv_heads_per_program=2, use_dot=False)
+    with pytest.raises(ValueError, match="loop_stages must be"):
+        paged_decode_attention(q, cache, bt, lens, 0.1, loop_stages=0)
+    with pytest.raises(ValueError, match="block_n must be >= 16"):
+        paged_decode_attention(q, cache, bt, lens, 0.1, kv_heads_per_program=2, block_n=8)
+    with pytest.raises(ValueError, match="out must be"):
+        paged_decode_attention(q, cache, bt, lens, 0.1, out=torch.empty(1, Hq, D + 1, device=q.device))
+    with pytest.raises(ValueError, match="out must be"):
+        paged_decode_attention(q, cache, bt, lens, 0.1, out=torch.empty(1, Hq, D, device=q.device).half())
 
 
 @needs_triton
@@ -198,6 +278,24 @@ def test_strided_query_view():
     qkv = torch.cat([q, torch.zeros(2, 2 * Hkv, D, device=q.device)], dim=1)
     out = paged_decode_attention(qkv[:, :Hq], cache, bt, lens, 0.3, num_splits=2)
     torch.testing.assert_close(out, paged_decode_attention_ref(q, cache, bt, lens, 0.3), rtol=2e-5, atol=2e-5)
+
+
+def test_default_launch_rules():
+    """What paged_decode_attention runs for the launch arguments left None: the variant (the padded dot, MHA and
+    GQA), a caller's variant kept whole, that variant's tiles (fp32: its own, smaller)."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert default_launch(1, bf16) == dict(use_dot=True, kv_heads_per_program=1, loop_stages=None,
+                                           head_fastest=False, block_n=128, num_warps=4, num_stages=3)
+    assert default_launch(8, bf16) == default_launch(1, bf16)
+    assert default_launch(8, fp32)["block_n"] == 32 and default_launch(8, fp32)["num_stages"] == 2
+    vec = default_launch(1, bf16, use_dot=False)
+    assert vec["use_dot"] is False and (vec["block_n"], vec["num_warps"], vec["num_stages"]) == (64, 4, 2)
+    heads = default_launch(1, bf16, kv_heads_per_program=2)
+    assert heads["use_dot"] is True and heads["kv_heads_per_program"] == 2 and heads["block_n"] == 32
+    assert default_launch(1, fp32, kv_heads_per_program=4)["block_n"] == 16
+    assert default_launch(1, bf16, loop_stages=3) == dict(default_launch(1, bf16), loop_stages=3)
+    assert default_launch(8, bf16, head_fastest=True) == dict(default_launch(8, bf16), head_fastest=True)
+    assert default_launch(8, bf16, use_dot=False)["use_dot"] is False  # then rejected: the vector path is MHA only
 
 
 def test_default_num_splits_rules(monkeypatch):
@@ -271,23 +369,28 @@ def test_gpu_full_size_shapes(shape, dtype):
     scale = 128 ** -0.5
     ref = paged_decode_attention_ref(q, cache, bt, lens_t, scale)
     for kw in ({}, {"num_splits": 1}, {"num_splits": 7}, {"num_splits": 64, "min_split_len": 1},
-               {"use_dot": True}, {"block_n": 32, "num_warps": 8}):
+               {"use_dot": True}, {"block_n": 32, "num_warps": 8}, {"kv_heads_per_program": 2},
+               {"kv_heads_per_program": 4, "block_n": 16, "num_warps": 8},
+               {"kv_heads_per_program": 2, "num_splits": 7}, {"kv_heads_per_program": 2, "loop_stages": 3},
+               {"loop_stages": 3}, {"head_fastest": True}, {"kv_heads_per_program": 2, "head_fastest": True}):
         out = paged_decode_attention(q, cache, bt, lens_t, scale, **kw)
         torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype], msg=str(kw))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (compiled Triton)")
-def test_gpu_cuda_graph_replay_with_new_lengths():
+@pytest.mark.parametrize("heads", [1, 2])
+def test_gpu_cuda_graph_replay_with_new_lengths(heads):
     """Captured once for a bound of the context; replayed after the lengths (and tables) change in place."""
     Hq, Hkv = FULL["llm-67b"]
     # Every sequence's blocks hold 1600 tokens of context; the replays attend over prefixes of them.
     (q, cache, bt, lens), _ = _make_case([1600] * 4, Hq, Hkv, 128, 16, torch.bfloat16, seed=14)
     lens.copy_(torch.tensor([700, 5, 1500, 1], dtype=torch.int32))
     scale = 128 ** -0.5
-    out = paged_decode_attention(q, cache, bt, lens, scale, max_seq_len=2048)  # warm-up / compile
+    kw = {"max_seq_len": 2048, "kv_heads_per_program": heads, "head_fastest": heads == 2}
+    out = paged_decode_attention(q, cache, bt, lens, scale, **kw)  # warm-up / compile
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = paged_decode_attention(q, cache, bt, lens, scale, max_seq_len=2048)
+        out = paged_decode_attention(q, cache, bt, lens, scale, **kw)
     for new in ([1, 1, 1, 1], [1500, 700, 5, 0], [1600, 16, 33, 1024]):
         lens.copy_(torch.tensor(new, dtype=torch.int32))
         graph.replay()

@@ -47,7 +47,24 @@ def test_kernel_path_tokens_equal_the_merged_model(tmp_path, monkeypatch, varian
 
     monkeypatch.setattr(layers, "lora_shrink", counted(layers.lora_shrink, "shrink"))
     monkeypatch.setattr(layers, "lora_shrink_expand", counted(layers.lora_shrink_expand, "per_head"))
-    monkeypatch.setattr(fm, "lora_shrink_moe", counted(fm.lora_shrink_moe, "experts"))
+    fused = fm.fused_moe
+
+    def fused_counted(*a, **kw):  # the experts' adapters ride its grouped GEMMs (their shrinks in the K loops)
+        calls["experts"] += kw.get("lora") is not None
+        return fused(*a, **kw)
+
+    monkeypatch.setattr(fm, "fused_moe", fused_counted)
+    import minke.kernels.rmsnorm as rn
+
+    norm = rn.rmsnorm
+
+    def norm_counted(*a, **kw):  # o_proj's (and dense down_proj's) expand inside the next add + RMSNorm, the
+        calls["norm_expand"] += kw.get("lora") is not None  # fused input projection's shrink inside the one before
+        calls["norm_shrink"] += kw.get("shrink") is not None
+        return norm(*a, **kw)
+
+    calls["norm_expand"] = calls["norm_shrink"] = 0
+    monkeypatch.setattr(rn, "rmsnorm", norm_counted)
     assets = LoRAAssets(tmp_path)
     base = assets(variant)
     a1, merged1 = assets.adapter(variant, seed=1)
@@ -76,7 +93,9 @@ def test_kernel_path_tokens_equal_the_merged_model(tmp_path, monkeypatch, varian
     assert got[:3] == want[0] and got[3:6] == want[1] and got[6:] == want[2]
     assert want[1] != want[0], "the adapter changes the tokens"
     moe = variant != "llama"
-    assert calls["shrink"] and calls["stacked"], calls
+    # the stacked shrink of the fused input projection rides the input norm in every step; its block-diagonal
+    # expand follows the projection (no ctx.apply of the stacked B any more)
+    assert calls["shrink"] and calls["norm_shrink"] and calls["norm_expand"] and not calls["stacked"], calls
     assert bool(calls["per_head"]) == moe and bool(calls["experts"]) == moe, calls
 
 
@@ -113,24 +132,42 @@ def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch, variant, sw
         got = _tokens(llm.generate(PROMPTS * 3, GREEDY, lora_request=[None] * 3 + [r1] * 3 + [r2] * 3,
                                    use_tqdm=False))
         assert got[:3] == want[0] and got[3:6] == want[1] and got[6:] == want[2], kernels
-    if swaps:  # one-row steps: the GEMV (here on CPU, interpreted) with every slot's A as extra rows
+    if swaps:  # one-row steps: the GEMV (here on CPU, interpreted) with every slot's A as extra rows (o_proj,
+        # down_proj: their expand in the next add + RMSNorm), or with the expand of the shrink the input norm did
+        # in its epilogue (the fused input projection)
         import minke.kernels.gemv as gemv_mod
 
         def cpu_gemv_applies(x, w):
             return x.dim() == 2 and x.shape[0] <= gemv_mod.GEMV_MAX_ROWS and x.stride(1) == 1 and w.stride(1) == 1
 
-        extra_rows = []
+        extra_rows, lora_ranks = [], []
         gemv = gemv_mod.gemv
 
-        def counted_gemv(x, w, config=None, extra=None):
+        def counted_gemv(x, w, config=None, extra=None, lora=None):
             extra_rows.append(0 if extra is None else extra.shape[0])
-            return gemv(x, w, config, extra=extra)
+            lora_ranks.append(0 if lora is None else lora[0].shape[1])
+            return gemv(x, w, config, extra=extra, lora=lora)
+
+        silu_mul = gemv_mod.gemv_silu_mul
+        silu_mul_lora = []
+
+        def counted_silu_mul(x, w, scale=None, config=None, lora=None):  # a dense MLP's gate_up + its expand
+            silu_mul_lora.append(lora is not None)
+            return silu_mul(x, w, scale, config, lora=lora)
+
+        def cpu_few_rows(x, w, max_rows):
+            return x.dim() == 2 and x.shape[0] <= max_rows and x.stride(1) == 1 and w.stride(1) == 1
 
         monkeypatch.setattr(gemv_mod, "gemv_applies", cpu_gemv_applies)
+        monkeypatch.setattr(gemv_mod, "_few_rows", cpu_few_rows)
         monkeypatch.setattr(gemv_mod, "gemv", counted_gemv)
+        monkeypatch.setattr(gemv_mod, "gemv_silu_mul", counted_silu_mul)
         one = llm.generate(PROMPTS[:1], GREEDY, lora_request=r1, use_tqdm=False)
         assert _tokens(one) == want[1][:1]
-        assert len(set(extra_rows) - {0}) >= 2, extra_rows  # o_proj / down_proj (S*R) and the fused input (S*2R)
+        assert set(extra_rows) - {0} == {2 * 8}, extra_rows  # o_proj / down_proj: S*R rows more
+        parts = 2 if variant.startswith("deepseek_v2") else 3  # MLA: q + kv_a; MHA: q, k, v
+        assert set(lora_ranks) - {0} == {parts * 8}, lora_ranks  # the fused input: its stacked ranks
+        assert any(silu_mul_lora), silu_mul_lora  # the dense layer's gate_up GEMV with its adapters' expand
     for w in model.lora_layers.experts.values():  # the shared MLP's adapters sit in the folded experts' rows
         for stack in (w.gate_up_a, w.gate_up_b, w.down_a, w.down_b):
             assert stack[w.e: w.e_total].abs().sum() > 0 and stack[w.e_total + w.e: 2 * w.e_total].abs().sum() > 0

@@ -4,14 +4,19 @@ scale per output row (issue 23.3: DeepSeek LLM 67B's 134 GB of bf16 weights beco
 Weights (quantize_weight_fp8, once at load, kernels/fp8_quant.py's row quantizer):
     w_scale[n] = max_k |W[n, k]| / 448,   Wq[n, k] = e4m3(W[n, k] / w_scale[n])       W ~= Wq * w_scale[:, None]
 
-Three ways to multiply (fp8_linear picks by device, dtype and rows):
+Four ways to multiply (fp8_linear picks by device, dtype and rows):
 - W8A16 GEMV, on CUDA for steps of at most gemv.FEW_ROWS_MAX (8) rows (batch-1..8 decode) with output in x's
   dtype: kernels/gemv.py streams the fp8 weights once, widens them in registers and applies the row scales to the
   fp32 sums. Half the bytes of bf16 and no activation quantization launch: the 67B's batch-1 step through the
   quantizer + _scaled_mm read its weights at ~1.6 TB/s (bench/RESULTS.md, 2026-12-01).
+- W8A16 skinny GEMM, on CUDA for FEW_ROWS_MAX < rows <= SKINNY_MAX_ROWS with bf16 / fp16 x and output in x's dtype
+  (batch 9-64 decode): kernels/fp8_skinny.py, tl.dot on the fp8 tiles widened in registers, fp32 sums, row scales
+  in the epilogue, split-K where the columns alone do not fill the SMs; again no activation quantization launch,
+  and tiles made for a weight-bandwidth-bound step (_scaled_mm's CUTLASS tiles are made for large M).
 - W8A8, on CUDA GPUs of compute capability >= 9 (Hopper: fp8 tensor cores) with bf16 / fp16 activations and
-  output: the activations are quantized per token (row) at every call, x ~= xq * x_scale[:, None], and
-  torch._scaled_mm multiplies fp8 by fp8 with fp32 accumulation and applies both scales in its epilogue:
+  output, for steps of more than SKINNY_MAX_ROWS rows (prefill, large batches): the activations are quantized
+  per token (row) at every call, x ~= xq * x_scale[:, None], and torch._scaled_mm multiplies fp8 by fp8 with fp32
+  accumulation and applies both scales in its epilogue:
       y[m, n] = x_scale[m] * w_scale[n] * sum_k xq[m, k] Wq[n, k]
   (what vLLM's fp8 does for dense layers; fp8_linear_w8a8_ref is this math in torch.)
 - W8A16 in torch everywhere else (CPU, fp32, older GPUs, shapes _scaled_mm does not take): the fp8 weights are
@@ -31,6 +36,8 @@ Public API:
     fp8_linear_w8a16_ref / fp8_linear_w8a8_ref (same signature)   torch references of the two paths
     uses_scaled_mm(x, wq, out_dtype=None) -> bool                   whether fp8_linear takes the W8A8 path
     uses_gemv(x, wq, out_dtype=None) -> bool                        whether it takes the few-row W8A16 GEMV
+    uses_skinny(x, wq, out_dtype=None) -> bool                      whether it takes the W8A16 skinny GEMM
+    SKINNY_MAX_ROWS                                                 the skinny GEMM's row limit (W8A8 above)
 """
 
 from __future__ import annotations
@@ -39,11 +46,21 @@ import functools
 
 import torch
 
+from . import fp8_skinny as _skinny
 from . import gemv as _gemv
 from ._triton import HAS_TRITON as _HAS_TRITON
 from .fp8_quant import FP8_DTYPE, quantize_rows_fp8, quantize_rows_fp8_ref, scaled_linear_torch
 
 _SCALED_MM_DTYPES = (torch.bfloat16, torch.float16)
+
+# Steps of gemv.FEW_ROWS_MAX + 1 .. SKINNY_MAX_ROWS rows (bf16 / fp16 on CUDA) take the W8A16 skinny GEMM
+# (kernels/fp8_skinny.py), more rows the W8A8 quantizer + _scaled_mm. Why 64 (to be set from the H200 sweep:
+# `python bench/bench_fp8_linear.py --skinny` prints the crossover): at M rows a weight byte feeds 2 M flops. An
+# H200 streams ~4.8 TB/s and runs ~990 dense bf16 TFLOP/s (the skinny GEMM's MMAs) or ~1980 fp8 (W8A8's), so
+# bf16 MMAs keep up with the weight stream up to M ~ 100 and fp8 up to ~200. At 64 rows the skinny GEMM's MMAs
+# run at ~60% of bf16 peak for a full-bandwidth stream; past ~100 W8A8 wins on arithmetic, whatever its tiles.
+# The fused gate_up + SiLU·mul (gemv.linear_silu_mul) uses the same limit.
+SKINNY_MAX_ROWS = 64
 
 
 @torch.no_grad()
@@ -112,11 +129,25 @@ def uses_gemv(x: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype | None =
             and 0 < rows <= _gemv.FEW_ROWS_MAX and wq.stride(-1) == 1)
 
 
+def uses_skinny(x: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype | None = None,
+                max_rows: int | None = None) -> bool:
+    """Whether fp8_linear runs the W8A16 skinny GEMM (kernels/fp8_skinny.py): bf16 / fp16 x on a CUDA GPU of compute
+    capability >= 8.9 (Triton's float8_e4m3fn loads and casts), output in x's dtype, more than gemv.FEW_ROWS_MAX and
+    at most SKINNY_MAX_ROWS rows (max_rows: another limit, for the bench). Reads no tensor data: the row count is
+    the shape's (graph-safe)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    limit = SKINNY_MAX_ROWS if max_rows is None else max_rows
+    return (_HAS_TRITON and x.is_cuda and x.dtype in _skinny.SKINNY_DTYPES
+            and (out_dtype is None or out_dtype == x.dtype) and _gemv.FEW_ROWS_MAX < rows <= limit
+            and wq.stride(-1) == 1 and _capability(x.device) >= (8, 9))
+
+
 def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype | None = None,
                use_fast_accum: bool = False) -> torch.Tensor:
     """y = x @ W^T for fp8 weights wq [N, K] with row scales w_scale [N]: x [..., K] -> [..., N] in out_dtype
-    (default x.dtype). The W8A16 GEMV where uses_gemv says so (few rows on CUDA), W8A8 on fp8 tensor cores where
-    uses_scaled_mm does, else the W8A16 reference. No host sync: CUDA-graph capturable. use_fast_accum:
+    (default x.dtype). The W8A16 GEMV where uses_gemv says so (few rows on CUDA), the W8A16 skinny GEMM where
+    uses_skinny does (up to SKINNY_MAX_ROWS), W8A8 on fp8 tensor cores where uses_scaled_mm does, else the W8A16
+    reference. No host sync: CUDA-graph capturable. use_fast_accum:
     _scaled_mm's faster, less exact accumulation (bench only)."""
     out_dtype = _check(x, wq, w_scale, out_dtype)
     N, K = wq.shape
@@ -124,6 +155,9 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out_dty
     if uses_gemv(x, wq, out_dtype):
         x2 = x.reshape(-1, K)
         return _gemv.gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), wq, w_scale).view(*lead, N)
+    if uses_skinny(x, wq, out_dtype):
+        x2 = x.reshape(-1, K)
+        return _skinny.skinny_fp8(x2 if x2.stride(-1) == 1 else x2.contiguous(), wq, w_scale).view(*lead, N)
     if not uses_scaled_mm(x, wq, out_dtype):
         return fp8_linear_w8a16_ref(x, wq, w_scale, out_dtype)
     x2 = x.reshape(-1, K)  # [M, K]

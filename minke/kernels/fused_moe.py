@@ -17,9 +17,12 @@ Pipeline (the vLLM / SGLang `fused_moe` design):
 All matmuls accumulate in fp32; the activation and the per-slot outputs are stored in x.dtype (as vLLM does).
 
 LoRA (lora=, kernels/lora.py MoELoRA): per-(token, slot) adapters of the experts. Before each GEMM one shrink over
-the same expert-sorted tiles gives h = x A^T (rank R, [SPLIT, T*K, R] fp32 partials); the GEMM's epilogue adds
-h @ B^T for its tile's columns (one small dot per adapter slot in the tile) before silu / the routing weight, so
-the [T*K, 2I] delta never goes through HBM.
+the same expert-sorted tiles gives h = x A^T (rank R, [SPLIT, T*K, R] fp32 partials; lora_shrink_moe); the GEMM's
+epilogue adds h @ B^T for its tile's columns (one small dot per adapter slot in the tile) before silu / the routing
+weight, so the [T*K, 2I] delta never goes through HBM. One-token steps (LORA_IN_LOOP_MAX_TOKENS: batch-1 decode,
+launch-bound) have no shrink launch: each GEMM accumulates h of its tile's pairs in its K loop from the a tiles it
+loads anyway (one [BLOCK_K, R] tile of the token's slot's A and one dot a K step; every N tile recomputes it, A
+re-read from L2).
 
 FP8 weights (`--quantization fp8`, runner/quantization.py): w13 / w2 may be float8_e4m3fn with one fp32 scale per
 output row (w13_scale [E, 2I], w2_scale [E, D]). Tiles are loaded as fp8 (half the bytes: decode is weight-bandwidth
@@ -317,7 +320,8 @@ if _HAS_TRITON:
         b_scale_ptr,  # HAS_SCALE: [E, rows of b] fp32 scale per weight row (fp8 b); else unused
         a_scale_ptr,  # A_FP8: [rows of a] fp32 scale per activation row (fp8 a); else unused
         topk_w_ptr,  # [T*K] fp32 routing weights (GEMM2)
-        lora_h_ptr,  # HAS_LORA: [SPLIT, T*K, R] fp32 shrink partials of each pair (kernels/lora.py lora_shrink_moe)
+        lora_h_ptr,  # HAS_LORA: [SPLIT, T*K, R] fp32 shrink partials of each pair (kernels/lora.py lora_shrink_moe);
+        # LORA_IN_LOOP: A stacks [S*E, R, Kd] instead, the shrink then runs in this kernel's K loop
         lora_b_ptr,  # HAS_LORA: B stacks [S*E, N, R] (GEMM1: [S*E, 2N, R], gate rows then up), index slot * E + e
         lora_slot_ptr,  # HAS_LORA: [T] int32 adapter slot of each token, -1 = none
         sorted_ids_ptr,  # [EM] int32 pair ids grouped by expert, padding = num_pairs
@@ -344,6 +348,8 @@ if _HAS_TRITON:
         stride_lhm,
         stride_lbl,
         stride_lbn,
+        stride_lal,  # LORA_IN_LOOP: A stacks' index and rank strides
+        stride_lar,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -357,6 +363,9 @@ if _HAS_TRITON:
         HAS_LORA: tl.constexpr,  # add each pair's adapter delta h @ B^T before silu / the routing weight
         LORA_BLOCK_R: tl.constexpr,
         LORA_SPLIT: tl.constexpr,  # partial slices in lora_h
+        LORA_IN_LOOP: tl.constexpr,  # h = a[rows] @ A[slot * E + e]^T accumulated in the K loop (no shrink launch)
+        LORA_S: tl.constexpr,  # LORA_IN_LOOP: the slots, unrolled (straight-line loop body: loads stay pipelined)
+        LORA_ONE_SLOT: tl.constexpr,  # LORA_IN_LOOP: a tile's rows have one slot (one token a step): one A, one dot
     ):
         # Grouped tile order (as in the Triton matmul tutorial): GROUP_M row tiles walk the N tiles together, so
         # the expert weight tiles they share stay in L2.
@@ -388,6 +397,20 @@ if _HAS_TRITON:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if FUSE_SILU_MUL:
                 acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_LORA:
+                lslot = tl.load(lora_slot_ptr + pair // lora_top_k, mask=row_mask, other=-1)  # [BLOCK_M]
+                offs_r = tl.arange(0, LORA_BLOCK_R)
+                r_mask = offs_r < lora_R
+            if LORA_IN_LOOP:
+                # The shrink of this tile's pairs rides the K loop: every N tile recomputes h from the a tiles it
+                # loads anyway plus [BLOCK_K, R] tiles of the slots' A (L2-resident: R rows per (slot, expert)).
+                # One masked A load and dot per slot, unrolled: slots absent from the tile load nothing.
+                lh_in = tl.zeros([BLOCK_M, LORA_BLOCK_R], dtype=tl.float32)
+                la_ptrs = lora_h_ptr + expert * stride_lal + offs_r[None, :] * stride_lar + offs_k[:, None]
+                if LORA_ONE_SLOT:  # the tile's one slot (-1: no adapter, nothing loaded)
+                    tile_slot = tl.max(lslot, axis=0)
+                    la_ptrs += tl.maximum(tile_slot, 0).to(tl.int64) * lora_E * stride_lal
+                    r_one = r_mask & (offs_r * 0 + tile_slot >= 0)
             for k0 in range(0, tl.cdiv(Kd, BLOCK_K)):
                 k_mask = offs_k < Kd - k0 * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -398,6 +421,21 @@ if _HAS_TRITON:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+                if LORA_IN_LOOP and LORA_ONE_SLOT:
+                    at = tl.load(la_ptrs + k0 * BLOCK_K, mask=k_mask[:, None] & r_one[None, :], other=0.0)
+                    if UPCAST_DOT:
+                        at = at.to(tl.float32)
+                    lh_in = tl.dot(a.to(at.dtype), at, acc=lh_in, input_precision=DOT_PRECISION)
+                elif LORA_IN_LOOP:
+                    for s in tl.static_range(LORA_S):
+                        mine = lslot == s
+                        r_has = r_mask & (offs_r * 0 + tl.max(mine.to(tl.int32), axis=0) > 0)  # [R]: none if absent
+                        at = tl.load(la_ptrs + (s * lora_E) * stride_lal + k0 * BLOCK_K,
+                                     mask=k_mask[:, None] & r_has[None, :], other=0.0)  # [BLOCK_K, R]
+                        if UPCAST_DOT:
+                            at = at.to(tl.float32)
+                        lh_in = tl.dot(tl.where(mine[:, None], a, 0.0).to(at.dtype), at, acc=lh_in,
+                                       input_precision=DOT_PRECISION)
                 if FUSE_SILU_MUL:
                     # The up projection's rows sit N rows below the gate's in w13.
                     b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & mask_n[None, :], other=0.0)
@@ -421,12 +459,13 @@ if _HAS_TRITON:
                     acc_up = acc_up * a_s
             if HAS_LORA:  # the adapters' deltas of this tile's pairs, before the nonlinearity / weight: the rank-R
                 # h (tiny) times this tile's columns of B, one small dot per slot present (kernels/lora.py)
-                lslot = tl.load(lora_slot_ptr + pair // lora_top_k, mask=row_mask, other=-1)  # [BLOCK_M]
                 lused = lslot >= 0
                 if tl.max(lused.to(tl.int32), axis=0) > 0:
-                    offs_r = tl.arange(0, LORA_BLOCK_R)
-                    r_mask = offs_r < lora_R
-                    lh = lora_h_tile(lora_h_ptr, pair, lused, offs_r, r_mask, stride_lhs, stride_lhm, LORA_SPLIT)
+                    if LORA_IN_LOOP:
+                        lh = lh_in
+                    else:
+                        lh = lora_h_tile(lora_h_ptr, pair, lused, offs_r, r_mask, stride_lhs, stride_lhm,
+                                         LORA_SPLIT)
                     acc = lora_add_delta(acc, lh, lslot, lora_b_ptr, lora_S, lora_E, expert, offs_n, mask_n, offs_r,
                                          r_mask, stride_lbl, stride_lbn, DOT_PRECISION, UPCAST_DOT)
                     if FUSE_SILU_MUL:
@@ -445,12 +484,14 @@ if _HAS_TRITON:
 
 
 def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_pairs, a_row_div, cfg,
-                 fuse_silu_mul, mul_routed_weight, b_scale=None, a_scale=None, lora=None):
-    """lora: None or (partials hp [SPLIT, T*K, R] fp32, B stacks [S*E, N or 2N, R], token slots [T] int32, top_k)."""
+                 fuse_silu_mul, mul_routed_weight, b_scale=None, a_scale=None, lora=None, lora_one_slot=False):
+    """lora: None or (h, B stacks [S*E, N or 2N, R], token slots [T] int32, top_k, in_loop): h = the shrink's
+    partials hp [SPLIT, T*K, R] fp32, or with in_loop the A stacks [S*E, R, Kd] (the shrink runs in the K loop)."""
     EM = sorted_ids.shape[0]
-    hp, lb, lslots, top_k = lora if lora is not None else (c, c, sorted_ids, 1)
-    lora_args = ((lb.shape[0] // b.shape[0], b.shape[0], lb.shape[2], top_k, hp.stride(0), hp.stride(1),
-                  lb.stride(0), lb.stride(1)) if lora is not None else (1, 1, 1, 1, 0, 0, 0, 0))
+    hp, lb, lslots, top_k, in_loop = lora if lora is not None else (c, c, sorted_ids, 1, False)
+    lora_args = ((lb.shape[0] // b.shape[0], b.shape[0], lb.shape[2], top_k) + ((0, 0) if in_loop else
+                 (hp.stride(0), hp.stride(1))) + (lb.stride(0), lb.stride(1)) + ((hp.stride(0), hp.stride(1))
+                 if in_loop else (0, 0)) if lora is not None else (1, 1, 1, 1, 0, 0, 0, 0, 0, 0))
     BM, BN = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
     grid = (triton.cdiv(EM, BM) * triton.cdiv(N, BN),)
     _moe_grouped_gemm_kernel[grid](
@@ -474,10 +515,32 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_p
         A_FP8=a_scale is not None,
         HAS_LORA=lora is not None,
         LORA_BLOCK_R=16 if lora is None else lora_block_r(lb.shape[2]),
-        LORA_SPLIT=1 if lora is None else hp.shape[0],
+        LORA_SPLIT=1 if lora is None or in_loop else hp.shape[0],
+        LORA_IN_LOOP=in_loop,
+        LORA_S=lb.shape[0] // b.shape[0] if in_loop else 1,
+        LORA_ONE_SLOT=bool(in_loop and lora_one_slot),
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )
+
+
+# When the experts' shrinks run inside the grouped GEMMs' K loops instead of a lora_shrink_moe launch before each:
+# steps of at most LORA_IN_LOOP_MAX_TOKENS tokens with at most LORA_IN_LOOP_MAX_SLOTS slots. Every N tile of a
+# GEMM recomputes its rows' h (A [R, Kd] per (slot, expert) re-read from L2: +50% load volume at V2-Lite's
+# decode tiles, BLOCK_N 32 against R 16-32), so it pays where the launch it saves dominates: one token (one slot a
+# tile: one A tile and dot a K step). At 32 tokens a tile holds up to S slots (an unrolled masked dot each) and
+# the re-reads approach the expert weights' own HBM volume: the shrink launches stay (bench/bench_lora_fusions.py
+# measures both; raise the limit if it says otherwise).
+LORA_IN_LOOP_MAX_TOKENS = 1
+LORA_IN_LOOP_MAX_SLOTS = 8
+
+
+def lora_in_loop(lora, num_experts: int) -> bool:
+    """Whether fused_moe runs this MoELoRA's shrinks inside its GEMMs (for activations in x.dtype): at most
+    LORA_IN_LOOP_MAX_SLOTS slots, A stacks with a unit last stride."""
+    stacks = [a for a in (lora.gate_up_a, lora.down_a) if a is not None]
+    return bool(stacks) and all(a.stride(-1) == 1 for a in stacks) and \
+        stacks[0].shape[0] // num_experts <= LORA_IN_LOOP_MAX_SLOTS
 
 
 @functools.lru_cache(maxsize=None)
@@ -540,20 +603,27 @@ def fused_moe(
     a1, a1_scale = quantize_rows_fp8(x) if act_fp8 else (x, None)  # [T, D] fp8 and [T] scales per token
     act = torch.empty(TK, I, dtype=x.dtype, device=x.device)  # silu(gate) * up per (token, slot) pair
     bm = cfg["BLOCK_SIZE_M"]
-    gu_lora = down_lora = None  # (shrink partials [SPLIT, TK, R], B stacks, token slots, K) of each GEMM
-    if lora is not None and lora.gate_up_a is not None:  # shrinks read x / act in x.dtype (not the fp8 copies)
-        gu_lora = (lora_shrink_moe(x, lora.gate_up_a, lora.slots, K, K, sorted_ids, expert_ids, num_post, bm, E),
-                   lora.gate_up_b, lora.slots, K)
+    # (h, B stacks, token slots, K, in_loop) of each GEMM: the shrinks ride the GEMMs' K loops (no launch of
+    # their own) for steps of up to LORA_IN_LOOP_MAX_TOKENS tokens, unless the activations are fp8 (the shrinks read
+    # x / act in x.dtype, not the fp8 copies) or there are more slots than LORA_IN_LOOP_MAX_SLOTS; else
+    # lora_shrink_moe before each GEMM.
+    gu_lora = down_lora = None
+    in_loop = lora is not None and not act_fp8 and T <= LORA_IN_LOOP_MAX_TOKENS and lora_in_loop(lora, E)
+    if lora is not None and lora.gate_up_a is not None:
+        h = lora.gate_up_a if in_loop else lora_shrink_moe(x, lora.gate_up_a, lora.slots, K, K, sorted_ids,
+                                                           expert_ids, num_post, bm, E)
+        gu_lora = (h, lora.gate_up_b, lora.slots, K, in_loop)
     _launch_gemm(a1, w13, act, topk_weights, sorted_ids, expert_ids, num_post, N=I, Kd=D, num_pairs=TK,
                  a_row_div=K, cfg=cfg, fuse_silu_mul=True, mul_routed_weight=False, b_scale=w13_scale,
-                 a_scale=a1_scale, lora=gu_lora)
+                 a_scale=a1_scale, lora=gu_lora, lora_one_slot=T == 1)
     if lora is not None and lora.down_a is not None:
-        down_lora = (lora_shrink_moe(act, lora.down_a, lora.slots, K, 1, sorted_ids, expert_ids, num_post, bm, E),
-                     lora.down_b, lora.slots, K)
+        h = lora.down_a if in_loop else lora_shrink_moe(act, lora.down_a, lora.slots, K, 1, sorted_ids, expert_ids,
+                                                        num_post, bm, E)
+        down_lora = (h, lora.down_b, lora.slots, K, in_loop)
     a2, a2_scale = quantize_rows_fp8(act) if act_fp8 else (act, None)  # [TK, I] fp8 and [TK] scales per pair
     per_slot = torch.empty(TK, D, dtype=x.dtype, device=x.device)  # weighted expert output per pair
     _launch_gemm(a2, w2, per_slot, topk_weights, sorted_ids, expert_ids, num_post, N=D, Kd=I, num_pairs=TK,
                  a_row_div=1, cfg=cfg, fuse_silu_mul=False, mul_routed_weight=True, b_scale=w2_scale,
-                 a_scale=a2_scale, lora=down_lora)
+                 a_scale=a2_scale, lora=down_lora, lora_one_slot=T == 1)
     # Rows of per_slot are pair ids t*K + k, so the K slots of token t are contiguous.
     return per_slot.view(T, K, D).sum(dim=1) if reduce else per_slot.view(T, K, D)

@@ -38,6 +38,7 @@ Options, in both paths:
   path one after the other: one [BLOCK_N, BLOCK_K] accumulator live at a time) and writes
   silu(x gate^T) * (x up^T) [M, I].
 - extra rows (`extra=`, plain weights, no split): programs past w's tiles take e's rows, fp32 out (LoRA shrink).
+- LoRA expand (`lora=`, plain weights, no split): each adapted row's h @ B[slot]^T added in the epilogue.
 
 Launch parameters: gemv_config, a shape rule with its rationale in the docstring (no autotuning: a cold Triton
 compile per candidate config costs ~1 s, over the 2 s start-up budget, and a table needs no capture guard);
@@ -50,10 +51,14 @@ Public API:
     gemv_ref(x, w, scale=None), gemv_silu_mul_ref(x, w, scale=None)          torch references (fp32 math)
     gemv_config(n, k, rows, fp8, silu_mul, x_bytes, sms) -> dict             the launch parameters the kernels use
     linear(x, w, scale=None)           gemv for M <= GEMV_MAX_ROWS on CUDA, else F.linear; fp8 w: fp8_linear
-    linear_silu_mul(x, w, scale=None)  gemv_silu_mul for M <= FEW_ROWS_MAX on CUDA, else GEMM + SiLU·mul
+    linear_silu_mul(x, w, scale=None)  gemv_silu_mul for M <= FEW_ROWS_MAX on CUDA (fp8 w: the skinny GEMM's
+                                       SiLU·mul up to fp8_linear.SKINNY_MAX_ROWS), else GEMM + SiLU·mul
     GEMV_MAX_ROWS (plain projections), FEW_ROWS_MAX (fused MLP; fp8 in fp8_linear): the dispatchers' row limits
     gemv(x, w, extra=e [N2, K]) -> ([M, N], [M, N2] fp32)   e's rows in the same launch (LoRA's shrink: the A's
                                        of every adapter slot, a few hundred rows more; plain weights only)
+    gemv(x, w, lora=(h, B, slots))     + each row's LoRA delta h[m] @ B[slot[m]]^T in the epilogue (the
+                                       expand of a shrink done before, by the add + RMSNorm: lora/layers.py);
+                                       gemv_silu_mul(..., lora=) too (gate / up deltas before the activation)
     gemv_applies(x, w)                 whether linear(x, w) takes the gemv
 """
 
@@ -67,6 +72,7 @@ import torch.nn.functional as F
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
+from .fp8_skinny import skinny_fp8_silu_mul
 
 # Rows a step may have for `linear` to send a plain (unscaled) projection to gemv on CUDA. One: measured on an
 # H200 (2026-11-28) at M = 1 only; bench/bench_gemv.py prints cuBLAS against gemv at M = 1, 2, 4, 8 to raise it.
@@ -252,6 +258,24 @@ if _HAS_TRITON:
         return y, y2
 
     @triton.jit
+    def _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, rows_b, mask_n, lora_R, stride_lhm, stride_lbs,
+                         stride_lbn, LORA_BLOCK_R: tl.constexpr):
+        """(delta [BLOCK_M, BLOCK_N] fp32 = h[m] @ B[slot[m], rows_b]^T, used [BLOCK_M] = slot >= 0): h [BLOCK_M, R]
+        is tiny, B's rows are this program's; h rounded to B's dtype (as lora_expand's dot), exact products, fp32
+        sums."""
+        slot = tl.load(lslot_ptr + offs_m, mask=mask_m, other=-1)  # [BLOCK_M]
+        used = slot >= 0
+        offs_r = tl.arange(0, LORA_BLOCK_R)
+        r_mask = offs_r < lora_R
+        h = tl.load(lh_ptr + offs_m[:, None] * stride_lhm + offs_r[None, :], mask=used[:, None] & r_mask[None, :],
+                    other=0.0)  # [BLOCK_M, R]
+        bt = tl.load(lb_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * stride_lbs
+                     + rows_b[None, :, None].to(tl.int64) * stride_lbn + offs_r[None, None, :],
+                     mask=used[:, None, None] & mask_n[None, :, None] & r_mask[None, None, :], other=0.0)
+        delta = tl.sum(h.to(bt.dtype).to(tl.float32)[:, None, :] * bt.to(tl.float32), axis=2)
+        return delta, used
+
+    @triton.jit
     def _epilogue(y, up, s_ptr, s_up_ptr, offs_n, mask_n, HAS_SCALE: tl.constexpr, SILU_MUL: tl.constexpr):
         """fp32 sums [BLOCK_M, BLOCK_N] -> the output values (fp32): row scales (constant along the reduction, so
         applied to the sums), then silu(gate) * up (as kernels/fused_moe.py)."""
@@ -273,6 +297,13 @@ if _HAS_TRITON:
         y_ptr,  # [M, N] out
         e_ptr,  # HAS_EXTRA: [N2, K] more rows (x.dtype, unit column stride); else unused
         h_ptr,  # HAS_EXTRA: [M, N2] fp32 out; else unused
+        lh_ptr,  # HAS_LORA: [M, R] fp32 each row's adapter h (its slot's shrink); else unused
+        lb_ptr,  # HAS_LORA: B [S, N, R] (unit last stride); else unused
+        lslot_ptr,  # HAS_LORA: [M] int32 slot per row, -1 = none; else unused
+        lora_R,
+        stride_lhm,
+        stride_lbs,
+        stride_lbn,
         ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N (SILU_MUL: 2N)] fp32 partial sums, contiguous; else unused
         M,
         N,  # output columns (silu_mul: I)
@@ -295,6 +326,8 @@ if _HAS_TRITON:
         HAS_SCALE: tl.constexpr,
         SILU_MUL: tl.constexpr,
         HAS_EXTRA: tl.constexpr,
+        HAS_LORA: tl.constexpr = False,  # y += h[m] @ B[slot[m]]^T for rows with an adapter (plain weights, no split)
+        LORA_BLOCK_R: tl.constexpr = 16,
     ):
         pid_n = tl.program_id(0)
         row0 = tl.program_id(1).to(tl.int64) * BLOCK_M
@@ -325,7 +358,20 @@ if _HAS_TRITON:
             if SILU_MUL:
                 tl.store(ws + N, up, mask=mask)
         else:
+            if HAS_LORA and SILU_MUL:  # gate and up deltas (B's gate rows, then its up rows N below) before the act
+                dg, _ = _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, offs_n, mask_n, lora_R,
+                                         stride_lhm, stride_lbs, stride_lbn, LORA_BLOCK_R)
+                du, _ = _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, offs_n + N, mask_n, lora_R,
+                                         stride_lhm, stride_lbs, stride_lbn, LORA_BLOCK_R)
+                y += dg
+                up += du
             y = _epilogue(y, up, s_ptr, s_up_ptr, offs_n, mask_n, HAS_SCALE, SILU_MUL)
+            if HAS_LORA and not SILU_MUL:  # the rows' adapter deltas: h [BLOCK_M, R] (tiny) times this program's
+                # BLOCK_N rows of B; y rounded first, then the delta added and rounded again: the GEMV's store +
+                # lora_expand's in-place add
+                delta, used = _lora_rows_delta(lh_ptr, lb_ptr, lslot_ptr, offs_m, mask_m, offs_n, mask_n, lora_R,
+                                               stride_lhm, stride_lbs, stride_lbn, LORA_BLOCK_R)
+                y = tl.where(used[:, None], y.to(y_ptr.dtype.element_ty).to(tl.float32) + delta, y)
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -381,7 +427,7 @@ def gemv_silu_mul_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | No
     return (F.silu(gate) * up).to(x.dtype)
 
 
-def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor | None = None):
+def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor | None = None, lora=None):
     if not _HAS_TRITON:
         raise RuntimeError(f"{name}: triton is not installed (pip install 'minke[gpu]'); use {name}_ref")
     _check(name, x, w, scale)
@@ -393,6 +439,15 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
                               or extra.stride(1) != 1 or extra.dtype != x.dtype or extra.device != x.device):
         raise ValueError(f"{name}: extra must be [N2, {x.shape[1]}] {x.dtype} on {x.device} with a unit last stride "
                          f"(plain weights only), got {extra.dtype} {tuple(extra.shape)} strides {extra.stride()}")
+    if lora is not None:
+        lh, lb, lslots = lora
+        m_rows, n_out = x.shape[0], w.shape[0]
+        if (scale is not None or lh.dim() != 2 or lh.shape[0] != m_rows or lh.dtype != torch.float32
+                or lh.stride(-1) != 1 or lb.dim() != 3 or lb.shape[1:] != (n_out, lh.shape[1]) or lb.stride(-1) != 1
+                or lslots.dtype != torch.int32 or lslots.shape[0] < m_rows):
+            raise ValueError(f"{name}: lora must be (h fp32 [{m_rows}, R] unit last stride, B [S, {n_out}, R] unit "
+                             f"last stride, int32 slots [>= {m_rows}]) with plain weights; got h {lh.dtype} "
+                             f"{tuple(lh.shape)}, B {tuple(lb.shape)}, slots {lslots.dtype} {tuple(lslots.shape)}")
     scale = None if scale is None else scale.contiguous()  # the kernel reads scale[n] at unit stride
     (m, k), n = x.shape, w.shape[0] // (2 if silu_mul else 1)
     cfg = config or gemv_config(n, k, m, fp8=scale is not None, silu_mul=silu_mul, x_bytes=x.element_size(),
@@ -400,8 +455,9 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
     dot = bool(cfg.get("DOT", False))
     block_m = max(DOT_BLOCK_M, cfg.get("BLOCK_M", 1)) if dot else cfg.get("BLOCK_M", 1)
     block_k = cfg["BLOCK_K"]
-    # extra rows share the launch only unsplit (their h is the LoRA shrink: no combine for it)
-    split = 1 if extra is not None else max(1, min(int(cfg.get("SPLIT_K", 1)), triton.cdiv(k, block_k)))
+    # extra rows and LoRA deltas share the launch only unsplit (no combine for the shrink's h or the expand)
+    split = 1 if extra is not None or lora is not None else max(1, min(int(cfg.get("SPLIT_K", 1)),
+                                                                      triton.cdiv(k, block_k)))
     k_split = triton.cdiv(triton.cdiv(k, block_k), split) * block_k  # whole tiles per split
     split = triton.cdiv(k, k_split) if k else 1  # no empty trailing split
     stages = cfg["num_stages"]
@@ -415,14 +471,18 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
         s_up = s[n:] if silu_mul and scale is not None else s
         ws = torch.empty(split, m, 2 * n if silu_mul else n, dtype=torch.float32, device=x.device) if split > 1 else y
         _gemv_kernel[grid](
-            x, w, s, w_up, s_up, y, w if extra is None else extra, y if h is None else h, ws, m, n, k, k_split,
+            x, w, s, w_up, s_up, y, w if extra is None else extra, y if h is None else h,
+            *((y, y, y, 1, 0, 0, 0) if lora is None else
+              (lh, lb, lslots, lb.shape[2], lh.stride(0), lb.stride(0), lb.stride(1))),
+            ws, m, n, k, k_split,
             x.stride(0), w.stride(0), y.stride(0), n2, 0 if extra is None else extra.stride(0),
             0 if h is None else h.stride(0),
             BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
             LOOP_STAGES=stages if cfg.get("PIPELINE", True) else 1, SPLIT=split > 1, DOT=dot,
             UPCAST_DOT=dot and _needs_dot_upcast(_gemv_kernel, x.dtype),
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            HAS_SCALE=scale is not None, SILU_MUL=silu_mul, HAS_EXTRA=extra is not None,
+            HAS_SCALE=scale is not None, SILU_MUL=silu_mul, HAS_EXTRA=extra is not None, HAS_LORA=lora is not None,
+            LORA_BLOCK_R=16 if lora is None else max(16, triton.next_power_of_2(lb.shape[2])),
             num_warps=cfg["num_warps"], num_stages=stages)
         if split > 1:
             block = min(1024, triton.next_power_of_2(n))
@@ -433,21 +493,45 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-         config: dict | None = None, extra: torch.Tensor | None = None):
+         config: dict | None = None, extra: torch.Tensor | None = None, lora=None):
     """x [M, K] @ w[N, K]^T -> [M, N] in x.dtype (fp32 accumulation). Both need a unit last stride. With scale [N]
     (fp32): w is float8_e4m3fn and each output column is multiplied by its row's scale (W8A16). extra [N2, K]
     (x.dtype, unit last stride; plain w only): also x @ extra^T in the same launch -> (y [M, N], h [M, N2] fp32).
+    lora = (h [M, R] fp32, B [S, N, R], slots [>= M] int32; plain w only): each row with a slot >= 0 also gets
+    h[m] @ B[slot]^T, as lora_expand would add it to the stored y (gemv_lora_ref), in the same launch.
     config: gemv_config's keys (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; optional DOT, SPLIT_K,
     PIPELINE); None: gemv_config for this shape."""
-    return _launch("gemv", x, w, scale, config, silu_mul=False, extra=extra)
+    return _launch("gemv", x, w, scale, config, silu_mul=False, extra=extra, lora=lora)
+
+
+def gemv_lora_ref(x: torch.Tensor, w: torch.Tensor, lora) -> torch.Tensor:
+    """gemv(x, w, lora=(h, B, slots)) in torch: F.linear, then each adapted row's fp32 delta (h rounded to B's
+    dtype) added and rounded once more (kernels/lora.py lora_expand_ref's math)."""
+    h, b, slots = lora
+    y = F.linear(x, w)
+    idx = slots[: x.shape[0]].long()
+    delta = torch.einsum("mr,mnr->mn", h.to(b.dtype).float(), b[idx.clamp(min=0)].float())
+    return torch.where((idx >= 0)[:, None], (y.float() + delta).to(y.dtype), y)
 
 
 def gemv_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, lora=None) -> torch.Tensor:
     """x [M, K], w [2I, K] = [gate; up] (scale [2I] for fp8 w) -> silu(x gate^T) * (x up^T) [M, I] in x.dtype, one
     launch (two with split-K: the partial sums, then their combine + activation): the products and the activation
-    in fp32, one rounding at the end."""
-    return _launch("gemv_silu_mul", x, w, scale, config, silu_mul=True)
+    in fp32, one rounding at the end. lora = (h [M, R] fp32, B [S, 2I, R],
+    slots) (plain w only): each adapted row's gate / up deltas h @ B[slot]^T are added to the fp32 sums before the
+    activation (gemv_silu_mul_lora_ref)."""
+    return _launch("gemv_silu_mul", x, w, scale, config, silu_mul=True, lora=lora)
+
+
+def gemv_silu_mul_lora_ref(x: torch.Tensor, w: torch.Tensor, lora) -> torch.Tensor:
+    """gemv_silu_mul(x, w, lora=(h, B, slots)) in torch (fp32 sums, deltas from h rounded to B's dtype)."""
+    h, b, slots = lora
+    idx = slots[: x.shape[0]].long()
+    delta = torch.einsum("mr,mnr->mn", h.to(b.dtype).float(), b[idx.clamp(min=0)].float())
+    g = F.linear(x.float(), w.float()) + torch.where((idx >= 0)[:, None], delta, 0.0)  # [M, 2I]
+    gate, up = g.chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
 
 
 def _few_rows(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> bool:
@@ -474,10 +558,24 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) 
 
 
 def linear_silu_mul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(x gate^T) * (x up^T) for w [2I, K] = [gate; up]: gemv_silu_mul for x of at most FEW_ROWS_MAX rows on
-    CUDA (one launch), else one GEMM of the fused weight (cuBLAS, or fp8_linear) + the Triton SiLU·mul."""
-    if _few_rows(x, w, FEW_ROWS_MAX):
+    """silu(x gate^T) * (x up^T) for w [2I, K] = [gate; up]: gemv_silu_mul on CUDA (one launch) for x of one row
+    (GEMV_MAX_ROWS) with bf16 / fp16 weights, of at most FEW_ROWS_MAX rows with fp8 weights; fp8 w at up to
+    fp8_linear.SKINNY_MAX_ROWS rows: the skinny GEMM's SiLU·mul variant (kernels/fp8_skinny.py, one launch, two
+    with split-K); else one GEMM of the fused weight (cuBLAS, or
+    fp8_linear) + the Triton SiLU·mul."""
+    # bf16 weights: the fused GEMV at one row only. At 8 rows the old [8, BLOCK_N, BLOCK_K] fp32 product on CUDA
+    # cores was compute-bound: llm-7b's batch-8 step took 9.60 ms with it against 5.97 ms with cuBLAS gate_up +
+    # SiLU·mul (H200, `minke bench --shape llm-7b`, 2026-12-02). The dot path replaces that product now:
+    # bench/bench_gemv.py's gate_up+act bf16 rows at M = 2..8 say whether to raise this limit again.
+    if _few_rows(x, w, FEW_ROWS_MAX if scale is not None else GEMV_MAX_ROWS):
         return gemv_silu_mul(x, w, scale)
+    if scale is not None:
+        from .fp8_linear import uses_skinny  # not at the top: fp8_linear imports this module
+
+        if uses_skinny(x, w) and w.shape[0] % 2 == 0:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = skinny_fp8_silu_mul(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, scale)  # [M, I]
+            return y.view(*x.shape[:-1], w.shape[0] // 2)
     from .silu_mul import silu_mul_fwd, silu_mul_fwd_ref
 
     h = linear(x, w, scale)  # [..., 2I]

@@ -20,7 +20,10 @@ partials. Indices are only read in device memory, so the kernels run inside CUDA
 
 Also here: lora_shrink_expand (shrink and expand in one launch for K <= 512: MLA absorbed decode), lora_expand's
 slotted form (h of every slot per row, from the one-row GEMV's extra rows: kernels/gemv.py), lora_shrink_moe (the
-routed experts' shrink over moe_align's expert-sorted tiles).
+routed experts' shrink over moe_align's expert-sorted tiles; fused_moe runs it only for fp8 activations or many
+slots, otherwise the shrinks ride its grouped GEMMs' K loops). Other expands and shrinks ride the kernels beside
+them: kernels/rmsnorm.py (an expand into the add, a shrink of the norm's output), kernels/gemv.py (an expand in
+the GEMV's epilogue); lora/layers.py's docstring has the table of what runs where.
 
 The torch references beside them (lora_shrink_ref / lora_expand_ref, with an explicit index per row, and
 lora_row_index giving the kernels' index of each row) are the model's torch path on CPU.
@@ -198,20 +201,21 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M"])
     def _shrink_expand_kernel(x_ptr, a_ptr, b_ptr, y_ptr, slot_ptr, M, K, N, R, S, G, k_iters,
-                              stride_xm, stride_al, stride_ar, stride_bl, stride_bn, stride_ym,
+                              stride_xt, stride_xg, stride_al, stride_ar, stride_bl, stride_bn, stride_yt, stride_yg,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               BLOCK_R: tl.constexpr, A_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr,
                               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         """Small K (MLA's per-head rows: K = nope or the latent width): y += (x A^T) B^T in one program per (row
-        block, N tile, group g), rows (token i, group g) = i * G + g; A (B) indexed slot * G + g when A_GROUPED
-        (B_GROUPED), else slot. Each N tile recomputes its rows' h (a few K iterations from L2): one launch
-        instead of a shrink and an expand."""
+        block, N tile, group g), rows (token i, group g) = i * G + g at x + i * stride_xt + g * stride_xg (y
+        likewise: strided per-head views need no copy); A (B) indexed slot * G + g when A_GROUPED (B_GROUPED), else
+        slot. Each N tile recomputes its rows' h (a few K iterations from L2): one launch instead of a shrink and an
+        expand."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
-        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) * G + g
-        valid = rows < M
-        slot = tl.load(slot_ptr + rows // G, mask=valid, other=-1)
+        tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = tok * G + g < M
+        slot = tl.load(slot_ptr + tok, mask=valid, other=-1)
         used = slot >= 0
         if tl.max(used.to(tl.int32), axis=0) > 0:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -219,7 +223,7 @@ if HAS_TRITON:
             offs_k = tl.arange(0, BLOCK_K)
             n_mask = offs_n < N
             r_mask = offs_r < R
-            x_rows = rows.to(tl.int64) * stride_xm
+            x_rows = tok.to(tl.int64) * stride_xt + g * stride_xg
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in range(0, S):
                 mine = slot == s
@@ -252,7 +256,7 @@ if HAS_TRITON:
                     else:
                         hb = h.to(bt.dtype)
                     acc = tl.dot(hb, bt, acc=acc, input_precision=DOT_PRECISION)
-            y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+            y_ptrs = y_ptr + (tok.to(tl.int64) * stride_yt + g * stride_yg)[:, None] + offs_n[None, :]
             y_mask = used[:, None] & n_mask[None, :]
             y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
             tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -394,13 +398,28 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
                        groups: int, a_grouped: bool, b_grouped: bool) -> torch.Tensor:
     """y [M, N] += x [M, K] A[ia]^T B[ib]^T in one launch, for K <= SHRINK_EXPAND_MAX_K: rows m = token * groups + g
     (token = m // groups), ia = slot * groups + g if a_grouped else slot (ib likewise). MLA absorbed decode:
-    q_latent += (q_nope B_UK[head]) A (a grouped), out += (o_latent A^T) B_UV[head]^T (b grouped). In place, returns
-    y; rows without an adapter are untouched."""
+    q_latent += (q_nope B_UK[head]) A (a grouped), out += (o_latent A^T) B_UV[head]^T (b grouped). x and y may also
+    be given per (token, group) as [T, groups, K] / [T, groups, N] views with any token and group strides (a slice
+    of the q projection, an einsum's permuted output: no copy). In place, returns y; rows without an adapter are
+    untouched."""
     if not HAS_TRITON:
         raise RuntimeError("lora_shrink_expand: triton is not installed; use lora_shrink_ref / lora_expand_ref")
-    m, n = y.shape
-    k = x.shape[1]
-    if x.shape[0] != m or m % groups or k > SHRINK_EXPAND_MAX_K:
+
+    def per_group(t: torch.Tensor, name: str):  # -> (tokens, last dim, token stride, group stride)
+        if t.dim() == 3:
+            if t.shape[1] != groups:
+                raise ValueError(f"lora_shrink_expand: {name} [T, groups, .] needs groups {groups}, got "
+                                 f"{tuple(t.shape)}")
+            return t.shape[0], t.shape[2], t.stride(0), t.stride(1)
+        if t.dim() != 2 or t.shape[0] % groups:
+            raise ValueError(f"lora_shrink_expand: {name} must be [M, .] with M a multiple of groups {groups} or "
+                             f"[T, {groups}, .], got {tuple(t.shape)}")
+        return t.shape[0] // groups, t.shape[1], t.stride(0) * groups, t.stride(0)
+
+    ty, n, stride_yt, stride_yg = per_group(y, "y")
+    tx, k, stride_xt, stride_xg = per_group(x, "x")
+    m = ty * groups
+    if tx != ty or k > SHRINK_EXPAND_MAX_K:
         raise ValueError(f"lora_shrink_expand: x must be [{m}, K <= {SHRINK_EXPAND_MAX_K}] with {m} a multiple of "
                          f"groups {groups}, got x {tuple(x.shape)}")
     sa = _check_groups(a, groups if a_grouped else 1, "lora_shrink_expand")
@@ -420,7 +439,8 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
     block_n = 64 if n >= 64 else 32
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), groups)
     _shrink_expand_kernel[grid](x, a, b, y, slots, m, k, n, R, sa, groups, triton.cdiv(k, block_k),
-                                x.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1), y.stride(0),
+                                stride_xt, stride_xg, a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_yt,
+                                stride_yg,
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=lora_block_r(R),
                                 A_GROUPED=a_grouped, B_GROUPED=b_grouped,
                                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

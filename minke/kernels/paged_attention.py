@@ -15,9 +15,14 @@ organised around reading each K/V tile exactly once:
   reads its K/V tile once for all 8 heads, as one tl.dot [pad16(G), D] x [D, BLOCK_N] (tl.dot's minimum M is 16);
   MHA (G = 1, 7B and 16B) takes the same dot with its one row padded to 16: the 15 wasted rows cost nothing in a
   bandwidth-bound kernel, while the vector path (elementwise multiply + row sums on CUDA cores, `use_dot=False`)
-  spends its time in cross-thread reductions: on an H200, llm-7b at 256 x 640 tokens 1,123 us (2.39 TB/s) on the
-  vector path, 610 us (4.4 TB/s) on the dot path with 128-token tiles and 3 stages; 32 x 640: 177 -> 84 us
-  (bench/bench_paged_attention.py --sweep-launch, 2026-12-02);
+  spends its time in cross-thread reductions and its K / V loads are not pipelined (Triton pipelines only dot
+  operands unless the loop names its stages: bench/paged_attention_compile_report.py; see loop_stages): on an
+  H200, llm-7b at 256 x 640 tokens 1,123 us (2.39 TB/s) on the vector path, 610 us (4.4 TB/s) on the dot path with
+  128-token tiles and 3 stages; 32 x 640: 177 -> 84 us (bench/bench_paged_attention.py --sweep-launch, 2026-12-02);
+- variant (kv_heads_per_program = H > 1): one program per (sequence, H consecutive KV heads, split) reads tiles of
+  H * D contiguous elements per token (one page-table lookup for all H) and runs the H heads as one block-diagonal
+  tensor-core dot: the 16-row softmax and the per-program overheads are paid once per H heads, the dot work per
+  K/V byte stays that of the one-head dot path, and GQA 8 with H = 2 fills the 16 rows with no padding;
 - decode has one query row per head, so at small batches B * Hkv programs cannot fill the GPU: the context is cut
   into `num_splits` pieces (split-K / flash-decoding). Stage 1 writes, per split, the softmax-normalised partial
   output and its log2-sum-exp; stage 2 merges the splits with the usual max rescaling (kernels/splitk_combine.py,
@@ -160,9 +165,15 @@ if _HAS_TRITON:
         USE_DOT: tl.constexpr,  # tensor-core tl.dot (GQA) or elementwise multiply + sum (MHA, BLOCK_G == 1)
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
+        LOOP_STAGES: tl.constexpr,  # None: Triton's pipelining (dot operands only); n: all loop loads n deep
+        HEAD_FASTEST: tl.constexpr,  # grid (Hkv, B, splits) instead of (B, Hkv, splits); see paged_decode_attention
     ):
-        b = tl.program_id(0)
-        kv_head = tl.program_id(1)
+        if HEAD_FASTEST:
+            b = tl.program_id(1)
+            kv_head = tl.program_id(0)
+        else:
+            b = tl.program_id(0)
+            kv_head = tl.program_id(1)
         split = tl.program_id(2)
 
         seq_len = tl.load(lens_ptr + b)
@@ -194,7 +205,10 @@ if _HAS_TRITON:
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)  # running sum of exp2(...) * v
         head_off = kv_head * stride_kv_head
 
-        for n0 in range(start, end, BLOCK_N):
+        # Triton software-pipelines (cp.async a tile ahead) only the loads that feed tl.dot unless the loop names its
+        # stages: the vector path's K / V loads stay synchronous at LOOP_STAGES=None (bench/
+        # paged_attention_compile_report.py shows it), and are pipelined LOOP_STAGES deep otherwise.
+        for n0 in tl.range(start, end, BLOCK_N, num_stages=LOOP_STAGES):
             offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical token positions
             mask_n = offs_n < end
             # Page-table lookup per token; int64 because num_blocks * block_size * Hkv * D can pass 2**31.
@@ -249,10 +263,161 @@ if _HAS_TRITON:
                 tl.store(mid_lse_ptr + b * stride_ml_b + heads * stride_ml_h + split, m_i + tl.log2(l_i),
                          mask=mask_g)
 
+    @triton.jit
+    def _paged_decode_stage1_heads_kernel(
+        q_ptr,  # [B, Hq, D], unit last stride
+        k_ptr,  # [num_blocks, block_size, Hkv, D] (cache[0]), unit last stride
+        v_ptr,  # [num_blocks, block_size, Hkv, D] (cache[1]), same strides as k
+        bt_ptr,  # [B, max_blocks] int32, unit last stride
+        lens_ptr,  # [B] int32
+        out_ptr,  # [B, Hq, D], dtype of q: written here when NUM_SPLITS == 1
+        mid_o_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
+        mid_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
+        qk_scale,  # scale * log2(e)
+        block_size,
+        num_kv_heads,  # Hkv: the last head block may be partial
+        stride_qb,
+        stride_qh,
+        stride_kv_blk,
+        stride_kv_row,
+        stride_kv_head,
+        stride_bt,
+        stride_ob,
+        stride_oh,
+        stride_mo_b,
+        stride_mo_h,
+        stride_mo_s,
+        stride_ml_b,
+        stride_ml_h,
+        HEAD_DIM: tl.constexpr,
+        GROUP: tl.constexpr,  # G = Hq / Hkv (constexpr: row -> KV head is a shift for powers of two)
+        BLOCK_H: tl.constexpr,  # KV heads per program (a power of two)
+        NUM_SPLITS: tl.constexpr,
+        MIN_SPLIT: tl.constexpr,
+        BLOCK_R: tl.constexpr,  # query rows per program: pad16(BLOCK_H * G)
+        BLOCK_D: tl.constexpr,  # next pow2 >= D, >= 16
+        BLOCK_N: tl.constexpr,  # tokens per inner iteration (>= 16: the K dim of the value dot)
+        DOT_PRECISION: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+        LOOP_STAGES: tl.constexpr,  # as _paged_decode_stage1_kernel's
+        HEAD_FASTEST: tl.constexpr,  # idem: grid (head blocks, B, splits)
+    ):
+        """BLOCK_H consecutive KV heads per program, as one block-diagonal tensor-core dot per tile.
+
+        Why: the cache row of one token holds its Hkv heads contiguously ([..., Hkv, D]), so BLOCK_H heads of a token
+        are BLOCK_H * D * 2 contiguous bytes (one page-table lookup for all of them) instead of 256-byte rows strided
+        by Hkv * D * 2. The tile is K[BLOCK_N, BLOCK_H * D] as it lies in memory; the queries become a block-diagonal
+        Q'[BLOCK_R, BLOCK_H * D] whose row r = h * G + g (query head kv0 * G + r) holds q in the columns of its KV
+        head h and zeros elsewhere, so Q' K^T gives every row's scores against its own head only. The value dot
+        P[BLOCK_R, BLOCK_N] V[BLOCK_N, BLOCK_H * D] yields every row against every head; only the diagonal blocks
+        are kept (masked stores). The tensor-core work per K/V byte is that of the one-head dot path (16 rows per
+        element), and for GQA 8 with BLOCK_H = 2 no row is padding. Same split cut, online softmax and outputs as
+        _paged_decode_stage1_kernel."""
+        if HEAD_FASTEST:
+            b = tl.program_id(1)
+            kv0 = tl.program_id(0) * BLOCK_H  # first KV head of this program
+        else:
+            b = tl.program_id(0)
+            kv0 = tl.program_id(1) * BLOCK_H
+        split = tl.program_id(2)
+
+        seq_len = tl.load(lens_ptr + b)
+        split_len = split_cut(seq_len, NUM_SPLITS, MIN_SPLIT, 1)
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+
+        BLOCK_C: tl.constexpr = BLOCK_H * BLOCK_D
+        offs_r = tl.arange(0, BLOCK_R)  # [BLOCK_R] query rows; head kv0 * G + r
+        r_head = offs_r // GROUP  # local KV head of each row
+        mask_r = (offs_r < BLOCK_H * GROUP) & (kv0 + r_head < num_kv_heads)
+        heads = kv0 * GROUP + offs_r
+        offs_c = tl.arange(0, BLOCK_C)  # [BLOCK_C] tile columns: local KV head c // BLOCK_D, dim c % BLOCK_D
+        c_head = offs_c // BLOCK_D
+        c_d = offs_c % BLOCK_D
+        mask_c = (c_d < HEAD_DIM) & (kv0 + c_head < num_kv_heads)
+        diag = (r_head[:, None] == c_head[None, :]) & mask_r[:, None] & mask_c[None, :]  # [BLOCK_R, BLOCK_C]
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + c_d[None, :], mask=diag, other=0.0)
+        if UPCAST_DOT:
+            q = q.to(tl.float32)
+        col = (kv0 + c_head) * stride_kv_head + c_d  # [BLOCK_C] offset inside a token's row (contiguous runs)
+
+        m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)  # row r against every head; the diagonal is kept
+
+        for n0 in tl.range(start, end, BLOCK_N, num_stages=LOOP_STAGES):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < end
+            blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
+            row = blk * stride_kv_blk + (offs_n % block_size) * stride_kv_row  # [BLOCK_N]
+            kv_mask = mask_n[:, None] & mask_c[None, :]
+            k = tl.load(k_ptr + row[:, None] + col[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_C]
+            if UPCAST_DOT:
+                k = k.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_R, BLOCK_N]
+            qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + row[:, None] + col[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_C]
+            p_v = p.to(v_ptr.dtype.element_ty)
+            if UPCAST_DOT:
+                p_v = p_v.to(tl.float32)
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision=DOT_PRECISION)  # [BLOCK_R, BLOCK_C]
+            m_i = m_new
+
+        if NUM_SPLITS == 1:
+            out = acc / tl.maximum(l_i, 1.0)[:, None]
+            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + c_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=diag)
+        else:
+            if end > start:
+                tl.store(mid_o_ptr + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+                         + c_d[None, :], acc / l_i[:, None], mask=diag)
+                tl.store(mid_lse_ptr + b * stride_ml_b + heads * stride_ml_h + split, m_i + tl.log2(l_i),
+                         mask=mask_r)
+
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Stage-1 launch per variant where the caller names none: (BLOCK_N, num_warps, num_stages) for 16-bit and for fp32
+# inputs. "dot" (the padded tensor-core path): the H200 sweep's best for bf16 (llm-7b, batch 32 and 256, 640
+# tokens): 128-token tiles, 4 warps, 3 stages (a [128, 128] bf16 K tile and its V tile are 64 KiB a stage); fp32
+# tiles are twice the bytes: 32 tokens, 2 stages (fp32 caches are the test and reference path, not a speed one).
+# "vec" (MHA's vector path) and "heads" (kv_heads_per_program > 1: [32, H * 128] bf16 tiles, H = 2 is 16 KiB for
+# K, the same for V) are untuned starting points; bench/bench_paged_attention.py --sweep-launch times them all.
+_LAUNCH = {"vec": ((64, 4, 2), (32, 4, 2)), "dot": ((128, 4, 3), (32, 4, 2)), "heads": ((32, 4, 2), (16, 4, 2))}
+# The variant of each attention kind when the caller picks none (use_dot / kv_heads_per_program / loop_stages /
+# head_fastest None).
+_PLAIN = {"use_dot": None, "kv_heads_per_program": 1, "loop_stages": None, "head_fastest": False}
+# Both take the padded dot (measured for MHA: see the module docstring).
+_DEFAULT_VARIANT = {"mha": dict(_PLAIN, use_dot=True), "gqa": dict(_PLAIN, use_dot=True)}
+
+
+def default_launch(group: int, dtype: torch.dtype, use_dot: bool | None = None,
+                   kv_heads_per_program: int | None = None, loop_stages: int | None = None,
+                   head_fastest: bool | None = None) -> dict:
+    """The stage-1 launch paged_decode_attention runs for the arguments the caller leaves None (shapes only, so
+    CUDA-graph safe): the variant (the padded dot for MHA and GQA; a caller who names use_dot or
+    kv_heads_per_program gets that path plain, plus what else it names), then that variant's block_n / num_warps /
+    num_stages. The bench labels this launch 'default' in --sweep-launch."""
+    pick = dict(_DEFAULT_VARIANT["mha" if group == 1 else "gqa"])
+    given = {"use_dot": use_dot, "kv_heads_per_program": kv_heads_per_program, "loop_stages": loop_stages,
+             "head_fastest": head_fastest}
+    if use_dot is not None or kv_heads_per_program is not None:  # the caller chose the path: keep it whole
+        pick = dict(_PLAIN)
+    pick.update({k: v for k, v in given.items() if v is not None})
+    heads = pick["kv_heads_per_program"]
+    if pick["use_dot"] is None:
+        pick["use_dot"] = heads > 1 or group > 1
+    tiles = _LAUNCH["heads" if heads > 1 else "dot" if pick["use_dot"] else "vec"]
+    block_n, num_warps, num_stages = tiles[dtype == torch.float32]
+    return dict(pick, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
@@ -281,15 +446,38 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks] int32  physical block ids per sequence (unused entries: any id)
     seq_lens: torch.Tensor,  # [B] int32  tokens attended by each sequence (incl. the current one)
     scale: float,
-    num_splits: int | None = None,  # None: default_num_splits(B, Hkv, max_seq_len)
+    num_splits: int | None = None,  # None: default_num_splits(B, cdiv(Hkv, kv_heads_per_program), max_seq_len)
     max_seq_len: int | None = None,  # upper bound of seq_lens, host-known; None: the block table's capacity
     min_split_len: int | None = None,  # tokens per split at least; None: 64 with automatic splits, 1 with given ones
-    use_dot: bool | None = None,  # None: the tensor-core dot (MHA's one row padded to 16); False: the vector path
-    block_n: int | None = None,  # stage-1 tokens per inner iteration; None: see below
-    num_warps: int | None = None,  # stage-1 launch (bench/bench_paged_attention.py sweeps these)
-    num_stages: int | None = None,  # None: 3 (the sweep's best for 16-bit caches; 2 for fp32 tiles)
-) -> torch.Tensor:  # [B, Hq, D] in q.dtype
-    """Split-K Triton paged decode attention. See the module docstring; paged_decode_attention_ref gives the same."""
+    # Stage-1 launch; every None comes from default_launch (bench/bench_paged_attention.py --sweep-launch times them).
+    use_dot: bool | None = None,  # tensor-core dot (the G query rows padded to 16) or, MHA only, the vector path
+    block_n: int | None = None,  # tokens per inner iteration
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    kv_heads_per_program: int | None = None,  # > 1: that many KV heads per program, block-diagonal dot (see below)
+    loop_stages: int | None = None,  # pipeline every load of the inner loop this deep (see below)
+    head_fastest: bool | None = None,  # launch order: the KV heads of a sequence together (see below)
+    out: torch.Tensor | None = None,  # [B, Hq, D] in q.dtype, unit last stride: written in place (no copy after)
+) -> torch.Tensor:  # [B, Hq, D] in q.dtype (`out` when given)
+    """Split-K Triton paged decode attention. See the module docstring; paged_decode_attention_ref gives the same.
+
+    Stage-1 variants, each selectable explicitly; with none named, default_launch's (today the padded dot, measured
+    on an H200 for MHA and GQA):
+    - kv_heads_per_program == 1: one program per (sequence, KV head, split); use_dot picks the tensor-core path (the
+      G query rows padded to 16) or, for MHA, the vector path.
+    - kv_heads_per_program == H > 1 (a power of two): one program per (sequence, H consecutive KV heads, split),
+      tiles [BLOCK_N, H * D] of contiguous bytes and one block-diagonal tensor-core dot for all H heads
+      (_paged_decode_stage1_heads_kernel); tensor cores only (use_dot must not be False). The split heuristic
+      counts programs, so it sees cdiv(Hkv, H) head blocks per sequence.
+    - loop_stages = n (any path): the inner loop is tl.range(..., num_stages=n), so Triton pipelines (cp.async, n - 1
+      tiles ahead) all its loads; with None it pipelines only the loads feeding tl.dot (num_stages), which leaves
+      the vector path's K / V loads synchronous. n = 1 turns pipelining off.
+    - head_fastest (any path): the grid is (head blocks, B, splits) rather than (B, head blocks, splits). Programs
+      start in grid order, so by default the programs resident together read one KV head's 256-byte rows of many
+      sequences, Hkv * D * 2 bytes apart (8 KiB for the 7B); head-fastest, they read all the heads of a few
+      sequences, i.e. whole contiguous token rows (as GQA 8's 8 heads at batch 256 already do), which DRAM pages
+      and L2 sectors serve better.
+    """
     if not _HAS_TRITON:
         raise RuntimeError(
             "paged_decode_attention: triton is not installed (pip install 'minke[gpu]'); use paged_decode_attention_ref"
@@ -313,17 +501,34 @@ def paged_decode_attention(
         min_split_len = 64 if num_splits is None else 1
     if not isinstance(min_split_len, int) or min_split_len < 1:
         raise ValueError(f"paged_decode_attention: min_split_len must be a positive int, got {min_split_len!r}")
+    group = Hq // Hkv
+    launch = default_launch(group, q.dtype, use_dot, kv_heads_per_program, loop_stages, head_fastest)
+    use_dot, kv_heads_per_program = launch["use_dot"], launch["kv_heads_per_program"]
+    loop_stages, head_fastest = launch["loop_stages"], bool(launch["head_fastest"])
+    block_n = launch["block_n"] if block_n is None else block_n
+    num_warps = launch["num_warps"] if num_warps is None else num_warps
+    num_stages = launch["num_stages"] if num_stages is None else num_stages
+    if not isinstance(kv_heads_per_program, int) or kv_heads_per_program < 1 or (
+            kv_heads_per_program & (kv_heads_per_program - 1)):
+        raise ValueError(f"paged_decode_attention: kv_heads_per_program must be a power of two >= 1, got "
+                         f"{kv_heads_per_program!r}")
+    if kv_heads_per_program > 1 and use_dot is False:
+        raise ValueError("paged_decode_attention: kv_heads_per_program > 1 runs on tensor cores only (use_dot=False)")
+    if loop_stages is not None and (not isinstance(loop_stages, int) or loop_stages < 1):
+        raise ValueError(f"paged_decode_attention: loop_stages must be None or a positive int, got {loop_stages!r}")
+    head_blocks = -(-Hkv // kv_heads_per_program)  # programs per sequence and split
     if num_splits is None:
-        num_splits = default_num_splits(B, Hkv, max_seq_len, q.device)
+        num_splits = default_num_splits(B, head_blocks, max_seq_len, q.device)
     if not isinstance(num_splits, int) or not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"paged_decode_attention: num_splits must be an int in [1, {_MAX_SPLITS}], got {num_splits!r}")
-    group = Hq // Hkv
-    if use_dot is None:
-        use_dot = True
     if not use_dot and group != 1:
         raise ValueError(f"paged_decode_attention: use_dot=False takes MHA only (group 1), got group {group}")
 
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    elif out.shape != (B, Hq, D) or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"paged_decode_attention: out must be [B={B}, Hq={Hq}, D={D}] of q's dtype and device with "
+                         f"a unit last stride, got {tuple(out.shape)} {out.dtype} {out.device} strides {out.stride()}")
     if B == 0 or Hq == 0:
         return out
     if num_splits > 1:
@@ -337,15 +542,36 @@ def paged_decode_attention(
     fp32 = q.dtype == torch.float32
     BLOCK_G = max(16, triton.next_power_of_2(group)) if use_dot else 1
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    # The H200 sweep's best for bf16 (llm-7b, batch 32 and 256, 640 tokens): 128-token tiles, 4 warps, 3 stages
-    # (a [128, 128] bf16 K tile and its V tile are 64 KiB a stage). fp32 tiles are twice the bytes: 32 tokens, 2
-    # stages, as before (fp32 caches are the test and reference path, not a speed one).
-    BLOCK_N = block_n if block_n is not None else (32 if fp32 else 128)
-    num_warps = num_warps if num_warps is not None else 4
-    if num_stages is None:
-        num_stages = 2 if fp32 else 3
+    if use_dot and block_n < 16:
+        raise ValueError(f"paged_decode_attention: block_n must be >= 16 on the tensor-core paths, got {block_n}")
     k_cache, v_cache = cache[0], cache[1]  # views; separate pointers keep every offset below the block stride
-    _paged_decode_stage1_kernel[(B, Hkv, num_splits)](
+    grid = (head_blocks, B, num_splits) if head_fastest else (B, head_blocks, num_splits)
+    if kv_heads_per_program > 1:
+        _paged_decode_stage1_heads_kernel[grid](
+            q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
+            float(scale) * _LOG2E, block_size, Hkv,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+            out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if num_splits > 1 else 0,
+            mid_lse.stride(0), mid_lse.stride(1),
+            HEAD_DIM=D,
+            GROUP=group,
+            BLOCK_H=kv_heads_per_program,
+            NUM_SPLITS=num_splits,
+            MIN_SPLIT=min_split_len,
+            BLOCK_R=max(16, triton.next_power_of_2(kv_heads_per_program * group)),
+            BLOCK_D=BLOCK_D,
+            BLOCK_N=block_n,
+            DOT_PRECISION="ieee" if fp32 else "tf32",
+            UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_heads_kernel, q.dtype),
+            LOOP_STAGES=loop_stages,
+            HEAD_FASTEST=head_fastest,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+        if num_splits > 1:
+            splitk_combine(mid_o, mid_lse, seq_lens, out, min_split_len)
+        return out
+    _paged_decode_stage1_kernel[grid](
         q,
         k_cache,
         v_cache,
@@ -375,10 +601,12 @@ def paged_decode_attention(
         MIN_SPLIT=min_split_len,
         BLOCK_G=BLOCK_G,
         BLOCK_D=BLOCK_D,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         USE_DOT=use_dot,
         DOT_PRECISION="ieee" if fp32 else "tf32",
         UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_kernel, q.dtype),
+        LOOP_STAGES=loop_stages,
+        HEAD_FASTEST=head_fastest,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -8,13 +8,24 @@ Rounding order follows transformers' `DeepseekV2RMSNorm` / `LlamaRMSNorm` exactl
     y = weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
 The residual sum is rounded to x.dtype before the norm (it is what the next block receives as its residual).
 
+A served LoRA adapter's expand may ride the add (lora=RowDelta(h, b_t, slots, slotted)): the block output row x
+(o_proj's, or a dense MLP's down_proj's) first gets its adapter's delta, x = round(x + h[row] @ B[slot[row]]^T) for
+rows with an adapter, exactly where lora_expand would have stored it, so the expand needs no launch of its own
+(lora/layers.py; the row is read here anyway, and R = 16 means 16 more weights read per output element).
+Likewise the shrink of the projections that read the norm's output (shrink=RowShrink(a, slots)): h = y A^T per
+row, split over a second grid axis, so the fused input projection after input_layernorm needs no shrink launch.
+
 Public API:
-    rmsnorm(x, weight, eps, residual=None)      Triton kernel (CUDA tensors, or CPU under TRITON_INTERPRET=1)
-    rmsnorm_ref(x, weight, eps, residual=None)  plain torch, identical semantics, the same input checks
+    rmsnorm(x, weight, eps, residual=None, lora=None)      Triton kernel (CUDA tensors, or CPU under TRITON_INTERPRET=1)
+    rmsnorm_ref(x, weight, eps, residual=None, lora=None)  plain torch, identical semantics, the same input checks
     rmsnorm_torch(...)                          rmsnorm_ref unchecked: models.layers.RMSNorm's torch path
+    RowDelta, row_delta_ref(x, lora)            the LoRA delta's inputs, and its torch form
+    RowShrink, row_shrink_ref(y, shrink)        a LoRA shrink of the output rows (rmsnorm(shrink=) returns h too)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +34,71 @@ from ._triton import is_interpreted as _is_interpreted
 from ._triton import tl, triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class RowDelta:
+    """A LoRA expand for rmsnorm to add to x's rows before the residual add (kernels/lora.py's layouts): h fp32,
+    either lora_shrink's partials [SPLIT, M, R] (summed) or with slotted the one-row GEMV's [1, M, S*R] (every
+    slot's h; the row's own slot's R columns are used); b_t [S, R, D] (B transposed: each rank's row of D weights
+    contiguous; scaling included); slots [>= M] int32 per row, -1 = none (the row is left as it is)."""
+
+    h: torch.Tensor
+    b_t: torch.Tensor
+    slots: torch.Tensor
+    slotted: bool = False
+
+    def check(self, x2: torch.Tensor) -> None:
+        m, d = x2.shape
+        s, r, bd = self.b_t.shape
+        want_r = s * r if self.slotted else r
+        if (self.h.dim() != 3 or self.h.shape[1:] != (m, want_r) or self.h.dtype != torch.float32
+                or (self.slotted and self.h.shape[0] != 1) or bd != d or self.h.stride(-1) != 1
+                or not self.b_t.is_contiguous() or self.slots.dtype != torch.int32 or self.slots.shape[0] < m):
+            raise ValueError(f"rmsnorm: lora needs h fp32 [{'1' if self.slotted else 'SPLIT'}, {m}, {want_r}] (unit "
+                             f"last stride), b_t [S, R, {d}] contiguous and int32 slots [>= {m}]; got h {self.h.dtype} "
+                             f"{tuple(self.h.shape)}, b_t {tuple(self.b_t.shape)}, slots {self.slots.dtype} "
+                             f"{tuple(self.slots.shape)}")
+
+
+@dataclass(frozen=True)
+class RowShrink:
+    """A LoRA shrink for rmsnorm to compute from its output rows (the input of the projections that follow):
+    a [S, R, D] (unit last stride; e.g. the stacked A's of a fused input projection), slots [>= M] int32 per row,
+    -1 = none. rmsnorm then also returns h [1, M, R] fp32 (lora_shrink's partials layout, SPLIT 1), h[0, m] =
+    y[m] @ a[slot[m]]^T from y as stored (zeros where no adapter)."""
+
+    a: torch.Tensor
+    slots: torch.Tensor
+
+    def check(self, m: int, d: int) -> None:
+        if self.a.dim() != 3 or self.a.shape[2] != d or self.a.stride(-1) != 1 or self.slots.dtype != torch.int32 \
+                or self.slots.shape[0] < m:
+            raise ValueError(f"rmsnorm: shrink needs a [S, R, {d}] with a unit last stride and int32 slots [>= {m}]; "
+                             f"got a {tuple(self.a.shape)} strides {self.a.stride()}, slots {self.slots.dtype} "
+                             f"{tuple(self.slots.shape)}")
+
+
+def row_shrink_ref(y: torch.Tensor, shrink: RowShrink) -> torch.Tensor:
+    """y [M, D] -> h [1, M, R] fp32 = y[m] @ a[slot[m]]^T (fp32 sums of exact products), zeros where no adapter."""
+    m = y.shape[0]
+    slots = shrink.slots[:m].long()
+    h = torch.einsum("md,mrd->mr", y.float(), shrink.a[slots.clamp(min=0)].float())
+    return torch.where((slots >= 0)[:, None], h, 0.0)[None]
+
+
+def row_delta_ref(x: torch.Tensor, lora: RowDelta) -> torch.Tensor:
+    """x [M, D] with each adapted row's delta added (fp32 sum of h rounded to B's dtype times B, one rounding to
+    x.dtype, as lora_expand stores it); a new tensor."""
+    m = x.shape[0]
+    s, r, _ = lora.b_t.shape
+    slots = lora.slots[:m].long()
+    if lora.slotted:
+        h = lora.h[0].view(m, s, r)[torch.arange(m, device=x.device), slots.clamp(min=0)]  # [M, R]
+    else:
+        h = lora.h.sum(0)
+    delta = torch.einsum("mr,mrd->md", h.to(lora.b_t.dtype).float(), lora.b_t[slots.clamp(min=0)].float())
+    return torch.where((slots >= 0)[:, None], (x.float() + delta).to(x.dtype), x)
 # One program holds a whole row in registers; past this the row would spill (largest DeepSeek hidden is 8192).
 _MAX_D = 65536
 
@@ -52,11 +128,28 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor 
 
 
 def rmsnorm_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference with rmsnorm's input checks: rmsnorm_torch."""
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    lora: RowDelta | None = None, shrink: RowShrink | None = None,
+):
+    """Torch reference with rmsnorm's input checks: rmsnorm_torch (lora: row_delta_ref on x first; shrink:
+    row_shrink_ref of y, returned last)."""
     _check_inputs(x, weight, residual)
-    return rmsnorm_torch(x, weight, eps, residual)
+    if lora is not None:
+        if residual is None or x.shape != residual.shape:
+            raise ValueError("rmsnorm: lora goes with a residual of x's shape (no partial rows)")
+        x2 = x.reshape(-1, x.shape[-1])
+        lora.check(x2)
+        x = row_delta_ref(x2, lora).view_as(x)
+    out = rmsnorm_torch(x, weight, eps, residual)
+    if shrink is None:
+        return out
+    y = out[0] if residual is not None else out
+    if y.dtype != shrink.a.dtype:
+        raise ValueError(f"rmsnorm: shrink's a ({shrink.a.dtype}) must have the output's dtype ({y.dtype})")
+    y2 = y.reshape(-1, y.shape[-1])
+    shrink.check(y2.shape[0], y2.shape[1])
+    h = row_shrink_ref(y2, shrink)
+    return (*out, h) if residual is not None else (out, h)
 
 
 def rmsnorm_torch(
@@ -92,6 +185,18 @@ if _HAS_TRITON:
         w_ptr,  # [D]
         y_ptr,  # [N, D] out, dtype promote(weight, x)
         s_ptr,  # [N, D] out (x + residual) or dummy
+        lh_ptr,  # HAS_LORA: h fp32 [SPLIT, N, R] partials, or LORA_SLOTTED [1, N, S*R]; else dummy
+        lbt_ptr,  # HAS_LORA: B^T [S, R, D] contiguous; else dummy
+        lslot_ptr,  # HAS_LORA: [N] int32 slot per row, -1 = none; else dummy
+        lora_R,
+        stride_lhs,
+        stride_lhm,
+        sa_ptr,  # HAS_SHRINK: A [S, SR, D] (unit last stride); else dummy
+        sslot_ptr,  # HAS_SHRINK: [N] int32 slot per row; else dummy
+        sh_ptr,  # HAS_SHRINK: h out [N, SR] fp32; else dummy
+        shrink_R,
+        stride_sas,
+        stride_sar,
         D,
         stride_x,
         stride_r,
@@ -101,6 +206,13 @@ if _HAS_TRITON:
         HAS_RESIDUAL: tl.constexpr,
         NUM_PARTS: tl.constexpr,  # x rows per output row (partials summed first); 1: plain
         BLOCK_D: tl.constexpr,  # next power of two >= D: one program owns one whole row
+        HAS_LORA: tl.constexpr = False,  # add the row's adapter delta h @ B^T to x first (RowDelta)
+        LORA_SLOTTED: tl.constexpr = False,
+        LORA_SPLIT: tl.constexpr = 1,
+        LORA_CHUNK: tl.constexpr = 4,  # rank rows of B^T loaded per step ([LORA_CHUNK, BLOCK_D] in registers)
+        LORA_BLOCK_R: tl.constexpr = 16,
+        HAS_SHRINK: tl.constexpr = False,  # program (row, j) also computes h[row, j*SHRINK_CHUNK ...] = y @ A^T
+        SHRINK_CHUNK: tl.constexpr = 4,  # rank rows of A per program ([SHRINK_CHUNK, BLOCK_D] in registers)
     ):
         # int64 row index: N * D can pass 2**31 for long prefills at hidden 8192.
         row = tl.program_id(0).to(tl.int64)
@@ -112,11 +224,30 @@ if _HAS_TRITON:
             for k in tl.static_range(1, NUM_PARTS):  # unrolled: the K loads go out together
                 acc += tl.load(x_ptr + (row * NUM_PARTS + k) * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
             x = acc.to(x_ptr.dtype.element_ty)
+        if HAS_LORA:
+            slot = tl.load(lslot_ptr + row)
+            if slot >= 0:  # rows without an adapter keep x bit for bit
+                delta = tl.zeros([BLOCK_D], dtype=tl.float32)
+                for r0 in tl.static_range(0, LORA_BLOCK_R, LORA_CHUNK):
+                    offs_r = r0 + tl.arange(0, LORA_CHUNK)
+                    r_mask = offs_r < lora_R
+                    if LORA_SLOTTED:  # this row's slot's R columns of every slot's h
+                        h = tl.load(lh_ptr + row * stride_lhm + slot * lora_R + offs_r, mask=r_mask, other=0.0)
+                    else:
+                        h = tl.zeros([LORA_CHUNK], dtype=tl.float32)
+                        for sp in tl.static_range(LORA_SPLIT):
+                            h += tl.load(lh_ptr + sp * stride_lhs + row * stride_lhm + offs_r, mask=r_mask, other=0.0)
+                    bt = tl.load(lbt_ptr + (slot.to(tl.int64) * lora_R + offs_r[:, None]) * D + offs[None, :],
+                                 mask=r_mask[:, None] & mask[None, :], other=0.0)  # [CHUNK, BLOCK_D]
+                    # h rounded to B's dtype (as lora_expand's dot), exact products, fp32 sums
+                    delta += tl.sum(h.to(bt.dtype).to(tl.float32)[:, None] * bt.to(tl.float32), axis=0)
+                x = (x.to(tl.float32) + delta).to(x_ptr.dtype.element_ty)
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
             # Add in fp32 and round once to x.dtype: bit-identical to torch's `x + residual` in bf16/fp16.
             x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
-            tl.store(s_ptr + row * stride_s + offs, x, mask=mask)
+            if not HAS_SHRINK:  # (with a shrink: program j == 0 of the row stores it, below)
+                tl.store(s_ptr + row * stride_s + offs, x, mask=mask)
         xf = x.to(tl.float32)
         # Masked lanes are 0 so they add nothing; divide by the true D, not BLOCK_D.
         var = tl.sum(xf * xf, axis=0) / D
@@ -126,15 +257,35 @@ if _HAS_TRITON:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         # A product of two bf16/fp16 values is exact in fp32, so one rounding here equals torch's `weight * normed`.
         y = w.to(tl.float32) * normed.to(tl.float32)
-        tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if HAS_SHRINK:
+            # Programs (row, j) for j > 0 recompute the row (from L2) for their rank rows only: the shrink is split
+            # over the grid's second axis instead of one program walking all R rows of A.
+            j = tl.program_id(1)
+            offs_r = j * SHRINK_CHUNK + tl.arange(0, SHRINK_CHUNK)
+            r_mask = offs_r < shrink_R
+            sslot = tl.load(sslot_ptr + row)
+            at = tl.load(sa_ptr + tl.maximum(sslot, 0).to(tl.int64) * stride_sas + offs_r[:, None] * stride_sar
+                         + offs[None, :], mask=(r_mask & (offs_r * 0 + sslot >= 0))[:, None] & mask[None, :], other=0.0)
+            yq = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # y as stored: what the projections read
+            hs = tl.sum(yq[None, :] * at.to(tl.float32), axis=1)  # [SHRINK_CHUNK], zeros without an adapter
+            tl.store(sh_ptr + row * shrink_R + offs_r, hs, mask=r_mask)
+            if j == 0:
+                if HAS_RESIDUAL:
+                    tl.store(s_ptr + row * stride_s + offs, x, mask=mask)
+                tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 
 def rmsnorm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    lora: RowDelta | None = None, shrink: RowShrink | None = None,
+):
     """Triton RMSNorm. x, residual: [..., D] (contiguous, or 2-D with unit column stride); weight: [D]. With a
-    residual, x may be [..., K, D] partial rows (contiguous), summed first (rmsnorm_ref).
+    residual, x may be [..., K, D] partial rows (contiguous), summed first (rmsnorm_ref). lora (with a residual
+    of x's shape): each adapted row of x gets its delta before the add (RowDelta). shrink: also the LoRA shrink
+    h [1, M, R] fp32 of the output rows, returned last (RowShrink).
 
     Returns y [..., D] in promote(weight.dtype, x.dtype), or (y, s = x + residual) when residual is given.
     Out of place: neither x nor residual is written.
@@ -168,6 +319,10 @@ def rmsnorm(
             return rmsnorm(torch.zeros_like(residual), weight, eps, residual)
     x2 = rows(x, "x")
     r2 = rows(residual, "residual") if residual is not None else None
+    if lora is not None:
+        if residual is None or parts != 1:
+            raise ValueError("rmsnorm: lora goes with a residual of x's shape (no partial rows)")
+        lora.check(x2)
     if not weight.is_contiguous():
         raise ValueError("rmsnorm: weight must be contiguous")
     out_shape = residual.shape if residual is not None else x.shape
@@ -175,18 +330,37 @@ def rmsnorm(
     y = torch.empty(out_shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     s = torch.empty(out_shape, dtype=x.dtype, device=x.device) if residual is not None else None
 
+    h = None
+    if shrink is not None:
+        if y.dtype != shrink.a.dtype:
+            raise ValueError(f"rmsnorm: shrink's a ({shrink.a.dtype}) must have the output's dtype ({y.dtype})")
+        shrink.check(N, D)
+        h = torch.empty(1, N, shrink.a.shape[1], dtype=torch.float32, device=x.device)
     if N > 0 and D > 0:
         y2 = y.view(-1, D)
         s2 = s.view(-1, D) if s is not None else y2  # dummy pointer when unused (dead code under HAS_RESIDUAL=False)
         BLOCK_D = triton.next_power_of_2(D)
         # Untuned: ~512 elements per warp keeps a row within registers up to D=8192 (16 warps).
         num_warps = min(16, max(1, BLOCK_D // 512))
-        _rmsnorm_kernel[(N,)](
+        chunk = 4
+        _rmsnorm_kernel[(N, 1 if shrink is None else triton.cdiv(shrink.a.shape[1], chunk))](
             x2,
             r2 if r2 is not None else x2,
             weight,
             y2,
             s2,
+            x2 if lora is None else lora.h,
+            x2 if lora is None else lora.b_t,
+            x2 if lora is None else lora.slots,
+            1 if lora is None else lora.b_t.shape[1],
+            0 if lora is None else lora.h.stride(0),
+            0 if lora is None else lora.h.stride(1),
+            x2 if shrink is None else shrink.a,
+            x2 if shrink is None else shrink.slots,
+            x2 if h is None else h,
+            1 if shrink is None else shrink.a.shape[1],
+            0 if shrink is None else shrink.a.stride(0),
+            0 if shrink is None else shrink.a.stride(1),
             D,
             x2.stride(0),
             r2.stride(0) if r2 is not None else 0,
@@ -196,8 +370,18 @@ def rmsnorm(
             HAS_RESIDUAL=residual is not None,
             NUM_PARTS=parts,
             BLOCK_D=BLOCK_D,
+            HAS_LORA=lora is not None,
+            LORA_SLOTTED=lora is not None and lora.slotted,
+            LORA_SPLIT=1 if lora is None else lora.h.shape[0],
+            LORA_BLOCK_R=16 if lora is None else max(4, triton.next_power_of_2(lora.b_t.shape[1])),
+            HAS_SHRINK=shrink is not None,
+            SHRINK_CHUNK=chunk,
             num_warps=num_warps,
         )
+    elif h is not None:
+        h.zero_()
+    if h is not None:
+        return (y, h) if s is None else (y, s, h)
     return y if s is None else (y, s)
 
 

@@ -13,8 +13,57 @@ forward adds sum over its rows' adapters of x A^T B^T through the multi-LoRA ker
                    one block-diagonal expand), an MLP's gate/up (LoRAMLP)
 
 S = max_loras slots, R = max_lora_rank (smaller adapters are zero-padded; B holds the scaling). Slot -1 = no
-adapter. Every layer of a model reads one LoRAContext: the step's per-token slot indices in a persistent device
-buffer (rows [:N] for a step of N tokens), so CUDA graphs capture the reads and replay them with new indices.
+adapter.
+
+Launches the adapters add to one decode step on the CUDA path (CUDA graphs; the GPU build: fused input projection,
+shared experts folded into the fused MoE, one-row GEMV, deferred MoE slot sums, single rank). The design record:
+decode is launch-bound, a graph node costs ~2-4 us even when it moves almost nothing, so the adapters' math rides
+kernels the base step runs anyway wherever their rows are already in registers. V2-Lite (D 2048, 16 MLA heads,
+nope 128, latent C 512, no q compression; layer 0 dense MLP I 10944; 26 MoE layers, 64 routed + 2 folded shared
+experts, 8 (token, expert) pairs a token), S = 4, R = 16; "was" = before this layout (2026-12-02):
+
+  module            batch 1: extra launches (was)  batch 32: extra (was)  what the LoRA math moves, where
+  q + kv_a fused    0 (1: slotted expand)          1 (2: shrink, expand)  shrink y A^T of the stacked [S, 2R, D] A in
+                                                                          the input add + RMSNorm (grid (rows, 2R/4),
+                                                                          128 KB of A a row); expand: one row in the
+                                                                          GEMV epilogue (B rows [3648, 2R] of the
+                                                                          slot, 233 KB) / lora_expand after the GEMM
+  kv_b absorbed q   1 (2: q_nope copy, s+e)        1 (2: reshape copy)    lora_shrink_expand on q_nope in place:
+                                                                          B_UK^T [H, R, nope] 64 KB, A^T 16 KB a slot
+  kv_b absorbed out 1 (1)                          1 (2: contiguous copy) lora_shrink_expand into the einsum's view:
+                                                                          A 16 KB, B_UV [H, v, R] 64 KB a slot
+  o_proj            0 (1: slotted expand)          1 (2: shrink, expand)  shrink: batch 1 S*R extra GEMV rows
+                                                                          (256 KB), batch 32 lora_shrink; expand in
+                                                                          the post-attention add + RMSNorm from B^T
+                                                                          [R, D] (64 KB a slot)
+  routed + shared   0 (2: lora_shrink_moe x2)      2 (2: the same)        one token: both shrinks in the grouped
+  experts (MoE)                                                           GEMMs' K loops (A [2R, D] / [R, I] of the
+                                                                          (slot, expert), re-read from L2 by every N
+                                                                          tile); more tokens: lora_shrink_moe before
+                                                                          each (fused_moe.LORA_IN_LOOP_MAX_TOKENS);
+                                                                          expands in the GEMMs' epilogues
+  dense MLP         0 (7: gate, up unfused on      2 (7: the same)        gate/up fused: their stacked shrink [S, 2R,
+  (layer 0)         cuBLAS, shrink, 2 expands,                            D] in the post-attention add + RMSNorm, the
+                    silu, mul, down's expand)                             block-diagonal expand in the gate_up +
+                                                                          SiLU·mul GEMV's epilogue (B rows [2I, 2R] of
+                                                                          the slot, 700 KB) / one lora_expand between
+                                                                          GEMM and SiLU·mul; down_proj as o_proj (its
+                                                                          expand in layer 1's input add + RMSNorm)
+  per step          0 (2 H2D copies of the torch path's per-head indices; token_slots' copy stays)
+
+  a MoE layer       2 (7)                          6 (10)
+  the step          26*2 + 2 = 54 (194)            26*6 + 6 = 162 (275)
+
+(q_a / q_b of models with q compression: q_a is the fused input's first part (as above); q_b_proj is a plain
+LoRALinear after q_a_layernorm: shrink + expand, 2 launches; MHA / GQA models: q/k/v fused as above, their
+dense MLPs as layer 0's. Under tensor parallelism the block's all-reduce sits between a projection and the next
+norm: o_proj / down_proj keep their expand launch and the norms do no shrink.) "s+e" = lora_shrink_expand.
+bench/profile_step.py prints the GPU kernels a decode step runs, with and without --lora-rank.
+
+Every layer of a model reads one LoRAContext: the step's per-token slot indices in a persistent device buffer
+(rows [:N] for a step of N tokens), so CUDA graphs capture the reads and replay them with new indices. LoRA math
+one module leaves to the next in the same forward (an expand for a norm, a norm's shrink for the projection after
+it) goes through LoRAContext.defer / take: Python-side, so a captured graph holds the fused kernels only.
 
 Tensor parallelism: A/B are sliced like the base weight (parallel/sharding.py's plan): column-parallel layers take
 B's rows, row-parallel ones A's columns (their partial outputs are summed by the block's all-reduce with the base
@@ -51,6 +100,20 @@ class LoRAContext:
         self.head_slots = self.row_slots = None
         self.active = False
         self.use_kernels = use_kernels
+        # LoRA math one module leaves to the next within a forward, by the receiving module's id: an expand for
+        # the next add + RMSNorm (LoRALinear.lora_next_norm: a kernels/rmsnorm.py RowDelta), or the shrink an add +
+        # RMSNorm computed for the fused input projection after it (LoRANorm.lora_shrink_for: h [1, M, n*R]).
+        self.pending: dict[int, object] = {}
+
+    def defer(self, target: nn.Module, item) -> None:
+        """Leave `item` for `target`'s next call."""
+        if id(target) in self.pending:
+            raise RuntimeError(f"LoRA math left for {type(target).__name__} was never applied")
+        self.pending[id(target)] = item
+
+    def take(self, target: nn.Module):
+        """What was left for `target` (and forget it), or None."""
+        return self.pending.pop(id(target), None) if self.pending else None
 
     def slots(self, rows: int) -> torch.Tensor:
         if rows > self.token_slots.shape[0]:
@@ -92,7 +155,14 @@ class SlotWeights(nn.Module):
         super().__init__()
         self.register_buffer("a", torch.zeros(slots, rank, d_in, dtype=dtype, device=device), persistent=False)
         self.register_buffer("b", torch.zeros(slots, d_out, rank, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("b_t", None, persistent=False)  # [S, R, out] (keep_b_t): for an expand in a norm
         self.full_in, self.full_out, self.a_cols, self.b_rows = full_in, full_out, a_cols, b_rows
+
+    @torch.no_grad()
+    def keep_b_t(self) -> None:
+        """Also keep B transposed, b_t [S, R, out] (each rank's weights contiguous: the add + RMSNorm's expand,
+        kernels/rmsnorm.py RowDelta), in step with b from now on."""
+        self.b_t = self.b.transpose(1, 2).contiguous()
 
     def check(self, name: str, a: torch.Tensor, b: torch.Tensor) -> str | None:
         if a.shape[-1] != self.full_in or b.shape[-2] != self.full_out:
@@ -105,6 +175,8 @@ class SlotWeights(nn.Module):
         """a [r, in_full], b [out_full, r] (or None: clear the slot)."""
         self.a[slot].zero_()
         self.b[slot].zero_()
+        if self.b_t is not None:
+            self.b_t[slot].zero_()
         if a is None:
             return
         if self.a_cols is not None:
@@ -114,6 +186,8 @@ class SlotWeights(nn.Module):
         r = a.shape[0]
         self.a[slot, :r].copy_(a)
         self.b[slot, :, :r].copy_(b)
+        if self.b_t is not None:
+            self.b_t[slot].copy_(self.b[slot].t())
 
 
 def stack_slot_weights(ws: list[SlotWeights], block_b: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -141,7 +215,17 @@ def stack_slot_weights(ws: list[SlotWeights], block_b: bool) -> tuple[torch.Tens
 
 
 class LoRALinear:
-    """Mixin for nn.Linear (or fp8 linears): out = base(x) + the rows' adapters."""
+    """Mixin for nn.Linear (or fp8 linears): out = base(x) + the rows' adapters. With lora_next_norm (o_proj, a
+    dense MLP's down_proj: apply_lora sets it to the add + RMSNorm their output goes to next) the kernel path
+    leaves the expand to that norm (LoRAContext.defer; kernels/rmsnorm.py RowDelta): out is then base(x) alone
+    until the norm adds the delta, one launch fewer."""
+
+    lora_next_norm: nn.Module | None = None
+
+    def _defer_to(self):
+        """The norm to leave this step's expand to, or None (torch path, or not wired)."""
+        ctx = self.lora_ctx
+        return self.lora_next_norm if ctx.use_kernels and self.lora.b_t is not None else None
 
     def base_forward(self, x):
         """The projection without its adapters (LoRAMLP adds them itself)."""
@@ -156,7 +240,13 @@ class LoRALinear:
         ctx = self.lora_ctx
         if ctx.active:
             x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-            ctx.apply(x2, y2, self.lora.a, self.lora.b, ctx.slots(x2.shape[0]))
+            idx, norm = ctx.slots(x2.shape[0]), self._defer_to()
+            if norm is not None:  # the shrink now ([SPLIT, M, R] partials), the expand in the norm's launch
+                from ..kernels.rmsnorm import RowDelta
+
+                ctx.defer(norm, RowDelta(ctx.shrink(x2, self.lora.a, idx), self.lora.b_t, idx))
+            else:
+                ctx.apply(x2, y2, self.lora.a, self.lora.b, idx)
         return y
 
     @property
@@ -170,21 +260,69 @@ class LoRALinear:
         then one expand of the row's slot; larger steps: linear() and add_lora."""
         from ..kernels.gemv import linear
 
-        y = one_row_lora(self.lora_ctx, x, self.weight, self.lora.a, self.lora.b)
+        y = one_row_lora(self.lora_ctx, x, self.weight, self.lora.a, self.lora.b, self._defer_to(), self.lora.b_t)
         return y if y is not None else self.add_lora(x, linear(x, self.weight))
 
 
-def one_row_lora(ctx: LoRAContext, x, w, a, b):
+def one_row_lora(ctx: LoRAContext, x, w, a, b, defer_to: nn.Module | None = None, b_t=None):
     """x [1, K] @ w^T plus the row's adapter in two launches (gemv with a's rows as extra rows, expand of the row's
-    slot), or None when that path does not apply (eager steps without adapters, the torch path, more rows, a
-    non-contiguous A such as one part of a stacked shrink)."""
+    slot; with defer_to, that norm's add + RMSNorm does the expand from b_t: one launch), or None when that path
+    does not apply (eager steps without adapters, the torch path, more rows, a non-contiguous A such as one part of
+    a stacked shrink)."""
     from ..kernels.gemv import gemv, gemv_applies
 
     if not (ctx.active and ctx.use_kernels and gemv_applies(x, w) and a.is_contiguous() and x.dtype == a.dtype):
         return None
     y, h = gemv(x, w, extra=a.flatten(0, 1))  # [1, N], [1, S*R] fp32: every slot's h
-    lora_expand(y, h.unsqueeze(0), b, ctx.slots(x.shape[0]), slotted=True)
+    slots = ctx.slots(x.shape[0])
+    if defer_to is not None:
+        from ..kernels.rmsnorm import RowDelta
+
+        ctx.defer(defer_to, RowDelta(h.unsqueeze(0), b_t, slots, slotted=True))
+    else:
+        lora_expand(y, h.unsqueeze(0), b, slots, slotted=True)
     return y
+
+
+class LoRANorm:
+    """Mixin for an add + RMSNorm next to LoRA projections, on the kernel path: applies the expand a LoRALinear
+    left for it (its lora_next_norm: o_proj, a dense down_proj; LoRAContext.defer) inside the norm's launch
+    (kernels/rmsnorm.py rmsnorm(lora=)), and with lora_shrink_for (the attention whose fused input projection
+    reads this norm's output) computes that projection's stacked shrink there too (rmsnorm(shrink=)), leaving h
+    to LoRAFusedInput._linear."""
+
+    def _lora_shrink(self, x):
+        """The RowShrink for the module after this norm (the attention's fused input projection, a dense MLP's fused
+        gate/up), or None (not wired, torch path, unfused projections)."""
+        target, ctx = self.__dict__.get("lora_shrink_for"), self.lora_ctx
+        if target is None or not (ctx.active and ctx.use_kernels):
+            return None
+        a = target.lora_norm_a()
+        if a is None or torch.promote_types(self.weight.dtype, x.dtype) != a.dtype:
+            return None
+        from ..kernels.rmsnorm import RowShrink
+
+        return RowShrink(a, ctx.slots(x.numel() // x.shape[-1]))
+
+    def forward(self, x, residual=None):
+        ctx = self.lora_ctx
+        # rows: the residual's (x may be a MoE's per-slot partial rows, MoE.defer_slot_sum)
+        delta, shrink = ctx.take(self), self._lora_shrink(x if residual is None else residual)
+        if delta is None and shrink is None:
+            return super().forward(x, residual)
+        if delta is not None and (residual is None or x.shape != residual.shape):  # not the shape wired for
+            from ..kernels.rmsnorm import row_delta_ref
+
+            x, delta = row_delta_ref(x.reshape(-1, x.shape[-1]), delta).view_as(x), None
+            if shrink is None:
+                return super().forward(x, residual)
+        from ..kernels.rmsnorm import rmsnorm
+
+        out = rmsnorm(x, self.weight, self.eps, residual, lora=delta, shrink=shrink)
+        if shrink is None:
+            return out
+        ctx.defer(self.__dict__["lora_shrink_for"], out[-1])
+        return out[0] if residual is None else out[:2]
 
 
 class LoRAFusedInput:
@@ -195,6 +333,18 @@ class LoRAFusedInput:
     def _linear(self, x, w, scale=None):
         ctx = self.lora_ctx
         stacked = getattr(self, "lora_stacked", None)  # (A [S, n*R, D], block-diagonal B [S, sum outs, n*R])
+        pre = ctx.take(self) if ctx.active and w is self.fused_in_weight else None  # the input norm's shrink
+        if pre is not None and stacked is not None and stacked[1].shape[1] == w.shape[0] and x.dim() == 2:
+            # h [1, M, n*R] came with x from the add + RMSNorm before (LoRANorm): the expand alone is left, inside
+            # the one-row GEMV (no launch at all) or as one lora_expand after the GEMM
+            from ..kernels.gemv import gemv, gemv_applies
+
+            idx = ctx.slots(x.shape[0])
+            if scale is None and getattr(self, "one_row_gemv", False) and gemv_applies(x, w):
+                return gemv(x, w, lora=(pre[0], stacked[1], idx))
+            y = super()._linear(x, w, scale)
+            lora_expand(y, pre, stacked[1], idx)
+            return y
         if scale is None and getattr(self, "one_row_gemv", False) and w is self.fused_in_weight and stacked is not None \
                 and stacked[1].shape[1] == w.shape[0]:  # the GPU build's one-row GEMV: the shrink rides along
             y = one_row_lora(ctx, x, w, *stacked)
@@ -213,6 +363,13 @@ class LoRAFusedInput:
                 start = end
         return y
 
+    def lora_norm_a(self):
+        """The stacked A the add + RMSNorm before may shrink with (LoRANorm), or None."""
+        stacked = getattr(self, "lora_stacked", None)
+        if self.fused_in_weight is None or stacked is None or stacked[1].shape[1] != self.fused_in_weight.shape[0]:
+            return None
+        return stacked[0]
+
     def lora_fused_parts(self):
         """The projections of fused_in_weight, in its row order."""
         if hasattr(self, "kv_a_proj_with_mqa"):
@@ -222,13 +379,43 @@ class LoRAFusedInput:
 
 class LoRAMLP:
     """Mixin for MLP (dense layers, shared experts) whose gate_proj and up_proj are LoRALinear: one shrink of x for
-    both (lora_stacked_a: their A's stacked, [S, 2R, D]), then each one's expand; the rest is MLP.forward's math
-    (apply_lora swaps this in only over MLP.forward itself)."""
+    both (lora_stacked_a: their A's stacked, [S, 2R, D]; lora_stacked_b: their B's block-diagonal, [S, 2I, 2R]),
+    then each one's expand; the rest is MLP.forward's math (apply_lora swaps this in only over MLP.forward itself).
+    Kernel path with gate/up fused (fuse_gate_up): the shrink from the add + RMSNorm before (LoRANorm, or one
+    lora_shrink), the expand inside the one-row gate_up + SiLU·mul GEMV (gemv_silu_mul(lora=)) at up to
+    FEW_ROWS_MAX rows, else one lora_expand between the fused GEMM and the SiLU·mul."""
+
+    def lora_norm_a(self):
+        """The stacked A the add + RMSNorm before may shrink with (LoRANorm), or None."""
+        if self.fused_gate_up is None or getattr(self, "lora_stacked_b", None) is None:
+            return None
+        return self.lora_stacked_a
+
+    def _fused_forward(self, x, pre):
+        from ..kernels import gemv as gemv_mod
+
+        ctx, w, scale = self.lora_ctx, self.fused_gate_up, self.fused_gate_up_scale
+        x2 = x.reshape(-1, x.shape[-1])
+        idx, b = ctx.slots(x2.shape[0]), self.lora_stacked_b
+        if pre is None:  # not wired to a norm (shared experts not folded): one shrink, every rank column at once
+            pre = lora_shrink(x2 if x2.stride(-1) == 1 else x2.contiguous(), self.lora_stacked_a, idx, split=1)
+        if scale is None and pre.shape[0] == 1 and gemv_mod._few_rows(x2, w, gemv_mod.FEW_ROWS_MAX):
+            act = gemv_mod.gemv_silu_mul(x2, w, lora=(pre[0], b, idx))
+        else:
+            from ..kernels.silu_mul import silu_mul_fwd, silu_mul_fwd_ref
+
+            y = gemv_mod.linear(x2, w, scale)  # [M, 2I]
+            lora_expand(y, pre, b, idx)
+            act = (silu_mul_fwd if y.is_cuda else silu_mul_fwd_ref)(y)
+        return self._apply_linear(self.down_proj, act.view(*x.shape[:-1], act.shape[-1]))
 
     def forward(self, x):
         ctx = self.lora_ctx
         if not ctx.active:
             return super().forward(x)
+        pre = ctx.take(self)  # h [1, M, 2R] from the norm before (LoRANorm), on the kernel path
+        if ctx.use_kernels and self.lora_norm_a() is not None:
+            return self._fused_forward(x, pre)
         g, u = self.gate_proj, self.up_proj
         yg, yu = g.base_forward(x), u.base_forward(x)
         x2 = x.reshape(-1, x.shape[-1])
@@ -282,15 +469,20 @@ class LoRAMLA:
         return ctx.head_slots[: n * h], ctx.row_slots[: n * h]
 
     def _absorb_q(self, q_nope, w_uk):
-        q_latent = super()._absorb_q(q_nope, w_uk).contiguous()  # [n, H, C]
+        q_latent = super()._absorb_q(q_nope, w_uk).contiguous()  # [n, H, C] (what mla_decode reads: no extra copy)
         ctx = self.lora_ctx
         if ctx.active and q_nope.shape[0]:
             n, h, c = q_latent.shape
             w = self.kv_b_lora
+            if ctx.use_kernels and self.nope <= SHRINK_EXPAND_MAX_K and q_nope.dtype == w.a.dtype \
+                    and q_nope.stride(-1) == 1:  # one launch: += (q_nope B_UK per head) A, q_nope read in place
+                lora_shrink_expand(q_latent, q_nope, w.buk_t, w.a_t, ctx.slots(n), h, a_grouped=True,
+                                   b_grouped=False)
+                return q_latent
             x = q_nope.reshape(n * h, self.nope).to(w.a.dtype)
             if ctx.use_kernels:  # rows (token i, head j) = i*H + j; the decode tokens are the step's first rows
                 slots = ctx.slots(n)
-                if self.nope <= SHRINK_EXPAND_MAX_K:  # one launch: += (q_nope B_UK per head) A
+                if self.nope <= SHRINK_EXPAND_MAX_K:
                     lora_shrink_expand(q_latent.view(n * h, c), x.contiguous(), w.buk_t, w.a_t, slots, h,
                                        a_grouped=True, b_grouped=False)
                 else:
@@ -302,8 +494,17 @@ class LoRAMLA:
         return q_latent
 
     def _absorb_out(self, o_latent, w_uv):
-        out = super()._absorb_out(o_latent, w_uv).contiguous()  # [n, H, v]
+        out = super()._absorb_out(o_latent, w_uv)  # [n, H, v], maybe a permuted view (einsum's bmm over heads)
         ctx = self.lora_ctx
+        if ctx.active and o_latent.shape[0] and ctx.use_kernels and o_latent.shape[-1] <= SHRINK_EXPAND_MAX_K \
+                and o_latent.dtype == self.kv_b_lora.a.dtype and o_latent.stride(-1) == 1 and out.stride(-1) == 1:
+            # one launch: += (A o_latent) B_UV^T per head, into the einsum's output as it is (no copy: _paged
+            # copies it into its own output next)
+            w = self.kv_b_lora
+            lora_shrink_expand(out, o_latent, w.a, w.buv, ctx.slots(o_latent.shape[0]), self.num_heads,
+                               a_grouped=False, b_grouped=True)
+            return out
+        out = out.contiguous()
         if ctx.active and o_latent.shape[0]:
             n, h, c = o_latent.shape
             w = self.kv_b_lora
@@ -473,5 +674,6 @@ def swap_in(module: nn.Module, mixin: type) -> None:
 _COMPOSED: dict[tuple[type, type], type] = {}
 
 __all__ = ["ExpertSlotWeights", "KvbSlotWeights", "LINEAR_TARGETS", "LoRAContext", "LoRAExperts",
-           "LoRAFusedInput", "LoRALinear", "LoRAMLA", "LoRAMLP", "SharedFold", "SlotWeights", "stack_slot_weights",
+           "LoRAFusedInput", "LoRALinear", "LoRAMLA", "LoRAMLP", "LoRANorm", "SharedFold", "SlotWeights",
+           "stack_slot_weights",
            "swap_in"]

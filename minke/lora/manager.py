@@ -138,6 +138,7 @@ class LoRAManager:
         """Per-token slots of the step's chunks (SeqChunk.lora_id, 0 = base; decodes first) into the device
         buffer. Also the context tokens' slots for MLA prefills that read cached context."""
         ctx = self.ctx
+        ctx.pending.clear()  # (a step that raised mid-forward may have left some LoRA math behind)
         ids = [c.lora_id for c in chunks]
         if not any(ids):
             ctx.active = False
@@ -161,7 +162,8 @@ class LoRAManager:
         nd = 0
         while nd < len(chunks) and chunks[nd].is_decode:
             nd += 1
-        if ctx.heads and nd:  # absorbed decode's per-(token, head) indices of the decode rows (one each)
+        if ctx.heads and nd and not ctx.use_kernels:  # the torch path's per-(token, head) indices of the decode
+            # rows (the kernels read token_slots with a row divisor: two host-to-device copies a step fewer)
             h, s = ctx.heads, per_chunk[:nd].astype(np.int64)
             per_head = np.where(s[:, None] >= 0, s[:, None] * h + np.arange(h), -1).astype(np.int32).reshape(-1)
             ctx.head_slots[: nd * h].copy_(torch.from_numpy(per_head), non_blocking=ctx.token_slots.is_cuda)
@@ -187,6 +189,7 @@ class LoRAManager:
         (indices decide at replay)."""
         self._clear()
         self.ctx.context_slots = self.ctx.token_slots
+        self.ctx.pending.clear()
         self.ctx.active = True
 
     def end_capture(self) -> None:

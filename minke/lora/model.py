@@ -15,7 +15,7 @@ from ..parallel.sharding import checkpoint_plan, checkpoint_shapes
 from ..parallel.state import ParallelConfig
 from .config import LoRAConfig
 from .layers import (LINEAR_TARGETS, ExpertSlotWeights, KvbSlotWeights, LoRAContext, LoRAExperts, LoRAFusedInput,
-                     LoRALinear, LoRAMLA, LoRAMLP, SharedFold, SlotWeights, stack_slot_weights, swap_in)
+                     LoRALinear, LoRAMLA, LoRAMLP, LoRANorm, SharedFold, SlotWeights, stack_slot_weights, swap_in)
 
 
 @dataclass
@@ -109,7 +109,43 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, parallel: ParallelConfig, max_
             swap_in(m, LoRAExperts)
             out.experts[name] = w
     _stack_shared_inputs(model, ctx)
+    if not parallel.is_parallel:  # under tensor parallelism the block's all-reduce sits between them
+        _expands_into_norms(model, ctx)
     return out
+
+
+def _expands_into_norms(model: nn.Module, ctx: LoRAContext) -> None:
+    """o_proj's expand into its layer's post-attention add + RMSNorm, a dense MLP's down_proj's into the next
+    layer's input add + RMSNorm (the final norm after the last layer): their outputs go there next, as the residual
+    stream's x (models/model.py DecoderLayer). The fused input projection's stacked shrink into the input add +
+    RMSNorm whose output it reads, a dense MLP's gate/up one into the post-attention one. The kernel path then has
+    no shrink / expand launch for them."""
+    backbone = getattr(model, "model", None)
+    if backbone is None or not hasattr(backbone, "layers"):
+        return
+    layers = list(backbone.layers)
+    nexts = [layer.input_layernorm for layer in layers[1:]] + [backbone.norm]
+    for layer, next_norm in zip(layers, nexts):
+        attn = layer.self_attn
+        if isinstance(attn, LoRAFusedInput) and getattr(attn, "lora_stacked", None) is not None:
+            norm = layer.input_layernorm  # its output is the fused input projection's x: the shrink rides it
+            norm.__dict__["lora_shrink_for"] = attn  # a plain reference, not a submodule
+            norm.lora_ctx = ctx
+            swap_in(norm, LoRANorm)
+        pairs = [(getattr(attn, "o_proj", None), layer.post_attention_layernorm)]
+        if isinstance(layer.mlp, MLP):  # not a MoE's shared experts: their output is summed with the routed first
+            pairs.append((layer.mlp.down_proj, next_norm))
+            if isinstance(layer.mlp, LoRAMLP):  # its gate/up shrink rides the post-attention add + RMSNorm
+                norm = layer.post_attention_layernorm
+                norm.__dict__["lora_shrink_for"] = layer.mlp
+                norm.lora_ctx = ctx
+                swap_in(norm, LoRANorm)
+        for proj, norm in pairs:
+            if isinstance(proj, LoRALinear):
+                proj.lora.keep_b_t()
+                proj.__dict__["lora_next_norm"] = norm  # a plain reference, not a submodule (state dict unchanged)
+                norm.lora_ctx = ctx
+                swap_in(norm, LoRANorm)
 
 
 def _stack_shared_inputs(model: nn.Module, ctx: LoRAContext) -> None:
@@ -122,6 +158,6 @@ def _stack_shared_inputs(model: nn.Module, ctx: LoRAContext) -> None:
                 m.lora_stacked = stack_slot_weights([p.lora for p in parts], block_b=True)
         if isinstance(m, MLP) and type(m).forward is MLP.forward and isinstance(m.gate_proj, LoRALinear) \
                 and isinstance(m.up_proj, LoRALinear):
-            m.lora_stacked_a, _ = stack_slot_weights([m.gate_proj.lora, m.up_proj.lora], block_b=False)
+            m.lora_stacked_a, m.lora_stacked_b = stack_slot_weights([m.gate_proj.lora, m.up_proj.lora], block_b=True)
             m.lora_ctx = ctx
             swap_in(m, LoRAMLP)

@@ -86,8 +86,8 @@ class GemvProjections:
     """One-row steps (batch-1 decode) run the bias-free projections of attention (the fused input projection and
     o_proj of paged steps) and of the MLPs (down_proj) through the Triton matrix-vector kernel (kernels/gemv.py:
     1.1-3.2 us less than cuBLAS each on an H200); other sizes keep F.linear. An MLP's fused gate_up (fuse_gate_up)
-    runs as one GEMV launch with the SiLU·mul in its epilogue at up to gemv.FEW_ROWS_MAX rows, else one GEMM + the
-    Triton SiLU·mul. Fused fp8 weights go through kernels/fp8_linear.py (its W8A16 GEMV at few rows). Other modules
+    runs as one GEMV launch with the SiLU·mul in its epilogue at one row (fp8: up to gemv.FEW_ROWS_MAX), else one
+    GEMM + the Triton SiLU·mul. Fused fp8 weights go through kernels/fp8_linear.py (its W8A16 GEMV at few rows). Other modules
     (Fp8Linear) keep their own forward."""
 
     one_row_gemv = True  # LoRA's fused input projection runs its shrink inside this GEMV (lora/layers.py)

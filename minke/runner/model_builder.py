@@ -37,7 +37,7 @@ from ..lora.model import apply_lora
 from ..models.model import CausalLM
 from ..parallel.sharded_loading import load_sharded_model
 from ..parallel.state import ParallelConfig
-from .gpu_kernels import (fold_shared_experts_for_lora, fuse_input_projections, gpu_kernels_available,
+from .gpu_kernels import (fold_shared_experts_for_lora, fuse_gate_up, fuse_input_projections, gpu_kernels_available,
                           install_gpu_kernels, transform_weights)
 from .quantization import apply_quantization
 
@@ -61,6 +61,7 @@ def build_model(cfg, model_config: ModelConfig, parallel: ParallelConfig, dtype:
         if lora is not None and cfg.quantization is None and gpu_kernels_available(device):
             fuse_input_projections(model)
             fold_shared_experts_for_lora(model)
+            fuse_gate_up(model)  # dense MLPs: one gate_up GEMV (+ SiLU·mul) with the adapters' expand inside
         install_gpu_kernels(model, device, tensor_parallel=parallel.is_parallel,
                             weights_transformed=cfg.quantization is not None or lora is not None)
     if lora is not None:

@@ -121,7 +121,7 @@ class Attention(nn.Module):
         nd = batch.num_decodes
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = batch.backend.mha_decode(q[:nd], cache, batch, self.scale)
+            batch.backend.mha_decode(q[:nd], cache, batch, self.scale, out=out[:nd])  # written in place
         pack = batch.prefill
         if pack is not None:
             # All prefill chunks in one varlen call. Without cached context a chunk's own K/V is its whole context

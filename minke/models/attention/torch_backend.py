@@ -195,8 +195,12 @@ class TorchAttentionBackend:
         scores = (q_latent.float() @ c_kv.T + q_pe.float() @ k_pe.T) * scale  # [H, L]
         return (scores.softmax(-1) @ c_kv).to(q_latent.dtype)
 
-    def mha_decode(self, q: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
-        """q [D, H, hd], cache [2, blocks, bs, Hkv, hd] -> [D, H, hd]."""
+    def mha_decode(self, q: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch, scale: float,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """q [D, H, hd], cache [2, blocks, bs, Hkv, hd] -> [D, H, hd]; into `out` ([D, H, hd]) when given (the Triton
+        backend writes it in place; here it is one copy)."""
+        if out is not None:
+            return out.copy_(self.mha_decode(q, cache, batch, scale))
         n, h = q.shape[0], q.shape[1]
         if self.batch_invariant:
             out = q.new_empty(q.shape)

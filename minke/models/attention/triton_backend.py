@@ -35,14 +35,19 @@ class TritonAttentionBackend(TorchAttentionBackend):
         return mla_decode(q_latent.contiguous(), q_pe.contiguous(), cache, batch.block_tables[:n],
                           batch.seq_lens[:n], scale)
 
-    def mha_decode(self, q: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
+    def mha_decode(self, q: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch, scale: float,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
         """MHA / GQA decode over the paged K/V cache: the split-K kernel (kernels/paged_attention.py), query heads
         grouped per KV head. No host sync (the split count comes from the block table's width), so it is
-        captured in the decode CUDA graphs. q [D, H, hd], cache [2, blocks, bs, Hkv, hd] -> [D, H, hd]."""
+        captured in the decode CUDA graphs. q [D, H, hd], cache [2, blocks, bs, Hkv, hd] -> [D, H, hd], written
+        into `out` when given (the layer's decode rows: no copy after the kernel). The kernel takes any q strides
+        but a unit last one, so q is copied only then."""
         from ...kernels.paged_attention import paged_decode_attention
 
         n = q.shape[0]
-        return paged_decode_attention(q.contiguous(), cache, batch.block_tables[:n], batch.seq_lens[:n], scale)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        return paged_decode_attention(q, cache, batch.block_tables[:n], batch.seq_lens[:n], scale, out=out)
 
 
 def make_backend(device: torch.device) -> TorchAttentionBackend:
