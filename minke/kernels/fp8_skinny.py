@@ -20,8 +20,9 @@ step at batch 32). Here the weights stream through tl.dot tiles as in a GEMV, wi
 - Split-K (SPLIT_K > 1): o_proj / down_proj (N = 8192) have only 64 column blocks of 128 rows for 132 SMs, and
   narrower blocks would make the programs re-read x more than they read weights (x bytes a tile: 2 BLOCK_M
   BLOCK_K; weight bytes: BLOCK_N BLOCK_K). The K tiles are cut into SPLIT_K contiguous ranges; each program writes
-  its fp32 partial sums [BLOCK_M, BLOCK_N] to a workspace [SPLIT_K, M, N] and a second launch adds the splits in a
-  fixed order (deterministic, no atomics, no zero-fill), applies the scales and the activation and rounds once.
+  its fp32 partial sums [BLOCK_M, BLOCK_N] to a workspace [SPLIT_K, M, N] and a second launch (kernels/splitk_sum.py,
+  shared with gemv.py) adds the splits in a fixed order (deterministic, no atomics, no zero-fill), applies the
+  scales and the activation and rounds once.
 - SILU_MUL: w [2I, K] = [gate; up] (an MLP's fused gate_up): a program streams its gate rows and the matching up
   rows (two accumulators) and writes silu(x gate^T) * (x up^T) [M, I] -- the dense MLP's first half in one launch
   (two with split-K), instead of a GEMM of [M, 2I] and the SiLU·mul launch.
@@ -54,6 +55,10 @@ from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
+from .splitk_sum import splitk_sum
+
+if _HAS_TRITON:
+    from .splitk_sum import row_epilogue
 
 _FP8 = torch.float8_e4m3fn
 SKINNY_DTYPES = (torch.bfloat16, torch.float16)
@@ -223,51 +228,17 @@ if _HAS_TRITON:
                 acc_up = tl.trans(acc_up)
         out_mask = mask_m[:, None] & mask_n[None, :]
         if not SPLIT:  # epilogue here: scales on the fp32 sums, the activation, one rounding
-            y = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            up = acc
             if SILU_MUL:
-                up = acc_up * tl.load(s_up_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-                y = y / (1.0 + tl.exp(-y)) * up  # silu(gate) * up in fp32 (as kernels/gemv.py)
+                up = acc_up
+            y = row_epilogue(acc, up, s_ptr, s_up_ptr, offs_n, mask_n, True, SILU_MUL)
             y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
             tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_mask)
-        else:  # fp32 partial sums of this K range; _splitk_reduce_kernel finishes
+        else:  # fp32 partial sums of this K range; splitk_sum finishes
             p_ptrs = y_ptr + pid_s * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
             tl.store(p_ptrs, acc, mask=out_mask)
             if SILU_MUL:
                 tl.store(p_ptrs + N, acc_up, mask=out_mask)  # the up sums in the slab's second half
-
-    @triton.jit(do_not_specialize=["M"])
-    def _splitk_reduce_kernel(
-        p_ptr,  # [SPLIT_K, M, N (SILU_MUL: 2N)] fp32 partials
-        s_ptr,  # [N] fp32 (SILU_MUL: the gate rows' scales)
-        s_up_ptr,  # SILU_MUL: [N] the up rows' scales; else unused
-        y_ptr,  # [M, N] out
-        M,
-        N,
-        stride_ps,
-        stride_pm,
-        stride_ym,
-        SPLIT_K: tl.constexpr,
-        BLOCK: tl.constexpr,
-        SILU_MUL: tl.constexpr,
-    ):
-        """One program per (row, BLOCK columns): the splits summed in order 0..SPLIT_K-1 (deterministic), scaled,
-        activated, rounded once."""
-        m = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        if SILU_MUL:
-            acc_up = tl.zeros([BLOCK], dtype=tl.float32)
-        for s in range(SPLIT_K):
-            row = p_ptr + s * stride_ps + m * stride_pm
-            acc += tl.load(row + offs, mask=mask, other=0.0)
-            if SILU_MUL:
-                acc_up += tl.load(row + N + offs, mask=mask, other=0.0)
-        y = acc * tl.load(s_ptr + offs, mask=mask, other=0.0)
-        if SILU_MUL:
-            up = acc_up * tl.load(s_up_ptr + offs, mask=mask, other=0.0)
-            y = y / (1.0 + tl.exp(-y)) * up
-        tl.store(y_ptr + m * stride_ym + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def e4m3_to_bf16_bits_ref(wq: torch.Tensor) -> torch.Tensor:
@@ -349,10 +320,7 @@ def _launch(name: str, x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
         EVEN_K=k % bk == 0, UPCAST_DOT=upcast, FAST_CVT=fast_cvt,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
-        block = min(1024, triton.next_power_of_2(n))
-        _splitk_reduce_kernel[(m, triton.cdiv(n, block))](
-            out, w_scale, s_up, y, m, n, out.stride(0), out.stride(1), y.stride(0),
-            SPLIT_K=split, BLOCK=block, SILU_MUL=silu_mul, num_warps=4)
+        splitk_sum(out, y, w_scale, s_up, silu_mul)
     return y
 
 

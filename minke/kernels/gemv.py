@@ -73,6 +73,10 @@ from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
 from .fp8_skinny import skinny_fp8_silu_mul
+from .splitk_sum import splitk_sum
+
+if _HAS_TRITON:
+    from .splitk_sum import row_epilogue
 
 # Rows a step may have for `linear` to send a plain (unscaled) projection to gemv on CUDA. One: measured on an
 # H200 (2026-11-28) at M = 1 only; bench/bench_gemv.py prints cuBLAS against gemv at M = 1, 2, 4, 8 to raise it.
@@ -276,18 +280,6 @@ if _HAS_TRITON:
         return delta, used
 
     @triton.jit
-    def _epilogue(y, up, s_ptr, s_up_ptr, offs_n, mask_n, HAS_SCALE: tl.constexpr, SILU_MUL: tl.constexpr):
-        """fp32 sums [BLOCK_M, BLOCK_N] -> the output values (fp32): row scales (constant along the reduction, so
-        applied to the sums), then silu(gate) * up (as kernels/fused_moe.py)."""
-        if HAS_SCALE:
-            y = y * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        if SILU_MUL:
-            if HAS_SCALE:
-                up = up * tl.load(s_up_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-            y = y / (1.0 + tl.exp(-y)) * up
-        return y
-
-    @triton.jit
     def _gemv_kernel(
         x_ptr,  # [M, K], unit column stride
         w_ptr,  # [N, K] (SILU_MUL: the gate rows), unit column stride; bf16 / fp16 / fp32 / fp8
@@ -351,7 +343,7 @@ if _HAS_TRITON:
         y, up = _sums(x_ptr, w_ptr, w_up_ptr, row0, M, offs_n, mask_n, k_lo, k_hi, stride_xm, stride_wn,
                       BLOCK_M, BLOCK_N, BLOCK_K, LOOP_STAGES, SILU_MUL, DOT, UPCAST_DOT, DOT_PRECISION)
         mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT:  # raw fp32 partial sums; _gemv_combine_kernel applies the epilogue
+        if SPLIT:  # raw fp32 partial sums; splitk_sum applies the epilogue
             ws_cols = 2 * N if SILU_MUL else N
             ws = ws_ptr + (pid_k * M + offs_m[:, None]) * ws_cols + offs_n[None, :]
             tl.store(ws, y, mask=mask)
@@ -365,7 +357,7 @@ if _HAS_TRITON:
                                          stride_lhm, stride_lbs, stride_lbn, LORA_BLOCK_R)
                 y += dg
                 up += du
-            y = _epilogue(y, up, s_ptr, s_up_ptr, offs_n, mask_n, HAS_SCALE, SILU_MUL)
+            y = row_epilogue(y, up, s_ptr, s_up_ptr, offs_n, mask_n, HAS_SCALE, SILU_MUL)
             if HAS_LORA and not SILU_MUL:  # the rows' adapter deltas: h [BLOCK_M, R] (tiny) times this program's
                 # BLOCK_N rows of B; y rounded first, then the delta added and rounded again: the GEMV's store +
                 # lora_expand's in-place add
@@ -373,25 +365,6 @@ if _HAS_TRITON:
                                                stride_lhm, stride_lbs, stride_lbn, LORA_BLOCK_R)
                 y = tl.where(used[:, None], y.to(y_ptr.dtype.element_ty).to(tl.float32) + delta, y)
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _gemv_combine_kernel(ws_ptr, s_ptr, s_up_ptr, y_ptr, M, N, stride_ym, SPLIT_K,
-                             BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, SILU_MUL: tl.constexpr):
-        """y[m, n] = epilogue(sum_s ws[s, m, n]) for one row m and BLOCK columns: the splits summed in order 0..S-1
-        (deterministic), then the same scale / SiLU·mul / cast as the one-split kernel."""
-        m = tl.program_id(1).to(tl.int64)
-        offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask_n = offs_n < N
-        ws_cols = 2 * N if SILU_MUL else N
-        y = tl.zeros([1, BLOCK], dtype=tl.float32)
-        up = tl.zeros([1, BLOCK], dtype=tl.float32)
-        for s in range(0, SPLIT_K):
-            row = ws_ptr + (s * M + m) * ws_cols + offs_n[None, :]
-            y += tl.load(row, mask=mask_n[None, :], other=0.0)
-            if SILU_MUL:
-                up += tl.load(row + N, mask=mask_n[None, :], other=0.0)
-        y = _epilogue(y, up, s_ptr, s_up_ptr, offs_n, mask_n, HAS_SCALE, SILU_MUL)
-        tl.store(y_ptr + m * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
 def _check(name: str, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> None:
@@ -485,10 +458,7 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
             LORA_BLOCK_R=16 if lora is None else max(16, triton.next_power_of_2(lb.shape[2])),
             num_warps=cfg["num_warps"], num_stages=stages)
         if split > 1:
-            block = min(1024, triton.next_power_of_2(n))
-            _gemv_combine_kernel[(triton.cdiv(n, block), m)](
-                ws, s, s_up, y, m, n, y.stride(0), split, BLOCK=block, HAS_SCALE=scale is not None,
-                SILU_MUL=silu_mul, num_warps=4)
+            splitk_sum(ws, y, scale, s_up if scale is not None else None, silu_mul)
     return y if extra is None else (y, h)
 
 
