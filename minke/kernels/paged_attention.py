@@ -546,70 +546,24 @@ def paged_decode_attention(
         raise ValueError(f"paged_decode_attention: block_n must be >= 16 on the tensor-core paths, got {block_n}")
     k_cache, v_cache = cache[0], cache[1]  # views; separate pointers keep every offset below the block stride
     grid = (head_blocks, B, num_splits) if head_fastest else (B, head_blocks, num_splits)
+    # Both stage-1 kernels take the same pointers and strides; the one scalar between them is the one-head kernel's
+    # group or the head-block kernel's Hkv.
+    pointers = (q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, float(scale) * _LOG2E, block_size)
+    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               block_tables.stride(0), out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1),
+               mid_o.stride(2) if num_splits > 1 else 0, mid_lse.stride(0), mid_lse.stride(1))
+    common = dict(HEAD_DIM=D, NUM_SPLITS=num_splits, MIN_SPLIT=min_split_len, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
+                  DOT_PRECISION="ieee" if fp32 else "tf32", LOOP_STAGES=loop_stages, HEAD_FASTEST=head_fastest,
+                  num_warps=num_warps, num_stages=num_stages)
     if kv_heads_per_program > 1:
         _paged_decode_stage1_heads_kernel[grid](
-            q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
-            float(scale) * _LOG2E, block_size, Hkv,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if num_splits > 1 else 0,
-            mid_lse.stride(0), mid_lse.stride(1),
-            HEAD_DIM=D,
-            GROUP=group,
-            BLOCK_H=kv_heads_per_program,
-            NUM_SPLITS=num_splits,
-            MIN_SPLIT=min_split_len,
+            *pointers, Hkv, *strides, GROUP=group, BLOCK_H=kv_heads_per_program,
             BLOCK_R=max(16, triton.next_power_of_2(kv_heads_per_program * group)),
-            BLOCK_D=BLOCK_D,
-            BLOCK_N=block_n,
-            DOT_PRECISION="ieee" if fp32 else "tf32",
-            UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_heads_kernel, q.dtype),
-            LOOP_STAGES=loop_stages,
-            HEAD_FASTEST=head_fastest,
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )
-        if num_splits > 1:
-            splitk_combine(mid_o, mid_lse, seq_lens, out, min_split_len)
-        return out
-    _paged_decode_stage1_kernel[grid](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        out,
-        mid_o,
-        mid_lse,
-        float(scale) * _LOG2E,
-        block_size,
-        group,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
-        mid_o.stride(0),
-        mid_o.stride(1),
-        mid_o.stride(2) if num_splits > 1 else 0,
-        mid_lse.stride(0),
-        mid_lse.stride(1),
-        HEAD_DIM=D,
-        NUM_SPLITS=num_splits,
-        MIN_SPLIT=min_split_len,
-        BLOCK_G=BLOCK_G,
-        BLOCK_D=BLOCK_D,
-        BLOCK_N=block_n,
-        USE_DOT=use_dot,
-        DOT_PRECISION="ieee" if fp32 else "tf32",
-        UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_kernel, q.dtype),
-        LOOP_STAGES=loop_stages,
-        HEAD_FASTEST=head_fastest,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+            UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_heads_kernel, q.dtype), **common)
+    else:
+        _paged_decode_stage1_kernel[grid](
+            *pointers, group, *strides, BLOCK_G=BLOCK_G, USE_DOT=use_dot,
+            UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_kernel, q.dtype), **common)
     if num_splits > 1:
         splitk_combine(mid_o, mid_lse, seq_lens, out, min_split_len)
     return out
