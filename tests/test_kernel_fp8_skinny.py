@@ -109,19 +109,33 @@ def test_skinny_rejects_bad_input():
             skinny_fp8(x, wq.t().contiguous().t(), s)
 
 
-def test_skinny_config_heuristic():
-    """One row block up to 64 rows (each weight read once); split-K fills the SMs for the narrow 67B projections and
-    stays off where the columns alone give one program an SM; every split keeps >= 8 K tiles."""
+def test_skinny_config_heuristic(monkeypatch):
+    """The heuristic (TUNED emptied): one row block up to 64 rows (each weight read once). Up to 32 rows the launch
+    that won every 67B shape on the H200 (BLOCK_N 64, no SWAP_AB, FAST_CVT) with split-K to >= 4 programs an SM;
+    above, BLOCK_N 128 with SWAP_AB, split-K to one program an SM; every split keeps >= 8 K tiles."""
+    monkeypatch.setattr(_kmod, "TUNED", {})
     for m in (9, 16, 17, 32, 64, 128):
         c = skinny_config(m, 8192, 8192)
         assert c["BLOCK_M"] == min(64, max(16, 1 << (m - 1).bit_length()))
-    o_proj = skinny_config(32, 8192, 8192)  # 64 column blocks of 128: split to >= 132 programs
-    assert o_proj["SPLIT_K"] == 4 and skinny_config(32, 8192, 22016)["SPLIT_K"] == 4  # o_proj, down_proj
-    assert skinny_config(32, 44032, 8192)["SPLIT_K"] == 1  # gate_up [2I, K]: 344 column blocks already
-    assert skinny_config(32, 22016, 8192, silu_mul=True)["SPLIT_K"] == 1
+        assert (c["BLOCK_N"], c["SWAP_AB"], c["FAST_CVT"]) == ((64, False, True) if m <= 32 else (128, True, False))
+    assert skinny_config(32, 10240, 8192)["SPLIT_K"] == 4  # qkv: 160 column blocks of 64 -> 640 programs
+    assert skinny_config(32, 8192, 8192)["SPLIT_K"] == 8 and skinny_config(32, 8192, 22016)["SPLIT_K"] == 8
+    assert skinny_config(32, 22016, 8192, silu_mul=True)["SPLIT_K"] == 2  # 344 column blocks -> 688
+    assert skinny_config(64, 8192, 8192)["SPLIT_K"] == 4  # 64 column blocks of 128 -> 256 programs
+    assert skinny_config(64, 44032, 8192)["SPLIT_K"] == 1  # gate_up [2I, K]: 344 column blocks already
     for m, n, k in ((9, 1024, 8192), (64, 4096, 4096), (32, 8192, 22016), (16, 4096, 11008)):
         c = skinny_config(m, n, k)
         assert -(-k // c["BLOCK_K"]) // c["SPLIT_K"] >= 8
+
+
+def test_tuned_table_holds_the_h200_sweep():
+    """The 67B's four fp8 projections have measured launches at 16 and 32 rows (the buckets fp8_linear sends the
+    skinny GEMM), and skinny_config returns them."""
+    for n, k, silu in ((10240, 8192, False), (8192, 8192, False), (22016, 8192, True), (8192, 22016, False)):
+        for bucket in (16, 32):
+            entry = _kmod.TUNED[(n, k, silu, bucket)]
+            assert skinny_config(bucket, n, k, silu_mul=silu) == entry
+            assert set(entry) == set(_kmod._CFG_KEYS)
 
 
 @needs_triton
@@ -135,8 +149,9 @@ def test_tuned_table_overrides_the_heuristic(monkeypatch):
              "num_stages": 2}
     monkeypatch.setitem(_kmod.TUNED, (24, 96, False, 32), entry)
     for m in (17, 32):
-        assert skinny_config(m, 24, 96) == dict(entry, FAST_CVT=False)  # FAST_CVT: the heuristic's, not in entry
-    assert skinny_config(16, 24, 96)["SWAP_AB"] and skinny_config(32, 24, 96, silu_mul=True)["SWAP_AB"]
+        assert skinny_config(m, 24, 96) == dict(entry, FAST_CVT=True)  # FAST_CVT: the heuristic's, not in entry
+    assert not skinny_config(16, 24, 96)["SWAP_AB"] and not skinny_config(32, 24, 96, silu_mul=True)["SWAP_AB"]
+    assert skinny_config(64, 24, 96)["SWAP_AB"]
     x, wq, s = _case(20, 24, 96, torch.float16, seed=2)
     torch.testing.assert_close(skinny_fp8(x, wq, s).float(), _fp32_ref(x, wq, s), **_TOL[torch.float16])
 

@@ -147,12 +147,18 @@ def test_linear_dispatch_and_configs():
 
 def test_gemv_config_rule():
     """One row: the vector path with 512-byte tile rows (16-byte loads), a pipelined loop, split-K only where
-    N / BLOCK_N leaves SMs idle. Several rows: the dot path (16 padded rows, a 16 KB weight tile: bf16 64 x 128,
+    N / BLOCK_N leaves SMs idle (bf16 projections of >= 2^24 weights that may split: the dot path). Several rows: the dot path (16 padded rows, a 16 KB weight tile: bf16 64 x 128,
     fp8 128 x 128), split-K where N / BLOCK_N gives under 1.5 programs an SM."""
     one = gemv_config(8192, 8192, 1, fp8=True)
     assert (one["BLOCK_K"], one["BLOCK_N"], one["SPLIT_K"], one.get("DOT", False)) == (512, 8, 1, False)
     assert one["num_stages"] >= 3 and one["num_warps"] == 4  # fp8: two weight rows a warp
-    assert gemv_config(4096, 4096, 1)["BLOCK_K"] == 256 and gemv_config(4096, 4096, 1)["num_warps"] == 8
+    vec = gemv_config(4096, 4096, 1, unsplit=True)  # LoRA deltas / extra rows in the launch: one split, vector path
+    assert vec["BLOCK_K"] == 256 and vec["num_warps"] == 8 and not vec.get("DOT", False)
+    assert gemv_config(2048, 2048, 1)["BLOCK_K"] == 256  # under 2^24 weights (V2-Lite's projections): vector path
+    # one row of bf16 against >= 2^24 weights, free to split: the dot path, as for two rows (measured faster on H200)
+    assert gemv_config(4096, 4096, 1) == gemv_config(4096, 4096, 2)
+    assert gemv_config(4096, 11008, 1)["DOT"] and not gemv_config(11008, 4096, 1, silu_mul=True).get("DOT", False)
+    assert not gemv_config(4096, 4096, 1, x_bytes=4).get("DOT", False)
     assert gemv_config(2048, 2048, 1)["num_warps"] == 4 and gemv_config(2048, 2048, 1, fp8=True)["num_warps"] == 2
     assert gemv_config(1024, 8192, 1, fp8=True)["SPLIT_K"] == 2  # 256 programs (BLOCK_N 4) -> 512
     assert gemv_config(128, 64, 1)["SPLIT_K"] == 1  # too few K tiles to split
@@ -199,8 +205,9 @@ def test_model_mlp_through_the_kernels(monkeypatch, fp8):
         x = torch.randn(m, 24).to(DEVICE)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-6)
-    # fp8: up to FEW_ROWS_MAX rows fused; plain weights: one row only (GEMV_MAX_ROWS); 12 rows: GEMM + SiLU·mul
-    assert calls == ([1, 5] if fp8 else [1])
+    # fp8: up to FEW_ROWS_MAX rows fused; plain weights: one row only (GEMV_MAX_ROWS); more: GEMM + SiLU·mul (fp8 on
+    # a GPU: the skinny GEMM's SiLU·mul variant, tests/test_kernel_fp8_skinny.py)
+    assert calls == [m for m in (1, 5, 12) if m <= (_kmod.FEW_ROWS_MAX if fp8 else _kmod.GEMV_MAX_ROWS)]
 
 
 @needs_triton

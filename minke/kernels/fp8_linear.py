@@ -5,12 +5,12 @@ Weights (quantize_weight_fp8, once at load, kernels/fp8_quant.py's row quantizer
     w_scale[n] = max_k |W[n, k]| / 448,   Wq[n, k] = e4m3(W[n, k] / w_scale[n])       W ~= Wq * w_scale[:, None]
 
 Four ways to multiply (fp8_linear picks by device, dtype and rows):
-- W8A16 GEMV, on CUDA for steps of at most gemv.FEW_ROWS_MAX (8) rows (batch-1..8 decode) with output in x's
+- W8A16 GEMV, on CUDA for steps of at most gemv.FEW_ROWS_MAX (1) rows (batch-1 decode) with output in x's
   dtype: kernels/gemv.py streams the fp8 weights once, widens them in registers and applies the row scales to the
   fp32 sums. Half the bytes of bf16 and no activation quantization launch: the 67B's batch-1 step through the
   quantizer + _scaled_mm read its weights at ~1.6 TB/s (bench/RESULTS.md, 2026-12-01).
 - W8A16 skinny GEMM, on CUDA for FEW_ROWS_MAX < rows <= SKINNY_MAX_ROWS with bf16 / fp16 x and output in x's dtype
-  (batch 9-64 decode): kernels/fp8_skinny.py, tl.dot on the fp8 tiles widened in registers, fp32 sums, row scales
+  (batch 2-32 decode): kernels/fp8_skinny.py, tl.dot on the fp8 tiles widened in registers, fp32 sums, row scales
   in the epilogue, split-K where the columns alone do not fill the SMs; again no activation quantization launch,
   and tiles made for a weight-bandwidth-bound step (_scaled_mm's CUTLASS tiles are made for large M).
 - W8A8, on CUDA GPUs of compute capability >= 9 (Hopper: fp8 tensor cores) with bf16 / fp16 activations and
@@ -54,13 +54,12 @@ from .fp8_quant import FP8_DTYPE, quantize_rows_fp8, quantize_rows_fp8_ref, scal
 _SCALED_MM_DTYPES = (torch.bfloat16, torch.float16)
 
 # Steps of gemv.FEW_ROWS_MAX + 1 .. SKINNY_MAX_ROWS rows (bf16 / fp16 on CUDA) take the W8A16 skinny GEMM
-# (kernels/fp8_skinny.py), more rows the W8A8 quantizer + _scaled_mm. Why 64 (to be set from the H200 sweep:
-# `python bench/bench_fp8_linear.py --skinny` prints the crossover): at M rows a weight byte feeds 2 M flops. An
-# H200 streams ~4.8 TB/s and runs ~990 dense bf16 TFLOP/s (the skinny GEMM's MMAs) or ~1980 fp8 (W8A8's), so
-# bf16 MMAs keep up with the weight stream up to M ~ 100 and fp8 up to ~200. At 64 rows the skinny GEMM's MMAs
-# run at ~60% of bf16 peak for a full-bandwidth stream; past ~100 W8A8 wins on arithmetic, whatever its tiles.
-# The fused gate_up + SiLU·mul (gemv.linear_silu_mul) uses the same limit.
-SKINNY_MAX_ROWS = 64
+# (kernels/fp8_skinny.py), more rows the W8A8 quantizer + _scaled_mm. 32, measured: `python
+# bench/bench_fp8_linear.py --skinny --models llm-67b` on an H200 (2026-12-02), one 67B layer's four projections:
+# 16 rows skinny 219 us vs W8A8 336, 32 rows 277 vs 322, 64 rows 383 vs 278. At M rows a weight byte feeds 2 M
+# flops; the skinny GEMM's bf16 MMAs (the fp8 tile widened in registers) fall behind the weight stream before
+# W8A8's fp8 MMAs do. The fused gate_up + SiLU·mul (gemv.linear_silu_mul) uses the same limit.
+SKINNY_MAX_ROWS = 32
 
 
 @torch.no_grad()

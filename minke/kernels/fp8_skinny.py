@@ -1,5 +1,5 @@
-"""W8A16 "skinny GEMM" for fp8 weights at 9-128 rows (batch 9-128 decode): y = (x @ Wq^T) * w_scale, no activation
-quantization, every weight byte read once a step.
+"""W8A16 "skinny GEMM" for fp8 weights at 2-128 rows (fp8_linear sends it batch 2-32 decode): y = (x @ Wq^T) *
+w_scale, no activation quantization, every weight byte read once a step.
 
 Why: a decode step of DeepSeek LLM 67B in fp8 reads ~67 GB of weights whatever the batch, so at batch 32 its
 projections are weight-bandwidth bound. The W8A8 path (kernels/fp8_linear.py: the per-token quantizer launch, then
@@ -66,10 +66,76 @@ _SMS = 132  # H100 / H200 SXM streaming multiprocessors: the split-K heuristic a
 _CFG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP_AB", "FAST_CVT", "num_warps", "num_stages")
 
 
-# Launches measured best on an H200 by `python bench/bench_fp8_linear.py --skinny`, which prints this table to paste:
-# (n, k, silu_mul, M bucket) -> config (skinny_config's keys), the M bucket the smallest of _M_BUCKETS >= M.
-# Shapes and buckets not listed take skinny_config's heuristic. Empty until that sweep has run.
-TUNED: dict[tuple[int, int, bool, int], dict] = {}
+# Launches measured best on an H200 by `python bench/bench_fp8_linear.py --skinny --models llm-67b --sweep-passes 1`
+# (2026-12-02), which prints this table to paste: (n, k, silu_mul, M bucket) -> config (skinny_config's keys), the M
+# bucket the smallest of _M_BUCKETS >= M. Shapes and buckets not listed take skinny_config's heuristic (which follows
+# these winners at <= 32 rows). One layer of the 67B at 32 rows: 372.7 us with the old heuristic, 277.1 tuned.
+TUNED: dict[tuple[int, int, bool, int], dict] = {
+    # llm-67b qkv (fused)
+    (10240, 8192, False, 16): {
+        'BLOCK_K': 128, 'BLOCK_M': 16, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 4,
+        'SWAP_AB': False, 'num_stages': 3, 'num_warps': 4},
+    # llm-67b qkv (fused)
+    (10240, 8192, False, 32): {
+        'BLOCK_K': 128, 'BLOCK_M': 32, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 4,
+        'SWAP_AB': False, 'num_stages': 3, 'num_warps': 4},
+    # llm-67b qkv (fused)
+    (10240, 8192, False, 64): {
+        'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 128, 'FAST_CVT': False, 'SPLIT_K': 8,
+        'SWAP_AB': True, 'num_stages': 3, 'num_warps': 8},
+    # llm-67b qkv (fused)
+    (10240, 8192, False, 128): {
+        'BLOCK_K': 64, 'BLOCK_M': 128, 'BLOCK_N': 64, 'FAST_CVT': False, 'SPLIT_K': 4,
+        'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4},
+    # llm-67b o_proj
+    (8192, 8192, False, 16): {
+        'BLOCK_K': 64, 'BLOCK_M': 16, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 4,
+        'SWAP_AB': False, 'num_stages': 5, 'num_warps': 4},
+    # llm-67b o_proj
+    (8192, 8192, False, 32): {
+        'BLOCK_K': 128, 'BLOCK_M': 32, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 4,
+        'SWAP_AB': False, 'num_stages': 3, 'num_warps': 4},
+    # llm-67b o_proj
+    (8192, 8192, False, 64): {
+        'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 128, 'FAST_CVT': False, 'SPLIT_K': 4,
+        'SWAP_AB': True, 'num_stages': 3, 'num_warps': 8},
+    # llm-67b o_proj
+    (8192, 8192, False, 128): {
+        'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 128, 'FAST_CVT': False, 'SPLIT_K': 2,
+        'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4},
+    # llm-67b gate_up+act
+    (22016, 8192, True, 16): {
+        'BLOCK_K': 128, 'BLOCK_M': 16, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 4,
+        'SWAP_AB': False, 'num_stages': 4, 'num_warps': 8},
+    # llm-67b gate_up+act
+    (22016, 8192, True, 32): {
+        'BLOCK_K': 128, 'BLOCK_M': 32, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 1,
+        'SWAP_AB': False, 'num_stages': 4, 'num_warps': 8},
+    # llm-67b gate_up+act
+    (22016, 8192, True, 64): {
+        'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 64, 'FAST_CVT': False, 'SPLIT_K': 1,
+        'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4},
+    # llm-67b gate_up+act
+    (22016, 8192, True, 128): {
+        'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 64, 'FAST_CVT': False, 'SPLIT_K': 1,
+        'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4},
+    # llm-67b down_proj
+    (8192, 22016, False, 16): {
+        'BLOCK_K': 128, 'BLOCK_M': 16, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 8,
+        'SWAP_AB': False, 'num_stages': 5, 'num_warps': 8},
+    # llm-67b down_proj
+    (8192, 22016, False, 32): {
+        'BLOCK_K': 128, 'BLOCK_M': 32, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 8,
+        'SWAP_AB': False, 'num_stages': 3, 'num_warps': 4},
+    # llm-67b down_proj
+    (8192, 22016, False, 64): {
+        'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 128, 'FAST_CVT': False, 'SPLIT_K': 4,
+        'SWAP_AB': True, 'num_stages': 3, 'num_warps': 8},
+    # llm-67b down_proj
+    (8192, 22016, False, 128): {
+        'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 128, 'FAST_CVT': False, 'SPLIT_K': 2,
+        'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4},
+}
 _M_BUCKETS = (16, 32, 64, 128)
 
 
@@ -84,23 +150,29 @@ def m_bucket(m: int) -> int:
 
 def skinny_config(m: int, n: int, k: int, silu_mul: bool = False, sms: int = _SMS) -> dict:
     """The default launch for x [m, k] and n output columns (silu_mul: n = I, the gate rows; each program then
-    streams 2 BLOCK_N weight rows): the TUNED entry of the shape where there is one, else this heuristic, whose
-    reasoning the bench_fp8_linear.py --skinny sweep on an H200 is to check:
-    BLOCK_M covers the rows up to 64 (one read of each weight); BLOCK_N = 128 keeps the x re-reads (2 BLOCK_M /
-    BLOCK_N of the weight bytes, from L2) at most the weight bytes; BLOCK_K = 128 fp8 bytes a row per stage, 4 stages
-    in flight (80 KB of shared memory at BLOCK_M = 32: 2 programs an SM); split-K doubled while there are fewer
-    programs than SMs, keeping >= 8 K tiles a split (the partials' traffic, 8 M N bytes a split written and read,
-    mostly in L2, stays small against the N K weight bytes: 4 splits of o_proj at M = 32 are 4 MB against 67 MB)."""
+    streams 2 BLOCK_N weight rows): the TUNED entry of the shape where there is one, else this heuristic.
+    Up to 32 rows it follows what won every 67B shape in the H200 sweep (TUNED's 16- and 32-row buckets): one
+    BLOCK_M of 16 / 32 rows, BLOCK_N = 64, BLOCK_K = 128, the fp8 tile widened with bit arithmetic (FAST_CVT) and
+    fed as the dot's B operand (no SWAP_AB), 3 stages over 4 warps (silu_mul: 4 stages, 8 warps for its two tiles),
+    split-K doubled while there are fewer than 4 programs an SM (>= 8 K tiles a split): qkv 4, o_proj 4-8, down 8
+    as measured. Above 32 rows (bench and direct callers; fp8_linear sends those to W8A8): BLOCK_M 64, BLOCK_N 128,
+    SWAP_AB, split-K while fewer programs than SMs (the partials' traffic, 8 M N bytes a split written and read,
+    mostly in L2, stays small against the N K weight bytes)."""
+    few = m <= 32
     block_m = min(64, max(16, _next_pow2(m)))
-    block_n = 64 if silu_mul else 128  # silu_mul: two weight tiles (gate, up) per step
+    block_n = 64 if (few or silu_mul) else 128  # silu_mul: two weight tiles (gate, up) per step
     block_k = 128
     programs = -(-n // block_n) * -(-m // block_m)
     tiles = -(-k // block_k)
     split = 1
-    while programs * split < sms and tiles // (split * 2) >= 8:
+    while programs * split < (4 * sms if few else sms) and tiles // (split * 2) >= 8:
         split *= 2
-    cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "SWAP_AB": True,
-           "FAST_CVT": False, "num_warps": 4, "num_stages": 4}
+    if few:
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "SWAP_AB": False,
+               "FAST_CVT": True, "num_warps": 8 if silu_mul else 4, "num_stages": 4 if silu_mul else 3}
+    else:
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "SWAP_AB": True,
+               "FAST_CVT": False, "num_warps": 4, "num_stages": 4}
     cfg.update(TUNED.get((n, k, bool(silu_mul), m_bucket(m)), {}))
     return cfg
 

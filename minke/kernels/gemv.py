@@ -49,7 +49,7 @@ Public API:
     gemv(x [M, K], w [N, K], scale=None, config=None) -> [M, N]              Triton (CUDA, or CPU interpreted)
     gemv_silu_mul(x [M, K], w [2I, K], scale=None, config=None) -> [M, I]    Triton, the fused gate_up + act
     gemv_ref(x, w, scale=None), gemv_silu_mul_ref(x, w, scale=None)          torch references (fp32 math)
-    gemv_config(n, k, rows, fp8, silu_mul, x_bytes, sms) -> dict             the launch parameters the kernels use
+    gemv_config(n, k, rows, fp8, silu_mul, x_bytes, sms, unsplit) -> dict    the launch parameters the kernels use
     linear(x, w, scale=None)           gemv for M <= GEMV_MAX_ROWS on CUDA, else F.linear; fp8 w: fp8_linear
     linear_silu_mul(x, w, scale=None)  gemv_silu_mul for M <= FEW_ROWS_MAX on CUDA (fp8 w: the skinny GEMM's
                                        SiLU·mul up to fp8_linear.SKINNY_MAX_ROWS), else GEMM + SiLU·mul
@@ -81,9 +81,11 @@ if _HAS_TRITON:
 # Rows a step may have for `linear` to send a plain (unscaled) projection to gemv on CUDA. One: measured on an
 # H200 (2026-11-28) at M = 1 only; bench/bench_gemv.py prints cuBLAS against gemv at M = 1, 2, 4, 8 to raise it.
 GEMV_MAX_ROWS = 1
-# Rows for the fused gate_up + SiLU·mul and for fp8 weights (W8A16): both replace more than one launch (cuBLAS
-# gate, up, silu, mul; or the activation quantizer + _scaled_mm) and, for fp8, half the weight bytes.
-FEW_ROWS_MAX = 8
+# Rows up to which fp8 weights (W8A16; plain projections and the fused gate_up + SiLU·mul) take the GEMV. One: on
+# an H200 (2026-12-02, `bench/bench_gemv.py` against `bench/bench_fp8_linear.py --skinny`) the GEMV's one-row
+# vector path streams fp8 at 3.4-4.1 TB/s, but its 2-8-row dot path at only 1.7-2.5, where the tuned skinny GEMM
+# (fp8_linear.uses_skinny: 2..SKINNY_MAX_ROWS rows) gets 3.0-3.5: one 67B layer at 8 rows 272.5 -> 214.4 us.
+FEW_ROWS_MAX = 1
 GEMV_BLOCK_M = 8  # rows one vector-path program multiplies against each weight tile (gemv_config_v1)
 DOT_BLOCK_M = 16  # rows of the dot path's tile (tl.dot needs >= 16): M <= 16 rows in one program row
 _FP8 = torch.float8_e4m3fn
@@ -125,7 +127,7 @@ def _split_for(programs: int, k_tiles: int, target: int) -> int:
 
 
 def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False, silu_mul: bool = False, x_bytes: int = 2,
-                sms: int | None = None) -> dict:
+                sms: int | None = None, unsplit: bool = False) -> dict:
     """Launch parameters for x [rows, k] against n weight rows (gemv_silu_mul: n = I, the gate rows). Written
     without an H200 at hand from the rule "keep ~40 KB of weights in flight per SM" (module docstring); the
     measured sweep (`bench/bench_gemv.py --sweep`) is how to refine it.
@@ -144,10 +146,14 @@ def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False, silu_mul: bool
       where 64 x 256 over 4 warps took 208 (255 and spills with silu_mul) -- ptxas for sm_90, Triton 3.9.
     - SPLIT_K: doubled while the programs (N / BLOCK_N x SPLIT_K) are under 2 per SM (vector) or 1.5 per SM (dot),
       at most 8, each split >= 4 K tiles: e.g. the 67B's fp8 o_proj [8192 x 8192] at M = 8 gets 4 (64 -> 256
-      programs), llm-7b's bf16 o_proj 4."""
+      programs), llm-7b's bf16 o_proj 4.
+    - one row, bf16 / fp16 weights of >= 2^24 elements, a plain projection that may split (unsplit: extra rows or
+      LoRA deltas share the launch, which then runs one split): the dot path, as for 2 rows. On an H200
+      (bench/bench_gemv.py, 2026-12-02) the vector path lost to it where the columns are few against K: llm-7b
+      o_proj 9.5 vs 8.0 us, down_proj 28.0 vs 24.9; 67B down_proj 108.5 vs 83.5; within 0.7 us elsewhere."""
     sms = sms or _DEFAULT_SMS
     w_bytes = 1 if fp8 else x_bytes
-    if rows <= 1:
+    if rows <= 1 and not (not fp8 and x_bytes == 2 and not silu_mul and not unsplit and n * k >= 1 << 24):
         block_n = 4 if n <= 2048 else 8
         block_k = 512 // w_bytes
         warps = max(1, min(8, block_n * block_k * w_bytes // (1024 if fp8 else 512)))
@@ -424,7 +430,7 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
     scale = None if scale is None else scale.contiguous()  # the kernel reads scale[n] at unit stride
     (m, k), n = x.shape, w.shape[0] // (2 if silu_mul else 1)
     cfg = config or gemv_config(n, k, m, fp8=scale is not None, silu_mul=silu_mul, x_bytes=x.element_size(),
-                                sms=_num_sms(x.device))
+                                sms=_num_sms(x.device), unsplit=extra is not None or lora is not None)
     dot = bool(cfg.get("DOT", False))
     block_m = max(DOT_BLOCK_M, cfg.get("BLOCK_M", 1)) if dot else cfg.get("BLOCK_M", 1)
     block_k = cfg["BLOCK_K"]
