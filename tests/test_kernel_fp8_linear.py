@@ -103,6 +103,9 @@ def test_scaled_mm_code_path(monkeypatch, dtype, k):
     """fp8_linear's W8A8 branch (quantizer, scale layouts, _scaled_mm call, leading dims) taken on this device:
     CPU has a torch._scaled_mm too, and the Triton row quantizer runs in the interpreter."""
     monkeypatch.setattr(_kmod, "uses_scaled_mm", lambda *a, **kw: True)
+    # and not the W8A16 kernels, which take these 6 rows first on a GPU (the GEMV at 1 row, the skinny GEMM 2-32)
+    monkeypatch.setattr(_kmod, "uses_gemv", lambda *a, **kw: False)
+    monkeypatch.setattr(_kmod, "uses_skinny", lambda *a, **kw: False)
     x, w = _case(m=6, k=k, n=32, seed=2)
     x, w = x.to(dtype).to(DEVICE), w.to(DEVICE)
     wq, s = quantize_weight_fp8(w)
@@ -241,14 +244,15 @@ def test_gpu_scaled_mm_matches_emulation(monkeypatch, m, k, n, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (8, 4096, 11008), (1, 22016, 8192), (5, 8192, 1024)])
 def test_gpu_gemv_matches_w8a16(m, k, n, dtype):
-    """The compiled few-row W8A16 GEMV that fp8_linear takes for up to 8 rows on CUDA, at LLM 7B / 67B shapes."""
-    from minke.kernels.gemv import gemv_ref
+    """The compiled W8A16 GEMV at LLM 7B / 67B shapes: through fp8_linear for the rows it sends it (one, gemv
+    .FEW_ROWS_MAX), called directly at more rows (its dot path, which gemv() keeps for callers)."""
+    from minke.kernels.gemv import FEW_ROWS_MAX, gemv, gemv_ref
 
     g = torch.Generator(device="cuda").manual_seed(6)
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
     wq, s = quantize_weight_fp8(torch.randn(n, k, device="cuda", generator=g) * 0.02)
-    assert uses_gemv(x, wq)
-    y = fp8_linear(x, wq, s)
+    assert uses_gemv(x, wq) == (m <= FEW_ROWS_MAX)
+    y = fp8_linear(x, wq, s) if m <= FEW_ROWS_MAX else gemv(x, wq, s)
     want = gemv_ref(x.float(), wq, s)
     tol = 1e-4 if dtype == torch.float32 else 2 ** -7
     torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol * want.abs().amax().item())
