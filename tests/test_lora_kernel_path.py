@@ -24,11 +24,31 @@ def _tokens(outs):
     return [o.outputs[0].token_ids for o in outs]
 
 
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """variant -> (base dir, adapter 1 dir, adapter 2 dir, the base / merged 1 / merged 2 models' greedy tokens):
+    built once per variant for the module (the checkpoints, the adapters and their merged models' reference tokens
+    are the same for every test of a variant)."""
+    assets, built = LoRAAssets(tmp_path_factory.mktemp("lora")), {}
+
+    def get(variant):
+        if variant not in built:
+            base = assets(variant)
+            a1, merged1 = assets.adapter(variant, seed=1)
+            a2, merged2 = assets.adapter(variant, seed=2)
+            want = [_tokens(LLM(m, **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False))
+                    for m in (base, merged1, merged2)]
+            built[variant] = base, a1, a2, want
+        return built[variant]
+
+    return get
+
+
 @pytest.mark.skipif(not HAS_TRITON or (not torch.cuda.is_available()
                                        and type(_shrink_kernel).__name__ != "InterpretedFunction"),
                     reason="needs triton (its interpreter on CPU: TRITON_INTERPRET=1 before triton's import)")
 @pytest.mark.parametrize("variant", ["llama", "deepseek_v2_lite"])
-def test_kernel_path_tokens_equal_the_merged_model(tmp_path, monkeypatch, variant):
+def test_kernel_path_tokens_equal_the_merged_model(references, monkeypatch, variant):
     """llama: fused q/k/v input projection (one stacked shrink and one block-diagonal expand), dense MLPs (one
     shrink for gate/up). deepseek_v2_lite: MLA (fused q + kv_a, absorbed decode's per-head rows, kv_b on prefill
     contexts), shared experts, routed experts inside fused_moe."""
@@ -65,11 +85,7 @@ def test_kernel_path_tokens_equal_the_merged_model(tmp_path, monkeypatch, varian
 
     calls["norm_expand"] = calls["norm_shrink"] = 0
     monkeypatch.setattr(rn, "rmsnorm", norm_counted)
-    assets = LoRAAssets(tmp_path)
-    base = assets(variant)
-    a1, merged1 = assets.adapter(variant, seed=1)
-    a2, merged2 = assets.adapter(variant, seed=2)
-    want = [_tokens(LLM(m, **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False)) for m in (base, merged1, merged2)]
+    base, a1, a2, want = references(variant)
     llm = LLM(base, enable_lora=True, max_loras=2, max_lora_rank=8, **ENGINE)
     model = llm.llm_engine.runner.executor.worker.model
     ctx = model.lora_layers.ctx
@@ -104,7 +120,7 @@ def test_kernel_path_tokens_equal_the_merged_model(tmp_path, monkeypatch, varian
                     reason="needs triton (its interpreter on CPU: TRITON_INTERPRET=1 before triton's import)")
 @pytest.mark.parametrize("variant,swaps", [("deepseek_v2_lite", False), ("deepseek_v2_lite", True),
                                            ("deepseek", True)])
-def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch, variant, swaps):
+def test_gpu_build_with_shared_experts_folded(references, monkeypatch, variant, swaps):
     """The GPU build with LoRA on CPU (model_builder: fused input projections, shared experts folded into the
     routed stacks with their adapters in the folded experts' rows; swaps: every GPU kernel swap too, run by Triton's
     interpreter: the one-row GEMV before o_proj's / down_proj's adapters, deferred MoE slot sums, fused router and
@@ -113,11 +129,7 @@ def test_gpu_build_with_shared_experts_folded(tmp_path, monkeypatch, variant, sw
     import minke.runner.model_builder as mb
     from minke.models.moe import MoE
 
-    assets = LoRAAssets(tmp_path)
-    base = assets(variant)
-    a1, merged1 = assets.adapter(variant, seed=1)
-    a2, merged2 = assets.adapter(variant, seed=2)
-    want = [_tokens(LLM(m, **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False)) for m in (base, merged1, merged2)]
+    base, a1, a2, want = references(variant)
     monkeypatch.setattr(mb, "gpu_kernels_available", lambda device: True)  # the transforms (no GPU kernel swaps)
     if swaps:
         monkeypatch.setattr(gk, "gpu_kernels_available", lambda device: True)
