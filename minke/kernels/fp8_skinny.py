@@ -75,15 +75,12 @@ TUNED: dict[tuple[int, int, bool, int], dict] = {
     (10240, 8192, False, 16): {
         'BLOCK_K': 128, 'BLOCK_M': 16, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 4,
         'SWAP_AB': False, 'num_stages': 3, 'num_warps': 4},
-    # llm-67b qkv (fused)
     (10240, 8192, False, 32): {
         'BLOCK_K': 128, 'BLOCK_M': 32, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 4,
         'SWAP_AB': False, 'num_stages': 3, 'num_warps': 4},
-    # llm-67b qkv (fused)
     (10240, 8192, False, 64): {
         'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 128, 'FAST_CVT': False, 'SPLIT_K': 8,
         'SWAP_AB': True, 'num_stages': 3, 'num_warps': 8},
-    # llm-67b qkv (fused)
     (10240, 8192, False, 128): {
         'BLOCK_K': 64, 'BLOCK_M': 128, 'BLOCK_N': 64, 'FAST_CVT': False, 'SPLIT_K': 4,
         'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4},
@@ -91,15 +88,12 @@ TUNED: dict[tuple[int, int, bool, int], dict] = {
     (8192, 8192, False, 16): {
         'BLOCK_K': 64, 'BLOCK_M': 16, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 4,
         'SWAP_AB': False, 'num_stages': 5, 'num_warps': 4},
-    # llm-67b o_proj
     (8192, 8192, False, 32): {
         'BLOCK_K': 128, 'BLOCK_M': 32, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 4,
         'SWAP_AB': False, 'num_stages': 3, 'num_warps': 4},
-    # llm-67b o_proj
     (8192, 8192, False, 64): {
         'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 128, 'FAST_CVT': False, 'SPLIT_K': 4,
         'SWAP_AB': True, 'num_stages': 3, 'num_warps': 8},
-    # llm-67b o_proj
     (8192, 8192, False, 128): {
         'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 128, 'FAST_CVT': False, 'SPLIT_K': 2,
         'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4},
@@ -107,15 +101,12 @@ TUNED: dict[tuple[int, int, bool, int], dict] = {
     (22016, 8192, True, 16): {
         'BLOCK_K': 128, 'BLOCK_M': 16, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 4,
         'SWAP_AB': False, 'num_stages': 4, 'num_warps': 8},
-    # llm-67b gate_up+act
     (22016, 8192, True, 32): {
         'BLOCK_K': 128, 'BLOCK_M': 32, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 1,
         'SWAP_AB': False, 'num_stages': 4, 'num_warps': 8},
-    # llm-67b gate_up+act
     (22016, 8192, True, 64): {
         'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 64, 'FAST_CVT': False, 'SPLIT_K': 1,
         'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4},
-    # llm-67b gate_up+act
     (22016, 8192, True, 128): {
         'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 64, 'FAST_CVT': False, 'SPLIT_K': 1,
         'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4},
@@ -123,15 +114,12 @@ TUNED: dict[tuple[int, int, bool, int], dict] = {
     (8192, 22016, False, 16): {
         'BLOCK_K': 128, 'BLOCK_M': 16, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 8,
         'SWAP_AB': False, 'num_stages': 5, 'num_warps': 8},
-    # llm-67b down_proj
     (8192, 22016, False, 32): {
         'BLOCK_K': 128, 'BLOCK_M': 32, 'BLOCK_N': 64, 'FAST_CVT': True, 'SPLIT_K': 8,
         'SWAP_AB': False, 'num_stages': 3, 'num_warps': 4},
-    # llm-67b down_proj
     (8192, 22016, False, 64): {
         'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 128, 'FAST_CVT': False, 'SPLIT_K': 4,
         'SWAP_AB': True, 'num_stages': 3, 'num_warps': 8},
-    # llm-67b down_proj
     (8192, 22016, False, 128): {
         'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 128, 'FAST_CVT': False, 'SPLIT_K': 2,
         'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4},
@@ -167,12 +155,9 @@ def skinny_config(m: int, n: int, k: int, silu_mul: bool = False, sms: int = _SM
     split = 1
     while programs * split < (4 * sms if few else sms) and tiles // (split * 2) >= 8:
         split *= 2
-    if few:
-        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "SWAP_AB": False,
-               "FAST_CVT": True, "num_warps": 8 if silu_mul else 4, "num_stages": 4 if silu_mul else 3}
-    else:
-        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "SWAP_AB": True,
-               "FAST_CVT": False, "num_warps": 4, "num_stages": 4}
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "SWAP_AB": not few,
+           "FAST_CVT": few, "num_warps": 8 if few and silu_mul else 4,
+           "num_stages": 3 if few and not silu_mul else 4}
     cfg.update(TUNED.get((n, k, bool(silu_mul), m_bucket(m)), {}))
     return cfg
 

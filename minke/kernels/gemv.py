@@ -153,7 +153,8 @@ def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False, silu_mul: bool
       o_proj 9.5 vs 8.0 us, down_proj 28.0 vs 24.9; 67B down_proj 108.5 vs 83.5; within 0.7 us elsewhere."""
     sms = sms or _DEFAULT_SMS
     w_bytes = 1 if fp8 else x_bytes
-    if rows <= 1 and not (not fp8 and x_bytes == 2 and not silu_mul and not unsplit and n * k >= 1 << 24):
+    one_row_dot = not fp8 and x_bytes == 2 and not silu_mul and not unsplit and n * k >= 1 << 24
+    if rows <= 1 and not one_row_dot:
         block_n = 4 if n <= 2048 else 8
         block_k = 512 // w_bytes
         warps = max(1, min(8, block_n * block_k * w_bytes // (1024 if fp8 else 512)))
