@@ -9,6 +9,10 @@ cannot be captured). TB/s counts the bytes that must move: the K and V rows of e
     python bench/bench_paged_attention.py --shapes llm-67b --batches 1,8 --contexts 4096,32768 --sweep-splits
     python bench/bench_paged_attention.py --shapes llm-7b,moe-16b --batches 1,32,256 --contexts 640,4096,32768 \
         --sweep-launch --no-torch                                                      # decides the MHA defaults
+    python bench/bench_paged_attention.py --kv-dtype fp8 --no-torch      # the fp8 cache (--kv-cache-dtype fp8)
+
+--kv-dtype fp8: the cache holds each (token, head) row as 128 fp8 values and a float32 scale (144 bytes with
+padding, against bf16's 256); TB/s counts those 144 bytes. The torch comparison is bf16's only (--no-torch).
 
 --sweep-splits also times num_splits in 1, 2, 4, ..., 64 and prints the best against default_num_splits' pick;
 --sweep-launch times the stage-1 variants of paged_decode_attention at default_num_splits' split count for each
@@ -124,9 +128,23 @@ def timed(fn, calls: int = 10) -> float:
         return triton.testing.do_bench(fn, return_mode="median")
 
 
-def make_point(B: int, ctx: int, hq: int, hkv: int, dev: torch.device, g: torch.Generator):
+def make_point(B: int, ctx: int, hq: int, hkv: int, dev: torch.device, g: torch.Generator, kv_dtype=None):
+    """q, a cache (bf16; or kv_dtype fp8 in the kernel's row format, quantized from normal values block by block),
+    shuffled block tables and the lengths."""
     nb = -(-ctx // BLOCK_SIZE)
-    cache = torch.empty(2, B * nb + 1, BLOCK_SIZE, hkv, HEAD_DIM, device=dev, dtype=DTYPE).normal_(generator=g)
+    if kv_dtype is None:
+        cache = torch.empty(2, B * nb + 1, BLOCK_SIZE, hkv, HEAD_DIM, device=dev, dtype=DTYPE).normal_(generator=g)
+    else:
+        from minke.kernels.latent_cache import fp8_row_width, write_rows
+
+        cache = torch.zeros(2, B * nb + 1, BLOCK_SIZE, hkv, fp8_row_width(HEAD_DIM), device=dev, dtype=kv_dtype)
+        flat = cache.view(2, -1, fp8_row_width(HEAD_DIM))  # [2, rows, row]
+        step = 1 << 20  # rows quantized at a time (a bounded fp32 temporary)
+        for kv in range(2):
+            for r0 in range(0, flat.shape[1], step):
+                n = min(step, flat.shape[1] - r0)
+                rows = torch.randn(n, HEAD_DIM, device=dev, generator=g)
+                write_rows(flat[kv], torch.arange(r0, r0 + n, device=dev), rows)
     tables = (1 + torch.randperm(B * nb, device=dev, generator=g)).view(B, nb).to(torch.int32)
     lens = torch.full((B,), ctx, device=dev, dtype=torch.int32)
     q = torch.randn(B, hq, HEAD_DIM, device=dev, dtype=DTYPE, generator=g)
@@ -266,6 +284,8 @@ def main() -> int:
     ap.add_argument("--precompile", type=int, default=12, metavar="N",
                     help="--sweep-launch: compile every launch in N processes first (0: compile as timed)")
     ap.add_argument("--no-torch", action="store_true", help="kernel only")
+    ap.add_argument("--kv-dtype", choices=("bf16", "fp8", "fp8_e5m2"), default="bf16",
+                    help="the cache's format (fp8: e4m3 values with a scale per token and head)")
     ap.add_argument("--output", "--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -276,6 +296,9 @@ def main() -> int:
         precompile(args, args.precompile)
     g = torch.Generator(device=dev).manual_seed(0)
     scale = HEAD_DIM ** -0.5
+    from minke.kernels.latent_cache import KV_CACHE_DTYPES, fp8_row_width
+
+    kv_dtype = None if args.kv_dtype == "bf16" else KV_CACHE_DTYPES[args.kv_dtype]
     rows = []
     print(f"{'shape':8s} {'B':>4s} {'ctx':>6s} {'splits':>6s} {'kernel us':>10s} {'TB/s':>6s} {'torch us':>10s} "
           f"{'TB/s':>6s} {'speedup':>7s}  notes", flush=True)
@@ -283,13 +306,14 @@ def main() -> int:
         hq, hkv = SHAPES[name]
         for B, ctx in itertools.product((int(b) for b in args.batches.split(",")),
                                         (int(c) for c in args.contexts.split(","))):
-            kv_bytes = 2 * B * ctx * hkv * HEAD_DIM * 2
+            row_bytes = HEAD_DIM * 2 if kv_dtype is None else fp8_row_width(HEAD_DIM)
+            kv_bytes = 2 * B * ctx * hkv * row_bytes
             free = torch.cuda.mem_get_info(dev)[0]
             if kv_bytes > 0.85 * free:
                 print(f"{name:8s} {B:4d} {ctx:6d}  skipped: a {kv_bytes / 2**30:.0f} GiB cache does not fit",
                       flush=True)
                 continue
-            q, cache, tables, lens = make_point(B, ctx, hq, hkv, dev, g)
+            q, cache, tables, lens = make_point(B, ctx, hq, hkv, dev, g, kv_dtype)
             moved = kv_bytes + 2 * q.numel() * q.element_size()
             splits = default_num_splits(B, hkv, ctx, dev)  # the default launch's (one KV head per program)
             ms = timed(lambda: paged_decode_attention(q, cache, tables, lens, scale))
@@ -298,7 +322,7 @@ def main() -> int:
             notes = []
             # The torch path gathers K and V ([B, ctx, Hkv, D] each), repeats them to the q heads and builds a mask.
             torch_bytes = 2 * B * ctx * HEAD_DIM * 2 * (hkv + hq) + B * ctx * 8
-            if not args.no_torch and torch_bytes < 0.8 * torch.cuda.mem_get_info(dev)[0]:
+            if kv_dtype is None and not args.no_torch and torch_bytes < 0.8 * torch.cuda.mem_get_info(dev)[0]:
                 fn = torch_path(q, cache, tables, lens)
                 ref = fn()
                 out = paged_decode_attention(q, cache, tables, lens, scale)
@@ -335,7 +359,8 @@ def main() -> int:
         print_launch_summary(rows)
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "dtype": str(DTYPE), "block_size": BLOCK_SIZE,
+            json.dump({"device": torch.cuda.get_device_name(dev), "dtype": str(DTYPE), "kv_dtype": args.kv_dtype,
+                       "block_size": BLOCK_SIZE,
                        "head_dim": HEAD_DIM, "rows": rows}, f, indent=1)
         print(f"wrote {args.output}")
     return 0

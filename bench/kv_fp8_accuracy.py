@@ -1,14 +1,16 @@
-"""What `--kv-cache-dtype fp8` (the MLA latent cache in fp8 with a scale per token) does to a trained model's
+"""What `--kv-cache-dtype fp8` (the cache in fp8: MLA's latent with a scale per token, MHA / GQA K and V with a
+scale per token and KV head) does to a trained model's
 predictions, against the same model with a cache in the model dtype: per-token logit error, KL, cross-entropy and
 top-1 agreement teacher-forced, greedy agreement free-running, and retrieval over the context (an induction copy of
 a random token sequence, and a planted passkey).
 
 Runs through the paged engine path on the CPU with the torch attention backend (the math the GPU kernels implement:
-tests/test_kernel_mla_decode.py and test_kernel_mla_prologue.py check them against it): prompts are prefilled in
+tests/test_kernel_mla_decode.py, test_kernel_mla_prologue.py, test_kernel_paged_attention.py and
+test_kernel_mha_prologue.py check them against it): prompts are prefilled in
 chunks, so later chunks read their prefix back from the (fp8) cache, and generation decodes one token a step over it.
 
     python bench/kv_fp8_accuracy.py                       # the embedded default model, its held-out story stream
-    python bench/kv_fp8_accuracy.py --model DIR --valid held_out.jsonl --device cuda   # any deepseek_v2 checkpoint
+    python bench/kv_fp8_accuracy.py --model DIR --valid held_out.jsonl --device cuda   # any checkpoint minke loads
 
 Random-weight models say nothing here: use trained weights.
 """
@@ -97,7 +99,7 @@ def compare_logits(ref: torch.Tensor, got: torch.Tensor, targets: torch.Tensor) 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="a deepseek_v2 checkpoint (default: the embedded default model)")
+    ap.add_argument("--model", default=None, help="a checkpoint of any family (default: the embedded default model)")
     ap.add_argument("--valid", default=None, help='held-out {"text": ...} jsonl (default: the default model\'s '
                                                   "held-out story stream, regenerated)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
@@ -119,9 +121,6 @@ def main() -> int:
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, args.dtype)
     model = load_model(path, dtype=dtype, device=device).eval()
-    if not model.config.is_mla:
-        raise SystemExit(f"kv_fp8_accuracy: the fp8 KV cache is MLA's (deepseek_v2); {path} is "
-                         f"{model.config.model_type!r}")
     tok = load_tokenizer(path)
     max_len = model.config.max_position_embeddings
     block = min(args.block, max_len)

@@ -33,7 +33,7 @@ from mla_decode_compile_report import ptxas_usage  # noqa: E402
 from minke.kernels import paged_attention as pa  # noqa: E402
 
 _PTRS = {"q_ptr": "q", "k_ptr": "q", "v_ptr": "q", "out_ptr": "q", "bt_ptr": "*i32", "lens_ptr": "*i32",
-         "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32"}
+         "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
 # The runtime ints Triton sees 16-divisible at DeepSeek's shapes (block size 16, head 128, Hkv 8 / 16 / 32).
 _DIV16 = ("block_size", "num_kv_heads", "stride_qb", "stride_qh", "stride_kv_blk", "stride_kv_row",
           "stride_kv_head", "stride_ob", "stride_oh", "stride_mo_b", "stride_mo_h", "stride_mo_s", "stride_ml_b",
@@ -47,7 +47,7 @@ def compile_launch(variant: str, block_n: int, num_warps: int, num_stages: int, 
     kw = launch_kwargs(variant, block_n, num_warps, num_stages)  # the bench's reading of the label
     const = dict(HEAD_DIM=128, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_D=128, BLOCK_N=block_n,
                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_DOT=False,
-                 LOOP_STAGES=kw.get("loop_stages"), HEAD_FASTEST=kw.get("head_fastest", False))
+                 LOOP_STAGES=kw.get("loop_stages"), HEAD_FASTEST=kw.get("head_fastest", False), KV_FP8=False)
     h = kw.get("kv_heads_per_program", 1)
     if h == 1:
         fn = pa._paged_decode_stage1_kernel

@@ -14,6 +14,7 @@ import torch
 import minke.kernels.mha_prologue as _kmod
 from conftest import kernel_test_setup
 from minke.config import RopeConfig
+from minke.kernels.latent_cache import dequantize_cache, fp8_row_width, latent_scales
 from minke.kernels.mha_prologue import mha_prologue, mha_prologue_ref
 from minke.models.rope import RotaryEmbedding
 
@@ -95,6 +96,56 @@ def test_bad_inputs_name_the_problem():
         mha_prologue_ref(q, k, v, cos, sin, cache[0], slots)
     with pytest.raises(ValueError, match="slot_mapping"):
         mha_prologue_ref(q, k, v, cos, sin, cache, slots[:2])
+
+
+def _fp8_cache(cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed fp8 cache shaped like `cache` but for the fp8 row width (values, scale, padding)."""
+    d = cache.shape[-1]
+    return torch.zeros(*cache.shape[:-1], fp8_row_width(d), dtype=dtype, device=cache.device)
+
+
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h,hkv,d", [(4, 4, 128), (8, 2, 16)])  # MHA at DeepSeek's head size, GQA
+def test_fp8_cache_kernel_equals_reference(dtype, cache_dtype, h, hkv, d):
+    """Every (token, KV head) row of K and of V quantized on its own scale: the kernel writes the reference's
+    bytes (fp32 inputs) or values within one fp8 step of them (bf16: the rope's roundings may differ by an ulp),
+    and returns k roped in k's own dtype."""
+    q, k, v, cos, sin, cache, slots = _inputs(7, h, hkv, d, dtype)
+    cache = _fp8_cache(cache, cache_dtype)
+    ref_cache = cache.clone()
+    got_q, got_k = mha_prologue(q, k, v, cos, sin, cache, slots)
+    want_q, want_k = mha_prologue_ref(q, k, v, cos, sin, ref_cache, slots)
+    assert got_k.dtype == dtype
+    torch.testing.assert_close(got_q, want_q, **_close(dtype))
+    torch.testing.assert_close(got_k, want_k, **_close(dtype))
+    got, want = dequantize_cache(cache, d, torch.float32), dequantize_cache(ref_cache, d, torch.float32)
+    if dtype == torch.float32:
+        assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    else:
+        step = 2.0 ** (-3 if cache_dtype == torch.float8_e4m3fn else -2)  # one fp8 step relative to the row's amax
+        amax = want.abs().amax(-1, keepdim=True)
+        assert ((got - want).abs() <= step * amax + 1e-6).all()
+    # what the cache gives back is the roped k and v up to fp8 rounding relative to each row's own amax
+    for i, x in enumerate((want_k, v)):
+        rows = got[i].flatten(0, 1)[slots]  # [N, Hkv, D]
+        tol = 2.0 ** -(3 if cache_dtype == torch.float8_e4m3fn else 2)
+        assert ((rows - x.float()).abs() <= tol * x.float().abs().amax(-1, keepdim=True) + 1e-6).all()
+    # the scales are each row's amax / fp8 max; untouched slots stay zero
+    sc = latent_scales(ref_cache, d)[..., 0].flatten(1, 2)  # [2, slots, Hkv]
+    fmax = torch.finfo(cache_dtype).max
+    torch.testing.assert_close(sc[0, slots], want_k.float().abs().amax(-1) / fmax)
+    torch.testing.assert_close(sc[1, slots], v.float().abs().amax(-1) / fmax)
+    untouched = torch.ones(sc.shape[1], dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert not cache.view(torch.uint8)[:, :, :].flatten(1, 2)[:, untouched.to(cache.device)].any()
+
+
+def test_fp8_cache_shape_is_checked():
+    q, k, v, cos, sin, cache, slots = [t.cpu() for t in _inputs(3, 4, 2, 16, torch.float32)]
+    with pytest.raises(ValueError, match=r"fp8: values, scale, padding"):
+        mha_prologue_ref(q, k, v, cos, sin, cache.to(torch.float8_e4m3fn), slots)  # rows of D, not the fp8 width
 
 
 @cuda_only

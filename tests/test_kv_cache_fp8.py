@@ -1,7 +1,7 @@
-"""--kv-cache-dtype fp8 end to end on tiny DeepSeek-V2 checkpoints: the paged model over an fp8 latent cache (torch
-backend, and the Triton backend through the interpreter) against the dense reference forward; long cached contexts
-attended in pieces (memory flat in the context) giving the one-shot result; the engine option, its capacity and the
-clear error for the MHA / GQA families."""
+"""--kv-cache-dtype fp8 end to end on tiny checkpoints of every family: the paged model over an fp8 cache (MLA's
+latent with a scale per token; MHA / GQA K and V with a scale per token and KV head) on the torch backend and the
+Triton backend (through the interpreter) against the dense reference forward; long cached contexts attended in
+pieces (memory flat in the context) giving the one-shot result; the engine option and its capacity."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from conftest import kernel_test_setup
 from minke import LLM
 from minke.engine.config import EngineConfig
 from minke.kernels import latent_cache
-from minke.models.attention import MLAttention, TorchAttentionBackend, TritonAttentionBackend
+from minke.models.attention import Attention, MLAttention, TorchAttentionBackend, TritonAttentionBackend
 from minke.runner.input_batch import SeqChunk, make_forward_batch
 from minke.runner.kv_cache import allocate_kv_caches, resolve_kv_cache_dtype
 from tiny_models import make_checkpoint
@@ -120,10 +120,71 @@ def test_engine_option_capacity_and_errors(v2_lite, tmp_path, caplog):
     out = fp8.generate([{"prompt_token_ids": list(range(3, 20))}], sp)[0].outputs[0].token_ids
     ref = auto.generate([{"prompt_token_ids": list(range(3, 20))}], sp)[0].outputs[0].token_ids
     assert len(out) == 8 and out[0] == ref[0]
-    # MHA / GQA families: a clear error naming the family
-    _, llama = make_checkpoint("llama", str(tmp_path / "llama"), tokenizer=True)
-    with pytest.raises(ValueError, match="deepseek_v2.*'llama'"):
-        LLM(llama, device="cpu", kv_cache_dtype="fp8_e5m2")
+
+
+@pytest.fixture(scope="module", params=["llama_gqa", "deepseek"])
+def mha_family(request, tmp_path_factory):
+    """DeepSeek LLM's family (llama, GQA here) and DeepSeekMoE's (deepseek: MHA attention, MoE layers)."""
+    _, path = make_checkpoint(request.param, str(tmp_path_factory.mktemp(request.param)), tokenizer=True)
+    return path
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_mha_fp8_cache_logits_close_to_the_dense_forward(mha_family, kv_dtype):
+    """Chunked prefill (cached prefixes read back from the fp8 cache), then decodes, teacher-forced on the fp32
+    cache's greedy tokens: each logits row within a small part of their spread of the dense forward's."""
+    model = minke.load_model(mha_family, device=DEVICE)
+    assert isinstance(model.model.layers[0].self_attn, Attention)
+    prompt = torch.randint(2, model.config.vocab_size, (23,), generator=torch.Generator().manual_seed(0)).tolist()
+    full, tokens32 = _paged_logits(model, prompt, chunk=7, n_decode=6, kv_dtype=torch.float32,
+                                   backend=TorchAttentionBackend())
+    got, _ = _paged_logits(model, prompt, chunk=7, n_decode=6, kv_dtype=kv_dtype, backend=TorchAttentionBackend(),
+                           forced=tokens32)
+    with torch.no_grad():
+        dense = model(torch.tensor([tokens32], device=DEVICE))[0]
+    torch.testing.assert_close(full, dense, rtol=1e-4, atol=1e-4)
+    err, spread = (got - dense).abs().max().item(), dense.std().item()
+    assert 0 < err < (0.15 if kv_dtype == torch.float8_e4m3fn else 0.3) * spread, (err, spread)
+
+
+@needs_triton
+def test_mha_triton_backend_and_fused_prologue_read_the_fp8_cache_like_torch(mha_family):
+    """The decode kernel (scales folded into scores and probabilities) and the fused prologue's fp8 write inside
+    the model, against the torch backend over the same fp8 cache format."""
+    from minke.runner.gpu_kernels import use_fused_mha_prologue
+
+    ref, fast = minke.load_model(mha_family, device=DEVICE), minke.load_model(mha_family, device=DEVICE)
+    use_fused_mha_prologue(fast)
+    prompt = list(range(3, 14))
+    a, ta = _paged_logits(ref, prompt, chunk=5, n_decode=4, kv_dtype=torch.float8_e4m3fn,
+                          backend=TorchAttentionBackend())
+    b, tb = _paged_logits(fast, prompt, chunk=5, n_decode=4, kv_dtype=torch.float8_e4m3fn,
+                          backend=TritonAttentionBackend())
+    assert ta == tb
+    torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+
+
+def test_mha_engine_option_capacity(mha_family, caplog):
+    """--kv-cache-dtype fp8 on an MHA / GQA model: the fp8 cache tensors, (hd * 4) / fp8_row_width(hd) times the
+    fp32 tokens in the same memory (head 64 here: 256 / 80 = 3.2x), said in the log, and greedy decoding end to
+    end (the first token equal to the fp32 cache's)."""
+    gib = 1 / 256
+    auto = LLM(mha_family, device="cpu", kv_cache_gib=gib, max_model_len=64, max_num_seqs=1024)
+    with caplog.at_level("INFO", logger="minke"):
+        fp8 = LLM(mha_family, device="cpu", kv_cache_gib=gib, max_model_len=64, max_num_seqs=1024,
+                  kv_cache_dtype="fp8_e4m3")
+    cache = fp8.llm_engine.runner.kv_caches[0]
+    hd = fp8.llm_engine.model_config.attn_head_dim
+    assert cache.dtype == torch.float8_e4m3fn and cache.shape[-1] == latent_cache.fp8_row_width(hd)
+    ratio = 4 * hd / latent_cache.fp8_row_width(hd)
+    assert fp8.llm_engine.runner.capacity_tokens == pytest.approx(auto.llm_engine.runner.capacity_tokens * ratio,
+                                                                   rel=0.02)
+    assert f"a scale per token and KV head): {ratio:.2f}x the tokens of float32" in caplog.text
+    sp = minke.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(3, 20))}, {"prompt_token_ids": list(range(5, 9))}]
+    out = [o.outputs[0].token_ids for o in fp8.generate(prompts, sp)]
+    ref = [o.outputs[0].token_ids for o in auto.generate(prompts, sp)]
+    assert [len(o) for o in out] == [8, 8] and [o[0] for o in out] == [r[0] for r in ref]
 
 
 def test_resolve_kv_cache_dtype():
@@ -133,6 +194,9 @@ def test_resolve_kv_cache_dtype():
     assert resolve_kv_cache_dtype("fp8_e5m2", cfg, torch.bfloat16) == torch.float8_e5m2
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         resolve_kv_cache_dtype("fp4", cfg, torch.bfloat16)
+    llama = minke.config.config_from_dict({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                           "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100})
+    assert resolve_kv_cache_dtype("fp8", llama, torch.bfloat16) == torch.float8_e4m3fn
 
 
 def _v2_dims() -> dict:

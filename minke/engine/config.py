@@ -57,11 +57,12 @@ class EngineConfig:
     long_prefill_token_threshold: int = _opt(0, "with chunked prefill: the most prompt tokens one request computes "
                                                 "in a step (0: no cap but --max-num-batched-tokens)", type=int)
     block_size: int = _opt(16, "tokens per KV cache block", type=int)
-    # vLLM's and SGLang's flag. MLA (deepseek_v2) only: the 576-wide latent as fp8 with a float32 scale per token,
-    # 592 bytes a token against bf16's 1152 (kernels/latent_cache.py; accuracy: bench/kv_fp8_accuracy.py).
-    kv_cache_dtype: str = _opt("auto", "auto (the model dtype) | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2: the MLA "
-                                       "latent cache in fp8 with a scale per token, ~1.95x the tokens (deepseek_v2 "
-                                       "only)", choices=list(KV_CACHE_DTYPES))
+    # vLLM's and SGLang's flag. MLA (deepseek_v2): the 576-wide latent as fp8 with a float32 scale per token, 592
+    # bytes a token against bf16's 1152; MHA / GQA (llama, deepseek): each K / V head row of 128 as fp8 with its own
+    # scale, 144 bytes against 256 (kernels/latent_cache.py; accuracy: bench/kv_fp8_accuracy.py).
+    kv_cache_dtype: str = _opt("auto", "auto (the model dtype) | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2: the KV "
+                                       "cache in fp8 with a scale per token (MLA latent, ~1.95x the tokens) or per "
+                                       "token and KV head (MHA / GQA, ~1.78x)", choices=list(KV_CACHE_DTYPES))
     enable_prefix_caching: bool = _opt(True, "share the KV blocks of common prompt prefixes")
     enable_chunked_prefill: bool = _opt(True, "split long prompts over several steps")
     enforce_eager: bool = _opt(False, "no CUDA graphs")

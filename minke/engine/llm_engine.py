@@ -77,8 +77,9 @@ class LLMEngine:
             return ""
         worker = self.runner.executor.worker
         ratio = worker.kv_bytes_per_token("auto") / self.runner.kv_bytes_per_token
+        per = "token" if self.model_config.is_mla else "token and KV head"
         return (f", {self.cfg.kv_cache_dtype} ({str(worker.kv_cache_dtype).removeprefix('torch.')}, a scale per "
-                f"token): {ratio:.2f}x the tokens of {str(self.runner.dtype).removeprefix('torch.')}")
+                f"{per}): {ratio:.2f}x the tokens of {str(self.runner.dtype).removeprefix('torch.')}")
 
     def _resolve_max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings

@@ -11,8 +11,16 @@ Rounding follows the torch code (so the kernel matches the reference up to fp32 
     cos, sin cast to x.dtype; out = x * cos + rotate_half(x) * sin, each product and the sum rounded to x.dtype
 Slots < 0 are skipped (the engine pads CUDA-graph rows with a real scratch slot, so none occur there).
 
+fp8 cache (--kv-cache-dtype fp8): cache [2, blocks, bs, Hkv, fp8_row_width(D)], each (token, KV head) row of K and
+of V quantized on its own: D values row / scale in fp8, then its float32 scale amax(|row|) / fp8 max (the row
+format of kernels/latent_cache.py, 144 bytes for D = 128). Per row rather than vLLM's per-tensor k_scale / v_scale
+(1.0 unless calibrated): nothing to calibrate, no clipping of outlier heads, and small-valued V heads keep e4m3's
+3 mantissa bits instead of sinking into its subnormals. k_rot then stays in k's dtype (a prefill without cached
+context rounds it itself: models/attention/layers.py).
+
 Public API:
-    mha_prologue(q, k, v, cos, sin, cache, slot_mapping) -> (q_rot [N, H, D] q.dtype, k_rot [N, Hkv, D] cache.dtype)
+    mha_prologue(q, k, v, cos, sin, cache, slot_mapping)
+        -> (q_rot [N, H, D] q.dtype, k_rot [N, Hkv, D] cache.dtype (fp8 cache: k.dtype))
     mha_prologue_ref(...)    the same in plain torch (what Attention computes without the kernel)
     rope_rotate_half_torch(x [..., T, heads, D], cos [..., T, D/2], sin)   the rope alone (RotaryEmbedding's)
 q, k, v may be strided views (the fused projection's output split); only the last dim must be contiguous.
@@ -25,6 +33,10 @@ import torch
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import tl, triton
+from .latent_cache import fp8_max, fp8_row_width, is_fp8, latent_scales, quantize_rows
+
+if _HAS_TRITON:
+    from .mla_prologue import fp8_grid
 
 
 def rope_rotate_half_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -49,8 +61,10 @@ def _check(q, k, v, cos, sin, cache, slot_mapping) -> tuple[int, int, int, int]:
     for name, t in (("cos", cos), ("sin", sin)):
         if t.shape != (n, d // 2) or t.dtype != torch.float32:
             raise ValueError(f"mha_prologue: {name} must be fp32 [N={n}, D/2={d // 2}], got {t.dtype} {tuple(t.shape)}")
-    if cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[3:] != (hkv, d):
-        raise ValueError(f"mha_prologue: cache must be [2, blocks, block_size, Hkv={hkv}, D={d}], got "
+    row = fp8_row_width(d) if is_fp8(cache.dtype) else d
+    if cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[3:] != (hkv, row):
+        raise ValueError(f"mha_prologue: cache must be [2, blocks, block_size, Hkv={hkv}, {row}] (D={d}"
+                         f"{', fp8: values, scale, padding' if row != d else ''}), got {cache.dtype} "
                          f"{tuple(cache.shape)}")
     if slot_mapping.shape != (n,) or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"mha_prologue: slot_mapping must be int [N={n}], got {slot_mapping.dtype} "
@@ -61,9 +75,17 @@ def _check(q, k, v, cos, sin, cache, slot_mapping) -> tuple[int, int, int, int]:
 def mha_prologue_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The prologue in torch: returns (roped q [N, H, D], roped k [N, Hkv, D] in cache.dtype) and writes roped k
-    and v (cast to cache.dtype) to rows slot_mapping of cache[0] / cache[1]."""
-    _check(q, k, v, cos, sin, cache, slot_mapping)
+    and v (cast to cache.dtype) to rows slot_mapping of cache[0] / cache[1]. fp8 cache: every (token, head) row
+    quantized with its own scale; k is returned in its own dtype (see the module docstring)."""
+    n, _, hkv, d = _check(q, k, v, cos, sin, cache, slot_mapping)
     q, k = rope_rotate_half_torch(q, cos, sin), rope_rotate_half_torch(k, cos, sin)
+    if is_fp8(cache.dtype):
+        for i, x in enumerate((k, v)):
+            flat = cache[i].flatten(0, 1)  # [slots, Hkv, row]
+            values, scale = quantize_rows(x.reshape(n * hkv, d), cache.dtype)
+            flat[slot_mapping, :, :d] = values.view(n, hkv, d)
+            latent_scales(flat, d)[slot_mapping] = scale.view(n, hkv, 1)
+        return q, k
     k = k.to(cache.dtype)
     cache[0].flatten(0, 1)[slot_mapping] = k
     cache[1].flatten(0, 1)[slot_mapping] = v.to(cache.dtype)
@@ -84,10 +106,14 @@ if _HAS_TRITON:
         return o1, o2
 
     @triton.jit(do_not_specialize=["N"])
-    def _mha_prologue_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, qo_ptr, ko_ptr, N,
-                             sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, s_cs, s_cache_kv, s_cache_slot, s_cache_h,
-                             H: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per (token t, head): heads [0, H) are q's; [H, H + Hkv) are k/v heads (j = head - H)."""
+    def _mha_prologue_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cache_ptr, scale_ptr, slot_ptr, qo_ptr, ko_ptr,
+                             N, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, s_cs, s_cache_kv, s_cache_slot, s_cache_h,
+                             s_sc_kv, s_sc_slot, s_sc_h, FP8_MAX, H: tl.constexpr, HALF: tl.constexpr,
+                             BLOCK: tl.constexpr, KV_FP8: tl.constexpr, FP8_MANT: tl.constexpr,
+                             ROUND_GRID: tl.constexpr):
+        """One program per (token t, head): heads [0, H) are q's; [H, H + Hkv) are k/v heads (j = head - H).
+        KV_FP8: scale_ptr is the cache's float32 scales ([2, slots, Hkv] as a view of its bytes, strides s_sc_*),
+        and each K / V row is stored as row / scale in fp8 (ROUND_GRID: the interpreter's rounding fix)."""
         t = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
@@ -110,21 +136,41 @@ if _HAS_TRITON:
             k1 = tl.load(kbase + offs, mask=m, other=0.0)
             k2 = tl.load(kbase + HALF + offs, mask=m, other=0.0)
             ko1, ko2 = _rotate_half(k1, k2, cos, sin)
-            cdt = ko_ptr.dtype.element_ty
+            odt = ko_ptr.dtype.element_ty
+            cdt = cache_ptr.dtype.element_ty
             hkv = tl.num_programs(1) - H
             kout = ko_ptr + (t * hkv + j) * (2 * HALF)
-            tl.store(kout + offs, ko1.to(cdt), mask=m)
-            tl.store(kout + HALF + offs, ko2.to(cdt), mask=m)
+            tl.store(kout + offs, ko1.to(odt), mask=m)
+            tl.store(kout + HALF + offs, ko2.to(odt), mask=m)
             slot = tl.load(slot_ptr + t).to(tl.int64)
             if slot >= 0:
                 row = cache_ptr + slot * s_cache_slot + j * s_cache_h
-                tl.store(row + offs, ko1.to(cdt), mask=m)
-                tl.store(row + HALF + offs, ko2.to(cdt), mask=m)
                 vb = v_ptr + t * sv_t + j * sv_h
                 v1 = tl.load(vb + offs, mask=m, other=0.0)
                 v2 = tl.load(vb + HALF + offs, mask=m, other=0.0)
-                tl.store(row + s_cache_kv + offs, v1.to(cdt), mask=m)
-                tl.store(row + s_cache_kv + HALF + offs, v2.to(cdt), mask=m)
+                if KV_FP8:  # each row on its own scale (masked lanes are 0 and do not move the max)
+                    a1, a2 = ko1.to(tl.float32), ko2.to(tl.float32)
+                    ks = tl.maximum(tl.maximum(tl.max(tl.abs(a1), axis=0), tl.max(tl.abs(a2), axis=0)) / FP8_MAX,
+                                    1e-12)
+                    b1, b2 = v1.to(tl.float32), v2.to(tl.float32)
+                    vs = tl.maximum(tl.maximum(tl.max(tl.abs(b1), axis=0), tl.max(tl.abs(b2), axis=0)) / FP8_MAX,
+                                    1e-12)
+                    srow = scale_ptr + slot * s_sc_slot + j * s_sc_h
+                    tl.store(srow, ks)
+                    tl.store(srow + s_sc_kv, vs)
+                    a1, a2, b1, b2 = a1 / ks, a2 / ks, b1 / vs, b2 / vs
+                    if ROUND_GRID:
+                        a1, a2 = fp8_grid(a1, FP8_MANT), fp8_grid(a2, FP8_MANT)
+                        b1, b2 = fp8_grid(b1, FP8_MANT), fp8_grid(b2, FP8_MANT)
+                    tl.store(row + offs, a1.to(cdt), mask=m)
+                    tl.store(row + HALF + offs, a2.to(cdt), mask=m)
+                    tl.store(row + s_cache_kv + offs, b1.to(cdt), mask=m)
+                    tl.store(row + s_cache_kv + HALF + offs, b2.to(cdt), mask=m)
+                else:
+                    tl.store(row + offs, ko1.to(cdt), mask=m)
+                    tl.store(row + HALF + offs, ko2.to(cdt), mask=m)
+                    tl.store(row + s_cache_kv + offs, v1.to(cdt), mask=m)
+                    tl.store(row + s_cache_kv + HALF + offs, v2.to(cdt), mask=m)
 
 
 def mha_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -138,14 +184,19 @@ def mha_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
             raise ValueError(f"mha_prologue: {name}'s last dim must be contiguous, got strides {t.stride()}")
     if not cache.is_contiguous() or cos.stride(-1) != 1 or sin.stride() != cos.stride():
         raise ValueError("mha_prologue: cache must be contiguous and cos / sin rows contiguous with equal strides")
+    fp8 = is_fp8(cache.dtype)
     q_out = torch.empty(n, h, d, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(n, hkv, d, dtype=cache.dtype, device=q.device)
+    k_out = torch.empty(n, hkv, d, dtype=k.dtype if fp8 else cache.dtype, device=q.device)
     if n == 0:
         return q_out, k_out
-    # cache [2, blocks, bs, Hkv, D] contiguous: slot s of head j at s * Hkv * D + j * D; V is cache.stride(0) later.
+    # cache [2, blocks, bs, Hkv, row] contiguous: slot s of head j at s * Hkv * row + j * row; V is cache.stride(0)
+    # later. fp8: the scales are a float32 view [2, blocks, bs, Hkv, 1] of bytes D..D+3 of each row.
+    scales = latent_scales(cache, d) if fp8 else cache
     _mha_prologue_kernel[(n, h + hkv)](
-        q, k, v, cos, sin, cache, slot_mapping, q_out, k_out, n,
+        q, k, v, cos, sin, cache, scales, slot_mapping, q_out, k_out, n,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-        cache.stride(0), cache.stride(2), cache.stride(3),
-        H=h, HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2), num_warps=1)
+        cache.stride(0), cache.stride(2), cache.stride(3), scales.stride(0), scales.stride(2), scales.stride(3),
+        fp8_max(cache.dtype) if fp8 else 1.0, H=h, HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
+        KV_FP8=fp8, FP8_MANT=2 if cache.dtype == torch.float8_e5m2 else 3,
+        ROUND_GRID=fp8 and _is_interpreted(_mha_prologue_kernel), num_warps=1)
     return q_out, k_out

@@ -93,7 +93,7 @@ def mla_prologue_ref(kv_a, q, cos, sin, norm_weight, eps: float, cache, slot_map
 if _HAS_TRITON:
 
     @triton.jit
-    def _fp8_grid(x, MANT: tl.constexpr):
+    def fp8_grid(x, MANT: tl.constexpr):
         """x (fp32, |x| <= the format's max) rounded to the fp8 grid (nearest, ties to even), so the cast after it is
         exact. Interpreter only: Triton 3.x's interpreter mis-rounds fp32 -> fp8 when the mantissa carries into the
         exponent (124.3 -> 64); compiled code rounds right itself. MANT = 3 (e4m3) or 2 (e5m2); subnormals
@@ -138,7 +138,7 @@ if _HAS_TRITON:
         FP8_MAX,  # the fp8 format's largest value
         KV_FP8: tl.constexpr,  # quantize the row: values / scale in fp8, scale = amax / FP8_MAX (latent_cache.py)
         FP8_MANT: tl.constexpr,  # the fp8 format's mantissa bits (3: e4m3, 2: e5m2)
-        ROUND_GRID: tl.constexpr,  # interpreter: round to the fp8 grid before the cast (see _fp8_grid)
+        ROUND_GRID: tl.constexpr,  # interpreter: round to the fp8 grid before the cast (see fp8_grid)
         HALF_R: tl.constexpr,
         BLOCK_HALF_R: tl.constexpr,  # next power of two >= R/2
         BLOCK_H: tl.constexpr,  # heads per program
@@ -196,7 +196,7 @@ if _HAS_TRITON:
                     tl.store(scale_ptr + slot * stride_scale, scale)
                     yc, r0c, r1c = yc / scale, r0c / scale, r1c / scale
                     if ROUND_GRID:
-                        yc, r0c, r1c = _fp8_grid(yc, FP8_MANT), _fp8_grid(r0c, FP8_MANT), _fp8_grid(r1c, FP8_MANT)
+                        yc, r0c, r1c = fp8_grid(yc, FP8_MANT), fp8_grid(r0c, FP8_MANT), fp8_grid(r1c, FP8_MANT)
                 tl.store(row + offs, yc.to(cache_ptr.dtype.element_ty), mask=cm)
                 tl.store(row + C + 2 * i, r0c.to(cache_ptr.dtype.element_ty), mask=rmask)
                 tl.store(row + C + 2 * i + 1, r1c.to(cache_ptr.dtype.element_ty), mask=rmask)

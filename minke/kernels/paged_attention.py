@@ -30,6 +30,13 @@ organised around reading each K/V tile exactly once:
 All accumulation is fp32 (scores in the exp2 domain: scale * log2(e) folded into one multiply); inputs bf16, fp16
 or fp32; the output has q's dtype.
 
+fp8 cache (--kv-cache-dtype fp8, format in kernels/mha_prologue.py): cache [2, blocks, bs, Hkv, fp8_row_width(D)],
+every (token, head) row D fp8 values and their float32 scale. The tiles are widened fp8 -> q's dtype (exact) and
+the scales folded into the attention, never into the tiles: q . (s_t k_t) = s_t (q . k_t) on the score row, and
+sum_t p_t (s_t v_t) = sum_t (p_t s_t) v_t on the probabilities before the value dot (as kernels/mla_decode.py).
+144 bytes a head row against bf16's 256: decode at batch 256 is KV-bandwidth bound, so this is ~1.78x fewer bytes
+where the step spends most of its time (bench/RESULTS.md). One-head programs only (kv_heads_per_program 1).
+
 CUDA graphs: nothing here syncs with the host or has a data-dependent shape; the split count comes only from
 shapes and the caller's upper bound of the context (`max_seq_len`, default: the block table's capacity), so one
 capture serves every context length up to it. Sequences with seq_lens[b] == 0 (padding slots of a graph batch)
@@ -54,6 +61,7 @@ from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import tl, triton
+from .latent_cache import dequantize_cache, fp8_row_width, is_fp8, latent_scales
 from .splitk_combine import splitk_combine
 
 if _HAS_TRITON:
@@ -69,18 +77,20 @@ def _check_inputs(q, cache, block_tables, seq_lens) -> tuple[int, int, int, int,
     if q.dim() != 3:
         raise ValueError(f"paged_decode_attention: q must be [B, Hq, D], got shape {tuple(q.shape)}")
     B, Hq, D = q.shape
-    if cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[4] != D:
+    row = fp8_row_width(D) if is_fp8(cache.dtype) else D
+    if cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[4] != row:
         raise ValueError(
-            f"paged_decode_attention: cache must be [2, num_blocks, block_size, Hkv, D={D}] (K = cache[0], "
-            f"V = cache[1]), got {tuple(cache.shape)}"
+            f"paged_decode_attention: cache must be [2, num_blocks, block_size, Hkv, {row}] (K = cache[0], "
+            f"V = cache[1]; D={D}{', fp8: values, scale, padding' if row != D else ''}), got {tuple(cache.shape)}"
         )
     block_size, Hkv = cache.shape[2], cache.shape[3]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"paged_decode_attention: q heads ({Hq}) must be a multiple of the cache's KV heads ({Hkv})")
     if q.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"paged_decode_attention: q dtype must be one of {_FLOAT_DTYPES}, got {q.dtype}")
-    if cache.dtype != q.dtype:
-        raise ValueError(f"paged_decode_attention: q and cache must share a dtype, got {q.dtype} and {cache.dtype}")
+    if cache.dtype != q.dtype and not is_fp8(cache.dtype):
+        raise ValueError(f"paged_decode_attention: q and cache must share a dtype (or the cache be fp8), got "
+                         f"{q.dtype} and {cache.dtype}")
     if block_tables.dim() != 2 or block_tables.shape[0] != B:
         raise ValueError(
             f"paged_decode_attention: block_tables must be [B={B}, max_blocks], got {tuple(block_tables.shape)}"
@@ -120,8 +130,8 @@ def paged_decode_attention_ref(
             )
         t = torch.arange(L, device=q.device)
         blocks = block_tables[b, t // block_size].long()  # [L] physical block per token
-        k = cache[0, blocks, t % block_size].float()  # [L, Hkv, D]
-        v = cache[1, blocks, t % block_size].float()
+        k = dequantize_cache(cache[0, blocks, t % block_size], D, torch.float32)  # [L, Hkv, D]
+        v = dequantize_cache(cache[1, blocks, t % block_size], D, torch.float32)
         qg = q[b].float().view(Hkv, group, D)  # query head h = kv_head * group + g
         scores = torch.einsum("kgd,lkd->kgl", qg, k) * scale  # [Hkv, G, L]
         out[b] = torch.einsum("kgl,lkd->kgd", scores.softmax(-1), v).reshape(Hq, D)
@@ -133,8 +143,10 @@ if _HAS_TRITON:
     @triton.jit
     def _paged_decode_stage1_kernel(
         q_ptr,  # [B, Hq, D], unit last stride
-        k_ptr,  # [num_blocks, block_size, Hkv, D] (cache[0]), unit last stride
+        k_ptr,  # [num_blocks, block_size, Hkv, D] (cache[0]), unit last stride (fp8: rows of fp8_row_width(D))
         v_ptr,  # [num_blocks, block_size, Hkv, D] (cache[1]), same strides as k
+        ks_ptr,  # fp8 cache: [num_blocks, block_size, Hkv, 1] fp32 K row scales (a view of cache[0]); else unused
+        vs_ptr,  # fp8 cache: the same for V (a view of cache[1], same strides as ks)
         bt_ptr,  # [B, max_blocks] int32, unit last stride
         lens_ptr,  # [B] int32
         out_ptr,  # [B, Hq, D], dtype of q: written here when NUM_SPLITS == 1
@@ -148,6 +160,9 @@ if _HAS_TRITON:
         stride_kv_blk,
         stride_kv_row,
         stride_kv_head,
+        stride_sc_blk,  # the scale views' strides, in floats
+        stride_sc_row,
+        stride_sc_head,
         stride_bt,
         stride_ob,
         stride_oh,
@@ -167,6 +182,7 @@ if _HAS_TRITON:
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
         LOOP_STAGES: tl.constexpr,  # None: Triton's pipelining (dot operands only); n: all loop loads n deep
         HEAD_FASTEST: tl.constexpr,  # grid (Hkv, B, splits) instead of (B, Hkv, splits); see paged_decode_attention
+        KV_FP8: tl.constexpr,  # fp8 values with a float32 scale per (token, head) row (see the module docstring)
     ):
         if HEAD_FASTEST:
             b = tl.program_id(1)
@@ -204,6 +220,7 @@ if _HAS_TRITON:
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)  # running sum of exp2(...) * v
         head_off = kv_head * stride_kv_head
+        dot_dtype = q_ptr.dtype.element_ty  # tensor-core operands: q's dtype (an fp8 tile is widened to it exactly)
 
         # Triton software-pipelines (cp.async a tile ahead) only the loads that feed tl.dot unless the loop names its
         # stages: the vector path's K / V loads stay synchronous at LOOP_STAGES=None (bench/
@@ -216,13 +233,21 @@ if _HAS_TRITON:
             row = blk * stride_kv_blk + (offs_n % block_size) * stride_kv_row + head_off  # [BLOCK_N]
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+            if KV_FP8:
+                k = k.to(dot_dtype)
+                sc_row = blk * stride_sc_blk + (offs_n % block_size) * stride_sc_row + kv_head * stride_sc_head
+                k_sc = tl.load(ks_ptr + sc_row, mask=mask_n, other=0.0)  # [BLOCK_N] fp32
             if USE_DOT:
                 if UPCAST_DOT:
                     k = k.to(tl.float32)
                 qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
             else:
                 qk = tl.sum(q * k.to(tl.float32), axis=1)[None, :]  # [1, BLOCK_D] x [BLOCK_N, BLOCK_D] -> [1, N]
-            qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+            if KV_FP8:
+                qk = qk * (k_sc * qk_scale)[None, :]  # q . (s_t k_t) = s_t (q . k_t)
+            else:
+                qk = qk * qk_scale
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
 
             # Online softmax. Each tile holds >= 1 valid token (n0 < end), so m_new is finite and
             # exp2(m_i - m_new) is 0 on the first tile rather than NaN.
@@ -231,15 +256,19 @@ if _HAS_TRITON:
             p = tl.exp2(qk - m_new[:, None])  # [BLOCK_G, BLOCK_N]
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+            p_w = p
+            if KV_FP8:
+                v = v.to(dot_dtype)
+                p_w = p * tl.load(vs_ptr + sc_row, mask=mask_n, other=0.0)[None, :]  # the values' scale on p
             if USE_DOT:
-                # p is rounded to the cache dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
-                p_v = p.to(v_ptr.dtype.element_ty)
+                # p is rounded to the operand dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
+                p_v = p_w.to(dot_dtype)
                 if UPCAST_DOT:
                     p_v = p_v.to(tl.float32)
                     v = v.to(tl.float32)
                 pv = tl.dot(p_v, v, input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_D]
             else:
-                pv = tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]  # [N, 1] x [N, D] -> [1, D]
+                pv = tl.sum(tl.trans(p_w) * v.to(tl.float32), axis=0)[None, :]  # [N, 1] x [N, D] -> [1, D]
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
@@ -268,6 +297,8 @@ if _HAS_TRITON:
         q_ptr,  # [B, Hq, D], unit last stride
         k_ptr,  # [num_blocks, block_size, Hkv, D] (cache[0]), unit last stride
         v_ptr,  # [num_blocks, block_size, Hkv, D] (cache[1]), same strides as k
+        ks_ptr,  # unused (fp8 caches take the one-head kernel); kept so both kernels share their arguments
+        vs_ptr,
         bt_ptr,  # [B, max_blocks] int32, unit last stride
         lens_ptr,  # [B] int32
         out_ptr,  # [B, Hq, D], dtype of q: written here when NUM_SPLITS == 1
@@ -281,6 +312,9 @@ if _HAS_TRITON:
         stride_kv_blk,
         stride_kv_row,
         stride_kv_head,
+        stride_sc_blk,
+        stride_sc_row,
+        stride_sc_head,
         stride_bt,
         stride_ob,
         stride_oh,
@@ -301,6 +335,7 @@ if _HAS_TRITON:
         UPCAST_DOT: tl.constexpr,
         LOOP_STAGES: tl.constexpr,  # as _paged_decode_stage1_kernel's
         HEAD_FASTEST: tl.constexpr,  # idem: grid (head blocks, B, splits)
+        KV_FP8: tl.constexpr,  # must be False (the wrapper refuses fp8 caches here)
     ):
         """BLOCK_H consecutive KV heads per program, as one block-diagonal tensor-core dot per tile.
 
@@ -514,6 +549,10 @@ def paged_decode_attention(
                          f"{kv_heads_per_program!r}")
     if kv_heads_per_program > 1 and use_dot is False:
         raise ValueError("paged_decode_attention: kv_heads_per_program > 1 runs on tensor cores only (use_dot=False)")
+    fp8 = is_fp8(cache.dtype)
+    if kv_heads_per_program > 1 and fp8:
+        raise ValueError("paged_decode_attention: kv_heads_per_program > 1 does not take an fp8 cache (its "
+                         "[BLOCK_N, H * D] tiles would span the rows' scale bytes); use kv_heads_per_program=1")
     if loop_stages is not None and (not isinstance(loop_stages, int) or loop_stages < 1):
         raise ValueError(f"paged_decode_attention: loop_stages must be None or a positive int, got {loop_stages!r}")
     head_blocks = -(-Hkv // kv_heads_per_program)  # programs per sequence and split
@@ -545,16 +584,20 @@ def paged_decode_attention(
     if use_dot and block_n < 16:
         raise ValueError(f"paged_decode_attention: block_n must be >= 16 on the tensor-core paths, got {block_n}")
     k_cache, v_cache = cache[0], cache[1]  # views; separate pointers keep every offset below the block stride
+    # fp8: float32 views [blocks, bs, Hkv, 1] of each row's scale bytes; otherwise placeholders never read.
+    k_sc, v_sc = (latent_scales(k_cache, D), latent_scales(v_cache, D)) if fp8 else (k_cache, v_cache)
     grid = (head_blocks, B, num_splits) if head_fastest else (B, head_blocks, num_splits)
     # Both stage-1 kernels take the same pointers and strides; the one scalar between them is the one-head kernel's
     # group or the head-block kernel's Hkv.
-    pointers = (q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, float(scale) * _LOG2E, block_size)
+    pointers = (q, k_cache, v_cache, k_sc, v_sc, block_tables, seq_lens, out, mid_o, mid_lse,
+                float(scale) * _LOG2E, block_size)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               k_sc.stride(0), k_sc.stride(1), k_sc.stride(2),
                block_tables.stride(0), out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1),
                mid_o.stride(2) if num_splits > 1 else 0, mid_lse.stride(0), mid_lse.stride(1))
     common = dict(HEAD_DIM=D, NUM_SPLITS=num_splits, MIN_SPLIT=min_split_len, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
                   DOT_PRECISION="ieee" if fp32 else "tf32", LOOP_STAGES=loop_stages, HEAD_FASTEST=head_fastest,
-                  num_warps=num_warps, num_stages=num_stages)
+                  KV_FP8=fp8, num_warps=num_warps, num_stages=num_stages)
     if kv_heads_per_program > 1:
         _paged_decode_stage1_heads_kernel[grid](
             *pointers, Hkv, *strides, GROUP=group, BLOCK_H=kv_heads_per_program,

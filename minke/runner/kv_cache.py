@@ -1,6 +1,6 @@
 """The paged KV cache: how big it is (CacheConfig, sized by Worker.kv_cache_tokens), what it stores (the model dtype,
-or for MLA an fp8 latent with a scale per token: kernels/latent_cache.py) and its tensors, one per layer (layouts in
-models/attention/batch.py)."""
+or fp8 with a float32 scale per row: per token for MLA's latent, per token and KV head for MHA / GQA's K and V;
+kernels/latent_cache.py) and its tensors, one per layer (layouts in models/attention/batch.py)."""
 
 from __future__ import annotations
 
@@ -24,35 +24,39 @@ class CacheConfig:
     # max_position_embeddings) can use: the embedded 9M model took 1 GiB of cache it could never fill.
     max_num_seqs: int | None = None
     max_model_len: int | None = None
-    # auto: the model's dtype; fp8 / fp8_e4m3 / fp8_e5m2: the MLA latent in fp8 with a float32 scale per token
-    # (1.95x the tokens of bf16 in the same memory).
+    # auto: the model's dtype; fp8 / fp8_e4m3 / fp8_e5m2: fp8 values with a float32 scale per row (MLA: per token,
+    # 1.95x the tokens of bf16 in the same memory; MHA / GQA: per token and KV head, 1.78x for head size 128).
     kv_cache_dtype: str = "auto"
 
 
 def resolve_kv_cache_dtype(name: str, cfg, model_dtype: torch.dtype) -> torch.dtype:
-    """--kv-cache-dtype -> the cache tensors' dtype. fp8 is the MLA latent's format only (deepseek_v2); the MHA /
-    GQA families (llama, deepseek) get a clear error rather than a silently bf16 cache."""
+    """--kv-cache-dtype -> the cache tensors' dtype (auto: the model's)."""
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {name!r}")
     dtype = KV_CACHE_DTYPES[name]
-    if dtype is None:
-        return model_dtype
-    if not cfg.is_mla:
-        raise ValueError(f"kv_cache_dtype={name!r}: the fp8 KV cache is implemented for MLA's latent cache "
-                         f"(model_type deepseek_v2) only; this model is {cfg.model_type!r} (MHA/GQA K/V cache). "
-                         "Use kv_cache_dtype='auto'")
-    return dtype
+    return model_dtype if dtype is None else dtype
+
+
+def cache_row_dims(cfg, dtype: torch.dtype) -> tuple[int, ...]:
+    """The per-token trailing dims of one layer's cache tensor: MLA [row] (the latent's row, fp8: values, scale,
+    padding); MHA / GQA [Hkv, row] per K and V (fp8: each head's D values, its scale, padding: 144 bytes for D 128)."""
+    if cfg.is_mla:
+        return (cache_row_width(cfg.kv_cache_dim, dtype),)
+    return (cfg.num_key_value_heads, cache_row_width(cfg.attn_head_dim, dtype))
 
 
 def kv_bytes_per_token(cfg, dtype: torch.dtype) -> int:
     """Cache bytes a token takes over all layers, stored as dtype."""
-    return cfg.num_hidden_layers * bytes_per_token(cfg.kv_cache_dim, dtype)
+    if cfg.is_mla:
+        per_layer = bytes_per_token(cfg.kv_cache_dim, dtype)
+    else:  # K and V rows of every KV head
+        per_layer = 2 * cfg.num_key_value_heads * bytes_per_token(cfg.attn_head_dim, dtype)
+    return cfg.num_hidden_layers * per_layer
 
 
 def allocate_kv_caches(cfg, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
-    """One cache tensor per layer (layouts in models/attention/); dtype the model's, or fp8 for an MLA latent."""
-    if cfg.is_mla:
-        shape = (num_blocks, block_size, cache_row_width(cfg.kv_cache_dim, dtype))
-    else:
-        shape = (2, num_blocks, block_size, cfg.num_key_value_heads, cfg.attn_head_dim)
+    """One cache tensor per layer (layouts in models/attention/batch.py): MLA [blocks, bs, row], MHA / GQA
+    [2, blocks, bs, Hkv, row]; row = the head / latent width, or in fp8 its cache_row_width."""
+    rows = cache_row_dims(cfg, dtype)
+    shape = (num_blocks, block_size, *rows) if cfg.is_mla else (2, num_blocks, block_size, *rows)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]

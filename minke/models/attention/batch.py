@@ -6,6 +6,8 @@ sequences are decodes (exactly one new token each); the rest are prefills (a pro
 after a cached prefix). Cache layouts, per layer:
   MLA     [num_blocks, block_size, kv_lora_rank + rope_dim]   the latent only (576 values for V2 shapes)
   MHA/GQA [2, num_blocks, block_size, num_kv_heads, head_dim]  K and V
+An fp8 cache (--kv-cache-dtype fp8) widens each row to fp8_row_width(width): the values, a float32 scale, padding
+(kernels/latent_cache.py; per token for MLA, per token and KV head for MHA/GQA).
 Token t of sequence i lives in block block_tables[i, t // block_size], row t % block_size; its flat slot is
 block * block_size + row, which is what slot_mapping holds for the new tokens.
 """

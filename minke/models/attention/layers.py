@@ -24,7 +24,7 @@ from .torch_backend import attention_with_lse, merge_attention
 from ..layers import RMSNorm
 from ..rope import RotaryEmbedding
 from ...kernels.fp8_linear import fp8_linear
-from ...kernels.latent_cache import read_rows, round_trip, write_rows
+from ...kernels.latent_cache import dequantize_cache, is_fp8, read_rows, round_trip, write_rows
 from ...kernels.mha_prologue import mha_prologue_ref
 
 
@@ -127,10 +127,13 @@ class Attention(nn.Module):
             # All prefill chunks in one varlen call. Without cached context a chunk's own K/V is its whole context
             # (as the cache holds it); otherwise the packed contexts are gathered from the cache.
             s0 = pack.start
-            if pack.slots is None:
+            if pack.slots is None and is_fp8(cache.dtype):  # each (token, head) row as the cache rounds it
+                kc, vc = round_trip(k_new[s0:], cache.dtype), round_trip(v[s0:], cache.dtype)
+            elif pack.slots is None:
                 kc, vc = k_new[s0:], v[s0:].to(cache.dtype)
-            else:
-                kc, vc = cache[0].flatten(0, 1)[pack.slots], cache[1].flatten(0, 1)[pack.slots]  # [Tk, Hkv, hd]
+            else:  # [Tk, Hkv, row]: fp8 rows are dequantized by their scales
+                kc, vc = (dequantize_cache(cache[i].flatten(0, 1)[pack.slots], self.head_dim, q.dtype)
+                          for i in (0, 1))
             out[s0:] = batch.backend.prefill(q[s0:], kc.to(q.dtype), vc.to(q.dtype), pack, self.scale)
         return out
 

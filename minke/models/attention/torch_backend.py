@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ...kernels.latent_cache import is_fp8, latent_scales
+from ...kernels.latent_cache import dequantize_cache, is_fp8, latent_scales
 
 if TYPE_CHECKING:
     from .batch import ForwardBatch, PrefillPack
@@ -201,7 +201,12 @@ class TorchAttentionBackend:
         backend writes it in place; here it is one copy)."""
         if out is not None:
             return out.copy_(self.mha_decode(q, cache, batch, scale))
-        n, h = q.shape[0], q.shape[1]
+        n, h, d = q.shape
+        if is_fp8(cache.dtype):  # rows [.., Hkv, fp8_row_width(hd)]: values times their (token, head) scale
+            k, valid = self._padded_context(cache[0].flatten(0, 1), batch, n)  # [D, L, Hkv, row]
+            v, _ = self._padded_context(cache[1].flatten(0, 1), batch, n)
+            k, v = dequantize_cache(k, d, q.dtype), dequantize_cache(v, d, q.dtype)
+            return self._mha_padded(q, k, v, valid, scale)
         if self.batch_invariant:
             out = q.new_empty(q.shape)
             for i in range(n):
@@ -214,7 +219,13 @@ class TorchAttentionBackend:
             return out
         k, valid = self._padded_context(cache[0].flatten(0, 1), batch, n)  # [D, L, Hkv, hd]
         v, _ = self._padded_context(cache[1].flatten(0, 1), batch, n)
-        rep = h // k.shape[2]
+        return self._mha_padded(q, k, v, valid, scale)
+
+    @staticmethod
+    def _mha_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+        """q [D, H, hd] over padded contexts k, v [D, L, Hkv, hd] (valid [D, L]) -> [D, H, hd]."""
+        rep = q.shape[1] // k.shape[2]
         k, v = k.repeat_interleave(rep, dim=2).to(q.dtype), v.repeat_interleave(rep, dim=2).to(q.dtype)
         out = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=valid[:, None, None, :], scale=scale)  # [D, H, 1, hd]
