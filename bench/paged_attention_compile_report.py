@@ -42,17 +42,19 @@ SM_REGS, SM_SMEM, SM_WARPS = 65536, 228 * 1024, 64
 
 
 def compile_launch(variant: str, block_n: int, num_warps: int, num_stages: int, group: int, splits: int,
-                   dtype: str, arch: int):
+                   dtype: str, arch: int, kv_dtype: str | None = None):
     """The compiled stage 1 for head 128 (what paged_decode_attention launches for that variant)."""
     kw = launch_kwargs(variant, block_n, num_warps, num_stages)  # the bench's reading of the label
     const = dict(HEAD_DIM=128, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_D=128, BLOCK_N=block_n,
                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_DOT=False,
-                 LOOP_STAGES=kw.get("loop_stages"), HEAD_FASTEST=kw.get("head_fastest", False), KV_FP8=False)
+                 LOOP_STAGES=kw.get("loop_stages"), HEAD_FASTEST=kw.get("head_fastest", False),
+                 KV_FP8=kv_dtype is not None, DOT_F16=kv_dtype is not None and dtype != "fp32")
     h = kw.get("kv_heads_per_program", 1)
     if h == 1:
         fn = pa._paged_decode_stage1_kernel
         dot = kw.get("use_dot", True)
         const.update(BLOCK_G=max(16, triton.next_power_of_2(group)) if dot else 1, USE_DOT=dot)
+        const["DOT_F16"] = const["DOT_F16"] and dot
     else:
         fn = pa._paged_decode_stage1_heads_kernel
         const.update(GROUP=group, BLOCK_H=h, BLOCK_R=max(16, triton.next_power_of_2(h * group)))
@@ -62,6 +64,8 @@ def compile_launch(variant: str, block_n: int, num_warps: int, num_stages: int, 
             sig[name], constexprs[name] = "constexpr", const[name]
         elif name in _PTRS:
             sig[name] = "*" + dtype if _PTRS[name] == "q" else _PTRS[name]
+            if kv_dtype is not None and name in ("k_ptr", "v_ptr"):
+                sig[name] = "*" + kv_dtype
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "qk_scale":
             sig[name] = "fp32"
@@ -104,6 +108,8 @@ def main() -> int:
                     help="'variant block_n warps stages,...' (default: bench_paged_attention.LAUNCHES)")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--kv-dtype", default=None, choices=("fp8e4nv", "fp8e5"),
+                    help="an fp8 cache (values + a float32 scale per row: KV_FP8); default: the q dtype")
     args = ap.parse_args()
     for group in (int(g) for g in args.group.split(",")):
         if args.launches:
@@ -116,7 +122,7 @@ def main() -> int:
                 if variant.startswith("vec") and group != 1:
                     continue
                 try:
-                    k = compile_launch(variant, bn, w, st, group, splits, args.dtype, args.arch)
+                    k = compile_launch(variant, bn, w, st, group, splits, args.dtype, args.arch, args.kv_dtype)
                 except Exception as e:  # noqa: BLE001 - out of shared memory / registers for this tile
                     print(f"{tag}: compile failed: {type(e).__name__}: {str(e).splitlines()[-1][:120]}", flush=True)
                     continue

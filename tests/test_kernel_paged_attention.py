@@ -201,6 +201,21 @@ def test_fp8_kernel_matches_ref(shape, dtype, kv_dtype, use_dot):
 
 
 @needs_triton
+@pytest.mark.parametrize("magnitude", [1e-6, 1e3])
+def test_fp8_kernel_keeps_tiny_and_large_rows(magnitude):
+    """The fp16 dots of the bf16 path: rows of 1e-6 have scales of ~1e-8, whose products with p would sink into
+    fp16's subnormals (or vanish) without the tile's scale taken out; rows of 1e3 exceed e4m3's range without
+    their scale. Both come out as the reference's, relative to their size."""
+    Hq, Hkv, D, bs = SHAPES["llm-7b"]
+    (q, cache, bt, lens), _ = _make_case(LENS, Hq, Hkv, D, bs, torch.float32, seed=9)
+    fp8 = _to_fp8(cache * magnitude, torch.float8_e4m3fn)
+    q = (q / magnitude ** 0.5).to(torch.bfloat16)  # scores of ordinary size whatever the rows' magnitude
+    ref = paged_decode_attention_ref(q, fp8, bt, lens, D ** -0.5).float() / magnitude
+    out = paged_decode_attention(q, fp8, bt, lens, D ** -0.5).float() / magnitude
+    torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)
+
+
+@needs_triton
 def test_fp8_cache_rejects_head_blocks_and_wrong_rows():
     Hq, Hkv, D, bs = SHAPES["llm-67b"]
     (q, cache, bt, lens), _ = _make_case(LENS, Hq, Hkv, D, bs, torch.float32, seed=8)
@@ -367,6 +382,9 @@ def test_default_launch_rules():
     assert default_launch(1, bf16, loop_stages=3) == dict(default_launch(1, bf16), loop_stages=3)
     assert default_launch(8, bf16, head_fastest=True) == dict(default_launch(8, bf16), head_fastest=True)
     assert default_launch(8, bf16, use_dot=False)["use_dot"] is False  # then rejected: the vector path is MHA only
+    # an fp8 cache's dot path: 64-token tiles (128 spills registers widening 8-bit operands); the vector path's own
+    assert default_launch(1, bf16, kv_fp8=True) == dict(default_launch(1, bf16), block_n=64)
+    assert default_launch(1, bf16, use_dot=False, kv_fp8=True) == vec
 
 
 def test_default_num_splits_rules(monkeypatch):

@@ -31,8 +31,9 @@ All accumulation is fp32 (scores in the exp2 domain: scale * log2(e) folded into
 or fp32; the output has q's dtype.
 
 fp8 cache (--kv-cache-dtype fp8, format in kernels/mha_prologue.py): cache [2, blocks, bs, Hkv, fp8_row_width(D)],
-every (token, head) row D fp8 values and their float32 scale. The tiles are widened fp8 -> q's dtype (exact) and
-the scales folded into the attention, never into the tiles: q . (s_t k_t) = s_t (q . k_t) on the score row, and
+every (token, head) row D fp8 values and their float32 scale. The tiles are widened fp8 -> fp16 (exact; one
+instruction per pair, where bf16 takes two), q is rounded to fp16 for the dots, and the scales are folded into the
+attention, never into the tiles: q . (s_t k_t) = s_t (q . k_t) on the score row, and
 sum_t p_t (s_t v_t) = sum_t (p_t s_t) v_t on the probabilities before the value dot (as kernels/mla_decode.py).
 144 bytes a head row against bf16's 256: decode at batch 256 is KV-bandwidth bound, so this is ~1.78x fewer bytes
 where the step spends most of its time (bench/RESULTS.md). One-head programs only (kv_heads_per_program 1).
@@ -183,6 +184,7 @@ if _HAS_TRITON:
         LOOP_STAGES: tl.constexpr,  # None: Triton's pipelining (dot operands only); n: all loop loads n deep
         HEAD_FASTEST: tl.constexpr,  # grid (Hkv, B, splits) instead of (B, Hkv, splits); see paged_decode_attention
         KV_FP8: tl.constexpr,  # fp8 values with a float32 scale per (token, head) row (see the module docstring)
+        DOT_F16: tl.constexpr,  # fp8 cache, 16-bit q, tensor-core path: the dots run in fp16 (see dot_dtype)
     ):
         if HEAD_FASTEST:
             b = tl.program_id(1)
@@ -211,6 +213,8 @@ if _HAS_TRITON:
             other=0.0,
         )
         if USE_DOT:
+            if DOT_F16:
+                q = q.to(tl.float16)
             if UPCAST_DOT:
                 q = q.to(tl.float32)
         else:
@@ -220,7 +224,12 @@ if _HAS_TRITON:
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)  # running sum of exp2(...) * v
         head_off = kv_head * stride_kv_head
-        dot_dtype = q_ptr.dtype.element_ty  # tensor-core operands: q's dtype (an fp8 tile is widened to it exactly)
+        # Tensor-core operands: q's dtype, or fp16 for an fp8 cache (DOT_F16): e4m3 / e5m2 widen to fp16 in one
+        # instruction per pair (to bf16 it is two: e4m3 -> f16 -> bf16, doubling the loop's instructions).
+        if DOT_F16:
+            dot_dtype = tl.float16
+        else:
+            dot_dtype = q_ptr.dtype.element_ty
 
         # Triton software-pipelines (cp.async a tile ahead) only the loads that feed tl.dot unless the loop names its
         # stages: the vector path's K / V loads stay synchronous at LOOP_STAGES=None (bench/
@@ -234,13 +243,16 @@ if _HAS_TRITON:
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
             if KV_FP8:
-                k = k.to(dot_dtype)
                 sc_row = blk * stride_sc_blk + (offs_n % block_size) * stride_sc_row + kv_head * stride_sc_head
                 k_sc = tl.load(ks_ptr + sc_row, mask=mask_n, other=0.0)  # [BLOCK_N] fp32
             if USE_DOT:
+                # Transposed before it is widened: the fp8 tile then goes from shared memory straight into the dot's
+                # operand layout (a transposed view) and is widened there, as V below; widened first, the bf16 tile
+                # was transposed in registers (bench/paged_attention_compile_report.py --kv-dtype fp8e4nv).
+                k_t = tl.trans(k).to(dot_dtype)
                 if UPCAST_DOT:
-                    k = k.to(tl.float32)
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+                    k_t = k_t.to(tl.float32)
+                qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
             else:
                 qk = tl.sum(q * k.to(tl.float32), axis=1)[None, :]  # [1, BLOCK_D] x [BLOCK_N, BLOCK_D] -> [1, N]
             if KV_FP8:
@@ -259,7 +271,15 @@ if _HAS_TRITON:
             p_w = p
             if KV_FP8:
                 v = v.to(dot_dtype)
-                p_w = p * tl.load(vs_ptr + sc_row, mask=mask_n, other=0.0)[None, :]  # the values' scale on p
+                v_sc = tl.load(vs_ptr + sc_row, mask=mask_n, other=0.0)  # [BLOCK_N] fp32
+                if DOT_F16:
+                    # fp16 has 5 exponent bits: p * s_t (s_t = a row's amax / fp8 max, maybe 1e-6) would sink into
+                    # its subnormals. The tile's largest scale c is taken out and put back on the fp32 product:
+                    # p * s_t / c <= 1 keeps fp16's full precision down to 6e-5 of the tile's largest term.
+                    c = tl.max(v_sc, axis=0)
+                    p_w = p * (v_sc / c)[None, :]
+                else:
+                    p_w = p * v_sc[None, :]  # the values' scale on p
             if USE_DOT:
                 # p is rounded to the operand dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
                 p_v = p_w.to(dot_dtype)
@@ -267,6 +287,8 @@ if _HAS_TRITON:
                     p_v = p_v.to(tl.float32)
                     v = v.to(tl.float32)
                 pv = tl.dot(p_v, v, input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_D]
+                if DOT_F16:
+                    pv = pv * c
             else:
                 pv = tl.sum(tl.trans(p_w) * v.to(tl.float32), axis=0)[None, :]  # [N, 1] x [N, D] -> [1, D]
             acc = acc * alpha[:, None] + pv
@@ -336,6 +358,7 @@ if _HAS_TRITON:
         LOOP_STAGES: tl.constexpr,  # as _paged_decode_stage1_kernel's
         HEAD_FASTEST: tl.constexpr,  # idem: grid (head blocks, B, splits)
         KV_FP8: tl.constexpr,  # must be False (the wrapper refuses fp8 caches here)
+        DOT_F16: tl.constexpr,  # idem
     ):
         """BLOCK_H consecutive KV heads per program, as one block-diagonal tensor-core dot per tile.
 
@@ -426,7 +449,11 @@ def _sm_count(device: torch.device) -> int:
 # tiles are twice the bytes: 32 tokens, 2 stages (fp32 caches are the test and reference path, not a speed one).
 # "vec" (MHA's vector path) and "heads" (kv_heads_per_program > 1: [32, H * 128] bf16 tiles, H = 2 is 16 KiB for
 # K, the same for V) are untuned starting points; bench/bench_paged_attention.py --sweep-launch times them all.
-_LAUNCH = {"vec": ((64, 4, 2), (32, 4, 2)), "dot": ((128, 4, 3), (32, 4, 2)), "heads": ((32, 4, 2), (16, 4, 2))}
+# "dot_fp8" (the dot path over an fp8 cache, fp16 dots): 64-token tiles, because at 128 x 4 warps Triton 3.6 needs
+# 255 registers and spills (widening 8-bit operands is register-hungry: bench/paged_attention_compile_report.py
+# --kv-dtype fp8e4nv), where 64 takes 214 and no spills; not yet timed on a GPU.
+_LAUNCH = {"vec": ((64, 4, 2), (32, 4, 2)), "dot": ((128, 4, 3), (32, 4, 2)), "heads": ((32, 4, 2), (16, 4, 2)),
+           "dot_fp8": ((64, 4, 3), (32, 4, 2))}
 # The variant of each attention kind when the caller picks none (use_dot / kv_heads_per_program / loop_stages /
 # head_fastest None).
 _PLAIN = {"use_dot": None, "kv_heads_per_program": 1, "loop_stages": None, "head_fastest": False}
@@ -436,7 +463,7 @@ _DEFAULT_VARIANT = {"mha": dict(_PLAIN, use_dot=True), "gqa": dict(_PLAIN, use_d
 
 def default_launch(group: int, dtype: torch.dtype, use_dot: bool | None = None,
                    kv_heads_per_program: int | None = None, loop_stages: int | None = None,
-                   head_fastest: bool | None = None) -> dict:
+                   head_fastest: bool | None = None, kv_fp8: bool = False) -> dict:
     """The stage-1 launch paged_decode_attention runs for the arguments the caller leaves None (shapes only, so
     CUDA-graph safe): the variant (the padded dot for MHA and GQA; a caller who names use_dot or
     kv_heads_per_program gets that path plain, plus what else it names), then that variant's block_n / num_warps /
@@ -450,7 +477,7 @@ def default_launch(group: int, dtype: torch.dtype, use_dot: bool | None = None,
     heads = pick["kv_heads_per_program"]
     if pick["use_dot"] is None:
         pick["use_dot"] = heads > 1 or group > 1
-    tiles = _LAUNCH["heads" if heads > 1 else "dot" if pick["use_dot"] else "vec"]
+    tiles = _LAUNCH["heads" if heads > 1 else ("dot_fp8" if kv_fp8 else "dot") if pick["use_dot"] else "vec"]
     block_n, num_warps, num_stages = tiles[dtype == torch.float32]
     return dict(pick, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
@@ -537,7 +564,8 @@ def paged_decode_attention(
     if not isinstance(min_split_len, int) or min_split_len < 1:
         raise ValueError(f"paged_decode_attention: min_split_len must be a positive int, got {min_split_len!r}")
     group = Hq // Hkv
-    launch = default_launch(group, q.dtype, use_dot, kv_heads_per_program, loop_stages, head_fastest)
+    launch = default_launch(group, q.dtype, use_dot, kv_heads_per_program, loop_stages, head_fastest,
+                            kv_fp8=is_fp8(cache.dtype))
     use_dot, kv_heads_per_program = launch["use_dot"], launch["kv_heads_per_program"]
     loop_stages, head_fastest = launch["loop_stages"], bool(launch["head_fastest"])
     block_n = launch["block_n"] if block_n is None else block_n
@@ -597,7 +625,7 @@ def paged_decode_attention(
                mid_o.stride(2) if num_splits > 1 else 0, mid_lse.stride(0), mid_lse.stride(1))
     common = dict(HEAD_DIM=D, NUM_SPLITS=num_splits, MIN_SPLIT=min_split_len, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
                   DOT_PRECISION="ieee" if fp32 else "tf32", LOOP_STAGES=loop_stages, HEAD_FASTEST=head_fastest,
-                  KV_FP8=fp8, num_warps=num_warps, num_stages=num_stages)
+                  KV_FP8=fp8, DOT_F16=fp8 and use_dot and not fp32, num_warps=num_warps, num_stages=num_stages)
     if kv_heads_per_program > 1:
         _paged_decode_stage1_heads_kernel[grid](
             *pointers, Hkv, *strides, GROUP=group, BLOCK_H=kv_heads_per_program,
