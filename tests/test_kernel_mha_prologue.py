@@ -49,10 +49,11 @@ def _close(dtype):
 def test_kernel_equals_reference(dtype, h, hkv, d):
     q, k, v, cos, sin, cache, slots = _inputs(7, h, hkv, d, dtype)
     ref_cache = cache.clone()
-    got_q, got_k = mha_prologue(q, k, v, cos, sin, cache, slots)
-    want_q, want_k = mha_prologue_ref(q, k, v, cos, sin, ref_cache, slots)
+    got_q, got_k, got_v = mha_prologue(q, k, v, cos, sin, cache, slots)
+    want_q, want_k, want_v = mha_prologue_ref(q, k, v, cos, sin, ref_cache, slots)
     torch.testing.assert_close(got_q, want_q, **_close(dtype))
     torch.testing.assert_close(got_k, want_k, **_close(dtype))
+    assert torch.equal(got_v, v) and torch.equal(want_v, v)  # v as cached: itself in the model's dtype
     written = torch.zeros(cache.shape[1] * cache.shape[2], dtype=torch.bool)
     written[slots.cpu()] = True
     for kv in range(2):
@@ -67,8 +68,9 @@ def test_negative_slots_are_skipped_and_cache_dtype_cast():
     q, k, v, cos, sin, cache, slots = _inputs(5, 4, 2, 16, torch.float32, cache_dtype=torch.bfloat16)
     slots = slots.clone()
     slots[2] = -1
-    got_q, got_k = mha_prologue(q, k, v, cos, sin, cache, slots)
-    assert got_q.dtype == torch.float32 and got_k.dtype == torch.bfloat16
+    got_q, got_k, got_v = mha_prologue(q, k, v, cos, sin, cache, slots)
+    assert got_q.dtype == torch.float32 and got_k.dtype == got_v.dtype == torch.bfloat16
+    assert torch.equal(got_v, v.to(torch.bfloat16))
     want_k = mha_prologue_ref(q, k, v, cos, sin, torch.zeros_like(cache), slots.clamp(min=0))[1]
     torch.testing.assert_close(got_k, want_k, rtol=1e-2, atol=1e-2)
     assert cache.isnan().sum() == cache.numel() - 2 * 4 * 2 * 16  # 4 real slots x (K, V) x 2 heads x 16
@@ -79,7 +81,8 @@ def test_reference_is_the_models_rope_and_cache_write():
     q and k, k and v cast to the cache dtype and written by index_put."""
     q, k, v, cos, sin, cache, slots = [t.cpu() for t in _inputs(6, 8, 2, 32, torch.bfloat16)]
     rot = RotaryEmbedding(RopeConfig(theta=10000.0), 32, 4096, interleaved=False)
-    got_q, got_k = mha_prologue_ref(q, k, v, cos, sin, cache, slots)
+    got_q, got_k, got_v = mha_prologue_ref(q, k, v, cos, sin, cache, slots)
+    assert torch.equal(got_v, v)
     x1, x2 = q.chunk(2, dim=-1)
     c2 = torch.cat((cos, cos), -1)[:, None].to(q.dtype)
     s2 = torch.cat((sin, sin), -1)[:, None].to(q.dtype)
@@ -115,12 +118,16 @@ def test_fp8_cache_kernel_equals_reference(dtype, cache_dtype, h, hkv, d):
     q, k, v, cos, sin, cache, slots = _inputs(7, h, hkv, d, dtype)
     cache = _fp8_cache(cache, cache_dtype)
     ref_cache = cache.clone()
-    got_q, got_k = mha_prologue(q, k, v, cos, sin, cache, slots)
-    want_q, want_k = mha_prologue_ref(q, k, v, cos, sin, ref_cache, slots)
-    assert got_k.dtype == dtype
+    got_q, got_k, got_v = mha_prologue(q, k, v, cos, sin, cache, slots)
+    want_q, want_k, want_v = mha_prologue_ref(q, k, v, cos, sin, ref_cache, slots)
+    assert got_k.dtype == got_v.dtype == dtype
     torch.testing.assert_close(got_q, want_q, **_close(dtype))
-    torch.testing.assert_close(got_k, want_k, **_close(dtype))
     got, want = dequantize_cache(cache, d, torch.float32), dequantize_cache(ref_cache, d, torch.float32)
+    # k and v come back as the cache gives them: its dequantized rows, in the model's dtype
+    for i, (g, w) in enumerate(((got_k, want_k), (got_v, want_v))):
+        assert torch.equal(w, want[i].flatten(0, 1)[slots].to(dtype))
+        torch.testing.assert_close(g, got[i].flatten(0, 1)[slots].to(dtype), **_close(dtype))  # interpreter bf16:
+        # its fp32 -> bf16 cast truncates
     if dtype == torch.float32:
         assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
     else:
@@ -128,14 +135,15 @@ def test_fp8_cache_kernel_equals_reference(dtype, cache_dtype, h, hkv, d):
         amax = want.abs().amax(-1, keepdim=True)
         assert ((got - want).abs() <= step * amax + 1e-6).all()
     # what the cache gives back is the roped k and v up to fp8 rounding relative to each row's own amax
-    for i, x in enumerate((want_k, v)):
+    roped_k = mha_prologue_ref(q, k, v, cos, sin, torch.zeros_like(cache, dtype=dtype)[..., :d], slots)[1]
+    for i, x in enumerate((roped_k, v)):
         rows = got[i].flatten(0, 1)[slots]  # [N, Hkv, D]
         tol = 2.0 ** -(3 if cache_dtype == torch.float8_e4m3fn else 2)
         assert ((rows - x.float()).abs() <= tol * x.float().abs().amax(-1, keepdim=True) + 1e-6).all()
     # the scales are each row's amax / fp8 max; untouched slots stay zero
     sc = latent_scales(ref_cache, d)[..., 0].flatten(1, 2)  # [2, slots, Hkv]
     fmax = torch.finfo(cache_dtype).max
-    torch.testing.assert_close(sc[0, slots], want_k.float().abs().amax(-1) / fmax)
+    torch.testing.assert_close(sc[0, slots], roped_k.float().abs().amax(-1) / fmax)
     torch.testing.assert_close(sc[1, slots], v.float().abs().amax(-1) / fmax)
     untouched = torch.ones(sc.shape[1], dtype=torch.bool)
     untouched[slots.cpu()] = False

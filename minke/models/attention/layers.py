@@ -24,7 +24,7 @@ from .torch_backend import attention_with_lse, merge_attention
 from ..layers import RMSNorm
 from ..rope import RotaryEmbedding
 from ...kernels.fp8_linear import fp8_linear
-from ...kernels.latent_cache import dequantize_cache, is_fp8, read_rows, round_trip, write_rows
+from ...kernels.latent_cache import dequantize_cache, read_rows, round_trip, write_rows
 from ...kernels.mha_prologue import mha_prologue_ref
 
 
@@ -90,13 +90,14 @@ class Attention(nn.Module):
             q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
             return self.o_proj(self._dense(q, k, v).flatten(-2))
         cache = batch.kv_caches[self.layer_idx]  # [2, blocks, bs, Hkv, hd]
-        q, k = self._prologue(q, k, v, cos, sin, cache, batch.slot_mapping)  # roped; k, v written to the cache
+        # q roped; k (roped) and v written to the cache and returned as it gives them back
+        q, k, v = self._prologue(q, k, v, cos, sin, cache, batch.slot_mapping)
         return self._apply_linear(self.o_proj, self._paged(q, k, v, cache, batch).flatten(-2))
 
     def _prologue(self, q, k, v, cos, sin, cache, slot_mapping):
         """The paged step's prologue in torch (what kernels/mha_prologue.py fuses into one launch; the runner's
-        mixin swaps it in on GPU): q [N, H, hd], k / v [N, Hkv, hd] -> (roped q, roped k in cache.dtype); roped k
-        and v are written to cache rows slot_mapping."""
+        mixin swaps it in on GPU): q [N, H, hd], k / v [N, Hkv, hd] -> (roped q, roped k, v as the cache gives them
+        back: in cache.dtype, or dequantized fp8); roped k and v are written to cache rows slot_mapping."""
         return mha_prologue_ref(q, k, v, cos, sin, cache, slot_mapping)
 
     # The runner's GEMV mixin overrides these two on GPU (runner/gpu_kernels.py): paged steps' projections.
@@ -115,9 +116,9 @@ class Attention(nn.Module):
                                              is_causal=True, scale=self.scale)
         return out.transpose(1, 2)
 
-    def _paged(self, q, k_new, v, cache, batch: ForwardBatch):
-        """q [N, H, hd] roped, k_new [N, Hkv, hd] roped in cache.dtype, v [N, Hkv, hd]; the cache already holds this
-        step's k and v (the prologue wrote them)."""
+    def _paged(self, q, k_new, v_new, cache, batch: ForwardBatch):
+        """q [N, H, hd] roped; k_new (roped), v_new [N, Hkv, hd] as the cache gives them back (the prologue's); the
+        cache already holds this step's k and v (the prologue wrote them)."""
         nd = batch.num_decodes
         out = torch.empty_like(q)
         if nd:
@@ -127,10 +128,8 @@ class Attention(nn.Module):
             # All prefill chunks in one varlen call. Without cached context a chunk's own K/V is its whole context
             # (as the cache holds it); otherwise the packed contexts are gathered from the cache.
             s0 = pack.start
-            if pack.slots is None and is_fp8(cache.dtype):  # each (token, head) row as the cache rounds it
-                kc, vc = round_trip(k_new[s0:], cache.dtype), round_trip(v[s0:], cache.dtype)
-            elif pack.slots is None:
-                kc, vc = k_new[s0:], v[s0:].to(cache.dtype)
+            if pack.slots is None:
+                kc, vc = k_new[s0:], v_new[s0:]
             else:  # [Tk, Hkv, row]: fp8 rows are dequantized by their scales
                 kc, vc = (dequantize_cache(cache[i].flatten(0, 1)[pack.slots], self.head_dim, q.dtype)
                           for i in (0, 1))
