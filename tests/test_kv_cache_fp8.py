@@ -65,14 +65,18 @@ def test_fp8_cache_logits_close_to_the_dense_forward(v2_lite, kv_dtype):
     assert 0 < err < (0.15 if kv_dtype == torch.float8_e4m3fn else 0.3) * spread, (err, spread)
 
 
-@needs_triton
-def test_triton_backend_reads_the_fp8_cache_like_the_torch_backend(v2_lite):
-    """The decode kernel (dequantization fused) and the fused prologue's fp8 write inside the model, against the
-    torch backend over the same fp8 cache format."""
-    from minke.runner.gpu_kernels import use_fused_mla_prologue
+def _fused_prologue_model(path, fused: bool):
+    """The model at path; fused: with its family's fused prologue swapped in (MLA or MHA / GQA)."""
+    from minke.runner.gpu_kernels import use_fused_mha_prologue, use_fused_mla_prologue
 
-    ref, fast = minke.load_model(v2_lite, device=DEVICE), minke.load_model(v2_lite, device=DEVICE)
-    use_fused_mla_prologue(fast)
+    model = minke.load_model(path, device=DEVICE)
+    if fused:
+        (use_fused_mla_prologue if model.config.is_mla else use_fused_mha_prologue)(model)
+    return model
+
+
+def _check_triton_backend_reads_the_fp8_cache_like_torch(path):
+    ref, fast = _fused_prologue_model(path, False), _fused_prologue_model(path, True)
     prompt = list(range(3, 14))
     a, ta = _paged_logits(ref, prompt, chunk=5, n_decode=4, kv_dtype=torch.float8_e4m3fn,
                           backend=TorchAttentionBackend())
@@ -80,6 +84,13 @@ def test_triton_backend_reads_the_fp8_cache_like_the_torch_backend(v2_lite):
                           backend=TritonAttentionBackend())
     assert ta == tb
     torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+
+
+@needs_triton
+def test_triton_backend_reads_the_fp8_cache_like_the_torch_backend(v2_lite):
+    """The decode kernel (dequantization fused) and the fused prologue's fp8 write inside the model, against the
+    torch backend over the same fp8 cache format."""
+    _check_triton_backend_reads_the_fp8_cache_like_torch(v2_lite)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
@@ -149,19 +160,9 @@ def test_mha_fp8_cache_logits_close_to_the_dense_forward(mha_family, kv_dtype):
 
 @needs_triton
 def test_mha_triton_backend_and_fused_prologue_read_the_fp8_cache_like_torch(mha_family):
-    """The decode kernel (scales folded into scores and probabilities) and the fused prologue's fp8 write inside
-    the model, against the torch backend over the same fp8 cache format."""
-    from minke.runner.gpu_kernels import use_fused_mha_prologue
-
-    ref, fast = minke.load_model(mha_family, device=DEVICE), minke.load_model(mha_family, device=DEVICE)
-    use_fused_mha_prologue(fast)
-    prompt = list(range(3, 14))
-    a, ta = _paged_logits(ref, prompt, chunk=5, n_decode=4, kv_dtype=torch.float8_e4m3fn,
-                          backend=TorchAttentionBackend())
-    b, tb = _paged_logits(fast, prompt, chunk=5, n_decode=4, kv_dtype=torch.float8_e4m3fn,
-                          backend=TritonAttentionBackend())
-    assert ta == tb
-    torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+    """The decode kernel (scales folded into scores and probabilities) and the fused prologue's fp8 write and
+    dequantized K / V inside the model, against the torch backend over the same fp8 cache format."""
+    _check_triton_backend_reads_the_fp8_cache_like_torch(mha_family)
 
 
 def test_mha_engine_option_capacity(mha_family, caplog):
