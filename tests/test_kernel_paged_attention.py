@@ -390,7 +390,7 @@ def test_default_launch_rules():
 def test_default_num_splits_rules(monkeypatch):
     """The heuristic on an H200-sized GPU (132 SMs): ~4 programs per SM, >= 128 tokens of the bound per split,
     one split once B * Hkv fills the GPU. Shapes only, so a graph capture gets the same answer every time."""
-    monkeypatch.setattr(_kmod, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(_kmod, "sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     assert default_num_splits(1, 8, 32768, cuda) == 64  # 67B, batch 1: 8 programs -> the cap
     assert default_num_splits(1, 32, 4096, cuda) == 17  # 7B, batch 1: ceil(528 / 32)

@@ -3,6 +3,8 @@ without it) and the interpreter checks that let the kernels run on CPU under TRI
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -29,3 +31,12 @@ def needs_dot_upcast(kernel, dtype: torch.dtype) -> bool:
     garbage; under the interpreter bf16 tiles are widened to fp32 (exactly) before each dot. Compiled code never
     takes this path."""
     return is_interpreted(kernel) and dtype == torch.bfloat16
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device, off_cuda: int = 4) -> int:
+    """The device's streaming multiprocessors, which the launch heuristics size their grids by; `off_cuda` for any
+    other device (the interpreter: 4 by default, a few programs per split so the tests exercise the merges)."""
+    if device.type != "cuda":
+        return off_cuda
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -64,13 +64,13 @@ Public API:
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import needs_dot_upcast as _needs_dot_upcast
+from ._triton import sm_count
 from ._triton import tl, triton
 from .fp8_skinny import skinny_fp8_silu_mul
 from .splitk_sum import splitk_sum
@@ -95,13 +95,6 @@ _MAX_SPLIT_K = 8
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gemv_config_v1(n: int, k: int, rows: int = 1, fp8: bool = False) -> dict:
@@ -431,7 +424,7 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
     scale = None if scale is None else scale.contiguous()  # the kernel reads scale[n] at unit stride
     (m, k), n = x.shape, w.shape[0] // (2 if silu_mul else 1)
     cfg = config or gemv_config(n, k, m, fp8=scale is not None, silu_mul=silu_mul, x_bytes=x.element_size(),
-                                sms=_num_sms(x.device), unsplit=extra is not None or lora is not None)
+                                sms=sm_count(x.device, _DEFAULT_SMS), unsplit=extra is not None or lora is not None)
     dot = bool(cfg.get("DOT", False))
     block_m = max(DOT_BLOCK_M, cfg.get("BLOCK_M", 1)) if dot else cfg.get("BLOCK_M", 1)
     block_k = cfg["BLOCK_K"]

@@ -38,7 +38,6 @@ Public API:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -46,6 +45,7 @@ import torch
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
+from ._triton import sm_count
 from ._triton import tl, triton
 from .latent_cache import cache_row_width, is_fp8, latent_scales, read_rows
 from .mla_decode_launch import MAX_KV_SPLITS, MIN_SPLIT_LEN, choose_launch
@@ -306,14 +306,9 @@ if _HAS_TRITON:
                                  mask=mask_hc)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def num_sms(device: torch.device) -> int:
     """The device's SM count; 4 under the interpreter (a few splits, enough to exercise the merge)."""
-    return _sm_count(device) if device.type == "cuda" else 4
+    return sm_count(device)
 
 
 def mla_decode(

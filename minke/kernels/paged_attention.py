@@ -53,7 +53,6 @@ Public API:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -61,6 +60,7 @@ import torch
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
+from ._triton import sm_count
 from ._triton import tl, triton
 from .latent_cache import dequantize_cache, fp8_row_width, is_fp8, latent_scales
 from .splitk_combine import splitk_combine
@@ -438,11 +438,6 @@ if _HAS_TRITON:
                          mask=mask_r)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # Stage-1 launch per variant where the caller names none: (BLOCK_N, num_warps, num_stages) for 16-bit and for fp32
 # inputs. "dot" (the padded tensor-core path): the H200 sweep's best for bf16 (llm-7b, batch 32 and 256, 640
 # tokens): 128-token tiles, 4 warps, 3 stages (a [128, 128] bf16 K tile and its V tile are 64 KiB a stage); fp32
@@ -495,7 +490,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: 
     stage 1 writes the output directly.
     Untuned starting point: bench/bench_paged_attention.py --sweep-splits prints the best split count per shape.
     """
-    sms = _sm_count(device) if device.type == "cuda" else 4  # interpreter: a few splits, enough to test the merge
+    sms = sm_count(device)  # interpreter: 4, a few splits, enough to test the merge
     programs = max(1, batch * num_kv_heads)
     splits = -(-4 * sms // programs)  # ceil
     splits = min(splits, max(1, max_seq_len // 128), _MAX_SPLITS)

@@ -31,6 +31,7 @@ import torch
 
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
+from ._triton import sm_count
 from ._triton import tl, triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -474,7 +475,7 @@ def rmsnorm_bwd(s: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor, gs: tor
     ds = torch.empty(n, d, dtype=s.dtype, device=s.device)
     if n == 0:
         return ds, (torch.zeros_like(weight) if want_dw else None)
-    p = max(1, min(n, programs or 8 * _sm_count(s.device)))
+    p = max(1, min(n, programs or 8 * sm_count(s.device)))
     dw_part = torch.empty(p, d, dtype=torch.float32, device=s.device) if want_dw else ds
     block = triton.next_power_of_2(d)
     _rmsnorm_bwd_kernel[(p,)](s, weight, gy, gs if gs is not None else gy, ds, dw_part, n, d, s.stride(0),
@@ -482,12 +483,6 @@ def rmsnorm_bwd(s: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor, gs: tor
                               triton.cdiv(n, p), HAS_GS=gs is not None, WANT_DW=want_dw, BLOCK_D=block,
                               num_warps=min(16, max(1, block // 512)))
     return ds, (dw_part.sum(0).to(weight.dtype) if want_dw else None)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class RMSNormFn(torch.autograd.Function):
