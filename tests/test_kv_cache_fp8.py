@@ -189,20 +189,9 @@ def test_mha_engine_option_capacity(mha_family, caplog):
 
 
 def test_resolve_kv_cache_dtype():
-    cfg = minke.config.config_from_dict({"model_type": "deepseek_v2", **_v2_dims()})
-    assert resolve_kv_cache_dtype("auto", cfg, torch.bfloat16) == torch.bfloat16
-    assert resolve_kv_cache_dtype("fp8", cfg, torch.bfloat16) == torch.float8_e4m3fn
-    assert resolve_kv_cache_dtype("fp8_e5m2", cfg, torch.bfloat16) == torch.float8_e5m2
+    """The flag's values for any family (the MHA / GQA ones end to end: test_mha_engine_option_capacity)."""
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype("fp8", torch.bfloat16) == torch.float8_e4m3fn
+    assert resolve_kv_cache_dtype("fp8_e5m2", torch.bfloat16) == torch.float8_e5m2
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
-        resolve_kv_cache_dtype("fp4", cfg, torch.bfloat16)
-    llama = minke.config.config_from_dict({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-                                           "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100})
-    assert resolve_kv_cache_dtype("fp8", llama, torch.bfloat16) == torch.float8_e4m3fn
-
-
-def _v2_dims() -> dict:
-    from tiny_models import config_dict
-
-    d = config_dict("deepseek_v2_lite")
-    d.pop("model_type", None)
-    return d
+        resolve_kv_cache_dtype("fp4", torch.bfloat16)

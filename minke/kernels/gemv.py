@@ -64,7 +64,6 @@ Public API:
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

@@ -36,7 +36,7 @@ import torch
 from ._triton import HAS_TRITON as _HAS_TRITON
 from ._triton import is_interpreted as _is_interpreted
 from ._triton import tl, triton
-from .latent_cache import fp8_max, fp8_row_width, is_fp8, latent_scales, quantize_rows, round_trip
+from .latent_cache import fp8_max, fp8_row_width, is_fp8, latent_scales, quantize_rows
 
 if _HAS_TRITON:
     from .mla_prologue import fp8_grid
@@ -84,12 +84,14 @@ def mha_prologue_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     n, _, hkv, d = _check(q, k, v, cos, sin, cache, slot_mapping)
     q, k = rope_rotate_half_torch(q, cos, sin), rope_rotate_half_torch(k, cos, sin)
     if is_fp8(cache.dtype):
+        cached = []
         for i, x in enumerate((k, v)):
             flat = cache[i].flatten(0, 1)  # [slots, Hkv, row]
             values, scale = quantize_rows(x.reshape(n * hkv, d), cache.dtype)
             flat[slot_mapping, :, :d] = values.view(n, hkv, d)
             latent_scales(flat, d)[slot_mapping] = scale.view(n, hkv, 1)
-        return q, round_trip(k, cache.dtype), round_trip(v, cache.dtype)
+            cached.append((values.float() * scale[:, None]).to(x.dtype).view(n, hkv, d))  # what the cache gives back
+        return q, *cached
     k, v = k.to(cache.dtype), v.to(cache.dtype)
     cache[0].flatten(0, 1)[slot_mapping] = k
     cache[1].flatten(0, 1)[slot_mapping] = v

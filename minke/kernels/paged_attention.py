@@ -559,8 +559,8 @@ def paged_decode_attention(
     if not isinstance(min_split_len, int) or min_split_len < 1:
         raise ValueError(f"paged_decode_attention: min_split_len must be a positive int, got {min_split_len!r}")
     group = Hq // Hkv
-    launch = default_launch(group, q.dtype, use_dot, kv_heads_per_program, loop_stages, head_fastest,
-                            kv_fp8=is_fp8(cache.dtype))
+    fp8 = is_fp8(cache.dtype)
+    launch = default_launch(group, q.dtype, use_dot, kv_heads_per_program, loop_stages, head_fastest, kv_fp8=fp8)
     use_dot, kv_heads_per_program = launch["use_dot"], launch["kv_heads_per_program"]
     loop_stages, head_fastest = launch["loop_stages"], bool(launch["head_fastest"])
     block_n = launch["block_n"] if block_n is None else block_n
@@ -572,7 +572,6 @@ def paged_decode_attention(
                          f"{kv_heads_per_program!r}")
     if kv_heads_per_program > 1 and use_dot is False:
         raise ValueError("paged_decode_attention: kv_heads_per_program > 1 runs on tensor cores only (use_dot=False)")
-    fp8 = is_fp8(cache.dtype)
     if kv_heads_per_program > 1 and fp8:
         raise ValueError("paged_decode_attention: kv_heads_per_program > 1 does not take an fp8 cache (its "
                          "[BLOCK_N, H * D] tiles would span the rows' scale bytes); use kv_heads_per_program=1")

@@ -29,8 +29,9 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"
 
 
-def resolve_kv_cache_dtype(name: str, cfg, model_dtype: torch.dtype) -> torch.dtype:
-    """--kv-cache-dtype -> the cache tensors' dtype (auto: the model's)."""
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype -> the cache tensors' dtype (auto: the model's). Every family takes fp8 (MLA's latent, MHA /
+    GQA's K and V rows), so the model's config no longer enters."""
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {name!r}")
     dtype = KV_CACHE_DTYPES[name]

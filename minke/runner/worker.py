@@ -97,12 +97,12 @@ class Worker:
         """This rank's cache bytes per token (all layers): the whole MLA latent, or the local KV heads; stored as
         kv_cache_dtype (None: as the allocated cache is, else the model dtype)."""
         c = kv_cache_config(self.model_config, self.parallel)
-        dtype = self.kv_cache_dtype if kv_cache_dtype is None else resolve_kv_cache_dtype(kv_cache_dtype, c, self.dtype)
+        dtype = self.kv_cache_dtype if kv_cache_dtype is None else resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         return kv_bytes_per_token(c, dtype)
 
     def kv_cache_tokens(self, cache: CacheConfig) -> int:
         """Tokens this rank's cache can hold (the Runner takes the minimum over ranks)."""
-        self.kv_cache_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, self.model_config, self.dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, self.dtype)
         if cache.kv_cache_tokens is not None:
             return cache.kv_cache_tokens
         if self.device.type != "cuda":
@@ -141,7 +141,7 @@ class Worker:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> None:
         # One extra block at the end: the scratch slot CUDA-graph padding rows write to (never handed out).
-        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.model_config, self.dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         self.kv_caches = allocate_kv_caches(kv_cache_config(self.model_config, self.parallel), num_blocks + 1,
                                             block_size, self.kv_cache_dtype, self.device)
         self.block_size, self.num_blocks = block_size, num_blocks

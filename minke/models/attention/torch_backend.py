@@ -202,12 +202,7 @@ class TorchAttentionBackend:
         if out is not None:
             return out.copy_(self.mha_decode(q, cache, batch, scale))
         n, h, d = q.shape
-        if is_fp8(cache.dtype):  # rows [.., Hkv, fp8_row_width(hd)]: values times their (token, head) scale
-            k, valid = self._padded_context(cache[0].flatten(0, 1), batch, n)  # [D, L, Hkv, row]
-            v, _ = self._padded_context(cache[1].flatten(0, 1), batch, n)
-            k, v = dequantize_cache(k, d, q.dtype), dequantize_cache(v, d, q.dtype)
-            return self._mha_padded(q, k, v, valid, scale)
-        if self.batch_invariant:
+        if self.batch_invariant:  # (never with an fp8 cache: EngineConfig refuses the pair)
             out = q.new_empty(q.shape)
             for i in range(n):
                 k = self._one_context(cache[0].flatten(0, 1), batch, i)  # [L, Hkv, hd]
@@ -217,16 +212,12 @@ class TorchAttentionBackend:
                 out[i] = F.scaled_dot_product_attention(q[i, :, None, :], k.transpose(0, 1), v.transpose(0, 1),
                                                         scale=scale)[:, 0]  # [H, 1, hd] -> [H, hd]
             return out
-        k, valid = self._padded_context(cache[0].flatten(0, 1), batch, n)  # [D, L, Hkv, hd]
+        k, valid = self._padded_context(cache[0].flatten(0, 1), batch, n)  # [D, L, Hkv, row]
         v, _ = self._padded_context(cache[1].flatten(0, 1), batch, n)
-        return self._mha_padded(q, k, v, valid, scale)
-
-    @staticmethod
-    def _mha_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                    scale: float) -> torch.Tensor:
-        """q [D, H, hd] over padded contexts k, v [D, L, Hkv, hd] (valid [D, L]) -> [D, H, hd]."""
-        rep = q.shape[1] // k.shape[2]
-        k, v = k.repeat_interleave(rep, dim=2).to(q.dtype), v.repeat_interleave(rep, dim=2).to(q.dtype)
+        # [D, L, Hkv, hd] in q's dtype (fp8 rows: values times their (token, head) scale)
+        k, v = dequantize_cache(k, d, q.dtype), dequantize_cache(v, d, q.dtype)
+        rep = h // k.shape[2]
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         out = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=valid[:, None, None, :], scale=scale)  # [D, H, 1, hd]
         return out[:, :, 0]
