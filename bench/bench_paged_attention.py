@@ -70,24 +70,30 @@ LAUNCHES = {
             ("dot", 128, 8, 3),
             ("h2", 16, 4, 2), ("h2", 32, 4, 2), ("h2", 32, 8, 2), ("h2", 64, 4, 3),
             ("dotx", 128, 4, 3), ("h2x", 16, 4, 2)],
+    # --kv-dtype fp8: only the one-KV-head dot path reads an fp8 cache; its tiles are register-bound (the fp8 ->
+    # fp16 widening), so shorter tiles and 8 warps are in the list.
+    "fp8": [("dot", 64, 4, 3), ("dot", 64, 4, 2), ("dot", 64, 4, 4), ("dot", 32, 4, 3), ("dot", 32, 4, 4),
+            ("dot", 64, 8, 3), ("dot", 128, 8, 3), ("dot", 128, 8, 2), ("dot", 128, 4, 2), ("dot", 16, 4, 3),
+            ("dotx", 64, 4, 3), ("dotx", 32, 4, 3)],
 }
 
 
-def default_candidate(mha: bool) -> tuple[str, int, int, int]:
+def default_candidate(mha: bool, kv_fp8: bool = False) -> tuple[str, int, int, int]:
     """paged_decode_attention's own launch when none is named (kernels' default_launch), as a LAUNCHES entry."""
-    d = default_launch(1 if mha else 8, DTYPE)
+    d = default_launch(1 if mha else 8, DTYPE, kv_fp8=kv_fp8)
     h = d["kv_heads_per_program"]
     variant = (f"h{h}" if h > 1 else "dot" if d["use_dot"] else "vec") + ("p" if d["loop_stages"] else "") + (
         "x" if d["head_fastest"] else "")
     return variant, d["block_n"], d["num_warps"], d["num_stages"]
 
 
-def launch_grid(mha: bool, full: bool) -> list[tuple[str, int, int, int]]:
-    """The candidates, paged_decode_attention's default first."""
-    default = default_candidate(mha)
+def launch_grid(mha: bool, full: bool, kv_fp8: bool = False) -> list[tuple[str, int, int, int]]:
+    """The candidates, paged_decode_attention's default first (fp8 caches: the dot path's launches only)."""
+    default = default_candidate(mha, kv_fp8)
     if not full:
-        return [default] + [c for c in LAUNCHES["mha" if mha else "gqa"] if c != default]
-    variants = ("vec", "vecp", "vecpx", "dot", "dotx", "h2", "h2x", "h4", "h8") if mha else ("dot", "dotx", "h2", "h4")
+        return [default] + [c for c in LAUNCHES["fp8" if kv_fp8 else "mha" if mha else "gqa"] if c != default]
+    variants = (("dot", "dotx") if kv_fp8 else ("vec", "vecp", "vecpx", "dot", "dotx", "h2", "h2x", "h4", "h8") if mha
+                else ("dot", "dotx", "h2", "h4"))
     grid = [(v, bn, w, st) for v, bn, w, st in itertools.product(variants, (16, 32, 64, 128), (2, 4, 8), (1, 2, 3))
             if not (v.startswith("vec") and bn == 16) and not (v in ("h4", "h8") and bn > 32 * 4 // int(v[1:]))
             and not (v.startswith("vecp") and st == 1)]
@@ -165,11 +171,17 @@ def torch_path(q, cache, tables, lens):
 def _precompile_job(job) -> str | None:
     """One launch on tiny inputs with the strides, split count and constexprs of a sweep point: compiles it into
     Triton's on-disk cache, which the timing process then loads instead of compiling (a spawned worker)."""
-    hq, hkv, nb, kw = job
+    hq, hkv, nb, kv_name, kw = job
     dev = torch.device("cuda")
     try:
+        from minke.kernels.latent_cache import KV_CACHE_DTYPES, fp8_row_width
+
         q = torch.zeros(1, hq, HEAD_DIM, device=dev, dtype=DTYPE)
-        cache = torch.zeros(2, 2, BLOCK_SIZE, hkv, HEAD_DIM, device=dev, dtype=DTYPE)
+        if kv_name == "bf16":
+            cache = torch.zeros(2, 2, BLOCK_SIZE, hkv, HEAD_DIM, device=dev, dtype=DTYPE)
+        else:
+            cache = torch.zeros(2, 2, BLOCK_SIZE, hkv, fp8_row_width(HEAD_DIM), device=dev,
+                                dtype=KV_CACHE_DTYPES[kv_name])
         tables = torch.zeros(1, nb, device=dev, dtype=torch.int32)
         lens = torch.ones(1, device=dev, dtype=torch.int32)
         paged_decode_attention(q, cache, tables, lens, HEAD_DIM ** -0.5, **kw)
@@ -191,26 +203,27 @@ def precompile(args, workers: int) -> None:
         for B, ctx in itertools.product((int(b) for b in args.batches.split(",")),
                                         (int(c) for c in args.contexts.split(","))):
             nb = -(-ctx // BLOCK_SIZE)
-            for cand in launch_grid(hq == hkv, args.launch_grid == "full"):
+            for cand in launch_grid(hq == hkv, args.launch_grid == "full", args.kv_dtype != "bf16"):
                 kw = launch_kwargs(*cand)
                 blocks = -(-hkv // kw.get("kv_heads_per_program", 1))
                 # What paged_decode_attention derives for the real point (max_seq_len = the table's capacity).
                 splits = default_num_splits(B, blocks, nb * BLOCK_SIZE, dev)
-                jobs.append((hq, hkv, nb, dict(kw, num_splits=splits, min_split_len=64)))
+                jobs.append((hq, hkv, nb, args.kv_dtype, dict(kw, num_splits=splits, min_split_len=64)))
     jobs = list({repr(j): j for j in jobs}.values())
     with mp.get_context("spawn").Pool(workers) as pool:
         pool.map(_precompile_job, jobs, chunksize=1)
     print(f"precompiled {len(jobs)} launches in {workers} processes", flush=True)
 
 
-def sweep_launches(row, notes, q, cache, tables, lens, scale, moved, mha: bool, full: bool) -> None:
+def sweep_launches(row, notes, q, cache, tables, lens, scale, moved, mha: bool, full: bool,
+                   kv_fp8: bool = False) -> None:
     """Time every launch candidate at its own default split count (a variant with H KV heads per program has
     Hkv / H programs per split, so default_num_splits gives it more splits); row["launches"] gets them all."""
     ref = paged_decode_attention(q, cache, tables, lens, scale)
-    default_label = launch_label(*default_candidate(mha))
+    default_label = launch_label(*default_candidate(mha, kv_fp8))
     calls = max(2, min(10, int(4e9 // moved)))  # graphs of >= ~4 GB of K/V: big points need fewer calls
     res = []
-    for cand in launch_grid(mha, full):
+    for cand in launch_grid(mha, full, kv_fp8):
         kw = launch_kwargs(*cand)
         label = launch_label(*cand)
         try:
@@ -346,7 +359,8 @@ def main() -> int:
                 row["best_splits"] = best[1]
                 notes.append(f"best splits {best[1]}: {best[0] * 1000:.1f} us")
             if args.sweep_launch:
-                sweep_launches(row, notes, q, cache, tables, lens, scale, moved, hq == hkv, args.launch_grid == "full")
+                sweep_launches(row, notes, q, cache, tables, lens, scale, moved, hq == hkv, args.launch_grid == "full",
+                               kv_dtype is not None)
             rows.append(row)
             tms = row.get("torch_ms")
             torch_cols = (f"{tms * 1000:10.1f} {row['torch_tbps']:6.2f} {tms / ms:6.2f}x" if tms is not None
