@@ -17,9 +17,12 @@ tiles by cp.async a tile ahead: the likely reason the vector path stops at 2.0-2
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
@@ -31,6 +34,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from bench_paged_attention import LAUNCHES, launch_kwargs  # noqa: E402
 from mla_decode_compile_report import ptxas_usage  # noqa: E402
 from minke.kernels import paged_attention as pa  # noqa: E402
+from minke.kernels.paged_attention_fp8 import paged_decode_stage1_fp8_kernel  # noqa: E402
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 _PTRS = {"q_ptr": "q", "k_ptr": "q", "v_ptr": "q", "out_ptr": "q", "bt_ptr": "*i32", "lens_ptr": "*i32",
          "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
@@ -43,38 +49,77 @@ SM_REGS, SM_SMEM, SM_WARPS = 65536, 228 * 1024, 64
 
 def compile_launch(variant: str, block_n: int, num_warps: int, num_stages: int, group: int, splits: int,
                    dtype: str, arch: int, kv_dtype: str | None = None):
-    """The compiled stage 1 for head 128 (what paged_decode_attention launches for that variant)."""
+    """The compiled stage 1 for head 128 (what paged_decode_attention launches for that variant; an fp8 cache on
+    the dot path: kernels/paged_attention_fp8.py)."""
     kw = launch_kwargs(variant, block_n, num_warps, num_stages)  # the bench's reading of the label
-    const = dict(HEAD_DIM=128, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_D=128, BLOCK_N=block_n,
+    const = dict(HEAD_DIM=128, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_N=block_n,
                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_DOT=False,
-                 LOOP_STAGES=kw.get("loop_stages"), HEAD_FASTEST=kw.get("head_fastest", False),
-                 KV_FP8=kv_dtype is not None, DOT_F16=kv_dtype is not None and dtype != "fp32")
+                 LOOP_STAGES=kw.get("loop_stages"), HEAD_FASTEST=kw.get("head_fastest", False))
     h = kw.get("kv_heads_per_program", 1)
-    if h == 1:
+    dot = kw.get("use_dot", True)
+    ptrs = dict(_PTRS)
+    if kv_dtype is not None and h == 1 and dot:
+        fn = paged_decode_stage1_fp8_kernel
+        const.update(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_W=64, E5M2=kv_dtype == "fp8e5",
+                     ASM=True, DOT_F16=dtype != "fp32")
+        ptrs.update(k_ptr="*u16", v_ptr="*u16")
+    elif h == 1:
         fn = pa._paged_decode_stage1_kernel
-        dot = kw.get("use_dot", True)
-        const.update(BLOCK_G=max(16, triton.next_power_of_2(group)) if dot else 1, USE_DOT=dot)
-        const["DOT_F16"] = const["DOT_F16"] and dot
+        const.update(BLOCK_G=max(16, triton.next_power_of_2(group)) if dot else 1, USE_DOT=dot, BLOCK_D=128,
+                     KV_FP8=kv_dtype is not None)
+        if kv_dtype is not None:
+            ptrs.update(k_ptr="*" + kv_dtype, v_ptr="*" + kv_dtype)
     else:
         fn = pa._paged_decode_stage1_heads_kernel
-        const.update(GROUP=group, BLOCK_H=h, BLOCK_R=max(16, triton.next_power_of_2(h * group)))
+        const.update(GROUP=group, BLOCK_H=h, BLOCK_R=max(16, triton.next_power_of_2(h * group)), BLOCK_D=128,
+                     KV_FP8=False)
+    div16 = _DIV16
+    if fn is paged_decode_stage1_fp8_kernel:  # strides in 16-bit words: a 144-byte row is 72 (16-divisible: no)
+        div16 = tuple(n for n in _DIV16 if n not in ("stride_kv_row", "stride_kv_head"))
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
             sig[name], constexprs[name] = "constexpr", const[name]
-        elif name in _PTRS:
-            sig[name] = "*" + dtype if _PTRS[name] == "q" else _PTRS[name]
-            if kv_dtype is not None and name in ("k_ptr", "v_ptr"):
-                sig[name] = "*" + kv_dtype
+        elif name in ptrs:
+            sig[name] = "*" + dtype if ptrs[name] == "q" else ptrs[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "qk_scale":
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if name in _DIV16:
+            if name in div16:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def loop_sass(cubin: bytes) -> str:
+    """The inner loop's SASS: instructions a thread issues per tile (the largest backward-branch range holding a
+    tensor-core op or, on the vector path, the K loads) and its most frequent opcodes. The loop of a
+    memory-bound kernel must issue little per byte: bf16's 128-token tile is ~940 instructions (Triton 3.6)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", path], capture_output=True, text=True).stdout
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"^\s*\.(L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
+        if m:
+            ins.append((m.group(1), m.group(2)))
+    best = []
+    for i, (op, rest) in enumerate(ins):
+        t = re.search(r"\.(L_x_\d+)", rest) if op.startswith("BRA") else None
+        if t and labels.get(t.group(1), i + 1) <= i:
+            body = ins[labels[t.group(1)]:i + 1]
+            if any(o.startswith(("HMMA", "LDG", "LDGSTS")) for o, _ in body) and len(body) > len(best):
+                best = body
+    ops = collections.Counter(o.split(".")[0] for o, _ in best)
+    return f"loop {len(best)} SASS: " + " ".join(f"{o} {n}" for o, n in ops.most_common(6))
 
 
 def loop_tile_loads(ttgir: str, block_n: int) -> str:
@@ -115,7 +160,7 @@ def main() -> int:
         if args.launches:
             launches = [(v, int(n), int(w), int(s)) for v, n, w, s in (c.split() for c in args.launches.split(","))]
         else:
-            launches = LAUNCHES["mha" if group == 1 else "gqa"]
+            launches = LAUNCHES["fp8" if args.kv_dtype else "mha" if group == 1 else "gqa"]
         for splits in (int(s) for s in args.splits.split(",")):
             for variant, bn, w, st in launches:
                 tag = f"group {group} splits {splits:2d} {variant:3s} block_n {bn:3d} warps {w} stages {st}"
@@ -129,8 +174,8 @@ def main() -> int:
                 usage = ptxas_usage(k.asm["ptx"], args.arch)
                 regs = int(usage.split()[0]) if usage.split()[0].isdigit() else None
                 print(f"{tag}: {usage}, {k.metadata.shared // 1024:3d} KiB smem, "
-                      f"{residency(regs, k.metadata.shared, w)}, loop K/V loads {loop_tile_loads(k.asm['ttgir'], bn)}",
-                      flush=True)
+                      f"{residency(regs, k.metadata.shared, w)}, loop K/V loads {loop_tile_loads(k.asm['ttgir'], bn)}; "
+                      f"{loop_sass(k.asm['cubin'])}", flush=True)
     return 0
 
 

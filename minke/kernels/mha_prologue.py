@@ -154,10 +154,15 @@ if _HAS_TRITON:
             v2 = tl.load(vb + HALF + offs, mask=m, other=0.0)
             if KV_FP8:  # each row on its own scale (masked lanes are 0 and do not move the max)
                 a1, a2 = ko1.to(tl.float32), ko2.to(tl.float32)
-                ks = tl.maximum(tl.maximum(tl.max(tl.abs(a1), axis=0), tl.max(tl.abs(a2), axis=0)) / FP8_MAX, 1e-12)
+                # IEEE divisions (div_rn): Triton's `/` is the approximate div.full.f32 on a GPU, which moves a value
+                # by an fp8 step now and then against the reference's (quantize_rows) bytes.
+                ks = tl.maximum(tl.math.div_rn(tl.maximum(tl.max(tl.abs(a1), axis=0), tl.max(tl.abs(a2), axis=0)),
+                                               FP8_MAX), 1e-12)
                 b1, b2 = v1.to(tl.float32), v2.to(tl.float32)
-                vs = tl.maximum(tl.maximum(tl.max(tl.abs(b1), axis=0), tl.max(tl.abs(b2), axis=0)) / FP8_MAX, 1e-12)
-                a1, a2, b1, b2 = a1 / ks, a2 / ks, b1 / vs, b2 / vs
+                vs = tl.maximum(tl.math.div_rn(tl.maximum(tl.max(tl.abs(b1), axis=0), tl.max(tl.abs(b2), axis=0)),
+                                               FP8_MAX), 1e-12)
+                a1, a2 = tl.math.div_rn(a1, ks), tl.math.div_rn(a2, ks)
+                b1, b2 = tl.math.div_rn(b1, vs), tl.math.div_rn(b2, vs)
                 if ROUND_GRID:
                     a1, a2 = fp8_grid(a1, FP8_MANT), fp8_grid(a2, FP8_MANT)
                     b1, b2 = fp8_grid(b1, FP8_MANT), fp8_grid(b2, FP8_MANT)

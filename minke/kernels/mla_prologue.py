@@ -192,9 +192,12 @@ if _HAS_TRITON:
                 if KV_FP8:  # one scale for the token's whole row (masked lanes are 0 and do not move the max)
                     amax = tl.maximum(tl.max(tl.abs(yc), axis=0),
                                       tl.maximum(tl.max(tl.abs(r0c), axis=0), tl.max(tl.abs(r1c), axis=0)))
-                    scale = tl.maximum(amax / FP8_MAX, 1e-12)
+                    # IEEE divisions: Triton's `/` is the approximate div.full.f32 on a GPU (an fp8 step off the
+                    # reference's bytes now and then)
+                    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), 1e-12)
                     tl.store(scale_ptr + slot * stride_scale, scale)
-                    yc, r0c, r1c = yc / scale, r0c / scale, r1c / scale
+                    yc, r0c = tl.math.div_rn(yc, scale), tl.math.div_rn(r0c, scale)
+                    r1c = tl.math.div_rn(r1c, scale)
                     if ROUND_GRID:
                         yc, r0c, r1c = fp8_grid(yc, FP8_MANT), fp8_grid(r0c, FP8_MANT), fp8_grid(r1c, FP8_MANT)
                 tl.store(row + offs, yc.to(cache_ptr.dtype.element_ty), mask=cm)

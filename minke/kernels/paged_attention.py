@@ -31,12 +31,12 @@ All accumulation is fp32 (scores in the exp2 domain: scale * log2(e) folded into
 or fp32; the output has q's dtype.
 
 fp8 cache (--kv-cache-dtype fp8, format in kernels/mha_prologue.py): cache [2, blocks, bs, Hkv, fp8_row_width(D)],
-every (token, head) row D fp8 values and their float32 scale. The tiles are widened fp8 -> fp16 (exact; one
-instruction per pair, where bf16 takes two), q is rounded to fp16 for the dots, and the scales are folded into the
-attention, never into the tiles: q . (s_t k_t) = s_t (q . k_t) on the score row, and
-sum_t p_t (s_t v_t) = sum_t (p_t s_t) v_t on the probabilities before the value dot (as kernels/mla_decode.py).
-144 bytes a head row against bf16's 256: decode at batch 256 is KV-bandwidth bound, so this is ~1.78x fewer bytes
-where the step spends most of its time (bench/RESULTS.md). One-head programs only (kv_heads_per_program 1).
+every (token, head) row D fp8 values and their float32 scale. The tensor-core path runs its own stage 1
+(kernels/paged_attention_fp8.py: the tiles read as 16-bit words of two values, widened to fp16 for two dots over the
+even and the odd columns, the scales folded into the score row and the probabilities); the vector path widens its
+tiles in place. 144 bytes a head row against bf16's 256: decode at batch 256 is KV-bandwidth bound, so this is
+~1.78x fewer bytes where the step spends most of its time (bench/RESULTS.md). One-head programs only
+(kv_heads_per_program 1).
 
 CUDA graphs: nothing here syncs with the host or has a data-dependent shape; the split count comes only from
 shapes and the caller's upper bound of the context (`max_seq_len`, default: the block table's capacity), so one
@@ -66,6 +66,7 @@ from .latent_cache import dequantize_cache, fp8_row_width, is_fp8, latent_scales
 from .splitk_combine import splitk_combine
 
 if _HAS_TRITON:
+    from .paged_attention_fp8 import paged_decode_stage1_fp8_kernel
     from .splitk_combine import split_cut
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -183,8 +184,8 @@ if _HAS_TRITON:
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
         LOOP_STAGES: tl.constexpr,  # None: Triton's pipelining (dot operands only); n: all loop loads n deep
         HEAD_FASTEST: tl.constexpr,  # grid (Hkv, B, splits) instead of (B, Hkv, splits); see paged_decode_attention
-        KV_FP8: tl.constexpr,  # fp8 values with a float32 scale per (token, head) row (see the module docstring)
-        DOT_F16: tl.constexpr,  # fp8 cache, 16-bit q, tensor-core path: the dots run in fp16 (see dot_dtype)
+        KV_FP8: tl.constexpr,  # fp8 values with a float32 scale per (token, head) row; the vector path only (the
+        # tensor-core path over an fp8 cache is kernels/paged_attention_fp8.py)
     ):
         if HEAD_FASTEST:
             b = tl.program_id(1)
@@ -213,8 +214,6 @@ if _HAS_TRITON:
             other=0.0,
         )
         if USE_DOT:
-            if DOT_F16:
-                q = q.to(tl.float16)
             if UPCAST_DOT:
                 q = q.to(tl.float32)
         else:
@@ -224,12 +223,7 @@ if _HAS_TRITON:
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)  # running sum of exp2(...) * v
         head_off = kv_head * stride_kv_head
-        # Tensor-core operands: q's dtype, or fp16 for an fp8 cache (DOT_F16): e4m3 / e5m2 widen to fp16 in one
-        # instruction per pair (to bf16 it is two: e4m3 -> f16 -> bf16, doubling the loop's instructions).
-        if DOT_F16:
-            dot_dtype = tl.float16
-        else:
-            dot_dtype = q_ptr.dtype.element_ty
+        dot_dtype = q_ptr.dtype.element_ty  # the tensor-core operands' dtype
 
         # Triton software-pipelines (cp.async a tile ahead) only the loads that feed tl.dot unless the loop names its
         # stages: the vector path's K / V loads stay synchronous at LOOP_STAGES=None (bench/
@@ -246,9 +240,6 @@ if _HAS_TRITON:
                 sc_row = blk * stride_sc_blk + (offs_n % block_size) * stride_sc_row + kv_head * stride_sc_head
                 k_sc = tl.load(ks_ptr + sc_row, mask=mask_n, other=0.0)  # [BLOCK_N] fp32
             if USE_DOT:
-                # Transposed before it is widened: the fp8 tile then goes from shared memory straight into the dot's
-                # operand layout (a transposed view) and is widened there, as V below; widened first, the bf16 tile
-                # was transposed in registers (bench/paged_attention_compile_report.py --kv-dtype fp8e4nv).
                 k_t = tl.trans(k).to(dot_dtype)
                 if UPCAST_DOT:
                     k_t = k_t.to(tl.float32)
@@ -272,14 +263,7 @@ if _HAS_TRITON:
             if KV_FP8:
                 v = v.to(dot_dtype)
                 v_sc = tl.load(vs_ptr + sc_row, mask=mask_n, other=0.0)  # [BLOCK_N] fp32
-                if DOT_F16:
-                    # fp16 has 5 exponent bits: p * s_t (s_t = a row's amax / fp8 max, maybe 1e-6) would sink into
-                    # its subnormals. The tile's largest scale c is taken out and put back on the fp32 product:
-                    # p * s_t / c <= 1 keeps fp16's full precision down to 6e-5 of the tile's largest term.
-                    c = tl.max(v_sc, axis=0)
-                    p_w = p * (v_sc / c)[None, :]
-                else:
-                    p_w = p * v_sc[None, :]  # the values' scale on p
+                p_w = p * v_sc[None, :]  # the values' scale on p
             if USE_DOT:
                 # p is rounded to the operand dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
                 p_v = p_w.to(dot_dtype)
@@ -287,8 +271,6 @@ if _HAS_TRITON:
                     p_v = p_v.to(tl.float32)
                     v = v.to(tl.float32)
                 pv = tl.dot(p_v, v, input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_D]
-                if DOT_F16:
-                    pv = pv * c
             else:
                 pv = tl.sum(tl.trans(p_w) * v.to(tl.float32), axis=0)[None, :]  # [N, 1] x [N, D] -> [1, D]
             acc = acc * alpha[:, None] + pv
@@ -358,7 +340,6 @@ if _HAS_TRITON:
         LOOP_STAGES: tl.constexpr,  # as _paged_decode_stage1_kernel's
         HEAD_FASTEST: tl.constexpr,  # idem: grid (head blocks, B, splits)
         KV_FP8: tl.constexpr,  # must be False (the wrapper refuses fp8 caches here)
-        DOT_F16: tl.constexpr,  # idem
     ):
         """BLOCK_H consecutive KV heads per program, as one block-diagonal tensor-core dot per tile.
 
@@ -444,11 +425,11 @@ if _HAS_TRITON:
 # tiles are twice the bytes: 32 tokens, 2 stages (fp32 caches are the test and reference path, not a speed one).
 # "vec" (MHA's vector path) and "heads" (kv_heads_per_program > 1: [32, H * 128] bf16 tiles, H = 2 is 16 KiB for
 # K, the same for V) are untuned starting points; bench/bench_paged_attention.py --sweep-launch times them all.
-# "dot_fp8" (the dot path over an fp8 cache, fp16 dots): 64-token tiles, because at 128 x 4 warps Triton 3.6 needs
-# 255 registers and spills (widening 8-bit operands is register-hungry: bench/paged_attention_compile_report.py
-# --kv-dtype fp8e4nv), where 64 takes 214 and no spills; not yet timed on a GPU.
+# "dot_fp8" (the dot path over an fp8 cache, kernels/paged_attention_fp8.py): 128-token tiles, 4 warps, 3 stages,
+# bf16's launch (162 registers, no spills, 41 KiB of shared memory: bench/paged_attention_compile_report.py
+# --kv-dtype fp8e4nv); the kernel's first H200 sweep is the next measurement.
 _LAUNCH = {"vec": ((64, 4, 2), (32, 4, 2)), "dot": ((128, 4, 3), (32, 4, 2)), "heads": ((32, 4, 2), (16, 4, 2)),
-           "dot_fp8": ((64, 4, 3), (32, 4, 2))}
+           "dot_fp8": ((128, 4, 3), (32, 4, 2))}
 # The variant of each attention kind when the caller picks none (use_dot / kv_heads_per_program / loop_stages /
 # head_fastest None).
 _PLAIN = {"use_dot": None, "kv_heads_per_program": 1, "loop_stages": None, "head_fastest": False}
@@ -617,18 +598,29 @@ def paged_decode_attention(
                k_sc.stride(0), k_sc.stride(1), k_sc.stride(2),
                block_tables.stride(0), out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1),
                mid_o.stride(2) if num_splits > 1 else 0, mid_lse.stride(0), mid_lse.stride(1))
-    common = dict(HEAD_DIM=D, NUM_SPLITS=num_splits, MIN_SPLIT=min_split_len, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
+    common = dict(HEAD_DIM=D, NUM_SPLITS=num_splits, MIN_SPLIT=min_split_len, BLOCK_N=block_n,
                   DOT_PRECISION="ieee" if fp32 else "tf32", LOOP_STAGES=loop_stages, HEAD_FASTEST=head_fastest,
-                  KV_FP8=fp8, DOT_F16=fp8 and use_dot and not fp32, num_warps=num_warps, num_stages=num_stages)
-    if kv_heads_per_program > 1:
+                  num_warps=num_warps, num_stages=num_stages)
+    if fp8 and use_dot and D % 2 == 0:
+        # The tiles as 16-bit words, two fp8 values each (kernels/paged_attention_fp8.py); strides in words (every
+        # stride of the cache is even: its rows are fp8_row_width(D) bytes, a multiple of 16).
+        k_words, v_words = k_cache.view(torch.uint16), v_cache.view(torch.uint16)
+        paged_decode_stage1_fp8_kernel[grid](
+            q, k_words, v_words, *pointers[3:], group, q.stride(0), q.stride(1), k_words.stride(0),
+            k_words.stride(1), k_words.stride(2), *strides[5:], BLOCK_G=BLOCK_G,
+            BLOCK_W=max(16, triton.next_power_of_2(D // 2)), E5M2=cache.dtype == torch.float8_e5m2,
+            ASM=not _is_interpreted(paged_decode_stage1_fp8_kernel), DOT_F16=not fp32,
+            UPCAST_DOT=_is_interpreted(paged_decode_stage1_fp8_kernel), **common)
+    elif kv_heads_per_program > 1:
         _paged_decode_stage1_heads_kernel[grid](
             *pointers, Hkv, *strides, GROUP=group, BLOCK_H=kv_heads_per_program,
             BLOCK_R=max(16, triton.next_power_of_2(kv_heads_per_program * group)),
-            UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_heads_kernel, q.dtype), **common)
+            BLOCK_D=BLOCK_D, UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_heads_kernel, q.dtype), KV_FP8=False,
+            **common)
     else:
         _paged_decode_stage1_kernel[grid](
-            *pointers, group, *strides, BLOCK_G=BLOCK_G, USE_DOT=use_dot,
-            UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_kernel, q.dtype), **common)
+            *pointers, group, *strides, BLOCK_G=BLOCK_G, USE_DOT=use_dot, BLOCK_D=BLOCK_D,
+            UPCAST_DOT=_needs_dot_upcast(_paged_decode_stage1_kernel, q.dtype), KV_FP8=fp8, **common)
     if num_splits > 1:
         splitk_combine(mid_o, mid_lse, seq_lens, out, min_split_len)
     return out
