@@ -13,6 +13,7 @@ Uses Triton's bundled ptxas (the newest of ptxas / ptxas-blackwell that takes Tr
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import os
 import re
@@ -28,7 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from minke.kernels import mla_decode as m  # noqa: E402
 
-_PTRS = {"q_ptr": "q", "qpe_ptr": "q", "kv_ptr": "kv", "scale_ptr": "scale", "bt_ptr": "*i32", "lens_ptr": "*i32",
+_PTRS = {"q_ptr": "q", "qpe_ptr": "q", "kv_ptr": "kv", "kvw_ptr": "words", "scale_ptr": "scale", "bt_ptr": "*i32", "lens_ptr": "*i32",
          "out_ptr": "q", "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "ticket_ptr": "*i32"}
 
 
@@ -37,9 +38,10 @@ def compile_kernel(kv: str, q: str, block_n: int, num_warps: int, num_stages: in
     """The compiled kernel for V2-Lite's latent (C=512, R=64); all pointers and strides 16-divisible, as Triton
     specialises the real ones."""
     fp8 = kv.startswith("fp8")
-    const = dict(C=512, R=64, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_H=block_h, BLOCK_C=512, BLOCK_R=64,
-                 BLOCK_N=block_n, KV_FP8=fp8, FUSE_COMBINE=fuse, DOT_PRECISION="tf32", UPCAST_DOT=False)
-    kinds = {"q": "*" + q, "kv": "*" + kv, "scale": "*fp32" if fp8 else "*" + kv}
+    const = dict(BLOCK_SIZE=16, C=512, R=64, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_H=block_h, BLOCK_C=512, BLOCK_R=64,
+                 BLOCK_WR=32, BLOCK_N=block_n, KV_FP8=fp8, E5M2=kv == "fp8e5", ASM=fp8, FUSE_COMBINE=fuse,
+                 DOT_PRECISION="tf32", UPCAST_DOT=False)
+    kinds = {"q": "*" + q, "kv": "*" + kv, "scale": "*fp32" if fp8 else "*" + kv, "words": "*u16" if fp8 else "*" + kv}
     fn = m._mla_decode_kernel
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -57,6 +59,35 @@ def compile_kernel(kv: str, q: str, block_n: int, num_warps: int, num_stages: in
     src = ASTSource(fn, sig, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def loop_sass(cubin: bytes) -> str:
+    """The inner loop's SASS: instructions a thread issues per tile (the largest backward-branch range holding a
+    tensor-core op or, on the vector path, the K loads) and its most frequent opcodes. The loop of a
+    memory-bound kernel must issue little per byte: the MHA bf16 128-token tile is ~790 instructions (Triton 3.6)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm"), "-c", path], capture_output=True, text=True).stdout
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"^\s*\.(L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
+        if m:
+            ins.append((m.group(1), m.group(2)))
+    best = []
+    for i, (op, rest) in enumerate(ins):
+        t = re.search(r"\.(L_x_\d+)", rest) if op.startswith("BRA") else None
+        if t and labels.get(t.group(1), i + 1) <= i:
+            body = ins[labels[t.group(1)]:i + 1]
+            if any(o.startswith(("HMMA", "LDG", "LDGSTS")) for o, _ in body) and len(body) > len(best):
+                best = body
+    ops = collections.Counter(o.split(".")[0] for o, _ in best)
+    return f"loop {len(best)} SASS: " + " ".join(f"{o} {n}" for o, n in ops.most_common(6))
 
 
 def ptxas_usage(ptx: str, arch: int) -> str:
@@ -80,11 +111,11 @@ def ptxas_usage(ptx: str, arch: int) -> str:
 
 
 def tile_loads(ttgir: str, block_n: int) -> str:
-    """How the [BLOCK_N, 512] / [BLOCK_N, 64] latent tiles are loaded inside the loop: 'async' (cp.async, a tile
-    ahead) or 'sync' (a plain load each iteration)."""
+    """How the [BLOCK_N, 512] / [BLOCK_N, 64] latent tiles (an fp8 cache: [BLOCK_N, 256] / [BLOCK_N, 32] 16-bit
+    words) are loaded inside the loop: 'async' (cp.async, a tile ahead) or 'sync' (a plain load each iteration)."""
     body = ttgir[ttgir.find("scf.for"):]
     out = []
-    for width in (512, 64):
+    for width in (512, 64, 256, 32):
         shape = f"tensor<{block_n}x{width}x!tt.ptr<"
         sync = sum(1 for line in body.splitlines() if "tt.load" in line and shape in line)
         asyn = sum(1 for line in body.splitlines() if "async_copy_global_to_local" in line and shape in line)
@@ -114,7 +145,7 @@ def main() -> int:
             print(f"{tag}: compile failed: {type(e).__name__}: {str(e).splitlines()[-1][:120]}", flush=True)
             continue
         print(f"{tag}: {ptxas_usage(k.asm['ptx'], args.arch)}, {k.metadata.shared // 1024:3d} KiB smem, "
-              f"loop loads {tile_loads(k.asm['ttgir'], bn)}", flush=True)
+              f"loop loads {tile_loads(k.asm['ttgir'], bn)}; {loop_sass(k.asm['cubin'])}", flush=True)
     return 0
 
 

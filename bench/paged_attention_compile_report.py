@@ -17,12 +17,9 @@ tiles by cp.async a tile ahead: the likely reason the vector path stops at 2.0-2
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
@@ -32,16 +29,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from bench_paged_attention import LAUNCHES, launch_kwargs  # noqa: E402
-from mla_decode_compile_report import ptxas_usage  # noqa: E402
+from mla_decode_compile_report import loop_sass, ptxas_usage  # noqa: E402
 from minke.kernels import paged_attention as pa  # noqa: E402
 from minke.kernels.paged_attention_fp8 import paged_decode_stage1_fp8_kernel  # noqa: E402
-
-_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 _PTRS = {"q_ptr": "q", "k_ptr": "q", "v_ptr": "q", "out_ptr": "q", "bt_ptr": "*i32", "lens_ptr": "*i32",
          "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
 # The runtime ints Triton sees 16-divisible at DeepSeek's shapes (block size 16, head 128, Hkv 8 / 16 / 32).
-_DIV16 = ("block_size", "num_kv_heads", "stride_qb", "stride_qh", "stride_kv_blk", "stride_kv_row",
+_DIV16 = ("num_kv_heads", "stride_qb", "stride_qh", "stride_kv_blk", "stride_kv_row",
           "stride_kv_head", "stride_ob", "stride_oh", "stride_mo_b", "stride_mo_h", "stride_mo_s", "stride_ml_b",
           "stride_ml_h")
 SM_REGS, SM_SMEM, SM_WARPS = 65536, 228 * 1024, 64
@@ -52,7 +47,7 @@ def compile_launch(variant: str, block_n: int, num_warps: int, num_stages: int, 
     """The compiled stage 1 for head 128 (what paged_decode_attention launches for that variant; an fp8 cache on
     the dot path: kernels/paged_attention_fp8.py)."""
     kw = launch_kwargs(variant, block_n, num_warps, num_stages)  # the bench's reading of the label
-    const = dict(HEAD_DIM=128, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_N=block_n,
+    const = dict(BLOCK_SIZE=16, HEAD_DIM=128, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_N=block_n,
                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_DOT=False,
                  LOOP_STAGES=kw.get("loop_stages"), HEAD_FASTEST=kw.get("head_fastest", False))
     h = kw.get("kv_heads_per_program", 1)
@@ -91,35 +86,6 @@ def compile_launch(variant: str, block_n: int, num_warps: int, num_stages: int, 
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
-
-
-def loop_sass(cubin: bytes) -> str:
-    """The inner loop's SASS: instructions a thread issues per tile (the largest backward-branch range holding a
-    tensor-core op or, on the vector path, the K loads) and its most frequent opcodes. The loop of a
-    memory-bound kernel must issue little per byte: bf16's 128-token tile is ~940 instructions (Triton 3.6)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", path], capture_output=True, text=True).stdout
-    ins, labels = [], {}
-    for line in sass.splitlines():
-        m = re.match(r"^\s*\.(L_x_\d+):", line)
-        if m:
-            labels[m.group(1)] = len(ins)
-            continue
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
-        if m:
-            ins.append((m.group(1), m.group(2)))
-    best = []
-    for i, (op, rest) in enumerate(ins):
-        t = re.search(r"\.(L_x_\d+)", rest) if op.startswith("BRA") else None
-        if t and labels.get(t.group(1), i + 1) <= i:
-            body = ins[labels[t.group(1)]:i + 1]
-            if any(o.startswith(("HMMA", "LDG", "LDGSTS")) for o, _ in body) and len(body) > len(best):
-                best = body
-    ops = collections.Counter(o.split(".")[0] for o, _ in best)
-    return f"loop {len(best)} SASS: " + " ".join(f"{o} {n}" for o, n in ops.most_common(6))
 
 
 def loop_tile_loads(ttgir: str, block_n: int) -> str:

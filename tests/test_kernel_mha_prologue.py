@@ -128,11 +128,19 @@ def test_fp8_cache_kernel_equals_reference(dtype, cache_dtype, h, hkv, d):
         assert torch.equal(w, want[i].flatten(0, 1)[slots].to(dtype))
         torch.testing.assert_close(g, got[i].flatten(0, 1)[slots].to(dtype), **_close(dtype))  # interpreter bf16:
         # its fp32 -> bf16 cast truncates
+    step = 2.0 ** (-3 if cache_dtype == torch.float8_e4m3fn else -2)  # one fp8 step relative to the row's amax
+    amax = want.abs().amax(-1, keepdim=True)
     if dtype == torch.float32:
-        assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+        # V is only divided by its scale (IEEE divisions in the kernel, as in torch): the same bytes. K is roped
+        # first, and compiled code contracts the rope's multiply-adds into FMAs (one fp32 rounding where torch has
+        # two), which moves a K value across an fp8 rounding boundary now and then: the interpreter's bytes are the
+        # reference's, a GPU's within one step.
+        assert torch.equal(cache[1].view(torch.uint8), ref_cache[1].view(torch.uint8))
+        if cache.device.type == "cpu":
+            assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+        else:
+            assert ((got[0] - want[0]).abs() <= step * amax[0] + 1e-6).all()
     else:
-        step = 2.0 ** (-3 if cache_dtype == torch.float8_e4m3fn else -2)  # one fp8 step relative to the row's amax
-        amax = want.abs().amax(-1, keepdim=True)
         assert ((got - want).abs() <= step * amax + 1e-6).all()
     # what the cache gives back is the roped k and v up to fp8 rounding relative to each row's own amax
     roped_k = mha_prologue_ref(q, k, v, cos, sin, torch.zeros_like(cache, dtype=dtype)[..., :d], slots)[1]

@@ -233,6 +233,23 @@ def test_fp8_cache_matches_ref_over_the_dequantized_cache(kv_dtype, q_dtype):
         mla_decode(q, qpe, cache8[..., :C + R], bt, lens, 0.25)
 
 
+@needs_triton
+@pytest.mark.parametrize("magnitude", [1e-6, 1e3])
+def test_fp8_cache_keeps_tiny_and_large_rows(magnitude):
+    """The fp8 cache's fp16 dots (bf16 q): latents of 1e-6 have scales of ~1e-8 whose products with p would sink
+    into fp16's subnormals without the tile's largest scale taken out; latents of 1e3 exceed e4m3's range without
+    their scale. Both come out as the reference's, relative to their size."""
+    (q, qpe, cache, bt, lens), _ = _make_case(LENS, torch.float32, seed=14)
+    cache8 = _to_fp8_cache(cache * magnitude, torch.float8_e4m3fn)
+    q = (q / magnitude ** 0.5).to(torch.bfloat16)  # scores of ordinary size whatever the latents' magnitude
+    qpe = (qpe / magnitude ** 0.5).to(torch.bfloat16)
+    ref = mla_decode_ref(q, qpe, cache8, bt, lens, 0.25).float() / magnitude
+    out = mla_decode(q, qpe, cache8, bt, lens, 0.25, num_kv_splits=2, block_n=16).float() / magnitude
+    torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)
+    with pytest.raises(ValueError, match="even latent widths"):  # the same rows read as C - 1 + (R + 1)
+        mla_decode(q[..., :-1].contiguous(), torch.cat([qpe, qpe[..., :1]], -1), cache8, bt, lens, 0.25)
+
+
 # The H200 sweep of 2026-12-02 (132 SMs, V2-Lite's 16 heads; bench/RESULTS.md "MLA decode kernel (issue 20)"):
 # (batch, capacity) -> (splits, block_n, num_warps, fused merge) of the best swept launch, where the sweep showed it;
 # None where the table does not pin a field. Cells left out (256 x 32K) were not swept.

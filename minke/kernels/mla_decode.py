@@ -53,6 +53,7 @@ from .mla_decode_launch import MlaDecodeLaunch, choose_num_kv_splits  # noqa: F4
 from .splitk_combine import splitk_combine
 
 if _HAS_TRITON:
+    from .paged_attention_fp8 import fp8_words_to_f16
     from .splitk_combine import split_cut
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -134,6 +135,7 @@ if _HAS_TRITON:
         q_ptr,  # [B, H, C], unit last stride
         qpe_ptr,  # [B, H, R], unit last stride
         kv_ptr,  # [num_blocks, block_size, C + R] (or the fp8 row width), unit last stride
+        kvw_ptr,  # fp8 cache: kv as 16-bit words (two fp8 values each; strides half kv's); else unused
         scale_ptr,  # fp8 cache: [num_blocks, block_size, 1] fp32 per-token scales (a view of kv); else unused
         bt_ptr,  # [B, max_blocks] int32, unit last stride
         lens_ptr,  # [B] int32
@@ -143,7 +145,6 @@ if _HAS_TRITON:
         ticket_ptr,  # [B, num_head_blocks] int32, zero between launches: splits done (FUSE_COMBINE)
         qk_scale,  # sm_scale * log2(e): scores in the exp2 domain
         H,
-        block_size,
         stride_qb,
         stride_qh,
         stride_peb,
@@ -160,6 +161,7 @@ if _HAS_TRITON:
         stride_mo_s,
         stride_ml_b,
         stride_ml_h,
+        BLOCK_SIZE: tl.constexpr,  # the cache's block size (constexpr: token -> block / row are a shift and a mask)
         C: tl.constexpr,
         R: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
@@ -167,8 +169,11 @@ if _HAS_TRITON:
         BLOCK_H: tl.constexpr,  # heads per program, >= 16 (tl.dot's minimum M): all of a TP rank's 16 at once
         BLOCK_C: tl.constexpr,  # next pow2 >= C
         BLOCK_R: tl.constexpr,  # next pow2 >= R, >= 16 (tl.dot's minimum K)
+        BLOCK_WR: tl.constexpr,  # fp8 cache: next pow2 >= R / 2, >= 16 (the rope part's words)
         BLOCK_N: tl.constexpr,  # tokens per inner iteration (splits are cut at multiples of it)
         KV_FP8: tl.constexpr,  # the cache holds fp8 values and a float32 scale per token (kernels/latent_cache.py)
+        E5M2: tl.constexpr,  # fp8 cache: e5m2 (else e4m3)
+        ASM: tl.constexpr,  # fp8 cache, compiled code: the inline-PTX widening (kernels/paged_attention_fp8.py)
         FUSE_COMBINE: tl.constexpr,  # the last split of a (sequence, head block) to finish merges the partials
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
@@ -198,6 +203,28 @@ if _HAS_TRITON:
             qpe_ptr + b * stride_peb + offs_h[:, None] * stride_peh + offs_r[None, :],
             mask=mask_h[:, None] & mask_r[None, :], other=0.0)
         dot_dtype = q.dtype  # the tensor-core operand type: q's (an fp8 tile is widened to it exactly)
+        if KV_FP8:
+            # fp8 cache: the tiles are read as 16-bit words of two values and widened to fp16 (exact, one cvt a
+            # word), the even and the odd columns of the latent as two tiles (kernels/paged_attention_fp8.py says
+            # why: an 8-bit tile handed to tl.dot goes through 1-byte shared loads). q . c = q[0::2] . c[0::2] +
+            # q[1::2] . c[1::2], and p @ c gives the even and the odd output columns from the same two tiles.
+            if dot_dtype != tl.float32:
+                dot_dtype = tl.float16
+            offs_w = tl.arange(0, BLOCK_C // 2)
+            mask_w = offs_w < C // 2
+            offs_wr = tl.arange(0, BLOCK_WR)
+            mask_wr = offs_wr < R // 2
+            q_w = q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + 2 * offs_w[None, :]
+            q_even = tl.load(q_w, mask=mask_h[:, None] & mask_w[None, :], other=0.0).to(dot_dtype)
+            q_odd = tl.load(q_w + 1, mask=mask_h[:, None] & mask_w[None, :], other=0.0).to(dot_dtype)
+            pe_w = qpe_ptr + b * stride_peb + offs_h[:, None] * stride_peh + 2 * offs_wr[None, :]
+            pe_even = tl.load(pe_w, mask=mask_h[:, None] & mask_wr[None, :], other=0.0).to(dot_dtype)
+            pe_odd = tl.load(pe_w + 1, mask=mask_h[:, None] & mask_wr[None, :], other=0.0).to(dot_dtype)
+            if UPCAST_DOT:
+                q_even, q_odd = q_even.to(tl.float32), q_odd.to(tl.float32)
+                pe_even, pe_odd = pe_even.to(tl.float32), pe_odd.to(tl.float32)
+            acc_even = tl.zeros([BLOCK_H, BLOCK_C // 2], dtype=tl.float32)  # output columns 2w
+            acc_odd = tl.zeros([BLOCK_H, BLOCK_C // 2], dtype=tl.float32)  # output columns 2w + 1
         if UPCAST_DOT:
             q = q.to(tl.float32)
             q_pe = q_pe.to(tl.float32)
@@ -209,41 +236,43 @@ if _HAS_TRITON:
             offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical token positions
             mask_n = offs_n < end
             # Page-table lookup per token; int64 because num_blocks * block_size * row can pass 2**31.
-            blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
-            in_blk = offs_n % block_size
+            blk = tl.load(bt_ptr + b * stride_bt + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+            in_blk = offs_n % BLOCK_SIZE
             row = blk * stride_kv_blk + in_blk * stride_kv_row  # [BLOCK_N]
-            # HBM reads each latent byte once here, for both dots (keys == values) and all BLOCK_H heads.
-            kv_tile = kv_ptr + row[:, None] + offs_c[None, :]
-            mask_nc = mask_n[:, None] & mask_c[None, :]
-            c_kv = tl.load(kv_tile, mask=mask_nc, other=0.0)  # [BLOCK_N, BLOCK_C]: the keys of the score dot
-            k_pe = tl.load(kv_ptr + row[:, None] + C + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
-                           other=0.0)  # [BLOCK_N, BLOCK_R]
             if KV_FP8:
-                # The values of the output dot, loaded a second time (from L2: the first load just brought the
-                # lines in; the other eviction hint keeps the compiler from merging the two). An 8-bit tile read
-                # by both dots needs two shared-memory swizzles (K-major for the scores, N-major for the values)
-                # and Triton then does not pipeline its load at all: a synchronous [BLOCK_N, 512] load per
-                # iteration, the tile held and shuffled in registers, 500 B a thread of spills at 64 x 4 warps
-                # (bench/mla_decode_compile_report.py): the likely cause of the fp8 cache's 3-10x slower decode
-                # (H200, bench/RESULTS.md). One load per dot: both go through cp.async a tile ahead, each into the
-                # swizzle its dot wants, and are widened in registers.
-                c_v = tl.load(kv_tile, mask=mask_nc, other=0.0, eviction_policy="evict_first").to(dot_dtype)
-                c_kv = c_kv.to(dot_dtype)  # exact: every e4m3 / e5m2 value is a bf16 / fp16 value
-                k_pe = k_pe.to(dot_dtype)
-                # One fp32 scale per token, applied to the score row and to p below, never to the tile.
+                # Rows start 16-byte aligned (fp8_row_width is a multiple of 16 bytes), which Triton cannot see from
+                # the word strides: without the hint the tiles would be loaded 2 bytes at a time.
+                wrow = tl.multiple_of(row // 2, 8)  # [BLOCK_N], in words
+                w_c = tl.load(kvw_ptr + wrow[:, None] + offs_w[None, :], mask=mask_n[:, None] & mask_w[None, :],
+                              other=0)  # [BLOCK_N, BLOCK_C / 2] uint16
+                w_r = tl.load(kvw_ptr + wrow[:, None] + C // 2 + offs_wr[None, :],
+                              mask=mask_n[:, None] & mask_wr[None, :], other=0)  # [BLOCK_N, BLOCK_WR]
+                # One fp32 scale per token, applied to the score row and to p below, never to the tiles.
                 tok_scale = tl.load(scale_ptr + blk * stride_sc_blk + in_blk * stride_sc_row, mask=mask_n,
                                     other=0.0)  # [BLOCK_N] fp32
-            else:
-                c_v = c_kv  # one load feeds both dots: Triton pipelines a 16-bit tile read in both orders
-            if UPCAST_DOT:
-                c_kv = c_kv.to(tl.float32)
-                c_v = c_v.to(tl.float32)
-                k_pe = k_pe.to(tl.float32)
-            qk = tl.dot(q, tl.trans(c_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-            qk = tl.dot(q_pe, tl.trans(k_pe), acc=qk, input_precision=DOT_PRECISION)
-            if KV_FP8:
+                c_even, c_odd = fp8_words_to_f16(w_c, E5M2, ASM)
+                r_even, r_odd = fp8_words_to_f16(w_r, E5M2, ASM)
+                c_even, c_odd = c_even.to(dot_dtype), c_odd.to(dot_dtype)
+                r_even, r_odd = r_even.to(dot_dtype), r_odd.to(dot_dtype)
+                if UPCAST_DOT:
+                    c_even, c_odd = c_even.to(tl.float32), c_odd.to(tl.float32)
+                    r_even, r_odd = r_even.to(tl.float32), r_odd.to(tl.float32)
+                qk = tl.dot(q_even, tl.trans(c_even), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+                qk = tl.dot(q_odd, tl.trans(c_odd), acc=qk, input_precision=DOT_PRECISION)
+                qk = tl.dot(pe_even, tl.trans(r_even), acc=qk, input_precision=DOT_PRECISION)
+                qk = tl.dot(pe_odd, tl.trans(r_odd), acc=qk, input_precision=DOT_PRECISION)
                 qk = qk * (tok_scale * qk_scale)[None, :]  # q . (s_t v_t) = s_t (q . v_t)
             else:
+                # HBM reads each latent byte once here, for both dots (keys == values) and all BLOCK_H heads.
+                c_kv = tl.load(kv_ptr + row[:, None] + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
+                               other=0.0)  # [BLOCK_N, BLOCK_C]: the keys of the score dot and the values
+                k_pe = tl.load(kv_ptr + row[:, None] + C + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
+                               other=0.0)  # [BLOCK_N, BLOCK_R]
+                if UPCAST_DOT:
+                    c_kv = c_kv.to(tl.float32)
+                    k_pe = k_pe.to(tl.float32)
+                qk = tl.dot(q, tl.trans(c_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+                qk = tl.dot(q_pe, tl.trans(k_pe), acc=qk, input_precision=DOT_PRECISION)
                 qk = qk * qk_scale
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
 
@@ -254,14 +283,24 @@ if _HAS_TRITON:
             p = tl.exp2(qk - m_new[:, None])  # [BLOCK_H, BLOCK_N]
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if KV_FP8:
-                p = p * tok_scale[None, :]  # sum_t p_t (s_t v_t) = sum_t (p_t s_t) v_t: the values' scale on p
-            # p is rounded to the operand dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
-            p_v = p.to(dot_dtype)
-            if UPCAST_DOT:
-                p_v = p_v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p_v, c_v, input_precision=DOT_PRECISION)
+                # sum_t p_t (s_t v_t) = sum_t (p_t s_t) v_t: the values' scale on p. fp16 has 5 exponent bits, so the
+                # tile's largest scale cs comes out of p_t s_t (<= 1 then) and goes back on the fp32 sums.
+                cs = tl.maximum(tl.max(tok_scale, axis=0), 1e-30)
+                p_v = (p * (tok_scale / cs)[None, :]).to(dot_dtype)
+                if UPCAST_DOT:
+                    p_v = p_v.to(tl.float32)
+                acc_even = acc_even * alpha[:, None] + tl.dot(p_v, c_even, input_precision=DOT_PRECISION) * cs
+                acc_odd = acc_odd * alpha[:, None] + tl.dot(p_v, c_odd, input_precision=DOT_PRECISION) * cs
+            else:
+                # p is rounded to the operand dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
+                p_v = p.to(dot_dtype)
+                if UPCAST_DOT:
+                    p_v = p_v.to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(p_v, c_kv, input_precision=DOT_PRECISION)
             m_i = m_new
 
+        if KV_FP8:  # the columns back in order: [BLOCK_H, BLOCK_C / 2, 2] -> [BLOCK_H, BLOCK_C], once per program
+            acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_H, BLOCK_C))
         mask_hc = mask_h[:, None] & mask_c[None, :]
         out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_c[None, :]
         if NUM_SPLITS == 1:
@@ -353,6 +392,9 @@ def mla_decode(
     if min_split_len is not None and (not isinstance(min_split_len, int) or min_split_len < 1):
         raise ValueError(f"mla_decode: min_split_len must be a positive int, got {min_split_len!r}")
     fp8 = is_fp8(kv_cache.dtype)
+    if fp8 and (C % 2 or R % 2):
+        raise ValueError(f"mla_decode: an fp8 cache needs even latent widths (its tiles are read as pairs of values), "
+                         f"got C={C}, R={R}")
     launch = choose_launch(B, H, block_tables.shape[1] * block_size, num_sms(q_latent.device), kv_dtype=kv_cache.dtype,
                            q_dtype=q_latent.dtype, kv_lora_rank=C, rope_dim=R, block_h=block_h,
                            min_split_len=min_split_len or MIN_SPLIT_LEN)
@@ -393,16 +435,19 @@ def mla_decode(
     scales = latent_scales(kv_cache, C + R) if fp8 else kv_cache
     fp32 = q_latent.dtype == torch.float32
     _mla_decode_kernel[(n_hb, num_kv_splits, B)](
-        q_latent, q_pe, kv_cache, scales, block_tables, context_lens, out, mid_o, mid_lse, tickets,
-        float(sm_scale) * _LOG2E, H, block_size,
+        q_latent, q_pe, kv_cache, kv_cache.view(torch.uint16) if fp8 else kv_cache, scales, block_tables,
+        context_lens, out, mid_o, mid_lse, tickets,
+        float(sm_scale) * _LOG2E, H,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), scales.stride(0), scales.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if num_kv_splits > 1 else 0,
         mid_lse.stride(0), mid_lse.stride(1),
-        C=C, R=R, NUM_SPLITS=num_kv_splits, MIN_SPLIT=min_split_len,
+        BLOCK_SIZE=block_size, C=C, R=R, NUM_SPLITS=num_kv_splits, MIN_SPLIT=min_split_len,
         BLOCK_H=BLOCK_H, BLOCK_C=triton.next_power_of_2(C), BLOCK_R=max(16, triton.next_power_of_2(R)),
-        BLOCK_N=BLOCK_N, KV_FP8=fp8, FUSE_COMBINE=fuse,
+        BLOCK_WR=max(16, triton.next_power_of_2(R // 2)), BLOCK_N=BLOCK_N, KV_FP8=fp8,
+        E5M2=kv_cache.dtype == torch.float8_e5m2, ASM=fp8 and not _is_interpreted(_mla_decode_kernel),
+        FUSE_COMBINE=fuse,
         DOT_PRECISION="ieee" if fp32 else "tf32",
         UPCAST_DOT=_needs_dot_upcast(_mla_decode_kernel, q_latent.dtype),
         num_warps=num_warps if num_warps is not None else launch.num_warps,

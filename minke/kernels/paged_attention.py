@@ -155,7 +155,6 @@ if _HAS_TRITON:
         mid_o_ptr,  # [B, Hq, NUM_SPLITS, D] fp32: per-split output, already divided by its own sum of exps
         mid_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32: per-split log2-sum-exp2 of the log2-scaled scores
         qk_scale,  # scale * log2(e): scores in the exp2 domain
-        block_size,
         group,  # G = Hq / Hkv
         stride_qb,
         stride_qh,
@@ -173,6 +172,7 @@ if _HAS_TRITON:
         stride_mo_s,
         stride_ml_b,
         stride_ml_h,
+        BLOCK_SIZE: tl.constexpr,  # the cache's block size (constexpr: token -> block / row are a shift and a mask)
         HEAD_DIM: tl.constexpr,  # D (constexpr: the column masks vanish when D is a power of two)
         NUM_SPLITS: tl.constexpr,
         MIN_SPLIT: tl.constexpr,  # tokens per split at least (short contexts use fewer splits)
@@ -232,12 +232,12 @@ if _HAS_TRITON:
             offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical token positions
             mask_n = offs_n < end
             # Page-table lookup per token; int64 because num_blocks * block_size * Hkv * D can pass 2**31.
-            blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
-            row = blk * stride_kv_blk + (offs_n % block_size) * stride_kv_row + head_off  # [BLOCK_N]
+            blk = tl.load(bt_ptr + b * stride_bt + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+            row = blk * stride_kv_blk + (offs_n % BLOCK_SIZE) * stride_kv_row + head_off  # [BLOCK_N]
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
             if KV_FP8:
-                sc_row = blk * stride_sc_blk + (offs_n % block_size) * stride_sc_row + kv_head * stride_sc_head
+                sc_row = blk * stride_sc_blk + (offs_n % BLOCK_SIZE) * stride_sc_row + kv_head * stride_sc_head
                 k_sc = tl.load(ks_ptr + sc_row, mask=mask_n, other=0.0)  # [BLOCK_N] fp32
             if USE_DOT:
                 k_t = tl.trans(k).to(dot_dtype)
@@ -309,7 +309,6 @@ if _HAS_TRITON:
         mid_o_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
         mid_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
         qk_scale,  # scale * log2(e)
-        block_size,
         num_kv_heads,  # Hkv: the last head block may be partial
         stride_qb,
         stride_qh,
@@ -327,6 +326,7 @@ if _HAS_TRITON:
         stride_mo_s,
         stride_ml_b,
         stride_ml_h,
+        BLOCK_SIZE: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         GROUP: tl.constexpr,  # G = Hq / Hkv (constexpr: row -> KV head is a shift for powers of two)
         BLOCK_H: tl.constexpr,  # KV heads per program (a power of two)
@@ -387,8 +387,8 @@ if _HAS_TRITON:
         for n0 in tl.range(start, end, BLOCK_N, num_stages=LOOP_STAGES):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
-            blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
-            row = blk * stride_kv_blk + (offs_n % block_size) * stride_kv_row  # [BLOCK_N]
+            blk = tl.load(bt_ptr + b * stride_bt + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+            row = blk * stride_kv_blk + (offs_n % BLOCK_SIZE) * stride_kv_row  # [BLOCK_N]
             kv_mask = mask_n[:, None] & mask_c[None, :]
             k = tl.load(k_ptr + row[:, None] + col[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_C]
             if UPCAST_DOT:
@@ -425,11 +425,11 @@ if _HAS_TRITON:
 # tiles are twice the bytes: 32 tokens, 2 stages (fp32 caches are the test and reference path, not a speed one).
 # "vec" (MHA's vector path) and "heads" (kv_heads_per_program > 1: [32, H * 128] bf16 tiles, H = 2 is 16 KiB for
 # K, the same for V) are untuned starting points; bench/bench_paged_attention.py --sweep-launch times them all.
-# "dot_fp8" (the dot path over an fp8 cache, kernels/paged_attention_fp8.py): 128-token tiles, 4 warps, 3 stages,
-# bf16's launch (162 registers, no spills, 41 KiB of shared memory: bench/paged_attention_compile_report.py
-# --kv-dtype fp8e4nv); the kernel's first H200 sweep is the next measurement.
+# "dot_fp8" (the dot path over an fp8 cache, kernels/paged_attention_fp8.py): 128-token tiles, 4 warps, 2 stages,
+# the best of the H200 sweep on every shape by geometric mean (1.005-1.017 of each point's best; 3 stages 1.02-1.04):
+# bench/bench_paged_attention.py --kv-dtype fp8 --sweep-launch, 2026-12-03.
 _LAUNCH = {"vec": ((64, 4, 2), (32, 4, 2)), "dot": ((128, 4, 3), (32, 4, 2)), "heads": ((32, 4, 2), (16, 4, 2)),
-           "dot_fp8": ((128, 4, 3), (32, 4, 2))}
+           "dot_fp8": ((128, 4, 2), (32, 4, 2))}
 # The variant of each attention kind when the caller picks none (use_dot / kv_heads_per_program / loop_stages /
 # head_fastest None).
 _PLAIN = {"use_dot": None, "kv_heads_per_program": 1, "loop_stages": None, "head_fastest": False}
@@ -593,12 +593,12 @@ def paged_decode_attention(
     # Both stage-1 kernels take the same pointers and strides; the one scalar between them is the one-head kernel's
     # group or the head-block kernel's Hkv.
     pointers = (q, k_cache, v_cache, k_sc, v_sc, block_tables, seq_lens, out, mid_o, mid_lse,
-                float(scale) * _LOG2E, block_size)
+                float(scale) * _LOG2E)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                k_sc.stride(0), k_sc.stride(1), k_sc.stride(2),
                block_tables.stride(0), out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1),
                mid_o.stride(2) if num_splits > 1 else 0, mid_lse.stride(0), mid_lse.stride(1))
-    common = dict(HEAD_DIM=D, NUM_SPLITS=num_splits, MIN_SPLIT=min_split_len, BLOCK_N=block_n,
+    common = dict(BLOCK_SIZE=block_size, HEAD_DIM=D, NUM_SPLITS=num_splits, MIN_SPLIT=min_split_len, BLOCK_N=block_n,
                   DOT_PRECISION="ieee" if fp32 else "tf32", LOOP_STAGES=loop_stages, HEAD_FASTEST=head_fastest,
                   num_warps=num_warps, num_stages=num_stages)
     if fp8 and use_dot and D % 2 == 0:

@@ -34,7 +34,7 @@ from ._triton import tl, triton
 
 
 def _widen_asm(fmt: str) -> str:
-    """PTX for _fp8_words_to_f16: $2 holds two words (pack=2); $0 gets their even values, $1 their odd ones."""
+    """PTX for fp8_words_to_f16: $2 holds two words (pack=2); $0 gets their even values, $1 their odd ones."""
     return ("{\n"
             ".reg .b16 a0, a1;\n"
             ".reg .b32 x0, x1;\n"
@@ -53,7 +53,7 @@ if _HAS_TRITON:
     from .splitk_combine import split_cut
 
     @triton.jit
-    def _fp8_words_to_f16(w, E5M2: tl.constexpr, ASM: tl.constexpr):
+    def fp8_words_to_f16(w, E5M2: tl.constexpr, ASM: tl.constexpr):
         """w: uint16 words of two fp8 values (byte 0: an even column, byte 1 the odd one after it) -> (even, odd)
         as fp16 tensors of w's shape, exact. ASM (compiled code): cvt.rn.f16x2 per word and two prmt per two words
         (pack=2: each register pair holds two words); otherwise (the interpreter) Triton's casts."""
@@ -84,7 +84,6 @@ if _HAS_TRITON:
         mid_o_ptr,  # [B, Hq, NUM_SPLITS, D] fp32: per-split output, already divided by its own sum of exps
         mid_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32: per-split log2-sum-exp2 of the log2-scaled scores
         qk_scale,  # scale * log2(e)
-        block_size,
         group,  # G = Hq / Hkv
         stride_qb,
         stride_qh,
@@ -102,6 +101,8 @@ if _HAS_TRITON:
         stride_mo_s,
         stride_ml_b,
         stride_ml_h,
+        BLOCK_SIZE: tl.constexpr,  # the cache's block size (constexpr: token -> block and row are a shift and a
+        # mask for powers of two; as a runtime int they were a signed division per token, ~20% of the loop)
         HEAD_DIM: tl.constexpr,  # D, even
         NUM_SPLITS: tl.constexpr,
         MIN_SPLIT: tl.constexpr,
@@ -109,7 +110,7 @@ if _HAS_TRITON:
         BLOCK_W: tl.constexpr,  # next pow2 >= D / 2, >= 16: words (column pairs) per row
         BLOCK_N: tl.constexpr,  # tokens per inner iteration, >= 16
         E5M2: tl.constexpr,  # the cache's format: e5m2 (else e4m3)
-        ASM: tl.constexpr,  # compiled code: the inline-PTX widening (see _fp8_words_to_f16)
+        ASM: tl.constexpr,  # compiled code: the inline-PTX widening (see fp8_words_to_f16)
         DOT_F16: tl.constexpr,  # 16-bit q: fp16 dots; fp32 q (the test path): fp32 dots
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 dots (no silent TF32), "tf32" (ignored by fp16 dots)
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (kernels/_triton.py needs_dot_upcast)
@@ -156,8 +157,8 @@ if _HAS_TRITON:
         for n0 in tl.range(start, end, BLOCK_N, num_stages=LOOP_STAGES):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
-            blk = tl.load(bt_ptr + b * stride_bt + offs_n // block_size, mask=mask_n, other=0).to(tl.int64)
-            in_blk = offs_n % block_size
+            blk = tl.load(bt_ptr + b * stride_bt + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+            in_blk = offs_n % BLOCK_SIZE
             # [BLOCK_N], in words. Every row starts 16-byte aligned (fp8_row_width is a multiple of 16 bytes, 8
             # words), which Triton cannot see from the strides (72 words for D = 128 is not 16-divisible): without
             # the hint the tiles are loaded 2 bytes at a time and not pipelined.
@@ -166,7 +167,7 @@ if _HAS_TRITON:
             w_mask = mask_n[:, None] & mask_w[None, :]
             wk = tl.load(k_ptr + row[:, None] + offs_w[None, :], mask=w_mask, other=0)  # [BLOCK_N, BLOCK_W] u16
             k_sc = tl.load(ks_ptr + sc_row, mask=mask_n, other=0.0)  # [BLOCK_N] fp32
-            k_even, k_odd = _fp8_words_to_f16(wk, E5M2, ASM)
+            k_even, k_odd = fp8_words_to_f16(wk, E5M2, ASM)
             k_even = k_even.to(dot_dtype)
             k_odd = k_odd.to(dot_dtype)
             if UPCAST_DOT:
@@ -184,7 +185,7 @@ if _HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             wv = tl.load(v_ptr + row[:, None] + offs_w[None, :], mask=w_mask, other=0)
             v_sc = tl.load(vs_ptr + sc_row, mask=mask_n, other=0.0)
-            v_even, v_odd = _fp8_words_to_f16(wv, E5M2, ASM)
+            v_even, v_odd = fp8_words_to_f16(wv, E5M2, ASM)
             v_even = v_even.to(dot_dtype)
             v_odd = v_odd.to(dot_dtype)
             # fp16 has 5 exponent bits: p * s_t (s_t = a row's amax / fp8 max, maybe 1e-6) would sink into its
