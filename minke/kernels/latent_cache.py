@@ -86,7 +86,10 @@ def latent_scales(cache: torch.Tensor, width: int) -> torch.Tensor:
 def quantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """rows [N, W] float -> (values [N, W] in fp8 dtype, scales [N] float32): rows ~= values * scales[:, None]."""
     r = rows.float()
-    scale = (r.abs().amax(-1) / fp8_max(dtype)).clamp_min(_MIN_SCALE)  # [N]
+    # A tensor divisor: torch divides by a Python scalar on a GPU as a multiply by its reciprocal (an ulp off the
+    # quotient now and then), while the kernels (mha / mla prologue) and torch on a CPU divide exactly (IEEE).
+    fmax = torch.tensor(fp8_max(dtype), dtype=torch.float32, device=r.device)
+    scale = (r.abs().amax(-1) / fmax).clamp_min(_MIN_SCALE)  # [N]
     return (r / scale[:, None]).to(dtype), scale
 
 

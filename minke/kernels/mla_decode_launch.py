@@ -22,7 +22,9 @@ The model, fitted to the H200 sweep of 2026-12-02 (132 SMs, V2-Lite: 16 heads, 5
   that many pieces of >= MIN_SPLIT_LEN tokens, so short contexts in a long-capacity graph use fewer splits.
 - Tiles. At most one program per SM (batch 1-ish): 64-token tiles over 8 warps, the loads of one program must fill
   the SM (the 1 x 4K best); else 32-token tiles over 4 warps (212-255 registers a thread and ~55 KiB of shared
-  memory a program: two fit an SM; bench/mla_decode_compile_report.py). fp32 queries (tests): 16-token tiles.
+  memory a program: two fit an SM; bench/mla_decode_compile_report.py); an fp8 cache with 16 heads a program,
+  64-token tiles over 4 warps (its tiles are 16-bit words of two values, half the bytes: H200, 2026-12-03, 64 x 32K
+  631 us against 777 at 32 tokens, 16 x 32K 190 against 207, 16 x 8K equal). fp32 queries (tests): 16-token tiles.
 - Merge. Fused into the last split (no second launch) when that costs less than the separate combine: the merging
   program reads the s partials alone, at ~58 GB/s (inferred: at 1 x 4K the fused default, 64 splits, took 48.5 us
   and the best launch at the same splits and tiles 11.8, i.e. 2 MiB of partials in ~37 us; 1 x 32K, 128 splits:
@@ -149,6 +151,8 @@ def choose_launch(batch: int, num_heads: int, capacity: int, num_sms: int, *, kv
         block_n, num_warps = 16, 4 if block_h == 16 else 8
     elif programs * splits <= num_sms:  # one program per SM: it alone has to keep the SM's loads in flight
         block_n, num_warps = 64, 8
+    elif fp8 and block_h == 16:  # a [64, 256]-word fp8 tile is the bytes of bf16's [32, 512]
+        block_n, num_warps = 64, 4
     else:
         block_n, num_warps = 32, 4 if block_h == 16 else 8
     return MlaDecodeLaunch(impl=impl, num_kv_splits=splits, block_n=block_n, num_warps=num_warps, num_stages=2,
