@@ -33,7 +33,10 @@ TB/s of fp8 bytes; both kernels are bound by their per-tile latency, not by HBM)
 
 from __future__ import annotations
 
+import torch
+
 from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import is_interpreted as _is_interpreted
 from ._triton import tl, triton
 
 
@@ -53,6 +56,25 @@ def _widen_asm(fmt: str) -> str:
 _WIDEN_E4M3 = tl.constexpr(_widen_asm("e4m3")) if _HAS_TRITON else None
 _WIDEN_E5M2 = tl.constexpr(_widen_asm("e5m2")) if _HAS_TRITON else None
 
+
+def fp8_words_to_f16_ref(words: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """words [...] uint16 (two fp8 values each, little-endian: byte 0 the even column) -> (even, odd) fp16: the
+    torch reference of fp8_words_to_f16."""
+    pairs = words.contiguous().view(torch.uint8).view(fp8_dtype).view(*words.shape, 2).to(torch.float16)
+    return pairs[..., 0], pairs[..., 1]
+
+
+def fp8_words_to_f16_triton(words: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_words_to_f16 over a flat uint16 tensor (the attention kernels' widening on its own, for its tests: the
+    inline PTX on a GPU, the interpreter's casts on a CPU)."""
+    w = words.contiguous().view(-1)
+    even, odd = torch.empty(w.shape, dtype=torch.float16, device=w.device), torch.empty_like(w, dtype=torch.float16)
+    block = 1024
+    _widen_kernel[(triton.cdiv(w.numel(), block),)](w, even, odd, w.numel(), BLOCK=block,
+                                                     E5M2=fp8_dtype == torch.float8_e5m2,
+                                                     ASM=not _is_interpreted(_widen_kernel))
+    return even.view(words.shape), odd.view(words.shape)
+
 if _HAS_TRITON:
     from .splitk_combine import split_cut
 
@@ -60,20 +82,27 @@ if _HAS_TRITON:
     def fp8_words_to_f16(w, E5M2: tl.constexpr, ASM: tl.constexpr):
         """w: uint16 words of two fp8 values (byte 0: an even column, byte 1 the odd one after it) -> (even, odd)
         as fp16 tensors of w's shape, exact. ASM (compiled code): cvt.rn.f16x2 per word and two prmt per two words
-        (pack=2: each register pair holds two words); otherwise (the interpreter) Triton's casts."""
+        (pack=2: each register pair holds two words); otherwise (the interpreter) Triton's casts for e4m3 (which
+        read its NaN codes as +-480: never written, the quantizer saturates) and bit moves for e5m2."""
         if ASM:
             if E5M2:
                 return tl.inline_asm_elementwise(_WIDEN_E5M2, "=r,=r,r", [w], dtype=(tl.float16, tl.float16),
                                                  is_pure=True, pack=2)
             return tl.inline_asm_elementwise(_WIDEN_E4M3, "=r,=r,r", [w], dtype=(tl.float16, tl.float16),
                                              is_pure=True, pack=2)
-        if E5M2:
-            fp8 = tl.float8e5
-        else:
-            fp8 = tl.float8e4nv
-        even = (w & 0xFF).to(tl.uint8).to(fp8, bitcast=True).to(tl.float16)
-        odd = (w >> 8).to(tl.uint8).to(fp8, bitcast=True).to(tl.float16)
+        if E5M2:  # e5m2 is the high byte of an fp16 (the interpreter's cast flushes its subnormals)
+            return (w << 8).to(tl.float16, bitcast=True), (w & 0xFF00).to(tl.float16, bitcast=True)
+        even = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        odd = (w >> 8).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
         return even, odd
+
+    @triton.jit
+    def _widen_kernel(w_ptr, even_ptr, odd_ptr, n, BLOCK: tl.constexpr, E5M2: tl.constexpr, ASM: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        even, odd = fp8_words_to_f16(tl.load(w_ptr + offs, mask=mask, other=0), E5M2, ASM)
+        tl.store(even_ptr + offs, even, mask=mask)
+        tl.store(odd_ptr + offs, odd, mask=mask)
 
     @triton.jit
     def paged_decode_stage1_fp8_kernel(
