@@ -20,9 +20,7 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -31,10 +29,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from minke.kernels import gemv as g  # noqa: E402
+from sass import cuobjdump, sass_loops  # noqa: E402
 
 _PTRS = {"x_ptr": "x", "w_ptr": "w", "s_ptr": "*fp32", "w_up_ptr": "w", "s_up_ptr": "*fp32", "y_ptr": "x",
          "e_ptr": "x", "h_ptr": "*fp32", "lh_ptr": "*fp32", "lb_ptr": "x", "lslot_ptr": "*i32", "ws_ptr": "*fp32"}
-_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
 def compile_config(cfg: dict, fp8: bool, silu: bool, arch: int = 90, x: str = "bf16"):
@@ -63,29 +61,18 @@ def compile_config(cfg: dict, fp8: bool, silu: bool, arch: int = 90, x: str = "b
 
 
 def report(k, cfg: dict, fp8: bool, silu: bool) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(k.asm["cubin"])
-        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", path], capture_output=True,
-                               text=True).stdout
-        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+    usage = cuobjdump(k.asm["cubin"], "-res-usage")
     regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    lines = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", ln)]
-    addr = [int(re.match(r"\s*/\*([0-9a-f]{4,})\*/", ln).group(1), 16) for ln in lines]
     loops = []  # backward branches: (instructions, global bytes a thread loads) of each K loop pass
-    for i, line in enumerate(lines):
-        m = re.search(r"BRA\s+0x([0-9a-f]+)", line)
-        if m and int(m.group(1), 16) < addr[i]:
-            body = [ln for a, ln in zip(addr, lines) if int(m.group(1), 16) <= a <= addr[i]]
-            nbytes = 0
-            for ln in body:
-                op = re.search(r"\b(LDG|LDGSTS)(\.[A-Z0-9_:.]+)?", ln)
-                if op:
-                    width = re.search(r"\.(128|64|32|U16|S16|U8|S8)\b", op.group(0))
-                    nbytes += {"128": 16, "64": 8, "32": 4, "U16": 2, "S16": 2, "U8": 1, "S8": 1}.get(
-                        width.group(1) if width else "32", 4)
-            loops.append((len(body), nbytes))
+    for body in sass_loops(cuobjdump(k.asm["cubin"], "-sass")):
+        nbytes = 0
+        for ln in body:
+            op = re.search(r"\b(LDG|LDGSTS)(\.[A-Z0-9_:.]+)?", ln)
+            if op:
+                width = re.search(r"\.(128|64|32|U16|S16|U8|S8)\b", op.group(0))
+                nbytes += {"128": 16, "64": 8, "32": 4, "U16": 2, "S16": 2, "U8": 1, "S8": 1}.get(
+                    width.group(1) if width else "32", 4)
+        loops.append((len(body), nbytes))
     ptx = k.asm["ptx"]
     # weights a warp streams each pass: a thread's global bytes a pass over its share of a K tile's bytes (weights
     # and x), times the tile's weights a warp. An estimate: where each warp loads its own copy of x (the old

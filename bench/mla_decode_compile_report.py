@@ -28,6 +28,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from minke.kernels import mla_decode as m  # noqa: E402
+from sass import cuobjdump, opcode, sass_loops  # noqa: E402
 
 _PTRS = {"q_ptr": "q", "qpe_ptr": "q", "kv_ptr": "kv", "kvw_ptr": "words", "scale_ptr": "scale", "bt_ptr": "*i32", "lens_ptr": "*i32",
          "out_ptr": "q", "mid_o_ptr": "*fp32", "mid_lse_ptr": "*fp32", "ticket_ptr": "*i32"}
@@ -65,28 +66,10 @@ def loop_sass(cubin: bytes) -> str:
     """The inner loop's SASS: instructions a thread issues per tile (the largest backward-branch range holding a
     tensor-core op or, on the vector path, the K loads) and its most frequent opcodes. The loop of a
     memory-bound kernel must issue little per byte: the MHA bf16 128-token tile is ~790 instructions (Triton 3.6)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        sass = subprocess.run([os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm"), "-c", path], capture_output=True, text=True).stdout
-    ins, labels = [], {}
-    for line in sass.splitlines():
-        m = re.match(r"^\s*\.(L_x_\d+):", line)
-        if m:
-            labels[m.group(1)] = len(ins)
-            continue
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
-        if m:
-            ins.append((m.group(1), m.group(2)))
-    best = []
-    for i, (op, rest) in enumerate(ins):
-        t = re.search(r"\.(L_x_\d+)", rest) if op.startswith("BRA") else None
-        if t and labels.get(t.group(1), i + 1) <= i:
-            body = ins[labels[t.group(1)]:i + 1]
-            if any(o.startswith(("HMMA", "LDG", "LDGSTS")) for o, _ in body) and len(body) > len(best):
-                best = body
-    ops = collections.Counter(o.split(".")[0] for o, _ in best)
+    bodies = [b for b in sass_loops(cuobjdump(cubin, "-sass"))
+              if any(opcode(ln) in ("HMMA", "LDG", "LDGSTS") for ln in b)]
+    best = max(bodies, key=len, default=[])
+    ops = collections.Counter(opcode(ln) for ln in best)
     return f"loop {len(best)} SASS: " + " ".join(f"{o} {n}" for o, n in ops.most_common(6))
 
 
