@@ -88,8 +88,9 @@ def quantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     r = rows.float()
     # A tensor divisor: torch divides by a Python scalar on a GPU as a multiply by its reciprocal (an ulp off the
     # quotient now and then), while the kernels (mha / mla prologue) and torch on a CPU divide exactly (IEEE).
-    fmax = torch.tensor(fp8_max(dtype), dtype=torch.float32, device=r.device)
-    scale = (r.abs().amax(-1) / fmax).clamp_min(_MIN_SCALE)  # [N]
+    # full_like fills on the device (no host copy, so CUDA-graph capture is fine).
+    amax = r.abs().amax(-1)  # [N]
+    scale = (amax / torch.full_like(amax, fp8_max(dtype))).clamp_min(_MIN_SCALE)  # [N]
     return (r / scale[:, None]).to(dtype), scale
 
 

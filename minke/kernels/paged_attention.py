@@ -601,9 +601,10 @@ def paged_decode_attention(
     common = dict(BLOCK_SIZE=block_size, HEAD_DIM=D, NUM_SPLITS=num_splits, MIN_SPLIT=min_split_len, BLOCK_N=block_n,
                   DOT_PRECISION="ieee" if fp32 else "tf32", LOOP_STAGES=loop_stages, HEAD_FASTEST=head_fastest,
                   num_warps=num_warps, num_stages=num_stages)
-    if fp8 and use_dot and D % 2 == 0:
+    if fp8 and use_dot:
         # The tiles as 16-bit words, two fp8 values each (kernels/paged_attention_fp8.py); strides in words (every
-        # stride of the cache is even: its rows are fp8_row_width(D) bytes, a multiple of 16).
+        # stride of the cache is even: its rows are fp8_row_width(D) bytes, a multiple of 16; D itself is a multiple
+        # of 4, or latent_scales above could not view the scale bytes).
         k_words, v_words = k_cache.view(torch.uint16), v_cache.view(torch.uint16)
         paged_decode_stage1_fp8_kernel[grid](
             q, k_words, v_words, *pointers[3:], group, q.stride(0), q.stride(1), k_words.stride(0),

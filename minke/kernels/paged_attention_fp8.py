@@ -68,7 +68,7 @@ def fp8_words_to_f16_triton(words: torch.Tensor, fp8_dtype: torch.dtype) -> tupl
     """fp8_words_to_f16 over a flat uint16 tensor (the attention kernels' widening on its own, for its tests: the
     inline PTX on a GPU, the interpreter's casts on a CPU)."""
     w = words.contiguous().view(-1)
-    even, odd = torch.empty(w.shape, dtype=torch.float16, device=w.device), torch.empty_like(w, dtype=torch.float16)
+    even, odd = torch.empty_like(w, dtype=torch.float16), torch.empty_like(w, dtype=torch.float16)
     block = 1024
     _widen_kernel[(triton.cdiv(w.numel(), block),)](w, even, odd, w.numel(), BLOCK=block,
                                                      E5M2=fp8_dtype == torch.float8_e5m2,
