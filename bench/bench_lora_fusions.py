@@ -27,6 +27,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under Triton's interpreter")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--iters", type=int, default=50, help="repetitions inside one CUDA graph")
+    ap.add_argument("--sweep-moe", action="store_true",
+                    help="also time the moe piece (base and with adapters) over a grid of fused_moe block sizes at "
+                         "each batch, and print the best few of each (get_moe_config's LoRA rows' evidence)")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -171,7 +174,34 @@ def main() -> None:
                     # 278,528 of 232,448 bytes): the engine never takes the in-loop shrink there (one token only)
                     row["in_loop_error"] = f"{type(e).__name__}: {str(e)[:120]}"
             print(json.dumps(row), flush=True)
+        if args.sweep_moe and not args.smoke:
+            sweep_moe(fm, timed, xm, w13, w2, wts, ids, lora, t)
     return 0
+
+
+def sweep_moe(fm, timed, xm, w13, w2, wts, ids, lora, t: int) -> None:
+    """fused_moe with and without the adapters over BLOCK_N x BLOCK_K x stages (4 warps), BLOCK_M as the table's
+    for t tokens: one JSON line per batch with the default's us and the five best configs of each."""
+    import itertools
+
+    E, I, D = w13.shape[0], w2.shape[2], w13.shape[2]
+    default = fm.get_moe_config(E, I, D, t, xm.dtype)
+    rows = {"base": [], "lora": []}
+    for bn, bk, stages, warps in itertools.product((32, 64, 128), (64, 128, 256), (2, 3, 4), (4,)):
+        cfg = dict(default, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_stages=stages, num_warps=warps)
+        for name, kw in (("base", {}), ("lora", {"lora": lora})):
+            try:
+                us = timed(lambda: fm.fused_moe(xm, w13, w2, wts, ids, reduce=False, config=cfg, **kw))
+            except Exception as e:  # noqa: BLE001 -- shared memory over the SM's for the big tiles
+                us = float("inf")
+                if "resources" not in str(e) and "shared memory" not in str(e).lower():
+                    print(json.dumps({"sweep_error": f"{type(e).__name__}: {str(e)[:160]}", "cfg": cfg}), flush=True)
+            rows[name].append((round(us, 2), bn, bk, stages, warps))
+    out = {"sweep": "moe", "batch": t, "default": {k: default[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N",
+                                                                          "BLOCK_SIZE_K", "num_stages", "num_warps")}}
+    for name, r in rows.items():
+        out[f"{name}_best"] = sorted(r)[:5]  # (us, BLOCK_N, BLOCK_K, stages, warps)
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

@@ -49,11 +49,16 @@ def main():
     ap.add_argument("--lora-rank", type=int, default=0,
                     help="also serve one random adapter of this rank on every adaptable module (routed experts "
                          "included; bench_lora.py's) and decode every request through it (issue 17's batch-1 gap)")
+    ap.add_argument("--num-adapters", type=int, default=1,
+                    help="with --lora-rank: this many distinct random adapters, round-robin over a batch's requests "
+                         "(bench_lora.py's batch-32 case has 4)")
     ap.add_argument("--mixed-prefill", type=int, default=0,
                     help="also profile one prefill step of this many prompts of random lengths 32..1024 (as the "
                          "offline benchmark admits them)")
     ap.add_argument("--quantization", default=None, choices=[None, "fp8"], help="as minke bench's (llm-67b: fp8)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                    help="as minke bench's")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     d = shape_dir(args.shape, None)
@@ -67,12 +72,14 @@ def main():
 
         from minke.lora import LoRARequest
 
-        path = write_random_adapter(d, tempfile.mkdtemp(prefix="minke-prof-lora-"), args.lora_rank, 0)
-        lora_kw = dict(enable_lora=True, max_loras=4, max_lora_rank=args.lora_rank)
-        lora = LoRARequest("a0", 1, path)
+        loras = [LoRARequest(f"a{i}", i + 1, write_random_adapter(d, tempfile.mkdtemp(prefix="minke-prof-lora-"),
+                                                                    args.lora_rank, i))
+                 for i in range(args.num_adapters)]
+        lora_kw = dict(enable_lora=True, max_loras=max(4, args.num_adapters), max_lora_rank=args.lora_rank)
+        lora = loras[0]
     llm = LLM(d, load_format="dummy", dtype="bfloat16", max_model_len=4096,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.eager,
-              quantization=args.quantization, **lora_kw)
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, **lora_kw)
     vocab = 102400
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(_prompts(1, args.prefill, vocab, 0), one, use_tqdm=False, lora_request=lora)
@@ -108,7 +115,7 @@ def main():
     for b in [int(x) for x in args.batches.split(",")]:
         p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
         for i, pr in enumerate(_prompts(b, 256, vocab, 7)):
-            engine.add_request(f"p{b}-{i}", pr, p, lora_request=lora)
+            engine.add_request(f"p{b}-{i}", pr, p, lora_request=loras[i % len(loras)] if lora else None)
         while any(s.is_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()
         for _ in range(3):
@@ -130,7 +137,7 @@ def main():
         kernels, copies = gpu_launches(prof, steps)
         launches = (f"GPU kernels per step {kernels:.0f} (+ {copies:.0f} memcpy/memset), "
                     f"{kernels / engine.model_config.num_hidden_layers:.1f} a layer"
-                    + (f", adapter rank {args.lora_rank}" if args.lora_rank else ", base model"))
+                    + (f", adapter rank {args.lora_rank} x {args.num_adapters}" if args.lora_rank else ", base model"))
         with open(os.path.join(args.out, f"decode_b{b}.txt"), "w") as f:
             f.write(f"wall per step {wall * 1000:.2f} ms, graph replay {replay} ms\n{launches}\n")
             f.write(table(prof, "cuda_time_total"))

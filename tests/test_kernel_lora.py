@@ -230,6 +230,48 @@ def test_shrink_expand_equals_references(dtype, a_grouped, b_grouped):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", ["q", "out"])
+def test_lora_bmm_equals_einsum_plus_adapters(dtype, side):
+    """lora_bmm: MLA absorbed decode's per-head product and its adapters' terms in one launch, on the views the
+    model passes: q: x = q_nope (a slice of q [T, H, nope + rope]), w = W_UK (a slice of kv_b's [H, nope + v, C]),
+    A per token and B_UK^T per head; out: x = o_latent [T, H, C], w = W_UV^T (a transposed slice), A per token and
+    B_UV per head. Rows without an adapter get the plain product."""
+    from minke.kernels.lora import lora_bmm
+
+    tokens, heads, nope, v, c, rope, S, r = 6, 3, 32, 24, 64, 8, 3, 8
+    g = torch.Generator().manual_seed(5)
+    kv_b = (torch.randn(heads, nope + v, c, generator=g) * 0.2).to(DEVICE, dtype)
+    slots = torch.tensor([1, -1, 0, 2, -1, 1, 0, 0], dtype=torch.int32, device=DEVICE)
+    if side == "q":
+        q = torch.randn(tokens, heads, nope + rope, generator=g).to(DEVICE, dtype)
+        x, w, k, n = q[..., :nope], kv_b[:, :nope], nope, c  # w [H, nope, C]
+        a = (torch.randn(S * heads, r, k, generator=g) * 0.2).to(DEVICE, dtype)  # B_UK^T per head
+        b = (torch.randn(S, n, r, generator=g) * 0.2).to(DEVICE, dtype)  # A^T per token
+        a_grouped, b_grouped = True, False
+    else:
+        x = torch.randn(tokens, heads, c, generator=g).to(DEVICE, dtype)
+        w, k, n = kv_b[:, nope:].transpose(1, 2), c, v  # W_UV^T [H, C, v]
+        a = (torch.randn(S, r, k, generator=g) * 0.2).to(DEVICE, dtype)
+        b = (torch.randn(S * heads, n, r, generator=g) * 0.2).to(DEVICE, dtype)
+        a_grouped, b_grouped = False, True
+    rows = tokens * heads
+    ia = lora_row_index(slots, rows, heads, heads if a_grouped else 1)
+    ib = lora_row_index(slots, rows, heads, heads if b_grouped else 1)
+    base = torch.einsum("thk,hkn->thn", x.float(), w.float()).reshape(rows, n)
+    want = lora_expand_ref(base.clone(), lora_shrink_ref(x.reshape(rows, k), a, ia), b, ib)
+    got = lora_bmm(x, w, a, b, slots, a_grouped, b_grouped)
+    assert got.shape == (tokens, heads, n) and got.dtype == dtype and got.is_contiguous()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.reshape(rows, n).float(), want, **tol)
+    plain = ia < 0
+    torch.testing.assert_close(got.reshape(rows, n)[plain].float(), base[plain], **tol)
+    assert not torch.equal(want[~plain], base[~plain])  # the adapters' terms are there
+    with pytest.raises(ValueError, match=r"w \[G, K, N\]"):
+        lora_bmm(x, w[:, :-1], a, b, slots, a_grouped, b_grouped)
+
+
+@needs_triton
 def test_fused_moe_with_lora_on_fp8_experts():
     """fp8 expert weights (row scales on the sums) with adapters: the deltas are added after the scales, as the
     torch path computes with the widened weights."""

@@ -55,7 +55,7 @@ def test_kernel_path_tokens_equal_the_merged_model(references, monkeypatch, vari
     import minke.kernels.fused_moe as fm
     import minke.lora.layers as layers
 
-    calls = {"shrink": 0, "per_head": 0, "experts": 0}
+    calls = {"shrink": 0, "per_head": 0, "experts": 0, "bmm": 0}
 
     def counted(fn, key):
         def wrapper(*a, **kw):
@@ -67,6 +67,7 @@ def test_kernel_path_tokens_equal_the_merged_model(references, monkeypatch, vari
 
     monkeypatch.setattr(layers, "lora_shrink", counted(layers.lora_shrink, "shrink"))
     monkeypatch.setattr(layers, "lora_shrink_expand", counted(layers.lora_shrink_expand, "per_head"))
+    monkeypatch.setattr(layers, "lora_bmm", counted(layers.lora_bmm, "bmm"))  # absorbed decode: bmm + adapter, one launch
     fused = fm.fused_moe
 
     def fused_counted(*a, **kw):  # the experts' adapters ride its grouped GEMMs (their shrinks in the K loops)
@@ -112,7 +113,7 @@ def test_kernel_path_tokens_equal_the_merged_model(references, monkeypatch, vari
     # the stacked shrink of the fused input projection rides the input norm in every step; its block-diagonal
     # expand follows the projection (no ctx.apply of the stacked B any more)
     assert calls["shrink"] and calls["norm_shrink"] and calls["norm_expand"] and not calls["stacked"], calls
-    assert bool(calls["per_head"]) == moe and bool(calls["experts"]) == moe, calls
+    assert bool(calls["bmm"]) == moe and bool(calls["experts"]) == moe, calls
 
 
 @pytest.mark.skipif(not HAS_TRITON or (not torch.cuda.is_available()

@@ -18,7 +18,8 @@ launch): the consumer (expand, or the fused MoE's grouped GEMM epilogue, which a
 the experts' deltas never go through HBM) sums the SPLIT slices as it loads h. Rows without an adapter get zero
 partials. Indices are only read in device memory, so the kernels run inside CUDA graphs with new indices at replay.
 
-Also here: lora_shrink_expand (shrink and expand in one launch for K <= 512: MLA absorbed decode), lora_expand's
+Also here: lora_shrink_expand (shrink and expand in one launch for K <= 512) and lora_bmm (the same plus the
+per-head base product: MLA absorbed decode's two bmms with their adapters, one launch each), lora_expand's
 slotted form (h of every slot per row, from the one-row GEMV's extra rows: kernels/gemv.py), lora_shrink_moe (the
 routed experts' shrink over moe_align's expert-sorted tiles; fused_moe runs it only for fp8 activations or many
 slots, otherwise the shrinks ride its grouped GEMMs' K loops). Other expands and shrinks ride the kernels beside
@@ -200,16 +201,18 @@ if HAS_TRITON:
 
 
     @triton.jit(do_not_specialize=["M"])
-    def _shrink_expand_kernel(x_ptr, a_ptr, b_ptr, y_ptr, slot_ptr, M, K, N, R, S, G, k_iters,
+    def _shrink_expand_kernel(x_ptr, a_ptr, b_ptr, y_ptr, slot_ptr, w_ptr, M, K, N, R, S, G, k_iters,
                               stride_xt, stride_xg, stride_al, stride_ar, stride_bl, stride_bn, stride_yt, stride_yg,
+                              stride_wg, stride_wk, stride_wn,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               BLOCK_R: tl.constexpr, A_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr,
-                              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                              HAS_BASE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         """Small K (MLA's per-head rows: K = nope or the latent width): y += (x A^T) B^T in one program per (row
         block, N tile, group g), rows (token i, group g) = i * G + g at x + i * stride_xt + g * stride_xg (y
         likewise: strided per-head views need no copy); A (B) indexed slot * G + g when A_GROUPED (B_GROUPED), else
         slot. Each N tile recomputes its rows' h (a few K iterations from L2): one launch instead of a shrink and an
-        expand."""
+        expand. HAS_BASE: y = x @ W[g] + (x A^T) B^T, stored (not added), W [G, K, N] at any strides (MLA absorbed
+        decode's W_UK [H, nope, C] and W_UV^T [H, C, v]: the bmm and its adapters' terms in one launch)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
@@ -217,7 +220,7 @@ if HAS_TRITON:
         valid = tok * G + g < M
         slot = tl.load(slot_ptr + tok, mask=valid, other=-1)
         used = slot >= 0
-        if tl.max(used.to(tl.int32), axis=0) > 0:
+        if tl.max(used.to(tl.int32), axis=0) + HAS_BASE > 0:  # without a base product: tiles with no adapter idle
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             offs_r = tl.arange(0, BLOCK_R)
             offs_k = tl.arange(0, BLOCK_K)
@@ -225,6 +228,19 @@ if HAS_TRITON:
             r_mask = offs_r < R
             x_rows = tok.to(tl.int64) * stride_xt + g * stride_xg
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_BASE:  # x [BLOCK_M, K] @ W[g] [K, BLOCK_N]
+                w_tile = w_ptr + g.to(tl.int64) * stride_wg + offs_n[None, :] * stride_wn
+                for i in range(0, k_iters):
+                    kk = i * BLOCK_K + offs_k
+                    k_mask = kk < K
+                    xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=valid[:, None] & k_mask[None, :],
+                                 other=0.0)
+                    wt = tl.load(w_tile + kk[:, None] * stride_wk, mask=k_mask[:, None] & n_mask[None, :],
+                                 other=0.0)  # [BLOCK_K, BLOCK_N]
+                    if UPCAST:
+                        xt = xt.to(tl.float32)
+                        wt = wt.to(tl.float32)
+                    acc = tl.dot(xt, wt, acc=acc, input_precision=DOT_PRECISION)
             for s in range(0, S):
                 mine = slot == s
                 if tl.max(mine.to(tl.int32), axis=0) > 0:
@@ -257,9 +273,12 @@ if HAS_TRITON:
                         hb = h.to(bt.dtype)
                     acc = tl.dot(hb, bt, acc=acc, input_precision=DOT_PRECISION)
             y_ptrs = y_ptr + (tok.to(tl.int64) * stride_yt + g * stride_yg)[:, None] + offs_n[None, :]
-            y_mask = used[:, None] & n_mask[None, :]
-            y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-            tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+            if HAS_BASE:
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+            else:
+                y_mask = used[:, None] & n_mask[None, :]
+                y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+                tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def lora_block_r(r: int) -> int:
@@ -402,17 +421,37 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
     be given per (token, group) as [T, groups, K] / [T, groups, N] views with any token and group strides (a slice
     of the q projection, an einsum's permuted output: no copy). In place, returns y; rows without an adapter are
     untouched."""
-    if not HAS_TRITON:
-        raise RuntimeError("lora_shrink_expand: triton is not installed; use lora_shrink_ref / lora_expand_ref")
+    return _shrink_expand("lora_shrink_expand", y, x, a, b, slots, groups, a_grouped, b_grouped, None)
 
-    def per_group(t: torch.Tensor, name: str):  # -> (tokens, last dim, token stride, group stride)
+
+def lora_bmm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
+             a_grouped: bool, b_grouped: bool) -> torch.Tensor:
+    """y [T, G, N] = x [T, G, K] @ w[g] [K, N] per group g, plus each adapted token's (x A[ia]^T) B[ib]^T as in
+    lora_shrink_expand, in one launch: MLA absorbed decode's q_latent = q_nope W_UK + (q_nope B_UK) A and
+    out = o_latent W_UV^T + (A o_latent) B_UV^T, where a bmm and a lora_shrink_expand launch were two graph nodes per
+    product (decode is launch-bound: bench/profile_step.py --lora-rank). x: any token / group strides, unit last
+    stride; w [G, K, N] at any strides (W_UK as it is, W_UV^T as w_uv.transpose(1, 2)); K <= SHRINK_EXPAND_MAX_K.
+    Rows without an adapter get x @ w[g] alone (fp32 sums, one rounding). Returns a new contiguous y in x.dtype."""
+    if x.dim() != 3 or w.dim() != 3 or w.shape[0] != x.shape[1] or w.shape[1] != x.shape[2]:
+        raise ValueError(f"lora_bmm: x must be [T, G, K] and w [G, K, N], got x {tuple(x.shape)} and w "
+                         f"{tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise ValueError(f"lora_bmm: w ({w.dtype}) must have x's dtype ({x.dtype})")
+    y = torch.empty(x.shape[0], x.shape[1], w.shape[2], dtype=x.dtype, device=x.device)
+    return _shrink_expand("lora_bmm", y, x, a, b, slots, x.shape[1], a_grouped, b_grouped, w)
+
+
+def _shrink_expand(name, y, x, a, b, slots, groups, a_grouped, b_grouped, w):
+    if not HAS_TRITON:
+        raise RuntimeError(f"{name}: triton is not installed; use lora_shrink_ref / lora_expand_ref")
+
+    def per_group(t: torch.Tensor, what: str):  # -> (tokens, last dim, token stride, group stride)
         if t.dim() == 3:
             if t.shape[1] != groups:
-                raise ValueError(f"lora_shrink_expand: {name} [T, groups, .] needs groups {groups}, got "
-                                 f"{tuple(t.shape)}")
+                raise ValueError(f"{name}: {what} [T, groups, .] needs groups {groups}, got {tuple(t.shape)}")
             return t.shape[0], t.shape[2], t.stride(0), t.stride(1)
         if t.dim() != 2 or t.shape[0] % groups:
-            raise ValueError(f"lora_shrink_expand: {name} must be [M, .] with M a multiple of groups {groups} or "
+            raise ValueError(f"{name}: {what} must be [M, .] with M a multiple of groups {groups} or "
                              f"[T, {groups}, .], got {tuple(t.shape)}")
         return t.shape[0] // groups, t.shape[1], t.stride(0) * groups, t.stride(0)
 
@@ -420,17 +459,17 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
     tx, k, stride_xt, stride_xg = per_group(x, "x")
     m = ty * groups
     if tx != ty or k > SHRINK_EXPAND_MAX_K:
-        raise ValueError(f"lora_shrink_expand: x must be [{m}, K <= {SHRINK_EXPAND_MAX_K}] with {m} a multiple of "
+        raise ValueError(f"{name}: x must be [{m}, K <= {SHRINK_EXPAND_MAX_K}] with {m} a multiple of "
                          f"groups {groups}, got x {tuple(x.shape)}")
-    sa = _check_groups(a, groups if a_grouped else 1, "lora_shrink_expand")
-    sb = _check_groups(b, groups if b_grouped else 1, "lora_shrink_expand")
+    sa = _check_groups(a, groups if a_grouped else 1, name)
+    sb = _check_groups(b, groups if b_grouped else 1, name)
     if sa != sb or a.shape[2] != k or b.shape[1] != n or a.shape[1] != b.shape[2]:
-        raise ValueError(f"lora_shrink_expand: a [S*, R, {k}] and b [S*, {n}, R] must agree, got {tuple(a.shape)} "
+        raise ValueError(f"{name}: a [S*, R, {k}] and b [S*, {n}, R] must agree, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
-    _check_slots(slots, m // groups, "lora_shrink_expand")
-    _ready(y, "lora_shrink_expand")
+    _check_slots(slots, m // groups, name)
+    _ready(y, name)
     if x.stride(-1) != 1 or y.stride(-1) != 1 or a.stride(-1) != 1 or b.stride(-1) != 1:
-        raise ValueError("lora_shrink_expand: x, y, a and b need a unit last stride")
+        raise ValueError(f"{name}: x, y, a and b need a unit last stride")
     if m == 0:
         return y
     R = a.shape[1]
@@ -438,11 +477,12 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
     block_m, block_k = _block_m(rows), _shrink_block_k(k)
     block_n = 64 if n >= 64 else 32
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), groups)
-    _shrink_expand_kernel[grid](x, a, b, y, slots, m, k, n, R, sa, groups, triton.cdiv(k, block_k),
+    _shrink_expand_kernel[grid](x, a, b, y, slots, x if w is None else w, m, k, n, R, sa, groups,
+                                triton.cdiv(k, block_k),
                                 stride_xt, stride_xg, a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_yt,
-                                stride_yg,
+                                stride_yg, *((0, 0, 0) if w is None else w.stride()),
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=lora_block_r(R),
-                                A_GROUPED=a_grouped, B_GROUPED=b_grouped,
+                                A_GROUPED=a_grouped, B_GROUPED=b_grouped, HAS_BASE=w is not None,
                                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                 UPCAST=needs_dot_upcast(_shrink_expand_kernel, x.dtype), num_warps=4)
     return y

@@ -28,9 +28,11 @@ experts, 8 (token, expert) pairs a token), S = 4, R = 16; "was" = before this la
                                                                           128 KB of A a row); expand: one row in the
                                                                           GEMV epilogue (B rows [3648, 2R] of the
                                                                           slot, 233 KB) / lora_expand after the GEMM
-  kv_b absorbed q   1 (2: q_nope copy, s+e)        1 (2: reshape copy)    lora_shrink_expand on q_nope in place:
-                                                                          B_UK^T [H, R, nope] 64 KB, A^T 16 KB a slot
-  kv_b absorbed out 1 (1)                          1 (2: contiguous copy) lora_shrink_expand into the einsum's view:
+  kv_b absorbed q   0 (2: q_nope copy, s+e)        0 (2: reshape copy)    lora_bmm: the bmm q_nope W_UK and its
+                                                                          adapter term in one launch (was the bmm
+                                                                          + lora_shrink_expand): B_UK^T [H, R, nope]
+                                                                          64 KB, A^T 16 KB a slot
+  kv_b absorbed out 0 (1)                          0 (2: contiguous copy) lora_bmm: o_latent W_UV^T and its term:
                                                                           A 16 KB, B_UV [H, v, R] 64 KB a slot
   o_proj            0 (1: slotted expand)          1 (2: shrink, expand)  shrink: batch 1 S*R extra GEMV rows
                                                                           (256 KB), batch 32 lora_shrink; expand in
@@ -51,13 +53,14 @@ experts, 8 (token, expert) pairs a token), S = 4, R = 16; "was" = before this la
                                                                           expand in layer 1's input add + RMSNorm)
   per step          0 (2 H2D copies of the torch path's per-head indices; token_slots' copy stays)
 
-  a MoE layer       2 (7)                          6 (10)
-  the step          26*2 + 2 = 54 (194)            26*6 + 6 = 162 (275)
+  a MoE layer       0 (7)                          4 (10)
+  the step          0 (194)                        26*4 + 4 = 108 (275)
 
 (q_a / q_b of models with q compression: q_a is the fused input's first part (as above); q_b_proj is a plain
 LoRALinear after q_a_layernorm: shrink + expand, 2 launches; MHA / GQA models: q/k/v fused as above, their
 dense MLPs as layer 0's. Under tensor parallelism the block's all-reduce sits between a projection and the next
-norm: o_proj / down_proj keep their expand launch and the norms do no shrink.) "s+e" = lora_shrink_expand.
+norm: o_proj / down_proj keep their expand launch and the norms do no shrink.) "s+e" = lora_shrink_expand (what
+the absorbed products used before lora_bmm folded them into the bmm, 2026-12-03).
 bench/profile_step.py prints the GPU kernels a decode step runs, with and without --lora-rank.
 
 Every layer of a model reads one LoRAContext: the step's per-token slot indices in a persistent device buffer
@@ -78,8 +81,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.lora import (SHRINK_EXPAND_MAX_K, MoELoRA, fused_moe_lora_ref, lora_expand, lora_expand_ref, lora_shrink,
-                            lora_shrink_expand, lora_shrink_ref)
+from ..kernels.lora import (SHRINK_EXPAND_MAX_K, MoELoRA, fused_moe_lora_ref, lora_bmm, lora_expand, lora_expand_ref,
+                            lora_shrink, lora_shrink_expand, lora_shrink_ref)
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
                   "gate_proj", "up_proj", "down_proj")
@@ -469,16 +472,15 @@ class LoRAMLA:
         return ctx.head_slots[: n * h], ctx.row_slots[: n * h]
 
     def _absorb_q(self, q_nope, w_uk):
+        ctx, w = self.lora_ctx, self.kv_b_lora
+        if ctx.active and q_nope.shape[0] and ctx.use_kernels and self.nope <= SHRINK_EXPAND_MAX_K \
+                and q_nope.dtype == w.a.dtype == w_uk.dtype and q_nope.stride(-1) == 1:
+            # one launch: q_nope W_UK + (q_nope B_UK per head) A, q_nope read in place -> [n, H, C] contiguous
+            return lora_bmm(q_nope, w_uk, w.buk_t, w.a_t, ctx.slots(q_nope.shape[0]), a_grouped=True,
+                            b_grouped=False)
         q_latent = super()._absorb_q(q_nope, w_uk).contiguous()  # [n, H, C] (what mla_decode reads: no extra copy)
-        ctx = self.lora_ctx
         if ctx.active and q_nope.shape[0]:
             n, h, c = q_latent.shape
-            w = self.kv_b_lora
-            if ctx.use_kernels and self.nope <= SHRINK_EXPAND_MAX_K and q_nope.dtype == w.a.dtype \
-                    and q_nope.stride(-1) == 1:  # one launch: += (q_nope B_UK per head) A, q_nope read in place
-                lora_shrink_expand(q_latent, q_nope, w.buk_t, w.a_t, ctx.slots(n), h, a_grouped=True,
-                                   b_grouped=False)
-                return q_latent
             x = q_nope.reshape(n * h, self.nope).to(w.a.dtype)
             if ctx.use_kernels:  # rows (token i, head j) = i*H + j; the decode tokens are the step's first rows
                 slots = ctx.slots(n)
@@ -494,17 +496,13 @@ class LoRAMLA:
         return q_latent
 
     def _absorb_out(self, o_latent, w_uv):
-        out = super()._absorb_out(o_latent, w_uv)  # [n, H, v], maybe a permuted view (einsum's bmm over heads)
-        ctx = self.lora_ctx
+        ctx, w = self.lora_ctx, self.kv_b_lora
         if ctx.active and o_latent.shape[0] and ctx.use_kernels and o_latent.shape[-1] <= SHRINK_EXPAND_MAX_K \
-                and o_latent.dtype == self.kv_b_lora.a.dtype and o_latent.stride(-1) == 1 and out.stride(-1) == 1:
-            # one launch: += (A o_latent) B_UV^T per head, into the einsum's output as it is (no copy: _paged
-            # copies it into its own output next)
-            w = self.kv_b_lora
-            lora_shrink_expand(out, o_latent, w.a, w.buv, ctx.slots(o_latent.shape[0]), self.num_heads,
-                               a_grouped=False, b_grouped=True)
-            return out
-        out = out.contiguous()
+                and o_latent.dtype == w.a.dtype == w_uv.dtype and o_latent.stride(-1) == 1:
+            # one launch: o_latent W_UV^T + (A o_latent) B_UV^T per head -> [n, H, v]
+            return lora_bmm(o_latent, w_uv.transpose(1, 2), w.a, w.buv, ctx.slots(o_latent.shape[0]),
+                            a_grouped=False, b_grouped=True)
+        out = super()._absorb_out(o_latent, w_uv).contiguous()  # [n, H, v]
         if ctx.active and o_latent.shape[0]:
             n, h, c = o_latent.shape
             w = self.kv_b_lora
