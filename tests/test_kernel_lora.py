@@ -239,10 +239,10 @@ def test_lora_bmm_equals_einsum_plus_adapters(dtype, side):
     B_UV per head. Rows without an adapter get the plain product."""
     from minke.kernels.lora import lora_bmm
 
-    tokens, heads, nope, v, c, rope, S, r = 6, 3, 32, 24, 64, 8, 3, 8
+    tokens, heads, nope, v, c, rope, S, r = 20, 3, 136, 24, 192, 8, 3, 8  # K: 2 tiles of 128, a masked tail
     g = torch.Generator().manual_seed(5)
     kv_b = (torch.randn(heads, nope + v, c, generator=g) * 0.2).to(DEVICE, dtype)
-    slots = torch.tensor([1, -1, 0, 2, -1, 1, 0, 0], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([1, -1, 0, 2, -1, 1] * 4, dtype=torch.int32, device=DEVICE)
     if side == "q":
         q = torch.randn(tokens, heads, nope + rope, generator=g).to(DEVICE, dtype)
         x, w, k, n = q[..., :nope], kv_b[:, :nope], nope, c  # w [H, nope, C]

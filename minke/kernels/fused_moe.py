@@ -340,7 +340,6 @@ if _HAS_TRITON:
         stride_cm,
         stride_cn,
         stride_se,  # b_scale's expert stride
-        lora_S,  # adapter slots
         lora_E,  # experts in the B stacks (index slot * lora_E + expert)
         lora_R,  # the stacks' rank
         lora_top_k,  # token of a pair = pair // lora_top_k
@@ -364,7 +363,7 @@ if _HAS_TRITON:
         LORA_BLOCK_R: tl.constexpr,
         LORA_SPLIT: tl.constexpr,  # partial slices in lora_h
         LORA_IN_LOOP: tl.constexpr,  # h = a[rows] @ A[slot * E + e]^T accumulated in the K loop (no shrink launch)
-        LORA_S: tl.constexpr,  # LORA_IN_LOOP: the slots, unrolled (straight-line loop body: loads stay pipelined)
+        LORA_S: tl.constexpr,  # HAS_LORA: the slots, unrolled (straight-line bodies: the loads go out together)
         LORA_ONE_SLOT: tl.constexpr,  # LORA_IN_LOOP: a tile's rows have one slot (one token a step): one A, one dot
     ):
         # Grouped tile order (as in the Triton matmul tutorial): GROUP_M row tiles walk the N tiles together, so
@@ -466,10 +465,10 @@ if _HAS_TRITON:
                     else:
                         lh = lora_h_tile(lora_h_ptr, pair, lused, offs_r, r_mask, stride_lhs, stride_lhm,
                                          LORA_SPLIT)
-                    acc = lora_add_delta(acc, lh, lslot, lora_b_ptr, lora_S, lora_E, expert, offs_n, mask_n, offs_r,
+                    acc = lora_add_delta(acc, lh, lslot, lora_b_ptr, LORA_S, lora_E, expert, offs_n, mask_n, offs_r,
                                          r_mask, stride_lbl, stride_lbn, DOT_PRECISION, UPCAST_DOT)
                     if FUSE_SILU_MUL:
-                        acc_up = lora_add_delta(acc_up, lh, lslot, lora_b_ptr + N * stride_lbn, lora_S, lora_E,
+                        acc_up = lora_add_delta(acc_up, lh, lslot, lora_b_ptr + N * stride_lbn, LORA_S, lora_E,
                                                 expert, offs_n, mask_n, offs_r, r_mask, stride_lbl, stride_lbn,
                                                 DOT_PRECISION, UPCAST_DOT)
             if FUSE_SILU_MUL:
@@ -489,9 +488,9 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_p
     partials hp [SPLIT, T*K, R] fp32, or with in_loop the A stacks [S*E, R, Kd] (the shrink runs in the K loop)."""
     EM = sorted_ids.shape[0]
     hp, lb, lslots, top_k, in_loop = lora if lora is not None else (c, c, sorted_ids, 1, False)
-    lora_args = ((lb.shape[0] // b.shape[0], b.shape[0], lb.shape[2], top_k) + ((0, 0) if in_loop else
+    lora_args = ((b.shape[0], lb.shape[2], top_k) + ((0, 0) if in_loop else
                  (hp.stride(0), hp.stride(1))) + (lb.stride(0), lb.stride(1)) + ((hp.stride(0), hp.stride(1))
-                 if in_loop else (0, 0)) if lora is not None else (1, 1, 1, 1, 0, 0, 0, 0, 0, 0))
+                 if in_loop else (0, 0)) if lora is not None else (1, 1, 1, 0, 0, 0, 0, 0, 0))
     BM, BN = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
     grid = (triton.cdiv(EM, BM) * triton.cdiv(N, BN),)
     _moe_grouped_gemm_kernel[grid](
@@ -517,7 +516,7 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_p
         LORA_BLOCK_R=16 if lora is None else lora_block_r(lb.shape[2]),
         LORA_SPLIT=1 if lora is None or in_loop else hp.shape[0],
         LORA_IN_LOOP=in_loop,
-        LORA_S=lb.shape[0] // b.shape[0] if in_loop else 1,
+        LORA_S=lb.shape[0] // b.shape[0] if lora is not None else 1,
         LORA_ONE_SLOT=bool(in_loop and lora_one_slot),
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
@@ -533,6 +532,11 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, expert_ids, num_post, N, Kd, num_p
 # measures both; raise the limit if it says otherwise).
 LORA_IN_LOOP_MAX_TOKENS = 1
 LORA_IN_LOOP_MAX_SLOTS = 8
+# Block sizes over the table's when the shrinks ride the K loops (one token): every N tile re-reads the (slot,
+# expert) A tiles and runs their dots, so wider N tiles (fewer of them) pay. `python bench/bench_lora_fusions.py
+# --batches 1 --sweep-moe` on an H200 (V2-Lite experts + 2 shared, rank 16, 2026-12-03): BLOCK_N 128 x BLOCK_K 128,
+# 3 stages, 4 warps 46.3 us against the table's 32 x 128 (the base's best: 38.4 us) 50.4 us.
+LORA_IN_LOOP_TILES = {"BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "num_stages": 3, "num_warps": 4}
 
 
 def lora_in_loop(lora, num_experts: int) -> bool:
@@ -586,7 +590,12 @@ def fused_moe(
     for name, t in (("w13", w13), ("w2", w2), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
         if not t.is_contiguous():
             raise ValueError(f"fused_moe: {name} must be contiguous")
-    cfg = _validate_config(dict(config) if config is not None else get_moe_config(E, I, D, T, x.dtype))
+    in_loop = lora is not None and not act_fp8 and T <= LORA_IN_LOOP_MAX_TOKENS and lora_in_loop(lora, E)
+    if config is None:
+        config = get_moe_config(E, I, D, T, x.dtype)
+        if in_loop and x.dtype != torch.float32:
+            config.update(LORA_IN_LOOP_TILES)
+    cfg = _validate_config(dict(config))
     if T == 0 or K == 0:
         return torch.zeros_like(x) if reduce else x.new_zeros(T, K, D)
 
@@ -608,7 +617,6 @@ def fused_moe(
     # x / act in x.dtype, not the fp8 copies) or there are more slots than LORA_IN_LOOP_MAX_SLOTS; else
     # lora_shrink_moe before each GEMM.
     gu_lora = down_lora = None
-    in_loop = lora is not None and not act_fp8 and T <= LORA_IN_LOOP_MAX_TOKENS and lora_in_loop(lora, E)
     if lora is not None and lora.gate_up_a is not None:
         h = lora.gate_up_a if in_loop else lora_shrink_moe(x, lora.gate_up_a, lora.slots, K, K, sorted_ids,
                                                            expert_ids, num_post, bm, E)

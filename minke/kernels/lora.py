@@ -96,31 +96,34 @@ if HAS_TRITON:
         return h
 
     @triton.jit
-    def lora_add_delta(acc, h, slot, b_ptr, S, G, g, offs_n, n_mask, offs_r, r_mask, stride_bl, stride_bn,
-                       DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def lora_add_delta(acc, h, slot, b_ptr, S: tl.constexpr, G, g, offs_n, n_mask, offs_r, r_mask, stride_bl,
+                       stride_bn, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         """acc [BLOCK_M, BLOCK_N] += h[m] @ B[slot[m] * G + g, offs_n, :]^T for each row m with a slot >= 0: one
-        small dot per slot present in the tile (h [BLOCK_M, BLOCK_R] fp32, rounded to B's dtype for the dot as the
-        expand always did)."""
-        for s in range(0, S):
+        small dot per slot (h [BLOCK_M, BLOCK_R] fp32, rounded to B's dtype for the dot as the expand always did).
+        The S slots are unrolled with masked loads, not a loop of `if slot present` blocks: a straight line lets
+        every slot's B tile load go out at once (a decode step's tiles mix up to S adapters; one after another,
+        each L2 round trip stalled the GEMM epilogues: +26 us a fused-MoE GEMM at batch 32 with 4 adapters);
+        an absent slot loads nothing and adds a zero dot."""
+        for s in tl.static_range(S):
             mine = slot == s
-            if tl.max(mine.to(tl.int32), axis=0) > 0:
-                lora = (s * G + g).to(tl.int64)
-                bt = tl.load(b_ptr + lora * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
-                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-                hs = tl.where(mine[:, None], h, 0.0)
-                if UPCAST:
-                    bt = bt.to(tl.float32)
-                else:
-                    hs = hs.to(bt.dtype)
-                acc = tl.dot(hs, bt, acc=acc, input_precision=DOT_PRECISION)
+            n_has = n_mask & (offs_n * 0 + tl.max(mine.to(tl.int32), axis=0) > 0)  # [BLOCK_N]: none if absent
+            lora = (s * G + g).to(tl.int64)
+            bt = tl.load(b_ptr + lora * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
+                         mask=r_mask[:, None] & n_has[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+            hs = tl.where(mine[:, None], h, 0.0)
+            if UPCAST:
+                bt = bt.to(tl.float32)
+            else:
+                hs = hs.to(bt.dtype)
+            acc = tl.dot(hs, bt, acc=acc, input_precision=DOT_PRECISION)
         return acc
 
     # M changes with every step's token count: not specialised (a compile per divisibility pattern).
     @triton.jit(do_not_specialize=["M"])
     def _shrink_kernel(x_ptr, a_ptr, hp_ptr, slot_ptr, sorted_ptr, gid_ptr, npost_ptr,
-                       M, K, R, S, G, x_div, slot_div, k_per_split, k_iters,
+                       M, K, R, G, x_div, slot_div, k_per_split, k_iters,
                        stride_xm, stride_al, stride_ar, stride_hs, stride_hm,
-                       BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                       S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                        MODE: tl.constexpr,  # 0: rows in order (g = 0); 1: heads (g = program_id(2)); 2: MoE tiles
                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -144,30 +147,34 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         r_mask = offs_r < R
         k_lo = pid_k * k_per_split
+        used = valid & (slot >= 0)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for s in range(0, S):
-            mine = valid & (slot == s)
-            if tl.max(mine.to(tl.int32), axis=0) > 0:
+        # K outer, the S slots unrolled inside (a straight-line body: the x tile is loaded once for every slot and
+        # the slots' A tiles go out together; slots absent from the block load nothing and add a zero dot). Each
+        # row has one slot, so one accumulator serves them all: the other slots' dots see zeros in its row.
+        for i in range(0, k_iters):
+            kk = k_lo + i * BLOCK_K + offs_k
+            k_mask = kk < K
+            xt = tl.load(x_ptr + x_rows[:, None] * stride_xm + kk[None, :],
+                         mask=used[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            for s in tl.static_range(S):
+                mine = slot == s
+                r_has = r_mask & (offs_r * 0 + tl.max((mine & valid).to(tl.int32), axis=0) > 0)
                 lora = (s * G + g).to(tl.int64)
-                for i in range(0, k_iters):
-                    kk = k_lo + i * BLOCK_K + offs_k
-                    k_mask = kk < K
-                    # other slots' rows load zeros, so one accumulator serves every slot of the block
-                    xt = tl.load(x_ptr + x_rows[:, None] * stride_xm + kk[None, :],
-                                 mask=mine[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-                    at = tl.load(a_ptr + lora * stride_al + offs_r[None, :] * stride_ar + kk[:, None],
-                                 mask=k_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
-                    if UPCAST:
-                        xt = xt.to(tl.float32)
-                        at = at.to(tl.float32)
-                    acc = tl.dot(xt, at, acc=acc, input_precision=DOT_PRECISION)
+                at = tl.load(a_ptr + lora * stride_al + offs_r[None, :] * stride_ar + kk[:, None],
+                             mask=k_mask[:, None] & r_has[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
+                xs = tl.where(mine[:, None], xt, 0.0).to(xt.dtype)
+                if UPCAST:
+                    xs = xs.to(tl.float32)
+                    at = at.to(tl.float32)
+                acc = tl.dot(xs, at, acc=acc, input_precision=DOT_PRECISION)
         h_ptrs = hp_ptr + pid_k * stride_hs + rows[:, None].to(tl.int64) * stride_hm + offs_r[None, :]
         tl.store(h_ptrs, acc, mask=valid[:, None] & r_mask[None, :])
 
     @triton.jit(do_not_specialize=["M"])
-    def _expand_kernel(hp_ptr, b_ptr, y_ptr, slot_ptr, M, N, R, S, G, slot_div,
+    def _expand_kernel(hp_ptr, b_ptr, y_ptr, slot_ptr, M, N, R, G, slot_div,
                        stride_hs, stride_hm, stride_bl, stride_bn, stride_ym,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+                       S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
                        HEADS: tl.constexpr, SLOTTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        UPCAST: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -201,18 +208,16 @@ if HAS_TRITON:
 
 
     @triton.jit(do_not_specialize=["M"])
-    def _shrink_expand_kernel(x_ptr, a_ptr, b_ptr, y_ptr, slot_ptr, w_ptr, M, K, N, R, S, G, k_iters,
+    def _shrink_expand_kernel(x_ptr, a_ptr, b_ptr, y_ptr, slot_ptr, M, K, N, R, S, G, k_iters,
                               stride_xt, stride_xg, stride_al, stride_ar, stride_bl, stride_bn, stride_yt, stride_yg,
-                              stride_wg, stride_wk, stride_wn,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               BLOCK_R: tl.constexpr, A_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr,
-                              HAS_BASE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         """Small K (MLA's per-head rows: K = nope or the latent width): y += (x A^T) B^T in one program per (row
         block, N tile, group g), rows (token i, group g) = i * G + g at x + i * stride_xt + g * stride_xg (y
         likewise: strided per-head views need no copy); A (B) indexed slot * G + g when A_GROUPED (B_GROUPED), else
         slot. Each N tile recomputes its rows' h (a few K iterations from L2): one launch instead of a shrink and an
-        expand. HAS_BASE: y = x @ W[g] + (x A^T) B^T, stored (not added), W [G, K, N] at any strides (MLA absorbed
-        decode's W_UK [H, nope, C] and W_UV^T [H, C, v]: the bmm and its adapters' terms in one launch)."""
+        expand."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
@@ -220,7 +225,7 @@ if HAS_TRITON:
         valid = tok * G + g < M
         slot = tl.load(slot_ptr + tok, mask=valid, other=-1)
         used = slot >= 0
-        if tl.max(used.to(tl.int32), axis=0) + HAS_BASE > 0:  # without a base product: tiles with no adapter idle
+        if tl.max(used.to(tl.int32), axis=0) > 0:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             offs_r = tl.arange(0, BLOCK_R)
             offs_k = tl.arange(0, BLOCK_K)
@@ -228,19 +233,6 @@ if HAS_TRITON:
             r_mask = offs_r < R
             x_rows = tok.to(tl.int64) * stride_xt + g * stride_xg
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if HAS_BASE:  # x [BLOCK_M, K] @ W[g] [K, BLOCK_N]
-                w_tile = w_ptr + g.to(tl.int64) * stride_wg + offs_n[None, :] * stride_wn
-                for i in range(0, k_iters):
-                    kk = i * BLOCK_K + offs_k
-                    k_mask = kk < K
-                    xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=valid[:, None] & k_mask[None, :],
-                                 other=0.0)
-                    wt = tl.load(w_tile + kk[:, None] * stride_wk, mask=k_mask[:, None] & n_mask[None, :],
-                                 other=0.0)  # [BLOCK_K, BLOCK_N]
-                    if UPCAST:
-                        xt = xt.to(tl.float32)
-                        wt = wt.to(tl.float32)
-                    acc = tl.dot(xt, wt, acc=acc, input_precision=DOT_PRECISION)
             for s in range(0, S):
                 mine = slot == s
                 if tl.max(mine.to(tl.int32), axis=0) > 0:
@@ -273,12 +265,77 @@ if HAS_TRITON:
                         hb = h.to(bt.dtype)
                     acc = tl.dot(hb, bt, acc=acc, input_precision=DOT_PRECISION)
             y_ptrs = y_ptr + (tok.to(tl.int64) * stride_yt + g * stride_yg)[:, None] + offs_n[None, :]
-            if HAS_BASE:
-                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
-            else:
-                y_mask = used[:, None] & n_mask[None, :]
-                y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-                tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+            y_mask = used[:, None] & n_mask[None, :]
+            y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _bmm_lora_kernel(x_ptr, w_ptr, a_ptr, b_ptr, y_ptr, slot_ptr, M, K, N, R, G, k_iters,
+                         stride_xt, stride_xg, stride_wg, stride_wk, stride_wn, stride_al, stride_ar, stride_bl,
+                         stride_bn, stride_yt, stride_yg,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                         S: tl.constexpr, A_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """lora_bmm: y[t, g] = x[t, g] @ W[g] + (x[t, g] A[ia]^T) B[ib]^T, one program per (token block, N tile,
+        group g), rows and A / B indices as in _shrink_expand_kernel, W [G, K, N] at any strides. One K loop: each x
+        tile feeds the base dot and, per slot (S unrolled: a straight-line body, so the loads of W and of every
+        slot's A go out together), h += x[rows of the slot] @ A_slot^T into one [BLOCK_M, R] accumulator (a row
+        has one slot, the others add zeros); slots absent from the block load no A. Then one small dot per slot
+        present for the expand. Rows without an adapter: x @ W[g] alone."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        g = tl.program_id(2)
+        tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = tok * G + g < M
+        slot = tl.load(slot_ptr + tok, mask=valid, other=-1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_mask = offs_n < N
+        r_mask = offs_r < R
+        x_ptrs = x_ptr + (tok.to(tl.int64) * stride_xt + g * stride_xg)[:, None] + offs_k[None, :]
+        w_ptrs = w_ptr + g.to(tl.int64) * stride_wg + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for i in range(0, k_iters):
+            k_mask = offs_k < K - i * BLOCK_K
+            xt = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc=acc, input_precision=DOT_PRECISION)
+            for s in tl.static_range(S):
+                mine = slot == s
+                r_has = r_mask & (offs_r * 0 + tl.max(mine.to(tl.int32), axis=0) > 0)  # [R]: none if absent
+                if A_GROUPED:
+                    la = (s * G + g).to(tl.int64)
+                else:
+                    la = (s + 0 * g).to(tl.int64)
+                at = tl.load(a_ptr + la * stride_al + offs_r[None, :] * stride_ar + (i * BLOCK_K + offs_k)[:, None],
+                             mask=k_mask[:, None] & r_has[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
+                if UPCAST:
+                    at = at.to(tl.float32)
+                h = tl.dot(tl.where(mine[:, None], xt, 0.0).to(at.dtype), at, acc=h, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        for s in tl.static_range(S):
+            mine = slot == s
+            if tl.max(mine.to(tl.int32), axis=0) > 0:
+                if B_GROUPED:
+                    lb = (s * G + g).to(tl.int64)
+                else:
+                    lb = (s + 0 * g).to(tl.int64)
+                bt = tl.load(b_ptr + lb * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
+                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+                hs = tl.where(mine[:, None], h, 0.0)
+                if UPCAST:
+                    bt = bt.to(tl.float32)
+                else:
+                    hs = hs.to(bt.dtype)  # h rounded to B's dtype for the dot, as the expand always did
+                acc = tl.dot(hs, bt, acc=acc, input_precision=DOT_PRECISION)
+        y_ptrs = y_ptr + (tok.to(tl.int64) * stride_yt + g * stride_yg)[:, None] + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
 
 def lora_block_r(r: int) -> int:
@@ -325,9 +382,9 @@ def _launch_shrink(x, a, hp, slots, m, x_div, slot_div, groups, mode, grid_m, bl
     _shrink_kernel[(grid_m, split) + ((groups,) if mode == 1 else ())](
         x, a, hp, slots, slots if sorted_ids is None else sorted_ids, slots if expert_ids is None else expert_ids,
         slots if num_post is None else num_post,
-        m, K, R, L // groups, groups, x_div, slot_div, k_iters * block_k, k_iters,
+        m, K, R, groups, x_div, slot_div, k_iters * block_k, k_iters,
         x.stride(0), a.stride(0), a.stride(1), hp.stride(0), hp.stride(1),
-        BLOCK_M=block_m, BLOCK_R=lora_block_r(R), BLOCK_K=block_k, MODE=mode,
+        S=L // groups, BLOCK_M=block_m, BLOCK_R=lora_block_r(R), BLOCK_K=block_k, MODE=mode,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST=needs_dot_upcast(_shrink_kernel, x.dtype), num_warps=4)
 
@@ -401,9 +458,9 @@ def lora_expand(y: torch.Tensor, hp: torch.Tensor, b: torch.Tensor, slots: torch
     block_m = _block_m(rows)
     block_n = 64 if n >= 64 else 32
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n)) + ((groups,) if groups > 1 else ())
-    _expand_kernel[grid](hp, b, y, slots, m, n, R, b.shape[0] // groups, groups, slot_div,
+    _expand_kernel[grid](hp, b, y, slots, m, n, R, groups, slot_div,
                          hp.stride(0), hp.stride(1), b.stride(0), b.stride(1), y.stride(0),
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=lora_block_r(R), SPLIT=hp.shape[0],
+                         S=b.shape[0] // groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=lora_block_r(R), SPLIT=hp.shape[0],
                          HEADS=groups > 1, SLOTTED=slotted,
                          DOT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
                          UPCAST=needs_dot_upcast(_expand_kernel, b.dtype), num_warps=4)
@@ -475,16 +532,27 @@ def _shrink_expand(name, y, x, a, b, slots, groups, a_grouped, b_grouped, w):
     R = a.shape[1]
     rows = m // groups
     block_m, block_k = _block_m(rows), _shrink_block_k(k)
-    block_n = 64 if n >= 64 else 32
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    if w is None:
+        block_n = 64 if n >= 64 else 32
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), groups)
+        _shrink_expand_kernel[grid](x, a, b, y, slots, m, k, n, R, sa, groups, triton.cdiv(k, block_k),
+                                    stride_xt, stride_xg, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                    stride_yt, stride_yg,
+                                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=lora_block_r(R),
+                                    A_GROUPED=a_grouped, B_GROUPED=b_grouped, DOT_PRECISION=precision,
+                                    UPCAST=needs_dot_upcast(_shrink_expand_kernel, x.dtype), num_warps=4)
+        return y
+    # lora_bmm: 32-column tiles for narrow outputs (W_UV^T's v = 128: 4 tiles a head, not 2, for a batch-1 step's
+    # few programs), 64 otherwise
+    block_n = 32 if n <= 128 else 64
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), groups)
-    _shrink_expand_kernel[grid](x, a, b, y, slots, x if w is None else w, m, k, n, R, sa, groups,
-                                triton.cdiv(k, block_k),
-                                stride_xt, stride_xg, a.stride(0), a.stride(1), b.stride(0), b.stride(1), stride_yt,
-                                stride_yg, *((0, 0, 0) if w is None else w.stride()),
-                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=lora_block_r(R),
-                                A_GROUPED=a_grouped, B_GROUPED=b_grouped, HAS_BASE=w is not None,
-                                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                                UPCAST=needs_dot_upcast(_shrink_expand_kernel, x.dtype), num_warps=4)
+    _bmm_lora_kernel[grid](x, w, a, b, y, slots, m, k, n, R, groups, triton.cdiv(k, block_k),
+                           stride_xt, stride_xg, *w.stride(), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                           stride_yt, stride_yg,
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=lora_block_r(R), S=sa,
+                           A_GROUPED=a_grouped, B_GROUPED=b_grouped, DOT_PRECISION=precision,
+                           UPCAST=needs_dot_upcast(_bmm_lora_kernel, x.dtype), num_warps=4)
     return y
 
 
