@@ -29,7 +29,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50, help="repetitions inside one CUDA graph")
     ap.add_argument("--sweep-moe", action="store_true",
                     help="also time the moe piece (base and with adapters) over a grid of fused_moe block sizes at "
-                         "each batch, and print the best few of each (get_moe_config's LoRA rows' evidence)")
+                         "each batch, and print the best few of each (fused_moe.LORA_IN_LOOP_TILES's evidence)")
+    ap.add_argument("--sweep-moe-batches", type=int, nargs="*", default=None,
+                    help="--sweep-moe at these of --batches only")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -174,7 +176,7 @@ def main() -> None:
                     # 278,528 of 232,448 bytes): the engine never takes the in-loop shrink there (one token only)
                     row["in_loop_error"] = f"{type(e).__name__}: {str(e)[:120]}"
             print(json.dumps(row), flush=True)
-        if args.sweep_moe and not args.smoke:
+        if (args.sweep_moe or t in (args.sweep_moe_batches or ())) and not args.smoke:
             sweep_moe(fm, timed, xm, w13, w2, wts, ids, lora, t)
     return 0
 
