@@ -192,6 +192,36 @@ def test_fused_moe_with_lora_equals_reference(t, in_loop, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("t", [1, 9])
+def test_fused_moe_with_lora_bf16_takes_the_lora_tiles(t, monkeypatch):
+    """Half-precision experts with adapters at decode sizes run fused_moe's LoRA block sizes (one token: the
+    in-loop shrinks' LORA_IN_LOOP_TILES; 2..LORA_DECODE_MAX_TOKENS: LORA_DECODE_TILES), and still equal the
+    reference; without adapters the table's."""
+    import minke.kernels.fused_moe as fm
+    from minke.kernels.lora import fused_moe_lora_ref
+
+    seen = []
+    launch = fm._launch_gemm
+    monkeypatch.setattr(fm, "_launch_gemm", lambda *a, **kw: seen.append(dict(kw["cfg"])) or launch(*a, **kw))
+    x, w13, w2, ids, wts, (gua, gub, da, db), slot, MoELoRA = _moe_case(t, 2, 4, 160, 144, 2, 16, torch.bfloat16)
+    slot[0] = 1
+    args = [v.to(DEVICE) for v in (x, w13, w2, wts, ids)]
+    lora = MoELoRA(slot.to(DEVICE), gua.to(DEVICE), gub.to(DEVICE), da.to(DEVICE), db.to(DEVICE))
+    got = fm.fused_moe(*args, lora=lora)
+    want = fm.LORA_IN_LOOP_TILES if t == 1 else fm.LORA_DECODE_TILES
+    assert len(seen) == 2 and all(c[k] == v for c in seen for k, v in want.items()), seen
+    ref = fused_moe_lora_ref(*args, lora).float()
+    tol = dict(rtol=2e-2, atol=1e-2 * ref.abs().max().item())  # bf16 activations between the GEMMs
+    torch.testing.assert_close(got.float(), ref, **tol)
+    same = fm.fused_moe(*args, lora=lora, config=fm.get_moe_config(4, 144, 160, t, torch.bfloat16))  # table tiles
+    torch.testing.assert_close(got.float(), same.float(), **tol)
+    seen.clear()
+    fm.fused_moe(*args)
+    table = fm.get_moe_config(4, 144, 160, t, torch.bfloat16)
+    assert all(c["BLOCK_SIZE_N"] == table["BLOCK_SIZE_N"] for c in seen), seen
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("a_grouped,b_grouped", [(True, False), (False, True), (True, True), (False, False)])
 def test_shrink_expand_equals_references(dtype, a_grouped, b_grouped):
@@ -232,17 +262,18 @@ def test_shrink_expand_equals_references(dtype, a_grouped, b_grouped):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("side", ["q", "out"])
-def test_lora_bmm_equals_einsum_plus_adapters(dtype, side):
+@pytest.mark.parametrize("tokens,first_slot", [(20, 1), (1, 2), (1, -1)])  # one token: the batch-1 path
+def test_lora_bmm_equals_einsum_plus_adapters(dtype, side, tokens, first_slot):
     """lora_bmm: MLA absorbed decode's per-head product and its adapters' terms in one launch, on the views the
     model passes: q: x = q_nope (a slice of q [T, H, nope + rope]), w = W_UK (a slice of kv_b's [H, nope + v, C]),
     A per token and B_UK^T per head; out: x = o_latent [T, H, C], w = W_UV^T (a transposed slice), A per token and
     B_UV per head. Rows without an adapter get the plain product."""
     from minke.kernels.lora import lora_bmm
 
-    tokens, heads, nope, v, c, rope, S, r = 20, 3, 136, 24, 192, 8, 3, 8  # K: 2 tiles of 128, a masked tail
+    heads, nope, v, c, rope, S, r = 3, 136, 24, 192, 8, 3, 8  # K: 2 tiles of 128, a masked tail
     g = torch.Generator().manual_seed(5)
     kv_b = (torch.randn(heads, nope + v, c, generator=g) * 0.2).to(DEVICE, dtype)
-    slots = torch.tensor([1, -1, 0, 2, -1, 1] * 4, dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([first_slot, -1, 0, 2, -1, 1] * 4, dtype=torch.int32, device=DEVICE)
     if side == "q":
         q = torch.randn(tokens, heads, nope + rope, generator=g).to(DEVICE, dtype)
         x, w, k, n = q[..., :nope], kv_b[:, :nope], nope, c  # w [H, nope, C]
@@ -266,7 +297,8 @@ def test_lora_bmm_equals_einsum_plus_adapters(dtype, side):
     torch.testing.assert_close(got.reshape(rows, n).float(), want, **tol)
     plain = ia < 0
     torch.testing.assert_close(got.reshape(rows, n)[plain].float(), base[plain], **tol)
-    assert not torch.equal(want[~plain], base[~plain])  # the adapters' terms are there
+    if (~plain).any():
+        assert not torch.equal(want[~plain], base[~plain])  # the adapters' terms are there
     with pytest.raises(ValueError, match=r"w \[G, K, N\]"):
         lora_bmm(x, w[:, :-1], a, b, slots, a_grouped, b_grouped)
 

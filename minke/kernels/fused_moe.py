@@ -537,6 +537,12 @@ LORA_IN_LOOP_MAX_SLOTS = 8
 # --batches 1 --sweep-moe` on an H200 (V2-Lite experts + 2 shared, rank 16, 2026-12-03): BLOCK_N 128 x BLOCK_K 128,
 # 3 stages, 4 warps 46.3 us against the table's 32 x 128 (the base's best: 38.4 us) 50.4 us.
 LORA_IN_LOOP_TILES = {"BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "num_stages": 3, "num_warps": 4}
+# Decode steps of 2..LORA_DECODE_MAX_TOKENS tokens (lora_shrink_moe before each GEMM, the expands in their
+# epilogues): each N tile's epilogue loads h and its slots' B tiles, so fewer, wider N tiles pay here too. The same
+# sweep at batch 32 (4 adapters): 128 x 128, 2 stages 305.0 us a layer against the table's 64 x 256, 3 stages
+# 334.8 (the base's best there: 261.9, the table's 267.6).
+LORA_DECODE_MAX_TOKENS = 64
+LORA_DECODE_TILES = {"BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "num_stages": 2, "num_warps": 4}
 
 
 def lora_in_loop(lora, num_experts: int) -> bool:
@@ -593,8 +599,11 @@ def fused_moe(
     in_loop = lora is not None and not act_fp8 and T <= LORA_IN_LOOP_MAX_TOKENS and lora_in_loop(lora, E)
     if config is None:
         config = get_moe_config(E, I, D, T, x.dtype)
-        if in_loop and x.dtype != torch.float32:
-            config.update(LORA_IN_LOOP_TILES)
+        if lora is not None and x.dtype != torch.float32 and w13_scale is None:  # adapters on half-precision experts
+            if in_loop:
+                config.update(LORA_IN_LOOP_TILES)
+            elif T <= LORA_DECODE_MAX_TOKENS:
+                config.update(LORA_DECODE_TILES)
     cfg = _validate_config(dict(config))
     if T == 0 or K == 0:
         return torch.zeros_like(x) if reduce else x.new_zeros(T, K, D)

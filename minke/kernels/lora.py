@@ -275,13 +275,14 @@ if HAS_TRITON:
                          stride_bn, stride_yt, stride_yg,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                          S: tl.constexpr, A_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                         ONE_TOKEN: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         """lora_bmm: y[t, g] = x[t, g] @ W[g] + (x[t, g] A[ia]^T) B[ib]^T, one program per (token block, N tile,
         group g), rows and A / B indices as in _shrink_expand_kernel, W [G, K, N] at any strides. One K loop: each x
         tile feeds the base dot and, per slot (S unrolled: a straight-line body, so the loads of W and of every
         slot's A go out together), h += x[rows of the slot] @ A_slot^T into one [BLOCK_M, R] accumulator (a row
         has one slot, the others add zeros); slots absent from the block load no A. Then one small dot per slot
-        present for the expand. Rows without an adapter: x @ W[g] alone."""
+        present for the expand. Rows without an adapter: x @ W[g] alone. ONE_TOKEN (a batch-1 step): the block's
+        one token's slot indexes A and B directly (one A tile and one dot per K tile, one B tile)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
@@ -305,7 +306,18 @@ if HAS_TRITON:
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
             acc = tl.dot(xt, wt, acc=acc, input_precision=DOT_PRECISION)
-            for s in tl.static_range(S):
+            if ONE_TOKEN:  # tok[0] = 0 is the only row: its slot (-1: nothing loaded, h stays 0)
+                s1 = tl.max(slot, axis=0)
+                if A_GROUPED:
+                    la1 = (tl.maximum(s1, 0) * G + g).to(tl.int64)
+                else:
+                    la1 = (tl.maximum(s1, 0) + 0 * g).to(tl.int64)
+                at = tl.load(a_ptr + la1 * stride_al + offs_r[None, :] * stride_ar + (i * BLOCK_K + offs_k)[:, None],
+                             mask=k_mask[:, None] & (r_mask & (offs_r * 0 + s1 >= 0))[None, :], other=0.0)
+                if UPCAST:
+                    at = at.to(tl.float32)
+                h = tl.dot(xt.to(at.dtype), at, acc=h, input_precision=DOT_PRECISION)
+            for s in tl.static_range(0 if ONE_TOKEN else S):
                 mine = slot == s
                 r_has = r_mask & (offs_r * 0 + tl.max(mine.to(tl.int32), axis=0) > 0)  # [R]: none if absent
                 if A_GROUPED:
@@ -319,7 +331,20 @@ if HAS_TRITON:
                 h = tl.dot(tl.where(mine[:, None], xt, 0.0).to(at.dtype), at, acc=h, input_precision=DOT_PRECISION)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
-        for s in tl.static_range(S):
+        if ONE_TOKEN:
+            s1 = tl.max(slot, axis=0)
+            if B_GROUPED:
+                lb1 = (tl.maximum(s1, 0) * G + g).to(tl.int64)
+            else:
+                lb1 = (tl.maximum(s1, 0) + 0 * g).to(tl.int64)
+            bt = tl.load(b_ptr + lb1 * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
+                         mask=r_mask[:, None] & (n_mask & (offs_n * 0 + s1 >= 0))[None, :], other=0.0)
+            if UPCAST:
+                bt = bt.to(tl.float32)
+                acc = tl.dot(h, bt, acc=acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(h.to(bt.dtype), bt, acc=acc, input_precision=DOT_PRECISION)
+        for s in tl.static_range(0 if ONE_TOKEN else S):
             mine = slot == s
             if tl.max(mine.to(tl.int32), axis=0) > 0:
                 if B_GROUPED:
@@ -551,7 +576,7 @@ def _shrink_expand(name, y, x, a, b, slots, groups, a_grouped, b_grouped, w):
                            stride_xt, stride_xg, *w.stride(), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                            stride_yt, stride_yg,
                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=lora_block_r(R), S=sa,
-                           A_GROUPED=a_grouped, B_GROUPED=b_grouped, DOT_PRECISION=precision,
+                           A_GROUPED=a_grouped, B_GROUPED=b_grouped, ONE_TOKEN=rows == 1, DOT_PRECISION=precision,
                            UPCAST=needs_dot_upcast(_bmm_lora_kernel, x.dtype), num_warps=4)
     return y
 
