@@ -219,30 +219,44 @@ if _HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         mask = offs < D
+        if HAS_SHRINK:
+            # The slot and this program's A rows first: their loads overlap the row's instead of following the
+            # norm's reductions (one memory round trip less on a decode step's critical path).
+            j = tl.program_id(1)
+            offs_sr = j * SHRINK_CHUNK + tl.arange(0, SHRINK_CHUNK)
+            sr_mask = offs_sr < shrink_R
+            sslot = tl.load(sslot_ptr + row)
+            at = tl.load(sa_ptr + tl.maximum(sslot, 0).to(tl.int64) * stride_sas + offs_sr[:, None] * stride_sar
+                         + offs[None, :], mask=(sr_mask & (offs_sr * 0 + sslot >= 0))[:, None] & mask[None, :],
+                         other=0.0)  # [SHRINK_CHUNK, BLOCK_D], zeros without an adapter
+        if HAS_LORA:
+            # The row's adapter delta h @ B^T, its loads issued beside the row's (masked off without an adapter,
+            # not behind a branch: one memory round trip after the slot's instead of two after the row's).
+            slot = tl.load(lslot_ptr + row)
+            has = slot >= 0
+            sl = tl.maximum(slot, 0).to(tl.int64)
+            delta = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for r0 in tl.static_range(0, LORA_BLOCK_R, LORA_CHUNK):
+                offs_r = r0 + tl.arange(0, LORA_CHUNK)
+                r_mask = (offs_r < lora_R) & (offs_r * 0 + has.to(tl.int32) > 0)
+                if LORA_SLOTTED:  # this row's slot's R columns of every slot's h
+                    h = tl.load(lh_ptr + row * stride_lhm + sl * lora_R + offs_r, mask=r_mask, other=0.0)
+                else:
+                    h = tl.zeros([LORA_CHUNK], dtype=tl.float32)
+                    for sp in tl.static_range(LORA_SPLIT):
+                        h += tl.load(lh_ptr + sp * stride_lhs + row * stride_lhm + offs_r, mask=r_mask, other=0.0)
+                bt = tl.load(lbt_ptr + (sl * lora_R + offs_r[:, None]) * D + offs[None, :],
+                             mask=r_mask[:, None] & mask[None, :], other=0.0)  # [CHUNK, BLOCK_D]
+                # h rounded to B's dtype (as lora_expand's dot), exact products, fp32 sums
+                delta += tl.sum(h.to(bt.dtype).to(tl.float32)[:, None] * bt.to(tl.float32), axis=0)
         x = tl.load(x_ptr + row * NUM_PARTS * stride_x + offs, mask=mask, other=0.0)
         if NUM_PARTS > 1:  # x rows row*P .. row*P+P-1 are partials of this row: sum in fp32, round once
             acc = x.to(tl.float32)
             for k in tl.static_range(1, NUM_PARTS):  # unrolled: the K loads go out together
                 acc += tl.load(x_ptr + (row * NUM_PARTS + k) * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
             x = acc.to(x_ptr.dtype.element_ty)
-        if HAS_LORA:
-            slot = tl.load(lslot_ptr + row)
-            if slot >= 0:  # rows without an adapter keep x bit for bit
-                delta = tl.zeros([BLOCK_D], dtype=tl.float32)
-                for r0 in tl.static_range(0, LORA_BLOCK_R, LORA_CHUNK):
-                    offs_r = r0 + tl.arange(0, LORA_CHUNK)
-                    r_mask = offs_r < lora_R
-                    if LORA_SLOTTED:  # this row's slot's R columns of every slot's h
-                        h = tl.load(lh_ptr + row * stride_lhm + slot * lora_R + offs_r, mask=r_mask, other=0.0)
-                    else:
-                        h = tl.zeros([LORA_CHUNK], dtype=tl.float32)
-                        for sp in tl.static_range(LORA_SPLIT):
-                            h += tl.load(lh_ptr + sp * stride_lhs + row * stride_lhm + offs_r, mask=r_mask, other=0.0)
-                    bt = tl.load(lbt_ptr + (slot.to(tl.int64) * lora_R + offs_r[:, None]) * D + offs[None, :],
-                                 mask=r_mask[:, None] & mask[None, :], other=0.0)  # [CHUNK, BLOCK_D]
-                    # h rounded to B's dtype (as lora_expand's dot), exact products, fp32 sums
-                    delta += tl.sum(h.to(bt.dtype).to(tl.float32)[:, None] * bt.to(tl.float32), axis=0)
-                x = (x.to(tl.float32) + delta).to(x_ptr.dtype.element_ty)
+        if HAS_LORA:  # rows without an adapter keep x bit for bit
+            x = tl.where(has, (x.to(tl.float32) + delta).to(x_ptr.dtype.element_ty), x)
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
             # Add in fp32 and round once to x.dtype: bit-identical to torch's `x + residual` in bf16/fp16.
@@ -261,15 +275,9 @@ if _HAS_TRITON:
         if HAS_SHRINK:
             # Programs (row, j) for j > 0 recompute the row (from L2) for their rank rows only: the shrink is split
             # over the grid's second axis instead of one program walking all R rows of A.
-            j = tl.program_id(1)
-            offs_r = j * SHRINK_CHUNK + tl.arange(0, SHRINK_CHUNK)
-            r_mask = offs_r < shrink_R
-            sslot = tl.load(sslot_ptr + row)
-            at = tl.load(sa_ptr + tl.maximum(sslot, 0).to(tl.int64) * stride_sas + offs_r[:, None] * stride_sar
-                         + offs[None, :], mask=(r_mask & (offs_r * 0 + sslot >= 0))[:, None] & mask[None, :], other=0.0)
             yq = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # y as stored: what the projections read
             hs = tl.sum(yq[None, :] * at.to(tl.float32), axis=1)  # [SHRINK_CHUNK], zeros without an adapter
-            tl.store(sh_ptr + row * shrink_R + offs_r, hs, mask=r_mask)
+            tl.store(sh_ptr + row * shrink_R + offs_sr, hs, mask=sr_mask)
             if j == 0:
                 if HAS_RESIDUAL:
                     tl.store(s_ptr + row * stride_s + offs, x, mask=mask)
