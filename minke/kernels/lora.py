@@ -344,21 +344,12 @@ if HAS_TRITON:
                 acc = tl.dot(h, bt, acc=acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(h.to(bt.dtype), bt, acc=acc, input_precision=DOT_PRECISION)
-        for s in tl.static_range(0 if ONE_TOKEN else S):
-            mine = slot == s
-            if tl.max(mine.to(tl.int32), axis=0) > 0:
-                if B_GROUPED:
-                    lb = (s * G + g).to(tl.int64)
-                else:
-                    lb = (s + 0 * g).to(tl.int64)
-                bt = tl.load(b_ptr + lb * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
-                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-                hs = tl.where(mine[:, None], h, 0.0)
-                if UPCAST:
-                    bt = bt.to(tl.float32)
-                else:
-                    hs = hs.to(bt.dtype)  # h rounded to B's dtype for the dot, as the expand always did
-                acc = tl.dot(hs, bt, acc=acc, input_precision=DOT_PRECISION)
+        elif B_GROUPED:  # B index slot * G + g
+            acc = lora_add_delta(acc, h, slot, b_ptr, S, G, g, offs_n, n_mask, offs_r, r_mask, stride_bl, stride_bn,
+                                 DOT_PRECISION, UPCAST)
+        else:  # B index slot
+            acc = lora_add_delta(acc, h, slot, b_ptr, S, 1, 0 * g, offs_n, n_mask, offs_r, r_mask, stride_bl,
+                                 stride_bn, DOT_PRECISION, UPCAST)
         y_ptrs = y_ptr + (tok.to(tl.int64) * stride_yt + g * stride_yg)[:, None] + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
