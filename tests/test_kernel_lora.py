@@ -64,11 +64,14 @@ def _slots_case(tokens, k, n, S, r, groups, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,k,n,S,r,groups,split", [(1, 64, 48, 2, 16, 1, None), (37, 100, 130, 4, 8, 1, None),
                                                          (5, 300, 40, 3, 16, 1, 2), (5, 300, 40, 3, 16, 1, 4),
-                                                         (3, 40, 24, 2, 8, 4, None), (0, 32, 32, 2, 16, 1, None)])
+                                                         (3, 40, 24, 2, 8, 4, None), (0, 32, 32, 2, 16, 1, None),
+                                                         (40, 64, 48, 18, 8, 1, None)])  # > MAX_UNROLLED_SLOTS
 def test_kernels_equal_references(dtype, tokens, k, n, S, r, groups, split):
     """shrink's partials sum to the reference h (zeros where no adapter), whatever the split (split 4 over 3 K
     chunks leaves one empty); expand adds into a column slice and leaves everything else bit-exact. groups > 1:
-    MLA's per-(token, head) rows (slot_div = groups)."""
+    MLA's per-(token, head) rows (slot_div = groups). S = 18: the per-slot work as a loop over the slots present,
+    not unrolled."""
+    assert (S > _kmod.MAX_UNROLLED_SLOTS) == (S == 18)
     x, a, b, slots = _slots_case(tokens, k, n, S, r, groups, dtype)
     x, a, b, slots = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), slots.to(DEVICE)
     rows = tokens * groups

@@ -80,7 +80,12 @@ def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, idx: torc
     return y
 
 
+# The kernels unroll their per-slot work over the S = max_loras slots (constexpr) up to this many; more slots take a
+# loop over the slots present (a long unrolled body costs compile time and registers for little).
+MAX_UNROLLED_SLOTS = 16
+
 if HAS_TRITON:
+    _UNROLLED_SLOTS = tl.constexpr(MAX_UNROLLED_SLOTS)  # what the kernels read (a jit function's globals: constexpr)
 
     @triton.jit
     def lora_h_tile(hp_ptr, rows, mask, offs_r, r_mask, stride_hs, stride_hm, SPLIT: tl.constexpr):
@@ -103,20 +108,46 @@ if HAS_TRITON:
         The S slots are unrolled with masked loads, not a loop of `if slot present` blocks: a straight line lets
         every slot's B tile load go out at once (a decode step's tiles mix up to S adapters; one after another,
         each L2 round trip stalled the GEMM epilogues: +26 us a fused-MoE GEMM at batch 32 with 4 adapters);
-        an absent slot loads nothing and adds a zero dot."""
-        for s in tl.static_range(S):
-            mine = slot == s
-            n_has = n_mask & (offs_n * 0 + tl.max(mine.to(tl.int32), axis=0) > 0)  # [BLOCK_N]: none if absent
-            lora = (s * G + g).to(tl.int64)
-            bt = tl.load(b_ptr + lora * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
-                         mask=r_mask[:, None] & n_has[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-            hs = tl.where(mine[:, None], h, 0.0)
-            if UPCAST:
-                bt = bt.to(tl.float32)
-            else:
-                hs = hs.to(bt.dtype)
-            acc = tl.dot(hs, bt, acc=acc, input_precision=DOT_PRECISION)
+        an absent slot loads nothing and adds a zero dot. Past MAX_UNROLLED_SLOTS slots (compile time, registers)
+        a loop over the slots present instead."""
+        if S <= _UNROLLED_SLOTS:
+            for s in tl.static_range(S):
+                mine = slot == s
+                n_has = n_mask & (offs_n * 0 + tl.max(mine.to(tl.int32), axis=0) > 0)  # [BLOCK_N]: none if absent
+                acc = _add_slot_delta(acc, h, mine, b_ptr, (s * G + g).to(tl.int64), offs_n, n_has, offs_r,
+                                      r_mask, stride_bl, stride_bn, DOT_PRECISION, UPCAST)
+        else:
+            for s in range(0, S):
+                mine = slot == s
+                if tl.max(mine.to(tl.int32), axis=0) > 0:
+                    acc = _add_slot_delta(acc, h, mine, b_ptr, (s * G + g).to(tl.int64), offs_n, n_mask, offs_r,
+                                          r_mask, stride_bl, stride_bn, DOT_PRECISION, UPCAST)
         return acc
+
+    @triton.jit
+    def _add_slot_delta(acc, h, mine, b_ptr, lora, offs_n, n_mask, offs_r, r_mask, stride_bl, stride_bn,
+                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """acc += h[rows of this slot] @ B[lora, offs_n, :]^T (lora_add_delta's body for one slot)."""
+        bt = tl.load(b_ptr + lora * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+        hs = tl.where(mine[:, None], h, 0.0)
+        if UPCAST:
+            bt = bt.to(tl.float32)
+        else:
+            hs = hs.to(bt.dtype)
+        return tl.dot(hs, bt, acc=acc, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _shrink_slot(acc, xt, mine, a_ptr, lora, kk, k_mask, offs_r, r_mask, stride_al, stride_ar,
+                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """acc += x tile [rows of this slot] @ A[lora][:, kk]^T (the shrink's K-loop body for one slot)."""
+        at = tl.load(a_ptr + lora * stride_al + offs_r[None, :] * stride_ar + kk[:, None],
+                     mask=k_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
+        xs = tl.where(mine[:, None], xt, 0.0).to(xt.dtype)
+        if UPCAST:
+            xs = xs.to(tl.float32)
+            at = at.to(tl.float32)
+        return tl.dot(xs, at, acc=acc, input_precision=DOT_PRECISION)
 
     # M changes with every step's token count: not specialised (a compile per divisibility pattern).
     @triton.jit(do_not_specialize=["M"])
@@ -157,17 +188,18 @@ if HAS_TRITON:
             k_mask = kk < K
             xt = tl.load(x_ptr + x_rows[:, None] * stride_xm + kk[None, :],
                          mask=used[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-            for s in tl.static_range(S):
-                mine = slot == s
-                r_has = r_mask & (offs_r * 0 + tl.max((mine & valid).to(tl.int32), axis=0) > 0)
-                lora = (s * G + g).to(tl.int64)
-                at = tl.load(a_ptr + lora * stride_al + offs_r[None, :] * stride_ar + kk[:, None],
-                             mask=k_mask[:, None] & r_has[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
-                xs = tl.where(mine[:, None], xt, 0.0).to(xt.dtype)
-                if UPCAST:
-                    xs = xs.to(tl.float32)
-                    at = at.to(tl.float32)
-                acc = tl.dot(xs, at, acc=acc, input_precision=DOT_PRECISION)
+            if S <= _UNROLLED_SLOTS:
+                for s in tl.static_range(S):
+                    mine = slot == s
+                    r_has = r_mask & (offs_r * 0 + tl.max((mine & valid).to(tl.int32), axis=0) > 0)
+                    acc = _shrink_slot(acc, xt, mine, a_ptr, (s * G + g).to(tl.int64), kk, k_mask, offs_r, r_has,
+                                       stride_al, stride_ar, DOT_PRECISION, UPCAST)
+            else:
+                for s in range(0, S):
+                    mine = slot == s
+                    if tl.max((mine & valid).to(tl.int32), axis=0) > 0:
+                        acc = _shrink_slot(acc, xt, mine, a_ptr, (s * G + g).to(tl.int64), kk, k_mask, offs_r,
+                                           r_mask, stride_al, stride_ar, DOT_PRECISION, UPCAST)
         h_ptrs = hp_ptr + pid_k * stride_hs + rows[:, None].to(tl.int64) * stride_hm + offs_r[None, :]
         tl.store(h_ptrs, acc, mask=valid[:, None] & r_mask[None, :])
 
