@@ -4,6 +4,7 @@ time goes: kernels by GPU time, and host time outside the model.
     python bench/profile_step.py --shape v2-lite --out /tmp/prof
     python bench/profile_step.py --shape v2-lite --lora-rank 16 --out /tmp/prof-lora   # + GPU kernels a step vs base
     python bench/profile_step.py --shape llm-67b --quantization fp8 --gpu-memory-utilization 0.9 --batches 1,8
+    python bench/profile_step.py --shape v2-lite --context 61440 --batches 1 --prefill 512   # issue 20's b1 at 60K
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from minke.benchmark import _prompts, shape_dir
+from minke.benchmark import _prompts, _unique_prompts, shape_dir
 from minke.engine.llm import LLM
 from minke.sampling_params import SamplingParams
 
@@ -49,6 +50,12 @@ def main():
     ap.add_argument("--lora-rank", type=int, default=0,
                     help="also serve one random adapter of this rank on every adaptable module (routed experts "
                          "included; bench_lora.py's) and decode every request through it (issue 17's batch-1 gap)")
+    ap.add_argument("--context", type=int, default=256,
+                    help="prompt tokens of the decode batches (issue 20's long-context steps: e.g. 8192, 61440; "
+                         "max_model_len follows, and the prompts share no block)")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="default max(4096, --context + 128); minke bench --context runs at the config's positions "
+                         "(V2-Lite: 163840), which sizes the decode graphs' block tables and MLA splits")
     ap.add_argument("--num-adapters", type=int, default=1,
                     help="with --lora-rank: this many distinct random adapters, round-robin over a batch's requests "
                          "(bench_lora.py's batch-32 case has 4)")
@@ -77,7 +84,7 @@ def main():
                  for i in range(args.num_adapters)]
         lora_kw = dict(enable_lora=True, max_loras=max(4, args.num_adapters), max_lora_rank=args.lora_rank)
         lora = loras[0]
-    llm = LLM(d, load_format="dummy", dtype="bfloat16", max_model_len=4096,
+    llm = LLM(d, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len or max(4096, args.context + 128),
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.eager,
               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, **lora_kw)
     vocab = 102400
@@ -114,7 +121,7 @@ def main():
     engine = llm.llm_engine
     for b in [int(x) for x in args.batches.split(",")]:
         p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-        for i, pr in enumerate(_prompts(b, 256, vocab, 7)):
+        for i, pr in enumerate(_unique_prompts(b, args.context, vocab, 7)):
             engine.add_request(f"p{b}-{i}", pr, p, lora_request=loras[i % len(loras)] if lora else None)
         while any(s.is_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()
