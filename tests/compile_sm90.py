@@ -1,0 +1,74 @@
+"""Compile the multi-LoRA kernels' variants for an H100 / H200 (sm_90) without a GPU (Triton's own ptxas), run as a
+script by tests/test_kernel_compile_sm90.py outside Triton's interpreter: the interpreter runs the kernels' Python,
+so it does not catch what only the compiler refuses (a non-constexpr global read in a kernel, a constexpr branch
+that does not type-check, a layout the backend cannot lower). Prints one line per variant compiled."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import minke.kernels.fused_moe as fm  # noqa: E402
+import minke.kernels.lora as lk  # noqa: E402
+import minke.kernels.rmsnorm as rn  # noqa: E402
+
+BF, F32, I32 = "*bf16", "*fp32", "*i32"
+
+
+def compile_variant(name: str, fn, ptrs: dict, const: dict, floats=(), num_stages: int = 3) -> None:
+    """Every argument not a constexpr, a pointer or a float is an i32."""
+    sig, cex = {}, {}
+    for arg in fn.arg_names:
+        if arg in const:
+            sig[arg], cex[arg] = "constexpr", const[arg]
+        else:
+            sig[arg] = ptrs.get(arg, "fp32" if arg in floats else "i32")
+    triton.compile(ASTSource(fn, sig, cex, {}), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=4, num_stages=num_stages))
+    print(f"compiled {name}", flush=True)
+
+
+def main() -> None:
+    dot = dict(DOT_PRECISION="tf32", UPCAST=False)
+    for s in (4, lk.MAX_UNROLLED_SLOTS + 2):  # unrolled slots; the loop over the slots present
+        compile_variant(f"_shrink_kernel S={s}", lk._shrink_kernel,
+                        dict(x_ptr=BF, a_ptr=BF, hp_ptr=F32, slot_ptr=I32, sorted_ptr=I32, gid_ptr=I32, npost_ptr=I32),
+                        dict(S=s, BLOCK_M=16, BLOCK_R=16, BLOCK_K=128, MODE=2, **dot))
+        compile_variant(f"_expand_kernel S={s}", lk._expand_kernel,
+                        dict(hp_ptr=F32, b_ptr=BF, y_ptr=BF, slot_ptr=I32),
+                        dict(S=s, BLOCK_M=16, BLOCK_N=64, BLOCK_R=16, SPLIT=4, HEADS=False, SLOTTED=False, **dot))
+        for one in ((True, False) if s == 4 else (False,)):
+            for b_grouped in (True, False):
+                compile_variant(f"_bmm_lora_kernel S={s} one_token={one} b_grouped={b_grouped}", lk._bmm_lora_kernel,
+                                dict(x_ptr=BF, w_ptr=BF, a_ptr=BF, b_ptr=BF, y_ptr=BF, slot_ptr=I32),
+                                dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16, S=s, A_GROUPED=not b_grouped,
+                                     B_GROUPED=b_grouped, ONE_TOKEN=one, **dot))
+        for in_loop in ((True, False) if s == 4 else (False,)):
+            tiles = fm.LORA_IN_LOOP_TILES if in_loop else fm.LORA_DECODE_TILES
+            compile_variant(f"_moe_grouped_gemm_kernel LoRA S={s} in_loop={in_loop}", fm._moe_grouped_gemm_kernel,
+                            dict(a_ptr=BF, b_ptr=BF, c_ptr=BF, b_scale_ptr=F32, a_scale_ptr=F32, topk_w_ptr=F32,
+                                 lora_h_ptr=BF if in_loop else F32, lora_b_ptr=BF, lora_slot_ptr=I32,
+                                 sorted_ids_ptr=I32, expert_ids_ptr=I32, num_post_ptr=I32),
+                            dict(BLOCK_M=16, GROUP_M=1, FUSE_SILU_MUL=True, MUL_ROUTED_WEIGHT=False,
+                                 DOT_PRECISION="tf32", UPCAST_DOT=False, HAS_SCALE=False, A_FP8=False, HAS_LORA=True,
+                                 LORA_BLOCK_R=16, LORA_SPLIT=1 if in_loop else 4, LORA_IN_LOOP=in_loop, LORA_S=s,
+                                 LORA_ONE_SLOT=in_loop, BLOCK_N=tiles["BLOCK_SIZE_N"],
+                                 BLOCK_K=tiles["BLOCK_SIZE_K"]),
+                            num_stages=tiles["num_stages"])
+    for lora, shrink in ((True, False), (False, True)):
+        compile_variant(f"_rmsnorm_kernel expand={lora} shrink={shrink}", rn._rmsnorm_kernel,
+                        dict(x_ptr=BF, res_ptr=BF, w_ptr=BF, y_ptr=BF, s_ptr=BF, lh_ptr=F32, lbt_ptr=BF, lslot_ptr=I32,
+                             sa_ptr=BF, sslot_ptr=I32, sh_ptr=F32),
+                        dict(HAS_RESIDUAL=True, NUM_PARTS=8, BLOCK_D=2048, HAS_LORA=lora, LORA_SLOTTED=True,
+                             LORA_SPLIT=1, LORA_CHUNK=4, LORA_BLOCK_R=16, HAS_SHRINK=shrink, SHRINK_CHUNK=4),
+                        floats=("eps",))
+
+
+if __name__ == "__main__":
+    main()
