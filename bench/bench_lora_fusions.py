@@ -7,11 +7,12 @@ rank 16, every row with an adapter (4 distinct ones at batch 32).
     python bench/bench_lora_fusions.py --smoke          # CPU (TRITON_INTERPRET=1): tiny shapes, each variant once
 
 Pieces: "q+kv_a" = input add + RMSNorm (MoE partial rows) and the fused input projection; "o_proj" = the o_proj
-projection and the post-attention add + RMSNorm; "moe" = the fused MoE with the 2 shared experts folded in (8
-pairs a token; "fused" is fused_moe's default, the shrinks in the GEMMs' K loops at one token only, "in_loop_us"
-forces them there at every batch: fused_moe.LORA_IN_LOOP_MAX_TOKENS's evidence). Prints one JSON line per (piece,
-batch) with us for base / separate / fused and the overheads over base; the fused variant should sit within a few
-us of base at batch 1 (separate: ~3-4 us a launch more).
+projection and the post-attention add + RMSNorm; "absorbed" = MLA absorbed decode's two per-head bmms with kv_b's
+adapter (separate: cuBLAS + lora_shrink_expand; fused: lora_bmm); "moe" = the fused MoE with the 2 shared experts
+folded in (8 pairs a token; "fused" is fused_moe's default, the shrinks in the GEMMs' K loops at one token only,
+"in_loop_us" forces them there at every batch: fused_moe.LORA_IN_LOOP_MAX_TOKENS's evidence). Prints one JSON line
+per (piece, batch) with us for base / separate / fused and the overheads over base; the fused variant should sit
+within a few us of base at batch 1 (separate: ~3-4 us a launch more).
 """
 
 from __future__ import annotations
@@ -39,15 +40,17 @@ def main() -> None:
 
     import minke.kernels.fused_moe as fm
     from minke.kernels.gemv import gemv
-    from minke.kernels.lora import MoELoRA, lora_expand, lora_shrink
+    from minke.kernels.lora import MoELoRA, lora_bmm, lora_expand, lora_shrink, lora_shrink_expand
     from minke.kernels.rmsnorm import RowDelta, RowShrink, rmsnorm
 
     dev = torch.device("cpu" if args.smoke else "cuda")
     dt = torch.float32 if args.smoke else torch.bfloat16
     if args.smoke:  # tiny: D, q+kv_a rows, o_proj in, experts (+2 shared), I, top-k, slots, rank
         D, NQ, NO, E, I, K, S, R = 64, 96, 64, 6, 32, 2, 2, 8
+        H, NOPE, V, C = 2, 16, 16, 32  # MLA heads, nope, v, latent
     else:  # V2-Lite
         D, NQ, NO, E, I, K, S, R = 2048, 3072 + 576, 2048, 64, 1408, 6, 4, 16
+        H, NOPE, V, C = 16, 128, 128, 512
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rnd(*shape, scale=0.05):
@@ -87,6 +90,10 @@ def main() -> None:
     w13, w2 = rnd(E + 2, 2 * I, D), rnd(E + 2, D, I)
     gua, gub = rnd(S * (E + 2), 2 * R, D), rnd(S * (E + 2), 2 * I, 2 * R)
     da, db = rnd(S * (E + 2), R, I), rnd(S * (E + 2), D, R)
+    kv_b = rnd(H, NOPE + V, C)  # MLA kv_b_proj per head: W_UK = [:, :nope], W_UV = [:, nope:]
+    w_uk, w_uv = kv_b[:, :NOPE], kv_b[:, NOPE:]
+    buk_t, a_t = rnd(S * H, R, NOPE), rnd(S, C, R)  # the kv_b adapter's absorbed forms (lora/layers.py KvbSlotWeights)
+    a_kvb, buv = rnd(S, R, C), rnd(S * H, V, R)
     for t in args.batches:
         slots = (torch.arange(t, dtype=torch.int32) % S).to(dev)
         parts, res = rnd(t, K + 2, D), rnd(t, D)
@@ -136,6 +143,23 @@ def main() -> None:
                 delta = RowDelta(lora_shrink(x_o, a_o, slots), b_o_t, slots)
             return rmsnorm(y, w_norm, 1e-6, res, lora=delta)
 
+        q_nope = rnd(t, H, NOPE + 64, scale=1.0)[..., :NOPE]  # a slice of q, as the model passes it
+        o_lat = rnd(t, H, C, scale=1.0)
+
+        def absorbed_base():  # the two per-head bmms of absorbed decode (cuBLAS)
+            return (torch.einsum("nhd,hdc->nhc", q_nope, w_uk).contiguous(),
+                    torch.einsum("nhc,hvc->nhv", o_lat, w_uv).contiguous())
+
+        def absorbed_separate():  # + their kv_b adapter terms by lora_shrink_expand (the layout before lora_bmm)
+            ql, out = absorbed_base()
+            lora_shrink_expand(ql, q_nope, buk_t, a_t, slots, H, a_grouped=True, b_grouped=False)
+            lora_shrink_expand(out, o_lat, a_kvb, buv, slots, H, a_grouped=False, b_grouped=True)
+            return ql, out
+
+        def absorbed_fused():  # lora_bmm: each bmm and its adapter term in one launch
+            return (lora_bmm(q_nope, w_uk, buk_t, a_t, slots, a_grouped=True, b_grouped=False),
+                    lora_bmm(o_lat, w_uv.transpose(1, 2), a_kvb, buv, slots, a_grouped=False, b_grouped=True))
+
         lora = MoELoRA(slots, gua, gub, da, db)
 
         def moe_base():
@@ -158,6 +182,7 @@ def main() -> None:
         moe_in_loop = moe_with("LORA_IN_LOOP_MAX_TOKENS", 1 << 20)  # the shrinks in the K loops at any batch
 
         for piece, fns in (("q+kv_a", (qkv_base, qkv_separate, qkv_fused)), ("o_proj", (o_base, o_separate, o_fused)),
+                           ("absorbed", (absorbed_base, absorbed_separate, absorbed_fused)),
                            ("moe", (moe_base, moe_separate, moe_fused))):
             if args.smoke:  # the fused and the separate layouts compute the same thing
                 sep, fus = fns[1](), fns[2]()
