@@ -56,6 +56,9 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="default max(4096, --context + 128); minke bench --context runs at the config's positions "
                          "(V2-Lite: 163840), which sizes the decode graphs' block tables and MLA splits")
+    ap.add_argument("--trace", action="store_true",
+                    help="also write each decode batch's profiled steps as a chrome trace (decode_b{B}.json: host "
+                         "and GPU timelines side by side, to see what the host waits on between steps)")
     ap.add_argument("--num-adapters", type=int, default=1,
                     help="with --lora-rank: this many distinct random adapters, round-robin over a batch's requests "
                          "(bench_lora.py's batch-32 case has 4)")
@@ -141,6 +144,8 @@ def main():
             for _ in range(steps):
                 engine.step()
             torch.cuda.synchronize()
+        if args.trace:
+            prof.export_chrome_trace(os.path.join(args.out, f"decode_b{b}.json"))
         kernels, copies = gpu_launches(prof, steps)
         launches = (f"GPU kernels per step {kernels:.0f} (+ {copies:.0f} memcpy/memset), "
                     f"{kernels / engine.model_config.num_hidden_layers:.1f} a layer"
