@@ -138,6 +138,23 @@ if HAS_TRITON:
         return tl.dot(hs, bt, acc=acc, input_precision=DOT_PRECISION)
 
     @triton.jit
+    def _token_group_rows(slot_ptr, M, G, BLOCK_M: tl.constexpr):
+        """A (token block, group) program's rows: program (pid_m, ., g) holds tokens tok = pid_m * BLOCK_M + [0,
+        BLOCK_M), rows tok * G + g < M valid -> (g, tok, valid, each token's slot, -1 where invalid)."""
+        g = tl.program_id(2)
+        tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = tok * G + g < M
+        return g, tok, valid, tl.load(slot_ptr + tok, mask=valid, other=-1)
+
+    @triton.jit
+    def _stack_index(s, G, g, GROUPED: tl.constexpr):
+        """The stacked-weight index of slot s for group g: s * G + g when the stack holds a weight per group
+        (per head), else s -> int64."""
+        if GROUPED:
+            return (s * G + g).to(tl.int64)
+        return (s + 0 * g).to(tl.int64)
+
+    @triton.jit
     def _shrink_slot(acc, xt, mine, a_ptr, lora, kk, k_mask, offs_r, r_mask, stride_al, stride_ar,
                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         """acc += x tile [rows of this slot] @ A[lora][:, kk]^T (the shrink's K-loop body for one slot)."""
@@ -250,12 +267,8 @@ if HAS_TRITON:
         likewise: strided per-head views need no copy); A (B) indexed slot * G + g when A_GROUPED (B_GROUPED), else
         slot. Each N tile recomputes its rows' h (a few K iterations from L2): one launch instead of a shrink and an
         expand."""
-        pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        g = tl.program_id(2)
-        tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        valid = tok * G + g < M
-        slot = tl.load(slot_ptr + tok, mask=valid, other=-1)
+        g, tok, valid, slot = _token_group_rows(slot_ptr, M, G, BLOCK_M)
         used = slot >= 0
         if tl.max(used.to(tl.int32), axis=0) > 0:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -268,14 +281,8 @@ if HAS_TRITON:
             for s in range(0, S):
                 mine = slot == s
                 if tl.max(mine.to(tl.int32), axis=0) > 0:
-                    if A_GROUPED:
-                        la = (s * G + g).to(tl.int64)
-                    else:
-                        la = (s + 0 * g).to(tl.int64)
-                    if B_GROUPED:
-                        lb = (s * G + g).to(tl.int64)
-                    else:
-                        lb = (s + 0 * g).to(tl.int64)
+                    la = _stack_index(s, G, g, A_GROUPED)
+                    lb = _stack_index(s, G, g, B_GROUPED)
                     h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
                     for i in range(0, k_iters):
                         kk = i * BLOCK_K + offs_k
@@ -315,12 +322,8 @@ if HAS_TRITON:
         has one slot, the others add zeros); slots absent from the block load no A. Then one small dot per slot
         present for the expand. Rows without an adapter: x @ W[g] alone. ONE_TOKEN (a batch-1 step): the block's
         one token's slot indexes A and B directly (one A tile and one dot per K tile, one B tile)."""
-        pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        g = tl.program_id(2)
-        tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        valid = tok * G + g < M
-        slot = tl.load(slot_ptr + tok, mask=valid, other=-1)
+        g, tok, valid, slot = _token_group_rows(slot_ptr, M, G, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
@@ -338,44 +341,23 @@ if HAS_TRITON:
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
             acc = tl.dot(xt, wt, acc=acc, input_precision=DOT_PRECISION)
+            kk = i * BLOCK_K + offs_k
             if ONE_TOKEN:  # tok[0] = 0 is the only row: its slot (-1: nothing loaded, h stays 0)
                 s1 = tl.max(slot, axis=0)
-                if A_GROUPED:
-                    la1 = (tl.maximum(s1, 0) * G + g).to(tl.int64)
-                else:
-                    la1 = (tl.maximum(s1, 0) + 0 * g).to(tl.int64)
-                at = tl.load(a_ptr + la1 * stride_al + offs_r[None, :] * stride_ar + (i * BLOCK_K + offs_k)[:, None],
-                             mask=k_mask[:, None] & (r_mask & (offs_r * 0 + s1 >= 0))[None, :], other=0.0)
-                if UPCAST:
-                    at = at.to(tl.float32)
-                h = tl.dot(xt.to(at.dtype), at, acc=h, input_precision=DOT_PRECISION)
+                h = _shrink_slot(h, xt, valid, a_ptr, _stack_index(tl.maximum(s1, 0), G, g, A_GROUPED), kk, k_mask,
+                                 offs_r, r_mask & (offs_r * 0 + s1 >= 0), stride_al, stride_ar, DOT_PRECISION, UPCAST)
             for s in tl.static_range(0 if ONE_TOKEN else S):
                 mine = slot == s
                 r_has = r_mask & (offs_r * 0 + tl.max(mine.to(tl.int32), axis=0) > 0)  # [R]: none if absent
-                if A_GROUPED:
-                    la = (s * G + g).to(tl.int64)
-                else:
-                    la = (s + 0 * g).to(tl.int64)
-                at = tl.load(a_ptr + la * stride_al + offs_r[None, :] * stride_ar + (i * BLOCK_K + offs_k)[:, None],
-                             mask=k_mask[:, None] & r_has[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
-                if UPCAST:
-                    at = at.to(tl.float32)
-                h = tl.dot(tl.where(mine[:, None], xt, 0.0).to(at.dtype), at, acc=h, input_precision=DOT_PRECISION)
+                h = _shrink_slot(h, xt, mine, a_ptr, _stack_index(s, G, g, A_GROUPED), kk, k_mask, offs_r, r_has,
+                                 stride_al, stride_ar, DOT_PRECISION, UPCAST)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
         if ONE_TOKEN:
             s1 = tl.max(slot, axis=0)
-            if B_GROUPED:
-                lb1 = (tl.maximum(s1, 0) * G + g).to(tl.int64)
-            else:
-                lb1 = (tl.maximum(s1, 0) + 0 * g).to(tl.int64)
-            bt = tl.load(b_ptr + lb1 * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
-                         mask=r_mask[:, None] & (n_mask & (offs_n * 0 + s1 >= 0))[None, :], other=0.0)
-            if UPCAST:
-                bt = bt.to(tl.float32)
-                acc = tl.dot(h, bt, acc=acc, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(h.to(bt.dtype), bt, acc=acc, input_precision=DOT_PRECISION)
+            acc = _add_slot_delta(acc, h, valid, b_ptr, _stack_index(tl.maximum(s1, 0), G, g, B_GROUPED), offs_n,
+                                  n_mask & (offs_n * 0 + s1 >= 0), offs_r, r_mask, stride_bl, stride_bn,
+                                  DOT_PRECISION, UPCAST)
         elif B_GROUPED:  # B index slot * G + g
             acc = lora_add_delta(acc, h, slot, b_ptr, S, G, g, offs_n, n_mask, offs_r, r_mask, stride_bl, stride_bn,
                                  DOT_PRECISION, UPCAST)

@@ -505,7 +505,6 @@ class LoRAMLA:
         out = super()._absorb_out(o_latent, w_uv).contiguous()  # [n, H, v]
         if ctx.active and o_latent.shape[0]:
             n, h, c = o_latent.shape
-            w = self.kv_b_lora
             x = o_latent.reshape(n * h, c).to(w.a.dtype)
             y = out.view(n * h, self.v_dim)
             if ctx.use_kernels:
