@@ -16,6 +16,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import trace_gaps
 from minke.benchmark import _prompts, _unique_prompts, shape_dir
 from minke.engine.llm import LLM
 from minke.sampling_params import SamplingParams
@@ -58,7 +59,8 @@ def main():
                          "(V2-Lite: 163840), which sizes the decode graphs' block tables and MLA splits")
     ap.add_argument("--trace", action="store_true",
                     help="also write each decode batch's profiled steps as a chrome trace (decode_b{B}.json: host "
-                         "and GPU timelines side by side, to see what the host waits on between steps)")
+                         "and GPU timelines side by side, Python functions included) and trace_gaps.py's report of "
+                         "where the GPU waited (decode_b{B}_gaps.txt)")
     ap.add_argument("--num-adapters", type=int, default=1,
                     help="with --lora-rank: this many distinct random adapters, round-robin over a batch's requests "
                          "(bench_lora.py's batch-32 case has 4)")
@@ -140,12 +142,18 @@ def main():
         wall = (time.perf_counter() - t) / n
         replay = engine.runner.executor.worker.time_graph_replay(b, 20)
         steps = 5
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        # with_stack for the trace: Python functions on the host timeline, so the gaps name the step code
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.trace) as prof:
             for _ in range(steps):
                 engine.step()
             torch.cuda.synchronize()
         if args.trace:
-            prof.export_chrome_trace(os.path.join(args.out, f"decode_b{b}.json"))
+            path = os.path.join(args.out, f"decode_b{b}.json")
+            prof.export_chrome_trace(path)
+            gap_report = trace_gaps.report(trace_gaps.load(path), 5.0, 30)
+            with open(os.path.join(args.out, f"decode_b{b}_gaps.txt"), "w") as f:
+                f.write(gap_report + "\n")
+            print(gap_report)
         kernels, copies = gpu_launches(prof, steps)
         launches = (f"GPU kernels per step {kernels:.0f} (+ {copies:.0f} memcpy/memset), "
                     f"{kernels / engine.model_config.num_hidden_layers:.1f} a layer"

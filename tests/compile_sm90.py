@@ -15,23 +15,44 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import minke.kernels.fused_moe as fm  # noqa: E402
+import minke.kernels.gemv as gv  # noqa: E402
 import minke.kernels.lora as lk  # noqa: E402
 import minke.kernels.rmsnorm as rn  # noqa: E402
 
 BF, F32, I32 = "*bf16", "*fp32", "*i32"
 
 
-def compile_variant(name: str, fn, ptrs: dict, const: dict, floats=(), num_stages: int = 3) -> None:
-    """Every argument not a constexpr, a pointer or a float is an i32."""
+def compile_variant(name: str, fn, ptrs: dict, const: dict, floats=(), num_stages: int = 3, **options) -> str:
+    """Every argument not a constexpr, a pointer or a float is an i32. Returns the PTX."""
     sig, cex = {}, {}
     for arg in fn.arg_names:
         if arg in const:
             sig[arg], cex[arg] = "constexpr", const[arg]
         else:
             sig[arg] = ptrs.get(arg, "fp32" if arg in floats else "i32")
-    triton.compile(ASTSource(fn, sig, cex, {}), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=4, num_stages=num_stages))
+    k = triton.compile(ASTSource(fn, sig, cex, {}), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4, num_stages=num_stages, **options))
     print(f"compiled {name}", flush=True)
+    return k.asm["ptx"]
+
+
+def compile_gemv_pdl() -> None:
+    """The GEMV launched with PDL (kernels/_pdl.py): its weight prefetches and the grid-dependency wait are in the
+    PTX, the wait before the first load of x (a load of x ahead of it would read the kernel before's output early)."""
+    for silu, dot in ((False, False), (True, False), (False, True)):
+        ptx = compile_variant(f"_gemv_kernel PDL silu_mul={silu} dot={dot}", gv._gemv_kernel,
+                              dict(x_ptr=BF, w_ptr=BF, s_ptr=BF, w_up_ptr=BF, s_up_ptr=BF, y_ptr=BF, e_ptr=BF,
+                                   h_ptr=F32, lh_ptr=F32, lb_ptr=BF, lslot_ptr=I32, ws_ptr=F32),
+                              dict(BLOCK_M=16 if dot else 1, BLOCK_N=64 if dot else 16, BLOCK_K=256, LOOP_STAGES=3,
+                                   SPLIT=False, DOT=dot, UPCAST_DOT=False, DOT_PRECISION="tf32", HAS_SCALE=False,
+                                   SILU_MUL=silu, HAS_EXTRA=False, HAS_LORA=False, LORA_BLOCK_R=16, PDL=True,
+                                   PREFETCH_TILES=4),
+                              launch_pdl=True)
+        body = ptx[ptx.index(".entry"):]
+        wait = body.index("griddepcontrol.wait")
+        assert "prefetch.global.L2" in body[:wait], "no weight prefetch ahead of the wait"
+        loads = [i for i in (body.find("ld.global"), body.find("cp.async")) if i >= 0]
+        assert loads and min(loads) > wait, "a global load before griddepcontrol.wait"
 
 
 def main() -> None:
@@ -72,3 +93,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    compile_gemv_pdl()

@@ -318,3 +318,35 @@ def test_gemv_fp8_every_code_exact(dtype, path):
         x = torch.eye(k, dtype=dtype)[m0:m0 + rows].to(DEVICE)
         y = gemv(x, w, s, _path_config(path, x.shape[0]))
         assert torch.equal(y.float().cpu(), w.float().cpu().T[m0:m0 + rows])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper GPU")
+@pytest.mark.parametrize("prefetch", [0, 4])
+def test_gemv_pdl_chain_in_a_cuda_graph_gives_the_same_bits(prefetch):
+    """A chain of PDL-launched GEMVs (each reading the one before's output, kernels/_pdl.py), with the split-K
+    combine and a torch op between them, captured in a CUDA graph: the same bits as the plain launches. A program
+    reading x before the kernel before finished writing it would show here as a different (stale) result."""
+    g = torch.Generator().manual_seed(5)
+    ws = [(torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16).cuda()
+          for n, k in [(4096, 2048), (2048, 4096), (6144, 2048), (2048, 6144)] * 3]
+    x0 = torch.randn(1, 2048, generator=g).to(torch.bfloat16).cuda()
+
+    def run(pdl):
+        x = x0
+        for w in ws:
+            cfg = {**gemv_config(w.shape[0], w.shape[1], 1), "PDL": pdl, "PREFETCH_TILES": prefetch}
+            x = gemv(x, w, config=cfg)
+            x = x * 0.5 if w.shape[0] == 4096 else x
+        return x
+
+    ref = run(False)
+    graph = torch.cuda.CUDAGraph()
+    run(True)
+    with torch.cuda.graph(graph):
+        out = run(True)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref)

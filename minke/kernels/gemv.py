@@ -67,7 +67,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._pdl import pdl_supported
 from ._triton import HAS_TRITON as _HAS_TRITON
+from ._triton import is_interpreted as _is_interpreted
 from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import sm_count
 from ._triton import tl, triton
@@ -75,6 +77,7 @@ from .fp8_skinny import skinny_fp8_silu_mul
 from .splitk_sum import splitk_sum
 
 if _HAS_TRITON:
+    from ._pdl import gdc_wait, prefetch_l2_rows
     from .splitk_sum import row_epilogue
 
 # Rows a step may have for `linear` to send a plain (unscaled) projection to gemv on CUDA. One: measured on an
@@ -319,6 +322,8 @@ if _HAS_TRITON:
         HAS_EXTRA: tl.constexpr,
         HAS_LORA: tl.constexpr = False,  # y += h[m] @ B[slot[m]]^T for rows with an adapter (plain weights, no split)
         LORA_BLOCK_R: tl.constexpr = 16,
+        PDL: tl.constexpr = False,  # launched as a programmatic dependent launch (sm_90+): wait for the kernel before
+        PREFETCH_TILES: tl.constexpr = 0,  # PDL: first pull this many K tiles of the program's weights into L2
     ):
         pid_n = tl.program_id(0)
         row0 = tl.program_id(1).to(tl.int64) * BLOCK_M
@@ -327,6 +332,19 @@ if _HAS_TRITON:
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
+        if PDL:
+            # The weights are constant through a step: this program may pull its first tiles into L2 while the
+            # kernel before still runs (its last blocks drain, SMs idle); x, y and the workspace only after it
+            # finished (gdc_wait: every write of the kernel before is visible past it).
+            if PREFETCH_TILES > 0:
+                offs_p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                in_w = offs_p < N
+                if SILU_MUL:
+                    prefetch_l2_rows(w_up_ptr, offs_p, in_w, stride_wn, k_lo, tl.minimum(k_hi, k_lo + PREFETCH_TILES
+                                                                                        * BLOCK_K), BLOCK_K)
+                prefetch_l2_rows(w_ptr, offs_p, in_w, stride_wn, k_lo,
+                                 tl.minimum(k_hi, k_lo + PREFETCH_TILES * BLOCK_K), BLOCK_K)
+            gdc_wait()
         if HAS_EXTRA:  # (not SPLIT: the launcher's rule)
             tiles = tl.cdiv(N, BLOCK_N)
             if pid_n >= tiles:  # the programs past w's tiles take e's rows: fp32 sums into h (no scale, no act)
@@ -433,6 +451,9 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
     k_split = triton.cdiv(triton.cdiv(k, block_k), split) * block_k  # whole tiles per split
     split = triton.cdiv(k, k_split) if k else 1  # no empty trailing split
     stages = cfg["num_stages"]
+    # PDL (kernels/_pdl.py): off unless the config asks; never under the interpreter (no inline assembly)
+    pdl = bool(cfg.get("PDL", False)) and pdl_supported(x.device) and not _is_interpreted(_gemv_kernel)
+    pdl_kw = dict(launch_pdl=True) if pdl else {}
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     n2 = 0 if extra is None else extra.shape[0]
     h = None if extra is None else torch.empty(m, n2, dtype=torch.float32, device=x.device)
@@ -455,7 +476,8 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             HAS_SCALE=scale is not None, SILU_MUL=silu_mul, HAS_EXTRA=extra is not None, HAS_LORA=lora is not None,
             LORA_BLOCK_R=16 if lora is None else max(16, triton.next_power_of_2(lb.shape[2])),
-            num_warps=cfg["num_warps"], num_stages=stages)
+            PDL=pdl, PREFETCH_TILES=int(cfg.get("PREFETCH_TILES", 4)) if pdl else 0,
+            num_warps=cfg["num_warps"], num_stages=stages, **pdl_kw)
         if split > 1:
             splitk_sum(ws, y, scale, s_up if scale is not None else None, silu_mul)
     return y if extra is None else (y, h)
@@ -469,7 +491,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     lora = (h [M, R] fp32, B [S, N, R], slots [>= M] int32; plain w only): each row with a slot >= 0 also gets
     h[m] @ B[slot]^T, as lora_expand would add it to the stored y (gemv_lora_ref), in the same launch.
     config: gemv_config's keys (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; optional DOT, SPLIT_K,
-    PIPELINE); None: gemv_config for this shape."""
+    PIPELINE, PDL: launch as a programmatic dependent launch on sm_90+ (kernels/_pdl.py), PREFETCH_TILES: with PDL,
+    K tiles of weights each program pulls into L2 before waiting, default 4); None: gemv_config for this shape."""
     return _launch("gemv", x, w, scale, config, silu_mul=False, extra=extra, lora=lora)
 
 
