@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minke.kernels import latent_cache  # noqa: E402
 from minke.kernels.mla_decode import mla_decode, mla_decode_ref, num_sms  # noqa: E402
-from minke.kernels.mla_decode_launch import MAX_KV_SPLITS, choose_launch  # noqa: E402
+from minke.kernels.mla_decode_launch import KERNEL_MAX_SPLITS, choose_launch  # noqa: E402
 
 L2_BYTES = 60 * 2**20  # H200; the copies below keep a graph's working set > 4x this
 
@@ -102,12 +102,15 @@ def sweep_configs(base: dict, heads: int, fp8: bool, tiny: bool) -> list[dict]:
     block_hs = [base["block_h"]] if heads <= 16 else [16, 32, 64]
     block_ns = (16, 32) if tiny else (16, 32, 64) if fp8 else (32, 64)
     grid = []
-    for bh, bn, w, st, fuse in itertools.product(block_hs, block_ns, (4, 8), (2, 3), (True, False)):
+    for bh, bn, w, st, fuse in itertools.product(block_hs, block_ns, (4, 8), (2, 3, 4), (True, False)):
         grid.append(dict(base, block_h=bh, block_n=bn, num_warps=w, num_stages=st, fuse_combine=fuse))
     s0 = base["num_kv_splits"]
-    for s in sorted({max(1, s0 // 4), max(1, s0 // 2), min(MAX_KV_SPLITS, s0 * 2), min(MAX_KV_SPLITS, s0 * 4)} - {s0}):
+    for s in sorted({max(1, s0 // 4), max(1, s0 // 2), min(KERNEL_MAX_SPLITS, s0 * 2),
+                     min(KERNEL_MAX_SPLITS, s0 * 4)} - {s0}):
         for fuse in (True, False):
             grid.append(dict(base, num_kv_splits=s, fuse_combine=fuse))
+        for bn, w, st in ((32, 4, 3), (32, 4, 4), (64, 4, 2)):  # more splits: smaller programs, two or more an SM
+            grid.append(dict(base, num_kv_splits=s, block_n=bn, num_warps=w, num_stages=st, fuse_combine=False))
     return grid
 
 

@@ -31,13 +31,14 @@ from minke.kernels.gemv import gemv, gemv_config, gemv_silu_mul  # noqa: E402
 
 
 def layer_weights(shape: str, layers: int, fp8: bool, device) -> list[list[tuple]]:
-    """Per layer [(w, scale or None, silu_mul)] for qkv, o, gate_up, down (bf16 N(0, 0.02), or fp8 + row scales)."""
+    """Per layer [(w, scale or None, silu_mul)] for qkv, o, gate_up, down (bf16, or fp8 + row scales)."""
     out = []
     for _ in range(layers):
         row = []
         for name, (n, k) in SHAPES[shape].items():
             silu = name.startswith("gate_up")
-            w = (torch.randn(2 * n if silu else n, k, device=device) * 0.02).to(torch.bfloat16)
+            # std 1/sqrt(K): activations keep their scale through the chain (no overflow to inf / NaN)
+            w = (torch.randn(2 * n if silu else n, k, device=device) * k ** -0.5).to(torch.bfloat16)
             if fp8:
                 w, s = quantize_weight_fp8(w)
                 row.append((w, s, silu))
@@ -93,6 +94,7 @@ def main():
         for name, mode in modes:
             run = chain(weights, x0, mode)
             out = run()
+            assert torch.isfinite(out).all(), f"{name}: the chain overflowed"
             same = "" if ref is None else ("same bits" if torch.equal(out, ref) else
                                            f"DIFFERS (max {(out.float() - ref.float()).abs().max().item():.3g})")
             ref = out if ref is None else ref

@@ -48,7 +48,7 @@ from ._triton import needs_dot_upcast as _needs_dot_upcast
 from ._triton import sm_count
 from ._triton import tl, triton
 from .latent_cache import cache_row_width, is_fp8, latent_scales, read_rows
-from .mla_decode_launch import MAX_KV_SPLITS, MIN_SPLIT_LEN, choose_launch
+from .mla_decode_launch import KERNEL_MAX_SPLITS, MIN_SPLIT_LEN, choose_launch
 from .mla_decode_launch import MlaDecodeLaunch, choose_num_kv_splits  # noqa: F401  (re-exported)
 from .splitk_combine import splitk_combine
 
@@ -417,8 +417,9 @@ def mla_decode(
     n_hb = triton.cdiv(H, BLOCK_H)
     if num_kv_splits is None:
         num_kv_splits = launch.num_kv_splits
-    if not isinstance(num_kv_splits, int) or not 1 <= num_kv_splits <= MAX_KV_SPLITS:
-        raise ValueError(f"mla_decode: num_kv_splits must be an int in [1, {MAX_KV_SPLITS}], got {num_kv_splits!r}")
+    if not isinstance(num_kv_splits, int) or not 1 <= num_kv_splits <= KERNEL_MAX_SPLITS:
+        raise ValueError(f"mla_decode: num_kv_splits must be an int in [1, {KERNEL_MAX_SPLITS}], got "
+                         f"{num_kv_splits!r}")
     fuse = (launch.fuse_combine if fuse_combine is None else bool(fuse_combine)) and num_kv_splits > 1
 
     dev = q_latent.device

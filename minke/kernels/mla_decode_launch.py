@@ -53,7 +53,8 @@ import torch
 
 from .latent_cache import bytes_per_token, is_fp8
 
-MAX_KV_SPLITS = 128
+MAX_KV_SPLITS = 128  # the most splits choose_launch picks
+KERNEL_MAX_SPLITS = 512  # the most a caller may ask mla_decode for (sweeps: two programs an SM at batch 1)
 MIN_SPLIT_LEN = 64  # tokens a split holds at least (one 64-token tile)
 MAX_BLOCK_N = 64  # the largest tile choose_launch picks
 PROGRAMS_PER_SM = 2  # co-resident programs an SM needs to keep its loads in flight (H200 sweep)
