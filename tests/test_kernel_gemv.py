@@ -152,6 +152,7 @@ def test_gemv_config_rule():
     one = gemv_config(8192, 8192, 1, fp8=True)
     assert (one["BLOCK_K"], one["BLOCK_N"], one["SPLIT_K"], one.get("DOT", False)) == (512, 8, 1, False)
     assert one["num_stages"] >= 3 and one["num_warps"] == 4  # fp8: two weight rows a warp
+    assert one["PDL"] and not gemv_config(4096, 4096, 1, unsplit=True).get("PDL")  # PDL measured faster for fp8 only
     vec = gemv_config(4096, 4096, 1, unsplit=True)  # LoRA deltas / extra rows in the launch: one split, vector path
     assert vec["BLOCK_K"] == 256 and vec["num_warps"] == 8 and not vec.get("DOT", False)
     assert gemv_config(2048, 2048, 1)["BLOCK_K"] == 256  # under 2^24 weights (V2-Lite's projections): vector path

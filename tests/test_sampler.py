@@ -116,6 +116,18 @@ def test_greedy_is_argmax(device):
     assert out.token_ids.tolist() == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("rows", [3, 40])  # CUDA: the two-pass argmax (<= 32 rows) and the one-pass one
+def test_greedy_on_bf16_logits_is_the_fp32_argmax_ties_included(device, rows):
+    """An all-greedy batch takes argmax over the model's bf16 logits without the fp32 copy: the same tokens as the
+    fp32 argmax, including rows whose maximum appears several times (bf16's coarse values tie often)."""
+    torch.manual_seed(4)
+    logits = (torch.randn(rows, 16 * 1024) * 4).to(torch.bfloat16)
+    logits[0, 100] = logits[0, 9000] = logits[0, 16000] = 40.0  # three-way tie: the first one wins
+    out = sample(logits, [SamplingParams(temperature=0.0)] * rows, device)
+    assert out.token_ids.tolist() == logits.float().argmax(-1).tolist()
+    assert out.token_ids[0].item() == 100 and out.logprobs is None and out.top_logprobs == [None] * rows
+
+
 def test_greedy_rows_unaffected_by_random_rows(device):
     torch.manual_seed(1)
     logits = torch.randn(8, 50)

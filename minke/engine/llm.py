@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..default_model import resolve_model
 from ..lora.request import LoRARequest
 from ..sampling_params import SamplingParams
-from .config import EngineConfig
+from .config import EngineConfig, offline_max_num_batched_tokens
 from .generation_config import load_generation_defaults
 from .input_processor import Prompt
 from .llm_engine import LLMEngine
@@ -56,9 +56,16 @@ def _token_id_prompts(prompt_token_ids) -> list[dict]:
 
 class LLM:
     """model: a checkpoint directory (None = the embedded default model). Options: see EngineConfig (vLLM's
-    names: tensor_parallel_size, max_model_len, enforce_eager, trust_remote_code, generation_config, ...)."""
+    names: tensor_parallel_size, max_model_len, enforce_eager, trust_remote_code, generation_config, ...).
+    On a GPU of >= 70 GiB max_num_batched_tokens defaults to 16384 here (vLLM's LLM-class rule; the server's
+    default stays 8192)."""
 
     def __init__(self, model: str | None = None, **kwargs):
+        if kwargs.get("max_num_batched_tokens") is None and kwargs.get("enable_chunked_prefill", True) is not False:
+            # offline: vLLM's LLM-class default on large GPUs (larger prefill steps; the server keeps 8192)
+            offline = offline_max_num_batched_tokens(kwargs.get("device"))
+            if offline is not None:
+                kwargs["max_num_batched_tokens"] = offline
         cfg = EngineConfig.from_kwargs(resolve_model(model), **kwargs)
         # Read (and checked) before the weights load: a bad generation_config.json fails at once.
         self._default_sampling = load_generation_defaults(cfg.model, cfg.generation_config)

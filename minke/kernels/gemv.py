@@ -154,8 +154,11 @@ def gemv_config(n: int, k: int, rows: int = 1, fp8: bool = False, silu_mul: bool
         block_k = 512 // w_bytes
         warps = max(1, min(8, block_n * block_k * w_bytes // (1024 if fp8 else 512)))
         split = _split_for(_cdiv(n, block_n), _cdiv(k, block_k), 2 * sms)
+        # PDL (sm_90+; kernels/_pdl.py) for fp8 weights: a 67B decode step's one-row fp8 GEMV chain, 200.8 -> 186.6
+        # us a layer; bf16's 7B chain 113.5 -> 114.1, and pulling weight tiles into L2 before the wait slowed both
+        # (H200, bench/bench_pdl.py, 2026-12-04)
         return {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": 4,
-                "SPLIT_K": split}
+                "SPLIT_K": split, "PDL": fp8, "PREFETCH_TILES": 0}
     block_m = max(DOT_BLOCK_M, min(64, _next_pow2(rows)))
     block_n = 128 if fp8 else 64
     block_k = 16384 // (block_n * w_bytes)
@@ -476,7 +479,7 @@ def _launch(name: str, x, w, scale, config, silu_mul: bool, extra: torch.Tensor 
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             HAS_SCALE=scale is not None, SILU_MUL=silu_mul, HAS_EXTRA=extra is not None, HAS_LORA=lora is not None,
             LORA_BLOCK_R=16 if lora is None else max(16, triton.next_power_of_2(lb.shape[2])),
-            PDL=pdl, PREFETCH_TILES=int(cfg.get("PREFETCH_TILES", 4)) if pdl else 0,
+            PDL=pdl, PREFETCH_TILES=int(cfg.get("PREFETCH_TILES", 0)) if pdl else 0,
             num_warps=cfg["num_warps"], num_stages=stages, **pdl_kw)
         if split > 1:
             splitk_sum(ws, y, scale, s_up if scale is not None else None, silu_mul)
@@ -492,7 +495,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     h[m] @ B[slot]^T, as lora_expand would add it to the stored y (gemv_lora_ref), in the same launch.
     config: gemv_config's keys (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; optional DOT, SPLIT_K,
     PIPELINE, PDL: launch as a programmatic dependent launch on sm_90+ (kernels/_pdl.py), PREFETCH_TILES: with PDL,
-    K tiles of weights each program pulls into L2 before waiting, default 4); None: gemv_config for this shape."""
+    K tiles of weights each program pulls into L2 before waiting, default 0); None: gemv_config for this shape."""
     return _launch("gemv", x, w, scale, config, silu_mul=False, extra=extra, lora=lora)
 
 
