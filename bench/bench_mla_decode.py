@@ -111,17 +111,12 @@ def sweep_configs(base: dict, heads: int, fp8: bool, tiny: bool) -> list[dict]:
             grid.append(dict(base, num_kv_splits=s, fuse_combine=fuse))
         for bn, w, st in ((32, 4, 3), (32, 4, 4), (64, 4, 2)):  # more splits: smaller programs, two or more an SM
             grid.append(dict(base, num_kv_splits=s, block_n=bn, num_warps=w, num_stages=st, fuse_combine=False))
-    if not fp8 and not tiny:  # the transposed dots (tokens as the dots' M: wgmma at 64-token tiles over 8 warps)
-        for s in sorted({s0, min(KERNEL_MAX_SPLITS, s0 * 2), max(1, s0 // 2)}):
-            for bn, w, st in ((32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3)):
-                grid.append(dict(base, num_kv_splits=s, block_n=bn, num_warps=w, num_stages=st, fuse_combine=False,
-                                 trans=True))
     return grid
 
 
 def _short(cfg: dict) -> str:
     names = {"num_kv_splits": "splits", "block_n": "block_n", "num_warps": "warps", "num_stages": "stages",
-             "block_h": "block_h", "fuse_combine": "fused", "trans": "trans"}
+             "block_h": "block_h", "fuse_combine": "fused"}
     return " ".join(f"{v}={cfg[k]}" for k, v in names.items() if k in cfg)
 
 

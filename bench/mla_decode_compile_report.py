@@ -35,13 +35,13 @@ _PTRS = {"q_ptr": "q", "qpe_ptr": "q", "kv_ptr": "kv", "kvw_ptr": "words", "scal
 
 
 def compile_kernel(kv: str, q: str, block_n: int, num_warps: int, num_stages: int, block_h: int, splits: int,
-                   fuse: bool, arch: int, trans: bool = False):
+                   fuse: bool, arch: int):
     """The compiled kernel for V2-Lite's latent (C=512, R=64); all pointers and strides 16-divisible, as Triton
     specialises the real ones."""
     fp8 = kv.startswith("fp8")
     const = dict(BLOCK_SIZE=16, C=512, R=64, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_H=block_h, BLOCK_C=512, BLOCK_R=64,
                  BLOCK_WR=32, BLOCK_N=block_n, KV_FP8=fp8, E5M2=kv == "fp8e5", ASM=fp8, FUSE_COMBINE=fuse,
-                 DOT_PRECISION="tf32", UPCAST_DOT=False, TRANS=trans)
+                 DOT_PRECISION="tf32", UPCAST_DOT=False)
     kinds = {"q": "*" + q, "kv": "*" + kv, "scale": "*fp32" if fp8 else "*" + kv, "words": "*u16" if fp8 else "*" + kv}
     fn = m._mla_decode_kernel
     sig, constexprs, attrs = {}, {}, {}
@@ -67,7 +67,7 @@ def loop_sass(cubin: bytes) -> str:
     tensor-core op or, on the vector path, the K loads) and its most frequent opcodes. The loop of a
     memory-bound kernel must issue little per byte: the MHA bf16 128-token tile is ~790 instructions (Triton 3.6)."""
     bodies = [b for b in sass_loops(cuobjdump(cubin, "-sass"))
-              if any(opcode(ln) in ("HMMA", "HGMMA", "LDG", "LDGSTS") for ln in b)]
+              if any(opcode(ln) in ("HMMA", "LDG", "LDGSTS") for ln in b)]
     best = max(bodies, key=len, default=[])
     ops = collections.Counter(opcode(ln) for ln in best)
     return f"loop {len(best)} SASS: " + " ".join(f"{o} {n}" for o, n in ops.most_common(6))
@@ -117,17 +117,13 @@ def main() -> int:
     ap.add_argument("--splits", type=int, default=4)
     ap.add_argument("--no-fuse", action="store_true")
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--trans", default="0", help="comma list of 0 / 1: the transposed dots (16-bit caches)")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    for kv, bn, w, st, tr in itertools.product(args.kv.split(","), ints(args.block_n), ints(args.warps),
-                                               ints(args.stages), ints(args.trans)):
-        if tr and kv.startswith("fp8"):
-            continue
-        tag = f"kv={kv:8s} block_n={bn:3d} warps={w} stages={st}{' trans' if tr else ''}"
+    for kv, bn, w, st in itertools.product(args.kv.split(","), ints(args.block_n), ints(args.warps),
+                                           ints(args.stages)):
+        tag = f"kv={kv:8s} block_n={bn:3d} warps={w} stages={st}"
         try:
-            k = compile_kernel(kv, args.q, bn, w, st, args.block_h, args.splits, not args.no_fuse, args.arch,
-                               bool(tr))
+            k = compile_kernel(kv, args.q, bn, w, st, args.block_h, args.splits, not args.no_fuse, args.arch)
         except Exception as e:  # out of shared memory / registers for this tile
             print(f"{tag}: compile failed: {type(e).__name__}: {str(e).splitlines()[-1][:120]}", flush=True)
             continue

@@ -177,7 +177,6 @@ if _HAS_TRITON:
         FUSE_COMBINE: tl.constexpr,  # the last split of a (sequence, head block) to finish merges the partials
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
-        TRANS: tl.constexpr = False,  # 16-bit cache: the tokens as the dots' M side (scores^T, out^T), see below
     ):
         # Axis 0 = head block, fastest: the programs that read the same latent tile (H > BLOCK_H) run together and
         # share it through L2, so HBM sees each latent byte about once per (sequence, split).
@@ -233,14 +232,6 @@ if _HAS_TRITON:
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max of scores (log2 domain)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)  # running sum of exp2(...) * c_kv
-        if TRANS:
-            # Transposed dots (16-bit caches): scores^T [BLOCK_N, BLOCK_H] = c_kv [BLOCK_N, C] @ q^T and out^T
-            # [BLOCK_C, BLOCK_H] += c_kv^T @ p^T. The wide sides (BLOCK_N tokens, C = 512 columns) are the dots' M,
-            # the 16 heads their N, so a warpgroup's wgmma (M = 64) takes them; with the heads as M (16 rows) the
-            # dots are mma.sync chains of 36 dependent steps a tile. The same sums, one rounding of p (as below).
-            q_t = tl.trans(q)  # [BLOCK_C, BLOCK_H]
-            qpe_t = tl.trans(q_pe)  # [BLOCK_R, BLOCK_H]
-            acc_t = tl.zeros([BLOCK_C, BLOCK_H], dtype=tl.float32)
         for n0 in range(start, end, BLOCK_N):  # no iteration for an empty split
             offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical token positions
             mask_n = offs_n < end
@@ -280,54 +271,36 @@ if _HAS_TRITON:
                 if UPCAST_DOT:
                     c_kv = c_kv.to(tl.float32)
                     k_pe = k_pe.to(tl.float32)
-                if TRANS:
-                    qk_t = tl.dot(c_kv, q_t, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
-                    qk_t = tl.dot(k_pe, qpe_t, acc=qk_t, input_precision=DOT_PRECISION)
-                    qk_t = tl.where(mask_n[:, None], qk_t * qk_scale, float("-inf"))
-                else:
-                    qk = tl.dot(q, tl.trans(c_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-                    qk = tl.dot(q_pe, tl.trans(k_pe), acc=qk, input_precision=DOT_PRECISION)
-                    qk = qk * qk_scale
-            if TRANS:  # the online softmax over axis 0 (tokens), the same steps as below
-                m_new = tl.maximum(m_i, tl.max(qk_t, axis=0))
-                alpha = tl.exp2(m_i - m_new)
-                p_t = tl.exp2(qk_t - m_new[None, :])  # [BLOCK_N, BLOCK_H]
-                l_i = l_i * alpha + tl.sum(p_t, axis=0)
-                p_tv = p_t.to(dot_dtype)
-                if UPCAST_DOT:
-                    p_tv = p_tv.to(tl.float32)
-                acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(c_kv), p_tv, input_precision=DOT_PRECISION)
-                m_i = m_new
-            else:
-                qk = tl.where(mask_n[None, :], qk, float("-inf"))
+                qk = tl.dot(q, tl.trans(c_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+                qk = tl.dot(q_pe, tl.trans(k_pe), acc=qk, input_precision=DOT_PRECISION)
+                qk = qk * qk_scale
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
 
-                # Online softmax. Each tile holds >= 1 valid token (n0 < end), so m_new is finite and exp2(m_i - m_new)
-                # is 0 on the first tile rather than NaN.
-                m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(qk - m_new[:, None])  # [BLOCK_H, BLOCK_N]
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if KV_FP8:
-                    # sum_t p_t (s_t v_t) = sum_t (p_t s_t) v_t: the values' scale on p. fp16 has 5 exponent bits, so the
-                    # tile's largest scale cs comes out of p_t s_t (<= 1 then) and goes back on the fp32 sums.
-                    cs = tl.maximum(tl.max(tok_scale, axis=0), 1e-30)
-                    p_v = (p * (tok_scale / cs)[None, :]).to(dot_dtype)
-                    if UPCAST_DOT:
-                        p_v = p_v.to(tl.float32)
-                    acc_even = acc_even * alpha[:, None] + tl.dot(p_v, c_even, input_precision=DOT_PRECISION) * cs
-                    acc_odd = acc_odd * alpha[:, None] + tl.dot(p_v, c_odd, input_precision=DOT_PRECISION) * cs
-                else:
-                    # p is rounded to the operand dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
-                    p_v = p.to(dot_dtype)
-                    if UPCAST_DOT:
-                        p_v = p_v.to(tl.float32)
-                    acc = acc * alpha[:, None] + tl.dot(p_v, c_kv, input_precision=DOT_PRECISION)
-                m_i = m_new
+            # Online softmax. Each tile holds >= 1 valid token (n0 < end), so m_new is finite and exp2(m_i - m_new)
+            # is 0 on the first tile rather than NaN.
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])  # [BLOCK_H, BLOCK_N]
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if KV_FP8:
+                # sum_t p_t (s_t v_t) = sum_t (p_t s_t) v_t: the values' scale on p. fp16 has 5 exponent bits, so the
+                # tile's largest scale cs comes out of p_t s_t (<= 1 then) and goes back on the fp32 sums.
+                cs = tl.maximum(tl.max(tok_scale, axis=0), 1e-30)
+                p_v = (p * (tok_scale / cs)[None, :]).to(dot_dtype)
+                if UPCAST_DOT:
+                    p_v = p_v.to(tl.float32)
+                acc_even = acc_even * alpha[:, None] + tl.dot(p_v, c_even, input_precision=DOT_PRECISION) * cs
+                acc_odd = acc_odd * alpha[:, None] + tl.dot(p_v, c_odd, input_precision=DOT_PRECISION) * cs
+            else:
+                # p is rounded to the operand dtype for the tensor-core dot (as FlashAttention does); fp32 accumulate.
+                p_v = p.to(dot_dtype)
+                if UPCAST_DOT:
+                    p_v = p_v.to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(p_v, c_kv, input_precision=DOT_PRECISION)
+            m_i = m_new
 
         if KV_FP8:  # the columns back in order: [BLOCK_H, BLOCK_C / 2, 2] -> [BLOCK_H, BLOCK_C], once per program
             acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_H, BLOCK_C))
-        if TRANS:
-            acc = tl.trans(acc_t)
         mask_hc = mask_h[:, None] & mask_c[None, :]
         out_ptrs = out_ptr + b * stride_ob + offs_h[:, None] * stride_oh + offs_c[None, :]
         if NUM_SPLITS == 1:
@@ -397,9 +370,6 @@ def mla_decode(
     # one for bf16 / fp16 caches of < 4096 tokens' capacity, where only it was measured); "new" whenever block_h /
     # fuse_combine is given or the cache is fp8.
     impl: str | None = None,
-    # new kernel, 16-bit caches: the transposed dots (tokens as the tensor-core M side: wgmma on sm_90) or the
-    # heads-as-rows ones. None: choose_launch's.
-    trans: bool | None = None,
 ) -> torch.Tensor:  # [B, H, C] in q_latent.dtype: attention output in latent space (apply W_UV after)
     """Split-K Triton MLA decode. See the module docstring for the math; mla_decode_ref gives the same result."""
     if not _HAS_TRITON:
@@ -429,10 +399,10 @@ def mla_decode(
                            q_dtype=q_latent.dtype, kv_lora_rank=C, rope_dim=R, block_h=block_h,
                            min_split_len=min_split_len or MIN_SPLIT_LEN)
     if impl is None:
-        impl = "new" if fp8 or block_h is not None or fuse_combine is not None or trans else launch.impl
+        impl = "new" if fp8 or block_h is not None or fuse_combine is not None else launch.impl
     if impl == "old":
-        if fp8 or block_h is not None or fuse_combine is not None or trans:
-            raise ValueError("mla_decode: impl='old' takes neither an fp8 cache nor block_h / fuse_combine / trans")
+        if fp8 or block_h is not None or fuse_combine is not None:
+            raise ValueError("mla_decode: impl='old' takes neither an fp8 cache nor block_h / fuse_combine")
         from .mla_decode_old import mla_decode_old
 
         return mla_decode_old(q_latent, q_pe, kv_cache, block_tables, context_lens, sm_scale, num_kv_splits,
@@ -451,9 +421,6 @@ def mla_decode(
         raise ValueError(f"mla_decode: num_kv_splits must be an int in [1, {KERNEL_MAX_SPLITS}], got "
                          f"{num_kv_splits!r}")
     fuse = (launch.fuse_combine if fuse_combine is None else bool(fuse_combine)) and num_kv_splits > 1
-    trans = launch.trans if trans is None else bool(trans)
-    if trans and fp8:
-        raise ValueError("mla_decode: trans=True is for 16-bit caches (the fp8 cache's tiles are word pairs)")
 
     dev = q_latent.device
     out = torch.empty(B, H, C, dtype=q_latent.dtype, device=dev)
@@ -483,7 +450,7 @@ def mla_decode(
         E5M2=kv_cache.dtype == torch.float8_e5m2, ASM=fp8 and not _is_interpreted(_mla_decode_kernel),
         FUSE_COMBINE=fuse,
         DOT_PRECISION="ieee" if fp32 else "tf32",
-        UPCAST_DOT=_needs_dot_upcast(_mla_decode_kernel, q_latent.dtype), TRANS=trans,
+        UPCAST_DOT=_needs_dot_upcast(_mla_decode_kernel, q_latent.dtype),
         num_warps=num_warps if num_warps is not None else launch.num_warps,
         num_stages=num_stages if num_stages is not None else launch.num_stages,
     )

@@ -77,7 +77,6 @@ class MlaDecodeLaunch:
     block_h: int  # heads per program
     fuse_combine: bool  # the last split merges (True) or kernels/splitk_combine.py runs after
     min_split_len: int
-    trans: bool = False  # new kernel, 16-bit cache: tokens as the dots' M side (mla_decode.py's TRANS)
 
     def kwargs(self) -> dict:
         """As mla_decode keyword arguments (benchmarks print and replay these)."""
