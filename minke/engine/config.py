@@ -25,8 +25,10 @@ from .scheduler import SchedulerConfig
 # profile before KV sizing runs (a larger step would take memory the cache needs).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 # The offline LLM class's default on GPUs of >= 70 GiB (vLLM's rule for its LLM class on H100 / H200-class GPUs;
-# its server keeps 8192, as minke's does): fewer, larger prefill steps. H200, moe-16b offline (`minke bench
-# --kv-cache-dtype fp8`, 2026-12-04): 9,857 -> 9,954 output tok/s with 16384.
+# its server keeps 8192, as minke's does): half as many prefill steps. H200 offline (`minke bench --kv-cache-dtype
+# fp8`, 1,000 requests, 2026-12-04): moe-16b 9,954 and 9,800 output tok/s in two runs at 16384 (9,857 at 8192 on
+# 2026-12-03), llm-7b 6,470 (6,695 at 8192 on 2026-12-03): within the ~2% the same run repeats to; not yet A/B'd
+# in one call.
 OFFLINE_MAX_NUM_BATCHED_TOKENS = 16384
 OFFLINE_LARGE_GPU_BYTES = 70 * 2**30
 
