@@ -111,17 +111,12 @@ def sweep_configs(base: dict, heads: int, fp8: bool, tiny: bool) -> list[dict]:
             grid.append(dict(base, num_kv_splits=s, fuse_combine=fuse))
         for bn, w, st in ((32, 4, 3), (32, 4, 4), (64, 4, 2)):  # more splits: smaller programs, two or more an SM
             grid.append(dict(base, num_kv_splits=s, block_n=bn, num_warps=w, num_stages=st, fuse_combine=False))
-    if not fp8:  # tiles loaded a loop iteration ahead by hand (PREFETCH), Triton's pipeliner off
-        for s in sorted({s0, min(KERNEL_MAX_SPLITS, s0 * 2)}):
-            for bn, w in ((16, 4), (16, 8), (32, 8), (64, 8)):  # no spills but 64 x 8 (264 B)
-                grid.append(dict(base, num_kv_splits=s, block_n=bn, num_warps=w, num_stages=1, fuse_combine=False,
-                                 prefetch=True))
     return grid
 
 
 def _short(cfg: dict) -> str:
     names = {"num_kv_splits": "splits", "block_n": "block_n", "num_warps": "warps", "num_stages": "stages",
-             "block_h": "block_h", "fuse_combine": "fused", "prefetch": "prefetch"}
+             "block_h": "block_h", "fuse_combine": "fused"}
     return " ".join(f"{v}={cfg[k]}" for k, v in names.items() if k in cfg)
 
 
@@ -132,8 +127,6 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--impl", default="old,new", help="comma list of old, new, auto (impl=None)")
     ap.add_argument("--sweep", action="store_true", help="time the new kernel's launch configurations")
-    ap.add_argument("--sweep-only", default="all", choices=["all", "prefetch"],
-                    help="with --sweep: every configuration, or the model's launch and the hand-prefetched tiles")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=list(latent_cache.KV_CACHE_DTYPES))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="C=32, R=8 (CPU smoke test under TRITON_INTERPRET=1)")
@@ -185,10 +178,7 @@ def main() -> int:
         if not args.sweep:
             continue
         timed = []
-        grid = sweep_configs(launch, args.heads, latent_cache.is_fp8(kv_dtype), args.tiny)
-        if args.sweep_only == "prefetch":
-            grid = [dict(launch, impl="new")] + [c for c in grid if c.get("prefetch")]
-        for cfg in grid:
+        for cfg in sweep_configs(launch, args.heads, latent_cache.is_fp8(kv_dtype), args.tiny):
             try:
                 out = run(**cfg)[0]().float()
                 if ref is not None and (out - ref).abs().max().item() >= 5e-2:

@@ -35,13 +35,13 @@ _PTRS = {"q_ptr": "q", "qpe_ptr": "q", "kv_ptr": "kv", "kvw_ptr": "words", "scal
 
 
 def compile_kernel(kv: str, q: str, block_n: int, num_warps: int, num_stages: int, block_h: int, splits: int,
-                   fuse: bool, arch: int, prefetch: bool = False):
+                   fuse: bool, arch: int):
     """The compiled kernel for V2-Lite's latent (C=512, R=64); all pointers and strides 16-divisible, as Triton
     specialises the real ones."""
     fp8 = kv.startswith("fp8")
     const = dict(BLOCK_SIZE=16, C=512, R=64, NUM_SPLITS=splits, MIN_SPLIT=64, BLOCK_H=block_h, BLOCK_C=512, BLOCK_R=64,
                  BLOCK_WR=32, BLOCK_N=block_n, KV_FP8=fp8, E5M2=kv == "fp8e5", ASM=fp8, FUSE_COMBINE=fuse,
-                 DOT_PRECISION="tf32", UPCAST_DOT=False, PREFETCH=prefetch)
+                 DOT_PRECISION="tf32", UPCAST_DOT=False)
     kinds = {"q": "*" + q, "kv": "*" + kv, "scale": "*fp32" if fp8 else "*" + kv, "words": "*u16" if fp8 else "*" + kv}
     fn = m._mla_decode_kernel
     sig, constexprs, attrs = {}, {}, {}
@@ -117,18 +117,13 @@ def main() -> int:
     ap.add_argument("--splits", type=int, default=4)
     ap.add_argument("--no-fuse", action="store_true")
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--prefetch", default="0", help="comma list of 0 / 1: tiles loaded a loop iteration ahead by hand "
-                                                     "(16-bit caches; give --stages 1 with it)")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    for kv, bn, w, st, pf in itertools.product(args.kv.split(","), ints(args.block_n), ints(args.warps),
-                                               ints(args.stages), ints(args.prefetch)):
-        if pf and kv.startswith("fp8"):
-            continue
-        tag = f"kv={kv:8s} block_n={bn:3d} warps={w} stages={st}{' prefetch' if pf else ''}"
+    for kv, bn, w, st in itertools.product(args.kv.split(","), ints(args.block_n), ints(args.warps),
+                                           ints(args.stages)):
+        tag = f"kv={kv:8s} block_n={bn:3d} warps={w} stages={st}"
         try:
-            k = compile_kernel(kv, args.q, bn, w, st, args.block_h, args.splits, not args.no_fuse, args.arch,
-                               bool(pf))
+            k = compile_kernel(kv, args.q, bn, w, st, args.block_h, args.splits, not args.no_fuse, args.arch)
         except Exception as e:  # out of shared memory / registers for this tile
             print(f"{tag}: compile failed: {type(e).__name__}: {str(e).splitlines()[-1][:120]}", flush=True)
             continue

@@ -190,33 +190,6 @@ def test_new_kernel_launch_options_same_result(block_h, block_n, fuse):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("splits,fuse,block_n", [(1, False, 16), (5, True, 16), (5, False, 32)])
-def test_prefetched_tiles_same_result(dtype, splits, fuse, block_n):
-    """prefetch=True (each tile and the next tile's block ids loaded one iteration ahead, masked past a split's
-    end): the reference's result with one split and several (merged in the launch or by the combine), lengths
-    shorter than a tile, ragged tails, an empty context, H=20 heads in blocks of 16."""
-    (q, qpe, cache, bt, lens), dense = _make_case(LENS + [41, 0], dtype, seed=12, H=20)
-    out = mla_decode(q, qpe, cache, bt, lens, 0.3, num_kv_splits=splits, block_h=16, block_n=block_n,
-                     fuse_combine=fuse, prefetch=True, num_stages=1)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(out.float().cpu(), _dense_attention(q, qpe, dense, 0.3), rtol=tol, atol=tol)
-
-
-@needs_triton
-def test_prefetch_refuses_an_fp8_cache_and_the_old_kernel():
-    from minke.kernels.latent_cache import cache_row_width
-
-    (q, qpe, cache, bt, lens), _ = _make_case([5], torch.bfloat16)
-    with pytest.raises(ValueError, match="prefetch"):
-        mla_decode(q, qpe, cache, bt, lens, 0.3, impl="old", prefetch=True)
-    width = cache_row_width(C + R, torch.float8_e4m3fn)
-    fp8 = torch.zeros(cache.shape[0], cache.shape[1], width, dtype=torch.float8_e4m3fn, device=cache.device)
-    with pytest.raises(ValueError, match="prefetch=True is for 16-bit caches"):
-        mla_decode(q, qpe, fp8, bt, lens, 0.3, prefetch=True)
-
-
-@needs_triton
 def test_fused_merge_resets_its_tickets_between_calls():
     """The fused merge counts finished splits in a scratch counter and the merging program puts it back to 0: a
     second call on the same inputs (a CUDA-graph replay reuses the buffers) gives the same result."""

@@ -131,13 +131,6 @@ def mla_decode_ref(
 if _HAS_TRITON:
 
     @triton.jit
-    def _latent_rows(bt_row_ptr, offs_n, mask_n, BLOCK_SIZE: tl.constexpr, stride_kv_blk, stride_kv_row):
-        """(element offsets of tokens offs_n's cache rows, their physical blocks) [BLOCK_N] int64 each, through one
-        sequence's block-table row; int64 because num_blocks * block_size * row can pass 2**31."""
-        blk = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        return blk * stride_kv_blk + (offs_n % BLOCK_SIZE) * stride_kv_row, blk
-
-    @triton.jit
     def _mla_decode_kernel(
         q_ptr,  # [B, H, C], unit last stride
         qpe_ptr,  # [B, H, R], unit last stride
@@ -184,7 +177,6 @@ if _HAS_TRITON:
         FUSE_COMBINE: tl.constexpr,  # the last split of a (sequence, head block) to finish merges the partials
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent TF32), "tf32" (= default) otherwise
         UPCAST_DOT: tl.constexpr,  # interpreter only: feed tl.dot fp32 (see _needs_dot_upcast)
-        PREFETCH: tl.constexpr = False,  # 16-bit cache: each tile loaded into registers one iteration ahead (below)
     ):
         # Axis 0 = head block, fastest: the programs that read the same latent tile (H > BLOCK_H) run together and
         # share it through L2, so HBM sees each latent byte about once per (sequence, split).
@@ -240,28 +232,13 @@ if _HAS_TRITON:
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max of scores (log2 domain)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp2(score - m_i)
         acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)  # running sum of exp2(...) * c_kv
-        if PREFETCH:
-            # Software pipelining by hand (16-bit caches, num_stages=1). Triton's pipeliner issues a tile's cp.async
-            # after the previous tile's dots and waits for it at the top of the next iteration (the block-table load
-            # its addresses need sits in between: TTGIR async_wait num=0, Triton 3.6), so load and compute never
-            # overlap. Here iteration i issues tile i+1's loads (addresses from block ids read one iteration
-            # earlier) and tile i+2's block ids before computing tile i; the loads land in registers meanwhile.
-            nxt = start + tl.arange(0, BLOCK_N)
-            row_nx, _ = _latent_rows(bt_ptr + b * stride_bt, nxt, nxt < end, BLOCK_SIZE, stride_kv_blk,
-                                     stride_kv_row)
-            c_nx = tl.load(kv_ptr + row_nx[:, None] + offs_c[None, :], mask=(nxt < end)[:, None] & mask_c[None, :],
-                           other=0.0)
-            pe_nx = tl.load(kv_ptr + row_nx[:, None] + C + offs_r[None, :],
-                            mask=(nxt < end)[:, None] & mask_r[None, :], other=0.0)
-            nxt += BLOCK_N
-            row_nx, _ = _latent_rows(bt_ptr + b * stride_bt, nxt, nxt < end, BLOCK_SIZE, stride_kv_blk,
-                                     stride_kv_row)
         for n0 in range(start, end, BLOCK_N):  # no iteration for an empty split
             offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] logical token positions
             mask_n = offs_n < end
-            if not PREFETCH:
-                row, blk = _latent_rows(bt_ptr + b * stride_bt, offs_n, mask_n, BLOCK_SIZE, stride_kv_blk,
-                                        stride_kv_row)  # [BLOCK_N]
+            # Page-table lookup per token; int64 because num_blocks * block_size * row can pass 2**31.
+            blk = tl.load(bt_ptr + b * stride_bt + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+            in_blk = offs_n % BLOCK_SIZE
+            row = blk * stride_kv_blk + in_blk * stride_kv_row  # [BLOCK_N]
             if KV_FP8:
                 # Rows start 16-byte aligned (fp8_row_width is a multiple of 16 bytes), which Triton cannot see from
                 # the word strides: without the hint the tiles would be loaded 2 bytes at a time.
@@ -271,8 +248,8 @@ if _HAS_TRITON:
                 w_r = tl.load(kvw_ptr + wrow[:, None] + C // 2 + offs_wr[None, :],
                               mask=mask_n[:, None] & mask_wr[None, :], other=0)  # [BLOCK_N, BLOCK_WR]
                 # One fp32 scale per token, applied to the score row and to p below, never to the tiles.
-                tok_scale = tl.load(scale_ptr + blk * stride_sc_blk + (offs_n % BLOCK_SIZE) * stride_sc_row,
-                                    mask=mask_n, other=0.0)  # [BLOCK_N] fp32
+                tok_scale = tl.load(scale_ptr + blk * stride_sc_blk + in_blk * stride_sc_row, mask=mask_n,
+                                    other=0.0)  # [BLOCK_N] fp32
                 c_even, c_odd = fp8_words_to_f16(w_c, E5M2, ASM)
                 r_even, r_odd = fp8_words_to_f16(w_r, E5M2, ASM)
                 c_even, c_odd = c_even.to(dot_dtype), c_odd.to(dot_dtype)
@@ -285,21 +262,12 @@ if _HAS_TRITON:
                 qk = tl.dot(pe_even, tl.trans(r_even), acc=qk, input_precision=DOT_PRECISION)
                 qk = tl.dot(pe_odd, tl.trans(r_odd), acc=qk, input_precision=DOT_PRECISION)
                 qk = qk * (tok_scale * qk_scale)[None, :]  # q . (s_t v_t) = s_t (q . v_t)
-            elif PREFETCH:
-                c_kv, k_pe = c_nx, pe_nx  # loaded during the previous iteration (or before the loop)
-                m1 = (nxt < end)[:, None]  # tile i+1: past the split's end the loads are masked off (no traffic)
-                c_nx = tl.load(kv_ptr + row_nx[:, None] + offs_c[None, :], mask=m1 & mask_c[None, :], other=0.0)
-                pe_nx = tl.load(kv_ptr + row_nx[:, None] + C + offs_r[None, :], mask=m1 & mask_r[None, :], other=0.0)
-                nxt += BLOCK_N
-                row_nx, _ = _latent_rows(bt_ptr + b * stride_bt, nxt, nxt < end, BLOCK_SIZE, stride_kv_blk,
-                                         stride_kv_row)  # tile i+2's rows
             else:
                 # HBM reads each latent byte once here, for both dots (keys == values) and all BLOCK_H heads.
                 c_kv = tl.load(kv_ptr + row[:, None] + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
                                other=0.0)  # [BLOCK_N, BLOCK_C]: the keys of the score dot and the values
                 k_pe = tl.load(kv_ptr + row[:, None] + C + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
                                other=0.0)  # [BLOCK_N, BLOCK_R]
-            if not KV_FP8:
                 if UPCAST_DOT:
                     c_kv = c_kv.to(tl.float32)
                     k_pe = k_pe.to(tl.float32)
@@ -402,9 +370,6 @@ def mla_decode(
     # one for bf16 / fp16 caches of < 4096 tokens' capacity, where only it was measured); "new" whenever block_h /
     # fuse_combine is given or the cache is fp8.
     impl: str | None = None,
-    # new kernel, 16-bit caches: each tile loaded into registers one iteration ahead (hand pipelining; give
-    # num_stages=1 with it). None: choose_launch's.
-    prefetch: bool | None = None,
 ) -> torch.Tensor:  # [B, H, C] in q_latent.dtype: attention output in latent space (apply W_UV after)
     """Split-K Triton MLA decode. See the module docstring for the math; mla_decode_ref gives the same result."""
     if not _HAS_TRITON:
@@ -434,10 +399,10 @@ def mla_decode(
                            q_dtype=q_latent.dtype, kv_lora_rank=C, rope_dim=R, block_h=block_h,
                            min_split_len=min_split_len or MIN_SPLIT_LEN)
     if impl is None:
-        impl = "new" if fp8 or block_h is not None or fuse_combine is not None or prefetch else launch.impl
+        impl = "new" if fp8 or block_h is not None or fuse_combine is not None else launch.impl
     if impl == "old":
-        if fp8 or block_h is not None or fuse_combine is not None or prefetch:
-            raise ValueError("mla_decode: impl='old' takes neither an fp8 cache nor block_h / fuse_combine / prefetch")
+        if fp8 or block_h is not None or fuse_combine is not None:
+            raise ValueError("mla_decode: impl='old' takes neither an fp8 cache nor block_h / fuse_combine")
         from .mla_decode_old import mla_decode_old
 
         return mla_decode_old(q_latent, q_pe, kv_cache, block_tables, context_lens, sm_scale, num_kv_splits,
@@ -456,9 +421,6 @@ def mla_decode(
         raise ValueError(f"mla_decode: num_kv_splits must be an int in [1, {KERNEL_MAX_SPLITS}], got "
                          f"{num_kv_splits!r}")
     fuse = (launch.fuse_combine if fuse_combine is None else bool(fuse_combine)) and num_kv_splits > 1
-    prefetch = launch.prefetch if prefetch is None else bool(prefetch)
-    if prefetch and fp8:
-        raise ValueError("mla_decode: prefetch=True is for 16-bit caches (the fp8 path keeps Triton's pipelining)")
 
     dev = q_latent.device
     out = torch.empty(B, H, C, dtype=q_latent.dtype, device=dev)
@@ -488,7 +450,7 @@ def mla_decode(
         E5M2=kv_cache.dtype == torch.float8_e5m2, ASM=fp8 and not _is_interpreted(_mla_decode_kernel),
         FUSE_COMBINE=fuse,
         DOT_PRECISION="ieee" if fp32 else "tf32",
-        UPCAST_DOT=_needs_dot_upcast(_mla_decode_kernel, q_latent.dtype), PREFETCH=prefetch,
+        UPCAST_DOT=_needs_dot_upcast(_mla_decode_kernel, q_latent.dtype),
         num_warps=num_warps if num_warps is not None else launch.num_warps,
         num_stages=num_stages if num_stages is not None else launch.num_stages,
     )

@@ -77,7 +77,6 @@ class MlaDecodeLaunch:
     block_h: int  # heads per program
     fuse_combine: bool  # the last split merges (True) or kernels/splitk_combine.py runs after
     min_split_len: int
-    prefetch: bool = False  # new kernel, 16-bit cache: tiles loaded one iteration ahead (mla_decode.py's PREFETCH)
 
     def kwargs(self) -> dict:
         """As mla_decode keyword arguments (benchmarks print and replay these)."""
