@@ -37,8 +37,6 @@ def offline_max_num_batched_tokens(device: str | None) -> int | None:
     """The LLM class's max_num_batched_tokens when the caller gives none: OFFLINE_MAX_NUM_BATCHED_TOKENS on a CUDA
     device (the one `device` names, or the default) of at least OFFLINE_LARGE_GPU_BYTES, else None (the engine's
     DEFAULT_MAX_NUM_BATCHED_TOKENS)."""
-    import torch
-
     if (device is not None and not str(device).startswith("cuda")) or not torch.cuda.is_available():
         return None
     index = torch.device(device or "cuda").index

@@ -342,11 +342,10 @@ if _HAS_TRITON:
             if PREFETCH_TILES > 0:
                 offs_p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
                 in_w = offs_p < N
+                k_pf = tl.minimum(k_hi, k_lo + PREFETCH_TILES * BLOCK_K)  # the prefetched K range's end
                 if SILU_MUL:
-                    prefetch_l2_rows(w_up_ptr, offs_p, in_w, stride_wn, k_lo, tl.minimum(k_hi, k_lo + PREFETCH_TILES
-                                                                                        * BLOCK_K), BLOCK_K)
-                prefetch_l2_rows(w_ptr, offs_p, in_w, stride_wn, k_lo,
-                                 tl.minimum(k_hi, k_lo + PREFETCH_TILES * BLOCK_K), BLOCK_K)
+                    prefetch_l2_rows(w_up_ptr, offs_p, in_w, stride_wn, k_lo, k_pf, BLOCK_K)
+                prefetch_l2_rows(w_ptr, offs_p, in_w, stride_wn, k_lo, k_pf, BLOCK_K)
             gdc_wait()
         if HAS_EXTRA:  # (not SPLIT: the launcher's rule)
             tiles = tl.cdiv(N, BLOCK_N)
