@@ -91,6 +91,45 @@ def main() -> None:
                         floats=("eps",))
 
 
+def compile_mla_gluon() -> None:
+    """The pipelined Gluon MLA decode (kernels/mla_decode_gluon.py) at its ring depths: in the TTGIR, the loop
+    waits with STAGES - 2 copy groups left in flight (not 0: that would serialise loads and dots, the Triton
+    kernel's problem) and commits one group an iteration. Skipped (printing why) where Triton has no Gluon."""
+    import re
+
+    import minke.kernels.mla_decode_gluon as mg
+
+    if not mg.HAS_GLUON:
+        print("skip mla_decode_gluon: this Triton has no Gluon", flush=True)
+        return
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = mg._mla_decode_gluon_kernel
+    for block_n, warps, stages in ((32, 4, 2), (32, 4, 4), (64, 8, 2)):
+        const = dict(BLOCK_SIZE=16, C=512, R=64, NUM_SPLITS=64, MIN_SPLIT=64, BLOCK_N=block_n, STAGES=stages, KB=128,
+                     NUM_WARPS=warps, LC=mg._copy_layout(512, warps), LR=mg._copy_layout(64, warps),
+                     SC=mg._smem_layout(512), SR=mg._smem_layout(64))
+        ptrs = dict(q_ptr=BF, qpe_ptr=BF, kv_ptr=BF, bt_ptr=I32, lens_ptr=I32, out_ptr=BF, mid_o_ptr=F32,
+                    mid_lse_ptr=F32)
+        sig, cex, attrs = {}, {}, {}
+        for i, arg in enumerate(fn.arg_names):
+            if arg in const:
+                sig[arg], cex[arg] = "constexpr", const[arg]
+            else:
+                sig[arg] = ptrs.get(arg, "fp32" if arg == "qk_scale" else "i32")
+            if arg in ptrs or arg.startswith("stride"):  # as Triton specialises 16-divisible pointers and strides
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        k = triton.compile(GluonASTSource(fn, sig, cex, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=warps))
+        ttgir = k.asm["ttgir"]
+        loop = ttgir[ttgir.index("scf.for"):]
+        waits = [int(w) for w in re.findall(r"async_wait[^{]*\{num = (\d+)", loop)]
+        assert waits and waits[0] == stages - 2, f"loop's first wait {waits[:1]}, want {stages - 2}"
+        assert "async_commit_group" in loop.split("scf.yield")[0], "no copy group committed inside the loop"
+        print(f"compiled _mla_decode_gluon_kernel block_n={block_n} warps={warps} stages={stages}", flush=True)
+
+
 if __name__ == "__main__":
     main()
     compile_gemv_pdl()
+    compile_mla_gluon()

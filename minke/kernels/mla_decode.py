@@ -15,7 +15,9 @@ exactly once per step. Decode has one query row per sequence, so to fill the GPU
 log2-sum-exp, and the last split of a sequence to finish merges them in the same launch (fuse_combine; else
 kernels/splitk_combine.py runs after). One split writes the output directly. The launch (split count, tiles, warps,
 fused merge, and which kernel) comes from one pure function of batch, heads, block-table capacity and SM count,
-kernels/mla_decode_launch.py choose_launch, fitted to the H200 sweep. All accumulation is fp32; q may be bf16,
+kernels/mla_decode_launch.py choose_launch, fitted to the H200 sweep; where the GPU runs Gluon and the cache is
+bf16 / fp16 of >= 4096 tokens' capacity (<= 16 heads), it picks kernels/mla_decode_gluon.py, the same math with
+the tile loads pipelined by hand (1.06-1.39x this kernel, bench/RESULTS.md 2026-12-04). All accumulation is fp32; q may be bf16,
 fp16 or fp32; the cache the same dtype, or fp8 with a scale per token (kernels/latent_cache.py), widened to q's
 dtype in registers (exact) with the scale folded into the score row and the probabilities, never the tile. The
 previous kernel stays selectable (impl="old", kernels/mla_decode_old.py), and is chosen for bf16 caches of short
@@ -50,6 +52,8 @@ from ._triton import tl, triton
 from .latent_cache import cache_row_width, is_fp8, latent_scales, read_rows
 from .mla_decode_launch import KERNEL_MAX_SPLITS, MIN_SPLIT_LEN, choose_launch
 from .mla_decode_launch import MlaDecodeLaunch, choose_num_kv_splits  # noqa: F401  (re-exported)
+from .mla_decode_gluon import gluon_supported as _gluon_supported
+from .mla_decode_gluon import mla_decode_gluon
 from .splitk_combine import splitk_combine
 
 if _HAS_TRITON:
@@ -366,17 +370,33 @@ def mla_decode(
     num_stages: int | None = None,
     block_h: int | None = None,  # heads per program (new kernel): 16, 32 or 64
     fuse_combine: bool | None = None,  # new kernel: merge in the last split's program (True) or a second launch
-    # "new" (this file) or "old" (kernels/mla_decode_old.py). None: choose_launch's (the new kernel, but the old
-    # one for bf16 / fp16 caches of < 4096 tokens' capacity, where only it was measured); "new" whenever block_h /
-    # fuse_combine is given or the cache is fp8.
+    # "new" (this file), "old" (kernels/mla_decode_old.py) or "gluon" (kernels/mla_decode_gluon.py). None:
+    # choose_launch's (Gluon where it runs and the launch model takes it, else the new kernel, but the old one for
+    # bf16 / fp16 caches of < 4096 tokens' capacity, where only it was measured); "new" whenever block_h /
+    # fuse_combine is given (but block_h=16 with Gluon) or the cache is fp8.
     impl: str | None = None,
 ) -> torch.Tensor:  # [B, H, C] in q_latent.dtype: attention output in latent space (apply W_UV after)
     """Split-K Triton MLA decode. See the module docstring for the math; mla_decode_ref gives the same result."""
     if not _HAS_TRITON:
         raise RuntimeError("mla_decode: triton is not installed (pip install 'minke[gpu]'); use mla_decode_ref")
-    if impl not in (None, "new", "old"):
-        raise ValueError(f"mla_decode: impl must be 'new', 'old' or None, got {impl!r}")
+    if impl not in (None, "new", "old", "gluon"):
+        raise ValueError(f"mla_decode: impl must be 'new', 'old', 'gluon' or None, got {impl!r}")
     B, H, C, R, block_size = _check_inputs(q_latent, q_pe, kv_cache, block_tables, context_lens)
+    gluon_ok = _gluon_supported(q_latent, kv_cache)
+    if impl == "gluon" and (not gluon_ok or block_h not in (None, 16) or fuse_combine):
+        raise ValueError("mla_decode: impl='gluon' needs a CUDA GPU of sm_80+, Triton with Gluon, bf16 / fp16 q and "
+                         "cache of one dtype, power-of-two latent widths (C >= 64, 16 <= R <= 128), block_h 16 and "
+                         "no fused combine (kernels/mla_decode_gluon.py)")
+    if impl in (None, "gluon") and gluon_ok:
+        launch = choose_launch(B, H, block_tables.shape[1] * block_size, num_sms(q_latent.device),
+                               kv_dtype=kv_cache.dtype, q_dtype=q_latent.dtype, kv_lora_rank=C, rope_dim=R,
+                               block_h=block_h, min_split_len=min_split_len or MIN_SPLIT_LEN, gluon=True)
+        if impl == "gluon" or (launch.impl == "gluon" and fuse_combine is None):
+            return mla_decode_gluon(q_latent, q_pe, kv_cache, block_tables, context_lens, sm_scale,
+                                    num_kv_splits or launch.num_kv_splits, block_n=block_n or 32,
+                                    num_warps=num_warps or 4, stages=num_stages or 2,
+                                    min_split_len=min_split_len or launch.min_split_len)
+
     if q_latent.device.type == "cpu" and not _is_interpreted(_mla_decode_kernel):
         raise RuntimeError(
             "mla_decode: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is first "

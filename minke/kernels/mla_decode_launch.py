@@ -58,6 +58,7 @@ KERNEL_MAX_SPLITS = 512  # the most a caller may ask mla_decode for (sweeps: two
 MIN_SPLIT_LEN = 64  # tokens a split holds at least (one 64-token tile)
 MAX_BLOCK_N = 64  # the largest tile choose_launch picks
 PROGRAMS_PER_SM = 2  # co-resident programs an SM needs to keep its loads in flight (H200 sweep)
+GLUON_PROGRAMS_PER_SM = 4  # the Gluon kernel: two resident programs an SM, two rounds of them (H200, 2026-12-04)
 TIE = 1.05  # choices within 5% of the modelled best go to the fewest splits
 NEW_KERNEL_MIN_CAPACITY = 4096  # bf16 / fp16: below this the old kernel (measured there) stays
 MERGE_BYTES_PER_S = 58e9  # one program reading partials (H200: 2 MiB of fused partials cost ~37 us)
@@ -90,7 +91,7 @@ def _positive(name: str, v) -> None:
 
 def choose_num_kv_splits(programs: int, capacity: int, num_sms: int, *, overhead_tokens: float = 57.0,
                          min_split_len: int = MIN_SPLIT_LEN, max_splits: int = MAX_KV_SPLITS,
-                         align: int = MAX_BLOCK_N) -> int:
+                         align: int = MAX_BLOCK_N, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """Splits per sequence minimising ceil(programs s / (PROGRAMS_PER_SM num_sms)) * (split_len + overhead) (the
     module docstring's model); the fewest splits within TIE of the best. programs = batch x head blocks.
 
@@ -102,11 +103,11 @@ def choose_num_kv_splits(programs: int, capacity: int, num_sms: int, *, overhead
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"mla_decode launch: {name} must be a non-negative int, got {v!r}")
     for name, v in (("num_sms", num_sms), ("min_split_len", min_split_len), ("max_splits", max_splits),
-                    ("align", align)):
+                    ("align", align), ("programs_per_sm", programs_per_sm)):
         _positive(name, v)
     if programs == 0 or capacity == 0:
         return 1
-    slots = PROGRAMS_PER_SM * num_sms
+    slots = programs_per_sm * num_sms
     costs: dict[int, float] = {}  # non-empty splits -> modelled cost
     for s in range(1, min(max_splits, -(-capacity // min_split_len)) + 1):
         split_len = -(-max(-(-capacity // s), min_split_len) // align) * align
@@ -129,9 +130,11 @@ def fuse_pays(programs: int, num_splits: int, partial_bytes: int) -> bool:
 @functools.lru_cache(maxsize=4096)  # pure and ~0.1 ms of Python: eager decode calls it once per layer per step
 def choose_launch(batch: int, num_heads: int, capacity: int, num_sms: int, *, kv_dtype: torch.dtype = torch.bfloat16,
                   q_dtype: torch.dtype = torch.bfloat16, kv_lora_rank: int = 512, rope_dim: int = 64,
-                  block_h: int | None = None, min_split_len: int = MIN_SPLIT_LEN) -> MlaDecodeLaunch:
+                  block_h: int | None = None, min_split_len: int = MIN_SPLIT_LEN,
+                  gluon: bool = False) -> MlaDecodeLaunch:
     """The launch for `batch` sequences of `num_heads` heads over a block table of `capacity` tokens on a GPU of
-    `num_sms` SMs, cache rows of kv_lora_rank + rope_dim values in kv_dtype (fp8: kernels/latent_cache.py)."""
+    `num_sms` SMs, cache rows of kv_lora_rank + rope_dim values in kv_dtype (fp8: kernels/latent_cache.py).
+    gluon: the caller can run kernels/mla_decode_gluon.py here (mla_decode_gluon.gluon_supported)."""
     for name, v in (("batch", batch), ("num_heads", num_heads), ("capacity", capacity)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"mla_decode launch: {name} must be a non-negative int, got {v!r}")
@@ -139,6 +142,16 @@ def choose_launch(batch: int, num_heads: int, capacity: int, num_sms: int, *, kv
                     ("min_split_len", min_split_len)):
         _positive(name, v)
     fp8 = is_fp8(kv_dtype)
+    if (gluon and not fp8 and q_dtype != torch.float32 and capacity >= NEW_KERNEL_MIN_CAPACITY
+            and num_heads <= 16 and block_h in (None, 16)):
+        # The pipelined kernel (bench/RESULTS.md, 2026-12-04: 1.06-1.39x the Triton kernel at 1-64 x 8K-61K).
+        # Measured with 16 heads a program over <= 16 heads only: more heads (V2 without tensor parallelism)
+        # keep the Triton kernel's 32-head programs until a sweep says otherwise.
+        splits = choose_num_kv_splits(batch, capacity, num_sms, overhead_tokens=2 * 16 * kv_lora_rank * 4 / (
+            bytes_per_token(kv_lora_rank + rope_dim, kv_dtype)), min_split_len=min_split_len, align=32,
+            programs_per_sm=GLUON_PROGRAMS_PER_SM)
+        return MlaDecodeLaunch(impl="gluon", num_kv_splits=splits, block_n=32, num_warps=4, num_stages=2,
+                               block_h=16, fuse_combine=False, min_split_len=min_split_len)
     impl = "new" if fp8 or capacity >= NEW_KERNEL_MIN_CAPACITY else "old"
     if block_h is None:  # heads per program; [32, 512] fp32 accumulators are 64 registers a thread over 8 warps
         block_h = 16 if num_heads <= 16 else 32
