@@ -410,16 +410,18 @@ def test_latent_cache_fp8_layout_round_trip():
 
 def test_choose_launch_takes_the_gluon_kernel_where_it_was_measured():
     """gluon=True (the caller can run kernels/mla_decode_gluon.py): bf16 caches of >= 4096 tokens' capacity with
-    <= 16 heads go to it, at ~4 programs an SM (H200 sweep, 2026-12-04: 16 x 61K best at 33 splits, 64 x 8K at
-    7-9, 1 x 61K flat from 120 splits); fp8 caches, fp32 queries, short capacities and > 16 heads do not."""
+    <= 16 heads go to it, at the swept best split counts of the H200 (2026-12-04): one round of two programs an SM
+    (16 -> 16 splits, 32 -> 8, 64 -> 4, 128 -> 2, 256 -> 1 at 4K-61K; 1 x 61K: 128); fp8 caches, fp32 queries,
+    short capacities and > 16 heads do not."""
     sms = 132
     g = lambda b, cap, **kw: choose_launch(b, 16, cap, sms, gluon=True, **kw)  # noqa: E731
-    assert g(16, 61440).impl == "gluon" and 31 <= g(16, 61440).num_kv_splits <= 33
-    assert 7 <= g(64, 8192).num_kv_splits <= 9 and 7 <= g(64, 61440).num_kv_splits <= 9
-    assert g(1, 61440).num_kv_splits >= 120
+    for cap in (4096, 8192, 32768, 61440):
+        assert [g(b, cap).num_kv_splits for b in (16, 32, 64)] == [16, 8, 4], cap
+        assert all(g(b, cap).impl == "gluon" for b in (1, 16, 256))
+    assert g(128, 8192).num_kv_splits == 2 and g(256, 8192).num_kv_splits == 1
+    assert g(1, 61440).num_kv_splits == 128
     assert (g(1, 8192).block_n, g(1, 8192).num_warps, g(1, 8192).num_stages, g(1, 8192).fuse_combine) == (32, 4, 2,
                                                                                                          False)
-    assert g(256, 4096).num_kv_splits == 2
     assert g(16, 2048).impl == "old"
     assert g(16, 8192, kv_dtype=torch.float8_e4m3fn).impl == "new"
     assert g(16, 8192, q_dtype=torch.float32).impl == "new"

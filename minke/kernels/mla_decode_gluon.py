@@ -276,11 +276,11 @@ def mla_decode_gluon(
     num_warps: int = 4,
     stages: int = 2,
     min_split_len: int = 64,
-    k_chunk: int = 128,
+    k_chunk: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [B, H, C] in q's dtype
     """The pipelined kernel at an explicit launch (mla_decode validates the tensors and picks the launch).
-    k_chunk: the score dot's K chunk, one accumulator each (a power of two dividing C, >= 16)."""
+    k_chunk: the score dot's K chunk, one accumulator each (a power of two dividing C, >= 16; None: min(128, C))."""
     if not HAS_GLUON:
         raise RuntimeError("mla_decode_gluon: this Triton has no Gluon (triton.experimental.gluon, Triton >= 3.5)")
     B, H, C = q_latent.shape
@@ -291,6 +291,8 @@ def mla_decode_gluon(
     if block_n not in (16, 32, 64, 128) or block_n < 8 * num_warps:
         raise ValueError(f"mla_decode_gluon: block_n must be 16-128 and >= 8 x num_warps, got block_n={block_n}, "
                          f"num_warps={num_warps}")
+    if k_chunk is None:
+        k_chunk = min(128, C)
     if k_chunk not in (16, 32, 64, 128, 256, 512) or C % k_chunk:
         raise ValueError(f"mla_decode_gluon: k_chunk must be a power of two in [16, 512] dividing C={C}, got "
                          f"{k_chunk!r}")

@@ -57,8 +57,7 @@ MAX_KV_SPLITS = 128  # the most splits choose_launch picks
 KERNEL_MAX_SPLITS = 512  # the most a caller may ask mla_decode for (sweeps: two programs an SM at batch 1)
 MIN_SPLIT_LEN = 64  # tokens a split holds at least (one 64-token tile)
 MAX_BLOCK_N = 64  # the largest tile choose_launch picks
-PROGRAMS_PER_SM = 2  # co-resident programs an SM needs to keep its loads in flight (H200 sweep)
-GLUON_PROGRAMS_PER_SM = 4  # the Gluon kernel: two resident programs an SM, two rounds of them (H200, 2026-12-04)
+PROGRAMS_PER_SM = 2  # co-resident programs an SM needs to keep its loads in flight (H200 sweeps, both kernels)
 TIE = 1.05  # choices within 5% of the modelled best go to the fewest splits
 NEW_KERNEL_MIN_CAPACITY = 4096  # bf16 / fp16: below this the old kernel (measured there) stays
 MERGE_BYTES_PER_S = 58e9  # one program reading partials (H200: 2 MiB of fused partials cost ~37 us)
@@ -91,7 +90,7 @@ def _positive(name: str, v) -> None:
 
 def choose_num_kv_splits(programs: int, capacity: int, num_sms: int, *, overhead_tokens: float = 57.0,
                          min_split_len: int = MIN_SPLIT_LEN, max_splits: int = MAX_KV_SPLITS,
-                         align: int = MAX_BLOCK_N, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+                         align: int = MAX_BLOCK_N) -> int:
     """Splits per sequence minimising ceil(programs s / (PROGRAMS_PER_SM num_sms)) * (split_len + overhead) (the
     module docstring's model); the fewest splits within TIE of the best. programs = batch x head blocks.
 
@@ -103,11 +102,11 @@ def choose_num_kv_splits(programs: int, capacity: int, num_sms: int, *, overhead
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"mla_decode launch: {name} must be a non-negative int, got {v!r}")
     for name, v in (("num_sms", num_sms), ("min_split_len", min_split_len), ("max_splits", max_splits),
-                    ("align", align), ("programs_per_sm", programs_per_sm)):
+                    ("align", align)):
         _positive(name, v)
     if programs == 0 or capacity == 0:
         return 1
-    slots = programs_per_sm * num_sms
+    slots = PROGRAMS_PER_SM * num_sms
     costs: dict[int, float] = {}  # non-empty splits -> modelled cost
     for s in range(1, min(max_splits, -(-capacity // min_split_len)) + 1):
         split_len = -(-max(-(-capacity // s), min_split_len) // align) * align
@@ -144,12 +143,13 @@ def choose_launch(batch: int, num_heads: int, capacity: int, num_sms: int, *, kv
     fp8 = is_fp8(kv_dtype)
     if (gluon and not fp8 and q_dtype != torch.float32 and capacity >= NEW_KERNEL_MIN_CAPACITY
             and num_heads <= 16 and block_h in (None, 16)):
-        # The pipelined kernel (bench/RESULTS.md, 2026-12-04: 1.06-1.39x the Triton kernel at 1-64 x 8K-61K).
-        # Measured with 16 heads a program over <= 16 heads only: more heads (V2 without tensor parallelism)
-        # keep the Triton kernel's 32-head programs until a sweep says otherwise.
+        # The pipelined kernel (bench/RESULTS.md, 2026-12-04: 1.0-1.55x the Triton kernel at 1-256 x 4K-61K; the
+        # same split model, whose pick was the swept best or within 5% of it in every cell but batch 4 at 8K-61K,
+        # 12-30% off). Measured with 16 heads a program over <= 16 heads only: more heads (V2 without tensor
+        # parallelism) keep the Triton kernel's 32-head programs until a sweep says otherwise. Its 93 KiB of
+        # shared memory (2-slot ring of 32-token tiles) let two programs share an SM, as PROGRAMS_PER_SM says.
         splits = choose_num_kv_splits(batch, capacity, num_sms, overhead_tokens=2 * 16 * kv_lora_rank * 4 / (
-            bytes_per_token(kv_lora_rank + rope_dim, kv_dtype)), min_split_len=min_split_len, align=32,
-            programs_per_sm=GLUON_PROGRAMS_PER_SM)
+            bytes_per_token(kv_lora_rank + rope_dim, kv_dtype)), min_split_len=min_split_len, align=32)
         return MlaDecodeLaunch(impl="gluon", num_kv_splits=splits, block_n=32, num_warps=4, num_stages=2,
                                block_h=16, fuse_combine=False, min_split_len=min_split_len)
     impl = "new" if fp8 or capacity >= NEW_KERNEL_MIN_CAPACITY else "old"
